@@ -1,0 +1,92 @@
+// The engine façade: everything the transport may call. Thread-safe.
+//
+// Models live in a registry keyed by name. Reads (Verify, Evaluate,
+// ReadTensors, Symmetries) take a shared lock on the model; changes (Apply,
+// WriteTensors, Export, Unload) an exclusive one. Every successful change
+// returns a new, strictly larger version; versions start at 1.
+//
+// Status codes (the transport maps them one to one):
+//   InvalidArgument    bad permutation or request (message names the group)
+//   NotFound           unknown model, missing checkpoint directory or file
+//   AlreadyExists      a loaded name, an existing export path
+//   FailedPrecondition stale expected_version; unsupported architecture
+//   Aborted            post-apply check failed, weights restored
+// Path policy (allowed roots) belongs to the caller: the engine opens what it
+// is given.
+#ifndef ICD_CORE_ENGINE_H_
+#define ICD_CORE_ENGINE_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "icd/core/export.h"
+#include "icd/core/types.h"
+
+namespace icd {
+
+struct EngineOptions {
+  std::string default_device = "cpu";  // "cpu", "cuda", "cuda:N"
+};
+
+class ICD_CORE_API Engine {
+ public:
+  explicit Engine(EngineOptions options = {});
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Reads a checkpoint directory, detects family and layout, takes the probe
+  // reference. Version 1.
+  absl::StatusOr<ModelInfo> Load(const std::string& name,
+                                 const std::string& path,
+                                 const LoadOptions& options = {},
+                                 const CallContext& ctx = {});
+  absl::Status Unload(const std::string& name);
+  std::vector<ModelInfo> List() const;
+  absl::StatusOr<ModelInfo> Info(const std::string& name) const;
+
+  absl::StatusOr<std::vector<GroupInfo>> Symmetries(
+      const std::string& name) const;
+
+  // All-or-nothing: every permutation is validated before any weight moves;
+  // they are applied in request order. Unless skip_verify, the probe check
+  // runs after; if it fails the weights are restored (Aborted).
+  absl::StatusOr<ApplyReport> Apply(const std::string& name,
+                                    const std::vector<Permutation>& perms,
+                                    const ApplyOptions& options = {},
+                                    const CallContext& ctx = {});
+
+  absl::StatusOr<CorrectnessReport> Verify(const std::string& name,
+                                           const CallContext& ctx = {}) const;
+
+  absl::StatusOr<EvaluateResult> Evaluate(const std::string& name,
+                                          const EvaluateRequest& request,
+                                          const CallContext& ctx = {}) const;
+
+  // Empty `names`: every tensor, in the layout's own names and order.
+  absl::StatusOr<std::vector<HostTensor>> ReadTensors(
+      const std::string& name, const std::vector<std::string>& names) const;
+
+  // Replaces named tensors (same shape and dtype), all-or-nothing, and takes
+  // the probe reference again (an intended change of function).
+  absl::StatusOr<uint64_t> WriteTensors(const std::string& name,
+                                        const std::vector<HostTensor>& tensors,
+                                        uint64_t expected_version = 0);
+
+  // Writes the current weights to a new directory `path` (must not exist),
+  // same layout and format; other files of the source copied unchanged.
+  absl::StatusOr<ExportResult> Export(const std::string& name,
+                                      const std::string& path,
+                                      const CallContext& ctx = {});
+
+ private:
+  class Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace icd
+
+#endif  // ICD_CORE_ENGINE_H_

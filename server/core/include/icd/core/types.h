@@ -1,0 +1,139 @@
+// Plain value types of the engine API. std + absl only: no LibTorch, no
+// protobuf, so that the gRPC layer and the clients can include this header.
+#ifndef ICD_CORE_TYPES_H_
+#define ICD_CORE_TYPES_H_
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "icd/core/export.h"
+
+namespace icd {
+
+enum class Family { kMamba1, kFalconMamba, kMamba2 };
+enum class Layout { kHf, kMambaSsm };
+enum class DType { kFloat32, kBFloat16, kFloat16, kFloat64 };
+
+// Wire names: "mamba1" | "falcon_mamba" | "mamba2", "hf" | "mamba_ssm",
+// "float32" | "bfloat16" | "float16" | "float64".
+ICD_CORE_API std::string_view FamilyName(Family family);
+ICD_CORE_API std::string_view LayoutName(Layout layout);
+ICD_CORE_API std::string_view DTypeName(DType dtype);
+ICD_CORE_API absl::StatusOr<DType> ParseDType(std::string_view name);
+ICD_CORE_API int64_t DTypeSize(DType dtype);
+
+struct ModelInfo {
+  std::string name;
+  Family family = Family::kMamba1;
+  Layout layout = Layout::kHf;
+  std::string device;  // "cpu", "cuda:0"
+  DType dtype = DType::kFloat32;
+  int64_t parameters = 0;  // distinct parameters (a tied head counts once)
+  uint64_t version = 0;
+  std::string fingerprint;  // hex digest of config and weights at load
+  std::map<std::string, int64_t> dims;  // d_model, n_layer, vocab_size, ...
+  std::string path;  // checkpoint directory it was loaded from
+};
+
+// One slice of one tensor that a symmetry group permutes.
+struct GroupMember {
+  std::string tensor;  // name in the model's own layout
+  int axis = 0;
+  int64_t offset = 0;
+  int64_t length = 0;
+  // How the group's index maps onto the slice:
+  //   "identity"     slice position j takes old position p[j];
+  //   "per_head:P"   the group indexes heads of P channels each: channel
+  //                  j*P+q takes old channel p[j]*P+q;
+  //   "per_group:N"  the group indexes heads in whole groups of `whole`
+  //                  heads; the slice holds one block of N rows per group:
+  //                  row g*N+n takes old row (p[g*whole]/whole)*N+n.
+  std::string expand = "identity";
+};
+
+struct GroupInfo {
+  std::string name;  // "residual", "layers.3.inner", ...
+  int64_t size = 0;
+  int64_t block = 0;  // >0: p[j] / block == j / block
+  int64_t whole = 0;  // >0: p[k*whole .. k*whole+whole-1] lie in one block of `whole`
+  std::vector<GroupMember> members;
+};
+
+// A gather: new index j holds what old index index[j] held.
+struct Permutation {
+  std::string group;
+  std::vector<int64_t> index;
+};
+
+struct CorrectnessReport {
+  bool ok = false;
+  double rel_l2 = 0;  // ||now - ref|| / ||ref|| over all probe logits
+  double max_abs = 0;  // max |now - ref|
+  double max_rel = 0;  // max |now - ref| / max |ref|
+  double top1_agreement = 0;  // share of positions whose argmax agrees
+  double tolerance = 0;  // ok <=> rel_l2 <= tolerance
+  int64_t tokens = 0;  // probe positions compared
+};
+
+// Cooperative cancellation: core polls it between layers and steps.
+struct CallContext {
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+  std::function<bool()> cancelled;  // may be empty
+};
+
+struct LoadOptions {
+  std::string device;  // empty: the engine's default device
+  std::string dtype;  // empty: the checkpoint's dtype
+};
+
+struct ApplyOptions {
+  bool skip_verify = false;
+  uint64_t expected_version = 0;  // 0: no check
+};
+
+struct ApplyReport {
+  uint64_t version = 0;
+  bool verified = false;  // false when skip_verify
+  CorrectnessReport correctness;
+  double apply_ms = 0;  // validation + gathers, without the check
+  double verify_ms = 0;
+  std::vector<std::string> groups;  // applied, in request order
+};
+
+struct EvaluateRequest {
+  std::vector<int64_t> input_ids;  // row-major [batch, seq]
+  int64_t batch = 1;
+  bool return_logits = false;
+};
+
+struct EvaluateResult {
+  std::vector<int64_t> shape;  // [batch, seq, vocab]
+  std::vector<float> logits;  // only when asked
+  double mean_nll = 0;  // next-token mean negative log-likelihood (nats)
+  int64_t tokens = 0;  // predicted positions: batch * (seq - 1)
+};
+
+// A tensor on the host: raw little-endian bytes, row-major.
+struct HostTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  DType dtype = DType::kFloat32;
+  std::string data;
+};
+
+struct ExportResult {
+  std::string path;
+  std::vector<std::string> files;  // relative to path, sorted
+  uint64_t version = 0;
+};
+
+}  // namespace icd
+
+#endif  // ICD_CORE_TYPES_H_

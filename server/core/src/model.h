@@ -1,0 +1,60 @@
+// The engine's in-memory model: a parsed config and the weights under
+// canonical (HuggingFace) names. Internal to core: includes LibTorch.
+#ifndef ICD_CORE_SRC_MODEL_H_
+#define ICD_CORE_SRC_MODEL_H_
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <string>
+
+#include "icd/core/types.h"
+
+namespace icd {
+
+// Everything the forward and the symmetry specs need, parsed once from either
+// layout's config.json. Field names follow mamba_symmetries.md §1.1.
+struct ModelConfig {
+  Family family = Family::kMamba1;
+  Layout layout = Layout::kHf;
+  int64_t d_model = 0;
+  int64_t n_layer = 0;
+  int64_t vocab_size = 0;      // rows of the embedding (mamba_ssm: padded)
+  int64_t vocab_unpadded = 0;  // config's vocab_size before padding
+  int64_t d_inner = 0;
+  int64_t d_state = 0;
+  int64_t d_conv = 0;
+  bool proj_bias = false;  // in_proj / out_proj bias
+  bool conv_bias = true;
+  bool tied = true;         // lm_head is the embedding tensor
+  bool layer_norm = false;  // mamba_ssm rms_norm: false -> LayerNorm with bias
+  double norm_eps = 1e-5;
+
+  // Mamba-1 / FalconMamba
+  int64_t dt_rank = 0;
+  double mixer_rms_eps = 1e-6;  // FalconMamba's weightless RMS on B, C, dt
+
+  // Mamba-2
+  int64_t nheads = 0;
+  int64_t headdim = 0;
+  int64_t ngroups = 1;
+  int64_t chunk_size = 256;
+  double dt_min = 0.0;
+  double dt_max = std::numeric_limits<double>::infinity();
+  bool gated_norm = true;          // mixer.norm present (mamba_ssm rmsnorm)
+  bool norm_before_gate = false;   // mamba_ssm only
+  bool grouped_gated_norm = false;  // mamba_ssm: per group; HF: whole d_inner
+  bool d_has_hdim = false;         // D is [d_inner] instead of [nheads]
+};
+
+// Canonical tensor names: HuggingFace's ("backbone.embeddings.weight",
+// "backbone.layers.{i}.mixer.in_proj.weight", "backbone.norm_f.weight",
+// "lm_head.weight" only when untied). The loader and the exporter translate
+// from and to the mamba_ssm names.
+using Weights = std::map<std::string, torch::Tensor>;
+
+}  // namespace icd
+
+#endif  // ICD_CORE_SRC_MODEL_H_

@@ -1,1 +1,262 @@
-// placeholder
+#include "checkpoint.h"
+
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "config.h"
+#include "icd/core/status_macros.h"
+#include "io/safetensors.h"
+#include "io/torch_bin.h"
+
+namespace icd {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr char kEmbedding[] = "backbone.embeddings.weight";
+constexpr char kHead[] = "lm_head.weight";
+// mamba_ssm's name for the embedding; HF's load hook renames it.
+constexpr char kSsmEmbedding[] = "backbone.embedding.weight";
+
+absl::StatusOr<std::string> ReadText(const fs::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(file.string(), ": cannot open"));
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// 64-bit FNV-1a over 8-byte words: fast enough to cover every weight byte.
+class Fingerprint {
+ public:
+  void Add(const void* data, size_t size) {
+    const auto* bytes = static_cast<const unsigned char*>(data);
+    size_t i = 0;
+    for (; i + 8 <= size; i += 8) {
+      uint64_t word;
+      std::memcpy(&word, bytes + i, 8);
+      Mix(word);
+    }
+    for (; i < size; ++i) Mix(bytes[i]);
+  }
+  void Add(const std::string& text) { Add(text.data(), text.size()); }
+  std::string Hex() const { return absl::StrFormat("%016x", hash_); }
+
+ private:
+  void Mix(uint64_t word) {
+    hash_ ^= word;
+    hash_ *= 0x100000001b3ULL;
+  }
+  uint64_t hash_ = 0xcbf29ce484222325ULL;
+};
+
+bool PlainFileName(const std::string& name) {
+  return !name.empty() && name.find('/') == std::string::npos && name != "." && name != "..";
+}
+
+// Which files to read: a single file or the shards an index lists.
+absl::StatusOr<CheckpointLayout> FindWeightFiles(const fs::path& dir, const ModelConfig& config) {
+  CheckpointLayout layout;
+  struct Candidate {
+    const char* file;
+    WeightFormat format;
+    bool index;
+  };
+  // Static tables: what each layout's save_pretrained writes, in preference order.
+  static const Candidate kHfFiles[] = {
+      {"model.safetensors", WeightFormat::kSafetensors, false},
+      {"model.safetensors.index.json", WeightFormat::kSafetensors, true},
+      {"pytorch_model.bin", WeightFormat::kTorchBin, false},
+      {"pytorch_model.bin.index.json", WeightFormat::kTorchBin, true}};
+  static const Candidate kSsmFiles[] = {{"pytorch_model.bin", WeightFormat::kTorchBin, false},
+                                        {"model.safetensors", WeightFormat::kSafetensors, false}};
+  const bool hf = config.layout == Layout::kHf;
+  const std::vector<Candidate> candidates =
+      hf ? std::vector<Candidate>(std::begin(kHfFiles), std::end(kHfFiles))
+         : std::vector<Candidate>(std::begin(kSsmFiles), std::end(kSsmFiles));
+  for (const Candidate& candidate : candidates) {
+    const fs::path path = dir / candidate.file;
+    if (!fs::is_regular_file(path)) continue;
+    layout.format = candidate.format;
+    // What HF writes; the engine does not read other metadata.
+    if (candidate.format == WeightFormat::kSafetensors) layout.metadata = {{"format", "pt"}};
+    if (!candidate.index) {
+      layout.files.push_back({candidate.file, {}});
+      return layout;
+    }
+    ICD_ASSIGN_OR_RETURN(std::string text, ReadText(path));
+    auto index = nlohmann::json::parse(text, nullptr, false);
+    if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") ||
+        !index["weight_map"].is_object()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path.string(), ": not a shard index (no \"weight_map\" object)"));
+    }
+    layout.index_file = candidate.file;
+    std::set<std::string> shards;
+    for (const auto& [name, file] : index["weight_map"].items()) {
+      if (!file.is_string() || !PlainFileName(file.get<std::string>())) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            path.string(), ": tensor '", name, "' maps to ", file.dump(),
+            ", not a file name inside the checkpoint directory"));
+      }
+      shards.insert(file.get<std::string>());
+    }
+    for (const std::string& shard : shards) layout.files.push_back({shard, {}});
+    return layout;
+  }
+  std::vector<std::string> names;
+  for (const Candidate& candidate : candidates) names.push_back(candidate.file);
+  return absl::NotFoundError(absl::StrCat(dir.string(), ": no weights file (looked for ",
+                                          absl::StrJoin(names, ", "), ")"));
+}
+
+absl::Status PollContext(const CallContext& ctx) {
+  if (ctx.cancelled && ctx.cancelled()) return absl::CancelledError("load cancelled");
+  if (ctx.deadline && std::chrono::steady_clock::now() > *ctx.deadline) {
+    return absl::DeadlineExceededError("load: deadline exceeded");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string LayoutTensorName(Layout layout, const std::string& canonical) {
+  if (layout == Layout::kMambaSsm && canonical == kEmbedding) return kSsmEmbedding;
+  return canonical;
+}
+
+std::string CanonicalTensorName(const std::string& stored) {
+  return stored == kSsmEmbedding ? kEmbedding : stored;
+}
+
+std::map<std::string, std::vector<int64_t>> ExpectedShapes(const ModelConfig& c) {
+  const int64_t dm = c.d_model, inner = c.d_inner, k = c.d_conv;
+  std::map<std::string, std::vector<int64_t>> shapes;
+  shapes[kEmbedding] = {c.vocab_size, dm};
+  shapes["backbone.norm_f.weight"] = {dm};
+  if (c.layer_norm) shapes["backbone.norm_f.bias"] = {dm};
+  if (!c.tied) shapes[kHead] = {c.vocab_size, dm};
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    auto name = [i](const char* suffix) {
+      return absl::StrCat("backbone.layers.", i, ".", suffix);
+    };
+    shapes[name("norm.weight")] = {dm};
+    if (c.layer_norm) shapes[name("norm.bias")] = {dm};
+    shapes[name("mixer.out_proj.weight")] = {dm, inner};
+    if (c.proj_bias) shapes[name("mixer.out_proj.bias")] = {dm};
+    int64_t in_rows = 0, conv_channels = 0;
+    if (c.family == Family::kMamba2) {
+      const int64_t bc = c.ngroups * c.d_state;
+      in_rows = 2 * inner + 2 * bc + c.nheads;
+      conv_channels = inner + 2 * bc;
+      shapes[name("mixer.dt_bias")] = {c.nheads};
+      shapes[name("mixer.A_log")] = {c.nheads};
+      shapes[name("mixer.D")] = {c.d_has_hdim ? inner : c.nheads};
+      if (c.gated_norm) shapes[name("mixer.norm.weight")] = {inner};
+    } else {
+      in_rows = 2 * inner;
+      conv_channels = inner;
+      shapes[name("mixer.x_proj.weight")] = {c.dt_rank + 2 * c.d_state, inner};
+      shapes[name("mixer.dt_proj.weight")] = {inner, c.dt_rank};
+      shapes[name("mixer.dt_proj.bias")] = {inner};
+      shapes[name("mixer.A_log")] = {inner, c.d_state};
+      shapes[name("mixer.D")] = {inner};
+    }
+    shapes[name("mixer.in_proj.weight")] = {in_rows, dm};
+    if (c.proj_bias) shapes[name("mixer.in_proj.bias")] = {in_rows};
+    shapes[name("mixer.conv1d.weight")] = {conv_channels, 1, k};
+    if (c.conv_bias) shapes[name("mixer.conv1d.bias")] = {conv_channels};
+  }
+  return shapes;
+}
+
+absl::StatusOr<Checkpoint> ReadCheckpoint(const fs::path& dir, const CallContext& ctx) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
+    return absl::NotFoundError(absl::StrCat(dir.string(), ": no such checkpoint directory"));
+  }
+  Checkpoint checkpoint;
+  const fs::path config_file = dir / "config.json";
+  ICD_ASSIGN_OR_RETURN(std::string config_text, ReadText(config_file));
+  ICD_ASSIGN_OR_RETURN(checkpoint.config, ParseConfig(config_text, config_file.string()));
+  const ModelConfig& config = checkpoint.config;
+  ICD_ASSIGN_OR_RETURN(checkpoint.layout, FindWeightFiles(dir, config));
+  CheckpointLayout& layout = checkpoint.layout;
+
+  Fingerprint fingerprint;
+  fingerprint.Add(config_text);
+  const auto expected = ExpectedShapes(config);
+  std::optional<torch::Tensor> stored_head;
+  for (WeightFile& weight_file : layout.files) {
+    ICD_RETURN_IF_ERROR(PollContext(ctx));
+    const fs::path path = dir / weight_file.file;
+    if (!fs::is_regular_file(path)) {
+      return absl::NotFoundError(absl::StrCat(path.string(), ": missing weights file"));
+    }
+    absl::StatusOr<io::TensorList> tensors = layout.format == WeightFormat::kSafetensors
+                                                 ? io::ReadSafetensors(path)
+                                                 : io::ReadTorchBin(path);
+    if (!tensors.ok()) return tensors.status();
+    for (io::NamedTensor& named : *tensors) {
+      weight_file.names.push_back(named.name);
+      std::string canonical = CanonicalTensorName(named.name);
+      if (layout.stored_name.count(canonical) > 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            path.string(), ": tensor '", named.name, "' appears twice in the checkpoint"));
+      }
+      layout.stored_name[canonical] = named.name;
+      if (!named.tensor.is_floating_point()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            path.string(), ": tensor '", named.name, "' has non-float dtype ",
+            std::string(c10::toString(named.tensor.scalar_type()))));
+      }
+      fingerprint.Add(named.name);
+      torch::Tensor contiguous = named.tensor.contiguous();
+      fingerprint.Add(contiguous.data_ptr(), contiguous.nbytes());
+      if (canonical == kHead && config.tied) {
+        stored_head = named.tensor;  // the tied head: checked against the embedding below
+        continue;
+      }
+      auto shape = expected.find(canonical);
+      if (shape == expected.end()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            path.string(), ": unexpected tensor '", named.name, "' for a ",
+            std::string(FamilyName(config.family)), " model in the ",
+            std::string(LayoutName(config.layout)),
+            " layout (another architecture or a hybrid?)"));
+      }
+      if (named.tensor.sizes().vec() != shape->second) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "%s: tensor '%s' has shape [%s], config.json implies [%s]", path.string(),
+            named.name, absl::StrJoin(named.tensor.sizes().vec(), ", "),
+            absl::StrJoin(shape->second, ", ")));
+      }
+      checkpoint.weights[canonical] = std::move(named.tensor);
+    }
+  }
+  for (const auto& [name, shape] : expected) {
+    if (checkpoint.weights.count(name) == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(dir.string(), ": tensor '", LayoutTensorName(config.layout, name),
+                       "' is missing from the checkpoint"));
+    }
+  }
+  if (stored_head) {
+    const torch::Tensor& embedding = checkpoint.weights.at(kEmbedding);
+    if (!stored_head->sizes().equals(embedding.sizes()) || !torch::equal(*stored_head, embedding)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          dir.string(), ": config ties the head to the embedding, but lm_head.weight differs "
+                        "from it"));
+    }
+  }
+  // Names the exporter writes back, including the tied head where the file had it.
+  checkpoint.fingerprint = fingerprint.Hex();
+  return checkpoint;
+}
+
+}  // namespace icd

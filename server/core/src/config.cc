@@ -1,1 +1,296 @@
-// placeholder
+#include "config.h"
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "icd/core/status_macros.h"
+
+namespace icd {
+namespace {
+
+using Json = nlohmann::json;
+
+constexpr char kSupported[] =
+    "supported: HuggingFace MambaForCausalLM (model_type 'mamba'), "
+    "FalconMambaForCausalLM ('falcon_mamba'), Mamba2ForCausalLM ('mamba2'); "
+    "mamba_ssm MambaLMHeadModel with ssm_cfg.layer 'Mamba1' or 'Mamba2' and no "
+    "MLP or attention layers";
+
+// Reads typed fields with defaults; every error names the file and field.
+class Fields {
+ public:
+  Fields(const Json& object, std::string source, std::string prefix = "")
+      : object_(object), source_(std::move(source)), prefix_(std::move(prefix)) {}
+
+  bool Has(const char* key) const {
+    return object_.contains(key) && !object_.at(key).is_null();
+  }
+
+  absl::StatusOr<int64_t> Int(const char* key, std::optional<int64_t> fallback) const {
+    if (!Has(key)) {
+      if (fallback) return *fallback;
+      return Error(key, "is missing");
+    }
+    const Json& value = object_.at(key);
+    if (value.is_number_integer()) return value.get<int64_t>();
+    if (value.is_number_float()) {
+      double d = value.get<double>();
+      if (std::floor(d) == d) return static_cast<int64_t>(d);
+    }
+    return Error(key, absl::StrCat("must be an integer, got ", value.dump()));
+  }
+
+  absl::StatusOr<int64_t> PositiveInt(const char* key, std::optional<int64_t> fallback) const {
+    ICD_ASSIGN_OR_RETURN(int64_t v, Int(key, fallback));
+    if (v <= 0) return Error(key, absl::StrCat("must be positive, got ", v));
+    return v;
+  }
+
+  absl::StatusOr<double> Number(const char* key, double fallback) const {
+    if (!Has(key)) return fallback;
+    return ParseNumber(key, object_.at(key));
+  }
+
+  absl::StatusOr<bool> Bool(const char* key, bool fallback) const {
+    if (!Has(key)) return fallback;
+    const Json& value = object_.at(key);
+    if (value.is_boolean()) return value.get<bool>();
+    return Error(key, absl::StrCat("must be true or false, got ", value.dump()));
+  }
+
+  absl::StatusOr<std::string> String(const char* key, std::string fallback) const {
+    if (!Has(key)) return fallback;
+    const Json& value = object_.at(key);
+    if (value.is_string()) return value.get<std::string>();
+    return Error(key, absl::StrCat("must be a string, got ", value.dump()));
+  }
+
+  // HF writes non-finite floats as {"__float__": "Infinity"}.
+  absl::StatusOr<double> ParseNumber(const char* key, const Json& value) const {
+    if (value.is_number()) return value.get<double>();
+    if (value.is_object() && value.contains("__float__") && value.at("__float__").is_string()) {
+      const std::string text = value.at("__float__").get<std::string>();
+      if (text == "Infinity") return std::numeric_limits<double>::infinity();
+      if (text == "-Infinity") return -std::numeric_limits<double>::infinity();
+    }
+    return Error(key, absl::StrCat("must be a number, got ", value.dump()));
+  }
+
+  absl::Status Error(const char* key, const std::string& what) const {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source_, ": field '", prefix_, key, "' ", what));
+  }
+
+  const Json& object() const { return object_; }
+
+ private:
+  const Json& object_;
+  std::string source_;
+  std::string prefix_;
+};
+
+absl::Status Unsupported(const std::string& source, const std::string& what) {
+  return absl::InvalidArgumentError(
+      absl::StrCat(source, ": unsupported model: ", what, " (", kSupported, ")"));
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// "auto" or a number; auto is ceil(d_model / 16) in both layouts.
+absl::StatusOr<int64_t> DtRank(const Fields& fields, const char* key, int64_t d_model) {
+  if (!fields.Has(key)) return CeilDiv(d_model, 16);
+  const Json& value = fields.object().at(key);
+  if (value.is_string() && value.get<std::string>() == "auto") return CeilDiv(d_model, 16);
+  return fields.PositiveInt(key, std::nullopt);
+}
+
+absl::Status CheckMamba2Shapes(const ModelConfig& config, const std::string& source) {
+  if (config.nheads * config.headdim != config.d_inner) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": num_heads (", config.nheads, ") x head_dim (", config.headdim,
+        ") must equal the inner width expand x hidden (", config.d_inner, ")"));
+  }
+  if (config.nheads % config.ngroups != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": num_heads (", config.nheads, ") must be a multiple of n_groups (",
+        config.ngroups, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ModelConfig> ParseHf(const Json& root, const std::string& source) {
+  Fields f(root, source);
+  ICD_ASSIGN_OR_RETURN(std::string model_type, f.String("model_type", ""));
+  ModelConfig c;
+  c.layout = Layout::kHf;
+  if (model_type == "mamba") {
+    c.family = Family::kMamba1;
+  } else if (model_type == "falcon_mamba") {
+    c.family = Family::kFalconMamba;
+  } else if (model_type == "mamba2") {
+    c.family = Family::kMamba2;
+  } else {
+    return Unsupported(source, absl::StrCat("model_type '", model_type, "'"));
+  }
+  ICD_ASSIGN_OR_RETURN(c.d_model, f.PositiveInt("hidden_size", std::nullopt));
+  ICD_ASSIGN_OR_RETURN(c.n_layer, f.PositiveInt("num_hidden_layers", std::nullopt));
+  ICD_ASSIGN_OR_RETURN(c.vocab_size, f.PositiveInt("vocab_size", std::nullopt));
+  c.vocab_unpadded = c.vocab_size;
+  ICD_ASSIGN_OR_RETURN(c.d_conv, f.PositiveInt("conv_kernel", 4));
+  ICD_ASSIGN_OR_RETURN(c.proj_bias, f.Bool("use_bias", false));
+  ICD_ASSIGN_OR_RETURN(c.conv_bias, f.Bool("use_conv_bias", true));
+  ICD_ASSIGN_OR_RETURN(c.norm_eps, f.Number("layer_norm_epsilon", 1e-5));
+  ICD_ASSIGN_OR_RETURN(double expand, f.Number("expand", 2));
+  const auto inner_default = static_cast<int64_t>(expand * static_cast<double>(c.d_model));
+
+  if (c.family == Family::kMamba2) {
+    ICD_ASSIGN_OR_RETURN(c.tied, f.Bool("tie_word_embeddings", false));
+    ICD_ASSIGN_OR_RETURN(c.d_state, f.PositiveInt("state_size", 128));
+    ICD_ASSIGN_OR_RETURN(c.headdim, f.PositiveInt("head_dim", 64));
+    ICD_ASSIGN_OR_RETURN(c.ngroups, f.PositiveInt("n_groups", 8));
+    c.d_inner = inner_default;
+    ICD_ASSIGN_OR_RETURN(c.nheads, f.PositiveInt("num_heads", c.d_inner / c.headdim));
+    ICD_ASSIGN_OR_RETURN(c.chunk_size, f.PositiveInt("chunk_size", 256));
+    if (f.Has("time_step_limit")) {
+      const Json& limit = root.at("time_step_limit");
+      if (!limit.is_array() || limit.size() != 2) {
+        return f.Error("time_step_limit", "must be [min, max]");
+      }
+      ICD_ASSIGN_OR_RETURN(c.dt_min, f.ParseNumber("time_step_limit", limit[0]));
+      ICD_ASSIGN_OR_RETURN(c.dt_max, f.ParseNumber("time_step_limit", limit[1]));
+    }
+    // HF's Mamba2 gates before the norm and normalises over the whole inner
+    // width in its PyTorch path, whatever rms_norm says (mamba_symmetries §2.5).
+    c.gated_norm = true;
+    c.norm_before_gate = false;
+    c.grouped_gated_norm = false;
+    ICD_RETURN_IF_ERROR(CheckMamba2Shapes(c, source));
+  } else {
+    ICD_ASSIGN_OR_RETURN(c.tied, f.Bool("tie_word_embeddings", true));
+    ICD_ASSIGN_OR_RETURN(c.d_state, f.PositiveInt("state_size", 16));
+    ICD_ASSIGN_OR_RETURN(c.d_inner, f.PositiveInt("intermediate_size", inner_default));
+    ICD_ASSIGN_OR_RETURN(c.dt_rank, DtRank(f, "time_step_rank", c.d_model));
+    if (c.family == Family::kFalconMamba) {
+      ICD_ASSIGN_OR_RETURN(c.mixer_rms_eps, f.Number("mixer_rms_eps", 1e-6));
+    }
+  }
+  return c;
+}
+
+absl::StatusOr<ModelConfig> ParseMambaSsm(const Json& root, const std::string& source) {
+  Fields f(root, source);
+  ICD_ASSIGN_OR_RETURN(int64_t d_intermediate, f.Int("d_intermediate", 0));
+  if (d_intermediate > 0) {
+    return Unsupported(source, absl::StrCat("a hybrid with MLP layers (d_intermediate ",
+                                            d_intermediate, ")"));
+  }
+  if (f.Has("attn_layer_idx") && !(root.at("attn_layer_idx").is_array() &&
+                                   root.at("attn_layer_idx").empty())) {
+    return Unsupported(source, absl::StrCat("a hybrid with attention layers (attn_layer_idx ",
+                                            root.at("attn_layer_idx").dump(), ")"));
+  }
+  static const Json kEmpty = Json::object();
+  const Json& ssm_cfg = f.Has("ssm_cfg") ? root.at("ssm_cfg") : kEmpty;
+  if (!ssm_cfg.is_object()) return f.Error("ssm_cfg", "must be an object");
+  Fields s(ssm_cfg, source, "ssm_cfg.");
+  ICD_ASSIGN_OR_RETURN(std::string layer, s.String("layer", "Mamba1"));
+
+  ModelConfig c;
+  c.layout = Layout::kMambaSsm;
+  if (layer == "Mamba1") {
+    c.family = Family::kMamba1;
+  } else if (layer == "Mamba2") {
+    c.family = Family::kMamba2;
+  } else {
+    return Unsupported(source, absl::StrCat("ssm_cfg.layer '", layer, "'"));
+  }
+  ICD_ASSIGN_OR_RETURN(c.d_model, f.PositiveInt("d_model", std::nullopt));
+  ICD_ASSIGN_OR_RETURN(c.n_layer, f.PositiveInt("n_layer", std::nullopt));
+  ICD_ASSIGN_OR_RETURN(c.vocab_unpadded, f.PositiveInt("vocab_size", 50277));
+  ICD_ASSIGN_OR_RETURN(int64_t pad_multiple, f.PositiveInt("pad_vocab_size_multiple", 8));
+  c.vocab_size = CeilDiv(c.vocab_unpadded, pad_multiple) * pad_multiple;
+  ICD_ASSIGN_OR_RETURN(c.tied, f.Bool("tie_embeddings", true));
+  ICD_ASSIGN_OR_RETURN(bool rms_norm, f.Bool("rms_norm", true));
+  c.layer_norm = !rms_norm;
+  ICD_ASSIGN_OR_RETURN(c.norm_eps, f.Number("norm_epsilon", 1e-5));
+  ICD_ASSIGN_OR_RETURN(c.d_conv, s.PositiveInt("d_conv", 4));
+  ICD_ASSIGN_OR_RETURN(double expand, s.Number("expand", 2));
+  c.d_inner = static_cast<int64_t>(expand * static_cast<double>(c.d_model));
+  ICD_ASSIGN_OR_RETURN(c.proj_bias, s.Bool("bias", false));
+  ICD_ASSIGN_OR_RETURN(c.conv_bias, s.Bool("conv_bias", true));
+
+  if (c.family == Family::kMamba1) {
+    ICD_ASSIGN_OR_RETURN(c.d_state, s.PositiveInt("d_state", 16));
+    ICD_ASSIGN_OR_RETURN(c.dt_rank, DtRank(s, "dt_rank", c.d_model));
+    return c;
+  }
+  ICD_ASSIGN_OR_RETURN(c.d_state, s.PositiveInt("d_state", 128));
+  ICD_ASSIGN_OR_RETURN(c.headdim, s.PositiveInt("headdim", 64));
+  ICD_ASSIGN_OR_RETURN(c.ngroups, s.PositiveInt("ngroups", 1));
+  ICD_ASSIGN_OR_RETURN(c.chunk_size, s.PositiveInt("chunk_size", 256));
+  ICD_ASSIGN_OR_RETURN(c.gated_norm, s.Bool("rmsnorm", true));
+  ICD_ASSIGN_OR_RETURN(c.norm_before_gate, s.Bool("norm_before_gate", false));
+  ICD_ASSIGN_OR_RETURN(c.d_has_hdim, s.Bool("D_has_hdim", false));
+  c.grouped_gated_norm = true;  // mamba_ssm's Mamba2 normalises per group
+  ICD_ASSIGN_OR_RETURN(int64_t d_ssm, s.Int("d_ssm", c.d_inner));
+  if (d_ssm != c.d_inner) {
+    return Unsupported(source, absl::StrCat("ssm_cfg.d_ssm ", d_ssm, " below d_inner ",
+                                            c.d_inner, " (a gated-MLP part in the mixer)"));
+  }
+  if (s.Has("dt_limit")) {
+    const Json& limit = ssm_cfg.at("dt_limit");
+    if (!limit.is_array() || limit.size() != 2) return s.Error("dt_limit", "must be [min, max]");
+    ICD_ASSIGN_OR_RETURN(c.dt_min, s.ParseNumber("dt_limit", limit[0]));
+    ICD_ASSIGN_OR_RETURN(c.dt_max, s.ParseNumber("dt_limit", limit[1]));
+  }
+  if (c.d_inner % c.headdim != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": d_inner ", c.d_inner, " is not a multiple of ssm_cfg.headdim ", c.headdim));
+  }
+  c.nheads = c.d_inner / c.headdim;
+  ICD_RETURN_IF_ERROR(CheckMamba2Shapes(c, source));
+  return c;
+}
+
+}  // namespace
+
+absl::StatusOr<ModelConfig> ParseConfig(const std::string& json_text, const std::string& source) {
+  Json root = Json::parse(json_text, nullptr, /*allow_exceptions=*/false);
+  if (root.is_discarded() || !root.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
+  }
+  if (root.contains("d_model") && root.contains("n_layer")) return ParseMambaSsm(root, source);
+  if (root.contains("model_type")) return ParseHf(root, source);
+  return Unsupported(source, "neither a HuggingFace config (model_type) nor a mamba_ssm one "
+                             "(d_model, n_layer)");
+}
+
+absl::StatusOr<ModelConfig> ReadConfigFile(const std::filesystem::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(file.string(), ": cannot open"));
+  std::stringstream text;
+  text << in.rdbuf();
+  return ParseConfig(text.str(), file.string());
+}
+
+std::map<std::string, int64_t> ConfigDims(const ModelConfig& c) {
+  std::map<std::string, int64_t> dims{{"d_model", c.d_model},   {"n_layer", c.n_layer},
+                                      {"vocab_size", c.vocab_size}, {"d_inner", c.d_inner},
+                                      {"d_state", c.d_state},   {"d_conv", c.d_conv},
+                                      {"tied", c.tied ? 1 : 0}};
+  if (c.family == Family::kMamba2) {
+    dims["nheads"] = c.nheads;
+    dims["headdim"] = c.headdim;
+    dims["ngroups"] = c.ngroups;
+  } else {
+    dims["dt_rank"] = c.dt_rank;
+  }
+  return dims;
+}
+
+}  // namespace icd

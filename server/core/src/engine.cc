@@ -1,1 +1,494 @@
-// placeholder
+#include "icd/core/engine.h"
+
+#include <torch/torch.h>
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <shared_mutex>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "checkpoint.h"
+#include "config.h"
+#include "exporter.h"
+#include "forward.h"
+#include "icd/core/status_macros.h"
+#include "model.h"
+#include "probe.h"
+#include "symmetry.h"
+
+namespace icd {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double MillisSince(Clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+}
+
+// LibTorch reports errors by exception; none may cross the engine API.
+template <typename Fn>
+auto Guarded(const char* what, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat(what, ": ", e.what()));
+  }
+}
+
+absl::StatusOr<torch::ScalarType> ToTorch(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return torch::kFloat32;
+    case DType::kBFloat16: return torch::kBFloat16;
+    case DType::kFloat16: return torch::kFloat16;
+    case DType::kFloat64: return torch::kFloat64;
+  }
+  return absl::InvalidArgumentError("unknown dtype");
+}
+
+absl::StatusOr<DType> FromTorch(torch::ScalarType type) {
+  switch (type) {
+    case torch::kFloat32: return DType::kFloat32;
+    case torch::kBFloat16: return DType::kBFloat16;
+    case torch::kFloat16: return DType::kFloat16;
+    case torch::kFloat64: return DType::kFloat64;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("unsupported tensor dtype ", std::string(c10::toString(type))));
+  }
+}
+
+absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
+  if (name == "cpu") return torch::Device(torch::kCPU);
+  if (name == "cuda" || name.rfind("cuda:", 0) == 0) {
+    if (!torch::cuda::is_available()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("device '", name, "': no CUDA device is available to this server"));
+    }
+    try {
+      torch::Device device(name);
+      if (device.has_index() &&
+          device.index() >= static_cast<int64_t>(torch::cuda::device_count())) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "device '", name, "': only ", torch::cuda::device_count(), " CUDA devices"));
+      }
+      return device;
+    } catch (const std::exception&) {
+    }
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("device '", name, "': expected cpu, cuda or cuda:N"));
+}
+
+struct LoadedModel {
+  mutable std::shared_mutex mutex;  // shared: reads; exclusive: changes
+  ModelInfo info;
+  ModelConfig config;
+  Weights weights;
+  FamilySpec spec;
+  std::map<std::string, const GroupInfo*> groups;
+  CheckpointLayout layout;
+  ProbeReference probe;
+  torch::ScalarType dtype = torch::kFloat32;
+
+  double Tolerance(double requested) const {
+    return requested > 0 ? requested : DefaultTolerance(dtype);
+  }
+};
+
+std::string GroupList(const FamilySpec& spec) {
+  std::set<std::string> kinds;
+  for (const GroupInfo& group : spec) {
+    const auto dot = group.name.rfind('.');
+    kinds.insert(dot == std::string::npos ? group.name
+                                          : absl::StrCat("layers.{i}", group.name.substr(dot)));
+  }
+  return absl::StrJoin(kinds, ", ");
+}
+
+absl::Status CheckVersion(const LoadedModel& model, uint64_t expected) {
+  if (expected != 0 && expected != model.info.version) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("model '", model.info.name, "' is at version ", model.info.version,
+                     ", the request expected version ", expected));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<torch::Tensor> ProbeLogits(const LoadedModel& model, const CallContext& ctx) {
+  return Forward(model.config, model.weights, model.probe.input_ids, ctx);
+}
+
+}  // namespace
+
+class Engine::Impl {
+ public:
+  explicit Impl(EngineOptions options) : options_(std::move(options)) {}
+
+  absl::StatusOr<std::shared_ptr<LoadedModel>> Find(const std::string& name) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = models_.find(name);
+    if (it == models_.end()) {
+      return absl::NotFoundError(absl::StrCat("model '", name, "' is not loaded"));
+    }
+    return it->second;
+  }
+
+  absl::Status Reserve(const std::string& name) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (models_.count(name) > 0 || loading_.count(name) > 0) {
+      return absl::AlreadyExistsError(absl::StrCat("model '", name, "' is already loaded"));
+    }
+    loading_.insert(name);
+    return absl::OkStatus();
+  }
+
+  void Finish(const std::string& name, std::shared_ptr<LoadedModel> model) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    loading_.erase(name);
+    if (model) models_[name] = std::move(model);
+  }
+
+  absl::StatusOr<std::shared_ptr<LoadedModel>> LoadModel(const std::string& name,
+                                                         const std::string& path,
+                                                         const LoadOptions& options,
+                                                         const CallContext& ctx) {
+    if (name.empty()) return absl::InvalidArgumentError("name: must not be empty");
+    const std::string device_name = options.device.empty() ? options_.default_device
+                                                           : options.device;
+    ICD_ASSIGN_OR_RETURN(torch::Device device, ParseDevice(device_name));
+    ICD_ASSIGN_OR_RETURN(Checkpoint checkpoint, ReadCheckpoint(path, ctx));
+
+    auto model = std::make_shared<LoadedModel>();
+    model->dtype = checkpoint.weights.at("backbone.embeddings.weight").scalar_type();
+    if (!options.dtype.empty()) {
+      ICD_ASSIGN_OR_RETURN(DType dtype, ParseDType(options.dtype));
+      ICD_ASSIGN_OR_RETURN(model->dtype, ToTorch(dtype));
+    }
+    if (model->dtype == torch::kFloat16 && device.is_cpu()) {
+      return absl::InvalidArgumentError(
+          "dtype float16 on the CPU: LibTorch has no CPU half kernels here; load with dtype "
+          "float32 (or on a CUDA device)");
+    }
+    torch::NoGradGuard no_grad;
+    for (auto& [tensor_name, tensor] : checkpoint.weights) {
+      tensor = tensor.to(device, model->dtype).contiguous();
+    }
+    model->config = checkpoint.config;
+    model->weights = std::move(checkpoint.weights);
+    model->layout = std::move(checkpoint.layout);
+    model->spec = BuildSpec(model->config);
+    ICD_RETURN_IF_ERROR(CheckSpec(model->spec, model->weights));
+    for (const GroupInfo& group : model->spec) model->groups[group.name] = &group;
+    ICD_ASSIGN_OR_RETURN(model->probe,
+                         TakeProbe(model->config, model->weights, checkpoint.fingerprint, ctx));
+
+    ModelInfo& info = model->info;
+    info.name = name;
+    info.family = model->config.family;
+    info.layout = model->config.layout;
+    info.device = device.str();
+    ICD_ASSIGN_OR_RETURN(info.dtype, FromTorch(model->dtype));
+    for (const auto& [tensor_name, tensor] : model->weights) info.parameters += tensor.numel();
+    info.version = 1;
+    info.fingerprint = checkpoint.fingerprint;
+    info.dims = ConfigDims(model->config);
+    info.path = path;
+    return model;
+  }
+
+  std::vector<ModelInfo> List() const {
+    std::vector<std::shared_ptr<LoadedModel>> models;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (const auto& [name, model] : models_) models.push_back(model);
+    }
+    std::vector<ModelInfo> infos;
+    for (const auto& model : models) {
+      std::shared_lock<std::shared_mutex> lock(model->mutex);
+      infos.push_back(model->info);
+    }
+    return infos;
+  }
+
+  absl::Status Erase(const std::string& name) {
+    ICD_ASSIGN_OR_RETURN(auto model, Find(name));
+    std::unique_lock<std::shared_mutex> model_lock(model->mutex);  // waits for in-flight calls
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = models_.find(name);
+    if (it == models_.end() || it->second != model) {
+      return absl::NotFoundError(absl::StrCat("model '", name, "' is not loaded"));
+    }
+    models_.erase(it);
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<ApplyReport> Apply(LoadedModel& model, const std::vector<Permutation>& perms,
+                                    const ApplyOptions& options, const CallContext& ctx) {
+    const auto start = Clock::now();
+    ICD_RETURN_IF_ERROR(CheckVersion(model, options.expected_version));
+    if (perms.empty()) return absl::InvalidArgumentError("permutations: none given");
+    if (options.tolerance < 0) return absl::InvalidArgumentError("tolerance: must be >= 0");
+    std::vector<const GroupInfo*> groups;
+    for (const Permutation& perm : perms) {
+      auto it = model.groups.find(perm.group);
+      if (it == model.groups.end()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "unknown group '", perm.group, "' (this model has: ", GroupList(model.spec), ")"));
+      }
+      ICD_RETURN_IF_ERROR(ValidatePermutation(*it->second, perm.index));
+      groups.push_back(it->second);
+    }
+    for (size_t i = 0; i < perms.size(); ++i) ApplyGather(*groups[i], perms[i].index, model.weights);
+    auto restore = [&] {
+      for (size_t i = perms.size(); i-- > 0;) {
+        ApplyGather(*groups[i], InversePermutation(perms[i].index), model.weights);
+      }
+    };
+    ApplyReport report;
+    report.apply_ms = MillisSince(start);
+    for (const Permutation& perm : perms) report.groups.push_back(perm.group);
+    if (!options.skip_verify) {
+      const auto verify_start = Clock::now();
+      absl::StatusOr<torch::Tensor> logits = ProbeLogits(model, ctx);
+      if (!logits.ok()) {
+        restore();
+        return logits.status();
+      }
+      report.correctness =
+          CompareLogits(*logits, model.probe.logits, model.Tolerance(options.tolerance));
+      report.verify_ms = MillisSince(verify_start);
+      report.verified = true;
+      if (!report.correctness.ok) {
+        restore();
+        return absl::AbortedError(absl::StrFormat(
+            "post-apply check failed: relative L2 %.3g > tolerance %.3g (max abs %.3g, top-1 "
+            "agreement %.4f); weights restored, version stays %d",
+            report.correctness.rel_l2, report.correctness.tolerance, report.correctness.max_abs,
+            report.correctness.top1_agreement, model.info.version));
+      }
+    }
+    report.version = ++model.info.version;
+    return report;
+  }
+
+  absl::StatusOr<uint64_t> Write(LoadedModel& model, const std::vector<HostTensor>& tensors,
+                                 uint64_t expected_version) {
+    ICD_RETURN_IF_ERROR(CheckVersion(model, expected_version));
+    if (tensors.empty()) return absl::InvalidArgumentError("tensors: none given");
+    // Convert and check everything before touching any weight.
+    std::vector<std::pair<torch::Tensor*, torch::Tensor>> updates;
+    std::set<std::string> seen;
+    for (const HostTensor& host : tensors) {
+      std::string canonical = CanonicalTensorName(host.name);
+      if (canonical == "lm_head.weight" && model.config.tied) {
+        canonical = "backbone.embeddings.weight";
+      }
+      auto it = model.weights.find(canonical);
+      if (it == model.weights.end()) {
+        return absl::NotFoundError(absl::StrCat("tensor '", host.name, "' is not in model '",
+                                                model.info.name, "'"));
+      }
+      if (!seen.insert(canonical).second) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor '", host.name, "' given twice"));
+      }
+      torch::Tensor& current = it->second;
+      ICD_ASSIGN_OR_RETURN(torch::ScalarType type, ToTorch(host.dtype));
+      if (type != current.scalar_type() || host.shape != current.sizes().vec()) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "tensor '%s': got %s [%s], the model holds %s [%s]", host.name,
+            std::string(DTypeName(host.dtype)), absl::StrJoin(host.shape, ", "),
+            std::string(c10::toString(current.scalar_type())),
+            absl::StrJoin(current.sizes().vec(), ", ")));
+      }
+      const auto expected_bytes = static_cast<size_t>(current.numel()) * current.element_size();
+      if (host.data.size() != expected_bytes) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor '", host.name, "': ",
+                                                       host.data.size(), " bytes, expected ",
+                                                       expected_bytes));
+      }
+      torch::Tensor incoming = torch::empty(current.sizes(), torch::dtype(type));
+      std::memcpy(incoming.data_ptr(), host.data.data(), host.data.size());
+      updates.emplace_back(&current, incoming.to(current.device()));
+    }
+    torch::NoGradGuard no_grad;
+    std::vector<torch::Tensor> previous;
+    for (auto& [target, incoming] : updates) {
+      previous.push_back(target->clone());
+      target->copy_(incoming);
+    }
+    absl::StatusOr<torch::Tensor> logits = ProbeLogits(model, {});
+    if (!logits.ok()) {
+      for (size_t i = 0; i < updates.size(); ++i) updates[i].first->copy_(previous[i]);
+      return logits.status();
+    }
+    model.probe.logits = *logits;  // an intended change of function: new reference
+    return ++model.info.version;
+  }
+
+  EngineOptions options_;
+  mutable std::mutex mutex_;  // guards models_ and loading_ only
+  std::map<std::string, std::shared_ptr<LoadedModel>> models_;
+  std::set<std::string> loading_;
+};
+
+Engine::Engine(EngineOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
+Engine::~Engine() = default;
+
+absl::StatusOr<ModelInfo> Engine::Load(const std::string& name, const std::string& path,
+                                       const LoadOptions& options, const CallContext& ctx) {
+  ICD_RETURN_IF_ERROR(impl_->Reserve(name));
+  absl::StatusOr<std::shared_ptr<LoadedModel>> model =
+      Guarded("load", [&] { return impl_->LoadModel(name, path, options, ctx); });
+  if (!model.ok()) {
+    impl_->Finish(name, nullptr);
+    return model.status();
+  }
+  ModelInfo info = (*model)->info;
+  impl_->Finish(name, *std::move(model));
+  return info;
+}
+
+absl::Status Engine::Unload(const std::string& name) { return impl_->Erase(name); }
+
+std::vector<ModelInfo> Engine::List() const { return impl_->List(); }
+
+absl::StatusOr<ModelInfo> Engine::Info(const std::string& name) const {
+  ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
+  std::shared_lock<std::shared_mutex> lock(model->mutex);
+  return model->info;
+}
+
+absl::StatusOr<std::vector<GroupInfo>> Engine::Symmetries(const std::string& name) const {
+  ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
+  std::shared_lock<std::shared_mutex> lock(model->mutex);
+  std::vector<GroupInfo> groups = model->spec;
+  for (GroupInfo& group : groups) {
+    for (GroupMember& member : group.members) {
+      member.tensor = LayoutTensorName(model->config.layout, member.tensor);
+    }
+  }
+  return groups;
+}
+
+absl::StatusOr<ApplyReport> Engine::Apply(const std::string& name,
+                                          const std::vector<Permutation>& perms,
+                                          const ApplyOptions& options, const CallContext& ctx) {
+  ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
+  std::unique_lock<std::shared_mutex> lock(model->mutex);
+  return Guarded("apply", [&] { return impl_->Apply(*model, perms, options, ctx); });
+}
+
+absl::StatusOr<CorrectnessReport> Engine::Verify(const std::string& name,
+                                                 const CallContext& ctx) const {
+  ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
+  std::shared_lock<std::shared_mutex> lock(model->mutex);
+  return Guarded("verify", [&]() -> absl::StatusOr<CorrectnessReport> {
+    ICD_ASSIGN_OR_RETURN(torch::Tensor logits, ProbeLogits(*model, ctx));
+    return CompareLogits(logits, model->probe.logits, model->Tolerance(0));
+  });
+}
+
+absl::StatusOr<EvaluateResult> Engine::Evaluate(const std::string& name,
+                                                const EvaluateRequest& request,
+                                                const CallContext& ctx) const {
+  ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
+  const int64_t count = static_cast<int64_t>(request.input_ids.size());
+  if (request.batch < 1 || count == 0 || count % request.batch != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input_ids: ", count, " ids do not split into batch ", request.batch,
+        " equal non-empty rows"));
+  }
+  std::shared_lock<std::shared_mutex> lock(model->mutex);
+  const int64_t vocab = model->config.vocab_size;
+  for (size_t i = 0; i < request.input_ids.size(); ++i) {
+    if (request.input_ids[i] < 0 || request.input_ids[i] >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat("input_ids: id ", request.input_ids[i],
+                                                     " at position ", i, " outside [0, ", vocab,
+                                                     ")"));
+    }
+  }
+  return Guarded("evaluate", [&]() -> absl::StatusOr<EvaluateResult> {
+    torch::NoGradGuard no_grad;
+    const int64_t seq = count / request.batch;
+    torch::Tensor ids = torch::tensor(request.input_ids, torch::dtype(torch::kInt64))
+                            .reshape({request.batch, seq})
+                            .to(model->probe.input_ids.device());
+    ICD_ASSIGN_OR_RETURN(torch::Tensor logits, Forward(model->config, model->weights, ids, ctx));
+    EvaluateResult result;
+    result.shape = logits.sizes().vec();
+    result.tokens = request.batch * (seq - 1);
+    if (seq > 1) {
+      torch::Tensor log_probs =
+          torch::log_softmax(logits.slice(1, 0, seq - 1).to(torch::kFloat64), -1);
+      torch::Tensor targets = ids.slice(1, 1, seq).unsqueeze(-1);
+      result.mean_nll = -log_probs.gather(-1, targets).mean().item<double>();
+    }
+    if (request.return_logits) {
+      torch::Tensor host = logits.to(torch::kCPU).contiguous();
+      result.logits.assign(host.data_ptr<float>(), host.data_ptr<float>() + host.numel());
+    }
+    return result;
+  });
+}
+
+absl::StatusOr<std::vector<HostTensor>> Engine::ReadTensors(
+    const std::string& name, const std::vector<std::string>& names) const {
+  ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
+  std::shared_lock<std::shared_mutex> lock(model->mutex);
+  std::vector<std::string> wanted = names;
+  if (wanted.empty()) {
+    for (const WeightFile& file : model->layout.files) {
+      for (const std::string& stored : file.names) wanted.push_back(stored);
+    }
+  }
+  return Guarded("read tensors", [&]() -> absl::StatusOr<std::vector<HostTensor>> {
+    std::vector<HostTensor> out;
+    for (const std::string& stored : wanted) {
+      std::string canonical = CanonicalTensorName(stored);
+      if (canonical == "lm_head.weight" && model->config.tied) {
+        canonical = "backbone.embeddings.weight";
+      }
+      auto it = model->weights.find(canonical);
+      if (it == model->weights.end()) {
+        return absl::NotFoundError(
+            absl::StrCat("tensor '", stored, "' is not in model '", name, "'"));
+      }
+      torch::Tensor host = it->second.to(torch::kCPU).contiguous();
+      HostTensor tensor;
+      tensor.name = stored;
+      tensor.shape = host.sizes().vec();
+      ICD_ASSIGN_OR_RETURN(tensor.dtype, FromTorch(host.scalar_type()));
+      tensor.data.assign(static_cast<const char*>(host.data_ptr()), host.nbytes());
+      out.push_back(std::move(tensor));
+    }
+    return out;
+  });
+}
+
+absl::StatusOr<uint64_t> Engine::WriteTensors(const std::string& name,
+                                              const std::vector<HostTensor>& tensors,
+                                              uint64_t expected_version) {
+  ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
+  std::unique_lock<std::shared_mutex> lock(model->mutex);
+  return Guarded("write tensors", [&] { return impl_->Write(*model, tensors, expected_version); });
+}
+
+absl::StatusOr<ExportResult> Engine::Export(const std::string& name, const std::string& path,
+                                            const CallContext& ctx) {
+  ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
+  std::unique_lock<std::shared_mutex> lock(model->mutex);
+  return Guarded("export", [&]() -> absl::StatusOr<ExportResult> {
+    ICD_ASSIGN_OR_RETURN(ExportResult result,
+                         ExportCheckpoint(model->info.path, model->layout, model->config,
+                                          model->weights, path, ctx));
+    result.version = model->info.version;
+    return result;
+  });
+}
+
+}  // namespace icd

@@ -1,1 +1,145 @@
-// placeholder
+// Mamba-1 and FalconMamba mixers, step by step as HF's MambaMixer.slow_forward
+// (mamba_symmetries.md §2.2-2.3).
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "forward_internal.h"
+
+namespace icd::forward_internal {
+namespace {
+
+// One layer's mixer tensors, cast to the dtype each step computes in.
+struct Mamba1Layer {
+  torch::Tensor in_proj_w;   // [2*d_inner, d_model], compute; rows [x | z]
+  torch::Tensor in_proj_b;   // [2*d_inner] or undefined
+  torch::Tensor conv_w;      // [d_inner, 1, d_conv]
+  torch::Tensor conv_b;      // [d_inner] or undefined
+  torch::Tensor x_proj_w;    // [dt_rank + 2*d_state, d_inner]; rows [dt | B | C]
+  torch::Tensor dt_proj_w;   // [d_inner, dt_rank]
+  torch::Tensor dt_proj_b;   // [d_inner]
+  torch::Tensor a_log;       // [d_inner, d_state], accumulate
+  torch::Tensor d_skip;      // [d_inner], accumulate
+  torch::Tensor out_proj_w;  // [d_model, d_inner]
+  torch::Tensor out_proj_b;  // [d_model] or undefined
+};
+
+std::string MixerName(int64_t layer, const std::string& suffix) {
+  return LayerTensorName(layer, "mixer." + suffix);
+}
+
+Mamba1Layer Mamba1LayerView(const Weights& weights, int64_t layer, const Precision& precision) {
+  const torch::ScalarType compute = precision.compute;
+  Mamba1Layer view;
+  view.in_proj_w = TensorAs(weights, MixerName(layer, "in_proj.weight"), compute);
+  view.in_proj_b = OptionalTensorAs(weights, MixerName(layer, "in_proj.bias"), compute);
+  view.conv_w = TensorAs(weights, MixerName(layer, "conv1d.weight"), compute);
+  view.conv_b = OptionalTensorAs(weights, MixerName(layer, "conv1d.bias"), compute);
+  view.x_proj_w = TensorAs(weights, MixerName(layer, "x_proj.weight"), compute);
+  view.dt_proj_w = TensorAs(weights, MixerName(layer, "dt_proj.weight"), compute);
+  view.dt_proj_b = TensorAs(weights, MixerName(layer, "dt_proj.bias"), compute);
+  view.a_log = TensorAs(weights, MixerName(layer, "A_log"), precision.accumulate);
+  view.d_skip = TensorAs(weights, MixerName(layer, "D"), precision.accumulate);
+  view.out_proj_w = TensorAs(weights, MixerName(layer, "out_proj.weight"), compute);
+  view.out_proj_b = OptionalTensorAs(weights, MixerName(layer, "out_proj.bias"), compute);
+  return view;
+}
+
+}  // namespace
+
+absl::Status CheckMamba1Mixer(const ModelConfig& config, const Weights& weights, int64_t layer) {
+  const int64_t inner = config.d_inner;
+  const int64_t state = config.d_state;
+  const int64_t dt_rank = config.dt_rank;
+  struct Expected {
+    const char* suffix;
+    bool present;
+    std::vector<int64_t> shape;
+  };
+  const std::vector<Expected> expected = {
+      {"in_proj.weight", true, {2 * inner, config.d_model}},
+      {"in_proj.bias", config.proj_bias, {2 * inner}},
+      {"conv1d.weight", true, {inner, 1, config.d_conv}},
+      {"conv1d.bias", config.conv_bias, {inner}},
+      {"x_proj.weight", true, {dt_rank + 2 * state, inner}},
+      {"dt_proj.weight", true, {inner, dt_rank}},
+      {"dt_proj.bias", true, {inner}},
+      {"A_log", true, {inner, state}},
+      {"D", true, {inner}},
+      {"out_proj.weight", true, {config.d_model, inner}},
+      {"out_proj.bias", config.proj_bias, {config.d_model}},
+  };
+  for (const Expected& tensor : expected) {
+    absl::Status status = CheckOptionalTensor(weights, MixerName(layer, tensor.suffix),
+                                              tensor.present, tensor.shape);
+    if (!status.ok()) return status;
+  }
+  return absl::OkStatus();
+}
+
+torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
+                          const Precision& precision, const torch::Tensor& normed) {
+  const Mamba1Layer view = Mamba1LayerView(weights, layer, precision);
+  const int64_t batch = normed.size(0);
+  const int64_t seq_len = normed.size(1);
+  const int64_t inner = config.d_inner;
+  const int64_t state_size = config.d_state;
+  const torch::ScalarType wide = precision.accumulate;
+
+  // 1. Gated MLP's linear projection: [x | z].
+  torch::Tensor projected = torch::linear(normed, view.in_proj_w, view.in_proj_b);  // [B, L, 2I]
+  torch::Tensor conv_input = projected.narrow(-1, 0, inner);                        // [B, L, I]
+  torch::Tensor gate = projected.narrow(-1, inner, inner);                          // [B, L, I]
+
+  // 2. Causal depthwise convolution, then silu.
+  torch::Tensor hidden =
+      torch::silu(CausalDepthwiseConv(conv_input, view.conv_w, view.conv_b));  // [B, L, I]
+
+  // 3.a. Selection: x_proj rows are [dt | B | C].
+  torch::Tensor ssm_params = torch::linear(hidden, view.x_proj_w);  // [B, L, R + 2N]
+  torch::Tensor time_step = ssm_params.narrow(-1, 0, config.dt_rank);               // [B, L, R]
+  torch::Tensor b_proj = ssm_params.narrow(-1, config.dt_rank, state_size);         // [B, L, N]
+  torch::Tensor c_proj = ssm_params.narrow(-1, config.dt_rank + state_size, state_size);  // [B, L, N]
+  if (config.family == Family::kFalconMamba) {
+    // FalconMamba (HF slow path): weightless RMS over N on B and C and over
+    // the rank axis on the time step, before dt_proj; results cast back.
+    const torch::ScalarType compute = precision.compute;
+    b_proj = RmsNormalize(b_proj, config.mixer_rms_eps, wide).to(compute);
+    c_proj = RmsNormalize(c_proj, config.mixer_rms_eps, wide).to(compute);
+    time_step = RmsNormalize(time_step, config.mixer_rms_eps, wide).to(compute);
+  }
+  // Δ = softplus(dt_proj(δ)), in the compute dtype as HF.
+  torch::Tensor delta =
+      torch::softplus(torch::linear(time_step, view.dt_proj_w, view.dt_proj_b)).to(wide);  // [B, L, I]
+
+  // 3.b. Discretisation: A = -exp(A_log); Δ·x drives the state.
+  torch::Tensor a_decay = -torch::exp(view.a_log);                  // [I, N]
+  torch::Tensor hidden_wide = hidden.to(wide);                      // [B, L, I]
+  torch::Tensor delta_x = delta * hidden_wide;                      // [B, L, I]
+  torch::Tensor b_wide = b_proj.to(wide);                           // [B, L, N]
+  torch::Tensor c_wide = c_proj.to(wide).unsqueeze(-1);             // [B, L, N, 1]
+
+  // 3.c. Recurrence h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t, y_t = h_t C_t,
+  // sequential over time (one [B, I, N] state; no [B, I, L, N] tensor).
+  torch::Tensor ssm_state = torch::zeros({batch, inner, state_size},
+                                         normed.options().dtype(wide));  // [B, I, N]
+  std::vector<torch::Tensor> scan_outputs;
+  scan_outputs.reserve(static_cast<size_t>(seq_len));
+  for (int64_t step = 0; step < seq_len; ++step) {
+    torch::Tensor decay = torch::exp(delta.select(1, step).unsqueeze(-1) * a_decay);  // [B, I, N]
+    torch::Tensor drive =
+        delta_x.select(1, step).unsqueeze(-1) * b_wide.select(1, step).unsqueeze(1);  // [B, I, N]
+    ssm_state = decay * ssm_state + drive;
+    scan_outputs.push_back(torch::matmul(ssm_state, c_wide.select(1, step)).squeeze(-1));  // [B, I]
+  }
+  torch::Tensor scan_output = torch::stack(scan_outputs, 1);  // [B, L, I]
+  // Skip connection D·x, then the gate silu(z).
+  scan_output = scan_output + hidden_wide * view.d_skip;
+  scan_output = scan_output * torch::silu(gate.to(wide));
+
+  // 4. Final linear projection.
+  return torch::linear(scan_output.to(precision.compute), view.out_proj_w,
+                       view.out_proj_b);  // [B, L, d_model]
+}
+
+}  // namespace icd::forward_internal

@@ -1,1 +1,174 @@
-// placeholder
+// Mamba-2 mixer, step by step as HF's Mamba2Mixer.torch_forward and
+// mamba_ssm's Mamba2 (mamba_symmetries.md §2.4-2.5). The scan runs as the
+// sequential recurrence, which the chunked SSD computes exactly (chunk_size
+// changes only the summation order).
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "forward_internal.h"
+
+namespace icd::forward_internal {
+namespace {
+
+// One layer's mixer tensors, cast to the dtype each step computes in.
+struct Mamba2Layer {
+  torch::Tensor in_proj_w;   // [2*d_inner + 2*ngroups*d_state + nheads, d_model]; rows [z | x | B | C | dt]
+  torch::Tensor in_proj_b;   // [same rows] or undefined
+  torch::Tensor conv_w;      // [conv_dim, 1, d_conv], conv_dim = d_inner + 2*ngroups*d_state
+  torch::Tensor conv_b;      // [conv_dim] or undefined
+  torch::Tensor dt_bias;     // [nheads], compute
+  torch::Tensor a_log;       // [nheads], accumulate
+  torch::Tensor d_skip;      // [nheads] or [d_inner] (d_has_hdim), accumulate
+  torch::Tensor norm_w;      // [d_inner] or undefined (!gated_norm)
+  torch::Tensor out_proj_w;  // [d_model, d_inner]
+  torch::Tensor out_proj_b;  // [d_model] or undefined
+};
+
+std::string MixerName(int64_t layer, const std::string& suffix) {
+  return LayerTensorName(layer, "mixer." + suffix);
+}
+
+Mamba2Layer Mamba2LayerView(const Weights& weights, int64_t layer, const Precision& precision) {
+  const torch::ScalarType compute = precision.compute;
+  Mamba2Layer view;
+  view.in_proj_w = TensorAs(weights, MixerName(layer, "in_proj.weight"), compute);
+  view.in_proj_b = OptionalTensorAs(weights, MixerName(layer, "in_proj.bias"), compute);
+  view.conv_w = TensorAs(weights, MixerName(layer, "conv1d.weight"), compute);
+  view.conv_b = OptionalTensorAs(weights, MixerName(layer, "conv1d.bias"), compute);
+  view.dt_bias = TensorAs(weights, MixerName(layer, "dt_bias"), compute);
+  view.a_log = TensorAs(weights, MixerName(layer, "A_log"), precision.accumulate);
+  view.d_skip = TensorAs(weights, MixerName(layer, "D"), precision.accumulate);
+  view.norm_w = OptionalTensorAs(weights, MixerName(layer, "norm.weight"), compute);
+  view.out_proj_w = TensorAs(weights, MixerName(layer, "out_proj.weight"), compute);
+  view.out_proj_b = OptionalTensorAs(weights, MixerName(layer, "out_proj.bias"), compute);
+  return view;
+}
+
+bool HasDtLimit(const ModelConfig& config) {
+  return config.dt_min > 0.0 || std::isfinite(config.dt_max);
+}
+
+// Step 6: the gated RMSNorm. scan_output, gate [B, L, I] in accumulate;
+// returns [B, L, I] in compute. HF (grouped_gated_norm=false) normalises over
+// the whole d_inner; mamba_ssm over each group of d_inner/ngroups channels.
+torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
+                        const Precision& precision, const torch::Tensor& scan_output,
+                        const torch::Tensor& gate) {
+  torch::Tensor gate_act = torch::silu(gate);
+  if (!config.gated_norm) return (scan_output * gate_act).to(precision.compute);
+  torch::Tensor to_norm = config.norm_before_gate ? scan_output : scan_output * gate_act;
+  const int64_t groups = config.grouped_gated_norm ? config.ngroups : 1;
+  const std::vector<int64_t> flat_shape = to_norm.sizes().vec();
+  std::vector<int64_t> grouped_shape = {flat_shape[0], flat_shape[1], groups,
+                                        config.d_inner / groups};
+  torch::Tensor normalized = RmsNormalize(to_norm.reshape(grouped_shape), config.norm_eps,
+                                          precision.accumulate)
+                                 .reshape(flat_shape);  // [B, L, I]
+  // As HF's MambaRMSNormGated: the weight scales the normalised values.
+  normalized = normalized * view.norm_w.to(precision.accumulate);
+  if (config.norm_before_gate) normalized = normalized * gate_act;
+  return normalized.to(precision.compute);
+}
+
+}  // namespace
+
+absl::Status CheckMamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer) {
+  const int64_t inner = config.d_inner;
+  const int64_t group_state = config.ngroups * config.d_state;
+  const int64_t conv_dim = inner + 2 * group_state;
+  const int64_t projected = inner + conv_dim + config.nheads;
+  struct Expected {
+    const char* suffix;
+    bool present;
+    std::vector<int64_t> shape;
+  };
+  const std::vector<Expected> expected = {
+      {"in_proj.weight", true, {projected, config.d_model}},
+      {"in_proj.bias", config.proj_bias, {projected}},
+      {"conv1d.weight", true, {conv_dim, 1, config.d_conv}},
+      {"conv1d.bias", config.conv_bias, {conv_dim}},
+      {"dt_bias", true, {config.nheads}},
+      {"A_log", true, {config.nheads}},
+      {"D", true, {config.d_has_hdim ? inner : config.nheads}},
+      {"norm.weight", config.gated_norm, {inner}},
+      {"out_proj.weight", true, {config.d_model, inner}},
+      {"out_proj.bias", config.proj_bias, {config.d_model}},
+  };
+  for (const Expected& tensor : expected) {
+    absl::Status status = CheckOptionalTensor(weights, MixerName(layer, tensor.suffix),
+                                              tensor.present, tensor.shape);
+    if (!status.ok()) return status;
+  }
+  return absl::OkStatus();
+}
+
+torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
+                          const Precision& precision, const torch::Tensor& normed) {
+  const Mamba2Layer view = Mamba2LayerView(weights, layer, precision);
+  const int64_t batch = normed.size(0);
+  const int64_t seq_len = normed.size(1);
+  const int64_t inner = config.d_inner;
+  const int64_t heads = config.nheads;
+  const int64_t head_dim = config.headdim;
+  const int64_t groups = config.ngroups;
+  const int64_t heads_per_group = heads / groups;
+  const int64_t state_size = config.d_state;
+  const int64_t group_state = groups * state_size;
+  const torch::ScalarType wide = precision.accumulate;
+
+  // 1. Linear projection; order [z | x | B | C | dt] with xBC contiguous.
+  torch::Tensor projected = torch::linear(normed, view.in_proj_w, view.in_proj_b);  // [B, L, *]
+  torch::Tensor gate = projected.narrow(-1, 0, inner);                                // [B, L, I]
+  torch::Tensor xbc = projected.narrow(-1, inner, inner + 2 * group_state);           // [B, L, conv_dim]
+  torch::Tensor time_step = projected.narrow(-1, 2 * inner + 2 * group_state, heads);  // [B, L, H]
+
+  // 2. Causal depthwise conv over xBC only, silu, then split x, B, C.
+  xbc = torch::silu(CausalDepthwiseConv(xbc, view.conv_w, view.conv_b));  // [B, L, conv_dim]
+  // Heads of one group are contiguous (g(h) = h / heads_per_group): view the
+  // head axis as [groups, heads_per_group] and let B, C broadcast over it.
+  torch::Tensor hidden = xbc.narrow(-1, 0, inner).to(wide).reshape(
+      {batch, seq_len, groups, heads_per_group, head_dim});  // [B, L, G, Kh, P]
+  torch::Tensor b_proj = xbc.narrow(-1, inner, group_state).to(wide).reshape(
+      {batch, seq_len, groups, 1, 1, state_size});  // [B, L, G, 1, 1, N]
+  torch::Tensor c_proj = xbc.narrow(-1, inner + group_state, group_state).to(wide).reshape(
+      {batch, seq_len, groups, 1, state_size, 1});  // [B, L, G, 1, N, 1]
+
+  // 3. Δ = softplus(dt + dt_bias) (compute dtype, as HF), clamped to dt_limit
+  // only when it is not the default (0, inf); A = -exp(A_log), one per head.
+  torch::Tensor delta = torch::softplus(time_step + view.dt_bias);  // [B, L, H]
+  if (HasDtLimit(config)) delta = torch::clamp(delta, config.dt_min, config.dt_max);
+  delta = delta.to(wide).reshape({batch, seq_len, groups, heads_per_group});  // [B, L, G, Kh]
+  torch::Tensor a_decay = -torch::exp(view.a_log).reshape({groups, heads_per_group});  // [G, Kh]
+  torch::Tensor decay = torch::exp(delta * a_decay).unsqueeze(-1).unsqueeze(-1);  // [B, L, G, Kh, 1, 1]
+  torch::Tensor delta_x = (hidden * delta.unsqueeze(-1)).unsqueeze(-1);          // [B, L, G, Kh, P, 1]
+
+  // 4-5. S_t = exp(Δ_t A) S_{t-1} + Δ_t x_t B_t^T, y_t = S_t C_t, sequential.
+  torch::Tensor ssm_state = torch::zeros({batch, groups, heads_per_group, head_dim, state_size},
+                                         normed.options().dtype(wide));  // [B, G, Kh, P, N]
+  std::vector<torch::Tensor> scan_outputs;
+  scan_outputs.reserve(static_cast<size_t>(seq_len));
+  for (int64_t step = 0; step < seq_len; ++step) {
+    ssm_state = decay.select(1, step) * ssm_state +
+                delta_x.select(1, step) * b_proj.select(1, step);
+    scan_outputs.push_back(
+        torch::matmul(ssm_state, c_proj.select(1, step)).squeeze(-1));  // [B, G, Kh, P]
+  }
+  torch::Tensor scan_output =
+      torch::stack(scan_outputs, 1).reshape({batch, seq_len, inner});  // [B, L, I]
+  // D skip: one per head, or one per channel (mamba_ssm D_has_hdim).
+  torch::Tensor d_channels =
+      config.d_has_hdim ? view.d_skip
+                        : view.d_skip.repeat_interleave(head_dim);  // [I]
+  torch::Tensor hidden_flat = hidden.reshape({batch, seq_len, inner});
+  scan_output = scan_output + hidden_flat * d_channels;
+
+  // 6. Gated RMSNorm (or the bare gate).
+  torch::Tensor gated = GatedNorm(config, view, precision, scan_output, gate.to(wide));
+
+  // 7. Final linear projection.
+  return torch::linear(gated, view.out_proj_w, view.out_proj_b);  // [B, L, d_model]
+}
+
+}  // namespace icd::forward_internal

@@ -1,1 +1,228 @@
-// placeholder
+#include "symmetry.h"
+
+#include <map>
+#include <set>
+#include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace icd {
+namespace {
+
+// A member's expansion, parsed: how many slice positions one group index
+// covers, and how to map a slice position to its source position.
+struct Expansion {
+  enum Kind { kIdentity, kPerHead, kPerGroup } kind = kIdentity;
+  int64_t width = 1;  // P for per_head, N for per_group
+};
+
+bool ParseExpansion(const std::string& text, Expansion* out) {
+  if (text == "identity") {
+    *out = {Expansion::kIdentity, 1};
+    return true;
+  }
+  for (auto [prefix, kind] : {std::pair{"per_head:", Expansion::kPerHead},
+                              std::pair{"per_group:", Expansion::kPerGroup}}) {
+    const std::string p = prefix;
+    if (text.rfind(p, 0) == 0) {
+      int64_t width = 0;
+      if (!absl::SimpleAtoi(text.substr(p.size()), &width) || width <= 0) return false;
+      *out = {kind, width};
+      return true;
+    }
+  }
+  return false;
+}
+
+int64_t ExpectedLength(const GroupInfo& group, const Expansion& e) {
+  switch (e.kind) {
+    case Expansion::kIdentity: return group.size;
+    case Expansion::kPerHead: return group.size * e.width;
+    case Expansion::kPerGroup: return group.whole > 0 ? group.size / group.whole * e.width : -1;
+  }
+  return -1;
+}
+
+// Source position (within the slice) of slice position k.
+int64_t SourcePosition(const GroupInfo& group, const Expansion& e,
+                       const std::vector<int64_t>& index, int64_t k) {
+  switch (e.kind) {
+    case Expansion::kIdentity: return index[static_cast<size_t>(k)];
+    case Expansion::kPerHead:
+      return index[static_cast<size_t>(k / e.width)] * e.width + k % e.width;
+    case Expansion::kPerGroup: {
+      const int64_t group_id = k / e.width;
+      const int64_t first_head = index[static_cast<size_t>(group_id * group.whole)];
+      return first_head / group.whole * e.width + k % e.width;
+    }
+  }
+  return k;
+}
+
+}  // namespace
+
+GroupMember Member(std::string tensor, int axis, int64_t offset, int64_t length,
+                   std::string expand) {
+  return GroupMember{std::move(tensor), axis, offset, length, std::move(expand)};
+}
+
+std::string LayerTensor(int64_t layer, const std::string& suffix) {
+  return absl::StrCat("backbone.layers.", layer, ".", suffix);
+}
+
+// The residual stream: one permutation of d_model for the whole model. Every
+// block norm, in_proj's input columns, out_proj's output rows, the final norm
+// and both ends of the vocabulary projection (§3 d).
+GroupInfo ResidualGroup(const ModelConfig& c) {
+  const int64_t width = c.d_model;
+  GroupInfo group{"residual", width, 0, 0, {}};
+  auto& m = group.members;
+  m.push_back(Member("backbone.embeddings.weight", 1, 0, width));
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    m.push_back(Member(LayerTensor(i, "norm.weight"), 0, 0, width));
+    if (c.layer_norm) m.push_back(Member(LayerTensor(i, "norm.bias"), 0, 0, width));
+    m.push_back(Member(LayerTensor(i, "mixer.in_proj.weight"), 1, 0, width));
+    m.push_back(Member(LayerTensor(i, "mixer.out_proj.weight"), 0, 0, width));
+    if (c.proj_bias) m.push_back(Member(LayerTensor(i, "mixer.out_proj.bias"), 0, 0, width));
+  }
+  m.push_back(Member("backbone.norm_f.weight", 0, 0, width));
+  if (c.layer_norm) m.push_back(Member("backbone.norm_f.bias", 0, 0, width));
+  // Tied: the head is the embedding tensor, already permuted above.
+  if (!c.tied) m.push_back(Member("lm_head.weight", 1, 0, width));
+  return group;
+}
+
+FamilySpec BuildSpec(const ModelConfig& config) {
+  switch (config.family) {
+    case Family::kMamba1:
+    case Family::kFalconMamba: return Mamba1Spec(config);
+    case Family::kMamba2: return Mamba2Spec(config);
+  }
+  return {};
+}
+
+absl::Status CheckSpec(const FamilySpec& spec, const Weights& weights) {
+  std::set<std::string> touched;
+  for (const GroupInfo& group : spec) {
+    if (group.size <= 0 || (group.block > 0 && group.size % group.block != 0) ||
+        (group.whole > 0 && group.size % group.whole != 0)) {
+      return absl::InternalError(absl::StrCat("symmetry spec: group '", group.name,
+                                              "' has inconsistent size/block/whole"));
+    }
+    for (const GroupMember& member : group.members) {
+      auto it = weights.find(member.tensor);
+      if (it == weights.end()) {
+        return absl::InternalError(absl::StrCat("symmetry spec: group '", group.name,
+                                                "' names missing tensor '", member.tensor, "'"));
+      }
+      const torch::Tensor& tensor = it->second;
+      Expansion e;
+      if (member.axis < 0 || member.axis >= tensor.dim() || !ParseExpansion(member.expand, &e) ||
+          ExpectedLength(group, e) != member.length || member.offset < 0 ||
+          member.offset + member.length > tensor.size(member.axis)) {
+        return absl::InternalError(absl::StrCat(
+            "symmetry spec: group '", group.name, "' member ", member.tensor, " axis ",
+            member.axis, " [", member.offset, ", +", member.length, ") ", member.expand,
+            " does not fit the tensor or the group"));
+      }
+      touched.insert(member.tensor);
+    }
+  }
+  std::vector<std::string> untouched;
+  for (const auto& [name, tensor] : weights) {
+    if (touched.count(name) == 0) untouched.push_back(name);
+  }
+  if (!untouched.empty()) {
+    return absl::InternalError(absl::StrCat("symmetry spec covers no group for tensors: ",
+                                            absl::StrJoin(untouched, ", ")));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidatePermutation(const GroupInfo& group, const std::vector<int64_t>& index) {
+  auto error = [&group](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat("group '", group.name, "': ", what));
+  };
+  if (static_cast<int64_t>(index.size()) != group.size) {
+    return error(absl::StrCat("wrong length: expected ", group.size, " indices, got ",
+                              index.size()));
+  }
+  std::vector<int64_t> seen_at(static_cast<size_t>(group.size), -1);
+  for (size_t j = 0; j < index.size(); ++j) {
+    const int64_t v = index[j];
+    if (v < 0 || v >= group.size) {
+      return error(absl::StrCat("index ", v, " at position ", j, " out of range [0, ",
+                                group.size, ")"));
+    }
+    if (seen_at[static_cast<size_t>(v)] >= 0) {
+      return error(absl::StrCat("repeated index ", v, " at positions ",
+                                seen_at[static_cast<size_t>(v)], " and ", j));
+    }
+    seen_at[static_cast<size_t>(v)] = static_cast<int64_t>(j);
+  }
+  if (group.block > 0) {
+    for (size_t j = 0; j < index.size(); ++j) {
+      const int64_t b = group.block, position = static_cast<int64_t>(j);
+      if (index[j] / b != position / b) {
+        return error(absl::StrCat("constraint broken: position ", j, " takes index ", index[j],
+                                  " from block ", index[j] / b, ", but each index must stay in "
+                                  "its own block of ", b, " (block ", position / b, ")"));
+      }
+    }
+  }
+  if (group.whole > 0) {
+    const int64_t w = group.whole;
+    for (int64_t k = 0; k < group.size / w; ++k) {
+      const int64_t source_block = index[static_cast<size_t>(k * w)] / w;
+      for (int64_t a = 1; a < w; ++a) {
+        const int64_t v = index[static_cast<size_t>(k * w + a)];
+        if (v / w != source_block) {
+          return error(absl::StrCat(
+              "constraint broken: positions ", k * w, "..", k * w + w - 1,
+              " must take indices from one block of ", w, ", but position ", k * w + a,
+              " takes ", v, " (block ", v / w, ") while position ", k * w, " takes block ",
+              source_block, " (members move inside their block, or whole blocks move)"));
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+void ApplyGather(const GroupInfo& group, const std::vector<int64_t>& index, Weights& weights) {
+  // One gather per (tensor, axis): compose all of the group's slices of it.
+  std::map<std::pair<std::string, int>, std::vector<const GroupMember*>> by_axis;
+  for (const GroupMember& member : group.members) {
+    by_axis[{member.tensor, member.axis}].push_back(&member);
+  }
+  torch::NoGradGuard no_grad;
+  for (const auto& [key, members] : by_axis) {
+    torch::Tensor& tensor = weights.at(key.first);
+    const int64_t axis_size = tensor.size(key.second);
+    std::vector<int64_t> source(static_cast<size_t>(axis_size));
+    for (int64_t k = 0; k < axis_size; ++k) source[static_cast<size_t>(k)] = k;
+    for (const GroupMember* member : members) {
+      Expansion e;
+      ParseExpansion(member->expand, &e);
+      for (int64_t k = 0; k < member->length; ++k) {
+        source[static_cast<size_t>(member->offset + k)] =
+            member->offset + SourcePosition(group, e, index, k);
+      }
+    }
+    torch::Tensor source_index =
+        torch::tensor(source, torch::dtype(torch::kInt64)).to(tensor.device());
+    tensor.copy_(tensor.index_select(key.second, source_index));
+  }
+}
+
+std::vector<int64_t> InversePermutation(const std::vector<int64_t>& index) {
+  std::vector<int64_t> inverse(index.size());
+  for (size_t j = 0; j < index.size(); ++j) {
+    inverse[static_cast<size_t>(index[j])] = static_cast<int64_t>(j);
+  }
+  return inverse;
+}
+
+}  // namespace icd

@@ -1,1 +1,51 @@
-// placeholder
+// Mamba-1 and FalconMamba symmetry groups (mamba_symmetries.md §3 a-d).
+// FalconMamba's extra RMS normalisations are weightless and act per channel
+// or over whole blocks, so it has exactly Mamba-1's groups.
+#include "symmetry.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace icd {
+
+FamilySpec Mamba1Spec(const ModelConfig& c) {
+  const int64_t inner = c.d_inner, state = c.d_state, dt_rank = c.dt_rank;
+  FamilySpec spec{ResidualGroup(c)};
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    auto t = [i](const char* suffix) { return LayerTensor(i, suffix); };
+    const std::string layer = absl::StrCat("layers.", i, ".");
+
+    // d_inner: x and z halves of in_proj take the same permutation, because
+    // the output pairs y[d] with silu(z[d]).
+    GroupInfo inner_group{layer + "inner", inner, 0, 0, {}};
+    auto& m = inner_group.members;
+    m.push_back(Member(t("mixer.in_proj.weight"), 0, 0, inner));
+    m.push_back(Member(t("mixer.in_proj.weight"), 0, inner, inner));
+    if (c.proj_bias) {
+      m.push_back(Member(t("mixer.in_proj.bias"), 0, 0, inner));
+      m.push_back(Member(t("mixer.in_proj.bias"), 0, inner, inner));
+    }
+    m.push_back(Member(t("mixer.conv1d.weight"), 0, 0, inner));
+    if (c.conv_bias) m.push_back(Member(t("mixer.conv1d.bias"), 0, 0, inner));
+    m.push_back(Member(t("mixer.x_proj.weight"), 1, 0, inner));
+    m.push_back(Member(t("mixer.dt_proj.weight"), 0, 0, inner));
+    m.push_back(Member(t("mixer.dt_proj.bias"), 0, 0, inner));
+    m.push_back(Member(t("mixer.A_log"), 0, 0, inner));
+    m.push_back(Member(t("mixer.D"), 0, 0, inner));
+    m.push_back(Member(t("mixer.out_proj.weight"), 1, 0, inner));
+    spec.push_back(std::move(inner_group));
+
+    // d_state: the B and C rows of x_proj and A's columns take the same one.
+    spec.push_back(GroupInfo{layer + "state", state, 0, 0,
+                             {Member(t("mixer.A_log"), 1, 0, state),
+                              Member(t("mixer.x_proj.weight"), 0, dt_rank, state),
+                              Member(t("mixer.x_proj.weight"), 0, dt_rank + state, state)}});
+
+    // dt_rank: the low-rank factorisation x_proj[:R] -> dt_proj.
+    spec.push_back(GroupInfo{layer + "dt_rank", dt_rank, 0, 0,
+                             {Member(t("mixer.x_proj.weight"), 0, 0, dt_rank),
+                              Member(t("mixer.dt_proj.weight"), 1, 0, dt_rank)}});
+  }
+  return spec;
+}
+
+}  // namespace icd

@@ -1,1 +1,89 @@
-// placeholder
+// Mamba-2 symmetry groups (mamba_symmetries.md §3 d, e). in_proj rows are
+// [z | x | B | C | dt], conv1d channels [x | B | C]; channel c = head*P + p;
+// heads of one B/C group are contiguous.
+#include "symmetry.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace icd {
+
+FamilySpec Mamba2Spec(const ModelConfig& c) {
+  const int64_t inner = c.d_inner, heads = c.nheads, headdim = c.headdim;
+  const int64_t bc = c.ngroups * c.d_state;  // rows of B (and of C)
+  const int64_t heads_per_group = heads / c.ngroups;
+  const std::string per_head = absl::StrCat("per_head:", headdim);
+  const std::string per_group = absl::StrCat("per_group:", c.d_state);
+
+  // Offsets of the blocks.
+  const int64_t z_row = 0, x_row = inner, b_row = 2 * inner, c_row = 2 * inner + bc,
+                dt_row = 2 * inner + 2 * bc;
+  const int64_t x_chan = 0, b_chan = inner, c_chan = inner + bc;
+
+  FamilySpec spec{ResidualGroup(c)};
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    auto t = [i](const char* suffix) { return LayerTensor(i, suffix); };
+    const std::string layer = absl::StrCat("layers.", i, ".");
+
+    // Heads move inside their B/C group, or whole groups move with their B
+    // and C rows; a head carries its z/x channels, dt, dt_bias, A and D.
+    GroupInfo heads_group{layer + "heads", heads, 0, heads_per_group, {}};
+    auto& h = heads_group.members;
+    for (const char* proj : {"mixer.in_proj.weight", "mixer.in_proj.bias"}) {
+      if (std::string(proj) == "mixer.in_proj.bias" && !c.proj_bias) continue;
+      h.push_back(Member(t(proj), 0, z_row, inner, per_head));
+      h.push_back(Member(t(proj), 0, x_row, inner, per_head));
+      h.push_back(Member(t(proj), 0, b_row, bc, per_group));
+      h.push_back(Member(t(proj), 0, c_row, bc, per_group));
+      h.push_back(Member(t(proj), 0, dt_row, heads));
+    }
+    for (const char* conv : {"mixer.conv1d.weight", "mixer.conv1d.bias"}) {
+      if (std::string(conv) == "mixer.conv1d.bias" && !c.conv_bias) continue;
+      h.push_back(Member(t(conv), 0, x_chan, inner, per_head));
+      h.push_back(Member(t(conv), 0, b_chan, bc, per_group));
+      h.push_back(Member(t(conv), 0, c_chan, bc, per_group));
+    }
+    h.push_back(Member(t("mixer.dt_bias"), 0, 0, heads));
+    h.push_back(Member(t("mixer.A_log"), 0, 0, heads));
+    h.push_back(c.d_has_hdim ? Member(t("mixer.D"), 0, 0, inner, per_head)
+                             : Member(t("mixer.D"), 0, 0, heads));
+    if (c.gated_norm) h.push_back(Member(t("mixer.norm.weight"), 0, 0, inner, per_head));
+    h.push_back(Member(t("mixer.out_proj.weight"), 1, 0, inner, per_head));
+    spec.push_back(std::move(heads_group));
+
+    // Positions inside each head: z and x channels together.
+    GroupInfo headdim_group{layer + "headdim", inner, headdim, 0, {}};
+    auto& d = headdim_group.members;
+    d.push_back(Member(t("mixer.in_proj.weight"), 0, z_row, inner));
+    d.push_back(Member(t("mixer.in_proj.weight"), 0, x_row, inner));
+    if (c.proj_bias) {
+      d.push_back(Member(t("mixer.in_proj.bias"), 0, z_row, inner));
+      d.push_back(Member(t("mixer.in_proj.bias"), 0, x_row, inner));
+    }
+    d.push_back(Member(t("mixer.conv1d.weight"), 0, x_chan, inner));
+    if (c.conv_bias) d.push_back(Member(t("mixer.conv1d.bias"), 0, x_chan, inner));
+    if (c.d_has_hdim) d.push_back(Member(t("mixer.D"), 0, 0, inner));
+    if (c.gated_norm) d.push_back(Member(t("mixer.norm.weight"), 0, 0, inner));
+    d.push_back(Member(t("mixer.out_proj.weight"), 1, 0, inner));
+    spec.push_back(std::move(headdim_group));
+
+    // State positions inside each group: B and C rows together.
+    GroupInfo state_group{layer + "state", bc, c.d_state, 0, {}};
+    auto& s = state_group.members;
+    s.push_back(Member(t("mixer.in_proj.weight"), 0, b_row, bc));
+    s.push_back(Member(t("mixer.in_proj.weight"), 0, c_row, bc));
+    if (c.proj_bias) {
+      s.push_back(Member(t("mixer.in_proj.bias"), 0, b_row, bc));
+      s.push_back(Member(t("mixer.in_proj.bias"), 0, c_row, bc));
+    }
+    s.push_back(Member(t("mixer.conv1d.weight"), 0, b_chan, bc));
+    s.push_back(Member(t("mixer.conv1d.weight"), 0, c_chan, bc));
+    if (c.conv_bias) {
+      s.push_back(Member(t("mixer.conv1d.bias"), 0, b_chan, bc));
+      s.push_back(Member(t("mixer.conv1d.bias"), 0, c_chan, bc));
+    }
+    spec.push_back(std::move(state_group));
+  }
+  return spec;
+}
+
+}  // namespace icd

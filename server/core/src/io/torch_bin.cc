@@ -1,1 +1,226 @@
-// placeholder
+// torch.save's zip layout: <archive>/data.pkl (the pickled state dict),
+// <archive>/data/<key> (one record per storage), <archive>/byteorder and
+// <archive>/version. LibTorch's PyTorchStreamReader/Writer handle the zip;
+// the pickle is ours (io/pickle.h).
+#include "io/torch_bin.h"
+
+#include <caffe2/serialize/inline_container.h>
+
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <string>
+#include <system_error>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "io/pickle.h"
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "storages are read and written in native byte order, which must be little-endian"
+#endif
+
+namespace icd::io {
+namespace {
+
+// LibTorch errors carry a C++ backtrace in what(); messages keep the reason.
+std::string Reason(const std::exception& e) {
+  if (const auto* torch_error = dynamic_cast<const c10::Error*>(&e)) return torch_error->what_without_backtrace();
+  return e.what();
+}
+
+std::string RecordText(caffe2::serialize::PyTorchStreamReader& reader, const std::string& name) {
+  auto [data, size] = reader.getRecord(name);
+  return std::string(static_cast<const char*>(data.get()), size);
+}
+
+// The zip's local file header magic; a legacy (pre-1.6) torch.save file
+// starts with a pickle instead.
+absl::Status CheckZipMagic(const std::string& where, const std::filesystem::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  char magic[4] = {};
+  in.read(magic, 4);
+  if (in.gcount() == 4 && std::memcmp(magic, "PK\x03\x04", 4) == 0) return absl::OkStatus();
+  if (in.gcount() >= 1 && magic[0] == '\x80') {
+    return absl::InvalidArgumentError(absl::StrCat(
+        where, ": legacy (pre-1.6, non-zip) torch.save format is not supported; re-save it with a "
+               "current torch.save or convert it to safetensors"));
+  }
+  return absl::InvalidArgumentError(absl::StrCat(where, ": not a torch.save zip archive (no zip header)"));
+}
+
+// Loads each storage record once; every later use of the key gets the same
+// tensor, so views of one key share one storage.
+class StorageCache {
+ public:
+  StorageCache(const std::string& where, caffe2::serialize::PyTorchStreamReader& reader)
+      : where_(where), reader_(reader) {}
+
+  absl::StatusOr<torch::Tensor> Load(const std::string& key, torch::ScalarType dtype, int64_t numel) {
+    const std::string record = absl::StrCat("data/", key);
+    const auto cached = storages_.find(key);
+    if (cached != storages_.end()) {
+      const torch::Tensor& storage = cached->second;
+      if (storage.scalar_type() != dtype || storage.numel() != numel) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            where_, ": storage '", key, "' used as ", c10::toString(dtype), " x ", numel, " and as ",
+            c10::toString(storage.scalar_type()), " x ", storage.numel()));
+      }
+      return storage;
+    }
+    try {
+      if (!reader_.hasRecord(record)) {
+        return absl::InvalidArgumentError(absl::StrCat(where_, ": storage '", key, "' has no record ", record));
+      }
+      auto [data, size] = reader_.getRecord(record);
+      const uint64_t expected = static_cast<uint64_t>(numel) * c10::elementSize(dtype);
+      if (size != expected) {
+        return absl::InvalidArgumentError(absl::StrCat(where_, ": record ", record, " holds ", size,
+                                                       " bytes, but storage '", key, "' needs ", numel, " x ",
+                                                       c10::toString(dtype), " = ", expected));
+      }
+      // The tensor owns the record's buffer: no copy.
+      c10::Storage bytes(c10::Storage::use_byte_size_t(), size, std::move(data), nullptr, false);
+      torch::Tensor storage = torch::empty({0}, torch::TensorOptions().dtype(dtype)).set_(bytes, 0, {numel}, {1});
+      storages_.emplace(key, storage);
+      return storage;
+    } catch (const std::exception& e) {
+      return absl::InvalidArgumentError(absl::StrCat(where_, ": cannot read record ", record, ": ", Reason(e)));
+    }
+  }
+
+ private:
+  const std::string& where_;
+  caffe2::serialize::PyTorchStreamReader& reader_;
+  std::unordered_map<std::string, torch::Tensor> storages_;
+};
+
+}  // namespace
+
+absl::StatusOr<TensorList> ReadTorchBin(const std::filesystem::path& file) {
+  const std::string where = file.string();
+  std::error_code error;
+  if (!std::filesystem::exists(file, error)) return absl::NotFoundError(absl::StrCat(where, ": no such file"));
+  if (!std::filesystem::is_regular_file(file, error)) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": not a regular file"));
+  }
+  absl::Status magic = CheckZipMagic(where, file);
+  if (!magic.ok()) return magic;
+
+  std::unique_ptr<caffe2::serialize::PyTorchStreamReader> reader;
+  std::string pickle;
+  try {
+    reader = std::make_unique<caffe2::serialize::PyTorchStreamReader>(where);
+    if (!reader->hasRecord("data.pkl")) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": archive has no data.pkl"));
+    }
+    if (reader->hasRecord("byteorder")) {
+      const std::string byteorder = RecordText(*reader, "byteorder");
+      if (byteorder != "little") {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": byteorder '", byteorder, "' is not supported"));
+      }
+    }
+    pickle = RecordText(*reader, "data.pkl");
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": not a readable torch.save archive: ", Reason(e)));
+  }
+  StorageCache storages(where, *reader);
+  const StorageLoader load = [&storages](const std::string& key, torch::ScalarType dtype, int64_t numel) {
+    return storages.Load(key, dtype, numel);
+  };
+  return UnpickleStateDict(absl::StrCat(where, ": data.pkl"), pickle, load);
+}
+
+absl::Status WriteTorchBin(const std::filesystem::path& file, const TensorList& tensors) {
+  const std::string where = file.string();
+  // One storage record per distinct storage, keyed "0", "1", ... in order of
+  // first use, as torch.save numbers them.
+  struct StorageRecord {
+    torch::Tensor bytes;  // 1-D, contiguous, CPU
+  };
+  std::vector<StorageRecord> records;
+  std::map<const void*, size_t> record_of_storage;
+  std::map<std::string, int> seen_names;
+  std::vector<PickledTensor> pickled;
+  pickled.reserve(tensors.size());
+  try {
+    // Storages used by more than one tensor are written whole (ties keep
+    // their offsets); a storage used once is written as that tensor's bytes.
+    std::map<const void*, int> uses;
+    for (const NamedTensor& named : tensors) {
+      if (!named.tensor.defined()) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": tensor '", named.name, "' is undefined"));
+      }
+      if (seen_names[named.name]++ > 0) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": tensor '", named.name, "' given twice"));
+      }
+      ++uses[named.tensor.storage().unsafeGetStorageImpl()];
+    }
+    for (const NamedTensor& named : tensors) {
+      const torch::Tensor& tensor = named.tensor;
+      const void* storage_id = tensor.storage().unsafeGetStorageImpl();
+      const auto [found, inserted] = record_of_storage.emplace(storage_id, records.size());
+      PickledTensor entry;
+      entry.name = named.name;
+      entry.dtype = tensor.scalar_type();
+      entry.storage_key = std::to_string(found->second);
+      if (uses[storage_id] > 1) {
+        const int64_t storage_numel =
+            static_cast<int64_t>(tensor.storage().nbytes() / static_cast<size_t>(tensor.element_size()));
+        if (inserted) {
+          torch::Tensor whole = torch::empty({0}, tensor.options()).set_(tensor.storage(), 0, {storage_numel}, {1});
+          records.push_back(StorageRecord{whole.detach().to(torch::kCPU).contiguous()});
+        } else if (records[found->second].bytes.scalar_type() != entry.dtype) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              where, ": tensor '", named.name, "' shares a storage with a tensor of another dtype"));
+        }
+        entry.storage_numel = storage_numel;
+        entry.storage_offset = tensor.storage_offset();
+        entry.sizes = tensor.sizes().vec();
+        entry.strides = tensor.strides().vec();
+      } else {
+        torch::Tensor bytes = tensor.detach().to(torch::kCPU).contiguous();
+        entry.storage_numel = bytes.numel();
+        entry.sizes = bytes.sizes().vec();
+        entry.strides = bytes.strides().vec();
+        records.push_back(StorageRecord{bytes.reshape({-1})});
+      }
+      pickled.push_back(std::move(entry));
+    }
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat(where, ": cannot gather tensors: ", Reason(e)));
+  }
+  absl::StatusOr<std::string> pickle = PickleStateDict(pickled);
+  if (!pickle.ok()) return absl::InvalidArgumentError(absl::StrCat(where, ": ", pickle.status().message()));
+
+  std::ofstream out(file, std::ios::binary | std::ios::trunc);
+  if (!out) return absl::InternalError(absl::StrCat(where, ": cannot open for writing"));
+  // The writer never sees a short write (it would throw from its destructor);
+  // the stream's state is checked once at the end instead.
+  const auto write = [&out](const void* data, size_t size) {
+    out.write(static_cast<const char*>(data), static_cast<std::streamsize>(size));
+    return size;
+  };
+  try {
+    caffe2::serialize::PyTorchStreamWriter writer(write);
+    writer.writeRecord("data.pkl", pickle->data(), pickle->size());
+    writer.writeRecord("byteorder", "little", 6);
+    static const char kEmpty = 0;
+    for (size_t i = 0; i < records.size(); ++i) {
+      const torch::Tensor& bytes = records[i].bytes;
+      const void* data = bytes.numel() > 0 ? bytes.data_ptr() : &kEmpty;
+      writer.writeRecord(absl::StrCat("data/", i), data, bytes.nbytes());
+    }
+    writer.writeEndOfFile();  // adds the "version" record
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat(where, ": cannot write the archive: ", Reason(e)));
+  }
+  out.close();
+  if (!out) return absl::InternalError(absl::StrCat(where, ": write failed"));
+  return absl::OkStatus();
+}
+
+}  // namespace icd::io

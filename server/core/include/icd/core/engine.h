@@ -6,10 +6,11 @@
 // returns a new, strictly larger version; versions start at 1.
 //
 // Status codes (the transport maps them one to one):
-//   InvalidArgument    bad permutation or request (message names the group)
+//   InvalidArgument    bad permutation or request (message names the group);
+//                      a malformed or unsupported checkpoint (names the file)
 //   NotFound           unknown model, missing checkpoint directory or file
 //   AlreadyExists      a loaded name, an existing export path
-//   FailedPrecondition stale expected_version; unsupported architecture
+//   FailedPrecondition stale expected_version
 //   Aborted            post-apply check failed, weights restored
 // Path policy (allowed roots) belongs to the caller: the engine opens what it
 // is given.

@@ -96,6 +96,7 @@ struct LoadOptions {
 struct ApplyOptions {
   bool skip_verify = false;
   uint64_t expected_version = 0;  // 0: no check
+  double tolerance = 0;  // 0: the dtype's default (design.md "Tolerances")
 };
 
 struct ApplyReport {

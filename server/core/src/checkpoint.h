@@ -1,0 +1,61 @@
+// A checkpoint directory of either layout -> config + canonical weights, and
+// what export needs to write the same files back.
+#ifndef ICD_CORE_SRC_CHECKPOINT_H_
+#define ICD_CORE_SRC_CHECKPOINT_H_
+
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "icd/core/types.h"
+#include "model.h"
+
+namespace icd {
+
+enum class WeightFormat { kSafetensors, kTorchBin };
+
+// Which file held which tensor, under which name, in which order: export
+// writes the same files with the same names.
+struct WeightFile {
+  std::string file;                // relative to the checkpoint directory
+  std::vector<std::string> names;  // names as stored, in file order
+};
+
+struct CheckpointLayout {
+  WeightFormat format = WeightFormat::kSafetensors;
+  std::vector<WeightFile> files;
+  std::string index_file;  // "model.safetensors.index.json" etc. when sharded
+  // The name each canonical tensor had in the files (HF checkpoints may
+  // also use mamba_ssm's embedding name); the tied head maps to itself.
+  std::map<std::string, std::string> stored_name;
+  std::map<std::string, std::string> metadata;  // safetensors __metadata__
+};
+
+struct Checkpoint {
+  ModelConfig config;
+  Weights weights;  // canonical names, CPU, as stored (dtype unchanged)
+  CheckpointLayout layout;
+  std::string fingerprint;  // hex digest of config.json and all tensor bytes
+};
+
+// Reads `dir`: config.json, then model.safetensors, its sharded index,
+// pytorch_model.bin or its sharded index (HF), or pytorch_model.bin
+// (mamba_ssm). Checks every expected tensor is present with its shape, and
+// nothing else is. NotFound for a missing directory or file.
+absl::StatusOr<Checkpoint> ReadCheckpoint(const std::filesystem::path& dir,
+                                          const CallContext& ctx = {});
+
+// mamba_ssm calls the embedding "backbone.embedding.weight"; every other
+// name is shared by both layouts (mamba_symmetries.md §4).
+std::string LayoutTensorName(Layout layout, const std::string& canonical);
+std::string CanonicalTensorName(const std::string& stored);
+
+// The canonical names the config implies, each with its expected shape.
+std::map<std::string, std::vector<int64_t>> ExpectedShapes(const ModelConfig& config);
+
+}  // namespace icd
+
+#endif  // ICD_CORE_SRC_CHECKPOINT_H_

@@ -1,0 +1,71 @@
+// Pieces shared by forward.cc and the per-family mixers. Internal to core.
+#ifndef ICD_CORE_SRC_FORWARD_INTERNAL_H_
+#define ICD_CORE_SRC_FORWARD_INTERNAL_H_
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "model.h"
+
+namespace icd::forward_internal {
+
+// The dtypes one forward works in. `compute` is the weights' dtype (matmuls,
+// conv); `accumulate` is max(float32, compute): norms, residual stream and the
+// scan state, so that float64 models stay float64 end to end (permutation
+// equivariance to ~1e-12) and bfloat16 models reduce in float32 as HF does.
+struct Precision {
+  torch::ScalarType compute = torch::kFloat32;
+  torch::ScalarType accumulate = torch::kFloat32;
+};
+
+// "backbone.layers.{layer}.{suffix}".
+std::string LayerTensorName(int64_t layer, const std::string& suffix);
+
+// InvalidArgument naming the tensor when it is absent from `weights` or its
+// shape differs from `shape`.
+absl::Status CheckTensor(const Weights& weights, const std::string& name,
+                         const std::vector<int64_t>& shape);
+
+// Optional tensors (biases, the gated norm): when `expected`, as CheckTensor;
+// otherwise the name must be absent, since a silently ignored bias would
+// change the function without a word.
+absl::Status CheckOptionalTensor(const Weights& weights, const std::string& name,
+                                 bool expected, const std::vector<int64_t>& shape);
+
+// weights.at(name) cast to `dtype` (a no-op when it already has it).
+torch::Tensor TensorAs(const Weights& weights, const std::string& name,
+                       torch::ScalarType dtype);
+// As TensorAs, or an undefined tensor when the name is absent.
+torch::Tensor OptionalTensorAs(const Weights& weights, const std::string& name,
+                               torch::ScalarType dtype);
+
+// Weightless RMS normalisation over the last axis, reduced in `accumulate`
+// and returned in `accumulate`: v / sqrt(mean(v^2) + eps).
+torch::Tensor RmsNormalize(const torch::Tensor& values, double eps,
+                           torch::ScalarType accumulate);
+
+// Depthwise causal conv over time, zero history (padding K-1, keep the first
+// L outputs), before the activation. values [B, L, C]; weight [C, 1, K];
+// bias [C] or undefined. Returns [B, L, C].
+torch::Tensor CausalDepthwiseConv(const torch::Tensor& values, const torch::Tensor& weight,
+                                  const torch::Tensor& bias);
+
+// Shape checks of one layer's mixer tensors, run for every layer before any
+// compute so that a bad checkpoint fails fast and names the tensor.
+absl::Status CheckMamba1Mixer(const ModelConfig& config, const Weights& weights, int64_t layer);
+absl::Status CheckMamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer);
+
+// One mixer: normed [B, L, d_model] in precision.compute -> [B, L, d_model]
+// in precision.compute. Mamba1Mixer also runs FalconMamba (config.family).
+torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
+                          const Precision& precision, const torch::Tensor& normed);
+torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
+                          const Precision& precision, const torch::Tensor& normed);
+
+}  // namespace icd::forward_internal
+
+#endif  // ICD_CORE_SRC_FORWARD_INTERNAL_H_

@@ -1,0 +1,45 @@
+// Symmetry groups as data (one builder per family, in families/) and the
+// architecture-blind machinery that validates and applies them.
+#ifndef ICD_CORE_SRC_SYMMETRY_H_
+#define ICD_CORE_SRC_SYMMETRY_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "icd/core/types.h"
+#include "model.h"
+
+namespace icd {
+
+// Groups with canonical tensor names, in a fixed order: residual first, then
+// per layer. GroupInfo is the same type GetSymmetries reports.
+using FamilySpec = std::vector<GroupInfo>;
+
+FamilySpec BuildSpec(const ModelConfig& config);
+
+// Family builders (families/*.cc) and the group they share.
+FamilySpec Mamba1Spec(const ModelConfig& config);  // Mamba-1 and FalconMamba
+FamilySpec Mamba2Spec(const ModelConfig& config);
+GroupInfo ResidualGroup(const ModelConfig& config);
+GroupMember Member(std::string tensor, int axis, int64_t offset, int64_t length,
+                   std::string expand = "identity");
+std::string LayerTensor(int64_t layer, const std::string& suffix);  // backbone.layers.{i}.suffix
+
+// At load: every member names an existing tensor and fits it, its expansion
+// matches the group, and every weight is touched by some group (a forgotten
+// tensor fails here, not silently). Internal error otherwise.
+absl::Status CheckSpec(const FamilySpec& spec, const Weights& weights);
+
+// Length, range, repeats, block and whole constraints. Messages name the group.
+absl::Status ValidatePermutation(const GroupInfo& group, const std::vector<int64_t>& index);
+
+// Gathers every member in place (new[j] = old[index[j]]), one tensor axis at
+// a time: peak extra memory is one tensor. `index` must be valid.
+void ApplyGather(const GroupInfo& group, const std::vector<int64_t>& index, Weights& weights);
+
+std::vector<int64_t> InversePermutation(const std::vector<int64_t>& index);
+
+}  // namespace icd
+
+#endif  // ICD_CORE_SRC_SYMMETRY_H_

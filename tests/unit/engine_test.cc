@@ -1,0 +1,284 @@
+// The engine's contract: refused calls change nothing, versions, the
+// post-apply check, export and reload, checkpoint errors.
+#include "icd/core/engine.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <random>
+
+#include "test_util.h"
+
+namespace icd {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::GoldenDir;
+using testing::RelL2;
+
+std::string Str(const fs::path& p) { return p.string(); }
+
+::testing::AssertionResult HasError(const absl::Status& status, absl::StatusCode code,
+                                    const std::string& needle) {
+  if (status.code() != code) {
+    return ::testing::AssertionFailure() << "expected code " << absl::StatusCodeToString(code)
+                                         << ", got " << status;
+  }
+  if (std::string(status.message()).find(needle) == std::string::npos) {
+    return ::testing::AssertionFailure() << "message lacks '" << needle << "': " << status;
+  }
+  return ::testing::AssertionSuccess();
+}
+
+class EngineTest : public ::testing::Test {
+ protected:
+  void Load(const std::string& fixture, const std::string& layout = "hf",
+            const LoadOptions& options = {}) {
+    auto info = engine_.Load("m", Str(GoldenDir(fixture) / layout), options);
+    ASSERT_TRUE(info.ok()) << info.status();
+    info_ = *info;
+  }
+  std::map<std::string, std::string> Weights() {
+    auto tensors = engine_.ReadTensors("m", {});
+    EXPECT_TRUE(tensors.ok()) << tensors.status();
+    std::map<std::string, std::string> bytes;
+    for (const HostTensor& t : *tensors) bytes[t.name] = t.data;
+    return bytes;
+  }
+  GroupInfo Group(const std::string& name) {
+    auto groups = engine_.Symmetries("m");
+    for (const GroupInfo& g : *groups) {
+      if (g.name == name) return g;
+    }
+    ADD_FAILURE() << "no group " << name;
+    return {};
+  }
+  // A refused apply: the right code, the group named, nothing changed.
+  void ExpectRefused(const std::vector<Permutation>& perms, absl::StatusCode code,
+                     const std::string& needle, const ApplyOptions& options = {}) {
+    const auto before = Weights();
+    const uint64_t version = engine_.Info("m")->version;
+    const double rel_before = engine_.Verify("m")->rel_l2;
+    auto report = engine_.Apply("m", perms, options);
+    EXPECT_TRUE(HasError(report.status(), code, needle));
+    EXPECT_EQ(Weights(), before);
+    EXPECT_EQ(engine_.Info("m")->version, version);
+    auto verify = engine_.Verify("m");  // same weights, same bits
+    ASSERT_TRUE(verify.ok());
+    EXPECT_EQ(verify->rel_l2, rel_before);
+  }
+  static std::vector<int64_t> Iota(int64_t n) {
+    std::vector<int64_t> v(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = i;
+    return v;
+  }
+
+  Engine engine_;
+  ModelInfo info_;
+};
+
+TEST_F(EngineTest, LoadReportsFamilyLayoutAndDims) {
+  Load("mamba2-groups");
+  EXPECT_EQ(info_.family, Family::kMamba2);
+  EXPECT_EQ(info_.layout, Layout::kHf);
+  EXPECT_EQ(info_.version, 1u);
+  EXPECT_EQ(info_.device, "cpu");
+  EXPECT_EQ(info_.dtype, DType::kFloat32);
+  EXPECT_EQ(info_.dims.at("nheads"), 8);
+  EXPECT_EQ(info_.dims.at("ngroups"), 2);
+  EXPECT_EQ(info_.fingerprint.size(), 16u);
+  auto ssm = engine_.Load("ssm", Str(GoldenDir("mamba1-small") / "mamba_ssm"));
+  ASSERT_TRUE(ssm.ok()) << ssm.status();
+  EXPECT_EQ(ssm->layout, Layout::kMambaSsm);
+  EXPECT_EQ(ssm->family, Family::kMamba1);
+  EXPECT_EQ(engine_.List().size(), 2u);
+  EXPECT_TRUE(HasError(engine_.Load("m", Str(GoldenDir("mamba1-small") / "hf")).status(),
+                       absl::StatusCode::kAlreadyExists, "'m'"));
+  ASSERT_TRUE(engine_.Unload("ssm").ok());
+  EXPECT_EQ(engine_.Unload("ssm").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(engine_.List().size(), 1u);
+}
+
+TEST_F(EngineTest, TiedHeadStaysOneTensor) {
+  Load("mamba1-small", "mamba_ssm");
+  // Both names are readable and hold the same bytes; the residual group
+  // lists the shared tensor once.
+  auto tensors = engine_.ReadTensors("m", {"backbone.embedding.weight", "lm_head.weight"});
+  ASSERT_TRUE(tensors.ok()) << tensors.status();
+  EXPECT_EQ((*tensors)[0].data, (*tensors)[1].data);
+  auto residual = Group("residual");
+  for (const GroupMember& m : residual.members) EXPECT_NE(m.tensor, "lm_head.weight");
+  const int64_t vocab = info_.dims.at("vocab_size"), width = info_.dims.at("d_model");
+  std::mt19937_64 rng(7);
+  ASSERT_TRUE(engine_.Apply("m", {{"residual", testing::RandomPermutation(residual, rng)}}).ok());
+  tensors = engine_.ReadTensors("m", {"backbone.embedding.weight", "lm_head.weight"});
+  EXPECT_EQ((*tensors)[0].data, (*tensors)[1].data);
+  EXPECT_EQ(static_cast<int64_t>((*tensors)[0].data.size()), vocab * width * 4);
+}
+
+TEST_F(EngineTest, BadPermutationsAreRefusedAndChangeNothing) {
+  Load("mamba1-bias-untied");
+  const int64_t inner = info_.dims.at("d_inner");
+  auto bad_length = Iota(inner - 1);
+  ExpectRefused({{"layers.0.inner", bad_length}}, absl::StatusCode::kInvalidArgument,
+                "group 'layers.0.inner': wrong length");
+  auto repeated = Iota(inner);
+  repeated[5] = 3;
+  ExpectRefused({{"layers.0.inner", repeated}}, absl::StatusCode::kInvalidArgument,
+                "group 'layers.0.inner': repeated index 3");
+  auto out_of_range = Iota(inner);
+  out_of_range[0] = inner;
+  ExpectRefused({{"layers.1.inner", out_of_range}}, absl::StatusCode::kInvalidArgument,
+                "group 'layers.1.inner': index 128 at position 0 out of range");
+  ExpectRefused({{"layers.7.inner", Iota(inner)}}, absl::StatusCode::kInvalidArgument,
+                "unknown group 'layers.7.inner'");
+  // A valid first permutation is not applied when a later one is bad.
+  std::mt19937_64 rng(1);
+  ExpectRefused({{"residual", testing::RandomPermutation(Group("residual"), rng)},
+                 {"layers.0.state", Iota(3)}},
+                absl::StatusCode::kInvalidArgument, "group 'layers.0.state': wrong length");
+  ExpectRefused({}, absl::StatusCode::kInvalidArgument, "none given");
+}
+
+TEST_F(EngineTest, Mamba2ConstraintsAreEnforced) {
+  Load("mamba2-groups");  // 8 heads of 8 in 2 groups of 4 heads, d_state 8
+  // A head moved to the other group alone.
+  auto heads = Iota(8);
+  std::swap(heads[3], heads[4]);
+  ExpectRefused({{"layers.0.heads", heads}}, absl::StatusCode::kInvalidArgument,
+                "group 'layers.0.heads': constraint broken");
+  // Whole groups moving is fine; so are heads inside their group.
+  std::vector<int64_t> swapped_groups{5, 4, 7, 6, 1, 0, 3, 2};
+  ASSERT_TRUE(engine_.Apply("m", {{"layers.0.heads", swapped_groups}}).ok());
+  // A headdim index leaving its head.
+  auto headdim = Iota(64);
+  std::swap(headdim[7], headdim[8]);
+  ExpectRefused({{"layers.1.headdim", headdim}}, absl::StatusCode::kInvalidArgument,
+                "group 'layers.1.headdim': constraint broken");
+  // A state index leaving its group.
+  auto state = Iota(16);
+  std::swap(state[0], state[15]);
+  ExpectRefused({{"layers.1.state", state}}, absl::StatusCode::kInvalidArgument,
+                "group 'layers.1.state': constraint broken");
+}
+
+TEST_F(EngineTest, ExpectedVersionGivesOptimisticConcurrency) {
+  Load("mamba1-small");
+  std::mt19937_64 rng(3);
+  const GroupInfo inner = Group("layers.0.inner");
+  ApplyOptions stale;
+  stale.expected_version = 7;
+  ExpectRefused({{"layers.0.inner", testing::RandomPermutation(inner, rng)}},
+                absl::StatusCode::kFailedPrecondition, "version 1", stale);
+  ApplyOptions current;
+  current.expected_version = 1;
+  auto report = engine_.Apply("m", {{"layers.0.inner", testing::RandomPermutation(inner, rng)}},
+                              current);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->version, 2u);
+}
+
+TEST_F(EngineTest, FailedCheckRestoresWeightsExactly) {
+  Load("mamba2-one-group");
+  std::mt19937_64 rng(11);
+  std::vector<Permutation> perms;
+  for (const char* name : {"residual", "layers.0.heads", "layers.0.headdim", "layers.1.state"}) {
+    perms.push_back({name, testing::RandomPermutation(Group(name), rng)});
+  }
+  ApplyOptions impossible;
+  impossible.tolerance = 1e-300;  // reordered float32 sums cannot meet it
+  ExpectRefused(perms, absl::StatusCode::kAborted, "weights restored", impossible);
+  ApplyOptions skip;
+  skip.skip_verify = true;
+  auto report = engine_.Apply("m", perms, skip);
+  ASSERT_TRUE(report.ok());
+  EXPECT_FALSE(report->verified);
+  EXPECT_EQ(report->version, 2u);
+}
+
+TEST_F(EngineTest, DTypesFloat64AndBFloat16) {
+  LoadOptions f64;
+  f64.dtype = "float64";
+  Load("mamba1-bias-untied", "hf", f64);
+  EXPECT_EQ(info_.dtype, DType::kFloat64);
+  std::mt19937_64 rng(5);
+  auto groups = engine_.Symmetries("m");
+  ASSERT_TRUE(groups.ok());
+  std::vector<Permutation> perms = testing::RandomPermutations(*groups, rng);
+  auto report = engine_.Apply("m", perms);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->correctness.tolerance, 1e-10);
+  EXPECT_LE(report->correctness.rel_l2, 1e-10);
+  std::printf("[dtype] float64 all groups rel_l2 %.3g\n", report->correctness.rel_l2);
+
+  LoadOptions bf16;
+  bf16.dtype = "bfloat16";
+  auto info = engine_.Load("bf", Str(GoldenDir("mamba2-groups") / "hf"), bf16);
+  ASSERT_TRUE(info.ok()) << info.status();
+  groups = engine_.Symmetries("bf");
+  ASSERT_TRUE(groups.ok());
+  perms = testing::RandomPermutations(*groups, rng);
+  report = engine_.Apply("bf", perms);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->correctness.tolerance, 2e-2);
+  std::printf("[dtype] bfloat16 all groups rel_l2 %.3g\n", report->correctness.rel_l2);
+
+  LoadOptions f16;
+  f16.dtype = "float16";
+  EXPECT_TRUE(HasError(engine_.Load("h", Str(GoldenDir("mamba1-small") / "hf"), f16).status(),
+                       absl::StatusCode::kInvalidArgument, "float16 on the CPU"));
+  EXPECT_TRUE(engine_.Info("h").status().code() == absl::StatusCode::kNotFound);
+}
+
+TEST_F(EngineTest, EvaluateGivesNllAndChecksIds) {
+  Load("mamba1-small");
+  const auto golden = testing::ReadGolden("mamba1-small");
+  auto result = engine_.Evaluate("m", {golden.input_ids, golden.batch, false});
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_TRUE(result->logits.empty());
+  EXPECT_EQ(result->tokens, 2 * 16);
+  // The NLL recomputed from HF's logits.
+  torch::Tensor ids = torch::tensor(golden.input_ids).reshape({2, 17});
+  torch::Tensor log_probs = torch::log_softmax(golden.logits.slice(1, 0, 16).to(torch::kFloat64), -1);
+  const double nll =
+      -log_probs.gather(-1, ids.slice(1, 1, 17).unsqueeze(-1)).mean().item<double>();
+  EXPECT_NEAR(result->mean_nll, nll, 1e-4 * nll);
+  EXPECT_TRUE(HasError(engine_.Evaluate("m", {{1, 2, 500}, 1, false}).status(),
+                       absl::StatusCode::kInvalidArgument, "id 500 at position 2"));
+  EXPECT_TRUE(HasError(engine_.Evaluate("m", {{1, 2, 3}, 2, false}).status(),
+                       absl::StatusCode::kInvalidArgument, "batch 2"));
+  EXPECT_TRUE(HasError(engine_.Evaluate("x", {{1, 2}, 1, false}).status(),
+                       absl::StatusCode::kNotFound, "'x'"));
+}
+
+TEST_F(EngineTest, WriteTensorsReplacesAndRetakesTheReference) {
+  Load("mamba1-small");
+  auto tensors = engine_.ReadTensors("m", {"backbone.norm_f.weight"});
+  ASSERT_TRUE(tensors.ok());
+  HostTensor norm = (*tensors)[0];
+  std::vector<float> values(norm.data.size() / 4);
+  std::memcpy(values.data(), norm.data.data(), norm.data.size());
+  for (float& v : values) v *= 1.5f;
+  std::memcpy(norm.data.data(), values.data(), norm.data.size());
+  HostTensor wrong = norm;
+  wrong.shape = {2, 32};
+  const auto before = Weights();
+  EXPECT_TRUE(HasError(engine_.WriteTensors("m", {norm, wrong}).status(),
+                       absl::StatusCode::kInvalidArgument, "given twice"));
+  EXPECT_TRUE(HasError(engine_.WriteTensors("m", {wrong}).status(),
+                       absl::StatusCode::kInvalidArgument, "backbone.norm_f.weight"));
+  EXPECT_TRUE(HasError(engine_.WriteTensors("m", {norm}, 9).status(),
+                       absl::StatusCode::kFailedPrecondition, "version 1"));
+  EXPECT_EQ(Weights(), before);
+  auto version = engine_.WriteTensors("m", {norm}, 1);
+  ASSERT_TRUE(version.ok()) << version.status();
+  EXPECT_EQ(*version, 2u);
+  EXPECT_EQ((*engine_.ReadTensors("m", {"backbone.norm_f.weight"}))[0].data, norm.data);
+  auto verify = engine_.Verify("m");  // the new function is the new reference
+  ASSERT_TRUE(verify.ok());
+  EXPECT_EQ(verify->rel_l2, 0.0);
+}
+
+}  // namespace
+}  // namespace icd

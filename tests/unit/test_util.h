@@ -1,0 +1,132 @@
+// Helpers shared by the core unit tests: golden fixtures, random valid
+// permutations, file snapshots.
+#ifndef ICD_TESTS_UNIT_TEST_UTIL_H_
+#define ICD_TESTS_UNIT_TEST_UTIL_H_
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "icd/core/types.h"
+#include "io/safetensors.h"
+
+namespace icd::testing {
+
+inline std::filesystem::path GoldenDir(const std::string& fixture) {
+  return std::filesystem::path(ICD_FIXTURES_DIR) / "golden" / fixture;
+}
+
+struct Golden {
+  std::vector<int64_t> input_ids;  // row-major [batch, seq]
+  int64_t batch = 0;
+  torch::Tensor logits;  // float32 [batch, seq, vocab]
+};
+
+// HF's logits for fixed ids; a missing fixture fails the test (never skipped).
+inline Golden ReadGolden(const std::string& fixture) {
+  auto tensors = io::ReadSafetensors(GoldenDir(fixture) / "golden.safetensors");
+  if (!tensors.ok()) throw std::runtime_error(std::string(tensors.status().message()));
+  Golden golden;
+  for (const auto& [name, tensor] : *tensors) {
+    if (name == "input_ids") {
+      golden.batch = tensor.size(0);
+      torch::Tensor ids = tensor.to(torch::kInt64).contiguous();
+      golden.input_ids.assign(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + ids.numel());
+    } else if (name == "logits") {
+      golden.logits = tensor.to(torch::kFloat32);
+    }
+  }
+  return golden;
+}
+
+inline double RelL2(const torch::Tensor& now, const torch::Tensor& reference) {
+  torch::Tensor a = now.to(torch::kFloat64), b = reference.to(torch::kFloat64);
+  return (a - b).norm().item<double>() / b.norm().item<double>();
+}
+
+// A uniformly random permutation that satisfies the group's block / whole
+// constraint (design.md "Groups and permutations").
+inline std::vector<int64_t> RandomPermutation(const GroupInfo& group, std::mt19937_64& rng) {
+  std::vector<int64_t> index(static_cast<size_t>(group.size));
+  for (int64_t j = 0; j < group.size; ++j) index[static_cast<size_t>(j)] = j;
+  auto shuffle = [&rng](auto first, auto last) { std::shuffle(first, last, rng); };
+  if (group.block > 0) {
+    for (int64_t start = 0; start < group.size; start += group.block) {
+      shuffle(index.begin() + start, index.begin() + start + group.block);
+    }
+  } else if (group.whole > 0) {
+    const int64_t w = group.whole;
+    std::vector<int64_t> blocks(static_cast<size_t>(group.size / w));
+    for (size_t k = 0; k < blocks.size(); ++k) blocks[k] = static_cast<int64_t>(k);
+    shuffle(blocks.begin(), blocks.end());
+    for (size_t k = 0; k < blocks.size(); ++k) {
+      auto first = index.begin() + static_cast<int64_t>(k) * w;
+      for (int64_t a = 0; a < w; ++a) first[a] = blocks[k] * w + a;
+      shuffle(first, first + w);
+    }
+  } else {
+    shuffle(index.begin(), index.end());
+  }
+  return index;
+}
+
+// One random valid permutation per group, in the groups' order.
+inline std::vector<Permutation> RandomPermutations(const std::vector<GroupInfo>& groups,
+                                                   std::mt19937_64& rng) {
+  std::vector<Permutation> perms;
+  for (const GroupInfo& group : groups) perms.push_back({group.name, RandomPermutation(group, rng)});
+  return perms;
+}
+
+inline bool IsIdentity(const std::vector<int64_t>& index) {
+  for (size_t j = 0; j < index.size(); ++j) {
+    if (index[j] != static_cast<int64_t>(j)) return false;
+  }
+  return true;
+}
+
+// Every regular file under `dir` with its bytes: equal snapshots mean the
+// directory was not touched.
+inline std::map<std::string, std::string> Snapshot(const std::filesystem::path& dir) {
+  std::map<std::string, std::string> files;
+  for (const auto& entry : std::filesystem::recursive_directory_iterator(dir)) {
+    if (!entry.is_regular_file()) continue;
+    std::ifstream in(entry.path(), std::ios::binary);
+    std::stringstream bytes;
+    bytes << in.rdbuf();
+    files[std::filesystem::relative(entry.path(), dir).string()] = bytes.str();
+  }
+  return files;
+}
+
+// A fresh directory under the system temp dir, removed at scope exit.
+class TempDir {
+ public:
+  TempDir() {
+    std::random_device random;
+    path_ = std::filesystem::temp_directory_path() /
+            ("icd-test-" + std::to_string(random()) + std::to_string(random()));
+    std::filesystem::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+}  // namespace icd::testing
+
+#endif  // ICD_TESTS_UNIT_TEST_UTIL_H_

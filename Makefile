@@ -6,8 +6,13 @@ CMAKE_FLAGS ?=
 DEB_PACKAGES := cmake g++ make pkg-config libtorch-dev libgrpc++-dev protobuf-compiler-grpc \
   libprotobuf-dev libabsl-dev googletest libgtest-dev nlohmann-json3-dev \
   python3-grpcio python3-protobuf python3-torch python3-numpy
+# Node and npm bring `buf` (npm @bufbuild/buf) for the clients test. Installed
+# from Debian only when no npm is on PATH (a NodeSource nodejs already ships
+# npm, and Debian's npm package would conflict with it).
+NODE_DEB_PACKAGES := nodejs npm
+BUF_VERSION := 1.75.0
 
-.PHONY: deps configure build test demo clean
+.PHONY: deps configure build tools test demo clean
 
 # Installs the Debian packages the build and the tests need (root, apt).
 deps:
@@ -16,6 +21,10 @@ deps:
 	  echo "installing:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+	@if ! command -v npm >/dev/null 2>&1; then \
+	  echo "installing: $(NODE_DEB_PACKAGES)"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(NODE_DEB_PACKAGES); \
+	fi
 
 configure: deps
 	cmake -S . -B $(BUILD) $(CMAKE_FLAGS)
@@ -23,11 +32,20 @@ configure: deps
 build: configure
 	cmake --build $(BUILD) -j $(JOBS)
 
-test: build
+# buf (grpcurl's stand-in: `buf curl` speaks gRPC + reflection), npm-installed
+# into the build tree; the binary ships inside the npm package.
+tools: deps
+	@test -x $(BUILD)/tools/node_modules/.bin/buf || \
+	  npm install --prefix $(BUILD)/tools --no-audit --no-fund @bufbuild/buf@$(BUF_VERSION)
+
+test: build tools
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
+# icd-server on loopback with two fixture models (Mamba-2 HF, Mamba-1
+# mamba_ssm), the clients through load/apply/verify/evaluate/export/reload, a
+# report, SIGTERM. The logic: client/python/examples/demo.py.
 demo: build
-	@echo "make demo: arrives with the service (see README)"
+	/usr/bin/python3 client/python/examples/demo.py --build $(BUILD)
 
 clean:
 	rm -rf $(BUILD)

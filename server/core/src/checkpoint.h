@@ -53,9 +53,6 @@ absl::StatusOr<Checkpoint> ReadCheckpoint(const std::filesystem::path& dir,
 std::string LayoutTensorName(Layout layout, const std::string& canonical);
 std::string CanonicalTensorName(const std::string& stored);
 
-// The canonical names the config implies, each with its expected shape.
-std::map<std::string, std::vector<int64_t>> ExpectedShapes(const ModelConfig& config);
-
 }  // namespace icd
 
 #endif  // ICD_CORE_SRC_CHECKPOINT_H_

@@ -278,6 +278,47 @@ absl::StatusOr<ModelConfig> ReadConfigFile(const std::filesystem::path& file) {
   return ParseConfig(text.str(), file.string());
 }
 
+std::map<std::string, std::vector<int64_t>> ExpectedShapes(const ModelConfig& c) {
+  const int64_t dm = c.d_model, inner = c.d_inner, k = c.d_conv;
+  std::map<std::string, std::vector<int64_t>> shapes;
+  shapes["backbone.embeddings.weight"] = {c.vocab_size, dm};
+  shapes["backbone.norm_f.weight"] = {dm};
+  if (c.layer_norm) shapes["backbone.norm_f.bias"] = {dm};
+  if (!c.tied) shapes["lm_head.weight"] = {c.vocab_size, dm};
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    auto name = [i](const char* suffix) {
+      return absl::StrCat("backbone.layers.", i, ".", suffix);
+    };
+    shapes[name("norm.weight")] = {dm};
+    if (c.layer_norm) shapes[name("norm.bias")] = {dm};
+    shapes[name("mixer.out_proj.weight")] = {dm, inner};
+    if (c.proj_bias) shapes[name("mixer.out_proj.bias")] = {dm};
+    int64_t in_rows = 0, conv_channels = 0;
+    if (c.family == Family::kMamba2) {
+      const int64_t bc = c.ngroups * c.d_state;
+      in_rows = 2 * inner + 2 * bc + c.nheads;
+      conv_channels = inner + 2 * bc;
+      shapes[name("mixer.dt_bias")] = {c.nheads};
+      shapes[name("mixer.A_log")] = {c.nheads};
+      shapes[name("mixer.D")] = {c.d_has_hdim ? inner : c.nheads};
+      if (c.gated_norm) shapes[name("mixer.norm.weight")] = {inner};
+    } else {
+      in_rows = 2 * inner;
+      conv_channels = inner;
+      shapes[name("mixer.x_proj.weight")] = {c.dt_rank + 2 * c.d_state, inner};
+      shapes[name("mixer.dt_proj.weight")] = {inner, c.dt_rank};
+      shapes[name("mixer.dt_proj.bias")] = {inner};
+      shapes[name("mixer.A_log")] = {inner, c.d_state};
+      shapes[name("mixer.D")] = {inner};
+    }
+    shapes[name("mixer.in_proj.weight")] = {in_rows, dm};
+    if (c.proj_bias) shapes[name("mixer.in_proj.bias")] = {in_rows};
+    shapes[name("mixer.conv1d.weight")] = {conv_channels, 1, k};
+    if (c.conv_bias) shapes[name("mixer.conv1d.bias")] = {conv_channels};
+  }
+  return shapes;
+}
+
 std::map<std::string, int64_t> ConfigDims(const ModelConfig& c) {
   std::map<std::string, int64_t> dims{{"d_model", c.d_model},   {"n_layer", c.n_layer},
                                       {"vocab_size", c.vocab_size}, {"d_inner", c.d_inner},

@@ -4,7 +4,9 @@
 #define ICD_CORE_SRC_CONFIG_H_
 
 #include <filesystem>
+#include <map>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "model.h"
@@ -21,6 +23,10 @@ absl::StatusOr<ModelConfig> ParseConfig(const std::string& json_text,
                                         const std::string& source);
 
 absl::StatusOr<ModelConfig> ReadConfigFile(const std::filesystem::path& file);
+
+// Every canonical tensor the config implies, with its shape: the one table of
+// which tensors each family and option has (a tied head is not listed).
+std::map<std::string, std::vector<int64_t>> ExpectedShapes(const ModelConfig& config);
 
 // The dims reported in ModelInfo.
 std::map<std::string, int64_t> ConfigDims(const ModelConfig& config);

@@ -30,12 +30,6 @@ std::string LayerTensorName(int64_t layer, const std::string& suffix);
 absl::Status CheckTensor(const Weights& weights, const std::string& name,
                          const std::vector<int64_t>& shape);
 
-// Optional tensors (biases, the gated norm): when `expected`, as CheckTensor;
-// otherwise the name must be absent, since a silently ignored bias would
-// change the function without a word.
-absl::Status CheckOptionalTensor(const Weights& weights, const std::string& name,
-                                 bool expected, const std::vector<int64_t>& shape);
-
 // weights.at(name) cast to `dtype` (a no-op when it already has it).
 torch::Tensor TensorAs(const Weights& weights, const std::string& name,
                        torch::ScalarType dtype);
@@ -53,11 +47,6 @@ torch::Tensor RmsNormalize(const torch::Tensor& values, double eps,
 // bias [C] or undefined. Returns [B, L, C].
 torch::Tensor CausalDepthwiseConv(const torch::Tensor& values, const torch::Tensor& weight,
                                   const torch::Tensor& bias);
-
-// Shape checks of one layer's mixer tensors, run for every layer before any
-// compute so that a bad checkpoint fails fast and names the tensor.
-absl::Status CheckMamba1Mixer(const ModelConfig& config, const Weights& weights, int64_t layer);
-absl::Status CheckMamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer);
 
 // One mixer: normed [B, L, d_model] in precision.compute -> [B, L, d_model]
 // in precision.compute. Mamba1Mixer also runs FalconMamba (config.family).

@@ -47,36 +47,6 @@ Mamba1Layer Mamba1LayerView(const Weights& weights, int64_t layer, const Precisi
 
 }  // namespace
 
-absl::Status CheckMamba1Mixer(const ModelConfig& config, const Weights& weights, int64_t layer) {
-  const int64_t inner = config.d_inner;
-  const int64_t state = config.d_state;
-  const int64_t dt_rank = config.dt_rank;
-  struct Expected {
-    const char* suffix;
-    bool present;
-    std::vector<int64_t> shape;
-  };
-  const std::vector<Expected> expected = {
-      {"in_proj.weight", true, {2 * inner, config.d_model}},
-      {"in_proj.bias", config.proj_bias, {2 * inner}},
-      {"conv1d.weight", true, {inner, 1, config.d_conv}},
-      {"conv1d.bias", config.conv_bias, {inner}},
-      {"x_proj.weight", true, {dt_rank + 2 * state, inner}},
-      {"dt_proj.weight", true, {inner, dt_rank}},
-      {"dt_proj.bias", true, {inner}},
-      {"A_log", true, {inner, state}},
-      {"D", true, {inner}},
-      {"out_proj.weight", true, {config.d_model, inner}},
-      {"out_proj.bias", config.proj_bias, {config.d_model}},
-  };
-  for (const Expected& tensor : expected) {
-    absl::Status status = CheckOptionalTensor(weights, MixerName(layer, tensor.suffix),
-                                              tensor.present, tensor.shape);
-    if (!status.ok()) return status;
-  }
-  return absl::OkStatus();
-}
-
 torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
                           const Precision& precision, const torch::Tensor& normed) {
   const Mamba1Layer view = Mamba1LayerView(weights, layer, precision);

@@ -74,36 +74,6 @@ torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
 
 }  // namespace
 
-absl::Status CheckMamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer) {
-  const int64_t inner = config.d_inner;
-  const int64_t group_state = config.ngroups * config.d_state;
-  const int64_t conv_dim = inner + 2 * group_state;
-  const int64_t projected = inner + conv_dim + config.nheads;
-  struct Expected {
-    const char* suffix;
-    bool present;
-    std::vector<int64_t> shape;
-  };
-  const std::vector<Expected> expected = {
-      {"in_proj.weight", true, {projected, config.d_model}},
-      {"in_proj.bias", config.proj_bias, {projected}},
-      {"conv1d.weight", true, {conv_dim, 1, config.d_conv}},
-      {"conv1d.bias", config.conv_bias, {conv_dim}},
-      {"dt_bias", true, {config.nheads}},
-      {"A_log", true, {config.nheads}},
-      {"D", true, {config.d_has_hdim ? inner : config.nheads}},
-      {"norm.weight", config.gated_norm, {inner}},
-      {"out_proj.weight", true, {config.d_model, inner}},
-      {"out_proj.bias", config.proj_bias, {config.d_model}},
-  };
-  for (const Expected& tensor : expected) {
-    absl::Status status = CheckOptionalTensor(weights, MixerName(layer, tensor.suffix),
-                                              tensor.present, tensor.shape);
-    if (!status.ok()) return status;
-  }
-  return absl::OkStatus();
-}
-
 torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
                           const Precision& precision, const torch::Tensor& normed) {
   const Mamba2Layer view = Mamba2LayerView(weights, layer, precision);

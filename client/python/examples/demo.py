@@ -1,0 +1,173 @@
+#!/usr/bin/python3
+"""`make demo`: icd-server on loopback with two built-in models, driven
+through the main job by the Python client (and icdctl for the listings).
+
+For each model: load, list its symmetry groups, apply a random permutation of
+every group, verify, evaluate before and after, export, reload the export and
+evaluate it again; then a short report. The server is stopped with SIGTERM and
+must exit 0. Exit status: 0 when every check held.
+
+  /usr/bin/python3 client/python/examples/demo.py --build build
+"""
+
+import argparse
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+GOLDEN = os.path.join(REPO, "tests", "fixtures", "golden")
+# (fixture, layout): a Mamba-2 in HF layout, a Mamba-1 in mamba_ssm layout.
+MODELS = [("mamba2-groups", "hf"), ("mamba1-small", "mamba_ssm")]
+SEED = 20240601
+# Fixed token ids for the before/after comparisons: [2, 17].
+IDS = np.arange(34, dtype=np.int64).reshape(2, 17) * 7 % 90 + 3
+
+
+def read_line(fd, timeout_s):
+    line = b""
+    deadline = time.monotonic() + timeout_s
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    return line.decode().strip()
+
+
+def rel_l2(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def top1(a, b):
+    return float(np.mean(a.argmax(-1) == b.argmax(-1)))
+
+
+def group_summary(syms):
+    parts = []
+    for g in syms.groups:
+        extra = "".join(", %s %d" % (k, v) for k, v in (("block", g.block), ("whole", g.whole))
+                        if v)
+        parts.append("%s(%d%s)" % (g.name, g.size, extra))
+    return parts
+
+
+def run_model(client, icd, fixture, layout):
+    name = fixture
+    ok = True
+    info = client.load(name, os.path.join(fixture, layout))
+    syms = client.symmetries(name)
+    before = client.evaluate(name, IDS, return_logits=True)
+    perms = icd.random_permutations(syms, SEED)
+    t0 = time.perf_counter()
+    report = client.apply(name, perms, expected_version=info.version)
+    call_ms = (time.perf_counter() - t0) * 1e3
+    check = client.verify(name)
+    after = client.evaluate(name, IDS, return_logits=True)
+    export = client.export(name, name + "-permuted")
+    reloaded_name = name + "-reloaded"
+    client.load(reloaded_name, export.path)  # the export root is also a model root
+    reloaded = client.evaluate(reloaded_name, IDS, return_logits=True)
+
+    c = report.correctness
+    drift = rel_l2(after["logits"], before["logits"])
+    agree = top1(after["logits"], before["logits"])
+    reload_drift = rel_l2(reloaded["logits"], after["logits"])
+    ok &= c.ok and check.ok and drift <= c.tolerance and reload_drift <= c.tolerance
+    ok &= report.version == info.version + 1 and agree == 1.0
+
+    print("== %s ==" % name)
+    print("model      %s: family %s, layout %s, %s on %s, %d parameters, version %d"
+          % (info.name, info.family, info.layout, info.dtype, info.device, info.parameters,
+             info.version))
+    print("groups     %d: %s" % (len(syms.groups), " ".join(group_summary(syms))))
+    print("apply      %d permutations (seed %d): %.3f ms in the server (%.1f ms the call,"
+          " with the check); version %d -> %d"
+          % (len(report.groups), SEED, report.apply_ms, call_ms, info.version, report.version))
+    print("verify     %s: rel_l2 %.2e (tolerance %.0e), max_abs %.2e, top-1 agreement %.2f%%"
+          " over %d probe tokens"
+          % ("OK" if check.ok else "MISMATCH", check.rel_l2, check.tolerance, check.max_abs,
+             100 * check.top1_agreement, check.tokens))
+    print("evaluate   %d tokens: rel_l2 after/before %.2e, top-1 agreement %.2f%%"
+          % (after["tokens"], drift, 100 * agree))
+    print("mean NLL   before %.6f  after %.6f  reloaded export %.6f"
+          % (before["mean_nll"], after["mean_nll"], reloaded["mean_nll"]))
+    print("export     %s (version %d): %s"
+          % (export.path, export.version, ", ".join(export.files)))
+    print("reloaded   as %s: rel_l2 vs permuted %.2e" % (reloaded_name, reload_drift))
+    print("result     %s" % ("PASS" if ok else "FAIL"))
+    print()
+    return ok
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--build", default=os.path.join(REPO, "build"), help="CMake build dir")
+    args = p.parse_args()
+    build = os.path.abspath(args.build)
+    server_bin = os.path.join(build, "server", "icd-server")
+    icdctl = os.path.join(build, "client", "cpp", "icdctl")
+    sys.path[:0] = [os.path.join(REPO, "client", "python"),
+                    os.path.join(build, "client", "python", "gen")]
+    import icd_client as icd
+
+    tmp = tempfile.mkdtemp(prefix="icd-demo-")
+    models = os.path.join(tmp, "models")
+    exports = os.path.join(tmp, "exports")
+    os.makedirs(exports)
+    for fixture, layout in MODELS:
+        shutil.copytree(os.path.join(GOLDEN, fixture, layout),
+                        os.path.join(models, fixture, layout))
+    server_log = open(os.path.join(tmp, "server.log"), "w")
+    proc = subprocess.Popen([server_bin, "--listen", "127.0.0.1:0", "--model-root", models,
+                             "--model-root", exports, "--export-root", exports],
+                            stdout=subprocess.PIPE, stderr=server_log)
+    ok = False
+    try:
+        line = read_line(proc.stdout.fileno(), 120)
+        if not line.startswith("listening on "):
+            print("demo: the server did not start (%r); log: %s" % (line, server_log.name))
+            return 1
+        address = line[len("listening on "):]
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        print("icd-server %s (model root %s)\n" % (line, models))
+        with icd.Client(address, timeout=300) as client:
+            print("health     %s\n" % ("SERVING" if client.health() else "NOT SERVING"))
+            ok = all([run_model(client, icd, fixture, layout)
+                      for fixture, layout in MODELS])
+        print("$ icdctl --server %s models" % address)
+        sys.stdout.flush()
+        ok &= subprocess.run([icdctl, "--server", address, "models"]).returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        server_log.close()
+    print("\nserver stopped by SIGTERM: exit %d" % code)
+    ok &= code == 0
+    print("demo %s" % ("PASSED" if ok else "FAILED (server log: %s)" % server_log.name))
+    if ok:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

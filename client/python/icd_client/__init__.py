@@ -1,0 +1,401 @@
+"""icd_client: a thin Python client of icd.v1.PermutationService.
+
+Every method is one RPC. Requests are built from plain Python values; most
+methods return the service's own response messages (see
+proto/icd/v1/permutation.proto for their fields), ``evaluate`` returns a dict
+with numpy logits, ``read_tensors``/``write_tensors`` move numpy arrays.
+Errors are raised as :class:`IcdError` (``code`` is the gRPC status name,
+e.g. ``"INVALID_ARGUMENT"``).
+
+    from icd_client import Client
+    with Client("127.0.0.1:50051") as c:
+        c.load("m", "mamba1-small/hf")
+        perms = c.random_permutations(c.symmetries("m"), seed=7)
+        report = c.apply("m", perms)
+        print(report.version, report.correctness.rel_l2)
+
+Needs Debian's python3-grpcio, python3-protobuf and python3-numpy, i.e. the
+system interpreter /usr/bin/python3. The generated stubs (icd/v1/
+permutation_pb2*.py) are built, not committed: ``cmake --build build --target
+icd_python_stubs`` writes them to build/client/python/gen. They are found on
+sys.path, else in $ICD_PYTHON_STUBS, else in <repo>/build/client/python/gen.
+"""
+
+import os
+import sys
+
+import grpc
+import numpy as np
+
+__all__ = ["Client", "IcdError", "random_permutations"]
+
+
+def _import_stubs():
+    try:
+        from icd.v1 import permutation_pb2, permutation_pb2_grpc  # noqa: F401
+        return permutation_pb2, permutation_pb2_grpc
+    except ImportError:
+        pass
+    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(here)))
+    candidates = [os.environ.get("ICD_PYTHON_STUBS"),
+                  os.path.join(repo, "build", "client", "python", "gen")]
+    for path in candidates:
+        if path and os.path.isfile(os.path.join(path, "icd", "v1", "permutation_pb2.py")):
+            sys.path.insert(0, path)
+            from icd.v1 import permutation_pb2, permutation_pb2_grpc  # noqa: F811
+            return permutation_pb2, permutation_pb2_grpc
+    raise ImportError(
+        "icd_client: generated stubs icd/v1/permutation_pb2.py not found; build them "
+        "with `cmake --build build --target icd_python_stubs` and put "
+        "build/client/python/gen on PYTHONPATH (or set ICD_PYTHON_STUBS)")
+
+
+pb, pb_grpc = _import_stubs()
+
+
+class IcdError(Exception):
+    """A failed call: ``code`` is the status name ("NOT_FOUND", ...),
+    ``status`` the grpc.StatusCode, ``message`` the server's message."""
+
+    def __init__(self, code, message, status=None):
+        super().__init__("%s: %s" % (code, message))
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+def _error(err):
+    """The one mapping of a grpc.RpcError to IcdError."""
+    status = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    return IcdError(status.name, details or "", status)
+
+
+# ---------------------------------------------------------------- dtypes
+
+# Wire dtype -> (little-endian wire type, native numpy type).
+_NUMPY = {"float32": (np.dtype("<f4"), np.float32), "float64": (np.dtype("<f8"), np.float64),
+          "float16": (np.dtype("<f2"), np.float16)}
+
+
+def _bf16_to_f32(raw):
+    bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+    return bits.view(np.float32)
+
+
+def _f32_to_bf16(array):
+    """float32 -> bfloat16 bits (round to nearest even; NaN stays NaN)."""
+    bits = np.ascontiguousarray(array, dtype="<f4").view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))
+    out = (rounded >> 16).astype("<u2")
+    nan = np.isnan(array.astype(np.float32, copy=False)).reshape(out.shape)
+    out[nan] = np.uint16(0x7FC0)
+    return out
+
+
+def _decode(dtype, shape, raw):
+    if dtype == "bfloat16":
+        values = _bf16_to_f32(raw)
+    elif dtype in _NUMPY:
+        wire, native = _NUMPY[dtype]
+        values = np.frombuffer(raw, dtype=wire).astype(native)  # a writable copy
+    else:
+        raise IcdError("INTERNAL", "unknown tensor dtype %r" % dtype)
+    return values.reshape(tuple(shape))
+
+
+def _encode(array, dtype):
+    array = np.asarray(array)
+    if dtype == "bfloat16":
+        return _f32_to_bf16(array.astype(np.float32, copy=False)).tobytes()
+    if dtype not in _NUMPY:
+        raise IcdError("INVALID_ARGUMENT", "unknown tensor dtype %r" % dtype)
+    return np.ascontiguousarray(array, dtype=_NUMPY[dtype][0]).tobytes()
+
+
+# ---------------------------------------------------------------- random permutations
+
+_MASK = (1 << 64) - 1
+
+
+class _SplitMix64:
+    """The same generator as icdctl's (client/cpp/icdctl_permutations.h)."""
+
+    def __init__(self, seed):
+        self.state = seed & _MASK
+
+    def next(self):
+        self.state = (self.state + 0x9E3779B97F4A7C15) & _MASK
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+        return z ^ (z >> 31)
+
+    def shuffle(self, items):
+        for i in range(len(items), 1, -1):
+            j = self.next() % i
+            items[i - 1], items[j] = items[j], items[i - 1]
+
+
+def _random_group(group, rng):
+    n = group.size
+    b = group.block if group.block > 0 else n
+    w = group.whole if group.whole > 0 else 1
+    if n <= 0 or n % b or b % w:
+        raise IcdError("INVALID_ARGUMENT",
+                       "group '%s': cannot draw a permutation for size %d, block %d, whole %d"
+                       % (group.name, n, group.block, group.whole))
+    chunks = b // w
+    index = [0] * n
+    for block in range(n // b):
+        order = list(range(chunks))
+        rng.shuffle(order)
+        for c in range(chunks):
+            inner = list(range(w))
+            rng.shuffle(inner)
+            out = (block * chunks + c) * w
+            src = (block * chunks + order[c]) * w
+            for i in range(w):
+                index[out + i] = src + inner[i]
+    return np.asarray(index, dtype=np.int64)
+
+
+def random_permutations(symmetries, seed, groups=None):
+    """A random valid permutation of every group of ``symmetries`` (a
+    Symmetries message), or of ``groups`` (names, in that order), respecting
+    block and whole. Returns an ordered dict name -> int64 array; the same
+    seed gives the same permutations as ``icdctl apply --random SEED``."""
+    by_name = {g.name: g for g in symmetries.groups}
+    if groups is None:
+        chosen = list(symmetries.groups)
+    else:
+        missing = [name for name in groups if name not in by_name]
+        if missing:
+            raise IcdError("INVALID_ARGUMENT", "unknown group(s): %s" % ", ".join(missing))
+        chosen = [by_name[name] for name in groups]
+    rng = _SplitMix64(seed)
+    return {g.name: _random_group(g, rng) for g in chosen}
+
+
+# ---------------------------------------------------------------- client
+
+def _encode_health_request(service):
+    data = service.encode()
+    if not data:
+        return b""
+    out = bytearray([0x0A])
+    n = len(data)
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out) + data
+
+
+class Client:
+    """A connection to icd-server.
+
+    address: "host:port". token: sent as ``authorization: Bearer <token>``.
+    timeout: default deadline of each call in seconds (None: none).
+    connect_timeout: seconds to wait for the channel (None: connect lazily).
+    """
+
+    def __init__(self, address, token=None, timeout=None, connect_timeout=10.0,
+                 max_message_mb=256, credentials=None, chunk_bytes=1 << 20):
+        limit = max(1, int(max_message_mb)) * 1024 * 1024
+        options = [("grpc.max_receive_message_length", limit),
+                   ("grpc.max_send_message_length", limit)]
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        self._stub = pb_grpc.PermutationServiceStub(self._channel)
+        self._metadata = (("authorization", "Bearer " + token),) if token else None
+        self._timeout = timeout
+        self._chunk_bytes = max(1, int(chunk_bytes))
+        if connect_timeout:
+            try:
+                grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
+            except grpc.FutureTimeoutError:
+                self._channel.close()
+                raise IcdError("UNAVAILABLE", "could not connect to %s within %g s"
+                               % (address, connect_timeout), grpc.StatusCode.UNAVAILABLE)
+
+    def close(self):
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, method, request, timeout=None):
+        try:
+            return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise _error(err) from None
+
+    # -- health
+
+    def health(self, service=""):
+        """grpc.health.v1.Health/Check (no token needed): True when SERVING."""
+        check = self._channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        try:
+            raw = check(_encode_health_request(service), timeout=self._timeout or 10.0)
+        except grpc.RpcError as err:
+            raise _error(err) from None
+        # HealthCheckResponse{ServingStatus status = 1}; SERVING = 1.
+        return raw == b"\x08\x01"
+
+    # -- models
+
+    def load(self, name, path, device="", dtype=""):
+        """LoadModel -> ModelInfo (name, family, layout, device, dtype,
+        parameters, version, fingerprint, dims, path)."""
+        return self._call(self._stub.LoadModel, pb.LoadModelRequest(
+            name=name, path=path, device=device, dtype=dtype))
+
+    def models(self):
+        """ListModels -> list of ModelInfo."""
+        return list(self._call(self._stub.ListModels, pb.ListModelsRequest()).models)
+
+    def unload(self, name):
+        self._call(self._stub.UnloadModel, pb.UnloadModelRequest(name=name))
+
+    def symmetries(self, name):
+        """GetSymmetries -> Symmetries(model, groups[name, size, block, whole,
+        members], version)."""
+        return self._call(self._stub.GetSymmetries, pb.GetSymmetriesRequest(model=name))
+
+    random_permutations = staticmethod(random_permutations)
+
+    # -- apply, verify, evaluate
+
+    def apply(self, name, permutations, expected_version=0, skip_verify=False):
+        """ApplyPermutation -> ApplyReport(version, correctness, apply_ms,
+        groups, verified, verify_ms). ``permutations``: a dict group -> indices
+        (applied in the dict's order) or a list of (group, indices); indices
+        are a numpy array or a list of ints (gathers: new j holds old p[j])."""
+        items = permutations.items() if hasattr(permutations, "items") else permutations
+        request = pb.ApplyRequest(model=name, skip_verify=skip_verify,
+                                  expected_version=int(expected_version))
+        for group, index in items:
+            request.permutations.add(
+                group=group, index=np.asarray(index, dtype=np.int64).ravel().tolist())
+        return self._call(self._stub.ApplyPermutation, request)
+
+    def verify(self, name):
+        """Verify -> CorrectnessReport(ok, rel_l2, max_abs, max_rel,
+        top1_agreement, tolerance, tokens)."""
+        return self._call(self._stub.Verify, pb.VerifyRequest(model=name))
+
+    def evaluate(self, name, input_ids, batch=None, return_logits=False):
+        """Evaluate. ``input_ids``: a [batch, seq] array, or a flat list with
+        ``batch``. Returns {"mean_nll", "tokens", "shape", "logits"}; logits is
+        a float32 array [batch, seq, vocab] with return_logits, else None."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if batch is None:
+            batch = ids.shape[0] if ids.ndim == 2 else 1
+        response = self._call(self._stub.Evaluate, pb.EvaluateRequest(
+            model=name, input_ids=ids.ravel().tolist(), batch=int(batch),
+            return_logits=return_logits))
+        shape = tuple(response.shape)
+        logits = None
+        if return_logits:
+            logits = np.asarray(response.logits, dtype=np.float32).reshape(shape)
+        return {"mean_nll": response.mean_nll, "tokens": response.tokens,
+                "shape": shape, "logits": logits}
+
+    # -- tensors
+
+    def read_tensors(self, name, names=None):
+        """ReadTensors -> dict name -> numpy array (float32, float64, float16;
+        bfloat16 comes back widened to float32, exactly). ``names``: None for
+        every tensor."""
+        stream = self._stub.ReadTensors(
+            pb.ReadTensorsRequest(model=name, names=list(names or [])),
+            timeout=self._timeout, metadata=self._metadata)
+        out, parts, current = {}, [], None
+        try:
+            for chunk in stream:
+                if current is None:
+                    current = chunk
+                elif chunk.name != current.name:
+                    raise IcdError("INTERNAL", "chunk of %s inside tensor %s"
+                                   % (chunk.name, current.name))
+                parts.append(chunk.data)
+                if chunk.last:
+                    out[current.name] = _decode(current.dtype, current.shape, b"".join(parts))
+                    parts, current = [], None
+        except grpc.RpcError as err:
+            raise _error(err) from None
+        if current is not None:
+            raise IcdError("INTERNAL", "stream ended inside tensor %s" % current.name)
+        return out
+
+    def write_tensors(self, name, tensors, expected_version=0, dtype=None):
+        """WriteTensors: replace named tensors (same shapes and dtypes), all or
+        nothing; returns the new version. ``tensors``: dict name -> array.
+
+        The wire dtype of each tensor is ``dtype`` (a str, or a dict name ->
+        str) when given; otherwise float64/float16 arrays go as they are and
+        float32 arrays go as the model's dtype (ModelInfo.dtype, one
+        ListModels call): a bfloat16 model gets its float32 arrays rounded to
+        bfloat16 (nearest even), the exact inverse of read_tensors' widening."""
+        model_dtype = None
+
+        def wire_dtype(tensor_name, array):
+            nonlocal model_dtype
+            if isinstance(dtype, dict) and tensor_name in dtype:
+                return dtype[tensor_name]
+            if isinstance(dtype, str):
+                return dtype
+            if array.dtype == np.float64:
+                return "float64"
+            if array.dtype == np.float16:
+                return "float16"
+            if model_dtype is None:
+                found = [m.dtype for m in self.models() if m.name == name]
+                if not found:
+                    raise IcdError("NOT_FOUND", "model '%s' is not loaded" % name,
+                                   grpc.StatusCode.NOT_FOUND)
+                model_dtype = found[0]
+            return model_dtype if model_dtype in ("bfloat16", "float16") else "float32"
+
+        def chunks():
+            first = True
+            for tensor_name, array in tensors.items():
+                array = np.asarray(array)
+                wire = wire_dtype(tensor_name, array)
+                raw = _encode(array, wire)
+                pos = 0
+                while True:
+                    piece = raw[pos:pos + self._chunk_bytes]
+                    pos += len(piece)
+                    chunk = pb.TensorChunk(name=tensor_name, shape=list(array.shape),
+                                           dtype=wire, data=piece, last=pos >= len(raw))
+                    if first:
+                        chunk.model = name
+                        chunk.expected_version = int(expected_version)
+                        first = False
+                    yield chunk
+                    if pos >= len(raw):
+                        break
+            if first:  # no tensors: still name the model
+                yield pb.TensorChunk(model=name, expected_version=int(expected_version))
+
+        # Encode (and look up the model's dtype) before the stream opens, so a
+        # client-side error never leaves a half-sent stream.
+        prepared = list(chunks())
+        report = self._call(self._stub.WriteTensors, iter(prepared))
+        return report.version
+
+    # -- export
+
+    def export(self, name, path):
+        """ExportModel -> ExportReport(path, files, version)."""
+        return self._call(self._stub.ExportModel, pb.ExportRequest(model=name, path=path))

@@ -1,0 +1,284 @@
+// icd-server: serves icd.v1.PermutationService (plus gRPC health and server
+// reflection) over one Engine. Flags: see kUsage or `icd-server --help`.
+#include <pthread.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/status/statusor.h"
+#include "grpc/health/v1/health.pb.h"
+#include "absl/strings/str_cat.h"
+#include "icd/core/engine.h"
+#include "paths.h"
+#include "service.h"
+
+namespace {
+
+constexpr char kUsage[] = R"(icd-server: a gRPC permutation service for Mamba models.
+
+It loads Mamba checkpoints (Mamba-1, FalconMamba, Mamba-2; HuggingFace or
+mamba_ssm layout) by name, applies channel permutations of their symmetry
+groups, checks that the logits are unchanged, evaluates, reads and writes
+tensors and exports the permuted checkpoint. The service is
+icd.v1.PermutationService (proto/icd/v1/permutation.proto); gRPC health
+(grpc.health.v1.Health) and server reflection are served too, so grpcurl and
+`buf curl` can list and call everything without the .proto file.
+
+Usage:
+  icd-server --listen HOST:PORT --model-root DIR [--model-root DIR ...]
+             --export-root DIR [--export-root DIR ...] [options]
+
+Flags:
+  --listen HOST:PORT    address to serve on; port 0 picks a free port. Once
+                        serving, stdout gets one line: "listening on HOST:PORT"
+                        with the real port.
+  --model-root DIR      repeatable. LoadModel paths must lie under one of these
+                        (after resolving `..` and symlinks), else
+                        PERMISSION_DENIED; relative paths are taken relative to
+                        the first.
+  --export-root DIR     repeatable. ExportModel paths must lie under one of
+                        these; an existing path is refused (ALREADY_EXISTS).
+  --device DEV          default device of loaded models: cpu (default), cuda,
+                        cuda:N. A LoadModel request may name another.
+  --token-file F        every call but health must carry the metadata
+                        "authorization: Bearer <token>", the token being F's
+                        content without its trailing newline; else
+                        UNAUTHENTICATED.
+  --tls-cert F --tls-key F
+                        serve TLS with this PEM certificate chain and key.
+  --tls-client-ca F     with TLS: require client certificates signed by F.
+  --max-message-mb N    largest request or response message (default 64);
+                        larger ones fail with RESOURCE_EXHAUSTED.
+  --max-threads N       most threads serving calls at once (default 64).
+  --quiet               no per-call log lines on stderr.
+  --help                this text.
+
+SIGINT or SIGTERM: health turns NOT_SERVING, calls in flight get 10 s to
+finish, the process exits 0.
+
+Example:
+  icd-server --listen 127.0.0.1:50051 --model-root /models --export-root /exports
+  buf curl --protocol grpc --http2-prior-knowledge \
+    -d '{"name":"m","path":"mamba1-small/hf"}' \
+    http://127.0.0.1:50051/icd.v1.PermutationService/LoadModel
+)";
+
+struct Flags {
+  std::string listen;
+  std::vector<std::string> model_roots;
+  std::vector<std::string> export_roots;
+  std::string device = "cpu";
+  std::string token_file;
+  std::string tls_cert, tls_key, tls_client_ca;
+  int max_message_mb = 64;
+  int max_threads = 64;
+  bool quiet = false;
+  bool help = false;
+};
+
+absl::StatusOr<int> ParsePositive(const std::string& flag,
+                                  const std::string& value, long max) {
+  char* end = nullptr;
+  const long v = std::strtol(value.c_str(), &end, 10);
+  if (value.empty() || *end != '\0' || v <= 0 || v > max) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        flag, ": expected an integer in 1..", max, ", got '", value, "'"));
+  }
+  return static_cast<int>(v);
+}
+
+absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
+  Flags f;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    std::string value;
+    bool has_value = false;
+    if (const auto eq = arg.find('='); arg.rfind("--", 0) == 0 && eq != std::string::npos) {
+      value = arg.substr(eq + 1);
+      arg = arg.substr(0, eq);
+      has_value = true;
+    }
+    if (arg == "--help" || arg == "-h") {
+      f.help = true;
+      continue;
+    }
+    if (arg == "--quiet") {
+      f.quiet = true;
+      continue;
+    }
+    auto next = [&]() -> absl::StatusOr<std::string> {
+      if (has_value) return value;
+      if (i + 1 >= argc) {
+        return absl::InvalidArgumentError(absl::StrCat(arg, " needs a value"));
+      }
+      return std::string(argv[++i]);
+    };
+    absl::StatusOr<std::string> v = next();
+    if (arg != "--listen" && arg != "--model-root" && arg != "--export-root" &&
+        arg != "--device" && arg != "--token-file" && arg != "--tls-cert" &&
+        arg != "--tls-key" && arg != "--tls-client-ca" &&
+        arg != "--max-message-mb" && arg != "--max-threads") {
+      return absl::InvalidArgumentError(absl::StrCat("unknown flag ", arg));
+    }
+    if (!v.ok()) return v.status();
+    if (arg == "--listen") f.listen = *v;
+    if (arg == "--model-root") f.model_roots.push_back(*v);
+    if (arg == "--export-root") f.export_roots.push_back(*v);
+    if (arg == "--device") f.device = *v;
+    if (arg == "--token-file") f.token_file = *v;
+    if (arg == "--tls-cert") f.tls_cert = *v;
+    if (arg == "--tls-key") f.tls_key = *v;
+    if (arg == "--tls-client-ca") f.tls_client_ca = *v;
+    if (arg == "--max-message-mb" || arg == "--max-threads") {
+      auto n = ParsePositive(arg, *v, arg == "--max-threads" ? 4096 : 2047);
+      if (!n.ok()) return n.status();
+      (arg == "--max-threads" ? f.max_threads : f.max_message_mb) = *n;
+    }
+  }
+  if (f.help) return f;
+  if (f.listen.empty()) return absl::InvalidArgumentError("--listen is required");
+  if (f.listen.rfind(':') == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--listen ", f.listen, ": expected HOST:PORT"));
+  }
+  if (f.model_roots.empty()) {
+    return absl::InvalidArgumentError("at least one --model-root is required");
+  }
+  if (f.export_roots.empty()) {
+    return absl::InvalidArgumentError("at least one --export-root is required");
+  }
+  if (f.tls_cert.empty() != f.tls_key.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  if (!f.tls_client_ca.empty() && f.tls_cert.empty()) {
+    return absl::InvalidArgumentError("--tls-client-ca needs --tls-cert");
+  }
+  return f;
+}
+
+absl::StatusOr<std::string> ReadFile(const std::string& path, const char* flag) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, ": cannot read"));
+  }
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const Flags& f) {
+  if (f.tls_cert.empty()) return grpc::InsecureServerCredentials();
+  grpc::SslServerCredentialsOptions options(
+      f.tls_client_ca.empty()
+          ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+          : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  auto cert = ReadFile(f.tls_cert, "--tls-cert");
+  if (!cert.ok()) return cert.status();
+  auto key = ReadFile(f.tls_key, "--tls-key");
+  if (!key.ok()) return key.status();
+  options.pem_key_cert_pairs.push_back({*key, *cert});
+  if (!f.tls_client_ca.empty()) {
+    auto ca = ReadFile(f.tls_client_ca, "--tls-client-ca");
+    if (!ca.ok()) return ca.status();
+    options.pem_root_certs = *ca;
+  }
+  return grpc::SslServerCredentials(options);
+}
+
+int Fail(const absl::Status& status) {
+  std::cerr << "icd-server: " << status.message() << "\n"
+            << "run `icd-server --help` for the flags\n";
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  auto flags = ParseFlags(argc, argv);
+  if (!flags.ok()) return Fail(flags.status());
+  if (flags->help) {
+    std::cout << kUsage;
+    return 0;
+  }
+  icd::rpc::ServiceOptions service_options;
+  service_options.log_calls = !flags->quiet;
+  if (!flags->token_file.empty()) {
+    auto token = ReadFile(flags->token_file, "--token-file");
+    if (!token.ok()) return Fail(token.status());
+    while (!token->empty() && (token->back() == '\n' || token->back() == '\r')) {
+      token->pop_back();
+    }
+    if (token->empty()) {
+      return Fail(absl::InvalidArgumentError("--token-file: the file is empty"));
+    }
+    service_options.token = *token;
+  }
+  auto paths = icd::rpc::PathPolicy::Create(flags->model_roots, flags->export_roots);
+  if (!paths.ok()) return Fail(paths.status());
+  auto creds = Credentials(*flags);
+  if (!creds.ok()) return Fail(creds.status());
+
+  // Before gRPC starts any thread: every thread inherits the blocked mask,
+  // so the signals wait for sigwait below.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  icd::EngineOptions engine_options;
+  engine_options.default_device = flags->device;
+  auto engine = std::make_unique<icd::Engine>(engine_options);
+  {
+    icd::rpc::PermutationServiceImpl service(engine.get(), std::move(*paths),
+                                             service_options);
+    grpc::EnableDefaultHealthCheckService(true);
+    // Links the health messages into the descriptor pool, so reflection can
+    // describe grpc.health.v1.Health (gRPC's default service has none).
+    (void)grpc::health::v1::HealthCheckRequest::descriptor();
+    grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort(flags->listen, *creds, &port);
+    builder.RegisterService(&service);
+    builder.SetMaxReceiveMessageSize(flags->max_message_mb * 1024 * 1024);
+    builder.SetMaxSendMessageSize(flags->max_message_mb * 1024 * 1024);
+    grpc::ResourceQuota quota("icd-server");
+    quota.SetMaxThreads(flags->max_threads);
+    builder.SetResourceQuota(quota);
+    std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+    if (!server || port == 0) {
+      std::cerr << "icd-server: cannot listen on " << flags->listen << "\n";
+      return 1;
+    }
+    grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+    if (health != nullptr) {
+      health->SetServingStatus("", true);
+      health->SetServingStatus("icd.v1.PermutationService", true);
+    }
+    const std::string host = flags->listen.substr(0, flags->listen.rfind(':'));
+    std::cout << "listening on " << host << ":" << port << std::endl;
+
+    int sig = 0;
+    sigwait(&signals, &sig);
+    std::cerr << "icd-server: signal " << sig << ", shutting down\n";
+    if (health != nullptr) health->Shutdown();  // every service NOT_SERVING
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    server->Wait();
+  }
+  engine.reset();  // last: no call can reach it any more
+  return 0;
+}

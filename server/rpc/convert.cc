@@ -1,0 +1,200 @@
+#include "convert.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace icd::rpc {
+
+void ToProto(const ModelInfo& in, v1::ModelInfo* out) {
+  out->set_name(in.name);
+  out->set_family(std::string(FamilyName(in.family)));
+  out->set_layout(std::string(LayoutName(in.layout)));
+  out->set_device(in.device);
+  out->set_dtype(std::string(DTypeName(in.dtype)));
+  out->set_parameters(in.parameters);
+  out->set_version(in.version);
+  out->set_fingerprint(in.fingerprint);
+  for (const auto& [k, v] : in.dims) (*out->mutable_dims())[k] = v;
+  out->set_path(in.path);
+}
+
+void ToProto(const GroupInfo& in, v1::Group* out) {
+  out->set_name(in.name);
+  out->set_size(in.size);
+  out->set_block(in.block);
+  out->set_whole(in.whole);
+  for (const auto& m : in.members) {
+    v1::Member* pm = out->add_members();
+    pm->set_tensor(m.tensor);
+    pm->set_axis(m.axis);
+    pm->set_offset(m.offset);
+    pm->set_length(m.length);
+    pm->set_expand(m.expand);
+  }
+}
+
+void ToProto(const CorrectnessReport& in, v1::CorrectnessReport* out) {
+  out->set_ok(in.ok);
+  out->set_rel_l2(in.rel_l2);
+  out->set_max_abs(in.max_abs);
+  out->set_max_rel(in.max_rel);
+  out->set_top1_agreement(in.top1_agreement);
+  out->set_tolerance(in.tolerance);
+  out->set_tokens(in.tokens);
+}
+
+void ToProto(const ApplyReport& in, v1::ApplyReport* out) {
+  out->set_version(in.version);
+  if (in.verified) ToProto(in.correctness, out->mutable_correctness());
+  out->set_apply_ms(in.apply_ms);
+  for (const auto& g : in.groups) out->add_groups(g);
+  out->set_verified(in.verified);
+  out->set_verify_ms(in.verify_ms);
+}
+
+void ToProto(const EvaluateResult& in, v1::EvaluateResponse* out) {
+  for (int64_t d : in.shape) out->add_shape(d);
+  out->mutable_logits()->Add(in.logits.begin(), in.logits.end());
+  out->set_mean_nll(in.mean_nll);
+  out->set_tokens(in.tokens);
+}
+
+void ToProto(const ExportResult& in, v1::ExportReport* out) {
+  out->set_path(in.path);
+  for (const auto& f : in.files) out->add_files(f);
+  out->set_version(in.version);
+}
+
+LoadOptions FromProto(const v1::LoadModelRequest& in) {
+  LoadOptions out;
+  out.device = in.device();
+  out.dtype = in.dtype();
+  return out;
+}
+
+std::vector<Permutation> FromProto(
+    const google::protobuf::RepeatedPtrField<v1::Permutation>& in) {
+  std::vector<Permutation> out;
+  out.reserve(static_cast<std::size_t>(in.size()));
+  for (const auto& p : in) {
+    Permutation q;
+    q.group = p.group();
+    q.index.assign(p.index().begin(), p.index().end());
+    out.push_back(std::move(q));
+  }
+  return out;
+}
+
+ApplyOptions ApplyOptionsFromProto(const v1::ApplyRequest& in) {
+  ApplyOptions out;
+  out.skip_verify = in.skip_verify();
+  out.expected_version = in.expected_version();
+  out.tolerance = in.tolerance();
+  return out;
+}
+
+EvaluateRequest FromProto(const v1::EvaluateRequest& in) {
+  EvaluateRequest out;
+  out.input_ids.assign(in.input_ids().begin(), in.input_ids().end());
+  out.batch = in.batch() == 0 ? 1 : in.batch();
+  out.return_logits = in.return_logits();
+  return out;
+}
+
+std::vector<v1::TensorChunk> SplitTensor(const HostTensor& tensor,
+                                         std::size_t max_bytes) {
+  max_bytes = std::max<std::size_t>(1, max_bytes);
+  std::vector<v1::TensorChunk> out;
+  std::size_t pos = 0;
+  do {
+    v1::TensorChunk c;
+    c.set_name(tensor.name);
+    for (int64_t d : tensor.shape) c.add_shape(d);
+    c.set_dtype(std::string(DTypeName(tensor.dtype)));
+    const std::size_t n = std::min(max_bytes, tensor.data.size() - pos);
+    c.set_data(tensor.data.data() + pos, n);
+    pos += n;
+    c.set_last(pos >= tensor.data.size());
+    out.push_back(std::move(c));
+  } while (pos < tensor.data.size());
+  return out;
+}
+
+absl::Status TensorAssembler::Add(const v1::TensorChunk& chunk) {
+  if (!open_) {
+    if (chunk.name().empty()) {
+      if (chunk.data().empty() && !chunk.last()) return absl::OkStatus();
+      return absl::InvalidArgumentError("tensor chunk without a name");
+    }
+    for (const auto& t : tensors_) {
+      if (t.name == chunk.name()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("tensor ", chunk.name(), " sent twice"));
+      }
+    }
+    auto dtype = ParseDType(chunk.dtype());
+    if (!dtype.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor ", chunk.name(), ": ", std::string(dtype.status().message())));
+    }
+    HostTensor t;
+    t.name = chunk.name();
+    t.shape.assign(chunk.shape().begin(), chunk.shape().end());
+    t.dtype = *dtype;
+    tensors_.push_back(std::move(t));
+    open_ = true;
+  } else {
+    const HostTensor& t = tensors_.back();
+    if (chunk.name() != t.name) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("chunk of tensor ", chunk.name(), " while tensor ",
+                       t.name, " is not complete (no `last`)"));
+    }
+    const absl::StatusOr<DType> dtype =
+        chunk.dtype().empty() ? absl::StatusOr<DType>(t.dtype)
+                              : ParseDType(chunk.dtype());
+    if (!std::equal(t.shape.begin(), t.shape.end(), chunk.shape().begin(),
+                    chunk.shape().end()) ||
+        !dtype.ok() || *dtype != t.dtype) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor ", t.name, ": chunks disagree on shape or dtype"));
+    }
+  }
+  tensors_.back().data += chunk.data();
+  bytes_ += chunk.data().size();
+  if (chunk.last()) return Close();
+  return absl::OkStatus();
+}
+
+absl::Status TensorAssembler::Close() {
+  open_ = false;
+  const HostTensor& t = tensors_.back();
+  int64_t numel = 1;
+  for (int64_t d : t.shape) {
+    if (d < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor ", t.name, ": negative dimension ", d));
+    }
+    numel *= d;
+  }
+  const int64_t expected = numel * DTypeSize(t.dtype);
+  if (static_cast<int64_t>(t.data.size()) != expected) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor ", t.name, ": ", t.data.size(),
+                     " bytes received, shape and dtype need ", expected));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<HostTensor>> TensorAssembler::Finish() {
+  if (open_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("stream ended inside tensor ", tensors_.back().name,
+                     " (no chunk with `last`)"));
+  }
+  return std::move(tensors_);
+}
+
+}  // namespace icd::rpc

@@ -1,0 +1,100 @@
+// The gRPC frontend of the engine: one handler per RPC of
+// icd.v1.PermutationService. Each handler checks the token, converts the
+// request, calls the Engine, maps the status (ToGrpcStatus), times the call
+// and logs one line to stderr:
+//   rpc=ApplyPermutation status=OK ms=1.23 model=m
+// It holds no model state: the Engine does. Health and reflection are
+// registered by main.
+#ifndef ICD_RPC_SERVICE_H_
+#define ICD_RPC_SERVICE_H_
+
+#include <cstddef>
+#include <functional>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/status.h"
+#include "icd/core/engine.h"
+#include "icd/core/types.h"
+#include "icd/v1/permutation.grpc.pb.h"
+#include "paths.h"
+
+namespace icd::rpc {
+
+struct ServiceOptions {
+  // Non-empty: every call must carry `authorization: Bearer <token>`.
+  std::string token;
+  // Largest `data` of one ReadTensors chunk.
+  std::size_t chunk_bytes = std::size_t{1} << 20;
+  // Largest WriteTensors stream (sum of tensor bytes); 0: no limit.
+  std::size_t max_write_bytes = 0;
+  // One line per call on stderr.
+  bool log_calls = true;
+};
+
+// The deadline and cancellation of a call, as the engine polls them.
+CallContext MakeCallContext(grpc::ServerContext* context);
+
+class PermutationServiceImpl final : public v1::PermutationService::Service {
+ public:
+  // `engine` must outlive the service (main destroys it last).
+  PermutationServiceImpl(Engine* engine, PathPolicy paths,
+                         ServiceOptions options);
+
+  grpc::Status LoadModel(grpc::ServerContext* context,
+                         const v1::LoadModelRequest* request,
+                         v1::ModelInfo* response) override;
+  grpc::Status ListModels(grpc::ServerContext* context,
+                          const v1::ListModelsRequest* request,
+                          v1::ListModelsResponse* response) override;
+  grpc::Status UnloadModel(grpc::ServerContext* context,
+                           const v1::UnloadModelRequest* request,
+                           v1::UnloadModelResponse* response) override;
+  grpc::Status GetSymmetries(grpc::ServerContext* context,
+                             const v1::GetSymmetriesRequest* request,
+                             v1::Symmetries* response) override;
+  grpc::Status ApplyPermutation(grpc::ServerContext* context,
+                                const v1::ApplyRequest* request,
+                                v1::ApplyReport* response) override;
+  grpc::Status Verify(grpc::ServerContext* context,
+                      const v1::VerifyRequest* request,
+                      v1::CorrectnessReport* response) override;
+  grpc::Status Evaluate(grpc::ServerContext* context,
+                        const v1::EvaluateRequest* request,
+                        v1::EvaluateResponse* response) override;
+  grpc::Status ReadTensors(grpc::ServerContext* context,
+                           const v1::ReadTensorsRequest* request,
+                           grpc::ServerWriter<v1::TensorChunk>* writer) override;
+  grpc::Status WriteTensors(grpc::ServerContext* context,
+                            grpc::ServerReader<v1::TensorChunk>* reader,
+                            v1::WriteReport* response) override;
+  grpc::Status ExportModel(grpc::ServerContext* context,
+                           const v1::ExportRequest* request,
+                           v1::ExportReport* response) override;
+  grpc::Status ComputePermutation(grpc::ServerContext* context,
+                                  grpc::ServerReader<v1::TraceChunk>* reader,
+                                  v1::PermutationResult* response) override;
+  grpc::Status CapturePermutation(grpc::ServerContext* context,
+                                  const v1::CaptureRequest* request,
+                                  v1::PermutationSet* response) override;
+  grpc::Status MeasureLatency(grpc::ServerContext* context,
+                              const v1::LatencyRequest* request,
+                              v1::LatencyReport* response) override;
+
+ private:
+  // Token check, `body`, exception guard, status map, timing and the log
+  // line. `model` may be filled in by `body` (WriteTensors learns it late).
+  grpc::Status Handle(grpc::ServerContext* context, const char* rpc,
+                      std::string model,
+                      const std::function<absl::Status(std::string&)>& body);
+  absl::Status CheckToken(const grpc::ServerContext* context) const;
+
+  Engine* engine_;
+  PathPolicy paths_;
+  ServiceOptions options_;
+};
+
+}  // namespace icd::rpc
+
+#endif  // ICD_RPC_SERVICE_H_

@@ -1,0 +1,198 @@
+// Black box: the icd-server binary on 127.0.0.1:0. Parse "listening on",
+// call it through icd::Client (token from --token-file), SIGTERM, exit 0.
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include "harness.h"
+
+namespace icd::testing {
+namespace {
+
+struct Child {
+  pid_t pid = -1;
+  int out = -1;  // the child's stdout
+};
+
+Child Spawn(const std::vector<std::string>& args) {
+  // Built before fork: the child only calls async-signal-safe functions.
+  std::vector<char*> argv;
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  int fds[2];
+  if (pipe(fds) != 0) return {};
+  const pid_t pid = fork();
+  if (pid == 0) {
+    dup2(fds[1], STDOUT_FILENO);
+    close(fds[0]);
+    close(fds[1]);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  close(fds[1]);
+  return {pid, fds[0]};
+}
+
+// Reads one line (without '\n'); waits at most `timeout` for each byte.
+std::string ReadLine(int fd, std::chrono::milliseconds timeout) {
+  std::string line;
+  char c = 0;
+  pollfd p{fd, POLLIN, 0};
+  while (poll(&p, 1, static_cast<int>(timeout.count())) > 0 &&
+         read(fd, &c, 1) == 1 && c != '\n') {
+    line.push_back(c);
+  }
+  return line;
+}
+
+std::string ReadAll(int fd) {
+  std::string out;
+  char buf[4096];
+  ssize_t n = 0;
+  while ((n = read(fd, buf, sizeof buf)) > 0) out.append(buf, static_cast<std::size_t>(n));
+  return out;
+}
+
+int WaitExit(pid_t pid) {
+  int status = 0;
+  if (waitpid(pid, &status, 0) != pid) return -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+// Lists services through grpc.reflection.v1alpha (what grpcurl and buf curl
+// use), with hand-encoded messages: ServerReflectionRequest{list_services=7:
+// ""}; the answer's bytes hold the service names.
+std::string ReflectionListServices(const std::string& address) {
+  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  grpc::CompletionQueue cq;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto call = stub.PrepareCall(
+      &ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+  auto step = [&cq](void* tag) {
+    void* got = nullptr;
+    bool ok = false;
+    return cq.Next(&got, &ok) && got == tag && ok;
+  };
+  int tags[5];
+  std::string out;
+  call->StartCall(&tags[0]);
+  if (step(&tags[0])) {
+    const char request[] = {0x3A, 0x00};
+    grpc::Slice slice(request, sizeof request);
+    grpc::ByteBuffer buffer(&slice, 1);
+    call->Write(buffer, &tags[1]);
+    if (step(&tags[1])) {
+      call->WritesDone(&tags[2]);
+      step(&tags[2]);
+      grpc::ByteBuffer response;
+      call->Read(&response, &tags[3]);
+      if (step(&tags[3])) {
+        std::vector<grpc::Slice> slices;
+        if (response.Dump(&slices).ok()) {
+          for (const auto& sl : slices) {
+            out.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+          }
+        }
+      }
+    }
+  }
+  grpc::Status status;
+  call->Finish(&status, &tags[4]);
+  void* got = nullptr;
+  bool ok = false;
+  while (cq.Next(&got, &ok) && got != &tags[4]) {
+  }
+  cq.Shutdown();
+  while (cq.Next(&got, &ok)) {
+  }
+  return out;
+}
+
+TEST(ServerBinaryTest, HelpTeachesAndExitsZero) {
+  Child child = Spawn({ICD_SERVER_BINARY, "--help"});
+  ASSERT_GT(child.pid, 0);
+  const std::string out = ReadAll(child.out);
+  close(child.out);
+  EXPECT_EQ(WaitExit(child.pid), 0);
+  for (const char* needle : {"--listen", "--model-root", "--export-root",
+                             "--device", "--token-file", "--max-message-mb",
+                             "Example", "listening on"}) {
+    EXPECT_NE(out.find(needle), std::string::npos) << needle;
+  }
+}
+
+TEST(ServerBinaryTest, BadFlagsExitTwo) {
+  Child child = Spawn({ICD_SERVER_BINARY, "--listen", "127.0.0.1:0", "--bogus", "1"});
+  ASSERT_GT(child.pid, 0);
+  close(child.out);
+  EXPECT_EQ(WaitExit(child.pid), 2);
+  Child no_root = Spawn({ICD_SERVER_BINARY, "--listen", "127.0.0.1:0"});
+  close(no_root.out);
+  EXPECT_EQ(WaitExit(no_root.pid), 2);
+}
+
+TEST(ServerBinaryTest, ServesThenStopsCleanlyOnSigterm) {
+  TempDir tmp;
+  const fs::path models = tmp.path() / "models";
+  const fs::path exports = tmp.path() / "exports";
+  fs::create_directories(models / "mamba1-small");
+  fs::create_directories(exports);
+  fs::copy(GoldenDir() / "mamba1-small" / "hf", models / "mamba1-small" / "hf",
+           fs::copy_options::recursive);
+  const fs::path token_file = tmp.path() / "token";
+  std::ofstream(token_file) << "t0ken\n";
+
+  Child child = Spawn({ICD_SERVER_BINARY, "--listen", "127.0.0.1:0",
+                       "--model-root", models.string(), "--export-root",
+                       exports.string(), "--token-file", token_file.string()});
+  ASSERT_GT(child.pid, 0);
+  const std::string line = ReadLine(child.out, std::chrono::seconds(120));
+  const std::string prefix = "listening on 127.0.0.1:";
+  ASSERT_EQ(line.rfind(prefix, 0), 0u) << "got '" << line << "'";
+  const int port = std::stoi(line.substr(prefix.size()));
+  EXPECT_GT(port, 0);
+  const std::string address = "127.0.0.1:" + std::to_string(port);
+
+  ClientOptions options;
+  options.token = "t0ken";
+  options.deadline = std::chrono::seconds(60);
+  auto client = Client::Connect(address, options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto serving = (*client)->Health();
+  ASSERT_TRUE(serving.ok()) << serving.status();
+  EXPECT_TRUE(*serving);
+  auto info = (*client)->LoadModel("m", "mamba1-small/hf");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->version(), 1u);
+  auto exported = (*client)->ExportModel("m", "e1");
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  EXPECT_TRUE(fs::exists(exports / "e1" / "config.json"));
+
+  const std::string services = ReflectionListServices(address);
+  EXPECT_NE(services.find("icd.v1.PermutationService"), std::string::npos);
+  EXPECT_NE(services.find("grpc.health.v1.Health"), std::string::npos);
+
+  auto anonymous = Client::Connect(address, {});
+  ASSERT_TRUE(anonymous.ok());
+  EXPECT_EQ((*anonymous)->ListModels().status().code(),
+            absl::StatusCode::kUnauthenticated);
+
+  ASSERT_EQ(kill(child.pid, SIGTERM), 0);
+  EXPECT_EQ(WaitExit(child.pid), 0);
+  close(child.out);
+}
+
+}  // namespace
+}  // namespace icd::testing

@@ -1,0 +1,400 @@
+#!/usr/bin/python3
+"""Black box of the clients: the icd-server binary on 127.0.0.1:0 driven by
+icdctl (--json parsed), the Python client (icd_client) and `buf curl` through
+server reflection (no .proto file); health; SIGTERM exits 0.
+
+Run by ctest (tests/integration/CMakeLists.txt) with the system interpreter:
+  /usr/bin/python3 clients_test.py --server-binary B --icdctl C --fixtures F \
+      --stubs GEN --tools DIR
+`buf` is taken from DIR/node_modules/.bin/buf, installed there with npm
+(@bufbuild/buf) when missing.
+"""
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import numpy as np
+
+ARGS = None
+BUF_PACKAGE = "@bufbuild/buf@1.75.0"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--server-binary", required=True)
+    p.add_argument("--icdctl", required=True)
+    p.add_argument("--fixtures", required=True, help="tests/fixtures")
+    p.add_argument("--stubs", required=True, help="generated Python stubs dir")
+    p.add_argument("--tools", required=True, help="npm prefix holding buf")
+    return p.parse_known_args()
+
+
+def read_safetensors(path):
+    """name -> numpy array, for the I64/F32 tensors of the golden files."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    kinds = {"I64": "<i8", "F32": "<f4", "F64": "<f8", "F16": "<f2"}
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = meta["data_offsets"]
+        out[name] = np.frombuffer(raw[8 + n + begin:8 + n + end],
+                                  dtype=kinds[meta["dtype"]]).reshape(meta["shape"])
+    return out
+
+
+def rel_l2(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def read_line(fd, timeout_s):
+    """One line of the child's stdout, waiting on the pipe (no sleeps)."""
+    line = b""
+    deadline = time.monotonic() + timeout_s
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    return line.decode().strip()
+
+
+def ensure_buf(tools):
+    """buf from the project-local npm prefix; installed there when missing."""
+    buf = os.path.join(tools, "node_modules", ".bin", "buf")
+    os.makedirs(tools, exist_ok=True)
+    with open(os.path.join(tools, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.access(buf, os.X_OK):
+            npm = shutil.which("npm")
+            if npm is None:
+                raise AssertionError("npm is missing: `make deps` installs nodejs and npm")
+            subprocess.run([npm, "install", "--prefix", tools, "--no-audit", "--no-fund",
+                            BUF_PACKAGE], check=True, stdout=subprocess.DEVNULL)
+    return buf
+
+
+class ClientsTest(unittest.TestCase):
+    """One server for the whole class; tests run in name order."""
+
+    @classmethod
+    def setUpClass(cls):
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        sys.path[:0] = [os.path.join(repo, "client", "python"), ARGS.stubs]
+        import icd_client  # noqa: E402 (needs the stubs path)
+        cls.icd = icd_client
+        cls.tmp = tempfile.mkdtemp(prefix="icd-clients-test-")
+        cls.models = os.path.join(cls.tmp, "models")
+        cls.exports = os.path.join(cls.tmp, "exports")
+        os.makedirs(cls.exports)
+        golden = os.path.join(ARGS.fixtures, "golden")
+        for name in ("mamba1-small", "mamba2-groups"):
+            shutil.copytree(os.path.join(golden, name, "hf"),
+                            os.path.join(cls.models, name, "hf"))
+        cls.golden = {name: read_safetensors(os.path.join(golden, name, "golden.safetensors"))
+                      for name in ("mamba1-small", "mamba2-groups")}
+        cls.stderr = open(os.path.join(cls.tmp, "server.stderr"), "w+")
+        cls.proc = subprocess.Popen(
+            [ARGS.server_binary, "--listen", "127.0.0.1:0", "--model-root", cls.models,
+             "--export-root", cls.exports],
+            stdout=subprocess.PIPE, stderr=cls.stderr)
+        line = read_line(cls.proc.stdout.fileno(), 120)
+        prefix = "listening on 127.0.0.1:"
+        if not line.startswith(prefix):
+            cls.proc.kill()
+            cls.proc.wait()
+            raise AssertionError("server said %r instead of 'listening on ...'; stderr:\n%s"
+                                 % (line, cls.server_log()))
+        cls.port = int(line[len(prefix):])
+        cls.address = "127.0.0.1:%d" % cls.port
+        # Keep draining stdout so the server never blocks on a full pipe.
+        threading.Thread(target=cls.proc.stdout.read, daemon=True).start()
+        cls.client = icd_client.Client(cls.address, timeout=120)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        if cls.proc.poll() is None:
+            cls.proc.kill()
+            cls.proc.wait()
+        cls.stderr.close()
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    @classmethod
+    def server_log(cls):
+        cls.stderr.flush()
+        cls.stderr.seek(0)
+        return cls.stderr.read()[-4000:]
+
+    def ctl(self, *args, expect=0):
+        """Runs icdctl --json; returns the parsed JSON (or stdout)."""
+        cmd = [ARGS.icdctl, "--server", self.address, "--timeout", "120"] + list(args)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        self.assertEqual(r.returncode, expect, "%s\nstdout: %s\nstderr: %s"
+                         % (" ".join(cmd), r.stdout, r.stderr))
+        if expect != 0:
+            return r.stderr
+        return json.loads(r.stdout) if "--json" in args else r.stdout
+
+    # ------------------------------------------------------------ health
+
+    def test_0_health_serving(self):
+        self.assertTrue(self.client.health())
+        self.assertTrue(self.client.health("icd.v1.PermutationService"))
+
+    # ------------------------------------------------------------ icdctl
+
+    def test_1_icdctl_main_job(self):
+        gold = self.golden["mamba2-groups"]
+        info = self.ctl("--json", "load", "cli", "mamba2-groups/hf", "--dtype", "float32")
+        self.assertEqual((info["name"], info["family"], info["layout"], info["version"]),
+                         ("cli", "mamba2", "hf", "1"))
+
+        syms = self.ctl("--json", "symmetries", "cli")
+        names = [g["name"] for g in syms["groups"]]
+        self.assertEqual(names[0], "residual")
+        for i in range(2):
+            for kind in ("heads", "headdim", "state"):
+                self.assertIn("layers.%d.%s" % (i, kind), names)
+        heads = next(g for g in syms["groups"] if g["name"] == "layers.0.heads")
+        self.assertEqual((heads["size"], heads["whole"]), ("8", "4"))
+        table = self.ctl("symmetries", "cli")
+        self.assertIn("GROUP", table)
+        self.assertIn("layers.1.headdim", table)
+
+        report = self.ctl("--json", "apply", "cli", "--random", "11", "--expected-version", "1")
+        self.assertEqual(report["version"], "2")
+        self.assertEqual(report["groups"], names)
+        self.assertTrue(report["verified"])
+        self.assertTrue(report["correctness"]["ok"], report)
+        self.assertLess(report["correctness"]["rel_l2"], 1e-5)
+        self.assertEqual(report["correctness"]["top1_agreement"], 1.0)
+
+        human = self.ctl("apply", "cli", "--random", "12", "--groups", "layers.1.state,residual")
+        self.assertIn("applied 2 permutations to cli: version 3", human)
+        self.assertIn("OK: rel_l2", human)
+
+        verify = self.ctl("--json", "verify", "cli")
+        self.assertTrue(verify["ok"])
+        self.assertLess(verify["rel_l2"], 1e-5)
+
+        ids = ",".join(str(int(v)) for v in gold["input_ids"].ravel())
+        ev = self.ctl("--json", "evaluate", "cli", "--ids", ids, "--batch", "2", "--logits")
+        self.assertEqual([int(v) for v in ev["shape"]], list(gold["logits"].shape))
+        self.assertEqual(int(ev["tokens"]), 2 * 16)
+        self.assertTrue(math.isfinite(ev["mean_nll"]))
+        logits = np.asarray(ev["logits"], dtype=np.float32).reshape(gold["logits"].shape)
+        self.assertLess(rel_l2(logits, gold["logits"]), 1e-4)  # design.md: HF goldens
+
+        exported = self.ctl("--json", "export", "cli", "cli-export")
+        self.assertEqual(exported["version"], "3")
+        self.assertIn("config.json", exported["files"])
+        self.assertIn("model.safetensors", exported["files"])
+        for f in exported["files"]:
+            self.assertTrue(os.path.isfile(os.path.join(self.exports, "cli-export", f)), f)
+
+        models = self.ctl("--json", "models")["models"]
+        cli = next(m for m in models if m["name"] == "cli")
+        self.assertEqual(cli["version"], "3")
+
+    def test_2_icdctl_perm_file_and_errors(self):
+        self.ctl("--json", "load", "perm", "mamba1-small/hf")
+        syms = self.client.symmetries("perm")
+        size = next(g.size for g in syms.groups if g.name == "residual")
+        reverse = list(range(size))[::-1]
+        path = os.path.join(self.tmp, "perm.json")
+        with open(path, "w") as f:
+            json.dump({"residual": reverse, "layers.0.state": [1, 0, 2, 3, 4, 5, 6, 7]}, f)
+        report = self.ctl("--json", "apply", "perm", "--perm", path)
+        self.assertEqual(report["groups"], ["residual", "layers.0.state"])
+        self.assertTrue(report["correctness"]["ok"])
+
+        stale = self.ctl("apply", "perm", "--perm", path, "--expected-version", "1", expect=9)
+        self.assertTrue(stale.startswith("icdctl: FAILED_PRECONDITION: "), stale)
+        with open(path, "w") as f:
+            json.dump({"residual": [0] * size}, f)
+        bad = self.ctl("apply", "perm", "--perm", path, expect=3)
+        self.assertIn("icdctl: INVALID_ARGUMENT: ", bad)
+        self.assertIn("residual", bad)
+        self.assertIn("NOT_FOUND", self.ctl("verify", "nope", expect=5))
+        self.assertIn("unknown command", self.ctl("frobnicate", expect=3))
+        self.ctl("unload", "perm")
+        self.assertNotIn("perm", [m.name for m in self.client.models()])
+
+        r = subprocess.run([ARGS.icdctl, "--help"], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0)
+        for command in ("load", "models", "unload", "symmetries", "apply", "verify",
+                        "evaluate", "export"):
+            self.assertIn("icdctl --server 127.0.0.1:50051 %s" % command, r.stdout)
+
+    # ------------------------------------------------------------ Python client
+
+    def test_3_python_main_job(self):
+        icd, c = self.icd, self.client
+        gold = self.golden["mamba1-small"]
+        info = c.load("py", "mamba1-small/hf", dtype="float32")
+        self.assertEqual((info.family, info.layout, info.version), ("mamba1", "hf", 1))
+        before = c.evaluate("py", gold["input_ids"], return_logits=True)
+        self.assertEqual(before["logits"].shape, gold["logits"].shape)
+        self.assertLess(rel_l2(before["logits"], gold["logits"]), 1e-4)
+
+        syms = c.symmetries("py")
+        perms = c.random_permutations(syms, seed=2024)
+        self.assertEqual(list(perms), [g.name for g in syms.groups])
+        report = c.apply("py", perms, expected_version=1)
+        self.assertEqual(report.version, 2)
+        self.assertTrue(report.correctness.ok)
+        self.assertLess(report.correctness.rel_l2, 1e-5)
+        self.assertGreater(report.apply_ms, 0)
+
+        after = c.evaluate("py", gold["input_ids"], return_logits=True)
+        self.assertLess(rel_l2(after["logits"], before["logits"]), 1e-5)
+        self.assertLess(rel_l2(after["logits"], gold["logits"]), 1e-4)
+        self.assertTrue(np.array_equal(after["logits"].argmax(-1), gold["logits"].argmax(-1)))
+        self.assertAlmostEqual(after["mean_nll"], before["mean_nll"], places=4)
+        self.assertTrue(c.verify("py").ok)
+
+        # The permutation moved weights: the residual gather shows in the embedding.
+        emb = "backbone.embeddings.weight"
+        tensors = c.read_tensors("py")
+        self.assertIn(emb, tensors)
+        self.assertEqual(tensors[emb].dtype, np.float32)
+        named = c.read_tensors("py", [emb])
+        self.assertEqual(list(named), [emb])
+        self.assertTrue(np.array_equal(named[emb], tensors[emb]))
+
+        # Round trip: write back what was read, then read again: identical.
+        version = c.write_tensors("py", tensors, expected_version=2)
+        self.assertEqual(version, 3)
+        again = c.read_tensors("py")
+        self.assertEqual(sorted(again), sorted(tensors))
+        for name in tensors:
+            self.assertTrue(np.array_equal(again[name], tensors[name]), name)
+        with self.assertRaises(icd.IcdError) as stale:
+            c.write_tensors("py", {emb: tensors[emb]}, expected_version=2)
+        self.assertEqual(stale.exception.code, "FAILED_PRECONDITION")
+
+        exported = c.export("py", "py-export")
+        self.assertEqual(exported.version, 3)
+        self.assertIn("model.safetensors", list(exported.files))
+        os.makedirs(os.path.join(self.models, "reloaded"))
+        shutil.copytree(exported.path, os.path.join(self.models, "reloaded", "hf"))
+        c.load("py-reloaded", "reloaded/hf")
+        reloaded = c.evaluate("py-reloaded", gold["input_ids"], return_logits=True)
+        self.assertLess(rel_l2(reloaded["logits"], after["logits"]), 1e-6)
+
+        with self.assertRaises(icd.IcdError) as missing:
+            c.load("ghost", "no-such-checkpoint/hf")
+        self.assertEqual(missing.exception.code, "NOT_FOUND")
+        with self.assertRaises(icd.IcdError) as outside:
+            c.export("py", "/etc/icd-should-not-exist")
+        self.assertEqual(outside.exception.code, "PERMISSION_DENIED")
+
+    def test_4_python_bfloat16_tensors(self):
+        c = self.client
+        c.load("bf", "mamba1-small/hf", dtype="bfloat16")
+        tensors = c.read_tensors("bf")
+        name = "backbone.embeddings.weight"
+        self.assertEqual(tensors[name].dtype, np.float32)  # widened, exactly
+        bits = tensors[name].view(np.uint32)
+        self.assertTrue(np.all(bits & 0xFFFF == 0))
+        version = c.write_tensors("bf", {name: tensors[name]}, expected_version=1)
+        self.assertEqual(version, 2)
+        self.assertTrue(np.array_equal(c.read_tensors("bf", [name])[name], tensors[name]))
+        c.unload("bf")
+
+    def test_5_cpp_and_python_draw_the_same_permutations(self):
+        c = self.client
+        c.load("pa", "mamba2-groups/hf")
+        c.load("pb", "mamba2-groups/hf")
+        self.ctl("--json", "apply", "pa", "--random", "5")
+        c.apply("pb", c.random_permutations(c.symmetries("pb"), 5))
+        a, b = c.read_tensors("pa"), c.read_tensors("pb")
+        for name in a:
+            self.assertTrue(np.array_equal(a[name], b[name]), name)
+        c.unload("pa")
+        c.unload("pb")
+
+    # ------------------------------------------------------------ buf curl
+
+    def buf_curl(self, *args):
+        buf = ensure_buf(ARGS.tools)
+        return subprocess.run([buf, "curl", "--protocol", "grpc", "--http2-prior-knowledge"]
+                              + list(args), capture_output=True, text=True, timeout=120)
+
+    def test_6_buf_curl_calls_through_reflection(self):
+        base = "http://%s" % self.address
+        r = self.buf_curl("--list-services", base)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        for service in ("icd.v1.PermutationService", "grpc.health.v1.Health"):
+            self.assertIn(service, r.stdout.split())
+
+        r = self.buf_curl("-d", json.dumps({"model": "py"}),
+                          base + "/icd.v1.PermutationService/GetSymmetries")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        syms = json.loads(r.stdout)
+        self.assertEqual(syms["model"], "py")
+        self.assertEqual(syms["groups"][0]["name"], "residual")
+
+        r = self.buf_curl("-d", "{}", base + "/icd.v1.PermutationService/ListModels")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("py", [m["name"] for m in json.loads(r.stdout)["models"]])
+
+        r = self.buf_curl("-d", json.dumps({"model": "ghost"}),
+                          base + "/icd.v1.PermutationService/Verify")
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("not_found", r.stderr)
+
+    def test_7_buf_curl_lists_every_method_and_health(self):
+        # Reflection must describe every service it lists, grpc.health.v1
+        # included: `--list-methods` resolves them all (design.md: buf curl
+        # lists and calls everything without .proto files).
+        base = "http://%s" % self.address
+        r = self.buf_curl("--list-methods", base)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        methods = r.stdout.split()
+        for m in ("LoadModel", "ListModels", "UnloadModel", "GetSymmetries",
+                  "ApplyPermutation", "Verify", "Evaluate", "ReadTensors", "WriteTensors",
+                  "ExportModel"):
+            self.assertIn("icd.v1.PermutationService/" + m, methods)
+        self.assertIn("grpc.health.v1.Health/Check", methods)
+        r = self.buf_curl(base + "/grpc.health.v1.Health/Check")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(json.loads(r.stdout), {"status": "SERVING"})
+
+    # ------------------------------------------------------------ shutdown
+
+    def test_9_sigterm_exits_zero(self):
+        self.client.close()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.fail("server still running 60 s after SIGTERM")
+        self.assertEqual(code, 0, self.server_log())
+
+
+if __name__ == "__main__":
+    ARGS, rest = parse_args()
+    unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)

@@ -24,6 +24,10 @@ struct Case {
   std::string family;
 };
 
+// gtest prints parameters; without this it dumps raw bytes.
+void PrintTo(const Case& c, std::ostream* os) { *os << c.fixture << "/" << c.layout; }
+
+
 class GoldenTest : public ::testing::TestWithParam<Case> {
  protected:
   Harness harness_;

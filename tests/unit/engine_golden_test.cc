@@ -22,6 +22,9 @@ struct Case {
   std::string layout;  // sub-directory: "hf" or "mamba_ssm"
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.fixture << "/" << c.layout; }
+
+
 std::vector<Case> AllCases() {
   return {{"mamba1-small", "hf"},       {"mamba1-small", "mamba_ssm"},
           {"mamba1-bias-untied", "hf"}, {"mamba2-groups", "hf"},

@@ -7,6 +7,7 @@
 #include <random>
 
 #include "icd/core/engine.h"
+#include "io/torch_bin.h"
 #include "test_util.h"
 
 namespace icd {
@@ -18,6 +19,9 @@ using testing::GoldenDir;
 struct Case {
   std::string fixture, layout, weights_file;
 };
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.fixture << "/" << c.layout; }
+
 
 class ExportTest : public ::testing::TestWithParam<Case> {
  protected:
@@ -130,6 +134,28 @@ TEST(ExportBinTest, TorchLoadWeightsOnlyAccepts) {
   const std::string command = std::string(ICD_SYSTEM_PYTHON) + " " + script_file.string() + " " +
                               (target / "pytorch_model.bin").string() + " " + names;
   EXPECT_EQ(std::system(command.c_str()), 0) << command;
+}
+
+TEST(ExportBinTest, HfPytorchModelBinLoadsAndExportsAsBin) {
+  // HF checkpoints saved without safetensors: the same tensors in a .bin.
+  testing::TempDir temp;
+  const fs::path source = GoldenDir("mamba2-groups") / "hf";
+  const fs::path bin_dir = temp.path() / "bin";
+  fs::create_directories(bin_dir);
+  fs::copy_file(source / "config.json", bin_dir / "config.json");
+  auto tensors = io::ReadSafetensors(source / "model.safetensors");
+  ASSERT_TRUE(tensors.ok());
+  ASSERT_TRUE(io::WriteTorchBin(bin_dir / "pytorch_model.bin", *tensors).ok());
+  Engine engine;
+  ASSERT_TRUE(engine.Load("bin", bin_dir.string()).ok());
+  const auto golden = testing::ReadGolden("mamba2-groups");
+  auto result = engine.Evaluate("bin", {golden.input_ids, golden.batch, true});
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_LE(testing::RelL2(torch::tensor(result->logits).reshape(result->shape), golden.logits),
+            1e-4);
+  auto exported = engine.Export("bin", (temp.path() / "out").string());
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  EXPECT_EQ(exported->files, (std::vector<std::string>{"config.json", "pytorch_model.bin"}));
 }
 
 TEST(ExportBinTest, ShardedSafetensorsRoundTrip) {

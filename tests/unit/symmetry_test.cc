@@ -106,6 +106,9 @@ struct RandomCase {
   std::string config_json;
 };
 
+void PrintTo(const RandomCase& c, std::ostream* os) { *os << c.name; }
+
+
 class RandomConfigTest : public ::testing::TestWithParam<RandomCase> {};
 
 TEST_P(RandomConfigTest, EveryGroupAloneAndAllTogetherAreExact) {
@@ -180,6 +183,11 @@ struct Control {
   std::string fixture, group, tensor;
   int64_t offset;
 };
+
+void PrintTo(const Control& c, std::ostream* os) {
+  *os << c.fixture << " " << c.group << " without " << c.tensor << "@" << c.offset;
+}
+
 
 class NegativeControlTest : public ::testing::TestWithParam<Control> {};
 

@@ -15,15 +15,11 @@ import fcntl
 import json
 import math
 import os
-import select
 import shutil
-import signal
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import unittest
 
 import numpy as np
@@ -60,24 +56,9 @@ def read_safetensors(path):
 
 
 def rel_l2(a, b):
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def read_line(fd, timeout_s):
-    """One line of the child's stdout, waiting on the pipe (no sleeps)."""
-    line = b""
-    deadline = time.monotonic() + timeout_s
-    while not line.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            break
-        byte = os.read(fd, 1)
-        if not byte:
-            break
-        line += byte
-    return line.decode().strip()
+    # icd_client is importable once main() / setUpClass has put the stubs on sys.path.
+    from icd_client.local_server import rel_l2 as impl
+    return impl(a, b)
 
 
 def ensure_buf(tools):
@@ -114,38 +95,23 @@ class ClientsTest(unittest.TestCase):
                             os.path.join(cls.models, name, "hf"))
         cls.golden = {name: read_safetensors(os.path.join(golden, name, "golden.safetensors"))
                       for name in ("mamba1-small", "mamba2-groups")}
-        cls.stderr = open(os.path.join(cls.tmp, "server.stderr"), "w+")
-        cls.proc = subprocess.Popen(
-            [ARGS.server_binary, "--listen", "127.0.0.1:0", "--model-root", cls.models,
-             "--export-root", cls.exports],
-            stdout=subprocess.PIPE, stderr=cls.stderr)
-        line = read_line(cls.proc.stdout.fileno(), 120)
-        prefix = "listening on 127.0.0.1:"
-        if not line.startswith(prefix):
-            cls.proc.kill()
-            cls.proc.wait()
-            raise AssertionError("server said %r instead of 'listening on ...'; stderr:\n%s"
-                                 % (line, cls.server_log()))
-        cls.port = int(line[len(prefix):])
-        cls.address = "127.0.0.1:%d" % cls.port
-        # Keep draining stdout so the server never blocks on a full pipe.
-        threading.Thread(target=cls.proc.stdout.read, daemon=True).start()
+        from icd_client.local_server import LocalServer
+        cls.server = LocalServer(ARGS.server_binary, model_roots=[cls.models],
+                                 export_roots=[cls.exports])
+        cls.proc = cls.server.proc
+        cls.port = cls.server.port
+        cls.address = cls.server.address
         cls.client = icd_client.Client(cls.address, timeout=120)
 
     @classmethod
     def tearDownClass(cls):
         cls.client.close()
-        if cls.proc.poll() is None:
-            cls.proc.kill()
-            cls.proc.wait()
-        cls.stderr.close()
+        cls.server.kill()
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     @classmethod
     def server_log(cls):
-        cls.stderr.flush()
-        cls.stderr.seek(0)
-        return cls.stderr.read()[-4000:]
+        return cls.server.log()
 
     def ctl(self, *args, expect=0):
         """Runs icdctl --json; returns the parsed JSON (or stdout)."""
@@ -387,12 +353,7 @@ class ClientsTest(unittest.TestCase):
 
     def test_9_sigterm_exits_zero(self):
         self.client.close()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.fail("server still running 60 s after SIGTERM")
-        self.assertEqual(code, 0, self.server_log())
+        self.assertEqual(self.server.stop(timeout_s=60), 0, self.server_log())
 
 
 if __name__ == "__main__":

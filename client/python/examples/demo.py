@@ -12,13 +12,10 @@ must exit 0. Exit status: 0 when every check held.
 
 import argparse
 import os
-import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -33,23 +30,10 @@ SEED = 20240601
 IDS = np.arange(34, dtype=np.int64).reshape(2, 17) * 7 % 90 + 3
 
 
-def read_line(fd, timeout_s):
-    line = b""
-    deadline = time.monotonic() + timeout_s
-    while not line.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            break
-        byte = os.read(fd, 1)
-        if not byte:
-            break
-        line += byte
-    return line.decode().strip()
-
-
 def rel_l2(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    # icd_client is importable once main() / setUpClass has put the stubs on sys.path.
+    from icd_client.local_server import rel_l2 as impl
+    return impl(a, b)
 
 
 def top1(a, b):
@@ -132,40 +116,25 @@ def main():
     for fixture, layout in MODELS:
         shutil.copytree(os.path.join(GOLDEN, fixture, layout),
                         os.path.join(models, fixture, layout))
-    server_log = open(os.path.join(tmp, "server.log"), "w")
-    proc = subprocess.Popen([server_bin, "--listen", "127.0.0.1:0", "--model-root", models,
-                             "--model-root", exports, "--export-root", exports],
-                            stdout=subprocess.PIPE, stderr=server_log)
-    ok = False
-    try:
-        line = read_line(proc.stdout.fileno(), 120)
-        if not line.startswith("listening on "):
-            print("demo: the server did not start (%r); log: %s" % (line, server_log.name))
-            return 1
-        address = line[len("listening on "):]
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
-        print("icd-server %s (model root %s)\n" % (line, models))
-        with icd.Client(address, timeout=300) as client:
+    from icd_client.local_server import LocalServer
+    with LocalServer(server_bin, model_roots=[models, exports],
+                     export_roots=[exports]) as server:
+        print("icd-server listening on %s (model root %s)\n" % (server.address, models))
+        with icd.Client(server.address, timeout=300) as client:
             print("health     %s\n" % ("SERVING" if client.health() else "NOT SERVING"))
             ok = all([run_model(client, icd, fixture, layout)
                       for fixture, layout in MODELS])
-        print("$ icdctl --server %s models" % address)
+        print("$ icdctl --server %s models" % server.address)
         sys.stdout.flush()
-        ok &= subprocess.run([icdctl, "--server", address, "models"]).returncode == 0
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-        server_log.close()
+        ok &= subprocess.run([icdctl, "--server", server.address, "models"]).returncode == 0
+        code = server.stop()
+        log_path = server.log_path
     print("\nserver stopped by SIGTERM: exit %d" % code)
     ok &= code == 0
-    print("demo %s" % ("PASSED" if ok else "FAILED (server log: %s)" % server_log.name))
+    print("demo %s" % ("PASSED" if ok else "FAILED (server log: %s)" % log_path))
     if ok:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.remove(log_path)
     return 0 if ok else 1
 
 

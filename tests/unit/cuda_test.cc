@@ -18,19 +18,7 @@ using testing::GoldenDir;
 using testing::ReadGolden;
 using testing::RelL2;
 
-struct Case {
-  std::string fixture;
-  std::string layout;  // "hf" or "mamba_ssm"
-};
-
-void PrintTo(const Case& c, std::ostream* os) { *os << c.fixture << "/" << c.layout; }
-
-std::vector<Case> AllCases() {
-  return {{"mamba1-small", "hf"},       {"mamba1-small", "mamba_ssm"},
-          {"mamba1-bias-untied", "hf"}, {"mamba2-groups", "hf"},
-          {"mamba2-one-group", "hf"},   {"mamba2-one-group", "mamba_ssm"},
-          {"falcon-mamba-small", "hf"}};
-}
+using Case = testing::GoldenCase;
 
 constexpr double kGoldenTolerance = 1e-4;  // design.md: vs HF goldens in float32
 
@@ -123,7 +111,7 @@ TEST_P(CudaTest, BFloat16ApplyVerify) {
               verify->rel_l2, vs_golden);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, CudaTest, ::testing::ValuesIn(AllCases()),
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaTest, ::testing::ValuesIn(testing::GoldenCases()),
                          [](const auto& param_info) {
                            std::string name = param_info.param.fixture + "_" + param_info.param.layout;
                            for (char& c : name) {

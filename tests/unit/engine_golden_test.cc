@@ -17,20 +17,7 @@ namespace {
 using testing::ReadGolden;
 using testing::RelL2;
 
-struct Case {
-  std::string fixture;
-  std::string layout;  // sub-directory: "hf" or "mamba_ssm"
-};
-
-void PrintTo(const Case& c, std::ostream* os) { *os << c.fixture << "/" << c.layout; }
-
-
-std::vector<Case> AllCases() {
-  return {{"mamba1-small", "hf"},       {"mamba1-small", "mamba_ssm"},
-          {"mamba1-bias-untied", "hf"}, {"mamba2-groups", "hf"},
-          {"mamba2-one-group", "hf"},   {"mamba2-one-group", "mamba_ssm"},
-          {"falcon-mamba-small", "hf"}};
-}
+using Case = testing::GoldenCase;
 
 constexpr double kGoldenTolerance = 1e-4;  // design.md: vs HF goldens in float32
 
@@ -159,7 +146,7 @@ TEST_P(GoldenTest, GroupsAreThoseOfTheDesign) {
   EXPECT_EQ(by_name["residual"]->members.front().tensor, embedding);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenTest, ::testing::ValuesIn(AllCases()),
+INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenTest, ::testing::ValuesIn(testing::GoldenCases()),
                          [](const auto& param_info) {
                            std::string name = param_info.param.fixture + "_" + param_info.param.layout;
                            for (char& c : name) {

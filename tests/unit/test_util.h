@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <ostream>
 #include <random>
 #include <sstream>
 #include <string>
@@ -21,6 +22,21 @@ namespace icd::testing {
 
 inline std::filesystem::path GoldenDir(const std::string& fixture) {
   return std::filesystem::path(ICD_FIXTURES_DIR) / "golden" / fixture;
+}
+
+// Every golden fixture in every layout it ships.
+struct GoldenCase {
+  std::string fixture;
+  std::string layout;  // sub-directory: "hf" or "mamba_ssm"
+};
+
+inline void PrintTo(const GoldenCase& c, std::ostream* os) { *os << c.fixture << "/" << c.layout; }
+
+inline std::vector<GoldenCase> GoldenCases() {
+  return {{"mamba1-small", "hf"},       {"mamba1-small", "mamba_ssm"},
+          {"mamba1-bias-untied", "hf"}, {"mamba2-groups", "hf"},
+          {"mamba2-one-group", "hf"},   {"mamba2-one-group", "mamba_ssm"},
+          {"falcon-mamba-small", "hf"}};
 }
 
 struct Golden {

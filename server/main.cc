@@ -29,9 +29,10 @@ namespace {
 constexpr char kUsage[] = R"(icd-server: a gRPC permutation service for Mamba models.
 
 It loads Mamba checkpoints (Mamba-1, FalconMamba, Mamba-2; HuggingFace or
-mamba_ssm layout) by name, applies channel permutations of their symmetry
-groups, checks that the logits are unchanged, evaluates, reads and writes
-tensors and exports the permuted checkpoint. The service is
+mamba_ssm layout) by name, computes channel permutations of their symmetry
+groups from activation traces (streamed by the client, or captured by running
+the model on tokens), applies them, checks that the logits are unchanged,
+evaluates, reads and writes tensors and exports the permuted checkpoint. The service is
 icd.v1.PermutationService (proto/icd/v1/permutation.proto); gRPC health
 (grpc.health.v1.Health) and server reflection are served too, so grpcurl and
 `buf curl` can list and call everything without the .proto file.
@@ -61,6 +62,11 @@ Flags:
   --tls-client-ca F     with TLS: require client certificates signed by F.
   --max-message-mb N    largest request or response message (default 64);
                         larger ones fail with RESOURCE_EXHAUSTED.
+  --max-trace-mb N      most trace bytes one ComputePermutation stream may send
+                        (default 4096); beyond it the call fails with
+                        RESOURCE_EXHAUSTED. The statistics take O(channels^2)
+                        memory whatever the length, so this bounds the time
+                        one call may hold a thread.
   --max-threads N       most threads serving calls at once (default 64).
   --quiet               no per-call log lines on stderr.
   --help                this text.
@@ -83,6 +89,7 @@ struct Flags {
   std::string token_file;
   std::string tls_cert, tls_key, tls_client_ca;
   int max_message_mb = 64;
+  int max_trace_mb = 4096;
   int max_threads = 64;
   bool quiet = false;
   bool help = false;
@@ -129,7 +136,8 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
     if (arg != "--listen" && arg != "--model-root" && arg != "--export-root" &&
         arg != "--device" && arg != "--token-file" && arg != "--tls-cert" &&
         arg != "--tls-key" && arg != "--tls-client-ca" &&
-        arg != "--max-message-mb" && arg != "--max-threads") {
+        arg != "--max-message-mb" && arg != "--max-trace-mb" &&
+        arg != "--max-threads") {
       return absl::InvalidArgumentError(absl::StrCat("unknown flag ", arg));
     }
     if (!v.ok()) return v.status();
@@ -145,6 +153,11 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
       auto n = ParsePositive(arg, *v, arg == "--max-threads" ? 4096 : 2047);
       if (!n.ok()) return n.status();
       (arg == "--max-threads" ? f.max_threads : f.max_message_mb) = *n;
+    }
+    if (arg == "--max-trace-mb") {
+      auto n = ParsePositive(arg, *v, 1 << 20);  // up to 1 TiB
+      if (!n.ok()) return n.status();
+      f.max_trace_mb = *n;
     }
   }
   if (f.help) return f;
@@ -214,6 +227,7 @@ int main(int argc, char** argv) {
   }
   icd::rpc::ServiceOptions service_options;
   service_options.log_calls = !flags->quiet;
+  service_options.max_trace_bytes = static_cast<std::size_t>(flags->max_trace_mb) << 20;
   if (!flags->token_file.empty()) {
     auto token = ReadFile(flags->token_file, "--token-file");
     if (!token.ok()) return Fail(token.status());

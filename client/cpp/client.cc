@@ -1,6 +1,7 @@
 #include "icd/client/client.h"
 
 #include <algorithm>
+#include <cstring>
 #include <future>
 #include <utility>
 
@@ -50,6 +51,18 @@ absl::StatusOr<int> DecodeHealthStatus(const std::string& bytes) {
   return status;
 }
 
+// Appends `n` floats as little-endian float32, whatever the host's order.
+void AppendF32Le(const float* values, std::size_t n, std::string* out) {
+  const std::size_t start = out->size();
+  out->resize(start + n * 4);
+  char* dst = out->data() + start;
+  for (std::size_t i = 0; i < n; ++i) {
+    uint32_t bits = 0;
+    std::memcpy(&bits, &values[i], 4);
+    for (int b = 0; b < 4; ++b) *dst++ = static_cast<char>((bits >> (8 * b)) & 0xFF);
+  }
+}
+
 }  // namespace
 
 absl::Status FromGrpcStatus(const grpc::Status& status) {
@@ -75,6 +88,41 @@ class Client::Impl {
     if (with_token && !options_.token.empty()) {
       ctx->AddMetadata("authorization", "Bearer " + options_.token);
     }
+  }
+
+  // One ComputePermutation stream: the header chunk, then whatever `next`
+  // fills in until it returns false. An error from `next` cancels the call.
+  absl::StatusOr<v1::PermutationResult> StreamTraces(
+      const v1::TraceHeader& header,
+      const std::function<absl::StatusOr<bool>(v1::TraceChunk&)>& next) {
+    grpc::ClientContext ctx;
+    Prepare(&ctx);
+    v1::PermutationResult result;
+    auto writer = stub_->ComputePermutation(&ctx, &result);
+    v1::TraceChunk chunk;
+    *chunk.mutable_header() = header;
+    // A failed Write means the server has ended the call: its status says why.
+    bool open = writer->Write(chunk);
+    while (open) {
+      chunk.Clear();
+      absl::StatusOr<bool> more = next(chunk);
+      if (!more.ok()) {
+        ctx.TryCancel();
+        writer->Finish().ok();  // CANCELLED; the source's error is the news
+        return more.status();
+      }
+      if (!*more) break;
+      open = writer->Write(chunk);
+    }
+    writer->WritesDone();
+    grpc::Status s = writer->Finish();
+    if (!s.ok()) return FromGrpcStatus(s);
+    return result;
+  }
+
+  // Rows per chunk for `channels` channels: what fits in chunk_bytes.
+  int64_t ChunkRows(int64_t channels) const {
+    return std::max<int64_t>(1, options_.chunk_bytes / (4 * channels));
   }
 
   // One unary call: fresh context, map the status.
@@ -308,6 +356,67 @@ absl::StatusOr<v1::ExportReport> Client::ExportModel(const std::string& model,
   request.set_path(path);
   return impl_->Unary<v1::ExportRequest, v1::ExportReport>(&Stub::ExportModel,
                                                            request);
+}
+
+namespace {
+
+absl::Status CheckChannels(const v1::TraceHeader& header) {
+  if (header.channels() <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ComputePermutation: header.channels is ", header.channels(),
+        "; it must be the size of group '", header.group(), "'"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<v1::PermutationResult> Client::ComputePermutation(
+    const v1::TraceHeader& header, const TraceRowSource& source) {
+  if (auto s = CheckChannels(header); !s.ok()) return s;
+  const int64_t channels = header.channels();
+  const int64_t max_rows = impl_->ChunkRows(channels);
+  std::vector<float> rows;
+  return impl_->StreamTraces(header, [&](v1::TraceChunk& chunk) -> absl::StatusOr<bool> {
+    rows.clear();
+    absl::StatusOr<int64_t> n = source(max_rows, rows);
+    if (!n.ok()) return n.status();
+    if (*n == 0 && rows.empty()) return false;
+    if (*n < 0 || *n > max_rows ||
+        rows.size() != static_cast<std::size_t>(*n * channels)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "ComputePermutation: the row source returned ", *n, " rows (at most ",
+          max_rows, " asked) and ", rows.size(), " values; ", channels,
+          " channels per row"));
+    }
+    chunk.set_rows(*n);
+    AppendF32Le(rows.data(), rows.size(), chunk.mutable_f32_le());
+    return true;
+  });
+}
+
+absl::StatusOr<v1::PermutationResult> Client::ComputePermutation(
+    const v1::TraceHeader& header, absl::Span<const float> rows,
+    int64_t chunk_rows) {
+  if (auto s = CheckChannels(header); !s.ok()) return s;
+  const auto channels = static_cast<std::size_t>(header.channels());
+  if (rows.size() % channels != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ComputePermutation: ", rows.size(), " values are not whole rows of ",
+        channels, " channels"));
+  }
+  const auto per_chunk = static_cast<std::size_t>(
+      chunk_rows > 0 ? chunk_rows : impl_->ChunkRows(header.channels()));
+  std::size_t pos = 0;  // in rows
+  const std::size_t total = rows.size() / channels;
+  return impl_->StreamTraces(header, [&](v1::TraceChunk& chunk) -> absl::StatusOr<bool> {
+    if (pos >= total) return false;
+    const std::size_t n = std::min(per_chunk, total - pos);
+    chunk.set_rows(static_cast<int64_t>(n));
+    AppendF32Le(rows.data() + pos * channels, n * channels, chunk.mutable_f32_le());
+    pos += n;
+    return true;
+  });
 }
 
 absl::StatusOr<v1::PermutationResult> Client::ComputePermutation(

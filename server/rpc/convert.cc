@@ -103,6 +103,110 @@ EvaluateRequest FromProto(const v1::EvaluateRequest& in) {
   return out;
 }
 
+void ToProto(const SolverOptions& in, v1::SolverOptions* out) {
+  out->set_objective(in.objective);
+  out->set_statistic(in.statistic);
+  out->set_activation_quantile(in.activation_quantile);
+  out->set_resolution(in.resolution);
+  out->set_seed(in.seed);
+  out->set_seeds(in.seeds);
+  out->set_nm_n(in.nm_n);
+  out->set_nm_m(in.nm_m);
+  out->set_preserve_block(in.preserve_block);
+  out->mutable_block_sizes()->Add(in.block_sizes.begin(), in.block_sizes.end());
+}
+
+void ToProto(const BlocksTouched& in, v1::BlocksTouched* out) {
+  out->set_block(in.block);
+  out->set_identity(in.identity);
+  out->set_solved(in.solved);
+}
+
+void ToProto(const PermutationResult& in, v1::PermutationResult* out) {
+  v1::Permutation* perm = out->mutable_permutation();
+  perm->set_group(in.permutation.group);
+  perm->mutable_index()->Add(in.permutation.index.begin(),
+                             in.permutation.index.end());
+  out->set_modularity(in.modularity);
+  out->set_modularity_null(in.modularity_null);
+  out->set_structure_found(in.structure_found);
+  out->set_ari(in.ari);
+  out->set_clusters(in.clusters);
+  for (const auto& b : in.blocks) ToProto(b, out->add_blocks());
+  out->set_nm_efficacy(in.nm_efficacy);
+  out->set_nm_kept_identity(in.nm_kept_identity);
+  out->set_nm_kept_solved(in.nm_kept_solved);
+  out->set_nm_upper_bound(in.nm_upper_bound);
+  out->set_tokens(in.tokens);
+  out->set_holdout_tokens(in.holdout_tokens);
+  out->set_solve_ms(in.solve_ms);
+}
+
+SolverOptions FromProto(const v1::SolverOptions& in) {
+  SolverOptions out;
+  out.objective = in.objective();
+  out.statistic = in.statistic();
+  out.activation_quantile = in.activation_quantile();
+  out.resolution = in.resolution();
+  out.seed = in.seed();
+  out.seeds = in.seeds();
+  out.nm_n = in.nm_n();
+  out.nm_m = in.nm_m();
+  out.preserve_block = in.preserve_block();
+  out.block_sizes.assign(in.block_sizes().begin(), in.block_sizes().end());
+  return out;
+}
+
+BlocksTouched FromProto(const v1::BlocksTouched& in) {
+  BlocksTouched out;
+  out.block = in.block();
+  out.identity = in.identity();
+  out.solved = in.solved();
+  return out;
+}
+
+PermutationResult FromProto(const v1::PermutationResult& in) {
+  PermutationResult out;
+  out.permutation.group = in.permutation().group();
+  out.permutation.index.assign(in.permutation().index().begin(),
+                               in.permutation().index().end());
+  out.modularity = in.modularity();
+  out.modularity_null = in.modularity_null();
+  out.structure_found = in.structure_found();
+  out.ari = in.ari();
+  out.clusters = in.clusters();
+  for (const auto& b : in.blocks()) out.blocks.push_back(FromProto(b));
+  out.nm_efficacy = in.nm_efficacy();
+  out.nm_kept_identity = in.nm_kept_identity();
+  out.nm_kept_solved = in.nm_kept_solved();
+  out.nm_upper_bound = in.nm_upper_bound();
+  out.tokens = in.tokens();
+  out.holdout_tokens = in.holdout_tokens();
+  out.solve_ms = in.solve_ms();
+  return out;
+}
+
+TraceHeader FromProto(const v1::TraceHeader& in) {
+  TraceHeader out;
+  out.model = in.model();
+  out.group = in.group();
+  out.channels = in.channels();
+  out.holdout_rows = in.holdout_rows();
+  out.solver = FromProto(in.solver());
+  return out;
+}
+
+CaptureRequest FromProto(const v1::CaptureRequest& in) {
+  CaptureRequest out;
+  out.model = in.model();
+  out.input_ids.assign(in.input_ids().begin(), in.input_ids().end());
+  out.batch = in.batch();
+  out.holdout_ids.assign(in.holdout_ids().begin(), in.holdout_ids().end());
+  out.groups.assign(in.groups().begin(), in.groups().end());
+  out.solver = FromProto(in.solver());
+  return out;
+}
+
 std::vector<v1::TensorChunk> SplitTensor(const HostTensor& tensor,
                                          std::size_t max_bytes) {
   max_bytes = std::max<std::size_t>(1, max_bytes);

@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "icd/core/traces.h"
 #include "icd/core/types.h"
 #include "icd/v1/permutation.pb.h"
 
@@ -26,6 +27,17 @@ std::vector<Permutation> FromProto(
     const google::protobuf::RepeatedPtrField<v1::Permutation>& in);
 ApplyOptions ApplyOptionsFromProto(const v1::ApplyRequest& in);
 EvaluateRequest FromProto(const v1::EvaluateRequest& in);
+
+// Traces. Both ways for the messages a client may also build or read back
+// (solver options, results); zero fields stay zero: defaults are the engine's.
+void ToProto(const SolverOptions& in, v1::SolverOptions* out);
+void ToProto(const BlocksTouched& in, v1::BlocksTouched* out);
+void ToProto(const PermutationResult& in, v1::PermutationResult* out);
+SolverOptions FromProto(const v1::SolverOptions& in);
+BlocksTouched FromProto(const v1::BlocksTouched& in);
+PermutationResult FromProto(const v1::PermutationResult& in);
+TraceHeader FromProto(const v1::TraceHeader& in);
+CaptureRequest FromProto(const v1::CaptureRequest& in);
 
 // Splits one tensor into chunks of at most `max_bytes` of data (at least one
 // chunk; `last` on the final one). Every chunk carries name, shape and dtype.

@@ -25,6 +25,13 @@ bool SameSecret(const std::string& a, const std::string& b) {
   return diff == 0;
 }
 
+// "4096 MiB" when whole mebibytes (as the flag sets it), else bytes.
+std::string DescribeBytes(std::size_t bytes) {
+  constexpr std::size_t kMiB = std::size_t{1} << 20;
+  if (bytes % kMiB == 0) return absl::StrCat(bytes / kMiB, " MiB");
+  return absl::StrCat(bytes, " bytes");
+}
+
 }  // namespace
 
 CallContext MakeCallContext(grpc::ServerContext* context) {
@@ -62,14 +69,20 @@ absl::Status PermutationServiceImpl::CheckToken(
   return absl::OkStatus();
 }
 
+void PermutationServiceImpl::CallLog::Add(const char* key,
+                                          const std::string& value) {
+  absl::StrAppend(&fields, " ", std::string(key), "=", value);
+}
+
 grpc::Status PermutationServiceImpl::Handle(
     grpc::ServerContext* context, const char* rpc, std::string model,
-    const std::function<absl::Status(std::string&)>& body) {
+    const std::function<absl::Status(CallLog&)>& body) {
   const auto start = Clock::now();
+  CallLog log{std::move(model), ""};
   absl::Status status = CheckToken(context);
   if (status.ok()) {
     try {
-      status = body(model);
+      status = body(log);
     } catch (const std::exception& e) {
       status = absl::InternalError(absl::StrCat(rpc, ": ", e.what()));
     }
@@ -78,8 +91,9 @@ grpc::Status PermutationServiceImpl::Handle(
     const double ms =
         std::chrono::duration<double, std::milli>(Clock::now() - start).count();
     const std::string code = absl::StatusCodeToString(status.code());
-    std::fprintf(stderr, "rpc=%s status=%s ms=%.2f model=%s\n", rpc,
-                 code.c_str(), ms, model.empty() ? "-" : model.c_str());
+    std::fprintf(stderr, "rpc=%s status=%s ms=%.2f model=%s%s\n", rpc,
+                 code.c_str(), ms, log.model.empty() ? "-" : log.model.c_str(),
+                 log.fields.c_str());
   }
   return ToGrpcStatus(status);
 }
@@ -87,7 +101,7 @@ grpc::Status PermutationServiceImpl::Handle(
 grpc::Status PermutationServiceImpl::LoadModel(
     grpc::ServerContext* context, const v1::LoadModelRequest* request,
     v1::ModelInfo* response) {
-  return Handle(context, "LoadModel", request->name(), [&](std::string&) {
+  return Handle(context, "LoadModel", request->name(), [&](CallLog&) {
     if (request->name().empty()) {
       return absl::InvalidArgumentError("LoadModel: empty model name");
     }
@@ -104,7 +118,7 @@ grpc::Status PermutationServiceImpl::LoadModel(
 grpc::Status PermutationServiceImpl::ListModels(
     grpc::ServerContext* context, const v1::ListModelsRequest*,
     v1::ListModelsResponse* response) {
-  return Handle(context, "ListModels", "", [&](std::string&) {
+  return Handle(context, "ListModels", "", [&](CallLog&) {
     for (const auto& info : engine_->List()) {
       ToProto(info, response->add_models());
     }
@@ -115,7 +129,7 @@ grpc::Status PermutationServiceImpl::ListModels(
 grpc::Status PermutationServiceImpl::UnloadModel(
     grpc::ServerContext* context, const v1::UnloadModelRequest* request,
     v1::UnloadModelResponse*) {
-  return Handle(context, "UnloadModel", request->name(), [&](std::string&) {
+  return Handle(context, "UnloadModel", request->name(), [&](CallLog&) {
     return engine_->Unload(request->name());
   });
 }
@@ -123,7 +137,7 @@ grpc::Status PermutationServiceImpl::UnloadModel(
 grpc::Status PermutationServiceImpl::GetSymmetries(
     grpc::ServerContext* context, const v1::GetSymmetriesRequest* request,
     v1::Symmetries* response) {
-  return Handle(context, "GetSymmetries", request->model(), [&](std::string&) {
+  return Handle(context, "GetSymmetries", request->model(), [&](CallLog&) {
     auto groups = engine_->Symmetries(request->model());
     if (!groups.ok()) return groups.status();
     response->set_model(request->model());
@@ -138,7 +152,7 @@ grpc::Status PermutationServiceImpl::ApplyPermutation(
     grpc::ServerContext* context, const v1::ApplyRequest* request,
     v1::ApplyReport* response) {
   return Handle(context, "ApplyPermutation", request->model(),
-                [&](std::string&) {
+                [&](CallLog&) {
                   auto report = engine_->Apply(
                       request->model(), FromProto(request->permutations()),
                       ApplyOptionsFromProto(*request),
@@ -152,7 +166,7 @@ grpc::Status PermutationServiceImpl::ApplyPermutation(
 grpc::Status PermutationServiceImpl::Verify(grpc::ServerContext* context,
                                             const v1::VerifyRequest* request,
                                             v1::CorrectnessReport* response) {
-  return Handle(context, "Verify", request->model(), [&](std::string&) {
+  return Handle(context, "Verify", request->model(), [&](CallLog&) {
     auto report = engine_->Verify(request->model(), MakeCallContext(context));
     if (!report.ok()) return report.status();
     ToProto(*report, response);
@@ -163,7 +177,7 @@ grpc::Status PermutationServiceImpl::Verify(grpc::ServerContext* context,
 grpc::Status PermutationServiceImpl::Evaluate(
     grpc::ServerContext* context, const v1::EvaluateRequest* request,
     v1::EvaluateResponse* response) {
-  return Handle(context, "Evaluate", request->model(), [&](std::string&) {
+  return Handle(context, "Evaluate", request->model(), [&](CallLog&) {
     if (request->batch() < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("Evaluate: batch ", request->batch(), " < 0"));
@@ -179,7 +193,7 @@ grpc::Status PermutationServiceImpl::Evaluate(
 grpc::Status PermutationServiceImpl::ReadTensors(
     grpc::ServerContext* context, const v1::ReadTensorsRequest* request,
     grpc::ServerWriter<v1::TensorChunk>* writer) {
-  return Handle(context, "ReadTensors", request->model(), [&](std::string&) {
+  return Handle(context, "ReadTensors", request->model(), [&](CallLog&) {
     const std::vector<std::string> names(request->names().begin(),
                                          request->names().end());
     auto tensors = engine_->ReadTensors(request->model(), names);
@@ -198,12 +212,13 @@ grpc::Status PermutationServiceImpl::ReadTensors(
 grpc::Status PermutationServiceImpl::WriteTensors(
     grpc::ServerContext* context, grpc::ServerReader<v1::TensorChunk>* reader,
     v1::WriteReport* response) {
-  return Handle(context, "WriteTensors", "", [&](std::string& model) {
+  return Handle(context, "WriteTensors", "", [&](CallLog& log) {
     v1::TensorChunk chunk;
     if (!reader->Read(&chunk)) {
       return absl::InvalidArgumentError("WriteTensors: empty stream");
     }
-    model = chunk.model();
+    log.model = chunk.model();
+    const std::string& model = log.model;
     if (model.empty()) {
       return absl::InvalidArgumentError(
           "WriteTensors: the first chunk must carry `model`");
@@ -240,7 +255,7 @@ grpc::Status PermutationServiceImpl::WriteTensors(
 grpc::Status PermutationServiceImpl::ExportModel(
     grpc::ServerContext* context, const v1::ExportRequest* request,
     v1::ExportReport* response) {
-  return Handle(context, "ExportModel", request->model(), [&](std::string&) {
+  return Handle(context, "ExportModel", request->model(), [&](CallLog&) {
     // Unknown model first: NOT_FOUND says more than a path complaint.
     auto info = engine_->Info(request->model());
     if (!info.ok()) return info.status();
@@ -255,29 +270,96 @@ grpc::Status PermutationServiceImpl::ExportModel(
 }
 
 grpc::Status PermutationServiceImpl::ComputePermutation(
-    grpc::ServerContext* context, grpc::ServerReader<v1::TraceChunk>*,
-    v1::PermutationResult*) {
-  return Handle(context, "ComputePermutation", "", [](std::string&) {
-    return absl::UnimplementedError(
-        "ComputePermutation is not served by this server version yet");
+    grpc::ServerContext* context, grpc::ServerReader<v1::TraceChunk>* reader,
+    v1::PermutationResult* response) {
+  return Handle(context, "ComputePermutation", "", [&](CallLog& log) {
+    v1::TraceChunk chunk;
+    if (!reader->Read(&chunk) || !chunk.has_header()) {
+      return absl::InvalidArgumentError(
+          "ComputePermutation: the first TraceChunk must carry header");
+    }
+    const TraceHeader header = FromProto(chunk.header());
+    log.model = header.model;
+    log.Add("group", header.group.empty() ? "-" : header.group);
+    // Unknown model or group, wrong channel count, bad solver options: refused
+    // here, before any rows travel.
+    auto session = engine_->BeginTraces(header);
+    if (!session.ok()) return session.status();
+    int64_t rows = 0;
+    std::size_t bytes = 0;
+    absl::Status status = absl::OkStatus();
+    for (int64_t index = 0;; ++index) {
+      if (index > 0 && chunk.has_header()) {
+        status = absl::InvalidArgumentError(absl::StrCat(
+            "ComputePermutation: chunk ", index,
+            " carries a header; only the first TraceChunk may"));
+        break;
+      }
+      if (context->IsCancelled()) break;
+      bytes += chunk.f32_le().size();
+      if (options_.max_trace_bytes > 0 && bytes > options_.max_trace_bytes) {
+        status = absl::ResourceExhaustedError(absl::StrCat(
+            "ComputePermutation: the traces exceed this server's limit of ",
+            DescribeBytes(options_.max_trace_bytes),
+            " per call (icd-server --max-trace-mb); send fewer rows, e.g. a "
+            "sample of the tokens"));
+        break;
+      }
+      // A chunk with neither rows nor bytes (the header alone) adds nothing;
+      // any other goes to the engine, which checks its size and values.
+      if (chunk.rows() != 0 || !chunk.f32_le().empty()) {
+        status = (*session)->AddRows(chunk.f32_le(), chunk.rows());
+        if (!status.ok()) {
+          status = absl::Status(
+              status.code(), absl::StrCat("ComputePermutation: chunk ", index,
+                                          ": ", std::string(status.message())));
+          break;
+        }
+        rows += chunk.rows();
+      }
+      if (!reader->Read(&chunk)) break;
+    }
+    log.Add("rows", std::to_string(rows));
+    log.Add("bytes", std::to_string(bytes));
+    if (!status.ok()) return status;
+    // A cancelled client also ends the reads: never solve a partial stream.
+    if (context->IsCancelled()) {
+      return absl::CancelledError("ComputePermutation: cancelled by the client");
+    }
+    auto result = (*session)->Finish(MakeCallContext(context));
+    if (!result.ok()) return result.status();
+    ToProto(*result, response);
+    return absl::OkStatus();
   });
 }
 
 grpc::Status PermutationServiceImpl::CapturePermutation(
     grpc::ServerContext* context, const v1::CaptureRequest* request,
-    v1::PermutationSet*) {
+    v1::PermutationSet* response) {
   return Handle(context, "CapturePermutation", request->model(),
-                [](std::string&) {
-                  return absl::UnimplementedError(
-                      "CapturePermutation is not served by this server "
-                      "version yet");
+                [&](CallLog& log) {
+                  log.Add("groups", request->groups().empty()
+                                        ? std::string("all")
+                                        : std::to_string(request->groups_size()));
+                  log.Add("tokens", std::to_string(request->input_ids_size()));
+                  if (request->batch() < 0) {
+                    return absl::InvalidArgumentError(absl::StrCat(
+                        "CapturePermutation: batch ", request->batch(), " < 0"));
+                  }
+                  auto results = engine_->Capture(FromProto(*request),
+                                                  MakeCallContext(context));
+                  if (!results.ok()) return results.status();
+                  for (const auto& r : *results) {
+                    ToProto(r, response->add_results());
+                  }
+                  return absl::OkStatus();
                 });
 }
 
 grpc::Status PermutationServiceImpl::MeasureLatency(
     grpc::ServerContext* context, const v1::LatencyRequest* request,
     v1::LatencyReport*) {
-  return Handle(context, "MeasureLatency", request->model(), [](std::string&) {
+  return Handle(context, "MeasureLatency", request->model(), [](CallLog&) {
     return absl::UnimplementedError(
         "MeasureLatency is not served by this server version yet");
   });

@@ -3,6 +3,7 @@
 // request, calls the Engine, maps the status (ToGrpcStatus), times the call
 // and logs one line to stderr:
 //   rpc=ApplyPermutation status=OK ms=1.23 model=m
+//   rpc=ComputePermutation status=OK ms=88.1 model=m group=layers.0.inner rows=4096 bytes=2097152
 // It holds no model state: the Engine does. Health and reflection are
 // registered by main.
 #ifndef ICD_RPC_SERVICE_H_
@@ -29,6 +30,10 @@ struct ServiceOptions {
   std::size_t chunk_bytes = std::size_t{1} << 20;
   // Largest WriteTensors stream (sum of tensor bytes); 0: no limit.
   std::size_t max_write_bytes = 0;
+  // Largest ComputePermutation stream (sum of `f32_le` bytes); 0: no limit.
+  // The engine keeps O(channels^2) per stream, so this bounds the time a
+  // call can hold a thread rather than memory. icd-server: --max-trace-mb.
+  std::size_t max_trace_bytes = std::size_t{4096} << 20;
   // One line per call on stderr.
   bool log_calls = true;
 };
@@ -83,11 +88,19 @@ class PermutationServiceImpl final : public v1::PermutationService::Service {
                               v1::LatencyReport* response) override;
 
  private:
+  // What the log line says about a call beyond rpc, status and ms. `body`
+  // may fill it in (streams learn the model late).
+  struct CallLog {
+    std::string model;
+    std::string fields;  // " key=value" pairs, appended by Add
+    void Add(const char* key, const std::string& value);
+  };
+
   // Token check, `body`, exception guard, status map, timing and the log
-  // line. `model` may be filled in by `body` (WriteTensors learns it late).
+  // line.
   grpc::Status Handle(grpc::ServerContext* context, const char* rpc,
                       std::string model,
-                      const std::function<absl::Status(std::string&)>& body);
+                      const std::function<absl::Status(CallLog&)>& body);
   absl::Status CheckToken(const grpc::ServerContext* context) const;
 
   Engine* engine_;

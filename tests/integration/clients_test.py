@@ -349,6 +349,185 @@ class ClientsTest(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(json.loads(r.stdout), {"status": "SERVING"})
 
+    # ------------------------------------------------------------ traces
+
+    @staticmethod
+    def structured_rows(rows, channels=128, seed=0):
+        """float32 [rows, channels]: groups of 8 channels, scattered, share a
+        latent signal (something for the solver to find), plus noise."""
+        rng = np.random.default_rng(seed)
+        owner = rng.permutation(np.arange(channels) % (channels // 8))
+        latent = rng.standard_normal((rows, channels // 8))
+        noise = rng.standard_normal((rows, channels))
+        return (latent[:, owner] + 0.3 * noise).astype(np.float32)
+
+    def assert_permutation(self, index, n):
+        self.assertEqual(sorted(int(i) for i in index), list(range(n)))
+
+    def test_8a_icdctl_compute_and_capture(self):
+        self.ctl("--json", "load", "tr", "mamba1-small/hf")
+        rows = self.structured_rows(3000, seed=1)
+        npy = os.path.join(self.tmp, "acts.npy")
+        np.save(npy, rows)
+        out = self.ctl("--json", "compute", "--model", "tr", "--group", "layers.0.inner",
+                       "--traces", npy, "--holdout-rows", "500", "--seed", "1",
+                       "--blocks", "16,32", "--apply")
+        result, applied = out["result"], out["apply"]
+        self.assertEqual(result["permutation"]["group"], "layers.0.inner")
+        self.assert_permutation(result["permutation"]["index"], 128)
+        self.assertEqual(int(result["tokens"]), 2500)
+        self.assertEqual(int(result["holdout_tokens"]), 500)
+        self.assertEqual([b["block"] for b in result["blocks"]], [16, 32])
+        self.assertTrue(result["structure_found"], result)
+        self.assertEqual(applied["version"], "2")
+        self.assertTrue(applied["correctness"]["ok"], applied)
+
+        # float64 .npy and raw float32 with --channels: the same rows, the same answer.
+        npy64 = os.path.join(self.tmp, "acts64.npy")
+        np.save(npy64, rows.astype(np.float64))
+        raw = os.path.join(self.tmp, "acts.f32")
+        rows.astype("<f4").tofile(raw)
+        same = [self.ctl("--json", "compute", "--model", "tr", "--group", "layers.0.inner",
+                         "--traces", path, "--holdout-rows", "500", "--seed", "1",
+                         "--blocks", "16,32", *extra)
+                for path, extra in ((npy64, ()), (raw, ("--channels", "128")))]
+        for other in same:
+            self.assertEqual(other["permutation"]["index"], result["permutation"]["index"])
+        table = self.ctl("compute", "--model", "tr", "--group", "layers.0.inner",
+                         "--traces", npy)
+        for word in ("GROUP", "NULL Q", "STRUCTURE", "BLOCKS@16", "BLOCKS@64",
+                     "layers.0.inner", "3000 rows x 128 float32 channels"):
+            self.assertIn(word, table)
+
+        capture = self.ctl("--json", "capture", "--model", "tr", "--random-tokens", "64",
+                           "--batch", "4", "--random-holdout", "16", "--seeds", "3", "--apply")
+        names = [g.name for g in self.client.symmetries("tr").groups]
+        self.assertEqual([r["permutation"]["group"] for r in capture["results"]], names)
+        for r in capture["results"]:
+            self.assertGreater(int(r["tokens"]), 0)
+        self.assertTrue(capture["apply"]["correctness"]["ok"], capture["apply"])
+        self.assertEqual(capture["apply"]["version"], "3")
+        ids = os.path.join(self.tmp, "ids.txt")
+        with open(ids, "w") as f:
+            f.write(",".join(str(i) for i in self.golden["mamba1-small"]["input_ids"].ravel()))
+        human = self.ctl("capture", "--model", "tr", "--tokens", ids, "--batch", "2",
+                         "--groups", "layers.1.state,residual")
+        self.assertIn("captured 34 tokens (2 x 17), 2 groups solved", human)
+        self.assertLess(human.index("layers.1.state"), human.index("residual"))
+        self.assertTrue(self.client.verify("tr").ok)
+        self.ctl("unload", "tr")
+
+    def test_8b_icdctl_refuses_bad_trace_files(self):
+        bad = {
+            "fortran.npy": (np.asfortranarray(np.ones((4, 128), np.float32)), "Fortran"),
+            "ints.npy": (np.ones((4, 128), np.int64), "'<i8' is not supported"),
+            "cube.npy": (np.ones((2, 4, 16), np.float32), "2-D"),
+            "big.npy": (np.ones((4, 128), ">f4"), "'>f4' is not supported"),
+        }
+        for name, (array, message) in bad.items():
+            path = os.path.join(self.tmp, name)
+            np.save(path, array)
+            err = self.ctl("compute", "--model", "m", "--group", "residual", "--traces", path,
+                           expect=3)
+            self.assertIn(message, err, name)
+        raw = os.path.join(self.tmp, "odd.f32")
+        np.ones(130, "<f4").tofile(raw)
+        self.assertIn("--channels", self.ctl("compute", "--model", "m", "--group", "residual",
+                                             "--traces", raw, expect=3))
+        self.assertIn("not whole rows", self.ctl("compute", "--model", "m", "--group", "residual",
+                                                 "--traces", raw, "--channels", "64", expect=3))
+        self.assertIn("--nm", self.ctl("compute", "--model", "m", "--group", "residual",
+                                       "--traces", raw, "--nm", "2-4", expect=3))
+        r = subprocess.run([ARGS.icdctl, "--help"], capture_output=True, text=True)
+        for command in ("capture", "compute"):
+            self.assertIn("icdctl --server 127.0.0.1:50051 %s" % command, r.stdout)
+
+    def test_8c_python_compute_and_capture(self):
+        icd, c = self.icd, self.client
+        c.load("pyt", "mamba1-small/hf")
+        rows = self.structured_rows(3000, seed=2)
+        result = c.compute_permutation("pyt", "layers.0.inner", rows, holdout_rows=500,
+                                       seed=4, block_sizes=[16, 64])
+        self.assert_permutation(result.permutation.index, 128)
+        self.assertEqual((result.tokens, result.holdout_tokens), (2500, 500))
+        self.assertTrue(result.structure_found)
+        self.assertGreater(result.modularity, result.modularity_null)
+        table = icd.summarize(result)
+        self.assertIn("layers.0.inner", table)
+        self.assertIn("BLOCKS@64", table)
+
+        # A generator of blocks, consumed lazily: the same rows, the same answer.
+        taken = []
+
+        def blocks():
+            for start in range(0, len(rows), 700):
+                taken.append(start)
+                yield rows[start:start + 700].astype(np.float64)
+
+        lazy = c.compute_permutation("pyt", "layers.0.inner", blocks(), holdout_rows=500,
+                                     chunk_rows=100, seed=4, block_sizes=[16, 64])
+        self.assertEqual(len(taken), 5)
+        self.assertEqual(list(lazy.permutation.index), list(result.permutation.index))
+
+        report = c.apply("pyt", {result.permutation.group: result.permutation.index},
+                         expected_version=1)
+        self.assertTrue(report.correctness.ok)
+
+        def mismatched():
+            yield rows[:100]
+            yield rows[:100, :64]
+
+        with self.assertRaises(icd.IcdError) as bad:
+            c.compute_permutation("pyt", "layers.0.inner", mismatched())
+        self.assertEqual(bad.exception.code, "INVALID_ARGUMENT")
+        self.assertIn("64 channels", bad.exception.message)
+        with self.assertRaises(icd.IcdError) as flat:
+            c.compute_permutation("pyt", "layers.0.inner", rows[0])
+        self.assertIn("2-D", flat.exception.message)
+        with self.assertRaises(TypeError):
+            c.compute_permutation("pyt", "layers.0.inner", rows, colour="blue")
+        with self.assertRaises(icd.IcdError) as wrong:
+            c.compute_permutation("pyt", "layers.0.inner", rows[:, :100])
+        self.assertEqual(wrong.exception.code, "INVALID_ARGUMENT")
+        self.assertIn("layers.0.inner", wrong.exception.message)
+        with self.assertRaises(icd.IcdError) as nan:
+            poisoned = rows.copy()
+            poisoned[2000, 5] = np.nan
+            c.compute_permutation("pyt", "layers.0.inner", poisoned)
+        self.assertEqual(nan.exception.code, "INVALID_ARGUMENT")
+
+        ids = np.random.default_rng(3).integers(0, 128, (4, 64))
+        results = c.capture_permutation("pyt", ids, holdout_ids=ids[:, :16], seeds=2)
+        names = [g.name for g in c.symmetries("pyt").groups]
+        self.assertEqual([r.permutation.group for r in results], names)
+        table = icd.summarize(results)
+        for name in names:
+            self.assertIn(name, table)
+        report = c.apply("pyt", {r.permutation.group: r.permutation.index for r in results},
+                         expected_version=2)
+        self.assertEqual(report.version, 3)
+        self.assertTrue(report.correctness.ok)
+        self.assertTrue(c.verify("pyt").ok)
+        some = c.capture_permutation("pyt", ids, groups=["residual"], objective="nm_sparsity",
+                                     nm_n=2, nm_m=4)
+        self.assertEqual([r.permutation.group for r in some], ["residual"])
+        c.unload("pyt")
+
+    def test_8d_max_trace_mb_flag(self):
+        from icd_client.local_server import LocalServer
+        with LocalServer(ARGS.server_binary, model_roots=[self.models],
+                         export_roots=[self.exports], extra_args=["--max-trace-mb", "1"]) as srv:
+            with self.icd.Client(srv.address, timeout=120) as c:
+                c.load("lim", "mamba1-small/hf")
+                two_mib = self.structured_rows((2 << 20) // (4 * 128), seed=5)
+                with self.assertRaises(self.icd.IcdError) as over:
+                    c.compute_permutation("lim", "layers.0.inner", two_mib)
+                self.assertEqual(over.exception.code, "RESOURCE_EXHAUSTED")
+                self.assertIn("1 MiB", over.exception.message)
+                self.assertIn("--max-trace-mb", over.exception.message)
+                ok = c.compute_permutation("lim", "layers.0.inner", two_mib[:1000])
+                self.assert_permutation(ok.permutation.index, 128)
+
     # ------------------------------------------------------------ shutdown
 
     def test_9_sigterm_exits_zero(self):

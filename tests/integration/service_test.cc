@@ -354,12 +354,8 @@ TEST_F(ServiceTest, ExportRefusals) {
   ExpectUnchanged();
 }
 
+// ComputePermutation and CapturePermutation: traces_test.cc.
 TEST_F(ServiceTest, NotYetServedRpcsAreUnimplemented) {
-  ExpectCode(client().ComputePermutation({v1::TraceChunk()}).status(),
-             StatusCode::kUnimplemented);
-  v1::CaptureRequest capture;
-  capture.set_model("m");
-  ExpectCode(client().CapturePermutation(capture).status(), StatusCode::kUnimplemented);
   v1::LatencyRequest latency;
   latency.set_model("m");
   ExpectCode(client().MeasureLatency(latency).status(), StatusCode::kUnimplemented);

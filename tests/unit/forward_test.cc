@@ -1,18 +1,26 @@
-// The forward of each family against HuggingFace's logits (golden fixtures).
+// The forward of each family against HuggingFace's logits (golden fixtures),
+// and its capture points for trace statistics.
 #include "forward.h"
 
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <iostream>
 #include <map>
+#include <random>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "checkpoint.h"
 #include "config.h"
 #include "io/safetensors.h"
 #include "model.h"
+#include "symmetry.h"
 #include "test_util.h"
 
 namespace icd {
@@ -205,6 +213,244 @@ TEST(ForwardTest, UngatedNormRunsWithoutNormWeight) {
   ASSERT_TRUE(logits.defined());
   EXPECT_GT(testing::RelL2(logits, fixture.logits), 1e-3);
 }
+
+
+// ---------------------------------------------------------------------------
+// Capture points (forward.h CaptureSink).
+
+// Every row set handed out, copied, by group; wants exactly `wanted`.
+class RecordingSink final : public CaptureSink {
+ public:
+  explicit RecordingSink(std::set<std::string> wanted) : wanted_(std::move(wanted)) {}
+  bool Wants(const std::string& group) const override { return wanted_.count(group) > 0; }
+  void Add(const std::string& group, const torch::Tensor& rows) override {
+    rows_[group].push_back(rows.clone());
+  }
+  const std::map<std::string, std::vector<torch::Tensor>>& rows() const { return rows_; }
+
+ private:
+  std::set<std::string> wanted_;
+  std::map<std::string, std::vector<torch::Tensor>> rows_;
+};
+
+using RowSets = std::map<std::string, std::vector<torch::Tensor>>;
+
+std::set<std::string> GroupNames(const FamilySpec& spec) {
+  std::set<std::string> names;
+  for (const GroupInfo& group : spec) names.insert(group.name);
+  return names;
+}
+
+// Rows of every group in the config's spec; the logits go to `logits`.
+RowSets CaptureEveryGroup(const ModelConfig& config, const Weights& weights,
+                          const torch::Tensor& input_ids, torch::Tensor* logits = nullptr) {
+  RecordingSink sink(GroupNames(BuildSpec(config)));
+  auto result = Forward(config, weights, input_ids, {}, &sink);
+  EXPECT_TRUE(result.ok()) << result.status();
+  if (result.ok() && logits != nullptr) *logits = *result;
+  return sink.rows();
+}
+
+struct Model {
+  ModelConfig config;
+  Weights weights;
+  torch::Tensor input_ids;  // the golden ids, int64 [2, 17]
+};
+
+// A golden fixture in one layout, through the checkpoint reader.
+Model LoadModel(const std::string& fixture, const std::string& layout) {
+  auto checkpoint = ReadCheckpoint(testing::GoldenDir(fixture) / layout);
+  if (!checkpoint.ok()) throw std::runtime_error(std::string(checkpoint.status().message()));
+  Model model{checkpoint->config, checkpoint->weights, torch::Tensor()};
+  model.input_ids = ReadTensors(testing::GoldenDir(fixture) / "golden.safetensors").at("input_ids");
+  return model;
+}
+
+std::string GoldenCaseName(const ::testing::TestParamInfo<testing::GoldenCase>& param_info) {
+  std::string name = param_info.param.fixture + "_" + param_info.param.layout;
+  for (char& c : name) {
+    if (c == '-') c = '_';
+  }
+  return name;
+}
+
+class CaptureGoldenTest : public ::testing::TestWithParam<testing::GoldenCase> {};
+
+TEST_P(CaptureGoldenTest, LogitsBitwiseUnchanged) {
+  const Model model = LoadModel(GetParam().fixture, GetParam().layout);
+  torch::Tensor plain = RunOrFail(model.config, model.weights, model.input_ids);
+  torch::Tensor captured;
+  const RowSets rows = CaptureEveryGroup(model.config, model.weights, model.input_ids, &captured);
+  ASSERT_TRUE(plain.defined() && captured.defined());
+  EXPECT_FALSE(rows.empty());
+  EXPECT_TRUE(torch::equal(plain, captured));
+}
+
+// Every group gets [B·L, group size] rows: n_layer + 1 sets for the residual
+// stream, B and C for a state group, one set otherwise; nothing else arrives.
+TEST_P(CaptureGoldenTest, EveryGroupGetsRowsOfItsWidth) {
+  const Model model = LoadModel(GetParam().fixture, GetParam().layout);
+  const FamilySpec spec = BuildSpec(model.config);
+  const RowSets rows = CaptureEveryGroup(model.config, model.weights, model.input_ids);
+  const int64_t tokens = model.input_ids.numel();
+  EXPECT_EQ(rows.size(), spec.size());
+  for (const GroupInfo& group : spec) {
+    const bool is_state = group.name.size() > 6 &&
+                          group.name.compare(group.name.size() - 6, 6, ".state") == 0;
+    const size_t expected_sets = group.name == "residual"
+                                     ? static_cast<size_t>(model.config.n_layer + 1)
+                                     : (is_state ? 2u : 1u);
+    auto found = rows.find(group.name);
+    ASSERT_NE(found, rows.end()) << "no rows for " << group.name;
+    ASSERT_EQ(found->second.size(), expected_sets) << group.name;
+    for (const torch::Tensor& set : found->second) {
+      EXPECT_EQ(set.sizes(), (std::vector<int64_t>{tokens, group.size})) << group.name;
+      EXPECT_TRUE(set.is_floating_point()) << group.name;
+      EXPECT_EQ(set.device(), model.weights.at("backbone.embeddings.weight").device());
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, CaptureGoldenTest, ::testing::ValuesIn(testing::GoldenCases()),
+                         GoldenCaseName);
+
+// A sink that wants one group gets that group only, and no sink at all
+// (the default) is what the golden tests run.
+TEST(CaptureTest, OnlyWantedGroupsArrive) {
+  const Model model = LoadModel("mamba2-groups", "hf");
+  RecordingSink sink({"layers.1.heads"});
+  auto logits = Forward(model.config, model.weights, model.input_ids, {}, &sink);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  ASSERT_EQ(sink.rows().size(), 1u);
+  EXPECT_EQ(sink.rows().begin()->first, "layers.1.heads");
+  RecordingSink nothing({});
+  ASSERT_TRUE(Forward(model.config, model.weights, model.input_ids, {}, &nothing).ok());
+  EXPECT_TRUE(nothing.rows().empty());
+}
+
+// Equivariance: permuting group g's weights by p moves g's rows to
+// old_rows[:, p]. Other groups' rows stay put, except where g's permutation
+// acts on their coordinates too: a Mamba-2 head move carries the head's
+// headdim channels and, moving whole groups, their B/C state rows.
+std::vector<int64_t> ColumnsAfter(const ModelConfig& config, const GroupInfo& permuted,
+                                  const std::vector<int64_t>& index, const GroupInfo& observed) {
+  if (observed.name == permuted.name) return index;
+  std::vector<int64_t> columns(static_cast<size_t>(observed.size));
+  for (int64_t j = 0; j < observed.size; ++j) columns[static_cast<size_t>(j)] = j;
+  const std::string suffix = ".heads";
+  const bool heads = permuted.name.size() > suffix.size() &&
+                     permuted.name.compare(permuted.name.size() - suffix.size(), suffix.size(),
+                                           suffix) == 0;
+  if (!heads) return columns;
+  const std::string layer = permuted.name.substr(0, permuted.name.size() - suffix.size());
+  if (observed.name == layer + ".headdim") {
+    const int64_t head_dim = config.headdim;
+    for (int64_t c = 0; c < observed.size; ++c) {
+      const int64_t old_head = index[static_cast<size_t>(c / head_dim)];
+      columns[static_cast<size_t>(c)] = old_head * head_dim + c % head_dim;
+    }
+  } else if (observed.name == layer + ".state") {
+    const int64_t heads_per_group = config.nheads / config.ngroups;
+    const int64_t state = config.d_state;
+    for (int64_t c = 0; c < observed.size; ++c) {
+      const int64_t old_group =
+          index[static_cast<size_t>(c / state * heads_per_group)] / heads_per_group;
+      columns[static_cast<size_t>(c)] = old_group * state + c % state;
+    }
+  }
+  return columns;
+}
+
+// A golden model in float64, optionally under other config options; the
+// tensors the options add or reshape are drawn at random, those they drop go.
+struct EquivarianceCase {
+  std::string name;
+  std::string fixture;
+  std::string layout;
+  void (*adjust)(ModelConfig&) = nullptr;
+};
+
+void PrintTo(const EquivarianceCase& c, std::ostream* os) { *os << c.name; }
+
+Model LoadFloat64(const EquivarianceCase& c) {
+  Model model = LoadModel(c.fixture, c.layout);
+  if (c.adjust != nullptr) c.adjust(model.config);
+  const auto expected = ExpectedShapes(model.config);
+  torch::manual_seed(5);
+  Weights conformed;
+  for (const auto& [name, shape] : expected) {
+    auto found = model.weights.find(name);
+    conformed[name] = found != model.weights.end() && found->second.sizes().vec() == shape
+                          ? found->second.to(torch::kFloat64)
+                          : 0.5 * torch::randn(shape, torch::kFloat64);
+  }
+  model.weights = std::move(conformed);
+  return model;
+}
+
+class CaptureEquivarianceTest : public ::testing::TestWithParam<EquivarianceCase> {};
+
+TEST_P(CaptureEquivarianceTest, RowsFollowEachGroupsPermutation) {
+  const Model model = LoadFloat64(GetParam());
+  const FamilySpec spec = BuildSpec(model.config);
+  const RowSets before = CaptureEveryGroup(model.config, model.weights, model.input_ids);
+  ASSERT_EQ(before.size(), spec.size());
+  std::mt19937_64 rng(21);
+  double worst = 0;
+  for (const GroupInfo& group : spec) {
+    std::vector<int64_t> index = testing::RandomPermutation(group, rng);
+    for (int attempt = 0; attempt < 100 && testing::IsIdentity(index); ++attempt) {
+      index = testing::RandomPermutation(group, rng);
+    }
+    ASSERT_FALSE(testing::IsIdentity(index)) << group.name;
+    Weights permuted;
+    for (const auto& [name, tensor] : model.weights) permuted[name] = tensor.clone();
+    ApplyGather(group, index, permuted);
+    const RowSets after = CaptureEveryGroup(model.config, permuted, model.input_ids);
+    ASSERT_EQ(after.size(), spec.size());
+    for (const GroupInfo& observed : spec) {
+      const std::vector<int64_t> columns = ColumnsAfter(model.config, group, index, observed);
+      const torch::Tensor column_index = torch::tensor(columns, torch::kInt64);
+      const auto& old_sets = before.at(observed.name);
+      const auto& new_sets = after.at(observed.name);
+      ASSERT_EQ(old_sets.size(), new_sets.size());
+      for (size_t k = 0; k < old_sets.size(); ++k) {
+        const double rel = testing::RelL2(new_sets[k], old_sets[k].index_select(1, column_index));
+        EXPECT_LE(rel, 1e-10) << "permuting " << group.name << ": " << observed.name << " set "
+                              << k;
+        worst = std::max(worst, rel);
+      }
+    }
+    // The check bites: the permuted group's own rows did move.
+    EXPECT_GT(testing::RelL2(after.at(group.name)[0], before.at(group.name)[0]), 1e-3)
+        << group.name;
+  }
+  std::printf("[capture] %s: %zu groups, worst rel L2 %.3g\n", GetParam().name.c_str(),
+              spec.size(), worst);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Models, CaptureEquivarianceTest,
+    ::testing::Values(
+        EquivarianceCase{"mamba1_small", "mamba1-small", "hf"},
+        EquivarianceCase{"mamba1_small_mamba_ssm", "mamba1-small", "mamba_ssm"},
+        EquivarianceCase{"mamba1_bias_untied", "mamba1-bias-untied", "hf"},
+        EquivarianceCase{"mamba1_layernorm", "mamba1-small", "hf",
+                         [](ModelConfig& c) { c.layer_norm = true; }},
+        EquivarianceCase{"falcon_mamba_small", "falcon-mamba-small", "hf"},
+        EquivarianceCase{"mamba2_groups", "mamba2-groups", "hf"},
+        EquivarianceCase{"mamba2_groups_grouped_norm_before_gate", "mamba2-groups", "hf",
+                         [](ModelConfig& c) {
+                           c.grouped_gated_norm = true;
+                           c.norm_before_gate = true;
+                         }},
+        EquivarianceCase{"mamba2_groups_hdim_ungated", "mamba2-groups", "hf",
+                         [](ModelConfig& c) {
+                           c.d_has_hdim = true;
+                           c.gated_norm = false;
+                         }},
+        EquivarianceCase{"mamba2_one_group_mamba_ssm", "mamba2-one-group", "mamba_ssm"}),
+    [](const auto& param_info) { return param_info.param.name; });
 
 }  // namespace
 }  // namespace icd

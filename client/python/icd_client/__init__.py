@@ -3,7 +3,8 @@
 Every method is one RPC. Requests are built from plain Python values; most
 methods return the service's own response messages (see
 proto/icd/v1/permutation.proto for their fields), ``evaluate`` returns a dict
-with numpy logits, ``read_tensors``/``write_tensors`` move numpy arrays.
+with numpy logits, ``read_tensors``/``write_tensors`` move numpy arrays,
+``compute_permutation`` streams numpy activation traces.
 Errors are raised as :class:`IcdError` (``code`` is the gRPC status name,
 e.g. ``"INVALID_ARGUMENT"``).
 
@@ -14,6 +15,10 @@ e.g. ``"INVALID_ARGUMENT"``).
         report = c.apply("m", perms)
         print(report.version, report.correctness.rel_l2)
 
+        results = c.capture_permutation("m", np.random.randint(0, 128, (4, 256)))
+        print(summarize(results))
+        c.apply("m", {r.permutation.group: r.permutation.index for r in results})
+
 Needs Debian's python3-grpcio, python3-protobuf and python3-numpy, i.e. the
 system interpreter /usr/bin/python3. The generated stubs (icd/v1/
 permutation_pb2*.py) are built, not committed: ``cmake --build build --target
@@ -23,11 +28,12 @@ sys.path, else in $ICD_PYTHON_STUBS, else in <repo>/build/client/python/gen.
 
 import os
 import sys
+import threading
 
 import grpc
 import numpy as np
 
-__all__ = ["Client", "IcdError", "random_permutations"]
+__all__ = ["Client", "IcdError", "random_permutations", "summarize"]
 
 
 def _import_stubs():
@@ -176,6 +182,107 @@ def random_permutations(symmetries, seed, groups=None):
         chosen = [by_name[name] for name in groups]
     rng = _SplitMix64(seed)
     return {g.name: _random_group(g, rng) for g in chosen}
+
+
+# ---------------------------------------------------------------- traces
+
+_SOLVER_FIELDS = ("objective", "statistic", "activation_quantile", "resolution", "seed",
+                  "seeds", "nm_n", "nm_m", "preserve_block", "block_sizes")
+
+
+def _solver_options(solver):
+    """SolverOptions from keyword arguments named as its fields; unset ones
+    stay zero, i.e. the server's defaults."""
+    unknown = sorted(set(solver) - set(_SOLVER_FIELDS))
+    if unknown:
+        raise TypeError("unknown solver option(s) %s; SolverOptions has %s"
+                        % (", ".join(unknown), ", ".join(_SOLVER_FIELDS)))
+    fields = dict(solver)
+    if "block_sizes" in fields:
+        fields["block_sizes"] = [int(b) for b in fields["block_sizes"]]
+    return pb.SolverOptions(**fields)
+
+
+def _row_blocks(rows):
+    """The 2-D pieces of ``rows``: the array itself, or each item of an
+    iterable of arrays, taken lazily."""
+    if isinstance(rows, np.ndarray):
+        yield rows
+        return
+    for block in rows:
+        yield np.asarray(block)
+
+
+def _trace_chunks(header, rows, chunk_rows, chunk_bytes):
+    """TraceChunk stream: the header, then [n, channels] pieces of at most
+    ``chunk_rows`` rows (default: what fits in ``chunk_bytes``), each converted
+    to little-endian float32 only when it is sent. ``header.channels`` comes
+    from the first block."""
+    step = None
+    for block in _row_blocks(rows):
+        if block.ndim != 2:
+            raise IcdError("INVALID_ARGUMENT", "trace rows are 2-D [rows, channels]; got "
+                           "shape %s" % (block.shape,))
+        if not np.issubdtype(block.dtype, np.floating):
+            raise IcdError("INVALID_ARGUMENT", "trace rows are floating point; got %s"
+                           % block.dtype)
+        if block.shape[1] == 0:
+            raise IcdError("INVALID_ARGUMENT", "trace rows have no channels")
+        if step is None:
+            header.channels = block.shape[1]
+            step = int(chunk_rows) if chunk_rows else max(1, chunk_bytes // (4 * block.shape[1]))
+            yield pb.TraceChunk(header=header)
+        elif block.shape[1] != header.channels:
+            raise IcdError("INVALID_ARGUMENT", "a block of %d channels after blocks of %d"
+                           % (block.shape[1], header.channels))
+        for start in range(0, block.shape[0], step):
+            piece = np.ascontiguousarray(block[start:start + step], dtype="<f4")
+            yield pb.TraceChunk(rows=piece.shape[0], f32_le=piece.tobytes())
+    if step is None:
+        raise IcdError("INVALID_ARGUMENT", "no trace rows")
+
+
+def _fmt(value, digits=3):
+    return "%.*g" % (digits, value)
+
+
+def summarize(results):
+    """A readable table of PermutationResult messages (one, a list, or a
+    PermutationSet): per group Q and its null, whether structure was found,
+    clusters, ARI across seeds, blocks touched identity -> solved per block
+    size, N:M efficacy (nm_sparsity only), rows used (+ held out) and ms."""
+    if hasattr(results, "results"):
+        results = list(results.results)
+    elif hasattr(results, "permutation"):
+        results = [results]
+    sizes = []
+    for r in results:
+        for b in r.blocks:
+            if b.block not in sizes:
+                sizes.append(b.block)
+    any_nm = any(r.nm_upper_bound > 0 for r in results)
+    header = ["GROUP", "Q", "NULL Q", "STRUCTURE", "CLUSTERS", "ARI"]
+    header += ["BLOCKS@%d" % b for b in sizes] + (["N:M"] if any_nm else []) + ["TOKENS", "MS"]
+    table = [header]
+    for r in results:
+        blocks = {b.block: "%s -> %s" % (_fmt(b.identity), _fmt(b.solved)) for b in r.blocks}
+        row = [r.permutation.group, _fmt(r.modularity), _fmt(r.modularity_null),
+               "yes" if r.structure_found else "no", str(r.clusters),
+               _fmt(r.ari) if r.ari else "-"]
+        row += [blocks.get(b, "-") for b in sizes]
+        if any_nm:
+            row.append("%s%%" % _fmt(100 * r.nm_efficacy) if r.nm_upper_bound > 0 else "-")
+        row += ["%d + %d" % (r.tokens, r.holdout_tokens), _fmt(r.solve_ms, 4)]
+        table.append(row)
+    widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
+                       for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
+             for row in table]
+    lines.append("Q vs NULL Q: modularity of the clusters found and of shuffled rows; "
+                 "STRUCTURE no: no gain claimed.")
+    lines.append("BLOCKS@b: blocks touched per held-out row, identity -> solved (lower is "
+                 "better). TOKENS: rows + held-out rows.")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- client
@@ -393,6 +500,68 @@ class Client:
         prepared = list(chunks())
         report = self._call(self._stub.WriteTensors, iter(prepared))
         return report.version
+
+    # -- traces
+
+    def compute_permutation(self, model, group, rows, holdout_rows=0, chunk_rows=None,
+                            **solver):
+        """ComputePermutation -> PermutationResult: a permutation of ``group``
+        from activation traces, whose ``permutation`` applies as is with
+        ``apply``.
+
+        ``rows``: a 2-D float array [rows, channels] (channels = the group's
+        size), or an iterable of such arrays (a generator reading a file, say),
+        consumed lazily: each piece is converted to float32 and sent in chunks
+        of ``chunk_rows`` rows (default: about ``chunk_bytes``, 1 MiB), so a
+        huge trace is never held twice. The last ``holdout_rows`` rows are held
+        out for scoring (0: min(1024, rows / 5)). ``solver``: SolverOptions
+        fields (objective="nm_sparsity", statistic="pmi", seeds=5, nm_n=2,
+        nm_m=4, block_sizes=[16, 64], ...). A client-side error (a bad piece)
+        cancels the call and is raised; the server keeps nothing."""
+        header = pb.TraceHeader(model=model, group=group, holdout_rows=int(holdout_rows),
+                                solver=_solver_options(solver))
+        failure, call, started = [], [], threading.Event()
+
+        def chunks():
+            # An error here cancels the call (the server keeps nothing) and is
+            # raised to the caller; raising inside gRPC's request thread would
+            # be logged and reported as CANCELLED instead.
+            started.wait()
+            try:
+                yield from _trace_chunks(header, rows, chunk_rows, self._chunk_bytes)
+            except Exception as err:  # noqa: BLE001 (re-raised below)
+                failure.append(err)
+                call[0].cancel()
+
+        call.append(self._stub.ComputePermutation.future(
+            chunks(), timeout=self._timeout, metadata=self._metadata))
+        started.set()
+        try:
+            return call[0].result()
+        except (grpc.RpcError, grpc.FutureCancelledError) as err:
+            if failure:
+                raise failure[0] from None
+            raise _error(err) from None
+
+    def capture_permutation(self, model, input_ids, batch=None, holdout_ids=None, groups=None,
+                            **solver):
+        """CapturePermutation -> list of PermutationResult, one per group (in
+        ``groups`` order, or every group in GetSymmetries order). The server
+        runs the model on ``input_ids`` ([batch, seq] array, or flat with
+        ``batch``; None: rows of a 2-D array, else 1), records each group's
+        activations, solves, and scores on ``holdout_ids`` (same batch; None:
+        the last fifth of the rows). ``solver`` as for compute_permutation."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if batch is None:
+            batch = ids.shape[0] if ids.ndim == 2 else 1
+        request = pb.CaptureRequest(model=model, input_ids=ids.ravel().tolist(),
+                                    batch=int(batch), groups=list(groups or []),
+                                    solver=_solver_options(solver))
+        if holdout_ids is not None:
+            request.holdout_ids.extend(np.asarray(holdout_ids, dtype=np.int64).ravel().tolist())
+        return list(self._call(self._stub.CapturePermutation, request).results)
+
+    summarize = staticmethod(summarize)
 
     # -- export
 

@@ -20,6 +20,7 @@
 #include "model.h"
 #include "probe.h"
 #include "symmetry.h"
+#include "traces/solve.h"
 
 namespace icd {
 namespace {
@@ -117,6 +118,37 @@ absl::Status CheckVersion(const LoadedModel& model, uint64_t expected) {
                      ", the request expected version ", expected));
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<const GroupInfo*> FindGroup(const LoadedModel& model, const std::string& name) {
+  auto it = model.groups.find(name);
+  if (it == model.groups.end()) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown group '", name, "'; model '",
+                                                   model.info.name, "' has ",
+                                                   GroupList(model.spec)));
+  }
+  return it->second;
+}
+
+// Token ids as an int64 [batch, seq] tensor on the model's device, checked.
+absl::StatusOr<torch::Tensor> TokenTensor(const LoadedModel& model, const std::vector<int64_t>& ids,
+                                          int64_t batch, const char* field) {
+  const auto count = static_cast<int64_t>(ids.size());
+  if (batch < 1 || count == 0 || count % batch != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": ", count,
+                                                   " ids do not split into batch ", batch,
+                                                   " equal non-empty rows"));
+  }
+  const int64_t vocab = model.config.vocab_size;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] < 0 || ids[i] >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ": id ", ids[i], " at position ", i,
+                                                     " outside [0, ", vocab, ")"));
+    }
+  }
+  return torch::tensor(ids, torch::dtype(torch::kInt64))
+      .reshape({batch, count / batch})
+      .to(model.probe.input_ids.device());
 }
 
 absl::StatusOr<torch::Tensor> ProbeLogits(const LoadedModel& model, const CallContext& ctx) {
@@ -397,27 +429,12 @@ absl::StatusOr<EvaluateResult> Engine::Evaluate(const std::string& name,
                                                 const EvaluateRequest& request,
                                                 const CallContext& ctx) const {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
-  const int64_t count = static_cast<int64_t>(request.input_ids.size());
-  if (request.batch < 1 || count == 0 || count % request.batch != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "input_ids: ", count, " ids do not split into batch ", request.batch,
-        " equal non-empty rows"));
-  }
   std::shared_lock<std::shared_mutex> lock(model->mutex);
-  const int64_t vocab = model->config.vocab_size;
-  for (size_t i = 0; i < request.input_ids.size(); ++i) {
-    if (request.input_ids[i] < 0 || request.input_ids[i] >= vocab) {
-      return absl::InvalidArgumentError(absl::StrCat("input_ids: id ", request.input_ids[i],
-                                                     " at position ", i, " outside [0, ", vocab,
-                                                     ")"));
-    }
-  }
+  ICD_ASSIGN_OR_RETURN(torch::Tensor ids,
+                       TokenTensor(*model, request.input_ids, request.batch, "input_ids"));
   return Guarded("evaluate", [&]() -> absl::StatusOr<EvaluateResult> {
     torch::NoGradGuard no_grad;
-    const int64_t seq = count / request.batch;
-    torch::Tensor ids = torch::tensor(request.input_ids, torch::dtype(torch::kInt64))
-                            .reshape({request.batch, seq})
-                            .to(model->probe.input_ids.device());
+    const int64_t seq = ids.size(1);
     ICD_ASSIGN_OR_RETURN(torch::Tensor logits, Forward(model->config, model->weights, ids, ctx));
     EvaluateResult result;
     result.shape = logits.sizes().vec();
@@ -488,6 +505,177 @@ absl::StatusOr<ExportResult> Engine::Export(const std::string& name, const std::
                                           model->weights, path, ctx));
     result.version = model->info.version;
     return result;
+  });
+}
+
+absl::StatusOr<std::unique_ptr<TraceSession>> Engine::BeginTraces(const TraceHeader& header) {
+  ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(header.model));
+  ICD_ASSIGN_OR_RETURN(traces::ResolvedOptions options,
+                       traces::ResolveSolverOptions(header.solver));
+  torch::Device device = torch::kCPU;
+  {
+    std::shared_lock<std::shared_mutex> lock(model->mutex);
+    ICD_ASSIGN_OR_RETURN(const GroupInfo* group, FindGroup(*model, header.group));
+    if (header.channels != group->size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("group '", header.group, "' has ", group->size, " channels; the header says ",
+                       header.channels));
+    }
+    if (header.holdout_rows < 0 ||
+        header.holdout_rows * header.channels > traces::kMaxHoldoutValues) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "holdout_rows ", header.holdout_rows, " outside [0, ",
+          traces::kMaxHoldoutValues / std::max<int64_t>(header.channels, 1), "] for group '",
+          header.group, "'"));
+    }
+    device = model->probe.input_ids.device();
+  }
+  // Finish looks the model up again: it may have been unloaded meanwhile.
+  Impl* impl = impl_.get();
+  auto solve = [impl, header, options](const traces::TraceStats& stats,
+                                       const torch::Tensor& holdout,
+                                       const CallContext& ctx) -> absl::StatusOr<PermutationResult> {
+    ICD_ASSIGN_OR_RETURN(auto current, impl->Find(header.model));
+    std::shared_lock<std::shared_mutex> lock(current->mutex);
+    ICD_ASSIGN_OR_RETURN(const GroupInfo* group, FindGroup(*current, header.group));
+    if (group->size != header.channels) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "model '", header.model, "' was replaced during the stream; group '", header.group,
+          "' now has ", group->size, " channels"));
+    }
+    return Guarded("solve", [&] {
+      return traces::SolveGroup(*group, stats, holdout, options, current->weights, ctx);
+    });
+  };
+  return Guarded("traces", [&]() -> absl::StatusOr<std::unique_ptr<TraceSession>> {
+    return std::make_unique<TraceSession>(
+        std::make_unique<TraceSession::Impl>(header, options, device, std::move(solve)));
+  });
+}
+
+namespace {
+
+// Collects each wanted group's rows during a forward: training rows into the
+// statistics, the last `holdout_positions` positions of every sequence (or a
+// whole held-out pass) into the held-out rows.
+class CaptureCollector : public CaptureSink {
+ public:
+  struct Slot {
+    explicit Slot(traces::StatsOptions options) : stats(std::move(options)) {}
+    traces::TraceStats stats;
+    std::vector<torch::Tensor> holdout;
+  };
+
+  CaptureCollector(std::map<std::string, Slot*> slots, int64_t batch, int64_t seq,
+                   int64_t holdout_positions, bool holdout_pass)
+      : slots_(std::move(slots)),
+        batch_(batch),
+        seq_(seq),
+        holdout_positions_(holdout_positions),
+        holdout_pass_(holdout_pass) {}
+
+  bool Wants(const std::string& group) const override { return slots_.count(group) > 0; }
+
+  void Add(const std::string& group, const torch::Tensor& rows) override {
+    Slot& slot = *slots_.at(group);
+    const torch::Tensor values = rows.to(torch::kFloat32);
+    if (holdout_pass_) {
+      slot.holdout.push_back(values.contiguous());
+    } else if (holdout_positions_ > 0 && values.size(0) == batch_ * seq_) {
+      const int64_t channels = values.size(1);
+      const torch::Tensor sequences = values.reshape({batch_, seq_, channels});
+      const int64_t trained = seq_ - holdout_positions_;
+      slot.stats.Add(sequences.narrow(1, 0, trained).reshape({-1, channels}));
+      slot.holdout.push_back(
+          sequences.narrow(1, trained, holdout_positions_).reshape({-1, channels}).contiguous());
+    } else {
+      slot.stats.Add(values);
+    }
+  }
+
+ private:
+  std::map<std::string, Slot*> slots_;
+  int64_t batch_, seq_, holdout_positions_;
+  bool holdout_pass_;
+};
+
+// Statistics memory one capture forward may hold; more groups take more
+// forwards.
+constexpr int64_t kCaptureStatsBytes = int64_t{2} << 30;
+
+}  // namespace
+
+absl::StatusOr<std::vector<PermutationResult>> Engine::Capture(const CaptureRequest& request,
+                                                               const CallContext& ctx) {
+  ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(request.model));
+  ICD_ASSIGN_OR_RETURN(traces::ResolvedOptions options,
+                       traces::ResolveSolverOptions(request.solver));
+  const int64_t batch = request.batch > 0 ? request.batch : 1;
+  std::shared_lock<std::shared_mutex> lock(model->mutex);
+  ICD_ASSIGN_OR_RETURN(torch::Tensor ids, TokenTensor(*model, request.input_ids, batch, "input_ids"));
+  torch::Tensor holdout_ids;
+  if (!request.holdout_ids.empty()) {
+    ICD_ASSIGN_OR_RETURN(holdout_ids,
+                         TokenTensor(*model, request.holdout_ids, batch, "holdout_ids"));
+  }
+  std::vector<const GroupInfo*> groups;
+  std::set<std::string> seen;
+  if (request.groups.empty()) {
+    for (const GroupInfo& group : model->spec) groups.push_back(&group);
+  } else {
+    for (const std::string& name : request.groups) {
+      ICD_ASSIGN_OR_RETURN(const GroupInfo* group, FindGroup(*model, name));
+      if (!seen.insert(name).second) {
+        return absl::InvalidArgumentError(absl::StrCat("groups: '", name, "' is listed twice"));
+      }
+      groups.push_back(group);
+    }
+  }
+  const int64_t seq = ids.size(1);
+  // Without held-out tokens: the last fifth of every sequence is held out.
+  const int64_t holdout_positions = holdout_ids.defined() ? 0 : (seq >= 2 ? std::max<int64_t>(1, seq / 5) : 0);
+  const torch::Device device = ids.device();
+
+  return Guarded("capture", [&]() -> absl::StatusOr<std::vector<PermutationResult>> {
+    torch::NoGradGuard no_grad;
+    std::vector<PermutationResult> results;
+    size_t next = 0;
+    while (next < groups.size()) {
+      // One forward (two with held-out tokens) per batch of groups whose
+      // statistics fit the budget.
+      std::vector<std::unique_ptr<CaptureCollector::Slot>> slots;
+      std::map<std::string, CaptureCollector::Slot*> by_name;
+      int64_t bytes = 0;
+      const size_t first = next;
+      while (next < groups.size()) {
+        const int64_t size = groups[next]->size;
+        const int64_t need = 2 * size * size * 8;
+        if (next > first && bytes + need > kCaptureStatsBytes) break;
+        bytes += need;
+        slots.push_back(std::make_unique<CaptureCollector::Slot>(
+            traces::StatsOptionsFor(options, size, device)));
+        by_name[groups[next]->name] = slots.back().get();
+        ++next;
+      }
+      CaptureCollector training(by_name, batch, seq, holdout_positions, /*holdout_pass=*/false);
+      ICD_RETURN_IF_ERROR(Forward(model->config, model->weights, ids, ctx, &training).status());
+      if (holdout_ids.defined()) {
+        CaptureCollector held(by_name, batch, holdout_ids.size(1), 0, /*holdout_pass=*/true);
+        ICD_RETURN_IF_ERROR(Forward(model->config, model->weights, holdout_ids, ctx, &held).status());
+      }
+      for (size_t i = first; i < next; ++i) {
+        CaptureCollector::Slot& slot = *slots[i - first];
+        slot.stats.Finish();
+        const torch::Tensor holdout =
+            slot.holdout.empty() ? torch::empty({0, groups[i]->size}, torch::kFloat32)
+                                 : torch::cat(slot.holdout, 0);
+        ICD_ASSIGN_OR_RETURN(PermutationResult result,
+                             traces::SolveGroup(*groups[i], slot.stats, holdout, options,
+                                                model->weights, ctx));
+        results.push_back(std::move(result));
+      }
+    }
+    return results;
   });
 }
 

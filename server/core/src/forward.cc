@@ -59,6 +59,15 @@ torch::Tensor RmsNormalize(const torch::Tensor& values, double eps,
   return wide * torch::rsqrt(mean_square + eps);
 }
 
+void Capture::Add(const std::string& group, const torch::Tensor& values) const {
+  if (!Wants(group)) return;
+  sink_->Add(group, values.reshape({-1, values.size(-1)}));
+}
+
+std::string LayerGroupName(int64_t layer, const std::string& suffix) {
+  return absl::StrCat("layers.", layer, ".", suffix);
+}
+
 torch::Tensor CausalDepthwiseConv(const torch::Tensor& values, const torch::Tensor& weight,
                                   const torch::Tensor& bias) {
   const int64_t seq_len = values.size(1);
@@ -76,6 +85,7 @@ torch::Tensor CausalDepthwiseConv(const torch::Tensor& values, const torch::Tens
 
 namespace {
 
+using forward_internal::Capture;
 using forward_internal::CheckTensor;
 using forward_internal::LayerTensorName;
 using forward_internal::Precision;
@@ -180,7 +190,8 @@ torch::Tensor BlockNorm(const ModelConfig& config, const Weights& weights,
 }
 
 absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weights& weights,
-                                         const torch::Tensor& input_ids, const CallContext& ctx) {
+                                         const torch::Tensor& input_ids, const CallContext& ctx,
+                                         const Capture& capture) {
   const torch::Tensor& embedding = weights.at(kEmbedding);  // [V, d_model]
   Precision precision;
   precision.compute = embedding.scalar_type();
@@ -196,16 +207,18 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
     // 2. Block: residual + Mixer(Norm(residual)).
     torch::Tensor normed = BlockNorm(config, weights, LayerTensorName(layer, "norm"), precision,
                                      residual);  // [B, L, d_model]
+    capture.Add("residual", normed);
     torch::Tensor mixed =
         config.family == Family::kMamba2
-            ? forward_internal::Mamba2Mixer(config, weights, layer, precision, normed)
-            : forward_internal::Mamba1Mixer(config, weights, layer, precision, normed);
+            ? forward_internal::Mamba2Mixer(config, weights, layer, precision, normed, capture)
+            : forward_internal::Mamba1Mixer(config, weights, layer, precision, normed, capture);
     residual = residual + mixed.to(precision.accumulate);
   }
   absl::Status status = PollContext(ctx, config.n_layer);
   if (!status.ok()) return status;
   // 3. Final norm and head (the embedding when tied); logits in float32.
   torch::Tensor normed = BlockNorm(config, weights, kFinalNorm, precision, residual);
+  capture.Add("residual", normed);
   const torch::Tensor& head = config.tied ? embedding : weights.at(kHead);  // [V, d_model]
   return torch::linear(normed, head.to(precision.compute)).to(torch::kFloat32);  // [B, L, V]
 }
@@ -213,7 +226,8 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
 }  // namespace
 
 absl::StatusOr<torch::Tensor> Forward(const ModelConfig& config, const Weights& weights,
-                                      const torch::Tensor& input_ids, const CallContext& ctx) {
+                                      const torch::Tensor& input_ids, const CallContext& ctx,
+                                      CaptureSink* capture) {
   try {
     torch::NoGradGuard no_grad;
     absl::Status status = CheckConfig(config);
@@ -221,7 +235,7 @@ absl::StatusOr<torch::Tensor> Forward(const ModelConfig& config, const Weights& 
     if (status.ok()) status = CheckInputIds(config, input_ids);
     if (status.ok()) status = PollContext(ctx, 0);
     if (!status.ok()) return status;
-    return RunForward(config, weights, input_ids, ctx);
+    return RunForward(config, weights, input_ids, ctx, Capture(capture));
   } catch (const c10::Error& error) {
     return absl::InternalError(absl::StrCat("forward failed: ", error.what_without_backtrace()));
   } catch (const std::exception& error) {

@@ -1,8 +1,11 @@
-// Each family's forward in LibTorch, matching HuggingFace's PyTorch path.
+// Each family's forward in LibTorch, matching HuggingFace's PyTorch path, and
+// the activations it can hand out for trace statistics.
 #ifndef ICD_CORE_SRC_FORWARD_H_
 #define ICD_CORE_SRC_FORWARD_H_
 
 #include <torch/torch.h>
+
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "icd/core/types.h"
@@ -10,14 +13,53 @@
 
 namespace icd {
 
+// Receives activations during a forward, for trace statistics. Non-owning
+// observer; called synchronously on the forward's thread.
+//
+// Rows are in the group's coordinates: column j is the channel that index j
+// of the group's permutation moves, so permuting the weights by p (a gather,
+// new[j] = old[p[j]]) turns the rows of that group into old_rows[:, p]. Group
+// names are the families' (symmetry.h). Capture points, with B·L = batch·seq:
+//   residual            the normalised input of every layer's in_proj, then
+//                       the final norm's output (lm_head's input):
+//                       n_layer + 1 row sets [B·L, d_model].
+//   Mamba-1 / FalconMamba, per layer i:
+//   layers.{i}.inner    out_proj's input (scan output + D·x)·silu(z)
+//                       [B·L, d_inner]: what a channel-skipping kernel skips on.
+//   layers.{i}.state    B, then C, as they enter the scan (after FalconMamba's
+//                       RMS): two row sets [B·L, d_state].
+//   layers.{i}.dt_rank  the low-rank time step entering dt_proj (after
+//                       FalconMamba's RMS) [B·L, dt_rank].
+//   Mamba-2, per layer i:
+//   layers.{i}.headdim  out_proj's input (the gated, normed output)
+//                       [B·L, nheads·headdim], channel = head·headdim + p.
+//   layers.{i}.heads    per head, the RMS over headdim of that same input,
+//                       sqrt(mean_p v²) without eps [B·L, nheads].
+//   layers.{i}.state    B, then C, as they enter the scan (after the conv and
+//                       silu): two row sets [B·L, ngroups·d_state].
+// Rows are the tensors the forward itself computes (weights' dtype; the heads
+// RMS in at least float32), on the weights' device; they may be
+// non-contiguous views, so a sink that keeps them copies.
+class CaptureSink {
+ public:
+  virtual ~CaptureSink() = default;
+  // Whether the forward should compute and hand out this group's rows.
+  virtual bool Wants(const std::string& group) const = 0;
+  // rows: [n, channels] in the group's coordinates (any float dtype, on the
+  // weights' device). A group may receive several row sets per forward.
+  virtual void Add(const std::string& group, const torch::Tensor& rows) = 0;
+};
+
 // input_ids: int64 [batch, seq] on the weights' device. Returns float32
 // logits [batch, seq, vocab_size]. Computes in the weights' dtype; norms
 // reduce in at least float32 (float64 models in float64). Polls ctx between
-// layers (Cancelled / DeadlineExceeded).
+// layers (Cancelled / DeadlineExceeded). `capture` (optional) receives the
+// activations above; capturing leaves the logits bitwise unchanged.
 absl::StatusOr<torch::Tensor> Forward(const ModelConfig& config,
                                       const Weights& weights,
                                       const torch::Tensor& input_ids,
-                                      const CallContext& ctx = {});
+                                      const CallContext& ctx = {},
+                                      CaptureSink* capture = nullptr);
 
 }  // namespace icd
 

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "forward.h"
 #include "model.h"
 
 namespace icd::forward_internal {
@@ -48,12 +49,33 @@ torch::Tensor RmsNormalize(const torch::Tensor& values, double eps,
 torch::Tensor CausalDepthwiseConv(const torch::Tensor& values, const torch::Tensor& weight,
                                   const torch::Tensor& bias);
 
+// The forward's side of a CaptureSink (forward.h): a null sink wants nothing,
+// so the mixers ask without checking for one.
+class Capture {
+ public:
+  explicit Capture(CaptureSink* sink) : sink_(sink) {}
+
+  bool Wants(const std::string& group) const { return sink_ != nullptr && sink_->Wants(group); }
+
+  // values [..., channels] -> rows [n, channels], handed out when wanted.
+  void Add(const std::string& group, const torch::Tensor& values) const;
+
+ private:
+  CaptureSink* sink_;
+};
+
+// "layers.{layer}.{suffix}": a per-layer group's name (families/*.cc).
+std::string LayerGroupName(int64_t layer, const std::string& suffix);
+
 // One mixer: normed [B, L, d_model] in precision.compute -> [B, L, d_model]
 // in precision.compute. Mamba1Mixer also runs FalconMamba (config.family).
+// Each hands its layer's groups to `capture` (forward.h lists the points).
 torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
-                          const Precision& precision, const torch::Tensor& normed);
+                          const Precision& precision, const torch::Tensor& normed,
+                          const Capture& capture);
 torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
-                          const Precision& precision, const torch::Tensor& normed);
+                          const Precision& precision, const torch::Tensor& normed,
+                          const Capture& capture);
 
 }  // namespace icd::forward_internal
 

@@ -48,7 +48,8 @@ Mamba1Layer Mamba1LayerView(const Weights& weights, int64_t layer, const Precisi
 }  // namespace
 
 torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
-                          const Precision& precision, const torch::Tensor& normed) {
+                          const Precision& precision, const torch::Tensor& normed,
+                          const Capture& capture) {
   const Mamba1Layer view = Mamba1LayerView(weights, layer, precision);
   const int64_t batch = normed.size(0);
   const int64_t seq_len = normed.size(1);
@@ -78,6 +79,12 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
     c_proj = RmsNormalize(c_proj, config.mixer_rms_eps, wide).to(compute);
     time_step = RmsNormalize(time_step, config.mixer_rms_eps, wide).to(compute);
   }
+  // Captured as the scan and dt_proj see them, so FalconMamba's RMS (which
+  // commutes with both groups' permutations) is already applied.
+  const std::string state_group = LayerGroupName(layer, "state");
+  capture.Add(state_group, b_proj);
+  capture.Add(state_group, c_proj);
+  capture.Add(LayerGroupName(layer, "dt_rank"), time_step);
   // Δ = softplus(dt_proj(δ)), in the compute dtype as HF.
   torch::Tensor delta =
       torch::softplus(torch::linear(time_step, view.dt_proj_w, view.dt_proj_b)).to(wide);  // [B, L, I]
@@ -108,8 +115,9 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   scan_output = scan_output * torch::silu(gate.to(wide));
 
   // 4. Final linear projection.
-  return torch::linear(scan_output.to(precision.compute), view.out_proj_w,
-                       view.out_proj_b);  // [B, L, d_model]
+  torch::Tensor out_proj_input = scan_output.to(precision.compute);  // [B, L, I]
+  capture.Add(LayerGroupName(layer, "inner"), out_proj_input);
+  return torch::linear(out_proj_input, view.out_proj_w, view.out_proj_b);  // [B, L, d_model]
 }
 
 }  // namespace icd::forward_internal

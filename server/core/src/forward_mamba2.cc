@@ -75,7 +75,8 @@ torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
 }  // namespace
 
 torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
-                          const Precision& precision, const torch::Tensor& normed) {
+                          const Precision& precision, const torch::Tensor& normed,
+                          const Capture& capture) {
   const Mamba2Layer view = Mamba2LayerView(weights, layer, precision);
   const int64_t batch = normed.size(0);
   const int64_t seq_len = normed.size(1);
@@ -96,6 +97,9 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
 
   // 2. Causal depthwise conv over xBC only, silu, then split x, B, C.
   xbc = torch::silu(CausalDepthwiseConv(xbc, view.conv_w, view.conv_b));  // [B, L, conv_dim]
+  const std::string state_group = LayerGroupName(layer, "state");
+  capture.Add(state_group, xbc.narrow(-1, inner, group_state));                // B [B, L, G·N]
+  capture.Add(state_group, xbc.narrow(-1, inner + group_state, group_state));  // C [B, L, G·N]
   // Heads of one group are contiguous (g(h) = h / heads_per_group): view the
   // head axis as [groups, heads_per_group] and let B, C broadcast over it.
   torch::Tensor hidden = xbc.narrow(-1, 0, inner).to(wide).reshape(
@@ -136,6 +140,15 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
 
   // 6. Gated RMSNorm (or the bare gate).
   torch::Tensor gated = GatedNorm(config, view, precision, scan_output, gate.to(wide));
+
+  capture.Add(LayerGroupName(layer, "headdim"), gated);
+  const std::string heads_group = LayerGroupName(layer, "heads");
+  if (capture.Wants(heads_group)) {
+    // One magnitude per head: invariant under the head's own headdim
+    // permutation, so it follows only the head map.
+    torch::Tensor per_head = gated.to(wide).reshape({batch, seq_len, heads, head_dim});
+    capture.Add(heads_group, per_head.pow(2).mean(-1).sqrt());  // [B, L, H]
+  }
 
   // 7. Final linear projection.
   return torch::linear(gated, view.out_proj_w, view.out_proj_b);  // [B, L, d_model]

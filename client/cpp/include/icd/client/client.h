@@ -2,8 +2,8 @@
 //
 // Every method is one RPC. Requests and responses are the generated proto
 // messages of proto/icd/v1/permutation.proto (icd::v1::...), so the fields and
-// their documentation are the service's own; the two streaming RPCs
-// (ReadTensors, WriteTensors) take and return whole tensors and do the
+// their documentation are the service's own; the streaming RPCs (ReadTensors,
+// WriteTensors, ComputePermutation) take and return whole values and do the
 // chunking. Errors come back as absl::Status with the server's code and
 // message (FromGrpcStatus): INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
 // PERMISSION_DENIED, FAILED_PRECONDITION, ABORTED, UNAUTHENTICATED, ...
@@ -19,12 +19,14 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "icd/v1/permutation.pb.h"
 
 namespace grpc {
@@ -46,9 +48,17 @@ struct ClientOptions {
   int max_message_mb = 256;
   // Null: an insecure channel.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
-  // ReadTensors/WriteTensors chunk size on the client's side.
+  // ReadTensors/WriteTensors/ComputePermutation chunk size on the client's
+  // side.
   int64_t chunk_bytes = int64_t{1} << 20;
 };
+
+// Where ComputePermutation's rows come from, one chunk at a time: appends at
+// most `max_rows` rows (row-major float32 [rows, channels]) to `rows`, which
+// arrives empty, and returns how many it appended; 0 ends the stream. An
+// error cancels the call (the server keeps nothing) and is returned as is.
+using TraceRowSource =
+    std::function<absl::StatusOr<int64_t>(int64_t max_rows, std::vector<float>& rows)>;
 
 // One whole tensor: raw little-endian bytes, row-major.
 struct Tensor {
@@ -101,11 +111,30 @@ class Client {
   absl::StatusOr<v1::ExportReport> ExportModel(const std::string& model,
                                                const std::string& path);
 
-  // Declared by the service; the server answers UNIMPLEMENTED for now.
+  // A permutation of one group from activation traces. `header` names the
+  // model, the group, its channel count (the group's size), the held-out rows
+  // and the solver options; the rows follow in chunks of at most
+  // ClientOptions::chunk_bytes (at least one row each), so a trace of any
+  // length streams in bounded memory on both sides. The result's
+  // `permutation` applies as is with ApplyPermutation.
+  absl::StatusOr<v1::PermutationResult> ComputePermutation(
+      const v1::TraceHeader& header, const TraceRowSource& source);
+  // Rows already in memory: row-major [rows.size() / channels, channels].
+  // `chunk_rows` > 0 fixes the rows per chunk instead.
+  absl::StatusOr<v1::PermutationResult> ComputePermutation(
+      const v1::TraceHeader& header, absl::Span<const float> rows,
+      int64_t chunk_rows = 0);
+  // The stream exactly as given, chunk by chunk, unchecked (tools, tests).
   absl::StatusOr<v1::PermutationResult> ComputePermutation(
       const std::vector<v1::TraceChunk>& chunks);
+
+  // Runs the model on the request's tokens, captures each group's
+  // activations and solves each; results in the order of request.groups (or
+  // GetSymmetries' order when empty).
   absl::StatusOr<v1::PermutationSet> CapturePermutation(
       const v1::CaptureRequest& request);
+
+  // Declared by the service; the server answers UNIMPLEMENTED for now.
   absl::StatusOr<v1::LatencyReport> MeasureLatency(
       const v1::LatencyRequest& request);
 

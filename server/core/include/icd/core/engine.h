@@ -24,6 +24,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "icd/core/export.h"
+#include "icd/core/traces.h"
 #include "icd/core/types.h"
 
 namespace icd {
@@ -82,6 +83,16 @@ class ICD_CORE_API Engine {
   absl::StatusOr<ExportResult> Export(const std::string& name,
                                       const std::string& path,
                                       const CallContext& ctx = {});
+
+  // Starts a ComputePermutation stream for one group of a loaded model:
+  // NotFound for an unknown model, InvalidArgument for an unknown group, a
+  // channel count other than the group's size or bad solver options.
+  absl::StatusOr<std::unique_ptr<TraceSession>> BeginTraces(const TraceHeader& header);
+
+  // Runs the model on the tokens under a shared lock, captures each group's
+  // activations (traces.h), and solves each group. Outputs are unchanged.
+  absl::StatusOr<std::vector<PermutationResult>> Capture(const CaptureRequest& request,
+                                                         const CallContext& ctx = {});
 
  private:
   class Impl;

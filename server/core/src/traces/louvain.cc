@@ -1,0 +1,326 @@
+#include "traces/louvain.h"
+
+#include <algorithm>
+#include <chrono>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace icd::traces {
+namespace {
+
+// A dense level graph on the CPU: row-major weights, self-loops on the
+// diagonal (aggregated communities), weighted degrees.
+struct LevelGraph {
+  int64_t nodes = 0;
+  torch::Tensor weights;  // [nodes, nodes] float64, CPU, contiguous
+  std::vector<double> degree;
+  double total = 0;  // 2m: the sum of all entries
+
+  const double* Row(int64_t node) const {
+    return weights.data_ptr<double>() + node * nodes;
+  }
+};
+
+LevelGraph MakeLevel(torch::Tensor weights) {
+  LevelGraph graph;
+  graph.nodes = weights.size(0);
+  graph.weights = weights.contiguous();
+  const torch::Tensor degree = graph.weights.sum(1);
+  graph.degree.assign(degree.data_ptr<double>(), degree.data_ptr<double>() + graph.nodes);
+  graph.total = degree.sum().item<double>();
+  return graph;
+}
+
+class Rng {
+ public:
+  explicit Rng(uint64_t seed) : state_(seed) {}
+  uint64_t Next() {
+    uint64_t z = (state_ += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  }
+  std::vector<int64_t> Order(int64_t n) {
+    std::vector<int64_t> order(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) order[static_cast<size_t>(i)] = i;
+    for (int64_t i = n - 1; i > 0; --i) {
+      const auto j = static_cast<int64_t>(Next() % static_cast<uint64_t>(i + 1));
+      std::swap(order[static_cast<size_t>(i)], order[static_cast<size_t>(j)]);
+    }
+    return order;
+  }
+
+ private:
+  uint64_t state_;
+};
+
+absl::Status Poll(const CallContext& ctx) {
+  if (ctx.cancelled && ctx.cancelled()) return absl::CancelledError("clustering cancelled");
+  if (ctx.deadline && std::chrono::steady_clock::now() > *ctx.deadline) {
+    return absl::DeadlineExceededError("deadline exceeded while clustering");
+  }
+  return absl::OkStatus();
+}
+
+// Relative slack so that rounding never counts as an improvement (and the
+// sweeps terminate).
+constexpr double kSlack = 1e-12;
+
+// Louvain's local moves: each node, in random order, goes to the community
+// (or an empty one) that raises modularity most, until a sweep moves none.
+absl::Status MoveNodes(const LevelGraph& graph, double resolution, Rng& rng,
+                       std::vector<int64_t>& community, const CallContext& ctx) {
+  const int64_t n = graph.nodes;
+  std::vector<double> total(static_cast<size_t>(n), 0), link(static_cast<size_t>(n), 0);
+  std::vector<int64_t> size(static_cast<size_t>(n), 0), touched;
+  std::vector<char> seen(static_cast<size_t>(n), 0);
+  for (int64_t i = 0; i < n; ++i) {
+    total[static_cast<size_t>(community[static_cast<size_t>(i)])] += graph.degree[static_cast<size_t>(i)];
+    ++size[static_cast<size_t>(community[static_cast<size_t>(i)])];
+  }
+  std::vector<int64_t> empty;
+  for (int64_t c = n - 1; c >= 0; --c) {
+    if (size[static_cast<size_t>(c)] == 0) empty.push_back(c);
+  }
+  const double scale = resolution / graph.total;
+  const std::vector<int64_t> order = rng.Order(n);
+  for (int sweep = 0; sweep < 1000; ++sweep) {
+    int64_t moved = 0;
+    for (int64_t node : order) {
+      const auto u = static_cast<size_t>(node);
+      const int64_t current = community[u];
+      const double* row = graph.Row(node);
+      touched.clear();
+      for (int64_t j = 0; j < n; ++j) {
+        if (j == node || row[j] == 0) continue;
+        const auto c = static_cast<size_t>(community[static_cast<size_t>(j)]);
+        if (!seen[c]) {
+          seen[c] = 1;
+          touched.push_back(static_cast<int64_t>(c));
+        }
+        link[c] += row[j];
+      }
+      const double degree = graph.degree[u];
+      total[static_cast<size_t>(current)] -= degree;
+      --size[static_cast<size_t>(current)];
+      if (size[static_cast<size_t>(current)] == 0) empty.push_back(current);
+      int64_t best = current;
+      double best_gain = link[static_cast<size_t>(current)] -
+                         scale * degree * total[static_cast<size_t>(current)];
+      const double slack = kSlack * (std::abs(best_gain) + degree);
+      for (int64_t c : touched) {
+        const double gain = link[static_cast<size_t>(c)] - scale * degree * total[static_cast<size_t>(c)];
+        if (gain > best_gain + slack) {  // ties keep the current community
+          best = c;
+          best_gain = gain;
+        }
+      }
+      if (best_gain < -slack) best = empty.back();  // alone is better
+      if (best == empty.back() && size[static_cast<size_t>(best)] == 0) empty.pop_back();
+      total[static_cast<size_t>(best)] += degree;
+      ++size[static_cast<size_t>(best)];
+      community[u] = best;
+      if (best != current) ++moved;
+      for (int64_t c : touched) {
+        link[static_cast<size_t>(c)] = 0;
+        seen[static_cast<size_t>(c)] = 0;
+      }
+    }
+    if (moved == 0) break;
+    if (absl::Status status = Poll(ctx); !status.ok()) return status;
+  }
+  return absl::OkStatus();
+}
+
+// Leiden's refinement: inside each community, start from singletons and merge
+// a node (still alone, well connected to its community) into the
+// well-connected sub-community that raises modularity most (greedy, θ → 0).
+// Sub-communities are therefore connected, which Louvain does not guarantee.
+std::vector<int64_t> Refine(const LevelGraph& graph, double resolution, Rng& rng,
+                            const std::vector<int64_t>& community) {
+  const int64_t n = graph.nodes;
+  const double scale = resolution / graph.total;
+  std::vector<int64_t> refined(static_cast<size_t>(n));
+  std::vector<double> sub_total(static_cast<size_t>(n)), sub_external(static_cast<size_t>(n)),
+      link(static_cast<size_t>(n), 0), community_total(static_cast<size_t>(n), 0),
+      node_external(static_cast<size_t>(n), 0);
+  std::vector<int64_t> sub_size(static_cast<size_t>(n), 1);
+  std::vector<std::vector<int64_t>> members(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    refined[static_cast<size_t>(i)] = i;
+    sub_total[static_cast<size_t>(i)] = graph.degree[static_cast<size_t>(i)];
+    community_total[static_cast<size_t>(community[static_cast<size_t>(i)])] +=
+        graph.degree[static_cast<size_t>(i)];
+  }
+  for (int64_t i : rng.Order(n)) members[static_cast<size_t>(community[static_cast<size_t>(i)])].push_back(i);
+  std::vector<int64_t> touched;
+  std::vector<char> seen(static_cast<size_t>(n), 0);
+  for (const std::vector<int64_t>& nodes : members) {
+    if (nodes.size() < 2) continue;
+    const double whole = community_total[static_cast<size_t>(community[static_cast<size_t>(nodes[0])])];
+    for (int64_t v : nodes) {
+      double external = 0;
+      const double* row = graph.Row(v);
+      for (int64_t u : nodes) {
+        if (u != v) external += row[u];
+      }
+      node_external[static_cast<size_t>(v)] = external;
+      sub_external[static_cast<size_t>(v)] = external;
+    }
+    for (int64_t v : nodes) {
+      const auto vi = static_cast<size_t>(v);
+      const double degree = graph.degree[vi];
+      if (sub_size[static_cast<size_t>(refined[vi])] != 1) continue;
+      if (node_external[vi] < scale * degree * (whole - degree)) continue;
+      const double* row = graph.Row(v);
+      touched.clear();
+      for (int64_t u : nodes) {
+        if (u == v || row[u] == 0) continue;
+        const auto s = static_cast<size_t>(refined[static_cast<size_t>(u)]);
+        if (!seen[s]) {
+          seen[s] = 1;
+          touched.push_back(static_cast<int64_t>(s));
+        }
+        link[s] += row[u];
+      }
+      int64_t best = refined[vi];
+      double best_gain = 0;
+      for (int64_t s : touched) {
+        const auto si = static_cast<size_t>(s);
+        const bool well_connected =
+            sub_external[si] >= scale * sub_total[si] * (whole - sub_total[si]);
+        if (!well_connected) continue;
+        const double gain = link[si] - scale * degree * sub_total[si];
+        if (gain > best_gain + kSlack * (gain + degree)) {
+          best = s;
+          best_gain = gain;
+        }
+      }
+      if (best != refined[vi]) {
+        const auto bi = static_cast<size_t>(best);
+        sub_external[bi] += node_external[vi] - 2 * link[bi];
+        sub_total[bi] += degree;
+        ++sub_size[bi];
+        sub_size[static_cast<size_t>(refined[vi])] = 0;
+        refined[vi] = best;
+      }
+      for (int64_t s : touched) {
+        link[static_cast<size_t>(s)] = 0;
+        seen[static_cast<size_t>(s)] = 0;
+      }
+    }
+  }
+  return refined;
+}
+
+// Labels renumbered 0..K-1 in order of first appearance; returns K.
+int64_t Compact(std::vector<int64_t>& labels) {
+  int64_t largest = 0;
+  for (int64_t label : labels) largest = std::max(largest, label);
+  std::vector<int64_t> renamed(static_cast<size_t>(largest) + 1, -1);
+  int64_t next = 0;
+  for (int64_t& label : labels) {
+    auto& slot = renamed[static_cast<size_t>(label)];
+    if (slot < 0) slot = next++;
+    label = slot;
+  }
+  return next;
+}
+
+double LevelModularity(const LevelGraph& graph, const std::vector<int64_t>& community,
+                       double resolution) {
+  const int64_t n = graph.nodes;
+  std::vector<double> total(static_cast<size_t>(n), 0);
+  double internal = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double* row = graph.Row(i);
+    const int64_t ci = community[static_cast<size_t>(i)];
+    total[static_cast<size_t>(ci)] += graph.degree[static_cast<size_t>(i)];
+    for (int64_t j = 0; j < n; ++j) {
+      if (community[static_cast<size_t>(j)] == ci) internal += row[j];
+    }
+  }
+  double expected = 0;
+  for (double t : total) expected += t * t;
+  return (internal - resolution * expected / graph.total) / graph.total;
+}
+
+// One Leiden pass from `membership` (labels of the original nodes).
+absl::Status LeidenPass(const LevelGraph& base, double resolution, Rng& rng,
+                        std::vector<int64_t>& membership, const CallContext& ctx) {
+  const int64_t n = base.nodes;
+  std::vector<int64_t> node_of(static_cast<size_t>(n));  // original node -> level node
+  for (int64_t i = 0; i < n; ++i) node_of[static_cast<size_t>(i)] = i;
+  LevelGraph graph = base;
+  std::vector<int64_t> community = membership;
+  while (true) {
+    if (absl::Status status = MoveNodes(graph, resolution, rng, community, ctx); !status.ok()) {
+      return status;
+    }
+    std::vector<int64_t> partition = community;
+    if (Compact(partition) == graph.nodes) break;  // every node alone: converged
+    std::vector<int64_t> refined = Refine(graph, resolution, rng, community);
+    int64_t level_nodes = Compact(refined);
+    if (level_nodes == graph.nodes) {
+      // No merge survived refinement: aggregate by the communities so the
+      // next level is smaller (plain Louvain step).
+      refined = partition;
+      level_nodes = Compact(refined);
+    }
+    // Aggregate: W' = S^T W S with S the refined indicator.
+    const torch::Tensor labels = torch::tensor(refined, torch::kInt64);
+    const torch::Tensor rows =
+        torch::zeros({level_nodes, graph.nodes}, torch::kFloat64).index_add_(0, labels, graph.weights);
+    LevelGraph next = MakeLevel(
+        torch::zeros({level_nodes, level_nodes}, torch::kFloat64).index_add_(1, labels, rows));
+    std::vector<int64_t> next_community(static_cast<size_t>(level_nodes));
+    for (int64_t v = 0; v < graph.nodes; ++v) {
+      next_community[static_cast<size_t>(refined[static_cast<size_t>(v)])] =
+          community[static_cast<size_t>(v)];
+    }
+    Compact(next_community);  // labels index per-level arrays: keep them < level_nodes
+    for (int64_t& node : node_of) node = refined[static_cast<size_t>(node)];
+    graph = std::move(next);
+    community = std::move(next_community);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    membership[static_cast<size_t>(i)] = community[static_cast<size_t>(node_of[static_cast<size_t>(i)])];
+  }
+  Compact(membership);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<int64_t>> LeidenCluster(const torch::Tensor& weights,
+                                                   const LeidenOptions& options,
+                                                   const CallContext& ctx) {
+  if (weights.dim() != 2 || weights.size(0) != weights.size(1)) {
+    return absl::InvalidArgumentError("clustering needs a square weight matrix");
+  }
+  const int64_t n = weights.size(0);
+  std::vector<int64_t> membership(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) membership[static_cast<size_t>(i)] = i;
+  torch::Tensor dense = weights.to(torch::kCPU, torch::kFloat64).clone();
+  dense.fill_diagonal_(0);
+  const LevelGraph base = MakeLevel(dense);
+  if (n == 0 || base.total <= 0) return membership;  // no edges: all singletons
+  Rng rng(options.seed);
+  double quality = LevelModularity(base, membership, options.resolution);
+  for (int iteration = 0; iteration < std::max(1, options.max_iterations); ++iteration) {
+    std::vector<int64_t> candidate = membership;
+    if (absl::Status status = LeidenPass(base, options.resolution, rng, candidate, ctx);
+        !status.ok()) {
+      return status;
+    }
+    const double candidate_quality = LevelModularity(base, candidate, options.resolution);
+    if (candidate_quality <= quality + kSlack * std::abs(quality)) break;
+    membership = std::move(candidate);
+    quality = candidate_quality;
+  }
+  return membership;
+}
+
+}  // namespace icd::traces

@@ -1,0 +1,310 @@
+#include "traces/solve.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "icd/core/status_macros.h"
+#include "symmetry.h"
+#include "traces/layout.h"
+#include "traces/louvain.h"
+#include "traces/nm_sparsity.h"
+
+namespace icd::traces {
+namespace {
+
+absl::Status Refuse(const std::string& field, const std::string& why) {
+  return absl::InvalidArgumentError(absl::StrCat("solver option ", field, ": ", why));
+}
+
+bool EndsWith(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() &&
+         text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// Swap passes of the block refinement, sized so that its GEMMs stay near
+// 2e11 multiply-adds whatever the group's width (a few seconds on two CPU
+// cores, milliseconds on a GPU).
+int RefinementPasses(int64_t channels, int64_t rows) {
+  const double work = 4.0 * static_cast<double>(channels) * static_cast<double>(channels) *
+                      static_cast<double>(std::max<int64_t>(rows, 1));
+  return static_cast<int>(std::clamp(2e11 / work, 1.0, 30.0));
+}
+constexpr int64_t kRefinementRows = 512;
+
+// Q must exceed the null by a quarter and by 0.01 before the clusters count
+// as structure: the null is one shuffle, so this margin is its noise plus a
+// safety factor (measured: unstructured traces land within a few percent).
+bool StructureFound(double modularity, double modularity_null) {
+  return modularity > 1.25 * modularity_null + 0.01;
+}
+
+}  // namespace
+
+absl::StatusOr<ResolvedOptions> ResolveSolverOptions(const SolverOptions& options) {
+  ResolvedOptions resolved;
+  if (options.objective.empty() || options.objective == "coactivation") {
+    resolved.objective = Objective::kCoactivation;
+  } else if (options.objective == "nm_sparsity") {
+    resolved.objective = Objective::kNmSparsity;
+  } else {
+    return Refuse("objective", absl::StrCat("'", options.objective,
+                                            "' is not one of coactivation, nm_sparsity"));
+  }
+  if (options.statistic.empty() || options.statistic == "correlation") {
+    resolved.statistic = Statistic::kCorrelation;
+  } else if (options.statistic == "coactivation") {
+    resolved.statistic = Statistic::kCoactivation;
+  } else if (options.statistic == "pmi") {
+    resolved.statistic = Statistic::kPmi;
+  } else {
+    return Refuse("statistic", absl::StrCat("'", options.statistic,
+                                            "' is not one of correlation, coactivation, pmi"));
+  }
+  if (options.activation_quantile != 0) {
+    if (!(options.activation_quantile > 0 && options.activation_quantile < 1)) {
+      return Refuse("activation_quantile", "must lie in (0, 1)");
+    }
+    resolved.activation_quantile = options.activation_quantile;
+  }
+  if (options.resolution != 0) {
+    if (!(options.resolution > 0 && std::isfinite(options.resolution))) {
+      return Refuse("resolution", "must be positive");
+    }
+    resolved.resolution = options.resolution;
+  }
+  resolved.seed = options.seed;
+  if (options.seeds < 0 || options.seeds > 64) return Refuse("seeds", "must lie in [0, 64]");
+  resolved.seeds = std::max(options.seeds, 1);
+  if (options.nm_n != 0 || options.nm_m != 0) {
+    if (options.nm_n < 1 || options.nm_m <= options.nm_n || options.nm_m > 64) {
+      return Refuse("nm_n/nm_m", absl::StrCat(options.nm_n, ":", options.nm_m,
+                                              " is not an N:M pattern with 1 <= N < M <= 64"));
+    }
+    resolved.nm_n = options.nm_n;
+    resolved.nm_m = options.nm_m;
+  }
+  if (options.preserve_block < 0) return Refuse("preserve_block", "must be >= 0");
+  if (options.preserve_block > 0 && resolved.objective == Objective::kNmSparsity) {
+    return Refuse("preserve_block", "applies to the coactivation objective only");
+  }
+  resolved.preserve_block = options.preserve_block;
+  if (!options.block_sizes.empty()) {
+    resolved.block_sizes = options.block_sizes;
+    for (int32_t size : resolved.block_sizes) {
+      if (size < 1) return Refuse("block_sizes", "every size must be positive");
+    }
+  }
+  return resolved;
+}
+
+StatsOptions StatsOptionsFor(const ResolvedOptions& options, int64_t channels,
+                             torch::Device device) {
+  StatsOptions stats;
+  stats.channels = channels;
+  stats.outer_products = options.statistic == Statistic::kCorrelation;
+  stats.coactivation = options.statistic != Statistic::kCorrelation;
+  stats.activation_quantile = options.activation_quantile;
+  stats.seed = options.seed;
+  stats.device = device;
+  return stats;
+}
+
+absl::StatusOr<torch::Tensor> NmSaliency(const GroupInfo& group, const Weights& weights,
+                                         const TraceStats& stats) {
+  // Linear layers reading the group: 2-D weights whose input axis (1) is a
+  // member, element for element. The embedding reads nothing, unless it is
+  // the tied head.
+  const bool tied_head = weights.count("lm_head.weight") == 0;
+  std::vector<torch::Tensor> parts;
+  for (const GroupMember& member : group.members) {
+    if (member.axis != 1 || member.expand != "identity" || !EndsWith(member.tensor, ".weight")) {
+      continue;
+    }
+    if (member.tensor == "backbone.embeddings.weight" && !tied_head) continue;
+    const torch::Tensor& weight = weights.at(member.tensor);
+    if (weight.dim() != 2) continue;
+    parts.push_back(weight.narrow(1, member.offset, member.length).abs().to(torch::kFloat32));
+  }
+  if (parts.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "group '", group.name, "': no Linear layer reads it, so nm_sparsity does not apply"));
+  }
+  torch::Tensor saliency = torch::cat(parts, 0);
+  if (stats.rows() > 0) {
+    const torch::Tensor rms =
+        (stats.sum_squares() / static_cast<double>(stats.rows())).sqrt().to(saliency.device());
+    saliency = saliency * rms.to(torch::kFloat32).unsqueeze(0);
+  }
+  return saliency;
+}
+
+absl::StatusOr<PermutationResult> SolveGroup(const GroupInfo& group, const TraceStats& stats,
+                                             const torch::Tensor& holdout,
+                                             const ResolvedOptions& options,
+                                             const Weights& weights, const CallContext& ctx) {
+  const auto start = std::chrono::steady_clock::now();
+  PermutationResult result;
+  result.permutation.group = group.name;
+  result.tokens = stats.rows();
+  ICD_ASSIGN_OR_RETURN(LayoutConstraints constraints,
+                       MakeConstraints(group, options.preserve_block));
+  // Block sizes wider than the group say nothing about it (one block holds
+  // everything): they are left out of this group's scores.
+  std::vector<int32_t> block_sizes;
+  for (int32_t size : options.block_sizes) {
+    if (size < group.size) block_sizes.push_back(size);
+  }
+  std::vector<int64_t> order;
+  const torch::Tensor rate =
+      stats.active_count() / static_cast<double>(std::max<int64_t>(stats.rows(), 1));
+  if (options.objective == Objective::kCoactivation) {
+    if (stats.rows() < 2) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "group '", group.name, "': ", stats.rows(),
+          " training rows; co-activation statistics need at least 2"));
+    }
+    LeidenOptions leiden{options.resolution, options.seed};
+    const torch::Tensor graph = BuildGraph(stats, options.statistic, /*null=*/false);
+    ICD_ASSIGN_OR_RETURN(Clustering clustering,
+                         ClusterAndOrder(graph, rate, constraints, leiden, ctx));
+    result.modularity = Modularity(graph, clustering.membership, options.resolution);
+    result.clusters = clustering.clusters;
+    const torch::Tensor null_graph = BuildGraph(stats, options.statistic, /*null=*/true);
+    ICD_ASSIGN_OR_RETURN(Clustering null_clustering,
+                         ClusterAndOrder(null_graph, rate, constraints, leiden, ctx));
+    result.modularity_null =
+        Modularity(null_graph, null_clustering.membership, options.resolution);
+    result.structure_found = StructureFound(result.modularity, result.modularity_null);
+    if (options.seeds > 1) {
+      double ari = 0;
+      for (int32_t extra = 1; extra < options.seeds; ++extra) {
+        LeidenOptions other = leiden;
+        other.seed = options.seed + static_cast<uint64_t>(extra);
+        ICD_ASSIGN_OR_RETURN(Clustering again, ClusterAndOrder(graph, rate, constraints, other, ctx));
+        ari += AdjustedRandIndex(clustering.membership, again.membership);
+      }
+      result.ari = ari / (options.seeds - 1);
+    }
+    order = std::move(clustering.order);
+    // Refine on the training sample for the first (smallest asked) block.
+    const torch::Tensor sample = stats.sample();
+    if (sample.size(0) > 0 && !block_sizes.empty()) {
+      const torch::Tensor active =
+          stats.Active(sample.narrow(0, 0, std::min<int64_t>(sample.size(0), kRefinementRows)));
+      order = RefineForBlocks(active, std::move(order), block_sizes.front(), constraints,
+                              RefinementPasses(group.size, active.size(0)));
+    }
+  } else {
+    ICD_ASSIGN_OR_RETURN(torch::Tensor saliency, NmSaliency(group, weights, stats));
+    NmOptions nm;
+    nm.n = options.nm_n;
+    nm.m = options.nm_m;
+    nm.block = constraints.segment == group.size ? 0 : constraints.segment;
+    nm.seed = options.seed;
+    ICD_ASSIGN_OR_RETURN(NmSolution solution, SolveNmPermutation(saliency, nm, ctx));
+    order = std::move(solution.order);
+    result.nm_efficacy = solution.efficacy;
+    result.nm_kept_identity = solution.kept_identity;
+    result.nm_kept_solved = solution.kept_solved;
+    result.nm_upper_bound = solution.upper_bound;
+  }
+  if (absl::Status valid = ValidatePermutation(group, order); !valid.ok()) {
+    return absl::InternalError(absl::StrCat("solver produced an invalid order: ", valid.message()));
+  }
+
+  // Blocks touched: on held-out rows; on the training sample when none.
+  torch::Tensor scored = holdout;
+  result.holdout_tokens = holdout.size(0);
+  if (scored.size(0) == 0) scored = stats.sample();
+  if (scored.size(0) > 0) {
+    const torch::Tensor active = stats.Active(scored.to(stats.options().device));
+    std::vector<int64_t> identity(static_cast<size_t>(group.size));
+    for (int64_t i = 0; i < group.size; ++i) identity[static_cast<size_t>(i)] = i;
+    for (int32_t size : block_sizes) {
+      result.blocks.push_back(icd::BlocksTouched{size, MeanBlocksTouched(active, identity, size),
+                                            MeanBlocksTouched(active, order, size)});
+    }
+  }
+  result.permutation.index = std::move(order);
+  result.solve_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  return result;
+}
+
+int64_t DefaultHoldout(int64_t rows) { return std::min<int64_t>(1024, rows / 5); }
+
+TraceSessionState::TraceSessionState(const TraceHeader& header, const ResolvedOptions& options,
+                                     torch::Device device, Solver solver)
+    : header_(header),
+      options_(options),
+      device_(device),
+      solver_(std::move(solver)),
+      stats_(StatsOptionsFor(options, header.channels, device)),
+      tail_(header.holdout_rows > 0 ? header.holdout_rows : 1024) {}
+
+absl::Status TraceSessionState::AddRows(std::string_view f32_le, int64_t rows) {
+  if (failed_) return *failed_;
+  const int64_t channels = header_.channels;
+  auto refuse = [&](std::string message) {
+    failed_ = absl::InvalidArgumentError(
+        absl::StrCat("group '", header_.group, "': ", message, "; nothing was kept"));
+    return *failed_;
+  };
+  if (rows < 0) return refuse(absl::StrCat("a chunk has ", rows, " rows"));
+  const auto expected = static_cast<uint64_t>(rows) * static_cast<uint64_t>(channels) * 4;
+  if (f32_le.size() != expected) {
+    return refuse(absl::StrCat("a chunk of ", rows, " rows of ", channels, " channels needs ",
+                               expected, " bytes of float32, got ", f32_le.size()));
+  }
+  if (rows == 0) return absl::OkStatus();
+  static_assert(sizeof(float) == 4);
+  torch::Tensor chunk = torch::empty({rows, channels}, torch::kFloat32);
+  std::memcpy(chunk.data_ptr<float>(), f32_le.data(), f32_le.size());  // little-endian hosts
+  if (!torch::isfinite(chunk).all().item<bool>()) {
+    const int64_t row = torch::isfinite(chunk).all(1).logical_not().nonzero()[0][0].item<int64_t>();
+    return refuse(absl::StrCat("row ", rows_seen_ + row, " holds a NaN or infinite value"));
+  }
+  rows_seen_ += rows;
+  try {
+    tail_.Add(chunk, [this](const torch::Tensor& released) { stats_.Add(released); });
+  } catch (const std::exception& e) {
+    failed_ = absl::InternalError(absl::StrCat("accumulating traces: ", e.what()));
+    return *failed_;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<PermutationResult> TraceSessionState::Finish(const CallContext& ctx) {
+  if (failed_) return *failed_;
+  try {
+    const int64_t keep =
+        header_.holdout_rows > 0 ? header_.holdout_rows : DefaultHoldout(rows_seen_);
+    const torch::Tensor holdout = tail_.Finish(
+        keep, header_.channels, [this](const torch::Tensor& released) { stats_.Add(released); });
+    stats_.Finish();
+    return solver_(stats_, holdout, ctx);
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("solving: ", e.what()));
+  }
+}
+
+}  // namespace icd::traces
+
+namespace icd {
+
+TraceSession::TraceSession(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+TraceSession::~TraceSession() = default;
+
+absl::Status TraceSession::AddRows(std::string_view f32_le, int64_t rows) {
+  return impl_->AddRows(f32_le, rows);
+}
+
+absl::StatusOr<PermutationResult> TraceSession::Finish(const CallContext& ctx) {
+  return impl_->Finish(ctx);
+}
+
+}  // namespace icd

@@ -3,11 +3,13 @@
 //
 //   cluster_bench --nodes 4096 --graph planted|noise [--seed S]
 //                 [--device cpu|cuda] [--resolution R] [--save graph.npy]
+//                 [--save-labels labels.txt]
 //   cluster_bench --load graph.npy ...
 //
 // planted: communities of 64 nodes, weights U(0.5, 1) inside and U(0, 0.4)
 // across; noise: U(0, 1) everywhere. Both symmetric with a zero diagonal.
-// --save writes the graph (float64 .npy) for a reference solver (igraph).
+// --save writes the graph (float64 .npy) for a reference solver (igraph);
+// --save-labels the partition, one label per line.
 #include <torch/torch.h>
 
 #include <chrono>
@@ -83,7 +85,7 @@ torch::Tensor LoadNpy(const std::string& path) {
 
 int main(int argc, char** argv) {
   int64_t nodes = 1024;
-  std::string kind = "planted", device = "cpu", save, load;
+  std::string kind = "planted", device = "cpu", save, load, save_labels;
   uint64_t seed = 1;
   double resolution = 1.0;
   for (int i = 1; i < argc; ++i) {
@@ -99,6 +101,7 @@ int main(int argc, char** argv) {
     else if (flag == "--resolution") resolution = std::stod(value());
     else if (flag == "--save") save = value();
     else if (flag == "--load") load = value();
+    else if (flag == "--save-labels") save_labels = value();
     else {
       std::cerr << "usage: cluster_bench --nodes N --graph planted|noise [--seed S] [--device D]"
                    " [--resolution R] [--save F.npy] | --load F.npy\n";
@@ -119,6 +122,10 @@ int main(int argc, char** argv) {
   }
   int64_t clusters = 0;
   for (int64_t label : *labels) clusters = std::max(clusters, label + 1);
+  if (!save_labels.empty()) {
+    std::ofstream out(save_labels);
+    for (int64_t label : *labels) out << label << "\n";
+  }
   std::printf(
       "{\"nodes\": %lld, \"graph\": \"%s\", \"seed\": %llu, \"device\": \"%s\", \"threads\": %d, "
       "\"seconds\": %.4f, \"modularity\": %.10f, \"clusters\": %lld}\n",

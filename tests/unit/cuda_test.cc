@@ -111,6 +111,33 @@ TEST_P(CudaTest, BFloat16ApplyVerify) {
               verify->rel_l2, vs_golden);
 }
 
+// Traces on the GPU: capture every group on cuda (statistics on the device),
+// solve, apply all together: still HF's function.
+TEST_P(CudaTest, CaptureSolvesEveryGroupAndAppliesExactly) {
+  for (const char* dtype : {"float32", "bfloat16"}) {
+    LoadOptions options;
+    options.dtype = dtype;
+    const std::string name = std::string("capture-") + dtype;
+    ASSERT_TRUE(engine_.Load(name, source_, options).ok());
+    CaptureRequest request;
+    request.model = name;
+    request.input_ids = golden_.input_ids;
+    request.batch = golden_.batch;
+    auto results = engine_.Capture(request);
+    ASSERT_TRUE(results.ok()) << dtype << ": " << results.status();
+    std::vector<Permutation> permutations;
+    for (const PermutationResult& result : *results) permutations.push_back(result.permutation);
+    auto report = engine_.Apply(name, permutations);
+    ASSERT_TRUE(report.ok()) << report.status();
+    EXPECT_TRUE(report->correctness.ok) << dtype << " rel_l2 " << report->correctness.rel_l2;
+    if (std::string(dtype) == "float32") {
+      EXPECT_LE(RelL2(Logits(name), golden_.logits), kGoldenTolerance);
+    }
+    std::printf("[cuda] %s %s capture: %zu groups solved, apply check rel_l2 %.3g\n",
+                Name().c_str(), dtype, results->size(), report->correctness.rel_l2);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaTest, ::testing::ValuesIn(testing::GoldenCases()),
                          [](const auto& param_info) {
                            std::string name = param_info.param.fixture + "_" + param_info.param.layout;

@@ -24,6 +24,7 @@
 #   ICD_REQUIRE_CUDA  1: fail when CUDA is not available or cuda_test skips
 #                     (default: 1; 0 to build/test on a CPU-only torch)
 #   ICD_COMMIT        commit recorded in versions.txt (default: git rev-parse HEAD)
+#   ICD_BUILD_BENCH   1: also build bench/ (never fatal)      (default: 1)
 #   ICD_LOG_DIR       if set, logs are written there as well (configure,
 #                     build, ctest, cuda_test, versions)
 #
@@ -150,6 +151,10 @@ run_logged build-server cmake --build "$BUILD_DIR" -j"$JOBS" --target icd-server
   log "icd-server failed to build"; status=1; }
 [[ "$status" == 0 ]] && "$BUILD_DIR/server/icd-server" --help > /dev/null 2>&1 &&
   log "icd-server runs (--help)"
+# Benchmarks (bench/): built when asked, never fatal to the script.
+if [[ "${ICD_BUILD_BENCH:-1}" == 1 && -d "$BUILD_DIR/bench" ]]; then
+  run_logged build-bench make -C "$BUILD_DIR/bench" -j"$JOBS" all || log "some benchmarks failed to build"
+fi
 
 [[ "$RUN_TESTS" == 1 ]] || { log "built (tests not run)"; exit "$status"; }
 

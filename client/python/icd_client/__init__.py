@@ -385,12 +385,16 @@ class Client:
     def apply(self, name, permutations, expected_version=0, skip_verify=False):
         """ApplyPermutation -> ApplyReport(version, correctness, apply_ms,
         groups, verified, verify_ms). ``permutations``: a dict group -> indices
-        (applied in the dict's order) or a list of (group, indices); indices
-        are a numpy array or a list of ints (gathers: new j holds old p[j])."""
+        (applied in the dict's order), a list of (group, indices), or a list of
+        Permutation / PermutationResult messages (what compute_permutation and
+        capture_permutation return); indices are a numpy array or a list of
+        ints (gathers: new j holds old p[j])."""
         items = permutations.items() if hasattr(permutations, "items") else permutations
         request = pb.ApplyRequest(model=name, skip_verify=skip_verify,
                                   expected_version=int(expected_version))
-        for group, index in items:
+        for item in items:
+            item = getattr(item, "permutation", item)
+            group, index = (item.group, item.index) if hasattr(item, "group") else item
             request.permutations.add(
                 group=group, index=np.asarray(index, dtype=np.int64).ravel().tolist())
         return self._call(self._stub.ApplyPermutation, request)

@@ -38,8 +38,12 @@ constexpr int64_t kRefinementRows = 512;
 // Q must exceed the null by a quarter and by 0.01 before the clusters count
 // as structure: the null is one shuffle, so this margin is its noise plus a
 // safety factor (measured: unstructured traces land within a few percent).
-bool StructureFound(double modularity, double modularity_null) {
-  return modularity > 1.25 * modularity_null + 0.01;
+// A group narrower than the smallest default block (16) never claims any:
+// one block holds it whole, so there is no block to save, and its one-shuffle
+// null is too noisy to tell.
+constexpr int64_t kMinStructureChannels = 16;
+bool StructureFound(int64_t channels, double modularity, double modularity_null) {
+  return channels >= kMinStructureChannels && modularity > 1.25 * modularity_null + 0.01;
 }
 
 }  // namespace
@@ -178,7 +182,8 @@ absl::StatusOr<PermutationResult> SolveGroup(const GroupInfo& group, const Trace
                          ClusterAndOrder(null_graph, rate, constraints, leiden, ctx));
     result.modularity_null =
         Modularity(null_graph, null_clustering.membership, options.resolution);
-    result.structure_found = StructureFound(result.modularity, result.modularity_null);
+    result.structure_found =
+        StructureFound(group.size, result.modularity, result.modularity_null);
     if (options.seeds > 1) {
       double ari = 0;
       for (int32_t extra = 1; extra < options.seeds; ++extra) {

@@ -61,8 +61,9 @@ struct PermutationResult {
   double modularity = 0;  // Q of the solved partition on the statistic's graph
   // Q the same solver reaches on rows shuffled independently per channel.
   double modularity_null = 0;
-  // True when Q exceeds the null by more than its noise; otherwise the
-  // clusters are not evidence of structure and no gain is claimed.
+  // True when Q exceeds the null by more than its noise (Q > 1.25 null +
+  // 0.01) in a group of at least 16 channels; otherwise the clusters are not
+  // evidence of structure and no gain is claimed.
   bool structure_found = false;
   double ari = 0;  // mean ARI across seeds; 0 when seeds <= 1
   int64_t clusters = 0;

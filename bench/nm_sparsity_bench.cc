@@ -11,6 +11,7 @@
 //       activation norm (|W|·‖x‖-like saliency)              2 seeds each
 //   the same 5120 x 2752 with block = 64 (a Mamba-2 head)     1 seed
 #include <torch/torch.h>
+#include <torch/version.h>
 
 #include <chrono>
 #include <cstdio>
@@ -96,8 +97,12 @@ int main(int argc, char** argv) {
     return 2;
   }
   const torch::Device device(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
-  std::printf("device: %s; LibTorch threads: %d\n", device_name.c_str(),
-              torch::get_num_threads());
+  std::string device_label = device_name;
+  if (device.is_cuda()) {
+    device_label += " (" + std::to_string(torch::cuda::device_count()) + " visible)";
+  }
+  std::printf("device: %s; LibTorch %s, %d intra-op threads\n", device_label.c_str(),
+              TORCH_VERSION, torch::get_num_threads());
 
   bool ok = true;
   const std::vector<Case> small = {

@@ -21,23 +21,23 @@ namespace {
 // Stripes per assignment set: the Hungarian step is O(set³) on the host and
 // the gain matrix O(set² · rows) on the device; 32 keeps both small.
 constexpr int64_t kAssignmentSet = 32;
-// Pair move: at most this many splits of a pair's 2m columns are evaluated.
-constexpr int64_t kMaxSplits = 70;
-// Pair move: all pairs of stripes of each block are kept evaluated when a
-// full evaluation costs at most this many scalar evaluations; else a random
-// perfect matching each round.
-constexpr double kAllPairsWork = 4e7;
-// Elements of one temporary (8 MiB in float32). Temporaries this small are
-// reused by the allocator; large fresh ones cost page faults, which dominate
-// on some hosts.
+// Pair move: at most this many splits of a pair's 2m columns are evaluated
+// (all of them for m <= 4: 35 for 2:4; single exchanges only for m = 5..16,
+// up to kMaxSingleSplits; no pair move beyond).
+constexpr double kMaxSplits = 70;
+constexpr double kMaxSingleSplits = 300;
+// Elements of one batch of candidates (8 MiB in float32). The search works
+// in scratch buffers of this order, allocated once: fresh large temporaries
+// cost page faults, which dominate on some hosts.
 constexpr int64_t kBatchElements = int64_t{1} << 21;
-// Automatic rounds: about this many scalar evaluations in all, within bounds.
+// Automatic rounds: until moves have cost about this many scalar
+// evaluations (about 70 rounds for 2752 x 5120, 2:4), within bounds.
 constexpr double kWorkBudget = 1.2e10;
 constexpr int64_t kMinRounds = 16;
-constexpr int64_t kMaxRounds = 400;
+constexpr int64_t kMaxRounds = 3000;
 // A descent ends after this many consecutive rounds without improvement.
-constexpr int64_t kPatience = 6;
-// A kick re-deals the columns of this many random stripes of one block.
+constexpr int64_t kPatience = 12;
+// A kick deals the columns of this many random stripes of one block afresh.
 constexpr int64_t kKickStripes = 3;
 
 // Portable, seeded stream (splitmix64): the same on every platform and
@@ -71,35 +71,57 @@ torch::Tensor IndexTensor(const std::vector<int64_t>& values, torch::Device devi
 // Rows per chunk when a row holds `width` elements.
 int64_t ChunkRows(int64_t width) { return std::max<int64_t>(1, kBatchElements / width); }
 
-// The n largest entries along `dim` of x, largest first, each with `dim`
-// removed: an insertion network of elementwise max/min. For the small m of
-// N:M patterns it is several times faster than topk, on any device.
-std::vector<torch::Tensor> TopN(const torch::Tensor& x, int64_t n, int64_t dim) {
-  std::vector<torch::Tensor> top;
-  for (int64_t j = 0; j < x.size(dim); ++j) {
-    torch::Tensor carry = x.select(dim, j);
-    for (size_t k = 0; k < top.size(); ++k) {
-      torch::Tensor larger = torch::max(top[k], carry);
-      // Once the list is full its last loser drops out: not computed.
-      if (k + 1 < top.size() || static_cast<int64_t>(top.size()) < n) {
-        carry = torch::min(top[k], carry);
-      }
-      top[k] = std::move(larger);
-    }
-    if (static_cast<int64_t>(top.size()) < n) top.push_back(carry);
+// A buffer reused across calls: views of the shape asked for, reallocated
+// only when a larger one is needed.
+class Scratch {
+ public:
+  torch::Tensor Get(at::IntArrayRef shape, const torch::TensorOptions& options) {
+    int64_t numel = 1;
+    for (int64_t size : shape) numel *= size;
+    if (!storage_.defined() || storage_.numel() < numel) storage_ = torch::empty({numel}, options);
+    return storage_.narrow(0, 0, numel).view(shape);
   }
-  return top;
+
+ private:
+  torch::Tensor storage_;
+};
+
+// Reorders x along `dim` in place so that its first n entries are its n
+// largest, largest first (the rest is left in no particular order): an
+// insertion network of elementwise maximum/minimum, several times faster
+// than topk for the small m of N:M patterns, on any device, and allocation
+// free. scratch: a buffer of x.select(dim, 0)'s shape.
+void TopNInPlace(const torch::Tensor& x, int64_t n, int64_t dim, const torch::Tensor& scratch) {
+  for (int64_t j = 1; j < x.size(dim); ++j) {
+    const torch::Tensor slot_j = x.select(dim, j);
+    torch::Tensor carry = slot_j, spare = scratch;
+    const int64_t filled = std::min(j, n);  // slots 0..filled-1: the top so far
+    for (int64_t k = 0; k < filled; ++k) {
+      torch::Tensor slot = x.select(dim, k);
+      if (k + 1 == filled && filled == n) {
+        torch::maximum_out(slot, slot, carry);  // the loser drops out
+        break;
+      }
+      torch::minimum_out(spare, slot, carry);
+      torch::maximum_out(slot, slot, carry);
+      std::swap(carry, spare);  // the old carry's storage is free now
+    }
+    if (filled < n && carry.data_ptr() != slot_j.data_ptr()) slot_j.copy_(carry);
+  }
 }
 
-// Σ of the n largest entries along `dim` of x.
-torch::Tensor TopNSum(const torch::Tensor& x, int64_t n, int64_t dim) {
+// The n largest entries of x along `dim`: their sum and the n-th largest,
+// both with `dim` removed. x may be overwritten. spare: scratch of
+// x.select(dim, 0)'s shape. The insertion network costs O(n·m) passes, so
+// topk takes over for large patterns.
+std::pair<torch::Tensor, torch::Tensor> TopNSumAndNth(const torch::Tensor& x, int64_t n,
+                                                      int64_t dim, const torch::Tensor& spare) {
   if (n * x.size(dim) > 64) {
-    return std::get<0>(x.topk(n, dim, /*largest=*/true, /*sorted=*/false)).sum(dim);
+    const torch::Tensor top = std::get<0>(x.topk(n, dim, /*largest=*/true, /*sorted=*/true));
+    return {top.sum(dim), top.select(dim, n - 1)};
   }
-  std::vector<torch::Tensor> top = TopN(x, n, dim);
-  torch::Tensor sum = top[0].clone();
-  for (size_t k = 1; k < top.size(); ++k) sum += top[k];
-  return sum;
+  TopNInPlace(x, n, dim, spare);
+  return {x.narrow(dim, 0, n).sum(dim), x.select(dim, n - 1)};
 }
 
 // Minimum-cost perfect assignment of a square matrix (row-major, size
@@ -221,9 +243,9 @@ struct Move {
   std::vector<int64_t> dst, src;
 };
 
-// Local search over column orders of one saliency matrix. Every move is
+// Local search over the column order of one saliency matrix. Moves are
 // evaluated exactly (up to float rounding, guarded by a tolerance) and
-// applied only where it keeps more.
+// applied only where they keep more.
 class NmSearch {
  public:
   NmSearch(const torch::Tensor& saliency, const NmOptions& options,
@@ -234,76 +256,62 @@ class NmSearch {
         stripes_(saliency.size(1) / options.m),
         stripes_per_block_((options.block > 0 ? options.block : saliency.size(1)) / options.m),
         device_(saliency.device()),
+        options_(saliency.options()),
         order_(start),
-        rng_(options.seed),
-        dirty_(static_cast<size_t>(stripes_), true) {
+        rng_(options.seed) {
     // Columns as rows, so that a stripe is a contiguous [m, rows] slab.
-    columns_ = torch::empty({saliency.size(1), rows_}, saliency.options());
+    columns_ = torch::empty({saliency.size(1), rows_}, options_);
     const int64_t chunk = ChunkRows(rows_);
     for (int64_t first = 0; first < saliency.size(1); first += chunk) {
       const int64_t length = std::min(chunk, saliency.size(1) - first);
       const std::vector<int64_t> sources(order_.begin() + first, order_.begin() + first + length);
-      columns_.narrow(0, first, length).copy_(
-          saliency.index_select(1, IndexTensor(sources, device_)).t());
+      torch::Tensor gathered = gather_scratch_.Get({rows_, length}, options_);
+      torch::index_select_out(gathered, saliency, 1, IndexTensor(sources, device_));
+      columns_.narrow(0, first, length).copy_(gathered.t());
     }
     // float32 sums of a few thousand terms are good to ~1e-7 relative: gains
     // below 1e-6 of what is at stake are rounding, not improvements.
     relative_tolerance_ = saliency.scalar_type() == torch::kFloat32 ? 1e-6 : 1e-11;
     BuildSplits();
-    all_pairs_ = static_cast<double>(stripes_) * static_cast<double>(stripes_per_block_ - 1) / 2 *
-                     PairCost() <= kAllPairsWork;
     stripe_scale_ = Kept() / static_cast<double>(stripes_);
-    if (all_pairs_) {
-      const auto entries = static_cast<size_t>(stripes_ * stripes_per_block_);
-      pair_gain_.assign(entries, 0);
-      pair_split_.assign(entries, 0);
-    }
   }
 
   const std::vector<int64_t>& order() const { return order_; }
 
-  // Scalar evaluations of one round, roughly.
-  double WorkPerRound() const {
-    const double set = static_cast<double>(std::min(kAssignmentSet, stripes_per_block_));
-    const double assignment = static_cast<double>(stripes_) * set * static_cast<double>(rows_);
-    // All pairs: after the first round only pairs of changed stripes.
-    const double pairs = static_cast<double>(stripes_) * (all_pairs_ ? 1.0 : 0.5);
-    return assignment + pairs * PairCost();
-  }
+  // Scalar evaluations spent on moves so far, roughly: what bounds the
+  // automatic round count (a measure of work, unlike time, is deterministic).
+  double Work() const { return work_; }
 
-  // Rounds without improvement that end a descent: every pair was examined
-  // (all pairs each round, or about one random matching per other stripe).
-  int64_t Patience() const {
-    return all_pairs_ ? kPatience : std::max(kPatience, stripes_per_block_ - 1);
-  }
-
-  // An assignment move, then a pair move. Returns whether either improved.
+  // An assignment move; where it finds nothing, a pair move (a different
+  // neighbourhood: exchanges of up to m/2 columns between two stripes).
+  // The assignment move is the cheaper per gain on large matrices.
+  // Returns whether anything improved.
   bool Round() {
-    bool improved = false;
-    for (int move = 0; move < 2; ++move) {
-      const std::vector<Move> moves = move == 0 ? AssignmentMoves() : PairMoves();
-      if (moves.empty()) continue;
-      Apply(moves);
-      improved = true;
-    }
-    return improved;
+    std::vector<Move> moves = AssignmentMoves();
+    if (moves.empty()) moves = PairMoves();
+    if (moves.empty()) return false;
+    Apply(moves);
+    return true;
   }
 
   // Saliency the current order keeps (float64).
-  double Kept() const {
+  double Kept() {
     double kept = 0;
     const int64_t chunk = std::max<int64_t>(1, kBatchElements / (m_ * rows_));
     for (int64_t first = 0; first < stripes_; first += chunk) {
       const int64_t length = std::min(chunk, stripes_ - first);
-      const torch::Tensor stripes =
-          columns_.narrow(0, first * m_, length * m_).view({length, m_, rows_});
-      kept += TopNSum(stripes, n_, 1).sum(-1).to(torch::kFloat64).sum().item<double>();
+      const torch::Tensor stripes = stripe_scratch_.Get({length, m_, rows_}, options_);
+      stripes.copy_(columns_.narrow(0, first * m_, length * m_).view({length, m_, rows_}));
+      const torch::Tensor stripe_kept =
+          TopNSumAndNth(stripes, n_, 1, spare_scratch_.Get({length, rows_}, options_)).first;
+      // Row sums in the saliency's dtype, the total in float64.
+      kept += stripe_kept.sum(0).to(torch::kFloat64).sum().item<double>();
     }
     return kept;
   }
 
   // Leaves a local optimum: the columns of a few random stripes of one random
-  // block are dealt again at random.
+  // block are dealt afresh at random.
   void Kick() {
     const int64_t block = rng_.Below(stripes_ / stripes_per_block_);
     std::vector<int64_t> stripes(static_cast<size_t>(stripes_per_block_));
@@ -335,55 +343,79 @@ class NmSearch {
   }
 
  private:
-  double PairCost() const { return static_cast<double>(splits_ * 2 * m_ * rows_); }
-
   double Tolerance(double at_stake) const {
     return relative_tolerance_ * std::max(at_stake, stripe_scale_);
   }
 
-  // Splits of a pair's 2m columns (A = 0..m-1, B = m..2m-1) into two stripes,
-  // the first holding column 0 (the two stripes are interchangeable), nearest
-  // first; split 0 is the identity.
+  // Splits of a pair's 2m columns (stripe A: 0..m-1, B: m..2m-1) into two
+  // stripes that exchange d columns: d = 0 (split 0, the identity), 1, 2, ...
+  // up to the largest d whose splits all fit in kMaxSplits, single exchanges
+  // at least (none, and no pair move, when m is so large that even those
+  // exceed kMaxSingleSplits). Each split: the first stripe's m columns, then
+  // the second's.
   void BuildSplits() {
-    std::vector<std::pair<int64_t, std::vector<int64_t>>> found;  // (distance, members)
-    std::vector<int64_t> members = {0};
-    const auto recurse = [&](const auto& self, int64_t next) -> void {
-      if (static_cast<int64_t>(members.size()) == m_) {
-        int64_t taken = 0;  // members from stripe B
-        for (int64_t member : members) taken += member >= m_ ? 1 : 0;
-        found.emplace_back(std::min(taken, m_ - taken), members);
-        return;
+    const auto binomial = [](int64_t count, int64_t size) {
+      double value = 1;
+      for (int64_t i = 1; i <= size; ++i) {
+        value = value * static_cast<double>(count - size + i) / static_cast<double>(i);
       }
-      for (int64_t column = next; column < 2 * m_; ++column) {
-        members.push_back(column);
-        self(self, column + 1);
-        members.pop_back();
-      }
+      return value;
     };
-    recurse(recurse, 1);
-    std::stable_sort(found.begin(), found.end(),
-                     [](const auto& a, const auto& b) { return a.first < b.first; });
-    // The largest distance (columns exchanged) whose splits all fit; single
-    // swaps at least.
+    // C(m, d)² exchanges of d columns; at d = m/2 exchanging X for Y and
+    // A\X for B\Y give the same two stripes, so half as many splits.
+    const auto splits_at = [&](int64_t d) {
+      const double exchanges = binomial(m_, d) * binomial(m_, d);
+      return 2 * d == m_ ? exchanges / 2 : exchanges;
+    };
+    double total = 1 + splits_at(1);
+    if (total > kMaxSingleSplits) return;
     int64_t max_distance = 1;
-    for (int64_t distance = 2; distance <= m_ / 2; ++distance) {
-      const auto count = std::count_if(found.begin(), found.end(),
-                                       [&](const auto& s) { return s.first <= distance; });
-      if (count > kMaxSplits) break;
-      max_distance = distance;
+    for (int64_t d = 2; 2 * d <= m_ && total + splits_at(d) <= kMaxSplits; ++d) {
+      total += splits_at(d);
+      max_distance = d;
     }
-    for (const auto& [distance, subset] : found) {
-      if (distance > max_distance) continue;
-      std::vector<bool> in_first(static_cast<size_t>(2 * m_), false);
-      for (int64_t member : subset) in_first[static_cast<size_t>(member)] = true;
-      for (int64_t column = 0; column < 2 * m_; ++column) {
-        (in_first[static_cast<size_t>(column)] ? split_first_host_ : split_second_host_)
-            .push_back(column);
+    // The size-subsets of 0..count-1.
+    const auto subsets = [](int64_t count, int64_t size) {
+      std::vector<std::vector<int64_t>> found;
+      std::vector<int64_t> chosen;
+      const auto recurse = [&](const auto& self, int64_t next) -> void {
+        if (static_cast<int64_t>(chosen.size()) == size) {
+          found.push_back(chosen);
+          return;
+        }
+        for (int64_t i = next; i < count; ++i) {
+          chosen.push_back(i);
+          self(self, i + 1);
+          chosen.pop_back();
+        }
+      };
+      recurse(recurse, 0);
+      return found;
+    };
+    std::vector<int64_t> both_sides(static_cast<size_t>(2 * m_));
+    std::iota(both_sides.begin(), both_sides.end(), 0);  // the identity
+    for (int64_t d = 1; d <= max_distance; ++d) {
+      const std::vector<std::vector<int64_t>> choices = subsets(m_, d);
+      for (const std::vector<int64_t>& leaving_a : choices) {
+        if (2 * d == m_ && leaving_a.front() == 0) continue;  // the mirror of another split
+        for (const std::vector<int64_t>& leaving_b : choices) {
+          std::vector<bool> moves(static_cast<size_t>(2 * m_), false);
+          for (int64_t j : leaving_a) moves[static_cast<size_t>(j)] = true;
+          for (int64_t j : leaving_b) moves[static_cast<size_t>(m_ + j)] = true;
+          // First stripe: A's staying columns and B's leaving ones; second:
+          // the rest.
+          for (bool first : {true, false}) {
+            for (int64_t column = 0; column < 2 * m_; ++column) {
+              const bool from_a = column < m_, moving = moves[static_cast<size_t>(column)];
+              if ((from_a != moving) == first) both_sides.push_back(column);
+            }
+          }
+        }
       }
     }
-    splits_ = static_cast<int64_t>(split_first_host_.size()) / m_;
-    split_first_ = IndexTensor(split_first_host_, device_);
-    split_second_ = IndexTensor(split_second_host_, device_);
+    splits_ = static_cast<int64_t>(both_sides.size()) / (2 * m_);
+    split_columns_host_ = both_sides;
+    split_columns_ = IndexTensor(both_sides, device_);
   }
 
   // The stripes of each block, shuffled.
@@ -417,40 +449,48 @@ class NmSearch {
     std::vector<Move> moves;
     for (const auto& [size, sets] : sets_by_size) {
       const auto count = static_cast<int64_t>(sets.size());
-      std::vector<int64_t> ejected, remaining_positions;
+      // Per set: the ejected positions, then each stripe's m-1 remaining ones.
+      std::vector<int64_t> positions;
+      positions.reserve(static_cast<size_t>(count * size * m_));
+      std::vector<int64_t> ejected;
       for (const std::vector<int64_t>& set : sets) {
-        for (int64_t stripe : set) {
-          const int64_t slot = rng_.Below(m_);
+        const size_t set_begin = positions.size();
+        positions.resize(set_begin + static_cast<size_t>(size * m_));
+        for (size_t i = 0; i < set.size(); ++i) {
+          const int64_t stripe = set[i], slot = rng_.Below(m_);
           ejected.push_back(stripe * m_ + slot);
+          positions[set_begin + i] = stripe * m_ + slot;
+          size_t next = set_begin + set.size() + i * static_cast<size_t>(m_ - 1);
           for (int64_t j = 0; j < m_; ++j) {
-            if (j != slot) remaining_positions.push_back(stripe * m_ + j);
+            if (j != slot) positions[next++] = stripe * m_ + j;
           }
         }
       }
-      const torch::Tensor ejected_index = IndexTensor(ejected, device_);
-      const torch::Tensor remaining_index = IndexTensor(remaining_positions, device_);
+      const torch::Tensor position_index = IndexTensor(positions, device_);
+      // The gain matrices, and the top-n network (about 2n passes) per column.
+      work_ += static_cast<double>(count * size * (size + 2 * n_ * m_) * rows_);
       std::vector<torch::Tensor> gain_parts, base_parts;
-      const int64_t batch = std::max<int64_t>(1, kBatchElements / (size * std::max(size, m_) * rows_));
+      const int64_t batch =
+          std::max<int64_t>(1, kBatchElements / (size * std::max(size, m_) * rows_));
       for (int64_t from = 0; from < count; from += batch) {
         const int64_t length = std::min(batch, count - from);
-        const torch::Tensor incoming =
-            columns_.index_select(0, ejected_index.narrow(0, from * size, length * size))
-                .view({length, size, 1, rows_});
+        torch::Tensor gathered = gather_scratch_.Get({length * size * m_, rows_}, options_);
+        torch::index_select_out(gathered, columns_, 0,
+                                position_index.narrow(0, from * size * m_, length * size * m_));
+        gathered = gathered.view({length, size * m_, rows_});
+        const torch::Tensor incoming = gathered.narrow(1, 0, size).unsqueeze(2);
         const torch::Tensor remaining =
-            columns_
-                .index_select(0, remaining_index.narrow(0, from * size * (m_ - 1),
-                                                        length * size * (m_ - 1)))
-                .view({length, size, m_ - 1, rows_});
-        // The n largest of a stripe's remaining m-1 columns: their sum (base)
-        // and the n-th (threshold). With column y added the stripe keeps
+            gathered.narrow(1, size, size * (m_ - 1)).view({length, size, m_ - 1, rows_});
+        // Each stripe's n largest remaining: their sum (base) and the n-th
+        // (threshold). With column y added the stripe keeps
         // base + Σ_rows max(0, y - threshold).
-        const std::vector<torch::Tensor> top = TopN(remaining, n_, 2);
-        torch::Tensor base = top[0].clone();
-        for (size_t k = 1; k < top.size(); ++k) base += top[k];
+        const auto [base, nth] =
+            TopNSumAndNth(remaining, n_, 2, spare_scratch_.Get({length, size, rows_}, options_));
         base_parts.push_back(base.sum(-1).sum(-1).to(torch::kFloat64));
-        const torch::Tensor threshold = top.back().unsqueeze(1);  // [sets, 1, stripe, rows]
-        // [sets, ejected column, receiving stripe]
-        gain_parts.push_back((incoming - threshold).clamp_min_(0).sum(-1).to(torch::kFloat64));
+        const torch::Tensor threshold = nth.unsqueeze(1);  // [sets, 1, stripe, rows]
+        torch::Tensor excess = stripe_scratch_.Get({length, size, size, rows_}, options_);
+        torch::sub_out(excess, incoming, threshold);  // [sets, ejected column, stripe, rows]
+        gain_parts.push_back(excess.clamp_min_(0).sum(-1).to(torch::kFloat64));
       }
       const torch::Tensor gain = torch::cat(gain_parts).to(torch::kCPU).contiguous();
       const torch::Tensor base = torch::cat(base_parts).to(torch::kCPU).contiguous();
@@ -479,125 +519,60 @@ class NmSearch {
     return moves;
   }
 
-  // Saliency each pair of stripes keeps under each split: [pairs, splits],
-  // float64 on the host. pair_stripes: [pairs, 2].
-  std::vector<double> EvaluatePairs(const std::vector<int64_t>& pair_stripes) {
-    const auto pairs = static_cast<int64_t>(pair_stripes.size()) / 2;
-    std::vector<int64_t> positions;
+  // A random perfect matching of the stripes of each block; every pair takes
+  // the best split of its 2m columns into two stripes, when it improves.
+  std::vector<Move> PairMoves() {
+    std::vector<int64_t> matched;  // [pairs, 2]
+    for (const std::vector<int64_t>& block : ShuffledBlocks()) {
+      matched.insert(matched.end(), block.begin(),
+                     block.begin() + static_cast<int64_t>(block.size() / 2 * 2));
+    }
+    const auto pairs = static_cast<int64_t>(matched.size()) / 2;
+    if (pairs == 0 || splits_ < 2) return {};
+    std::vector<int64_t> positions;  // [pairs, 2m]
     positions.reserve(static_cast<size_t>(pairs * 2 * m_));
-    for (int64_t stripe : pair_stripes) {
+    for (int64_t stripe : matched) {
       for (int64_t j = 0; j < m_; ++j) positions.push_back(stripe * m_ + j);
     }
     const torch::Tensor position_index = IndexTensor(positions, device_);
+    work_ += static_cast<double>(pairs * splits_ * 2 * m_ * 2 * n_ * rows_);
     std::vector<torch::Tensor> kept_parts;
-    const int64_t batch = std::max<int64_t>(1, kBatchElements / (splits_ * m_ * rows_));
+    const int64_t batch = std::max<int64_t>(1, kBatchElements / (splits_ * 2 * m_ * rows_));
     for (int64_t from = 0; from < pairs; from += batch) {
       const int64_t length = std::min(batch, pairs - from);
-      const torch::Tensor pair_columns =
-          columns_.index_select(0, position_index.narrow(0, from * 2 * m_, length * 2 * m_))
-              .view({length, 2 * m_, rows_});
-      torch::Tensor kept;
-      for (const torch::Tensor& split : {split_first_, split_second_}) {
-        const torch::Tensor stripe =
-            pair_columns.index_select(1, split).view({length, splits_, m_, rows_});
-        torch::Tensor stripe_kept = TopNSum(stripe, n_, 2).sum(-1).to(torch::kFloat64);
-        kept = kept.defined() ? kept + stripe_kept : stripe_kept;
-      }
-      kept_parts.push_back(kept);
+      torch::Tensor pair_columns = gather_scratch_.Get({length * 2 * m_, rows_}, options_);
+      torch::index_select_out(pair_columns, columns_, 0,
+                              position_index.narrow(0, from * 2 * m_, length * 2 * m_));
+      pair_columns = pair_columns.view({length, 2 * m_, rows_});
+      // [pairs, splits · 2 stripes, m, rows]
+      torch::Tensor split_stripes =
+          stripe_scratch_.Get({length, splits_ * 2 * m_, rows_}, options_);
+      torch::index_select_out(split_stripes, pair_columns, 1, split_columns_);
+      split_stripes = split_stripes.view({length, splits_ * 2, m_, rows_});
+      const torch::Tensor stripe_kept =
+          TopNSumAndNth(split_stripes, n_, 2,
+                        spare_scratch_.Get({length, splits_ * 2, rows_}, options_))
+              .first;  // [pairs, splits · 2, rows]
+      kept_parts.push_back(
+          stripe_kept.sum(-1).view({length, splits_, 2}).sum(2).to(torch::kFloat64));
     }
     const torch::Tensor kept = torch::cat(kept_parts).to(torch::kCPU).contiguous();
-    return std::vector<double>(kept.data_ptr<double>(), kept.data_ptr<double>() + kept.numel());
-  }
-
-  // Candidate pairs of stripes (all pairs of each block, re-evaluated where a
-  // stripe changed; or a random perfect matching of each block), each with
-  // its best split of their 2m columns. Improving pairs are taken best first,
-  // each stripe at most once.
-  std::vector<Move> PairMoves() {
-    struct Candidate {
-      double gain;
-      int64_t first, second, split;
-    };
-    std::vector<Candidate> candidates;
-    const auto best_split = [&](const double* kept) -> std::pair<double, int64_t> {
-      const int64_t best = std::max_element(kept, kept + splits_) - kept;
-      const double gain = kept[best] - kept[0];
-      return gain > Tolerance(kept[0]) ? std::make_pair(gain, best) : std::make_pair(0.0, int64_t{0});
-    };
-    if (all_pairs_) {
-      std::vector<int64_t> stale;  // pairs with a changed stripe
-      for (int64_t first = 0; first < stripes_; ++first) {
-        const int64_t block_first = first / stripes_per_block_ * stripes_per_block_;
-        for (int64_t second = first + 1; second < block_first + stripes_per_block_; ++second) {
-          if (dirty_[static_cast<size_t>(first)] || dirty_[static_cast<size_t>(second)]) {
-            stale.push_back(first);
-            stale.push_back(second);
-          }
-        }
-      }
-      std::fill(dirty_.begin(), dirty_.end(), false);
-      if (!stale.empty()) {
-        const std::vector<double> kept = EvaluatePairs(stale);
-        for (size_t p = 0; p < stale.size() / 2; ++p) {
-          const auto [gain, split] = best_split(kept.data() + static_cast<int64_t>(p) * splits_);
-          const size_t entry = PairEntry(stale[2 * p], stale[2 * p + 1]);
-          pair_gain_[entry] = gain;
-          pair_split_[entry] = split;
-        }
-      }
-      for (int64_t first = 0; first < stripes_; ++first) {
-        const int64_t block_first = first / stripes_per_block_ * stripes_per_block_;
-        for (int64_t second = first + 1; second < block_first + stripes_per_block_; ++second) {
-          const size_t entry = PairEntry(first, second);
-          if (pair_gain_[entry] > 0) {
-            candidates.push_back({pair_gain_[entry], first, second, pair_split_[entry]});
-          }
-        }
-      }
-    } else {
-      std::vector<int64_t> matched;
-      for (const std::vector<int64_t>& block : ShuffledBlocks()) {
-        matched.insert(matched.end(), block.begin(),
-                       block.begin() + static_cast<int64_t>(block.size() / 2 * 2));
-      }
-      if (matched.empty()) return {};
-      const std::vector<double> kept = EvaluatePairs(matched);
-      for (size_t p = 0; p < matched.size() / 2; ++p) {
-        const auto [gain, split] = best_split(kept.data() + static_cast<int64_t>(p) * splits_);
-        if (gain > 0) candidates.push_back({gain, matched[2 * p], matched[2 * p + 1], split});
-      }
-    }
-    // Best first; equal gains keep their (deterministic) order.
-    std::stable_sort(candidates.begin(), candidates.end(),
-                     [](const Candidate& a, const Candidate& b) { return a.gain > b.gain; });
-    std::vector<bool> used(static_cast<size_t>(stripes_), false);
+    const double* kept_data = kept.data_ptr<double>();
     std::vector<Move> moves;
-    for (const Candidate& candidate : candidates) {
-      if (used[static_cast<size_t>(candidate.first)] ||
-          used[static_cast<size_t>(candidate.second)]) {
-        continue;
-      }
-      used[static_cast<size_t>(candidate.first)] = used[static_cast<size_t>(candidate.second)] =
-          true;
-      // Pair position k: stripe first's column k, then stripe second's.
-      const auto position = [&](int64_t k) {
-        return k < m_ ? candidate.first * m_ + k : candidate.second * m_ + (k - m_);
-      };
+    for (int64_t p = 0; p < pairs; ++p) {
+      const double* pair_kept = kept_data + p * splits_;
+      const int64_t best = std::max_element(pair_kept, pair_kept + splits_) - pair_kept;
+      if (pair_kept[best] - pair_kept[0] <= Tolerance(pair_kept[0])) continue;
+      const int64_t* pair_positions = positions.data() + p * 2 * m_;
+      const int64_t* split = split_columns_host_.data() + best * 2 * m_;
       Move move;
-      for (int64_t j = 0; j < m_; ++j) {
-        const auto k = static_cast<size_t>(candidate.split * m_ + j);
-        move.dst.push_back(position(j));
-        move.src.push_back(position(split_first_host_[k]));
-        move.dst.push_back(position(m_ + j));
-        move.src.push_back(position(split_second_host_[k]));
+      for (int64_t j = 0; j < 2 * m_; ++j) {
+        move.dst.push_back(pair_positions[j]);
+        move.src.push_back(pair_positions[split[j]]);
       }
       moves.push_back(std::move(move));
     }
     return moves;
-  }
-
-  size_t PairEntry(int64_t first, int64_t second) const {
-    return static_cast<size_t>(first * stripes_per_block_ + second % stripes_per_block_);
   }
 
   // The moves touch disjoint stripes, so they apply together.
@@ -610,7 +585,6 @@ class NmSearch {
     const std::vector<int64_t> previous = order_;
     for (size_t i = 0; i < dst.size(); ++i) {
       order_[static_cast<size_t>(dst[i])] = previous[static_cast<size_t>(src[i])];
-      dirty_[static_cast<size_t>(dst[i] / m_)] = true;
     }
     const torch::Tensor moved = columns_.index_select(0, IndexTensor(src, device_));
     columns_.index_copy_(0, IndexTensor(dst, device_), moved);
@@ -618,20 +592,17 @@ class NmSearch {
 
   const int64_t n_, m_, rows_, stripes_, stripes_per_block_;
   const torch::Device device_;
+  const torch::TensorOptions options_;  // the saliency's dtype and device
   std::vector<int64_t> order_;
   Rng rng_;
   torch::Tensor columns_;  // [channels, rows]: the saliency's columns in order_
   double relative_tolerance_ = 0;
   double stripe_scale_ = 0;
   int64_t splits_ = 0;
-  std::vector<int64_t> split_first_host_, split_second_host_;  // [splits, m]
-  torch::Tensor split_first_, split_second_;
-  // All-pairs mode: the best gain and split of every pair of stripes of a
-  // block, [stripes, stripes_per_block]; stripes changed since.
-  bool all_pairs_ = false;
-  std::vector<double> pair_gain_;
-  std::vector<int64_t> pair_split_;
-  std::vector<bool> dirty_;
+  std::vector<int64_t> split_columns_host_;  // [splits, 2m]
+  torch::Tensor split_columns_;
+  Scratch gather_scratch_, stripe_scratch_, spare_scratch_;
+  double work_ = 0;
 };
 
 // Deal each block's columns, strongest (largest saliency sum) first, into its
@@ -689,29 +660,32 @@ absl::StatusOr<NmSolution> Solve(const torch::Tensor& saliency, const NmOptions&
       best = std::move(dealt);
     }
     NmSearch search(saliency, options, best);
-    int64_t rounds = options.rounds;
-    if (rounds == 0) {
-      rounds = std::clamp(static_cast<int64_t>(kWorkBudget / search.WorkPerRound()), kMinRounds,
-                          kMaxRounds);
-    }
+    const bool automatic = options.rounds == 0;
+    const auto more_rounds = [&] {
+      if (!automatic) return solution.rounds < options.rounds;
+      return solution.rounds < kMinRounds ||
+             (solution.rounds < kMaxRounds && search.Work() < kWorkBudget);
+    };
     // Descend until no move improves; then kick the best order and descend
-    // again, keeping the result only if it keeps more, while rounds remain.
+    // again, keeping the result only if it keeps more, while rounds remain
+    // and the bound is not reached.
     double best_kept = search.Kept();
-    while (solution.rounds < rounds) {
+    const double reached = solution.upper_bound * (1 - 1e-7);
+    while (more_rounds() && best_kept < reached) {
       int64_t idle = 0;
-      while (solution.rounds < rounds && idle < search.Patience()) {
+      while (more_rounds() && idle < kPatience) {
         ICD_RETURN_IF_ERROR(CheckContext(ctx));
         idle = search.Round() ? 0 : idle + 1;
         ++solution.rounds;
       }
       const double kept = search.Kept();
-      if (kept > best_kept) {
+      if (kept > best_kept * (1 + 1e-9)) {
         best_kept = kept;
         best = search.order();
       } else {
         search.Restore(best);
       }
-      if (solution.rounds < rounds) search.Kick();
+      if (more_rounds()) search.Kick();
     }
   }
   solution.kept_solved = KeptSaliency(saliency, best, options.n, options.m);
@@ -747,13 +721,23 @@ double KeptSaliency(const torch::Tensor& saliency, const std::vector<int64_t>& o
   torch::NoGradGuard no_grad;
   const int64_t rows = saliency.size(0), channels = saliency.size(1);
   const torch::Tensor index = IndexTensor(order, saliency.device());
+  const torch::TensorOptions wide = saliency.options().dtype(torch::kFloat64);
+  Scratch gathered_scratch, wide_scratch, spare_scratch;
   double kept = 0;
   const int64_t chunk = ChunkRows(channels);
   for (int64_t first = 0; first < rows; first += chunk) {
     const int64_t length = std::min(chunk, rows - first);
-    const torch::Tensor ordered =
-        saliency.narrow(0, first, length).index_select(1, index).to(torch::kFloat64);
-    kept += TopNSum(ordered.view({length, channels / m, m}), n, 2).sum().item<double>();
+    torch::Tensor gathered = gathered_scratch.Get({length, channels}, saliency.options());
+    torch::index_select_out(gathered, saliency.narrow(0, first, length), 1, index);
+    torch::Tensor stripes = gathered;
+    if (saliency.scalar_type() != torch::kFloat64) {
+      stripes = wide_scratch.Get({length, channels}, wide);
+      stripes.copy_(gathered);
+    }
+    kept += TopNSumAndNth(stripes.view({length, channels / m, m}), n, 2,
+                          spare_scratch.Get({length, channels / m}, wide))
+                .first.sum()
+                .item<double>();
   }
   return kept;
 }
@@ -762,15 +746,24 @@ double NmUpperBound(const torch::Tensor& saliency, int64_t n, int64_t m, int64_t
   torch::NoGradGuard no_grad;
   const int64_t rows = saliency.size(0), channels = saliency.size(1);
   const int64_t width = block > 0 ? block : channels;
+  const int64_t keep = width / m * n;
+  Scratch values_scratch, indices_scratch, wide_scratch;
   double bound = 0;
   const int64_t chunk = ChunkRows(channels);
   for (int64_t first = 0; first < rows; first += chunk) {
     const int64_t length = std::min(chunk, rows - first);
-    const torch::Tensor blocks =
-        saliency.narrow(0, first, length).reshape({length, channels / width, width});
-    const torch::Tensor top =
-        std::get<0>(blocks.topk(width / m * n, 2, /*largest=*/true, /*sorted=*/false));
-    bound += top.to(torch::kFloat64).sum().item<double>();
+    torch::Tensor values = values_scratch.Get({length, channels / width, keep}, saliency.options());
+    torch::Tensor indices = indices_scratch.Get({length, channels / width, keep},
+                                                saliency.options().dtype(torch::kInt64));
+    torch::topk_out(values, indices,
+                    saliency.narrow(0, first, length).reshape({length, channels / width, width}), keep,
+                    2, /*largest=*/true, /*sorted=*/false);
+    torch::Tensor wide = values;
+    if (saliency.scalar_type() != torch::kFloat64) {
+      wide = wide_scratch.Get(values.sizes(), values.options().dtype(torch::kFloat64));
+      wide.copy_(values);
+    }
+    bound += wide.sum().item<double>();
   }
   return bound;
 }

@@ -6,41 +6,47 @@
 // of largest saliency. Permuting the input channels changes which columns
 // share a stripe, hence how much saliency survives. Given a saliency matrix
 // S [rows, channels] (|W| of every Linear layer reading the channels, stacked
-// by rows, or |W|·‖x‖), the solver looks for the column order that keeps the
-// most.
+// by rows, or |W|·‖x‖), the search looks for the column order keeping the most.
 //
-// Definitions (all sums in float64):
-//   kept(order)    Σ_rows Σ_stripes (sum of the N largest of S[row, order[j]]
-//                  over the stripe's M positions j).
-//   upper_bound    Σ_rows Σ_blocks (sum of the largest block·N/M entries of
-//                  the row inside the block), where a block is an aligned run
-//                  of `block` channels (block = 0: all channels, one block).
-//                  With block = 0 this is exactly the paper's bound, Apex's
-//                  "50% rows" for 2:4: every row keeps its own top N/M share
-//                  with no grouping at all (row-wise unstructured pruning, not
-//                  the matrix-wide top share). With block > 0 channels cannot
-//                  leave their block, so each block is bounded on its own.
-//                  No order can exceed it; it is reached iff some order puts
-//                  exactly the row's top share... in every stripe.
-//   efficacy       (kept(solved) − kept(identity)) / (upper_bound − kept(identity)),
-//                  the paper's and Apex's metric; 1 when the denominator is 0.
+// Definitions (sums in float64):
+//   kept(order)  Σ_rows Σ_stripes (the N largest of S[row, order[j]] over the
+//                stripe's M positions j).
+//   upper_bound  Σ_rows Σ_blocks (the block·N/M largest entries of the row
+//                inside the block), a block being an aligned run of `block`
+//                channels (block = 0: all channels, one block). With block = 0
+//                this is exactly the paper's bound (Apex's "50% rows" for
+//                2:4): every row keeps its own top N/M share, as row-wise
+//                unstructured pruning would, NOT the matrix-wide top share
+//                ("unstructured" in Apex, which is higher and unreachable).
+//                With block > 0 no channel leaves its block, so each block is
+//                bounded on its own. No order keeps more; an order reaches it
+//                when, in every row, each stripe holds N of the row's top share.
+//   efficacy     (kept(solved) − kept(identity)) / (upper_bound − kept(identity)),
+//                the paper's and Apex's measure; 1 when the denominator is 0.
 //
-// Search (deterministic for a seed; the work is bounded by a round count
-// derived from the shape, never by wall-clock time):
-//   1. start: identity, or the column-strength deal below when it keeps more;
-//   2. rounds alternate two exact large-neighbourhood moves, each applied only
-//      where it strictly improves:
-//      - assignment: every stripe ejects one random column; within random
-//        sets of up to 32 stripes the ejected columns are reassigned, one per
-//        stripe, by an optimal linear assignment (Hungarian). A stripe's kept
-//        with one foreign column y is base + Σ_rows max(0, y − t_N), t_N being
-//        the N-th largest of its remaining M−1 columns, so the gain matrix is
-//        one batched tensor expression;
-//      - pair: a random perfect matching of stripes; for every pair, all ways
-//        to split its 2M columns into two stripes (35 for 2:4; splits moving
-//        at most one or two columns when M is large) are evaluated at once.
-//   Every stripe set or pair touches disjoint stripes, so all improvements of
-//   a round apply together. Both moves respect `block`.
+// Search. Deterministic for a seed on a given device; the work is bounded by a
+// round count (from the shape, or NmOptions::rounds), never by wall-clock time.
+//   start   the identity, or a deal of each block's columns by strength
+//           (column saliency sums: every stripe gets one column of each
+//           strength tier) when that keeps more;
+//   round   an assignment move; where it improves nothing, a pair move:
+//     - assignment: every stripe ejects one random column; within random sets
+//       of up to 32 stripes of a block the ejected columns are dealt back, one
+//       per stripe, by an optimal linear assignment (Hungarian). A stripe given
+//       column y keeps base + Σ_rows max(0, y − t_N), where base and t_N are the
+//       sum and the N-th largest of the N largest of its other M−1 columns, so
+//       the gain matrix of a set is one batched tensor expression;
+//     - pair: a random perfect matching of each block's stripes; every pair
+//       evaluates all splits of its 2M columns into two stripes at once (35 for
+//       2:4; single exchanges when M > 4) and takes the best.
+//     Moves touch disjoint stripes, so all improvements of a round apply
+//     together, and only improving ones apply;
+//   descent rounds until 12 in a row improve nothing; then a kick (the columns
+//           of 3 random stripes of one block dealt afresh) and another
+//           descent, whose result is kept only if it keeps more than the best
+//           order so far (iterated local search); until the rounds run out or
+//           the bound is reached.
+// The returned order never keeps less than the identity.
 #ifndef ICD_CORE_SRC_TRACES_NM_SPARSITY_H_
 #define ICD_CORE_SRC_TRACES_NM_SPARSITY_H_
 
@@ -62,8 +68,9 @@ struct NmOptions {
   // head. 0: no constraint.
   int64_t block = 0;
   uint64_t seed = 0;
-  // Search rounds. 0: automatic, from the shape (about 4e10 scalar
-  // evaluations in all, between 24 and 400 rounds).
+  // Search rounds. 0: automatic: rounds until the moves have cost about
+  // 1.2e10 scalar operations (counted from the shapes, not timed), at least
+  // 16 and at most 3000.
   int64_t rounds = 0;
 };
 
@@ -78,23 +85,28 @@ struct NmSolution {
 
 // saliency: [rows, channels], finite, >= 0, float32 or float64, CPU or CUDA
 // (computed on its device, in its dtype). The channel count must be a
-// multiple of m: N:M hardware has no partial groups, so a trailing partial
-// group is refused rather than silently padded.
+// multiple of m: N:M kernels have no partial groups, so a trailing partial
+// group is refused (InvalidArgument) rather than padded. Also InvalidArgument:
+// n < 1, m <= n, block < 0 or not a multiple of m dividing the channels,
+// rounds < 0, an empty, non-2-D or non-float saliency, negative or
+// non-finite entries. Cancelled / DeadlineExceeded from ctx, polled between
+// rounds.
 absl::StatusOr<NmSolution> SolveNmPermutation(const torch::Tensor& saliency,
                                               const NmOptions& options,
                                               const CallContext& ctx = {});
 
 // Saliency kept by N:M magnitude pruning of saliency's columns taken in
-// `order` (float64). The caller guarantees the shapes (order a permutation of
-// the channels, channels a multiple of m).
+// `order` (float64). Preconditions, not checked: order is a permutation of
+// the channels, the channel count a multiple of m, 1 <= n < m.
 double KeptSaliency(const torch::Tensor& saliency, const std::vector<int64_t>& order,
                     int64_t n, int64_t m);
 
-// The upper bound defined above.
+// The upper bound defined above (same preconditions; block as in NmOptions).
 double NmUpperBound(const torch::Tensor& saliency, int64_t n, int64_t m, int64_t block = 0);
 
 // 0/1 mask of `values`' shape and dtype keeping the n largest |values| of
-// every aligned group of m along the last axis (ties: the lower index).
+// every aligned group of m along the last axis (ties: the lower index). The
+// last axis must be a multiple of m (else c10::Error).
 torch::Tensor NmMask(const torch::Tensor& values, int64_t n, int64_t m);
 
 }  // namespace icd::traces

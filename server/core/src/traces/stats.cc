@@ -101,8 +101,12 @@ void TraceStats::ProcessBlock(const torch::Tensor& block) {
   // The null: every channel's column shuffled on its own within the block,
   // which keeps each channel's distribution and destroys co-dependence.
   const torch::Tensor shuffle =
-      UniformKeys(count, options_.channels, options_.seed ^ (0x6a09e667f3bcc908ULL * static_cast<uint64_t>(blocks_done_)))
-          .argsort(/*dim=*/int64_t{0})
+      // Keys laid out [channel, row] so each channel's sort runs over
+      // contiguous memory (about twice as fast as sorting columns).
+      UniformKeys(options_.channels, count,
+                  options_.seed ^ (0x6a09e667f3bcc908ULL * static_cast<uint64_t>(blocks_done_)))
+          .argsort(/*dim=*/int64_t{1})
+          .t()
           .to(block.device());
   if (options_.outer_products) {
     outer_ += block.t().mm(block);

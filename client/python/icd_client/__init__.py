@@ -554,7 +554,7 @@ class Client:
         runs the model on ``input_ids`` ([batch, seq] array, or flat with
         ``batch``; None: rows of a 2-D array, else 1), records each group's
         activations, solves, and scores on ``holdout_ids`` (same batch; None:
-        the last fifth of the rows). ``solver`` as for compute_permutation."""
+        the last fifth of every sequence). ``solver`` as for compute_permutation."""
         ids = np.asarray(input_ids, dtype=np.int64)
         if batch is None:
             batch = ids.shape[0] if ids.ndim == 2 else 1

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
 
 #include "absl/status/statusor.h"
 #include "icd/client/client.h"
@@ -23,6 +24,22 @@
 namespace icd::testing {
 
 namespace fs = std::filesystem;
+
+// `auto& lhs = *expr`, failing the test (with the status) when expr is not ok.
+#define ASSERT_OK_AND_ASSIGN(lhs, expr)                \
+  auto lhs##_or = (expr);                              \
+  ASSERT_TRUE(lhs##_or.ok()) << lhs##_or.status(); \
+  auto& lhs = *lhs##_or
+
+// Expects `code`, and `substring` in the message when given.
+inline void ExpectCode(const absl::Status& s, absl::StatusCode code,
+                       const std::string& substring = "") {
+  EXPECT_EQ(s.code(), code) << s;
+  if (!substring.empty()) {
+    EXPECT_NE(std::string(s.message()).find(substring), std::string::npos)
+        << "message '" << s.message() << "' lacks '" << substring << "'";
+  }
+}
 
 // tests/fixtures/golden
 fs::path GoldenDir();

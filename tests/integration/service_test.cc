@@ -15,20 +15,6 @@ namespace {
 
 using absl::StatusCode;
 
-#define ASSERT_OK_AND_ASSIGN(lhs, expr) \
-  auto lhs##_or = (expr);               \
-  ASSERT_TRUE(lhs##_or.ok()) << lhs##_or.status(); \
-  auto& lhs = *lhs##_or
-
-void ExpectCode(const absl::Status& s, StatusCode code,
-                const std::string& substring = "") {
-  EXPECT_EQ(s.code(), code) << s;
-  if (!substring.empty()) {
-    EXPECT_NE(std::string(s.message()).find(substring), std::string::npos)
-        << "message '" << s.message() << "' lacks '" << substring << "'";
-  }
-}
-
 class ServiceTest : public ::testing::Test {
  protected:
   void SetUp() override {

@@ -21,20 +21,6 @@ namespace {
 
 using absl::StatusCode;
 
-#define ASSERT_OK_AND_ASSIGN(lhs, expr) \
-  auto lhs##_or = (expr);               \
-  ASSERT_TRUE(lhs##_or.ok()) << lhs##_or.status(); \
-  auto& lhs = *lhs##_or
-
-void ExpectCode(const absl::Status& s, StatusCode code,
-                const std::string& substring = "") {
-  EXPECT_EQ(s.code(), code) << s;
-  if (!substring.empty()) {
-    EXPECT_NE(std::string(s.message()).find(substring), std::string::npos)
-        << "message '" << s.message() << "' lacks '" << substring << "'";
-  }
-}
-
 constexpr char kGroup[] = "layers.0.inner";
 constexpr int64_t kChannels = 128;  // mamba1-small: d_inner
 

@@ -63,8 +63,11 @@ AccumTiming TimeTraceStats(const float* rows, int64_t n_rows, int64_t channels,
   return timing;
 }
 
-AccumTiming TimeBareGemms(const float* rows, int64_t n_rows, int64_t channels,
-                          int64_t block_rows) {
+// Calls time_block(block, index) for every float64 block of block_rows rows
+// (the last may be shorter), as TraceStats cuts them; index counts from 1.
+template <typename TimeBlock>
+AccumTiming ForEachBlock(const float* rows, int64_t n_rows, int64_t channels,
+                         int64_t block_rows, TimeBlock&& time_block) {
   torch::NoGradGuard no_grad;
   const torch::Tensor all = View(rows, n_rows, channels);
   AccumTiming timing;
@@ -72,32 +75,35 @@ AccumTiming TimeBareGemms(const float* rows, int64_t n_rows, int64_t channels,
   for (int64_t pos = 0; pos < n_rows; pos += block_rows) {
     const int64_t count = std::min(block_rows, n_rows - pos);
     const torch::Tensor block = all.narrow(0, pos, count).to(torch::kFloat64).contiguous();
+    ++timing.blocks;
+    time_block(block, timing);
+  }
+  return timing;
+}
+
+AccumTiming TimeBareGemms(const float* rows, int64_t n_rows, int64_t channels,
+                          int64_t block_rows) {
+  return ForEachBlock(rows, n_rows, channels, block_rows,
+                      [&](const torch::Tensor& block, AccumTiming& timing) {
     const torch::Tensor other = block.roll(1, 0).contiguous();
     const auto start = Clock::now();
     const torch::Tensor a = block.t().mm(block);
     const torch::Tensor b = other.t().mm(other);
     timing.seconds += Since(start);
     timing.checksum += a[0][0].item<double>() + b[0][0].item<double>();
-    timing.gemm_flop += 2 * GemmFlop(count, channels);
-    ++timing.blocks;
-  }
-  return timing;
+    timing.gemm_flop += 2 * GemmFlop(block.size(0), channels);
+  });
 }
 
 AccumTiming TimeNullShuffle(const float* rows, int64_t n_rows, int64_t channels,
                             int64_t block_rows, uint64_t seed) {
-  torch::NoGradGuard no_grad;
-  const torch::Tensor all = View(rows, n_rows, channels);
-  AccumTiming timing;
-  timing.rows = n_rows;
-  for (int64_t pos = 0; pos < n_rows; pos += block_rows) {
-    const int64_t count = std::min(block_rows, n_rows - pos);
-    const torch::Tensor block = all.narrow(0, pos, count).to(torch::kFloat64).contiguous();
-    ++timing.blocks;
+  return ForEachBlock(rows, n_rows, channels, block_rows,
+                      [&](const torch::Tensor& block, AccumTiming& timing) {
     // As TraceStats::ProcessBlock, one step at a time.
     const auto start = Clock::now();
     const torch::Tensor keys = traces::UniformKeys(
-        channels, count, seed ^ (0x6a09e667f3bcc908ULL * static_cast<uint64_t>(timing.blocks)));
+        channels, block.size(0),
+        seed ^ (0x6a09e667f3bcc908ULL * static_cast<uint64_t>(timing.blocks)));
     const auto keyed = Clock::now();
     const torch::Tensor shuffle = keys.argsort(/*dim=*/int64_t{1}).t();
     const auto sorted = Clock::now();
@@ -107,8 +113,7 @@ AccumTiming TimeNullShuffle(const float* rows, int64_t n_rows, int64_t channels,
     timing.argsort_seconds += std::chrono::duration<double>(sorted - keyed).count();
     timing.gather_seconds += Since(sorted);
     timing.checksum += shuffled[0][0].item<double>();
-  }
-  return timing;
+  });
 }
 
 }  // namespace icd::bench

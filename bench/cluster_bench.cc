@@ -88,6 +88,7 @@ int main(int argc, char** argv) {
   std::string kind = "planted", device = "cpu", save, load, save_labels;
   uint64_t seed = 1;
   double resolution = 1.0;
+  int restarts = icd::traces::LeidenOptions{}.restarts;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     auto value = [&]() -> std::string {
@@ -99,12 +100,13 @@ int main(int argc, char** argv) {
     else if (flag == "--seed") seed = std::stoull(value());
     else if (flag == "--device") device = value();
     else if (flag == "--resolution") resolution = std::stod(value());
+    else if (flag == "--restarts") restarts = std::stoi(value());
     else if (flag == "--save") save = value();
     else if (flag == "--load") load = value();
     else if (flag == "--save-labels") save_labels = value();
     else {
       std::cerr << "usage: cluster_bench --nodes N --graph planted|noise [--seed S] [--device D]"
-                   " [--resolution R] [--save F.npy] | --load F.npy\n";
+                   " [--resolution R] [--restarts K] [--save F.npy] | --load F.npy\n";
       return 2;
     }
   }
@@ -113,7 +115,11 @@ int main(int argc, char** argv) {
   if (!save.empty()) SaveNpy(graph, save);
   graph = graph.to(torch::Device(device));
   const auto start = std::chrono::steady_clock::now();
-  auto labels = icd::traces::LeidenCluster(graph, {resolution, seed});
+  icd::traces::LeidenOptions options;
+  options.resolution = resolution;
+  options.seed = seed;
+  options.restarts = restarts;
+  auto labels = icd::traces::LeidenCluster(graph, options);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (!labels.ok()) {

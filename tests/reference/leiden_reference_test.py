@@ -77,6 +77,9 @@ class LeidenReferenceTest(unittest.TestCase):
     def test_noise_512(self):
         self.compare("noise", 512)
 
+    def test_noise_1024(self):
+        self.compare("noise", 1024)
+
 
 if __name__ == "__main__":
     BENCH = sys.argv.pop(1)

@@ -34,6 +34,35 @@ LevelGraph MakeLevel(torch::Tensor weights) {
   return graph;
 }
 
+// Sums W's columns by label: out[v][labels[u]] += W[v][u], [n, columns].
+// A plain row loop: O(n^2) reads, where index_add_ over dim 1 of a big
+// matrix is many times slower on the CPU.
+torch::Tensor SumColumns(const LevelGraph& graph, const std::vector<int64_t>& labels,
+                         int64_t columns) {
+  torch::Tensor out = torch::zeros({graph.nodes, columns}, torch::kFloat64);
+  double* sums = out.data_ptr<double>();
+  for (int64_t v = 0; v < graph.nodes; ++v) {
+    const double* row = graph.Row(v);
+    double* target = sums + v * columns;
+    for (int64_t u = 0; u < graph.nodes; ++u) target[labels[static_cast<size_t>(u)]] += row[u];
+  }
+  return out;
+}
+
+// The aggregated graph S^T W S for S the [n, groups] label indicator, in
+// one pass over W.
+torch::Tensor Aggregate(const LevelGraph& graph, const std::vector<int64_t>& labels,
+                        int64_t groups) {
+  torch::Tensor out = torch::zeros({groups, groups}, torch::kFloat64);
+  double* sums = out.data_ptr<double>();
+  for (int64_t v = 0; v < graph.nodes; ++v) {
+    const double* row = graph.Row(v);
+    double* target = sums + labels[static_cast<size_t>(v)] * groups;
+    for (int64_t u = 0; u < graph.nodes; ++u) target[labels[static_cast<size_t>(u)]] += row[u];
+  }
+  return out;
+}
+
 class Rng {
  public:
   explicit Rng(uint64_t seed) : state_(seed) {}
@@ -71,65 +100,198 @@ constexpr double kSlack = 1e-12;
 // θ of Leiden's randomised refinement (the paper's and igraph's default).
 constexpr double kRandomness = 0.01;
 
+// Labels renumbered 0..K-1 in order of first appearance; returns K.
+int64_t Compact(std::vector<int64_t>& labels) {
+  int64_t largest = 0;
+  for (int64_t label : labels) largest = std::max(largest, label);
+  std::vector<int64_t> renamed(static_cast<size_t>(largest) + 1, -1);
+  int64_t next = 0;
+  for (int64_t& label : labels) {
+    auto& slot = renamed[static_cast<size_t>(label)];
+    if (slot < 0) slot = next++;
+    label = slot;
+  }
+  return next;
+}
+
+// The state of Louvain's local moves shared by both sweep kinds below:
+// per-community weighted degree and size, and a stack of empty labels.
+struct MoveState {
+  std::vector<double> total;
+  std::vector<int64_t> size;
+  std::vector<int64_t> empty;
+
+  MoveState(const LevelGraph& graph, const std::vector<int64_t>& community)
+      : total(static_cast<size_t>(graph.nodes), 0), size(static_cast<size_t>(graph.nodes), 0) {
+    for (int64_t i = 0; i < graph.nodes; ++i) {
+      const auto c = static_cast<size_t>(community[static_cast<size_t>(i)]);
+      total[c] += graph.degree[static_cast<size_t>(i)];
+      ++size[c];
+    }
+    for (int64_t c = graph.nodes - 1; c >= 0; --c) {
+      if (size[static_cast<size_t>(c)] == 0) empty.push_back(c);
+    }
+  }
+  void Leave(int64_t community, double degree) {
+    total[static_cast<size_t>(community)] -= degree;
+    if (--size[static_cast<size_t>(community)] == 0) empty.push_back(community);
+  }
+  void Join(int64_t community, double degree) {
+    if (size[static_cast<size_t>(community)] == 0 && !empty.empty() && empty.back() == community) {
+      empty.pop_back();
+    }
+    total[static_cast<size_t>(community)] += degree;
+    ++size[static_cast<size_t>(community)];
+  }
+};
+
+// The best community for a node that has left `current`, given its link
+// weight to each candidate: the largest ΔQ ∝ link − γ·degree·total/2m, ties
+// keeping `current`; an empty community when every choice loses.
+template <typename Candidates>
+int64_t BestCommunity(const MoveState& state, int64_t current, double current_link,
+                      double degree, double scale, Candidates&& candidates) {
+  int64_t best = current;
+  double best_gain = current_link - scale * degree * state.total[static_cast<size_t>(current)];
+  const double slack = kSlack * (std::abs(best_gain) + degree);
+  candidates([&](int64_t c, double link) {
+    const double gain = link - scale * degree * state.total[static_cast<size_t>(c)];
+    if (gain > best_gain + slack) {
+      best = c;
+      best_gain = gain;
+    }
+  });
+  if (best_gain < -slack) best = state.empty.back();  // alone is better
+  return best;
+}
+
+// One sweep scanning each node's dense row: O(n^2), used while there are
+// many communities (the first sweep from singletons).
+int64_t RowSweep(const LevelGraph& graph, double scale, const std::vector<int64_t>& order,
+                 MoveState& state, std::vector<int64_t>& community) {
+  const int64_t n = graph.nodes;
+  std::vector<double> link(static_cast<size_t>(n), 0);
+  std::vector<char> seen(static_cast<size_t>(n), 0);
+  std::vector<int64_t> touched;
+  int64_t moved = 0;
+  for (int64_t node : order) {
+    const auto u = static_cast<size_t>(node);
+    const int64_t current = community[u];
+    const double* row = graph.Row(node);
+    touched.clear();
+    for (int64_t j = 0; j < n; ++j) {
+      if (j == node || row[j] == 0) continue;
+      const auto c = static_cast<size_t>(community[static_cast<size_t>(j)]);
+      if (!seen[c]) {
+        seen[c] = 1;
+        touched.push_back(static_cast<int64_t>(c));
+      }
+      link[c] += row[j];
+    }
+    const double degree = graph.degree[u];
+    state.Leave(current, degree);
+    const int64_t best = BestCommunity(state, current, link[static_cast<size_t>(current)], degree,
+                                       scale, [&](auto&& visit) {
+                                         for (int64_t c : touched) visit(c, link[static_cast<size_t>(c)]);
+                                       });
+    state.Join(best, degree);
+    community[u] = best;
+    moved += best != current;
+    for (int64_t c : touched) {
+      link[static_cast<size_t>(c)] = 0;
+      seen[static_cast<size_t>(c)] = 0;
+    }
+  }
+  return moved;
+}
+
+// Node-to-community link weights, links[v][c] = Σ_{u in c} w(v, u), kept up
+// to date as nodes move: a visit reads K entries instead of a row of n, and
+// a move updates two columns. Once communities are few this makes the many
+// late sweeps (few moves each) nearly free. Labels are compacted to columns,
+// with spare columns for nodes that leave to a community of their own.
+class LinkMatrix {
+ public:
+  LinkMatrix(const LevelGraph& graph, std::vector<int64_t>& community, int64_t communities)
+      : graph_(graph), columns_(communities + std::max<int64_t>(16, communities)) {
+    links_ = SumColumns(graph, community, columns_);  // W S, S the community indicator
+  }
+  int64_t columns() const { return columns_; }
+  const double* Row(int64_t node) const { return links_.data_ptr<double>() + node * columns_; }
+  void Move(int64_t node, int64_t from, int64_t to) {
+    double* links = links_.data_ptr<double>();
+    const double* row = graph_.Row(node);  // symmetric: W[:, node] = W[node, :]
+    for (int64_t v = 0; v < graph_.nodes; ++v) {
+      links[v * columns_ + from] -= row[v];
+      links[v * columns_ + to] += row[v];
+    }
+  }
+  void Clear(int64_t column) {  // an emptied community: drop rounding residue
+    double* links = links_.data_ptr<double>();
+    for (int64_t v = 0; v < graph_.nodes; ++v) links[v * columns_ + column] = 0;
+  }
+
+ private:
+  const LevelGraph& graph_;
+  int64_t columns_;
+  torch::Tensor links_;  // [n, columns] float64, row-major
+};
+
 // Louvain's local moves: each node, in random order, goes to the community
 // (or an empty one) that raises modularity most, until a sweep moves none.
 absl::Status MoveNodes(const LevelGraph& graph, double resolution, Rng& rng,
                        std::vector<int64_t>& community, const CallContext& ctx) {
   const int64_t n = graph.nodes;
-  std::vector<double> total(static_cast<size_t>(n), 0), link(static_cast<size_t>(n), 0);
-  std::vector<int64_t> size(static_cast<size_t>(n), 0), touched;
-  std::vector<char> seen(static_cast<size_t>(n), 0);
-  for (int64_t i = 0; i < n; ++i) {
-    total[static_cast<size_t>(community[static_cast<size_t>(i)])] += graph.degree[static_cast<size_t>(i)];
-    ++size[static_cast<size_t>(community[static_cast<size_t>(i)])];
-  }
-  std::vector<int64_t> empty;
-  for (int64_t c = n - 1; c >= 0; --c) {
-    if (size[static_cast<size_t>(c)] == 0) empty.push_back(c);
-  }
   const double scale = resolution / graph.total;
   const std::vector<int64_t> order = rng.Order(n);
-  for (int sweep = 0; sweep < 1000; ++sweep) {
+  // Row sweeps while communities are many (the link matrix would be as big
+  // as W); then compact the labels and switch to the link matrix.
+  constexpr int kMaxSweeps = 1000;
+  int sweep = 0;
+  while (sweep < kMaxSweeps) {
+    std::vector<int64_t> labels = community;
+    if (Compact(labels) * 4 <= n) break;
+    MoveState state(graph, community);
+    const int64_t moved = RowSweep(graph, scale, order, state, community);
+    ++sweep;
+    if (moved == 0) return absl::OkStatus();
+    if (absl::Status status = Poll(ctx); !status.ok()) return status;
+  }
+  if (sweep == kMaxSweeps) return absl::OkStatus();
+  const int64_t communities = Compact(community);
+  LinkMatrix links(graph, community, communities);
+  // Columns are the labels now; the spare ones start empty.
+  std::vector<int64_t> padded = community;
+  MoveState state(graph, padded);
+  state.total.resize(static_cast<size_t>(links.columns()), 0);
+  state.size.resize(static_cast<size_t>(links.columns()), 0);
+  state.empty.clear();
+  for (int64_t c = links.columns() - 1; c >= communities; --c) state.empty.push_back(c);
+  for (; sweep < kMaxSweeps; ++sweep) {
     int64_t moved = 0;
     for (int64_t node : order) {
       const auto u = static_cast<size_t>(node);
       const int64_t current = community[u];
-      const double* row = graph.Row(node);
-      touched.clear();
-      for (int64_t j = 0; j < n; ++j) {
-        if (j == node || row[j] == 0) continue;
-        const auto c = static_cast<size_t>(community[static_cast<size_t>(j)]);
-        if (!seen[c]) {
-          seen[c] = 1;
-          touched.push_back(static_cast<int64_t>(c));
-        }
-        link[c] += row[j];
-      }
+      const double* link = links.Row(node);
+      const double self = graph.Row(node)[node];  // aggregated levels carry self-loops
       const double degree = graph.degree[u];
-      total[static_cast<size_t>(current)] -= degree;
-      --size[static_cast<size_t>(current)];
-      if (size[static_cast<size_t>(current)] == 0) empty.push_back(current);
-      int64_t best = current;
-      double best_gain = link[static_cast<size_t>(current)] -
-                         scale * degree * total[static_cast<size_t>(current)];
-      const double slack = kSlack * (std::abs(best_gain) + degree);
-      for (int64_t c : touched) {
-        const double gain = link[static_cast<size_t>(c)] - scale * degree * total[static_cast<size_t>(c)];
-        if (gain > best_gain + slack) {  // ties keep the current community
-          best = c;
-          best_gain = gain;
-        }
+      state.Leave(current, degree);
+      if (state.empty.empty()) {  // every spare column taken: keep the node where it is
+        state.Join(current, degree);
+        continue;
       }
-      if (best_gain < -slack) best = empty.back();  // alone is better
-      if (best == empty.back() && size[static_cast<size_t>(best)] == 0) empty.pop_back();
-      total[static_cast<size_t>(best)] += degree;
-      ++size[static_cast<size_t>(best)];
+      const int64_t best = BestCommunity(state, current, link[current] - self, degree, scale,
+                                         [&](auto&& visit) {
+                                           for (int64_t c = 0; c < links.columns(); ++c) {
+                                             if (c != current && link[c] != 0) visit(c, link[c]);
+                                           }
+                                         });
+      state.Join(best, degree);
+      if (best == current) continue;
       community[u] = best;
-      if (best != current) ++moved;
-      for (int64_t c : touched) {
-        link[static_cast<size_t>(c)] = 0;
-        seen[static_cast<size_t>(c)] = 0;
-      }
+      ++moved;
+      links.Move(node, current, best);
+      if (state.size[static_cast<size_t>(current)] == 0) links.Clear(current);
     }
     if (moved == 0) break;
     if (absl::Status status = Poll(ctx); !status.ok()) return status;
@@ -236,20 +398,6 @@ std::vector<int64_t> Refine(const LevelGraph& graph, double resolution, Rng& rng
   return refined;
 }
 
-// Labels renumbered 0..K-1 in order of first appearance; returns K.
-int64_t Compact(std::vector<int64_t>& labels) {
-  int64_t largest = 0;
-  for (int64_t label : labels) largest = std::max(largest, label);
-  std::vector<int64_t> renamed(static_cast<size_t>(largest) + 1, -1);
-  int64_t next = 0;
-  for (int64_t& label : labels) {
-    auto& slot = renamed[static_cast<size_t>(label)];
-    if (slot < 0) slot = next++;
-    label = slot;
-  }
-  return next;
-}
-
 double LevelModularity(const LevelGraph& graph, const std::vector<int64_t>& community,
                        double resolution) {
   const int64_t n = graph.nodes;
@@ -291,11 +439,7 @@ absl::Status LeidenPass(const LevelGraph& base, double resolution, Rng& rng,
       level_nodes = Compact(refined);
     }
     // Aggregate: W' = S^T W S with S the refined indicator.
-    const torch::Tensor labels = torch::tensor(refined, torch::kInt64);
-    const torch::Tensor rows =
-        torch::zeros({level_nodes, graph.nodes}, torch::kFloat64).index_add_(0, labels, graph.weights);
-    LevelGraph next = MakeLevel(
-        torch::zeros({level_nodes, level_nodes}, torch::kFloat64).index_add_(1, labels, rows));
+    LevelGraph next = MakeLevel(Aggregate(graph, refined, level_nodes));
     std::vector<int64_t> next_community(static_cast<size_t>(level_nodes));
     for (int64_t v = 0; v < graph.nodes; ++v) {
       next_community[static_cast<size_t>(refined[static_cast<size_t>(v)])] =
@@ -320,12 +464,7 @@ void MergeCommunities(const LevelGraph& graph, double resolution,
                       std::vector<int64_t>& membership) {
   int64_t communities = Compact(membership);
   if (communities < 2) return;
-  const torch::Tensor labels = torch::tensor(membership, torch::kInt64);
-  const torch::Tensor rows = torch::zeros({communities, graph.nodes}, torch::kFloat64)
-                                 .index_add_(0, labels, graph.weights);
-  torch::Tensor between = torch::zeros({communities, communities}, torch::kFloat64)
-                              .index_add_(1, labels, rows)
-                              .contiguous();
+  torch::Tensor between = Aggregate(graph, membership, communities).contiguous();
   std::vector<double> total(static_cast<size_t>(communities), 0);
   for (int64_t i = 0; i < graph.nodes; ++i) {
     total[static_cast<size_t>(membership[static_cast<size_t>(i)])] += graph.degree[static_cast<size_t>(i)];
@@ -376,27 +515,48 @@ absl::StatusOr<std::vector<int64_t>> LeidenCluster(const torch::Tensor& weights,
     return absl::InvalidArgumentError("clustering needs a square weight matrix");
   }
   const int64_t n = weights.size(0);
-  std::vector<int64_t> membership(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) membership[static_cast<size_t>(i)] = i;
-  torch::Tensor dense = weights.to(torch::kCPU, torch::kFloat64).clone();
-  dense.fill_diagonal_(0);
-  const LevelGraph base = MakeLevel(dense);
-  if (n == 0 || base.total <= 0) return membership;  // no edges: all singletons
-  Rng rng(options.seed);
-  double quality = LevelModularity(base, membership, options.resolution);
-  for (int iteration = 0; iteration < std::max(1, options.max_iterations); ++iteration) {
-    std::vector<int64_t> candidate = membership;
-    if (absl::Status status = LeidenPass(base, options.resolution, rng, candidate, ctx);
-        !status.ok()) {
-      return status;
-    }
-    MergeCommunities(base, options.resolution, candidate);
-    const double candidate_quality = LevelModularity(base, candidate, options.resolution);
-    if (candidate_quality <= quality + kSlack * std::abs(quality)) break;
-    membership = std::move(candidate);
-    quality = candidate_quality;
+  std::vector<int64_t> singletons(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) singletons[static_cast<size_t>(i)] = i;
+  // The levels only read the base matrix: use the caller's when it already
+  // is a CPU float64 matrix without self-loops (a copy of a large graph costs
+  // more than a whole run on a small machine).
+  torch::Tensor dense = weights.to(torch::kCPU, torch::kFloat64).contiguous();
+  if (dense.diagonal().count_nonzero().item<int64_t>() != 0) {
+    if (dense.data_ptr() == weights.data_ptr()) dense = dense.clone();  // never write the caller's
+    dense.fill_diagonal_(0);
   }
-  return membership;
+  const LevelGraph base = MakeLevel(dense);
+  if (n == 0 || base.total <= 0) return singletons;  // no edges: all singletons
+
+  std::vector<int64_t> best = singletons;
+  double best_quality = LevelModularity(base, best, options.resolution);
+  for (int run = 0; run < std::max(1, options.restarts); ++run) {
+    // Run 0 draws from the seed itself; the others from hashed seeds (a
+    // shifted splitmix64 state would only replay run 0's stream one draw on).
+    Rng rng(run == 0 ? options.seed
+                     : Rng(options.seed ^ (0xd1b54a32d192ed03ULL * static_cast<uint64_t>(run))).Next());
+    std::vector<int64_t> membership = singletons;
+    double quality = LevelModularity(base, membership, options.resolution);
+    for (int iteration = 0; iteration < std::max(1, options.max_iterations); ++iteration) {
+      std::vector<int64_t> candidate = membership;
+      if (absl::Status status = LeidenPass(base, options.resolution, rng, candidate, ctx);
+          !status.ok()) {
+        return status;
+      }
+      MergeCommunities(base, options.resolution, candidate);
+      const double candidate_quality = LevelModularity(base, candidate, options.resolution);
+      if (candidate_quality <= quality + kSlack * std::abs(quality)) break;
+      membership = std::move(candidate);
+      quality = candidate_quality;
+    }
+    // Strictly better only: ties keep the earlier run, so restarts never
+    // make a result worse than run 0's.
+    if (quality > best_quality + kSlack * std::abs(best_quality)) {
+      best = std::move(membership);
+      best_quality = quality;
+    }
+  }
+  return best;
 }
 
 }  // namespace icd::traces

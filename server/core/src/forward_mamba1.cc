@@ -1,10 +1,10 @@
 // Mamba-1 and FalconMamba mixers, step by step as HF's MambaMixer.slow_forward
 // (mamba_symmetries.md §2.2-2.3).
 #include <string>
-#include <vector>
 
 #include "absl/status/status.h"
 #include "forward_internal.h"
+#include "scan/selective_scan.h"
 
 namespace icd::forward_internal {
 namespace {
@@ -51,8 +51,6 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
                           const Precision& precision, const torch::Tensor& normed,
                           const Capture& capture) {
   const Mamba1Layer view = Mamba1LayerView(weights, layer, precision);
-  const int64_t batch = normed.size(0);
-  const int64_t seq_len = normed.size(1);
   const int64_t inner = config.d_inner;
   const int64_t state_size = config.d_state;
   const torch::ScalarType wide = precision.accumulate;
@@ -89,30 +87,17 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   torch::Tensor delta =
       torch::softplus(torch::linear(time_step, view.dt_proj_w, view.dt_proj_b)).to(wide);  // [B, L, I]
 
-  // 3.b. Discretisation: A = -exp(A_log); Δ·x drives the state.
-  torch::Tensor a_decay = -torch::exp(view.a_log);                  // [I, N]
-  torch::Tensor hidden_wide = hidden.to(wide);                      // [B, L, I]
-  torch::Tensor delta_x = delta * hidden_wide;                      // [B, L, I]
-  torch::Tensor b_wide = b_proj.to(wide);                           // [B, L, N]
-  torch::Tensor c_wide = c_proj.to(wide).unsqueeze(-1);             // [B, L, N, 1]
-
-  // 3.c. Recurrence h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t, y_t = h_t C_t,
-  // sequential over time (one [B, I, N] state; no [B, I, L, N] tensor).
-  torch::Tensor ssm_state = torch::zeros({batch, inner, state_size},
-                                         normed.options().dtype(wide));  // [B, I, N]
-  std::vector<torch::Tensor> scan_outputs;
-  scan_outputs.reserve(static_cast<size_t>(seq_len));
-  for (int64_t step = 0; step < seq_len; ++step) {
-    torch::Tensor decay = torch::exp(delta.select(1, step).unsqueeze(-1) * a_decay);  // [B, I, N]
-    torch::Tensor drive =
-        delta_x.select(1, step).unsqueeze(-1) * b_wide.select(1, step).unsqueeze(1);  // [B, I, N]
-    ssm_state = decay * ssm_state + drive;
-    scan_outputs.push_back(torch::matmul(ssm_state, c_wide.select(1, step)).squeeze(-1));  // [B, I]
-  }
-  torch::Tensor scan_output = torch::stack(scan_outputs, 1);  // [B, L, I]
-  // Skip connection D·x, then the gate silu(z).
-  scan_output = scan_output + hidden_wide * view.d_skip;
-  scan_output = scan_output * torch::silu(gate.to(wide));
+  // 3.b-c. Discretisation, the recurrence over time, skip D·x and gate
+  // silu(z): scan/selective_scan.h (icd's CUDA kernel on GPU builds).
+  scan::ScanInputs scan_inputs;
+  scan_inputs.hidden = hidden;
+  scan_inputs.delta = delta;
+  scan_inputs.a_decay = -torch::exp(view.a_log);  // [I, N]
+  scan_inputs.b_proj = b_proj;
+  scan_inputs.c_proj = c_proj;
+  scan_inputs.d_skip = view.d_skip;
+  scan_inputs.gate = gate;
+  torch::Tensor scan_output = scan::SelectiveScan(scan_inputs, wide);  // [B, L, I]
 
   // 4. Final linear projection.
   torch::Tensor out_proj_input = scan_output.to(precision.compute);  // [B, L, I]

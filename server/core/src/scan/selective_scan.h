@@ -1,0 +1,43 @@
+// Mamba-1's selective scan (mamba_symmetries.md §2.2): the recurrence over
+// time of one layer, with the skip and the gate. One entry point; on a CUDA
+// tensor it runs icd's kernel (selective_scan.cu) when the build has it,
+// everywhere else the LibTorch reference below, which is also what the
+// kernel is tested against.
+#ifndef ICD_CORE_SRC_SCAN_SELECTIVE_SCAN_H_
+#define ICD_CORE_SRC_SCAN_SELECTIVE_SCAN_H_
+
+#include <torch/torch.h>
+
+namespace icd::scan {
+
+// Per layer, with batch B, time L, inner channels I, state size N. All
+// tensors on one device. `hidden`, `b_proj`, `c_proj` and `gate` may be in
+// the compute dtype (float32, bfloat16, float16, float64) and may be
+// non-contiguous views; `delta`, `a_decay`, `d_skip` are in `accumulate`.
+struct ScanInputs {
+  torch::Tensor hidden;   // x after conv and silu   [B, L, I]
+  torch::Tensor delta;    // Δ = softplus(dt_proj)   [B, L, I]
+  torch::Tensor a_decay;  // A = -exp(A_log)         [I, N]
+  torch::Tensor b_proj;   // B                       [B, L, N]
+  torch::Tensor c_proj;   // C                       [B, L, N]
+  torch::Tensor d_skip;   // D                       [I]
+  torch::Tensor gate;     // z                       [B, L, I]
+};
+
+// Returns y_t = (C_t · h_t + D x_t) · silu(z_t) [B, L, I] in `accumulate`,
+// where h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_t and the state h is [B, I, N]
+// in `accumulate`. `state` (optional) carries h across calls, for decoding:
+// when defined on entry it is h_0 (zeros otherwise); on return it holds h_L.
+torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumulate,
+                            torch::Tensor* state = nullptr);
+
+// The LibTorch reference: the same contract, on any device.
+torch::Tensor SelectiveScanReference(const ScanInputs& inputs, torch::ScalarType accumulate,
+                                     torch::Tensor* state = nullptr);
+
+// Whether SelectiveScan would use the CUDA kernel for these inputs.
+bool UsesCudaKernel(const ScanInputs& inputs, torch::ScalarType accumulate);
+
+}  // namespace icd::scan
+
+#endif  // ICD_CORE_SRC_SCAN_SELECTIVE_SCAN_H_

@@ -276,6 +276,9 @@ class Engine::Impl {
       groups.push_back(it->second);
     }
     for (size_t i = 0; i < perms.size(); ++i) ApplyGather(*groups[i], perms[i].index, model.weights);
+    // Gathers on a GPU are asynchronous: apply_ms counts them finished.
+    const torch::Device device = model.weights.begin()->second.device();
+    if (device.is_cuda()) torch::cuda::synchronize(device.index());
     auto restore = [&] {
       for (size_t i = perms.size(); i-- > 0;) {
         ApplyGather(*groups[i], InversePermutation(perms[i].index), model.weights);

@@ -1,0 +1,157 @@
+// Applying a permutation to every group of a loaded model, against one
+// device copy of all its weights (issue 5's "apply at memory speed" figure).
+//
+//   apply_bench --model DIR [--device cuda] [--dtype bfloat16] [--repeats 5] [--seed 1]
+//
+// The model is loaded through the engine; every repeat applies a fresh random
+// valid permutation to every group (skip_verify, so only validation and the
+// gathers are timed: the engine synchronises the device before it reads the
+// clock), then one more apply is verified. The baseline clones every weight
+// tensor once on the same device (the same tensors, read and written once),
+// synchronised the same way. One JSON line per figure.
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "checkpoint.h"
+#include "icd/core/engine.h"
+#include "test_util.h"
+
+namespace {
+
+double Median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const size_t n = values.size();
+  return n % 2 == 1 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+void Synchronize(const torch::Device& device) {
+  if (device.is_cuda()) torch::cuda::synchronize(device.index());
+}
+
+torch::ScalarType ParseDtype(const std::string& name) {
+  if (name == "float32") return torch::kFloat32;
+  if (name == "bfloat16") return torch::kBFloat16;
+  if (name == "float16") return torch::kFloat16;
+  if (name == "float64") return torch::kFloat64;
+  throw std::runtime_error("--dtype must be float32, bfloat16, float16 or float64");
+}
+
+// Milliseconds to clone every tensor once, median over `repeats`.
+double CopyMillis(const std::vector<torch::Tensor>& tensors, const torch::Device& device,
+                  int repeats) {
+  std::vector<double> times;
+  for (int r = 0; r <= repeats; ++r) {  // r == 0 warms the allocator up
+    Synchronize(device);
+    const auto start = std::chrono::steady_clock::now();
+    std::vector<torch::Tensor> copies;
+    copies.reserve(tensors.size());
+    for (const torch::Tensor& tensor : tensors) copies.push_back(tensor.clone());
+    Synchronize(device);
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    if (r > 0) times.push_back(ms);
+  }
+  return Median(times);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string model_dir, device_name = "cuda", dtype_name = "bfloat16";
+  int repeats = 5;
+  uint64_t seed = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw std::runtime_error(flag + " needs a value");
+      return argv[++i];
+    };
+    if (flag == "--model") model_dir = value();
+    else if (flag == "--device") device_name = value();
+    else if (flag == "--dtype") dtype_name = value();
+    else if (flag == "--repeats") repeats = std::stoi(value());
+    else if (flag == "--seed") seed = std::stoull(value());
+    else {
+      std::cerr << "usage: apply_bench --model DIR [--device cuda] [--dtype bfloat16]"
+                   " [--repeats 5] [--seed 1]\n";
+      return 2;
+    }
+  }
+  if (model_dir.empty()) {
+    std::cerr << "apply_bench: --model DIR is required\n";
+    return 2;
+  }
+  const torch::Device device(device_name);
+  const torch::ScalarType dtype = ParseDtype(dtype_name);
+
+  icd::Engine engine;
+  icd::LoadOptions load;
+  load.device = device_name;
+  load.dtype = dtype_name;
+  auto info = engine.Load("model", model_dir, load);
+  if (!info.ok()) {
+    std::cerr << "load: " << info.status() << "\n";
+    return 1;
+  }
+  auto groups = engine.Symmetries("model");
+  if (!groups.ok()) {
+    std::cerr << "symmetries: " << groups.status() << "\n";
+    return 1;
+  }
+
+  // The same tensors, on the same device and dtype, for the copy baseline.
+  auto checkpoint = icd::ReadCheckpoint(model_dir);
+  if (!checkpoint.ok()) {
+    std::cerr << "read: " << checkpoint.status() << "\n";
+    return 1;
+  }
+  std::vector<torch::Tensor> tensors;
+  int64_t bytes = 0;
+  for (const auto& [name, tensor] : checkpoint->weights) {
+    tensors.push_back(tensor.to(device, dtype).contiguous());
+    bytes += tensors.back().numel() * tensors.back().element_size();
+  }
+  checkpoint->weights.clear();
+  const double copy_ms = CopyMillis(tensors, device, repeats);
+  tensors.clear();
+
+  std::mt19937_64 rng(seed);
+  std::vector<double> apply_times;
+  icd::ApplyOptions unverified;
+  unverified.skip_verify = true;
+  for (int r = 0; r <= repeats; ++r) {  // r == 0 is a warm-up
+    auto report = engine.Apply("model", icd::testing::RandomPermutations(*groups, rng), unverified);
+    if (!report.ok()) {
+      std::cerr << "apply: " << report.status() << "\n";
+      return 1;
+    }
+    if (r > 0) apply_times.push_back(report->apply_ms);
+  }
+  auto verified = engine.Apply("model", icd::testing::RandomPermutations(*groups, rng));
+  if (!verified.ok()) {
+    std::cerr << "verified apply: " << verified.status() << "\n";
+    return 1;
+  }
+  const double apply_ms = Median(apply_times);
+  std::printf(
+      "{\"bench\": \"apply\", \"model\": \"%s\", \"device\": \"%s\", \"dtype\": \"%s\", "
+      "\"parameters\": %lld, \"weight_bytes\": %lld, \"groups\": %zu, \"repeats\": %d, "
+      "\"apply_ms_median\": %.3f, \"apply_ms_min\": %.3f, \"copy_ms_median\": %.3f, "
+      "\"apply_over_copy\": %.3f, \"copy_gb_s\": %.1f, \"verified\": %s, \"verify_rel_l2\": %.3g, "
+      "\"verify_top1\": %.4f, \"verify_ms\": %.1f}\n",
+      model_dir.c_str(), info->device.c_str(), dtype_name.c_str(),
+      static_cast<long long>(info->parameters), static_cast<long long>(bytes), groups->size(),
+      repeats, apply_ms, *std::min_element(apply_times.begin(), apply_times.end()), copy_ms,
+      apply_ms / copy_ms, 2.0 * static_cast<double>(bytes) / (copy_ms * 1e6),
+      verified->verified ? "true" : "false", verified->correctness.rel_l2,
+      verified->correctness.top1_agreement, verified->verify_ms);
+  return 0;
+}

@@ -1,0 +1,105 @@
+// What the gRPC hop costs: round trips of small unary calls to a running
+// icd-server (health check, ListModels) and of Evaluate on a loaded model,
+// each timed on the client with a steady clock, one call at a time.
+//
+//   grpc_bench --server HOST:PORT [--model NAME] [--calls 2000]
+//              [--evaluate-calls 50] [--tokens 128]
+//
+// Prints one JSON line per call kind: p50, p90, p99, mean and max in
+// microseconds. Compare Evaluate's with MeasureLatency's prefill of the same
+// [1, tokens] shape (the forward alone) to read off the transport's share.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <iostream>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "icd/client/client.h"
+
+namespace {
+
+double Percentile(std::vector<double> values, double q) {
+  std::sort(values.begin(), values.end());
+  const double rank = q * static_cast<double>(values.size() - 1);
+  const auto low = static_cast<size_t>(rank);
+  const size_t high = std::min(low + 1, values.size() - 1);
+  return values[low] + (rank - static_cast<double>(low)) * (values[high] - values[low]);
+}
+
+// Times `calls` round trips of `call` after a tenth as many warm-up calls.
+std::vector<double> TimeCalls(int calls, const std::function<bool()>& call) {
+  for (int i = 0; i < std::max(1, calls / 10); ++i) {
+    if (!call()) throw std::runtime_error("warm-up call failed");
+  }
+  std::vector<double> micros;
+  micros.reserve(static_cast<size_t>(calls));
+  for (int i = 0; i < calls; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    if (!call()) throw std::runtime_error("call failed");
+    micros.push_back(
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count());
+  }
+  return micros;
+}
+
+void Print(const std::string& kind, const std::vector<double>& micros, const std::string& extra) {
+  const double mean = std::accumulate(micros.begin(), micros.end(), 0.0) /
+                      static_cast<double>(micros.size());
+  std::printf(
+      "{\"bench\": \"grpc\", \"call\": \"%s\", \"calls\": %zu, \"p50_us\": %.1f, "
+      "\"p90_us\": %.1f, \"p99_us\": %.1f, \"mean_us\": %.1f, \"max_us\": %.1f%s}\n",
+      kind.c_str(), micros.size(), Percentile(micros, 0.5), Percentile(micros, 0.9),
+      Percentile(micros, 0.99), mean, *std::max_element(micros.begin(), micros.end()),
+      extra.c_str());
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string server = "127.0.0.1:50051", model;
+  int calls = 2000, evaluate_calls = 50;
+  int64_t tokens = 128;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw std::runtime_error(flag + " needs a value");
+      return argv[++i];
+    };
+    if (flag == "--server") server = value();
+    else if (flag == "--model") model = value();
+    else if (flag == "--calls") calls = std::stoi(value());
+    else if (flag == "--evaluate-calls") evaluate_calls = std::stoi(value());
+    else if (flag == "--tokens") tokens = std::stoll(value());
+    else {
+      std::cerr << "usage: grpc_bench --server HOST:PORT [--model NAME] [--calls N]"
+                   " [--evaluate-calls N] [--tokens T]\n";
+      return 2;
+    }
+  }
+  auto client = icd::Client::Connect(server);
+  if (!client.ok()) {
+    std::cerr << "connect: " << client.status() << "\n";
+    return 1;
+  }
+  icd::Client& icd = **client;
+  Print("health_check", TimeCalls(calls, [&] {
+          auto serving = icd.Health();
+          return serving.ok() && *serving;
+        }),
+        "");
+  Print("list_models", TimeCalls(calls, [&] { return icd.ListModels().ok(); }), "");
+  if (!model.empty()) {
+    icd::v1::EvaluateRequest request;
+    request.set_model(model);
+    for (int64_t t = 0; t < tokens; ++t) request.add_input_ids((t * 7919 + 13) % 256);  // inside any vocabulary here
+    request.set_batch(1);
+    Print("evaluate", TimeCalls(evaluate_calls, [&] { return icd.Evaluate(request).ok(); }),
+          ", \"tokens\": " + std::to_string(tokens));
+  }
+  return 0;
+}

@@ -6,7 +6,7 @@ CMAKE_FLAGS ?=
 DEB_PACKAGES := cmake g++ make pkg-config libtorch-dev libgrpc++-dev protobuf-compiler-grpc \
   libprotobuf-dev libabsl-dev googletest libgtest-dev nlohmann-json3-dev \
   python3-grpcio python3-protobuf python3-torch python3-numpy python3-igraph \
-  libopenblas0-pthread
+  libopenblas0-pthread clang libclang-rt-14-dev
 # Node and npm bring `buf` (npm @bufbuild/buf) for the clients test. Installed
 # from Debian only when no npm is on PATH (a NodeSource nodejs already ships
 # npm, and Debian's npm package would conflict with it).
@@ -39,8 +39,11 @@ tools: deps
 	@test -x $(BUILD)/tools/node_modules/.bin/buf || \
 	  npm install --prefix $(BUILD)/tools --no-audit --no-fund @bufbuild/buf@$(BUF_VERSION)
 
+# ctest, then the libFuzzer targets (clang, ASan/UBSan) for a bounded time.
+FUZZ_SECONDS ?= 30
 test: build tools
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+	ICD_JOBS=$(JOBS) bash tests/fuzz/run.sh $(FUZZ_SECONDS) $(CURDIR)/$(BUILD)-fuzz
 
 # icd-server on loopback with two fixture models (Mamba-2 HF, Mamba-1
 # mamba_ssm), the clients through load/apply/verify/evaluate/export/reload, a

@@ -1,0 +1,153 @@
+// CUDA builds only (ICD_HAVE_CUDA_SCAN): SelectiveScan on icd's kernel
+// (selective_scan.cu, through the plain interface selective_scan_launch.h)
+// when it takes the inputs, the LibTorch reference otherwise: float64
+// models, CPU tensors, N above kMaxCudaStateSize, mixed compute dtypes, and
+// GPUs the build's CUDA architectures do not cover.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <initializer_list>
+#include <optional>
+
+#include "scan/selective_scan.h"
+#include "scan/selective_scan_launch.h"
+
+namespace icd::scan {
+namespace {
+
+std::optional<ScanElementType> KernelElementType(torch::ScalarType type) {
+  switch (type) {
+    case torch::kFloat32:
+      return ScanElementType::kFloat32;
+    case torch::kBFloat16:
+      return ScanElementType::kBFloat16;
+    case torch::kFloat16:
+      return ScanElementType::kFloat16;
+    default:
+      return std::nullopt;
+  }
+}
+
+bool HasSizes(const torch::Tensor& tensor, std::initializer_list<int64_t> sizes) {
+  return tensor.sizes() == torch::IntArrayRef(sizes);
+}
+
+// The kernel's domain: float32 accumulation, every tensor on one CUDA
+// device, shapes as ScanInputs states them, x / z / B / C in one dtype the
+// kernel reads, Δ / A / D in float32, 1 <= N <= kMaxCudaStateSize.
+bool KernelTakes(const ScanInputs& inputs, torch::ScalarType accumulate) {
+  if (accumulate != torch::kFloat32) return false;
+  const torch::Tensor* operands[] = {&inputs.hidden, &inputs.delta,  &inputs.a_decay,
+                                     &inputs.b_proj, &inputs.c_proj, &inputs.d_skip,
+                                     &inputs.gate};
+  for (const torch::Tensor* operand : operands) {
+    if (!operand->defined() || !operand->is_cuda() ||
+        operand->device() != inputs.hidden.device()) {
+      return false;
+    }
+  }
+  if (inputs.hidden.dim() != 3 || inputs.a_decay.dim() != 2) return false;
+  const int64_t batch = inputs.hidden.size(0);
+  const int64_t seq_len = inputs.hidden.size(1);
+  const int64_t inner = inputs.hidden.size(2);
+  const int64_t state_size = inputs.a_decay.size(1);
+  if (batch < 1 || batch > 65535 || seq_len < 1 || inner < 1 || state_size < 1 ||
+      state_size > kMaxCudaStateSize) {
+    return false;
+  }
+  if (!HasSizes(inputs.delta, {batch, seq_len, inner}) ||
+      !HasSizes(inputs.gate, {batch, seq_len, inner}) ||
+      !HasSizes(inputs.b_proj, {batch, seq_len, state_size}) ||
+      !HasSizes(inputs.c_proj, {batch, seq_len, state_size}) ||
+      !HasSizes(inputs.a_decay, {inner, state_size}) || !HasSizes(inputs.d_skip, {inner})) {
+    return false;
+  }
+  const torch::ScalarType compute = inputs.hidden.scalar_type();
+  return KernelElementType(compute).has_value() && inputs.gate.scalar_type() == compute &&
+         inputs.b_proj.scalar_type() == compute && inputs.c_proj.scalar_type() == compute &&
+         inputs.delta.scalar_type() == torch::kFloat32 &&
+         inputs.a_decay.scalar_type() == torch::kFloat32 &&
+         inputs.d_skip.scalar_type() == torch::kFloat32;
+}
+
+// The kernel reads rows (the last axis) contiguous and takes any batch and
+// time strides, so the engine's narrow() views of in_proj / x_proj outputs
+// go in as they are.
+torch::Tensor RowContiguous(const torch::Tensor& tensor) {
+  return tensor.stride(-1) == 1 ? tensor : tensor.contiguous();
+}
+
+ScanOperand Operand(const torch::Tensor& tensor) {
+  ScanOperand operand;
+  operand.data = tensor.data_ptr();
+  operand.batch_stride = tensor.stride(0);
+  operand.time_stride = tensor.stride(1);
+  return operand;
+}
+
+}  // namespace
+
+bool UsesCudaKernel(const ScanInputs& inputs, torch::ScalarType accumulate) {
+  return KernelTakes(inputs, accumulate);
+}
+
+torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumulate,
+                            torch::Tensor* state) {
+  if (!KernelTakes(inputs, accumulate)) {
+    return SelectiveScanReference(inputs, accumulate, state);
+  }
+  const c10::cuda::CUDAGuard device_guard(inputs.hidden.device());
+  const torch::Tensor hidden = RowContiguous(inputs.hidden);  // [B, L, I]
+  const torch::Tensor delta = RowContiguous(inputs.delta);    // [B, L, I]
+  const torch::Tensor gate = RowContiguous(inputs.gate);      // [B, L, I]
+  const torch::Tensor b_proj = RowContiguous(inputs.b_proj);  // [B, L, N]
+  const torch::Tensor c_proj = RowContiguous(inputs.c_proj);  // [B, L, N]
+  const torch::Tensor a_decay = inputs.a_decay.contiguous();  // [I, N]
+  const torch::Tensor d_skip = inputs.d_skip.contiguous();    // [I]
+  const int64_t batch = hidden.size(0);
+  const int64_t seq_len = hidden.size(1);
+  const int64_t inner = hidden.size(2);
+  const int64_t state_size = a_decay.size(1);
+
+  const torch::TensorOptions wide = hidden.options().dtype(torch::kFloat32);
+  torch::Tensor output = torch::empty({batch, seq_len, inner}, wide);  // [B, L, I]
+  torch::Tensor state_in;                                              // [B, I, N]
+  torch::Tensor state_out;                                             // [B, I, N]
+  if (state != nullptr) {
+    if (state->defined()) {
+      state_in = state->to(wide).contiguous();
+      TORCH_CHECK(HasSizes(state_in, {batch, inner, state_size}),
+                  "selective scan: state must be [", batch, ", ", inner, ", ", state_size,
+                  "], got ", state->sizes());
+    }
+    state_out = torch::empty({batch, inner, state_size}, wide);
+  }
+
+  ScanLaunchArgs args;
+  args.batch = batch;
+  args.seq_len = seq_len;
+  args.inner = inner;
+  args.state_size = state_size;
+  args.element_type = *KernelElementType(hidden.scalar_type());
+  args.hidden = Operand(hidden);
+  args.delta = Operand(delta);
+  args.gate = Operand(gate);
+  args.b_proj = Operand(b_proj);
+  args.c_proj = Operand(c_proj);
+  args.a_decay = a_decay.data_ptr<float>();
+  args.d_skip = d_skip.data_ptr<float>();
+  args.state_in = state_in.defined() ? state_in.data_ptr<float>() : nullptr;
+  args.state_out = state_out.defined() ? state_out.data_ptr<float>() : nullptr;
+  args.output = output.data_ptr<float>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.device().index()).stream();
+  const int status = LaunchSelectiveScan(args, static_cast<void*>(stream));
+  if (status == ScanLaunchNoKernelImageStatus()) {
+    // Built for other CUDA architectures than this GPU's: still correct.
+    return SelectiveScanReference(inputs, accumulate, state);
+  }
+  TORCH_CHECK(status == 0, "selective scan kernel: ", ScanLaunchErrorString(status));
+  if (state != nullptr) *state = state_out;
+  return output;
+}
+
+}  // namespace icd::scan

@@ -1,0 +1,86 @@
+// Plain-C++ interface of icd's Mamba-1 scan kernel (selective_scan.cu): raw
+// device pointers, sizes and strides in elements, the stream as void*. No
+// LibTorch and no CUDA header here, so that nvcc never compiles LibTorch and
+// bench/scan_bench.cu needs only the CUDA runtime. The LibTorch side is
+// selective_scan_cuda.cc.
+#ifndef ICD_CORE_SRC_SCAN_SELECTIVE_SCAN_LAUNCH_H_
+#define ICD_CORE_SRC_SCAN_SELECTIVE_SCAN_LAUNCH_H_
+
+#include <cstdint>
+
+namespace icd::scan {
+
+// Element type of the operands that come in the compute dtype (hidden, gate,
+// b_proj, c_proj); delta, a_decay, d_skip and the state are always float32.
+enum class ScanElementType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Largest state size N the kernel takes: each thread keeps its states in
+// registers and a block keeps N B/C columns of a time chunk in shared memory.
+inline constexpr int64_t kMaxCudaStateSize = 64;
+
+// A [B, L, width] operand whose last axis is contiguous; strides in elements.
+struct ScanOperand {
+  const void* data = nullptr;
+  int64_t batch_stride = 0;
+  int64_t time_stride = 0;
+};
+
+// One layer's scan, with batch B, time L, inner channels I, state size N.
+struct ScanLaunchArgs {
+  int64_t batch = 0;
+  int64_t seq_len = 0;
+  int64_t inner = 0;
+  int64_t state_size = 0;
+  ScanElementType element_type = ScanElementType::kFloat32;
+  ScanOperand hidden;                // x  [B, L, I], element_type
+  ScanOperand delta;                 // Δ  [B, L, I], float32
+  ScanOperand gate;                  // z  [B, L, I], element_type
+  ScanOperand b_proj;                // B  [B, L, N], element_type
+  ScanOperand c_proj;                // C  [B, L, N], element_type
+  const float* a_decay = nullptr;    // A  [I, N], contiguous
+  const float* d_skip = nullptr;     // D  [I]
+  const float* state_in = nullptr;   // h_0 [B, I, N], contiguous; null: zeros
+  float* state_out = nullptr;        // h_L [B, I, N], contiguous; null: not kept
+  float* output = nullptr;           // y  [B, L, I], contiguous
+};
+
+// How the kernel maps work onto threads. A channel's N states are spread
+// over `lanes` = N / states_per_thread threads (rounded up to a power of two,
+// at least 4; padded states are inert); a block holds channels_per_block
+// channels. unroll_groups unrolls a time chunk's butterfly groups (more
+// overlap, more registers); prefetch_l2 prefetches x, Δ, z into L2 two
+// chunks ahead. The engine uses neither (both measured slower on H200).
+struct ScanKernelShape {
+  int states_per_thread = 1;
+  int channels_per_block = 16;
+  bool unroll_groups = false;
+  bool prefetch_l2 = false;
+};
+
+// The shape the engine uses (chosen by measurement on H200, see
+// bench/scan_bench.cu): as many states per thread as still leave about 8
+// warps per multiprocessor.
+ScanKernelShape DefaultScanKernelShape(int64_t batch, int64_t inner, int64_t state_size,
+                                       int multiprocessors);
+
+// Whether `shape` is compiled for this state size and element type (the
+// bench's alternatives only for 8 < N <= 16, float32 and bfloat16).
+bool ScanKernelShapeAvailable(const ScanKernelShape& shape, int64_t state_size,
+                              ScanElementType element_type);
+
+// Enqueues the scan on `stream` (a cudaStream_t) of the current device, in
+// the default shape for it. Returns 0 (cudaSuccess) or a cudaError_t value:
+// cudaErrorInvalidValue for arguments out of range.
+int LaunchSelectiveScan(const ScanLaunchArgs& args, void* stream);
+int LaunchSelectiveScan(const ScanLaunchArgs& args, const ScanKernelShape& shape, void* stream);
+
+// cudaGetErrorString, for callers that do not include CUDA headers.
+const char* ScanLaunchErrorString(int status);
+
+// The cudaError_t value of "no kernel image for this device" (the build's
+// CUDA architectures do not cover the GPU), so that callers can fall back.
+int ScanLaunchNoKernelImageStatus();
+
+}  // namespace icd::scan
+
+#endif  // ICD_CORE_SRC_SCAN_SELECTIVE_SCAN_LAUNCH_H_

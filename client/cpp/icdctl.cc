@@ -52,6 +52,11 @@ Global flags (anywhere on the line):
   --help              this text
 
 Commands:
+  health [SERVICE]
+      grpc.health.v1 check (needs no token): prints SERVING and exits 0, or
+      prints the status and exits 1. For container health checks and probes.
+        icdctl --server 127.0.0.1:50051 --timeout 3 health
+
   load NAME PATH [--device D] [--dtype T]
       Load a checkpoint directory (under the server's --model-root; relative
       paths are taken from the first root) as NAME. D: cpu | cuda | cuda:N,
@@ -101,6 +106,20 @@ Commands:
       Write the current weights as a new checkpoint directory (same layout and
       format) under the server's --export-root; PATH must not exist.
         icdctl --server 127.0.0.1:50051 export m m-permuted
+
+  latency NAME [--compare M] [--mode prefill|decode] [--batch B] [--seq-len L]
+          [--warmup W] [--iters N]
+      Time the model's forward on the server, on token ids the server draws
+      (fixed seed). prefill (default): a sample is one forward over [B, L];
+      decode: after an untimed prefill of L tokens, a sample is one
+      single-token step of the whole batch. W samples run first and are
+      discarded (default 3), N are timed (default 20; B 1, L 128). Reported:
+      median, p10, p90 and the 95% interval of the median in ms (CUDA events
+      on a GPU, a steady clock on the CPU). --compare M times M in the same
+      rounds, alternating which runs first, and reports NAME / M per round:
+      median and 95% interval.
+        icdctl --server 127.0.0.1:50051 latency m --mode decode --batch 8 --seq-len 512
+        icdctl --server 127.0.0.1:50051 latency m-permuted --compare m --iters 50
 
   capture --model M (--tokens FILE | --random-tokens N) [--batch B]
           [--holdout-tokens FILE | --random-holdout N] [--groups g1,g2]
@@ -206,6 +225,8 @@ const std::set<std::string>& ValuedOptions() {
   static const auto* options = new std::set<std::string>{
       "--device", "--dtype", "--perm", "--random", "--groups",
       "--expected-version", "--ids", "--batch",
+      // latency
+      "--compare", "--mode", "--seq-len", "--warmup", "--iters",
       // capture / compute
       "--model", "--tokens", "--random-tokens", "--holdout-tokens",
       "--random-holdout", "--token-seed", "--group", "--traces", "--channels",
@@ -833,6 +854,15 @@ absl::Status Models(const Line& line, Context& ctx) {
   return absl::OkStatus();
 }
 
+absl::Status Health(const Line& line, Context& ctx) {
+  if (line.positional.size() > 1) return Usage("health takes at most one SERVICE");
+  auto serving = ctx.client->Health(line.positional.empty() ? "" : line.positional[0]);
+  if (!serving.ok()) return serving.status();
+  if (!*serving) return absl::UnavailableError("NOT_SERVING");
+  std::cout << "SERVING\n";
+  return absl::OkStatus();
+}
+
 absl::Status Unload(const Line& line, Context& ctx) {
   if (auto s = Expect(line, 1, {}); !s.ok()) return s;
   if (auto s = ctx.client->UnloadModel(line.positional[0]); !s.ok()) return s;
@@ -957,6 +987,68 @@ absl::Status Export(const Line& line, Context& ctx) {
   std::cout << "exported " << line.positional[0] << " (version " << report->version()
             << ") to " << report->path() << ":\n";
   for (const auto& f : report->files()) std::cout << "  " << f << "\n";
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------- latency
+
+absl::Status Latency(const Line& line, Context& ctx) {
+  if (auto s = Expect(line, 1, {"--compare", "--mode", "--batch", "--seq-len", "--warmup",
+                                "--iters"});
+      !s.ok()) {
+    return s;
+  }
+  v1::LatencyRequest request;
+  request.set_model(line.positional[0]);
+  request.set_compare_model(Option(line, "--compare"));
+  const std::string mode = Option(line, "--mode");
+  request.set_mode(mode.empty() ? "prefill" : mode);
+  // The same defaults as the Python client's measure_latency.
+  auto count = [&line](const std::string& flag, int64_t fallback) -> absl::StatusOr<int64_t> {
+    const std::string text = Option(line, flag);
+    if (text.empty()) return fallback;
+    return ParseInt(flag, text);
+  };
+  auto batch = count("--batch", 1);
+  auto seq_len = count("--seq-len", 128);
+  auto warmup = count("--warmup", 3);
+  auto iters = count("--iters", 20);
+  for (const auto* v : {&batch, &seq_len, &warmup, &iters}) {
+    if (!v->ok()) return v->status();
+  }
+  request.set_batch(*batch);
+  request.set_seq_len(*seq_len);
+  request.set_warmup(*warmup);
+  request.set_iters(*iters);
+  auto report = ctx.client->MeasureLatency(request);
+  if (!report.ok()) return report.status();
+  if (ctx.json) return PrintJson(*report);
+
+  if (request.mode() == "decode") {
+    std::cout << "decode: one token for each of " << *batch << " sequences per sample, after a "
+              << "prefill of " << *seq_len << " tokens";
+  } else {
+    std::cout << "prefill: one forward over " << *batch << " x " << *seq_len
+              << " tokens per sample";
+  }
+  std::cout << "; " << *warmup << " warm-up samples, then " << report->samples()
+            << " timed on " << report->device() << " (" << report->method() << ")\n";
+  std::vector<std::vector<std::string>> rows = {
+      {"MODEL", "MEDIAN MS", "95% CI", "P10", "P90", "SAMPLES"}};
+  auto add_row = [&rows](const std::string& name, const v1::LatencyReport& r) {
+    rows.push_back({name, Fmt(r.median_ms()),
+                    Fmt(r.ci95_low_ms()) + " - " + Fmt(r.ci95_high_ms()), Fmt(r.p10_ms()),
+                    Fmt(r.p90_ms()), std::to_string(r.samples())});
+  };
+  add_row(request.model(), *report);
+  if (report->has_compare()) add_row(request.compare_model(), report->compare());
+  PrintTable(rows, {false, true, true, true, true, true});
+  if (report->has_compare()) {
+    std::cout << request.model() << " / " << request.compare_model() << ": "
+              << Fmt(report->ratio()) << " (95% CI " << Fmt(report->ratio_ci95_low()) << " - "
+              << Fmt(report->ratio_ci95_high()) << "), median over " << report->samples()
+              << " interleaved rounds\n";
+  }
   return absl::OkStatus();
 }
 
@@ -1172,10 +1264,10 @@ absl::Status Run(int argc, char** argv) {
   }
   using Command = absl::Status (*)(const Line&, Context&);
   static const std::map<std::string, Command> kCommands = {
-      {"load", Load},     {"models", Models},     {"unload", Unload},
+      {"health", Health}, {"load", Load},     {"models", Models},     {"unload", Unload},
       {"symmetries", Symmetries}, {"apply", Apply}, {"verify", Verify},
       {"evaluate", Evaluate},     {"export", Export},       {"capture", Capture},
-      {"compute", Compute}};
+      {"compute", Compute},       {"latency", Latency}};
   if (line->command.empty()) return Usage("no command");
   auto it = kCommands.find(line->command);
   if (it == kCommands.end()) return Usage(absl::StrCat("unknown command '", line->command, "'"));

@@ -103,6 +103,41 @@ EvaluateRequest FromProto(const v1::EvaluateRequest& in) {
   return out;
 }
 
+LatencyOptions FromProto(const v1::LatencyRequest& in) {
+  LatencyOptions out;
+  out.model = in.model();
+  out.compare_model = in.compare_model();
+  if (!in.mode().empty()) out.mode = in.mode();
+  if (in.batch() != 0) out.batch = in.batch();
+  if (in.seq_len() != 0) out.seq_len = in.seq_len();
+  out.warmup = in.warmup();
+  if (in.iters() != 0) out.iters = in.iters();
+  return out;
+}
+
+namespace {
+
+void ToProto(const LatencyTiming& in, v1::LatencyReport* out) {
+  out->set_median_ms(in.median_ms);
+  out->set_p10_ms(in.p10_ms);
+  out->set_p90_ms(in.p90_ms);
+  out->set_ci95_low_ms(in.ci95_low_ms);
+  out->set_ci95_high_ms(in.ci95_high_ms);
+  out->set_samples(in.samples);
+  out->set_device(in.device);
+  out->set_method(in.method);
+}
+
+}  // namespace
+
+void ToProto(const LatencyReport& in, v1::LatencyReport* out) {
+  ToProto(in.timing, out);
+  if (in.compare.has_value()) ToProto(*in.compare, out->mutable_compare());
+  out->set_ratio(in.ratio);
+  out->set_ratio_ci95_low(in.ratio_ci95_low);
+  out->set_ratio_ci95_high(in.ratio_ci95_high);
+}
+
 void ToProto(const SolverOptions& in, v1::SolverOptions* out) {
   out->set_objective(in.objective);
   out->set_statistic(in.statistic);

@@ -28,6 +28,11 @@ std::vector<Permutation> FromProto(
 ApplyOptions ApplyOptionsFromProto(const v1::ApplyRequest& in);
 EvaluateRequest FromProto(const v1::EvaluateRequest& in);
 
+// Zero batch, seq_len, iters and an empty mode take LatencyOptions' defaults
+// (zero is never valid there); warmup is taken as sent (0: none).
+LatencyOptions FromProto(const v1::LatencyRequest& in);
+void ToProto(const LatencyReport& in, v1::LatencyReport* out);
+
 // Traces. Both ways for the messages a client may also build or read back
 // (solver options, results); zero fields stay zero: defaults are the engine's.
 void ToProto(const SolverOptions& in, v1::SolverOptions* out);

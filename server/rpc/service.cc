@@ -358,10 +358,18 @@ grpc::Status PermutationServiceImpl::CapturePermutation(
 
 grpc::Status PermutationServiceImpl::MeasureLatency(
     grpc::ServerContext* context, const v1::LatencyRequest* request,
-    v1::LatencyReport*) {
-  return Handle(context, "MeasureLatency", request->model(), [](CallLog&) {
-    return absl::UnimplementedError(
-        "MeasureLatency is not served by this server version yet");
+    v1::LatencyReport* response) {
+  return Handle(context, "MeasureLatency", request->model(), [&](CallLog& log) {
+    const LatencyOptions options = FromProto(*request);
+    log.Add("mode", options.mode);
+    if (!options.compare_model.empty()) log.Add("compare", options.compare_model);
+    log.Add("batch", std::to_string(options.batch));
+    log.Add("seq_len", std::to_string(options.seq_len));
+    log.Add("iters", std::to_string(options.iters));
+    auto report = engine_->MeasureLatency(options, MakeCallContext(context));
+    if (!report.ok()) return report.status();
+    ToProto(*report, response);
+    return absl::OkStatus();
   });
 }
 

@@ -528,6 +528,41 @@ class ClientsTest(unittest.TestCase):
                 ok = c.compute_permutation("lim", "layers.0.inner", two_mib[:1000])
                 self.assert_permutation(ok.permutation.index, 128)
 
+    # ------------------------------------------------------------ latency
+
+    def test_8e_measure_latency_python_and_icdctl(self):
+        c = self.client
+        c.load("lat", "mamba1-small/hf")
+        report = c.measure_latency("lat", compare_model="lat", mode="decode", batch=2,
+                                   seq_len=8, warmup=1, iters=6)
+        for timing in (report, report.compare):
+            self.assertEqual(timing.samples, 6)
+            self.assertEqual((timing.device, timing.method), ("cpu", "steady_clock"))
+            self.assertLessEqual(timing.p10_ms, timing.median_ms)
+            self.assertLessEqual(timing.median_ms, timing.p90_ms)
+            self.assertLessEqual(timing.ci95_low_ms, timing.median_ms)
+            self.assertLessEqual(timing.median_ms, timing.ci95_high_ms)
+            self.assertGreater(timing.median_ms, 0)
+        self.assertGreater(report.ratio, 0)
+        self.assertLessEqual(report.ratio_ci95_low, report.ratio)
+        self.assertLessEqual(report.ratio, report.ratio_ci95_high)
+        with self.assertRaises(self.icd.IcdError) as bad:
+            c.measure_latency("lat", mode="generate")
+        self.assertEqual(bad.exception.code, "INVALID_ARGUMENT")
+        self.assertIn("mode", bad.exception.message)
+
+        alone = self.ctl("--json", "latency", "lat", "--seq-len", "8", "--iters", "6")
+        self.assertEqual(int(alone["samples"]), 6)
+        self.assertNotIn("compare", alone)
+        text = self.ctl("latency", "lat", "--compare", "lat", "--mode", "decode",
+                        "--seq-len", "8", "--iters", "6", "--warmup", "0")
+        self.assertIn("decode", text)
+        self.assertIn("lat / lat:", text)
+        self.assertIn("INVALID_ARGUMENT", self.ctl("latency", "lat", "--batch", "-1", expect=3))
+        r = subprocess.run([ARGS.icdctl, "--help"], capture_output=True, text=True)
+        self.assertIn("icdctl --server 127.0.0.1:50051 latency", r.stdout)
+        c.unload("lat")
+
     # ------------------------------------------------------------ shutdown
 
     def test_9_sigterm_exits_zero(self):

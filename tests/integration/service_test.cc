@@ -340,12 +340,8 @@ TEST_F(ServiceTest, ExportRefusals) {
   ExpectUnchanged();
 }
 
-// ComputePermutation and CapturePermutation: traces_test.cc.
-TEST_F(ServiceTest, NotYetServedRpcsAreUnimplemented) {
-  v1::LatencyRequest latency;
-  latency.set_model("m");
-  ExpectCode(client().MeasureLatency(latency).status(), StatusCode::kUnimplemented);
-}
+// ComputePermutation and CapturePermutation: traces_test.cc; MeasureLatency:
+// latency_service_test.cc.
 
 TEST(ServiceAuthTest, TokenIsRequiredExceptForHealth) {
   rpc::ServiceOptions options;

@@ -2,13 +2,18 @@
 // Every golden fixture (every layout) is loaded on cuda in float32, checked
 // against the golden logits, permuted in all groups, verified, checked again,
 // exported and reloaded on cuda; bfloat16 on cuda applies and verifies.
+// Then icd's Mamba-1 scan kernel (scan/selective_scan.cu) against the
+// LibTorch reference on the same CUDA inputs.
 // Skipped (never failed) where torch::cuda::is_available() is false (CI).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <random>
+#include <string>
 
 #include "icd/core/engine.h"
+#include "scan/selective_scan.h"
 #include "test_util.h"
 
 namespace icd {
@@ -146,6 +151,201 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, CudaTest, ::testing::ValuesIn(testing::Golden
                            }
                            return name;
                          });
+
+// ---- The Mamba-1 scan kernel -------------------------------------------------
+
+constexpr double kScanFloat32Tolerance = 1e-5;  // vs the float32 reference
+// bfloat16 / float16 inputs: both sides read the same rounded values and
+// accumulate in float32, so only the order of float32 operations differs;
+// the bound is looser for the larger magnitudes the rounding allows.
+constexpr double kScanReducedTolerance = 1e-4;
+
+struct ScanShape {
+  int64_t batch, seq_len, inner, state_size;
+};
+
+std::string Describe(const ScanShape& shape) {
+  return "B" + std::to_string(shape.batch) + " L" + std::to_string(shape.seq_len) + " I" +
+         std::to_string(shape.inner) + " N" + std::to_string(shape.state_size);
+}
+
+// Random inputs laid out as Mamba1Mixer passes them: x and z are narrow()
+// views of one [B, L, 2I] projection, B and C of one [B, L, R + 2N]
+// projection (R = 3: rows not aligned), Δ = softplus(...) and A = -exp(A_log)
+// in float32. Drawn on the CPU from `seed`, then moved to cuda.
+scan::ScanInputs RandomScanInputs(const ScanShape& shape, torch::ScalarType compute,
+                                  uint64_t seed) {
+  torch::manual_seed(seed);
+  const int64_t batch = shape.batch, seq_len = shape.seq_len, inner = shape.inner;
+  const int64_t state_size = shape.state_size, rank = 3;
+  const auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  torch::Tensor projected = torch::randn({batch, seq_len, 2 * inner}).to(cuda.dtype(compute));
+  torch::Tensor ssm_params =
+      torch::randn({batch, seq_len, rank + 2 * state_size}).to(cuda.dtype(compute));
+  scan::ScanInputs inputs;
+  inputs.hidden = projected.narrow(-1, 0, inner);                      // [B, L, I]
+  inputs.gate = projected.narrow(-1, inner, inner);                    // [B, L, I]
+  inputs.b_proj = ssm_params.narrow(-1, rank, state_size);             // [B, L, N]
+  inputs.c_proj = ssm_params.narrow(-1, rank + state_size, state_size);  // [B, L, N]
+  inputs.delta = torch::softplus(torch::randn({batch, seq_len, inner}) - 3.0).to(cuda);
+  torch::Tensor a_log = torch::log(torch::arange(1, state_size + 1, torch::kFloat32))
+                            .repeat({inner, 1}) +
+                        0.3 * torch::randn({inner, state_size});  // [I, N], S4D-real-like
+  inputs.a_decay = (-torch::exp(a_log)).to(cuda);
+  inputs.d_skip = (1.0 + 0.2 * torch::randn({inner})).to(cuda);
+  return inputs;
+}
+
+// The inputs' time steps [start, start + length).
+scan::ScanInputs TimeSlice(const scan::ScanInputs& inputs, int64_t start, int64_t length) {
+  scan::ScanInputs slice = inputs;
+  slice.hidden = inputs.hidden.narrow(1, start, length);
+  slice.delta = inputs.delta.narrow(1, start, length);
+  slice.b_proj = inputs.b_proj.narrow(1, start, length);
+  slice.c_proj = inputs.c_proj.narrow(1, start, length);
+  slice.gate = inputs.gate.narrow(1, start, length);
+  return slice;
+}
+
+class ScanKernelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  }
+
+  // Kernel vs reference on the same inputs, y and the final state; returns
+  // the larger relative L2.
+  static double CompareWithReference(const scan::ScanInputs& inputs, const std::string& name) {
+    EXPECT_TRUE(scan::UsesCudaKernel(inputs, torch::kFloat32)) << name;
+    torch::Tensor kernel_state;
+    torch::Tensor reference_state;
+    const torch::Tensor output = scan::SelectiveScan(inputs, torch::kFloat32, &kernel_state);
+    const torch::Tensor reference =
+        scan::SelectiveScanReference(inputs, torch::kFloat32, &reference_state);
+    EXPECT_EQ(output.scalar_type(), torch::kFloat32) << name;
+    EXPECT_TRUE(output.is_cuda()) << name;
+    EXPECT_EQ(output.sizes(), reference.sizes()) << name;
+    EXPECT_EQ(kernel_state.sizes(), reference_state.sizes()) << name;
+    EXPECT_TRUE(torch::isfinite(output).all().item<bool>()) << name;
+    return std::max(RelL2(output, reference), RelL2(kernel_state, reference_state));
+  }
+};
+
+TEST_F(ScanKernelTest, Float32MatchesReference) {
+  uint64_t seed = 100;
+  double worst = 0.0;
+  for (int64_t batch : {1, 3}) {
+    for (int64_t seq_len : {1, 7, 300}) {
+      for (int64_t inner : {24, 160}) {
+        for (int64_t state_size : {4, 16}) {
+          const ScanShape shape{batch, seq_len, inner, state_size};
+          const double error = CompareWithReference(
+              RandomScanInputs(shape, torch::kFloat32, seed++), Describe(shape));
+          EXPECT_LE(error, kScanFloat32Tolerance) << Describe(shape);
+          worst = std::max(worst, error);
+        }
+      }
+    }
+  }
+  std::printf("[cuda] scan kernel float32 vs reference: worst rel_l2 %.3g (24 shapes)\n", worst);
+}
+
+// State sizes that are not powers of two, the largest the kernel takes, and
+// one above it (the reference then, through the same entry point).
+TEST_F(ScanKernelTest, StateSizes) {
+  uint64_t seed = 200;
+  for (int64_t state_size : {1, 13, 40, 64}) {
+    const ScanShape shape{2, 70, 40, state_size};
+    const double error =
+        CompareWithReference(RandomScanInputs(shape, torch::kFloat32, seed++), Describe(shape));
+    EXPECT_LE(error, kScanFloat32Tolerance) << Describe(shape);
+  }
+  const scan::ScanInputs too_large = RandomScanInputs({2, 20, 24, 65}, torch::kFloat32, seed++);
+  EXPECT_FALSE(scan::UsesCudaKernel(too_large, torch::kFloat32));
+  EXPECT_LE(RelL2(scan::SelectiveScan(too_large, torch::kFloat32),
+                  scan::SelectiveScanReference(too_large, torch::kFloat32)),
+            1e-12);
+}
+
+// Decoding: h_0 carried in, and L tokens in one call equal the same tokens
+// in two calls passing the state on.
+TEST_F(ScanKernelTest, CarriedState) {
+  const ScanShape shape{3, 300, 160, 16};
+  const int64_t first = 131;
+  const scan::ScanInputs inputs = RandomScanInputs(shape, torch::kFloat32, 300);
+  torch::manual_seed(301);
+  const torch::Tensor initial =
+      torch::randn({shape.batch, shape.inner, shape.state_size}).to(torch::kCUDA);
+
+  torch::Tensor whole_state = initial.clone();
+  torch::Tensor reference_state = initial.clone();
+  const torch::Tensor whole = scan::SelectiveScan(inputs, torch::kFloat32, &whole_state);
+  const torch::Tensor reference =
+      scan::SelectiveScanReference(inputs, torch::kFloat32, &reference_state);
+  EXPECT_LE(RelL2(whole, reference), kScanFloat32Tolerance);
+  EXPECT_LE(RelL2(whole_state, reference_state), kScanFloat32Tolerance);
+
+  torch::Tensor split_state = initial.clone();
+  const torch::Tensor head =
+      scan::SelectiveScan(TimeSlice(inputs, 0, first), torch::kFloat32, &split_state);
+  const torch::Tensor tail = scan::SelectiveScan(TimeSlice(inputs, first, shape.seq_len - first),
+                                                 torch::kFloat32, &split_state);
+  const torch::Tensor split = torch::cat({head, tail}, 1);
+  const double output_split = RelL2(split, whole);
+  const double state_split = RelL2(split_state, whole_state);
+  EXPECT_LE(output_split, 1e-6);
+  EXPECT_LE(state_split, 1e-6);
+
+  // Without a state pointer: zeros in, nothing out, the same y as a
+  // zero state passed in.
+  torch::Tensor zero_state = torch::zeros_like(initial);
+  EXPECT_LE(RelL2(scan::SelectiveScan(inputs, torch::kFloat32),
+                  scan::SelectiveScan(inputs, torch::kFloat32, &zero_state)),
+            1e-6);
+  std::printf("[cuda] scan kernel carried state: vs reference rel_l2 %.3g / %.3g, "
+              "one call vs %lld + %lld: %.3g / %.3g (y / h_L)\n",
+              RelL2(whole, reference), RelL2(whole_state, reference_state),
+              static_cast<long long>(first), static_cast<long long>(shape.seq_len - first),
+              output_split, state_split);
+}
+
+TEST_F(ScanKernelTest, ReducedPrecisionInputs) {
+  uint64_t seed = 400;
+  for (torch::ScalarType compute : {torch::kBFloat16, torch::kFloat16}) {
+    double worst = 0.0;
+    for (const ScanShape& shape : {ScanShape{1, 300, 160, 16}, ScanShape{3, 7, 24, 4},
+                                   ScanShape{3, 300, 24, 16}, ScanShape{1, 1, 160, 4}}) {
+      const std::string name = std::string(c10::toString(compute)) + " " + Describe(shape);
+      const double error = CompareWithReference(RandomScanInputs(shape, compute, seed++), name);
+      EXPECT_LE(error, kScanReducedTolerance) << name;
+      worst = std::max(worst, error);
+    }
+    std::printf("[cuda] scan kernel %s inputs vs reference: worst rel_l2 %.3g\n",
+                c10::toString(compute), worst);
+  }
+}
+
+// What the kernel does not take goes to the reference: float64 models, CPU
+// tensors.
+TEST_F(ScanKernelTest, FallsBackToReference) {
+  const ScanShape shape{2, 30, 24, 16};
+  scan::ScanInputs wide = RandomScanInputs(shape, torch::kFloat64, 500);
+  for (torch::Tensor* tensor : {&wide.delta, &wide.a_decay, &wide.d_skip}) {
+    *tensor = tensor->to(torch::kFloat64);
+  }
+  EXPECT_FALSE(scan::UsesCudaKernel(wide, torch::kFloat64));
+  const torch::Tensor wide_output = scan::SelectiveScan(wide, torch::kFloat64);
+  EXPECT_EQ(wide_output.scalar_type(), torch::kFloat64);
+  EXPECT_LE(RelL2(wide_output, scan::SelectiveScanReference(wide, torch::kFloat64)), 1e-12);
+
+  scan::ScanInputs host = RandomScanInputs(shape, torch::kFloat32, 501);
+  for (torch::Tensor* tensor : {&host.hidden, &host.delta, &host.a_decay, &host.b_proj,
+                                &host.c_proj, &host.d_skip, &host.gate}) {
+    *tensor = tensor->cpu();
+  }
+  EXPECT_FALSE(scan::UsesCudaKernel(host, torch::kFloat32));
+  EXPECT_TRUE(scan::SelectiveScan(host, torch::kFloat32).device().is_cpu());
+}
 
 }  // namespace
 }  // namespace icd

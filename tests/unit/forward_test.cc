@@ -452,5 +452,139 @@ INSTANTIATE_TEST_SUITE_P(
         EquivarianceCase{"mamba2_one_group_mamba_ssm", "mamba2-one-group", "mamba_ssm"}),
     [](const auto& param_info) { return param_info.param.name; });
 
+
+// ---------------------------------------------------------------------------
+// Recurrent state (forward.h RecurrentState): prefill, then one token per
+// call, is the same function as one forward over the whole sequence.
+
+// Logits of Forward over the first `prefill` tokens into a fresh state, then
+// of one call per remaining token, concatenated over time [B, L, V].
+torch::Tensor DecodeLogits(const ModelConfig& config, const Weights& weights,
+                           const torch::Tensor& input_ids, int64_t prefill) {
+  RecurrentState state;
+  std::vector<torch::Tensor> pieces;
+  auto first = Forward(config, weights, input_ids.narrow(1, 0, prefill), {}, nullptr, &state);
+  EXPECT_TRUE(first.ok()) << first.status();
+  if (!first.ok()) return torch::Tensor();
+  pieces.push_back(*first);
+  for (int64_t position = prefill; position < input_ids.size(1); ++position) {
+    auto step =
+        Forward(config, weights, input_ids.narrow(1, position, 1), {}, nullptr, &state);
+    EXPECT_TRUE(step.ok()) << "position " << position << ": " << step.status();
+    if (!step.ok()) return torch::Tensor();
+    pieces.push_back(*step);
+  }
+  return torch::cat(pieces, 1);
+}
+
+class DecodeGoldenTest : public ::testing::TestWithParam<testing::GoldenCase> {};
+
+// Prefill lengths below and above d_conv - 1 (the fixtures' d_conv is 4), so
+// the conv history is carried both part-zero and whole.
+TEST_P(DecodeGoldenTest, PrefillThenStepsMatchesOneForward) {
+  const Model model = LoadModel(GetParam().fixture, GetParam().layout);
+  ASSERT_EQ(model.config.d_conv, 4);
+  // float64: only the summation order of matmuls over L vs 1 rows differs.
+  for (const auto& [dtype, tolerance] :
+       {std::make_pair(torch::kFloat64, 1e-10), std::make_pair(torch::kFloat32, 1e-5)}) {
+    const Weights weights = CastWeights(model.weights, dtype);
+    const torch::Tensor whole = RunOrFail(model.config, weights, model.input_ids);
+    ASSERT_TRUE(whole.defined());
+    for (const int64_t prefill : {int64_t{1}, int64_t{2}, int64_t{9}}) {
+      const torch::Tensor decoded = DecodeLogits(model.config, weights, model.input_ids, prefill);
+      ASSERT_TRUE(decoded.defined());
+      ASSERT_EQ(decoded.sizes(), whole.sizes());
+      const double rel = testing::RelL2(decoded, whole);
+      std::printf("[decode] %s/%s %s prefill %ld: rel L2 %.3g\n", GetParam().fixture.c_str(),
+                  GetParam().layout.c_str(), c10::toString(dtype), static_cast<long>(prefill),
+                  rel);
+      EXPECT_LE(rel, tolerance) << c10::toString(dtype) << " prefill " << prefill;
+    }
+    // The check bites: the last token without the state is another function.
+    const int64_t last = model.input_ids.size(1) - 1;
+    const torch::Tensor alone =
+        RunOrFail(model.config, weights, model.input_ids.narrow(1, last, 1));
+    ASSERT_TRUE(alone.defined());
+    EXPECT_GT(testing::RelL2(alone, whole.narrow(1, last, 1)), 1e-3);
+  }
+}
+
+// An empty state changes nothing in the logits (bitwise), and afterwards
+// holds one layer state per layer with forward.h's shapes.
+TEST_P(DecodeGoldenTest, EmptyStateIsTheStatelessForward) {
+  const Model model = LoadModel(GetParam().fixture, GetParam().layout);
+  const ModelConfig& config = model.config;
+  const torch::Tensor plain = RunOrFail(config, model.weights, model.input_ids);
+  RecurrentState state;
+  auto logits = Forward(config, model.weights, model.input_ids, {}, nullptr, &state);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  EXPECT_TRUE(torch::equal(*logits, plain));
+  const int64_t batch = model.input_ids.size(0);
+  const bool mamba2 = config.family == Family::kMamba2;
+  const std::vector<int64_t> conv_shape = {
+      batch, mamba2 ? config.d_inner + 2 * config.ngroups * config.d_state : config.d_inner,
+      config.d_conv - 1};
+  const std::vector<int64_t> ssm_shape =
+      mamba2 ? std::vector<int64_t>{batch, config.nheads, config.headdim, config.d_state}
+             : std::vector<int64_t>{batch, config.d_inner, config.d_state};
+  ASSERT_EQ(static_cast<int64_t>(state.layers.size()), config.n_layer);
+  for (const LayerState& layer : state.layers) {
+    EXPECT_EQ(layer.conv_history.sizes().vec(), conv_shape);
+    EXPECT_EQ(layer.ssm_state.sizes().vec(), ssm_shape);
+    EXPECT_EQ(layer.ssm_state.scalar_type(), torch::kFloat32);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, DecodeGoldenTest, ::testing::ValuesIn(testing::GoldenCases()),
+                         GoldenCaseName);
+
+// A state of another batch is refused by name; a refused or cancelled call
+// leaves the state as it was.
+TEST(DecodeTest, RefusedOrCancelledCallLeavesStateUnchanged) {
+  const Model model = LoadModel("mamba2-groups", "hf");
+  RecurrentState state;
+  ASSERT_TRUE(
+      Forward(model.config, model.weights, model.input_ids.narrow(1, 0, 5), {}, nullptr, &state)
+          .ok());
+  const RecurrentState before = state;
+  auto check_unchanged = [&] {
+    ASSERT_EQ(state.layers.size(), before.layers.size());
+    for (size_t i = 0; i < state.layers.size(); ++i) {
+      EXPECT_TRUE(state.layers[i].conv_history.is_same(before.layers[i].conv_history));
+      EXPECT_TRUE(state.layers[i].ssm_state.is_same(before.layers[i].ssm_state));
+    }
+  };
+  const torch::Tensor one_row = model.input_ids.narrow(0, 0, 1).narrow(1, 5, 1);  // batch 1
+  auto refused = Forward(model.config, model.weights, one_row, {}, nullptr, &state);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("conv_history"), std::string::npos)
+      << refused.status();
+  check_unchanged();
+
+  CallContext ctx;
+  int polls = 0;
+  ctx.cancelled = [&polls] { return ++polls > 2; };  // after the first layer ran
+  auto cancelled =
+      Forward(model.config, model.weights, model.input_ids.narrow(1, 5, 1), ctx, nullptr, &state);
+  ASSERT_FALSE(cancelled.ok());
+  EXPECT_EQ(cancelled.status().code(), absl::StatusCode::kCancelled);
+  check_unchanged();
+}
+
+// ForwardPrechecked is Forward without the input checks: same logits.
+TEST(DecodeTest, PrecheckedForwardIsForward) {
+  const Model model = LoadModel("mamba1-small", "hf");
+  ASSERT_TRUE(CheckForwardInputs(model.config, model.weights, model.input_ids).ok());
+  auto plain = Forward(model.config, model.weights, model.input_ids);
+  auto prechecked = ForwardPrechecked(model.config, model.weights, model.input_ids);
+  ASSERT_TRUE(plain.ok() && prechecked.ok());
+  EXPECT_TRUE(torch::equal(*plain, *prechecked));
+  torch::Tensor bad = model.input_ids.clone();
+  bad[0][0] = model.config.vocab_size;
+  EXPECT_EQ(CheckForwardInputs(model.config, model.weights, bad).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace icd

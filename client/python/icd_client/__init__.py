@@ -19,6 +19,9 @@ e.g. ``"INVALID_ARGUMENT"``).
         print(summarize(results))
         c.apply("m", {r.permutation.group: r.permutation.index for r in results})
 
+        timing = c.measure_latency("m", compare_model="m-original", mode="decode")
+        print(timing.median_ms, timing.ratio, timing.ratio_ci95_low, timing.ratio_ci95_high)
+
 Needs Debian's python3-grpcio, python3-protobuf and python3-numpy, i.e. the
 system interpreter /usr/bin/python3. The generated stubs (icd/v1/
 permutation_pb2*.py) are built, not committed: ``cmake --build build --target
@@ -566,6 +569,23 @@ class Client:
         return list(self._call(self._stub.CapturePermutation, request).results)
 
     summarize = staticmethod(summarize)
+
+    # -- latency
+
+    def measure_latency(self, model, compare_model=None, mode="prefill", batch=1, seq_len=128,
+                        warmup=3, iters=20):
+        """MeasureLatency -> LatencyReport(median_ms, p10_ms, p90_ms,
+        ci95_low_ms, ci95_high_ms, samples, device, method, compare, ratio,
+        ratio_ci95_low, ratio_ci95_high). The server times its forward on
+        token ids it draws: "prefill", one forward over [batch, seq_len] per
+        sample; "decode", one single-token step of the batch per sample after
+        an untimed prefill of seq_len tokens. ``warmup`` samples are
+        discarded. With ``compare_model`` both run in interleaved rounds;
+        ``compare`` is its report and ``ratio`` the median of t(model) /
+        t(compare_model) over the rounds, with its 95% interval."""
+        return self._call(self._stub.MeasureLatency, pb.LatencyRequest(
+            model=model, compare_model=compare_model or "", mode=mode, batch=int(batch),
+            seq_len=int(seq_len), warmup=int(warmup), iters=int(iters)))
 
     # -- export
 

@@ -3,11 +3,14 @@
 #include <torch/torch.h>
 
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <shared_mutex>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -17,6 +20,7 @@
 #include "exporter.h"
 #include "forward.h"
 #include "icd/core/status_macros.h"
+#include "latency.h"
 #include "model.h"
 #include "probe.h"
 #include "symmetry.h"
@@ -679,6 +683,38 @@ absl::StatusOr<std::vector<PermutationResult>> Engine::Capture(const CaptureRequ
       }
     }
     return results;
+  });
+}
+
+absl::StatusOr<LatencyReport> Engine::MeasureLatency(const LatencyOptions& options,
+                                                     const CallContext& ctx) {
+  ICD_RETURN_IF_ERROR(latency::ValidateOptions(options));
+  ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(options.model));
+  std::shared_ptr<LoadedModel> compare;
+  if (!options.compare_model.empty()) {
+    ICD_ASSIGN_OR_RETURN(compare, impl_->Find(options.compare_model));
+  }
+  // Shared locks taken in one order (by address): two comparisons of the
+  // same pair in opposite roles could otherwise deadlock behind a writer
+  // waiting on each model. A model compared with itself is locked once.
+  LoadedModel* first = model.get();
+  LoadedModel* second = compare.get();
+  if (second != nullptr && std::less<LoadedModel*>()(second, first)) std::swap(first, second);
+  std::shared_lock<std::shared_mutex> first_lock(first->mutex);
+  std::shared_lock<std::shared_mutex> second_lock;
+  if (second != nullptr && second != first) {
+    second_lock = std::shared_lock<std::shared_mutex>(second->mutex);
+  }
+  auto timed = [](const LoadedModel& loaded) {
+    return latency::TimedModel{loaded.info.name, &loaded.config, &loaded.weights,
+                               loaded.info.device};
+  };
+  const latency::TimedModel timed_model = timed(*model);
+  std::optional<latency::TimedModel> timed_compare;
+  if (compare) timed_compare = timed(*compare);
+  return Guarded("latency", [&] {
+    return latency::Measure(options, timed_model,
+                            timed_compare.has_value() ? &*timed_compare : nullptr, ctx);
   });
 }
 

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <exception>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -69,13 +70,34 @@ std::string LayerGroupName(int64_t layer, const std::string& suffix) {
 }
 
 torch::Tensor CausalDepthwiseConv(const torch::Tensor& values, const torch::Tensor& weight,
-                                  const torch::Tensor& bias) {
+                                  const torch::Tensor& bias, const torch::Tensor& history,
+                                  torch::Tensor* next_history) {
   const int64_t seq_len = values.size(1);
   const int64_t channels = weight.size(0);
   const int64_t kernel = weight.size(2);
-  // conv1d wants channels first: [B, C, L]; padding K-1 on both sides, and
-  // the first L outputs are the causal ones.
-  torch::Tensor conv = torch::conv1d(values.transpose(1, 2), weight, bias,
+  // conv1d wants channels first.
+  const torch::Tensor channels_first = values.transpose(1, 2);  // [B, C, L]
+  if (history.defined()) {
+    // The history stands in for the left padding: L outputs, all causal.
+    torch::Tensor extended =
+        torch::cat({history.to(channels_first.scalar_type()), channels_first}, 2);  // [B, C, K-1+L]
+    if (next_history != nullptr) {
+      *next_history = extended.narrow(2, seq_len, kernel - 1).contiguous();  // [B, C, K-1]
+    }
+    const int64_t no_padding = 0;  // a literal 0 would also match conv1d's string padding
+    torch::Tensor conv = torch::conv1d(extended, weight, bias, /*stride=*/1, no_padding,
+                                       /*dilation=*/1, /*groups=*/channels);
+    return conv.transpose(1, 2);  // [B, L, C]
+  }
+  if (next_history != nullptr) {
+    // Zeros before the sequence, so a sequence shorter than K-1 keeps some.
+    *next_history = torch::constant_pad_nd(channels_first, {kernel - 1, 0})
+                        .narrow(2, seq_len, kernel - 1)
+                        .contiguous();  // [B, C, K-1]
+  }
+  // Zero history: padding K-1 on both sides, and the first L outputs are the
+  // causal ones.
+  torch::Tensor conv = torch::conv1d(channels_first, weight, bias,
                                      /*stride=*/1, /*padding=*/kernel - 1,
                                      /*dilation=*/1, /*groups=*/channels);
   return conv.narrow(2, 0, seq_len).transpose(1, 2);  // [B, L, C]
@@ -159,6 +181,39 @@ absl::Status CheckInputIds(const ModelConfig& config, const torch::Tensor& input
   return absl::OkStatus();
 }
 
+// A non-empty state must be one this config and batch produced: one layer
+// state per layer, each tensor of the shape forward.h gives.
+absl::Status CheckState(const ModelConfig& config, const RecurrentState& state, int64_t batch) {
+  if (state.layers.empty()) return absl::OkStatus();
+  if (static_cast<int64_t>(state.layers.size()) != config.n_layer) {
+    return absl::InvalidArgumentError(absl::StrCat("recurrent state has ", state.layers.size(),
+                                                   " layers, the model ", config.n_layer));
+  }
+  const bool mamba2 = config.family == Family::kMamba2;
+  const int64_t conv_channels =
+      mamba2 ? config.d_inner + 2 * config.ngroups * config.d_state : config.d_inner;
+  const std::vector<int64_t> conv_shape = {batch, conv_channels, config.d_conv - 1};
+  const std::vector<int64_t> ssm_shape =
+      mamba2 ? std::vector<int64_t>{batch, config.nheads, config.headdim, config.d_state}
+             : std::vector<int64_t>{batch, config.d_inner, config.d_state};
+  auto check = [batch](size_t layer, const char* what, const torch::Tensor& tensor,
+                       const std::vector<int64_t>& shape) {
+    if (tensor.defined() && tensor.sizes().vec() == shape) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(
+        "recurrent state: layer ", layer, " ", what, " is ",
+        tensor.defined() ? absl::StrCat("[", absl::StrJoin(tensor.sizes().vec(), ", "), "]")
+                         : "undefined",
+        ", expected [", absl::StrJoin(shape, ", "), "] (batch ", batch, ")"));
+  };
+  for (size_t layer = 0; layer < state.layers.size(); ++layer) {
+    const LayerState& layer_state = state.layers[layer];
+    absl::Status status = check(layer, "conv_history", layer_state.conv_history, conv_shape);
+    if (status.ok()) status = check(layer, "ssm_state", layer_state.ssm_state, ssm_shape);
+    if (!status.ok()) return status;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status PollContext(const CallContext& ctx, int64_t layer) {
   if (ctx.cancelled && ctx.cancelled()) {
     return absl::CancelledError(absl::StrCat("forward cancelled before layer ", layer));
@@ -189,9 +244,10 @@ torch::Tensor BlockNorm(const ModelConfig& config, const Weights& weights,
          weight;
 }
 
+// `state` (optional) is read, and replaced only when the forward succeeds.
 absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weights& weights,
                                          const torch::Tensor& input_ids, const CallContext& ctx,
-                                         const Capture& capture) {
+                                         const Capture& capture, RecurrentState* state) {
   const torch::Tensor& embedding = weights.at(kEmbedding);  // [V, d_model]
   Precision precision;
   precision.compute = embedding.scalar_type();
@@ -201,17 +257,28 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
   torch::Tensor ids = input_ids.to(embedding.device());  // [B, L]
   // 1. Embedding; the residual stream stays wide (residual_in_fp32).
   torch::Tensor residual = torch::embedding(embedding, ids).to(precision.accumulate);  // [B, L, d_model]
+  // Tensors are replaced, never written in place: the caller's state stays
+  // intact until the swap at the end.
+  std::vector<LayerState> next_layers;
+  if (state != nullptr) {
+    next_layers = state->layers;
+    next_layers.resize(static_cast<size_t>(config.n_layer));
+  }
   for (int64_t layer = 0; layer < config.n_layer; ++layer) {
     absl::Status status = PollContext(ctx, layer);
     if (!status.ok()) return status;
+    LayerState* layer_state =
+        state != nullptr ? &next_layers[static_cast<size_t>(layer)] : nullptr;
     // 2. Block: residual + Mixer(Norm(residual)).
     torch::Tensor normed = BlockNorm(config, weights, LayerTensorName(layer, "norm"), precision,
                                      residual);  // [B, L, d_model]
     capture.Add("residual", normed);
     torch::Tensor mixed =
         config.family == Family::kMamba2
-            ? forward_internal::Mamba2Mixer(config, weights, layer, precision, normed, capture)
-            : forward_internal::Mamba1Mixer(config, weights, layer, precision, normed, capture);
+            ? forward_internal::Mamba2Mixer(config, weights, layer, precision, normed, capture,
+                                            layer_state)
+            : forward_internal::Mamba1Mixer(config, weights, layer, precision, normed, capture,
+                                            layer_state);
     residual = residual + mixed.to(precision.accumulate);
   }
   absl::Status status = PollContext(ctx, config.n_layer);
@@ -220,27 +287,66 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
   torch::Tensor normed = BlockNorm(config, weights, kFinalNorm, precision, residual);
   capture.Add("residual", normed);
   const torch::Tensor& head = config.tied ? embedding : weights.at(kHead);  // [V, d_model]
-  return torch::linear(normed, head.to(precision.compute)).to(torch::kFloat32);  // [B, L, V]
+  torch::Tensor logits =
+      torch::linear(normed, head.to(precision.compute)).to(torch::kFloat32);  // [B, L, V]
+  if (state != nullptr) state->layers = std::move(next_layers);
+  return logits;
 }
 
-}  // namespace
-
-absl::StatusOr<torch::Tensor> Forward(const ModelConfig& config, const Weights& weights,
-                                      const torch::Tensor& input_ids, const CallContext& ctx,
-                                      CaptureSink* capture) {
+// LibTorch reports errors by exception; none may leave the forward.
+template <typename Fn>
+absl::StatusOr<torch::Tensor> Guarded(Fn&& fn) {
   try {
     torch::NoGradGuard no_grad;
-    absl::Status status = CheckConfig(config);
-    if (status.ok()) status = CheckWeights(config, weights);
-    if (status.ok()) status = CheckInputIds(config, input_ids);
-    if (status.ok()) status = PollContext(ctx, 0);
-    if (!status.ok()) return status;
-    return RunForward(config, weights, input_ids, ctx, Capture(capture));
+    return fn();
   } catch (const c10::Error& error) {
     return absl::InternalError(absl::StrCat("forward failed: ", error.what_without_backtrace()));
   } catch (const std::exception& error) {
     return absl::InternalError(absl::StrCat("forward failed: ", error.what()));
   }
+}
+
+}  // namespace
+
+absl::Status CheckForwardInputs(const ModelConfig& config, const Weights& weights,
+                                const torch::Tensor& input_ids) {
+  try {
+    absl::Status status = CheckConfig(config);
+    if (status.ok()) status = CheckWeights(config, weights);
+    if (status.ok()) status = CheckInputIds(config, input_ids);
+    return status;
+  } catch (const c10::Error& error) {
+    return absl::InternalError(
+        absl::StrCat("forward checks failed: ", error.what_without_backtrace()));
+  } catch (const std::exception& error) {
+    return absl::InternalError(absl::StrCat("forward checks failed: ", error.what()));
+  }
+}
+
+absl::StatusOr<torch::Tensor> Forward(const ModelConfig& config, const Weights& weights,
+                                      const torch::Tensor& input_ids, const CallContext& ctx,
+                                      CaptureSink* capture, RecurrentState* state) {
+  absl::Status status = CheckForwardInputs(config, weights, input_ids);
+  if (!status.ok()) return status;
+  return Guarded([&]() -> absl::StatusOr<torch::Tensor> {
+    absl::Status checked = state != nullptr ? CheckState(config, *state, input_ids.size(0))
+                                            : absl::OkStatus();
+    if (checked.ok()) checked = PollContext(ctx, 0);
+    if (!checked.ok()) return checked;
+    return RunForward(config, weights, input_ids, ctx, Capture(capture), state);
+  });
+}
+
+absl::StatusOr<torch::Tensor> ForwardPrechecked(const ModelConfig& config, const Weights& weights,
+                                                const torch::Tensor& input_ids,
+                                                const CallContext& ctx, RecurrentState* state) {
+  return Guarded([&]() -> absl::StatusOr<torch::Tensor> {
+    absl::Status checked = state != nullptr ? CheckState(config, *state, input_ids.size(0))
+                                            : absl::OkStatus();
+    if (checked.ok()) checked = PollContext(ctx, 0);
+    if (!checked.ok()) return checked;
+    return RunForward(config, weights, input_ids, ctx, Capture(nullptr), state);
+  });
 }
 
 }  // namespace icd

@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "icd/core/types.h"
@@ -50,16 +51,57 @@ class CaptureSink {
   virtual void Add(const std::string& group, const torch::Tensor& rows) = 0;
 };
 
+// What one mixer carries from token to token, for decoding: with it, a
+// forward over tokens t+1..t+L continues one over tokens 1..t. Tensors on the
+// weights' device, batch B, K = d_conv.
+struct LayerState {
+  // The last K-1 inputs of the causal conv, oldest first, in the weights'
+  // dtype: Mamba-1 / FalconMamba x before the conv [B, d_inner, K-1];
+  // Mamba-2 xBC [B, d_inner + 2·ngroups·d_state, K-1].
+  torch::Tensor conv_history;
+  // The scan state in the accumulate dtype (max(float32, weights' dtype)):
+  // Mamba-1 / FalconMamba h [B, d_inner, d_state]; Mamba-2 S
+  // [B, nheads, headdim, d_state].
+  torch::Tensor ssm_state;
+};
+
+struct RecurrentState {
+  std::vector<LayerState> layers;  // one per layer; empty: nothing seen yet
+};
+
 // input_ids: int64 [batch, seq] on the weights' device. Returns float32
 // logits [batch, seq, vocab_size]. Computes in the weights' dtype; norms
 // reduce in at least float32 (float64 models in float64). Polls ctx between
 // layers (Cancelled / DeadlineExceeded). `capture` (optional) receives the
 // activations above; capturing leaves the logits bitwise unchanged.
+//
+// `state` (optional): empty on entry, the sequence starts from zeros (the
+// logits are those without a state, bitwise); otherwise it continues the
+// tokens the state has seen (same batch). On success it holds the state
+// after the last token; on failure it is unchanged. Prefill then one token
+// per call is decoding.
 absl::StatusOr<torch::Tensor> Forward(const ModelConfig& config,
                                       const Weights& weights,
                                       const torch::Tensor& input_ids,
                                       const CallContext& ctx = {},
-                                      CaptureSink* capture = nullptr);
+                                      CaptureSink* capture = nullptr,
+                                      RecurrentState* state = nullptr);
+
+// Forward's checks of config, weights and ids (shape, dtype, range; the
+// range check reads the ids back, a device sync on CUDA).
+absl::Status CheckForwardInputs(const ModelConfig& config, const Weights& weights,
+                                const torch::Tensor& input_ids);
+
+// Forward without those checks, for loops that run one model many times
+// (latency samples, where a sync per call would be timed too): the caller has
+// run CheckForwardInputs on this config and weights, and vouches that the ids
+// are int64 [batch, seq] in [0, vocab_size) (e.g. drawn there itself). The
+// state's shapes are still checked (host-side, cheap).
+absl::StatusOr<torch::Tensor> ForwardPrechecked(const ModelConfig& config,
+                                                const Weights& weights,
+                                                const torch::Tensor& input_ids,
+                                                const CallContext& ctx = {},
+                                                RecurrentState* state = nullptr);
 
 }  // namespace icd
 

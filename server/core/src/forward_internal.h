@@ -43,11 +43,17 @@ torch::Tensor OptionalTensorAs(const Weights& weights, const std::string& name,
 torch::Tensor RmsNormalize(const torch::Tensor& values, double eps,
                            torch::ScalarType accumulate);
 
-// Depthwise causal conv over time, zero history (padding K-1, keep the first
-// L outputs), before the activation. values [B, L, C]; weight [C, 1, K];
-// bias [C] or undefined. Returns [B, L, C].
+// Depthwise causal conv over time, before the activation. values [B, L, C];
+// weight [C, 1, K]; bias [C] or undefined. Returns [B, L, C].
+// `history` [B, C, K-1] holds the inputs before values[:, 0] (the conv runs
+// over [history | values] without padding); undefined means zeros, computed
+// as before by padding (bitwise the stateless result). `next_history`
+// (optional) receives the last K-1 inputs of [history | values]; it may
+// point at `history` itself.
 torch::Tensor CausalDepthwiseConv(const torch::Tensor& values, const torch::Tensor& weight,
-                                  const torch::Tensor& bias);
+                                  const torch::Tensor& bias,
+                                  const torch::Tensor& history = torch::Tensor(),
+                                  torch::Tensor* next_history = nullptr);
 
 // The forward's side of a CaptureSink (forward.h): a null sink wants nothing,
 // so the mixers ask without checking for one.
@@ -70,12 +76,14 @@ std::string LayerGroupName(int64_t layer, const std::string& suffix);
 // One mixer: normed [B, L, d_model] in precision.compute -> [B, L, d_model]
 // in precision.compute. Mamba1Mixer also runs FalconMamba (config.family).
 // Each hands its layer's groups to `capture` (forward.h lists the points).
+// `state` (optional, forward.h LayerState): undefined tensors start from
+// zeros; on return it holds the state after the last token.
 torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
                           const Precision& precision, const torch::Tensor& normed,
-                          const Capture& capture);
+                          const Capture& capture, LayerState* state);
 torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
                           const Precision& precision, const torch::Tensor& normed,
-                          const Capture& capture);
+                          const Capture& capture, LayerState* state);
 
 }  // namespace icd::forward_internal
 

@@ -49,7 +49,7 @@ Mamba1Layer Mamba1LayerView(const Weights& weights, int64_t layer, const Precisi
 
 torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
                           const Precision& precision, const torch::Tensor& normed,
-                          const Capture& capture) {
+                          const Capture& capture, LayerState* state) {
   const Mamba1Layer view = Mamba1LayerView(weights, layer, precision);
   const int64_t inner = config.d_inner;
   const int64_t state_size = config.d_state;
@@ -60,9 +60,12 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   torch::Tensor conv_input = projected.narrow(-1, 0, inner);                        // [B, L, I]
   torch::Tensor gate = projected.narrow(-1, inner, inner);                          // [B, L, I]
 
-  // 2. Causal depthwise convolution, then silu.
-  torch::Tensor hidden =
-      torch::silu(CausalDepthwiseConv(conv_input, view.conv_w, view.conv_b));  // [B, L, I]
+  // 2. Causal depthwise convolution (continuing the state's history), then silu.
+  torch::Tensor hidden = torch::silu(
+      state != nullptr
+          ? CausalDepthwiseConv(conv_input, view.conv_w, view.conv_b, state->conv_history,
+                                &state->conv_history)
+          : CausalDepthwiseConv(conv_input, view.conv_w, view.conv_b));  // [B, L, I]
 
   // 3.a. Selection: x_proj rows are [dt | B | C].
   torch::Tensor ssm_params = torch::linear(hidden, view.x_proj_w);  // [B, L, R + 2N]
@@ -87,8 +90,9 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   torch::Tensor delta =
       torch::softplus(torch::linear(time_step, view.dt_proj_w, view.dt_proj_b)).to(wide);  // [B, L, I]
 
-  // 3.b-c. Discretisation, the recurrence over time, skip D·x and gate
-  // silu(z): scan/selective_scan.h (icd's CUDA kernel on GPU builds).
+  // 3.b-c. Discretisation, the recurrence over time (from and into the
+  // state's h), skip D·x and gate silu(z): scan/selective_scan.h (icd's CUDA
+  // kernel on GPU builds).
   scan::ScanInputs scan_inputs;
   scan_inputs.hidden = hidden;
   scan_inputs.delta = delta;
@@ -97,7 +101,8 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   scan_inputs.c_proj = c_proj;
   scan_inputs.d_skip = view.d_skip;
   scan_inputs.gate = gate;
-  torch::Tensor scan_output = scan::SelectiveScan(scan_inputs, wide);  // [B, L, I]
+  torch::Tensor scan_output = scan::SelectiveScan(
+      scan_inputs, wide, state != nullptr ? &state->ssm_state : nullptr);  // [B, L, I]
 
   // 4. Final linear projection.
   torch::Tensor out_proj_input = scan_output.to(precision.compute);  // [B, L, I]

@@ -76,7 +76,7 @@ torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
 
 torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
                           const Precision& precision, const torch::Tensor& normed,
-                          const Capture& capture) {
+                          const Capture& capture, LayerState* state) {
   const Mamba2Layer view = Mamba2LayerView(weights, layer, precision);
   const int64_t batch = normed.size(0);
   const int64_t seq_len = normed.size(1);
@@ -95,8 +95,13 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
   torch::Tensor xbc = projected.narrow(-1, inner, inner + 2 * group_state);           // [B, L, conv_dim]
   torch::Tensor time_step = projected.narrow(-1, 2 * inner + 2 * group_state, heads);  // [B, L, H]
 
-  // 2. Causal depthwise conv over xBC only, silu, then split x, B, C.
-  xbc = torch::silu(CausalDepthwiseConv(xbc, view.conv_w, view.conv_b));  // [B, L, conv_dim]
+  // 2. Causal depthwise conv over xBC only (continuing the state's
+  // history), silu, then split x, B, C.
+  xbc = torch::silu(state != nullptr ? CausalDepthwiseConv(xbc, view.conv_w, view.conv_b,
+                                                           state->conv_history,
+                                                           &state->conv_history)
+                                     : CausalDepthwiseConv(xbc, view.conv_w,
+                                                           view.conv_b));  // [B, L, conv_dim]
   const std::string state_group = LayerGroupName(layer, "state");
   capture.Add(state_group, xbc.narrow(-1, inner, group_state));                // B [B, L, G·N]
   capture.Add(state_group, xbc.narrow(-1, inner + group_state, group_state));  // C [B, L, G·N]
@@ -118,9 +123,14 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
   torch::Tensor decay = torch::exp(delta * a_decay).unsqueeze(-1).unsqueeze(-1);  // [B, L, G, Kh, 1, 1]
   torch::Tensor delta_x = (hidden * delta.unsqueeze(-1)).unsqueeze(-1);          // [B, L, G, Kh, P, 1]
 
-  // 4-5. S_t = exp(Δ_t A) S_{t-1} + Δ_t x_t B_t^T, y_t = S_t C_t, sequential.
-  torch::Tensor ssm_state = torch::zeros({batch, groups, heads_per_group, head_dim, state_size},
-                                         normed.options().dtype(wide));  // [B, G, Kh, P, N]
+  // 4-5. S_t = exp(Δ_t A) S_{t-1} + Δ_t x_t B_t^T, y_t = S_t C_t, sequential,
+  // from the state's S (zeros without one).
+  const std::vector<int64_t> grouped_state_shape = {batch, groups, heads_per_group, head_dim,
+                                                    state_size};
+  torch::Tensor ssm_state =
+      state != nullptr && state->ssm_state.defined()
+          ? state->ssm_state.to(wide).reshape(grouped_state_shape)
+          : torch::zeros(grouped_state_shape, normed.options().dtype(wide));  // [B, G, Kh, P, N]
   std::vector<torch::Tensor> scan_outputs;
   scan_outputs.reserve(static_cast<size_t>(seq_len));
   for (int64_t step = 0; step < seq_len; ++step) {
@@ -128,6 +138,9 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
                 delta_x.select(1, step) * b_proj.select(1, step);
     scan_outputs.push_back(
         torch::matmul(ssm_state, c_proj.select(1, step)).squeeze(-1));  // [B, G, Kh, P]
+  }
+  if (state != nullptr) {
+    state->ssm_state = ssm_state.reshape({batch, heads, head_dim, state_size});  // [B, H, P, N]
   }
   torch::Tensor scan_output =
       torch::stack(scan_outputs, 1).reshape({batch, seq_len, inner});  // [B, L, I]

@@ -134,7 +134,8 @@ class Client {
   absl::StatusOr<v1::PermutationSet> CapturePermutation(
       const v1::CaptureRequest& request);
 
-  // Declared by the service; the server answers UNIMPLEMENTED for now.
+  // Times the model's forward on the server (prefill or decode samples),
+  // with request.compare_model in interleaved rounds and their ratio.
   absl::StatusOr<v1::LatencyReport> MeasureLatency(
       const v1::LatencyRequest& request);
 

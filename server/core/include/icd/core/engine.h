@@ -1,7 +1,8 @@
 // The engine façade: everything the transport may call. Thread-safe.
 //
 // Models live in a registry keyed by name. Reads (Verify, Evaluate,
-// ReadTensors, Symmetries) take a shared lock on the model; changes (Apply,
+// ReadTensors, Symmetries, Capture, MeasureLatency) take a shared lock on the
+// model; changes (Apply,
 // WriteTensors, Export, Unload) an exclusive one. Every successful change
 // returns a new, strictly larger version; versions start at 1.
 //
@@ -12,6 +13,7 @@
 //   AlreadyExists      a loaded name, an existing export path
 //   FailedPrecondition stale expected_version
 //   Aborted            post-apply check failed, weights restored
+//   ResourceExhausted  a request over a built-in limit (latency samples)
 // Path policy (allowed roots) belongs to the caller: the engine opens what it
 // is given.
 #ifndef ICD_CORE_ENGINE_H_
@@ -93,6 +95,15 @@ class ICD_CORE_API Engine {
   // activations (traces.h), and solves each group. Outputs are unchanged.
   absl::StatusOr<std::vector<PermutationResult>> Capture(const CaptureRequest& request,
                                                          const CallContext& ctx = {});
+
+  // Times samples of the model's forward (types.h LatencyOptions) on its
+  // device, under shared locks: CUDA events on a GPU of a CUDA build, else a
+  // steady clock. With compare_model, both in interleaved rounds and their
+  // ratio. InvalidArgument names a bad field (or different vocabularies);
+  // ResourceExhausted over a limit (latency.h: iters, tokens, logits);
+  // NotFound an unknown model; FailedPrecondition models on two devices.
+  absl::StatusOr<LatencyReport> MeasureLatency(const LatencyOptions& options,
+                                               const CallContext& ctx = {});
 
  private:
   class Impl;

@@ -129,6 +129,42 @@ struct HostTensor {
   std::string data;
 };
 
+// MeasureLatency (design.md): what to time. Defaults as the clients'.
+struct LatencyOptions {
+  std::string model;
+  std::string compare_model;  // empty: `model` alone
+  // "prefill": a sample is one forward over [batch, seq_len] token ids;
+  // "decode": after an untimed prefill of seq_len tokens, a sample is one
+  // single-token step of the whole batch (the state advances every sample).
+  std::string mode = "prefill";
+  int64_t batch = 1;
+  int64_t seq_len = 128;
+  int64_t warmup = 3;  // samples run first and discarded
+  int64_t iters = 20;  // timed samples
+};
+
+// One model's timed samples, in milliseconds.
+struct LatencyTiming {
+  double median_ms = 0;
+  double p10_ms = 0;  // percentiles by linear interpolation between ranks
+  double p90_ms = 0;
+  double ci95_low_ms = 0;  // distribution-free 95% interval of the median
+  double ci95_high_ms = 0;  // (order statistics; [min, max] below 6 samples)
+  int64_t samples = 0;
+  std::string device;  // as ModelInfo reports it
+  std::string method;  // "cuda_events" | "steady_clock"
+};
+
+struct LatencyReport {
+  LatencyTiming timing;  // `model`
+  std::optional<LatencyTiming> compare;  // `compare_model`, when asked
+  // With compare_model: the median over the interleaved rounds of
+  // t(model) / t(compare_model), and its 95% interval (same method); else 0.
+  double ratio = 0;
+  double ratio_ci95_low = 0;
+  double ratio_ci95_high = 0;
+};
+
 struct ExportResult {
   std::string path;
   std::vector<std::string> files;  // relative to path, sorted

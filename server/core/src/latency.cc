@@ -1,0 +1,286 @@
+#include "latency.h"
+
+#include <torch/torch.h>
+
+#include <chrono>
+#include <memory>
+#include <random>
+#include <utility>
+#include <vector>
+
+#ifdef ICD_HAVE_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "absl/strings/str_cat.h"
+#include "forward.h"
+#include "icd/core/status_macros.h"
+#include "latency_stats.h"
+
+namespace icd::latency {
+namespace {
+
+enum class Mode { kPrefill, kDecode };
+
+absl::StatusOr<Mode> ParseMode(const std::string& mode) {
+  if (mode == "prefill") return Mode::kPrefill;
+  if (mode == "decode") return Mode::kDecode;
+  return absl::InvalidArgumentError(
+      absl::StrCat("mode: expected \"prefill\" or \"decode\", got \"", mode, "\""));
+}
+
+const torch::Tensor& Embedding(const TimedModel& model) {
+  return model.weights->at("backbone.embeddings.weight");
+}
+
+// Times one sample: Start, the sample's work, StopMillis.
+class SampleTimer {
+ public:
+  virtual ~SampleTimer() = default;
+  virtual void Start() = 0;
+  // Waits for the sample's work to finish; its duration in milliseconds.
+  virtual double StopMillis() = 0;
+  virtual const char* Method() const = 0;
+};
+
+// Host wall time; on a GPU the device is synchronised on both sides, since
+// its work is asynchronous.
+class SteadyClockTimer final : public SampleTimer {
+ public:
+  explicit SteadyClockTimer(torch::Device device) : device_(device) {}
+  void Start() override {
+    Synchronize();
+    start_ = std::chrono::steady_clock::now();
+  }
+  double StopMillis() override {
+    Synchronize();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start_)
+        .count();
+  }
+  const char* Method() const override { return "steady_clock"; }
+
+ private:
+  void Synchronize() const {
+    if (device_.is_cuda()) torch::cuda::synchronize(device_.index());
+  }
+  torch::Device device_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+#ifdef ICD_HAVE_CUDA
+// GPU time between two events on the stream the forward runs on (PyTorch's
+// current stream of the model's device): no host sync inside the sample, and
+// gaps while the host launches kernels count, as they do for a caller.
+class CudaEventTimer final : public SampleTimer {
+ public:
+  explicit CudaEventTimer(c10::DeviceIndex device_index)
+      : device_index_(device_index), start_(cudaEventDefault), stop_(cudaEventDefault) {}
+  void Start() override { start_.record(c10::cuda::getCurrentCUDAStream(device_index_)); }
+  double StopMillis() override {
+    stop_.record(c10::cuda::getCurrentCUDAStream(device_index_));
+    stop_.synchronize();
+    return start_.elapsed_time(stop_);
+  }
+  const char* Method() const override { return "cuda_events"; }
+
+ private:
+  c10::DeviceIndex device_index_;
+  at::cuda::CUDAEvent start_;  // cudaEventDefault: timing enabled
+  at::cuda::CUDAEvent stop_;
+};
+#endif  // ICD_HAVE_CUDA
+
+std::unique_ptr<SampleTimer> MakeTimer(const torch::Device& device) {
+#ifdef ICD_HAVE_CUDA
+  if (device.is_cuda()) return std::make_unique<CudaEventTimer>(device.index());
+#endif
+  return std::make_unique<SteadyClockTimer>(device);
+}
+
+// Pseudo-random token ids in [0, vocab), the same sequence on every call (a
+// fixed seed), so that runs and the two models of a comparison see the same
+// tokens. Drawn on the host, then moved to the device outside any timing.
+class TokenSource {
+ public:
+  static constexpr uint64_t kSeed = 0x1cd1a7e9c7;
+
+  TokenSource(int64_t vocab, torch::Device device)
+      : vocab_(static_cast<uint64_t>(vocab)), device_(device), random_(kSeed) {}
+
+  torch::Tensor Next(int64_t batch, int64_t seq_len) {
+    torch::Tensor ids = torch::empty({batch, seq_len}, torch::dtype(torch::kInt64));  // [B, L]
+    int64_t* data = ids.data_ptr<int64_t>();
+    for (int64_t i = 0; i < ids.numel(); ++i) data[i] = static_cast<int64_t>(random_() % vocab_);
+    return ids.to(device_);
+  }
+
+ private:
+  uint64_t vocab_;
+  torch::Device device_;
+  std::mt19937_64 random_;
+};
+
+// One model's samples: a forward over the same [batch, seq_len] ids
+// (prefill), or one single-token step that advances the model's state
+// (decode).
+class ModelSampler {
+ public:
+  explicit ModelSampler(const TimedModel& model) : model_(&model) {}
+
+  // Untimed: Forward's checks once (the samples skip them: the range check
+  // is a device sync), and for decode the prefill into the state.
+  absl::Status Prepare(Mode mode, const torch::Tensor& prefill_ids, const CallContext& ctx) {
+    ICD_RETURN_IF_ERROR(CheckForwardInputs(*model_->config, *model_->weights, prefill_ids));
+    if (mode == Mode::kDecode) {
+      decoding_ = true;
+      ICD_RETURN_IF_ERROR(
+          Forward(*model_->config, *model_->weights, prefill_ids, ctx, nullptr, &state_).status());
+    }
+    return absl::OkStatus();
+  }
+
+  // ids: the prefill ids, or this step's [batch, 1] (drawn in [0, vocab)).
+  absl::Status Sample(const torch::Tensor& ids, const CallContext& ctx) {
+    return ForwardPrechecked(*model_->config, *model_->weights, ids, ctx,
+                             decoding_ ? &state_ : nullptr)
+        .status();
+  }
+
+ private:
+  const TimedModel* model_;
+  bool decoding_ = false;
+  RecurrentState state_;
+};
+
+absl::Status PollContext(const CallContext& ctx, int64_t round, int64_t rounds) {
+  if (ctx.cancelled && ctx.cancelled()) {
+    return absl::CancelledError(
+        absl::StrCat("latency measurement cancelled after ", round, " of ", rounds, " rounds"));
+  }
+  if (ctx.deadline.has_value() && std::chrono::steady_clock::now() >= *ctx.deadline) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "latency measurement passed its deadline after ", round, " of ", rounds, " rounds"));
+  }
+  return absl::OkStatus();
+}
+
+LatencyTiming Timing(const std::vector<double>& samples_ms, const std::string& device,
+                     const char* method) {
+  const SampleSummary summary = Summarize(samples_ms);
+  LatencyTiming timing;
+  timing.median_ms = summary.median;
+  timing.p10_ms = summary.p10;
+  timing.p90_ms = summary.p90;
+  timing.ci95_low_ms = summary.ci95_low;
+  timing.ci95_high_ms = summary.ci95_high;
+  timing.samples = summary.samples;
+  timing.device = device;
+  timing.method = method;
+  return timing;
+}
+
+// The two models of a comparison must run on the same tokens, on one device.
+absl::Status CheckComparable(const TimedModel& model, const TimedModel& compare) {
+  const torch::Device device = Embedding(model).device();
+  const torch::Device other = Embedding(compare).device();
+  if (device != other) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "compare_model '", compare.name, "' is on ", other.str(), ", model '", model.name,
+        "' on ", device.str(), ": a comparison times both on one device; load them on the same"));
+  }
+  if (model.config->vocab_size != compare.config->vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "compare_model '", compare.name, "' has vocab_size ", compare.config->vocab_size,
+        ", model '", model.name, "' ", model.config->vocab_size,
+        ": a comparison runs both on the same token ids"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidateOptions(const LatencyOptions& options) {
+  ICD_RETURN_IF_ERROR(ParseMode(options.mode).status());
+  auto at_least = [](const char* field, int64_t value, int64_t lowest) {
+    if (value >= lowest) return absl::OkStatus();
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": must be at least ", lowest, ", got ", value));
+  };
+  ICD_RETURN_IF_ERROR(at_least("batch", options.batch, 1));
+  ICD_RETURN_IF_ERROR(at_least("seq_len", options.seq_len, 1));
+  ICD_RETURN_IF_ERROR(at_least("iters", options.iters, 1));
+  ICD_RETURN_IF_ERROR(at_least("warmup", options.warmup, 0));
+  auto samples_at_most = [](const char* field, int64_t value) {
+    if (value <= kMaxIters) return absl::OkStatus();
+    return absl::ResourceExhaustedError(
+        absl::StrCat(field, ": ", value, " samples exceed the limit of ", kMaxIters));
+  };
+  ICD_RETURN_IF_ERROR(samples_at_most("iters", options.iters));
+  ICD_RETURN_IF_ERROR(samples_at_most("warmup", options.warmup));
+  if (options.batch > kMaxTokens / options.seq_len) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("batch·seq_len: ", options.batch, "·", options.seq_len,
+                     " tokens per forward exceed the limit of ", kMaxTokens));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<LatencyReport> Measure(const LatencyOptions& options, const TimedModel& model,
+                                      const TimedModel* compare, const CallContext& ctx) {
+  ICD_ASSIGN_OR_RETURN(const Mode mode, ParseMode(options.mode));
+  if (compare != nullptr) ICD_RETURN_IF_ERROR(CheckComparable(model, *compare));
+  const int64_t vocab = model.config->vocab_size;
+  const int64_t tokens = options.batch * options.seq_len;  // <= kMaxTokens (ValidateOptions)
+  if (vocab > kMaxLogits / tokens) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("batch·seq_len·vocab_size: ", tokens, "·", vocab,
+                     " logits per forward exceed the limit of ", kMaxLogits, " (",
+                     (kMaxLogits * 4) >> 30, " GiB of float32)"));
+  }
+  torch::NoGradGuard no_grad;
+  const torch::Device device = Embedding(model).device();
+  TokenSource token_source(vocab, device);
+  const torch::Tensor prefill_ids = token_source.Next(options.batch, options.seq_len);
+
+  std::vector<ModelSampler> samplers = {ModelSampler(model)};
+  if (compare != nullptr) samplers.emplace_back(*compare);
+  for (ModelSampler& sampler : samplers) {
+    ICD_RETURN_IF_ERROR(sampler.Prepare(mode, prefill_ids, ctx));
+  }
+
+  std::unique_ptr<SampleTimer> timer = MakeTimer(device);
+  const int64_t rounds = options.warmup + options.iters;
+  std::vector<std::vector<double>> times_ms(samplers.size());
+  std::vector<double> ratios;  // t(model) / t(compare) per timed round
+  for (int64_t round = 0; round < rounds; ++round) {
+    ICD_RETURN_IF_ERROR(PollContext(ctx, round, rounds));
+    // Decode: every round advances both states by the same token.
+    const torch::Tensor ids =
+        mode == Mode::kDecode ? token_source.Next(options.batch, 1) : prefill_ids;
+    std::vector<double> round_ms(samplers.size(), 0.0);
+    for (size_t turn = 0; turn < samplers.size(); ++turn) {
+      // Odd rounds run the models in reverse order.
+      const size_t which = round % 2 == 1 ? samplers.size() - 1 - turn : turn;
+      timer->Start();
+      ICD_RETURN_IF_ERROR(samplers[which].Sample(ids, ctx));
+      round_ms[which] = timer->StopMillis();
+    }
+    if (round < options.warmup) continue;  // warm-up: run, not kept
+    for (size_t i = 0; i < samplers.size(); ++i) times_ms[i].push_back(round_ms[i]);
+    if (compare != nullptr) ratios.push_back(round_ms[0] / round_ms[1]);
+  }
+
+  LatencyReport report;
+  report.timing = Timing(times_ms[0], model.device, timer->Method());
+  if (compare != nullptr) {
+    report.compare = Timing(times_ms[1], compare->device, timer->Method());
+    const SampleSummary ratio = Summarize(ratios);
+    report.ratio = ratio.median;
+    report.ratio_ci95_low = ratio.ci95_low;
+    report.ratio_ci95_high = ratio.ci95_high;
+  }
+  return report;
+}
+
+}  // namespace icd::latency

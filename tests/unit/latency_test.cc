@@ -1,0 +1,241 @@
+// MeasureLatency: the order statistics it reports (latency_stats.h) on known
+// samples, and the engine call on golden models on the CPU.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "icd/core/engine.h"
+#include "latency.h"
+#include "latency_stats.h"
+#include "test_util.h"
+
+namespace icd {
+namespace {
+
+using latency::MedianInterval95;
+using latency::Quantile;
+using latency::Summarize;
+
+// ---------------------------------------------------------------- statistics
+
+TEST(LatencyStatsTest, QuantilesInterpolateBetweenRanks) {
+  const std::vector<double> sorted = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+  EXPECT_DOUBLE_EQ(Quantile(sorted, 0.5), 5.5);
+  EXPECT_DOUBLE_EQ(Quantile(sorted, 0.1), 1.9);  // position 0.9
+  EXPECT_DOUBLE_EQ(Quantile(sorted, 0.9), 9.1);  // position 8.1
+  EXPECT_DOUBLE_EQ(Quantile(sorted, 0.0), 1);
+  EXPECT_DOUBLE_EQ(Quantile(sorted, 1.0), 10);
+  EXPECT_DOUBLE_EQ(Quantile({4.0}, 0.9), 4.0);
+}
+
+// The ranks of standard tables of the order-statistic interval (1-based
+// ranks 2 and 9 for n = 10, 6 and 15 for n = 20, 40 and 61 for n = 100).
+TEST(LatencyStatsTest, MedianIntervalRanks) {
+  struct Case {
+    size_t n, low, high;
+  };
+  for (const Case& c : {Case{1, 0, 0}, Case{2, 0, 1}, Case{5, 0, 4}, Case{6, 0, 5},
+                        Case{8, 0, 7}, Case{9, 1, 7}, Case{10, 1, 8}, Case{20, 5, 14},
+                        Case{100, 39, 60}, Case{1000, 468, 531}}) {
+    const latency::RankInterval ranks = MedianInterval95(c.n);
+    EXPECT_EQ(ranks.low, c.low) << "n = " << c.n;
+    EXPECT_EQ(ranks.high, c.high) << "n = " << c.n;
+  }
+}
+
+// From n = 6 on, the interval covers the median with probability >= 95%
+// (exact binomial sums), and the next narrower one would not.
+TEST(LatencyStatsTest, MedianIntervalCoversAndIsTightest) {
+  for (size_t n = 6; n <= 60; ++n) {
+    std::vector<double> pmf(n + 1);  // Binomial(n, 1/2)
+    double coefficient = 1;
+    for (size_t j = 0; j <= n; ++j) {
+      pmf[j] = coefficient * std::pow(0.5, static_cast<double>(n));
+      coefficient = coefficient * static_cast<double>(n - j) / static_cast<double>(j + 1);
+    }
+    auto below = [&pmf](size_t count) {  // P(B < count)
+      double p = 0;
+      for (size_t j = 0; j < count; ++j) p += pmf[j];
+      return p;
+    };
+    const latency::RankInterval ranks = MedianInterval95(n);
+    EXPECT_EQ(ranks.low + ranks.high, n - 1) << "symmetric, n = " << n;
+    EXPECT_GE(1 - 2 * below(ranks.low + 1), 0.95) << "n = " << n;
+    EXPECT_LT(1 - 2 * below(ranks.low + 2), 0.95) << "n = " << n;
+  }
+}
+
+TEST(LatencyStatsTest, SummaryOfUnsortedSamples) {
+  const latency::SampleSummary few = Summarize({5, 1, 4, 2, 3});
+  EXPECT_EQ(few.samples, 5);
+  EXPECT_DOUBLE_EQ(few.median, 3);
+  EXPECT_DOUBLE_EQ(few.p10, 1.4);
+  EXPECT_DOUBLE_EQ(few.p90, 4.6);
+  EXPECT_DOUBLE_EQ(few.ci95_low, 1);  // n < 6: [min, max]
+  EXPECT_DOUBLE_EQ(few.ci95_high, 5);
+
+  std::vector<double> twenty;
+  for (int i = 1; i <= 20; ++i) twenty.push_back(10.0 * i);
+  std::shuffle(twenty.begin(), twenty.end(), std::mt19937_64(3));
+  const latency::SampleSummary many = Summarize(twenty);
+  EXPECT_EQ(many.samples, 20);
+  EXPECT_DOUBLE_EQ(many.median, 105);
+  EXPECT_DOUBLE_EQ(many.p10, 29);   // position 1.9
+  EXPECT_DOUBLE_EQ(many.p90, 181);  // position 17.1
+  EXPECT_DOUBLE_EQ(many.ci95_low, 60);  // ranks 6 and 15
+  EXPECT_DOUBLE_EQ(many.ci95_high, 150);
+}
+
+// A comparison's ratio: the same summary over per-round ratios t_A / t_B.
+TEST(LatencyStatsTest, RatioOfPairedRounds) {
+  const std::vector<double> model_ms = {2.0, 4.4, 2.2, 6.0, 3.0, 2.1, 5.0, 4.0, 2.0, 3.3};
+  const std::vector<double> compare_ms = {1.0, 2.0, 1.0, 3.0, 1.0, 1.0, 2.0, 2.0, 1.0, 1.1};
+  std::vector<double> ratios;
+  for (size_t i = 0; i < model_ms.size(); ++i) ratios.push_back(model_ms[i] / compare_ms[i]);
+  // Sorted: 2, 2, 2, 2, 2.1, 2.2, 2.2, 2.5, 3, 3.
+  const latency::SampleSummary ratio = Summarize(ratios);
+  EXPECT_DOUBLE_EQ(ratio.median, 2.15);
+  EXPECT_DOUBLE_EQ(ratio.ci95_low, 2.0);   // rank 2
+  EXPECT_DOUBLE_EQ(ratio.ci95_high, 3.0);  // rank 9
+}
+
+// ---------------------------------------------------------------- engine
+
+class LatencyEngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    for (const auto& [name, fixture] : {std::make_pair("a", "mamba1-small"),
+                                        std::make_pair("b", "mamba1-bias-untied"),
+                                        std::make_pair("m2", "mamba2-groups")}) {
+      auto info = engine_.Load(name, (testing::GoldenDir(fixture) / "hf").string());
+      ASSERT_TRUE(info.ok()) << info.status();
+    }
+  }
+
+  static LatencyOptions Options(const std::string& mode, const std::string& compare = "") {
+    LatencyOptions options;
+    options.model = "a";
+    options.compare_model = compare;
+    options.mode = mode;
+    options.batch = 2;
+    options.seq_len = 16;
+    options.warmup = 1;
+    options.iters = 8;
+    return options;
+  }
+
+  static void ExpectConsistent(const LatencyTiming& timing, int64_t samples) {
+    EXPECT_EQ(timing.samples, samples);
+    EXPECT_GT(timing.median_ms, 0);
+    EXPECT_LE(timing.p10_ms, timing.median_ms);
+    EXPECT_LE(timing.median_ms, timing.p90_ms);
+    EXPECT_LE(timing.ci95_low_ms, timing.median_ms);
+    EXPECT_LE(timing.median_ms, timing.ci95_high_ms);
+    EXPECT_EQ(timing.device, "cpu");
+    EXPECT_EQ(timing.method, "steady_clock");
+  }
+
+  void ExpectError(const LatencyOptions& options, absl::StatusCode code,
+                   const std::string& needle) {
+    auto report = engine_.MeasureLatency(options);
+    ASSERT_FALSE(report.ok()) << "expected " << absl::StatusCodeToString(code);
+    EXPECT_EQ(report.status().code(), code) << report.status();
+    EXPECT_NE(report.status().message().find(needle), std::string::npos) << report.status();
+  }
+
+  Engine engine_;
+};
+
+TEST_F(LatencyEngineTest, PrefillAndDecodeAlone) {
+  for (const char* mode : {"prefill", "decode"}) {
+    auto report = engine_.MeasureLatency(Options(mode));
+    ASSERT_TRUE(report.ok()) << mode << ": " << report.status();
+    ExpectConsistent(report->timing, 8);
+    EXPECT_FALSE(report->compare.has_value());
+    EXPECT_EQ(report->ratio, 0);
+    std::printf("[latency] %s batch 2 x 16: median %.3f ms [%.3f, %.3f]\n", mode,
+                report->timing.median_ms, report->timing.ci95_low_ms,
+                report->timing.ci95_high_ms);
+  }
+}
+
+// With itself and with another model of the same vocabulary, in both modes:
+// each side gets its own report, and the ratio its interval.
+TEST_F(LatencyEngineTest, CompareInInterleavedRounds) {
+  for (const char* mode : {"prefill", "decode"}) {
+    for (const char* compare : {"a", "b"}) {
+      auto report = engine_.MeasureLatency(Options(mode, compare));
+      ASSERT_TRUE(report.ok()) << mode << " vs " << compare << ": " << report.status();
+      ExpectConsistent(report->timing, 8);
+      ASSERT_TRUE(report->compare.has_value());
+      ExpectConsistent(*report->compare, 8);
+      EXPECT_GT(report->ratio, 0);
+      EXPECT_LE(report->ratio_ci95_low, report->ratio);
+      EXPECT_LE(report->ratio, report->ratio_ci95_high);
+    }
+  }
+}
+
+TEST_F(LatencyEngineTest, BadOptionsNameTheField) {
+  auto with = [](void (*change)(LatencyOptions&)) {
+    LatencyOptions options = Options("prefill");
+    change(options);
+    return options;
+  };
+  using Code = absl::StatusCode;
+  ExpectError(with([](LatencyOptions& o) { o.mode = "generate"; }), Code::kInvalidArgument,
+              "mode");
+  ExpectError(with([](LatencyOptions& o) { o.mode = ""; }), Code::kInvalidArgument, "mode");
+  ExpectError(with([](LatencyOptions& o) { o.batch = 0; }), Code::kInvalidArgument, "batch");
+  ExpectError(with([](LatencyOptions& o) { o.seq_len = -3; }), Code::kInvalidArgument, "seq_len");
+  ExpectError(with([](LatencyOptions& o) { o.iters = 0; }), Code::kInvalidArgument, "iters");
+  ExpectError(with([](LatencyOptions& o) { o.warmup = -1; }), Code::kInvalidArgument, "warmup");
+  ExpectError(with([](LatencyOptions& o) { o.iters = latency::kMaxIters + 1; }),
+              Code::kResourceExhausted, "iters");
+  ExpectError(with([](LatencyOptions& o) { o.warmup = latency::kMaxIters + 1; }),
+              Code::kResourceExhausted, "warmup");
+  ExpectError(with([](LatencyOptions& o) {
+                o.batch = 1024;
+                o.seq_len = 1025;
+              }),
+              Code::kResourceExhausted, "batch·seq_len");
+  ExpectError(with([](LatencyOptions& o) { o.model = "nope"; }), Code::kNotFound, "nope");
+  ExpectError(with([](LatencyOptions& o) { o.compare_model = "nope"; }), Code::kNotFound, "nope");
+  ExpectError(with([](LatencyOptions& o) { o.compare_model = "m2"; }), Code::kInvalidArgument,
+              "vocab_size");
+  // At the token limit exactly, only the options are checked here: no run.
+  LatencyOptions limit = Options("prefill");
+  limit.batch = 1024;
+  limit.seq_len = 1024;
+  EXPECT_TRUE(latency::ValidateOptions(limit).ok());
+}
+
+TEST_F(LatencyEngineTest, CancelledOrPastDeadline) {
+  CallContext cancelled;
+  cancelled.cancelled = [] { return true; };
+  auto report = engine_.MeasureLatency(Options("decode", "b"), cancelled);
+  ASSERT_FALSE(report.ok());
+  EXPECT_EQ(report.status().code(), absl::StatusCode::kCancelled) << report.status();
+
+  CallContext late;
+  late.deadline = std::chrono::steady_clock::now() - std::chrono::seconds(1);
+  report = engine_.MeasureLatency(Options("prefill"), late);
+  ASSERT_FALSE(report.ok());
+  EXPECT_EQ(report.status().code(), absl::StatusCode::kDeadlineExceeded) << report.status();
+
+  // Cancelled after some samples: polled between samples, not only at entry.
+  int polls = 0;
+  CallContext later;
+  later.cancelled = [&polls] { return ++polls > 20; };
+  report = engine_.MeasureLatency(Options("prefill"), later);
+  ASSERT_FALSE(report.ok());
+  EXPECT_EQ(report.status().code(), absl::StatusCode::kCancelled) << report.status();
+}
+
+}  // namespace
+}  // namespace icd

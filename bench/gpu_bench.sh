@@ -16,7 +16,9 @@
 #   bench/gpu_bench.sh OUT_DIR
 # Env: ICD_BUILD_DIR (build-gpu), ICD_MODELS_DIR (/tmp/icd-models),
 #      ICD_COMMIT (recorded; git metadata of a copied tree may be stale),
-#      ICD_SKIP_BUILD=1 to reuse a build, ICD_SHAPES ("130m 2.8b").
+#      ICD_STEPS (default "build scan models apply icd grpc hf": any subset,
+#      so a second call on a warm machine can finish what a first did not),
+#      ICD_SHAPES ("130m 2.8b").
 # Every step is bounded by `timeout` and a failed step does not stop the
 # others; results are JSON lines in OUT_DIR/gpu-bench.jsonl, logs beside it.
 set -uo pipefail
@@ -29,6 +31,8 @@ models=${ICD_MODELS_DIR:-/tmp/icd-models}
 shapes=${ICD_SHAPES:-130m 2.8b}
 results="$out/gpu-bench.jsonl"
 python=${ICD_PYTHON:-python3}
+steps=" ${ICD_STEPS:-build scan models apply icd grpc hf} "
+want() { [[ "$steps" == *" $1 "* ]]; }
 step() { echo "[gpu_bench $(date -u +%T)] $*" | tee -a "$out/logs/steps.log" >&2; }
 cd "$here"
 
@@ -44,7 +48,7 @@ cd "$here"
 } > "$out/provenance.txt"
 cat "$out/provenance.txt" >&2
 
-if [[ "${ICD_SKIP_BUILD:-0}" != 1 ]]; then
+if want build; then
   step "build and unit/GPU tests (deploy/build-gpu.sh)"
   ICD_LOG_DIR="$out/logs" timeout 420 bash deploy/build-gpu.sh "$build" || step "build-gpu.sh failed: see logs/"
 fi
@@ -56,24 +60,27 @@ export PATH="$prefix/usr/bin:$PATH"
 cmake --build "$build" -j"$(nproc)" --target icdctl grpc_bench apply_bench > "$out/logs/build-extra.log" 2>&1 ||
   step "icdctl/grpc_bench/apply_bench failed to build"
 
-step "scan kernel"
-[[ -x "$build/bench/scan_bench" ]] && timeout 120 "$build/bench/scan_bench" >> "$results" 2> "$out/logs/scan_bench.log" ||
-  step "scan_bench missing or failed"
+if want scan; then
+  step "scan kernel"
+  [[ -x "$build/bench/scan_bench" ]] && timeout 120 "$build/bench/scan_bench" >> "$results" 2> "$out/logs/scan_bench.log" ||
+    step "scan_bench missing or failed"
+fi
 
 mkdir -p "$models"
-for shape in $shapes; do
+want models && for shape in $shapes; do
   [[ -f "$models/mamba-$shape/config.json" ]] && continue
   step "random mamba-$shape checkpoint"
   timeout 240 $python bench/make_random_mamba.py --shape "$shape" --out "$models/mamba-$shape" \
     >> "$results" 2> "$out/logs/make-$shape.log" || step "make_random_mamba $shape failed"
 done
 
-if [[ -f "$models/mamba-2.8b/config.json" ]]; then
+if want apply && [[ -f "$models/mamba-2.8b/config.json" ]]; then
   step "apply every group of mamba-2.8b (bf16) vs one device copy"
   timeout 240 "$build/bench/apply_bench" --model "$models/mamba-2.8b" --device cuda --dtype bfloat16 \
     --repeats 5 >> "$results" 2> "$out/logs/apply_bench.log" || step "apply_bench failed"
 fi
 
+if want icd || want grpc; then
 step "icd-server on loopback"
 "$build/server/icd-server" --listen 127.0.0.1:0 --model-root "$models" --export-root /tmp \
   --device cuda > "$out/logs/server.stdout" 2> "$out/logs/server.log" &
@@ -87,18 +94,18 @@ if [[ -z "$address" ]]; then
 else
   for shape in $shapes; do
     [[ -f "$models/mamba-$shape/config.json" ]] || continue
-    step "icd latency, mamba-$shape"
+    if [[ $shape == 130m ]] || want icd; then
     icdctl load "id-$shape" "mamba-$shape" --device cuda --dtype bfloat16 > /dev/null &&
       icdctl load "perm-$shape" "mamba-$shape" --device cuda --dtype bfloat16 > /dev/null &&
       icdctl apply "perm-$shape" --random 7 > "$out/logs/apply-$shape.txt" || step "load/apply $shape failed"
-    for mode in prefill decode; do
+    want icd && for mode in prefill decode; do
       iters=20; [[ $mode == decode ]] && iters=200
       icdctl --json latency "id-$shape" --compare "perm-$shape" --mode $mode --batch 1 \
         --seq-len 2048 --warmup 3 --iters $iters |
         $python -c "import json,sys; r=json.load(sys.stdin); r.update(bench='icd_latency', shape='$shape', mode='$mode', seq_len=2048, batch=1); print(json.dumps(r))" \
         >> "$results" 2>> "$out/logs/latency.log" || step "icd latency $shape $mode failed"
     done
-    [[ $shape == 130m ]] && {
+    [[ $shape == 130m ]] && want grpc && {
       step "gRPC overhead (mamba-130m loaded)"
       timeout 120 "$build/bench/grpc_bench" --server "$address" --model "id-$shape" --calls 2000 \
         --evaluate-calls 50 --tokens 128 >> "$results" 2> "$out/logs/grpc_bench.log" || step "grpc_bench failed"
@@ -107,11 +114,13 @@ else
         >> "$results" 2>> "$out/logs/latency.log"
     }
     icdctl unload "id-$shape" > /dev/null; icdctl unload "perm-$shape" > /dev/null
+    fi
   done
   kill "$server_pid"; wait "$server_pid" 2>/dev/null
 fi
+fi
 
-for shape in $shapes; do
+want hf && for shape in $shapes; do
   [[ -f "$models/mamba-$shape/config.json" ]] || continue
   step "HuggingFace latency, mamba-$shape"
   iters=3; [[ $shape == 130m ]] && iters=5

@@ -135,23 +135,31 @@ int main(int argc, char** argv) {
     }
     if (r > 0) apply_times.push_back(report->apply_ms);
   }
+  // A refused check (ABORTED: the weights are restored) is reported, not
+  // fatal: the timing stands, and the message carries the measured error.
   auto verified = engine.Apply("model", icd::testing::RandomPermutations(*groups, rng));
-  if (!verified.ok()) {
-    std::cerr << "verified apply: " << verified.status() << "\n";
-    return 1;
+  std::string check = "\"verified\": false, \"verify_error\": \"" +
+                      std::string(verified.ok() ? "" : verified.status().message()) + "\"";
+  if (verified.ok()) {
+    char text[256];
+    std::snprintf(text, sizeof(text),
+                  "\"verified\": %s, \"verify_rel_l2\": %.3g, \"verify_top1\": %.4f, "
+                  "\"verify_tolerance\": %.3g, \"verify_ms\": %.1f",
+                  verified->verified ? "true" : "false", verified->correctness.rel_l2,
+                  verified->correctness.top1_agreement, verified->correctness.tolerance,
+                  verified->verify_ms);
+    check = text;
   }
   const double apply_ms = Median(apply_times);
   std::printf(
       "{\"bench\": \"apply\", \"model\": \"%s\", \"device\": \"%s\", \"dtype\": \"%s\", "
       "\"parameters\": %lld, \"weight_bytes\": %lld, \"groups\": %zu, \"repeats\": %d, "
       "\"apply_ms_median\": %.3f, \"apply_ms_min\": %.3f, \"copy_ms_median\": %.3f, "
-      "\"apply_over_copy\": %.3f, \"copy_gb_s\": %.1f, \"verified\": %s, \"verify_rel_l2\": %.3g, "
-      "\"verify_top1\": %.4f, \"verify_ms\": %.1f}\n",
+      "\"apply_over_copy\": %.3f, \"copy_gb_s\": %.1f, %s}\n",
       model_dir.c_str(), info->device.c_str(), dtype_name.c_str(),
       static_cast<long long>(info->parameters), static_cast<long long>(bytes), groups->size(),
       repeats, apply_ms, *std::min_element(apply_times.begin(), apply_times.end()), copy_ms,
-      apply_ms / copy_ms, 2.0 * static_cast<double>(bytes) / (copy_ms * 1e6),
-      verified->verified ? "true" : "false", verified->correctness.rel_l2,
-      verified->correctness.top1_agreement, verified->verify_ms);
+      apply_ms / copy_ms, 2.0 * static_cast<double>(bytes) / (copy_ms * 1e6), check.c_str());
+  return verified.ok() ? 0 : 3;
   return 0;
 }

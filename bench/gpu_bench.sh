@@ -55,6 +55,7 @@ fi
 # The run-time environment build-gpu.sh uses (its notes say why).
 prefix=${ICD_DEB_PREFIX:-/tmp/deb}
 export LD_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu${LIBRARY_PATH:+:$LIBRARY_PATH}"  # -lre2
 export LD_PRELOAD="$(g++ -print-file-name=libstdc++.so.6)"
 export PATH="$prefix/usr/bin:$PATH"
 cmake --build "$build" -j"$(nproc)" --target icdctl grpc_bench apply_bench > "$out/logs/build-extra.log" 2>&1 ||
@@ -74,10 +75,21 @@ want models && for shape in $shapes; do
     >> "$results" 2> "$out/logs/make-$shape.log" || step "make_random_mamba $shape failed"
 done
 
-if want apply && [[ -f "$models/mamba-2.8b/config.json" ]]; then
-  step "apply every group of mamba-2.8b (bf16) vs one device copy"
-  timeout 240 "$build/bench/apply_bench" --model "$models/mamba-2.8b" --device cuda --dtype bfloat16 \
-    --repeats 5 >> "$results" 2> "$out/logs/apply_bench.log" || step "apply_bench failed"
+# Every group of each model, in bf16 and in float32: the float32 check shows
+# the permutations are exact; bf16's is bounded by the model's own rounding
+# noise (hf_precision.py measures HF's bf16 against its float32).
+if want apply; then
+  for shape in $shapes; do
+    [[ -f "$models/mamba-$shape/config.json" ]] || continue
+    for dtype in bfloat16 float32; do
+      step "apply every group of mamba-$shape ($dtype) vs one device copy"
+      timeout 240 "$build/bench/apply_bench" --model "$models/mamba-$shape" --device cuda \
+        --dtype $dtype --repeats 5 >> "$results" 2>> "$out/logs/apply_bench.log" ||
+        step "apply_bench $shape $dtype failed"
+    done
+    timeout 120 $python bench/hf_precision.py --model "$models/mamba-$shape" >> "$results" \
+      2>> "$out/logs/hf_precision.log" || step "hf_precision $shape failed"
+  done
 fi
 
 if want icd || want grpc; then
@@ -123,9 +135,10 @@ fi
 want hf && for shape in $shapes; do
   [[ -f "$models/mamba-$shape/config.json" ]] || continue
   step "HuggingFace latency, mamba-$shape"
-  iters=3; [[ $shape == 130m ]] && iters=5
+  iters=2; [[ $shape == 130m ]] && iters=5
   timeout 240 $python bench/hf_latency.py --model "$models/mamba-$shape" --dtype bfloat16 \
-    --seq-len 2048 --iters $iters --warmup 1 --decode-steps 32 >> "$results" 2> "$out/logs/hf-$shape.log" ||
+    --seq-len 2048 --iters $iters --warmup 1 --decode-steps 16 >> "$results" 2> "$out/logs/hf-$shape.log" ||
     step "hf_latency $shape failed (see logs/hf-$shape.log)"
 done
 step "done: $results"
+tar -C "$out" -czf "$out/logs.tar.gz" logs && rm -rf "$out/logs"  # one file comes back

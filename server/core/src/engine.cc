@@ -279,14 +279,18 @@ class Engine::Impl {
       ICD_RETURN_IF_ERROR(ValidatePermutation(*it->second, perm.index));
       groups.push_back(it->second);
     }
-    for (size_t i = 0; i < perms.size(); ++i) ApplyGather(*groups[i], perms[i].index, model.weights);
+    std::vector<GroupPermutation> gathers;
+    for (size_t i = 0; i < perms.size(); ++i) gathers.push_back({groups[i], &perms[i].index});
+    ApplyGathers(gathers, model.weights);
     // Gathers on a GPU are asynchronous: apply_ms counts them finished.
     const torch::Device device = model.weights.begin()->second.device();
     if (device.is_cuda()) torch::cuda::synchronize(device.index());
     auto restore = [&] {
-      for (size_t i = perms.size(); i-- > 0;) {
-        ApplyGather(*groups[i], InversePermutation(perms[i].index), model.weights);
-      }
+      std::vector<std::vector<int64_t>> inverses;
+      for (const Permutation& perm : perms) inverses.push_back(InversePermutation(perm.index));
+      std::vector<GroupPermutation> undo;
+      for (size_t i = perms.size(); i-- > 0;) undo.push_back({groups[i], &inverses[i]});
+      ApplyGathers(undo, model.weights);
     };
     ApplyReport report;
     report.apply_ms = MillisSince(start);

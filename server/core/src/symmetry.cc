@@ -191,30 +191,64 @@ absl::Status ValidatePermutation(const GroupInfo& group, const std::vector<int64
   return absl::OkStatus();
 }
 
-void ApplyGather(const GroupInfo& group, const std::vector<int64_t>& index, Weights& weights) {
-  // One gather per (tensor, axis): compose all of the group's slices of it.
-  std::map<std::pair<std::string, int>, std::vector<const GroupMember*>> by_axis;
-  for (const GroupMember& member : group.members) {
-    by_axis[{member.tensor, member.axis}].push_back(&member);
+void ApplyGathers(const std::vector<GroupPermutation>& perms, Weights& weights) {
+  // Compose first: for each (tensor, axis), the source position of every
+  // new position after all the permutations in order. Applying p after the
+  // composed S gives S'[k] = S[p's source of k]; a group only moves
+  // positions inside its members' slices, so only those change.
+  std::map<std::string, std::map<int, std::vector<int64_t>>> sources;
+  for (const GroupPermutation& perm : perms) {
+    for (const GroupMember& member : perm.group->members) {
+      const torch::Tensor& tensor = weights.at(member.tensor);
+      std::vector<int64_t>& source = sources[member.tensor][member.axis];
+      if (source.empty()) {
+        source.resize(static_cast<size_t>(tensor.size(member.axis)));
+        for (size_t k = 0; k < source.size(); ++k) source[k] = static_cast<int64_t>(k);
+      }
+      Expansion e;
+      ParseExpansion(member.expand, &e);
+      std::vector<int64_t> moved(static_cast<size_t>(member.length));
+      for (int64_t k = 0; k < member.length; ++k) {
+        moved[static_cast<size_t>(k)] = source[static_cast<size_t>(
+            member.offset + SourcePosition(*perm.group, e, *perm.index, k))];
+      }
+      std::copy(moved.begin(), moved.end(), source.begin() + member.offset);
+    }
+  }
+  if (sources.empty()) return;
+  // One host-to-device copy for every index, then one gather per tensor (a
+  // single indexing kernel when both axes of a matrix move), replacing the
+  // tensor: each weight is read and written once, as a copy would.
+  std::vector<int64_t> all;
+  for (const auto& [name, axes] : sources) {
+    for (const auto& [axis, source] : axes) all.insert(all.end(), source.begin(), source.end());
   }
   torch::NoGradGuard no_grad;
-  for (const auto& [key, members] : by_axis) {
-    torch::Tensor& tensor = weights.at(key.first);
-    const int64_t axis_size = tensor.size(key.second);
-    std::vector<int64_t> source(static_cast<size_t>(axis_size));
-    for (int64_t k = 0; k < axis_size; ++k) source[static_cast<size_t>(k)] = k;
-    for (const GroupMember* member : members) {
-      Expansion e;
-      ParseExpansion(member->expand, &e);
-      for (int64_t k = 0; k < member->length; ++k) {
-        source[static_cast<size_t>(member->offset + k)] =
-            member->offset + SourcePosition(group, e, index, k);
-      }
+  const torch::Device device = weights.at(sources.begin()->first).device();
+  const torch::Tensor indices =
+      torch::from_blob(all.data(), {static_cast<int64_t>(all.size())}, torch::kInt64)
+          .to(device, /*non_blocking=*/false, /*copy=*/true);
+  int64_t offset = 0;
+  for (const auto& [name, axes] : sources) {
+    torch::Tensor& tensor = weights.at(name);
+    std::map<int, torch::Tensor> index_of;
+    for (const auto& [axis, source] : axes) {
+      const auto length = static_cast<int64_t>(source.size());
+      index_of[axis] = indices.narrow(0, offset, length);
+      offset += length;
     }
-    torch::Tensor source_index =
-        torch::tensor(source, torch::dtype(torch::kInt64)).to(tensor.device());
-    tensor.copy_(tensor.index_select(key.second, source_index));
+    if (tensor.dim() == 2 && index_of.size() == 2) {
+      tensor = tensor.index({index_of[0].unsqueeze(1), index_of[1]});
+    } else {
+      torch::Tensor gathered = tensor;
+      for (const auto& [axis, index] : index_of) gathered = gathered.index_select(axis, index);
+      tensor = gathered;
+    }
   }
+}
+
+void ApplyGather(const GroupInfo& group, const std::vector<int64_t>& index, Weights& weights) {
+  ApplyGathers({{&group, &index}}, weights);
 }
 
 std::vector<int64_t> InversePermutation(const std::vector<int64_t>& index) {

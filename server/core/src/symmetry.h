@@ -34,8 +34,18 @@ absl::Status CheckSpec(const FamilySpec& spec, const Weights& weights);
 // Length, range, repeats, block and whole constraints. Messages name the group.
 absl::Status ValidatePermutation(const GroupInfo& group, const std::vector<int64_t>& index);
 
-// Gathers every member in place (new[j] = old[index[j]]), one tensor axis at
-// a time: peak extra memory is one tensor. `index` must be valid.
+// One group's permutation, for ApplyGathers. Non-owning.
+struct GroupPermutation {
+  const GroupInfo* group;
+  const std::vector<int64_t>* index;  // must be valid for the group
+};
+
+// Applies the permutations in order (new[j] = old[index[j]] for every member
+// of each group), composed: each tensor is gathered once, whatever the
+// number of groups and axes touching it, and replaced by the gathered copy
+// (the map's entries own their tensors; nothing aliases them). Peak extra
+// memory is one tensor.
+void ApplyGathers(const std::vector<GroupPermutation>& perms, Weights& weights);
 void ApplyGather(const GroupInfo& group, const std::vector<int64_t>& index, Weights& weights);
 
 std::vector<int64_t> InversePermutation(const std::vector<int64_t>& index);

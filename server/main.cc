@@ -1,7 +1,9 @@
 // icd-server: serves icd.v1.PermutationService (plus gRPC health and server
 // reflection) over one Engine. Flags: see kUsage or `icd-server --help`.
-#include <pthread.h>
+#include <fcntl.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -68,11 +70,19 @@ Flags:
                         memory whatever the length, so this bounds the time
                         one call may hold a thread.
   --max-threads N       most threads serving calls at once (default 64).
+  --max-models N        most models loaded at once (default: no limit); one
+                        more LoadModel fails with RESOURCE_EXHAUSTED.
+  --memory-budget-mb N  most megabytes of weights all loaded models may hold,
+                        in their loaded dtype (default: no limit); a
+                        LoadModel that would pass it fails with
+                        RESOURCE_EXHAUSTED before any weight is moved.
   --quiet               no per-call log lines on stderr.
   --help                this text.
 
 SIGINT or SIGTERM: health turns NOT_SERVING, calls in flight get 10 s to
-finish, the process exits 0.
+finish, the process exits 0. At start, temporary export directories that a
+killed server left under an --export-root (named .icd-export-*) are removed,
+so no partial export survives a crash.
 
 Example:
   icd-server --listen 127.0.0.1:50051 --model-root /models --export-root /exports
@@ -91,8 +101,47 @@ struct Flags {
   int max_message_mb = 64;
   int max_trace_mb = 4096;
   int max_threads = 64;
+  int max_models = 0;        // 0: no limit
+  int memory_budget_mb = 0;  // 0: no limit
   bool quiet = false;
   bool help = false;
+};
+
+// SIGINT and SIGTERM, written by an async-signal-safe handler into a pipe
+// that the main thread reads.
+int g_signal_write_fd = -1;
+
+extern "C" void OnShutdownSignal(int sig) {
+  const auto byte = static_cast<unsigned char>(sig);
+  [[maybe_unused]] const ssize_t written = write(g_signal_write_fd, &byte, 1);
+}
+
+class SignalPipe {
+ public:
+  static absl::StatusOr<SignalPipe> Install() {
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0) return absl::InternalError("pipe2 failed");
+    g_signal_write_fd = fds[1];
+    struct sigaction action = {};
+    action.sa_handler = OnShutdownSignal;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;
+    if (sigaction(SIGINT, &action, nullptr) != 0 || sigaction(SIGTERM, &action, nullptr) != 0) {
+      return absl::InternalError("sigaction failed");
+    }
+    return SignalPipe(fds[0]);
+  }
+  // Blocks until a signal arrives; returns its number.
+  int Wait() const {
+    unsigned char byte = 0;
+    while (read(read_fd_, &byte, 1) < 0 && errno == EINTR) {
+    }
+    return byte;
+  }
+
+ private:
+  explicit SignalPipe(int read_fd) : read_fd_(read_fd) {}
+  int read_fd_;
 };
 
 absl::StatusOr<int> ParsePositive(const std::string& flag,
@@ -137,7 +186,7 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
         arg != "--device" && arg != "--token-file" && arg != "--tls-cert" &&
         arg != "--tls-key" && arg != "--tls-client-ca" &&
         arg != "--max-message-mb" && arg != "--max-trace-mb" &&
-        arg != "--max-threads") {
+        arg != "--max-threads" && arg != "--max-models" && arg != "--memory-budget-mb") {
       return absl::InvalidArgumentError(absl::StrCat("unknown flag ", arg));
     }
     if (!v.ok()) return v.status();
@@ -153,6 +202,16 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
       auto n = ParsePositive(arg, *v, arg == "--max-threads" ? 4096 : 2047);
       if (!n.ok()) return n.status();
       (arg == "--max-threads" ? f.max_threads : f.max_message_mb) = *n;
+    }
+    if (arg == "--max-models") {
+      auto n = ParsePositive(arg, *v, 1 << 16);
+      if (!n.ok()) return n.status();
+      f.max_models = *n;
+    }
+    if (arg == "--memory-budget-mb") {
+      auto n = ParsePositive(arg, *v, 1 << 30);  // up to 1 PiB
+      if (!n.ok()) return n.status();
+      f.memory_budget_mb = *n;
     }
     if (arg == "--max-trace-mb") {
       auto n = ParsePositive(arg, *v, 1 << 20);  // up to 1 TiB
@@ -244,16 +303,23 @@ int main(int argc, char** argv) {
   auto creds = Credentials(*flags);
   if (!creds.ok()) return Fail(creds.status());
 
-  // Before gRPC starts any thread: every thread inherits the blocked mask,
-  // so the signals wait for sigwait below.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // A handler, not a blocked mask and sigwait: libraries start threads
+  // before main (OpenBLAS's pool at load time), and a process-directed
+  // signal may land on any of them; a handler runs wherever it lands.
+  auto signals = SignalPipe::Install();
+  if (!signals.ok()) return Fail(signals.status());
 
   icd::EngineOptions engine_options;
   engine_options.default_device = flags->device;
+  engine_options.max_models = flags->max_models;
+  engine_options.memory_budget_bytes = int64_t{flags->memory_budget_mb} << 20;
+  for (const std::string& root : flags->export_roots) {
+    auto removed = icd::RemoveStaleExports(root);
+    if (!removed.ok()) return Fail(removed.status());
+    for (const std::string& path : *removed) {
+      std::cerr << "removed an unfinished export left by an earlier run: " << path << "\n";
+    }
+  }
   auto engine = std::make_unique<icd::Engine>(engine_options);
   {
     icd::rpc::PermutationServiceImpl service(engine.get(), std::move(*paths),
@@ -286,8 +352,7 @@ int main(int argc, char** argv) {
     const std::string host = flags->listen.substr(0, flags->listen.rfind(':'));
     std::cout << "listening on " << host << ":" << port << std::endl;
 
-    int sig = 0;
-    sigwait(&signals, &sig);
+    const int sig = signals->Wait();
     std::cerr << "icd-server: signal " << sig << ", shutting down\n";
     if (health != nullptr) health->Shutdown();  // every service NOT_SERVING
     server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));

@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <string>
@@ -188,6 +189,98 @@ TEST(ServerBinaryTest, ServesThenStopsCleanlyOnSigterm) {
   ASSERT_TRUE(anonymous.ok());
   EXPECT_EQ((*anonymous)->ListModels().status().code(),
             absl::StatusCode::kUnauthenticated);
+
+  ASSERT_EQ(kill(child.pid, SIGTERM), 0);
+  EXPECT_EQ(WaitExit(child.pid), 0);
+  close(child.out);
+}
+
+// What a server killed during an export leaves (its temporary directory
+// beside the target, at any depth) is gone after a restart; everything else
+// under the export root, and the model root, are untouched.
+TEST(ServerBinaryTest, RestartRemovesUnfinishedExports) {
+  TempDir tmp;
+  const fs::path models = tmp.path() / "models";
+  const fs::path exports = tmp.path() / "exports";
+  fs::create_directories(models / "mamba1-small");
+  fs::copy(GoldenDir() / "mamba1-small" / "hf", models / "mamba1-small" / "hf",
+           fs::copy_options::recursive);
+  const fs::path stale_top = exports / ".icd-export-e1.8f3a";
+  const fs::path stale_nested = exports / "runs" / ".icd-export-e2.77c1";
+  fs::create_directories(stale_top);
+  fs::create_directories(stale_nested);
+  std::ofstream(stale_top / "model.safetensors") << "half written";
+  fs::create_directories(exports / "finished");
+  std::ofstream(exports / "finished" / "config.json") << "{}";
+  auto listing = [](const fs::path& dir) {
+    std::vector<std::string> names;
+    for (const auto& entry : fs::recursive_directory_iterator(dir)) {
+      names.push_back(entry.path().string() + ":" +
+                      (entry.is_regular_file() ? std::to_string(entry.file_size()) : "d"));
+    }
+    std::sort(names.begin(), names.end());
+    return names;
+  };
+  const auto models_before = listing(models);
+
+  Child child = Spawn({ICD_SERVER_BINARY, "--listen", "127.0.0.1:0", "--model-root",
+                       models.string(), "--export-root", exports.string(), "--quiet"});
+  ASSERT_GT(child.pid, 0);
+  const std::string line = ReadLine(child.out, std::chrono::seconds(120));
+  ASSERT_EQ(line.rfind("listening on 127.0.0.1:", 0), 0u) << "got '" << line << "'";
+  EXPECT_FALSE(fs::exists(stale_top));
+  EXPECT_FALSE(fs::exists(stale_nested));
+  EXPECT_TRUE(fs::exists(exports / "runs"));
+  EXPECT_TRUE(fs::exists(exports / "finished" / "config.json"));
+  EXPECT_EQ(listing(models), models_before);
+  ASSERT_EQ(kill(child.pid, SIGTERM), 0);
+  EXPECT_EQ(WaitExit(child.pid), 0);
+  close(child.out);
+}
+
+// --max-models and --memory-budget-mb: a load past either is
+// RESOURCE_EXHAUSTED, loads nothing, and the server keeps serving.
+TEST(ServerBinaryTest, ModelLimitsAreRefusedAndTheServerStaysHealthy) {
+  TempDir tmp;
+  const fs::path models = tmp.path() / "models";
+  const fs::path exports = tmp.path() / "exports";
+  fs::create_directories(models / "mamba1-small");
+  fs::create_directories(exports);
+  fs::copy(GoldenDir() / "mamba1-small" / "hf", models / "mamba1-small" / "hf",
+           fs::copy_options::recursive);
+  // mamba1-small: 67,520 parameters, 270 KB in float32, 540 KB in float64.
+  Child child = Spawn({ICD_SERVER_BINARY, "--listen", "127.0.0.1:0", "--model-root",
+                       models.string(), "--export-root", exports.string(), "--max-models",
+                       "2", "--memory-budget-mb", "1", "--quiet"});
+  ASSERT_GT(child.pid, 0);
+  const std::string line = ReadLine(child.out, std::chrono::seconds(120));
+  const std::string prefix = "listening on 127.0.0.1:";
+  ASSERT_EQ(line.rfind(prefix, 0), 0u) << "got '" << line << "'";
+  auto client = Client::Connect("127.0.0.1:" + line.substr(prefix.size()), {});
+  ASSERT_TRUE(client.ok()) << client.status();
+  Client& icd = **client;
+
+  ASSERT_TRUE(icd.LoadModel("wide", "mamba1-small/hf", "", "float64").ok());
+  auto over_budget = icd.LoadModel("wide2", "mamba1-small/hf", "", "float64");
+  EXPECT_EQ(over_budget.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(over_budget.status().message().find("memory budget"), std::string::npos)
+      << over_budget.status();
+  ASSERT_TRUE(icd.LoadModel("narrow", "mamba1-small/hf").ok());  // 810 KB in all
+  auto over_count = icd.LoadModel("third", "mamba1-small/hf");
+  EXPECT_EQ(over_count.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(over_count.status().message().find("--max-models"), std::string::npos)
+      << over_count.status();
+
+  auto serving = icd.Health();
+  ASSERT_TRUE(serving.ok()) << serving.status();
+  EXPECT_TRUE(*serving);
+  auto list = icd.ListModels();
+  ASSERT_TRUE(list.ok()) << list.status();
+  EXPECT_EQ(list->size(), 2u);
+  // Unloading gives the room back.
+  ASSERT_TRUE(icd.UnloadModel("wide").ok());
+  EXPECT_TRUE(icd.LoadModel("third", "mamba1-small/hf").ok());
+  EXPECT_TRUE(icd.Verify("third").ok());
 
   ASSERT_EQ(kill(child.pid, SIGTERM), 0);
   EXPECT_EQ(WaitExit(child.pid), 0);

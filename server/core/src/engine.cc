@@ -179,14 +179,41 @@ class Engine::Impl {
     if (models_.count(name) > 0 || loading_.count(name) > 0) {
       return absl::AlreadyExistsError(absl::StrCat("model '", name, "' is already loaded"));
     }
+    const size_t held = models_.size() + loading_.size();
+    if (options_.max_models > 0 && held >= static_cast<size_t>(options_.max_models)) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "model limit reached: ", held, " models loaded or loading, at most ",
+          options_.max_models, " (icd-server --max-models); unload one first"));
+    }
     loading_.insert(name);
+    return absl::OkStatus();
+  }
+
+  // Counts `bytes` against the memory budget for `name` (loading), or
+  // refuses: checked and booked under one lock, so concurrent loads cannot
+  // both pass.
+  absl::Status ReserveBytes(const std::string& name, int64_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    int64_t held = 0;
+    for (const auto& [holder, size] : bytes_) held += size;
+    if (options_.memory_budget_bytes > 0 && held + bytes > options_.memory_budget_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "memory budget: model '", name, "' needs ", bytes, " bytes of weights, ", held,
+          " are held, the budget is ", options_.memory_budget_bytes,
+          " (icd-server --memory-budget-mb); unload a model first"));
+    }
+    bytes_[name] = bytes;
     return absl::OkStatus();
   }
 
   void Finish(const std::string& name, std::shared_ptr<LoadedModel> model) {
     std::lock_guard<std::mutex> lock(mutex_);
     loading_.erase(name);
-    if (model) models_[name] = std::move(model);
+    if (model) {
+      models_[name] = std::move(model);
+    } else {
+      bytes_.erase(name);
+    }
   }
 
   absl::StatusOr<std::shared_ptr<LoadedModel>> LoadModel(const std::string& name,
@@ -210,6 +237,11 @@ class Engine::Impl {
           "dtype float16 on the CPU: LibTorch has no CPU half kernels here; load with dtype "
           "float32 (or on a CUDA device)");
     }
+    int64_t bytes = 0;
+    for (const auto& [tensor_name, tensor] : checkpoint.weights) {
+      bytes += tensor.numel() * static_cast<int64_t>(c10::elementSize(model->dtype));
+    }
+    ICD_RETURN_IF_ERROR(ReserveBytes(name, bytes));
     torch::NoGradGuard no_grad;
     for (auto& [tensor_name, tensor] : checkpoint.weights) {
       tensor = tensor.to(device, model->dtype).contiguous();
@@ -260,6 +292,7 @@ class Engine::Impl {
       return absl::NotFoundError(absl::StrCat("model '", name, "' is not loaded"));
     }
     models_.erase(it);
+    bytes_.erase(name);
     return absl::OkStatus();
   }
 
@@ -374,9 +407,10 @@ class Engine::Impl {
   }
 
   EngineOptions options_;
-  mutable std::mutex mutex_;  // guards models_ and loading_ only
+  mutable std::mutex mutex_;  // guards models_, loading_ and bytes_ only
   std::map<std::string, std::shared_ptr<LoadedModel>> models_;
   std::set<std::string> loading_;
+  std::map<std::string, int64_t> bytes_;  // weight bytes per loaded or loading model
 };
 
 Engine::Engine(EngineOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}

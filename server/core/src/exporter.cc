@@ -6,8 +6,11 @@
 #include <algorithm>
 #include <random>
 #include <set>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "icd/core/engine.h"
 #include "icd/core/status_macros.h"
 #include "io/safetensors.h"
 #include "io/torch_bin.h"
@@ -128,6 +131,33 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const fs::path& source_dir,
   temp.Release();
   result.path = target.string();
   return result;
+}
+
+absl::StatusOr<std::vector<std::string>> RemoveStaleExports(const std::string& root) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  std::vector<fs::path> stale;
+  fs::recursive_directory_iterator it(root, fs::directory_options::skip_permission_denied, ec);
+  if (ec) return absl::InternalError(absl::StrCat(root, ": cannot list: ", ec.message()));
+  for (; it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    if (ec) return absl::InternalError(absl::StrCat(root, ": cannot list: ", ec.message()));
+    if (it->is_symlink(ec)) {
+      it.disable_recursion_pending();
+      continue;
+    }
+    if (it->is_directory(ec) &&
+        it->path().filename().string().rfind(kExportTempPrefix, 0) == 0) {
+      stale.push_back(it->path());
+      it.disable_recursion_pending();
+    }
+  }
+  std::vector<std::string> removed;
+  for (const fs::path& path : stale) {
+    fs::remove_all(path, ec);
+    if (ec) return absl::InternalError(absl::StrCat(path.string(), ": cannot remove: ", ec.message()));
+    removed.push_back(path.string());
+  }
+  return removed;
 }
 
 }  // namespace icd

@@ -33,7 +33,20 @@ namespace icd {
 
 struct EngineOptions {
   std::string default_device = "cpu";  // "cpu", "cuda", "cuda:N"
+  // Most models loaded (or loading) at once; 0: no limit. Beyond it Load is
+  // ResourceExhausted.
+  int max_models = 0;
+  // Most weight bytes held by loaded (and loading) models together, in their
+  // loaded dtype; 0: no limit. A Load that would pass it is
+  // ResourceExhausted before any weight reaches the device.
+  int64_t memory_budget_bytes = 0;
 };
+
+// Removes what an export killed mid-way left under `root`: directories named
+// .icd-export-* (an export writes into one, then renames it into place), at
+// any depth; symlinks are not followed. Returns the removed paths. Run at
+// start, before any export: a live export's directory has that name too.
+ICD_CORE_API absl::StatusOr<std::vector<std::string>> RemoveStaleExports(const std::string& root);
 
 class ICD_CORE_API Engine {
  public:

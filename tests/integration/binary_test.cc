@@ -7,12 +7,16 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
+#include <iterator>
+#include <cstdlib>
 #include <fstream>
 #include <string>
 #include <vector>
 
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/security/credentials.h>
 #include <gtest/gtest.h>
 
 #include "harness.h"
@@ -285,6 +289,97 @@ TEST(ServerBinaryTest, ModelLimitsAreRefusedAndTheServerStaysHealthy) {
   ASSERT_EQ(kill(child.pid, SIGTERM), 0);
   EXPECT_EQ(WaitExit(child.pid), 0);
   close(child.out);
+}
+
+// Runs a shell command (openssl, for test certificates); true on exit 0.
+bool Shell(const std::string& command) { return std::system(command.c_str()) == 0; }
+
+// Test PKI under `dir`: a self-signed server certificate for localhost and
+// 127.0.0.1, and a CA with one client certificate it signed.
+bool MakeCertificates(const fs::path& dir) {
+  const std::string d = dir.string();
+  const std::string quiet = " > /dev/null 2>&1";
+  return Shell("openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost"
+               " -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout " + d +
+               "/server.key -out " + d + "/server.pem" + quiet) &&
+         Shell("openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=icd-test-ca -keyout " +
+               d + "/ca.key -out " + d + "/ca.pem" + quiet) &&
+         Shell("openssl req -newkey rsa:2048 -nodes -subj /CN=client -keyout " + d +
+               "/client.key -out " + d + "/client.csr" + quiet) &&
+         Shell("openssl x509 -req -days 2 -in " + d + "/client.csr -CA " + d + "/ca.pem -CAkey " +
+               d + "/ca.key -CAcreateserial -out " + d + "/client.pem" + quiet);
+}
+
+std::string Slurp(const fs::path& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// A client over TLS trusting the server's certificate, optionally with a
+// client certificate; or a plaintext one (`tls` false).
+absl::StatusOr<std::unique_ptr<Client>> ConnectTo(const std::string& address, const fs::path& pki,
+                                                  bool tls, bool client_certificate) {
+  ClientOptions options;
+  options.connect_timeout = std::chrono::seconds(3);
+  options.deadline = std::chrono::seconds(30);
+  if (tls) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = Slurp(pki / "server.pem");
+    if (client_certificate) {
+      ssl.pem_private_key = Slurp(pki / "client.key");
+      ssl.pem_cert_chain = Slurp(pki / "client.pem");
+    }
+    options.credentials = grpc::SslCredentials(ssl);
+  }
+  return Client::Connect(address, options);
+}
+
+// Whether a client can complete a call (connect and ListModels).
+bool CanTalk(const absl::StatusOr<std::unique_ptr<Client>>& client) {
+  return client.ok() && (*client)->ListModels().ok();
+}
+
+// --tls-cert/--tls-key: TLS clients trusting the certificate talk (health
+// too), plaintext clients cannot; with --tls-client-ca, only clients with a
+// certificate signed by that CA can.
+TEST(ServerBinaryTest, TlsRefusesPlaintextAndMutualTlsRefusesUnknownClients) {
+  TempDir tmp;
+  const fs::path pki = tmp.path() / "pki";
+  fs::create_directories(pki);
+  fs::create_directories(tmp.path() / "models");
+  fs::create_directories(tmp.path() / "exports");
+  ASSERT_TRUE(MakeCertificates(pki)) << "openssl failed";
+  for (const bool mutual : {false, true}) {
+    SCOPED_TRACE(mutual ? "mutual TLS" : "TLS");
+    std::vector<std::string> args = {ICD_SERVER_BINARY, "--listen", "127.0.0.1:0",
+                                     "--model-root", (tmp.path() / "models").string(),
+                                     "--export-root", (tmp.path() / "exports").string(),
+                                     "--tls-cert", (pki / "server.pem").string(),
+                                     "--tls-key", (pki / "server.key").string(), "--quiet"};
+    if (mutual) {
+      args.push_back("--tls-client-ca");
+      args.push_back((pki / "ca.pem").string());
+    }
+    Child child = Spawn(args);
+    ASSERT_GT(child.pid, 0);
+    const std::string line = ReadLine(child.out, std::chrono::seconds(120));
+    const std::string prefix = "listening on 127.0.0.1:";
+    ASSERT_EQ(line.rfind(prefix, 0), 0u) << "got '" << line << "'";
+    const std::string address = "localhost:" + line.substr(prefix.size());
+
+    auto trusted = ConnectTo(address, pki, /*tls=*/true, /*client_certificate=*/true);
+    ASSERT_TRUE(CanTalk(trusted)) << trusted.status();
+    auto serving = (*trusted)->Health();
+    ASSERT_TRUE(serving.ok()) << serving.status();
+    EXPECT_TRUE(*serving);
+    EXPECT_FALSE(CanTalk(ConnectTo(address, pki, /*tls=*/false, false)));
+    EXPECT_EQ(CanTalk(ConnectTo(address, pki, /*tls=*/true, /*client_certificate=*/false)),
+              !mutual);
+
+    ASSERT_EQ(kill(child.pid, SIGTERM), 0);
+    EXPECT_EQ(WaitExit(child.pid), 0);
+    close(child.out);
+  }
 }
 
 }  // namespace

@@ -191,6 +191,51 @@ TEST_F(ServiceTest, WriteTensorsRefusals) {
   ExpectUnchanged();
 }
 
+// A client that goes away mid-stream (cancel after a complete tensor and a
+// partial one, and a stream that simply ends without `last`) leaves the model
+// as it was: WriteTensors applies nothing until the stream is complete.
+TEST_F(ServiceTest, WriteTensorsStreamCutShortChangesNothing) {
+  ASSERT_OK_AND_ASSIGN(tensors, client().ReadTensors("m"));
+  ASSERT_GE(tensors.size(), 2u);
+  auto channel = grpc::CreateChannel(harness_.address(), grpc::InsecureChannelCredentials());
+  auto stub = v1::PermutationService::NewStub(channel);
+  auto chunk_of = [](const Tensor& tensor, std::string data, bool last) {
+    v1::TensorChunk chunk;
+    chunk.set_name(tensor.name);
+    for (int64_t d : tensor.shape) chunk.add_shape(d);
+    chunk.set_dtype(tensor.dtype);
+    std::reverse(data.begin(), data.end());  // new values: the write would change the model
+    chunk.set_data(std::move(data));
+    chunk.set_last(last);
+    return chunk;
+  };
+  for (const bool cancel : {true, false}) {
+    SCOPED_TRACE(cancel ? "cancelled" : "ended without last");
+    grpc::ClientContext context;
+    v1::WriteReport report;
+    auto writer = stub->WriteTensors(&context, &report);
+    v1::TensorChunk whole = chunk_of(tensors[0], tensors[0].data, /*last=*/true);
+    whole.set_model("m");
+    ASSERT_TRUE(writer->Write(whole));
+    const std::string& second = tensors[1].data;
+    ASSERT_TRUE(writer->Write(chunk_of(tensors[1], second.substr(0, second.size() / 2), false)));
+    grpc::Status status;
+    if (cancel) {
+      context.TryCancel();
+      status = writer->Finish();
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
+    } else {
+      writer->WritesDone();
+      status = writer->Finish();
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+    }
+    ExpectUnchanged();
+  }
+  auto serving = client().Health();
+  ASSERT_TRUE(serving.ok()) << serving.status();
+  EXPECT_TRUE(*serving);
+}
+
 TEST_F(ServiceTest, ExportAndReload) {
   std::mt19937_64 rng(11);
   ASSERT_TRUE(client().ApplyPermutation("m", RandomPermutations(Syms(), rng)).ok());

@@ -362,6 +362,25 @@ TEST_F(TracesTest, CaptureAllGroupsAppliesAndVerifies) {
   EXPECT_LE(RelL2(Logits(), baseline_), 1e-5);
 }
 
+// A capture long enough to outlive its deadline: DEADLINE_EXCEEDED from
+// inside the forward or the solver, nothing applied, the server still serving.
+TEST_F(TracesTest, CaptureDeadlinePassedMidCallChangesNothing) {
+  ClientOptions options;
+  options.deadline = std::chrono::milliseconds(200);
+  auto impatient = Client::Connect(harness_.address(), options);
+  ASSERT_TRUE(impatient.ok()) << impatient.status();
+  std::mt19937_64 rng(22);
+  std::uniform_int_distribution<int64_t> token(0, 127);  // vocab_size 128
+  v1::CaptureRequest request;
+  request.set_model("m");
+  request.set_batch(64);
+  for (int i = 0; i < 64 * 2048; ++i) request.add_input_ids(token(rng));
+  const auto start = std::chrono::steady_clock::now();
+  ExpectCode((*impatient)->CapturePermutation(request).status(), StatusCode::kDeadlineExceeded);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+  ExpectHealthyAndUnchanged();
+}
+
 TEST_F(TracesTest, CaptureNamedGroupsInRequestOrder) {
   v1::CaptureRequest request;
   request.set_model("m");

@@ -77,6 +77,15 @@ TEST(ConfigTest, RefusesWhatIsNotSupportedAndSaysWhy) {
           "num_heads (3) x head_dim (64)");
   refused(R"({"model_type": "mamba", "hidden_size": "wide"})", "field 'hidden_size'");
   refused("{not json", "not a JSON object");
+  // Found by tests/fuzz (config_fuzz): expand 0 gave a config without
+  // channels; out-of-range widths are refused before any arithmetic on them.
+  refused(R"({"d_model": 32, "n_layer": 2, "vocab_size": 96,
+              "ssm_cfg": {"layer": "Mamba2", "expand": 0, "headdim": 16}})",
+          "ssm_cfg.expand 0 gives an inner width of 0");
+  refused(R"({"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 1,
+              "vocab_size": 10, "expand": 1e300})", "expand");
+  refused(R"({"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 1,
+              "vocab_size": 1000000000000})", "vocab_size is 1000000000000");
 }
 
 // A copy of a fixture whose files a test may damage.

@@ -101,6 +101,51 @@ absl::Status Unsupported(const std::string& source, const std::string& what) {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Largest width icd accepts for any dimension: far above every released
+// Mamba (d_inner 8192, vocab 65024), far below where products of dimensions
+// could overflow int64.
+constexpr int64_t kMaxDimension = int64_t{1} << 24;
+
+// d_inner = int(expand * d_model), as both layouts compute it; refuses
+// expand values that are not finite and positive, or give no channel or too
+// many (before the cast, which is undefined for out-of-range doubles).
+absl::StatusOr<int64_t> InnerWidth(double expand, int64_t d_model, const std::string& source,
+                                   const std::string& field) {
+  const double inner = expand * static_cast<double>(d_model);
+  if (!std::isfinite(expand) || !(inner >= 1) || inner > static_cast<double>(kMaxDimension)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": ", field, " ", expand, " gives an inner width of ", inner,
+        " channels; expected 1 to ", kMaxDimension));
+  }
+  return static_cast<int64_t>(inner);
+}
+
+// Every dimension of a parsed config in [1, kMaxDimension], named in errors.
+absl::Status CheckDimensions(const ModelConfig& c, const std::string& source) {
+  const std::vector<std::pair<const char*, int64_t>> dims = {
+      {"d_model", c.d_model},   {"n_layer", c.n_layer}, {"vocab_size", c.vocab_size},
+      {"d_inner", c.d_inner},   {"d_state", c.d_state}, {"d_conv", c.d_conv}};
+  for (const auto& [name, value] : dims) {
+    if (value < 1 || value > kMaxDimension) {
+      return absl::InvalidArgumentError(absl::StrCat(source, ": ", name, " is ", value,
+                                                     "; expected 1 to ", kMaxDimension));
+    }
+  }
+  const std::vector<std::pair<const char*, int64_t>> family_dims =
+      c.family == Family::kMamba2
+          ? std::vector<std::pair<const char*, int64_t>>{{"nheads", c.nheads},
+                                                          {"headdim", c.headdim},
+                                                          {"ngroups", c.ngroups}}
+          : std::vector<std::pair<const char*, int64_t>>{{"dt_rank", c.dt_rank}};
+  for (const auto& [name, value] : family_dims) {
+    if (value < 1 || value > kMaxDimension) {
+      return absl::InvalidArgumentError(absl::StrCat(source, ": ", name, " is ", value,
+                                                     "; expected 1 to ", kMaxDimension));
+    }
+  }
+  return absl::OkStatus();
+}
+
 // "auto" or a number; auto is ceil(d_model / 16) in both layouts.
 absl::StatusOr<int64_t> DtRank(const Fields& fields, const char* key, int64_t d_model) {
   if (!fields.Has(key)) return CeilDiv(d_model, 16);
@@ -146,7 +191,8 @@ absl::StatusOr<ModelConfig> ParseHf(const Json& root, const std::string& source)
   ICD_ASSIGN_OR_RETURN(c.conv_bias, f.Bool("use_conv_bias", true));
   ICD_ASSIGN_OR_RETURN(c.norm_eps, f.Number("layer_norm_epsilon", 1e-5));
   ICD_ASSIGN_OR_RETURN(double expand, f.Number("expand", 2));
-  const auto inner_default = static_cast<int64_t>(expand * static_cast<double>(c.d_model));
+  ICD_ASSIGN_OR_RETURN(const int64_t inner_default,
+                       InnerWidth(expand, c.d_model, source, "expand"));
 
   if (c.family == Family::kMamba2) {
     ICD_ASSIGN_OR_RETURN(c.tied, f.Bool("tie_word_embeddings", false));
@@ -220,7 +266,7 @@ absl::StatusOr<ModelConfig> ParseMambaSsm(const Json& root, const std::string& s
   ICD_ASSIGN_OR_RETURN(c.norm_eps, f.Number("norm_epsilon", 1e-5));
   ICD_ASSIGN_OR_RETURN(c.d_conv, s.PositiveInt("d_conv", 4));
   ICD_ASSIGN_OR_RETURN(double expand, s.Number("expand", 2));
-  c.d_inner = static_cast<int64_t>(expand * static_cast<double>(c.d_model));
+  ICD_ASSIGN_OR_RETURN(c.d_inner, InnerWidth(expand, c.d_model, source, "ssm_cfg.expand"));
   ICD_ASSIGN_OR_RETURN(c.proj_bias, s.Bool("bias", false));
   ICD_ASSIGN_OR_RETURN(c.conv_bias, s.Bool("conv_bias", true));
 
@@ -264,8 +310,13 @@ absl::StatusOr<ModelConfig> ParseConfig(const std::string& json_text, const std:
   if (root.is_discarded() || !root.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
   }
-  if (root.contains("d_model") && root.contains("n_layer")) return ParseMambaSsm(root, source);
-  if (root.contains("model_type")) return ParseHf(root, source);
+  const bool mamba_ssm = root.contains("d_model") && root.contains("n_layer");
+  if (mamba_ssm || root.contains("model_type")) {
+    ICD_ASSIGN_OR_RETURN(ModelConfig config,
+                         mamba_ssm ? ParseMambaSsm(root, source) : ParseHf(root, source));
+    ICD_RETURN_IF_ERROR(CheckDimensions(config, source));
+    return config;
+  }
   return Unsupported(source, "neither a HuggingFace config (model_type) nor a mamba_ssm one "
                              "(d_model, n_layer)");
 }

@@ -125,6 +125,31 @@ std::string ReflectionListServices(const std::string& address) {
   return out;
 }
 
+// <tmp>/models holding mamba1-small/hf, and an empty <tmp>/exports.
+struct ServerRoots {
+  fs::path models, exports;
+};
+ServerRoots MakeRoots(const fs::path& tmp) {
+  ServerRoots roots{tmp / "models", tmp / "exports"};
+  fs::create_directories(roots.models / "mamba1-small");
+  fs::create_directories(roots.exports);
+  fs::copy(GoldenDir() / "mamba1-small" / "hf", roots.models / "mamba1-small" / "hf",
+           fs::copy_options::recursive);
+  return roots;
+}
+
+// The port of a spawned server from its first stdout line ("listening on
+// 127.0.0.1:PORT"); empty when that line did not come.
+std::string ListeningPort(const Child& child) {
+  const std::string line = ReadLine(child.out, std::chrono::seconds(120));
+  const std::string prefix = "listening on 127.0.0.1:";
+  if (line.rfind(prefix, 0) != 0) {
+    ADD_FAILURE() << "the server did not start: got '" << line << "'";
+    return "";
+  }
+  return line.substr(prefix.size());
+}
+
 TEST(ServerBinaryTest, HelpTeachesAndExitsZero) {
   Child child = Spawn({ICD_SERVER_BINARY, "--help"});
   ASSERT_GT(child.pid, 0);
@@ -150,12 +175,7 @@ TEST(ServerBinaryTest, BadFlagsExitTwo) {
 
 TEST(ServerBinaryTest, ServesThenStopsCleanlyOnSigterm) {
   TempDir tmp;
-  const fs::path models = tmp.path() / "models";
-  const fs::path exports = tmp.path() / "exports";
-  fs::create_directories(models / "mamba1-small");
-  fs::create_directories(exports);
-  fs::copy(GoldenDir() / "mamba1-small" / "hf", models / "mamba1-small" / "hf",
-           fs::copy_options::recursive);
+  const auto [models, exports] = MakeRoots(tmp.path());
   const fs::path token_file = tmp.path() / "token";
   std::ofstream(token_file) << "t0ken\n";
 
@@ -163,12 +183,10 @@ TEST(ServerBinaryTest, ServesThenStopsCleanlyOnSigterm) {
                        "--model-root", models.string(), "--export-root",
                        exports.string(), "--token-file", token_file.string()});
   ASSERT_GT(child.pid, 0);
-  const std::string line = ReadLine(child.out, std::chrono::seconds(120));
-  const std::string prefix = "listening on 127.0.0.1:";
-  ASSERT_EQ(line.rfind(prefix, 0), 0u) << "got '" << line << "'";
-  const int port = std::stoi(line.substr(prefix.size()));
-  EXPECT_GT(port, 0);
-  const std::string address = "127.0.0.1:" + std::to_string(port);
+  const std::string port = ListeningPort(child);
+  ASSERT_FALSE(port.empty());
+  EXPECT_GT(std::stoi(port), 0);
+  const std::string address = "127.0.0.1:" + port;
 
   ClientOptions options;
   options.token = "t0ken";
@@ -204,11 +222,7 @@ TEST(ServerBinaryTest, ServesThenStopsCleanlyOnSigterm) {
 // under the export root, and the model root, are untouched.
 TEST(ServerBinaryTest, RestartRemovesUnfinishedExports) {
   TempDir tmp;
-  const fs::path models = tmp.path() / "models";
-  const fs::path exports = tmp.path() / "exports";
-  fs::create_directories(models / "mamba1-small");
-  fs::copy(GoldenDir() / "mamba1-small" / "hf", models / "mamba1-small" / "hf",
-           fs::copy_options::recursive);
+  const auto [models, exports] = MakeRoots(tmp.path());
   const fs::path stale_top = exports / ".icd-export-e1.8f3a";
   const fs::path stale_nested = exports / "runs" / ".icd-export-e2.77c1";
   fs::create_directories(stale_top);
@@ -230,8 +244,7 @@ TEST(ServerBinaryTest, RestartRemovesUnfinishedExports) {
   Child child = Spawn({ICD_SERVER_BINARY, "--listen", "127.0.0.1:0", "--model-root",
                        models.string(), "--export-root", exports.string(), "--quiet"});
   ASSERT_GT(child.pid, 0);
-  const std::string line = ReadLine(child.out, std::chrono::seconds(120));
-  ASSERT_EQ(line.rfind("listening on 127.0.0.1:", 0), 0u) << "got '" << line << "'";
+  ASSERT_FALSE(ListeningPort(child).empty());
   EXPECT_FALSE(fs::exists(stale_top));
   EXPECT_FALSE(fs::exists(stale_nested));
   EXPECT_TRUE(fs::exists(exports / "runs"));
@@ -246,21 +259,15 @@ TEST(ServerBinaryTest, RestartRemovesUnfinishedExports) {
 // RESOURCE_EXHAUSTED, loads nothing, and the server keeps serving.
 TEST(ServerBinaryTest, ModelLimitsAreRefusedAndTheServerStaysHealthy) {
   TempDir tmp;
-  const fs::path models = tmp.path() / "models";
-  const fs::path exports = tmp.path() / "exports";
-  fs::create_directories(models / "mamba1-small");
-  fs::create_directories(exports);
-  fs::copy(GoldenDir() / "mamba1-small" / "hf", models / "mamba1-small" / "hf",
-           fs::copy_options::recursive);
+  const auto [models, exports] = MakeRoots(tmp.path());
   // mamba1-small: 67,520 parameters, 270 KB in float32, 540 KB in float64.
   Child child = Spawn({ICD_SERVER_BINARY, "--listen", "127.0.0.1:0", "--model-root",
                        models.string(), "--export-root", exports.string(), "--max-models",
                        "2", "--memory-budget-mb", "1", "--quiet"});
   ASSERT_GT(child.pid, 0);
-  const std::string line = ReadLine(child.out, std::chrono::seconds(120));
-  const std::string prefix = "listening on 127.0.0.1:";
-  ASSERT_EQ(line.rfind(prefix, 0), 0u) << "got '" << line << "'";
-  auto client = Client::Connect("127.0.0.1:" + line.substr(prefix.size()), {});
+  const std::string port = ListeningPort(child);
+  ASSERT_FALSE(port.empty());
+  auto client = Client::Connect("127.0.0.1:" + port, {});
   ASSERT_TRUE(client.ok()) << client.status();
   Client& icd = **client;
 
@@ -362,10 +369,9 @@ TEST(ServerBinaryTest, TlsRefusesPlaintextAndMutualTlsRefusesUnknownClients) {
     }
     Child child = Spawn(args);
     ASSERT_GT(child.pid, 0);
-    const std::string line = ReadLine(child.out, std::chrono::seconds(120));
-    const std::string prefix = "listening on 127.0.0.1:";
-    ASSERT_EQ(line.rfind(prefix, 0), 0u) << "got '" << line << "'";
-    const std::string address = "localhost:" + line.substr(prefix.size());
+    const std::string port = ListeningPort(child);
+    ASSERT_FALSE(port.empty());
+    const std::string address = "localhost:" + port;
 
     auto trusted = ConnectTo(address, pki, /*tls=*/true, /*client_certificate=*/true);
     ASSERT_TRUE(CanTalk(trusted)) << trusted.status();

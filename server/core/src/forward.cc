@@ -323,11 +323,13 @@ absl::Status CheckForwardInputs(const ModelConfig& config, const Weights& weight
   }
 }
 
-absl::StatusOr<torch::Tensor> Forward(const ModelConfig& config, const Weights& weights,
-                                      const torch::Tensor& input_ids, const CallContext& ctx,
-                                      CaptureSink* capture, RecurrentState* state) {
-  absl::Status status = CheckForwardInputs(config, weights, input_ids);
-  if (!status.ok()) return status;
+namespace {
+
+// Both entry points after their input checks: the state's shape, the
+// context, then the forward, with LibTorch's exceptions as statuses.
+absl::StatusOr<torch::Tensor> RunChecked(const ModelConfig& config, const Weights& weights,
+                                         const torch::Tensor& input_ids, const CallContext& ctx,
+                                         CaptureSink* capture, RecurrentState* state) {
   return Guarded([&]() -> absl::StatusOr<torch::Tensor> {
     absl::Status checked = state != nullptr ? CheckState(config, *state, input_ids.size(0))
                                             : absl::OkStatus();
@@ -337,16 +339,20 @@ absl::StatusOr<torch::Tensor> Forward(const ModelConfig& config, const Weights& 
   });
 }
 
+}  // namespace
+
+absl::StatusOr<torch::Tensor> Forward(const ModelConfig& config, const Weights& weights,
+                                      const torch::Tensor& input_ids, const CallContext& ctx,
+                                      CaptureSink* capture, RecurrentState* state) {
+  absl::Status status = CheckForwardInputs(config, weights, input_ids);
+  if (!status.ok()) return status;
+  return RunChecked(config, weights, input_ids, ctx, capture, state);
+}
+
 absl::StatusOr<torch::Tensor> ForwardPrechecked(const ModelConfig& config, const Weights& weights,
                                                 const torch::Tensor& input_ids,
                                                 const CallContext& ctx, RecurrentState* state) {
-  return Guarded([&]() -> absl::StatusOr<torch::Tensor> {
-    absl::Status checked = state != nullptr ? CheckState(config, *state, input_ids.size(0))
-                                            : absl::OkStatus();
-    if (checked.ok()) checked = PollContext(ctx, 0);
-    if (!checked.ok()) return checked;
-    return RunForward(config, weights, input_ids, ctx, Capture(nullptr), state);
-  });
+  return RunChecked(config, weights, input_ids, ctx, nullptr, state);
 }
 
 }  // namespace icd

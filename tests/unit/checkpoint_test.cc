@@ -86,6 +86,9 @@ TEST(ConfigTest, RefusesWhatIsNotSupportedAndSaysWhy) {
               "vocab_size": 10, "expand": 1e300})", "expand");
   refused(R"({"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 1,
               "vocab_size": 1000000000000})", "vocab_size is 1000000000000");
+  // Found by config_fuzz in CI: an integral float beyond int64 was cast.
+  refused(R"({"model_type": "mamba", "hidden_size": 9.6e118})",
+          "field 'hidden_size' must be an integer, got 9.6e+118");
 }
 
 // A copy of a fixture whose files a test may damage.

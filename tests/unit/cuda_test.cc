@@ -3,7 +3,8 @@
 // against the golden logits, permuted in all groups, verified, checked again,
 // exported and reloaded on cuda; bfloat16 on cuda applies and verifies.
 // Then icd's Mamba-1 scan kernel (scan/selective_scan.cu) against the
-// LibTorch reference on the same CUDA inputs.
+// LibTorch reference on the same CUDA inputs, and the batched permutation
+// gather (gather/permute_gather.cu) against the CPU's, bit for bit.
 // Skipped (never failed) where torch::cuda::is_available() is false (CI).
 #include <gtest/gtest.h>
 
@@ -12,8 +13,11 @@
 #include <random>
 #include <string>
 
+#include "config.h"
+#include "gather/permute_gather.h"
 #include "icd/core/engine.h"
 #include "scan/selective_scan.h"
+#include "symmetry.h"
 #include "test_util.h"
 
 namespace icd {
@@ -346,6 +350,85 @@ TEST_F(ScanKernelTest, FallsBackToReference) {
   EXPECT_FALSE(scan::UsesCudaKernel(host, torch::kFloat32));
   EXPECT_TRUE(scan::SelectiveScan(host, torch::kFloat32).device().is_cpu());
 }
+
+// The batched gather moves every weight of every group, composed, exactly
+// as the CPU's LibTorch indexing does, in every dtype; a tensor it does not
+// take (not contiguous) sends the whole apply to LibTorch, just as exact.
+class GatherKernelTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  }
+
+  // Applies every group twice over (random permutations) to `weights` on
+  // the CPU and on CUDA; expects the same bits.
+  void ExpectSameAsCpu(const ModelConfig& config, const Weights& weights,
+                       const Weights& on_cuda) {
+    const FamilySpec spec = BuildSpec(config);
+    std::mt19937_64 rng(3);
+    std::vector<std::vector<int64_t>> indices;
+    for (const GroupInfo& group : spec) indices.push_back(testing::RandomPermutation(group, rng));
+    std::vector<GroupPermutation> perms;
+    for (int round = 0; round < 2; ++round) {
+      for (size_t g = 0; g < spec.size(); ++g) perms.push_back({&spec[g], &indices[g]});
+    }
+    Weights cpu = testing::Clone(weights);
+    ApplyGathers(perms, cpu);
+    Weights cuda = on_cuda;
+    ApplyGathers(perms, cuda);
+    for (const auto& [name, tensor] : cpu) {
+      ASSERT_TRUE(cuda.at(name).is_cuda()) << name;
+      EXPECT_TRUE(torch::equal(cuda.at(name).cpu(), tensor)) << name;
+    }
+  }
+};
+
+TEST_P(GatherKernelTest, EveryDtypeBitForBit) {
+  auto config = ParseConfig(GetParam(), "config");
+  ASSERT_TRUE(config.ok()) << config.status();
+  for (torch::ScalarType dtype :
+       {torch::kFloat32, torch::kBFloat16, torch::kFloat16, torch::kFloat64}) {
+    const Weights weights = testing::RandomWeights(*config, 11, dtype);
+    Weights on_cuda;
+    for (const auto& [name, tensor] : weights) on_cuda[name] = tensor.to(torch::kCUDA);
+    // The kernel takes contiguous CUDA tensors; with no axis moving it copies.
+    std::vector<gather::TensorGather> plan;
+    Weights copied = on_cuda;
+    for (auto& [name, tensor] : copied) plan.push_back({&tensor, {}});
+    ASSERT_TRUE(gather::GatherWithCuda(plan));
+    for (const auto& [name, tensor] : copied) {
+      EXPECT_NE(tensor.data_ptr(), on_cuda.at(name).data_ptr()) << name;
+      EXPECT_TRUE(torch::equal(tensor, on_cuda.at(name))) << name;
+    }
+    ExpectSameAsCpu(*config, weights, on_cuda);
+  }
+}
+
+TEST_P(GatherKernelTest, NonContiguousTensorFallsBackExactly) {
+  auto config = ParseConfig(GetParam(), "config");
+  ASSERT_TRUE(config.ok()) << config.status();
+  const Weights weights = testing::RandomWeights(*config, 12, torch::kFloat32);
+  Weights on_cuda;
+  for (const auto& [name, tensor] : weights) on_cuda[name] = tensor.to(torch::kCUDA);
+  torch::Tensor& head = on_cuda.at("backbone.embeddings.weight");
+  head = head.t().contiguous().t();  // same values, column-major
+  ASSERT_FALSE(head.is_contiguous());
+  std::vector<gather::TensorGather> plan{{&head, {}}};
+  EXPECT_FALSE(gather::GatherWithCuda(plan));
+  ExpectSameAsCpu(*config, weights, on_cuda);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Configs, GatherKernelTest,
+    ::testing::Values(
+        R"({"model_type": "mamba", "hidden_size": 40, "num_hidden_layers": 2, "vocab_size": 300,
+            "state_size": 16, "expand": 2, "time_step_rank": 5, "use_bias": true,
+            "tie_word_embeddings": false})",
+        R"({"model_type": "mamba2", "hidden_size": 48, "num_hidden_layers": 2,
+            "vocab_size": 70, "state_size": 12, "num_heads": 12, "head_dim": 8, "n_groups": 3})",
+        R"({"d_model": 24, "n_layer": 2, "vocab_size": 50, "pad_vocab_size_multiple": 8,
+            "rms_norm": false, "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 12,
+            "ngroups": 2}})"));
 
 }  // namespace
 }  // namespace icd

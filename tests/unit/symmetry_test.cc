@@ -14,6 +14,8 @@
 namespace icd {
 namespace {
 
+using testing::Clone;
+using testing::RandomWeights;
 using testing::RelL2;
 
 GroupInfo Find(const FamilySpec& spec, const std::string& name) {
@@ -22,28 +24,6 @@ GroupInfo Find(const FamilySpec& spec, const std::string& name) {
   }
   ADD_FAILURE() << "no group " << name;
   return {};
-}
-
-// Random weights of the right shapes, scaled so activations stay O(1).
-Weights RandomWeights(const ModelConfig& config, uint64_t seed, torch::ScalarType dtype) {
-  torch::manual_seed(seed);
-  Weights weights;
-  for (const auto& [name, shape] : ExpectedShapes(config)) {
-    torch::Tensor t = torch::randn(shape, torch::kFloat64);
-    if (name.find("A_log") != std::string::npos) {
-      t = torch::log(torch::rand(shape, torch::kFloat64) * 8 + 0.5);
-    } else if (name.find("norm") != std::string::npos && name.find("weight") != std::string::npos) {
-      t = 1 + 0.3 * t;
-    } else if (name.find(".D") != std::string::npos) {
-      t = 1 + 0.3 * t;
-    } else if (t.dim() == 2) {
-      t = t / std::sqrt(static_cast<double>(shape[1]));
-    } else {
-      t = 0.3 * t;
-    }
-    weights[name] = t.to(dtype);
-  }
-  return weights;
 }
 
 torch::Tensor RandomIds(const ModelConfig& config, uint64_t seed) {
@@ -57,11 +37,6 @@ torch::Tensor Logits(const ModelConfig& config, const Weights& weights, const to
   return logits.ok() ? *logits : torch::Tensor();
 }
 
-Weights Clone(const Weights& weights) {
-  Weights copy;
-  for (const auto& [name, t] : weights) copy[name] = t.clone();
-  return copy;
-}
 
 TEST(ValidateTest, NamesTheGroupAndTheReason) {
   GroupInfo heads{"layers.2.heads", 6, 0, 3, {}};
@@ -142,6 +117,32 @@ TEST_P(RandomConfigTest, EveryGroupAloneAndAllTogetherAreExact) {
     std::printf("[random] %s %s: worst single group %.3g, all groups %.3g\n",
                 GetParam().name.c_str(), std::string(c10::toString(dtype)).c_str(), worst, rel);
   }
+}
+
+// One composed gather per tensor (ApplyGathers, as the engine applies) moves
+// every weight exactly where applying the groups one at a time does.
+TEST_P(RandomConfigTest, ComposedGathersEqualOneGroupAtATime) {
+  auto config = ParseConfig(GetParam().config_json, GetParam().name);
+  ASSERT_TRUE(config.ok()) << config.status();
+  const Weights weights = RandomWeights(*config, 5, torch::kFloat32);
+  const FamilySpec spec = BuildSpec(*config);
+  std::mt19937_64 rng(7);
+  std::vector<std::vector<int64_t>> indices;
+  for (const GroupInfo& group : spec) indices.push_back(testing::RandomPermutation(group, rng));
+  // Twice through the groups, so that some axes compose a permutation with itself.
+  std::vector<GroupPermutation> perms;
+  for (int round = 0; round < 2; ++round) {
+    for (size_t g = 0; g < spec.size(); ++g) perms.push_back({&spec[g], &indices[g]});
+  }
+  Weights composed = Clone(weights);
+  ApplyGathers(perms, composed);
+  Weights stepwise = Clone(weights);
+  for (const GroupPermutation& perm : perms) ApplyGather(*perm.group, *perm.index, stepwise);
+  for (const auto& [name, tensor] : stepwise) {
+    EXPECT_TRUE(torch::equal(composed.at(name), tensor)) << name;
+  }
+  EXPECT_FALSE(torch::equal(composed.at("backbone.embeddings.weight"),
+                            weights.at("backbone.embeddings.weight")));
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -15,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint.h"
 #include "icd/core/types.h"
 #include "io/safetensors.h"
 
@@ -60,6 +62,34 @@ inline Golden ReadGolden(const std::string& fixture) {
     }
   }
   return golden;
+}
+
+// Random weights of the right shapes, scaled so activations stay O(1).
+inline Weights RandomWeights(const ModelConfig& config, uint64_t seed, torch::ScalarType dtype) {
+  torch::manual_seed(seed);
+  Weights weights;
+  for (const auto& [name, shape] : ExpectedShapes(config)) {
+    torch::Tensor t = torch::randn(shape, torch::kFloat64);
+    if (name.find("A_log") != std::string::npos) {
+      t = torch::log(torch::rand(shape, torch::kFloat64) * 8 + 0.5);
+    } else if (name.find("norm") != std::string::npos && name.find("weight") != std::string::npos) {
+      t = 1 + 0.3 * t;
+    } else if (name.find(".D") != std::string::npos) {
+      t = 1 + 0.3 * t;
+    } else if (t.dim() == 2) {
+      t = t / std::sqrt(static_cast<double>(shape[1]));
+    } else {
+      t = 0.3 * t;
+    }
+    weights[name] = t.to(dtype);
+  }
+  return weights;
+}
+
+inline Weights Clone(const Weights& weights) {
+  Weights copy;
+  for (const auto& [name, t] : weights) copy[name] = t.clone();
+  return copy;
 }
 
 inline double RelL2(const torch::Tensor& now, const torch::Tensor& reference) {

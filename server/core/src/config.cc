@@ -39,8 +39,11 @@ class Fields {
     const Json& value = object_.at(key);
     if (value.is_number_integer()) return value.get<int64_t>();
     if (value.is_number_float()) {
-      double d = value.get<double>();
-      if (std::floor(d) == d) return static_cast<int64_t>(d);
+      // 2^63 is exact in a double; the range check comes before the cast,
+      // which is undefined for values int64 cannot hold.
+      const double d = value.get<double>();
+      constexpr double kLimit = 9223372036854775808.0;
+      if (std::floor(d) == d && d >= -kLimit && d < kLimit) return static_cast<int64_t>(d);
     }
     return Error(key, absl::StrCat("must be an integer, got ", value.dump()));
   }

@@ -1,5 +1,6 @@
 #include "symmetry.h"
 
+#include <deque>
 #include <map>
 #include <set>
 #include <utility>
@@ -7,6 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "gather/permute_gather.h"
 
 namespace icd {
 namespace {
@@ -192,59 +194,51 @@ absl::Status ValidatePermutation(const GroupInfo& group, const std::vector<int64
 }
 
 void ApplyGathers(const std::vector<GroupPermutation>& perms, Weights& weights) {
-  // Compose first: for each (tensor, axis), the source position of every
-  // new position after all the permutations in order. Applying p after the
-  // composed S gives S'[k] = S[p's source of k]; a group only moves
-  // positions inside its members' slices, so only those change.
-  std::map<std::string, std::map<int, std::vector<int64_t>>> sources;
+  // The members that move each (tensor, axis), in order.
+  std::map<std::string, std::map<int, std::vector<std::pair<const GroupPermutation*,
+                                                            const GroupMember*>>>> moves;
   for (const GroupPermutation& perm : perms) {
     for (const GroupMember& member : perm.group->members) {
-      const torch::Tensor& tensor = weights.at(member.tensor);
-      std::vector<int64_t>& source = sources[member.tensor][member.axis];
-      if (source.empty()) {
-        source.resize(static_cast<size_t>(tensor.size(member.axis)));
-        for (size_t k = 0; k < source.size(); ++k) source[k] = static_cast<int64_t>(k);
+      moves[member.tensor][member.axis].emplace_back(&perm, &member);
+    }
+  }
+  // Compose: for each (tensor, axis), the source position of every new
+  // position after all the permutations in order. Applying p after the
+  // composed S gives S'[k] = S[p's source of k]; a group only moves
+  // positions inside its members' slices, so only those change. An axis one
+  // group moves whole and unexpanded gathers by the group's own index.
+  std::deque<std::vector<int64_t>> composed;
+  std::vector<gather::TensorGather> plan;
+  for (const auto& [name, axes] : moves) {
+    gather::TensorGather tensor_gather{&weights.at(name), {}};
+    for (const auto& [axis, members] : axes) {
+      const int64_t axis_size = tensor_gather.tensor->size(axis);
+      const auto& [first_perm, first_member] = members.front();
+      if (members.size() == 1 && first_member->expand == "identity" &&
+          first_member->offset == 0 && first_member->length == axis_size) {
+        tensor_gather.index_of[axis] = first_perm->index;
+        continue;
       }
-      Expansion e;
-      ParseExpansion(member.expand, &e);
-      std::vector<int64_t> moved(static_cast<size_t>(member.length));
-      for (int64_t k = 0; k < member.length; ++k) {
-        moved[static_cast<size_t>(k)] = source[static_cast<size_t>(
-            member.offset + SourcePosition(*perm.group, e, *perm.index, k))];
+      std::vector<int64_t>& source = composed.emplace_back(static_cast<size_t>(axis_size));
+      for (size_t k = 0; k < source.size(); ++k) source[k] = static_cast<int64_t>(k);
+      std::vector<int64_t> moved;
+      for (const auto& [perm, member] : members) {
+        Expansion e;
+        ParseExpansion(member->expand, &e);
+        moved.resize(static_cast<size_t>(member->length));
+        for (int64_t k = 0; k < member->length; ++k) {
+          moved[static_cast<size_t>(k)] = source[static_cast<size_t>(
+              member->offset + SourcePosition(*perm->group, e, *perm->index, k))];
+        }
+        std::copy(moved.begin(), moved.end(), source.begin() + member->offset);
       }
-      std::copy(moved.begin(), moved.end(), source.begin() + member.offset);
+      tensor_gather.index_of[axis] = &source;
     }
+    plan.push_back(std::move(tensor_gather));
   }
-  if (sources.empty()) return;
-  // One host-to-device copy for every index, then one gather per tensor (a
-  // single indexing kernel when both axes of a matrix move), replacing the
-  // tensor: each weight is read and written once, as a copy would.
-  std::vector<int64_t> all;
-  for (const auto& [name, axes] : sources) {
-    for (const auto& [axis, source] : axes) all.insert(all.end(), source.begin(), source.end());
-  }
-  torch::NoGradGuard no_grad;
-  const torch::Device device = weights.at(sources.begin()->first).device();
-  const torch::Tensor indices =
-      torch::from_blob(all.data(), {static_cast<int64_t>(all.size())}, torch::kInt64)
-          .to(device, /*non_blocking=*/false, /*copy=*/true);
-  int64_t offset = 0;
-  for (const auto& [name, axes] : sources) {
-    torch::Tensor& tensor = weights.at(name);
-    std::map<int, torch::Tensor> index_of;
-    for (const auto& [axis, source] : axes) {
-      const auto length = static_cast<int64_t>(source.size());
-      index_of[axis] = indices.narrow(0, offset, length);
-      offset += length;
-    }
-    if (tensor.dim() == 2 && index_of.size() == 2) {
-      tensor = tensor.index({index_of[0].unsqueeze(1), index_of[1]});
-    } else {
-      torch::Tensor gathered = tensor;
-      for (const auto& [axis, index] : index_of) gathered = gathered.index_select(axis, index);
-      tensor = gathered;
-    }
-  }
+  // Each weight is read and written once, as a copy would: on a GPU by one
+  // batched kernel, elsewhere by one LibTorch indexing op per tensor.
+  if (!gather::GatherWithCuda(plan)) gather::GatherWithLibTorch(plan);
 }
 
 void ApplyGather(const GroupInfo& group, const std::vector<int64_t>& index, Weights& weights) {

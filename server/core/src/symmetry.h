@@ -44,7 +44,8 @@ struct GroupPermutation {
 // of each group), composed: each tensor is gathered once, whatever the
 // number of groups and axes touching it, and replaced by the gathered copy
 // (the map's entries own their tensors; nothing aliases them). Peak extra
-// memory is one tensor.
+// memory is one tensor on the CPU, one batch of tensors (512 MB, or the
+// largest tensor) on a GPU, where one kernel gathers a whole batch.
 void ApplyGathers(const std::vector<GroupPermutation>& perms, Weights& weights);
 void ApplyGather(const GroupInfo& group, const std::vector<int64_t>& index, Weights& weights);
 

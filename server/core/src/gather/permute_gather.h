@@ -1,0 +1,33 @@
+// The composed gathers of one apply, and how they run: one batched kernel on
+// a CUDA device (permute_gather.cu, CUDA builds only), LibTorch's indexing
+// otherwise. Both replace each tensor by a new one, bit for bit the gathered
+// values.
+#ifndef ICD_CORE_SRC_GATHER_PERMUTE_GATHER_H_
+#define ICD_CORE_SRC_GATHER_PERMUTE_GATHER_H_
+
+#include <torch/torch.h>
+
+#include <map>
+#include <vector>
+
+namespace icd::gather {
+
+// One tensor's gather: for each axis that moves, the source position of
+// every new position (length = the axis's size). Non-owning.
+struct TensorGather {
+  torch::Tensor* tensor = nullptr;
+  std::map<int, const std::vector<int64_t>*> index_of;
+};
+
+// LibTorch: one host-to-device copy of every distinct index, then one
+// indexing op per tensor. Any device, axis and dtype.
+void GatherWithLibTorch(const std::vector<TensorGather>& plan);
+
+// The batched kernel, when every tensor is a contiguous CUDA tensor on one
+// device whose moving axes are among the first two. Returns false, having
+// changed nothing, when it does not take the plan. Launch errors throw.
+bool GatherWithCuda(const std::vector<TensorGather>& plan);
+
+}  // namespace icd::gather
+
+#endif  // ICD_CORE_SRC_GATHER_PERMUTE_GATHER_H_

@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <random>
 
 #include "icd/core/engine.h"
@@ -197,6 +198,49 @@ TEST(ExportBinTest, ShardedSafetensorsRoundTrip) {
                                       "model-00002-of-00002.safetensors",
                                       "model.safetensors.index.json"}));
   ASSERT_TRUE(engine.Load("reloaded", exported->path).ok());
+}
+
+// A deadline that passes, or a cancellation that arrives, in the middle of
+// a load or an export: the call fails with that code and leaves nothing: no
+// model under the name, no target directory and no staging directory beside
+// it; the same calls then succeed.
+TEST(CallContextTest, LoadAndExportStoppedMidCallLeaveNothing) {
+  const fs::path source = GoldenDir("mamba1-bias-untied") / "hf";
+  testing::TempDir temp;
+  Engine engine;
+  // Cancelled at the n-th poll: after some tensors were read or written.
+  auto cancelled_at = [](int n) {
+    auto polls = std::make_shared<int>(0);
+    CallContext ctx;
+    ctx.cancelled = [polls, n] { return ++*polls >= n; };
+    return ctx;
+  };
+  auto entries = [&] {
+    std::vector<std::string> names;
+    for (const auto& e : fs::directory_iterator(temp.path())) names.push_back(e.path().filename());
+    return names;
+  };
+
+  CallContext late;
+  late.deadline = std::chrono::steady_clock::now() - std::chrono::seconds(1);
+  EXPECT_EQ(engine.Load("m", source.string(), {}, late).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(engine.Load("m", source.string(), {}, cancelled_at(3)).status().code(),
+            absl::StatusCode::kCancelled);
+  EXPECT_TRUE(engine.List().empty());
+  ASSERT_TRUE(engine.Load("m", source.string()).ok());
+
+  // An export that completed, beside which nothing else may remain.
+  ASSERT_TRUE(engine.Export("m", (temp.path() / "first").string()).ok());
+  const std::string target = (temp.path() / "out").string();
+  EXPECT_EQ(engine.Export("m", target, late).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  // Cancelled at its first poll: the staging directory exists by then.
+  EXPECT_EQ(engine.Export("m", target, cancelled_at(1)).status().code(),
+            absl::StatusCode::kCancelled);
+  EXPECT_EQ(entries(), std::vector<std::string>{"first"});
+  EXPECT_TRUE(engine.Export("m", target).ok());
+  EXPECT_EQ(engine.List().size(), 1u);
 }
 
 }  // namespace

@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "checkpoint.h"
+#include "config.h"
 #include "icd/core/types.h"
 #include "io/safetensors.h"
 

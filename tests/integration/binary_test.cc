@@ -6,12 +6,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <iterator>
 #include <cstdlib>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <grpcpp/generic/generic_stub.h>
@@ -249,6 +251,88 @@ TEST(ServerBinaryTest, RestartRemovesUnfinishedExports) {
   EXPECT_FALSE(fs::exists(stale_nested));
   EXPECT_TRUE(fs::exists(exports / "runs"));
   EXPECT_TRUE(fs::exists(exports / "finished" / "config.json"));
+  EXPECT_EQ(listing(models), models_before);
+  ASSERT_EQ(kill(child.pid, SIGTERM), 0);
+  EXPECT_EQ(WaitExit(child.pid), 0);
+  close(child.out);
+}
+
+// kill -9 while exports run back to back, at a different moment each round:
+// whatever the moment, every target is complete (it loads, with the full
+// file list) or absent; the restart removes what was being written; the
+// model root is untouched.
+TEST(ServerBinaryTest, KilledDuringExportsLeavesOnlyCompleteOnes) {
+  TempDir tmp;
+  const auto [models, exports] = MakeRoots(tmp.path());
+  auto listing = [](const fs::path& dir) {
+    std::vector<std::string> names;
+    for (const auto& entry : fs::recursive_directory_iterator(dir)) {
+      names.push_back(fs::relative(entry.path(), dir).string() + ":" +
+                      (entry.is_regular_file() ? std::to_string(entry.file_size()) : "d"));
+    }
+    std::sort(names.begin(), names.end());
+    return names;
+  };
+  const auto models_before = listing(models);
+  const std::vector<std::string> server_args = {ICD_SERVER_BINARY, "--listen", "127.0.0.1:0",
+                                                "--model-root", models.string(),
+                                                "--export-root", exports.string(), "--quiet"};
+  int started = 0;
+  for (int round = 0; round < 4; ++round) {
+    Child child = Spawn(server_args);
+    ASSERT_GT(child.pid, 0);
+    const std::string port = ListeningPort(child);
+    ASSERT_FALSE(port.empty());
+    ClientOptions options;
+    options.deadline = std::chrono::seconds(30);
+    auto client = Client::Connect("127.0.0.1:" + port, options);
+    ASSERT_TRUE(client.ok()) << client.status();
+    ASSERT_TRUE((*client)->LoadModel("m", "mamba1-small/hf").ok());
+    std::atomic<int> calls{0};
+    std::thread exporter([&, round] {
+      for (int i = 0;; ++i) {
+        calls.fetch_add(1);
+        if (!(*client)->ExportModel("m", "r" + std::to_string(round) + "-" + std::to_string(i))
+                 .ok()) {
+          return;  // the server is gone
+        }
+      }
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(5 + 20 * round));
+    ASSERT_EQ(kill(child.pid, SIGKILL), 0);
+    EXPECT_EQ(WaitExit(child.pid), 128 + SIGKILL);
+    exporter.join();
+    started += calls.load();
+    close(child.out);
+  }
+
+  // Restarted, with the export root also a model root so that exports load.
+  std::vector<std::string> restart_args = server_args;
+  restart_args.insert(restart_args.end(), {"--model-root", exports.string()});
+  Child child = Spawn(restart_args);
+  ASSERT_GT(child.pid, 0);
+  const std::string port = ListeningPort(child);
+  ASSERT_FALSE(port.empty());
+  auto client = Client::Connect("127.0.0.1:" + port, {});
+  ASSERT_TRUE(client.ok());
+  const std::vector<std::string> complete = {"config.json", "generation_config.json",
+                                             "model.safetensors"};
+  int finished = 0;
+  for (const auto& entry : fs::directory_iterator(exports)) {
+    const std::string name = entry.path().filename().string();
+    EXPECT_EQ(name.rfind(".icd-export-", 0), std::string::npos) << "left after restart: " << name;
+    std::vector<std::string> files;
+    for (const auto& file : fs::directory_iterator(entry.path())) {
+      files.push_back(file.path().filename().string());
+    }
+    std::sort(files.begin(), files.end());
+    EXPECT_EQ(files, complete) << name;
+    auto reloaded = (*client)->LoadModel(name, entry.path().string());
+    EXPECT_TRUE(reloaded.ok()) << name << ": " << reloaded.status();
+    ++finished;
+  }
+  std::printf("[kill -9] %d exports started over 4 rounds, %d complete on disk, none partial\n",
+              started, finished);
   EXPECT_EQ(listing(models), models_before);
   ASSERT_EQ(kill(child.pid, SIGTERM), 0);
   EXPECT_EQ(WaitExit(child.pid), 0);

@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import unittest
 
@@ -48,7 +49,9 @@ class ReferenceModelsTest(unittest.TestCase):
         sys.path[:0] = [os.path.join(REPO, "client", "python"), ARGS.stubs]
         import icd_client
         from icd_client.local_server import LocalServer
-        cls.server = LocalServer(ARGS.server_binary, model_roots=[MODELS])
+        cls.exports = tempfile.mkdtemp(prefix="icd-reference-")
+        cls.server = LocalServer(ARGS.server_binary, model_roots=[MODELS],
+                                 export_roots=[cls.exports])
         cls.client = icd_client.Client(cls.server.address, timeout=300)
         with open(os.path.join(MODELS, "corpus", "validation.txt"), "rb") as f:
             cls.validation = np.frombuffer(f.read(), dtype=np.uint8).astype(np.int64)

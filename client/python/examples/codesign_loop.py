@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -203,7 +204,10 @@ def main():
     if args.address:
         address = args.address
     else:
-        server = LocalServer(os.path.join(build, "server", "icd-server"), model_roots=[MODELS])
+        # The loop exports nothing; the server requires an export root.
+        exports = tempfile.mkdtemp(prefix="icd-codesign-")
+        server = LocalServer(os.path.join(build, "server", "icd-server"), model_roots=[MODELS],
+                             export_roots=[exports])
         address = server.address
     try:
         with icd.Client(address, timeout=600) as client:

@@ -295,7 +295,7 @@ def learning_rate(step, steps):
     return LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(family, arch, params, data, steps, budget_s, seed, log):
+def train(family, arch, params, data, steps, stop_at, budget_s, seed, log):
     for tensor in params.values():
         tensor.requires_grad_(True)
     matrices = [t for t in params.values() if t.dim() >= 2]
@@ -305,7 +305,7 @@ def train(family, arch, params, data, steps, budget_s, seed, log):
     gen = torch.Generator().manual_seed(seed + 1)
     offsets = torch.arange(SEQ + 1)
     curve, start, taken = [], time.time(), 0
-    for step in range(steps):
+    for step in range(min(steps, stop_at or steps)):
         if time.time() - start > budget_s:
             log("time budget spent after %d steps" % step)
             break
@@ -352,9 +352,10 @@ def card_markdown(card):
         "| layouts | %s |" % ", ".join("`%s/`" % l for l in card["layouts"]),
         "| architecture | %s |" % ", ".join("%s %s" % (k, v_) for k, v_ in a.items() if k != "name"),
         "| vocabulary | 256 (bytes; token id = byte value) |",
-        "| training | %d steps of %d x %d bytes (%d bytes), AdamW, lr %g, %s, %.0f s on %s |" % (
-            t["steps"], t["batch"], t["seq"], t["tokens"], t["lr"], t["schedule"], t["seconds"],
-            card["provenance"]["machine"]),
+        "| training | %d steps (of a %d-step schedule) of %d x %d bytes (%d bytes), AdamW, lr %g, "
+        "%s, %.0f s on %s |" % (
+            t["steps"], t["schedule_steps"], t["batch"], t["seq"], t["tokens"], t["lr"],
+            t["schedule"], t["seconds"], card["provenance"]["machine"]),
         "| validation | **%.4f bits per byte** over %d bytes (windows of %d) |" % (
             v["bits_per_byte"], v["bytes_scored"], v["window"]),
         "| unigram baseline | %.4f bits per byte (training-set byte frequencies) |" % v["unigram_bits_per_byte"],
@@ -368,6 +369,17 @@ def card_markdown(card):
         "icd's Evaluate in every layout (within 1e-4 relative). Training loss (bits per byte) "
         "every 25 steps is in card.json.", ""]
     return "\n".join(lines)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def git_commit():
@@ -393,12 +405,16 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=HERE)
     ap.add_argument("--models", default="mamba1,mamba2")
-    ap.add_argument("--steps", type=int, default=1300)
+    ap.add_argument("--steps", type=int, default=1300,
+                    help="the length of the learning-rate schedule")
+    ap.add_argument("--stop-at", type=int, default=0,
+                    help="stop after this many steps (0: --steps), schedule unchanged")
     ap.add_argument("--budget-s", type=float, default=1800)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=20261129)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    commit = git_commit()  # the code that trains, before anything else is committed
 
     train_bytes, validation = read_bytes("train.txt"), read_bytes("validation.txt")
     with open(os.path.join(CORPUS, "manifest.json")) as f:
@@ -418,8 +434,8 @@ def main():
         params = init_parameters(family, arch, args.seed)
         count = sum(t.numel() for t in params.values())
         log("%d parameters, torch %s, %d thread(s)" % (count, torch.__version__, args.threads))
-        taken, curve, seconds = train(family, arch, params, train_bytes, args.steps, args.budget_s,
-                                      args.seed, log)
+        taken, curve, seconds = train(family, arch, params, train_bytes, args.steps,
+                                      args.stop_at, args.budget_s, args.seed, log)
         bits, scored = validation_bits(family, arch, params, validation)
         with torch.no_grad():
             check = mean_nll(params, family, arch, check_rows)
@@ -438,7 +454,7 @@ def main():
             "corpus": {"source": corpus["source"], "license": corpus["license"],
                        "train_sha256": corpus["train"]["sha256"],
                        "validation_sha256": corpus["validation"]["sha256"]},
-            "training": {"steps": taken, "seq": SEQ, "batch": BATCH, "tokens": taken * SEQ * BATCH,
+            "training": {"steps": taken, "schedule_steps": args.steps, "seq": SEQ, "batch": BATCH, "tokens": taken * SEQ * BATCH,
                          "lr": LR, "warmup": WARMUP, "schedule": "linear warm-up, cosine to 0.1x",
                          "weight_decay": WEIGHT_DECAY, "clip": CLIP, "seed": args.seed,
                          "optimizer": "AdamW(0.9, 0.95)", "precision": "float32",
@@ -448,12 +464,12 @@ def main():
             "check": {"rows": CHECK_ROWS, "seq": CHECK_SEQ, "mean_nll": check,
                       "what": "mean next-byte NLL (nats), float32 forward, over the first "
                               "rows x seq bytes of validation.txt as rows"},
-            "provenance": {"commit": git_commit(), "machine": "%s, %d CPU threads" % (
-                               platform.processor() or platform.machine(), args.threads),
+            "provenance": {"commit": commit, "machine": "%s, %d thread(s)" % (
+                               cpu_name(), args.threads),
                            "python": platform.python_version(), "torch": torch.__version__,
                            "command": "/usr/bin/python3 models/train.py --models %s --steps %d "
-                                      "--budget-s 1e9 --threads %d --seed %d" % (
-                                          family, taken, args.threads, args.seed),
+                                      "--stop-at %d --budget-s 1e9 --threads %d --seed %d" % (
+                                          family, args.steps, taken, args.threads, args.seed),
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
         }
         with open(os.path.join(root, "card.json"), "w") as f:

@@ -40,7 +40,11 @@ def parse_args():
 
 
 def cards():
-    return [json.load(open(path)) for path in sorted(glob.glob(os.path.join(MODELS, "*", "card.json")))]
+    out = []
+    for path in sorted(glob.glob(os.path.join(MODELS, "*", "card.json"))):
+        with open(path) as f:
+            out.append(json.load(f))
+    return out
 
 
 class ReferenceModelsTest(unittest.TestCase):
@@ -70,7 +74,8 @@ class ReferenceModelsTest(unittest.TestCase):
         self.assertLessEqual(size, 25 << 20, "the shipped models exceed 25 MB together")
 
     def test_corpus_is_the_cards_corpus(self):
-        manifest = json.load(open(os.path.join(MODELS, "corpus", "manifest.json")))
+        with open(os.path.join(MODELS, "corpus", "manifest.json")) as f:
+            manifest = json.load(f)
         digest = hashlib.sha256(self.validation.astype(np.uint8).tobytes()).hexdigest()
         self.assertEqual(digest, manifest["validation"]["sha256"])
         for card in cards():

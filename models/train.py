@@ -15,11 +15,12 @@ and tests/integration/reference_models_test.py requires icd's Evaluate on the
 shipped files to give this script's check figure within 1e-4 relative.
 
   /usr/bin/python3 models/train.py --out models [--models mamba1,mamba2]
-      [--steps 1300] [--budget-s 1800] [--threads 1] [--seed 20261129]
+      [--steps 1300] [--stop-at N] [--budget-s 1800] [--threads 1] [--seed 20261129]
 
-A model trains for --steps or until --budget-s seconds have passed, whichever
-comes first; its card records the steps taken, and rerunning with those
-steps (and a large budget) reproduces it on the same PyTorch build. Writes
+--steps is the length of the learning-rate schedule; a model trains until it,
+--stop-at or --budget-s seconds, whichever comes first. The card records the
+steps taken and the command that repeats them (--stop-at, a large budget);
+with one thread the run is deterministic on the same PyTorch build. Writes
 OUT/<name>/{hf,mamba_ssm}/, card.json and README.md (the card).
 """
 

@@ -90,7 +90,7 @@ def prune_model(client, name, readers):
     return kept
 
 
-def run(client, icd, args):
+def run(client, args):
     model_path = os.path.join(args.model, "hf")
     capture_ids = validation_rows(args.capture_offset, args.capture_rows, args.seq)
     eval_ids = validation_rows(args.eval_offset, args.eval_rows, args.seq)
@@ -212,14 +212,15 @@ def main():
     try:
         with icd.Client(address, timeout=600) as client:
             t0 = time.perf_counter()
-            ok, rows, blocks = run(client, icd, args)
+            ok, rows, blocks = run(client, args)
             seconds = time.perf_counter() - t0
     finally:
         code = server.stop() if server else 0
     print_table(args.model, rows, blocks, args)
     print("loop %.1f s; checks %s; server exit %d" % (seconds, "held" if ok else "FAILED", code))
     if args.json:
-        card = json.load(open(os.path.join(MODELS, args.model, "card.json")))
+        with open(os.path.join(MODELS, args.model, "card.json")) as f:
+            card = json.load(f)
         commit = os.popen("git -C %s rev-parse --short HEAD 2>/dev/null" % REPO).read().strip()
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "rows": rows, "blocks_touched": blocks,

@@ -22,7 +22,7 @@ constexpr int64_t kBatchBytes = int64_t{512} << 20;
 bool Takes(const TensorGather& gather, const torch::Device& device) {
   const torch::Tensor& tensor = *gather.tensor;
   if (!tensor.is_cuda() || tensor.device() != device || !tensor.is_contiguous() ||
-      tensor.dim() < 1) {
+      tensor.dim() < 1 || tensor.numel() == 0) {
     return false;
   }
   const int64_t bytes = tensor.element_size();

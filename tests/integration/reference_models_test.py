@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,7 @@ class ReferenceModelsTest(unittest.TestCase):
     def tearDownClass(cls):
         cls.client.close()
         assert cls.server.stop() == 0, cls.server.log()
+        shutil.rmtree(cls.exports, ignore_errors=True)
 
     def test_both_families_ship(self):
         families = {c["family"] for c in cards()}

@@ -30,6 +30,7 @@ model root (the build's binary) and stopped with SIGTERM at the end.
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -216,6 +217,8 @@ def main():
             seconds = time.perf_counter() - t0
     finally:
         code = server.stop() if server else 0
+        if server:
+            shutil.rmtree(exports, ignore_errors=True)
     print_table(args.model, rows, blocks, args)
     print("loop %.1f s; checks %s; server exit %d" % (seconds, "held" if ok else "FAILED", code))
     if args.json:

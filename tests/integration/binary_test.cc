@@ -127,6 +127,25 @@ std::string ReflectionListServices(const std::string& address) {
   return out;
 }
 
+// Every file and directory under `dir`, relative, with file sizes: equal
+// listings before and after mean nothing was added, removed or resized.
+std::vector<std::string> TreeListing(const fs::path& dir) {
+  std::vector<std::string> names;
+  for (const auto& entry : fs::recursive_directory_iterator(dir)) {
+    names.push_back(fs::relative(entry.path(), dir).string() + ":" +
+                    (entry.is_regular_file() ? std::to_string(entry.file_size()) : "d"));
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+// SIGTERM, then the exit status must be 0 (graceful shutdown).
+void StopWithSigterm(Child& child) {
+  ASSERT_EQ(kill(child.pid, SIGTERM), 0);
+  EXPECT_EQ(WaitExit(child.pid), 0);
+  close(child.out);
+}
+
 // <tmp>/models holding mamba1-small/hf, and an empty <tmp>/exports.
 struct ServerRoots {
   fs::path models, exports;
@@ -214,9 +233,7 @@ TEST(ServerBinaryTest, ServesThenStopsCleanlyOnSigterm) {
   EXPECT_EQ((*anonymous)->ListModels().status().code(),
             absl::StatusCode::kUnauthenticated);
 
-  ASSERT_EQ(kill(child.pid, SIGTERM), 0);
-  EXPECT_EQ(WaitExit(child.pid), 0);
-  close(child.out);
+  StopWithSigterm(child);
 }
 
 // What a server killed during an export leaves (its temporary directory
@@ -232,16 +249,7 @@ TEST(ServerBinaryTest, RestartRemovesUnfinishedExports) {
   std::ofstream(stale_top / "model.safetensors") << "half written";
   fs::create_directories(exports / "finished");
   std::ofstream(exports / "finished" / "config.json") << "{}";
-  auto listing = [](const fs::path& dir) {
-    std::vector<std::string> names;
-    for (const auto& entry : fs::recursive_directory_iterator(dir)) {
-      names.push_back(entry.path().string() + ":" +
-                      (entry.is_regular_file() ? std::to_string(entry.file_size()) : "d"));
-    }
-    std::sort(names.begin(), names.end());
-    return names;
-  };
-  const auto models_before = listing(models);
+  const auto models_before = TreeListing(models);
 
   Child child = Spawn({ICD_SERVER_BINARY, "--listen", "127.0.0.1:0", "--model-root",
                        models.string(), "--export-root", exports.string(), "--quiet"});
@@ -251,10 +259,8 @@ TEST(ServerBinaryTest, RestartRemovesUnfinishedExports) {
   EXPECT_FALSE(fs::exists(stale_nested));
   EXPECT_TRUE(fs::exists(exports / "runs"));
   EXPECT_TRUE(fs::exists(exports / "finished" / "config.json"));
-  EXPECT_EQ(listing(models), models_before);
-  ASSERT_EQ(kill(child.pid, SIGTERM), 0);
-  EXPECT_EQ(WaitExit(child.pid), 0);
-  close(child.out);
+  EXPECT_EQ(TreeListing(models), models_before);
+  StopWithSigterm(child);
 }
 
 // kill -9 while exports run back to back, at a different moment each round:
@@ -264,16 +270,7 @@ TEST(ServerBinaryTest, RestartRemovesUnfinishedExports) {
 TEST(ServerBinaryTest, KilledDuringExportsLeavesOnlyCompleteOnes) {
   TempDir tmp;
   const auto [models, exports] = MakeRoots(tmp.path());
-  auto listing = [](const fs::path& dir) {
-    std::vector<std::string> names;
-    for (const auto& entry : fs::recursive_directory_iterator(dir)) {
-      names.push_back(fs::relative(entry.path(), dir).string() + ":" +
-                      (entry.is_regular_file() ? std::to_string(entry.file_size()) : "d"));
-    }
-    std::sort(names.begin(), names.end());
-    return names;
-  };
-  const auto models_before = listing(models);
+  const auto models_before = TreeListing(models);
   const std::vector<std::string> server_args = {ICD_SERVER_BINARY, "--listen", "127.0.0.1:0",
                                                 "--model-root", models.string(),
                                                 "--export-root", exports.string(), "--quiet"};
@@ -333,10 +330,8 @@ TEST(ServerBinaryTest, KilledDuringExportsLeavesOnlyCompleteOnes) {
   }
   std::printf("[kill -9] %d exports started over 4 rounds, %d complete on disk, none partial\n",
               started, finished);
-  EXPECT_EQ(listing(models), models_before);
-  ASSERT_EQ(kill(child.pid, SIGTERM), 0);
-  EXPECT_EQ(WaitExit(child.pid), 0);
-  close(child.out);
+  EXPECT_EQ(TreeListing(models), models_before);
+  StopWithSigterm(child);
 }
 
 // --max-models and --memory-budget-mb: a load past either is
@@ -377,9 +372,7 @@ TEST(ServerBinaryTest, ModelLimitsAreRefusedAndTheServerStaysHealthy) {
   EXPECT_TRUE(icd.LoadModel("third", "mamba1-small/hf").ok());
   EXPECT_TRUE(icd.Verify("third").ok());
 
-  ASSERT_EQ(kill(child.pid, SIGTERM), 0);
-  EXPECT_EQ(WaitExit(child.pid), 0);
-  close(child.out);
+  StopWithSigterm(child);
 }
 
 // Runs a shell command (openssl, for test certificates); true on exit 0.
@@ -466,9 +459,7 @@ TEST(ServerBinaryTest, TlsRefusesPlaintextAndMutualTlsRefusesUnknownClients) {
     EXPECT_EQ(CanTalk(ConnectTo(address, pki, /*tls=*/true, /*client_certificate=*/false)),
               !mutual);
 
-    ASSERT_EQ(kill(child.pid, SIGTERM), 0);
-    EXPECT_EQ(WaitExit(child.pid), 0);
-    close(child.out);
+    StopWithSigterm(child);
   }
 }
 

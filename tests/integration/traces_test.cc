@@ -78,6 +78,21 @@ bool IsPermutation(const v1::Permutation& p, int64_t n) {
   return true;
 }
 
+// A CaptureRequest for model "m" (vocab_size 128) of random token ids:
+// [batch, seq] to capture on and, when holdout_seq > 0, [batch, holdout_seq]
+// to score on.
+v1::CaptureRequest RandomCapture(uint64_t seed, int64_t batch, int64_t seq,
+                                 int64_t holdout_seq = 0) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int64_t> token(0, 127);
+  v1::CaptureRequest request;
+  request.set_model("m");
+  request.set_batch(batch);
+  for (int64_t i = 0; i < batch * seq; ++i) request.add_input_ids(token(rng));
+  for (int64_t i = 0; i < batch * holdout_seq; ++i) request.add_holdout_ids(token(rng));
+  return request;
+}
+
 class TracesTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -333,13 +348,7 @@ TEST_F(TracesTest, RowSourceAndSpanGiveTheSameResult) {
 
 TEST_F(TracesTest, CaptureAllGroupsAppliesAndVerifies) {
   ASSERT_OK_AND_ASSIGN(syms, client().GetSymmetries("m"));
-  std::mt19937_64 rng(21);
-  std::uniform_int_distribution<int64_t> token(0, 127);  // vocab_size 128
-  v1::CaptureRequest request;
-  request.set_model("m");
-  request.set_batch(4);
-  for (int i = 0; i < 4 * 96; ++i) request.add_input_ids(token(rng));
-  for (int i = 0; i < 4 * 32; ++i) request.add_holdout_ids(token(rng));
+  v1::CaptureRequest request = RandomCapture(21, 4, 96, 32);
   request.mutable_solver()->set_seed(1);
   ASSERT_OK_AND_ASSIGN(set, client().CapturePermutation(request));
   ASSERT_EQ(set.results_size(), syms.groups_size());
@@ -369,12 +378,7 @@ TEST_F(TracesTest, CaptureDeadlinePassedMidCallChangesNothing) {
   options.deadline = std::chrono::milliseconds(200);
   auto impatient = Client::Connect(harness_.address(), options);
   ASSERT_TRUE(impatient.ok()) << impatient.status();
-  std::mt19937_64 rng(22);
-  std::uniform_int_distribution<int64_t> token(0, 127);  // vocab_size 128
-  v1::CaptureRequest request;
-  request.set_model("m");
-  request.set_batch(64);
-  for (int i = 0; i < 64 * 2048; ++i) request.add_input_ids(token(rng));
+  const v1::CaptureRequest request = RandomCapture(22, 64, 2048);
   const auto start = std::chrono::steady_clock::now();
   ExpectCode((*impatient)->CapturePermutation(request).status(), StatusCode::kDeadlineExceeded);
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));

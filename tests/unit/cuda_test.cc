@@ -365,17 +365,11 @@ class GatherKernelTest : public ::testing::TestWithParam<std::string> {
   void ExpectSameAsCpu(const ModelConfig& config, const Weights& weights,
                        const Weights& on_cuda) {
     const FamilySpec spec = BuildSpec(config);
-    std::mt19937_64 rng(3);
-    std::vector<std::vector<int64_t>> indices;
-    for (const GroupInfo& group : spec) indices.push_back(testing::RandomPermutation(group, rng));
-    std::vector<GroupPermutation> perms;
-    for (int round = 0; round < 2; ++round) {
-      for (size_t g = 0; g < spec.size(); ++g) perms.push_back({&spec[g], &indices[g]});
-    }
+    const testing::GroupsTwiceOver groups(spec, 3);
     Weights cpu = testing::Clone(weights);
-    ApplyGathers(perms, cpu);
+    ApplyGathers(groups.perms(), cpu);
     Weights cuda = on_cuda;
-    ApplyGathers(perms, cuda);
+    ApplyGathers(groups.perms(), cuda);
     for (const auto& [name, tensor] : cpu) {
       ASSERT_TRUE(cuda.at(name).is_cuda()) << name;
       EXPECT_TRUE(torch::equal(cuda.at(name).cpu(), tensor)) << name;

@@ -126,18 +126,13 @@ TEST_P(RandomConfigTest, ComposedGathersEqualOneGroupAtATime) {
   ASSERT_TRUE(config.ok()) << config.status();
   const Weights weights = RandomWeights(*config, 5, torch::kFloat32);
   const FamilySpec spec = BuildSpec(*config);
-  std::mt19937_64 rng(7);
-  std::vector<std::vector<int64_t>> indices;
-  for (const GroupInfo& group : spec) indices.push_back(testing::RandomPermutation(group, rng));
-  // Twice through the groups, so that some axes compose a permutation with itself.
-  std::vector<GroupPermutation> perms;
-  for (int round = 0; round < 2; ++round) {
-    for (size_t g = 0; g < spec.size(); ++g) perms.push_back({&spec[g], &indices[g]});
-  }
+  const testing::GroupsTwiceOver groups(spec, 7);
   Weights composed = Clone(weights);
-  ApplyGathers(perms, composed);
+  ApplyGathers(groups.perms(), composed);
   Weights stepwise = Clone(weights);
-  for (const GroupPermutation& perm : perms) ApplyGather(*perm.group, *perm.index, stepwise);
+  for (const GroupPermutation& perm : groups.perms()) {
+    ApplyGather(*perm.group, *perm.index, stepwise);
+  }
   for (const auto& [name, tensor] : stepwise) {
     EXPECT_TRUE(torch::equal(composed.at(name), tensor)) << name;
   }

@@ -19,6 +19,7 @@
 #include "config.h"
 #include "icd/core/types.h"
 #include "io/safetensors.h"
+#include "symmetry.h"
 
 namespace icd::testing {
 
@@ -124,6 +125,28 @@ inline std::vector<int64_t> RandomPermutation(const GroupInfo& group, std::mt199
 }
 
 // One random valid permutation per group, in the groups' order.
+// A random valid permutation of every group of `spec`, and the list that
+// applies them all twice over, in spec order (so that some axes compose a
+// permutation with itself): what ApplyGathers takes. Holds pointers into
+// itself and into `spec`, so it is neither copied nor moved.
+class GroupsTwiceOver {
+ public:
+  GroupsTwiceOver(const FamilySpec& spec, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    for (const GroupInfo& group : spec) indices_.push_back(RandomPermutation(group, rng));
+    for (int round = 0; round < 2; ++round) {
+      for (size_t g = 0; g < spec.size(); ++g) perms_.push_back({&spec[g], &indices_[g]});
+    }
+  }
+  GroupsTwiceOver(const GroupsTwiceOver&) = delete;
+  GroupsTwiceOver& operator=(const GroupsTwiceOver&) = delete;
+  const std::vector<GroupPermutation>& perms() const { return perms_; }
+
+ private:
+  std::vector<std::vector<int64_t>> indices_;
+  std::vector<GroupPermutation> perms_;
+};
+
 inline std::vector<Permutation> RandomPermutations(const std::vector<GroupInfo>& groups,
                                                    std::mt19937_64& rng) {
   std::vector<Permutation> perms;

@@ -1,25 +1,27 @@
 #include "gather/permute_gather.h"
 
-#include <unordered_map>
-
 namespace icd::gather {
+
+PlanIndices CollectIndices(const std::vector<TensorGather>& plan) {
+  PlanIndices out;
+  for (const TensorGather& gather : plan) {
+    for (const auto& [axis, index] : gather.index_of) {
+      if (out.offset_of.emplace(index, static_cast<int64_t>(out.values.size())).second) {
+        out.values.insert(out.values.end(), index->begin(), index->end());
+      }
+    }
+  }
+  return out;
+}
 
 void GatherWithLibTorch(const std::vector<TensorGather>& plan) {
   if (plan.empty()) return;
   torch::NoGradGuard no_grad;
-  // Each distinct index vector once (a group's index is shared by every
-  // tensor it alone moves), in one buffer, copied to the device once.
-  std::unordered_map<const std::vector<int64_t>*, int64_t> offset_of;
-  std::vector<int64_t> all;
-  for (const TensorGather& gather : plan) {
-    for (const auto& [axis, index] : gather.index_of) {
-      if (offset_of.emplace(index, static_cast<int64_t>(all.size())).second) {
-        all.insert(all.end(), index->begin(), index->end());
-      }
-    }
-  }
+  PlanIndices all = CollectIndices(plan);
+  const auto& offset_of = all.offset_of;
   const torch::Tensor indices =
-      torch::from_blob(all.data(), {static_cast<int64_t>(all.size())}, torch::kInt64)
+      torch::from_blob(all.values.data(), {static_cast<int64_t>(all.values.size())},
+                       torch::kInt64)
           .to(plan.front().tensor->device(), /*non_blocking=*/false, /*copy=*/true);
   for (const TensorGather& gather : plan) {
     torch::Tensor& tensor = *gather.tensor;

@@ -8,6 +8,7 @@
 #include <torch/torch.h>
 
 #include <map>
+#include <unordered_map>
 #include <vector>
 
 namespace icd::gather {
@@ -18,6 +19,14 @@ struct TensorGather {
   torch::Tensor* tensor = nullptr;
   std::map<int, const std::vector<int64_t>*> index_of;
 };
+
+// Every distinct index vector of a plan once, back to back (a group's index
+// is shared by every tensor it alone moves), and where each one starts.
+struct PlanIndices {
+  std::vector<int64_t> values;
+  std::unordered_map<const std::vector<int64_t>*, int64_t> offset_of;
+};
+PlanIndices CollectIndices(const std::vector<TensorGather>& plan);
 
 // LibTorch: one host-to-device copy of every distinct index, then one
 // indexing op per tensor. Any device, axis and dtype.

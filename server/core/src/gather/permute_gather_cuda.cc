@@ -6,7 +6,6 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <unordered_map>
 
 #include "gather/permute_gather.h"
 #include "gather/permute_gather_launch.h"
@@ -56,17 +55,10 @@ bool GatherWithCuda(const std::vector<TensorGather>& plan) {
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
 
   // Every distinct index once, in one device buffer.
-  std::unordered_map<const std::vector<int64_t>*, int64_t> offset_of;
-  std::vector<int64_t> all;
-  for (const TensorGather& gather : plan) {
-    for (const auto& [axis, index] : gather.index_of) {
-      if (offset_of.emplace(index, static_cast<int64_t>(all.size())).second) {
-        all.insert(all.end(), index->begin(), index->end());
-      }
-    }
-  }
-  const torch::Tensor indices =
-      ToDevice(all.data(), static_cast<int64_t>(all.size() * sizeof(int64_t)), device);
+  const PlanIndices all = CollectIndices(plan);
+  const auto& offset_of = all.offset_of;
+  const torch::Tensor indices = ToDevice(
+      all.values.data(), static_cast<int64_t>(all.values.size() * sizeof(int64_t)), device);
   const auto* index_base = static_cast<const int64_t*>(indices.data_ptr());
   auto device_index = [&](const TensorGather& gather, int axis) -> const int64_t* {
     auto it = gather.index_of.find(axis);

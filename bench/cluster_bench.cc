@@ -19,6 +19,7 @@
 #include <iostream>
 #include <string>
 
+#include "icd/core/host_memory.h"
 #include "traces/graph.h"
 #include "traces/louvain.h"
 #include "traces/stats.h"
@@ -84,6 +85,7 @@ torch::Tensor LoadNpy(const std::string& path) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  icd::KeepFreedHostMemory();  // as icd-server does
   int64_t nodes = 1024;
   std::string kind = "planted", device = "cpu", save, load, save_labels;
   uint64_t seed = 1;

@@ -11,12 +11,14 @@
 #   4. HuggingFace's PyTorch path on the same checkpoints and tokens
 #                                                        (hf_latency.py)
 #   5. the gRPC hop: small unary calls and Evaluate     (grpc_bench)
+#   6. Leiden on CUDA graphs of 1024..8192 nodes        (solver_bench.sh)
+#   7. trace ingestion with the statistics on the GPU  (trace_ingest_bench)
 #
 # Usage (repo root, on the GPU machine, .debs carried as for build-gpu.sh):
 #   bench/gpu_bench.sh OUT_DIR
 # Env: ICD_BUILD_DIR (build-gpu), ICD_MODELS_DIR (/tmp/icd-models),
 #      ICD_COMMIT (recorded; git metadata of a copied tree may be stale),
-#      ICD_STEPS (default "build scan models apply icd grpc hf": any subset,
+#      ICD_STEPS (default "build scan models apply icd grpc hf solver ingest": any subset,
 #      so a second call on a warm machine can finish what a first did not),
 #      ICD_SHAPES ("130m 2.8b").
 # Every step is bounded by `timeout` and a failed step does not stop the
@@ -31,7 +33,7 @@ models=${ICD_MODELS_DIR:-/tmp/icd-models}
 shapes=${ICD_SHAPES:-130m 2.8b}
 results="$out/gpu-bench.jsonl"
 python=${ICD_PYTHON:-python3}
-steps=" ${ICD_STEPS:-build scan models apply icd grpc hf} "
+steps=" ${ICD_STEPS:-build scan models apply icd grpc hf solver ingest} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 step() { echo "[gpu_bench $(date -u +%T)] $*" | tee -a "$out/logs/steps.log" >&2; }
 cd "$here"
@@ -143,6 +145,20 @@ else
   done
   kill "$server_pid"; wait "$server_pid" 2>/dev/null
 fi
+fi
+
+if want solver; then
+  step "Leiden on CUDA graphs (solver_bench.sh; igraph is not on this machine)"
+  ICD_DEVICE=cuda ICD_IGRAPH=0 timeout 200 bash bench/solver_bench.sh "$build" "$out/solver-cuda.txt" \
+    ${ICD_SOLVER_SIZES:-1024 4096 5120 8192} > "$out/logs/solver.log" 2>&1 || step "solver_bench failed or timed out"
+fi
+if want ingest; then
+  for channels in 1024 5120; do
+    step "trace ingestion, $channels channels, statistics on cuda"
+    timeout 150 "$build/bench/trace_ingest_bench" --device cuda --channels "$channels" \
+      --skip-accumulate --echo-repeat 5 --repeat 2 >> "$results" 2>> "$out/logs/ingest.log" ||
+      step "trace_ingest_bench $channels failed"
+  done
 fi
 
 step "done: $results"

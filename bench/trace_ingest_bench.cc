@@ -3,13 +3,17 @@
 // Prints one JSON line per measurement (with the device and torch's threads).
 //
 //   trace_ingest_bench [--channels 1024] [--rows N] [--echo-repeat 15]
-//                      [--repeat 1] [--threads T] [--seed S]
+//                      [--repeat 1] [--threads T] [--seed S] [--device cpu]
 //                      [--skip-icd] [--skip-engine] [--skip-accumulate]
 //
 // Default rows: 16 training blocks of 1024 rows at 1024 channels (17408 rows
 // with the 1024 held out), the same GEMM work at other widths (at least 2
 // blocks: 2560 rows at 5120). --threads sets torch's intra-op threads (0:
 // torch's default); the BLAS is whatever libblas.so.3 resolves to.
+// --device puts the engine's model, and so the statistics, on that device
+// (cuda: the accumulation GEMMs run on the GPU; `accumulate` below stays a
+// CPU measurement). Host memory is kept for reuse as icd-server keeps it
+// (icd/core/host_memory.h).
 //
 // Setup (untimed): a synthetic Mamba-1 HF checkpoint (config.json +
 // model.safetensors, random float32, one layer, hidden 256, vocab 256,
@@ -64,6 +68,7 @@
 
 #include "icd/client/client.h"
 #include "icd/core/engine.h"
+#include "icd/core/host_memory.h"
 #include "icd/v1/permutation.grpc.pb.h"
 #include "paths.h"
 #include "service.h"
@@ -296,6 +301,7 @@ double Median(std::vector<double> values) {
 }
 
 struct Context {
+  std::string device;
   int64_t channels = 0;
   int64_t rows = 0;
   std::string cpu;
@@ -307,7 +313,7 @@ Json Line(const Context& ctx, const std::string& measurement) {
               {"measurement", measurement},
               {"channels", ctx.channels},
               {"rows", ctx.rows},
-              {"device", "cpu"},
+              {"device", ctx.device},
               {"cpu", ctx.cpu},
               {"nproc", ctx.nproc},
               {"torch_threads", icd::bench::TorchThreads()},
@@ -325,6 +331,7 @@ double Round(double v, int digits) {
 
 struct Flags {
   int64_t channels = 1024;
+  std::string device = "cpu";
   int64_t rows = 0;  // 0: see ParseFlags
   int echo_repeat = 15;
   int repeat = 1;
@@ -349,13 +356,15 @@ Flags ParseFlags(int argc, char** argv) {
     else if (flag == "--repeat") f.repeat = std::stoi(value());
     else if (flag == "--threads") f.threads = std::stoi(value());
     else if (flag == "--seed") f.seed = std::stoull(value());
+    else if (flag == "--device") f.device = value();
     else if (flag == "--skip-icd") f.icd = false;
     else if (flag == "--skip-engine") f.engine_direct = false;
     else if (flag == "--skip-accumulate") f.accumulate = false;
     else {
       throw std::runtime_error(
           "usage: trace_ingest_bench [--channels C] [--rows N] [--echo-repeat R] [--repeat R]"
-          " [--threads T] [--seed S] [--skip-icd] [--skip-engine] [--skip-accumulate]");
+          " [--threads T] [--seed S] [--device D] [--skip-icd] [--skip-engine]"
+          " [--skip-accumulate]");
     }
   }
   if (f.channels < 2) throw std::runtime_error("--channels must be >= 2");
@@ -376,8 +385,10 @@ Flags ParseFlags(int argc, char** argv) {
 // ------------------------------------------------------------ main
 
 int Run(const Flags& flags) {
+  const std::string host_memory = icd::KeepFreedHostMemory();  // as icd-server does
   if (flags.threads > 0) icd::bench::SetTorchThreads(flags.threads);
-  Context ctx{flags.channels, flags.rows, CpuModel(), std::thread::hardware_concurrency()};
+  Context ctx{flags.device, flags.channels, flags.rows, CpuModel(),
+              std::thread::hardware_concurrency()};
   const int64_t channels = flags.channels;
   const int64_t rows = flags.rows;
   const uint64_t bytes = static_cast<uint64_t>(rows) * static_cast<uint64_t>(channels) * 4;
@@ -402,7 +413,7 @@ int Run(const Flags& flags) {
   const std::vector<float> data = MakeRows(rows, channels, flags.seed + 1);
   const double setup_seconds = Since(setup_start);
 
-  icd::Engine engine;
+  icd::Engine engine(icd::EngineOptions{flags.device});
   absl::StatusOr<icd::rpc::PathPolicy> paths =
       icd::rpc::PathPolicy::Create({(tmp / "models").string()}, {(tmp / "models").string()});
   if (!paths.ok()) throw std::runtime_error(paths.status().ToString());
@@ -432,6 +443,7 @@ int Run(const Flags& flags) {
     line["load_seconds"] = Round(Since(load_start), 3);
     line["parameters"] = info->parameters();
     line["torch"] = icd::bench::TorchVersion();
+    line["host_memory"] = host_memory;
     line["icd_address"] = icd_address;
     line["echo_address"] = drain_address;
     Print(line);

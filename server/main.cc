@@ -23,6 +23,7 @@
 #include "grpc/health/v1/health.pb.h"
 #include "absl/strings/str_cat.h"
 #include "icd/core/engine.h"
+#include "icd/core/host_memory.h"
 #include "paths.h"
 #include "service.h"
 
@@ -76,6 +77,13 @@ Flags:
                         in their loaded dtype (default: no limit); a
                         LoadModel that would pass it fails with
                         RESOURCE_EXHAUSTED before any weight is moved.
+  --return-freed-memory keep glibc's allocator defaults: large freed blocks go
+                        back to the kernel at once. By default icd-server
+                        keeps them for reuse (one arena, no mmap, heap trimmed
+                        beyond 1 GiB): the large temporaries of a trace solve
+                        then cost no page faults (a 5120-channel solve: 54 s
+                        -> 22 s on 2 cores), at the price of a resident size
+                        that stays near its peak.
   --quiet               no per-call log lines on stderr.
   --help                this text.
 
@@ -104,6 +112,7 @@ struct Flags {
   int max_models = 0;        // 0: no limit
   int memory_budget_mb = 0;  // 0: no limit
   bool quiet = false;
+  bool return_freed_memory = false;
   bool help = false;
 };
 
@@ -172,6 +181,10 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
     }
     if (arg == "--quiet") {
       f.quiet = true;
+      continue;
+    }
+    if (arg == "--return-freed-memory") {
+      f.return_freed_memory = true;
       continue;
     }
     auto next = [&]() -> absl::StatusOr<std::string> {
@@ -308,6 +321,7 @@ int main(int argc, char** argv) {
   // signal may land on any of them; a handler runs wherever it lands.
   auto signals = SignalPipe::Install();
   if (!signals.ok()) return Fail(signals.status());
+  if (!flags->return_freed_memory) std::cerr << icd::KeepFreedHostMemory() << "\n";
 
   icd::EngineOptions engine_options;
   engine_options.default_device = flags->device;

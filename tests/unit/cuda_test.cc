@@ -4,12 +4,15 @@
 // exported and reloaded on cuda; bfloat16 on cuda applies and verifies.
 // Then icd's Mamba-1 scan kernel (scan/selective_scan.cu) against the
 // LibTorch reference on the same CUDA inputs, and the batched permutation
-// gather (gather/permute_gather.cu) against the CPU's, bit for bit.
+// gather (gather/permute_gather.cu) against the CPU's, bit for bit, and
+// Leiden on a CUDA graph (its dense passes as device GEMMs) against the CPU.
 // Skipped (never failed) where torch::cuda::is_available() is false (CI).
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <numeric>
 #include <random>
 #include <string>
 
@@ -19,6 +22,9 @@
 #include "scan/selective_scan.h"
 #include "symmetry.h"
 #include "test_util.h"
+#include "traces/graph.h"
+#include "traces/louvain.h"
+#include "traces/stats.h"
 
 namespace icd {
 namespace {
@@ -412,12 +418,105 @@ TEST_P(GatherKernelTest, NonContiguousTensorFallsBackExactly) {
   ExpectSameAsCpu(*config, weights, on_cuda);
 }
 
+// The kernel's row paths on shapes chosen for them: rows staged in shared
+// memory (16-byte and unaligned rows, an inner axis), rows too large to
+// stage, whole-row moves, a vector; every dtype size; against LibTorch's
+// indexing on the same device, bit for bit.
+TEST(GatherKernelRowsTest, EveryRowPathMatchesIndexSelect) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  struct Shape {
+    std::vector<int64_t> sizes;
+    bool rows_move, cols_move;
+  };
+  const std::vector<Shape> shapes = {
+      {{7, 3000}, true, true},     // staged; 16-byte rows in every dtype but uint8
+      {{5, 4001}, true, true},     // staged, rows not a multiple of 16 bytes
+      {{3, 9000}, false, true},    // 9000 x 8 bytes: too large to stage in float64
+      {{300, 700}, true, false},   // whole rows move
+      {{33, 257, 2}, true, true},  // an inner axis behind the columns
+      {{9000}, false, true},       // a vector: one row whose columns move
+  };
+  std::mt19937_64 rng(7);
+  auto shuffled = [&](int64_t n) {
+    std::vector<int64_t> index(static_cast<size_t>(n));
+    std::iota(index.begin(), index.end(), 0);
+    std::shuffle(index.begin(), index.end(), rng);
+    return index;
+  };
+  for (torch::ScalarType dtype : {torch::kUInt8, torch::kBFloat16, torch::kFloat32, torch::kFloat64}) {
+    for (const Shape& shape : shapes) {
+      const torch::Tensor source =
+          torch::randint(0, 250, shape.sizes, torch::kInt64).to(dtype).to(torch::kCUDA);
+      const bool vector = shape.sizes.size() == 1;
+      const std::vector<int64_t> rows = shuffled(shape.sizes[0]);
+      const std::vector<int64_t> cols = shuffled(shape.sizes[vector ? 0 : 1]);
+      gather::TensorGather gather{nullptr, {}};
+      torch::Tensor expected = source;
+      auto device_index = [](const std::vector<int64_t>& index) {
+        return torch::tensor(index, torch::kInt64).to(torch::kCUDA);
+      };
+      if (vector) {
+        gather.index_of[0] = &cols;
+        expected = source.index_select(0, device_index(cols));
+      } else {
+        if (shape.rows_move) {
+          gather.index_of[0] = &rows;
+          expected = expected.index_select(0, device_index(rows));
+        }
+        if (shape.cols_move) {
+          gather.index_of[1] = &cols;
+          expected = expected.index_select(1, device_index(cols));
+        }
+      }
+      torch::Tensor moved = source.clone();
+      gather.tensor = &moved;
+      ASSERT_TRUE(gather::GatherWithCuda({gather}));
+      EXPECT_TRUE(torch::equal(moved, expected))
+          << c10::toString(dtype) << " " << source.sizes();
+    }
+  }
+}
+
+// A graph on the GPU runs Leiden's dense passes as device GEMMs: the same
+// partitions as the CPU's loops (planted), the same modularity to rounding
+// (noise), and the same labels on every run for a seed.
+TEST(LeidenCudaTest, SamePartitionsAsTheCpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const int64_t groups = 8, size = 40, n = groups * size;
+  const torch::Tensor keys = traces::UniformKeys(n, n, 5);
+  const torch::Tensor label = torch::arange(n) % groups;
+  const torch::Tensor same = label.unsqueeze(1) == label.unsqueeze(0);
+  torch::Tensor planted = torch::where(same, 0.5 + 0.5 * keys, 0.3 * keys);
+  planted = (planted + planted.t()) / 2;
+  planted.fill_diagonal_(0);
+  torch::Tensor noise = (keys + keys.t()) / 2;
+  noise.fill_diagonal_(0);
+  for (const torch::Tensor& graph : {planted, noise}) {
+    for (uint64_t seed : {1, 2}) {
+      const traces::LeidenOptions options{1.0, seed};
+      auto on_cpu = traces::LeidenCluster(graph, options);
+      auto on_cuda = traces::LeidenCluster(graph.to(torch::kCUDA), options);
+      auto again = traces::LeidenCluster(graph.to(torch::kCUDA), options);
+      ASSERT_TRUE(on_cpu.ok() && on_cuda.ok() && again.ok());
+      EXPECT_EQ(*on_cuda, *again) << "seed " << seed;
+      const double expected = traces::Modularity(graph, *on_cpu, 1.0);
+      EXPECT_NEAR(traces::Modularity(graph, *on_cuda, 1.0), expected, 1e-9 * std::abs(expected));
+      if (graph.data_ptr() == planted.data_ptr()) {
+        EXPECT_EQ(*on_cuda, *on_cpu) << "seed " << seed;
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Configs, GatherKernelTest,
     ::testing::Values(
         R"({"model_type": "mamba", "hidden_size": 40, "num_hidden_layers": 2, "vocab_size": 300,
             "state_size": 16, "expand": 2, "time_step_rank": 5, "use_bias": true,
             "tie_word_embeddings": false})",
+        // Rows of 300 and 600 elements: the kernel's shared-memory path.
+        R"({"model_type": "mamba", "hidden_size": 300, "num_hidden_layers": 1, "vocab_size": 1000,
+            "state_size": 16, "expand": 2, "time_step_rank": 19, "tie_word_embeddings": true})",
         R"({"model_type": "mamba2", "hidden_size": 48, "num_hidden_layers": 2,
             "vocab_size": 70, "state_size": 12, "num_heads": 12, "head_dim": 8, "n_groups": 3})",
         R"({"d_model": 24, "n_layer": 2, "vocab_size": 50, "pad_vocab_size_multiple": 8,

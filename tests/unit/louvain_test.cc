@@ -86,6 +86,26 @@ TEST(LeidenTest, NeverWorseThanEveryNodeAloneOrAllTogether) {
   EXPECT_GE(q, Modularity(graph, together, 1.0));
 }
 
+// The GEMM form of the dense passes (what a GPU graph runs) against the
+// CPU loops: the same partitions, the same modularity.
+TEST(LeidenTest, TensorDensePassesFindTheSamePartitions) {
+  torch::Tensor noise = UniformKeys(150, 150, 11);
+  noise = (noise + noise.t()) / 2;
+  noise.fill_diagonal_(0);
+  for (const torch::Tensor& graph : {MakePlanted(6, 20, 0.4, 3).graph, noise}) {
+    for (uint64_t seed : {1, 2, 3}) {
+      LeidenOptions loops{1.0, seed};
+      LeidenOptions tensors = loops;
+      tensors.tensor_dense_passes = true;
+      auto expected = LeidenCluster(graph, loops);
+      auto actual = LeidenCluster(graph, tensors);
+      ASSERT_TRUE(expected.ok() && actual.ok());
+      EXPECT_EQ(*actual, *expected) << "seed " << seed;
+      EXPECT_NEAR(Modularity(graph, *actual, 1.0), Modularity(graph, *expected, 1.0), 1e-12);
+    }
+  }
+}
+
 TEST(LeidenTest, HigherResolutionGivesMoreClusters) {
   const Planted planted = MakePlanted(4, 16, 0.4, 5);
   auto count = [&](double resolution) {

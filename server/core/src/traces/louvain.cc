@@ -18,6 +18,9 @@ struct LevelGraph {
   torch::Tensor weights;  // [nodes, nodes] float64, CPU, contiguous
   std::vector<double> degree;
   double total = 0;  // 2m: the sum of all entries
+  // The same matrix on the graph's device when the O(n^2) passes run as
+  // tensor GEMMs there (base level only; aggregated levels are small).
+  torch::Tensor device_weights;
 
   const double* Row(int64_t node) const {
     return weights.data_ptr<double>() + node * nodes;
@@ -34,11 +37,27 @@ LevelGraph MakeLevel(torch::Tensor weights) {
   return graph;
 }
 
+// The [n, columns] label indicator S on `like`'s device and dtype.
+torch::Tensor Indicator(const std::vector<int64_t>& labels, int64_t columns,
+                        const torch::Tensor& like) {
+  const torch::Tensor index =
+      torch::tensor(labels, torch::kInt64).to(like.device()).unsqueeze(1);
+  return torch::zeros({static_cast<int64_t>(labels.size()), columns}, like.options())
+      .scatter_(1, index, 1.0);
+}
+
 // Sums W's columns by label: out[v][labels[u]] += W[v][u], [n, columns].
-// A plain row loop: O(n^2) reads, where index_add_ over dim 1 of a big
-// matrix is many times slower on the CPU.
+// On the device, W S as one GEMM: cuBLAS sums in a fixed order, where
+// index_add_'s atomics would make the partition vary from run to run. On the
+// CPU a plain row loop: O(n^2) reads, where index_add_ over dim 1 of a big
+// matrix is many times slower and a GEMM does K times the work.
 torch::Tensor SumColumns(const LevelGraph& graph, const std::vector<int64_t>& labels,
                          int64_t columns) {
+  if (graph.device_weights.defined()) {
+    return graph.device_weights.mm(Indicator(labels, columns, graph.device_weights))
+        .to(torch::kCPU)
+        .contiguous();
+  }
   torch::Tensor out = torch::zeros({graph.nodes, columns}, torch::kFloat64);
   double* sums = out.data_ptr<double>();
   for (int64_t v = 0; v < graph.nodes; ++v) {
@@ -53,6 +72,10 @@ torch::Tensor SumColumns(const LevelGraph& graph, const std::vector<int64_t>& la
 // one pass over W.
 torch::Tensor Aggregate(const LevelGraph& graph, const std::vector<int64_t>& labels,
                         int64_t groups) {
+  if (graph.device_weights.defined()) {
+    const torch::Tensor indicator = Indicator(labels, groups, graph.device_weights);
+    return indicator.t().mm(graph.device_weights.mm(indicator)).to(torch::kCPU).contiguous();
+  }
   torch::Tensor out = torch::zeros({groups, groups}, torch::kFloat64);
   double* sums = out.data_ptr<double>();
   for (int64_t v = 0; v < graph.nodes; ++v) {
@@ -400,6 +423,18 @@ std::vector<int64_t> Refine(const LevelGraph& graph, double resolution, Rng& rng
 
 double LevelModularity(const LevelGraph& graph, const std::vector<int64_t>& community,
                        double resolution) {
+  if (graph.device_weights.defined()) {  // tr(S^T W S) as in Modularity, on the device
+    std::vector<int64_t> labels = community;
+    const int64_t groups = Compact(labels);
+    const torch::Tensor within = Aggregate(graph, labels, groups);
+    std::vector<double> total(static_cast<size_t>(groups), 0);
+    for (int64_t i = 0; i < graph.nodes; ++i) {
+      total[static_cast<size_t>(labels[static_cast<size_t>(i)])] += graph.degree[static_cast<size_t>(i)];
+    }
+    double expected = 0;
+    for (double t : total) expected += t * t;
+    return (within.trace().item<double>() - resolution * expected / graph.total) / graph.total;
+  }
   const int64_t n = graph.nodes;
   std::vector<double> total(static_cast<size_t>(n), 0);
   double internal = 0;
@@ -525,8 +560,15 @@ absl::StatusOr<std::vector<int64_t>> LeidenCluster(const torch::Tensor& weights,
     if (dense.data_ptr() == weights.data_ptr()) dense = dense.clone();  // never write the caller's
     dense.fill_diagonal_(0);
   }
-  const LevelGraph base = MakeLevel(dense);
+  LevelGraph base = MakeLevel(dense);
   if (n == 0 || base.total <= 0) return singletons;  // no edges: all singletons
+  if (!weights.device().is_cpu()) {
+    torch::Tensor on_device = weights.to(torch::kFloat64).contiguous();
+    if (on_device.data_ptr() == weights.data_ptr()) on_device = on_device.clone();
+    base.device_weights = on_device.fill_diagonal_(0);
+  } else if (options.tensor_dense_passes) {
+    base.device_weights = dense;
+  }
 
   std::vector<int64_t> best = singletons;
   double best_quality = LevelModularity(base, best, options.resolution);

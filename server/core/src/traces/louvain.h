@@ -4,8 +4,9 @@
 // iterated from its own result until the modularity stops improving, best
 // of a few independent runs.
 //
-// Graph construction and aggregation are LibTorch tensor operations (on the
-// graph's device); the local moves, sequential by nature, run on the CPU:
+// On a GPU graph the dense passes over the input (aggregation S^T W S, the
+// node-to-community links W S, modularity) are GEMMs on the device; the
+// local moves and the refinement, sequential by nature, run on the host:
 // dense row scans (O(n^2) per sweep) while communities are many, then a
 // node-to-community link matrix (O(n K) per sweep, O(n) per move).
 #ifndef ICD_CORE_SRC_TRACES_LOUVAIN_H_
@@ -30,6 +31,11 @@ struct LeidenOptions {
   // On graphs without strong structure runs differ by a few per cent in Q
   // (so do igraph's across seeds): three runs lift the expected result.
   int restarts = 3;
+  // The O(n^2) passes over the input graph (aggregation, node-to-community
+  // links, modularity) run as tensor GEMMs on the graph's device whenever it
+  // is not the CPU; on the CPU only when this is set (tests of that path),
+  // as plain loops are faster there.
+  bool tensor_dense_passes = false;
 };
 
 // weights: [n, n] symmetric, non-negative (the diagonal is ignored), any

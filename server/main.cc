@@ -82,8 +82,8 @@ Flags:
                         keeps them for reuse (one arena, no mmap, heap trimmed
                         beyond 1 GiB): the large temporaries of a trace solve
                         then cost no page faults (a 5120-channel solve: 54 s
-                        -> 22 s on 2 cores), at the price of a resident size
-                        that stays near its peak.
+                        -> 18 s on a 2-core VM), at the price of a resident
+                        size that stays near its peak.
   --quiet               no per-call log lines on stderr.
   --help                this text.
 

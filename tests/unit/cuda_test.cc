@@ -421,7 +421,8 @@ TEST_P(GatherKernelTest, NonContiguousTensorFallsBackExactly) {
 // The kernel's row paths on shapes chosen for them: rows staged in shared
 // memory (16-byte and unaligned rows, an inner axis), rows too large to
 // stage, whole-row moves, a vector; every dtype size; against LibTorch's
-// indexing on the same device, bit for bit.
+// indexing on the same device, bit for bit; both ways of gathering moving
+// columns (staged through shared memory, direct).
 TEST(GatherKernelRowsTest, EveryRowPathMatchesIndexSelect) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   struct Shape {
@@ -443,38 +444,44 @@ TEST(GatherKernelRowsTest, EveryRowPathMatchesIndexSelect) {
     std::shuffle(index.begin(), index.end(), rng);
     return index;
   };
-  for (torch::ScalarType dtype : {torch::kUInt8, torch::kBFloat16, torch::kFloat32, torch::kFloat64}) {
-    for (const Shape& shape : shapes) {
-      const torch::Tensor source =
-          torch::randint(0, 250, shape.sizes, torch::kInt64).to(dtype).to(torch::kCUDA);
-      const bool vector = shape.sizes.size() == 1;
-      const std::vector<int64_t> rows = shuffled(shape.sizes[0]);
-      const std::vector<int64_t> cols = shuffled(shape.sizes[vector ? 0 : 1]);
-      gather::TensorGather gather{nullptr, {}};
-      torch::Tensor expected = source;
-      auto device_index = [](const std::vector<int64_t>& index) {
-        return torch::tensor(index, torch::kInt64).to(torch::kCUDA);
-      };
-      if (vector) {
-        gather.index_of[0] = &cols;
-        expected = source.index_select(0, device_index(cols));
-      } else {
-        if (shape.rows_move) {
-          gather.index_of[0] = &rows;
-          expected = expected.index_select(0, device_index(rows));
+  for (const gather::GatherColumns columns :
+       {gather::GatherColumns::kStaged, gather::GatherColumns::kDirect}) {
+    gather::SetCudaGatherColumns(columns);
+    for (torch::ScalarType dtype : {torch::kUInt8, torch::kBFloat16, torch::kFloat32, torch::kFloat64}) {
+      for (const Shape& shape : shapes) {
+        const torch::Tensor source =
+            torch::randint(0, 250, shape.sizes, torch::kInt64).to(dtype).to(torch::kCUDA);
+        const bool vector = shape.sizes.size() == 1;
+        const std::vector<int64_t> rows = shuffled(shape.sizes[0]);
+        const std::vector<int64_t> cols = shuffled(shape.sizes[vector ? 0 : 1]);
+        gather::TensorGather gather{nullptr, {}};
+        torch::Tensor expected = source;
+        auto device_index = [](const std::vector<int64_t>& index) {
+          return torch::tensor(index, torch::kInt64).to(torch::kCUDA);
+        };
+        if (vector) {
+          gather.index_of[0] = &cols;
+          expected = source.index_select(0, device_index(cols));
+        } else {
+          if (shape.rows_move) {
+            gather.index_of[0] = &rows;
+            expected = expected.index_select(0, device_index(rows));
+          }
+          if (shape.cols_move) {
+            gather.index_of[1] = &cols;
+            expected = expected.index_select(1, device_index(cols));
+          }
         }
-        if (shape.cols_move) {
-          gather.index_of[1] = &cols;
-          expected = expected.index_select(1, device_index(cols));
-        }
+        torch::Tensor moved = source.clone();
+        gather.tensor = &moved;
+        ASSERT_TRUE(gather::GatherWithCuda({gather}));
+        EXPECT_TRUE(torch::equal(moved, expected))
+            << c10::toString(dtype) << " " << source.sizes()
+            << (columns == gather::GatherColumns::kStaged ? " staged" : " direct");
       }
-      torch::Tensor moved = source.clone();
-      gather.tensor = &moved;
-      ASSERT_TRUE(gather::GatherWithCuda({gather}));
-      EXPECT_TRUE(torch::equal(moved, expected))
-          << c10::toString(dtype) << " " << source.sizes();
     }
   }
+  gather::SetCudaGatherColumns(gather::GatherColumns::kStaged);
 }
 
 // A graph on the GPU runs Leiden's dense passes as device GEMMs: the same

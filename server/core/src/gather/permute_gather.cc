@@ -6,8 +6,9 @@ PlanIndices CollectIndices(const std::vector<TensorGather>& plan) {
   PlanIndices out;
   for (const TensorGather& gather : plan) {
     for (const auto& [axis, index] : gather.index_of) {
-      if (out.offset_of.emplace(index, static_cast<int64_t>(out.values.size())).second) {
-        out.values.insert(out.values.end(), index->begin(), index->end());
+      if (out.offset_of.emplace(index, out.total).second) {
+        out.distinct.push_back(index);
+        out.total += static_cast<int64_t>(index->size());
       }
     }
   }
@@ -17,12 +18,11 @@ PlanIndices CollectIndices(const std::vector<TensorGather>& plan) {
 void GatherWithLibTorch(const std::vector<TensorGather>& plan) {
   if (plan.empty()) return;
   torch::NoGradGuard no_grad;
-  PlanIndices all = CollectIndices(plan);
+  const PlanIndices all = CollectIndices(plan);
   const auto& offset_of = all.offset_of;
-  const torch::Tensor indices =
-      torch::from_blob(all.values.data(), {static_cast<int64_t>(all.values.size())},
-                       torch::kInt64)
-          .to(plan.front().tensor->device(), /*non_blocking=*/false, /*copy=*/true);
+  torch::Tensor indices = torch::empty({all.total}, torch::kInt64);
+  CopyIndices(all, indices.data_ptr<int64_t>());
+  indices = indices.to(plan.front().tensor->device());
   for (const TensorGather& gather : plan) {
     torch::Tensor& tensor = *gather.tensor;
     std::map<int, torch::Tensor> index_of;
@@ -41,6 +41,7 @@ void GatherWithLibTorch(const std::vector<TensorGather>& plan) {
 
 #ifndef ICD_HAVE_CUDA_GATHER
 bool GatherWithCuda(const std::vector<TensorGather>&) { return false; }
+void SetCudaGatherColumns(GatherColumns) {}
 #endif
 
 }  // namespace icd::gather

@@ -1,12 +1,16 @@
 // Batched permutation gather: every weight tensor an apply touches, in one
-// kernel launch. Each thread block takes a few rows of one task; a row's
-// source row is looked up once. When columns move too and the row fits in
-// shared memory, the source row is first staged there with 16-byte loads,
-// the columns are gathered out of shared memory, and the target row is
-// written with 16-byte stores: global memory then sees a copy's access
-// pattern (the first version read columns scattered from global memory and
-// ran at ~40% of copy speed on the H200). Larger rows read columns through
-// the index straight from global memory (the row stays in L1/L2).
+// kernel launch. Each thread block takes a few rows of one task and looks
+// each source row up once. Rows whose columns stay move as row copies (16
+// bytes per thread where aligned). Rows whose columns move too are gathered
+// one of two ways (GatherColumns):
+//   kStaged  the block's rows are staged in shared memory with 16-byte loads
+//            (as many as fit in kStageBytes), the columns are gathered out of
+//            shared memory, and the target rows are written 16 bytes per
+//            thread: global memory sees a copy's access pattern;
+//   kDirect  columns are read through the index straight from global memory
+//            (scattered inside one source row, which stays in L1/L2) and
+//            written one element per thread.
+// Rows larger than the stage always go direct.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -17,64 +21,73 @@ namespace icd::gather {
 namespace {
 
 constexpr int kThreads = 256;
-// Dynamic shared memory of every block: rows up to this size are staged.
-// 32 KB keeps 7 blocks (1792 threads) resident per SM.
-constexpr int kStageBytes = 32 * 1024;
 
 __device__ bool Aligned16(const void* pointer) {
   return (reinterpret_cast<uintptr_t>(pointer) & 15) == 0;
 }
 
-// Copies `bytes` from global `from` to shared `to` (16-byte aligned), with
-// 16-byte words when `from` and `bytes` allow. Block-wide; no barrier.
-__device__ void StageRow(const unsigned char* from, unsigned char* to, int64_t bytes) {
-  if (Aligned16(from) && bytes % 16 == 0) {
-    const auto* wide_from = reinterpret_cast<const uint4*>(from);
-    auto* wide_to = reinterpret_cast<uint4*>(to);
-    for (int64_t i = threadIdx.x; i < bytes / 16; i += kThreads) wide_to[i] = wide_from[i];
-  } else {
-    for (int64_t i = threadIdx.x; i < bytes; i += kThreads) to[i] = from[i];
-  }
+// Offset inside a source row of element `within` of a target row, for
+// rows of cols x inner elements whose columns move by `col_index`.
+__device__ int64_t SourceOffset(const int32_t* col_index, uint32_t inner, uint32_t within) {
+  if (inner == 1) return col_index[within];
+  const uint32_t col = within / inner;
+  return static_cast<int64_t>(col_index[col]) * inner + (within - col * inner);
 }
 
-// Rows whose columns move and which fit in shared memory: stage, gather from
-// shared memory, store 16 bytes per thread where the target row allows.
+// Rows [first_row, end_row) staged together: one barrier between the loads
+// and the gather, so every thread has several 16-byte loads in flight.
 template <typename Word>
 __device__ void GatherStagedRows(const GatherTask& task, int64_t first_row, int64_t end_row) {
   extern __shared__ uint4 stage_words[];  // uint4: 16-byte aligned
   auto* stage = reinterpret_cast<unsigned char*>(stage_words);
-  const Word* staged = reinterpret_cast<const Word*>(stage);
-  const int64_t row_elements = task.cols * task.inner;
-  const int64_t row_bytes = row_elements * static_cast<int64_t>(sizeof(Word));
+  const auto row_elements = static_cast<uint32_t>(task.cols * task.inner);
+  const int64_t row_bytes = static_cast<int64_t>(row_elements) * static_cast<int64_t>(sizeof(Word));
+  const auto rows = static_cast<uint32_t>(end_row - first_row);
   const auto inner = static_cast<uint32_t>(task.inner);
-  constexpr int kPerChunk = 16 / sizeof(Word);
-  for (int64_t row = first_row; row < end_row; ++row) {
-    const int64_t from = task.row_index != nullptr ? task.row_index[row] : row;
-    StageRow(static_cast<const unsigned char*>(task.source) + from * row_bytes, stage, row_bytes);
-    __syncthreads();
-    auto source_of = [&](uint32_t within) -> Word {
-      if (inner == 1) return staged[task.col_index[within]];
-      const uint32_t col = within / inner;
-      return staged[task.col_index[col] * inner + (within - col * inner)];
-    };
-    unsigned char* target_row = static_cast<unsigned char*>(task.target) + row * row_bytes;
-    if (Aligned16(target_row) && row_bytes % 16 == 0) {
-      const auto chunks = static_cast<uint32_t>(row_bytes / 16);
-      for (uint32_t chunk = threadIdx.x; chunk < chunks; chunk += kThreads) {
-        union {
-          uint4 wide;
-          Word words[kPerChunk];
-        } packed;
-        for (int k = 0; k < kPerChunk; ++k) packed.words[k] = source_of(chunk * kPerChunk + k);
-        reinterpret_cast<uint4*>(target_row)[chunk] = packed.wide;
-      }
-    } else {
-      Word* target_words = reinterpret_cast<Word*>(target_row);
-      for (uint32_t within = threadIdx.x; within < row_elements; within += kThreads) {
-        target_words[within] = source_of(within);
-      }
+  const auto* source = static_cast<const unsigned char*>(task.source);
+  auto* target = static_cast<unsigned char*>(task.target);
+
+  const bool wide = row_bytes % 16 == 0 && Aligned16(source) && Aligned16(target);
+  if (wide) {
+    const auto chunks = static_cast<uint32_t>(row_bytes / 16);
+    for (uint32_t i = threadIdx.x; i < rows * chunks; i += kThreads) {
+      const uint32_t local = i / chunks, chunk = i - local * chunks;
+      const int64_t row = first_row + local;
+      const int64_t from = task.row_index != nullptr ? task.row_index[row] : row;
+      reinterpret_cast<uint4*>(stage)[i] =
+          reinterpret_cast<const uint4*>(source + from * row_bytes)[chunk];
     }
-    __syncthreads();  // the next row overwrites the stage
+  } else {
+    for (uint32_t i = threadIdx.x; i < rows * row_elements; i += kThreads) {
+      const uint32_t local = i / row_elements, within = i - local * row_elements;
+      const int64_t row = first_row + local;
+      const int64_t from = task.row_index != nullptr ? task.row_index[row] : row;
+      reinterpret_cast<Word*>(stage)[i] = reinterpret_cast<const Word*>(source + from * row_bytes)[within];
+    }
+  }
+  __syncthreads();
+  const Word* staged = reinterpret_cast<const Word*>(stage);
+  if (wide) {
+    constexpr int kPerChunk = 16 / sizeof(Word);
+    const auto chunks = static_cast<uint32_t>(row_bytes / 16);
+    for (uint32_t i = threadIdx.x; i < rows * chunks; i += kThreads) {
+      const uint32_t local = i / chunks, chunk = i - local * chunks;
+      const Word* staged_row = staged + local * row_elements;
+      union {
+        uint4 wide;
+        Word words[kPerChunk];
+      } packed;
+      for (int k = 0; k < kPerChunk; ++k) {
+        packed.words[k] = staged_row[SourceOffset(task.col_index, inner, chunk * kPerChunk + k)];
+      }
+      reinterpret_cast<uint4*>(target + (first_row + local) * row_bytes)[chunk] = packed.wide;
+    }
+  } else {
+    for (uint32_t i = threadIdx.x; i < rows * row_elements; i += kThreads) {
+      const uint32_t local = i / row_elements, within = i - local * row_elements;
+      reinterpret_cast<Word*>(target + (first_row + local) * row_bytes)[within] =
+          staged[local * row_elements + SourceOffset(task.col_index, inner, within)];
+    }
   }
 }
 
@@ -86,16 +99,8 @@ __device__ void GatherBlock(const GatherTask& task, int64_t block_in_task) {
   const int64_t first_row = block_in_task * task.rows_per_block;
   const int64_t end_row = min(task.rows, first_row + task.rows_per_block);
   const auto row_size = static_cast<uint32_t>(row_elements);
-  const uint32_t inner = static_cast<uint32_t>(task.inner);
-  // Offset inside the source row of element `within` of a target row.
-  auto source_offset = [&](uint32_t within) -> int64_t {
-    if (task.col_index == nullptr) return within;
-    if (inner == 1) return task.col_index[within];
-    const uint32_t col = within / inner;
-    return task.col_index[col] * inner + (within - col * inner);
-  };
-  if (row_size >= kThreads && task.col_index != nullptr &&
-      row_elements * static_cast<int64_t>(sizeof(Word)) <= kStageBytes) {
+  const auto inner = static_cast<uint32_t>(task.inner);
+  if (task.staged) {
     GatherStagedRows<Word>(task, first_row, end_row);
     return;
   }
@@ -104,15 +109,16 @@ __device__ void GatherBlock(const GatherTask& task, int64_t block_in_task) {
     const int64_t row_bytes = row_elements * static_cast<int64_t>(sizeof(Word));
     for (int64_t row = first_row; row < end_row; ++row) {
       const int64_t from = task.row_index != nullptr ? task.row_index[row] : row;
-      const auto* source_row = static_cast<const unsigned char*>(task.source) + from * row_bytes;
-      auto* target_row = static_cast<unsigned char*>(task.target) + row * row_bytes;
+      const auto* source_row = reinterpret_cast<const unsigned char*>(source) + from * row_bytes;
+      auto* target_row = reinterpret_cast<unsigned char*>(target) + row * row_bytes;
       if (Aligned16(source_row) && Aligned16(target_row) && row_bytes % 16 == 0) {
         for (int64_t i = threadIdx.x; i < row_bytes / 16; i += kThreads) {
           reinterpret_cast<uint4*>(target_row)[i] = reinterpret_cast<const uint4*>(source_row)[i];
         }
       } else {
         for (uint32_t within = threadIdx.x; within < row_size; within += kThreads) {
-          reinterpret_cast<Word*>(target_row)[within] = reinterpret_cast<const Word*>(source_row)[within];
+          reinterpret_cast<Word*>(target_row)[within] =
+              reinterpret_cast<const Word*>(source_row)[within];
         }
       }
     }
@@ -124,7 +130,9 @@ __device__ void GatherBlock(const GatherTask& task, int64_t block_in_task) {
       const Word* source_row = source + from * row_elements;
       Word* target_row = target + row * row_elements;
       for (uint32_t within = threadIdx.x; within < row_size; within += kThreads) {
-        target_row[within] = source_row[source_offset(within)];
+        target_row[within] = source_row[task.col_index == nullptr
+                                            ? within
+                                            : SourceOffset(task.col_index, inner, within)];
       }
     }
     return;
@@ -136,7 +144,9 @@ __device__ void GatherBlock(const GatherTask& task, int64_t block_in_task) {
     const uint32_t within = e - local_row * row_size;
     const int64_t row = first_row + local_row;
     const int64_t from = task.row_index != nullptr ? task.row_index[row] : row;
-    target[row * row_elements + within] = source[from * row_elements + source_offset(within)];
+    target[row * row_elements + within] =
+        source[from * row_elements +
+               (task.col_index == nullptr ? within : SourceOffset(task.col_index, inner, within))];
   }
 }
 
@@ -166,10 +176,19 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-int32_t RowsPerBlock(int64_t row_elements) {
+void PlanRows(GatherTask& task, GatherColumns columns) {
+  const int64_t row_elements = task.cols * task.inner;
+  const int64_t row_bytes = row_elements * task.element_bytes;
+  task.staged = columns == GatherColumns::kStaged && task.col_index != nullptr &&
+                row_elements >= kThreads && row_bytes <= kStageBytes;
+  if (task.staged) {
+    task.rows_per_block = static_cast<int32_t>(kStageBytes / row_bytes);
+    return;
+  }
   constexpr int64_t kElementsPerBlock = 8192;
-  if (row_elements >= kElementsPerBlock) return 1;
-  return static_cast<int32_t>(kElementsPerBlock / (row_elements > 0 ? row_elements : 1));
+  task.rows_per_block = row_elements >= kElementsPerBlock
+                            ? 1
+                            : static_cast<int32_t>(kElementsPerBlock / (row_elements > 0 ? row_elements : 1));
 }
 
 int64_t BlocksFor(const GatherTask& task) {
@@ -177,10 +196,11 @@ int64_t BlocksFor(const GatherTask& task) {
 }
 
 const char* LaunchPermuteGather(const GatherTask* tasks, int64_t task_count,
-                                int64_t total_blocks, void* stream) {
+                                int64_t total_blocks, bool any_staged, void* stream) {
   if (task_count == 0 || total_blocks == 0) return nullptr;
-  PermuteGatherKernel<<<static_cast<unsigned int>(total_blocks), kThreads, kStageBytes,
-                        static_cast<cudaStream_t>(stream)>>>(tasks, task_count);
+  PermuteGatherKernel<<<static_cast<unsigned int>(total_blocks), kThreads,
+                        any_staged ? kStageBytes : 0, static_cast<cudaStream_t>(stream)>>>(
+      tasks, task_count);
   const cudaError_t status = cudaGetLastError();
   return status == cudaSuccess ? nullptr : cudaGetErrorString(status);
 }

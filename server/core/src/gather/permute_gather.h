@@ -7,9 +7,12 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <map>
 #include <unordered_map>
 #include <vector>
+
+#include "gather/permute_gather_launch.h"
 
 namespace icd::gather {
 
@@ -21,12 +24,25 @@ struct TensorGather {
 };
 
 // Every distinct index vector of a plan once, back to back (a group's index
-// is shared by every tensor it alone moves), and where each one starts.
+// is shared by every tensor it alone moves): where each one starts, and the
+// total length. CopyIndices writes them into a buffer of that length (for
+// the device: pinned host memory, int32), with no growing vector between.
 struct PlanIndices {
-  std::vector<int64_t> values;
+  int64_t total = 0;
+  std::vector<const std::vector<int64_t>*> distinct;  // in offset order
   std::unordered_map<const std::vector<int64_t>*, int64_t> offset_of;
 };
 PlanIndices CollectIndices(const std::vector<TensorGather>& plan);
+template <typename Index>
+void CopyIndices(const PlanIndices& indices, Index* out) {
+  for (const std::vector<int64_t>* index : indices.distinct) {
+    out = std::copy(index->begin(), index->end(), out);  // narrows to Index: axes < 2^31
+  }
+}
+
+// Which column gather the kernel uses (permute_gather_launch.h). Process-wide,
+// for benchmarks that compare the two; kStaged unless set.
+void SetCudaGatherColumns(GatherColumns columns);
 
 // LibTorch: one host-to-device copy of every distinct index, then one
 // indexing op per tensor. Any device, axis and dtype.

@@ -3,7 +3,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <atomic>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -28,6 +30,7 @@ bool Takes(const TensorGather& gather, const torch::Device& device) {
   if (bytes != 1 && bytes != 2 && bytes != 4 && bytes != 8) return false;
   for (const auto& [axis, index] : gather.index_of) {
     if (axis < 0 || axis > 1 || axis >= tensor.dim()) return false;
+    if (tensor.size(axis) > std::numeric_limits<int32_t>::max()) return false;  // int32 indices
   }
   const int64_t row_elements = tensor.dim() == 1 ? tensor.numel() : tensor.numel() / tensor.size(0);
   return row_elements < kMaxRowElements;
@@ -42,7 +45,11 @@ torch::Tensor ToDevice(const void* data, int64_t bytes, const torch::Device& dev
   return staging.to(device, /*non_blocking=*/true);
 }
 
+std::atomic<GatherColumns> g_columns{GatherColumns::kStaged};
+
 }  // namespace
+
+void SetCudaGatherColumns(GatherColumns columns) { g_columns = columns; }
 
 bool GatherWithCuda(const std::vector<TensorGather>& plan) {
   if (plan.empty()) return true;
@@ -54,13 +61,17 @@ bool GatherWithCuda(const std::vector<TensorGather>& plan) {
   const c10::cuda::CUDAGuard guard(device);
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
 
-  // Every distinct index once, in one device buffer.
+  // Every distinct index once, as int32, written straight into pinned
+  // memory and sent to the device in one asynchronous copy.
   const PlanIndices all = CollectIndices(plan);
   const auto& offset_of = all.offset_of;
-  const torch::Tensor indices = ToDevice(
-      all.values.data(), static_cast<int64_t>(all.values.size() * sizeof(int64_t)), device);
-  const auto* index_base = static_cast<const int64_t*>(indices.data_ptr());
-  auto device_index = [&](const TensorGather& gather, int axis) -> const int64_t* {
+  torch::Tensor pinned =
+      torch::empty({all.total}, torch::TensorOptions().dtype(torch::kInt32).pinned_memory(true));
+  CopyIndices(all, pinned.data_ptr<int32_t>());
+  const torch::Tensor indices = pinned.to(device, /*non_blocking=*/true);
+  const auto* index_base = indices.data_ptr<int32_t>();
+  const GatherColumns columns = g_columns;
+  auto device_index = [&](const TensorGather& gather, int axis) -> const int32_t* {
     auto it = gather.index_of.find(axis);
     return it == gather.index_of.end() ? nullptr : index_base + offset_of.at(it->second);
   };
@@ -70,6 +81,7 @@ bool GatherWithCuda(const std::vector<TensorGather>& plan) {
     std::vector<GatherTask> tasks;
     std::vector<torch::Tensor> targets;
     int64_t batch_bytes = 0, blocks = 0;
+    bool any_staged = false;
     size_t end = next;
     for (; end < plan.size(); ++end) {
       const TensorGather& gather = plan[end];
@@ -95,7 +107,8 @@ bool GatherWithCuda(const std::vector<TensorGather>& plan) {
         task.row_index = device_index(gather, 0);
         task.col_index = device_index(gather, 1);
       }
-      task.rows_per_block = RowsPerBlock(task.cols * task.inner);
+      PlanRows(task, columns);
+      any_staged |= task.staged;
       task.first_block = blocks;
       blocks += BlocksFor(task);
       tasks.push_back(task);
@@ -104,7 +117,8 @@ bool GatherWithCuda(const std::vector<TensorGather>& plan) {
         tasks.data(), static_cast<int64_t>(tasks.size() * sizeof(GatherTask)), device);
     if (const char* error =
             LaunchPermuteGather(static_cast<const GatherTask*>(device_tasks.data_ptr()),
-                                static_cast<int64_t>(tasks.size()), blocks, stream.stream())) {
+                                static_cast<int64_t>(tasks.size()), blocks, any_staged,
+                                stream.stream())) {
       throw std::runtime_error(std::string("permutation gather kernel: ") + error);
     }
     // The old tensors go back to the caching allocator, stream-ordered after

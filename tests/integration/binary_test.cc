@@ -1,5 +1,6 @@
 // Black box: the icd-server binary on 127.0.0.1:0. Parse "listening on",
 // call it through icd::Client (token from --token-file), SIGTERM, exit 0.
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -31,7 +32,8 @@ struct Child {
   int out = -1;  // the child's stdout
 };
 
-Child Spawn(const std::vector<std::string>& args) {
+// stderr goes to `stderr_file` when one is named.
+Child Spawn(const std::vector<std::string>& args, const std::string& stderr_file = "") {
   // Built before fork: the child only calls async-signal-safe functions.
   std::vector<char*> argv;
   for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
@@ -40,6 +42,10 @@ Child Spawn(const std::vector<std::string>& args) {
   if (pipe(fds) != 0) return {};
   const pid_t pid = fork();
   if (pid == 0) {
+    if (!stderr_file.empty()) {
+      const int err = open(stderr_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+      if (err >= 0) dup2(err, STDERR_FILENO);
+    }
     dup2(fds[1], STDOUT_FILENO);
     close(fds[0]);
     close(fds[1]);
@@ -179,7 +185,7 @@ TEST(ServerBinaryTest, HelpTeachesAndExitsZero) {
   EXPECT_EQ(WaitExit(child.pid), 0);
   for (const char* needle : {"--listen", "--model-root", "--export-root",
                              "--device", "--token-file", "--max-message-mb",
-                             "Example", "listening on"}) {
+                             "--return-freed-memory", "Example", "listening on"}) {
     EXPECT_NE(out.find(needle), std::string::npos) << needle;
   }
 }
@@ -234,6 +240,28 @@ TEST(ServerBinaryTest, ServesThenStopsCleanlyOnSigterm) {
             absl::StatusCode::kUnauthenticated);
 
   StopWithSigterm(child);
+}
+
+// The server keeps freed host memory for reuse unless told not to, and its
+// log says which (icd/core/host_memory.h).
+TEST(ServerBinaryTest, KeepsFreedHostMemoryUnlessToldNot) {
+  TempDir tmp;
+  const auto [models, exports] = MakeRoots(tmp.path());
+  for (const bool opt_out : {false, true}) {
+    const fs::path log = tmp.path() / (opt_out ? "opt-out.log" : "default.log");
+    std::vector<std::string> args = {ICD_SERVER_BINARY, "--listen", "127.0.0.1:0",
+                                     "--model-root", models.string(), "--export-root",
+                                     exports.string()};
+    if (opt_out) args.push_back("--return-freed-memory");
+    Child child = Spawn(args, log.string());
+    ASSERT_GT(child.pid, 0);
+    ASSERT_FALSE(ListeningPort(child).empty());
+    StopWithSigterm(child);
+    std::ifstream in(log);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(text.find("host memory: freed blocks kept for reuse") != std::string::npos, !opt_out)
+        << text;
+  }
 }
 
 // What a server killed during an export leaves (its temporary directory

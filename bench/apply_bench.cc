@@ -9,7 +9,10 @@
 // gathers are timed: the engine synchronises the device before it reads the
 // clock), then one more apply is verified. The baseline clones every weight
 // tensor once on the same device (the same tensors, read and written once),
-// synchronised the same way. On CUDA, the kernel's two ways of gathering
+// synchronised the same way. The gathers alone (icd::ApplyGathers on a
+// second copy of the weights, no validation, no engine) are timed too: when
+// the host call returns and when the device is done, so the report splits
+// the host's fixed work from the device's. On CUDA, the kernel's two ways of gathering
 // moving columns (gather/permute_gather_launch.h) are timed in turn, one
 // JSON line each; the check runs with the default (staged). Host memory is
 // kept for reuse, as icd-server keeps it.
@@ -26,6 +29,7 @@
 #include <vector>
 
 #include "checkpoint.h"
+#include "symmetry.h"
 #include "gather/permute_gather.h"
 #include "icd/core/engine.h"
 #include "icd/core/host_memory.h"
@@ -122,15 +126,18 @@ int main(int argc, char** argv) {
     std::cerr << "read: " << checkpoint.status() << "\n";
     return 1;
   }
+  icd::Weights direct;
   std::vector<torch::Tensor> tensors;
   int64_t bytes = 0;
   for (const auto& [name, tensor] : checkpoint->weights) {
-    tensors.push_back(tensor.to(device, dtype).contiguous());
+    direct[name] = tensor.to(device, dtype).contiguous();
+    tensors.push_back(direct[name]);
     bytes += tensors.back().numel() * tensors.back().element_size();
   }
   checkpoint->weights.clear();
   const double copy_ms = CopyMillis(tensors, device, repeats);
   tensors.clear();
+  const icd::FamilySpec spec = icd::BuildSpec(checkpoint->config);
 
   using icd::gather::GatherColumns;
   std::vector<std::pair<std::string, GatherColumns>> modes;
@@ -143,10 +150,15 @@ int main(int argc, char** argv) {
   std::mt19937_64 rng(seed);
   icd::ApplyOptions unverified;
   unverified.skip_verify = true;
-  std::vector<std::pair<std::string, std::vector<double>>> timed;
+  struct Timed {
+    std::string mode;
+    std::vector<double> apply, gathers_host, gathers;
+  };
+  std::vector<Timed> timed;
   for (const auto& [mode_name, mode] : modes) {
     icd::gather::SetCudaGatherColumns(mode);
-    std::vector<double>& apply_times = timed.emplace_back(mode_name, std::vector<double>{}).second;
+    Timed& times = timed.emplace_back(Timed{mode_name, {}, {}, {}});
+    std::vector<double>& apply_times = times.apply;
     for (int r = 0; r <= repeats; ++r) {  // r == 0 is a warm-up
       auto report =
           engine.Apply("model", icd::testing::RandomPermutations(*groups, rng), unverified);
@@ -155,6 +167,21 @@ int main(int argc, char** argv) {
         return 1;
       }
       if (r > 0) apply_times.push_back(report->apply_ms);
+    }
+    for (int r = 0; r <= repeats; ++r) {
+      std::vector<std::vector<int64_t>> indices;
+      for (const icd::GroupInfo& group : spec) indices.push_back(icd::testing::RandomPermutation(group, rng));
+      std::vector<icd::GroupPermutation> perms;
+      for (size_t g = 0; g < spec.size(); ++g) perms.push_back({&spec[g], &indices[g]});
+      Synchronize(device);
+      const auto start = std::chrono::steady_clock::now();
+      icd::ApplyGathers(perms, direct);
+      const auto host_done = std::chrono::steady_clock::now();
+      Synchronize(device);
+      const auto done = std::chrono::steady_clock::now();
+      if (r == 0) continue;
+      times.gathers_host.push_back(std::chrono::duration<double, std::milli>(host_done - start).count());
+      times.gathers.push_back(std::chrono::duration<double, std::milli>(done - start).count());
     }
   }
   icd::gather::SetCudaGatherColumns(GatherColumns::kStaged);
@@ -173,15 +200,19 @@ int main(int argc, char** argv) {
                   verified->verify_ms);
     check = text;
   }
-  for (const auto& [mode_name, apply_times] : timed) {
+  for (const Timed& times : timed) {
+    const std::vector<double>& apply_times = times.apply;
+    const char* mode_name = times.mode.c_str();
     const double apply_ms = Median(apply_times);
     std::printf(
         "{\"bench\": \"apply\", \"model\": \"%s\", \"device\": \"%s\", \"dtype\": \"%s\", "
-        "\"gather_columns\": \"%s\", "
+        "\"gather_columns\": \"%s\", \"gathers_host_ms_median\": %.3f, "
+        "\"gathers_ms_median\": %.3f, "
         "\"parameters\": %lld, \"weight_bytes\": %lld, \"groups\": %zu, \"repeats\": %d, "
         "\"apply_ms_median\": %.3f, \"apply_ms_min\": %.3f, \"copy_ms_median\": %.3f, "
         "\"apply_over_copy\": %.3f, \"copy_gb_s\": %.1f, %s}\n",
-        model_dir.c_str(), info->device.c_str(), dtype_name.c_str(), mode_name.c_str(),
+        model_dir.c_str(), info->device.c_str(), dtype_name.c_str(), mode_name,
+        Median(times.gathers_host), Median(times.gathers),
         static_cast<long long>(info->parameters), static_cast<long long>(bytes), groups->size(),
         repeats, apply_ms, *std::min_element(apply_times.begin(), apply_times.end()), copy_ms,
         apply_ms / copy_ms, 2.0 * static_cast<double>(bytes) / (copy_ms * 1e6), check.c_str());

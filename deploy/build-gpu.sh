@@ -25,6 +25,8 @@
 #                     (default: 1; 0 to build/test on a CPU-only torch)
 #   ICD_COMMIT        commit recorded in versions.txt (default: git rev-parse HEAD)
 #   ICD_BUILD_BENCH   1: also build bench/ (never fatal)      (default: 1)
+#   ICD_TARGETS       if set, build only these targets (e.g. "cuda_test
+#                     apply_bench") and stop: a quick rebuild for one figure
 #   ICD_LOG_DIR       if set, logs are written there as well (configure,
 #                     build, ctest, cuda_test, versions)
 #
@@ -137,6 +139,12 @@ run_logged configure cmake -S "$REPO" -B "$BUILD_DIR" -G "Unix Makefiles" \
   -DICD_TEST_PYTHON="$(command -v python3)" \
   -DICD_GRPC_PYTHON_PLUGIN="$PREFIX/usr/bin/grpc_python_plugin" \
   -DICD_BUILD_TESTS=ON -DICD_BUILD_SERVICE=ON
+
+if [[ -n "${ICD_TARGETS:-}" ]]; then
+  run_logged build-targets cmake --build "$BUILD_DIR" -j"$JOBS" --target ${ICD_TARGETS} || exit 1
+  log "built ${ICD_TARGETS} (ICD_TARGETS: nothing else built, no test run)"
+  exit 0
+fi
 
 # 4. Build every unit test binary, then icd-server (a server link failure
 #    does not keep the tests from running; it still fails the script).

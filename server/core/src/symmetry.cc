@@ -226,9 +226,14 @@ void ApplyGathers(const std::vector<GroupPermutation>& perms, Weights& weights) 
         Expansion e;
         ParseExpansion(member->expand, &e);
         moved.resize(static_cast<size_t>(member->length));
-        for (int64_t k = 0; k < member->length; ++k) {
-          moved[static_cast<size_t>(k)] = source[static_cast<size_t>(
-              member->offset + SourcePosition(*perm->group, e, *perm->index, k))];
+        const int64_t* slice = source.data() + member->offset;
+        if (e.kind == Expansion::kIdentity) {  // most members: one tight loop
+          const int64_t* index = perm->index->data();
+          for (int64_t k = 0; k < member->length; ++k) moved[static_cast<size_t>(k)] = slice[index[k]];
+        } else {
+          for (int64_t k = 0; k < member->length; ++k) {
+            moved[static_cast<size_t>(k)] = slice[SourcePosition(*perm->group, e, *perm->index, k)];
+          }
         }
         std::copy(moved.begin(), moved.end(), source.begin() + member->offset);
       }

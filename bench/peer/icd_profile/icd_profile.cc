@@ -1,0 +1,172 @@
+// Where icd's Mamba forward spends its time: LibTorch's own profiler (Kineto,
+// CPU ops + CUDA kernels through CUPTI) around icd::Forward, the function
+// MeasureLatency times, on a checkpoint read by icd's reader.
+//
+//   icd_profile --model DIR [--dtype bfloat16] [--seq-len 2048] [--prefill-iters 5]
+//               [--decode-steps 30] [--warmup 3] [--out PREFIX]
+//
+// Writes PREFIX-prefill.json and PREFIX-decode.json (chrome traces; the
+// regions "icd_prefill" and "icd_decode_step" each end with a device sync, so
+// every kernel a region launched ran inside it: bench/peer/trace_table.py
+// reads them) and prints, without the profiler, the median wall time of a
+// prefill and of a decode step (host clock around the call and a sync), to
+// show what the profiler itself adds.
+//
+// Built against icd's static core (icd_core_testing) by
+// bench/peer/icd_profile/CMakeLists.txt; icd's own sources are not changed.
+#include <torch/csrc/autograd/profiler_kineto.h>
+#include <torch/torch.h>
+#include <ATen/record_function.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <iostream>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "checkpoint.h"
+#include "forward.h"
+
+namespace {
+
+std::map<std::string, std::string> ParseArgs(int argc, char** argv) {
+  std::map<std::string, std::string> args = {
+      {"--dtype", "bfloat16"}, {"--seq-len", "2048"}, {"--prefill-iters", "5"},
+      {"--decode-steps", "30"}, {"--warmup", "3"}, {"--out", "icd-profile"}};
+  for (int i = 1; i + 1 < argc; i += 2) args[argv[i]] = argv[i + 1];
+  if (!args.count("--model")) {
+    std::cerr << "usage: icd_profile --model DIR [--dtype bfloat16] [--seq-len 2048] "
+                 "[--prefill-iters 5] [--decode-steps 30] [--warmup 3] [--out PREFIX]\n";
+    std::exit(2);
+  }
+  return args;
+}
+
+torch::ScalarType DType(const std::string& name) {
+  if (name == "bfloat16") return torch::kBFloat16;
+  if (name == "float16") return torch::kFloat16;
+  if (name == "float32") return torch::kFloat32;
+  std::cerr << "unknown dtype " << name << "\n";
+  std::exit(2);
+}
+
+template <typename T>
+T OrDie(absl::StatusOr<T> value, const char* what) {
+  if (!value.ok()) {
+    std::cerr << what << ": " << value.status() << "\n";
+    std::exit(1);
+  }
+  return *std::move(value);
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+double Ms(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+using torch::profiler::impl::ActivityType;
+using torch::profiler::impl::ProfilerConfig;
+using torch::profiler::impl::ProfilerState;
+
+void StartProfiler() {
+  const ProfilerConfig config(ProfilerState::KINETO);
+  const std::set<ActivityType> activities{ActivityType::CPU, ActivityType::CUDA};
+  torch::autograd::profiler::prepareProfiler(config, activities);
+  torch::autograd::profiler::enableProfiler(config, activities);
+}
+
+void StopProfiler(const std::string& path) {
+  auto result = torch::autograd::profiler::disableProfiler();
+  result->save(path);
+  std::cout << "trace: " << path << " (" << result->events().size() << " events)\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const auto args = ParseArgs(argc, argv);
+  const torch::ScalarType dtype = DType(args.at("--dtype"));
+  const int64_t seq_len = std::stoll(args.at("--seq-len"));
+  const int prefill_iters = std::stoi(args.at("--prefill-iters"));
+  const int decode_steps = std::stoi(args.at("--decode-steps"));
+  const int warmup = std::stoi(args.at("--warmup"));
+  const std::string out = args.at("--out");
+  torch::NoGradGuard no_grad;
+  const torch::Device cuda(torch::kCUDA, 0);
+
+  icd::Checkpoint checkpoint = OrDie(icd::ReadCheckpoint(args.at("--model")), "ReadCheckpoint");
+  for (auto& [name, tensor] : checkpoint.weights) tensor = tensor.to(cuda, dtype).contiguous();
+  const icd::ModelConfig& config = checkpoint.config;
+  const icd::Weights& weights = checkpoint.weights;
+  std::cout << "model " << args.at("--model") << ": d_model " << config.d_model << ", n_layer "
+            << config.n_layer << ", d_inner " << config.d_inner << ", vocab " << config.vocab_size
+            << ", dtype " << args.at("--dtype") << "\n";
+
+  torch::manual_seed(7);
+  const torch::Tensor ids =
+      torch::randint(0, config.vocab_size, {1, seq_len}, torch::dtype(torch::kInt64)).to(cuda);
+  const torch::Tensor steps =
+      torch::randint(0, config.vocab_size, {warmup + 2 * decode_steps + 1, 1},
+                     torch::dtype(torch::kInt64)).to(cuda);
+  if (auto s = icd::CheckForwardInputs(config, weights, ids); !s.ok()) {
+    std::cerr << s << "\n";
+    return 1;
+  }
+  auto prefill = [&] { return OrDie(icd::ForwardPrechecked(config, weights, ids), "Forward"); };
+
+  // Prefill: warm-up, plain timing, then the profiled calls.
+  for (int i = 0; i < warmup; ++i) prefill();
+  torch::cuda::synchronize();
+  std::vector<double> plain;
+  for (int i = 0; i < std::max(prefill_iters, 5); ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    prefill();
+    torch::cuda::synchronize();
+    plain.push_back(Ms(t0, std::chrono::steady_clock::now()));
+  }
+  std::cout << "prefill " << seq_len << " tokens, no profiler: median " << Median(plain)
+            << " ms over " << plain.size() << "\n";
+  StartProfiler();
+  for (int i = 0; i < prefill_iters; ++i) {
+    RECORD_USER_SCOPE("icd_prefill");
+    prefill();
+    torch::cuda::synchronize();
+  }
+  StopProfiler(out + "-prefill.json");
+
+  // Decode: the state after the prefill, then one token per call.
+  icd::RecurrentState state;
+  OrDie(icd::ForwardPrechecked(config, weights, ids, {}, &state), "prefill into the state");
+  int64_t next = 0;
+  auto step = [&] {
+    return OrDie(icd::ForwardPrechecked(config, weights, steps.narrow(0, next++, 1), {}, &state),
+                 "decode step");
+  };
+  for (int i = 0; i < warmup; ++i) step();
+  torch::cuda::synchronize();
+  plain.clear();
+  for (int i = 0; i < decode_steps; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    step();
+    torch::cuda::synchronize();
+    plain.push_back(Ms(t0, std::chrono::steady_clock::now()));
+  }
+  std::cout << "decode step, no profiler: median " << Median(plain) << " ms over "
+            << plain.size() << "\n";
+  StartProfiler();
+  for (int i = 0; i < decode_steps; ++i) {
+    RECORD_USER_SCOPE("icd_decode_step");
+    step();
+    torch::cuda::synchronize();
+  }
+  StopProfiler(out + "-decode.json");
+  return 0;
+}

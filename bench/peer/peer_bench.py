@@ -196,7 +196,9 @@ def time_decode(model, generation, prompt, steps_ids, warmup, iters, cuda_graphs
     """Prefill the prompt into the state, then time single-token steps."""
     seq_len = prompt.shape[1]
     max_seqlen = seq_len + warmup + iters + 8
-    with torch.no_grad():
+    # inference_mode, as mamba_ssm's decode() and update_graph_cache run (the
+    # graph cache's tensors are inference tensors)
+    with torch.inference_mode():
         if cuda_graphs:
             cache = generation.update_graph_cache(model, None, batch_size=1, seqlen_og=seq_len,
                                                   max_seqlen=max_seqlen, decoding_seqlens=(1,),

@@ -187,10 +187,11 @@ fi
 
 # ---------------------------------------------------------------- pack
 if want pack; then
-  python3 - "$results" "$out/side-by-side.jsonl" <<'PY'
+  touch "$work/peer.jsonl"
+  python3 - "$results" "$work/peer.jsonl" "$out/side-by-side.jsonl" <<'PY'
 import json, sys
 rows = []
-for line in open(sys.argv[1]):
+for line in open(sys.argv[1]).readlines() + open(sys.argv[2]).readlines():
     line = line.strip()
     if not line.startswith("{"):
         continue
@@ -207,12 +208,12 @@ for line in open(sys.argv[1]):
                      "p90_ms": r["p90_ms"], "ci95_ms": r["ci95_ms"], "samples": r["samples"],
                      "commit": r["commit"], "dtype": "bfloat16", "batch": 1, "seq_len": r["seq_len"],
                      "method": "peer_bench.py, " + r.get("method_detail", "forward over [1, seq_len]")})
-with open(sys.argv[2], "w") as f:
+with open(sys.argv[3], "w") as f:
     for r in rows:
         f.write(json.dumps(r) + "\n")
 print(f"{len(rows)} side-by-side rows", file=sys.stderr)
 PY
-  cp "$results" "$out/results.jsonl" 2>/dev/null
+  cat "$results" "$work/peer.jsonl" > "$out/results.jsonl" 2>/dev/null  # icd's lines, then peer_bench.py's
   cp "$work/provenance.txt" "$out/" 2>/dev/null
   cat "$work/profile-icd.md" "$work/profile-mamba_ssm.md" > "$out/profile.md" 2>/dev/null
   ( cd "$work" && tar -czf "$out/logs.tar.gz" logs profile-*.json 2>/dev/null )

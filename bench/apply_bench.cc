@@ -16,7 +16,7 @@
 // moving columns (gather/permute_gather_launch.h) are timed in turn, one
 // JSON line each; the check runs with the default (staged). Host memory is
 // kept for reuse, as icd-server keeps it.
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <algorithm>
 #include <chrono>

@@ -10,7 +10,7 @@
 // across; noise: U(0, 1) everywhere. Both symmetric with a zero diagonal.
 // --save writes the graph (float64 .npy) for a reference solver (igraph);
 // --save-labels the partition, one label per line.
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <chrono>
 #include <cstdio>

@@ -10,7 +10,7 @@
 //       |N(0,1)| weights, and the same scaled by a log-normal per-channel
 //       activation norm (|W|·‖x‖-like saliency)              2 seeds each
 //   the same 5120 x 2752 with block = 64 (a Mamba-2 head)     1 seed
-#include <torch/torch.h>
+#include "torch_api.h"
 #include <torch/version.h>
 
 #include <chrono>

@@ -2,7 +2,7 @@
 // gRPC or protobuf header here.
 #include "trace_ingest_accum.h"
 
-#include <torch/torch.h>
+#include "torch_api.h"
 #include <torch/version.h>
 
 #include <algorithm>

@@ -2,7 +2,7 @@
 #include "traces/layout.h"
 
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <numeric>
 #include <vector>

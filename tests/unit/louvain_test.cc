@@ -2,7 +2,7 @@
 #include "traces/louvain.h"
 
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <vector>
 

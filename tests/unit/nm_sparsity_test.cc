@@ -2,7 +2,7 @@
 #include "traces/nm_sparsity.h"
 
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <algorithm>
 #include <chrono>

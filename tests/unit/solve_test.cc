@@ -1,7 +1,7 @@
 // Traces -> π through the engine: planted structure, the null, constraints,
 // bad streams, capture, and exactness of every permutation it returns.
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <algorithm>
 #include <cstring>

@@ -3,7 +3,7 @@
 #ifndef ICD_TESTS_UNIT_TEST_UTIL_H_
 #define ICD_TESTS_UNIT_TEST_UTIL_H_
 
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <algorithm>
 #include <cmath>

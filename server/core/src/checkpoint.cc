@@ -18,8 +18,6 @@ namespace icd {
 namespace fs = std::filesystem;
 namespace {
 
-constexpr char kEmbedding[] = "backbone.embeddings.weight";
-constexpr char kHead[] = "lm_head.weight";
 // mamba_ssm's name for the embedding; HF's load hook renames it.
 constexpr char kSsmEmbedding[] = "backbone.embedding.weight";
 
@@ -126,12 +124,12 @@ absl::Status PollContext(const CallContext& ctx) {
 }  // namespace
 
 std::string LayoutTensorName(Layout layout, const std::string& canonical) {
-  if (layout == Layout::kMambaSsm && canonical == kEmbedding) return kSsmEmbedding;
+  if (layout == Layout::kMambaSsm && canonical == kEmbeddingTensor) return kSsmEmbedding;
   return canonical;
 }
 
 std::string CanonicalTensorName(const std::string& stored) {
-  return stored == kSsmEmbedding ? kEmbedding : stored;
+  return stored == kSsmEmbedding ? kEmbeddingTensor : stored;
 }
 
 absl::StatusOr<Checkpoint> ReadCheckpoint(const fs::path& dir, const CallContext& ctx) {
@@ -177,7 +175,7 @@ absl::StatusOr<Checkpoint> ReadCheckpoint(const fs::path& dir, const CallContext
       fingerprint.Add(named.name);
       torch::Tensor contiguous = named.tensor.contiguous();
       fingerprint.Add(contiguous.data_ptr(), contiguous.nbytes());
-      if (canonical == kHead && config.tied) {
+      if (canonical == kHeadTensor && config.tied) {
         stored_head = named.tensor;  // the tied head: checked against the embedding below
         continue;
       }
@@ -206,7 +204,7 @@ absl::StatusOr<Checkpoint> ReadCheckpoint(const fs::path& dir, const CallContext
     }
   }
   if (stored_head) {
-    const torch::Tensor& embedding = checkpoint.weights.at(kEmbedding);
+    const torch::Tensor& embedding = checkpoint.weights.at(kEmbeddingTensor);
     if (!stored_head->sizes().equals(embedding.sizes()) || !torch::equal(*stored_head, embedding)) {
       return absl::InvalidArgumentError(absl::StrCat(
           dir.string(), ": config ties the head to the embedding, but lm_head.weight differs "

@@ -1,6 +1,6 @@
 #include "icd/core/engine.h"
 
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <chrono>
 #include <functional>

@@ -112,9 +112,7 @@ using forward_internal::CheckTensor;
 using forward_internal::LayerTensorName;
 using forward_internal::Precision;
 
-constexpr char kEmbedding[] = "backbone.embeddings.weight";
 constexpr char kFinalNorm[] = "backbone.norm_f";
-constexpr char kHead[] = "lm_head.weight";
 
 absl::Status CheckConfig(const ModelConfig& config) {
   if (config.d_model <= 0 || config.n_layer <= 0 || config.vocab_size <= 0 ||
@@ -149,12 +147,12 @@ absl::Status CheckWeights(const ModelConfig& config, const Weights& weights) {
     if (!status.ok()) return status;
   }
   for (const auto& [name, tensor] : weights) {
-    if (expected.count(name) == 0 && !(config.tied && name == kHead)) {
+    if (expected.count(name) == 0 && !(config.tied && name == kHeadTensor)) {
       return absl::InvalidArgumentError(
           absl::StrCat("unexpected tensor ", name, ": the config says it is absent"));
     }
   }
-  const torch::Device device = weights.at(kEmbedding).device();
+  const torch::Device device = weights.at(kEmbeddingTensor).device();
   for (const auto& [name, tensor] : weights) {
     if (tensor.defined() && tensor.device() != device) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -248,7 +246,7 @@ torch::Tensor BlockNorm(const ModelConfig& config, const Weights& weights,
 absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weights& weights,
                                          const torch::Tensor& input_ids, const CallContext& ctx,
                                          const Capture& capture, RecurrentState* state) {
-  const torch::Tensor& embedding = weights.at(kEmbedding);  // [V, d_model]
+  const torch::Tensor& embedding = weights.at(kEmbeddingTensor);  // [V, d_model]
   Precision precision;
   precision.compute = embedding.scalar_type();
   precision.accumulate =
@@ -286,7 +284,7 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
   // 3. Final norm and head (the embedding when tied); logits in float32.
   torch::Tensor normed = BlockNorm(config, weights, kFinalNorm, precision, residual);
   capture.Add("residual", normed);
-  const torch::Tensor& head = config.tied ? embedding : weights.at(kHead);  // [V, d_model]
+  const torch::Tensor& head = config.tied ? embedding : weights.at(kHeadTensor);  // [V, d_model]
   torch::Tensor logits =
       torch::linear(normed, head.to(precision.compute)).to(torch::kFloat32);  // [B, L, V]
   if (state != nullptr) state->layers = std::move(next_layers);

@@ -2,7 +2,7 @@
 #ifndef ICD_CORE_SRC_FORWARD_INTERNAL_H_
 #define ICD_CORE_SRC_FORWARD_INTERNAL_H_
 
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <cstdint>
 #include <string>
@@ -25,6 +25,10 @@ struct Precision {
 
 // "backbone.layers.{layer}.{suffix}".
 std::string LayerTensorName(int64_t layer, const std::string& suffix);
+// "backbone.layers.{layer}.mixer.{suffix}".
+inline std::string MixerTensorName(int64_t layer, const std::string& suffix) {
+  return LayerTensorName(layer, "mixer." + suffix);
+}
 
 // InvalidArgument naming the tensor when it is absent from `weights` or its
 // shape differs from `shape`.

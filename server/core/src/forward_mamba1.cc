@@ -24,24 +24,20 @@ struct Mamba1Layer {
   torch::Tensor out_proj_b;  // [d_model] or undefined
 };
 
-std::string MixerName(int64_t layer, const std::string& suffix) {
-  return LayerTensorName(layer, "mixer." + suffix);
-}
-
 Mamba1Layer Mamba1LayerView(const Weights& weights, int64_t layer, const Precision& precision) {
   const torch::ScalarType compute = precision.compute;
   Mamba1Layer view;
-  view.in_proj_w = TensorAs(weights, MixerName(layer, "in_proj.weight"), compute);
-  view.in_proj_b = OptionalTensorAs(weights, MixerName(layer, "in_proj.bias"), compute);
-  view.conv_w = TensorAs(weights, MixerName(layer, "conv1d.weight"), compute);
-  view.conv_b = OptionalTensorAs(weights, MixerName(layer, "conv1d.bias"), compute);
-  view.x_proj_w = TensorAs(weights, MixerName(layer, "x_proj.weight"), compute);
-  view.dt_proj_w = TensorAs(weights, MixerName(layer, "dt_proj.weight"), compute);
-  view.dt_proj_b = TensorAs(weights, MixerName(layer, "dt_proj.bias"), compute);
-  view.a_log = TensorAs(weights, MixerName(layer, "A_log"), precision.accumulate);
-  view.d_skip = TensorAs(weights, MixerName(layer, "D"), precision.accumulate);
-  view.out_proj_w = TensorAs(weights, MixerName(layer, "out_proj.weight"), compute);
-  view.out_proj_b = OptionalTensorAs(weights, MixerName(layer, "out_proj.bias"), compute);
+  view.in_proj_w = TensorAs(weights, MixerTensorName(layer, "in_proj.weight"), compute);
+  view.in_proj_b = OptionalTensorAs(weights, MixerTensorName(layer, "in_proj.bias"), compute);
+  view.conv_w = TensorAs(weights, MixerTensorName(layer, "conv1d.weight"), compute);
+  view.conv_b = OptionalTensorAs(weights, MixerTensorName(layer, "conv1d.bias"), compute);
+  view.x_proj_w = TensorAs(weights, MixerTensorName(layer, "x_proj.weight"), compute);
+  view.dt_proj_w = TensorAs(weights, MixerTensorName(layer, "dt_proj.weight"), compute);
+  view.dt_proj_b = TensorAs(weights, MixerTensorName(layer, "dt_proj.bias"), compute);
+  view.a_log = TensorAs(weights, MixerTensorName(layer, "A_log"), precision.accumulate);
+  view.d_skip = TensorAs(weights, MixerTensorName(layer, "D"), precision.accumulate);
+  view.out_proj_w = TensorAs(weights, MixerTensorName(layer, "out_proj.weight"), compute);
+  view.out_proj_b = OptionalTensorAs(weights, MixerTensorName(layer, "out_proj.bias"), compute);
   return view;
 }
 

@@ -26,23 +26,19 @@ struct Mamba2Layer {
   torch::Tensor out_proj_b;  // [d_model] or undefined
 };
 
-std::string MixerName(int64_t layer, const std::string& suffix) {
-  return LayerTensorName(layer, "mixer." + suffix);
-}
-
 Mamba2Layer Mamba2LayerView(const Weights& weights, int64_t layer, const Precision& precision) {
   const torch::ScalarType compute = precision.compute;
   Mamba2Layer view;
-  view.in_proj_w = TensorAs(weights, MixerName(layer, "in_proj.weight"), compute);
-  view.in_proj_b = OptionalTensorAs(weights, MixerName(layer, "in_proj.bias"), compute);
-  view.conv_w = TensorAs(weights, MixerName(layer, "conv1d.weight"), compute);
-  view.conv_b = OptionalTensorAs(weights, MixerName(layer, "conv1d.bias"), compute);
-  view.dt_bias = TensorAs(weights, MixerName(layer, "dt_bias"), compute);
-  view.a_log = TensorAs(weights, MixerName(layer, "A_log"), precision.accumulate);
-  view.d_skip = TensorAs(weights, MixerName(layer, "D"), precision.accumulate);
-  view.norm_w = OptionalTensorAs(weights, MixerName(layer, "norm.weight"), compute);
-  view.out_proj_w = TensorAs(weights, MixerName(layer, "out_proj.weight"), compute);
-  view.out_proj_b = OptionalTensorAs(weights, MixerName(layer, "out_proj.bias"), compute);
+  view.in_proj_w = TensorAs(weights, MixerTensorName(layer, "in_proj.weight"), compute);
+  view.in_proj_b = OptionalTensorAs(weights, MixerTensorName(layer, "in_proj.bias"), compute);
+  view.conv_w = TensorAs(weights, MixerTensorName(layer, "conv1d.weight"), compute);
+  view.conv_b = OptionalTensorAs(weights, MixerTensorName(layer, "conv1d.bias"), compute);
+  view.dt_bias = TensorAs(weights, MixerTensorName(layer, "dt_bias"), compute);
+  view.a_log = TensorAs(weights, MixerTensorName(layer, "A_log"), precision.accumulate);
+  view.d_skip = TensorAs(weights, MixerTensorName(layer, "D"), precision.accumulate);
+  view.norm_w = OptionalTensorAs(weights, MixerTensorName(layer, "norm.weight"), compute);
+  view.out_proj_w = TensorAs(weights, MixerTensorName(layer, "out_proj.weight"), compute);
+  view.out_proj_b = OptionalTensorAs(weights, MixerTensorName(layer, "out_proj.bias"), compute);
   return view;
 }
 

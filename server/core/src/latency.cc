@@ -1,6 +1,6 @@
 #include "latency.h"
 
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <chrono>
 #include <memory>

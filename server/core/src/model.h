@@ -3,7 +3,7 @@
 #ifndef ICD_CORE_SRC_MODEL_H_
 #define ICD_CORE_SRC_MODEL_H_
 
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <cstdint>
 #include <limits>
@@ -13,6 +13,10 @@
 #include "icd/core/types.h"
 
 namespace icd {
+
+// Canonical names of the embedding and the head; a tied head is the embedding.
+inline constexpr char kEmbeddingTensor[] = "backbone.embeddings.weight";
+inline constexpr char kHeadTensor[] = "lm_head.weight";
 
 // Everything the forward and the symmetry specs need, parsed once from either
 // layout's config.json. Field names follow mamba_symmetries.md §1.1.

@@ -3,25 +3,17 @@
 #include "absl/strings/numbers.h"
 #include "forward.h"
 #include "icd/core/status_macros.h"
+#include "splitmix64.h"
 
 namespace icd {
-namespace {
-
-uint64_t SplitMix64(uint64_t& state) {
-  uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-}  // namespace
 
 torch::Tensor ProbeIds(const std::string& fingerprint, int64_t vocab, torch::Device device) {
-  uint64_t state = 0;
-  if (!absl::SimpleHexAtoi(fingerprint, &state)) state = 0x1cd;
+  uint64_t seed = 0;
+  if (!absl::SimpleHexAtoi(fingerprint, &seed)) seed = 0x1cd;
+  SplitMix64 stream(seed);
   std::vector<int64_t> ids(static_cast<size_t>(kProbeBatch * kProbeSeq));
   for (int64_t& id : ids) {
-    id = static_cast<int64_t>(SplitMix64(state) % static_cast<uint64_t>(vocab));
+    id = static_cast<int64_t>(stream.Below(vocab));
   }
   return torch::tensor(ids, torch::dtype(torch::kInt64))
       .reshape({kProbeBatch, kProbeSeq})

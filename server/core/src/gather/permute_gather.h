@@ -5,7 +5,7 @@
 #ifndef ICD_CORE_SRC_GATHER_PERMUTE_GATHER_H_
 #define ICD_CORE_SRC_GATHER_PERMUTE_GATHER_H_
 
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <algorithm>
 #include <map>

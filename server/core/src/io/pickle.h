@@ -4,7 +4,7 @@
 #ifndef ICD_CORE_SRC_IO_PICKLE_H_
 #define ICD_CORE_SRC_IO_PICKLE_H_
 
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <cstdint>
 #include <functional>

@@ -6,7 +6,7 @@
 #ifndef ICD_CORE_SRC_SCAN_SELECTIVE_SCAN_H_
 #define ICD_CORE_SRC_SCAN_SELECTIVE_SCAN_H_
 
-#include <torch/torch.h>
+#include "torch_api.h"
 
 namespace icd::scan {
 

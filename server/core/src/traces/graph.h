@@ -2,7 +2,7 @@
 #ifndef ICD_CORE_SRC_TRACES_GRAPH_H_
 #define ICD_CORE_SRC_TRACES_GRAPH_H_
 
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <cstdint>
 #include <string>

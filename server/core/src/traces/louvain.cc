@@ -7,6 +7,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "splitmix64.h"
 
 namespace icd::traces {
 namespace {
@@ -85,29 +86,6 @@ torch::Tensor Aggregate(const LevelGraph& graph, const std::vector<int64_t>& lab
   }
   return out;
 }
-
-class Rng {
- public:
-  explicit Rng(uint64_t seed) : state_(seed) {}
-  uint64_t Next() {
-    uint64_t z = (state_ += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-  }
-  std::vector<int64_t> Order(int64_t n) {
-    std::vector<int64_t> order(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) order[static_cast<size_t>(i)] = i;
-    for (int64_t i = n - 1; i > 0; --i) {
-      const auto j = static_cast<int64_t>(Next() % static_cast<uint64_t>(i + 1));
-      std::swap(order[static_cast<size_t>(i)], order[static_cast<size_t>(j)]);
-    }
-    return order;
-  }
-
- private:
-  uint64_t state_;
-};
 
 absl::Status Poll(const CallContext& ctx) {
   if (ctx.cancelled && ctx.cancelled()) return absl::CancelledError("clustering cancelled");
@@ -262,7 +240,7 @@ class LinkMatrix {
 
 // Louvain's local moves: each node, in random order, goes to the community
 // (or an empty one) that raises modularity most, until a sweep moves none.
-absl::Status MoveNodes(const LevelGraph& graph, double resolution, Rng& rng,
+absl::Status MoveNodes(const LevelGraph& graph, double resolution, SplitMix64& rng,
                        std::vector<int64_t>& community, const CallContext& ctx) {
   const int64_t n = graph.nodes;
   const double scale = resolution / graph.total;
@@ -326,7 +304,7 @@ absl::Status MoveNodes(const LevelGraph& graph, double resolution, Rng& rng,
 // a node (still alone, well connected to its community) into the
 // well-connected sub-community that raises modularity most (greedy, θ → 0).
 // Sub-communities are therefore connected, which Louvain does not guarantee.
-std::vector<int64_t> Refine(const LevelGraph& graph, double resolution, Rng& rng,
+std::vector<int64_t> Refine(const LevelGraph& graph, double resolution, SplitMix64& rng,
                             const std::vector<int64_t>& community) {
   const int64_t n = graph.nodes;
   const double scale = resolution / graph.total;
@@ -456,7 +434,7 @@ double LevelModularity(const LevelGraph& graph, const std::vector<int64_t>& comm
 }
 
 // One Leiden pass from `membership` (labels of the original nodes).
-absl::Status LeidenPass(const LevelGraph& base, double resolution, Rng& rng,
+absl::Status LeidenPass(const LevelGraph& base, double resolution, SplitMix64& rng,
                         std::vector<int64_t>& membership, const CallContext& ctx) {
   const int64_t n = base.nodes;
   std::vector<int64_t> node_of(static_cast<size_t>(n));  // original node -> level node
@@ -579,8 +557,8 @@ absl::StatusOr<std::vector<int64_t>> LeidenCluster(const torch::Tensor& weights,
   for (int run = 0; run < std::max(1, options.restarts); ++run) {
     // Run 0 draws from the seed itself; the others from hashed seeds (a
     // shifted splitmix64 state would only replay run 0's stream one draw on).
-    Rng rng(run == 0 ? options.seed
-                     : Rng(options.seed ^ (0xd1b54a32d192ed03ULL * static_cast<uint64_t>(run))).Next());
+    SplitMix64 rng(run == 0 ? options.seed
+                            : SplitMix64(options.seed ^ (0xd1b54a32d192ed03ULL * static_cast<uint64_t>(run))).Next());
     std::vector<int64_t> membership = singletons;
     double quality = LevelModularity(base, membership, options.resolution);
     for (int iteration = 0; iteration < std::max(1, options.max_iterations); ++iteration) {

@@ -12,7 +12,7 @@
 #ifndef ICD_CORE_SRC_TRACES_LOUVAIN_H_
 #define ICD_CORE_SRC_TRACES_LOUVAIN_H_
 
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <cstdint>
 #include <vector>

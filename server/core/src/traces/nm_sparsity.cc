@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "icd/core/status_macros.h"
+#include "splitmix64.h"
 
 namespace icd::traces {
 namespace {
@@ -39,30 +40,8 @@ constexpr int64_t kMaxRounds = 3000;
 constexpr int64_t kPatience = 12;
 // A kick deals the columns of this many random stripes of one block afresh.
 constexpr int64_t kKickStripes = 3;
-
-// Portable, seeded stream (splitmix64): the same on every platform and
-// standard library, unlike std::shuffle and the std distributions.
-class Rng {
- public:
-  explicit Rng(uint64_t seed) : state_(seed ^ 0x4e4d5065726d7574ULL) {}
-  uint64_t Next() {
-    uint64_t z = (state_ += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-  }
-  int64_t Below(int64_t bound) {
-    return static_cast<int64_t>(Next() % static_cast<uint64_t>(bound));
-  }
-  void Shuffle(std::vector<int64_t>& items) {
-    for (size_t i = items.size(); i > 1; --i) {
-      std::swap(items[i - 1], items[static_cast<size_t>(Below(static_cast<int64_t>(i)))]);
-    }
-  }
-
- private:
-  uint64_t state_;
-};
+// Keeps this search's stream apart from others seeded with the same number.
+constexpr uint64_t kStreamSalt = 0x4e4d5065726d7574ULL;
 
 torch::Tensor IndexTensor(const std::vector<int64_t>& values, torch::Device device) {
   return torch::tensor(values, torch::dtype(torch::kInt64)).to(device);
@@ -258,7 +237,7 @@ class NmSearch {
         device_(saliency.device()),
         options_(saliency.options()),
         order_(start),
-        rng_(options.seed) {
+        rng_(options.seed ^ kStreamSalt) {
     // Columns as rows, so that a stripe is a contiguous [m, rows] slab.
     columns_ = torch::empty({saliency.size(1), rows_}, options_);
     const int64_t chunk = ChunkRows(rows_);
@@ -594,7 +573,7 @@ class NmSearch {
   const torch::Device device_;
   const torch::TensorOptions options_;  // the saliency's dtype and device
   std::vector<int64_t> order_;
-  Rng rng_;
+  SplitMix64 rng_;
   torch::Tensor columns_;  // [channels, rows]: the saliency's columns in order_
   double relative_tolerance_ = 0;
   double stripe_scale_ = 0;

@@ -50,7 +50,7 @@
 #ifndef ICD_CORE_SRC_TRACES_NM_SPARSITY_H_
 #define ICD_CORE_SRC_TRACES_NM_SPARSITY_H_
 
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <cstdint>
 #include <vector>

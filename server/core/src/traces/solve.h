@@ -3,7 +3,7 @@
 #ifndef ICD_CORE_SRC_TRACES_SOLVE_H_
 #define ICD_CORE_SRC_TRACES_SOLVE_H_
 
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <functional>
 #include <optional>

@@ -3,24 +3,16 @@
 #include <algorithm>
 #include <vector>
 
+#include "splitmix64.h"
+
 namespace icd::traces {
-namespace {
-
-uint64_t SplitMix64(uint64_t& state) {
-  uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-}  // namespace
 
 torch::Tensor UniformKeys(int64_t rows, int64_t cols, uint64_t seed) {
   torch::Tensor keys = torch::empty({rows, cols}, torch::kFloat64);
   double* out = keys.data_ptr<double>();
-  uint64_t state = seed;
+  SplitMix64 stream(seed);
   for (int64_t i = 0; i < rows * cols; ++i) {
-    out[i] = static_cast<double>(SplitMix64(state) >> 11) * 0x1.0p-53;
+    out[i] = static_cast<double>(stream.Next() >> 11) * 0x1.0p-53;
   }
   return keys;
 }

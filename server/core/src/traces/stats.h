@@ -8,7 +8,7 @@
 #ifndef ICD_CORE_SRC_TRACES_STATS_H_
 #define ICD_CORE_SRC_TRACES_STATS_H_
 
-#include <torch/torch.h>
+#include "torch_api.h"
 
 #include <cstdint>
 #include <deque>

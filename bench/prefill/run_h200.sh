@@ -9,10 +9,14 @@
 #   latency  icd-server's MeasureLatency (icdctl latency): prefill 2048 tokens
 #            (30 samples) and decode (200), bf16, batch 1, both shapes
 #   profile  icd_profile (Kineto) on the prefill of both shapes -> trace_table.py
+#   base     when BASE_TREE names a source tree of an earlier commit (BASE_COMMIT):
+#            its icd-server + icdctl built beside the first build, and the same
+#            latency figures from it after everything else (before/after, one machine)
 # Usage (repo root on the GPU machine, .debs carried): bench/prefill/run_h200.sh OUT_DIR
 # Env: STEPS ("build test latency profile"), DEADLINE (epoch seconds: later stages
 # that would not fit are skipped), ICD_COMMIT, ICD_BUILD_DIR (/tmp/build-gpu),
-# ICD_MODELS_DIR (/tmp/icd-models), WORK (/tmp/prefillwork), ICD_SHAPES ("130m 2.8b").
+# ICD_MODELS_DIR (/tmp/icd-models), WORK (/tmp/prefillwork), ICD_SHAPES ("130m 2.8b"),
+# BASE_TREE, BASE_COMMIT.
 set -uo pipefail
 out=${1:?usage: bench/prefill/run_h200.sh OUT_DIR}
 mkdir -p "$out"; out=$(cd "$out" && pwd)
@@ -52,6 +56,11 @@ if want build; then
   ( ICD_TARGETS="icd-server icdctl icd_core_testing cuda_test forward_test" ICD_LOG_DIR="$work/logs/icd-build" \
       bash deploy/build-gpu.sh "$build" > "$work/logs/icd-build.log" 2>&1
     echo "exit $?" >> "$work/logs/icd-build.log" ) & build_pid=$!
+  if [[ -n "${BASE_TREE:-}" ]]; then
+    ( ICD_TARGETS="icd-server icdctl" ICD_DEB_PREFIX=/tmp/deb-base ICD_DEBS_DIR="${ICD_DEBS_DIR:-$repo/.debs}" \
+        bash "$BASE_TREE/deploy/build-gpu.sh" /tmp/build-base > "$work/logs/base-build.log" 2>&1
+      echo "exit $?" >> "$work/logs/base-build.log" ) & base_pid=$!
+  fi
   ( for shape in $shapes; do
       d="$models/mamba-$shape"
       [[ -f $d/config.json ]] || python3 bench/make_random_mamba.py --shape "$shape" --out "$d" >> "$results" 2>> "$work/logs/models.log"
@@ -80,26 +89,31 @@ want build && wait ${models_pid:-} ${profile_build_pid:-} 2>/dev/null
 server_pid=""
 stop_server() { [[ -n "$server_pid" ]] && { kill "$server_pid"; wait "$server_pid" 2>/dev/null; server_pid=""; }; }
 trap stop_server EXIT
-if want latency && fits 90 latency; then
-  icd_env "$build/server/icd-server" --listen 127.0.0.1:0 --model-root "$models" --export-root /tmp \
-    --device cuda > "$work/logs/server.stdout" 2>> "$work/logs/server.log" & server_pid=$!
-  for _ in $(seq 150); do grep -q "listening on" "$work/logs/server.stdout" 2>/dev/null && break; sleep 0.2; done
-  address=$(sed -n 's/^listening on //p' "$work/logs/server.stdout" | head -1)
-  icdctl() { icd_env timeout 200 "$build/client/cpp/icdctl" --server "$address" "$@"; }
+# icd_latency BUILD_DIR COMMIT TREE: MeasureLatency through that build's server.
+icd_latency() {
+  local dir=$1 tree_commit=$2 tree=$3
+  icd_env "$dir/server/icd-server" --listen 127.0.0.1:0 --model-root "$models" --export-root /tmp \
+    --device cuda > "$work/logs/server-$tree.stdout" 2>> "$work/logs/server-$tree.log" & server_pid=$!
+  for _ in $(seq 150); do grep -q "listening on" "$work/logs/server-$tree.stdout" 2>/dev/null && break; sleep 0.2; done
+  local address; address=$(sed -n 's/^listening on //p' "$work/logs/server-$tree.stdout" | head -1)
+  icdctl() { icd_env timeout 200 "$dir/client/cpp/icdctl" --server "$address" "$@"; }
   for shape in $shapes; do
-    fits 40 "latency $shape" || break
+    fits 40 "latency $tree $shape" || break
     icdctl load "bf16-$shape" "mamba-$shape" --device cuda --dtype bfloat16 >> "$work/logs/icdctl.log" 2>&1 ||
-      { log "load bf16-$shape failed"; continue; }
+      { log "load bf16-$shape ($tree) failed"; continue; }
     for mode in prefill decode; do
       iters=30; [[ $mode == decode ]] && iters=200
       icdctl --json latency "bf16-$shape" --mode $mode --batch 1 --seq-len 2048 --warmup 5 --iters $iters |
-        python3 -c "import json,sys; r=json.load(sys.stdin); r.update(bench='icd_latency', impl='icd', family='mamba1', shape='$shape', mode='$mode', seq_len=2048, batch=1, dtype='bfloat16', commit='$commit', checkpoint='mamba-$shape (HF layout)'); print(json.dumps(r))" \
-        >> "$results" 2>> "$work/logs/icdctl.log" || log "icd latency $shape $mode failed"
+        python3 -c "import json,sys; r=json.load(sys.stdin); r.update(bench='icd_latency', impl='icd', family='mamba1', shape='$shape', mode='$mode', seq_len=2048, batch=1, dtype='bfloat16', commit='$tree_commit', tree='$tree', checkpoint='mamba-$shape (HF layout)'); print(json.dumps(r))" \
+        >> "$results" 2>> "$work/logs/icdctl.log" || log "icd latency $tree $shape $mode failed"
       tail -1 "$results" >&2
     done
     icdctl unload "bf16-$shape" >> "$work/logs/icdctl.log" 2>&1
   done
   stop_server
+}
+if want latency && fits 90 latency; then
+  icd_latency "$build" "$commit" prefill
 fi
 
 if want profile && [[ -x /tmp/icd_profile/icd_profile ]]; then
@@ -117,6 +131,11 @@ if want profile && [[ -x /tmp/icd_profile/icd_profile ]]; then
       --label "icd $shape decode step (bf16)" --json "$work/profile-icd-$shape-decode.json" \
       --md "$work/profile-icd.md" > /dev/null || log "trace_table decode $shape failed"
   done
+fi
+
+if [[ -n "${BASE_TREE:-}" ]] && fits 60 "base latency"; then
+  wait ${base_pid:-} 2>/dev/null; log "base build: $(tail -1 "$work/logs/base-build.log")"
+  [[ -x /tmp/build-base/server/icd-server ]] && icd_latency /tmp/build-base "${BASE_COMMIT:-unknown}" base
 fi
 
 cp "$results" "$out/results.jsonl" 2>/dev/null

@@ -84,7 +84,9 @@ if want test && [[ -x "$build/tests/unit/cuda_test" ]] && fits 60 test; then
   icd_env timeout 120 "$build/tests/unit/forward_test" --gtest_brief=1 > "$work/logs/forward_test.txt" 2>&1
   log "forward_test exit $?: $(grep -E '^\[  (PASSED|FAILED) ' "$work/logs/forward_test.txt" | tr '\n' ' ')"
 fi
-want build && wait ${models_pid:-} ${profile_build_pid:-} 2>/dev/null
+# Every build done before any timing: a compiling CPU would be timed too.
+want build && wait ${models_pid:-} ${profile_build_pid:-} ${base_pid:-} 2>/dev/null
+[[ -n "${BASE_TREE:-}" ]] && log "base build: $(tail -1 "$work/logs/base-build.log")"
 
 server_pid=""
 stop_server() { [[ -n "$server_pid" ]] && { kill "$server_pid"; wait "$server_pid" 2>/dev/null; server_pid=""; }; }
@@ -134,7 +136,6 @@ if want profile && [[ -x /tmp/icd_profile/icd_profile ]]; then
 fi
 
 if [[ -n "${BASE_TREE:-}" ]] && fits 60 "base latency"; then
-  wait ${base_pid:-} 2>/dev/null; log "base build: $(tail -1 "$work/logs/base-build.log")"
   [[ -x /tmp/build-base/server/icd-server ]] && icd_latency /tmp/build-base "${BASE_COMMIT:-unknown}" base
 fi
 

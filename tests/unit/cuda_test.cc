@@ -464,7 +464,7 @@ TEST(FusedConvTest, MatchesCausalDepthwiseConvThenSilu) {
       EXPECT_TRUE(torch::equal(fused_next.cpu(), reference_next)) << name;
       // Reduced dtypes: two roundings (the conv, then silu), each where the
       // reference rounds, so up to 2 units in the last place apart.
-      const double error = dtype == torch::kFloat32 ? RelL2(*fused, reference)
+      const double error = dtype == torch::kFloat32 ? RelL2(fused->cpu(), reference)
                                                     : RoundingErrors(*fused, reference, dtype, 2.0);
       EXPECT_LE(error, dtype == torch::kFloat32 ? kFusedFloat32Tolerance : 1.0) << name;
       worst = std::max(worst, error);
@@ -512,7 +512,7 @@ TEST(FusedNormTest, MatchesResidualAddThenRmsNorm) {
         EXPECT_EQ(result->normed.scalar_type(), dtype) << name;
         // Two roundings (normalised, scaled), each where the reference rounds.
         const double error = dtype == torch::kFloat32
-                                 ? RelL2(result->normed, reference)
+                                 ? RelL2(result->normed.cpu(), reference)
                                  : RoundingErrors(result->normed, reference, dtype, 2.0);
         EXPECT_LE(error, dtype == torch::kFloat32 ? kFusedFloat32Tolerance : 1.0) << name;
         worst = std::max(worst, error);

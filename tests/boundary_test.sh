@@ -18,5 +18,12 @@ public_torch=$(grep -rEln '#include *[<"](torch/|ATen/|c10/)' "$repo/server/core
 if [ -n "$public_torch" ]; then
   echo "LibTorch in the engine's public headers:"; echo "$public_torch"; status=1
 fi
+# The build's budget (docs/build.md): <torch/torch.h> parses nn, optim, jit and
+# data besides tensors; first-party code includes server/core/src/torch_api.h.
+whole_torch=$(grep -rEln '#include *<torch/(torch|all)\.h>' "$repo/server" "$repo/tests" \
+  "$repo/bench" --include='*.cc' --include='*.h' --include='*.cu' 2>/dev/null | grep -v '/bench/peer/')
+if [ -n "$whole_torch" ]; then
+  echo "<torch/torch.h> instead of torch_api.h:"; echo "$whole_torch"; status=1
+fi
 [ $status -eq 0 ] && echo "boundary holds: LibTorch only inside server/core/src, no gRPC there"
 exit $status

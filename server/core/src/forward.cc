@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <exception>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "absl/strings/str_join.h"
 #include "config.h"
 #include "forward_internal.h"
+#include "fused/fused.h"
 
 namespace icd {
 namespace forward_internal {
@@ -242,6 +244,30 @@ torch::Tensor BlockNorm(const ModelConfig& config, const Weights& weights,
          weight;
 }
 
+// residual += pending (the last mixer's output, when defined; then reset),
+// then BlockNorm of the sum. On CUDA with RMSNorm both run as one kernel
+// (fused/fused.h); otherwise as LibTorch ops, the add as HF's residual add.
+torch::Tensor AddAndNorm(const ModelConfig& config, const Weights& weights,
+                         const std::string& prefix, const Precision& precision,
+                         torch::Tensor* residual, torch::Tensor* pending) {
+  if (!config.layer_norm) {
+    std::optional<fused::AddRmsNormResult> fused = fused::AddRmsNorm(
+        *residual, *pending,
+        forward_internal::TensorAs(weights, prefix + ".weight", precision.compute),
+        config.norm_eps);
+    if (fused.has_value()) {
+      *residual = std::move(fused->residual);
+      *pending = torch::Tensor();
+      return std::move(fused->normed);
+    }
+  }
+  if (pending->defined()) {
+    *residual = *residual + pending->to(precision.accumulate);
+    *pending = torch::Tensor();
+  }
+  return BlockNorm(config, weights, prefix, precision, *residual);
+}
+
 // `state` (optional) is read, and replaced only when the forward succeeds.
 absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weights& weights,
                                          const torch::Tensor& input_ids, const CallContext& ctx,
@@ -262,27 +288,28 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
     next_layers = state->layers;
     next_layers.resize(static_cast<size_t>(config.n_layer));
   }
+  torch::Tensor mixed;  // [B, L, d_model]: the last mixer's output, added by the next norm
   for (int64_t layer = 0; layer < config.n_layer; ++layer) {
     absl::Status status = PollContext(ctx, layer);
     if (!status.ok()) return status;
     LayerState* layer_state =
         state != nullptr ? &next_layers[static_cast<size_t>(layer)] : nullptr;
-    // 2. Block: residual + Mixer(Norm(residual)).
-    torch::Tensor normed = BlockNorm(config, weights, LayerTensorName(layer, "norm"), precision,
-                                     residual);  // [B, L, d_model]
+    // 2. Block: residual + Mixer(Norm(residual)); the add is done with the
+    // next norm.
+    torch::Tensor normed = AddAndNorm(config, weights, LayerTensorName(layer, "norm"), precision,
+                                      &residual, &mixed);  // [B, L, d_model]
     capture.Add("residual", normed);
-    torch::Tensor mixed =
+    mixed =
         config.family == Family::kMamba2
             ? forward_internal::Mamba2Mixer(config, weights, layer, precision, normed, capture,
                                             layer_state)
             : forward_internal::Mamba1Mixer(config, weights, layer, precision, normed, capture,
                                             layer_state);
-    residual = residual + mixed.to(precision.accumulate);
   }
   absl::Status status = PollContext(ctx, config.n_layer);
   if (!status.ok()) return status;
   // 3. Final norm and head (the embedding when tied); logits in float32.
-  torch::Tensor normed = BlockNorm(config, weights, kFinalNorm, precision, residual);
+  torch::Tensor normed = AddAndNorm(config, weights, kFinalNorm, precision, &residual, &mixed);
   capture.Add("residual", normed);
   const torch::Tensor& head = config.tied ? embedding : weights.at(kHeadTensor);  // [V, d_model]
   torch::Tensor logits =

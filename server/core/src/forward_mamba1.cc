@@ -1,9 +1,12 @@
 // Mamba-1 and FalconMamba mixers, step by step as HF's MambaMixer.slow_forward
 // (mamba_symmetries.md §2.2-2.3).
+#include <optional>
 #include <string>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "forward_internal.h"
+#include "fused/fused.h"
 #include "scan/selective_scan.h"
 
 namespace icd::forward_internal {
@@ -56,12 +59,21 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   torch::Tensor conv_input = projected.narrow(-1, 0, inner);                        // [B, L, I]
   torch::Tensor gate = projected.narrow(-1, inner, inner);                          // [B, L, I]
 
-  // 2. Causal depthwise convolution (continuing the state's history), then silu.
-  torch::Tensor hidden = torch::silu(
-      state != nullptr
-          ? CausalDepthwiseConv(conv_input, view.conv_w, view.conv_b, state->conv_history,
-                                &state->conv_history)
-          : CausalDepthwiseConv(conv_input, view.conv_w, view.conv_b));  // [B, L, I]
+  // 2. Causal depthwise convolution (continuing the state's history), then
+  // silu: icd's fused kernel on CUDA (fused/fused.h), LibTorch's ops
+  // otherwise (the reference).
+  std::optional<torch::Tensor> fused_hidden = fused::CausalConvSilu(
+      conv_input, view.conv_w, view.conv_b,
+      state != nullptr ? state->conv_history : torch::Tensor(),
+      state != nullptr ? &state->conv_history : nullptr);  // [B, L, I]
+  torch::Tensor hidden =
+      fused_hidden.has_value()
+          ? *std::move(fused_hidden)
+          : torch::silu(state != nullptr
+                            ? CausalDepthwiseConv(conv_input, view.conv_w, view.conv_b,
+                                                  state->conv_history, &state->conv_history)
+                            : CausalDepthwiseConv(conv_input, view.conv_w,
+                                                  view.conv_b));  // [B, L, I]
 
   // 3.a. Selection: x_proj rows are [dt | B | C].
   torch::Tensor ssm_params = torch::linear(hidden, view.x_proj_w);  // [B, L, R + 2N]
@@ -82,9 +94,12 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   capture.Add(state_group, b_proj);
   capture.Add(state_group, c_proj);
   capture.Add(LayerGroupName(layer, "dt_rank"), time_step);
-  // Δ = softplus(dt_proj(δ)), in the compute dtype as HF.
-  torch::Tensor delta =
-      torch::softplus(torch::linear(time_step, view.dt_proj_w, view.dt_proj_b)).to(wide);  // [B, L, I]
+  // Δ = softplus(dt_proj(δ)), in the compute dtype as HF; the scan applies
+  // the softplus. On CUDA the bias is added inside the scan kernel too (one
+  // [B, L, I] pass less); on the CPU it stays in the linear, as HF.
+  const bool bias_in_scan = time_step.is_cuda();
+  torch::Tensor delta = torch::linear(time_step, view.dt_proj_w,
+                                      bias_in_scan ? torch::Tensor() : view.dt_proj_b);  // [B, L, I]
 
   // 3.b-c. Discretisation, the recurrence over time (from and into the
   // state's h), skip D·x and gate silu(z): scan/selective_scan.h (icd's CUDA
@@ -92,16 +107,17 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   scan::ScanInputs scan_inputs;
   scan_inputs.hidden = hidden;
   scan_inputs.delta = delta;
+  scan_inputs.delta_bias = bias_in_scan ? view.dt_proj_b : torch::Tensor();
   scan_inputs.a_decay = -torch::exp(view.a_log);  // [I, N]
   scan_inputs.b_proj = b_proj;
   scan_inputs.c_proj = c_proj;
   scan_inputs.d_skip = view.d_skip;
   scan_inputs.gate = gate;
-  torch::Tensor scan_output = scan::SelectiveScan(
+  // Its output is already in the compute dtype.
+  torch::Tensor out_proj_input = scan::SelectiveScan(
       scan_inputs, wide, state != nullptr ? &state->ssm_state : nullptr);  // [B, L, I]
 
   // 4. Final linear projection.
-  torch::Tensor out_proj_input = scan_output.to(precision.compute);  // [B, L, I]
   capture.Add(LayerGroupName(layer, "inner"), out_proj_input);
   return torch::linear(out_proj_input, view.out_proj_w, view.out_proj_b);  // [B, L, d_model]
 }

@@ -10,8 +10,13 @@ torch::Tensor SelectiveScanReference(const ScanInputs& inputs, torch::ScalarType
   const int64_t seq_len = inputs.hidden.size(1);
   const int64_t inner = inputs.hidden.size(2);
   const int64_t state_size = inputs.a_decay.size(1);
-  torch::Tensor hidden_wide = inputs.hidden.to(accumulate);           // [B, L, I]
-  torch::Tensor delta_x = inputs.delta * hidden_wide;                 // [B, L, I]
+  torch::Tensor hidden_wide = inputs.hidden.to(accumulate);  // [B, L, I]
+  // Δ = softplus(dt_proj(δ)) in the compute dtype, as HF.
+  torch::Tensor delta = torch::softplus(inputs.delta_bias.defined()
+                                            ? inputs.delta + inputs.delta_bias
+                                            : inputs.delta)
+                            .to(accumulate);               // [B, L, I]
+  torch::Tensor delta_x = delta * hidden_wide;             // [B, L, I]
   torch::Tensor b_wide = inputs.b_proj.to(accumulate);                // [B, L, N]
   torch::Tensor c_wide = inputs.c_proj.to(accumulate).unsqueeze(-1);  // [B, L, N, 1]
 
@@ -24,7 +29,7 @@ torch::Tensor SelectiveScanReference(const ScanInputs& inputs, torch::ScalarType
   scan_outputs.reserve(static_cast<size_t>(seq_len));
   for (int64_t step = 0; step < seq_len; ++step) {
     torch::Tensor decay =
-        torch::exp(inputs.delta.select(1, step).unsqueeze(-1) * inputs.a_decay);  // [B, I, N]
+        torch::exp(delta.select(1, step).unsqueeze(-1) * inputs.a_decay);  // [B, I, N]
     torch::Tensor drive =
         delta_x.select(1, step).unsqueeze(-1) * b_wide.select(1, step).unsqueeze(1);  // [B, I, N]
     ssm_state = decay * ssm_state + drive;
@@ -34,7 +39,7 @@ torch::Tensor SelectiveScanReference(const ScanInputs& inputs, torch::ScalarType
   torch::Tensor scan_output = torch::stack(scan_outputs, 1);  // [B, L, I]
   // Skip connection D·x, then the gate silu(z).
   scan_output = scan_output + hidden_wide * inputs.d_skip;
-  return scan_output * torch::silu(inputs.gate.to(accumulate));
+  return (scan_output * torch::silu(inputs.gate.to(accumulate))).to(inputs.hidden.scalar_type());
 }
 
 #ifndef ICD_HAVE_CUDA_SCAN

@@ -1,6 +1,6 @@
 // icd's Mamba-1 selective scan on CUDA (contract: selective_scan.h; launch
 // interface: selective_scan_launch.h). No LibTorch here: raw pointers in,
-// float32 y and state out.
+// y (float32, or rounded once to the element type) and the float32 state out.
 //
 // Work split. A channel's N states are spread over `kLanes` threads (each
 // holding kStatesPerThread of them in registers), so that even batch 1 gives
@@ -29,36 +29,32 @@
 // Padding is inert by construction: steps past L and states past N get
 // Δ = Δ·x = B = C = 0 and A = 0, i.e. decay 1 and drive 0, so the state is
 // unchanged and nothing is added to y.
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <type_traits>
 
+#include "scan/element_types.cuh"
 #include "scan/selective_scan_launch.h"
 
 namespace icd::scan {
 namespace {
 
+using cuda_elements::BFloat16Element;
+using cuda_elements::Float16Element;
+using cuda_elements::Float32Element;
+using cuda_elements::RoundTo;
+
 constexpr float kLog2E = 1.4426950408889634f;
 
-// Operand element types as stored in memory, converted to float on use.
-struct Float32Element {
-  using Storage = float;
-  static __device__ __forceinline__ float ToFloat(float value) { return value; }
-};
-struct BFloat16Element {
-  using Storage = unsigned short;
-  static __device__ __forceinline__ float ToFloat(unsigned short bits) {
-    return __uint_as_float(static_cast<unsigned int>(bits) << 16);
-  }
-};
-struct Float16Element {
-  using Storage = unsigned short;
-  static __device__ __forceinline__ float ToFloat(unsigned short bits) {
-    return __half2float(__ushort_as_half(bits));
-  }
-};
+// Δ = softplus(raw + bias) as the LibTorch reference computes it in the
+// compute dtype: the sum rounded, softplus in float32 (LibTorch's formula,
+// threshold 20) rounded again. Exact libm calls: once per channel and step.
+template <class Element>
+__device__ __forceinline__ float SoftplusDelta(float raw, float bias) {
+  const float sum = RoundTo<Element>(raw + bias);
+  return RoundTo<Element>(sum > 20.0f ? sum : log1pf(expf(sum)));
+}
 
 // 2^x on the special-function unit (relative error about 2^-22; tiny
 // results flush to zero, which only drops a state that has fully decayed).
@@ -191,11 +187,22 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
   const float skip = io_real ? args.d_skip[io_channel] : 0.0f;
   const auto* hidden = static_cast<const Storage*>(args.hidden.data) +
                        batch * args.hidden.batch_stride + io_channel;
-  const auto* delta = static_cast<const float*>(args.delta.data) +
-                      batch * args.delta.batch_stride + io_channel;
+  // Δ itself in float32, or the raw time step in the element type (then
+  // softplus(raw + bias) when staged, off the load's critical path).
+  const bool raw_delta = args.delta_raw.data != nullptr;
+  const ScanOperand& delta_operand = raw_delta ? args.delta_raw : args.delta;
+  const auto* delta = static_cast<const float*>(delta_operand.data) +
+                      batch * delta_operand.batch_stride + io_channel;
+  const auto* delta_raw = static_cast<const Storage*>(delta_operand.data) +
+                          batch * delta_operand.batch_stride + io_channel;
+  const float delta_bias = io_real && args.delta_bias != nullptr ? args.delta_bias[io_channel] : 0.0f;
   const auto* gate = static_cast<const Storage*>(args.gate.data) +
                      batch * args.gate.batch_stride + io_channel;
-  float* output = args.output + batch * seq_len * inner + io_channel;
+  const int64_t output_offset = batch * seq_len * inner + io_channel;
+  float* output = args.output != nullptr ? args.output + output_offset : nullptr;
+  Storage* output_rounded =
+      args.output_rounded != nullptr ? static_cast<Storage*>(args.output_rounded) + output_offset
+                                     : nullptr;
 
   // Load role for B and C: state `proj_state`, steps proj_step + k * rows.
   const int proj_state = thread % Tile::kStates;
@@ -208,6 +215,7 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
 
   // Next chunk's raw inputs, then the current chunk's x and z for y.
   float next_delta[Tile::kChannelLoads];
+  Storage next_delta_raw[Tile::kChannelLoads];
   Storage next_hidden[Tile::kChannelLoads];
   Storage next_gate[Tile::kChannelLoads];
   Storage next_b[Tile::kStateLoads];
@@ -221,7 +229,12 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
       const int64_t step = chunk_start + load_step + k * Tile::kChannelRowsPerPass;
       const bool real = io_real && step < seq_len;
       // Read once: streaming loads, so they do not push B/C out of L2.
-      next_delta[k] = real ? __ldcs(delta + step * args.delta.time_stride) : 0.0f;
+      if (raw_delta) {
+        next_delta_raw[k] = real ? __ldcs(delta_raw + step * delta_operand.time_stride)
+                                 : Element::NegativeInfinity();
+      } else {
+        next_delta[k] = real ? __ldcs(delta + step * delta_operand.time_stride) : 0.0f;
+      }
       next_hidden[k] = real ? __ldcs(hidden + step * args.hidden.time_stride) : Storage(0);
       next_gate[k] = real ? __ldcs(gate + step * args.gate.time_stride) : Storage(0);
     }
@@ -242,7 +255,7 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
     const auto* hidden_strip = static_cast<const Storage*>(args.hidden.data) +
                                batch * args.hidden.batch_stride + first_channel;
     const auto* delta_strip = static_cast<const float*>(args.delta.data) +
-                              batch * args.delta.batch_stride + first_channel;
+                              batch * args.delta.batch_stride + first_channel;  // float32 Δ only
     const auto* gate_strip = static_cast<const Storage*>(args.gate.data) +
                              batch * args.gate.batch_stride + first_channel;
     for (int row = thread; row < 3 * kSteps; row += Tile::kThreads) {
@@ -265,7 +278,10 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
     for (int k = 0; k < Tile::kChannelLoads; ++k) {
       const int step = load_step + k * Tile::kChannelRowsPerPass;
       const float x = Element::ToFloat(next_hidden[k]);
-      step_inputs[load_channel][step] = make_float2(next_delta[k], next_delta[k] * x);
+      const float step_delta =
+          raw_delta ? SoftplusDelta<Element>(Element::ToFloat(next_delta_raw[k]), delta_bias)
+                    : next_delta[k];
+      step_inputs[load_channel][step] = make_float2(step_delta, step_delta * x);
       hidden_now[k] = x;
       gate_now[k] = Element::ToFloat(next_gate[k]);
     }
@@ -346,8 +362,12 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
       const int step = load_step + k * Tile::kChannelRowsPerPass;
       if (io_real && chunk_start + step < seq_len) {
         const float scan = scan_sums[step][load_channel];
-        __stcs(output + (chunk_start + step) * inner,
-               (scan + skip * hidden_now[k]) * Silu(gate_now[k]));
+        const float y = (scan + skip * hidden_now[k]) * Silu(gate_now[k]);
+        if (output_rounded != nullptr) {
+          __stcs(output_rounded + (chunk_start + step) * inner, Element::FromFloat(y));
+        } else {
+          __stcs(output + (chunk_start + step) * inner, y);
+        }
       }
     }
   }
@@ -501,9 +521,16 @@ int LaunchSelectiveScan(const ScanLaunchArgs& args, const ScanKernelShape& shape
       args.state_size > kMaxCudaStateSize) {
     return invalid;
   }
-  if (args.hidden.data == nullptr || args.delta.data == nullptr || args.gate.data == nullptr ||
-      args.b_proj.data == nullptr || args.c_proj.data == nullptr || args.a_decay == nullptr ||
-      args.d_skip == nullptr || args.output == nullptr) {
+  if (args.hidden.data == nullptr || args.gate.data == nullptr || args.b_proj.data == nullptr ||
+      args.c_proj.data == nullptr || args.a_decay == nullptr || args.d_skip == nullptr) {
+    return invalid;
+  }
+  // Exactly one Δ (float32, or raw) and exactly one y; L2 prefetch reads
+  // float32 Δ only.
+  const bool raw_delta = args.delta_raw.data != nullptr;
+  if (raw_delta == (args.delta.data != nullptr) ||
+      (args.output == nullptr) == (args.output_rounded == nullptr) ||
+      (raw_delta && shape.prefetch_l2)) {
     return invalid;
   }
   if (!ScanKernelShapeAvailable(shape, args.state_size, args.element_type)) return invalid;

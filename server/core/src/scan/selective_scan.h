@@ -11,22 +11,28 @@
 namespace icd::scan {
 
 // Per layer, with batch B, time L, inner channels I, state size N. All
-// tensors on one device. `hidden`, `b_proj`, `c_proj` and `gate` may be in
-// the compute dtype (float32, bfloat16, float16, float64) and may be
-// non-contiguous views; `delta`, `a_decay`, `d_skip` are in `accumulate`.
+// tensors on one device. `hidden`, `delta`, `delta_bias`, `b_proj`, `c_proj`
+// and `gate` are in the compute dtype (float32, bfloat16, float16, float64)
+// and may be non-contiguous views; `a_decay`, `d_skip` are in `accumulate`.
+// The scan takes the time step before its softplus, so that on CUDA the
+// bias add and softplus happen inside the kernel instead of in two
+// [B, L, I] passes: Δ = softplus(delta + delta_bias), computed in the
+// compute dtype as HF does (delta_bias undefined: Δ = softplus(delta)).
 struct ScanInputs {
-  torch::Tensor hidden;   // x after conv and silu   [B, L, I]
-  torch::Tensor delta;    // Δ = softplus(dt_proj)   [B, L, I]
-  torch::Tensor a_decay;  // A = -exp(A_log)         [I, N]
+  torch::Tensor hidden;      // x after conv and silu           [B, L, I]
+  torch::Tensor delta;       // dt_proj(δ), with or without bias [B, L, I]
+  torch::Tensor delta_bias;  // dt_proj's bias, or undefined    [I]
+  torch::Tensor a_decay;     // A = -exp(A_log)                 [I, N]
   torch::Tensor b_proj;   // B                       [B, L, N]
   torch::Tensor c_proj;   // C                       [B, L, N]
   torch::Tensor d_skip;   // D                       [I]
   torch::Tensor gate;     // z                       [B, L, I]
 };
 
-// Returns y_t = (C_t · h_t + D x_t) · silu(z_t) [B, L, I] in `accumulate`,
-// where h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_t and the state h is [B, I, N]
-// in `accumulate`. `state` (optional) carries h across calls, for decoding:
+// Returns y_t = (C_t · h_t + D x_t) · silu(z_t) [B, L, I], computed in
+// `accumulate` and rounded once to the compute dtype (hidden's), where
+// h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_t and the state h is [B, I, N] in
+// `accumulate`. `state` (optional) carries h across calls, for decoding:
 // when defined on entry it is h_0 (zeros otherwise); on return it holds h_L.
 torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumulate,
                             torch::Tensor* state = nullptr);

@@ -33,8 +33,9 @@ bool HasSizes(const torch::Tensor& tensor, std::initializer_list<int64_t> sizes)
 }
 
 // The kernel's domain: float32 accumulation, every tensor on one CUDA
-// device, shapes as ScanInputs states them, x / z / B / C in one dtype the
-// kernel reads, Δ / A / D in float32, 1 <= N <= kMaxCudaStateSize.
+// device, shapes as ScanInputs states them, x / z / B / C / the time step
+// (and its bias) in one dtype the kernel reads, A / D in float32,
+// 1 <= N <= kMaxCudaStateSize.
 bool KernelTakes(const ScanInputs& inputs, torch::ScalarType accumulate) {
   if (accumulate != torch::kFloat32) return false;
   const torch::Tensor* operands[] = {&inputs.hidden, &inputs.delta,  &inputs.a_decay,
@@ -63,9 +64,14 @@ bool KernelTakes(const ScanInputs& inputs, torch::ScalarType accumulate) {
     return false;
   }
   const torch::ScalarType compute = inputs.hidden.scalar_type();
+  if (inputs.delta_bias.defined() &&
+      (!HasSizes(inputs.delta_bias, {inner}) || inputs.delta_bias.scalar_type() != compute ||
+       inputs.delta_bias.device() != inputs.hidden.device())) {
+    return false;
+  }
   return KernelElementType(compute).has_value() && inputs.gate.scalar_type() == compute &&
          inputs.b_proj.scalar_type() == compute && inputs.c_proj.scalar_type() == compute &&
-         inputs.delta.scalar_type() == torch::kFloat32 &&
+         inputs.delta.scalar_type() == compute &&
          inputs.a_decay.scalar_type() == torch::kFloat32 &&
          inputs.d_skip.scalar_type() == torch::kFloat32;
 }
@@ -104,13 +110,17 @@ torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumula
   const torch::Tensor c_proj = RowContiguous(inputs.c_proj);  // [B, L, N]
   const torch::Tensor a_decay = inputs.a_decay.contiguous();  // [I, N]
   const torch::Tensor d_skip = inputs.d_skip.contiguous();    // [I]
+  // The bias is added in float32 inside the kernel: exact for every dtype.
+  const torch::Tensor delta_bias =
+      inputs.delta_bias.defined() ? inputs.delta_bias.to(torch::kFloat32).contiguous()
+                                  : torch::Tensor();  // [I]
   const int64_t batch = hidden.size(0);
   const int64_t seq_len = hidden.size(1);
   const int64_t inner = hidden.size(2);
   const int64_t state_size = a_decay.size(1);
 
   const torch::TensorOptions wide = hidden.options().dtype(torch::kFloat32);
-  torch::Tensor output = torch::empty({batch, seq_len, inner}, wide);  // [B, L, I]
+  torch::Tensor output = torch::empty({batch, seq_len, inner}, hidden.options());  // [B, L, I]
   torch::Tensor state_in;                                              // [B, I, N]
   torch::Tensor state_out;                                             // [B, I, N]
   if (state != nullptr) {
@@ -130,7 +140,8 @@ torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumula
   args.state_size = state_size;
   args.element_type = *KernelElementType(hidden.scalar_type());
   args.hidden = Operand(hidden);
-  args.delta = Operand(delta);
+  args.delta_raw = Operand(delta);
+  args.delta_bias = delta_bias.defined() ? delta_bias.data_ptr<float>() : nullptr;
   args.gate = Operand(gate);
   args.b_proj = Operand(b_proj);
   args.c_proj = Operand(c_proj);
@@ -138,7 +149,7 @@ torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumula
   args.d_skip = d_skip.data_ptr<float>();
   args.state_in = state_in.defined() ? state_in.data_ptr<float>() : nullptr;
   args.state_out = state_out.defined() ? state_out.data_ptr<float>() : nullptr;
-  args.output = output.data_ptr<float>();
+  args.output_rounded = output.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.device().index()).stream();
   const int status = LaunchSelectiveScan(args, static_cast<void*>(stream));
   if (status == ScanLaunchNoKernelImageStatus()) {

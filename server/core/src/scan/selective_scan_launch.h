@@ -11,7 +11,8 @@
 namespace icd::scan {
 
 // Element type of the operands that come in the compute dtype (hidden, gate,
-// b_proj, c_proj); delta, a_decay, d_skip and the state are always float32.
+// b_proj, c_proj, a raw time step, a rounded y); a float32 Δ, a_decay,
+// d_skip, delta_bias and the state are always float32.
 enum class ScanElementType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // Largest state size N the kernel takes: each thread keeps its states in
@@ -33,7 +34,13 @@ struct ScanLaunchArgs {
   int64_t state_size = 0;
   ScanElementType element_type = ScanElementType::kFloat32;
   ScanOperand hidden;                // x  [B, L, I], element_type
-  ScanOperand delta;                 // Δ  [B, L, I], float32
+  // Δ [B, L, I]: either `delta` (Δ itself, float32) or `delta_raw` (the
+  // time step before its bias and softplus, element_type; then Δ =
+  // softplus(delta_raw + delta_bias), each step rounded to element_type as
+  // the LibTorch reference rounds in the compute dtype). Exactly one is set.
+  ScanOperand delta;
+  ScanOperand delta_raw;
+  const float* delta_bias = nullptr;  // [I]; null: no bias (raw only)
   ScanOperand gate;                  // z  [B, L, I], element_type
   ScanOperand b_proj;                // B  [B, L, N], element_type
   ScanOperand c_proj;                // C  [B, L, N], element_type
@@ -41,7 +48,10 @@ struct ScanLaunchArgs {
   const float* d_skip = nullptr;     // D  [I]
   const float* state_in = nullptr;   // h_0 [B, I, N], contiguous; null: zeros
   float* state_out = nullptr;        // h_L [B, I, N], contiguous; null: not kept
-  float* output = nullptr;           // y  [B, L, I], contiguous
+  // y [B, L, I], contiguous: float32 in `output`, or rounded once to
+  // element_type in `output_rounded`. Exactly one is set.
+  float* output = nullptr;
+  void* output_rounded = nullptr;
 };
 
 // How the kernel maps work onto threads. A channel's N states are spread
@@ -70,7 +80,8 @@ bool ScanKernelShapeAvailable(const ScanKernelShape& shape, int64_t state_size,
 
 // Enqueues the scan on `stream` (a cudaStream_t) of the current device, in
 // the default shape for it. Returns 0 (cudaSuccess) or a cudaError_t value:
-// cudaErrorInvalidValue for arguments out of range.
+// cudaErrorInvalidValue for arguments out of range (also a raw Δ with
+// prefetch_l2, which prefetches float32 Δ only).
 int LaunchSelectiveScan(const ScanLaunchArgs& args, void* stream);
 int LaunchSelectiveScan(const ScanLaunchArgs& args, const ScanKernelShape& shape, void* stream);
 

@@ -1,0 +1,20 @@
+// Builds without CUDA kernels: every fused entry point declines, and the
+// forward runs its LibTorch ops. The CUDA build defines them in fused_cuda.cc.
+#include "fused/fused.h"
+
+namespace icd::fused {
+
+#ifndef ICD_HAVE_CUDA_FUSED
+std::optional<torch::Tensor> CausalConvSilu(const torch::Tensor&, const torch::Tensor&,
+                                            const torch::Tensor&, const torch::Tensor&,
+                                            torch::Tensor*) {
+  return std::nullopt;
+}
+
+std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor&, const torch::Tensor&,
+                                           const torch::Tensor&, double) {
+  return std::nullopt;
+}
+#endif  // ICD_HAVE_CUDA_FUSED
+
+}  // namespace icd::fused

@@ -1,0 +1,43 @@
+// icd's fused CUDA kernels for the forward's non-matmul work (fused_launch.h
+// says what each computes). Each entry point returns nullopt when its kernel
+// does not take the inputs (CPU tensors, float64, shapes out of range, a
+// build without CUDA, a GPU the build's architectures do not cover); the
+// caller then runs its LibTorch ops, which stay the reference.
+#ifndef ICD_CORE_SRC_FUSED_FUSED_H_
+#define ICD_CORE_SRC_FUSED_FUSED_H_
+
+#include "torch_api.h"
+
+#include <optional>
+
+namespace icd::fused {
+
+// silu(causal depthwise conv over time), as forward_internal's
+// CausalDepthwiseConv followed by torch::silu. values [B, L, C] (channels
+// contiguous; any batch and time strides, e.g. a narrow() of in_proj's
+// output); weight [C, 1, K]; bias [C] or undefined; history [B, C, K-1] or
+// undefined (zeros); all in one compute dtype on one CUDA device. Returns
+// [B, L, C] contiguous; `next_history` (optional) receives the last K-1
+// inputs of [history | values] as a new tensor [B, C, K-1].
+std::optional<torch::Tensor> CausalConvSilu(const torch::Tensor& values,
+                                            const torch::Tensor& weight,
+                                            const torch::Tensor& bias,
+                                            const torch::Tensor& history,
+                                            torch::Tensor* next_history);
+
+struct AddRmsNormResult {
+  torch::Tensor residual;  // residual + mixed, float32 [..., D]
+  torch::Tensor normed;    // the RMS norm of it times weight, compute dtype [..., D]
+};
+
+// residual + mixed (widened), then HF's MambaRMSNorm of the sum: residual
+// float32 [..., D] contiguous; mixed [..., D] in the compute dtype or
+// undefined (nothing to add); weight [D] in the compute dtype (float32,
+// bfloat16 or float16). `residual` is not written.
+std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor& residual,
+                                           const torch::Tensor& mixed,
+                                           const torch::Tensor& weight, double eps);
+
+}  // namespace icd::fused
+
+#endif  // ICD_CORE_SRC_FUSED_FUSED_H_

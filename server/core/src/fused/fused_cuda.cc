@@ -1,0 +1,154 @@
+// CUDA builds only (ICD_HAVE_CUDA_FUSED): the LibTorch side of the fused
+// kernels (causal_conv.cu, rms_norm.cu through fused_launch.h): checks of
+// the kernels' domain, outputs, the current stream.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <optional>
+
+#include "fused/fused.h"
+#include "fused/fused_launch.h"
+
+namespace icd::fused {
+namespace {
+
+std::optional<ElementType> KernelElementType(torch::ScalarType type) {
+  switch (type) {
+    case torch::kFloat32:
+      return ElementType::kFloat32;
+    case torch::kBFloat16:
+      return ElementType::kBFloat16;
+    case torch::kFloat16:
+      return ElementType::kFloat16;
+    default:
+      return std::nullopt;
+  }
+}
+
+// Defined, on `device`, of `dtype`.
+bool OnDeviceAs(const torch::Tensor& tensor, const torch::Device& device,
+                torch::ScalarType dtype) {
+  return tensor.defined() && tensor.device() == device && tensor.scalar_type() == dtype;
+}
+
+cudaStream_t CurrentStream(const torch::Device& device) {
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+}
+
+// A kernel built for other architectures than this GPU's declines (the
+// caller's LibTorch ops are still correct); any other failure is an error.
+bool Launched(int status, const char* kernel) {
+  if (status == static_cast<int>(cudaErrorNoKernelImageForDevice)) {
+    (void)cudaGetLastError();  // clear it: the fallback's launches must not see it
+    return false;
+  }
+  TORCH_CHECK(status == 0, kernel, ": ", cudaGetErrorString(static_cast<cudaError_t>(status)));
+  return true;
+}
+
+}  // namespace
+
+std::optional<torch::Tensor> CausalConvSilu(const torch::Tensor& values,
+                                            const torch::Tensor& weight,
+                                            const torch::Tensor& bias,
+                                            const torch::Tensor& history,
+                                            torch::Tensor* next_history) {
+  if (!values.defined() || !values.is_cuda() || values.dim() != 3) return std::nullopt;
+  const torch::Device device = values.device();
+  const torch::ScalarType compute = values.scalar_type();
+  const std::optional<ElementType> element_type = KernelElementType(compute);
+  if (!element_type.has_value() || !OnDeviceAs(weight, device, compute) || weight.dim() != 3) {
+    return std::nullopt;
+  }
+  const int64_t batch = values.size(0);
+  const int64_t seq_len = values.size(1);
+  const int64_t channels = values.size(2);
+  const int64_t width = weight.size(2);
+  if (batch < 1 || seq_len < 1 || width < 1 || width > kMaxConvWidth || values.stride(2) != 1 ||
+      weight.size(0) != channels || weight.size(1) != 1) {
+    return std::nullopt;
+  }
+  if (bias.defined() && (!OnDeviceAs(bias, device, compute) || bias.dim() != 1 ||
+                         bias.size(0) != channels)) {
+    return std::nullopt;
+  }
+  if (history.defined() &&
+      (!history.is_cuda() || history.device() != device || history.dim() != 3 ||
+       history.size(0) != batch || history.size(1) != channels || history.size(2) != width - 1)) {
+    return std::nullopt;
+  }
+
+  const c10::cuda::CUDAGuard device_guard(device);
+  const torch::Tensor taps = weight.contiguous();                               // [C, 1, K]
+  const torch::Tensor bias_values = bias.defined() ? bias.contiguous() : bias;  // [C]
+  // The history in the compute dtype, as the reference concatenates it.
+  const torch::Tensor past =
+      history.defined() ? history.to(compute).contiguous() : torch::Tensor();  // [B, C, K-1]
+  torch::Tensor output = torch::empty({batch, seq_len, channels}, values.options());  // [B, L, C]
+  torch::Tensor next;  // [B, C, K-1]
+  if (next_history != nullptr) next = torch::empty({batch, channels, width - 1}, values.options());
+
+  CausalConvLaunchArgs args;
+  args.batch = batch;
+  args.seq_len = seq_len;
+  args.channels = channels;
+  args.width = width;
+  args.element_type = *element_type;
+  args.values = values.data_ptr();
+  args.values_batch_stride = values.stride(0);
+  args.values_time_stride = values.stride(1);
+  args.weight = taps.data_ptr();
+  args.bias = bias_values.defined() ? bias_values.data_ptr() : nullptr;
+  args.history = past.defined() ? past.data_ptr() : nullptr;
+  args.output = output.data_ptr();
+  args.next_history = next.defined() ? next.data_ptr() : nullptr;
+  if (!Launched(LaunchCausalConvSilu(args, CurrentStream(device)), "causal conv kernel")) {
+    return std::nullopt;
+  }
+  if (next_history != nullptr) *next_history = next;
+  return output;
+}
+
+std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor& residual,
+                                           const torch::Tensor& mixed,
+                                           const torch::Tensor& weight, double eps) {
+  if (!residual.defined() || !residual.is_cuda() || residual.dim() < 1 ||
+      residual.scalar_type() != torch::kFloat32 || !residual.is_contiguous() ||
+      !weight.defined()) {
+    return std::nullopt;
+  }
+  const torch::Device device = residual.device();
+  const torch::ScalarType compute = weight.scalar_type();
+  const std::optional<ElementType> element_type = KernelElementType(compute);
+  const int64_t width = residual.size(-1);
+  if (!element_type.has_value() || !OnDeviceAs(weight, device, compute) || weight.dim() != 1 ||
+      weight.size(0) != width || width < 1 || residual.numel() == 0) {
+    return std::nullopt;
+  }
+  if (mixed.defined() && (!OnDeviceAs(mixed, device, compute) ||
+                          mixed.sizes() != residual.sizes() || !mixed.is_contiguous())) {
+    return std::nullopt;
+  }
+
+  const c10::cuda::CUDAGuard device_guard(device);
+  const torch::Tensor scale = weight.contiguous();  // [D]
+  AddRmsNormResult result;
+  result.residual = torch::empty_like(residual);                   // [..., D]
+  result.normed = torch::empty(residual.sizes(), weight.options());  // [..., D]
+  AddRmsNormLaunchArgs args;
+  args.rows = residual.numel() / width;
+  args.width = width;
+  args.element_type = *element_type;
+  args.eps = static_cast<float>(eps);
+  args.residual = residual.data_ptr<float>();
+  args.mixed = mixed.defined() ? mixed.data_ptr() : nullptr;
+  args.weight = scale.data_ptr();
+  args.residual_out = result.residual.data_ptr<float>();
+  args.normed = result.normed.data_ptr();
+  if (!Launched(LaunchAddRmsNorm(args, CurrentStream(device)), "add + RMS norm kernel")) {
+    return std::nullopt;
+  }
+  return result;
+}
+
+}  // namespace icd::fused

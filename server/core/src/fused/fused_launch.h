@@ -1,0 +1,66 @@
+// Plain-C++ interface of icd's fused elementwise kernels (causal_conv.cu,
+// rms_norm.cu): raw device pointers, sizes and strides in elements, the
+// stream as void*. No LibTorch and no CUDA header here (as
+// scan/selective_scan_launch.h); the LibTorch side is fused_cuda.cc.
+#ifndef ICD_CORE_SRC_FUSED_FUSED_LAUNCH_H_
+#define ICD_CORE_SRC_FUSED_FUSED_LAUNCH_H_
+
+#include <cstdint>
+
+#include "scan/selective_scan_launch.h"
+
+namespace icd::fused {
+
+using ElementType = scan::ScanElementType;
+
+// Widest causal conv the kernel is compiled for (Mamba uses 4).
+inline constexpr int64_t kMaxConvWidth = 8;
+
+// Causal depthwise conv over time, then SiLU, for batch B, time L, channels
+// C, width K. Every operand but `values` and `output` is contiguous; all in
+// element_type. Accumulates in float32 (bias first, then taps oldest to
+// newest), rounds the conv to element_type, applies SiLU in float32 and
+// rounds again: LibTorch's conv1d then silu in the compute dtype.
+struct CausalConvLaunchArgs {
+  int64_t batch = 0;
+  int64_t seq_len = 0;
+  int64_t channels = 0;
+  int64_t width = 0;
+  ElementType element_type = ElementType::kFloat32;
+  const void* values = nullptr;     // x [B, L, C], channels contiguous
+  int64_t values_batch_stride = 0;  // in elements
+  int64_t values_time_stride = 0;   // in elements
+  const void* weight = nullptr;     // [C, K]
+  const void* bias = nullptr;       // [C]; null: none
+  const void* history = nullptr;    // [B, C, K-1], the inputs before x[:, 0]; null: zeros
+  void* output = nullptr;           // silu(conv) [B, L, C], contiguous
+  void* next_history = nullptr;     // [B, C, K-1]: the last K-1 inputs; null: not kept.
+                                    // Must not alias `history`.
+};
+
+// The residual add and the RMS norm of the next block in one pass, per row of
+// width D: residual_out = residual + mixed (mixed widened exactly), then
+// normed = round(round(residual_out · rsqrt(mean(residual_out²) + eps)) · weight),
+// the roundings to element_type where LibTorch's reference rounds (HF's
+// MambaRMSNorm: normalise in float32, cast, scale in the compute dtype).
+struct AddRmsNormLaunchArgs {
+  int64_t rows = 0;
+  int64_t width = 0;
+  ElementType element_type = ElementType::kFloat32;
+  float eps = 0.0f;
+  const float* residual = nullptr;  // [rows, D], contiguous
+  const void* mixed = nullptr;      // [rows, D], element_type, contiguous; null: add nothing
+  const void* weight = nullptr;     // [D], element_type
+  float* residual_out = nullptr;    // [rows, D]; may be `residual` itself
+  void* normed = nullptr;           // [rows, D], element_type
+};
+
+// Enqueue on `stream` (a cudaStream_t) of the current device. Return 0
+// (cudaSuccess) or a cudaError_t value: cudaErrorInvalidValue for arguments
+// out of range.
+int LaunchCausalConvSilu(const CausalConvLaunchArgs& args, void* stream);
+int LaunchAddRmsNorm(const AddRmsNormLaunchArgs& args, void* stream);
+
+}  // namespace icd::fused
+
+#endif  // ICD_CORE_SRC_FUSED_FUSED_LAUNCH_H_

@@ -3,7 +3,7 @@ BUILD ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-DEB_PACKAGES := cmake g++ make pkg-config libtorch-dev libgrpc++-dev protobuf-compiler-grpc \
+DEB_PACKAGES := cmake g++ make ninja-build ccache pkg-config libtorch-dev libgrpc++-dev protobuf-compiler-grpc \
   libprotobuf-dev libabsl-dev googletest libgtest-dev nlohmann-json3-dev \
   python3-grpcio python3-protobuf python3-torch python3-numpy python3-igraph \
   libopenblas0-pthread clang libclang-rt-14-dev openssl
@@ -27,8 +27,10 @@ deps:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(NODE_DEB_PACKAGES); \
 	fi
 
+# Ninja for a new build tree (an existing one keeps the generator it has).
 configure: deps
-	cmake -S . -B $(BUILD) $(CMAKE_FLAGS)
+	@if [ -f $(BUILD)/CMakeCache.txt ]; then cmake -S . -B $(BUILD) $(CMAKE_FLAGS); \
+	else cmake -S . -B $(BUILD) -G Ninja $(CMAKE_FLAGS); fi
 
 build: configure
 	cmake --build $(BUILD) -j $(JOBS)

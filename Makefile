@@ -16,15 +16,18 @@ BUF_VERSION := 1.75.0
 .PHONY: deps configure build tools test demo clean
 
 # Installs the Debian packages the build and the tests need (root, apt).
+# dpkg without an fsync per file: a fresh machine's set-up, where an
+# interrupted install is simply run again.
+APT_UNSAFE_IO := -o Dpkg::Options::=--force-unsafe-io
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_UNSAFE_IO) $$missing; \
 	fi
 	@if ! command -v npm >/dev/null 2>&1; then \
 	  echo "installing: $(NODE_DEB_PACKAGES)"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(NODE_DEB_PACKAGES); \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_UNSAFE_IO) $(NODE_DEB_PACKAGES); \
 	fi
 
 # Ninja for a new build tree (an existing one keeps the generator it has).

@@ -24,14 +24,28 @@ mkdir -p "$build"
 cmake -S "$here" -B "$build" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$build/configure.log" 2>&1 ||
   { cat "$build/configure.log"; exit 1; }
 cmake --build "$build" -j"${ICD_JOBS:-2}"
-status=0
-for target in safetensors torch_bin config; do
+# The targets run ICD_JOBS at a time (each libFuzzer process is one thread),
+# so every target still has a core to itself for its whole time.
+run_target() {
+  local target=$1
   mkdir -p "$build/corpus/$target"
-  echo "== ${target}_fuzz for ${seconds} s"
   # -rss_limit_mb: the readers allocate what a header promises only after
   # checking it against the file; a huge allocation is a finding.
   (cd "$build" && ASAN_OPTIONS=detect_leaks=0 "./${target}_fuzz" -max_total_time="$seconds" \
       -seed="${ICD_FUZZ_SEED:-1}" -timeout=10 -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
-      "corpus/$target" "$here/corpus/$target" 2>&1 | tail -12) || status=1
+      "corpus/$target" "$here/corpus/$target" > "$build/${target}_fuzz.log" 2>&1)
+}
+status=0
+pids=()
+targets=(safetensors torch_bin config)
+for target in "${targets[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "${ICD_JOBS:-2}" ]; do wait -n || true; done
+  echo "== ${target}_fuzz for ${seconds} s"
+  run_target "$target" &
+  pids+=($!)
+done
+for i in "${!targets[@]}"; do
+  wait "${pids[$i]}" || status=1
+  echo "== ${targets[$i]}_fuzz:"; tail -12 "$build/${targets[$i]}_fuzz.log"
 done
 exit $status

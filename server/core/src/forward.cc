@@ -3,6 +3,7 @@
 // The mixers live in forward_mamba1.cc and forward_mamba2.cc.
 #include "forward.h"
 
+#include <algorithm>
 #include <chrono>
 #include <exception>
 #include <string>
@@ -14,6 +15,7 @@
 #include "absl/strings/str_join.h"
 #include "config.h"
 #include "forward_internal.h"
+#include "icd/core/status_macros.h"
 
 namespace icd {
 namespace forward_internal {
@@ -63,6 +65,19 @@ torch::Tensor RmsNormalize(const torch::Tensor& values, double eps,
 void Capture::Add(const std::string& group, const torch::Tensor& values) const {
   if (!Wants(group)) return;
   sink_->Add(group, values.reshape({-1, values.size(-1)}));
+}
+
+void CheckCallInLayer(const CallContext& ctx, int64_t layer) {
+  absl::Status status = CheckCall(ctx, "forward");
+  if (!status.ok()) {
+    throw CallStopped{absl::Status(status.code(),
+                                   absl::StrCat(status.message(), " (in layer ", layer, ")"))};
+  }
+}
+
+int64_t ScanStepsPerCheck(int64_t state_elements) {
+  constexpr int64_t kValuesPerCheck = int64_t{1} << 20;
+  return std::clamp<int64_t>(kValuesPerCheck / std::max<int64_t>(state_elements, 1), 1, 256);
 }
 
 std::string LayerGroupName(int64_t layer, const std::string& suffix) {
@@ -215,14 +230,10 @@ absl::Status CheckState(const ModelConfig& config, const RecurrentState& state, 
 }
 
 absl::Status PollContext(const CallContext& ctx, int64_t layer) {
-  if (ctx.cancelled && ctx.cancelled()) {
-    return absl::CancelledError(absl::StrCat("forward cancelled before layer ", layer));
-  }
-  if (ctx.deadline.has_value() && std::chrono::steady_clock::now() >= *ctx.deadline) {
-    return absl::DeadlineExceededError(
-        absl::StrCat("forward passed its deadline before layer ", layer));
-  }
-  return absl::OkStatus();
+  absl::Status status = CheckCall(ctx, "forward");
+  if (status.ok()) return status;
+  return absl::Status(status.code(),
+                      absl::StrCat(status.message(), " (before layer ", layer, ")"));
 }
 
 // residual [B, L, d_model] in precision.accumulate -> [B, L, d_model] in
@@ -276,9 +287,9 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
     torch::Tensor mixed =
         config.family == Family::kMamba2
             ? forward_internal::Mamba2Mixer(config, weights, layer, precision, normed, capture,
-                                            layer_state)
+                                            layer_state, ctx)
             : forward_internal::Mamba1Mixer(config, weights, layer, precision, normed, capture,
-                                            layer_state);
+                                            layer_state, ctx);
     residual = residual + mixed.to(precision.accumulate);
   }
   absl::Status status = PollContext(ctx, config.n_layer);
@@ -299,10 +310,10 @@ absl::StatusOr<torch::Tensor> Guarded(Fn&& fn) {
   try {
     torch::NoGradGuard no_grad;
     return fn();
-  } catch (const c10::Error& error) {
-    return absl::InternalError(absl::StrCat("forward failed: ", error.what_without_backtrace()));
+  } catch (const forward_internal::CallStopped& stopped) {
+    return stopped.status;
   } catch (const std::exception& error) {
-    return absl::InternalError(absl::StrCat("forward failed: ", error.what()));
+    return InternalFailure("forward", error.what());
   }
 }
 
@@ -315,15 +326,16 @@ absl::Status CheckForwardInputs(const ModelConfig& config, const Weights& weight
     if (status.ok()) status = CheckWeights(config, weights);
     if (status.ok()) status = CheckInputIds(config, input_ids);
     return status;
-  } catch (const c10::Error& error) {
-    return absl::InternalError(
-        absl::StrCat("forward checks failed: ", error.what_without_backtrace()));
   } catch (const std::exception& error) {
-    return absl::InternalError(absl::StrCat("forward checks failed: ", error.what()));
+    return InternalFailure("forward checks", error.what());
   }
 }
 
 namespace {
+
+// Tokens one pass of the forward takes at most when nothing is captured:
+// longer sequences are cut in time (forward.h).
+constexpr int64_t kTokensPerChunk = 4096;
 
 // Both entry points after their input checks: the state's shape, the
 // context, then the forward, with LibTorch's exceptions as statuses.
@@ -335,7 +347,24 @@ absl::StatusOr<torch::Tensor> RunChecked(const ModelConfig& config, const Weight
                                             : absl::OkStatus();
     if (checked.ok()) checked = PollContext(ctx, 0);
     if (!checked.ok()) return checked;
-    return RunForward(config, weights, input_ids, ctx, Capture(capture), state);
+    const int64_t seq_len = input_ids.size(1);
+    if (capture != nullptr || seq_len <= kTokensPerChunk) {
+      return RunForward(config, weights, input_ids, ctx, Capture(capture), state);
+    }
+    // Long sequences run in chunks of time, each continuing the state of the
+    // one before, so that no single matmul outlasts the context's check.
+    RecurrentState carried = state != nullptr ? *state : RecurrentState{};
+    std::vector<torch::Tensor> logits;  // [B, chunk, V] each
+    for (int64_t start = 0; start < seq_len; start += kTokensPerChunk) {
+      const int64_t length = std::min(kTokensPerChunk, seq_len - start);
+      absl::StatusOr<torch::Tensor> chunk =
+          RunForward(config, weights, input_ids.narrow(1, start, length), ctx, Capture(nullptr),
+                     &carried);
+      if (!chunk.ok()) return chunk.status();
+      logits.push_back(*std::move(chunk));
+    }
+    if (state != nullptr) *state = std::move(carried);
+    return torch::cat(logits, 1);  // [B, L, V]
   });
 }
 

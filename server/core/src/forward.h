@@ -71,9 +71,14 @@ struct RecurrentState {
 
 // input_ids: int64 [batch, seq] on the weights' device. Returns float32
 // logits [batch, seq, vocab_size]. Computes in the weights' dtype; norms
-// reduce in at least float32 (float64 models in float64). Polls ctx between
-// layers (Cancelled / DeadlineExceeded). `capture` (optional) receives the
-// activations above; capturing leaves the logits bitwise unchanged.
+// reduce in at least float32 (float64 models in float64). Checks ctx
+// (CheckCall) between layers and every few hundred steps of a scan, and
+// returns Cancelled / DeadlineExceeded, `state` unchanged, once it fails.
+// Without `capture`, sequences over 4096 tokens run in chunks of 4096 tokens,
+// each continuing the recurrent state of the one before (the same function;
+// rounding may differ from one pass in the last bits), so that no matmul
+// outlasts a check. `capture` (optional) receives the activations above;
+// capturing leaves the logits bitwise unchanged (up to 4096 tokens).
 //
 // `state` (optional): empty on entry, the sequence starts from zeros (the
 // logits are those without a state, bitwise); otherwise it continues the

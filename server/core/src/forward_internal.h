@@ -70,6 +70,23 @@ class Capture {
   CaptureSink* sink_;
 };
 
+// A stop that the call's context asked for in the middle of a layer. The
+// mixers compute tensors, not statuses, so a failed CheckCall between chunks
+// of a scan is thrown as this (not a std::exception, so that no generic
+// handler takes it for a LibTorch error) and the forward's one guard returns
+// its status. Never leaves forward.cc's entry points.
+struct CallStopped {
+  absl::Status status;
+};
+
+// CheckCall(ctx) inside a layer's scan; throws CallStopped when it fails.
+void CheckCallInLayer(const CallContext& ctx, int64_t layer);
+
+// Time steps a sequential scan runs between two checks of the call's
+// context, for `state_elements` state values updated per step: about 2^20
+// values per chunk (a few ms on one CPU core), 1 to 256 steps.
+int64_t ScanStepsPerCheck(int64_t state_elements);
+
 // "layers.{layer}.{suffix}": a per-layer group's name (families/*.cc).
 std::string LayerGroupName(int64_t layer, const std::string& suffix);
 
@@ -77,13 +94,14 @@ std::string LayerGroupName(int64_t layer, const std::string& suffix);
 // in precision.compute. Mamba1Mixer also runs FalconMamba (config.family).
 // Each hands its layer's groups to `capture` (forward.h lists the points).
 // `state` (optional, forward.h LayerState): undefined tensors start from
-// zeros; on return it holds the state after the last token.
+// zeros; on return it holds the state after the last token. The sequential
+// scans check `ctx` every ScanStepsPerCheck steps (CheckCallInLayer).
 torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
                           const Precision& precision, const torch::Tensor& normed,
-                          const Capture& capture, LayerState* state);
+                          const Capture& capture, LayerState* state, const CallContext& ctx);
 torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
                           const Precision& precision, const torch::Tensor& normed,
-                          const Capture& capture, LayerState* state);
+                          const Capture& capture, LayerState* state, const CallContext& ctx);
 
 }  // namespace icd::forward_internal
 

@@ -1,9 +1,21 @@
 #include "icd/core/types.h"
 
+#include <chrono>
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 
 namespace icd {
+
+absl::Status CheckCall(const CallContext& ctx, absl::string_view where) {
+  if (ctx.cancelled && ctx.cancelled()) {
+    return absl::CancelledError(absl::StrCat(where, ": cancelled by the caller"));
+  }
+  if (ctx.deadline.has_value() && std::chrono::steady_clock::now() >= *ctx.deadline) {
+    return absl::DeadlineExceededError(absl::StrCat(where, ": the call's deadline passed"));
+  }
+  return absl::OkStatus();
+}
 
 std::string_view FamilyName(Family family) {
   switch (family) {

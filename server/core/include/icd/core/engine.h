@@ -87,8 +87,14 @@ class ICD_CORE_API Engine {
   absl::StatusOr<std::vector<HostTensor>> ReadTensors(
       const std::string& name, const std::vector<std::string>& names) const;
 
+  // Bytes the named tensor (a ReadTensors name) holds in the model as
+  // loaded: what a WriteTensors of it must send. NotFound for an unknown
+  // model or tensor.
+  absl::StatusOr<int64_t> TensorBytes(const std::string& name, const std::string& tensor) const;
+
   // Replaces named tensors (same shape and dtype), all-or-nothing, and takes
-  // the probe reference again (an intended change of function).
+  // the probe reference again (an intended change of function). Refuses
+  // (InvalidArgument naming the tensor) a NaN or infinite value.
   absl::StatusOr<uint64_t> WriteTensors(const std::string& name,
                                         const std::vector<HostTensor>& tensors,
                                         uint64_t expected_version = 0);

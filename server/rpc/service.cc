@@ -58,7 +58,7 @@ absl::Status PermutationServiceImpl::CheckToken(
   return CheckBearerToken(context->client_metadata(), options_.token);
 }
 
-absl::Status PermutationServiceImpl::CheckTokens(const char* field, int64_t tokens) const {
+absl::Status PermutationServiceImpl::CheckTokenCount(const char* field, int64_t tokens) const {
   if (options_.max_tokens <= 0 || tokens <= options_.max_tokens) return absl::OkStatus();
   return absl::ResourceExhaustedError(absl::StrCat(
       field, ": ", tokens, " tokens, more than this server's limit of ", options_.max_tokens,
@@ -91,9 +91,9 @@ grpc::Status PermutationServiceImpl::Handle(
     const double ms =
         std::chrono::duration<double, std::milli>(Clock::now() - start).count();
     const std::string code = absl::StatusCodeToString(status.code());
-    const std::string model = log.model.empty() ? "-" : QuoteForLog(log.model);
+    const std::string model_text = log.model.empty() ? "-" : QuoteForLog(log.model);
     std::string line = absl::StrFormat("rpc=%s status=%s ms=%.2f model=%s%s\n", rpc, code, ms,
-                                       model, log.fields);
+                                       model_text, log.fields);
     // What failed inside, for the operator: quoted, on its own line.
     if (detail.has_value()) {
       absl::StrAppend(&line, "rpc=", rpc, " internal_detail=",
@@ -190,7 +190,7 @@ grpc::Status PermutationServiceImpl::Evaluate(
           absl::StrCat("Evaluate: batch ", request->batch(), " < 0"));
     }
     log.Add("tokens", request->input_ids_size());
-    if (absl::Status s = CheckTokens("input_ids", request->input_ids_size()); !s.ok()) return s;
+    if (absl::Status s = CheckTokenCount("input_ids", request->input_ids_size()); !s.ok()) return s;
     auto result = engine_->Evaluate(request->model(), FromProto(*request),
                                     MakeCallContext(context));
     if (!result.ok()) return result.status();
@@ -377,7 +377,7 @@ grpc::Status PermutationServiceImpl::CapturePermutation(
                     return absl::InvalidArgumentError(absl::StrCat(
                         "CapturePermutation: batch ", request->batch(), " < 0"));
                   }
-                  if (absl::Status s = CheckTokens(
+                  if (absl::Status s = CheckTokenCount(
                           "input_ids and holdout_ids",
                           int64_t{request->input_ids_size()} + request->holdout_ids_size());
                       !s.ok()) {
@@ -407,7 +407,7 @@ grpc::Status PermutationServiceImpl::MeasureLatency(
       absl::StatusOr<int64_t> tokens =
           CheckedProduct({options.batch, options.seq_len}, "batch x seq_len");
       if (!tokens.ok()) return tokens.status();
-      if (absl::Status s = CheckTokens("batch x seq_len", *tokens); !s.ok()) return s;
+      if (absl::Status s = CheckTokenCount("batch x seq_len", *tokens); !s.ok()) return s;
     }
     auto report = engine_->MeasureLatency(options, MakeCallContext(context));
     if (!report.ok()) return report.status();

@@ -123,7 +123,7 @@ class PermutationServiceImpl final : public v1::PermutationService::Service {
                       const std::function<absl::Status(CallLog&)>& body);
   absl::Status CheckToken(const grpc::ServerContext* context) const;
   // RESOURCE_EXHAUSTED over options_.max_tokens, naming the field.
-  absl::Status CheckTokens(const char* field, int64_t tokens) const;
+  absl::Status CheckTokenCount(const char* field, int64_t tokens) const;
 
   Engine* engine_;
   PathPolicy paths_;

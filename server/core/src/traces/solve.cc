@@ -1,5 +1,6 @@
 #include "traces/solve.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>

@@ -22,7 +22,7 @@ void StreamSlot::Touch() { last_ns_.store(Now()); }
 
 absl::Status StreamSlot::IdleStatus(const char* rpc) const {
   return absl::DeadlineExceededError(absl::StrCat(
-      rpc, ": no message for ", limiter_->idle_timeout().count() / 1000.0,
+      rpc, ": no message for ", static_cast<double>(limiter_->idle_timeout().count()) / 1000.0,
       " s; the stream was cancelled (icd-server --stream-idle-timeout-s)"));
 }
 

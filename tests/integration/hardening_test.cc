@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -36,6 +37,13 @@ using Clock = std::chrono::steady_clock;
 using StatusCode = absl::StatusCode;
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// The binary under test; ICD_TEST_SERVER_BINARY may name another build (to
+// run these tests against an older server and watch them fail).
+std::string ServerBinary() {
+  const char* other = std::getenv("ICD_TEST_SERVER_BINARY");
+  return other != nullptr && *other != '\0' ? other : ICD_SERVER_BINARY;
+}
 
 // The exit status of `pid` if it exits within `timeout` (its time in
 // `elapsed`); otherwise it is killed and -1 returned.
@@ -63,7 +71,7 @@ class Server {
   explicit Server(std::vector<std::string> flags = {}, std::string token = "")
       : roots_(MakeRoots(tmp_.path())), token_(std::move(token)) {
     log_ = tmp_.path() / "server.log";
-    std::vector<std::string> args = {ICD_SERVER_BINARY,     "--listen",
+    std::vector<std::string> args = {ServerBinary(),        "--listen",
                                      "127.0.0.1:0",         "--model-root",
                                      roots_.models.string(), "--export-root",
                                      roots_.exports.string()};
@@ -474,8 +482,9 @@ TEST(HardeningTest, OversizedWriteTensorsIsRefusedAsItArrives) {
   const int64_t rss_after = ResidentBytes(server.pid());
   std::printf("[write] 1.5 GiB stream for a 256-byte tensor: %d MiB accepted by the transport "
               "before the refusal (%.3f s); server RSS %.1f -> %.1f MB (+%.1f MB)\n",
-              sent, Seconds(Clock::now() - start), rss_before / 1e6, rss_after / 1e6,
-              (rss_after - rss_before) / 1e6);
+              sent, Seconds(Clock::now() - start), static_cast<double>(rss_before) / 1e6,
+              static_cast<double>(rss_after) / 1e6,
+              static_cast<double>(rss_after - rss_before) / 1e6);
   ExpectGrpc(status, grpc::StatusCode::INVALID_ARGUMENT,
              "tensor backbone.norm_f.weight: more than 256 bytes sent");
   EXPECT_LT(sent, 1536);
@@ -515,8 +524,9 @@ TEST(HardeningTest, MalformedCheckpointsAreInvalidArgumentNamingTheFile) {
              "no-config/config.json: missing");
   ExpectCode(server.client().LoadModel("d", "bad-json").status(), StatusCode::kInvalidArgument,
              "config.json: not valid JSON: parse error at line 3");
-  std::printf("[config] RSS %.1f -> %.1f MB over the refused loads\n", rss_before / 1e6,
-              ResidentBytes(server.pid()) / 1e6);
+  std::printf("[config] RSS %.1f -> %.1f MB over the refused loads\n",
+              static_cast<double>(rss_before) / 1e6,
+              static_cast<double>(ResidentBytes(server.pid())) / 1e6);
   auto list = server.client().ListModels();
   ASSERT_TRUE(list.ok()) << list.status();
   EXPECT_TRUE(list->empty());

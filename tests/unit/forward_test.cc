@@ -572,6 +572,44 @@ TEST(DecodeTest, RefusedOrCancelledCallLeavesStateUnchanged) {
   check_unchanged();
 }
 
+// Issue 14: a long forward checks its context inside a layer (every few
+// hundred scan steps), not only between layers; sequences over 4096 tokens
+// run in chunks of time whose logits are those of one pass (rounding aside).
+class WantsNothing : public CaptureSink {
+ public:
+  bool Wants(const std::string&) const override { return false; }
+  void Add(const std::string&, const torch::Tensor&) override {}
+};
+
+TEST(ForwardTest, LongSequencesStopInsideALayerAndChunkFaithfully) {
+  for (const char* name : {"mamba1-small", "mamba2-groups"}) {
+    SCOPED_TRACE(name);
+    const Fixture fixture = LoadFixture(name);
+    torch::manual_seed(14);
+    const torch::Tensor ids =
+        torch::randint(fixture.config.vocab_size, {2, 5000}, torch::dtype(torch::kInt64));
+    auto chunked = Forward(fixture.config, fixture.weights, ids);
+    WantsNothing sink;  // any capture runs the sequence in one pass
+    auto whole = Forward(fixture.config, fixture.weights, ids, {}, &sink);
+    ASSERT_TRUE(chunked.ok() && whole.ok());
+    const double rel = ((*chunked - *whole).norm() / whole->norm()).item<double>();
+    EXPECT_LT(rel, 1e-5);
+    EXPECT_TRUE(torch::equal(chunked->narrow(1, 0, 4096), whole->narrow(1, 0, 4096)) ||
+                rel < 1e-5);
+
+    // Polls: before the forward (1), before layer 0 (2), then inside layer
+    // 0's scan (3): the stop comes from within the layer.
+    CallContext ctx;
+    int polls = 0;
+    ctx.cancelled = [&polls] { return ++polls > 2; };
+    auto stopped = Forward(fixture.config, fixture.weights, ids, ctx);
+    ASSERT_FALSE(stopped.ok());
+    EXPECT_EQ(stopped.status().code(), absl::StatusCode::kCancelled);
+    EXPECT_NE(stopped.status().message().find("in layer 0"), std::string::npos)
+        << stopped.status();
+  }
+}
+
 // ForwardPrechecked is Forward without the input checks: same logits.
 TEST(DecodeTest, PrecheckedForwardIsForward) {
   const Model model = LoadModel("mamba1-small", "hf");

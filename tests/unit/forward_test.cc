@@ -594,8 +594,6 @@ TEST(ForwardTest, LongSequencesStopInsideALayerAndChunkFaithfully) {
     ASSERT_TRUE(chunked.ok() && whole.ok());
     const double rel = ((*chunked - *whole).norm() / whole->norm()).item<double>();
     EXPECT_LT(rel, 1e-5);
-    EXPECT_TRUE(torch::equal(chunked->narrow(1, 0, 4096), whole->narrow(1, 0, 4096)) ||
-                rel < 1e-5);
 
     // Polls: before the forward (1), before layer 0 (2), then inside layer
     // 0's scan (3): the stop comes from within the layer.

@@ -5,6 +5,7 @@
 
 #include <grpcpp/support/byte_buffer.h>
 #include <grpcpp/support/slice.h>
+#include <grpcpp/support/status.h>
 
 namespace icd::rpc {
 namespace {

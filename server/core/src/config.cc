@@ -312,7 +312,7 @@ absl::StatusOr<ModelConfig> ParseConfig(const std::string& json_text, const std:
   Json root;
   try {
     root = Json::parse(json_text);
-  } catch (const Json::parse_error& error) {
+  } catch (const Json::exception& error) {
     // nlohmann's message says where ("parse error at line 3, column 1: ...").
     std::string what = error.what();
     const std::string::size_type at = what.find("parse error");

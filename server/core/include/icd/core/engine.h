@@ -14,8 +14,13 @@
 //   FailedPrecondition stale expected_version
 //   Aborted            post-apply check failed, weights restored
 //   ResourceExhausted  a request over a built-in limit (latency samples)
-// Path policy (allowed roots) belongs to the caller: the engine opens what it
-// is given.
+//   PermissionDenied   a checkpoint file linking outside LoadOptions::allowed_roots
+//   Cancelled / DeadlineExceeded  the CallContext said stop (CheckCall);
+//                      nothing changed
+//   Internal           says what failed; the detail is a payload
+//                      (status_macros.h InternalFailure) for the log only
+// Path policy (which roots) belongs to the caller: the engine checks the
+// files it reads against the roots it is given.
 #ifndef ICD_CORE_ENGINE_H_
 #define ICD_CORE_ENGINE_H_
 

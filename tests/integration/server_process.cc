@@ -141,10 +141,6 @@ void StopWithSigterm(Child& child) {
   close(child.out);
 }
 
-// <tmp>/models holding mamba1-small/hf, and an empty <tmp>/exports.
-struct ServerRoots {
-  fs::path models, exports;
-};
 ServerRoots MakeRoots(const fs::path& tmp) {
   ServerRoots roots{tmp / "models", tmp / "exports"};
   fs::create_directories(roots.models / "mamba1-small");

@@ -8,11 +8,13 @@
 namespace icd {
 
 absl::Status CheckCall(const CallContext& ctx, absl::string_view where) {
-  if (ctx.cancelled && ctx.cancelled()) {
-    return absl::CancelledError(absl::StrCat(where, ": cancelled by the caller"));
-  }
+  // The deadline first: gRPC also cancels a call whose deadline passed, and
+  // the log should say which it was.
   if (ctx.deadline.has_value() && std::chrono::steady_clock::now() >= *ctx.deadline) {
     return absl::DeadlineExceededError(absl::StrCat(where, ": the call's deadline passed"));
+  }
+  if (ctx.cancelled && ctx.cancelled()) {
+    return absl::CancelledError(absl::StrCat(where, ": cancelled by the caller"));
   }
   return absl::OkStatus();
 }

@@ -679,19 +679,33 @@ class CaptureCollector : public CaptureSink {
   // OK, or why the statistics stopped (CheckCall): they are then incomplete.
   const absl::Status& stopped() const { return stopped_; }
 
+  void SetWindow(int64_t start, int64_t length) override {
+    window_start_ = start;
+    window_length_ = length;
+  }
+
   void Add(const std::string& group, const torch::Tensor& rows) override {
     if (!stopped_.ok()) return;  // the forward stops at its next check
     Slot& slot = *slots_.at(group);
     const torch::Tensor values = rows.to(torch::kFloat32);
     if (holdout_pass_) {
       slot.holdout.push_back(values.contiguous());
-    } else if (holdout_positions_ > 0 && values.size(0) == batch_ * seq_) {
+    } else if (holdout_positions_ > 0 && values.size(0) == batch_ * window_length_) {
+      // Positions from seq - holdout_positions on, in every sequence, are
+      // held out; the window may hold some of each.
       const int64_t channels = values.size(1);
-      const torch::Tensor sequences = values.reshape({batch_, seq_, channels});
-      const int64_t trained = seq_ - holdout_positions_;
-      stopped_ = slot.stats.Add(sequences.narrow(1, 0, trained).reshape({-1, channels}), ctx_);
-      slot.holdout.push_back(
-          sequences.narrow(1, trained, holdout_positions_).reshape({-1, channels}).contiguous());
+      const torch::Tensor sequences = values.reshape({batch_, window_length_, channels});
+      const int64_t trained = std::clamp<int64_t>(seq_ - holdout_positions_ - window_start_, 0,
+                                                  window_length_);
+      if (trained > 0) {
+        stopped_ =
+            slot.stats.Add(sequences.narrow(1, 0, trained).reshape({-1, channels}), ctx_);
+      }
+      if (trained < window_length_) {
+        slot.holdout.push_back(sequences.narrow(1, trained, window_length_ - trained)
+                                   .reshape({-1, channels})
+                                   .contiguous());
+      }
     } else {
       stopped_ = slot.stats.Add(values, ctx_);
     }
@@ -703,6 +717,8 @@ class CaptureCollector : public CaptureSink {
   bool holdout_pass_;
   const CallContext& ctx_;
   absl::Status stopped_;
+  int64_t window_start_ = 0;
+  int64_t window_length_ = 0;  // SetWindow
 };
 
 // Statistics memory one capture forward may hold; more groups take more

@@ -43,17 +43,25 @@ torch::Tensor OptionalTensorAs(const Weights& weights, const std::string& name,
 torch::Tensor RmsNormalize(const torch::Tensor& values, double eps,
                            torch::ScalarType accumulate);
 
+// Positions (batch x time) one pass of the CPU forward, or of a depthwise
+// conv, takes at most before the rest goes in a further chunk of time (a
+// few ms of work each on a 2-core CPU; forward.h).
+inline constexpr int64_t kPositionsPerChunk = 4096;
+
 // Depthwise causal conv over time, before the activation. values [B, L, C];
 // weight [C, 1, K]; bias [C] or undefined. Returns [B, L, C].
 // `history` [B, C, K-1] holds the inputs before values[:, 0] (the conv runs
 // over [history | values] without padding); undefined means zeros, computed
 // as before by padding (bitwise the stateless result). `next_history`
 // (optional) receives the last K-1 inputs of [history | values]; it may
-// point at `history` itself.
+// point at `history` itself. On the CPU, inputs over kPositionsPerChunk
+// positions go in chunks of time, checking `ctx` between them
+// (CheckCallInLayer; `layer` names where).
 torch::Tensor CausalDepthwiseConv(const torch::Tensor& values, const torch::Tensor& weight,
                                   const torch::Tensor& bias,
                                   const torch::Tensor& history = torch::Tensor(),
-                                  torch::Tensor* next_history = nullptr);
+                                  torch::Tensor* next_history = nullptr,
+                                  const CallContext& ctx = CallContext{}, int64_t layer = 0);
 
 // The forward's side of a CaptureSink (forward.h): a null sink wants nothing,
 // so the mixers ask without checking for one.

@@ -93,8 +93,9 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   torch::Tensor hidden = torch::silu(
       state != nullptr
           ? CausalDepthwiseConv(conv_input, view.conv_w, view.conv_b, state->conv_history,
-                                &state->conv_history)
-          : CausalDepthwiseConv(conv_input, view.conv_w, view.conv_b));  // [B, L, I]
+                                &state->conv_history, ctx, layer)
+          : CausalDepthwiseConv(conv_input, view.conv_w, view.conv_b, torch::Tensor(), nullptr,
+                                ctx, layer));  // [B, L, I]
 
   // 3.a. Selection: x_proj rows are [dt | B | C].
   torch::Tensor ssm_params = torch::linear(hidden, view.x_proj_w);  // [B, L, R + 2N]

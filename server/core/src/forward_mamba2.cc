@@ -97,11 +97,11 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
 
   // 2. Causal depthwise conv over xBC only (continuing the state's
   // history), silu, then split x, B, C.
-  xbc = torch::silu(state != nullptr ? CausalDepthwiseConv(xbc, view.conv_w, view.conv_b,
-                                                           state->conv_history,
-                                                           &state->conv_history)
-                                     : CausalDepthwiseConv(xbc, view.conv_w,
-                                                           view.conv_b));  // [B, L, conv_dim]
+  xbc = torch::silu(state != nullptr
+                        ? CausalDepthwiseConv(xbc, view.conv_w, view.conv_b, state->conv_history,
+                                              &state->conv_history, ctx, layer)
+                        : CausalDepthwiseConv(xbc, view.conv_w, view.conv_b, torch::Tensor(),
+                                              nullptr, ctx, layer));  // [B, L, conv_dim]
   const std::string state_group = LayerGroupName(layer, "state");
   capture.Add(state_group, xbc.narrow(-1, inner, group_state));                // B [B, L, G·N]
   capture.Add(state_group, xbc.narrow(-1, inner + group_state, group_state));  // C [B, L, G·N]

@@ -205,6 +205,7 @@ v1::EvaluateRequest RandomEvaluate(const std::string& model, int64_t tokens, uin
 struct StopFigures {
   double log_after_s = 0;  // client's status -> server's log line
   double cpu_after_s = 0;  // server CPU seconds in the second after
+  std::string server_ms;   // the call's time on the server (its log line)
 };
 
 StopFigures MeasureStop(Server& server, const std::string& log_needle, Clock::time_point ended) {
@@ -213,6 +214,14 @@ StopFigures MeasureStop(Server& server, const std::string& log_needle, Clock::ti
   figures.log_after_s = Seconds(server.WaitForLog(log_needle, std::chrono::seconds(10)) - ended);
   std::this_thread::sleep_until(ended + std::chrono::seconds(1));
   figures.cpu_after_s = CpuSeconds(server.pid()) - cpu_at_end;
+  const std::string log = server.Log();
+  const auto line = log.find(log_needle);
+  if (line != std::string::npos) {
+    const auto ms = log.find("ms=", line);
+    figures.server_ms = log.substr(ms + 3, log.find(' ', ms) - ms - 3);
+  }
+  std::printf("[stop]   the server's log line: %s ms=%s\n", log_needle.c_str(),
+              figures.server_ms.c_str());
   return figures;
 }
 

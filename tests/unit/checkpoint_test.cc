@@ -77,7 +77,7 @@ TEST(ConfigTest, RefusesWhatIsNotSupportedAndSaysWhy) {
           "num_heads (3) x head_dim (64)");
   refused(R"({"model_type": "mamba", "hidden_size": "wide"})", "field 'hidden_size'");
   // Where the syntax breaks, and what the top level is when it is not an object.
-  refused("{not json", "not valid JSON: parse error at line 1, column 2");
+  refused("{not json", "not valid JSON: parse error at line 1, column 3");
   refused("{\n  \"d_model\": 64,\n}", "line 3, column 1");
   refused("[1, 2]", "the top level is an array, not an object");
   // Found by tests/fuzz (config_fuzz): expand 0 gave a config without

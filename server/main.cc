@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -24,6 +25,7 @@
 #include "absl/strings/str_cat.h"
 #include "icd/core/engine.h"
 #include "icd/core/host_memory.h"
+#include "auth.h"
 #include "paths.h"
 #include "service.h"
 
@@ -56,21 +58,37 @@ Flags:
                         these; an existing path is refused (ALREADY_EXISTS).
   --device DEV          default device of loaded models: cpu (default), cuda,
                         cuda:N. A LoadModel request may name another.
-  --token-file F        every call but health must carry the metadata
-                        "authorization: Bearer <token>", the token being F's
-                        content without its trailing newline; else
-                        UNAUTHENTICATED.
+  --token-file F        every call but health (server reflection included)
+                        must carry the metadata "authorization: Bearer
+                        <token>", the token being F's content without its
+                        trailing newline; else UNAUTHENTICATED.
   --tls-cert F --tls-key F
                         serve TLS with this PEM certificate chain and key.
   --tls-client-ca F     with TLS: require client certificates signed by F.
   --max-message-mb N    largest request or response message (default 64);
-                        larger ones fail with RESOURCE_EXHAUSTED.
+                        larger ones fail with RESOURCE_EXHAUSTED. ReadTensors
+                        cuts its chunks to fit.
+  --max-tokens N        most token ids one Evaluate or CapturePermutation
+                        (input and held-out ids together), or one
+                        MeasureLatency forward (batch x seq_len), may take
+                        (default 65536: on a 2-core CPU a forward of that
+                        many tokens on the 0.5 M-parameter reference models
+                        takes seconds); more is RESOURCE_EXHAUSTED before any
+                        work.
   --max-trace-mb N      most trace bytes one ComputePermutation stream may send
                         (default 4096); beyond it the call fails with
                         RESOURCE_EXHAUSTED. The statistics take O(channels^2)
                         memory whatever the length, so this bounds the time
                         one call may hold a thread.
   --max-threads N       most threads serving calls at once (default 64).
+  --max-streams N       most streaming calls (ReadTensors, WriteTensors,
+                        ComputePermutation) open at once (default: a quarter
+                        of --max-threads, at least 1), so that idle streams
+                        never take the threads unary calls and health need;
+                        one more is RESOURCE_EXHAUSTED.
+  --stream-idle-timeout-s N
+                        a stream that neither sends nor takes a message for
+                        N seconds is cancelled (default 60).
   --max-models N        most models loaded at once (default: no limit); one
                         more LoadModel fails with RESOURCE_EXHAUSTED.
   --memory-budget-mb N  most megabytes of weights all loaded models may hold,
@@ -84,11 +102,21 @@ Flags:
                         then cost no page faults (a 5120-channel solve: 54 s
                         -> 18 s on a 2-core VM), at the price of a resident
                         size that stays near its peak.
-  --quiet               no per-call log lines on stderr.
+  --shutdown-grace-s N  on SIGINT or SIGTERM, how long calls in flight may
+                        run on (default 10); then they are cancelled, stop
+                        within about 100 ms, and the process exits 0.
+  --quiet               no per-call log lines on stderr (what failed inside
+                        an INTERNAL error is still logged).
   --help                this text.
 
-SIGINT or SIGTERM: health turns NOT_SERVING, calls in flight get 10 s to
-finish, the process exits 0. At start, temporary export directories that a
+Long computations (forward passes, trace statistics, the solver) check the
+call's deadline and cancellation every few milliseconds of work and stop
+within about 100 ms with nothing changed. Client strings in the log are
+quoted and cut to 256 bytes.
+
+SIGINT or SIGTERM: health turns NOT_SERVING, calls in flight get
+--shutdown-grace-s seconds (10) to finish and are then cancelled; the process
+exits 0 within about a second after that. At start, temporary export directories that a
 killed server left under an --export-root (named .icd-export-*) are removed,
 so no partial export survives a crash.
 
@@ -109,6 +137,10 @@ struct Flags {
   int max_message_mb = 64;
   int max_trace_mb = 4096;
   int max_threads = 64;
+  int max_tokens = 65536;
+  int max_streams = 0;  // 0: a quarter of max_threads, at least 1
+  int stream_idle_timeout_s = 60;
+  int shutdown_grace_s = 10;
   int max_models = 0;        // 0: no limit
   int memory_budget_mb = 0;  // 0: no limit
   bool quiet = false;
@@ -199,7 +231,9 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
         arg != "--device" && arg != "--token-file" && arg != "--tls-cert" &&
         arg != "--tls-key" && arg != "--tls-client-ca" &&
         arg != "--max-message-mb" && arg != "--max-trace-mb" &&
-        arg != "--max-threads" && arg != "--max-models" && arg != "--memory-budget-mb") {
+        arg != "--max-threads" && arg != "--max-models" && arg != "--memory-budget-mb" &&
+        arg != "--max-tokens" && arg != "--max-streams" && arg != "--stream-idle-timeout-s" &&
+        arg != "--shutdown-grace-s") {
       return absl::InvalidArgumentError(absl::StrCat("unknown flag ", arg));
     }
     if (!v.ok()) return v.status();
@@ -226,6 +260,16 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
       if (!n.ok()) return n.status();
       f.memory_budget_mb = *n;
     }
+    if (arg == "--max-tokens" || arg == "--max-streams" || arg == "--stream-idle-timeout-s" ||
+        arg == "--shutdown-grace-s") {
+      const long max = arg == "--max-tokens" ? (1L << 30) : arg == "--max-streams" ? 4096 : 86400;
+      auto n = ParsePositive(arg, *v, max);
+      if (!n.ok()) return n.status();
+      if (arg == "--max-tokens") f.max_tokens = *n;
+      if (arg == "--max-streams") f.max_streams = *n;
+      if (arg == "--stream-idle-timeout-s") f.stream_idle_timeout_s = *n;
+      if (arg == "--shutdown-grace-s") f.shutdown_grace_s = *n;
+    }
     if (arg == "--max-trace-mb") {
       auto n = ParsePositive(arg, *v, 1 << 20);  // up to 1 TiB
       if (!n.ok()) return n.status();
@@ -249,6 +293,12 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
   }
   if (!f.tls_client_ca.empty() && f.tls_cert.empty()) {
     return absl::InvalidArgumentError("--tls-client-ca needs --tls-cert");
+  }
+  if (f.max_streams == 0) f.max_streams = std::max(1, f.max_threads / 4);
+  if (f.max_streams >= f.max_threads) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max-streams ", f.max_streams, " leaves no thread of --max-threads ", f.max_threads,
+        " for unary calls"));
   }
   return f;
 }
@@ -300,6 +350,13 @@ int main(int argc, char** argv) {
   icd::rpc::ServiceOptions service_options;
   service_options.log_calls = !flags->quiet;
   service_options.max_trace_bytes = static_cast<std::size_t>(flags->max_trace_mb) << 20;
+  service_options.max_message_bytes = static_cast<std::size_t>(flags->max_message_mb) << 20;
+  service_options.max_tokens = flags->max_tokens;
+  service_options.max_streams = flags->max_streams;
+  service_options.stream_idle_timeout = std::chrono::seconds(flags->stream_idle_timeout_s);
+  // A WriteTensors stream buffers what it replaces: never more than the
+  // weights the budget allows (each tensor is also held to its own size).
+  service_options.max_write_bytes = static_cast<std::size_t>(flags->memory_budget_mb) << 20;
   if (!flags->token_file.empty()) {
     auto token = ReadFile(flags->token_file, "--token-file");
     if (!token.ok()) return Fail(token.status());
@@ -353,6 +410,11 @@ int main(int argc, char** argv) {
     grpc::ResourceQuota quota("icd-server");
     quota.SetMaxThreads(flags->max_threads);
     builder.SetResourceQuota(quota);
+    // Reflection (and any service but health and icd's own, which checks
+    // itself) answers only with the token.
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+    interceptors.push_back(icd::rpc::MakeTokenInterceptorFactory(service_options.token));
+    builder.experimental().SetInterceptorCreators(std::move(interceptors));
     std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
     if (!server || port == 0) {
       std::cerr << "icd-server: cannot listen on " << flags->listen << "\n";
@@ -369,7 +431,10 @@ int main(int argc, char** argv) {
     const int sig = signals->Wait();
     std::cerr << "icd-server: signal " << sig << ", shutting down\n";
     if (health != nullptr) health->Shutdown();  // every service NOT_SERVING
-    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    // Calls still running at the deadline are cancelled; every long
+    // computation checks for that, so Wait returns soon after.
+    server->Shutdown(std::chrono::system_clock::now() +
+                     std::chrono::seconds(flags->shutdown_grace_s));
     server->Wait();
   }
   engine.reset();  // last: no call can reach it any more

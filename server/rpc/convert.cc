@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "icd/core/checked.h"
 
 namespace icd::rpc {
 
@@ -174,6 +175,7 @@ void ToProto(const PermutationResult& in, v1::PermutationResult* out) {
   out->set_nm_upper_bound(in.nm_upper_bound);
   out->set_tokens(in.tokens);
   out->set_holdout_tokens(in.holdout_tokens);
+  out->set_scores_note(in.scores_note);
   out->set_solve_ms(in.solve_ms);
 }
 
@@ -217,6 +219,7 @@ PermutationResult FromProto(const v1::PermutationResult& in) {
   out.nm_upper_bound = in.nm_upper_bound();
   out.tokens = in.tokens();
   out.holdout_tokens = in.holdout_tokens();
+  out.scores_note = in.scores_note();
   out.solve_ms = in.solve_ms();
   return out;
 }
@@ -242,9 +245,13 @@ CaptureRequest FromProto(const v1::CaptureRequest& in) {
   return out;
 }
 
-std::vector<v1::TensorChunk> SplitTensor(const HostTensor& tensor,
-                                         std::size_t max_bytes) {
-  max_bytes = std::max<std::size_t>(1, max_bytes);
+std::vector<v1::TensorChunk> SplitTensor(const HostTensor& tensor, std::size_t max_data_bytes,
+                                         std::size_t max_message_bytes) {
+  // Name, dtype, shape (at most 11 bytes per varint) and field tags, with
+  // room to spare.
+  const std::size_t header = tensor.name.size() + 11 * tensor.shape.size() + 64;
+  std::size_t max_bytes = max_message_bytes > header ? max_message_bytes - header : 1;
+  max_bytes = std::max<std::size_t>(1, std::min(max_bytes, max_data_bytes));
   std::vector<v1::TensorChunk> out;
   std::size_t pos = 0;
   do {
@@ -278,6 +285,18 @@ absl::Status TensorAssembler::Add(const v1::TensorChunk& chunk) {
       return absl::InvalidArgumentError(absl::StrCat(
           "tensor ", chunk.name(), ": ", std::string(dtype.status().message())));
     }
+    std::vector<int64_t> factors(chunk.shape().begin(), chunk.shape().end());
+    factors.push_back(DTypeSize(*dtype));
+    const absl::StatusOr<int64_t> declared =
+        CheckedProduct(factors, absl::StrCat("tensor ", chunk.name(), ": shape x dtype size"));
+    if (!declared.ok()) return declared.status();
+    declared_bytes_ = *declared;
+    limit_bytes_ = declared_bytes_;
+    if (target_bytes_) {
+      const absl::StatusOr<int64_t> target = target_bytes_(chunk.name());
+      if (!target.ok()) return target.status();
+      limit_bytes_ = std::min(limit_bytes_, *target);
+    }
     HostTensor t;
     t.name = chunk.name();
     t.shape.assign(chunk.shape().begin(), chunk.shape().end());
@@ -301,7 +320,14 @@ absl::Status TensorAssembler::Add(const v1::TensorChunk& chunk) {
           "tensor ", t.name, ": chunks disagree on shape or dtype"));
     }
   }
-  tensors_.back().data += chunk.data();
+  HostTensor& t = tensors_.back();
+  if (chunk.data().size() > static_cast<uint64_t>(limit_bytes_) - t.data.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tensor ", t.name, ": more than ", limit_bytes_, " bytes sent; ",
+        limit_bytes_ < declared_bytes_ ? "the model's tensor holds that many"
+                                       : "its shape and dtype need that many"));
+  }
+  t.data += chunk.data();
   bytes_ += chunk.data().size();
   if (chunk.last()) return Close();
   return absl::OkStatus();
@@ -310,15 +336,7 @@ absl::Status TensorAssembler::Add(const v1::TensorChunk& chunk) {
 absl::Status TensorAssembler::Close() {
   open_ = false;
   const HostTensor& t = tensors_.back();
-  int64_t numel = 1;
-  for (int64_t d : t.shape) {
-    if (d < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tensor ", t.name, ": negative dimension ", d));
-    }
-    numel *= d;
-  }
-  const int64_t expected = numel * DTypeSize(t.dtype);
+  const int64_t expected = declared_bytes_;
   if (static_cast<int64_t>(t.data.size()) != expected) {
     return absl::InvalidArgumentError(
         absl::StrCat("tensor ", t.name, ": ", t.data.size(),

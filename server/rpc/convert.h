@@ -4,7 +4,11 @@
 #define ICD_RPC_CONVERT_H_
 
 #include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -44,16 +48,25 @@ PermutationResult FromProto(const v1::PermutationResult& in);
 TraceHeader FromProto(const v1::TraceHeader& in);
 CaptureRequest FromProto(const v1::CaptureRequest& in);
 
-// Splits one tensor into chunks of at most `max_bytes` of data (at least one
-// chunk; `last` on the final one). Every chunk carries name, shape and dtype.
-std::vector<v1::TensorChunk> SplitTensor(const HostTensor& tensor,
-                                         std::size_t max_bytes);
+// Splits one tensor into chunks (at least one; `last` on the final one), each
+// a message of at most `max_message_bytes`: data of at most `max_data_bytes`,
+// less what name, shape and dtype take. Every chunk carries name, shape and
+// dtype.
+std::vector<v1::TensorChunk> SplitTensor(const HostTensor& tensor, std::size_t max_data_bytes,
+                                         std::size_t max_message_bytes = SIZE_MAX);
 
 // Reassembles a WriteTensors stream: chunks of one tensor are contiguous and
 // agree on shape and dtype; `last` closes the tensor. A chunk with no name
-// and no data (the header chunk) is allowed between tensors.
+// and no data (the header chunk) is allowed between tensors. Sizes are
+// checked as chunks arrive: a shape whose byte count overflows, data beyond
+// what the shape and dtype need or beyond what the model's tensor holds
+// (`target_bytes`, when given: NotFound for a tensor the model lacks) is
+// refused at once, so a stream never buffers more than the model's tensors.
 class TensorAssembler {
  public:
+  using TargetBytes = std::function<absl::StatusOr<int64_t>(const std::string& tensor)>;
+  explicit TensorAssembler(TargetBytes target_bytes = nullptr)
+      : target_bytes_(std::move(target_bytes)) {}
   absl::Status Add(const v1::TensorChunk& chunk);
   // INVALID_ARGUMENT if a tensor is still open or its size does not match
   // its shape and dtype.
@@ -62,8 +75,11 @@ class TensorAssembler {
 
  private:
   absl::Status Close();
+  TargetBytes target_bytes_;
   std::vector<HostTensor> tensors_;
   bool open_ = false;
+  int64_t declared_bytes_ = 0;  // the open tensor's shape x dtype size
+  int64_t limit_bytes_ = 0;     // at most declared_bytes_ and the target's
   std::size_t bytes_ = 0;
 };
 

@@ -1,5 +1,6 @@
 #include "paths.h"
 
+#include <climits>
 #include <system_error>
 #include <utility>
 
@@ -38,7 +39,21 @@ absl::StatusOr<fs::path> Resolve(const std::string& requested,
         what, " path ", requested, ": the server has no ", what, " root"));
   }
   fs::path p(requested);
+  // Names the system could never hold are the request's fault, whatever
+  // the roots: INVALID_ARGUMENT before any lookup.
+  for (const fs::path& component : p) {
+    if (component.native().size() > NAME_MAX) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "path: a component of ", component.native().size(), " bytes (",
+          component.native().substr(0, 32), "...), longer than NAME_MAX (", NAME_MAX, ")"));
+    }
+  }
   if (p.is_relative()) p = roots.front() / p;
+  if (p.native().size() >= PATH_MAX) {
+    return absl::InvalidArgumentError(absl::StrCat("path: ", p.native().size(),
+                                                   " bytes, longer than PATH_MAX (", PATH_MAX,
+                                                   " with its terminating byte)"));
+  }
   std::error_code ec;
   fs::path resolved = fs::weakly_canonical(p, ec);
   if (ec) {
@@ -56,6 +71,7 @@ absl::StatusOr<fs::path> Resolve(const std::string& requested,
 }  // namespace
 
 bool IsUnder(const fs::path& path, const fs::path& root) {
+  // Kept in step with core's check of the files a load reads (checkpoint.cc).
   auto p = path.begin();
   for (auto r = root.begin(); r != root.end(); ++r, ++p) {
     if (r->empty()) continue;  // trailing separator of the root

@@ -3,27 +3,24 @@
 #include <chrono>
 #include <cstdio>
 #include <exception>
+#include <optional>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/cord.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_cat.h"
+#include "auth.h"
 #include "convert.h"
+#include "icd/core/checked.h"
+#include "icd/core/status_macros.h"
+#include "log_text.h"
 #include "status.h"
 
 namespace icd::rpc {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-// Compares without an early exit, so the time does not leak the prefix.
-bool SameSecret(const std::string& a, const std::string& b) {
-  unsigned char diff = a.size() == b.size() ? 0 : 1;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    diff = static_cast<unsigned char>(
-        diff | (a[i] ^ (i < b.size() ? b[i] : 0)));
-  }
-  return diff == 0;
-}
 
 // "4096 MiB" when whole mebibytes (as the flag sets it), else bytes.
 std::string DescribeBytes(std::size_t bytes) {
@@ -51,27 +48,29 @@ CallContext MakeCallContext(grpc::ServerContext* context) {
 
 PermutationServiceImpl::PermutationServiceImpl(Engine* engine, PathPolicy paths,
                                                ServiceOptions options)
-    : engine_(engine), paths_(std::move(paths)), options_(std::move(options)) {}
+    : engine_(engine),
+      paths_(std::move(paths)),
+      options_(std::move(options)),
+      streams_(options_.max_streams, options_.stream_idle_timeout) {}
 
 absl::Status PermutationServiceImpl::CheckToken(
     const grpc::ServerContext* context) const {
-  if (options_.token.empty()) return absl::OkStatus();
-  const auto& md = context->client_metadata();
-  const auto it = md.find("authorization");
-  if (it == md.end()) {
-    return absl::UnauthenticatedError(
-        "missing `authorization: Bearer <token>` metadata");
-  }
-  const std::string value(it->second.data(), it->second.size());
-  if (!SameSecret(value, "Bearer " + options_.token)) {
-    return absl::UnauthenticatedError("wrong bearer token");
-  }
-  return absl::OkStatus();
+  return CheckBearerToken(context->client_metadata(), options_.token);
 }
 
-void PermutationServiceImpl::CallLog::Add(const char* key,
-                                          const std::string& value) {
-  absl::StrAppend(&fields, " ", std::string(key), "=", value);
+absl::Status PermutationServiceImpl::CheckTokenCount(const char* field, int64_t tokens) const {
+  if (options_.max_tokens <= 0 || tokens <= options_.max_tokens) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(
+      field, ": ", tokens, " tokens, more than this server's limit of ", options_.max_tokens,
+      " per call (icd-server --max-tokens); split the work into smaller calls"));
+}
+
+void PermutationServiceImpl::CallLog::Add(const char* key, int64_t value) {
+  absl::StrAppend(&fields, " ", key, "=", value);
+}
+
+void PermutationServiceImpl::CallLog::AddText(const char* key, const std::string& value) {
+  absl::StrAppend(&fields, " ", key, "=", QuoteForLog(value));
 }
 
 grpc::Status PermutationServiceImpl::Handle(
@@ -84,16 +83,23 @@ grpc::Status PermutationServiceImpl::Handle(
     try {
       status = body(log);
     } catch (const std::exception& e) {
-      status = absl::InternalError(absl::StrCat(rpc, ": ", e.what()));
+      status = InternalFailure(rpc, e.what());
     }
   }
-  if (options_.log_calls) {
+  const auto detail = status.GetPayload(kInternalDetailPayload);  // optional<Cord>
+  if (options_.log_calls || detail.has_value()) {
     const double ms =
         std::chrono::duration<double, std::milli>(Clock::now() - start).count();
     const std::string code = absl::StatusCodeToString(status.code());
-    std::fprintf(stderr, "rpc=%s status=%s ms=%.2f model=%s%s\n", rpc,
-                 code.c_str(), ms, log.model.empty() ? "-" : log.model.c_str(),
-                 log.fields.c_str());
+    const std::string model_text = log.model.empty() ? "-" : QuoteForLog(log.model);
+    std::string line = absl::StrFormat("rpc=%s status=%s ms=%.2f model=%s%s\n", rpc, code, ms,
+                                       model_text, log.fields);
+    // What failed inside, for the operator: quoted, on its own line.
+    if (detail.has_value()) {
+      absl::StrAppend(&line, "rpc=", rpc, " internal_detail=",
+                      QuoteForLog(std::string(*detail), 16384), "\n");
+    }
+    std::fwrite(line.data(), 1, line.size(), stderr);
   }
   return ToGrpcStatus(status);
 }
@@ -107,8 +113,9 @@ grpc::Status PermutationServiceImpl::LoadModel(
     }
     auto path = paths_.ResolveModelPath(request->path());
     if (!path.ok()) return path.status();
-    auto info = engine_->Load(request->name(), *path, FromProto(*request),
-                              MakeCallContext(context));
+    LoadOptions options = FromProto(*request);
+    for (const auto& root : paths_.model_roots()) options.allowed_roots.push_back(root.string());
+    auto info = engine_->Load(request->name(), *path, options, MakeCallContext(context));
     if (!info.ok()) return info.status();
     ToProto(*info, response);
     return absl::OkStatus();
@@ -177,11 +184,13 @@ grpc::Status PermutationServiceImpl::Verify(grpc::ServerContext* context,
 grpc::Status PermutationServiceImpl::Evaluate(
     grpc::ServerContext* context, const v1::EvaluateRequest* request,
     v1::EvaluateResponse* response) {
-  return Handle(context, "Evaluate", request->model(), [&](CallLog&) {
+  return Handle(context, "Evaluate", request->model(), [&](CallLog& log) {
     if (request->batch() < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("Evaluate: batch ", request->batch(), " < 0"));
     }
+    log.Add("tokens", request->input_ids_size());
+    if (absl::Status s = CheckTokenCount("input_ids", request->input_ids_size()); !s.ok()) return s;
     auto result = engine_->Evaluate(request->model(), FromProto(*request),
                                     MakeCallContext(context));
     if (!result.ok()) return result.status();
@@ -196,13 +205,18 @@ grpc::Status PermutationServiceImpl::ReadTensors(
   return Handle(context, "ReadTensors", request->model(), [&](CallLog&) {
     const std::vector<std::string> names(request->names().begin(),
                                          request->names().end());
+    auto slot = streams_.Open(context, "ReadTensors");
+    if (!slot.ok()) return slot.status();
     auto tensors = engine_->ReadTensors(request->model(), names);
     if (!tensors.ok()) return tensors.status();
     for (const auto& t : *tensors) {
-      for (const auto& chunk : SplitTensor(t, options_.chunk_bytes)) {
+      for (const auto& chunk :
+           SplitTensor(t, options_.chunk_bytes, options_.max_message_bytes)) {
         if (!writer->Write(chunk)) {
+          if ((*slot)->timed_out()) return (*slot)->IdleStatus("ReadTensors");
           return absl::CancelledError("ReadTensors: the client stopped reading");
         }
+        (*slot)->Touch();
       }
     }
     return absl::OkStatus();
@@ -213,10 +227,14 @@ grpc::Status PermutationServiceImpl::WriteTensors(
     grpc::ServerContext* context, grpc::ServerReader<v1::TensorChunk>* reader,
     v1::WriteReport* response) {
   return Handle(context, "WriteTensors", "", [&](CallLog& log) {
+    auto slot = streams_.Open(context, "WriteTensors");
+    if (!slot.ok()) return slot.status();
     v1::TensorChunk chunk;
     if (!reader->Read(&chunk)) {
+      if ((*slot)->timed_out()) return (*slot)->IdleStatus("WriteTensors");
       return absl::InvalidArgumentError("WriteTensors: empty stream");
     }
+    (*slot)->Touch();
     log.model = chunk.model();
     const std::string& model = log.model;
     if (model.empty()) {
@@ -224,25 +242,32 @@ grpc::Status PermutationServiceImpl::WriteTensors(
           "WriteTensors: the first chunk must carry `model`");
     }
     const uint64_t expected_version = chunk.expected_version();
-    TensorAssembler assembler;
+    // Each tensor is held to what the model's own tensor holds as its chunks
+    // arrive, so the stream buffers at most the model's size.
+    TensorAssembler assembler([this, &model](const std::string& tensor) {
+      return engine_->TensorBytes(model, tensor);
+    });
     do {
       if (!chunk.model().empty() && chunk.model() != model) {
         return absl::InvalidArgumentError(
-            absl::StrCat("WriteTensors: chunk for model ", chunk.model(),
-                         " in a stream for ", model));
+            absl::StrCat("WriteTensors: a chunk names another model than the stream's first, ",
+                         QuoteForLog(model)));
       }
       absl::Status s = assembler.Add(chunk);
       if (!s.ok()) return s;
       if (options_.max_write_bytes > 0 &&
           assembler.bytes() > options_.max_write_bytes) {
         return absl::ResourceExhaustedError(
-            absl::StrCat("WriteTensors: more than ", options_.max_write_bytes,
-                         " bytes"));
+            absl::StrCat("WriteTensors: more than ", DescribeBytes(options_.max_write_bytes),
+                         " (icd-server --memory-budget-mb)"));
       }
+      (*slot)->Touch();
     } while (reader->Read(&chunk));
+    if ((*slot)->timed_out()) return (*slot)->IdleStatus("WriteTensors");
     if (context->IsCancelled()) {
       return absl::CancelledError("WriteTensors: cancelled by the client");
     }
+    slot->reset();  // the stream is read: what follows is work, not idling
     auto tensors = assembler.Finish();
     if (!tensors.ok()) return tensors.status();
     auto version = engine_->WriteTensors(model, *tensors, expected_version);
@@ -273,14 +298,19 @@ grpc::Status PermutationServiceImpl::ComputePermutation(
     grpc::ServerContext* context, grpc::ServerReader<v1::TraceChunk>* reader,
     v1::PermutationResult* response) {
   return Handle(context, "ComputePermutation", "", [&](CallLog& log) {
+    auto slot = streams_.Open(context, "ComputePermutation");
+    if (!slot.ok()) return slot.status();
     v1::TraceChunk chunk;
     if (!reader->Read(&chunk) || !chunk.has_header()) {
+      if ((*slot)->timed_out()) return (*slot)->IdleStatus("ComputePermutation");
       return absl::InvalidArgumentError(
           "ComputePermutation: the first TraceChunk must carry header");
     }
+    (*slot)->Touch();
+    const CallContext call = MakeCallContext(context);
     const TraceHeader header = FromProto(chunk.header());
     log.model = header.model;
-    log.Add("group", header.group.empty() ? "-" : header.group);
+    log.AddText("group", header.group);
     // Unknown model or group, wrong channel count, bad solver options: refused
     // here, before any rows travel.
     auto session = engine_->BeginTraces(header);
@@ -295,7 +325,7 @@ grpc::Status PermutationServiceImpl::ComputePermutation(
             " carries a header; only the first TraceChunk may"));
         break;
       }
-      if (context->IsCancelled()) break;
+      if (status = CheckCall(call, "ComputePermutation"); !status.ok()) break;
       bytes += chunk.f32_le().size();
       if (options_.max_trace_bytes > 0 && bytes > options_.max_trace_bytes) {
         status = absl::ResourceExhaustedError(absl::StrCat(
@@ -308,7 +338,7 @@ grpc::Status PermutationServiceImpl::ComputePermutation(
       // A chunk with neither rows nor bytes (the header alone) adds nothing;
       // any other goes to the engine, which checks its size and values.
       if (chunk.rows() != 0 || !chunk.f32_le().empty()) {
-        status = (*session)->AddRows(chunk.f32_le(), chunk.rows());
+        status = (*session)->AddRows(chunk.f32_le(), chunk.rows(), call);
         if (!status.ok()) {
           status = absl::Status(
               status.code(), absl::StrCat("ComputePermutation: chunk ", index,
@@ -318,15 +348,18 @@ grpc::Status PermutationServiceImpl::ComputePermutation(
         rows += chunk.rows();
       }
       if (!reader->Read(&chunk)) break;
+      (*slot)->Touch();
     }
-    log.Add("rows", std::to_string(rows));
-    log.Add("bytes", std::to_string(bytes));
+    log.Add("rows", rows);
+    log.Add("bytes", static_cast<int64_t>(bytes));
+    if ((*slot)->timed_out()) return (*slot)->IdleStatus("ComputePermutation");
     if (!status.ok()) return status;
     // A cancelled client also ends the reads: never solve a partial stream.
     if (context->IsCancelled()) {
       return absl::CancelledError("ComputePermutation: cancelled by the client");
     }
-    auto result = (*session)->Finish(MakeCallContext(context));
+    slot->reset();  // the stream is read: the solve is work, not idling
+    auto result = (*session)->Finish(call);
     if (!result.ok()) return result.status();
     ToProto(*result, response);
     return absl::OkStatus();
@@ -338,13 +371,17 @@ grpc::Status PermutationServiceImpl::CapturePermutation(
     v1::PermutationSet* response) {
   return Handle(context, "CapturePermutation", request->model(),
                 [&](CallLog& log) {
-                  log.Add("groups", request->groups().empty()
-                                        ? std::string("all")
-                                        : std::to_string(request->groups_size()));
-                  log.Add("tokens", std::to_string(request->input_ids_size()));
+                  log.Add("groups", request->groups_size());
+                  log.Add("tokens", request->input_ids_size());
                   if (request->batch() < 0) {
                     return absl::InvalidArgumentError(absl::StrCat(
                         "CapturePermutation: batch ", request->batch(), " < 0"));
+                  }
+                  if (absl::Status s = CheckTokenCount(
+                          "input_ids and holdout_ids",
+                          int64_t{request->input_ids_size()} + request->holdout_ids_size());
+                      !s.ok()) {
+                    return s;
                   }
                   auto results = engine_->Capture(FromProto(*request),
                                                   MakeCallContext(context));
@@ -361,11 +398,17 @@ grpc::Status PermutationServiceImpl::MeasureLatency(
     v1::LatencyReport* response) {
   return Handle(context, "MeasureLatency", request->model(), [&](CallLog& log) {
     const LatencyOptions options = FromProto(*request);
-    log.Add("mode", options.mode);
-    if (!options.compare_model.empty()) log.Add("compare", options.compare_model);
-    log.Add("batch", std::to_string(options.batch));
-    log.Add("seq_len", std::to_string(options.seq_len));
-    log.Add("iters", std::to_string(options.iters));
+    log.AddText("mode", options.mode);
+    if (!options.compare_model.empty()) log.AddText("compare", options.compare_model);
+    log.Add("batch", options.batch);
+    log.Add("seq_len", options.seq_len);
+    log.Add("iters", options.iters);
+    if (options.batch > 0 && options.seq_len > 0) {
+      absl::StatusOr<int64_t> tokens =
+          CheckedProduct({options.batch, options.seq_len}, "batch x seq_len");
+      if (!tokens.ok()) return tokens.status();
+      if (absl::Status s = CheckTokenCount("batch x seq_len", *tokens); !s.ok()) return s;
+    }
     auto report = engine_->MeasureLatency(options, MakeCallContext(context));
     if (!report.ok()) return report.status();
     ToProto(*report, response);

@@ -1,15 +1,19 @@
 // The gRPC frontend of the engine: one handler per RPC of
 // icd.v1.PermutationService. Each handler checks the token, converts the
 // request, calls the Engine, maps the status (ToGrpcStatus), times the call
-// and logs one line to stderr:
-//   rpc=ApplyPermutation status=OK ms=1.23 model=m
-//   rpc=ComputePermutation status=OK ms=88.1 model=m group=layers.0.inner rows=4096 bytes=2097152
+// and logs one line to stderr, client strings quoted (QuoteForLog):
+//   rpc=ApplyPermutation status=OK ms=1.23 model="m"
+//   rpc=ComputePermutation status=OK ms=88.1 model="m" group="layers.0.inner" rows=4096 bytes=2097152
+// An INTERNAL status's detail (InternalFailure's payload) goes to the log on
+// a second line, never to the client.
 // It holds no model state: the Engine does. Health and reflection are
 // registered by main.
 #ifndef ICD_RPC_SERVICE_H_
 #define ICD_RPC_SERVICE_H_
 
+#include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <string>
 
@@ -20,14 +24,28 @@
 #include "icd/core/types.h"
 #include "icd/v1/permutation.grpc.pb.h"
 #include "paths.h"
+#include "streams.h"
 
 namespace icd::rpc {
 
 struct ServiceOptions {
   // Non-empty: every call must carry `authorization: Bearer <token>`.
   std::string token;
-  // Largest `data` of one ReadTensors chunk.
+  // Largest `data` of one ReadTensors chunk; chunks are cut smaller so that
+  // each fits max_message_bytes whole.
   std::size_t chunk_bytes = std::size_t{1} << 20;
+  // The server's message cap (icd-server --max-message-mb).
+  std::size_t max_message_bytes = std::size_t{64} << 20;
+  // Most token ids one Evaluate or CapturePermutation (input and held-out
+  // ids together) or one MeasureLatency forward (batch x seq_len) may take;
+  // more is RESOURCE_EXHAUSTED before any work. 0: no limit.
+  // icd-server: --max-tokens.
+  int64_t max_tokens = 0;
+  // Most streaming calls open at once (0: no limit), and how long one may
+  // go without a message before it is cancelled (zero: forever).
+  // icd-server: --max-streams, --stream-idle-timeout-s.
+  int max_streams = 0;
+  std::chrono::milliseconds stream_idle_timeout{0};
   // Largest WriteTensors stream (sum of tensor bytes); 0: no limit.
   std::size_t max_write_bytes = 0;
   // Largest ComputePermutation stream (sum of `f32_le` bytes); 0: no limit.
@@ -92,8 +110,10 @@ class PermutationServiceImpl final : public v1::PermutationService::Service {
   // may fill it in (streams learn the model late).
   struct CallLog {
     std::string model;
-    std::string fields;  // " key=value" pairs, appended by Add
-    void Add(const char* key, const std::string& value);
+    std::string fields;  // " key=value" pairs, appended by Add and AddText
+    void Add(const char* key, int64_t value);
+    // A client's string, quoted and cut (QuoteForLog).
+    void AddText(const char* key, const std::string& value);
   };
 
   // Token check, `body`, exception guard, status map, timing and the log
@@ -102,10 +122,13 @@ class PermutationServiceImpl final : public v1::PermutationService::Service {
                       std::string model,
                       const std::function<absl::Status(CallLog&)>& body);
   absl::Status CheckToken(const grpc::ServerContext* context) const;
+  // RESOURCE_EXHAUSTED over options_.max_tokens, naming the field.
+  absl::Status CheckTokenCount(const char* field, int64_t tokens) const;
 
   Engine* engine_;
   PathPolicy paths_;
   ServiceOptions options_;
+  StreamLimiter streams_;
 };
 
 }  // namespace icd::rpc

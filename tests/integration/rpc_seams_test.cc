@@ -1,5 +1,6 @@
 // The seams of the rpc layer without a server: the status map both ways for
 // all 17 codes, the message cap, tensor chunking, the path policy.
+#include <climits>
 #include <string>
 #include <vector>
 
@@ -7,6 +8,7 @@
 
 #include "convert.h"
 #include "harness.h"
+#include "log_text.h"
 #include "paths.h"
 #include "status.h"
 
@@ -100,6 +102,78 @@ TEST(ChunkingTest, AssemblerRefusesBrokenStreams) {
   }
 }
 
+// Issue 14, item 10: at the smallest --max-message-mb (1), every chunk is a
+// message under 1 MiB whole, the name, shape and dtype included.
+TEST(ChunkingTest, ChunksFitTheMessageCap) {
+  HostTensor t = MakeTensor(600 * 1024);  // 2.4 MB
+  t.name = std::string(300, 'n');
+  t.shape = {600, 1024};
+  constexpr std::size_t kCap = std::size_t{1} << 20;
+  const auto chunks = rpc::SplitTensor(t, kCap, kCap);
+  ASSERT_GE(chunks.size(), 3u);
+  std::string joined;
+  for (const auto& c : chunks) {
+    EXPECT_LE(c.ByteSizeLong(), kCap);
+    joined += c.data();
+  }
+  EXPECT_EQ(joined, t.data);
+}
+
+// Issue 14, items 3 and 5: sizes are checked as chunks arrive, in checked
+// arithmetic: a shape whose byte count overflows int64, data beyond the
+// shape's bytes or beyond the model's tensor are refused at the chunk that
+// brings them, naming the tensor.
+TEST(ChunkingTest, AssemblerChecksSizesAsChunksArrive) {
+  {
+    rpc::TensorAssembler a;
+    v1::TensorChunk huge;
+    huge.set_name("w");
+    huge.set_dtype("float32");
+    huge.add_shape(int64_t{0x7fffffffffffffff});
+    huge.add_shape(2);
+    huge.set_data(std::string(8, 'x'));
+    const absl::Status s = a.Add(huge);
+    ExpectCode(s, absl::StatusCode::kInvalidArgument, "tensor w: shape x dtype size");
+    ExpectCode(s, absl::StatusCode::kInvalidArgument, "overflows");
+  }
+  {
+    rpc::TensorAssembler a([](const std::string&) -> absl::StatusOr<int64_t> { return 512; });
+    v1::TensorChunk first;
+    first.set_name("w");
+    first.set_dtype("float32");
+    first.add_shape(1 << 20);  // declares 4 MiB; the model's tensor holds 512 bytes
+    first.set_data(std::string(1 << 20, 'x'));
+    ExpectCode(a.Add(first), absl::StatusCode::kInvalidArgument,
+               "more than 512 bytes sent; the model's tensor holds that many");
+  }
+  {
+    rpc::TensorAssembler a([](const std::string& name) -> absl::StatusOr<int64_t> {
+      return absl::NotFoundError("tensor '" + name + "' is not in model 'm'");
+    });
+    ExpectCode(a.Add(rpc::SplitTensor(MakeTensor(4), 1024)[0]), absl::StatusCode::kNotFound, "'w'");
+  }
+  {
+    rpc::TensorAssembler a;
+    v1::TensorChunk over = rpc::SplitTensor(MakeTensor(4), 1024)[0];
+    over.set_data(over.data() + "x");
+    ExpectCode(a.Add(over), absl::StatusCode::kInvalidArgument,
+               "more than 16 bytes sent; its shape and dtype need that many");
+  }
+}
+
+// Issue 14, item 6: client strings in log lines are one quoted token, with
+// no line break and a bounded length.
+TEST(LogTextTest, QuotesEscapesAndCuts) {
+  EXPECT_EQ(rpc::QuoteForLog("m"), "\"m\"");
+  EXPECT_EQ(rpc::QuoteForLog("a\nrpc=Fake \"x\"\\"), "\"a\\nrpc=Fake \\\"x\\\"\\\\\"");
+  EXPECT_EQ(rpc::QuoteForLog(std::string("\r\x01\xff", 3)), "\"\\x0d\\x01\\xff\"");
+  const std::string huge(4 << 20, 'n');
+  const std::string quoted = rpc::QuoteForLog(huge);
+  EXPECT_LT(quoted.size(), 300u);
+  EXPECT_NE(quoted.find("...(4194304 bytes)"), std::string::npos);
+  EXPECT_EQ(quoted.find('\n'), std::string::npos);
+}
+
 TEST(PathPolicyTest, ResolvesAndConfines) {
   TempDir tmp;
   const fs::path models = tmp.path() / "models";
@@ -128,6 +202,21 @@ TEST(PathPolicyTest, ResolvesAndConfines) {
   EXPECT_EQ(policy->ResolveExportPath("../models/new").status().code(),
             absl::StatusCode::kPermissionDenied);
   EXPECT_FALSE(rpc::PathPolicy::Create({(tmp.path() / "nope").string()}, {}).ok());
+  // Issue 14, item 9: names no file system could hold are the request's
+  // fault: INVALID_ARGUMENT naming the field, not PERMISSION_DENIED.
+  const std::string long_name(NAME_MAX + 1, 'a');
+  ExpectCode(policy->ResolveModelPath(long_name).status(), absl::StatusCode::kInvalidArgument,
+             "path: a component of 256 bytes");
+  ExpectCode(policy->ResolveExportPath("x/" + long_name).status(),
+             absl::StatusCode::kInvalidArgument, "NAME_MAX");
+  std::string deep;
+  while (deep.size() < PATH_MAX) deep += "abcdefgh/";
+  ExpectCode(policy->ResolveExportPath(deep).status(), absl::StatusCode::kInvalidArgument,
+             "PATH_MAX");
+  ExpectCode(policy->ResolveModelPath("/" + deep).status(), absl::StatusCode::kInvalidArgument,
+             "PATH_MAX");
+  // A legal 250-byte name is fine.
+  EXPECT_TRUE(policy->ResolveExportPath(std::string(250, 'e')).ok());
 }
 
 }  // namespace

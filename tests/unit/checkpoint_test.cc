@@ -76,7 +76,10 @@ TEST(ConfigTest, RefusesWhatIsNotSupportedAndSaysWhy) {
               "vocab_size": 10, "num_heads": 3, "head_dim": 64, "n_groups": 1})",
           "num_heads (3) x head_dim (64)");
   refused(R"({"model_type": "mamba", "hidden_size": "wide"})", "field 'hidden_size'");
-  refused("{not json", "not a JSON object");
+  // Where the syntax breaks, and what the top level is when it is not an object.
+  refused("{not json", "not valid JSON: parse error at line 1, column 3");
+  refused("{\n  \"d_model\": 64,\n}", "line 3, column 1");
+  refused("[1, 2]", "the top level is an array, not an object");
   // Found by tests/fuzz (config_fuzz): expand 0 gave a config without
   // channels; out-of-range widths are refused before any arithmetic on them.
   refused(R"({"d_model": 32, "n_layer": 2, "vocab_size": 96,
@@ -119,7 +122,8 @@ TEST_F(BrokenCheckpointTest, MissingDirectoryAndFiles) {
   ExpectError(Load(no_weights), absl::StatusCode::kNotFound, "no weights file");
   const fs::path no_config = Copy("mamba2-groups");
   fs::remove(no_config / "config.json");
-  ExpectError(Load(no_config), absl::StatusCode::kNotFound, "config.json");
+  // A directory that exists but lacks config.json is a malformed checkpoint.
+  ExpectError(Load(no_config), absl::StatusCode::kInvalidArgument, "config.json: missing");
 }
 
 TEST_F(BrokenCheckpointTest, TruncatedAndCorruptSafetensors) {

@@ -4,7 +4,10 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <random>
 
@@ -195,6 +198,85 @@ TEST_F(EngineTest, FailedCheckRestoresWeightsExactly) {
   ASSERT_TRUE(report.ok());
   EXPECT_FALSE(report->verified);
   EXPECT_EQ(report->version, 2u);
+}
+
+// Issue 14: an apply whose caller goes away, or whose deadline passes,
+// during its post-apply check restores the weights exactly and keeps the
+// version; a NaN or infinite tolerance is refused.
+TEST_F(EngineTest, ApplyStoppedDuringItsCheckRestoresTheWeights) {
+  Load("mamba1-small");
+  std::mt19937_64 rng(5);
+  const std::vector<Permutation> perms = {
+      {"layers.0.inner", testing::RandomPermutation(Group("layers.0.inner"), rng)},
+      {"residual", testing::RandomPermutation(Group("residual"), rng)}};
+  const auto before = Weights();
+  for (const bool deadline : {false, true}) {
+    CallContext ctx;
+    if (deadline) {
+      ctx.deadline = std::chrono::steady_clock::now() - std::chrono::seconds(1);
+    } else {
+      ctx.cancelled = [] { return true; };
+    }
+    auto report = engine_.Apply("m", perms, {}, ctx);
+    EXPECT_EQ(report.status().code(), deadline ? absl::StatusCode::kDeadlineExceeded
+                                               : absl::StatusCode::kCancelled)
+        << report.status();
+    EXPECT_EQ(Weights(), before);
+    EXPECT_EQ(engine_.Info("m")->version, 1u);
+  }
+  for (const double tolerance : {std::nan(""), HUGE_VAL}) {
+    ApplyOptions odd;
+    odd.tolerance = tolerance;
+    ExpectRefused(perms, absl::StatusCode::kInvalidArgument, "tolerance: must be a finite number",
+                  odd);
+  }
+}
+
+// Issue 14: a model loaded again under a name starts above every version
+// the name had, so an expected_version from the earlier instance is stale.
+TEST_F(EngineTest, AReloadUnderTheSameNameNeverRepeatsAVersion) {
+  Load("mamba1-small");
+  std::mt19937_64 rng(6);
+  const std::vector<Permutation> perms = {
+      {"layers.1.inner", testing::RandomPermutation(Group("layers.1.inner"), rng)}};
+  ASSERT_EQ(engine_.Apply("m", perms)->version, 2u);
+  ASSERT_TRUE(engine_.Unload("m").ok());
+  Load("mamba1-small");
+  EXPECT_EQ(info_.version, 3u);
+  ApplyOptions stale;
+  stale.expected_version = 2;
+  ExpectRefused(perms, absl::StatusCode::kFailedPrecondition, "version 3", stale);
+  // Another name still starts at 1.
+  auto other = engine_.Load("n", Str(GoldenDir("mamba1-small") / "hf"));
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_EQ(other->version, 1u);
+}
+
+// Issue 14: NaN or infinite weights are refused by name, before anything
+// changes; Evaluate on one token says there is nothing to score.
+TEST_F(EngineTest, NonFiniteWeightsAndOneTokenEvaluateAreRefused) {
+  Load("mamba1-small");
+  auto tensors = engine_.ReadTensors("m", {"backbone.norm_f.weight"});
+  ASSERT_TRUE(tensors.ok()) << tensors.status();
+  const auto before = Weights();
+  for (const float bad : {std::nanf(""), HUGE_VALF, -HUGE_VALF}) {
+    HostTensor tensor = (*tensors)[0];
+    std::memcpy(tensor.data.data() + 8, &bad, sizeof bad);  // element 2
+    auto written = engine_.WriteTensors("m", {tensor});
+    EXPECT_TRUE(HasError(written.status(), absl::StatusCode::kInvalidArgument,
+                         "tensor 'backbone.norm_f.weight': element 2 is NaN or infinite"));
+    EXPECT_EQ(Weights(), before);
+    EXPECT_EQ(engine_.Info("m")->version, 1u);
+  }
+  EvaluateRequest one;
+  one.input_ids = {5, 7};
+  one.batch = 2;
+  EXPECT_TRUE(HasError(engine_.Evaluate("m", one).status(), absl::StatusCode::kInvalidArgument,
+                       "nothing to score"));
+  one.return_logits = true;  // logits of one token are a fair question
+  auto logits = engine_.Evaluate("m", one);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  EXPECT_EQ(logits->tokens, 0);
 }
 
 TEST_F(EngineTest, DTypesFloat64AndBFloat16) {

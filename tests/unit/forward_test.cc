@@ -572,6 +572,52 @@ TEST(DecodeTest, RefusedOrCancelledCallLeavesStateUnchanged) {
   check_unchanged();
 }
 
+// Issue 14: a long forward checks its context inside a layer (every few
+// hundred scan steps), not only between layers; sequences over 4096 tokens
+// run in chunks of time whose logits are those of one pass (rounding aside).
+class WantsNothing : public CaptureSink {
+ public:
+  bool Wants(const std::string&) const override { return false; }
+  void Add(const std::string&, const torch::Tensor&) override {}
+};
+
+TEST(ForwardTest, LongSequencesStopInsideALayerAndChunkFaithfully) {
+  for (const char* name : {"mamba1-small", "mamba2-groups"}) {
+    SCOPED_TRACE(name);
+    const Fixture fixture = LoadFixture(name);
+    torch::manual_seed(14);
+    const torch::Tensor ids =
+        torch::randint(fixture.config.vocab_size, {2, 5000}, torch::dtype(torch::kInt64));
+    // Batch 2 goes in chunks of 2048 tokens, each row alone in chunks of 4096:
+    // two chunkings of the same function.
+    auto chunked = Forward(fixture.config, fixture.weights, ids);
+    ASSERT_TRUE(chunked.ok());
+    for (int64_t row = 0; row < 2; ++row) {
+      auto alone = Forward(fixture.config, fixture.weights, ids.narrow(0, row, 1));
+      ASSERT_TRUE(alone.ok());
+      const torch::Tensor mine = chunked->narrow(0, row, 1);
+      const double rel = ((mine - *alone).norm() / alone->norm()).item<double>();
+      EXPECT_LT(rel, 1e-5) << "row " << row;
+    }
+    // Capturing leaves the logits bitwise unchanged, chunks and all.
+    WantsNothing sink;
+    auto captured = Forward(fixture.config, fixture.weights, ids, {}, &sink);
+    ASSERT_TRUE(captured.ok());
+    EXPECT_TRUE(torch::equal(*captured, *chunked));
+
+    // Polls: before the forward (1), before layer 0 (2), then inside layer
+    // 0's scan (3): the stop comes from within the layer.
+    CallContext ctx;
+    int polls = 0;
+    ctx.cancelled = [&polls] { return ++polls > 2; };
+    auto stopped = Forward(fixture.config, fixture.weights, ids, ctx);
+    ASSERT_FALSE(stopped.ok());
+    EXPECT_EQ(stopped.status().code(), absl::StatusCode::kCancelled);
+    EXPECT_NE(stopped.status().message().find("in layer 0"), std::string::npos)
+        << stopped.status();
+  }
+}
+
 // ForwardPrechecked is Forward without the input checks: same logits.
 TEST(DecodeTest, PrecheckedForwardIsForward) {
   const Model model = LoadModel("mamba1-small", "hf");

@@ -155,6 +155,23 @@ TEST_F(SolveTest, DeterministicForASeed) {
   EXPECT_EQ(first->modularity, second->modularity);
 }
 
+// Issue 14: the statistics check the call's context block by block (a
+// chunk of many rows stops inside), and a stopped stream is poisoned.
+TEST_F(SolveTest, StatisticsStopWhenTheCallerGoesAway) {
+  const torch::Tensor rows = MakePlanted(5000, 7).rows;
+  TraceHeader header{"m", "layers.0.inner", 128, 500, {}};
+  auto session = engine_.BeginTraces(header);
+  ASSERT_TRUE(session.ok());
+  CallContext ctx;
+  int polls = 0;
+  ctx.cancelled = [&polls] { return ++polls > 1; };  // after one block of rows
+  const absl::Status stopped = (*session)->AddRows(Bytes(rows), rows.size(0), ctx);
+  EXPECT_EQ(stopped.code(), absl::StatusCode::kCancelled) << stopped;
+  EXPECT_NE(std::string(stopped.message()).find("trace statistics"), std::string::npos);
+  EXPECT_GE(polls, 2);
+  EXPECT_EQ((*session)->Finish().status().code(), absl::StatusCode::kCancelled);
+}
+
 TEST_F(SolveTest, BadStreamsAreRefusedAndKeepNothing) {
   const torch::Tensor rows = torch::ones({4, 128});
   TraceHeader header{"m", "layers.0.inner", 128, 0, {}};

@@ -312,7 +312,7 @@ class Client:
     """
 
     def __init__(self, address, token=None, timeout=None, connect_timeout=10.0,
-                 max_message_mb=256, credentials=None, chunk_bytes=1 << 20):
+                 max_message_mb=256, credentials=None, chunk_bytes=(1 << 20) - (64 << 10)):
         limit = max(1, int(max_message_mb)) * 1024 * 1024
         options = [("grpc.max_receive_message_length", limit),
                    ("grpc.max_send_message_length", limit)]

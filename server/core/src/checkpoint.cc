@@ -1,5 +1,6 @@
 #include "checkpoint.h"
 
+#include <algorithm>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -21,12 +22,21 @@ namespace {
 // mamba_ssm's name for the embedding; HF's load hook renames it.
 constexpr char kSsmEmbedding[] = "backbone.embedding.weight";
 
-absl::StatusOr<std::string> ReadText(const fs::path& file) {
+// The whole file, or InvalidArgument naming it when it holds more than
+// `max_bytes` (read up to one byte past the cap, so a file that grows, or a
+// device, cannot get more in).
+absl::StatusOr<std::string> ReadText(const fs::path& file, int64_t max_bytes) {
   std::ifstream in(file, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat(file.string(), ": cannot open"));
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
+  std::string text(static_cast<size_t>(max_bytes) + 1, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(text.size()));
+  text.resize(static_cast<size_t>(in.gcount()));
+  if (static_cast<int64_t>(text.size()) > max_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(file.string(), ": larger than ",
+                                                   max_bytes >> 20, " MiB, the most a ",
+                                                   file.filename().string(), " may have"));
+  }
+  return text;
 }
 
 // 64-bit FNV-1a over 8-byte words: fast enough to cover every weight byte.
@@ -87,7 +97,7 @@ absl::StatusOr<CheckpointLayout> FindWeightFiles(const fs::path& dir, const Mode
       layout.files.push_back({candidate.file, {}});
       return layout;
     }
-    ICD_ASSIGN_OR_RETURN(std::string text, ReadText(path));
+    ICD_ASSIGN_OR_RETURN(std::string text, ReadText(path, kMaxIndexBytes));
     auto index = nlohmann::json::parse(text, nullptr, false);
     if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") ||
         !index["weight_map"].is_object()) {
@@ -113,13 +123,7 @@ absl::StatusOr<CheckpointLayout> FindWeightFiles(const fs::path& dir, const Mode
                                           absl::StrJoin(names, ", "), ")"));
 }
 
-absl::Status PollContext(const CallContext& ctx) {
-  if (ctx.cancelled && ctx.cancelled()) return absl::CancelledError("load cancelled");
-  if (ctx.deadline && std::chrono::steady_clock::now() > *ctx.deadline) {
-    return absl::DeadlineExceededError("load: deadline exceeded");
-  }
-  return absl::OkStatus();
-}
+absl::Status PollContext(const CallContext& ctx) { return CheckCall(ctx, "load"); }
 
 }  // namespace
 
@@ -132,14 +136,59 @@ std::string CanonicalTensorName(const std::string& stored) {
   return stored == kSsmEmbedding ? kEmbeddingTensor : stored;
 }
 
-absl::StatusOr<Checkpoint> ReadCheckpoint(const fs::path& dir, const CallContext& ctx) {
+bool PathIsUnder(const fs::path& path, const fs::path& root) {
+  auto p = path.begin();
+  for (auto r = root.begin(); r != root.end(); ++r, ++p) {
+    if (r->empty()) continue;  // trailing separator of the root
+    if (p == path.end() || *p != *r) return false;
+  }
+  return true;
+}
+
+absl::Status CheckFilesUnderRoots(const fs::path& dir, const std::vector<std::string>& roots) {
+  if (roots.empty()) return absl::OkStatus();
+  std::vector<fs::path> canonical_roots;
+  for (const std::string& root : roots) {
+    std::error_code ec;
+    fs::path resolved = fs::canonical(root, ec);
+    if (!ec) canonical_roots.push_back(std::move(resolved));
+  }
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    std::error_code entry_ec;
+    // Follows links; directories and dangling links are never read.
+    if (!fs::is_regular_file(entry.path(), entry_ec)) continue;
+    const fs::path resolved = fs::canonical(entry.path(), entry_ec);
+    const bool inside =
+        !entry_ec && std::any_of(canonical_roots.begin(), canonical_roots.end(),
+                                 [&](const fs::path& root) { return PathIsUnder(resolved, root); });
+    if (!inside) {
+      return absl::PermissionDeniedError(
+          absl::StrCat("checkpoint file ", entry.path().string(), " resolves to ",
+                       resolved.string(), ", outside the allowed model roots"));
+    }
+  }
+  if (ec) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(dir.string(), ": cannot list the checkpoint directory: ", ec.message()));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Checkpoint> ReadCheckpoint(const fs::path& dir, const CallContext& ctx,
+                                          const std::vector<std::string>& allowed_roots) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) {
     return absl::NotFoundError(absl::StrCat(dir.string(), ": no such checkpoint directory"));
   }
+  ICD_RETURN_IF_ERROR(CheckFilesUnderRoots(dir, allowed_roots));
   Checkpoint checkpoint;
   const fs::path config_file = dir / "config.json";
-  ICD_ASSIGN_OR_RETURN(std::string config_text, ReadText(config_file));
+  if (!fs::exists(fs::symlink_status(config_file, ec))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        config_file.string(), ": missing; a checkpoint directory needs a config.json"));
+  }
+  ICD_ASSIGN_OR_RETURN(std::string config_text, ReadText(config_file, kMaxConfigBytes));
   ICD_ASSIGN_OR_RETURN(checkpoint.config, ParseConfig(config_text, config_file.string()));
   const ModelConfig& config = checkpoint.config;
   ICD_ASSIGN_OR_RETURN(checkpoint.layout, FindWeightFiles(dir, config));

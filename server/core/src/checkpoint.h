@@ -41,12 +41,27 @@ struct Checkpoint {
   std::string fingerprint;  // hex digest of config.json and all tensor bytes
 };
 
+// Largest config.json and shard index a checkpoint may have: both are read
+// whole and parsed in memory, outside any weight budget.
+inline constexpr int64_t kMaxConfigBytes = int64_t{1} << 20;
+inline constexpr int64_t kMaxIndexBytes = int64_t{16} << 20;
+
 // Reads `dir`: config.json, then model.safetensors, its sharded index,
 // pytorch_model.bin or its sharded index (HF), or pytorch_model.bin
 // (mamba_ssm). Checks every expected tensor is present with its shape, and
-// nothing else is. NotFound for a missing directory or file.
+// nothing else is. NotFound for a missing directory or weights file;
+// InvalidArgument naming the file for a missing config.json, one over
+// kMaxConfigBytes or an index over kMaxIndexBytes. With `allowed_roots`,
+// first CheckFilesUnderRoots.
 absl::StatusOr<Checkpoint> ReadCheckpoint(const std::filesystem::path& dir,
-                                          const CallContext& ctx = {});
+                                          const CallContext& ctx = {},
+                                          const std::vector<std::string>& allowed_roots = {});
+
+// Every regular file of `dir` (what a load reads and an export copies),
+// links followed, must lie under one of `roots` (empty: no check);
+// PermissionDenied naming the first that does not.
+absl::Status CheckFilesUnderRoots(const std::filesystem::path& dir,
+                                  const std::vector<std::string>& roots);
 
 // mamba_ssm calls the embedding "backbone.embedding.weight"; every other
 // name is shared by both layouts (mamba_symmetries.md §4).

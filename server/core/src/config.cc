@@ -309,9 +309,20 @@ absl::StatusOr<ModelConfig> ParseMambaSsm(const Json& root, const std::string& s
 }  // namespace
 
 absl::StatusOr<ModelConfig> ParseConfig(const std::string& json_text, const std::string& source) {
-  Json root = Json::parse(json_text, nullptr, /*allow_exceptions=*/false);
-  if (root.is_discarded() || !root.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
+  Json root;
+  try {
+    root = Json::parse(json_text);
+  } catch (const Json::exception& error) {
+    // nlohmann's message says where ("parse error at line 3, column 1: ...").
+    std::string what = error.what();
+    const std::string::size_type at = what.find("parse error");
+    if (at != std::string::npos) what = what.substr(at);
+    return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON: ", what));
+  }
+  if (!root.is_object()) {
+    const std::string type = root.type_name();
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": the top level is ", type == "array" ? "an " : "a ", type, ", not an object"));
   }
   const bool mamba_ssm = root.contains("d_model") && root.contains("n_layer");
   if (mamba_ssm || root.contains("model_type")) {

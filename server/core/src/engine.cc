@@ -2,7 +2,10 @@
 
 #include "torch_api.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <memory>
@@ -10,6 +13,7 @@
 #include <optional>
 #include <set>
 #include <shared_mutex>
+#include <unordered_map>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -41,7 +45,7 @@ auto Guarded(const char* what, Fn&& fn) -> decltype(fn()) {
   try {
     return fn();
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat(what, ": ", e.what()));
+    return InternalFailure(what, e.what());
   }
 }
 
@@ -99,6 +103,7 @@ struct LoadedModel {
   CheckpointLayout layout;
   ProbeReference probe;
   torch::ScalarType dtype = torch::kFloat32;
+  std::vector<std::string> allowed_roots;  // LoadOptions::allowed_roots
 
   double Tolerance(double requested) const {
     return requested > 0 ? requested : DefaultTolerance(dtype);
@@ -224,7 +229,7 @@ class Engine::Impl {
     const std::string device_name = options.device.empty() ? options_.default_device
                                                            : options.device;
     ICD_ASSIGN_OR_RETURN(torch::Device device, ParseDevice(device_name));
-    ICD_ASSIGN_OR_RETURN(Checkpoint checkpoint, ReadCheckpoint(path, ctx));
+    ICD_ASSIGN_OR_RETURN(Checkpoint checkpoint, ReadCheckpoint(path, ctx, options.allowed_roots));
 
     auto model = std::make_shared<LoadedModel>();
     model->dtype = checkpoint.weights.at("backbone.embeddings.weight").scalar_type();
@@ -262,10 +267,11 @@ class Engine::Impl {
     info.device = device.str();
     ICD_ASSIGN_OR_RETURN(info.dtype, FromTorch(model->dtype));
     for (const auto& [tensor_name, tensor] : model->weights) info.parameters += tensor.numel();
-    info.version = 1;
+    info.version = FirstVersion(name);
     info.fingerprint = checkpoint.fingerprint;
     info.dims = ConfigDims(model->config);
     info.path = path;
+    model->allowed_roots = options.allowed_roots;
     return model;
   }
 
@@ -293,7 +299,19 @@ class Engine::Impl {
     }
     models_.erase(it);
     bytes_.erase(name);
+    uint64_t& last = retired_versions_[std::hash<std::string>{}(name)];
+    last = std::max(last, model->info.version);
     return absl::OkStatus();
+  }
+
+  // The version a new load of `name` starts at: 1, or above every version an
+  // earlier instance of that name reached (ModelInfo::version). Keyed by a
+  // hash of the name, so a name costs 16 bytes however long it is; a
+  // collision only starts a model higher.
+  uint64_t FirstVersion(const std::string& name) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = retired_versions_.find(std::hash<std::string>{}(name));
+    return it == retired_versions_.end() ? 1 : it->second + 1;
   }
 
   absl::StatusOr<ApplyReport> Apply(LoadedModel& model, const std::vector<Permutation>& perms,
@@ -301,7 +319,11 @@ class Engine::Impl {
     const auto start = Clock::now();
     ICD_RETURN_IF_ERROR(CheckVersion(model, options.expected_version));
     if (perms.empty()) return absl::InvalidArgumentError("permutations: none given");
-    if (options.tolerance < 0) return absl::InvalidArgumentError("tolerance: must be >= 0");
+    if (!(options.tolerance >= 0) || std::isinf(options.tolerance)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tolerance: must be a finite number >= 0 (0: the dtype's default), got ",
+          options.tolerance));
+    }
     std::vector<const GroupInfo*> groups;
     for (const Permutation& perm : perms) {
       auto it = model.groups.find(perm.group);
@@ -389,6 +411,15 @@ class Engine::Impl {
       }
       torch::Tensor incoming = torch::empty(current.sizes(), torch::dtype(type));
       std::memcpy(incoming.data_ptr(), host.data.data(), host.data.size());
+      // A NaN or infinity would become the probe reference, and every later
+      // check would compare NaN with NaN.
+      const torch::Tensor finite = torch::isfinite(incoming).reshape({-1});
+      if (!finite.all().item<bool>()) {
+        const int64_t at = finite.logical_not().nonzero()[0][0].item<int64_t>();
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tensor '", host.name, "': element ", at,
+            " is NaN or infinite; weights must be finite"));
+      }
       updates.emplace_back(&current, incoming.to(current.device()));
     }
     torch::NoGradGuard no_grad;
@@ -411,6 +442,7 @@ class Engine::Impl {
   std::map<std::string, std::shared_ptr<LoadedModel>> models_;
   std::set<std::string> loading_;
   std::map<std::string, int64_t> bytes_;  // weight bytes per loaded or loading model
+  std::unordered_map<size_t, uint64_t> retired_versions_;  // name hash -> last version
 };
 
 Engine::Engine(EngineOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
@@ -477,6 +509,12 @@ absl::StatusOr<EvaluateResult> Engine::Evaluate(const std::string& name,
   std::shared_lock<std::shared_mutex> lock(model->mutex);
   ICD_ASSIGN_OR_RETURN(torch::Tensor ids,
                        TokenTensor(*model, request.input_ids, request.batch, "input_ids"));
+  if (ids.size(1) < 2 && !request.return_logits) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input_ids: rows of ", ids.size(1),
+        " token leave nothing to score (the NLL is of each next token: send at least 2 per "
+        "row, or ask for logits)"));
+  }
   return Guarded("evaluate", [&]() -> absl::StatusOr<EvaluateResult> {
     torch::NoGradGuard no_grad;
     const int64_t seq = ids.size(1);
@@ -532,6 +570,19 @@ absl::StatusOr<std::vector<HostTensor>> Engine::ReadTensors(
   });
 }
 
+absl::StatusOr<int64_t> Engine::TensorBytes(const std::string& name,
+                                            const std::string& tensor) const {
+  ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
+  std::shared_lock<std::shared_mutex> lock(model->mutex);
+  std::string canonical = CanonicalTensorName(tensor);
+  if (canonical == "lm_head.weight" && model->config.tied) canonical = "backbone.embeddings.weight";
+  auto it = model->weights.find(canonical);
+  if (it == model->weights.end()) {
+    return absl::NotFoundError(absl::StrCat("tensor '", tensor, "' is not in model '", name, "'"));
+  }
+  return static_cast<int64_t>(it->second.numel()) * static_cast<int64_t>(it->second.element_size());
+}
+
 absl::StatusOr<uint64_t> Engine::WriteTensors(const std::string& name,
                                               const std::vector<HostTensor>& tensors,
                                               uint64_t expected_version) {
@@ -545,6 +596,9 @@ absl::StatusOr<ExportResult> Engine::Export(const std::string& name, const std::
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::unique_lock<std::shared_mutex> lock(model->mutex);
   return Guarded("export", [&]() -> absl::StatusOr<ExportResult> {
+    // The files beside the weights are copied: they must still lie where the
+    // load was allowed to read.
+    ICD_RETURN_IF_ERROR(CheckFilesUnderRoots(model->info.path, model->allowed_roots));
     ICD_ASSIGN_OR_RETURN(ExportResult result,
                          ExportCheckpoint(model->info.path, model->layout, model->config,
                                           model->weights, path, ctx));
@@ -567,7 +621,7 @@ absl::StatusOr<std::unique_ptr<TraceSession>> Engine::BeginTraces(const TraceHea
                        header.channels));
     }
     if (header.holdout_rows < 0 ||
-        header.holdout_rows * header.channels > traces::kMaxHoldoutValues) {
+        header.holdout_rows > traces::kMaxHoldoutValues / std::max<int64_t>(header.channels, 1)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "holdout_rows ", header.holdout_rows, " outside [0, ",
           traces::kMaxHoldoutValues / std::max<int64_t>(header.channels, 1), "] for group '",
@@ -612,29 +666,48 @@ class CaptureCollector : public CaptureSink {
   };
 
   CaptureCollector(std::map<std::string, Slot*> slots, int64_t batch, int64_t seq,
-                   int64_t holdout_positions, bool holdout_pass)
+                   int64_t holdout_positions, bool holdout_pass, const CallContext& ctx)
       : slots_(std::move(slots)),
         batch_(batch),
         seq_(seq),
         holdout_positions_(holdout_positions),
-        holdout_pass_(holdout_pass) {}
+        holdout_pass_(holdout_pass),
+        ctx_(ctx) {}
 
   bool Wants(const std::string& group) const override { return slots_.count(group) > 0; }
 
+  // OK, or why the statistics stopped (CheckCall): they are then incomplete.
+  const absl::Status& stopped() const { return stopped_; }
+
+  void SetWindow(int64_t start, int64_t length) override {
+    window_start_ = start;
+    window_length_ = length;
+  }
+
   void Add(const std::string& group, const torch::Tensor& rows) override {
+    if (!stopped_.ok()) return;  // the forward stops at its next check
     Slot& slot = *slots_.at(group);
     const torch::Tensor values = rows.to(torch::kFloat32);
     if (holdout_pass_) {
       slot.holdout.push_back(values.contiguous());
-    } else if (holdout_positions_ > 0 && values.size(0) == batch_ * seq_) {
+    } else if (holdout_positions_ > 0 && values.size(0) == batch_ * window_length_) {
+      // Positions from seq - holdout_positions on, in every sequence, are
+      // held out; the window may hold some of each.
       const int64_t channels = values.size(1);
-      const torch::Tensor sequences = values.reshape({batch_, seq_, channels});
-      const int64_t trained = seq_ - holdout_positions_;
-      slot.stats.Add(sequences.narrow(1, 0, trained).reshape({-1, channels}));
-      slot.holdout.push_back(
-          sequences.narrow(1, trained, holdout_positions_).reshape({-1, channels}).contiguous());
+      const torch::Tensor sequences = values.reshape({batch_, window_length_, channels});
+      const int64_t trained = std::clamp<int64_t>(seq_ - holdout_positions_ - window_start_, 0,
+                                                  window_length_);
+      if (trained > 0) {
+        stopped_ =
+            slot.stats.Add(sequences.narrow(1, 0, trained).reshape({-1, channels}), ctx_);
+      }
+      if (trained < window_length_) {
+        slot.holdout.push_back(sequences.narrow(1, trained, window_length_ - trained)
+                                   .reshape({-1, channels})
+                                   .contiguous());
+      }
     } else {
-      slot.stats.Add(values);
+      stopped_ = slot.stats.Add(values, ctx_);
     }
   }
 
@@ -642,6 +715,10 @@ class CaptureCollector : public CaptureSink {
   std::map<std::string, Slot*> slots_;
   int64_t batch_, seq_, holdout_positions_;
   bool holdout_pass_;
+  const CallContext& ctx_;
+  absl::Status stopped_;
+  int64_t window_start_ = 0;
+  int64_t window_length_ = 0;  // SetWindow
 };
 
 // Statistics memory one capture forward may hold; more groups take more
@@ -702,11 +779,14 @@ absl::StatusOr<std::vector<PermutationResult>> Engine::Capture(const CaptureRequ
         by_name[groups[next]->name] = slots.back().get();
         ++next;
       }
-      CaptureCollector training(by_name, batch, seq, holdout_positions, /*holdout_pass=*/false);
+      CaptureCollector training(by_name, batch, seq, holdout_positions, /*holdout_pass=*/false,
+                                ctx);
       ICD_RETURN_IF_ERROR(Forward(model->config, model->weights, ids, ctx, &training).status());
+      ICD_RETURN_IF_ERROR(training.stopped());
       if (holdout_ids.defined()) {
-        CaptureCollector held(by_name, batch, holdout_ids.size(1), 0, /*holdout_pass=*/true);
+        CaptureCollector held(by_name, batch, holdout_ids.size(1), 0, /*holdout_pass=*/true, ctx);
         ICD_RETURN_IF_ERROR(Forward(model->config, model->weights, holdout_ids, ctx, &held).status());
+        ICD_RETURN_IF_ERROR(held.stopped());
       }
       for (size_t i = first; i < next; ++i) {
         CaptureCollector::Slot& slot = *slots[i - first];

@@ -39,13 +39,7 @@ class TempDir {
   bool released_ = false;
 };
 
-absl::Status Poll(const CallContext& ctx) {
-  if (ctx.cancelled && ctx.cancelled()) return absl::CancelledError("export cancelled");
-  if (ctx.deadline && std::chrono::steady_clock::now() > *ctx.deadline) {
-    return absl::DeadlineExceededError("export: deadline exceeded");
-  }
-  return absl::OkStatus();
-}
+absl::Status Poll(const CallContext& ctx) { return CheckCall(ctx, "export"); }
 
 }  // namespace
 
@@ -68,8 +62,10 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const fs::path& source_dir,
                                                    ec.message()));
   }
   std::random_device random;
-  TempDir temp(parent / absl::StrCat(kExportTempPrefix, target.filename().string(), ".",
-                                     random()));
+  // Beside the target, named after it, within NAME_MAX (255 bytes) however
+  // long the target's own name is: at most 12 + 200 + 11 bytes.
+  const std::string stem = target.filename().string().substr(0, 200);
+  TempDir temp(parent / absl::StrCat(kExportTempPrefix, stem, ".", random()));
   if (!fs::create_directory(temp.path(), ec)) {
     return absl::InternalError(absl::StrCat(temp.path().string(), ": cannot create: ",
                                             ec.message()));

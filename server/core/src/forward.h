@@ -49,6 +49,13 @@ class CaptureSink {
   // rows: [n, channels] in the group's coordinates (any float dtype, on the
   // weights' device). A group may receive several row sets per forward.
   virtual void Add(const std::string& group, const torch::Tensor& rows) = 0;
+  // The rows handed out until the next call cover time positions [start,
+  // start + length) of every sequence, batch-major (row b * length + t -
+  // start): a long forward runs in chunks of time (Forward below).
+  virtual void SetWindow(int64_t start, int64_t length) {
+    (void)start;
+    (void)length;
+  }
 };
 
 // What one mixer carries from token to token, for decoding: with it, a
@@ -71,8 +78,14 @@ struct RecurrentState {
 
 // input_ids: int64 [batch, seq] on the weights' device. Returns float32
 // logits [batch, seq, vocab_size]. Computes in the weights' dtype; norms
-// reduce in at least float32 (float64 models in float64). Polls ctx between
-// layers (Cancelled / DeadlineExceeded). `capture` (optional) receives the
+// reduce in at least float32 (float64 models in float64). Checks ctx
+// (CheckCall) between layers and every few hundred steps of a scan, and
+// returns Cancelled / DeadlineExceeded, `state` unchanged, once it fails.
+// On the CPU, inputs over 4096 positions (batch x time) run in chunks of
+// time of about 4096 positions, each continuing the recurrent state of the
+// one before (the same function; rounding may differ from one pass in the
+// last bits), so that no matmul or conv outlasts a check by much; `capture`
+// is told each chunk's window (SetWindow). `capture` (optional) receives the
 // activations above; capturing leaves the logits bitwise unchanged.
 //
 // `state` (optional): empty on entry, the sequence starts from zeros (the

@@ -47,17 +47,25 @@ torch::Tensor OptionalTensorAs(const Weights& weights, const std::string& name,
 torch::Tensor RmsNormalize(const torch::Tensor& values, double eps,
                            torch::ScalarType accumulate);
 
+// Positions (batch x time) one pass of the CPU forward, or of a depthwise
+// conv, takes at most before the rest goes in a further chunk of time (a
+// few ms of work each on a 2-core CPU; forward.h).
+inline constexpr int64_t kPositionsPerChunk = 4096;
+
 // Depthwise causal conv over time, before the activation. values [B, L, C];
 // weight [C, 1, K]; bias [C] or undefined. Returns [B, L, C].
 // `history` [B, C, K-1] holds the inputs before values[:, 0] (the conv runs
 // over [history | values] without padding); undefined means zeros, computed
 // as before by padding (bitwise the stateless result). `next_history`
 // (optional) receives the last K-1 inputs of [history | values]; it may
-// point at `history` itself.
+// point at `history` itself. On the CPU, inputs over kPositionsPerChunk
+// positions go in chunks of time, checking `ctx` between them
+// (CheckCallInLayer; `layer` names where).
 torch::Tensor CausalDepthwiseConv(const torch::Tensor& values, const torch::Tensor& weight,
                                   const torch::Tensor& bias,
                                   const torch::Tensor& history = torch::Tensor(),
-                                  torch::Tensor* next_history = nullptr);
+                                  torch::Tensor* next_history = nullptr,
+                                  const CallContext& ctx = CallContext{}, int64_t layer = 0);
 
 // The forward's side of a CaptureSink (forward.h): a null sink wants nothing,
 // so the mixers ask without checking for one.
@@ -74,6 +82,23 @@ class Capture {
   CaptureSink* sink_;
 };
 
+// A stop that the call's context asked for in the middle of a layer. The
+// mixers compute tensors, not statuses, so a failed CheckCall between chunks
+// of a scan is thrown as this (not a std::exception, so that no generic
+// handler takes it for a LibTorch error) and the forward's one guard returns
+// its status. Never leaves forward.cc's entry points.
+struct CallStopped {
+  absl::Status status;
+};
+
+// CheckCall(ctx) inside a layer's scan; throws CallStopped when it fails.
+void CheckCallInLayer(const CallContext& ctx, int64_t layer);
+
+// Time steps a sequential scan runs between two checks of the call's
+// context, for `state_elements` state values updated per step: about 2^20
+// values per chunk (a few ms on one CPU core), 1 to 256 steps.
+int64_t ScanStepsPerCheck(int64_t state_elements);
+
 // "layers.{layer}.{suffix}": a per-layer group's name (families/*.cc).
 std::string LayerGroupName(int64_t layer, const std::string& suffix);
 
@@ -81,13 +106,14 @@ std::string LayerGroupName(int64_t layer, const std::string& suffix);
 // in precision.compute. Mamba1Mixer also runs FalconMamba (config.family).
 // Each hands its layer's groups to `capture` (forward.h lists the points).
 // `state` (optional, forward.h LayerState): undefined tensors start from
-// zeros; on return it holds the state after the last token.
+// zeros; on return it holds the state after the last token. The sequential
+// scans check `ctx` every ScanStepsPerCheck steps (CheckCallInLayer).
 torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
                           const Precision& precision, const torch::Tensor& normed,
-                          const Capture& capture, LayerState* state);
+                          const Capture& capture, LayerState* state, const CallContext& ctx);
 torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
                           const Precision& precision, const torch::Tensor& normed,
-                          const Capture& capture, LayerState* state);
+                          const Capture& capture, LayerState* state, const CallContext& ctx);
 
 }  // namespace icd::forward_internal
 

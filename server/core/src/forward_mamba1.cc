@@ -1,8 +1,10 @@
 // Mamba-1 and FalconMamba mixers, step by step as HF's MambaMixer.slow_forward
 // (mamba_symmetries.md §2.2-2.3).
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "forward_internal.h"
@@ -44,11 +46,38 @@ Mamba1Layer Mamba1LayerView(const Weights& weights, int64_t layer, const Precisi
   return view;
 }
 
+// scan::SelectiveScan over the whole sequence, in chunks of time carrying
+// h from one to the next (the same steps, bitwise), checking ctx between
+// chunks. The CUDA kernel takes the sequence in one launch.
+torch::Tensor ScanInChunks(const scan::ScanInputs& inputs, torch::ScalarType wide,
+                           torch::Tensor* state, const CallContext& ctx, int64_t layer) {
+  const int64_t seq_len = inputs.hidden.size(1);
+  const int64_t steps = ScanStepsPerCheck(inputs.hidden.size(0) * inputs.a_decay.numel());
+  if (seq_len <= steps || scan::UsesCudaKernel(inputs, wide)) {
+    return scan::SelectiveScan(inputs, wide, state);
+  }
+  torch::Tensor carried = state != nullptr ? *state : torch::Tensor();  // h, [B, I, N]
+  std::vector<torch::Tensor> outputs;  // [B, steps, I] each
+  for (int64_t start = 0; start < seq_len; start += steps) {
+    if (start > 0) CheckCallInLayer(ctx, layer);
+    const int64_t length = std::min(steps, seq_len - start);
+    scan::ScanInputs chunk = inputs;
+    chunk.hidden = inputs.hidden.narrow(1, start, length);
+    chunk.delta = inputs.delta.narrow(1, start, length);
+    chunk.b_proj = inputs.b_proj.narrow(1, start, length);
+    chunk.c_proj = inputs.c_proj.narrow(1, start, length);
+    chunk.gate = inputs.gate.narrow(1, start, length);
+    outputs.push_back(scan::SelectiveScan(chunk, wide, &carried));
+  }
+  if (state != nullptr) *state = carried;
+  return torch::cat(outputs, 1);  // [B, L, I]
+}
+
 }  // namespace
 
 torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
                           const Precision& precision, const torch::Tensor& normed,
-                          const Capture& capture, LayerState* state) {
+                          const Capture& capture, LayerState* state, const CallContext& ctx) {
   const Mamba1Layer view = Mamba1LayerView(weights, layer, precision);
   const int64_t inner = config.d_inner;
   const int64_t state_size = config.d_state;
@@ -61,7 +90,7 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
 
   // 2. Causal depthwise convolution (continuing the state's history), then
   // silu: icd's fused kernel on CUDA (fused/fused.h), LibTorch's ops
-  // otherwise (the reference).
+  // otherwise (the reference, in chunks that check the call).
   std::optional<torch::Tensor> fused_hidden = fused::CausalConvSilu(
       conv_input, view.conv_w, view.conv_b,
       state != nullptr ? state->conv_history : torch::Tensor(),
@@ -71,9 +100,11 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
           ? *std::move(fused_hidden)
           : torch::silu(state != nullptr
                             ? CausalDepthwiseConv(conv_input, view.conv_w, view.conv_b,
-                                                  state->conv_history, &state->conv_history)
-                            : CausalDepthwiseConv(conv_input, view.conv_w,
-                                                  view.conv_b));  // [B, L, I]
+                                                  state->conv_history, &state->conv_history,
+                                                  ctx, layer)
+                            : CausalDepthwiseConv(conv_input, view.conv_w, view.conv_b,
+                                                  torch::Tensor(), nullptr, ctx,
+                                                  layer));  // [B, L, I]
 
   // 3.a. Selection: x_proj rows are [dt | B | C].
   torch::Tensor ssm_params = torch::linear(hidden, view.x_proj_w);  // [B, L, R + 2N]
@@ -114,8 +145,8 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   scan_inputs.d_skip = view.d_skip;
   scan_inputs.gate = gate;
   // Its output is already in the compute dtype.
-  torch::Tensor out_proj_input = scan::SelectiveScan(
-      scan_inputs, wide, state != nullptr ? &state->ssm_state : nullptr);  // [B, L, I]
+  torch::Tensor out_proj_input = ScanInChunks(
+      scan_inputs, wide, state != nullptr ? &state->ssm_state : nullptr, ctx, layer);  // [B, L, I]
 
   // 4. Final linear projection.
   capture.Add(LayerGroupName(layer, "inner"), out_proj_input);

@@ -72,7 +72,7 @@ torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
 
 torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
                           const Precision& precision, const torch::Tensor& normed,
-                          const Capture& capture, LayerState* state) {
+                          const Capture& capture, LayerState* state, const CallContext& ctx) {
   const Mamba2Layer view = Mamba2LayerView(weights, layer, precision);
   const int64_t batch = normed.size(0);
   const int64_t seq_len = normed.size(1);
@@ -93,11 +93,11 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
 
   // 2. Causal depthwise conv over xBC only (continuing the state's
   // history), silu, then split x, B, C.
-  xbc = torch::silu(state != nullptr ? CausalDepthwiseConv(xbc, view.conv_w, view.conv_b,
-                                                           state->conv_history,
-                                                           &state->conv_history)
-                                     : CausalDepthwiseConv(xbc, view.conv_w,
-                                                           view.conv_b));  // [B, L, conv_dim]
+  xbc = torch::silu(state != nullptr
+                        ? CausalDepthwiseConv(xbc, view.conv_w, view.conv_b, state->conv_history,
+                                              &state->conv_history, ctx, layer)
+                        : CausalDepthwiseConv(xbc, view.conv_w, view.conv_b, torch::Tensor(),
+                                              nullptr, ctx, layer));  // [B, L, conv_dim]
   const std::string state_group = LayerGroupName(layer, "state");
   capture.Add(state_group, xbc.narrow(-1, inner, group_state));                // B [B, L, G·N]
   capture.Add(state_group, xbc.narrow(-1, inner + group_state, group_state));  // C [B, L, G·N]
@@ -129,7 +129,9 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
           : torch::zeros(grouped_state_shape, normed.options().dtype(wide));  // [B, G, Kh, P, N]
   std::vector<torch::Tensor> scan_outputs;
   scan_outputs.reserve(static_cast<size_t>(seq_len));
+  const int64_t steps_per_check = ScanStepsPerCheck(ssm_state.numel());
   for (int64_t step = 0; step < seq_len; ++step) {
+    if (step > 0 && step % steps_per_check == 0) CheckCallInLayer(ctx, layer);
     ssm_state = decay.select(1, step) * ssm_state +
                 delta_x.select(1, step) * b_proj.select(1, step);
     scan_outputs.push_back(

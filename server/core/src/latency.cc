@@ -154,15 +154,10 @@ class ModelSampler {
 };
 
 absl::Status PollContext(const CallContext& ctx, int64_t round, int64_t rounds) {
-  if (ctx.cancelled && ctx.cancelled()) {
-    return absl::CancelledError(
-        absl::StrCat("latency measurement cancelled after ", round, " of ", rounds, " rounds"));
-  }
-  if (ctx.deadline.has_value() && std::chrono::steady_clock::now() >= *ctx.deadline) {
-    return absl::DeadlineExceededError(absl::StrCat(
-        "latency measurement passed its deadline after ", round, " of ", rounds, " rounds"));
-  }
-  return absl::OkStatus();
+  absl::Status status = CheckCall(ctx, "latency measurement");
+  if (status.ok()) return status;
+  return absl::Status(status.code(), absl::StrCat(status.message(), " (after ", round, " of ",
+                                                  rounds, " rounds)"));
 }
 
 LatencyTiming Timing(const std::vector<double>& samples_ms, const std::string& device,

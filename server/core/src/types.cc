@@ -1,9 +1,23 @@
 #include "icd/core/types.h"
 
+#include <chrono>
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 
 namespace icd {
+
+absl::Status CheckCall(const CallContext& ctx, absl::string_view where) {
+  // The deadline first: gRPC also cancels a call whose deadline passed, and
+  // the log should say which it was.
+  if (ctx.deadline.has_value() && std::chrono::steady_clock::now() >= *ctx.deadline) {
+    return absl::DeadlineExceededError(absl::StrCat(where, ": the call's deadline passed"));
+  }
+  if (ctx.cancelled && ctx.cancelled()) {
+    return absl::CancelledError(absl::StrCat(where, ": cancelled by the caller"));
+  }
+  return absl::OkStatus();
+}
 
 std::string_view FamilyName(Family family) {
   switch (family) {

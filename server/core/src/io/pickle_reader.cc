@@ -301,7 +301,10 @@ class Unpickler {
     try {
       value->tensor = storage.as_strided(*sizes, *strides, empty ? 0 : offset);
     } catch (const std::exception& e) {
-      return Error(absl::StrCat("cannot view storage '", args[0]->text, "' as ", shape, ": ", e.what()));
+      // The exception's text (LibTorch's carries a backtrace) stays out.
+      (void)e;
+      return Error(absl::StrCat("cannot view storage '", args[0]->text, "' as ", shape,
+                                " with these strides and offset"));
     }
     return value;
   }

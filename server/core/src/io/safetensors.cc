@@ -17,6 +17,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "icd/core/status_macros.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "safetensors data is little-endian; this reader copies bytes as they are"
@@ -284,8 +285,8 @@ absl::StatusOr<TensorList> ReadSafetensors(const std::filesystem::path& file) {
     try {
       tensor = torch::empty(entry.shape, torch::TensorOptions().dtype(entry.dtype->type));
     } catch (const std::exception& e) {
-      return absl::InternalError(
-          absl::StrCat(where, ": tensor '", entry.name, "': cannot allocate: ", e.what()));
+      return InternalFailure(absl::StrCat(where, ": allocating tensor '", entry.name, "'"),
+                             e.what());
     }
     const uint64_t nbytes = entry.end - entry.begin;
     if (nbytes > 0) {
@@ -340,7 +341,7 @@ absl::Status WriteSafetensors(const std::filesystem::path& file, const TensorLis
     try {
       bytes = named.tensor.detach().to(torch::kCPU).contiguous();
     } catch (const std::exception& e) {
-      return absl::InternalError(absl::StrCat(prefix, "cannot copy to the CPU: ", e.what()));
+      return InternalFailure(absl::StrCat(prefix, "copying to the CPU"), e.what());
     }
     const uint64_t nbytes = static_cast<uint64_t>(bytes.numel()) * dtype->itemsize;
     header[named.name] = Json{{"dtype", dtype->name},

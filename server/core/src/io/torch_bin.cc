@@ -17,6 +17,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "icd/core/status_macros.h"
 #include "io/pickle.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -191,7 +192,7 @@ absl::Status WriteTorchBin(const std::filesystem::path& file, const TensorList& 
       pickled.push_back(std::move(entry));
     }
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat(where, ": cannot gather tensors: ", Reason(e)));
+    return InternalFailure(absl::StrCat(where, ": gathering tensors"), e.what());
   }
   absl::StatusOr<std::string> pickle = PickleStateDict(pickled);
   if (!pickle.ok()) return absl::InvalidArgumentError(absl::StrCat(where, ": ", pickle.status().message()));
@@ -216,7 +217,7 @@ absl::Status WriteTorchBin(const std::filesystem::path& file, const TensorList& 
     }
     writer.writeEndOfFile();  // adds the "version" record
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat(where, ": cannot write the archive: ", Reason(e)));
+    return InternalFailure(absl::StrCat(where, ": writing the archive"), e.what());
   }
   out.close();
   if (!out) return absl::InternalError(absl::StrCat(where, ": write failed"));

@@ -87,13 +87,7 @@ torch::Tensor Aggregate(const LevelGraph& graph, const std::vector<int64_t>& lab
   return out;
 }
 
-absl::Status Poll(const CallContext& ctx) {
-  if (ctx.cancelled && ctx.cancelled()) return absl::CancelledError("clustering cancelled");
-  if (ctx.deadline && std::chrono::steady_clock::now() > *ctx.deadline) {
-    return absl::DeadlineExceededError("deadline exceeded while clustering");
-  }
-  return absl::OkStatus();
-}
+absl::Status Poll(const CallContext& ctx) { return CheckCall(ctx, "clustering"); }
 
 // Relative slack so that rounding never counts as an improvement (and the
 // sweeps terminate).

@@ -613,13 +613,7 @@ std::vector<int64_t> StrengthDeal(const torch::Tensor& saliency, int64_t m, int6
   return order;
 }
 
-absl::Status CheckContext(const CallContext& ctx) {
-  if (ctx.cancelled && ctx.cancelled()) return absl::CancelledError("N:M search cancelled");
-  if (ctx.deadline.has_value() && std::chrono::steady_clock::now() >= *ctx.deadline) {
-    return absl::DeadlineExceededError("N:M search passed its deadline");
-  }
-  return absl::OkStatus();
-}
+absl::Status CheckContext(const CallContext& ctx) { return CheckCall(ctx, "N:M search"); }
 
 absl::StatusOr<NmSolution> Solve(const torch::Tensor& saliency, const NmOptions& options,
                                  const CallContext& ctx) {
@@ -691,7 +685,7 @@ absl::StatusOr<NmSolution> SolveNmPermutation(const torch::Tensor& saliency,
     ICD_RETURN_IF_ERROR(Validate(saliency, options));
     return Solve(saliency, options, ctx);
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("N:M search failed: ", std::string(e.what())));
+    return InternalFailure("N:M search", e.what());
   }
 }
 

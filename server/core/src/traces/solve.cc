@@ -1,5 +1,6 @@
 #include "traces/solve.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -7,6 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "icd/core/checked.h"
 #include "icd/core/status_macros.h"
 #include "symmetry.h"
 #include "traces/layout.h"
@@ -221,12 +223,16 @@ absl::StatusOr<PermutationResult> SolveGroup(const GroupInfo& group, const Trace
     return absl::InternalError(absl::StrCat("solver produced an invalid order: ", valid.message()));
   }
 
-  // Blocks touched: on held-out rows; on the training sample when none.
-  torch::Tensor scored = holdout;
+  // Blocks touched: on held-out rows only; a score on the training rows
+  // would flatter the solved order.
   result.holdout_tokens = holdout.size(0);
-  if (scored.size(0) == 0) scored = stats.sample();
-  if (scored.size(0) > 0) {
-    const torch::Tensor active = stats.Active(scored.to(stats.options().device));
+  if (holdout.size(0) == 0) {
+    result.scores_note =
+        "no held-out rows, so blocks touched were not scored (ComputePermutation: send at "
+        "least 5 rows or set holdout_rows; CapturePermutation: sequences of at least 2 tokens "
+        "or holdout_ids)";
+  } else {
+    const torch::Tensor active = stats.Active(holdout.to(stats.options().device));
     std::vector<int64_t> identity(static_cast<size_t>(group.size));
     for (int64_t i = 0; i < group.size; ++i) identity[static_cast<size_t>(i)] = i;
     for (int32_t size : block_sizes) {
@@ -251,7 +257,8 @@ TraceSessionState::TraceSessionState(const TraceHeader& header, const ResolvedOp
       stats_(StatsOptionsFor(options, header.channels, device)),
       tail_(header.holdout_rows > 0 ? header.holdout_rows : 1024) {}
 
-absl::Status TraceSessionState::AddRows(std::string_view f32_le, int64_t rows) {
+absl::Status TraceSessionState::AddRows(std::string_view f32_le, int64_t rows,
+                                        const CallContext& ctx) {
   if (failed_) return *failed_;
   const int64_t channels = header_.channels;
   auto refuse = [&](std::string message) {
@@ -259,11 +266,15 @@ absl::Status TraceSessionState::AddRows(std::string_view f32_le, int64_t rows) {
         absl::StrCat("group '", header_.group, "': ", message, "; nothing was kept"));
     return *failed_;
   };
-  if (rows < 0) return refuse(absl::StrCat("a chunk has ", rows, " rows"));
-  const auto expected = static_cast<uint64_t>(rows) * static_cast<uint64_t>(channels) * 4;
-  if (f32_le.size() != expected) {
+  if (rows < 0) return refuse(absl::StrCat("rows: a chunk has ", rows, " rows"));
+  // Checked: rows comes from the wire, and a product that wraps could match
+  // the bytes that came.
+  const absl::StatusOr<int64_t> expected =
+      CheckedProduct({rows, channels, int64_t{4}}, "rows x channels x 4 bytes");
+  if (!expected.ok()) return refuse(std::string(expected.status().message()));
+  if (f32_le.size() != static_cast<uint64_t>(*expected)) {
     return refuse(absl::StrCat("a chunk of ", rows, " rows of ", channels, " channels needs ",
-                               expected, " bytes of float32, got ", f32_le.size()));
+                               *expected, " bytes of float32, got ", f32_le.size()));
   }
   if (rows == 0) return absl::OkStatus();
   static_assert(sizeof(float) == 4);
@@ -274,17 +285,29 @@ absl::Status TraceSessionState::AddRows(std::string_view f32_le, int64_t rows) {
     return refuse(absl::StrCat("row ", rows_seen_ + row, " holds a NaN or infinite value"));
   }
   rows_seen_ += rows;
+  absl::Status stopped = absl::OkStatus();
   try {
-    tail_.Add(chunk, [this](const torch::Tensor& released) { stats_.Add(released); });
+    tail_.Add(chunk, [&](const torch::Tensor& released) {
+      if (stopped.ok()) stopped = stats_.Add(released, ctx);
+    });
   } catch (const std::exception& e) {
-    failed_ = absl::InternalError(absl::StrCat("accumulating traces: ", e.what()));
+    failed_ = InternalFailure("accumulating traces", e.what());
     return *failed_;
   }
-  return absl::OkStatus();
+  if (!stopped.ok()) failed_ = stopped;  // the statistics are incomplete
+  return stopped;
 }
 
 absl::StatusOr<PermutationResult> TraceSessionState::Finish(const CallContext& ctx) {
   if (failed_) return *failed_;
+  if (header_.holdout_rows > 0 && rows_seen_ - header_.holdout_rows < 2 &&
+      options_.objective == Objective::kCoactivation) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "holdout_rows: ", header_.holdout_rows, " of the stream's ", rows_seen_,
+        " rows held out leave ", std::max<int64_t>(rows_seen_ - header_.holdout_rows, 0),
+        " training rows; the statistics need at least 2 (lower holdout_rows or send more "
+        "rows)"));
+  }
   try {
     const int64_t keep =
         header_.holdout_rows > 0 ? header_.holdout_rows : DefaultHoldout(rows_seen_);
@@ -293,7 +316,7 @@ absl::StatusOr<PermutationResult> TraceSessionState::Finish(const CallContext& c
     stats_.Finish();
     return solver_(stats_, holdout, ctx);
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("solving: ", e.what()));
+    return InternalFailure("solving", e.what());
   }
 }
 
@@ -304,8 +327,9 @@ namespace icd {
 TraceSession::TraceSession(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 TraceSession::~TraceSession() = default;
 
-absl::Status TraceSession::AddRows(std::string_view f32_le, int64_t rows) {
-  return impl_->AddRows(f32_le, rows);
+absl::Status TraceSession::AddRows(std::string_view f32_le, int64_t rows,
+                                   const CallContext& ctx) {
+  return impl_->AddRows(f32_le, rows, ctx);
 }
 
 absl::StatusOr<PermutationResult> TraceSession::Finish(const CallContext& ctx) {

@@ -49,9 +49,10 @@ StatsOptions StatsOptionsFor(const ResolvedOptions& options, int64_t channels,
 absl::StatusOr<torch::Tensor> NmSaliency(const GroupInfo& group, const Weights& weights,
                                          const TraceStats& stats);
 
-// Solves one group. `stats` is finished; `holdout` [H, C] raw rows (H may be
-// 0: the blocks are then scored on the statistics' sample). `weights` is
-// read for the nm_sparsity objective only.
+// Solves one group. `stats` is finished; `holdout` [H, C] raw rows. Blocks
+// touched are scored on held-out rows only: with H = 0 the result has no
+// `blocks` and its `scores_note` says why. `weights` is read for the
+// nm_sparsity objective only.
 absl::StatusOr<PermutationResult> SolveGroup(const GroupInfo& group, const TraceStats& stats,
                                              const torch::Tensor& holdout,
                                              const ResolvedOptions& options,
@@ -68,7 +69,7 @@ class TraceSessionState {
   TraceSessionState(const TraceHeader& header, const ResolvedOptions& options,
                     torch::Device device, Solver solver);
 
-  absl::Status AddRows(std::string_view f32_le, int64_t rows);
+  absl::Status AddRows(std::string_view f32_le, int64_t rows, const CallContext& ctx);
   absl::StatusOr<PermutationResult> Finish(const CallContext& ctx);
 
  private:

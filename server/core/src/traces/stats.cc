@@ -33,11 +33,12 @@ TraceStats::TraceStats(StatsOptions options) : options_(std::move(options)) {
   }
 }
 
-void TraceStats::Add(const torch::Tensor& rows) {
-  if (rows.size(0) == 0) return;
+absl::Status TraceStats::Add(const torch::Tensor& rows, const CallContext& ctx) {
+  if (rows.size(0) == 0) return absl::OkStatus();
   pending_.push_back(rows.to(options_.device, torch::kFloat64));
   pending_rows_ += rows.size(0);
   while (pending_rows_ >= options_.block_rows) {
+    if (absl::Status status = CheckCall(ctx, "trace statistics"); !status.ok()) return status;
     // Cut exactly block_rows rows off the front of the pending queue.
     std::vector<torch::Tensor> parts;
     int64_t need = options_.block_rows;
@@ -56,6 +57,7 @@ void TraceStats::Add(const torch::Tensor& rows) {
     pending_rows_ -= options_.block_rows;
     ProcessBlock(torch::cat(parts, 0));
   }
+  return absl::OkStatus();
 }
 
 void TraceStats::Finish() {

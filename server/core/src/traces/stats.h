@@ -13,6 +13,9 @@
 #include <cstdint>
 #include <deque>
 
+#include "absl/status/status.h"
+#include "icd/core/types.h"
+
 namespace icd::traces {
 
 struct StatsOptions {
@@ -39,7 +42,10 @@ class TraceStats {
   explicit TraceStats(StatsOptions options);
 
   // rows: [n, channels], finite (the caller checks), any float dtype/device.
-  void Add(const torch::Tensor& rows);
+  void Add(const torch::Tensor& rows) { (void)Add(rows, CallContext{}); }
+  // As Add, checking ctx (CheckCall) before each block; once it fails the
+  // statistics are incomplete and must not be used.
+  absl::Status Add(const torch::Tensor& rows, const CallContext& ctx);
   // Processes the rows still pending. Call once, before reading.
   void Finish();
 

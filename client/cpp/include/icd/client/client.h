@@ -49,8 +49,9 @@ struct ClientOptions {
   // Null: an insecure channel.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
   // ReadTensors/WriteTensors/ComputePermutation chunk size on the client's
-  // side.
-  int64_t chunk_bytes = int64_t{1} << 20;
+  // side: 1 MiB less 64 KiB, so that a chunk with its name, shape and model
+  // fits the smallest server message cap (icd-server --max-message-mb 1).
+  int64_t chunk_bytes = (int64_t{1} << 20) - (int64_t{64} << 10);
 };
 
 // Where ComputePermutation's rows come from, one chunk at a time: appends at

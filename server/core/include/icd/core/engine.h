@@ -14,8 +14,13 @@
 //   FailedPrecondition stale expected_version
 //   Aborted            post-apply check failed, weights restored
 //   ResourceExhausted  a request over a built-in limit (latency samples)
-// Path policy (allowed roots) belongs to the caller: the engine opens what it
-// is given.
+//   PermissionDenied   a checkpoint file linking outside LoadOptions::allowed_roots
+//   Cancelled / DeadlineExceeded  the CallContext said stop (CheckCall);
+//                      nothing changed
+//   Internal           says what failed; the detail is a payload
+//                      (status_macros.h InternalFailure) for the log only
+// Path policy (which roots) belongs to the caller: the engine checks the
+// files it reads against the roots it is given.
 #ifndef ICD_CORE_ENGINE_H_
 #define ICD_CORE_ENGINE_H_
 
@@ -87,8 +92,14 @@ class ICD_CORE_API Engine {
   absl::StatusOr<std::vector<HostTensor>> ReadTensors(
       const std::string& name, const std::vector<std::string>& names) const;
 
+  // Bytes the named tensor (a ReadTensors name) holds in the model as
+  // loaded: what a WriteTensors of it must send. NotFound for an unknown
+  // model or tensor.
+  absl::StatusOr<int64_t> TensorBytes(const std::string& name, const std::string& tensor) const;
+
   // Replaces named tensors (same shape and dtype), all-or-nothing, and takes
-  // the probe reference again (an intended change of function).
+  // the probe reference again (an intended change of function). Refuses
+  // (InvalidArgument naming the tensor) a NaN or infinite value.
   absl::StatusOr<uint64_t> WriteTensors(const std::string& name,
                                         const std::vector<HostTensor>& tensors,
                                         uint64_t expected_version = 0);

@@ -67,7 +67,9 @@ struct PermutationResult {
   bool structure_found = false;
   double ari = 0;  // mean ARI across seeds; 0 when seeds <= 1
   int64_t clusters = 0;
-  std::vector<BlocksTouched> blocks;
+  std::vector<BlocksTouched> blocks;  // on held-out rows only; empty when none
+  // Why `blocks` is empty when it is (no held-out rows); empty otherwise.
+  std::string scores_note;
   // nm_sparsity: saliency kept by N:M pruning after the permutation, and the
   // share of the gap to the upper bound it closes.
   double nm_efficacy = 0;
@@ -101,8 +103,9 @@ class ICD_CORE_API TraceSession {
 
   // `f32_le`: `rows` rows of little-endian float32, row-major [rows,
   // channels]. InvalidArgument (and the session is poisoned) on a size that
-  // does not match or a non-finite value.
-  absl::Status AddRows(std::string_view f32_le, int64_t rows);
+  // does not match (checked arithmetic) or a non-finite value; the status of
+  // CheckCall(ctx) when it fails during the statistics (poisoned too).
+  absl::Status AddRows(std::string_view f32_le, int64_t rows, const CallContext& ctx = {});
   // Solves. The model is looked up again (it may have been unloaded).
   absl::StatusOr<PermutationResult> Finish(const CallContext& ctx = {});
 

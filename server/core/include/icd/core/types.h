@@ -36,6 +36,9 @@ struct ModelInfo {
   std::string device;  // "cpu", "cuda:0"
   DType dtype = DType::kFloat32;
   int64_t parameters = 0;  // distinct parameters (a tied head counts once)
+  // 1 at the first load of a name; a later load under the same name starts
+  // above every version the earlier instances reached, so an
+  // expected_version taken from one never matches another.
   uint64_t version = 0;
   std::string fingerprint;  // hex digest of config and weights at load
   std::map<std::string, int64_t> dims;  // d_model, n_layer, vocab_size, ...
@@ -82,15 +85,29 @@ struct CorrectnessReport {
   int64_t tokens = 0;  // probe positions compared
 };
 
-// Cooperative cancellation: core polls it between layers and steps.
+// Cooperative cancellation: what a call's caller wants of its end. Core
+// polls it (CheckCall) between layers, chunks of tokens, statistics blocks
+// and solver steps, so that a call stops within about 100 ms of its caller
+// going away or its deadline passing, with nothing changed. The transport
+// fills it (the gRPC deadline and IsCancelled); core never sees the
+// transport.
 struct CallContext {
   std::optional<std::chrono::steady_clock::time_point> deadline;
   std::function<bool()> cancelled;  // may be empty
 };
 
+// The one check of a CallContext: OK while the call may go on; Cancelled or
+// DeadlineExceeded, the message naming `where`, once it may not.
+ICD_CORE_API absl::Status CheckCall(const CallContext& ctx, absl::string_view where);
+
 struct LoadOptions {
   std::string device;  // empty: the engine's default device
   std::string dtype;  // empty: the checkpoint's dtype
+  // Non-empty: every file of the checkpoint directory, links followed, must
+  // lie under one of these directories (PermissionDenied naming the file);
+  // checked again before an export copies the files. The transport's path
+  // policy fills it with its model roots.
+  std::vector<std::string> allowed_roots;
 };
 
 struct ApplyOptions {

@@ -138,6 +138,22 @@ class Server {
     return Clock::now();
   }
 
+  // Waits (bounded, polling every 2 ms) until the log after `from` holds
+  // `first` or, when not empty, `second`; returns the one it saw.
+  std::string WaitForEither(const std::string& first, const std::string& second, size_t from,
+                            std::chrono::seconds timeout) const {
+    const auto start = Clock::now();
+    while (Clock::now() - start < timeout) {
+      const std::string log = Log();
+      if (log.find(first, from) != std::string::npos) return first;
+      if (!second.empty() && log.find(second, from) != std::string::npos) return second;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    ADD_FAILURE() << "the log never showed '" << first << "' or '" << second << "':\n"
+                  << Log().substr(0, 4000);
+    return first;
+  }
+
   // SIGTERM; the exit status (bounded wait) and the seconds it took.
   int Terminate(std::chrono::milliseconds timeout, double* elapsed) {
     kill(child_.pid, SIGTERM);
@@ -208,19 +224,28 @@ struct StopFigures {
   std::string server_ms;   // the call's time on the server (its log line)
 };
 
-StopFigures MeasureStop(Server& server, const std::string& log_needle, Clock::time_point ended) {
+// `rpc` ended by its deadline: gRPC cancels a call whose deadline passed, at
+// the same instant within its timer's precision, so the server may log either
+// code for the same event. Only log text after `log_from` counts.
+StopFigures MeasureStop(Server& server, const std::string& rpc, bool by_deadline,
+                        size_t log_from, Clock::time_point ended) {
   StopFigures figures;
   const double cpu_at_end = CpuSeconds(server.pid());
-  figures.log_after_s = Seconds(server.WaitForLog(log_needle, std::chrono::seconds(10)) - ended);
+  const std::string cancelled = "rpc=" + rpc + " status=CANCELLED";
+  const std::string deadline = "rpc=" + rpc + " status=DEADLINE_EXCEEDED";
+  const std::string needle =
+      server.WaitForEither(by_deadline ? deadline : cancelled, by_deadline ? cancelled : "",
+                           log_from, std::chrono::seconds(10));
+  figures.log_after_s = Seconds(Clock::now() - ended);
   std::this_thread::sleep_until(ended + std::chrono::seconds(1));
   figures.cpu_after_s = CpuSeconds(server.pid()) - cpu_at_end;
   const std::string log = server.Log();
-  const auto line = log.find(log_needle);
+  const auto line = log.find(needle, log_from);
   if (line != std::string::npos) {
     const auto ms = log.find("ms=", line);
     figures.server_ms = log.substr(ms + 3, log.find(' ', ms) - ms - 3);
   }
-  std::printf("[stop]   the server's log line: %s ms=%s\n", log_needle.c_str(),
+  std::printf("[stop]   the server's log line: %s ms=%s\n", needle.c_str(),
               figures.server_ms.c_str());
   return figures;
 }
@@ -233,13 +258,14 @@ TEST(HardeningTest, LongCallsStopSoonAfterTheirDeadlineOrCancellation) {
 
   {  // Evaluate of 2,000,000 tokens (a forward of many seconds), 1 s deadline.
     const v1::EvaluateRequest request = RandomEvaluate("m", 2'000'000, 1);
+    const size_t log_from = server.Log().size();
     auto context = server.Context(std::chrono::milliseconds(1000));
     v1::EvaluateResponse response;
     const auto start = Clock::now();
     const grpc::Status status = server.stub().Evaluate(context.get(), request, &response);
     const auto ended = Clock::now();
     EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
-    const StopFigures f = MeasureStop(server, "rpc=Evaluate status=DEADLINE_EXCEEDED", ended);
+    const StopFigures f = MeasureStop(server, "Evaluate", true, log_from, ended);
     std::printf("[stop] Evaluate 2e6 tokens, deadline 1 s: client status after %.3f s; server "
                 "log line %.3f s later; server CPU in the next second %.3f s\n",
                 Seconds(ended - start), f.log_after_s, f.cpu_after_s);
@@ -249,6 +275,7 @@ TEST(HardeningTest, LongCallsStopSoonAfterTheirDeadlineOrCancellation) {
   }
   {  // The same, cancelled by the client after 1 s.
     const v1::EvaluateRequest request = RandomEvaluate("m", 2'000'000, 2);
+    const size_t log_from = server.Log().size();
     auto context = server.Context();
     grpc::ClientContext* raw = context.get();
     std::thread canceller([raw] {
@@ -260,7 +287,7 @@ TEST(HardeningTest, LongCallsStopSoonAfterTheirDeadlineOrCancellation) {
     const auto ended = Clock::now();
     canceller.join();
     EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
-    const StopFigures f = MeasureStop(server, "rpc=Evaluate status=CANCELLED", ended);
+    const StopFigures f = MeasureStop(server, "Evaluate", false, log_from, ended);
     std::printf("[stop] Evaluate 2e6 tokens, cancelled at 1 s: server log line %.3f s after "
                 "the client's status; server CPU in the next second %.3f s\n",
                 f.log_after_s, f.cpu_after_s);
@@ -273,12 +300,13 @@ TEST(HardeningTest, LongCallsStopSoonAfterTheirDeadlineOrCancellation) {
     request.set_model("m");
     request.set_seq_len(1'000'000);
     request.set_iters(1);
+    const size_t log_from = server.Log().size();
     auto context = server.Context(std::chrono::milliseconds(1000));
     v1::LatencyReport response;
     const grpc::Status status = server.stub().MeasureLatency(context.get(), request, &response);
     const auto ended = Clock::now();
     EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
-    const StopFigures f = MeasureStop(server, "rpc=MeasureLatency status=DEADLINE_EXCEEDED", ended);
+    const StopFigures f = MeasureStop(server, "MeasureLatency", true, log_from, ended);
     std::printf("[stop] MeasureLatency 1e6 tokens, deadline 1 s: server log line %.3f s after the "
                 "client's status; server CPU in the next second %.3f s\n",
                 f.log_after_s, f.cpu_after_s);
@@ -291,6 +319,7 @@ TEST(HardeningTest, LongCallsStopSoonAfterTheirDeadlineOrCancellation) {
     std::mt19937 rng(3);
     for (int i = 0; i < 131072; ++i) request.add_input_ids(rng() % 128);
     request.set_batch(4);
+    const size_t log_from = server.Log().size();
     auto context = server.Context(std::chrono::milliseconds(500));
     v1::PermutationSet response;
     const grpc::Status status =
@@ -298,7 +327,7 @@ TEST(HardeningTest, LongCallsStopSoonAfterTheirDeadlineOrCancellation) {
     const auto ended = Clock::now();
     EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
     const StopFigures f =
-        MeasureStop(server, "rpc=CapturePermutation status=DEADLINE_EXCEEDED", ended);
+        MeasureStop(server, "CapturePermutation", true, log_from, ended);
     std::printf("[stop] CapturePermutation 4 x 32768 tokens, deadline 0.5 s: server log line %.3f s "
                 "after the client's status; server CPU in the next second %.3f s\n",
                 f.log_after_s, f.cpu_after_s);

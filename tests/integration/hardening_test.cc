@@ -475,6 +475,7 @@ TEST(HardeningTest, IdleStreamIsCancelledAfterTheTimeout) {
   ASSERT_TRUE(server.client().LoadModel("m", "mamba1-small/hf").ok());
   const ModelState before = Snapshot(server.client(), "m");
   for (int round = 0; round < 2; ++round) {  // the one slot is freed each time
+    const size_t log_from = server.Log().size();
     auto context = server.Context(std::chrono::seconds(60));
     v1::WriteReport report;
     const auto start = Clock::now();
@@ -486,6 +487,9 @@ TEST(HardeningTest, IdleStreamIsCancelledAfterTheTimeout) {
     EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
     EXPECT_GE(waited, 0.9);
     EXPECT_LT(waited, 5.0);
+    // The client hears CANCELLED when the watchdog cancels; the slot is free
+    // once the handler has returned, which its log line marks.
+    server.WaitForEither("rpc=WriteTensors status=", "", log_from, std::chrono::seconds(5));
   }
   server.WaitForLog("rpc=WriteTensors status=DEADLINE_EXCEEDED", std::chrono::seconds(5));
   ExpectUnchanged(server.client(), "m", before);

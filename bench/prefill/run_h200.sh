@@ -35,10 +35,7 @@ fits() { (( $(date +%s) + $1 < deadline )) || { log "skipped $2: under $1 s left
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 torch_prefix=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')
 deb=${ICD_DEB_PREFIX:-/tmp/deb}
-icd_env() {  # the run-time environment of deploy/build-gpu.sh (its notes say why)
-  LD_LIBRARY_PATH="$deb/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-  LD_PRELOAD="$(g++ -print-file-name=libstdc++.so.6)" "$@"
-}
+source bench/peer/icd_env.sh  # icd_env, profile_icd
 
 [[ -f "$work/provenance.txt" ]] || {
   echo "commit: $commit"; echo "date: $(date -u +%FT%TZ)"
@@ -121,17 +118,7 @@ fi
 if want profile && [[ -x /tmp/icd_profile/icd_profile ]]; then
   for shape in $shapes; do
     fits 60 "profile $shape" || break
-    log "icd_profile $shape"
-    icd_env timeout 150 /tmp/icd_profile/icd_profile --model "$models/mamba-$shape" --dtype bfloat16 \
-      --seq-len 2048 --prefill-iters 5 --decode-steps 10 --out "$work/traces/icd-$shape" \
-      > "$work/logs/icd_profile-$shape.log" 2>&1 || { log "icd_profile $shape failed"; continue; }
-    cat "$work/logs/icd_profile-$shape.log" >&2
-    python3 bench/peer/trace_table.py "$work/traces/icd-$shape-prefill.json" --region icd_prefill \
-      --label "icd $shape prefill 2048 tokens (bf16)" --json "$work/profile-icd-$shape-prefill.json" \
-      --md "$work/profile-icd.md" > /dev/null || log "trace_table prefill $shape failed"
-    python3 bench/peer/trace_table.py "$work/traces/icd-$shape-decode.json" --region icd_decode_step \
-      --label "icd $shape decode step (bf16)" --json "$work/profile-icd-$shape-decode.json" \
-      --md "$work/profile-icd.md" > /dev/null || log "trace_table decode $shape failed"
+    profile_icd "$shape" "$models/mamba-$shape" 10 150 || continue
   done
 fi
 

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # icd beside mamba_ssm on the GPU machine, in one run (issue 16, part 1):
-#   build   icd-server + icdctl + icd_core_testing (deploy/build-gpu.sh, ICD_TARGETS),
+#   build   icd-server + icdctl + icd_core_testing + cuda_test (deploy/build-gpu.sh,
+#           ICD_TARGETS),
 #           the peer's forward-only extensions (build_peer.py, two processes), and
 #           icd_profile (bench/peer/icd_profile) -- all in parallel; the random
 #           mamba-130m / mamba-2.8b checkpoints (bench/make_random_mamba.py) and
 #           their mamba_ssm layout (mamba_ssm_layout.py) meanwhile
-#   latency icd through icd-server's MeasureLatency (icdctl latency), then mamba_ssm
+#   cuda_test  icd's GPU tests (tests/unit/cuda_test; CUDA_TEST_FILTER, default all)
+#   latency icd through icd-server's MeasureLatency (icdctl latency; decode as CUDA
+#           graphs and --eager), then mamba_ssm
 #           (peer_bench.py: prefill, decode with and without CUDA graphs, and its
 #           torch.profiler tables), then icd again (drift check); bf16, batch 1
 #   logits  float32 and bf16 logits on 64 fixed tokens: icd (icdctl evaluate
@@ -16,7 +19,7 @@
 #
 # Usage (repo root on the GPU machine, .debs and peers/ carried; see README.md):
 #   bench/peer/run_h200.sh OUT_DIR
-# Env: PEER_STEPS (default "build latency logits profile pack"), PEER_DEADLINE
+# Env: PEER_STEPS (default "build cuda_test latency logits profile pack"), PEER_DEADLINE
 # (epoch seconds: stages that would not fit are skipped, pack always runs),
 # ICD_COMMIT, ICD_BUILD_DIR (/tmp/build-gpu), ICD_MODELS_DIR (/tmp/icd-models),
 # PEER_WORK (/tmp/peerwork: logs, traces, logits; kept between calls on a warm
@@ -30,7 +33,7 @@ work=${PEER_WORK:-/tmp/peerwork}; mkdir -p "$work/logs" "$work/icd-logits" "$wor
 build=${ICD_BUILD_DIR:-/tmp/build-gpu}
 models=${ICD_MODELS_DIR:-/tmp/icd-models}
 shapes=${ICD_SHAPES:-130m 2.8b}
-steps=" ${PEER_STEPS:-build latency logits profile pack} "
+steps=" ${PEER_STEPS:-build cuda_test latency logits profile pack} "
 deadline=${PEER_DEADLINE:-$(( $(date +%s) + 100000 ))}
 commit=${ICD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 results="$work/results.jsonl"
@@ -67,9 +70,11 @@ if want build; then
   t0=$(date +%s); pids=()
   budget=$(( deadline - t0 - 90 )); (( budget > 600 )) && budget=600
   (( budget < 30 )) && budget=30  # builds are cut here; ninja/make resume on a warm machine
-  if [[ ! -x "$build/server/icd-server" || ! -x "$build/client/cpp/icdctl" || ! -f "$build/server/core/libicd_core_testing.a" ]]; then
-    log "icd: deploy/build-gpu.sh (icd-server icdctl icd_core_testing)"
-    ( ICD_TARGETS="icd-server icdctl icd_core_testing" ICD_LOG_DIR="$work/logs/icd-build" \
+  targets=${ICD_TARGETS:-icd-server icdctl icd_core_testing cuda_test}
+  if [[ ! -x "$build/server/icd-server" || ! -x "$build/client/cpp/icdctl" || ! -f "$build/server/core/libicd_core_testing.a" ||
+        ( "$targets" == *cuda_test* && ! -x "$build/tests/unit/cuda_test" ) ]]; then
+    log "icd: deploy/build-gpu.sh ($targets)"
+    ( ICD_TARGETS="$targets" ICD_LOG_DIR="$work/logs/icd-build" \
         timeout $budget bash deploy/build-gpu.sh "$build" > "$work/logs/icd-build.log" 2>&1
       echo "exit $?" >> "$work/logs/icd-build.log" ) & pids+=($!)
   fi
@@ -99,6 +104,14 @@ if want build; then
   ls -la peers/build "$build/server/icd-server" "$build/client/cpp/icdctl" /tmp/icd_profile/icd_profile >> "$work/logs/steps.log" 2>&1
 fi
 
+# ---------------------------------------------------------------- cuda_test
+if want cuda_test && [[ -x "$build/tests/unit/cuda_test" && ! -f "$work/logs/cuda_test.log" ]] && fits 60 cuda_test; then
+  log "cuda_test --gtest_filter=${CUDA_TEST_FILTER:-*}"
+  icd_env timeout $(cap 300) "$build/tests/unit/cuda_test" --gtest_filter="${CUDA_TEST_FILTER:-*}" \
+    > "$work/logs/cuda_test.log" 2>&1 || log "cuda_test failed (logs/cuda_test.log)"
+  grep -E '^\[  (PASSED|FAILED|  SKIPPED) |^\[decode\]' "$work/logs/cuda_test.log" >&2
+fi
+
 # ---------------------------------------------------------------- server
 server_pid=""
 start_server() {
@@ -123,11 +136,13 @@ ensure_loaded() {  # NAME PATH DTYPE
 icd_latency() {  # ROUND
   for shape in $shapes; do
     ensure_loaded "bf16-$shape" "mamba-$shape/mamba_ssm" bfloat16 || { log "load bf16-$shape failed"; continue; }
-    for mode in prefill decode; do
+    # decode: replayed as CUDA graphs (the default), then eager
+    for run in prefill decode decode:--eager; do
+      mode=${run%%:*}; flag=${run#$mode}; flag=${flag#:}
       iters=30; [[ $mode == decode ]] && iters=200
-      icdctl --json latency "bf16-$shape" --mode $mode --batch 1 --seq-len 2048 --warmup 5 --iters $iters |
+      icdctl --json latency "bf16-$shape" --mode $mode --batch 1 --seq-len 2048 --warmup 5 --iters $iters $flag |
         python3 -c "import json,sys; r=json.load(sys.stdin); r.update(bench='icd_latency', impl='icd', family='mamba1', shape='$shape', mode='$mode', seq_len=2048, batch=1, dtype='bfloat16', round='$1', commit='$commit', checkpoint='mamba-$shape/mamba_ssm'); print(json.dumps(r))" \
-        >> "$results" 2>> "$work/logs/icdctl.log" || log "icd latency $shape $mode failed"
+        >> "$results" 2>> "$work/logs/icdctl.log" || log "icd latency $shape $run failed"
     done
   done
 }
@@ -185,10 +200,13 @@ for line in open(sys.argv[1]).readlines() + open(sys.argv[2]).readlines():
     r = json.loads(line)
     if r.get("bench") == "icd_latency" and r.get("round") == "A":
         rows.append({"impl": "icd", "family": "mamba1", "shape": r["shape"], "mode": r["mode"],
-                     "cuda_graphs": False, "median_ms": r["median_ms"], "p10_ms": r["p10_ms"],
+                     "cuda_graphs": r.get("execution") == "cuda_graph",
+                     "median_ms": r["median_ms"], "p10_ms": r["p10_ms"],
                      "p90_ms": r["p90_ms"], "ci95_ms": [r["ci95_low_ms"], r["ci95_high_ms"]],
                      "samples": int(r["samples"]), "commit": r["commit"], "dtype": "bfloat16", "batch": 1,
-                     "seq_len": 2048, "method": "icd-server MeasureLatency (icdctl latency), " + r["method"]})
+                     "seq_len": 2048, "version": r.get("version"),
+                     "method": "icd-server MeasureLatency (icdctl latency), " + r["method"] +
+                               ", " + r.get("execution", "eager")})
     elif r.get("bench") == "peer_latency":
         rows.append({"impl": "mamba_ssm", "family": "mamba1", "shape": r["shape"], "mode": r["mode"],
                      "cuda_graphs": r["cuda_graphs"], "median_ms": r["median_ms"], "p10_ms": r["p10_ms"],
@@ -202,6 +220,7 @@ print(f"{len(rows)} side-by-side rows", file=sys.stderr)
 PY
   cat "$results" "$work/peer.jsonl" > "$out/results.jsonl" 2>/dev/null  # icd's lines, then peer_bench.py's
   cp "$work/provenance.txt" "$out/" 2>/dev/null
+  cp "$work/logs/cuda_test.log" "$out/" 2>/dev/null
   cat "$work/profile-icd.md" "$work/profile-mamba_ssm.md" > "$out/profile.md" 2>/dev/null
   ( cd "$work" && tar -czf "$out/logs.tar.gz" logs profile-*.json 2>/dev/null )
   ( cd peers && tar -czf "$out/peer-so.tar.gz" build/*.so 2>/dev/null ) &&

@@ -108,7 +108,7 @@ Commands:
         icdctl --server 127.0.0.1:50051 export m m-permuted
 
   latency NAME [--compare M] [--mode prefill|decode] [--batch B] [--seq-len L]
-          [--warmup W] [--iters N]
+          [--warmup W] [--iters N] [--eager]
       Time the model's forward on the server, on token ids the server draws
       (fixed seed). prefill (default): a sample is one forward over [B, L];
       decode: after an untimed prefill of L tokens, a sample is one
@@ -117,7 +117,9 @@ Commands:
       median, p10, p90 and the 95% interval of the median in ms (CUDA events
       on a GPU, a steady clock on the CPU). --compare M times M in the same
       rounds, alternating which runs first, and reports NAME / M per round:
-      median and 95% interval.
+      median and 95% interval. On a GPU a decode step is replayed as one CUDA
+      graph (captured after the prefill); --eager launches its kernels one by
+      one instead. The report names how samples ran and the models' versions.
         icdctl --server 127.0.0.1:50051 latency m --mode decode --batch 8 --seq-len 512
         icdctl --server 127.0.0.1:50051 latency m-permuted --compare m --iters 50
 
@@ -275,7 +277,8 @@ absl::StatusOr<Line> ParseLine(int argc, char** argv) {
       } else {
         line.options[arg] = *v;
       }
-    } else if (arg == "--skip-verify" || arg == "--logits" || arg == "--apply") {
+    } else if (arg == "--skip-verify" || arg == "--logits" || arg == "--apply" ||
+               arg == "--eager") {
       line.switches.insert(arg);
     } else if (arg.rfind("--", 0) == 0) {
       return Usage(absl::StrCat("unknown flag ", arg));
@@ -994,7 +997,7 @@ absl::Status Export(const Line& line, Context& ctx) {
 
 absl::Status Latency(const Line& line, Context& ctx) {
   if (auto s = Expect(line, 1, {"--compare", "--mode", "--batch", "--seq-len", "--warmup",
-                                "--iters"});
+                                "--iters", "--eager"});
       !s.ok()) {
     return s;
   }
@@ -1020,6 +1023,7 @@ absl::Status Latency(const Line& line, Context& ctx) {
   request.set_seq_len(*seq_len);
   request.set_warmup(*warmup);
   request.set_iters(*iters);
+  request.set_eager(line.switches.count("--eager") > 0);
   auto report = ctx.client->MeasureLatency(request);
   if (!report.ok()) return report.status();
   if (ctx.json) return PrintJson(*report);
@@ -1032,17 +1036,18 @@ absl::Status Latency(const Line& line, Context& ctx) {
               << " tokens per sample";
   }
   std::cout << "; " << *warmup << " warm-up samples, then " << report->samples()
-            << " timed on " << report->device() << " (" << report->method() << ")\n";
+            << " timed on " << report->device() << " (" << report->method() << ", "
+            << report->execution() << ")\n";
   std::vector<std::vector<std::string>> rows = {
-      {"MODEL", "MEDIAN MS", "95% CI", "P10", "P90", "SAMPLES"}};
+      {"MODEL", "VERSION", "MEDIAN MS", "95% CI", "P10", "P90", "SAMPLES"}};
   auto add_row = [&rows](const std::string& name, const v1::LatencyReport& r) {
-    rows.push_back({name, Fmt(r.median_ms()),
+    rows.push_back({name, std::to_string(r.version()), Fmt(r.median_ms()),
                     Fmt(r.ci95_low_ms()) + " - " + Fmt(r.ci95_high_ms()), Fmt(r.p10_ms()),
                     Fmt(r.p90_ms()), std::to_string(r.samples())});
   };
   add_row(request.model(), *report);
   if (report->has_compare()) add_row(request.compare_model(), report->compare());
-  PrintTable(rows, {false, true, true, true, true, true});
+  PrintTable(rows, {false, true, true, true, true, true, true});
   if (report->has_compare()) {
     std::cout << request.model() << " / " << request.compare_model() << ": "
               << Fmt(report->ratio()) << " (95% CI " << Fmt(report->ratio_ci95_low()) << " - "

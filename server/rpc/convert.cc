@@ -109,6 +109,7 @@ LatencyOptions FromProto(const v1::LatencyRequest& in) {
   out.model = in.model();
   out.compare_model = in.compare_model();
   if (!in.mode().empty()) out.mode = in.mode();
+  out.eager = in.eager();
   if (in.batch() != 0) out.batch = in.batch();
   if (in.seq_len() != 0) out.seq_len = in.seq_len();
   out.warmup = in.warmup();
@@ -127,6 +128,8 @@ void ToProto(const LatencyTiming& in, v1::LatencyReport* out) {
   out->set_samples(in.samples);
   out->set_device(in.device);
   out->set_method(in.method);
+  out->set_execution(in.execution);
+  out->set_version(in.version);
 }
 
 }  // namespace

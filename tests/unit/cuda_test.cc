@@ -8,6 +8,8 @@
 // CPU's, and the batched permutation
 // gather (gather/permute_gather.cu) against the CPU's, bit for bit, and
 // Leiden on a CUDA graph (its dense passes as device GEMMs) against the CPU.
+// Decode sessions (decode.h): k steps replayed as one CUDA graph each equal
+// one forward over the whole sequence at every position.
 // Skipped (never failed) where torch::cuda::is_available() is false (CI).
 #include <gtest/gtest.h>
 
@@ -21,7 +23,9 @@
 #include <utility>
 #include <vector>
 
+#include "checkpoint.h"
 #include "config.h"
+#include "decode.h"
 #include "forward.h"
 #include "forward_internal.h"
 #include "fused/fused.h"
@@ -741,6 +745,124 @@ INSTANTIATE_TEST_SUITE_P(
         R"({"d_model": 24, "n_layer": 2, "vocab_size": 50, "pad_vocab_size_multiple": 8,
             "rms_norm": false, "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 12,
             "ngroups": 2}})"));
+
+
+// ---- Decode sessions: a CUDA graph per step ----------------------------------
+
+// Logits of a decode session over `ids` [B, L]: a prefill of `prefill`
+// tokens, then one step per remaining token, concatenated [B, L, V] (cpu).
+torch::Tensor SessionLogits(const ModelConfig& config, const Weights& weights,
+                            const torch::Tensor& ids, int64_t prefill,
+                            decode::Execution execution) {
+  auto prefill_logits = Forward(config, weights, ids.narrow(1, 0, prefill));
+  EXPECT_TRUE(prefill_logits.ok()) << prefill_logits.status();
+  auto session = decode::Session::Start(config, weights, ids.narrow(1, 0, prefill), execution, {});
+  EXPECT_TRUE(session.ok()) << session.status();
+  if (!prefill_logits.ok() || !session.ok()) return torch::Tensor();
+  EXPECT_EQ((*session)->execution(), execution);
+  std::vector<torch::Tensor> pieces = {prefill_logits->cpu()};
+  for (int64_t position = prefill; position < ids.size(1); ++position) {
+    auto step = (*session)->Step(ids.narrow(1, position, 1).contiguous(), {});
+    EXPECT_TRUE(step.ok()) << "position " << position << ": " << step.status();
+    if (!step.ok()) return torch::Tensor();
+    pieces.push_back(step->cpu());  // a graph's output is overwritten by the next step
+  }
+  return torch::cat(pieces, 1);
+}
+
+struct DecodeCase {
+  std::string name;
+  ModelConfig config;
+  Weights weights;  // float32, on the CPU
+  torch::Tensor ids;  // int64 [B, L], on the CPU
+};
+
+std::vector<DecodeCase> DecodeCases() {
+  std::vector<DecodeCase> cases;
+  for (const Case& golden_case : testing::GoldenCases()) {
+    auto checkpoint = ReadCheckpoint(GoldenDir(golden_case.fixture) / golden_case.layout);
+    EXPECT_TRUE(checkpoint.ok()) << checkpoint.status();
+    if (!checkpoint.ok()) continue;
+    const testing::Golden golden = ReadGolden(golden_case.fixture);
+    cases.push_back({golden_case.fixture + "/" + golden_case.layout, checkpoint->config,
+                     checkpoint->weights,
+                     torch::tensor(golden.input_ids).reshape({golden.batch, -1})});
+  }
+  // A random Mamba-1 of odd widths, batch 3, longer than a conv tile.
+  auto config = ParseConfig(
+      R"({"model_type": "mamba", "hidden_size": 52, "num_hidden_layers": 3, "vocab_size": 301,
+          "state_size": 16, "expand": 2, "time_step_rank": 7, "use_bias": true,
+          "use_conv_bias": true, "tie_word_embeddings": false})",
+      "config");
+  EXPECT_TRUE(config.ok()) << config.status();
+  if (config.ok()) {
+    torch::manual_seed(801);
+    cases.push_back({"random-mamba1", *config, testing::RandomWeights(*config, 23, torch::kFloat32),
+                     torch::randint(0, 301, {3, 45}, torch::kInt64)});
+  }
+  return cases;
+}
+
+// float32: the step replayed as a graph is the forward over the whole
+// sequence at every position (rel L2 <= 1e-5, forward.h's decode bound), and
+// the graph's steps are the eager steps'. bfloat16: within the gap between
+// the eager steps and one forward (the same rounding points, other matmul
+// shapes), times two. Prefill 9 (longer than the conv history) and 1.
+TEST(DecodeSessionTest, GraphStepsMatchOneForward) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const std::vector<DecodeCase> cases = DecodeCases();
+  ASSERT_EQ(cases.size(), testing::GoldenCases().size() + 1);
+  for (const DecodeCase& c : cases) {
+    for (const torch::ScalarType dtype : {torch::kFloat32, torch::kBFloat16}) {
+      Weights weights;
+      for (const auto& [name, tensor] : c.weights) weights[name] = tensor.to(torch::kCUDA, dtype);
+      const torch::Tensor ids = c.ids.to(torch::kCUDA);
+      auto whole = Forward(c.config, weights, ids);
+      ASSERT_TRUE(whole.ok()) << whole.status();
+      const torch::Tensor expected = whole->cpu();
+      for (const int64_t prefill : {int64_t{9}, int64_t{1}}) {
+        const torch::Tensor graph =
+            SessionLogits(c.config, weights, ids, prefill, decode::Execution::kCudaGraph);
+        const torch::Tensor eager =
+            SessionLogits(c.config, weights, ids, prefill, decode::Execution::kEager);
+        ASSERT_TRUE(graph.defined() && eager.defined()) << c.name;
+        ASSERT_EQ(graph.sizes(), expected.sizes()) << c.name;
+        const double graph_rel = RelL2(graph, expected);
+        const double eager_rel = RelL2(eager, expected);
+        const double graph_vs_eager = RelL2(graph, eager);
+        std::printf("[decode] %s %s prefill %ld: graph vs one forward %.3g, eager %.3g, "
+                    "graph vs eager %.3g\n",
+                    c.name.c_str(), c10::toString(dtype), static_cast<long>(prefill), graph_rel,
+                    eager_rel, graph_vs_eager);
+        if (dtype == torch::kFloat32) {
+          EXPECT_LE(graph_rel, 1e-5) << c.name << " prefill " << prefill;
+          EXPECT_LE(graph_vs_eager, 1e-6) << c.name << " prefill " << prefill;
+        } else {
+          EXPECT_LE(graph_rel, std::max(2 * eager_rel, 1e-3)) << c.name << " prefill " << prefill;
+        }
+      }
+    }
+  }
+}
+
+// The check bites: a session whose state is lost (a fresh prefill of one
+// token, then the rest) is another function.
+TEST(DecodeSessionTest, StepsWithoutTheirHistoryDiffer) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const DecodeCase c = DecodeCases().back();
+  Weights weights;
+  for (const auto& [name, tensor] : c.weights) weights[name] = tensor.to(torch::kCUDA);
+  const torch::Tensor ids = c.ids.to(torch::kCUDA);
+  auto whole = Forward(c.config, weights, ids);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  // Tokens 9.. decoded after a prefill of token 8 alone: no history before it.
+  const torch::Tensor tail = SessionLogits(c.config, weights, ids.narrow(1, 8, ids.size(1) - 8),
+                                           1, decode::Execution::kCudaGraph);
+  ASSERT_TRUE(tail.defined());
+  EXPECT_GT(RelL2(tail.narrow(1, 1, tail.size(1) - 1),
+                  whole->cpu().narrow(1, 9, ids.size(1) - 9)),
+            1e-3);
+}
 
 }  // namespace
 }  // namespace icd

@@ -138,6 +138,7 @@ class LatencyEngineTest : public ::testing::Test {
     EXPECT_LE(timing.median_ms, timing.ci95_high_ms);
     EXPECT_EQ(timing.device, "cpu");
     EXPECT_EQ(timing.method, "steady_clock");
+    EXPECT_EQ(timing.execution, "eager");  // CUDA graphs only on a GPU
   }
 
   void ExpectError(const LatencyOptions& options, absl::StatusCode code,
@@ -156,6 +157,10 @@ TEST_F(LatencyEngineTest, PrefillAndDecodeAlone) {
     auto report = engine_.MeasureLatency(Options(mode));
     ASSERT_TRUE(report.ok()) << mode << ": " << report.status();
     ExpectConsistent(report->timing, 8);
+    auto info = engine_.Info("a");
+    ASSERT_TRUE(info.ok()) << info.status();
+    EXPECT_EQ(report->timing.version, info->version);
+    EXPECT_GT(report->timing.version, 0u);
     EXPECT_FALSE(report->compare.has_value());
     EXPECT_EQ(report->ratio, 0);
     std::printf("[latency] %s batch 2 x 16: median %.3f ms [%.3f, %.3f]\n", mode,

@@ -573,10 +573,12 @@ class Client:
     # -- latency
 
     def measure_latency(self, model, compare_model=None, mode="prefill", batch=1, seq_len=128,
-                        warmup=3, iters=20):
+                        warmup=3, iters=20, eager=False):
         """MeasureLatency -> LatencyReport(median_ms, p10_ms, p90_ms,
-        ci95_low_ms, ci95_high_ms, samples, device, method, compare, ratio,
-        ratio_ci95_low, ratio_ci95_high). The server times its forward on
+        ci95_low_ms, ci95_high_ms, samples, device, method, execution,
+        version, compare, ratio, ratio_ci95_low, ratio_ci95_high). On a GPU
+        a decode step is replayed as one CUDA graph (execution "cuda_graph");
+        ``eager`` launches its kernels one by one. The server times its forward on
         token ids it draws: "prefill", one forward over [batch, seq_len] per
         sample; "decode", one single-token step of the batch per sample after
         an untimed prefill of seq_len tokens. ``warmup`` samples are
@@ -585,7 +587,7 @@ class Client:
         t(compare_model) over the rounds, with its 95% interval."""
         return self._call(self._stub.MeasureLatency, pb.LatencyRequest(
             model=model, compare_model=compare_model or "", mode=mode, batch=int(batch),
-            seq_len=int(seq_len), warmup=int(warmup), iters=int(iters)))
+            seq_len=int(seq_len), warmup=int(warmup), iters=int(iters), eager=bool(eager)))
 
     # -- export
 

@@ -825,7 +825,7 @@ absl::StatusOr<LatencyReport> Engine::MeasureLatency(const LatencyOptions& optio
   }
   auto timed = [](const LoadedModel& loaded) {
     return latency::TimedModel{loaded.info.name, &loaded.config, &loaded.weights,
-                               loaded.info.device};
+                               loaded.info.device, loaded.info.version};
   };
   const latency::TimedModel timed_model = timed(*model);
   std::optional<latency::TimedModel> timed_compare;

@@ -311,6 +311,19 @@ torch::Tensor AddAndNorm(const ModelConfig& config, const Weights& weights,
   return BlockNorm(config, weights, prefix, precision, *residual);
 }
 
+// A layer state written in place (LayerState::in_place) keeps its storage:
+// where the mixer replaced a tensor (a path without an in-place kernel), the
+// new values are copied into the one the caller holds.
+void KeepStorage(const LayerState& held, LayerState* written) {
+  auto keep = [](const torch::Tensor& kept, torch::Tensor* tensor) {
+    if (!kept.defined() || tensor->is_same(kept)) return;
+    kept.copy_(*tensor);
+    *tensor = kept;
+  };
+  keep(held.conv_history, &written->conv_history);
+  keep(held.ssm_state, &written->ssm_state);
+}
+
 // `state` (optional) is read, and replaced only when the forward succeeds.
 absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weights& weights,
                                          const torch::Tensor& input_ids, const CallContext& ctx,
@@ -348,6 +361,9 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
                                             layer_state, ctx)
             : forward_internal::Mamba1Mixer(config, weights, layer, precision, normed, capture,
                                             layer_state, ctx);
+    if (layer_state != nullptr && layer_state->in_place) {
+      KeepStorage(state->layers[static_cast<size_t>(layer)], layer_state);
+    }
   }
   absl::Status status = PollContext(ctx, config.n_layer);
   if (!status.ok()) return status;

@@ -70,6 +70,11 @@ struct LayerState {
   // Mamba-1 / FalconMamba h [B, d_inner, d_state]; Mamba-2 S
   // [B, nheads, headdim, d_state].
   torch::Tensor ssm_state;
+  // Whether a forward writes the new conv_history and ssm_state into these
+  // tensors' own storage instead of replacing them: a decode session's step
+  // is a CUDA graph, replayed on fixed addresses (decode.h). A forward that
+  // fails may then leave them partly advanced.
+  bool in_place = false;
 };
 
 struct RecurrentState {
@@ -91,8 +96,9 @@ struct RecurrentState {
 // `state` (optional): empty on entry, the sequence starts from zeros (the
 // logits are those without a state, bitwise); otherwise it continues the
 // tokens the state has seen (same batch). On success it holds the state
-// after the last token; on failure it is unchanged. Prefill then one token
-// per call is decoding.
+// after the last token; on failure it is unchanged (unless its layers are
+// written in place, LayerState::in_place). Prefill then one token per call
+// is decoding.
 absl::StatusOr<torch::Tensor> Forward(const ModelConfig& config,
                                       const Weights& weights,
                                       const torch::Tensor& input_ids,

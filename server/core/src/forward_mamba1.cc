@@ -50,11 +50,12 @@ Mamba1Layer Mamba1LayerView(const Weights& weights, int64_t layer, const Precisi
 // h from one to the next (the same steps, bitwise), checking ctx between
 // chunks. The CUDA kernel takes the sequence in one launch.
 torch::Tensor ScanInChunks(const scan::ScanInputs& inputs, torch::ScalarType wide,
-                           torch::Tensor* state, const CallContext& ctx, int64_t layer) {
+                           torch::Tensor* state, bool in_place, const CallContext& ctx,
+                           int64_t layer) {
   const int64_t seq_len = inputs.hidden.size(1);
   const int64_t steps = ScanStepsPerCheck(inputs.hidden.size(0) * inputs.a_decay.numel());
   if (seq_len <= steps || scan::UsesCudaKernel(inputs, wide)) {
-    return scan::SelectiveScan(inputs, wide, state);
+    return scan::SelectiveScan(inputs, wide, state, in_place);
   }
   torch::Tensor carried = state != nullptr ? *state : torch::Tensor();  // h, [B, I, N]
   std::vector<torch::Tensor> outputs;  // [B, steps, I] each
@@ -91,10 +92,11 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   // 2. Causal depthwise convolution (continuing the state's history), then
   // silu: icd's fused kernel on CUDA (fused/fused.h), LibTorch's ops
   // otherwise (the reference, in chunks that check the call).
+  const bool in_place = state != nullptr && state->in_place;
   std::optional<torch::Tensor> fused_hidden = fused::CausalConvSilu(
       conv_input, view.conv_w, view.conv_b,
       state != nullptr ? state->conv_history : torch::Tensor(),
-      state != nullptr ? &state->conv_history : nullptr);  // [B, L, I]
+      state != nullptr ? &state->conv_history : nullptr, in_place);  // [B, L, I]
   torch::Tensor hidden =
       fused_hidden.has_value()
           ? *std::move(fused_hidden)
@@ -145,8 +147,9 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   scan_inputs.d_skip = view.d_skip;
   scan_inputs.gate = gate;
   // Its output is already in the compute dtype.
-  torch::Tensor out_proj_input = ScanInChunks(
-      scan_inputs, wide, state != nullptr ? &state->ssm_state : nullptr, ctx, layer);  // [B, L, I]
+  torch::Tensor out_proj_input =
+      ScanInChunks(scan_inputs, wide, state != nullptr ? &state->ssm_state : nullptr, in_place,
+                   ctx, layer);  // [B, L, I]
 
   // 4. Final linear projection.
   capture.Add(LayerGroupName(layer, "inner"), out_proj_input);

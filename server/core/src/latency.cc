@@ -14,6 +14,7 @@
 #endif
 
 #include "absl/strings/str_cat.h"
+#include "decode.h"
 #include "forward.h"
 #include "icd/core/status_macros.h"
 #include "latency_stats.h"
@@ -122,35 +123,41 @@ class TokenSource {
 };
 
 // One model's samples: a forward over the same [batch, seq_len] ids
-// (prefill), or one single-token step that advances the model's state
-// (decode).
+// (prefill), or one single-token step of a decode session (decode.h) that
+// advances the model's state.
 class ModelSampler {
  public:
   explicit ModelSampler(const TimedModel& model) : model_(&model) {}
 
   // Untimed: Forward's checks once (the samples skip them: the range check
-  // is a device sync), and for decode the prefill into the state.
-  absl::Status Prepare(Mode mode, const torch::Tensor& prefill_ids, const CallContext& ctx) {
+  // is a device sync), and for decode the prefill into a session (and on a
+  // GPU the step's CUDA graph, unless `eager`).
+  absl::Status Prepare(Mode mode, bool eager, const torch::Tensor& prefill_ids,
+                       const CallContext& ctx) {
     ICD_RETURN_IF_ERROR(CheckForwardInputs(*model_->config, *model_->weights, prefill_ids));
     if (mode == Mode::kDecode) {
-      decoding_ = true;
-      ICD_RETURN_IF_ERROR(
-          Forward(*model_->config, *model_->weights, prefill_ids, ctx, nullptr, &state_).status());
+      ICD_ASSIGN_OR_RETURN(
+          session_, decode::Session::Start(
+                        *model_->config, *model_->weights, prefill_ids,
+                        eager ? decode::Execution::kEager : decode::Execution::kCudaGraph, ctx));
     }
     return absl::OkStatus();
   }
 
   // ids: the prefill ids, or this step's [batch, 1] (drawn in [0, vocab)).
   absl::Status Sample(const torch::Tensor& ids, const CallContext& ctx) {
-    return ForwardPrechecked(*model_->config, *model_->weights, ids, ctx,
-                             decoding_ ? &state_ : nullptr)
-        .status();
+    if (session_ != nullptr) return session_->Step(ids, ctx).status();
+    return ForwardPrechecked(*model_->config, *model_->weights, ids, ctx).status();
+  }
+
+  const char* Execution() const {
+    return decode::ExecutionName(session_ != nullptr ? session_->execution()
+                                                     : decode::Execution::kEager);
   }
 
  private:
   const TimedModel* model_;
-  bool decoding_ = false;
-  RecurrentState state_;
+  std::unique_ptr<decode::Session> session_;  // decode only
 };
 
 absl::Status PollContext(const CallContext& ctx, int64_t round, int64_t rounds) {
@@ -160,8 +167,8 @@ absl::Status PollContext(const CallContext& ctx, int64_t round, int64_t rounds) 
                                                   rounds, " rounds)"));
 }
 
-LatencyTiming Timing(const std::vector<double>& samples_ms, const std::string& device,
-                     const char* method) {
+LatencyTiming Timing(const std::vector<double>& samples_ms, const TimedModel& model,
+                     const char* method, const char* execution) {
   const SampleSummary summary = Summarize(samples_ms);
   LatencyTiming timing;
   timing.median_ms = summary.median;
@@ -170,8 +177,10 @@ LatencyTiming Timing(const std::vector<double>& samples_ms, const std::string& d
   timing.ci95_low_ms = summary.ci95_low;
   timing.ci95_high_ms = summary.ci95_high;
   timing.samples = summary.samples;
-  timing.device = device;
+  timing.device = model.device;
   timing.method = method;
+  timing.execution = execution;
+  timing.version = model.version;
   return timing;
 }
 
@@ -238,10 +247,11 @@ absl::StatusOr<LatencyReport> Measure(const LatencyOptions& options, const Timed
   TokenSource token_source(vocab, device);
   const torch::Tensor prefill_ids = token_source.Next(options.batch, options.seq_len);
 
-  std::vector<ModelSampler> samplers = {ModelSampler(model)};
+  std::vector<ModelSampler> samplers;
+  samplers.emplace_back(model);
   if (compare != nullptr) samplers.emplace_back(*compare);
   for (ModelSampler& sampler : samplers) {
-    ICD_RETURN_IF_ERROR(sampler.Prepare(mode, prefill_ids, ctx));
+    ICD_RETURN_IF_ERROR(sampler.Prepare(mode, options.eager, prefill_ids, ctx));
   }
 
   std::unique_ptr<SampleTimer> timer = MakeTimer(device);
@@ -267,9 +277,9 @@ absl::StatusOr<LatencyReport> Measure(const LatencyOptions& options, const Timed
   }
 
   LatencyReport report;
-  report.timing = Timing(times_ms[0], model.device, timer->Method());
+  report.timing = Timing(times_ms[0], model, timer->Method(), samplers[0].Execution());
   if (compare != nullptr) {
-    report.compare = Timing(times_ms[1], compare->device, timer->Method());
+    report.compare = Timing(times_ms[1], *compare, timer->Method(), samplers[1].Execution());
     const SampleSummary ratio = Summarize(ratios);
     report.ratio = ratio.median;
     report.ratio_ci95_low = ratio.ci95_low;

@@ -36,6 +36,7 @@ struct TimedModel {
   const ModelConfig* config = nullptr;
   const Weights* weights = nullptr;
   std::string device;  // as ModelInfo reports it
+  uint64_t version = 0;  // ModelInfo's
 };
 
 // Times `model`, and `compare` (optional) in interleaved rounds: A then B,

@@ -25,6 +25,9 @@ using cuda_elements::RoundTo;
 
 constexpr int kThreads = 128;
 constexpr int kSteps = 32;
+// Up to kSteps steps are one tile: its thread reads a channel's history
+// before it writes the next one, so the two may share storage.
+static_assert(kSteps == kMaxInPlaceConvSteps);
 
 template <class Element, int kWidth>
 __global__ void __launch_bounds__(kThreads) CausalConvSiluKernel(const CausalConvLaunchArgs args) {
@@ -124,7 +127,8 @@ int LaunchCausalConvSilu(const CausalConvLaunchArgs& args, void* stream) {
       (args.seq_len + kSteps - 1) / kSteps > 65535 || args.channels < 1 ||
       args.channels > (int64_t{1} << 31) - 1 || args.width < 1 || args.width > kMaxConvWidth ||
       args.values == nullptr || args.weight == nullptr || args.output == nullptr ||
-      (args.next_history != nullptr && args.next_history == args.history)) {
+      (args.next_history != nullptr && args.next_history == args.history &&
+       args.seq_len > kMaxInPlaceConvSteps)) {
     return invalid;
   }
   auto* cuda_stream = static_cast<cudaStream_t>(stream);

@@ -7,7 +7,7 @@ namespace icd::fused {
 #ifndef ICD_HAVE_CUDA_FUSED
 std::optional<torch::Tensor> CausalConvSilu(const torch::Tensor&, const torch::Tensor&,
                                             const torch::Tensor&, const torch::Tensor&,
-                                            torch::Tensor*) {
+                                            torch::Tensor*, bool) {
   return std::nullopt;
 }
 

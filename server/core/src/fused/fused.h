@@ -18,12 +18,16 @@ namespace icd::fused {
 // output); weight [C, 1, K]; bias [C] or undefined; history [B, C, K-1] or
 // undefined (zeros); all in one compute dtype on one CUDA device. Returns
 // [B, L, C] contiguous; `next_history` (optional) receives the last K-1
-// inputs of [history | values] as a new tensor [B, C, K-1].
+// inputs of [history | values] as a new tensor [B, C, K-1]. With
+// `in_place` (a decode step: `next_history` points at `history`), they are
+// written into `history`'s own storage instead, when it is contiguous in the
+// compute dtype and L is at most kMaxInPlaceConvSteps (else a new tensor).
 std::optional<torch::Tensor> CausalConvSilu(const torch::Tensor& values,
                                             const torch::Tensor& weight,
                                             const torch::Tensor& bias,
                                             const torch::Tensor& history,
-                                            torch::Tensor* next_history);
+                                            torch::Tensor* next_history,
+                                            bool in_place = false);
 
 struct AddRmsNormResult {
   torch::Tensor residual;  // residual + mixed, float32 [..., D]

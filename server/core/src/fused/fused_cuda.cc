@@ -52,7 +52,7 @@ std::optional<torch::Tensor> CausalConvSilu(const torch::Tensor& values,
                                             const torch::Tensor& weight,
                                             const torch::Tensor& bias,
                                             const torch::Tensor& history,
-                                            torch::Tensor* next_history) {
+                                            torch::Tensor* next_history, bool in_place) {
   if (!values.defined() || !values.is_cuda() || values.dim() != 3) return std::nullopt;
   const torch::Device device = values.device();
   const torch::ScalarType compute = values.scalar_type();
@@ -81,12 +81,19 @@ std::optional<torch::Tensor> CausalConvSilu(const torch::Tensor& values,
   const c10::cuda::CUDAGuard device_guard(device);
   const torch::Tensor taps = weight.contiguous();                               // [C, 1, K]
   const torch::Tensor bias_values = bias.defined() ? bias.contiguous() : bias;  // [C]
+  const bool update_history = in_place && next_history != nullptr &&
+                              history.defined() && history.scalar_type() == compute &&
+                              history.is_contiguous() && seq_len <= kMaxInPlaceConvSteps;
   // The history in the compute dtype, as the reference concatenates it.
   const torch::Tensor past =
       history.defined() ? history.to(compute).contiguous() : torch::Tensor();  // [B, C, K-1]
   torch::Tensor output = torch::empty({batch, seq_len, channels}, values.options());  // [B, L, C]
   torch::Tensor next;  // [B, C, K-1]
-  if (next_history != nullptr) next = torch::empty({batch, channels, width - 1}, values.options());
+  if (update_history) {
+    next = past;  // `history` itself (already contiguous, in the compute dtype)
+  } else if (next_history != nullptr) {
+    next = torch::empty({batch, channels, width - 1}, values.options());
+  }
 
   CausalConvLaunchArgs args;
   args.batch = batch;
@@ -105,7 +112,7 @@ std::optional<torch::Tensor> CausalConvSilu(const torch::Tensor& values,
   if (!Launched(LaunchCausalConvSilu(args, CurrentStream(device)), "causal conv kernel")) {
     return std::nullopt;
   }
-  if (next_history != nullptr) *next_history = next;
+  if (next_history != nullptr && !update_history) *next_history = next;
   return output;
 }
 

@@ -35,8 +35,13 @@ struct CausalConvLaunchArgs {
   const void* history = nullptr;    // [B, C, K-1], the inputs before x[:, 0]; null: zeros
   void* output = nullptr;           // silu(conv) [B, L, C], contiguous
   void* next_history = nullptr;     // [B, C, K-1]: the last K-1 inputs; null: not kept.
-                                    // Must not alias `history`.
+                                    // May be `history` itself only for L at most
+                                    // kMaxInPlaceConvSteps (one thread then reads
+                                    // and writes each channel's history).
 };
+
+// Longest sequence whose history the conv kernel updates in place.
+inline constexpr int64_t kMaxInPlaceConvSteps = 32;
 
 // The residual add and the RMS norm of the next block in one pass, per row of
 // width D: residual_out = residual + mixed (mixed widened exactly), then

@@ -46,7 +46,7 @@ torch::Tensor SelectiveScanReference(const ScanInputs& inputs, torch::ScalarType
 bool UsesCudaKernel(const ScanInputs&, torch::ScalarType) { return false; }
 
 torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumulate,
-                            torch::Tensor* state) {
+                            torch::Tensor* state, bool /*in_place*/) {
   return SelectiveScanReference(inputs, accumulate, state);
 }
 #endif  // The CUDA build defines both in selective_scan_cuda.cc.

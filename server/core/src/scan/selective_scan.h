@@ -33,9 +33,11 @@ struct ScanInputs {
 // `accumulate` and rounded once to the compute dtype (hidden's), where
 // h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_t and the state h is [B, I, N] in
 // `accumulate`. `state` (optional) carries h across calls, for decoding:
-// when defined on entry it is h_0 (zeros otherwise); on return it holds h_L.
+// when defined on entry it is h_0 (zeros otherwise); on return it holds h_L,
+// a new tensor, or with `in_place` (a decode step) the same tensor written
+// over where the CUDA kernel runs and h is contiguous float32.
 torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumulate,
-                            torch::Tensor* state = nullptr);
+                            torch::Tensor* state = nullptr, bool in_place = false);
 
 // The LibTorch reference: the same contract, on any device.
 torch::Tensor SelectiveScanReference(const ScanInputs& inputs, torch::ScalarType accumulate,

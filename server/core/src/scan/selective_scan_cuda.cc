@@ -98,7 +98,7 @@ bool UsesCudaKernel(const ScanInputs& inputs, torch::ScalarType accumulate) {
 }
 
 torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumulate,
-                            torch::Tensor* state) {
+                            torch::Tensor* state, bool in_place) {
   if (!KernelTakes(inputs, accumulate)) {
     return SelectiveScanReference(inputs, accumulate, state);
   }
@@ -123,6 +123,9 @@ torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumula
   torch::Tensor output = torch::empty({batch, seq_len, inner}, hidden.options());  // [B, L, I]
   torch::Tensor state_in;                                              // [B, I, N]
   torch::Tensor state_out;                                             // [B, I, N]
+  // Written over: each h element is read and written by one thread.
+  const bool update_state = in_place && state != nullptr && state->defined() &&
+                            state->scalar_type() == torch::kFloat32 && state->is_contiguous();
   if (state != nullptr) {
     if (state->defined()) {
       state_in = state->to(wide).contiguous();
@@ -130,7 +133,7 @@ torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumula
                   "selective scan: state must be [", batch, ", ", inner, ", ", state_size,
                   "], got ", state->sizes());
     }
-    state_out = torch::empty({batch, inner, state_size}, wide);
+    state_out = update_state ? state_in : torch::empty({batch, inner, state_size}, wide);
   }
 
   ScanLaunchArgs args;

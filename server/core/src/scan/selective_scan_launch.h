@@ -47,7 +47,9 @@ struct ScanLaunchArgs {
   const float* a_decay = nullptr;    // A  [I, N], contiguous
   const float* d_skip = nullptr;     // D  [I]
   const float* state_in = nullptr;   // h_0 [B, I, N], contiguous; null: zeros
-  float* state_out = nullptr;        // h_L [B, I, N], contiguous; null: not kept
+  float* state_out = nullptr;        // h_L [B, I, N], contiguous; null: not kept;
+                                     // may be state_in (one thread reads and
+                                     // writes each element)
   // y [B, L, I], contiguous: float32 in `output`, or rounded once to
   // element_type in `output_rounded`. Exactly one is set.
   float* output = nullptr;

@@ -158,6 +158,9 @@ struct LatencyOptions {
   int64_t seq_len = 128;
   int64_t warmup = 3;  // samples run first and discarded
   int64_t iters = 20;  // timed samples
+  // Decode on a GPU replays each step as one CUDA graph; `eager` launches
+  // its kernels one by one instead (what the graph saves, measured).
+  bool eager = false;
 };
 
 // One model's timed samples, in milliseconds.
@@ -169,7 +172,11 @@ struct LatencyTiming {
   double ci95_high_ms = 0;  // (order statistics; [min, max] below 6 samples)
   int64_t samples = 0;
   std::string device;  // as ModelInfo reports it
-  std::string method;  // "cuda_events" | "steady_clock"
+  std::string method;  // how it was timed: "cuda_events" | "steady_clock"
+  // How a sample ran: "cuda_graph" (a decode step replayed as one graph) or
+  // "eager" (kernels launched one by one: prefill, CPU, or asked).
+  std::string execution;
+  uint64_t version = 0;  // the model's version that was timed (ModelInfo)
 };
 
 struct LatencyReport {

@@ -1,0 +1,145 @@
+#include "decode.h"
+
+#include <exception>
+#include <utility>
+
+#ifdef ICD_HAVE_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/version.h>
+#endif
+
+#include "absl/strings/str_cat.h"
+#include "icd/core/status_macros.h"
+
+namespace icd::decode {
+
+const char* ExecutionName(Execution execution) {
+  return execution == Execution::kCudaGraph ? "cuda_graph" : "eager";
+}
+
+struct Session::Impl {
+  const ModelConfig* config = nullptr;
+  const Weights* weights = nullptr;
+  RecurrentState state;
+  Execution execution = Execution::kEager;
+  bool failed = false;  // a step failed: the state may be partly advanced
+#ifdef ICD_HAVE_CUDA
+  std::unique_ptr<at::cuda::CUDAGraph> graph;
+  torch::Tensor step_ids;     // [B, 1] int64: the graph's input
+  torch::Tensor step_logits;  // [B, 1, V] float32: its output
+#endif
+};
+
+namespace {
+
+#ifdef ICD_HAVE_CUDA
+RecurrentState CopyOf(const RecurrentState& state) {
+  RecurrentState copy = state;
+  for (LayerState& layer : copy.layers) {
+    layer.conv_history = layer.conv_history.clone();
+    layer.ssm_state = layer.ssm_state.clone();
+  }
+  return copy;
+}
+
+// Captures one step into impl->graph, on a stream of its own (a capture may
+// not run on the default stream). The state's tensors are written in place
+// (LayerState::in_place), so every replay reads and advances the same ones.
+absl::Status CaptureStep(Session::Impl* impl, const torch::Device& device,
+                         const CallContext& ctx) {
+  const c10::cuda::CUDAGuard device_guard(device);
+  const int64_t batch = impl->state.layers.front().ssm_state.size(0);
+  impl->step_ids = torch::zeros({batch, 1}, torch::dtype(torch::kInt64).device(device));
+  for (LayerState& layer : impl->state.layers) layer.in_place = true;
+
+  c10::cuda::CUDAStream capture_stream = c10::cuda::getStreamFromPool(false, device.index());
+  // The capture stream starts after the prefill (on the current stream).
+  at::cuda::CUDAEvent prefill_done;
+  prefill_done.record(c10::cuda::getCurrentCUDAStream(device.index()));
+  prefill_done.block(capture_stream);
+  const c10::cuda::CUDAStreamGuard stream_guard(capture_stream);
+  // One step first, on a copy of the state: cuBLAS creates its handle and
+  // workspace for this stream on first use, which a capture may not do.
+  RecurrentState scratch = CopyOf(impl->state);
+  ICD_RETURN_IF_ERROR(
+      ForwardPrechecked(*impl->config, *impl->weights, impl->step_ids, ctx, &scratch).status());
+  capture_stream.synchronize();
+
+  impl->graph = std::make_unique<at::cuda::CUDAGraph>();
+#if TORCH_VERSION_MAJOR >= 2
+  // Thread-local: the server's other threads may allocate meanwhile.
+  impl->graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+#else
+  impl->graph->capture_begin();
+#endif
+  // Nothing runs while capturing: the state is not advanced here.
+  absl::StatusOr<torch::Tensor> logits =
+      ForwardPrechecked(*impl->config, *impl->weights, impl->step_ids, ctx, &impl->state);
+  impl->graph->capture_end();
+  if (!logits.ok()) return logits.status();
+  impl->step_logits = *std::move(logits);
+  return absl::OkStatus();
+}
+#endif  // ICD_HAVE_CUDA
+
+}  // namespace
+
+Session::Session(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Session::~Session() = default;
+
+Execution Session::execution() const { return impl_->execution; }
+
+absl::StatusOr<std::unique_ptr<Session>> Session::Start(const ModelConfig& config,
+                                                         const Weights& weights,
+                                                         const torch::Tensor& prefill_ids,
+                                                         Execution execution,
+                                                         const CallContext& ctx) {
+  auto impl = std::make_unique<Impl>();
+  impl->config = &config;
+  impl->weights = &weights;
+  ICD_RETURN_IF_ERROR(Forward(config, weights, prefill_ids, ctx, nullptr, &impl->state).status());
+  const torch::Device device = weights.at(kEmbeddingTensor).device();
+  if (execution == Execution::kCudaGraph && device.is_cuda()) {
+#ifdef ICD_HAVE_CUDA
+    try {
+      torch::NoGradGuard no_grad;
+      ICD_RETURN_IF_ERROR(CaptureStep(impl.get(), device, ctx));
+      impl->execution = Execution::kCudaGraph;
+    } catch (const std::exception& error) {
+      return InternalFailure("decode graph capture", error.what());
+    }
+#endif
+  }
+  return std::unique_ptr<Session>(new Session(std::move(impl)));
+}
+
+absl::StatusOr<torch::Tensor> Session::Step(const torch::Tensor& ids, const CallContext& ctx) {
+  if (impl_->failed) {
+    return absl::FailedPreconditionError(
+        "decode session: an earlier step failed, its state may be partly advanced");
+  }
+#ifdef ICD_HAVE_CUDA
+  if (impl_->graph != nullptr) {
+    ICD_RETURN_IF_ERROR(CheckCall(ctx, "decode step"));
+    try {
+      torch::NoGradGuard no_grad;
+      impl_->step_ids.copy_(ids);  // on the current stream, as the replay
+      impl_->graph->replay();
+    } catch (const std::exception& error) {
+      impl_->failed = true;
+      return InternalFailure("decode step", error.what());
+    }
+    return impl_->step_logits;
+  }
+#endif
+  absl::StatusOr<torch::Tensor> logits =
+      ForwardPrechecked(*impl_->config, *impl_->weights, ids, ctx, &impl_->state);
+  // Eager steps replace the state only on success (forward.h): a failed one
+  // leaves it as it was.
+  return logits;
+}
+
+}  // namespace icd::decode

@@ -747,6 +747,48 @@ INSTANTIATE_TEST_SUITE_P(
             "ngroups": 2}})"));
 
 
+// The few-rows linear (a decode step's projections) against cuBLAS's
+// torch::linear: 1 to 8 rows, with and without bias, rows that are a
+// narrow() of a wider tensor; float32 to float32 rounding (another summation
+// order), bf16/fp16 within one unit of the output's last place. Shapes it
+// does not take (9 rows, an unaligned width) decline.
+TEST(FewRowsLinearTest, MatchesTorchLinear) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(802);
+  for (const torch::ScalarType dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
+    const auto options = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);
+    const torch::Tensor weight = torch::randn({301, 2560}, options) * 0.02;
+    const torch::Tensor bias = torch::randn({301}, options);
+    const torch::Tensor wide = torch::randn({8, 1, 2600}, options);
+    for (int64_t rows = 1; rows <= 8; ++rows) {
+      for (const bool with_bias : {false, true}) {
+        // Rows 2600 elements apart: a view, not a copy.
+        const torch::Tensor input = wide.narrow(0, 0, rows).narrow(2, 8, 2560);
+        const torch::Tensor b = with_bias ? bias : torch::Tensor();
+        std::optional<torch::Tensor> few = fused::FewRowsLinear(input, weight, b);
+        ASSERT_TRUE(few.has_value()) << c10::toString(dtype) << " rows " << rows;
+        const torch::Tensor expected = torch::linear(input.to(torch::kFloat64),
+                                                     weight.to(torch::kFloat64),
+                                                     with_bias ? b.to(torch::kFloat64) : b);
+        ASSERT_EQ(few->sizes(), expected.sizes());
+        // Errors relative to the sum of the terms' magnitudes: float32
+        // accumulation, then the output's rounding (2^-9 bf16, 2^-12 fp16).
+        const torch::Tensor magnitude =
+            torch::linear(input.to(torch::kFloat64).abs(), weight.to(torch::kFloat64).abs(),
+                          with_bias ? b.to(torch::kFloat64).abs() : b);
+        const double bound =
+            dtype == torch::kFloat32 ? 1e-5 : (dtype == torch::kBFloat16 ? 4e-3 : 1e-3);
+        const double worst =
+            ((few->to(torch::kFloat64) - expected).abs() / magnitude).max().item<double>();
+        EXPECT_LE(worst, bound) << c10::toString(dtype) << " rows " << rows << " bias " << with_bias;
+      }
+    }
+    EXPECT_FALSE(fused::FewRowsLinear(torch::randn({9, 2560}, options), weight, {}).has_value());
+    const torch::Tensor odd_weight = torch::randn({7, 2561}, options);
+    EXPECT_FALSE(fused::FewRowsLinear(torch::randn({1, 2561}, options), odd_weight, {}).has_value());
+  }
+}
+
 // ---- Decode sessions: a CUDA graph per step ----------------------------------
 
 // Logits of a decode session over `ids` [B, L]: a prefill of `prefill`

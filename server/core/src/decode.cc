@@ -67,6 +67,11 @@ absl::Status CaptureStep(Session::Impl* impl, const torch::Device& device,
   ICD_RETURN_IF_ERROR(
       ForwardPrechecked(*impl->config, *impl->weights, impl->step_ids, ctx, &scratch).status());
   capture_stream.synchronize();
+  // The constants that step derived from the weights stay out of the graph.
+  for (size_t layer = 0; layer < scratch.layers.size(); ++layer) {
+    impl->state.layers[layer].scan_decay = scratch.layers[layer].scan_decay;
+    impl->state.layers[layer].scan_skip = scratch.layers[layer].scan_skip;
+  }
 
   impl->graph = std::make_unique<at::cuda::CUDAGraph>();
 #if TORCH_VERSION_MAJOR >= 2

@@ -57,6 +57,13 @@ torch::Tensor OptionalTensorAs(const Weights& weights, const std::string& name,
   return found->second.to(dtype);
 }
 
+torch::Tensor Linear(const torch::Tensor& input, const torch::Tensor& weight,
+                     const torch::Tensor& bias) {
+  std::optional<torch::Tensor> few_rows = fused::FewRowsLinear(input, weight, bias);
+  if (few_rows.has_value()) return *std::move(few_rows);
+  return torch::linear(input, weight, bias);
+}
+
 torch::Tensor RmsNormalize(const torch::Tensor& values, double eps,
                            torch::ScalarType accumulate) {
   torch::Tensor wide = values.to(accumulate);
@@ -372,7 +379,7 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
   capture.Add("residual", normed);
   const torch::Tensor& head = config.tied ? embedding : weights.at(kHeadTensor);  // [V, d_model]
   torch::Tensor logits =
-      torch::linear(normed, head.to(precision.compute)).to(torch::kFloat32);  // [B, L, V]
+      forward_internal::Linear(normed, head.to(precision.compute)).to(torch::kFloat32);  // [B, L, V]
   if (state != nullptr) state->layers = std::move(next_layers);
   return logits;
 }

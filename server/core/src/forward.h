@@ -75,6 +75,11 @@ struct LayerState {
   // is a CUDA graph, replayed on fixed addresses (decode.h). A forward that
   // fails may then leave them partly advanced.
   bool in_place = false;
+  // With in_place only (a session bound to one model version): Mamba-1's
+  // scan constants in the accumulate dtype, A = -exp(A_log) and D, computed
+  // by the first step and reused.
+  torch::Tensor scan_decay;
+  torch::Tensor scan_skip;
 };
 
 struct RecurrentState {

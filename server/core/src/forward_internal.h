@@ -42,6 +42,12 @@ torch::Tensor TensorAs(const Weights& weights, const std::string& name,
 torch::Tensor OptionalTensorAs(const Weights& weights, const std::string& name,
                                torch::ScalarType dtype);
 
+// torch::linear(input, weight, bias); on CUDA, inputs of a few rows (a
+// decode step) through icd's few-rows kernel (fused/fused.h), one pass over
+// the weight.
+torch::Tensor Linear(const torch::Tensor& input, const torch::Tensor& weight,
+                     const torch::Tensor& bias = {});
+
 // Weightless RMS normalisation over the last axis, reduced in `accumulate`
 // and returned in `accumulate`: v / sqrt(mean(v^2) + eps).
 torch::Tensor RmsNormalize(const torch::Tensor& values, double eps,

@@ -23,8 +23,8 @@ struct Mamba1Layer {
   torch::Tensor x_proj_w;    // [dt_rank + 2*d_state, d_inner]; rows [dt | B | C]
   torch::Tensor dt_proj_w;   // [d_inner, dt_rank]
   torch::Tensor dt_proj_b;   // [d_inner]
-  torch::Tensor a_log;       // [d_inner, d_state], accumulate
-  torch::Tensor d_skip;      // [d_inner], accumulate
+  torch::Tensor a_log;       // [d_inner, d_state], as stored
+  torch::Tensor d_skip;      // [d_inner], as stored
   torch::Tensor out_proj_w;  // [d_model, d_inner]
   torch::Tensor out_proj_b;  // [d_model] or undefined
 };
@@ -39,8 +39,8 @@ Mamba1Layer Mamba1LayerView(const Weights& weights, int64_t layer, const Precisi
   view.x_proj_w = TensorAs(weights, MixerTensorName(layer, "x_proj.weight"), compute);
   view.dt_proj_w = TensorAs(weights, MixerTensorName(layer, "dt_proj.weight"), compute);
   view.dt_proj_b = TensorAs(weights, MixerTensorName(layer, "dt_proj.bias"), compute);
-  view.a_log = TensorAs(weights, MixerTensorName(layer, "A_log"), precision.accumulate);
-  view.d_skip = TensorAs(weights, MixerTensorName(layer, "D"), precision.accumulate);
+  view.a_log = weights.at(MixerTensorName(layer, "A_log"));
+  view.d_skip = weights.at(MixerTensorName(layer, "D"));
   view.out_proj_w = TensorAs(weights, MixerTensorName(layer, "out_proj.weight"), compute);
   view.out_proj_b = OptionalTensorAs(weights, MixerTensorName(layer, "out_proj.bias"), compute);
   return view;
@@ -85,7 +85,7 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   const torch::ScalarType wide = precision.accumulate;
 
   // 1. Gated MLP's linear projection: [x | z].
-  torch::Tensor projected = torch::linear(normed, view.in_proj_w, view.in_proj_b);  // [B, L, 2I]
+  torch::Tensor projected = Linear(normed, view.in_proj_w, view.in_proj_b);  // [B, L, 2I]
   torch::Tensor conv_input = projected.narrow(-1, 0, inner);                        // [B, L, I]
   torch::Tensor gate = projected.narrow(-1, inner, inner);                          // [B, L, I]
 
@@ -109,7 +109,7 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
                                                   layer));  // [B, L, I]
 
   // 3.a. Selection: x_proj rows are [dt | B | C].
-  torch::Tensor ssm_params = torch::linear(hidden, view.x_proj_w);  // [B, L, R + 2N]
+  torch::Tensor ssm_params = Linear(hidden, view.x_proj_w);  // [B, L, R + 2N]
   torch::Tensor time_step = ssm_params.narrow(-1, 0, config.dt_rank);               // [B, L, R]
   torch::Tensor b_proj = ssm_params.narrow(-1, config.dt_rank, state_size);         // [B, L, N]
   torch::Tensor c_proj = ssm_params.narrow(-1, config.dt_rank + state_size, state_size);  // [B, L, N]
@@ -131,7 +131,7 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   // the softplus. On CUDA the bias is added inside the scan kernel too (one
   // [B, L, I] pass less); on the CPU it stays in the linear, as HF.
   const bool bias_in_scan = time_step.is_cuda();
-  torch::Tensor delta = torch::linear(time_step, view.dt_proj_w,
+  torch::Tensor delta = Linear(time_step, view.dt_proj_w,
                                       bias_in_scan ? torch::Tensor() : view.dt_proj_b);  // [B, L, I]
 
   // 3.b-c. Discretisation, the recurrence over time (from and into the
@@ -141,10 +141,21 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   scan_inputs.hidden = hidden;
   scan_inputs.delta = delta;
   scan_inputs.delta_bias = bias_in_scan ? view.dt_proj_b : torch::Tensor();
-  scan_inputs.a_decay = -torch::exp(view.a_log);  // [I, N]
+  // A = -exp(A_log) and D in `wide`: four small kernels per step, which a
+  // decode session's state computes once (its model does not change).
+  if (in_place && state->scan_decay.defined()) {
+    scan_inputs.a_decay = state->scan_decay;
+    scan_inputs.d_skip = state->scan_skip;
+  } else {
+    scan_inputs.a_decay = -torch::exp(view.a_log.to(wide));  // [I, N]
+    scan_inputs.d_skip = view.d_skip.to(wide);               // [I]
+    if (in_place) {
+      state->scan_decay = scan_inputs.a_decay;
+      state->scan_skip = scan_inputs.d_skip;
+    }
+  }
   scan_inputs.b_proj = b_proj;
   scan_inputs.c_proj = c_proj;
-  scan_inputs.d_skip = view.d_skip;
   scan_inputs.gate = gate;
   // Its output is already in the compute dtype.
   torch::Tensor out_proj_input =
@@ -153,7 +164,7 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
 
   // 4. Final linear projection.
   capture.Add(LayerGroupName(layer, "inner"), out_proj_input);
-  return torch::linear(out_proj_input, view.out_proj_w, view.out_proj_b);  // [B, L, d_model]
+  return Linear(out_proj_input, view.out_proj_w, view.out_proj_b);  // [B, L, d_model]
 }
 
 }  // namespace icd::forward_internal

@@ -86,7 +86,7 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
   const torch::ScalarType wide = precision.accumulate;
 
   // 1. Linear projection; order [z | x | B | C | dt] with xBC contiguous.
-  torch::Tensor projected = torch::linear(normed, view.in_proj_w, view.in_proj_b);  // [B, L, *]
+  torch::Tensor projected = Linear(normed, view.in_proj_w, view.in_proj_b);  // [B, L, *]
   torch::Tensor gate = projected.narrow(-1, 0, inner);                                // [B, L, I]
   torch::Tensor xbc = projected.narrow(-1, inner, inner + 2 * group_state);           // [B, L, conv_dim]
   torch::Tensor time_step = projected.narrow(-1, 2 * inner + 2 * group_state, heads);  // [B, L, H]
@@ -162,7 +162,7 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
   }
 
   // 7. Final linear projection.
-  return torch::linear(gated, view.out_proj_w, view.out_proj_b);  // [B, L, d_model]
+  return Linear(gated, view.out_proj_w, view.out_proj_b);  // [B, L, d_model]
 }
 
 }  // namespace icd::forward_internal

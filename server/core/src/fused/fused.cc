@@ -15,6 +15,11 @@ std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor&, const torch::Te
                                            const torch::Tensor&, double) {
   return std::nullopt;
 }
+
+std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor&, const torch::Tensor&,
+                                           const torch::Tensor&) {
+  return std::nullopt;
+}
 #endif  // ICD_HAVE_CUDA_FUSED
 
 }  // namespace icd::fused

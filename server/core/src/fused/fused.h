@@ -42,6 +42,17 @@ std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor& residual,
                                            const torch::Tensor& mixed,
                                            const torch::Tensor& weight, double eps);
 
+// torch::linear(input, weight, bias) for inputs of at most
+// kMaxFewRowsLinearRows rows (input [..., K], the product of the leading
+// sizes): one pass over the weight, which dominates a decode step's reads.
+// weight [N, K] contiguous, bias [N] or undefined, all in one compute dtype
+// on one CUDA device; input's rows must be 16-byte aligned (else nullopt).
+// Returns [..., N]: float32 dot products rounded once (as cuBLAS, in another
+// summation order).
+std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
+                                           const torch::Tensor& weight,
+                                           const torch::Tensor& bias);
+
 }  // namespace icd::fused
 
 #endif  // ICD_CORE_SRC_FUSED_FUSED_H_

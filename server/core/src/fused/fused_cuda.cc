@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <optional>
+#include <vector>
 
 #include "fused/fused.h"
 #include "fused/fused_launch.h"
@@ -156,6 +157,58 @@ std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor& residual,
     return std::nullopt;
   }
   return result;
+}
+
+std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
+                                           const torch::Tensor& weight,
+                                           const torch::Tensor& bias) {
+  if (!input.defined() || !input.is_cuda() || input.dim() < 1 || !weight.defined() ||
+      weight.dim() != 2 || !weight.is_contiguous()) {
+    return std::nullopt;
+  }
+  const torch::Device device = input.device();
+  const torch::ScalarType compute = input.scalar_type();
+  const std::optional<ElementType> element_type = KernelElementType(compute);
+  const int64_t in_features = weight.size(1);
+  const int64_t out_features = weight.size(0);
+  if (!element_type.has_value() || !OnDeviceAs(weight, device, compute) ||
+      input.size(-1) != in_features || in_features < 1 || out_features < 1 ||
+      input.numel() == 0 || input.numel() / in_features > kMaxFewRowsLinearRows) {
+    return std::nullopt;
+  }
+  if (bias.defined() && (!OnDeviceAs(bias, device, compute) || bias.dim() != 1 ||
+                         bias.size(0) != out_features)) {
+    return std::nullopt;
+  }
+  // Rows as one strided axis: a view where the leading axes collapse (a
+  // narrow() of a projection's output does), else a contiguous copy.
+  const torch::Tensor rows = input.stride(-1) == 1 ? input.reshape({-1, in_features})
+                                                   : input.contiguous().view({-1, in_features});
+  if (rows.stride(1) != 1) return std::nullopt;
+  const c10::cuda::CUDAGuard device_guard(device);
+  const torch::Tensor bias_values = bias.defined() ? bias.contiguous() : bias;  // [N]
+  std::vector<int64_t> output_sizes = input.sizes().vec();
+  output_sizes.back() = out_features;
+  torch::Tensor output = torch::empty(output_sizes, input.options());  // [..., N]
+
+  FewRowsLinearLaunchArgs args;
+  args.rows = rows.size(0);
+  args.in_features = in_features;
+  args.out_features = out_features;
+  args.element_type = *element_type;
+  args.input = rows.data_ptr();
+  args.input_row_stride = rows.size(0) > 1 ? rows.stride(0) : in_features;
+  args.weight = weight.data_ptr();
+  args.bias = bias_values.defined() ? bias_values.data_ptr() : nullptr;
+  args.output = output.data_ptr();
+  const int status = LaunchFewRowsLinear(args, CurrentStream(device));
+  // Unaligned rows or widths decline: cuBLAS takes them.
+  if (status == static_cast<int>(cudaErrorInvalidValue)) {
+    (void)cudaGetLastError();
+    return std::nullopt;
+  }
+  if (!Launched(status, "few-rows linear kernel")) return std::nullopt;
+  return output;
 }
 
 }  // namespace icd::fused

@@ -60,11 +60,32 @@ struct AddRmsNormLaunchArgs {
   void* normed = nullptr;           // [rows, D], element_type
 };
 
+// Most rows of x the few-rows linear takes (a decode step's batch).
+inline constexpr int64_t kMaxFewRowsLinearRows = 8;
+
+// output = input · weightᵀ (+ bias), for rows <= kMaxFewRowsLinearRows, in
+// element_type with float32 accumulation: each output is one float32 dot
+// product (its own summation order, not cuBLAS's), plus the bias in float32,
+// rounded once. in_features and input_row_stride are multiples of 16 bytes'
+// worth of elements; input and weight are 16-byte aligned.
+struct FewRowsLinearLaunchArgs {
+  int64_t rows = 0;
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  ElementType element_type = ElementType::kFloat32;
+  const void* input = nullptr;    // [rows, in_features], rows input_row_stride apart
+  int64_t input_row_stride = 0;   // in elements
+  const void* weight = nullptr;   // [out_features, in_features], contiguous
+  const void* bias = nullptr;     // [out_features]; null: none
+  void* output = nullptr;         // [rows, out_features], contiguous
+};
+
 // Enqueue on `stream` (a cudaStream_t) of the current device. Return 0
 // (cudaSuccess) or a cudaError_t value: cudaErrorInvalidValue for arguments
 // out of range.
 int LaunchCausalConvSilu(const CausalConvLaunchArgs& args, void* stream);
 int LaunchAddRmsNorm(const AddRmsNormLaunchArgs& args, void* stream);
+int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream);
 
 }  // namespace icd::fused
 

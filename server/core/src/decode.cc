@@ -71,6 +71,7 @@ absl::Status CaptureStep(Session::Impl* impl, const torch::Device& device,
   for (size_t layer = 0; layer < scratch.layers.size(); ++layer) {
     impl->state.layers[layer].scan_decay = scratch.layers[layer].scan_decay;
     impl->state.layers[layer].scan_skip = scratch.layers[layer].scan_skip;
+    impl->state.layers[layer].scan_delta_bias = scratch.layers[layer].scan_delta_bias;
   }
 
   impl->graph = std::make_unique<at::cuda::CUDAGraph>();

@@ -76,10 +76,12 @@ struct LayerState {
   // fails may then leave them partly advanced.
   bool in_place = false;
   // With in_place only (a session bound to one model version): Mamba-1's
-  // scan constants in the accumulate dtype, A = -exp(A_log) and D, computed
-  // by the first step and reused.
+  // scan constants in the accumulate dtype, A = -exp(A_log) and D, and on
+  // CUDA dt_proj's bias in float32 (as the kernel adds it), computed by the
+  // first step and reused.
   torch::Tensor scan_decay;
   torch::Tensor scan_skip;
+  torch::Tensor scan_delta_bias;
 };
 
 struct RecurrentState {

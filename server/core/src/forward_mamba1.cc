@@ -141,22 +141,27 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   scan_inputs.hidden = hidden;
   scan_inputs.delta = delta;
   scan_inputs.delta_bias = bias_in_scan ? view.dt_proj_b : torch::Tensor();
+  scan_inputs.b_proj = b_proj;
+  scan_inputs.c_proj = c_proj;
+  scan_inputs.gate = gate;
   // A = -exp(A_log) and D in `wide`: four small kernels per step, which a
   // decode session's state computes once (its model does not change).
   if (in_place && state->scan_decay.defined()) {
     scan_inputs.a_decay = state->scan_decay;
     scan_inputs.d_skip = state->scan_skip;
+    // The kernel widens the bias exactly; only it takes a float32 one.
+    if (state->scan_delta_bias.defined()) scan_inputs.delta_bias = state->scan_delta_bias;
   } else {
     scan_inputs.a_decay = -torch::exp(view.a_log.to(wide));  // [I, N]
     scan_inputs.d_skip = view.d_skip.to(wide);               // [I]
     if (in_place) {
       state->scan_decay = scan_inputs.a_decay;
       state->scan_skip = scan_inputs.d_skip;
+      if (bias_in_scan && scan::UsesCudaKernel(scan_inputs, wide)) {
+        state->scan_delta_bias = view.dt_proj_b.to(torch::kFloat32);
+      }
     }
   }
-  scan_inputs.b_proj = b_proj;
-  scan_inputs.c_proj = c_proj;
-  scan_inputs.gate = gate;
   // Its output is already in the compute dtype.
   torch::Tensor out_proj_input =
       ScanInChunks(scan_inputs, wide, state != nullptr ? &state->ssm_state : nullptr, in_place,

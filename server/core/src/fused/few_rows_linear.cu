@@ -1,8 +1,9 @@
 // y = x Wᵀ (+ bias) for a few rows of x (launch interface: fused_launch.h):
 // a decode step's projections, where every weight is read once per token and
-// the GEMM is a matrix-vector product bound by memory. A warp owns one output
-// feature: its lanes stream that weight row in 16-byte loads (all in flight
-// together), multiply them into every row of x, and reduce with shuffles.
+// the GEMM is a matrix-vector product bound by memory. A warp (or a few, when
+// features are few) owns one output feature: its lanes stream that weight
+// row in 16-byte loads, kUnroll in flight at once, multiply them into every
+// row of x, and reduce with shuffles.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -70,32 +71,53 @@ __device__ __forceinline__ uint4 LoadStreaming(const void* address) {
   return __ldcs(static_cast<const uint4*>(address));
 }
 
+// Loads of a lane in flight together.
+constexpr int kUnroll = 4;
+
+// A block's kWarps warps compute kWarps / split output features; the `split`
+// warps of one feature take interleaved 16-byte columns of its weight row
+// (split > 1 when there are too few features to fill the GPU), and their
+// partial sums are added in shared memory in warp order (deterministic).
 template <class Element, int kRows>
-__global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLinearLaunchArgs args) {
+__global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLinearLaunchArgs args,
+                                                                const int split) {
   using Storage = typename Element::Storage;
   constexpr int kValues = Unpack<Element>::kValues;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
-  const int64_t feature = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (feature >= args.out_features) return;
+  const int part = warp % split;
+  const int64_t feature = static_cast<int64_t>(blockIdx.x) * (kWarps / split) + warp / split;
+  const bool real = feature < args.out_features;
   const int64_t in_features = args.in_features;
-  const auto* weight = static_cast<const Storage*>(args.weight) + feature * in_features;
+  const auto* weight = static_cast<const Storage*>(args.weight) + (real ? feature : 0) * in_features;
   const auto* input = static_cast<const Storage*>(args.input);
 
   float sums[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) sums[r] = 0.0f;
-#pragma unroll 4
-  for (int64_t k = static_cast<int64_t>(lane) * kValues; k < in_features; k += 32 * kValues) {
-    float weights[kValues];
-    Unpack<Element>::Run(LoadStreaming(weight + k), weights);
+  const int64_t stride = static_cast<int64_t>(split) * 32 * kValues;
+  for (int64_t first = (static_cast<int64_t>(part) * 32 + lane) * kValues;
+       real && first < in_features; first += kUnroll * stride) {
+    uint4 loaded[kUnroll];
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      float values[kValues];
-      Unpack<Element>::Run(__ldg(reinterpret_cast<const uint4*>(input + r * args.input_row_stride + k)),
-                           values);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = first + u * stride;
+      loaded[u] = k < in_features ? LoadStreaming(weight + k) : make_uint4(0, 0, 0, 0);
+    }
 #pragma unroll
-      for (int i = 0; i < kValues; ++i) sums[r] = fmaf(weights[i], values[i], sums[r]);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = first + u * stride;
+      if (k >= in_features) break;
+      float weights[kValues];
+      Unpack<Element>::Run(loaded[u], weights);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        float values[kValues];
+        Unpack<Element>::Run(
+            __ldg(reinterpret_cast<const uint4*>(input + r * args.input_row_stride + k)), values);
+#pragma unroll
+        for (int i = 0; i < kValues; ++i) sums[r] = fmaf(weights[i], values[i], sums[r]);
+      }
     }
   }
 #pragma unroll
@@ -105,7 +127,24 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
       sums[r] += __shfl_xor_sync(0xffffffffu, sums[r], offset);
     }
   }
-  if (lane != 0) return;
+  if (split > 1) {
+    __shared__ float partial[kWarps][kRows];
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) partial[warp][r] = sums[r];
+    }
+    __syncthreads();
+    if (part != 0 || lane != 0) return;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float total = 0.0f;
+      for (int p = 0; p < split; ++p) total += partial[warp + p][r];
+      sums[r] = total;
+    }
+  } else if (lane != 0) {
+    return;
+  }
+  if (!real) return;
   const float bias =
       args.bias != nullptr ? Element::ToFloat(static_cast<const Storage*>(args.bias)[feature]) : 0.0f;
   auto* output = static_cast<Storage*>(args.output);
@@ -115,18 +154,40 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
   }
 }
 
+// Warps per feature: enough blocks for about four per multiprocessor.
+int Split(int64_t out_features) {
+  static const int multiprocessors = [] {
+    int device = 0;
+    int count = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 132;
+    }
+    return count;
+  }();
+  int split = 1;
+  while (split < kWarps && (out_features * split + kWarps - 1) / kWarps < 4 * multiprocessors) {
+    split *= 2;
+  }
+  return split;
+}
+
 template <class Element>
 int LaunchElement(const FewRowsLinearLaunchArgs& args, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned int>((args.out_features + kWarps - 1) / kWarps));
+  const int split = Split(args.out_features);
+  const int features_per_block = kWarps / split;
+  const dim3 grid(
+      static_cast<unsigned int>((args.out_features + features_per_block - 1) / features_per_block));
   switch (args.rows) {
-    case 1: FewRowsLinearKernel<Element, 1><<<grid, kThreads, 0, stream>>>(args); break;
-    case 2: FewRowsLinearKernel<Element, 2><<<grid, kThreads, 0, stream>>>(args); break;
-    case 3: FewRowsLinearKernel<Element, 3><<<grid, kThreads, 0, stream>>>(args); break;
-    case 4: FewRowsLinearKernel<Element, 4><<<grid, kThreads, 0, stream>>>(args); break;
-    case 5: FewRowsLinearKernel<Element, 5><<<grid, kThreads, 0, stream>>>(args); break;
-    case 6: FewRowsLinearKernel<Element, 6><<<grid, kThreads, 0, stream>>>(args); break;
-    case 7: FewRowsLinearKernel<Element, 7><<<grid, kThreads, 0, stream>>>(args); break;
-    case 8: FewRowsLinearKernel<Element, 8><<<grid, kThreads, 0, stream>>>(args); break;
+    case 1: FewRowsLinearKernel<Element, 1><<<grid, kThreads, 0, stream>>>(args, split); break;
+    case 2: FewRowsLinearKernel<Element, 2><<<grid, kThreads, 0, stream>>>(args, split); break;
+    case 3: FewRowsLinearKernel<Element, 3><<<grid, kThreads, 0, stream>>>(args, split); break;
+    case 4: FewRowsLinearKernel<Element, 4><<<grid, kThreads, 0, stream>>>(args, split); break;
+    case 5: FewRowsLinearKernel<Element, 5><<<grid, kThreads, 0, stream>>>(args, split); break;
+    case 6: FewRowsLinearKernel<Element, 6><<<grid, kThreads, 0, stream>>>(args, split); break;
+    case 7: FewRowsLinearKernel<Element, 7><<<grid, kThreads, 0, stream>>>(args, split); break;
+    case 8: FewRowsLinearKernel<Element, 8><<<grid, kThreads, 0, stream>>>(args, split); break;
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
   return static_cast<int>(cudaGetLastError());
@@ -144,7 +205,7 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream) {
   const int64_t per_load = kLoadBytes / element_bytes;
   if (args.rows < 1 || args.rows > kMaxFewRowsLinearRows || args.in_features < 1 ||
       args.in_features % per_load != 0 || args.input_row_stride % per_load != 0 ||
-      args.out_features < 1 || (args.out_features + kWarps - 1) / kWarps > (int64_t{1} << 31) - 1 ||
+      args.out_features < 1 || args.out_features > (int64_t{1} << 31) - 1 ||
       args.input == nullptr || args.weight == nullptr || args.output == nullptr ||
       !Aligned(args.input) || !Aligned(args.weight)) {
     return invalid;

@@ -22,6 +22,7 @@ struct ScanInputs {
   torch::Tensor hidden;      // x after conv and silu           [B, L, I]
   torch::Tensor delta;       // dt_proj(δ), with or without bias [B, L, I]
   torch::Tensor delta_bias;  // dt_proj's bias, or undefined    [I]
+                             // (the CUDA kernel also takes it widened to float32)
   torch::Tensor a_decay;     // A = -exp(A_log)                 [I, N]
   torch::Tensor b_proj;   // B                       [B, L, N]
   torch::Tensor c_proj;   // C                       [B, L, N]

@@ -64,8 +64,12 @@ bool KernelTakes(const ScanInputs& inputs, torch::ScalarType accumulate) {
     return false;
   }
   const torch::ScalarType compute = inputs.hidden.scalar_type();
+  // The bias in the compute dtype, or already widened to float32 (a decode
+  // session keeps it so): the kernel adds it in float32 either way.
   if (inputs.delta_bias.defined() &&
-      (!HasSizes(inputs.delta_bias, {inner}) || inputs.delta_bias.scalar_type() != compute ||
+      (!HasSizes(inputs.delta_bias, {inner}) ||
+       (inputs.delta_bias.scalar_type() != compute &&
+        inputs.delta_bias.scalar_type() != torch::kFloat32) ||
        inputs.delta_bias.device() != inputs.hidden.device())) {
     return false;
   }

@@ -382,6 +382,15 @@ TEST_F(TracesTest, CaptureDeadlinePassedMidCallChangesNothing) {
   const auto start = std::chrono::steady_clock::now();
   ExpectCode((*impatient)->CapturePermutation(request).status(), StatusCode::kDeadlineExceeded);
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+  // The client reports its own deadline whatever the server does; an export
+  // takes the model's exclusive lock, so it goes through only once the
+  // capture (a shared lock) has stopped (issue 15, finding 7).
+  ClientOptions bounded;
+  bounded.deadline = std::chrono::seconds(10);
+  auto exclusive = Client::Connect(harness_.address(), bounded);
+  ASSERT_TRUE(exclusive.ok()) << exclusive.status();
+  EXPECT_TRUE((*exclusive)->ExportModel("m", "after-capture-deadline").ok())
+      << "the server was still capturing after the caller's deadline";
   ExpectHealthyAndUnchanged();
 }
 

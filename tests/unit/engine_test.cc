@@ -10,7 +10,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <future>
 #include <random>
+#include <thread>
 
 #include "test_util.h"
 
@@ -203,7 +205,7 @@ TEST_F(EngineTest, FailedCheckRestoresWeightsExactly) {
 
 // Issue 14: an apply whose caller goes away, or whose deadline passes,
 // during its post-apply check restores the weights exactly and keeps the
-// version; a NaN or infinite tolerance is refused.
+// version; a NaN, infinite or negative tolerance is refused.
 TEST_F(EngineTest, ApplyStoppedDuringItsCheckRestoresTheWeights) {
   Load("mamba1-small");
   std::mt19937_64 rng(5);
@@ -225,12 +227,97 @@ TEST_F(EngineTest, ApplyStoppedDuringItsCheckRestoresTheWeights) {
     EXPECT_EQ(Weights(), before);
     EXPECT_EQ(engine_.Info("m")->version, 1u);
   }
-  for (const double tolerance : {std::nan(""), HUGE_VAL}) {
+  for (const double tolerance : {std::nan(""), HUGE_VAL, -1e-3}) {
     ApplyOptions odd;
     odd.tolerance = tolerance;
     ExpectRefused(perms, absl::StatusCode::kInvalidArgument, "tolerance: must be a finite number",
                   odd);
   }
+}
+
+// Issue 15, finding 9: Verify and Evaluate stop at their deadline or when
+// cancelled, and change nothing.
+TEST_F(EngineTest, VerifyAndEvaluateStopAtTheirDeadlineOrWhenCancelled) {
+  Load("mamba1-small");
+  const auto golden = testing::ReadGolden("mamba1-small");
+  const auto before = Weights();
+  for (const bool deadline : {false, true}) {
+    CallContext ctx;
+    if (deadline) {
+      ctx.deadline = std::chrono::steady_clock::now() - std::chrono::milliseconds(1);
+    } else {
+      ctx.cancelled = [] { return true; };
+    }
+    const absl::StatusCode code =
+        deadline ? absl::StatusCode::kDeadlineExceeded : absl::StatusCode::kCancelled;
+    EXPECT_EQ(engine_.Verify("m", ctx).status().code(), code) << engine_.Verify("m", ctx).status();
+    auto evaluated = engine_.Evaluate("m", {golden.input_ids, golden.batch, true}, ctx);
+    EXPECT_EQ(evaluated.status().code(), code) << evaluated.status();
+  }
+  EXPECT_EQ(Weights(), before);
+  EXPECT_EQ(engine_.Info("m")->version, 1u);
+  auto verify = engine_.Verify("m");  // the same calls without a deadline pass
+  ASSERT_TRUE(verify.ok()) << verify.status();
+  EXPECT_EQ(verify->rel_l2, 0.0);
+}
+
+// Issue 15, finding 9: a device this machine lacks is refused at load, by
+// name, and nothing is loaded. Without CUDA (CI) "cuda" itself; with it, an
+// index past the last device.
+TEST_F(EngineTest, ACudaDeviceThisMachineLacksIsRefused) {
+  const bool has_cuda = torch::cuda::is_available();
+  const std::string device =
+      has_cuda ? "cuda:" + std::to_string(torch::cuda::device_count()) : "cuda";
+  const std::string reason = has_cuda ? "CUDA devices" : "no CUDA device is available";
+  for (const bool by_default : {false, true}) {
+    Engine engine(EngineOptions{by_default ? device : "cpu"});
+    LoadOptions options;
+    if (!by_default) options.device = device;
+    auto info = engine.Load("m", Str(GoldenDir("mamba1-small") / "hf"), options);
+    EXPECT_TRUE(HasError(info.status(), absl::StatusCode::kInvalidArgument,
+                         "device '" + device + "': "));
+    EXPECT_TRUE(HasError(info.status(), absl::StatusCode::kInvalidArgument, reason));
+    EXPECT_TRUE(engine.List().empty());
+  }
+}
+
+// Issue 15, finding 9: Unload during an in-flight Evaluate waits for it
+// (exclusive lock), and the Evaluate finishes on the model it started with.
+// The Evaluate's own cancellation check, polled from inside its forward,
+// starts the Unload and then looks whether the Unload got through: it must
+// not while the forward runs. A correct engine passes at any speed (the
+// Unload is blocked); one whose Unload did not wait would be seen within the
+// 200 ms the check gives it.
+TEST_F(EngineTest, UnloadWaitsForAnInFlightEvaluate) {
+  Load("mamba1-small");
+  const auto golden = testing::ReadGolden("mamba1-small");
+  const EvaluateRequest request{golden.input_ids, golden.batch, true};
+  auto reference = engine_.Evaluate("m", request);
+  ASSERT_TRUE(reference.ok()) << reference.status();
+
+  std::promise<absl::Status> unloaded;
+  std::shared_future<absl::Status> unload_result = unloaded.get_future().share();
+  std::thread unloader;
+  bool unload_got_through_mid_forward = false;
+  int polls = 0;
+  CallContext ctx;
+  ctx.cancelled = [&] {
+    if (++polls == 1) {
+      unloader = std::thread([&] { unloaded.set_value(engine_.Unload("m")); });
+      unload_got_through_mid_forward =
+          unload_result.wait_for(std::chrono::milliseconds(200)) == std::future_status::ready;
+    }
+    return false;
+  };
+  auto in_flight = engine_.Evaluate("m", request, ctx);
+  ASSERT_TRUE(unloader.joinable()) << "the forward never polled its context";
+  unloader.join();
+  EXPECT_FALSE(unload_got_through_mid_forward) << "Unload did not wait for the Evaluate";
+  ASSERT_TRUE(in_flight.ok()) << in_flight.status();
+  EXPECT_EQ(in_flight->logits, reference->logits);  // the whole model, to the end
+  EXPECT_TRUE(unload_result.get().ok()) << unload_result.get();
+  EXPECT_EQ(engine_.Info("m").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(engine_.Evaluate("m", request).status().code(), absl::StatusCode::kNotFound);
 }
 
 // Issue 14: a model loaded again under a name starts above every version

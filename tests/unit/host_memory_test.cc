@@ -22,6 +22,24 @@ namespace {
 
 constexpr size_t kBytes = size_t{256} << 20;
 
+// glibc's books: bytes in mmapped blocks, bytes of the heap (sbrk), free
+// bytes the heap holds. mallinfo2 from glibc 2.33 (mallinfo's int fields are
+// deprecated there); mallinfo before, whose ints hold these sizes.
+struct AllocatorBooks {
+  size_t mmapped = 0, heap = 0, free_in_heap = 0;
+};
+
+AllocatorBooks ReadBooks() {
+#if __GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33)
+  const struct mallinfo2 m = mallinfo2();
+  return {m.hblkhd, m.arena, m.fordblks};
+#else
+  const struct mallinfo m = mallinfo();
+  return {static_cast<size_t>(m.hblkhd), static_cast<size_t>(m.arena),
+          static_cast<size_t>(m.fordblks)};
+#endif
+}
+
 // What one large temporary did to the allocator's books.
 struct LargeTemporary {
   size_t mmapped_while_held = 0;  // growth of mmapped bytes while allocated
@@ -34,16 +52,16 @@ LargeTemporary AllocateTouchAndFree() {
   LargeTemporary t;
   rusage before{}, after{};
   getrusage(RUSAGE_SELF, &before);
-  const struct mallinfo2 start = mallinfo2();
+  const AllocatorBooks start = ReadBooks();
   void* block = std::malloc(kBytes);
   EXPECT_NE(block, nullptr);
   std::memset(block, 1, kBytes);
   asm volatile("" : : "g"(block) : "memory");  // the block escapes: no elision
-  const struct mallinfo2 held = mallinfo2();
-  t.mmapped_while_held = held.hblkhd > start.hblkhd ? held.hblkhd - start.hblkhd : 0;
-  t.heap_growth_while_held = held.arena > start.arena ? held.arena - start.arena : 0;
+  const AllocatorBooks held = ReadBooks();
+  t.mmapped_while_held = held.mmapped > start.mmapped ? held.mmapped - start.mmapped : 0;
+  t.heap_growth_while_held = held.heap > start.heap ? held.heap - start.heap : 0;
   std::free(block);
-  t.heap_kept_after_free = mallinfo2().fordblks;
+  t.heap_kept_after_free = ReadBooks().free_in_heap;
   getrusage(RUSAGE_SELF, &after);
   t.minor_faults = after.ru_minflt - before.ru_minflt;
   return t;

@@ -171,6 +171,9 @@ if [[ "${ICD_PRELOAD_LIBSTDCXX:-1}" == 1 ]]; then
   export LD_PRELOAD="$(g++ -print-file-name=libstdc++.so.6)${LD_PRELOAD:+:$LD_PRELOAD}"
   log "LD_PRELOAD=$LD_PRELOAD (PyTorch's std::filesystem copies; see the notes)"
 fi
+# The GPU tests (label gpu, among -L unit) fail instead of skipping without a
+# device when ICD_REQUIRE_CUDA=1 (tests/unit/test_util.h).
+export ICD_REQUIRE_CUDA="$REQUIRE_CUDA"
 run_logged ctest ctest --test-dir "$BUILD_DIR" -L unit --output-on-failure || status=1
 run_logged cuda_test "$BUILD_DIR/tests/unit/cuda_test" || status=1
 if [[ "$REQUIRE_CUDA" == 1 && -n "$LOG_DIR" ]] && grep -q '\[  SKIPPED \]' "$LOG_DIR/cuda_test.log"; then

@@ -144,10 +144,27 @@ TEST(ServerBinaryTest, RestartRemovesUnfinishedExports) {
   StopWithSigterm(child);
 }
 
-// kill -9 while exports run back to back, at a different moment each round:
-// whatever the moment, every target is complete (it loads, with the full
-// file list) or absent; the restart removes what was being written; the
-// model root is untouched.
+// The export temporaries (.icd-export-*) directly under `dir`.
+std::vector<fs::path> ExportTemporaries(const fs::path& dir) {
+  std::vector<fs::path> found;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    if (entry.path().filename().string().rfind(".icd-export-", 0) == 0) {
+      found.push_back(entry.path());
+    }
+  }
+  return found;
+}
+
+// kill -9 in the middle of an export, four times: whatever was being written,
+// every target is complete (it loads, with the full file list) or absent;
+// the restart removes what was being written; the model root is untouched.
+// The kill is proved to land mid-export, not left to a sleep (issue 15,
+// finding 6): exports run back to back; when an export's temporary directory
+// appears the server is frozen (SIGSTOP), and killed only if the temporary is
+// still there while it cannot move; otherwise it is thawed and the next
+// export is awaited. Each round must end in a kill that froze an export
+// mid-way, its temporary still on disk after the kill.
 TEST(ServerBinaryTest, KilledDuringExportsLeavesOnlyCompleteOnes) {
   TempDir tmp;
   const auto [models, exports] = MakeRoots(tmp.path());
@@ -155,8 +172,9 @@ TEST(ServerBinaryTest, KilledDuringExportsLeavesOnlyCompleteOnes) {
   const std::vector<std::string> server_args = {ICD_SERVER_BINARY, "--listen", "127.0.0.1:0",
                                                 "--model-root", models.string(),
                                                 "--export-root", exports.string(), "--quiet"};
-  int started = 0;
-  for (int round = 0; round < 4; ++round) {
+  constexpr int kRounds = 4;
+  int started = 0, mid_export_kills = 0, thawed = 0;
+  for (int round = 0; round < kRounds; ++round) {
     Child child = Spawn(server_args);
     ASSERT_GT(child.pid, 0);
     const std::string port = ListeningPort(child);
@@ -167,22 +185,56 @@ TEST(ServerBinaryTest, KilledDuringExportsLeavesOnlyCompleteOnes) {
     ASSERT_TRUE(client.ok()) << client.status();
     ASSERT_TRUE((*client)->LoadModel("m", "mamba1-small/hf").ok());
     std::atomic<int> calls{0};
+    std::atomic<bool> exporter_done{false};
     std::thread exporter([&, round] {
       for (int i = 0;; ++i) {
         calls.fetch_add(1);
         if (!(*client)->ExportModel("m", "r" + std::to_string(round) + "-" + std::to_string(i))
                  .ok()) {
-          return;  // the server is gone
+          break;  // the server is gone
         }
       }
+      exporter_done = true;
     });
-    std::this_thread::sleep_for(std::chrono::milliseconds(5 + 20 * round));
-    ASSERT_EQ(kill(child.pid, SIGKILL), 0);
-    EXPECT_EQ(WaitExit(child.pid), 128 + SIGKILL);
+    // Bounded by counts, not by time: at most 200 exports are awaited.
+    constexpr int kMostExports = 200;
+    std::vector<fs::path> caught;
+    for (int attempt = 0; attempt < kMostExports && caught.empty() && !exporter_done &&
+                          calls.load() < kMostExports;
+         ++attempt) {
+      while (ExportTemporaries(exports).empty() && !exporter_done &&
+             calls.load() < kMostExports) {
+        std::this_thread::yield();
+      }
+      if (kill(child.pid, SIGSTOP) != 0) break;
+      int status = 0;
+      if (waitpid(child.pid, &status, WUNTRACED) != child.pid || !WIFSTOPPED(status)) break;
+      caught = ExportTemporaries(exports);  // frozen: nothing moves now
+      if (caught.empty()) {  // that export finished between the look and the stop
+        ++thawed;
+        kill(child.pid, SIGCONT);
+      }
+    }
+    // Killed in every case, so the exporter's call ends and it can be joined.
+    const bool killed = kill(child.pid, SIGKILL) == 0;
     exporter.join();
+    ASSERT_TRUE(killed);
+    ASSERT_FALSE(caught.empty()) << "no export was caught mid-way in " << calls.load()
+                                 << " exports";
+    EXPECT_EQ(WaitExit(child.pid), 128 + SIGKILL);
     started += calls.load();
     close(child.out);
+    // The kill landed mid-export: what the frozen server was writing is still
+    // there, and its target was never renamed into place.
+    for (const fs::path& temporary : caught) {
+      EXPECT_TRUE(fs::is_directory(temporary)) << temporary;
+      const std::string name = temporary.filename().string();
+      const std::string target = name.substr(12, name.rfind('.') - 12);  // ".icd-export-"
+      EXPECT_FALSE(fs::exists(exports / target)) << target;
+    }
+    ++mid_export_kills;
   }
+  EXPECT_EQ(mid_export_kills, kRounds);
 
   // Restarted, with the export root also a model root so that exports load.
   std::vector<std::string> restart_args = server_args;
@@ -209,8 +261,9 @@ TEST(ServerBinaryTest, KilledDuringExportsLeavesOnlyCompleteOnes) {
     EXPECT_TRUE(reloaded.ok()) << name << ": " << reloaded.status();
     ++finished;
   }
-  std::printf("[kill -9] %d exports started over 4 rounds, %d complete on disk, none partial\n",
-              started, finished);
+  std::printf("[kill -9] %d exports started over %d rounds, %d killed mid-export (%d stops "
+              "thawed: the export had finished), %d complete on disk, none partial\n",
+              started, kRounds, mid_export_kills, thawed, finished);
   EXPECT_EQ(TreeListing(models), models_before);
   StopWithSigterm(child);
 }

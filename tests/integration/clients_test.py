@@ -77,7 +77,11 @@ def ensure_buf(tools):
 
 
 class ClientsTest(unittest.TestCase):
-    """One server for the whole class; tests run in name order."""
+    """One server for the whole class. Each test loads the models it uses under
+    names of its own and leaves the shared server serving, so the tests pass in
+    any order and alone (issue 15: test_6 once read test_3's model, test_9
+    stopped the server the others use). ICD_TEST_ORDER=reverse runs them
+    backwards."""
 
     @classmethod
     def setUpClass(cls):
@@ -310,22 +314,24 @@ class ClientsTest(unittest.TestCase):
                               + list(args), capture_output=True, text=True, timeout=120)
 
     def test_6_buf_curl_calls_through_reflection(self):
+        self.client.load("bufm", "mamba1-small/hf")
+        self.addCleanup(self.client.unload, "bufm")
         base = "http://%s" % self.address
         r = self.buf_curl("--list-services", base)
         self.assertEqual(r.returncode, 0, r.stderr)
         for service in ("icd.v1.PermutationService", "grpc.health.v1.Health"):
             self.assertIn(service, r.stdout.split())
 
-        r = self.buf_curl("-d", json.dumps({"model": "py"}),
+        r = self.buf_curl("-d", json.dumps({"model": "bufm"}),
                           base + "/icd.v1.PermutationService/GetSymmetries")
         self.assertEqual(r.returncode, 0, r.stderr)
         syms = json.loads(r.stdout)
-        self.assertEqual(syms["model"], "py")
+        self.assertEqual(syms["model"], "bufm")
         self.assertEqual(syms["groups"][0]["name"], "residual")
 
         r = self.buf_curl("-d", "{}", base + "/icd.v1.PermutationService/ListModels")
         self.assertEqual(r.returncode, 0, r.stderr)
-        self.assertIn("py", [m["name"] for m in json.loads(r.stdout)["models"]])
+        self.assertIn("bufm", [m["name"] for m in json.loads(r.stdout)["models"]])
 
         r = self.buf_curl("-d", json.dumps({"model": "ghost"}),
                           base + "/icd.v1.PermutationService/Verify")
@@ -566,10 +572,20 @@ class ClientsTest(unittest.TestCase):
     # ------------------------------------------------------------ shutdown
 
     def test_9_sigterm_exits_zero(self):
-        self.client.close()
-        self.assertEqual(self.server.stop(timeout_s=60), 0, self.server_log())
+        # A server of its own, holding a model and a client, so that the
+        # shared one keeps serving whatever runs after this test.
+        from icd_client.local_server import LocalServer
+        with LocalServer(ARGS.server_binary, model_roots=[self.models],
+                         export_roots=[self.exports]) as srv:
+            with self.icd.Client(srv.address, timeout=120) as c:
+                c.load("bye", "mamba1-small/hf")
+                self.assertTrue(c.health())
+            self.assertEqual(srv.stop(timeout_s=60), 0, srv.log())
+        self.assertTrue(self.client.health())  # the shared server still serves
 
 
 if __name__ == "__main__":
     ARGS, rest = parse_args()
+    if os.environ.get("ICD_TEST_ORDER") == "reverse":
+        unittest.TestLoader.sortTestMethodsUsing = lambda _, a, b: (a < b) - (a > b)
     unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)

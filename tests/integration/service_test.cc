@@ -6,9 +6,11 @@
 #include <string>
 #include <vector>
 
+#include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
 #include "harness.h"
+#include "icd/v1/permutation.grpc.pb.h"
 
 namespace icd::testing {
 namespace {
@@ -387,6 +389,68 @@ TEST_F(ServiceTest, ExportRefusals) {
 
 // ComputePermutation and CapturePermutation: traces_test.cc; MeasureLatency:
 // latency_service_test.cc.
+
+// Issue 15, finding 8: tensor streams of many chunks, both ways, through
+// the C++ client. Every fixture tensor is under the default 1 MiB chunk, so
+// the server here cuts ReadTensors chunks at 1000 bytes and the client sends
+// WriteTensors chunks of 777: the 32 KiB embedding takes 33 and 43 chunks.
+TEST(ServiceChunkTest, TensorsOfManyChunksRoundTripBitForBit) {
+  rpc::ServiceOptions options;
+  options.chunk_bytes = 1000;
+  Harness harness(options);
+  ASSERT_TRUE(harness.client().LoadModel("m", "mamba1-small/hf").ok());
+  const std::string name = "backbone.embeddings.weight";
+  ASSERT_OK_AND_ASSIGN(file, ReadSafetensors(GoldenDir() / "mamba1-small" / "hf" /
+                                             "model.safetensors"));
+  const std::vector<float>& values = file.at(name).f32;
+  const std::string bytes(reinterpret_cast<const char*>(values.data()), values.size() * 4);
+  ASSERT_EQ(bytes.size(), 128u * 64u * 4u);
+
+  // On the wire: chunks of at most 1000 bytes, `last` on the final one only.
+  auto stub = v1::PermutationService::NewStub(
+      grpc::CreateChannel(harness.address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  v1::ReadTensorsRequest request;
+  request.set_model("m");
+  request.add_names(name);
+  auto reader = stub->ReadTensors(&context, request);
+  v1::TensorChunk chunk;
+  std::string streamed;
+  int chunks = 0, lasts = 0;
+  while (reader->Read(&chunk)) {
+    ++chunks;
+    EXPECT_EQ(chunk.name(), name);
+    EXPECT_LE(chunk.data().size(), 1000u);
+    EXPECT_EQ(chunk.last(), streamed.size() + chunk.data().size() == bytes.size());
+    lasts += chunk.last();
+    streamed += chunk.data();
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(chunks, 33);
+  EXPECT_EQ(lasts, 1);
+  EXPECT_TRUE(streamed == bytes) << "the chunks do not add up to the tensor";
+
+  // The client reassembles them; it writes in chunks of 777 bytes.
+  ClientOptions small;
+  small.chunk_bytes = 777;
+  auto client = Client::Connect(harness.address(), small);
+  ASSERT_TRUE(client.ok()) << client.status();
+  ASSERT_OK_AND_ASSIGN(read, (*client)->ReadTensors("m", {name}));
+  ASSERT_EQ(read.size(), 1u);
+  EXPECT_TRUE(read[0].data == bytes);
+  Tensor reversed = read[0];
+  std::reverse(reversed.data.begin(), reversed.data.end());  // new bytes, same size
+  for (size_t i = 0; i + 4 <= reversed.data.size(); i += 4) {  // keep them finite floats
+    std::reverse(reversed.data.begin() + static_cast<std::ptrdiff_t>(i),
+                 reversed.data.begin() + static_cast<std::ptrdiff_t>(i + 4));
+  }
+  ASSERT_OK_AND_ASSIGN(version, (*client)->WriteTensors("m", {reversed}, 1));
+  EXPECT_EQ(version, 2u);
+  ASSERT_OK_AND_ASSIGN(again, (*client)->ReadTensors("m", {name}));
+  ASSERT_EQ(again.size(), 1u);
+  EXPECT_TRUE(again[0].data == reversed.data) << "a multi-chunk write did not land whole";
+  EXPECT_FALSE(again[0].data == bytes);
+}
 
 TEST(ServiceAuthTest, TokenIsRequiredExceptForHealth) {
   rpc::ServiceOptions options;

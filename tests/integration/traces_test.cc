@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <random>
 #include <string>
@@ -371,17 +372,38 @@ TEST_F(TracesTest, CaptureAllGroupsAppliesAndVerifies) {
   EXPECT_LE(RelL2(Logits(), baseline_), 1e-5);
 }
 
-// A capture long enough to outlive its deadline: DEADLINE_EXCEEDED from
-// inside the forward or the solver, nothing applied, the server still serving.
+// A capture that outlives its deadline: DEADLINE_EXCEEDED from inside the
+// forward or the solver, nothing applied, the server still serving. Whatever
+// the machine's speed (issue 15, finding 7): a capture that finishes within
+// its deadline (a machine fast enough) is asked again with a quarter of the
+// deadline, down to 1 ms, so a deadline always passes; a capture finished in
+// time changes nothing either (checked below).
 TEST_F(TracesTest, CaptureDeadlinePassedMidCallChangesNothing) {
-  ClientOptions options;
-  options.deadline = std::chrono::milliseconds(200);
-  auto impatient = Client::Connect(harness_.address(), options);
-  ASSERT_TRUE(impatient.ok()) << impatient.status();
   const v1::CaptureRequest request = RandomCapture(22, 64, 2048);
-  const auto start = std::chrono::steady_clock::now();
-  ExpectCode((*impatient)->CapturePermutation(request).status(), StatusCode::kDeadlineExceeded);
-  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+  absl::Status status;
+  std::chrono::milliseconds deadline(200);
+  for (; deadline.count() >= 1; deadline /= 4) {
+    ClientOptions options;
+    options.deadline = deadline;
+    auto impatient = Client::Connect(harness_.address(), options);
+    ASSERT_TRUE(impatient.ok()) << impatient.status();
+    const auto start = std::chrono::steady_clock::now();
+    status = (*impatient)->CapturePermutation(request).status();
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+    if (!status.ok()) break;
+  }
+  ExpectCode(status, StatusCode::kDeadlineExceeded);
+  std::printf("[capture deadline] DEADLINE_EXCEEDED at a deadline of %lld ms\n",
+              static_cast<long long>(deadline.count()));
+  // The client reports its own deadline whatever the server does; an export
+  // takes the model's exclusive lock, so it goes through only once the
+  // capture (a shared lock) has stopped (issue 15, finding 7).
+  ClientOptions bounded;
+  bounded.deadline = std::chrono::seconds(10);
+  auto exclusive = Client::Connect(harness_.address(), bounded);
+  ASSERT_TRUE(exclusive.ok()) << exclusive.status();
+  EXPECT_TRUE((*exclusive)->ExportModel("m", "after-capture-deadline").ok())
+      << "the server was still capturing after the caller's deadline";
   ExpectHealthyAndUnchanged();
 }
 

@@ -11,6 +11,8 @@
 #include <random>
 #include <vector>
 
+#include "test_util.h"
+
 namespace icd::traces {
 namespace {
 
@@ -304,7 +306,7 @@ TEST(NmSparsity, ZeroSaliencyKeepsIdentity) {
 }
 
 TEST(NmSparsity, RunsOnCuda) {
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   const torch::Tensor saliency = AbsNormal(64, 128, 1);
   const NmSolution cpu = SolveOrDie(saliency, NmOptions{2, 4, 0, 1});
   const NmSolution cuda = SolveOrDie(saliency.to(torch::kCUDA), NmOptions{2, 4, 0, 1});

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -22,6 +23,26 @@
 #include "symmetry.h"
 
 namespace icd::testing {
+
+// ICD_REQUIRE_CUDA=1 (deploy/build-gpu.sh on GPU machines): a GPU test that
+// finds no CUDA device fails instead of skipping, so a machine that lost its
+// GPU cannot pass the GPU tests by skipping them all.
+inline bool CudaRequired() {
+  const char* value = std::getenv("ICD_REQUIRE_CUDA");
+  return value != nullptr && std::string(value) == "1";
+}
+
+// First statement of a GPU test (or its SetUp): skips without CUDA, or fails
+// when CUDA is required.
+#define ICD_SKIP_OR_FAIL_WITHOUT_CUDA()                                            \
+  do {                                                                             \
+    if (!torch::cuda::is_available()) {                                            \
+      if (::icd::testing::CudaRequired()) {                                        \
+        GTEST_FAIL() << "no CUDA device, and ICD_REQUIRE_CUDA=1 requires one";     \
+      }                                                                            \
+      GTEST_SKIP() << "no CUDA device";                                            \
+    }                                                                              \
+  } while (false)
 
 inline std::filesystem::path GoldenDir(const std::string& fixture) {
   return std::filesystem::path(ICD_FIXTURES_DIR) / "golden" / fixture;

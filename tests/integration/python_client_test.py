@@ -1,0 +1,375 @@
+#!/usr/bin/python3
+"""The Python client's paths that clients_test.py does not take (issue 15,
+finding 8), against the real icd-server binary on 127.0.0.1:0:
+
+- ReadTensors / WriteTensors streams of more than one chunk (a 2 MiB
+  embedding, a server with --max-message-mb 1);
+- float64 and float16 wire dtypes, the ``dtype=`` override, ``skip_verify``;
+- bfloat16 rounding of float32 input: round to nearest even, NaN stays NaN,
+  checked bit for bit against PyTorch's own cast (python3-torch, a test oracle)
+  over every edge case and 2^20 random bit patterns, and through the server;
+- token and TLS credentials (certificates made with openssl at test time) and
+  the connect timeout.
+
+Each test starts what it needs; none depends on another's state or order.
+Run by ctest (tests/integration/CMakeLists.txt):
+  /usr/bin/python3 python_client_test.py --server-binary B --fixtures F --stubs GEN
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import numpy as np
+
+ARGS = None
+icd = None  # icd_client, imported once the stubs are on sys.path
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--server-binary", required=True)
+    p.add_argument("--fixtures", required=True, help="tests/fixtures")
+    p.add_argument("--stubs", required=True, help="generated Python stubs dir")
+    return p.parse_known_args()
+
+
+def read_safetensors(path):
+    """name -> float32 numpy array (the fixtures hold F32 only)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        assert meta["dtype"] == "F32", (name, meta["dtype"])
+        begin, end = meta["data_offsets"]
+        out[name] = np.frombuffer(raw[8 + n + begin:8 + n + end], "<f4").reshape(meta["shape"])
+    return out
+
+
+def write_safetensors(path, tensors):
+    header, offset, blobs = {}, 0, []
+    for name, array in tensors.items():
+        data = np.ascontiguousarray(array, "<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def torch_bf16_bits(f32):
+    """PyTorch's float32 -> bfloat16 cast, as uint16 bits: the oracle."""
+    import torch
+    t = torch.from_numpy(np.ascontiguousarray(f32, np.float32)).to(torch.bfloat16)
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+class ModelRoot:
+    """A temp model root holding mamba1-small/hf and a copy of it whose
+    vocabulary is 8192 (embedding [8192, 64] float32: 2 MiB, more than one
+    chunk at --max-message-mb 1 and at the client's 1 MiB − 64 KiB)."""
+
+    def __init__(self):
+        self.tmp = tempfile.mkdtemp(prefix="icd-pyclient-test-")
+        self.models = os.path.join(self.tmp, "models")
+        self.exports = os.path.join(self.tmp, "exports")
+        os.makedirs(self.exports)
+        small = os.path.join(ARGS.fixtures, "golden", "mamba1-small", "hf")
+        shutil.copytree(small, os.path.join(self.models, "small", "hf"))
+        big = os.path.join(self.models, "big-vocab", "hf")
+        os.makedirs(big)
+        with open(os.path.join(small, "config.json")) as f:
+            config = json.load(f)
+        config["vocab_size"] = 8192
+        with open(os.path.join(big, "config.json"), "w") as f:
+            json.dump(config, f)
+        weights = dict(read_safetensors(os.path.join(small, "model.safetensors")))
+        rng = np.random.default_rng(15)
+        emb = weights["backbone.embeddings.weight"]
+        extra = rng.standard_normal((8192 - emb.shape[0], emb.shape[1])).astype(np.float32)
+        weights["backbone.embeddings.weight"] = np.concatenate([emb, 0.1 * extra])
+        write_safetensors(os.path.join(big, "model.safetensors"), weights)
+        self.big_embedding = weights["backbone.embeddings.weight"]
+
+    def close(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Bf16RoundingTest(unittest.TestCase):
+    """icd_client's float32 -> bfloat16 encoding against PyTorch's cast."""
+
+    def encode(self, values):
+        return icd._f32_to_bf16(np.asarray(values, np.float32))
+
+    def test_edge_cases_bit_for_bit(self):
+        bits = np.array([
+            0x3F800000,  # 1.0
+            0x3F808000,  # halfway between 1.0 and the next bf16, even below: down
+            0x3F818000,  # halfway, odd below: up to even
+            0x3F808001,  # just above halfway: up
+            0x3F807FFF,  # just below halfway: down
+            0xBF818000,  # negative halfway: to even
+            0x00000000, 0x80000000,  # +0, -0
+            0x00000001, 0x007FFFFF, 0x00008000, 0x00018000,  # subnormals, halfway ones
+            0x7F7FFFFF,  # largest float: rounds up to +inf
+            0x7F7F7FFF,  # largest float that stays finite
+            0x7F800000, 0xFF800000,  # +inf, -inf
+        ], dtype=np.uint32)
+        values = bits.view(np.float32)
+        got = self.encode(values)
+        np.testing.assert_array_equal(got, torch_bf16_bits(values))
+        self.assertEqual(got[1], 0x3F80)
+        self.assertEqual(got[2], 0x3F82)
+        self.assertEqual(got[3], 0x3F81)
+        self.assertEqual(got[12], 0x7F80)
+
+    def test_nan_stays_nan(self):
+        # Quiet, signalling, negative and all-ones payloads: adding the
+        # rounding bias to 0x7FFFFFFF would carry into the sign (-0).
+        bits = np.array([0x7FC00000, 0x7F800001, 0x7FFFFFFF, 0xFFC00000, 0xFFFFFFFF, 0x7FBFFFFF],
+                        dtype=np.uint32)
+        got = self.encode(bits.view(np.float32))
+        np.testing.assert_array_equal(got, np.full(len(bits), 0x7FC0, np.uint16))
+        self.assertTrue(np.all(np.isnan(icd._bf16_to_f32(got.tobytes()))))
+
+    def test_random_bit_patterns_match_torch(self):
+        bits = np.random.default_rng(7).integers(0, 1 << 32, 1 << 20, dtype=np.uint64)
+        values = bits.astype(np.uint32).view(np.float32)
+        got, oracle = self.encode(values), torch_bf16_bits(values)
+        # NaNs (about 1 in 256 random patterns): PyTorch 1.13's CPU cast writes
+        # 0xFFFF, icd_client the canonical 0x7FC0; both are NaN. Every other
+        # pattern: the same bits.
+        nan = np.isnan(values)
+        self.assertGreater(nan.sum(), 1000)
+        np.testing.assert_array_equal(got[~nan], oracle[~nan])
+        self.assertTrue(np.all(np.isnan(icd._bf16_to_f32(got[nan].tobytes()))))
+        self.assertTrue(np.all(np.isnan(icd._bf16_to_f32(oracle[nan].tobytes()))))
+
+    def test_every_bf16_widens_and_rounds_back_exactly(self):
+        every = np.arange(1 << 16, dtype=np.uint32).astype("<u2")
+        widened = icd._bf16_to_f32(every.tobytes())
+        np.testing.assert_array_equal(widened.view(np.uint32), every.astype(np.uint32) << 16)
+        finite = ~np.isnan(widened)
+        np.testing.assert_array_equal(self.encode(widened)[finite], every[finite])
+
+    def test_float16_and_float64_encodings_round_trip(self):
+        for dtype, wire in ((np.float16, "float16"), (np.float64, "float64")):
+            values = np.random.default_rng(3).standard_normal((3, 5)).astype(dtype)
+            raw = icd._encode(values, wire)
+            self.assertEqual(len(raw), values.size * np.dtype(dtype).itemsize)
+            back = icd._decode(wire, [3, 5], raw)
+            self.assertEqual(back.dtype, dtype)
+            np.testing.assert_array_equal(back, values)
+
+
+class WireTest(unittest.TestCase):
+    """Tensor streams and dtypes against a server whose messages are at most 1 MiB."""
+
+    @classmethod
+    def setUpClass(cls):
+        from icd_client.local_server import LocalServer
+        cls.root = ModelRoot()
+        cls.server = LocalServer(ARGS.server_binary, model_roots=[cls.root.models],
+                                 export_roots=[cls.root.exports],
+                                 extra_args=["--max-message-mb", "1", "--quiet"])
+        cls.client = icd.Client(cls.server.address, timeout=120)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        cls.server.__exit__(None, None, None)  # SIGTERM, wait, close the log
+        cls.root.close()
+
+    def load(self, name, path, dtype=""):
+        self.client.load(name, path, dtype=dtype)
+        self.addCleanup(self.client.unload, name)
+
+    def test_tensor_streams_of_several_chunks(self):
+        c, name = self.client, "backbone.embeddings.weight"
+        self.load("big", "big-vocab/hf")
+        # On the wire: the server cuts the 2 MiB tensor to fit 1 MiB messages.
+        stream = c._stub.ReadTensors(icd.pb.ReadTensorsRequest(model="big", names=[name]),
+                                     timeout=120)
+        chunks = list(stream)
+        self.assertGreaterEqual(len(chunks), 3)
+        self.assertTrue(all(ch.name == name for ch in chunks))
+        self.assertEqual([ch.last for ch in chunks], [False] * (len(chunks) - 1) + [True])
+        self.assertTrue(all(len(ch.data) < (1 << 20) for ch in chunks))
+        self.assertEqual(b"".join(ch.data for ch in chunks),
+                         self.root.big_embedding.astype("<f4").tobytes())
+        # The client reassembles it.
+        read = c.read_tensors("big", [name])[name]
+        np.testing.assert_array_equal(read, self.root.big_embedding)
+        # And sends one of several chunks: 2 MiB in pieces of 1 MiB − 64 KiB.
+        self.assertEqual(-(-read.nbytes // c._chunk_bytes), 3)
+        halved = read * np.float32(0.5)  # exact in float32
+        self.assertEqual(c.write_tensors("big", {name: halved}, expected_version=1), 2)
+        np.testing.assert_array_equal(c.read_tensors("big", [name])[name], halved)
+        # Many small chunks reassemble the same way on the server.
+        with icd.Client(self.server.address, timeout=120, chunk_bytes=4096) as small:
+            self.assertEqual(small.write_tensors("big", {name: read}, expected_version=2), 3)
+        np.testing.assert_array_equal(c.read_tensors("big", [name])[name], read)
+
+    def test_float64_wire_dtype(self):
+        c = self.client
+        self.load("f64", "small/hf", dtype="float64")
+        fixture = read_safetensors(os.path.join(self.root.models, "small", "hf",
+                                                "model.safetensors"))
+        tensors = c.read_tensors("f64")
+        for name, array in tensors.items():
+            self.assertEqual(array.dtype, np.float64, name)
+            np.testing.assert_array_equal(array, fixture[name].astype(np.float64), name)
+        norm = "backbone.norm_f.weight"
+        finer = tensors[norm] + 1e-12  # not representable in float32: float64 on the wire
+        self.assertEqual(c.write_tensors("f64", {norm: finer}, expected_version=1), 2)
+        np.testing.assert_array_equal(c.read_tensors("f64", [norm])[norm], finer)
+
+    def test_float16_wire_dtype_is_sent_as_float16(self):
+        c = self.client
+        self.load("f32", "small/hf")
+        norm = "backbone.norm_f.weight"
+        half = c.read_tensors("f32", [norm])[norm].astype(np.float16)
+        # A float16 array goes as float16, which a float32 model refuses by name.
+        with self.assertRaises(icd.IcdError) as wrong:
+            c.write_tensors("f32", {norm: half})
+        self.assertEqual(wrong.exception.code, "INVALID_ARGUMENT")
+        self.assertIn(norm, wrong.exception.message)
+        self.assertIn("float16", wrong.exception.message)
+        # No float16 model on this CPU (LibTorch 1.13 has no CPU half kernels).
+        with self.assertRaises(icd.IcdError) as no_half:
+            c.load("f16", "small/hf", dtype="float16")
+        self.assertEqual(no_half.exception.code, "INVALID_ARGUMENT")
+        self.assertIn("float16 on the CPU", no_half.exception.message)
+
+    def test_dtype_override_and_bf16_rounding_through_the_server(self):
+        c = self.client
+        self.load("bf", "small/hf", dtype="bfloat16")
+        norm = "backbone.norm_f.weight"
+        n = c.read_tensors("bf", [norm])[norm].size
+        # float32 values at and around bf16 halfway points, and one NaN-free row.
+        bits = (np.uint32(0x3F800000) + np.arange(n, dtype=np.uint32) * np.uint32(0x4000))
+        values = bits.view(np.float32)
+        self.assertEqual(c.write_tensors("bf", {norm: values}, expected_version=1), 2)
+        expected = icd._bf16_to_f32(torch_bf16_bits(values).astype("<u2").tobytes())
+        np.testing.assert_array_equal(c.read_tensors("bf", [norm])[norm], expected)
+        # The override decides the wire dtype: float64 input sent as bfloat16 ...
+        self.assertEqual(c.write_tensors("bf", {norm: values.astype(np.float64) * 2},
+                                         dtype={norm: "bfloat16"}), 3)
+        np.testing.assert_array_equal(c.read_tensors("bf", [norm])[norm], expected * 2)
+        # ... and float32 sent as float32, which a bfloat16 model refuses.
+        with self.assertRaises(icd.IcdError) as wrong:
+            c.write_tensors("bf", {norm: values}, dtype="float32")
+        self.assertEqual(wrong.exception.code, "INVALID_ARGUMENT")
+        self.assertIn("%s: more than %d bytes sent" % (norm, 2 * n), wrong.exception.message)
+        # NaN is refused by the server whatever its encoding.
+        poisoned = values.copy()
+        poisoned[3] = np.nan
+        with self.assertRaises(icd.IcdError) as nan:
+            c.write_tensors("bf", {norm: poisoned})
+        self.assertIn("element 3 is NaN", nan.exception.message)
+
+    def test_skip_verify(self):
+        c = self.client
+        self.load("sv", "small/hf")
+        perms = c.random_permutations(c.symmetries("sv"), seed=3)
+        skipped = c.apply("sv", perms, skip_verify=True)
+        self.assertEqual(skipped.version, 2)
+        self.assertFalse(skipped.verified)
+        self.assertEqual(skipped.correctness.tokens, 0)  # no check ran
+        checked = c.apply("sv", perms)
+        self.assertEqual(checked.version, 3)
+        self.assertTrue(checked.verified)
+        self.assertTrue(checked.correctness.ok)
+        self.assertGreater(checked.correctness.tokens, 0)
+
+
+def make_certificates(d):
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": True}
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", os.path.join(d, "server.key"),
+                    "-out", os.path.join(d, "server.pem")], **quiet)
+
+
+class CredentialsTest(unittest.TestCase):
+    """Token and TLS as the Python client sends them, and its connect timeout."""
+
+    def setUp(self):
+        self.root = ModelRoot()
+        self.addCleanup(self.root.close)
+
+    def server(self, *extra):
+        from icd_client.local_server import LocalServer
+        srv = LocalServer(ARGS.server_binary, model_roots=[self.root.models],
+                          export_roots=[self.root.exports], extra_args=list(extra) + ["--quiet"])
+        self.addCleanup(srv.__exit__, None, None, None)  # SIGTERM, wait, close the log
+        return srv
+
+    def test_token(self):
+        token_file = os.path.join(self.root.tmp, "token")
+        with open(token_file, "w") as f:
+            f.write("s3cret-for-this-test\n")
+        srv = self.server("--token-file", token_file)
+        with icd.Client(srv.address, token="s3cret-for-this-test", timeout=60) as c:
+            self.assertEqual(c.load("t", "small/hf").version, 1)
+            self.assertEqual([m.name for m in c.models()], ["t"])
+        for token in (None, "wrong"):
+            with icd.Client(srv.address, token=token, timeout=60) as c:
+                self.assertTrue(c.health())  # health needs no token
+                with self.assertRaises(icd.IcdError) as refused:
+                    c.models()
+                self.assertEqual(refused.exception.code, "UNAUTHENTICATED", token)
+
+    def test_tls(self):
+        import grpc
+        make_certificates(self.root.tmp)
+        srv = self.server("--tls-cert", os.path.join(self.root.tmp, "server.pem"),
+                          "--tls-key", os.path.join(self.root.tmp, "server.key"))
+        with open(os.path.join(self.root.tmp, "server.pem"), "rb") as f:
+            trusted = grpc.ssl_channel_credentials(root_certificates=f.read())
+        with icd.Client(srv.address, credentials=trusted, timeout=60) as c:
+            self.assertEqual(c.load("tls", "small/hf").family, "mamba1")
+            self.assertTrue(c.verify("tls").ok)
+        # Plaintext never gets a channel to a TLS server.
+        with self.assertRaises(icd.IcdError) as plain:
+            icd.Client(srv.address, connect_timeout=1.0)
+        self.assertEqual(plain.exception.code, "UNAVAILABLE")
+
+    def test_connect_timeout(self):
+        # A socket that listens but never speaks HTTP/2: TCP connects, the
+        # channel never becomes ready. Kept open for the whole test.
+        silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = "127.0.0.1:%d" % silent.getsockname()[1]
+        start = time.monotonic()
+        with self.assertRaises(icd.IcdError) as timed_out:
+            icd.Client(address, connect_timeout=0.5)
+        self.assertEqual(timed_out.exception.code, "UNAVAILABLE")
+        self.assertIn("within 0.5 s", timed_out.exception.message)
+        self.assertLess(time.monotonic() - start, 30)  # bounded, not a speed test
+
+
+if __name__ == "__main__":
+    ARGS, rest = parse_args()
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path[:0] = [os.path.join(repo, "client", "python"), ARGS.stubs]
+    import icd_client as icd  # noqa: E402 (needs the stubs path)
+    unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)

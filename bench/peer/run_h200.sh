@@ -11,6 +11,12 @@
 #           graphs and --eager), then mamba_ssm
 #           (peer_bench.py: prefill, decode with and without CUDA graphs, and its
 #           torch.profiler tables), then icd again (drift check); bf16, batch 1
+#   ratio   permuted / identity (issue 16): a second copy of each bf16 model, every group
+#           applied (--random 7) with an explicit --tolerance 10 that the rows record with
+#           the check's rel L2 and top-1 (these random models are chaotic in bf16: the
+#           default 2e-2 refuses them), then MeasureLatency of the copy against the
+#           original, prefill and decode; a row whose copy is not at a later version
+#           than the original says "permuted": false
 #   logits  float32 and bf16 logits on 64 fixed tokens: icd (icdctl evaluate
 #           --logits) against mamba_ssm and HF (130m)
 #   profile icd_profile (LibTorch's Kineto profiler around icd::Forward) on the
@@ -19,7 +25,7 @@
 #
 # Usage (repo root on the GPU machine, .debs and peers/ carried; see README.md):
 #   bench/peer/run_h200.sh OUT_DIR
-# Env: PEER_STEPS (default "build cuda_test latency logits profile pack"), PEER_DEADLINE
+# Env: PEER_STEPS (default "build cuda_test latency ratio logits profile pack"), PEER_DEADLINE
 # (epoch seconds: stages that would not fit are skipped, pack always runs),
 # ICD_COMMIT, ICD_BUILD_DIR (/tmp/build-gpu), ICD_MODELS_DIR (/tmp/icd-models),
 # PEER_WORK (/tmp/peerwork: logs, traces, logits; kept between calls on a warm
@@ -33,7 +39,7 @@ work=${PEER_WORK:-/tmp/peerwork}; mkdir -p "$work/logs" "$work/icd-logits" "$wor
 build=${ICD_BUILD_DIR:-/tmp/build-gpu}
 models=${ICD_MODELS_DIR:-/tmp/icd-models}
 shapes=${ICD_SHAPES:-130m 2.8b}
-steps=" ${PEER_STEPS:-build cuda_test latency logits profile pack} "
+steps=" ${PEER_STEPS:-build cuda_test latency ratio logits profile pack} "
 deadline=${PEER_DEADLINE:-$(( $(date +%s) + 100000 ))}
 commit=${ICD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 results="$work/results.jsonl"
@@ -158,6 +164,35 @@ if want latency && ! grep -q '"bench": "peer_latency"' "$results" 2>/dev/null &&
   }
 fi
 
+# ---------------------------------------------------------------- ratio
+if want ratio && ! grep -q '"bench": "icd_ratio"' "$results" 2>/dev/null && fits 120 ratio; then
+  start_server && for shape in $shapes; do
+    ensure_loaded "bf16-$shape" "mamba-$shape/mamba_ssm" bfloat16 &&
+      ensure_loaded "perm-$shape" "mamba-$shape/mamba_ssm" bfloat16 || { log "load for ratio $shape failed"; continue; }
+    log "ratio $shape: apply --random 7 --tolerance 10 to perm-$shape"
+    icdctl --json apply "perm-$shape" --random 7 --tolerance 10 > "$work/apply-$shape.json" 2>> "$work/logs/icdctl.log" ||
+      log "apply perm-$shape failed (logs/icdctl.log)"
+    for mode in prefill decode; do
+      iters=30; [[ $mode == decode ]] && iters=200
+      icdctl --json latency "perm-$shape" --compare "bf16-$shape" --mode $mode --batch 1 --seq-len 2048 \
+          --warmup 5 --iters $iters |
+        python3 -c "
+import json, sys
+r = json.load(sys.stdin)
+try:
+    applied = json.load(open('$work/apply-$shape.json'))
+except Exception:
+    applied = None
+permuted = bool(applied) and int(r.get('version', 0)) > int(r.get('compare', {}).get('version', 0))
+r.update(bench='icd_ratio', impl='icd', family='mamba1', shape='$shape', mode='$mode', seq_len=2048, batch=1,
+         dtype='bfloat16', commit='$commit', permuted=permuted, apply=applied,
+         checkpoint='mamba-$shape/mamba_ssm', permutation='--random 7, every group', tolerance=10)
+print(json.dumps(r))" >> "$results" 2>> "$work/logs/icdctl.log" || log "ratio $shape $mode failed"
+    done
+    icdctl unload "perm-$shape" >> "$work/logs/icdctl.log" 2>&1; loaded=${loaded/ perm-$shape / }
+  done
+fi
+
 # ---------------------------------------------------------------- logits
 if want logits && ! grep -q '"bench": "logits_compare"' "$results" 2>/dev/null && fits 150 logits; then
   start_server && {
@@ -219,6 +254,16 @@ with open(sys.argv[3], "w") as f:
 print(f"{len(rows)} side-by-side rows", file=sys.stderr)
 PY
   cat "$results" "$work/peer.jsonl" > "$out/results.jsonl" 2>/dev/null  # icd's lines, then peer_bench.py's
+  grep '"bench": "icd_ratio"' "$results" > "$out/ratio.jsonl" 2>/dev/null
+  python3 - "$out/ratio.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    check = (r.get("apply") or {}).get("correctness", {})
+    print(f"ratio {r['shape']:5} {r['mode']:7} permuted={r['permuted']} versions {r.get('version')}/{r.get('compare', {}).get('version')} "
+          f"ratio {r.get('ratio', 0):.4f} [{r.get('ratio_ci95_low', 0):.4f}, {r.get('ratio_ci95_high', 0):.4f}] "
+          f"{r.get('execution')}; apply check rel_l2 {check.get('rel_l2')} top1 {check.get('top1_agreement')}")
+PY
   cp "$work/provenance.txt" "$out/" 2>/dev/null
   cp "$work/logs/cuda_test.log" "$out/" 2>/dev/null
   cat "$work/profile-icd.md" "$work/profile-mamba_ssm.md" > "$out/profile.md" 2>/dev/null

@@ -76,7 +76,7 @@ Commands:
         icdctl --server 127.0.0.1:50051 symmetries m
 
   apply NAME (--perm FILE | --random SEED) [--groups g1,g2]
-             [--expected-version V] [--skip-verify]
+             [--expected-version V] [--tolerance T] [--skip-verify]
       Apply permutations (gathers: new index j holds old index p[j]), all or
       nothing, then check the logits against the probe reference.
       --perm FILE     JSON {"group": [indices...], ...}, applied in file order
@@ -87,6 +87,8 @@ Commands:
       --groups LIST   only these groups (comma-separated)
       --expected-version V   refuse (FAILED_PRECONDITION) unless the model is
                       at version V
+      --tolerance T   the post-apply check's bound on the logits' rel L2
+                      (default: the dtype's, float32 1e-5, bf16 2e-2)
       --skip-verify   no post-apply check
         icdctl --server 127.0.0.1:50051 apply m --random 7
         icdctl --server 127.0.0.1:50051 apply m --perm perm.json --expected-version 1
@@ -226,7 +228,7 @@ struct Line {
 const std::set<std::string>& ValuedOptions() {
   static const auto* options = new std::set<std::string>{
       "--device", "--dtype", "--perm", "--random", "--groups",
-      "--expected-version", "--ids", "--batch",
+      "--expected-version", "--tolerance", "--ids", "--batch",
       // latency
       "--compare", "--mode", "--seq-len", "--warmup", "--iters",
       // capture / compute
@@ -895,7 +897,7 @@ absl::Status Symmetries(const Line& line, Context& ctx) {
 
 absl::Status Apply(const Line& line, Context& ctx) {
   if (auto s = Expect(line, 1, {"--perm", "--random", "--groups", "--expected-version",
-                                "--skip-verify"});
+                                "--tolerance", "--skip-verify"});
       !s.ok()) {
     return s;
   }
@@ -913,6 +915,12 @@ absl::Status Apply(const Line& line, Context& ctx) {
     auto version = ParseUint("--expected-version", v);
     if (!version.ok()) return version.status();
     request.set_expected_version(*version);
+  }
+  if (const std::string t = Option(line, "--tolerance"); !t.empty()) {
+    auto tolerance = ParseDouble("--tolerance", t);
+    if (!tolerance.ok()) return tolerance.status();
+    if (!(*tolerance > 0)) return Usage("--tolerance: expected a bound > 0");
+    request.set_tolerance(*tolerance);
   }
   absl::StatusOr<std::vector<v1::Permutation>> perms;
   if (!perm_file.empty()) {

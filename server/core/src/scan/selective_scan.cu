@@ -463,6 +463,65 @@ int LanesFor(int64_t state_size, int states_per_thread) {
   return lanes;
 }
 
+// One step of time (a decode step, L = 1): the state update without the
+// chunked kernel's staging through shared memory. A thread owns one channel
+// of one batch row and its N states, read and written in place; the same
+// arithmetic per step as the chunked kernel (Δ from SoftplusDelta, decays on
+// the special-function unit, silu on the FMA pipes), C·h summed in state
+// order.
+template <class Element>
+__global__ void __launch_bounds__(128) SelectiveStateStepKernel(const ScanLaunchArgs args) {
+  using Storage = typename Element::Storage;
+  const int64_t channel = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t batch = blockIdx.y;
+  const int64_t inner = args.inner;
+  if (channel >= inner) return;
+  const int64_t state_size = args.state_size;
+  const auto* hidden = static_cast<const Storage*>(args.hidden.data);
+  const auto* gate = static_cast<const Storage*>(args.gate.data);
+  const float x = Element::ToFloat(hidden[batch * args.hidden.batch_stride + channel]);
+  const float z = Element::ToFloat(gate[batch * args.gate.batch_stride + channel]);
+  float delta = 0.0f;
+  if (args.delta_raw.data != nullptr) {
+    const auto* raw = static_cast<const Storage*>(args.delta_raw.data);
+    const float bias = args.delta_bias != nullptr ? args.delta_bias[channel] : 0.0f;
+    delta = SoftplusDelta<Element>(
+        Element::ToFloat(raw[batch * args.delta_raw.batch_stride + channel]), bias);
+  } else {
+    delta = static_cast<const float*>(args.delta.data)[batch * args.delta.batch_stride + channel];
+  }
+  const float delta_x = delta * x;
+  const auto* b_proj =
+      static_cast<const Storage*>(args.b_proj.data) + batch * args.b_proj.batch_stride;
+  const auto* c_proj =
+      static_cast<const Storage*>(args.c_proj.data) + batch * args.c_proj.batch_stride;
+  const float* a_decay = args.a_decay + channel * state_size;
+  const int64_t state_row = (batch * inner + channel) * state_size;
+  float sum = 0.0f;
+  for (int64_t n = 0; n < state_size; ++n) {
+    const float decay = Exp2Unit(delta * (a_decay[n] * kLog2E));
+    const float previous = args.state_in != nullptr ? args.state_in[state_row + n] : 0.0f;
+    const float state = fmaf(decay, previous, delta_x * Element::ToFloat(__ldg(b_proj + n)));
+    sum = fmaf(Element::ToFloat(__ldg(c_proj + n)), state, sum);
+    if (args.state_out != nullptr) args.state_out[state_row + n] = state;
+  }
+  const float y = (sum + args.d_skip[channel] * x) * Silu(z);
+  const int64_t out = batch * inner + channel;  // y [B, 1, I]
+  if (args.output_rounded != nullptr) {
+    static_cast<Storage*>(args.output_rounded)[out] = Element::FromFloat(y);
+  } else {
+    args.output[out] = y;
+  }
+}
+
+template <class Element>
+int LaunchStateStep(const ScanLaunchArgs& args, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned int>((args.inner + 127) / 128),
+                  static_cast<unsigned int>(args.batch));
+  SelectiveStateStepKernel<Element><<<grid, 128, 0, stream>>>(args);
+  return static_cast<int>(cudaGetLastError());
+}
+
 }  // namespace
 
 ScanKernelShape DefaultScanKernelShape(int64_t batch, int64_t inner, int64_t state_size,
@@ -501,6 +560,22 @@ bool ScanKernelShapeAvailable(const ScanKernelShape& shape, int64_t state_size,
 }
 
 int LaunchSelectiveScan(const ScanLaunchArgs& args, void* stream) {
+  // One step (a decode step): the state update kernel, under the same checks.
+  const bool raw_delta = args.delta_raw.data != nullptr;
+  if (args.seq_len == 1 && args.batch >= 1 && args.batch <= 65535 && args.inner >= 1 &&
+      args.inner <= (int64_t{1} << 31) - 1 && args.state_size >= 1 &&
+      args.state_size <= kMaxCudaStateSize && args.hidden.data != nullptr &&
+      args.gate.data != nullptr && args.b_proj.data != nullptr && args.c_proj.data != nullptr &&
+      args.a_decay != nullptr && args.d_skip != nullptr &&
+      raw_delta != (args.delta.data != nullptr) &&
+      (args.output == nullptr) != (args.output_rounded == nullptr)) {
+    auto* cuda_stream = static_cast<cudaStream_t>(stream);
+    switch (args.element_type) {
+      case ScanElementType::kFloat32: return LaunchStateStep<Float32Element>(args, cuda_stream);
+      case ScanElementType::kBFloat16: return LaunchStateStep<BFloat16Element>(args, cuda_stream);
+      case ScanElementType::kFloat16: return LaunchStateStep<Float16Element>(args, cuda_stream);
+    }
+  }
   int device = 0;
   int multiprocessors = 0;
   cudaError_t status = cudaGetDevice(&device);

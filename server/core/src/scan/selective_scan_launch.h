@@ -81,7 +81,8 @@ bool ScanKernelShapeAvailable(const ScanKernelShape& shape, int64_t state_size,
                               ScanElementType element_type);
 
 // Enqueues the scan on `stream` (a cudaStream_t) of the current device, in
-// the default shape for it. Returns 0 (cudaSuccess) or a cudaError_t value:
+// the default shape for it; one step of time (L = 1, a decode step) runs a
+// state-update kernel instead (a thread per channel, no staging). Returns 0 (cudaSuccess) or a cudaError_t value:
 // cudaErrorInvalidValue for arguments out of range (also a raw Δ with
 // prefetch_l2, which prefetches float32 Δ only).
 int LaunchSelectiveScan(const ScanLaunchArgs& args, void* stream);

@@ -13,7 +13,7 @@ DEB_PACKAGES := cmake g++ make ninja-build ccache pkg-config libtorch-dev libgrp
 NODE_DEB_PACKAGES := nodejs npm
 BUF_VERSION := 1.75.0
 
-.PHONY: deps configure build tools test demo clean
+.PHONY: deps configure build tools test test-ctest test-benches test-fuzz-build bench demo clean
 
 # Installs the Debian packages the build and the tests need (root, apt).
 # dpkg without an fsync per file: a fresh machine's set-up, where an
@@ -49,12 +49,34 @@ FUZZ_SECONDS ?= 30
 # GPU tests (ctest label gpu) are left out explicitly, and counted, so that a
 # CPU run never reports them as passed; deploy/build-gpu.sh runs them on a GPU
 # with ICD_REQUIRE_CUDA=1, where a skip fails.
+# ctest runs beside two compiles at the lowest priority: the benchmarks (not
+# in `all`; no test runs them) and the fuzz targets. Tests wait on servers,
+# sockets and timeouts about a tenth of the time; the compiles take that
+# (docs/build.md). Then the fuzz targets run, each for FUZZ_SECONDS.
 test: build tools
+	@$(MAKE) --no-print-directory -j 3 test-ctest test-benches test-fuzz-build
+	ICD_JOBS=$(JOBS) ICD_FUZZ_STEPS=run bash tests/fuzz/run.sh $(FUZZ_SECONDS) $(CURDIR)/$(BUILD)-fuzz
+
+test-ctest:
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) -LE gpu
 	@cd $(BUILD) && n=$$(ctest -N -L gpu | sed -n 's/^Total Tests: //p') && \
 	  echo "make test: $$n GPU tests (label gpu) not run on this machine:" \
 	    $$(ctest -N -L gpu | sed -n 's/^ *Test *#[0-9]*: //p')
-	ICD_JOBS=$(JOBS) bash tests/fuzz/run.sh $(FUZZ_SECONDS) $(CURDIR)/$(BUILD)-fuzz
+
+# Output in a log, shown when the build fails.
+test-benches:
+	@nice -n 19 cmake --build $(BUILD) -j $(JOBS) --target benches > $(BUILD)/benches.log 2>&1 || \
+	  { cat $(BUILD)/benches.log; exit 1; }
+	@echo "make test: benchmarks built ($(BUILD)/benches.log)"
+
+test-fuzz-build:
+	@mkdir -p $(BUILD)-fuzz
+	@ICD_JOBS=$(JOBS) ICD_FUZZ_STEPS=build nice -n 19 bash tests/fuzz/run.sh $(FUZZ_SECONDS) \
+	  $(CURDIR)/$(BUILD)-fuzz > $(BUILD)-fuzz/build.log 2>&1 || { cat $(BUILD)-fuzz/build.log; exit 1; }
+	@echo "make test: fuzz targets built ($(BUILD)-fuzz/build.log)"
+
+bench: build
+	cmake --build $(BUILD) -j $(JOBS) --target benches
 
 # icd-server on loopback with two fixture models (Mamba-2 HF, Mamba-1
 # mamba_ssm), the clients through load/apply/verify/evaluate/export/reload, a

@@ -161,7 +161,8 @@ run_logged build-server cmake --build "$BUILD_DIR" -j"$JOBS" --target icd-server
   log "icd-server runs (--help)"
 # Benchmarks (bench/): built when asked, never fatal to the script.
 if [[ "${ICD_BUILD_BENCH:-1}" == 1 && -d "$BUILD_DIR/bench" ]]; then
-  run_logged build-bench make -C "$BUILD_DIR/bench" -j"$JOBS" all || log "some benchmarks failed to build"
+  run_logged build-bench cmake --build "$BUILD_DIR" -j"$JOBS" --target benches ||
+    log "some benchmarks failed to build"
 fi
 
 [[ "$RUN_TESTS" == 1 ]] || { log "built (tests not run)"; exit "$status"; }

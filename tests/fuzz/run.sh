@@ -15,15 +15,25 @@
 # found: tests/fuzz/run.sh 600 && cp build-fuzz/corpus/<t>/* tests/fuzz/corpus/<t>/
 # (libFuzzer's -merge=1 keeps the set small). A crash leaves its input as
 # BUILD_DIR/crash-* and makes this script fail.
+#
+# ICD_FUZZ_STEPS ("build run" by default): "build" only configures and
+# builds (make test does it beside ctest), "run" only runs what is built.
 set -euo pipefail
 seconds=${1:-30}
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 build=${2:-$repo/build-fuzz}
+steps=" ${ICD_FUZZ_STEPS:-build run} "
 mkdir -p "$build"
-cmake -S "$here" -B "$build" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$build/configure.log" 2>&1 ||
-  { cat "$build/configure.log"; exit 1; }
-cmake --build "$build" -j"${ICD_JOBS:-2}"
+if [[ "$steps" == *" build "* ]]; then
+  generator=()  # Ninja for a new tree, where installed
+  [[ ! -f "$build/CMakeCache.txt" ]] && command -v ninja > /dev/null && generator=(-G Ninja)
+  cmake -S "$here" -B "$build" "${generator[@]}" -DCMAKE_CXX_COMPILER=clang++ \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$build/configure.log" 2>&1 ||
+    { cat "$build/configure.log"; exit 1; }
+  cmake --build "$build" -j"${ICD_JOBS:-2}"
+fi
+[[ "$steps" == *" run "* ]] || exit 0
 # The targets run ICD_JOBS at a time (each libFuzzer process is one thread),
 # so every target still has a core to itself for its whole time.
 run_target() {

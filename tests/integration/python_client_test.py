@@ -30,6 +30,8 @@ import unittest
 
 import numpy as np
 
+from clients_test import read_safetensors  # the golden files' reader, one copy
+
 ARGS = None
 icd = None  # icd_client, imported once the stubs are on sys.path
 
@@ -40,22 +42,6 @@ def parse_args():
     p.add_argument("--fixtures", required=True, help="tests/fixtures")
     p.add_argument("--stubs", required=True, help="generated Python stubs dir")
     return p.parse_known_args()
-
-
-def read_safetensors(path):
-    """name -> float32 numpy array (the fixtures hold F32 only)."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        assert meta["dtype"] == "F32", (name, meta["dtype"])
-        begin, end = meta["data_offsets"]
-        out[name] = np.frombuffer(raw[8 + n + begin:8 + n + end], "<f4").reshape(meta["shape"])
-    return out
 
 
 def write_safetensors(path, tensors):

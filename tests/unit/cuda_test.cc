@@ -168,11 +168,7 @@ TEST_P(CudaTest, CaptureSolvesEveryGroupAndAppliesExactly) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaTest, ::testing::ValuesIn(testing::GoldenCases()),
                          [](const auto& param_info) {
-                           std::string name = param_info.param.fixture + "_" + param_info.param.layout;
-                           for (char& c : name) {
-                             if (c == '-') c = '_';
-                           }
-                           return name;
+                           return testing::GoldenCaseLabel(param_info.param);
                          });
 
 // ---- The Mamba-1 scan kernel -------------------------------------------------

@@ -148,11 +148,7 @@ TEST_P(GoldenTest, GroupsAreThoseOfTheDesign) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenTest, ::testing::ValuesIn(testing::GoldenCases()),
                          [](const auto& param_info) {
-                           std::string name = param_info.param.fixture + "_" + param_info.param.layout;
-                           for (char& c : name) {
-                             if (c == '-') c = '_';
-                           }
-                           return name;
+                           return testing::GoldenCaseLabel(param_info.param);
                          });
 
 // Reports the largest relative difference seen per family (closing note).

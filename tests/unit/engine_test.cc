@@ -484,12 +484,7 @@ TEST_P(LowPrecisionApplyTest, BFloat16WeightsAreTheFloat32PermutationCastBitForB
 
 INSTANTIATE_TEST_SUITE_P(Goldens, LowPrecisionApplyTest, ::testing::ValuesIn(testing::GoldenCases()),
                          [](const auto& param_info) {
-                           std::string name =
-                               param_info.param.fixture + "_" + param_info.param.layout;
-                           for (char& c : name) {
-                             if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
-                           }
-                           return name;
+                           return testing::GoldenCaseLabel(param_info.param);
                          });
 
 TEST_F(EngineTest, EvaluateGivesNllAndChecksIds) {

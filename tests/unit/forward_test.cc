@@ -267,11 +267,7 @@ Model LoadModel(const std::string& fixture, const std::string& layout) {
 }
 
 std::string GoldenCaseName(const ::testing::TestParamInfo<testing::GoldenCase>& param_info) {
-  std::string name = param_info.param.fixture + "_" + param_info.param.layout;
-  for (char& c : name) {
-    if (c == '-') c = '_';
-  }
-  return name;
+  return testing::GoldenCaseLabel(param_info.param);
 }
 
 class CaptureGoldenTest : public ::testing::TestWithParam<testing::GoldenCase> {};

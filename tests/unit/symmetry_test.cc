@@ -342,12 +342,7 @@ TEST_P(NegativeControlTest, LeavingOutAnyMemberBreaksEquivalence) {
 INSTANTIATE_TEST_SUITE_P(Goldens, NegativeControlTest,
                          ::testing::ValuesIn(testing::GoldenCases()),
                          [](const auto& param_info) {
-                           std::string name =
-                               param_info.param.fixture + "_" + param_info.param.layout;
-                           for (char& c : name) {
-                             if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
-                           }
-                           return name;
+                           return testing::GoldenCaseLabel(param_info.param);
                          });
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include "torch_api.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -55,6 +56,16 @@ struct GoldenCase {
 };
 
 inline void PrintTo(const GoldenCase& c, std::ostream* os) { *os << c.fixture << "/" << c.layout; }
+
+// "fixture_layout" with every character gtest does not take in a test name
+// as '_': the parameterised suites' name generator.
+inline std::string GoldenCaseLabel(const GoldenCase& c) {
+  std::string name = c.fixture + "_" + c.layout;
+  for (char& ch : name) {
+    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  }
+  return name;
+}
 
 inline std::vector<GoldenCase> GoldenCases() {
   return {{"mamba1-small", "hf"},       {"mamba1-small", "mamba_ssm"},

@@ -18,9 +18,6 @@
 namespace icd::fused {
 namespace {
 
-using cuda_elements::BFloat16Element;
-using cuda_elements::Float16Element;
-using cuda_elements::Float32Element;
 using cuda_elements::RoundTo;
 
 constexpr int kThreads = 128;
@@ -132,12 +129,9 @@ int LaunchCausalConvSilu(const CausalConvLaunchArgs& args, void* stream) {
     return invalid;
   }
   auto* cuda_stream = static_cast<cudaStream_t>(stream);
-  switch (args.element_type) {
-    case ElementType::kFloat32: return LaunchElement<Float32Element>(args, cuda_stream);
-    case ElementType::kBFloat16: return LaunchElement<BFloat16Element>(args, cuda_stream);
-    case ElementType::kFloat16: return LaunchElement<Float16Element>(args, cuda_stream);
-  }
-  return invalid;
+  return cuda_elements::ForElementType(args.element_type, [&](auto element) {
+    return LaunchElement<decltype(element)>(args, cuda_stream);
+  });
 }
 
 }  // namespace icd::fused

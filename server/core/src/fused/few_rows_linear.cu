@@ -211,12 +211,9 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream) {
     return invalid;
   }
   auto* cuda_stream = static_cast<cudaStream_t>(stream);
-  switch (args.element_type) {
-    case ElementType::kFloat32: return LaunchElement<Float32Element>(args, cuda_stream);
-    case ElementType::kBFloat16: return LaunchElement<BFloat16Element>(args, cuda_stream);
-    case ElementType::kFloat16: return LaunchElement<Float16Element>(args, cuda_stream);
-  }
-  return invalid;
+  return cuda_elements::ForElementType(args.element_type, [&](auto element) {
+    return LaunchElement<decltype(element)>(args, cuda_stream);
+  });
 }
 
 }  // namespace icd::fused

@@ -14,9 +14,6 @@
 namespace icd::fused {
 namespace {
 
-using cuda_elements::BFloat16Element;
-using cuda_elements::Float16Element;
-using cuda_elements::Float32Element;
 using cuda_elements::RoundTo;
 
 constexpr int kThreads = 256;
@@ -83,20 +80,10 @@ int LaunchAddRmsNorm(const AddRmsNormLaunchArgs& args, void* stream) {
   }
   auto* cuda_stream = static_cast<cudaStream_t>(stream);
   const dim3 grid(static_cast<unsigned int>(args.rows));
-  switch (args.element_type) {
-    case ElementType::kFloat32:
-      AddRmsNormKernel<Float32Element><<<grid, kThreads, 0, cuda_stream>>>(args);
-      break;
-    case ElementType::kBFloat16:
-      AddRmsNormKernel<BFloat16Element><<<grid, kThreads, 0, cuda_stream>>>(args);
-      break;
-    case ElementType::kFloat16:
-      AddRmsNormKernel<Float16Element><<<grid, kThreads, 0, cuda_stream>>>(args);
-      break;
-    default:
-      return invalid;
-  }
-  return static_cast<int>(cudaGetLastError());
+  return cuda_elements::ForElementType(args.element_type, [&](auto element) {
+    AddRmsNormKernel<decltype(element)><<<grid, kThreads, 0, cuda_stream>>>(args);
+    return static_cast<int>(cudaGetLastError());
+  });
 }
 
 }  // namespace icd::fused

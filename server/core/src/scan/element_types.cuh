@@ -5,6 +5,9 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "scan/selective_scan_launch.h"
 
 namespace icd::cuda_elements {
 
@@ -41,6 +44,19 @@ struct Float16Element {
 template <class Element>
 __device__ __forceinline__ float RoundTo(float value) {
   return Element::ToFloat(Element::FromFloat(value));
+}
+
+// launch(Element{}) for the element type `type` names: a launcher's one
+// dispatch from the runtime type to its kernel templates. An out-of-range
+// value is cudaErrorInvalidValue.
+template <class Launch>
+int ForElementType(scan::ScanElementType type, Launch&& launch) {
+  switch (type) {
+    case scan::ScanElementType::kFloat32: return launch(Float32Element{});
+    case scan::ScanElementType::kBFloat16: return launch(BFloat16Element{});
+    case scan::ScanElementType::kFloat16: return launch(Float16Element{});
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 }  // namespace icd::cuda_elements

@@ -40,9 +40,6 @@
 namespace icd::scan {
 namespace {
 
-using cuda_elements::BFloat16Element;
-using cuda_elements::Float16Element;
-using cuda_elements::Float32Element;
 using cuda_elements::RoundTo;
 
 constexpr float kLog2E = 1.4426950408889634f;
@@ -446,7 +443,7 @@ template <class Element>
 int LaunchAnyShape(const ScanLaunchArgs& args, const ScanKernelShape& shape, int lanes,
                    cudaStream_t stream) {
   int status = LaunchFrom<Element>(EngineShapes{}, args, shape, lanes, stream);
-  if constexpr (!std::is_same_v<Element, Float16Element>) {
+  if constexpr (!std::is_same_v<Element, cuda_elements::Float16Element>) {
     if (status == kNotCompiled) {
       status = LaunchFrom<Element>(BenchShapes{}, args, shape, lanes, stream);
     }
@@ -570,11 +567,9 @@ int LaunchSelectiveScan(const ScanLaunchArgs& args, void* stream) {
       raw_delta != (args.delta.data != nullptr) &&
       (args.output == nullptr) != (args.output_rounded == nullptr)) {
     auto* cuda_stream = static_cast<cudaStream_t>(stream);
-    switch (args.element_type) {
-      case ScanElementType::kFloat32: return LaunchStateStep<Float32Element>(args, cuda_stream);
-      case ScanElementType::kBFloat16: return LaunchStateStep<BFloat16Element>(args, cuda_stream);
-      case ScanElementType::kFloat16: return LaunchStateStep<Float16Element>(args, cuda_stream);
-    }
+    return cuda_elements::ForElementType(args.element_type, [&](auto element) {
+      return LaunchStateStep<decltype(element)>(args, cuda_stream);
+    });
   }
   int device = 0;
   int multiprocessors = 0;
@@ -611,18 +606,9 @@ int LaunchSelectiveScan(const ScanLaunchArgs& args, const ScanKernelShape& shape
   if (!ScanKernelShapeAvailable(shape, args.state_size, args.element_type)) return invalid;
   const int lanes = LanesFor(args.state_size, shape.states_per_thread);
   auto* cuda_stream = static_cast<cudaStream_t>(stream);
-  int status = kNotCompiled;
-  switch (args.element_type) {
-    case ScanElementType::kFloat32:
-      status = LaunchAnyShape<Float32Element>(args, shape, lanes, cuda_stream);
-      break;
-    case ScanElementType::kBFloat16:
-      status = LaunchAnyShape<BFloat16Element>(args, shape, lanes, cuda_stream);
-      break;
-    case ScanElementType::kFloat16:
-      status = LaunchAnyShape<Float16Element>(args, shape, lanes, cuda_stream);
-      break;
-  }
+  const int status = cuda_elements::ForElementType(args.element_type, [&](auto element) {
+    return LaunchAnyShape<decltype(element)>(args, shape, lanes, cuda_stream);
+  });
   return status == kNotCompiled ? invalid : status;
 }
 

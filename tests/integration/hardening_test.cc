@@ -191,6 +191,16 @@ ModelState Snapshot(Client& client, const std::string& model) {
   return state;
 }
 
+// A started server with mamba1-small/hf loaded as "m", and its state then:
+// the set-up of every test that checks a refused call changed nothing.
+::testing::AssertionResult StartedWithModel(Server& server, ModelState* before) {
+  if (!server.ok()) return ::testing::AssertionFailure() << "icd-server did not start";
+  absl::StatusOr<v1::ModelInfo> loaded = server.client().LoadModel("m", "mamba1-small/hf");
+  if (!loaded.ok()) return ::testing::AssertionFailure() << "load: " << loaded.status();
+  *before = Snapshot(server.client(), "m");
+  return ::testing::AssertionSuccess();
+}
+
 void ExpectUnchanged(Client& client, const std::string& model, const ModelState& before) {
   const ModelState now = Snapshot(client, model);
   EXPECT_EQ(now.version, before.version) << model;
@@ -252,9 +262,8 @@ StopFigures MeasureStop(Server& server, const std::string& rpc, bool by_deadline
 
 TEST(HardeningTest, LongCallsStopSoonAfterTheirDeadlineOrCancellation) {
   Server server({"--max-tokens", "2000000"});
-  ASSERT_TRUE(server.ok());
-  ASSERT_TRUE(server.client().LoadModel("m", "mamba1-small/hf").ok());
-  const ModelState before = Snapshot(server.client(), "m");
+  ModelState before;
+  ASSERT_TRUE(StartedWithModel(server, &before));
 
   {  // Evaluate of 2,000,000 tokens (a forward of many seconds), 1 s deadline.
     const v1::EvaluateRequest request = RandomEvaluate("m", 2'000'000, 1);
@@ -369,9 +378,8 @@ TEST(HardeningTest, SigtermEndsALongCallAfterTheGraceAndExitsZero) {
 // sizes that overflow are INVALID_ARGUMENT.
 TEST(HardeningTest, OversizedRequestsAreRefusedBeforeAnyWork) {
   Server server;  // default --max-tokens 65536
-  ASSERT_TRUE(server.ok());
-  ASSERT_TRUE(server.client().LoadModel("m", "mamba1-small/hf").ok());
-  const ModelState before = Snapshot(server.client(), "m");
+  ModelState before;
+  ASSERT_TRUE(StartedWithModel(server, &before));
   const double cpu_before = CpuSeconds(server.pid());
   const auto start = Clock::now();
 
@@ -407,9 +415,8 @@ TEST(HardeningTest, OversizedRequestsAreRefusedBeforeAnyWork) {
 // rest are refused at once, and unary calls and health keep answering.
 TEST(HardeningTest, IdleStreamsLeaveUnaryCallsAndHealthAnswering) {
   Server server;
-  ASSERT_TRUE(server.ok());
-  ASSERT_TRUE(server.client().LoadModel("m", "mamba1-small/hf").ok());
-  const ModelState before = Snapshot(server.client(), "m");
+  ModelState before;
+  ASSERT_TRUE(StartedWithModel(server, &before));
   constexpr int kStreams = 63;
   std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
   std::vector<v1::WriteReport> write_reports(kStreams);
@@ -471,9 +478,8 @@ TEST(HardeningTest, IdleStreamsLeaveUnaryCallsAndHealthAnswering) {
 // its slot freed.
 TEST(HardeningTest, IdleStreamIsCancelledAfterTheTimeout) {
   Server server({"--stream-idle-timeout-s", "1", "--max-streams", "1"});
-  ASSERT_TRUE(server.ok());
-  ASSERT_TRUE(server.client().LoadModel("m", "mamba1-small/hf").ok());
-  const ModelState before = Snapshot(server.client(), "m");
+  ModelState before;
+  ASSERT_TRUE(StartedWithModel(server, &before));
   for (int round = 0; round < 2; ++round) {  // the one slot is freed each time
     const size_t log_from = server.Log().size();
     auto context = server.Context(std::chrono::seconds(60));
@@ -501,9 +507,8 @@ TEST(HardeningTest, IdleStreamIsCancelledAfterTheTimeout) {
 // the server's resident size grows by less than 100 MB.
 TEST(HardeningTest, OversizedWriteTensorsIsRefusedAsItArrives) {
   Server server;
-  ASSERT_TRUE(server.ok());
-  ASSERT_TRUE(server.client().LoadModel("m", "mamba1-small/hf").ok());
-  const ModelState before = Snapshot(server.client(), "m");
+  ModelState before;
+  ASSERT_TRUE(StartedWithModel(server, &before));
   const int64_t rss_before = ResidentBytes(server.pid());
   auto context = server.Context(std::chrono::seconds(120));
   v1::WriteReport report;
@@ -581,9 +586,8 @@ TEST(HardeningTest, MalformedCheckpointsAreInvalidArgumentNamingTheFile) {
 // INVALID_ARGUMENT naming the field, never INTERNAL with LibTorch's text.
 TEST(HardeningTest, SizesThatOverflowAreInvalidArgumentNotInternal) {
   Server server;
-  ASSERT_TRUE(server.ok());
-  ASSERT_TRUE(server.client().LoadModel("m", "mamba1-small/hf").ok());
-  const ModelState before = Snapshot(server.client(), "m");
+  ModelState before;
+  ASSERT_TRUE(StartedWithModel(server, &before));
   auto trace = [&](int64_t rows, std::size_t bytes) {
     auto context = server.Context();
     v1::PermutationResult result;
@@ -714,9 +718,8 @@ TEST(HardeningTest, CheckpointFilesLinkingOutsideTheRootsAreRefused) {
 
 TEST(HardeningTest, CodesAsTheContractSays) {
   Server server;
-  ASSERT_TRUE(server.ok());
-  ASSERT_TRUE(server.client().LoadModel("m", "mamba1-small/hf").ok());
-  const ModelState before = Snapshot(server.client(), "m");
+  ModelState before;
+  ASSERT_TRUE(StartedWithModel(server, &before));
   // A legal 250-byte name exports (its staging directory's name stays
   // within NAME_MAX); 256 bytes, or a path past PATH_MAX, is the request's
   // fault.
@@ -832,9 +835,8 @@ TEST(HardeningTest, TensorsTravelAtTheSmallestMessageCap) {
 
 TEST(HardeningTest, NonFiniteWeightsAreRefusedByName) {
   Server server;
-  ASSERT_TRUE(server.ok());
-  ASSERT_TRUE(server.client().LoadModel("m", "mamba1-small/hf").ok());
-  const ModelState before = Snapshot(server.client(), "m");
+  ModelState before;
+  ASSERT_TRUE(StartedWithModel(server, &before));
   auto tensors = server.client().ReadTensors("m", {"backbone.layers.1.mixer.out_proj.weight"});
   ASSERT_TRUE(tensors.ok()) << tensors.status();
   for (const float bad : {std::numeric_limits<float>::quiet_NaN(),
@@ -858,9 +860,8 @@ TEST(HardeningTest, NonFiniteWeightsAreRefusedByName) {
 // holdout_rows that leaves no training rows is refused naming the field.
 TEST(HardeningTest, HeldOutScoresComeOnlyFromHeldOutRows) {
   Server server;
-  ASSERT_TRUE(server.ok());
-  ASSERT_TRUE(server.client().LoadModel("m", "mamba1-small/hf").ok());
-  const ModelState before = Snapshot(server.client(), "m");
+  ModelState before;
+  ASSERT_TRUE(StartedWithModel(server, &before));
   std::mt19937 rng(12);
   std::normal_distribution<float> normal;
   std::vector<float> rows(4 * 64);

@@ -245,17 +245,6 @@ scan::ScanInputs RandomScanInputs(const ScanShape& shape, torch::ScalarType comp
   return inputs;
 }
 
-// The inputs' time steps [start, start + length).
-scan::ScanInputs TimeSlice(const scan::ScanInputs& inputs, int64_t start, int64_t length) {
-  scan::ScanInputs slice = inputs;
-  slice.hidden = inputs.hidden.narrow(1, start, length);
-  slice.delta = inputs.delta.narrow(1, start, length);
-  slice.b_proj = inputs.b_proj.narrow(1, start, length);
-  slice.c_proj = inputs.c_proj.narrow(1, start, length);
-  slice.gate = inputs.gate.narrow(1, start, length);
-  return slice;
-}
-
 class ScanKernelTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -342,9 +331,9 @@ TEST_F(ScanKernelTest, CarriedState) {
 
   torch::Tensor split_state = initial.clone();
   const torch::Tensor head =
-      scan::SelectiveScan(TimeSlice(inputs, 0, first), torch::kFloat32, &split_state);
-  const torch::Tensor tail = scan::SelectiveScan(TimeSlice(inputs, first, shape.seq_len - first),
-                                                 torch::kFloat32, &split_state);
+      scan::SelectiveScan(scan::TimeSlice(inputs, 0, first), torch::kFloat32, &split_state);
+  const torch::Tensor tail = scan::SelectiveScan(
+      scan::TimeSlice(inputs, first, shape.seq_len - first), torch::kFloat32, &split_state);
   const torch::Tensor split = torch::cat({head, tail}, 1);
   const double output_split = RelL2(split, whole);
   const double state_split = RelL2(split_state, whole_state);

@@ -62,13 +62,8 @@ torch::Tensor ScanInChunks(const scan::ScanInputs& inputs, torch::ScalarType wid
   for (int64_t start = 0; start < seq_len; start += steps) {
     if (start > 0) CheckCallInLayer(ctx, layer);
     const int64_t length = std::min(steps, seq_len - start);
-    scan::ScanInputs chunk = inputs;
-    chunk.hidden = inputs.hidden.narrow(1, start, length);
-    chunk.delta = inputs.delta.narrow(1, start, length);
-    chunk.b_proj = inputs.b_proj.narrow(1, start, length);
-    chunk.c_proj = inputs.c_proj.narrow(1, start, length);
-    chunk.gate = inputs.gate.narrow(1, start, length);
-    outputs.push_back(scan::SelectiveScan(chunk, wide, &carried));
+    outputs.push_back(
+        scan::SelectiveScan(scan::TimeSlice(inputs, start, length), wide, &carried));
   }
   if (state != nullptr) *state = carried;
   return torch::cat(outputs, 1);  // [B, L, I]

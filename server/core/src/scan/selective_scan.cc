@@ -42,6 +42,16 @@ torch::Tensor SelectiveScanReference(const ScanInputs& inputs, torch::ScalarType
   return (scan_output * torch::silu(inputs.gate.to(accumulate))).to(inputs.hidden.scalar_type());
 }
 
+ScanInputs TimeSlice(const ScanInputs& inputs, int64_t start, int64_t length) {
+  ScanInputs slice = inputs;
+  slice.hidden = inputs.hidden.narrow(1, start, length);
+  slice.delta = inputs.delta.narrow(1, start, length);
+  slice.b_proj = inputs.b_proj.narrow(1, start, length);
+  slice.c_proj = inputs.c_proj.narrow(1, start, length);
+  slice.gate = inputs.gate.narrow(1, start, length);
+  return slice;
+}
+
 #ifndef ICD_HAVE_CUDA_SCAN
 bool UsesCudaKernel(const ScanInputs&, torch::ScalarType) { return false; }
 

@@ -30,6 +30,10 @@ struct ScanInputs {
   torch::Tensor gate;     // z                       [B, L, I]
 };
 
+// The inputs' time steps [start, start + length): views of the per-step
+// operands, the per-channel ones as they are (a scan in chunks of time).
+ScanInputs TimeSlice(const ScanInputs& inputs, int64_t start, int64_t length);
+
 // Returns y_t = (C_t · h_t + D x_t) · silu(z_t) [B, L, I], computed in
 // `accumulate` and rounded once to the compute dtype (hidden's), where
 // h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_t and the state h is [B, I, N] in

@@ -23,4 +23,7 @@ profile_icd() {
   python3 bench/peer/trace_table.py "$work/traces/icd-$shape-decode.json" --region icd_decode_step \
     --label "icd $shape decode step (bf16)" --json "$work/profile-icd-$shape-decode.json" \
     --md "$work/profile-icd.md" > /dev/null || log "trace_table decode $shape failed"
+  python3 bench/peer/trace_table.py "$work/traces/icd-$shape-decode-graph.json" --region icd_decode_graph_step \
+    --label "icd $shape decode step as its CUDA graph (bf16)" --json "$work/profile-icd-$shape-decode-graph.json" \
+    --md "$work/profile-icd.md" > /dev/null || log "trace_table decode-graph $shape failed"
 }

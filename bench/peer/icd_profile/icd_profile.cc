@@ -5,8 +5,10 @@
 //   icd_profile --model DIR [--dtype bfloat16] [--seq-len 2048] [--prefill-iters 5]
 //               [--decode-steps 30] [--warmup 3] [--out PREFIX]
 //
-// Writes PREFIX-prefill.json and PREFIX-decode.json (chrome traces; the
-// regions "icd_prefill" and "icd_decode_step" each end with a device sync, so
+// Writes PREFIX-prefill.json, PREFIX-decode.json (a decode session's eager
+// steps) and PREFIX-decode-graph.json (its CUDA graph replayed): chrome
+// traces whose regions "icd_prefill", "icd_decode_step" and
+// "icd_decode_graph_step" each end with a device sync, so
 // every kernel a region launched ran inside it: bench/peer/trace_table.py
 // reads them) and prints, without the profiler, the median wall time of a
 // prefill and of a decode step (host clock around the call and a sync), to
@@ -28,6 +30,7 @@
 #include <vector>
 
 #include "checkpoint.h"
+#include "decode.h"
 #include "forward.h"
 
 namespace {
@@ -142,31 +145,38 @@ int main(int argc, char** argv) {
   }
   StopProfiler(out + "-prefill.json");
 
-  // Decode: the state after the prefill, then one token per call.
-  icd::RecurrentState state;
-  OrDie(icd::ForwardPrechecked(config, weights, ids, {}, &state), "prefill into the state");
+  // Decode: a decode session (what MeasureLatency's decode mode times),
+  // first eager, every kernel launched on its own (the same kernels the graph
+  // replays, each with its own duration), then as its CUDA graph.
   int64_t next = 0;
-  auto step = [&] {
-    return OrDie(icd::ForwardPrechecked(config, weights, steps.narrow(0, next++, 1), {}, &state),
-                 "decode step");
-  };
-  for (int i = 0; i < warmup; ++i) step();
-  torch::cuda::synchronize();
-  plain.clear();
-  for (int i = 0; i < decode_steps; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    step();
+  for (const icd::decode::Execution execution :
+       {icd::decode::Execution::kEager, icd::decode::Execution::kCudaGraph}) {
+    const char* name = icd::decode::ExecutionName(execution);
+    auto session = OrDie(icd::decode::Session::Start(config, weights, ids, execution, {}),
+                         "decode session");
+    auto step = [&] {
+      return OrDie(session->Step(steps.narrow(0, next++ % steps.size(0), 1), {}), "decode step");
+    };
+    for (int i = 0; i < warmup; ++i) step();
     torch::cuda::synchronize();
-    plain.push_back(Ms(t0, std::chrono::steady_clock::now()));
+    plain.clear();
+    for (int i = 0; i < decode_steps; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      step();
+      torch::cuda::synchronize();
+      plain.push_back(Ms(t0, std::chrono::steady_clock::now()));
+    }
+    std::cout << "decode step (" << name << "), no profiler: median " << Median(plain)
+              << " ms over " << plain.size() << "\n";
+    StartProfiler();
+    for (int i = 0; i < decode_steps; ++i) {
+      RECORD_USER_SCOPE(execution == icd::decode::Execution::kEager ? "icd_decode_step"
+                                                                      : "icd_decode_graph_step");
+      step();
+      torch::cuda::synchronize();
+    }
+    StopProfiler(out + (execution == icd::decode::Execution::kEager ? "-decode.json"
+                                                                     : "-decode-graph.json"));
   }
-  std::cout << "decode step, no profiler: median " << Median(plain) << " ms over "
-            << plain.size() << "\n";
-  StartProfiler();
-  for (int i = 0; i < decode_steps; ++i) {
-    RECORD_USER_SCOPE("icd_decode_step");
-    step();
-    torch::cuda::synchronize();
-  }
-  StopProfiler(out + "-decode.json");
   return 0;
 }

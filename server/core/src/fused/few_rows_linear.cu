@@ -20,7 +20,15 @@ using cuda_elements::BFloat16Element;
 using cuda_elements::Float16Element;
 using cuda_elements::Float32Element;
 
-constexpr int kWarps = 8;
+// Tuning knobs, fixed here; bench/linear_bench.cu builds variants with -D.
+#ifndef ICD_FEW_ROWS_LINEAR_WARPS
+#define ICD_FEW_ROWS_LINEAR_WARPS 8
+#endif
+#ifndef ICD_FEW_ROWS_LINEAR_UNROLL
+#define ICD_FEW_ROWS_LINEAR_UNROLL 4
+#endif
+
+constexpr int kWarps = ICD_FEW_ROWS_LINEAR_WARPS;
 constexpr int kThreads = kWarps * 32;
 constexpr int kLoadBytes = 16;
 
@@ -72,7 +80,7 @@ __device__ __forceinline__ uint4 LoadStreaming(const void* address) {
 }
 
 // Loads of a lane in flight together.
-constexpr int kUnroll = 4;
+constexpr int kUnroll = ICD_FEW_ROWS_LINEAR_UNROLL;
 
 // A block's kWarps warps compute kWarps / split output features; the `split`
 // warps of one feature take interleaved 16-byte columns of its weight row

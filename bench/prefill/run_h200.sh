@@ -5,7 +5,7 @@
 #            (bench/make_random_mamba.py, bf16, seed 0) meanwhile, then icd_profile
 #            (bench/peer/icd_profile)
 #   test     cuda_test (every case; its [cuda] lines give the kernels' errors) and
-#            forward_test (the CPU path against the goldens)
+#            model_test's forward tests (the CPU path against the goldens)
 #   latency  icd-server's MeasureLatency (icdctl latency): prefill 2048 tokens
 #            (30 samples) and decode (200), bf16, batch 1, both shapes
 #   profile  icd_profile (Kineto) on the prefill of both shapes -> trace_table.py
@@ -50,7 +50,7 @@ source bench/peer/icd_env.sh  # icd_env, profile_icd
 
 if want build; then
   t0=$(date +%s)
-  ( ICD_TARGETS="icd-server icdctl icd_core_testing cuda_test forward_test" ICD_LOG_DIR="$work/logs/icd-build" \
+  ( ICD_TARGETS="icd-server icdctl icd_core_testing cuda_test model_test" ICD_LOG_DIR="$work/logs/icd-build" \
       bash deploy/build-gpu.sh "$build" > "$work/logs/icd-build.log" 2>&1
     echo "exit $?" >> "$work/logs/icd-build.log" ) & build_pid=$!
   if [[ -n "${BASE_TREE:-}" ]]; then
@@ -78,7 +78,7 @@ if want test && [[ -x "$build/tests/unit/cuda_test" ]] && fits 60 test; then
   icd_env timeout $(( deadline - $(date +%s) - 30 )) "$build/tests/unit/cuda_test" > "$out/cuda_test.txt" 2>&1
   log "cuda_test exit $?: $(grep -E '^\[  (PASSED|FAILED) ' "$out/cuda_test.txt" | tr '\n' ' ')"
   grep -E "^\[cuda\]|FAILED|Failure|error" "$out/cuda_test.txt" >&2
-  icd_env timeout 120 "$build/tests/unit/forward_test" --gtest_brief=1 > "$work/logs/forward_test.txt" 2>&1
+  icd_env timeout 120 "$build/tests/unit/model_test" --gtest_brief=1 --gtest_filter="*Forward*:*Golden*:*Decode*:*Capture*" > "$work/logs/forward_test.txt" 2>&1
   log "forward_test exit $?: $(grep -E '^\[  (PASSED|FAILED) ' "$work/logs/forward_test.txt" | tr '\n' ' ')"
 fi
 # Every build done before any timing: a compiling CPU would be timed too.

@@ -48,7 +48,7 @@ using testing::RelL2;
 
 using Case = testing::GoldenCase;
 
-constexpr double kGoldenTolerance = 1e-4;  // design.md: vs HF goldens in float32
+using testing::kGoldenTolerance;
 
 class CudaTest : public ::testing::TestWithParam<Case> {
  protected:

@@ -19,7 +19,7 @@ using testing::RelL2;
 
 using Case = testing::GoldenCase;
 
-constexpr double kGoldenTolerance = 1e-4;  // design.md: vs HF goldens in float32
+using testing::kGoldenTolerance;
 
 // Largest relative L2 seen against the goldens after a permutation, per family.
 std::map<std::string, double>& Worst() {

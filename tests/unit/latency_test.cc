@@ -36,12 +36,12 @@ TEST(LatencyStatsTest, QuantilesInterpolateBetweenRanks) {
 // The ranks of standard tables of the order-statistic interval (1-based
 // ranks 2 and 9 for n = 10, 6 and 15 for n = 20, 40 and 61 for n = 100).
 TEST(LatencyStatsTest, MedianIntervalRanks) {
-  struct Case {
+  struct Ranks {
     size_t n, low, high;
   };
-  for (const Case& c : {Case{1, 0, 0}, Case{2, 0, 1}, Case{5, 0, 4}, Case{6, 0, 5},
-                        Case{8, 0, 7}, Case{9, 1, 7}, Case{10, 1, 8}, Case{20, 5, 14},
-                        Case{100, 39, 60}, Case{1000, 468, 531}}) {
+  for (const Ranks& c : {Ranks{1, 0, 0}, Ranks{2, 0, 1}, Ranks{5, 0, 4}, Ranks{6, 0, 5},
+                         Ranks{8, 0, 7}, Ranks{9, 1, 7}, Ranks{10, 1, 8}, Ranks{20, 5, 14},
+                         Ranks{100, 39, 60}, Ranks{1000, 468, 531}}) {
     const latency::RankInterval ranks = MedianInterval95(c.n);
     EXPECT_EQ(ranks.low, c.low) << "n = " << c.n;
     EXPECT_EQ(ranks.high, c.high) << "n = " << c.n;

@@ -208,7 +208,7 @@ TEST(GatherBitsTest, EveryDTypeMovesTheFloat32PermutationCastBitForBit) {
 // slice. A true symmetry moves these logits by ~1e-7; the tests judge at 1e-5
 // (verify) and 1e-4 (goldens), so a control must land well above both.
 constexpr double kControlFloor = 1e-3;
-constexpr double kGoldenTolerance = 1e-4;  // engine_golden_test, design.md
+using testing::kGoldenTolerance;
 
 // A member that no valid permutation of its group can move, so leaving it out
 // changes nothing and is no defect: any member of a group of one channel

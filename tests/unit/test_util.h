@@ -125,6 +125,9 @@ inline Weights Clone(const Weights& weights) {
   return copy;
 }
 
+// Largest relative L2 of icd's float32 logits from HF's goldens (design.md).
+inline constexpr double kGoldenTolerance = 1e-4;
+
 inline double RelL2(const torch::Tensor& now, const torch::Tensor& reference) {
   torch::Tensor a = now.to(torch::kFloat64), b = reference.to(torch::kFloat64);
   return (a - b).norm().item<double>() / b.norm().item<double>();

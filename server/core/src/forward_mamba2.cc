@@ -1,13 +1,15 @@
 // Mamba-2 mixer, step by step as HF's Mamba2Mixer.torch_forward and
-// mamba_ssm's Mamba2 (mamba_symmetries.md §2.4-2.5). The scan runs as the
-// sequential recurrence, which the chunked SSD computes exactly (chunk_size
-// changes only the summation order).
+// mamba_ssm's Mamba2 (mamba_symmetries.md §2.4-2.5). The scan runs in the
+// chunked form of the state-space duality (scan/state_space_scan.h), as HF's
+// and mamba_ssm's do; the chunk size changes only the order of the sums.
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "forward_internal.h"
+#include "scan/state_space_scan.h"
 
 namespace icd::forward_internal {
 namespace {
@@ -68,6 +70,32 @@ torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
   return normalized.to(precision.compute);
 }
 
+// Steps per chunk of the chunked scan, and chunks between two checks of the
+// call: a chunk's work is a few batched products, so a check every 16 chunks
+// comes about as often as the recurrence's did every ScanStepsPerCheck steps.
+constexpr int64_t kScanChunk = 32;
+constexpr int64_t kScanChunksPerCheck = 16;
+
+// The scan over the whole sequence: a decode step (one token) as the
+// recurrence, anything longer in the chunked form, in slices of time that
+// carry S from one to the next and check ctx between them.
+torch::Tensor Scan(const scan::StateSpaceInputs& inputs, torch::Tensor* state,
+                   const CallContext& ctx, int64_t layer) {
+  const int64_t seq_len = inputs.hidden.size(1);
+  if (seq_len == 1) return scan::StateSpaceScanSequential(inputs, state);
+  constexpr int64_t kSlice = kScanChunk * kScanChunksPerCheck;
+  if (seq_len <= kSlice) return scan::StateSpaceScanChunked(inputs, kScanChunk, state);
+  torch::Tensor carried = state != nullptr ? *state : torch::Tensor();  // S, [B, H, P, N]
+  std::vector<torch::Tensor> outputs;  // [B, slice, H, P] each
+  for (int64_t start = 0; start < seq_len; start += kSlice) {
+    if (start > 0) CheckCallInLayer(ctx, layer);
+    outputs.push_back(scan::StateSpaceScanChunked(
+        scan::TimeSlice(inputs, start, std::min(kSlice, seq_len - start)), kScanChunk, &carried));
+  }
+  if (state != nullptr) *state = carried;
+  return torch::cat(outputs, 1);  // [B, L, H, P]
+}
+
 }  // namespace
 
 torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
@@ -80,7 +108,6 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
   const int64_t heads = config.nheads;
   const int64_t head_dim = config.headdim;
   const int64_t groups = config.ngroups;
-  const int64_t heads_per_group = heads / groups;
   const int64_t state_size = config.d_state;
   const int64_t group_state = groups * state_size;
   const torch::ScalarType wide = precision.accumulate;
@@ -101,53 +128,31 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
   const std::string state_group = LayerGroupName(layer, "state");
   capture.Add(state_group, xbc.narrow(-1, inner, group_state));                // B [B, L, G·N]
   capture.Add(state_group, xbc.narrow(-1, inner + group_state, group_state));  // C [B, L, G·N]
-  // Heads of one group are contiguous (g(h) = h / heads_per_group): view the
-  // head axis as [groups, heads_per_group] and let B, C broadcast over it.
-  torch::Tensor hidden = xbc.narrow(-1, 0, inner).to(wide).reshape(
-      {batch, seq_len, groups, heads_per_group, head_dim});  // [B, L, G, Kh, P]
-  torch::Tensor b_proj = xbc.narrow(-1, inner, group_state).to(wide).reshape(
-      {batch, seq_len, groups, 1, 1, state_size});  // [B, L, G, 1, 1, N]
-  torch::Tensor c_proj = xbc.narrow(-1, inner + group_state, group_state).to(wide).reshape(
-      {batch, seq_len, groups, 1, state_size, 1});  // [B, L, G, 1, N, 1]
+  torch::Tensor hidden = xbc.narrow(-1, 0, inner).to(wide);  // [B, L, I]
 
   // 3. Δ = softplus(dt + dt_bias) (compute dtype, as HF), clamped to dt_limit
   // only when it is not the default (0, inf); A = -exp(A_log), one per head.
   torch::Tensor delta = torch::softplus(time_step + view.dt_bias);  // [B, L, H]
   if (HasDtLimit(config)) delta = torch::clamp(delta, config.dt_min, config.dt_max);
-  delta = delta.to(wide).reshape({batch, seq_len, groups, heads_per_group});  // [B, L, G, Kh]
-  torch::Tensor a_decay = -torch::exp(view.a_log).reshape({groups, heads_per_group});  // [G, Kh]
-  torch::Tensor decay = torch::exp(delta * a_decay).unsqueeze(-1).unsqueeze(-1);  // [B, L, G, Kh, 1, 1]
-  torch::Tensor delta_x = (hidden * delta.unsqueeze(-1)).unsqueeze(-1);          // [B, L, G, Kh, P, 1]
 
-  // 4-5. S_t = exp(Δ_t A) S_{t-1} + Δ_t x_t B_t^T, y_t = S_t C_t, sequential,
-  // from the state's S (zeros without one).
-  const std::vector<int64_t> grouped_state_shape = {batch, groups, heads_per_group, head_dim,
-                                                    state_size};
-  torch::Tensor ssm_state =
-      state != nullptr && state->ssm_state.defined()
-          ? state->ssm_state.to(wide).reshape(grouped_state_shape)
-          : torch::zeros(grouped_state_shape, normed.options().dtype(wide));  // [B, G, Kh, P, N]
-  std::vector<torch::Tensor> scan_outputs;
-  scan_outputs.reserve(static_cast<size_t>(seq_len));
-  const int64_t steps_per_check = ScanStepsPerCheck(ssm_state.numel());
-  for (int64_t step = 0; step < seq_len; ++step) {
-    if (step > 0 && step % steps_per_check == 0) CheckCallInLayer(ctx, layer);
-    ssm_state = decay.select(1, step) * ssm_state +
-                delta_x.select(1, step) * b_proj.select(1, step);
-    scan_outputs.push_back(
-        torch::matmul(ssm_state, c_proj.select(1, step)).squeeze(-1));  // [B, G, Kh, P]
-  }
-  if (state != nullptr) {
-    state->ssm_state = ssm_state.reshape({batch, heads, head_dim, state_size});  // [B, H, P, N]
-  }
+  // 4-5. S_t = exp(Δ_t A) S_{t-1} + Δ_t x_t B_t^T, y_t = S_t C_t, from the
+  // state's S (zeros without one): scan/state_space_scan.h.
+  scan::StateSpaceInputs scan_inputs;
+  scan_inputs.hidden = hidden.reshape({batch, seq_len, heads, head_dim});
+  scan_inputs.delta = delta.to(wide);
+  scan_inputs.a_decay = -torch::exp(view.a_log);
+  scan_inputs.b_proj = xbc.narrow(-1, inner, group_state).to(wide).reshape(
+      {batch, seq_len, groups, state_size});
+  scan_inputs.c_proj = xbc.narrow(-1, inner + group_state, group_state).to(wide).reshape(
+      {batch, seq_len, groups, state_size});
   torch::Tensor scan_output =
-      torch::stack(scan_outputs, 1).reshape({batch, seq_len, inner});  // [B, L, I]
+      Scan(scan_inputs, state != nullptr ? &state->ssm_state : nullptr, ctx, layer)
+          .reshape({batch, seq_len, inner});  // [B, L, I]
   // D skip: one per head, or one per channel (mamba_ssm D_has_hdim).
   torch::Tensor d_channels =
       config.d_has_hdim ? view.d_skip
                         : view.d_skip.repeat_interleave(head_dim);  // [I]
-  torch::Tensor hidden_flat = hidden.reshape({batch, seq_len, inner});
-  scan_output = scan_output + hidden_flat * d_channels;
+  scan_output = scan_output + hidden * d_channels;
 
   // 6. Gated RMSNorm (or the bare gate).
   torch::Tensor gated = GatedNorm(config, view, precision, scan_output, gate.to(wide));

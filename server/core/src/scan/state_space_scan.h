@@ -1,0 +1,45 @@
+// Mamba-2's scan (mamba_symmetries.md §2.4): per head h of group g(h),
+//   S_t = exp(Δ_t A_h) S_{t-1} + Δ_t x_t B_tᵀ,   y_t = S_t C_t,
+// with the state S [P, N] per head. Two forms of the same function: the
+// recurrence, one step after another (the reference, and a decode step),
+// and the chunked form of the Mamba-2 paper's state-space duality (§6),
+// where all but a short recurrence over chunks is batched matrix products.
+// They differ only in the order of their sums. LibTorch ops, any device.
+#ifndef ICD_CORE_SRC_SCAN_STATE_SPACE_SCAN_H_
+#define ICD_CORE_SRC_SCAN_STATE_SPACE_SCAN_H_
+
+#include "torch_api.h"
+
+namespace icd::scan {
+
+// One layer, with batch B, time L, heads H in G groups (the heads of a group
+// contiguous: g(h) = h / (H / G)), head dim P, state size N. All in one
+// floating dtype (the forward's accumulate dtype), on one device; views are
+// fine.
+struct StateSpaceInputs {
+  torch::Tensor hidden;   // x, [B, L, H, P]
+  torch::Tensor delta;    // Δ, after softplus and any clamp, [B, L, H]
+  torch::Tensor a_decay;  // A = -exp(A_log), [H]
+  torch::Tensor b_proj;   // B, [B, L, G, N]
+  torch::Tensor c_proj;   // C, [B, L, G, N]
+};
+
+// Returns y [B, L, H, P] (no D skip, no gate). `state` (optional) carries
+// S [B, H, P, N] across calls: when defined on entry it is S_0 (zeros
+// otherwise); on return it holds S_L.
+torch::Tensor StateSpaceScanSequential(const StateSpaceInputs& inputs,
+                                       torch::Tensor* state = nullptr);
+
+// The same, in chunks of `chunk` steps (the last one padded with inert
+// steps, Δ = 0). The decay between two steps of a chunk is the exponential
+// of a sum of that segment's own Δ·A terms, never a difference of running
+// sums, so that it keeps its relative precision however long the chunk.
+torch::Tensor StateSpaceScanChunked(const StateSpaceInputs& inputs, int64_t chunk,
+                                    torch::Tensor* state = nullptr);
+
+// The inputs' time steps [start, start + length).
+StateSpaceInputs TimeSlice(const StateSpaceInputs& inputs, int64_t start, int64_t length);
+
+}  // namespace icd::scan
+
+#endif  // ICD_CORE_SRC_SCAN_STATE_SPACE_SCAN_H_

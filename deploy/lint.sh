@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Checks what can be checked of the deployment files without Docker or a
-# cluster: the Dockerfile with dockerfile-utils (the linter behind VS Code's
+# cluster: the top-level Dockerfile with dockerfile-utils (the linter behind VS Code's
 # Docker support; from npm, pinned) and that every YAML file parses.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-npx --yes dockerfile-utils@0.16.3 lint "$here/Dockerfile"
+npx --yes dockerfile-utils@0.16.3 lint "$here/../Dockerfile"
 /usr/bin/python3 - "$here"/k8s/*.yaml "$here"/compose.yaml <<'PY'
 import sys, yaml
 for path in sys.argv[1:]:

@@ -2,7 +2,7 @@
 # gRPC 1.51 / protobuf 3.21 / abseil (the versions of Debian bookworm that the
 # CI and the H200 builds use), running as a non-root user.
 #
-#   docker build -f deploy/Dockerfile -t icd-server .
+#   docker build -t icd-server .
 #   docker run --gpus all -p 50051:50051 -v /srv/models:/models:ro \
 #     -v /srv/exports:/exports icd-server
 #
@@ -10,6 +10,8 @@
 # with the system's packages instead of unpacked .debs and the official
 # LibTorch archive instead of PyTorch's bundled one. No GPU is needed to
 # build; the GPU tests run on a GPU node (deploy/build-gpu.sh there).
+# .dockerignore keeps build trees, peers' sources and results out of the
+# context; .git stays, so the build records its commit.
 ARG CUDA_VERSION=12.6.3
 ARG LIBTORCH_URL=https://download.pytorch.org/libtorch/cu126/libtorch-cxx11-abi-shared-with-deps-2.6.0%2Bcu126.zip
 

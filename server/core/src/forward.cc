@@ -136,10 +136,10 @@ torch::Tensor CausalDepthwiseConv(const torch::Tensor& values, const torch::Tens
                                   const torch::Tensor& bias, const torch::Tensor& history,
                                   torch::Tensor* next_history, const CallContext& ctx,
                                   int64_t layer) {
-  // LibTorch's CPU depthwise conv1d takes ~1 s for 4 x 32768 positions of
-  // 128 channels (measured, LibTorch 1.13, 2 cores): on the CPU long inputs
-  // go in chunks of time of about 4096 positions, each continuing the
-  // history of the one before, with a check of ctx between them.
+  // On the CPU long inputs go in chunks of time of about 4096 positions,
+  // each continuing the history of the one before, with a check of ctx
+  // between them: one conv1d over a long input cannot be stopped
+  // (docs/results.md, "Notes from the sources").
   const int64_t batch = values.size(0);
   const int64_t seq_len = values.size(1);
   const int64_t steps = std::max<int64_t>(1, kPositionsPerChunk / std::max<int64_t>(batch, 1));

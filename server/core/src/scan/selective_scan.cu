@@ -20,11 +20,9 @@
 //
 // Within a chunk the steps go in batches of up to 8, phase by phase (all
 // shared loads, then all exps, then the recurrence), so that a warp, which
-// issues in order, need not wait for each step's loads and exp in turn. On
-// H200 this measured the same as step-by-step code (about 80 cycles per
-// step and warp at batch 1); where the time goes is still open (see
-// deploy/results/scan-h200-*.txt: neither DRAM, nor issue, nor the
-// special-function unit is near its limit).
+// issues in order, need not wait for each step's loads and exp in turn
+// (what it measured, and what is still open: docs/results.md, "Notes from
+// the sources").
 //
 // Padding is inert by construction: steps past L and states past N get
 // Δ = Δ·x = B = C = 0 and A = 0, i.e. decay 1 and drive 0, so the state is
@@ -247,7 +245,7 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
 
   // One prefetch per (row, operand) of a chunk's x, Δ, z strip: no
   // registers, no waiting; the register loads a chunk later then hit L2.
-  // (An option: slower than without on H200 in every case measured.)
+  // (An option, off by default: docs/results.md.)
   auto prefetch_chunk = [&](int64_t chunk_start) {
     const auto* hidden_strip = static_cast<const Storage*>(args.hidden.data) +
                                batch * args.hidden.batch_stride + first_channel;
@@ -525,10 +523,8 @@ ScanKernelShape DefaultScanKernelShape(int64_t batch, int64_t inner, int64_t sta
                                        int multiprocessors) {
   // The most states per thread that still leaves about 8 warps per SM:
   // fewer lanes per channel cost fewer shuffles and shared loads per state,
-  // but batch 1 of a small model needs every thread it can get. On H200
-  // (bench/scan_bench.cu) this picks the fastest measured shape in every
-  // case: 1 state per thread at mamba-130m batch 1, 2 at mamba-2.8b batch 1
-  // and mamba-130m batch 4, 4 at mamba-2.8b batch 4.
+  // but batch 1 of a small model needs every thread it can get
+  // (bench/scan_bench.cu times every shape; docs/results.md).
   const int64_t wanted_threads = int64_t{multiprocessors} * 8 * 32;
   ScanKernelShape shape;
   shape.channels_per_block = 16;

@@ -61,7 +61,7 @@ struct ScanLaunchArgs {
 // at least 4; padded states are inert); a block holds channels_per_block
 // channels. unroll_groups unrolls a time chunk's butterfly groups (more
 // overlap, more registers); prefetch_l2 prefetches x, Δ, z into L2 two
-// chunks ahead. The engine uses neither (both measured slower on H200).
+// chunks ahead. The engine uses neither (docs/results.md).
 struct ScanKernelShape {
   int states_per_thread = 1;
   int channels_per_block = 16;
@@ -69,9 +69,8 @@ struct ScanKernelShape {
   bool prefetch_l2 = false;
 };
 
-// The shape the engine uses (chosen by measurement on H200, see
-// bench/scan_bench.cu): as many states per thread as still leave about 8
-// warps per multiprocessor.
+// The shape the engine uses (bench/scan_bench.cu times the others): as many
+// states per thread as still leave about 8 warps per multiprocessor.
 ScanKernelShape DefaultScanKernelShape(int64_t batch, int64_t inner, int64_t state_size,
                                        int multiprocessors);
 

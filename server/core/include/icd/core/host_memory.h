@@ -4,9 +4,8 @@
 // thread's arena) with a fresh mmap and unmaps them on free, so each large
 // temporary tensor (a [C, C] statistic or gain matrix: 200 MB at 5120
 // channels) costs a page fault per 4 KB page and the kernel zeroing it,
-// again on every allocation. Measured on a 2-core VM: a 5120-channel
-// ComputePermutation solve took 54 s that way and 22 s with freed blocks
-// kept (docs/traces.md).
+// again on every allocation (what that cost a 5120-channel solve:
+// docs/traces.md).
 #ifndef ICD_CORE_HOST_MEMORY_H_
 #define ICD_CORE_HOST_MEMORY_H_
 

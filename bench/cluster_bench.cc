@@ -21,7 +21,7 @@
 
 #include "icd/core/host_memory.h"
 #include "traces/graph.h"
-#include "traces/louvain.h"
+#include "traces/leiden.h"
 #include "traces/stats.h"
 
 namespace {

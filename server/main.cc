@@ -24,6 +24,7 @@
 #include "grpc/health/v1/health.pb.h"
 #include "absl/strings/str_cat.h"
 #include "icd/core/engine.h"
+#include "icd/core/stale_exports.h"
 #include "icd/core/host_memory.h"
 #include "auth.h"
 #include "paths.h"

@@ -36,7 +36,7 @@
 #include "symmetry.h"
 #include "test_util.h"
 #include "traces/graph.h"
-#include "traces/louvain.h"
+#include "traces/leiden.h"
 #include "traces/stats.h"
 
 namespace icd {

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "icd/core/engine.h"
+#include "icd/core/stale_exports.h"
 #include "icd/core/status_macros.h"
 #include "io/safetensors.h"
 #include "io/torch_bin.h"

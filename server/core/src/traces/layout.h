@@ -10,7 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "icd/core/types.h"
-#include "traces/louvain.h"
+#include "traces/leiden.h"
 
 namespace icd::traces {
 

@@ -12,7 +12,7 @@
 #include "icd/core/status_macros.h"
 #include "symmetry.h"
 #include "traces/layout.h"
-#include "traces/louvain.h"
+#include "traces/leiden.h"
 #include "traces/nm_sparsity.h"
 
 namespace icd::traces {

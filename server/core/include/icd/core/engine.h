@@ -47,12 +47,6 @@ struct EngineOptions {
   int64_t memory_budget_bytes = 0;
 };
 
-// Removes what an export killed mid-way left under `root`: directories named
-// .icd-export-* (an export writes into one, then renames it into place), at
-// any depth; symlinks are not followed. Returns the removed paths. Run at
-// start, before any export: a live export's directory has that name too.
-ICD_CORE_API absl::StatusOr<std::vector<std::string>> RemoveStaleExports(const std::string& root);
-
 class ICD_CORE_API Engine {
  public:
   explicit Engine(EngineOptions options = {});

@@ -1,5 +1,5 @@
 // Leiden clustering, modularity and the adjusted Rand index.
-#include "traces/louvain.h"
+#include "traces/leiden.h"
 
 #include <gtest/gtest.h>
 #include "torch_api.h"

@@ -1,4 +1,4 @@
-#include "traces/louvain.h"
+#include "traces/leiden.h"
 
 #include <algorithm>
 #include <cmath>

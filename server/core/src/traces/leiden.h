@@ -9,8 +9,8 @@
 // local moves and the refinement, sequential by nature, run on the host:
 // dense row scans (O(n^2) per sweep) while communities are many, then a
 // node-to-community link matrix (O(n K) per sweep, O(n) per move).
-#ifndef ICD_CORE_SRC_TRACES_LOUVAIN_H_
-#define ICD_CORE_SRC_TRACES_LOUVAIN_H_
+#ifndef ICD_CORE_SRC_TRACES_LEIDEN_H_
+#define ICD_CORE_SRC_TRACES_LEIDEN_H_
 
 #include "torch_api.h"
 
@@ -47,4 +47,4 @@ absl::StatusOr<std::vector<int64_t>> LeidenCluster(const torch::Tensor& weights,
 
 }  // namespace icd::traces
 
-#endif  // ICD_CORE_SRC_TRACES_LOUVAIN_H_
+#endif  // ICD_CORE_SRC_TRACES_LEIDEN_H_

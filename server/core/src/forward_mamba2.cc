@@ -70,10 +70,15 @@ torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
   return normalized.to(precision.compute);
 }
 
-// Steps per chunk of the chunked scan, and chunks between two checks of the
-// call: a chunk's work is a few batched products, so a check every 16 chunks
-// comes about as often as the recurrence's did every ScanStepsPerCheck steps.
-constexpr int64_t kScanChunk = 32;
+// Steps per chunk of the chunked scan. On the CPU, LibTorch's batched
+// products are a loop of one small GEMM each, so short chunks pay per call
+// and long ones for their [Q, Q] decay matrices: 32 was the fastest measured
+// (docs/mamba2-scan.md). On CUDA, mamba_ssm's own default; not yet tuned.
+int64_t ScanChunk(const torch::Device& device) { return device.is_cpu() ? 32 : 256; }
+
+// Chunks between two checks of the call: a chunk's work is a few batched
+// products, so this checks about as often as the recurrence did every
+// ScanStepsPerCheck steps.
 constexpr int64_t kScanChunksPerCheck = 16;
 
 // The scan over the whole sequence: a decode step (one token) as the
@@ -83,14 +88,15 @@ torch::Tensor Scan(const scan::StateSpaceInputs& inputs, torch::Tensor* state,
                    const CallContext& ctx, int64_t layer) {
   const int64_t seq_len = inputs.hidden.size(1);
   if (seq_len == 1) return scan::StateSpaceScanSequential(inputs, state);
-  constexpr int64_t kSlice = kScanChunk * kScanChunksPerCheck;
-  if (seq_len <= kSlice) return scan::StateSpaceScanChunked(inputs, kScanChunk, state);
+  const int64_t chunk = ScanChunk(inputs.hidden.device());
+  const int64_t slice = chunk * kScanChunksPerCheck;
+  if (seq_len <= slice) return scan::StateSpaceScanChunked(inputs, chunk, state);
   torch::Tensor carried = state != nullptr ? *state : torch::Tensor();  // S, [B, H, P, N]
   std::vector<torch::Tensor> outputs;  // [B, slice, H, P] each
-  for (int64_t start = 0; start < seq_len; start += kSlice) {
+  for (int64_t start = 0; start < seq_len; start += slice) {
     if (start > 0) CheckCallInLayer(ctx, layer);
     outputs.push_back(scan::StateSpaceScanChunked(
-        scan::TimeSlice(inputs, start, std::min(kSlice, seq_len - start)), kScanChunk, &carried));
+        scan::TimeSlice(inputs, start, std::min(slice, seq_len - start)), chunk, &carried));
   }
   if (state != nullptr) *state = carried;
   return torch::cat(outputs, 1);  // [B, L, H, P]

@@ -1,0 +1,459 @@
+// The engine's internals shared by its translation units (engine.cc, the
+// façade; engine_capture.cc, CapturePermutation): a loaded model, the
+// registry that holds them (Engine::Impl), and the small conversions and
+// checks the API methods share. Internal to core.
+#ifndef ICD_CORE_SRC_ENGINE_INTERNAL_H_
+#define ICD_CORE_SRC_ENGINE_INTERNAL_H_
+
+#include "torch_api.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <shared_mutex>
+#include <unordered_map>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "checkpoint.h"
+#include "config.h"
+#include "exporter.h"
+#include "forward.h"
+#include "icd/core/engine.h"
+#include "icd/core/status_macros.h"
+#include "latency.h"
+#include "model.h"
+#include "probe.h"
+#include "symmetry.h"
+#include "traces/solve.h"
+
+namespace icd {
+namespace engine_internal {
+
+
+using Clock = std::chrono::steady_clock;
+
+inline double MillisSince(Clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+}
+
+// LibTorch reports errors by exception; none may cross the engine API.
+template <typename Fn>
+auto Guarded(const char* what, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const std::exception& e) {
+    return InternalFailure(what, e.what());
+  }
+}
+
+inline absl::StatusOr<torch::ScalarType> ToTorch(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return torch::kFloat32;
+    case DType::kBFloat16: return torch::kBFloat16;
+    case DType::kFloat16: return torch::kFloat16;
+    case DType::kFloat64: return torch::kFloat64;
+  }
+  return absl::InvalidArgumentError("unknown dtype");
+}
+
+inline absl::StatusOr<DType> FromTorch(torch::ScalarType type) {
+  switch (type) {
+    case torch::kFloat32: return DType::kFloat32;
+    case torch::kBFloat16: return DType::kBFloat16;
+    case torch::kFloat16: return DType::kFloat16;
+    case torch::kFloat64: return DType::kFloat64;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("unsupported tensor dtype ", std::string(c10::toString(type))));
+  }
+}
+
+inline absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
+  if (name == "cpu") return torch::Device(torch::kCPU);
+  if (name == "cuda" || name.rfind("cuda:", 0) == 0) {
+    if (!torch::cuda::is_available()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("device '", name, "': no CUDA device is available to this server"));
+    }
+    try {
+      torch::Device device(name);
+      if (device.has_index() &&
+          device.index() >= static_cast<int64_t>(torch::cuda::device_count())) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "device '", name, "': only ", torch::cuda::device_count(), " CUDA devices"));
+      }
+      return device;
+    } catch (const std::exception&) {
+    }
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("device '", name, "': expected cpu, cuda or cuda:N"));
+}
+
+struct LoadedModel {
+  mutable std::shared_mutex mutex;  // shared: reads; exclusive: changes
+  ModelInfo info;
+  ModelConfig config;
+  Weights weights;
+  FamilySpec spec;
+  std::map<std::string, const GroupInfo*> groups;
+  CheckpointLayout layout;
+  ProbeReference probe;
+  torch::ScalarType dtype = torch::kFloat32;
+  std::vector<std::string> allowed_roots;  // LoadOptions::allowed_roots
+
+  double Tolerance(double requested) const {
+    return requested > 0 ? requested : DefaultTolerance(dtype);
+  }
+};
+
+inline std::string GroupList(const FamilySpec& spec) {
+  std::set<std::string> kinds;
+  for (const GroupInfo& group : spec) {
+    const auto dot = group.name.rfind('.');
+    kinds.insert(dot == std::string::npos ? group.name
+                                          : absl::StrCat("layers.{i}", group.name.substr(dot)));
+  }
+  return absl::StrJoin(kinds, ", ");
+}
+
+inline absl::Status CheckVersion(const LoadedModel& model, uint64_t expected) {
+  if (expected != 0 && expected != model.info.version) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("model '", model.info.name, "' is at version ", model.info.version,
+                     ", the request expected version ", expected));
+  }
+  return absl::OkStatus();
+}
+
+inline absl::StatusOr<const GroupInfo*> FindGroup(const LoadedModel& model, const std::string& name) {
+  auto it = model.groups.find(name);
+  if (it == model.groups.end()) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown group '", name, "'; model '",
+                                                   model.info.name, "' has ",
+                                                   GroupList(model.spec)));
+  }
+  return it->second;
+}
+
+// Token ids as an int64 [batch, seq] tensor on the model's device, checked.
+inline absl::StatusOr<torch::Tensor> TokenTensor(const LoadedModel& model, const std::vector<int64_t>& ids,
+                                          int64_t batch, const char* field) {
+  const auto count = static_cast<int64_t>(ids.size());
+  if (batch < 1 || count == 0 || count % batch != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": ", count,
+                                                   " ids do not split into batch ", batch,
+                                                   " equal non-empty rows"));
+  }
+  const int64_t vocab = model.config.vocab_size;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] < 0 || ids[i] >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ": id ", ids[i], " at position ", i,
+                                                     " outside [0, ", vocab, ")"));
+    }
+  }
+  return torch::tensor(ids, torch::dtype(torch::kInt64))
+      .reshape({batch, count / batch})
+      .to(model.probe.input_ids.device());
+}
+
+inline absl::StatusOr<torch::Tensor> ProbeLogits(const LoadedModel& model, const CallContext& ctx) {
+  return Forward(model.config, model.weights, model.probe.input_ids, ctx);
+}
+
+}  // namespace engine_internal
+
+using engine_internal::LoadedModel;
+
+class Engine::Impl {
+ public:
+  explicit Impl(EngineOptions options) : options_(std::move(options)) {}
+
+  absl::StatusOr<std::shared_ptr<LoadedModel>> Find(const std::string& name) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = models_.find(name);
+    if (it == models_.end()) {
+      return absl::NotFoundError(absl::StrCat("model '", name, "' is not loaded"));
+    }
+    return it->second;
+  }
+
+  absl::Status Reserve(const std::string& name) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (models_.count(name) > 0 || loading_.count(name) > 0) {
+      return absl::AlreadyExistsError(absl::StrCat("model '", name, "' is already loaded"));
+    }
+    const size_t held = models_.size() + loading_.size();
+    if (options_.max_models > 0 && held >= static_cast<size_t>(options_.max_models)) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "model limit reached: ", held, " models loaded or loading, at most ",
+          options_.max_models, " (icd-server --max-models); unload one first"));
+    }
+    loading_.insert(name);
+    return absl::OkStatus();
+  }
+
+  // Counts `bytes` against the memory budget for `name` (loading), or
+  // refuses: checked and booked under one lock, so concurrent loads cannot
+  // both pass.
+  absl::Status ReserveBytes(const std::string& name, int64_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    int64_t held = 0;
+    for (const auto& [holder, size] : bytes_) held += size;
+    if (options_.memory_budget_bytes > 0 && held + bytes > options_.memory_budget_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "memory budget: model '", name, "' needs ", bytes, " bytes of weights, ", held,
+          " are held, the budget is ", options_.memory_budget_bytes,
+          " (icd-server --memory-budget-mb); unload a model first"));
+    }
+    bytes_[name] = bytes;
+    return absl::OkStatus();
+  }
+
+  void Finish(const std::string& name, std::shared_ptr<LoadedModel> model) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    loading_.erase(name);
+    if (model) {
+      models_[name] = std::move(model);
+    } else {
+      bytes_.erase(name);
+    }
+  }
+
+  absl::StatusOr<std::shared_ptr<LoadedModel>> LoadModel(const std::string& name,
+                                                         const std::string& path,
+                                                         const LoadOptions& options,
+                                                         const CallContext& ctx) {
+    if (name.empty()) return absl::InvalidArgumentError("name: must not be empty");
+    const std::string device_name = options.device.empty() ? options_.default_device
+                                                           : options.device;
+    ICD_ASSIGN_OR_RETURN(torch::Device device, engine_internal::ParseDevice(device_name));
+    ICD_ASSIGN_OR_RETURN(Checkpoint checkpoint, ReadCheckpoint(path, ctx, options.allowed_roots));
+
+    auto model = std::make_shared<LoadedModel>();
+    model->dtype = checkpoint.weights.at("backbone.embeddings.weight").scalar_type();
+    if (!options.dtype.empty()) {
+      ICD_ASSIGN_OR_RETURN(DType dtype, ParseDType(options.dtype));
+      ICD_ASSIGN_OR_RETURN(model->dtype, engine_internal::ToTorch(dtype));
+    }
+    if (model->dtype == torch::kFloat16 && device.is_cpu()) {
+      return absl::InvalidArgumentError(
+          "dtype float16 on the CPU: LibTorch has no CPU half kernels here; load with dtype "
+          "float32 (or on a CUDA device)");
+    }
+    int64_t bytes = 0;
+    for (const auto& [tensor_name, tensor] : checkpoint.weights) {
+      bytes += tensor.numel() * static_cast<int64_t>(c10::elementSize(model->dtype));
+    }
+    ICD_RETURN_IF_ERROR(ReserveBytes(name, bytes));
+    torch::NoGradGuard no_grad;
+    for (auto& [tensor_name, tensor] : checkpoint.weights) {
+      tensor = tensor.to(device, model->dtype).contiguous();
+    }
+    model->config = checkpoint.config;
+    model->weights = std::move(checkpoint.weights);
+    model->layout = std::move(checkpoint.layout);
+    model->spec = BuildSpec(model->config);
+    ICD_RETURN_IF_ERROR(CheckSpec(model->spec, model->weights));
+    for (const GroupInfo& group : model->spec) model->groups[group.name] = &group;
+    ICD_ASSIGN_OR_RETURN(model->probe,
+                         TakeProbe(model->config, model->weights, checkpoint.fingerprint, ctx));
+
+    ModelInfo& info = model->info;
+    info.name = name;
+    info.family = model->config.family;
+    info.layout = model->config.layout;
+    info.device = device.str();
+    ICD_ASSIGN_OR_RETURN(info.dtype, engine_internal::FromTorch(model->dtype));
+    for (const auto& [tensor_name, tensor] : model->weights) info.parameters += tensor.numel();
+    info.version = FirstVersion(name);
+    info.fingerprint = checkpoint.fingerprint;
+    info.dims = ConfigDims(model->config);
+    info.path = path;
+    model->allowed_roots = options.allowed_roots;
+    return model;
+  }
+
+  std::vector<ModelInfo> List() const {
+    std::vector<std::shared_ptr<LoadedModel>> models;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (const auto& [name, model] : models_) models.push_back(model);
+    }
+    std::vector<ModelInfo> infos;
+    for (const auto& model : models) {
+      std::shared_lock<std::shared_mutex> lock(model->mutex);
+      infos.push_back(model->info);
+    }
+    return infos;
+  }
+
+  absl::Status Erase(const std::string& name) {
+    ICD_ASSIGN_OR_RETURN(auto model, Find(name));
+    std::unique_lock<std::shared_mutex> model_lock(model->mutex);  // waits for in-flight calls
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = models_.find(name);
+    if (it == models_.end() || it->second != model) {
+      return absl::NotFoundError(absl::StrCat("model '", name, "' is not loaded"));
+    }
+    models_.erase(it);
+    bytes_.erase(name);
+    uint64_t& last = retired_versions_[std::hash<std::string>{}(name)];
+    last = std::max(last, model->info.version);
+    return absl::OkStatus();
+  }
+
+  // The version a new load of `name` starts at: 1, or above every version an
+  // earlier instance of that name reached (ModelInfo::version). Keyed by a
+  // hash of the name, so a name costs 16 bytes however long it is; a
+  // collision only starts a model higher.
+  uint64_t FirstVersion(const std::string& name) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = retired_versions_.find(std::hash<std::string>{}(name));
+    return it == retired_versions_.end() ? 1 : it->second + 1;
+  }
+
+  absl::StatusOr<ApplyReport> Apply(LoadedModel& model, const std::vector<Permutation>& perms,
+                                    const ApplyOptions& options, const CallContext& ctx) {
+    const auto start = engine_internal::Clock::now();
+    ICD_RETURN_IF_ERROR(engine_internal::CheckVersion(model, options.expected_version));
+    if (perms.empty()) return absl::InvalidArgumentError("permutations: none given");
+    if (!(options.tolerance >= 0) || std::isinf(options.tolerance)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tolerance: must be a finite number >= 0 (0: the dtype's default), got ",
+          options.tolerance));
+    }
+    std::vector<const GroupInfo*> groups;
+    for (const Permutation& perm : perms) {
+      auto it = model.groups.find(perm.group);
+      if (it == model.groups.end()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "unknown group '", perm.group, "' (this model has: ", engine_internal::GroupList(model.spec), ")"));
+      }
+      ICD_RETURN_IF_ERROR(ValidatePermutation(*it->second, perm.index));
+      groups.push_back(it->second);
+    }
+    std::vector<GroupPermutation> gathers;
+    for (size_t i = 0; i < perms.size(); ++i) gathers.push_back({groups[i], &perms[i].index});
+    ApplyGathers(gathers, model.weights);
+    // Gathers on a GPU are asynchronous: apply_ms counts them finished.
+    const torch::Device device = model.weights.begin()->second.device();
+    if (device.is_cuda()) torch::cuda::synchronize(device.index());
+    auto restore = [&] {
+      std::vector<std::vector<int64_t>> inverses;
+      for (const Permutation& perm : perms) inverses.push_back(InversePermutation(perm.index));
+      std::vector<GroupPermutation> undo;
+      for (size_t i = perms.size(); i-- > 0;) undo.push_back({groups[i], &inverses[i]});
+      ApplyGathers(undo, model.weights);
+    };
+    ApplyReport report;
+    report.apply_ms = engine_internal::MillisSince(start);
+    for (const Permutation& perm : perms) report.groups.push_back(perm.group);
+    if (!options.skip_verify) {
+      const auto verify_start = engine_internal::Clock::now();
+      absl::StatusOr<torch::Tensor> logits = engine_internal::ProbeLogits(model, ctx);
+      if (!logits.ok()) {
+        restore();
+        return logits.status();
+      }
+      report.correctness =
+          CompareLogits(*logits, model.probe.logits, model.Tolerance(options.tolerance));
+      report.verify_ms = engine_internal::MillisSince(verify_start);
+      report.verified = true;
+      if (!report.correctness.ok) {
+        restore();
+        return absl::AbortedError(absl::StrFormat(
+            "post-apply check failed: relative L2 %.3g > tolerance %.3g (max abs %.3g, top-1 "
+            "agreement %.4f); weights restored, version stays %d",
+            report.correctness.rel_l2, report.correctness.tolerance, report.correctness.max_abs,
+            report.correctness.top1_agreement, model.info.version));
+      }
+    }
+    report.version = ++model.info.version;
+    return report;
+  }
+
+  absl::StatusOr<uint64_t> Write(LoadedModel& model, const std::vector<HostTensor>& tensors,
+                                 uint64_t expected_version) {
+    ICD_RETURN_IF_ERROR(engine_internal::CheckVersion(model, expected_version));
+    if (tensors.empty()) return absl::InvalidArgumentError("tensors: none given");
+    // Convert and check everything before touching any weight.
+    std::vector<std::pair<torch::Tensor*, torch::Tensor>> updates;
+    std::set<std::string> seen;
+    for (const HostTensor& host : tensors) {
+      std::string canonical = CanonicalTensorName(host.name);
+      if (canonical == "lm_head.weight" && model.config.tied) {
+        canonical = "backbone.embeddings.weight";
+      }
+      auto it = model.weights.find(canonical);
+      if (it == model.weights.end()) {
+        return absl::NotFoundError(absl::StrCat("tensor '", host.name, "' is not in model '",
+                                                model.info.name, "'"));
+      }
+      if (!seen.insert(canonical).second) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor '", host.name, "' given twice"));
+      }
+      torch::Tensor& current = it->second;
+      ICD_ASSIGN_OR_RETURN(torch::ScalarType type, engine_internal::ToTorch(host.dtype));
+      if (type != current.scalar_type() || host.shape != current.sizes().vec()) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "tensor '%s': got %s [%s], the model holds %s [%s]", host.name,
+            std::string(DTypeName(host.dtype)), absl::StrJoin(host.shape, ", "),
+            std::string(c10::toString(current.scalar_type())),
+            absl::StrJoin(current.sizes().vec(), ", ")));
+      }
+      const auto expected_bytes = static_cast<size_t>(current.numel()) * current.element_size();
+      if (host.data.size() != expected_bytes) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor '", host.name, "': ",
+                                                       host.data.size(), " bytes, expected ",
+                                                       expected_bytes));
+      }
+      torch::Tensor incoming = torch::empty(current.sizes(), torch::dtype(type));
+      std::memcpy(incoming.data_ptr(), host.data.data(), host.data.size());
+      // A NaN or infinity would become the probe reference, and every later
+      // check would compare NaN with NaN.
+      const torch::Tensor finite = torch::isfinite(incoming).reshape({-1});
+      if (!finite.all().item<bool>()) {
+        const int64_t at = finite.logical_not().nonzero()[0][0].item<int64_t>();
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tensor '", host.name, "': element ", at,
+            " is NaN or infinite; weights must be finite"));
+      }
+      updates.emplace_back(&current, incoming.to(current.device()));
+    }
+    torch::NoGradGuard no_grad;
+    std::vector<torch::Tensor> previous;
+    for (auto& [target, incoming] : updates) {
+      previous.push_back(target->clone());
+      target->copy_(incoming);
+    }
+    absl::StatusOr<torch::Tensor> logits = engine_internal::ProbeLogits(model, {});
+    if (!logits.ok()) {
+      for (size_t i = 0; i < updates.size(); ++i) updates[i].first->copy_(previous[i]);
+      return logits.status();
+    }
+    model.probe.logits = *logits;  // an intended change of function: new reference
+    return ++model.info.version;
+  }
+
+  EngineOptions options_;
+  mutable std::mutex mutex_;  // guards models_, loading_ and bytes_ only
+  std::map<std::string, std::shared_ptr<LoadedModel>> models_;
+  std::set<std::string> loading_;
+  std::map<std::string, int64_t> bytes_;  // weight bytes per loaded or loading model
+  std::unordered_map<size_t, uint64_t> retired_versions_;  // name hash -> last version
+};
+
+}  // namespace icd
+
+#endif  // ICD_CORE_SRC_ENGINE_INTERNAL_H_

@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "icd/client/client.h"
+#include "icd/status_macros.h"
 #include "icdctl_commands.h"
 #include "icdctl_flags.h"
 #include "icdctl_output.h"
@@ -28,32 +29,29 @@ namespace {
 
 
 absl::Status Load(const Line& line, Context& ctx) {
-  if (auto s = Expect(line, 2, {"--device", "--dtype"}); !s.ok()) return s;
-  auto info = ctx.client->LoadModel(line.positional[0], line.positional[1],
-                                    Option(line, "--device"), Option(line, "--dtype"));
-  if (!info.ok()) return info.status();
-  if (ctx.json) return PrintJson(*info);
+  ICD_RETURN_IF_ERROR(Expect(line, 2, {"--device", "--dtype"}));
+  ICD_ASSIGN_OR_RETURN(auto info, ctx.client->LoadModel(line.positional[0], line.positional[1], Option(line, "--device"), Option(line, "--dtype")));
+  if (ctx.json) return PrintJson(info);
   std::cout << "loaded ";
-  PrintModel(*info);
+  PrintModel(info);
   return absl::OkStatus();
 }
 
 absl::Status Models(const Line& line, Context& ctx) {
-  if (auto s = Expect(line, 0, {}); !s.ok()) return s;
-  auto models = ctx.client->ListModels();
-  if (!models.ok()) return models.status();
+  ICD_RETURN_IF_ERROR(Expect(line, 0, {}));
+  ICD_ASSIGN_OR_RETURN(auto models, ctx.client->ListModels());
   if (ctx.json) {
     v1::ListModelsResponse response;
-    for (const auto& m : *models) *response.add_models() = m;
+    for (const auto& m : models) *response.add_models() = m;
     return PrintJson(response);
   }
-  if (models->empty()) {
+  if (models.empty()) {
     std::cout << "no models loaded\n";
     return absl::OkStatus();
   }
   std::vector<std::vector<std::string>> rows = {
       {"NAME", "FAMILY", "LAYOUT", "DEVICE", "DTYPE", "PARAMETERS", "VERSION", "PATH"}};
-  for (const auto& m : *models) {
+  for (const auto& m : models) {
     rows.push_back({m.name(), m.family(), m.layout(), m.device(), m.dtype(),
                     std::to_string(m.parameters()), std::to_string(m.version()), m.path()});
   }
@@ -63,30 +61,28 @@ absl::Status Models(const Line& line, Context& ctx) {
 
 absl::Status Health(const Line& line, Context& ctx) {
   if (line.positional.size() > 1) return Usage("health takes at most one SERVICE");
-  auto serving = ctx.client->Health(line.positional.empty() ? "" : line.positional[0]);
-  if (!serving.ok()) return serving.status();
-  if (!*serving) return absl::UnavailableError("NOT_SERVING");
+  ICD_ASSIGN_OR_RETURN(auto serving, ctx.client->Health(line.positional.empty() ? "" : line.positional[0]));
+  if (!serving) return absl::UnavailableError("NOT_SERVING");
   std::cout << "SERVING\n";
   return absl::OkStatus();
 }
 
 absl::Status Unload(const Line& line, Context& ctx) {
-  if (auto s = Expect(line, 1, {}); !s.ok()) return s;
-  if (auto s = ctx.client->UnloadModel(line.positional[0]); !s.ok()) return s;
+  ICD_RETURN_IF_ERROR(Expect(line, 1, {}));
+  ICD_RETURN_IF_ERROR(ctx.client->UnloadModel(line.positional[0]));
   if (ctx.json) return PrintJson(v1::UnloadModelResponse());
   std::cout << "unloaded " << line.positional[0] << "\n";
   return absl::OkStatus();
 }
 
 absl::Status Symmetries(const Line& line, Context& ctx) {
-  if (auto s = Expect(line, 1, {}); !s.ok()) return s;
-  auto syms = ctx.client->GetSymmetries(line.positional[0]);
-  if (!syms.ok()) return syms.status();
-  if (ctx.json) return PrintJson(*syms);
-  std::cout << syms->model() << " (version " << syms->version() << "): "
-            << syms->groups_size() << " symmetry groups\n";
+  ICD_RETURN_IF_ERROR(Expect(line, 1, {}));
+  ICD_ASSIGN_OR_RETURN(auto syms, ctx.client->GetSymmetries(line.positional[0]));
+  if (ctx.json) return PrintJson(syms);
+  std::cout << syms.model() << " (version " << syms.version() << "): "
+            << syms.groups_size() << " symmetry groups\n";
   std::vector<std::vector<std::string>> rows = {{"GROUP", "SIZE", "BLOCK", "WHOLE", "MEMBERS"}};
-  for (const auto& g : syms->groups()) {
+  for (const auto& g : syms.groups()) {
     rows.push_back({g.name(), std::to_string(g.size()), std::to_string(g.block()),
                     std::to_string(g.whole()), std::to_string(g.members_size())});
   }
@@ -114,77 +110,67 @@ absl::Status Apply(const Line& line, Context& ctx) {
   request.set_model(model);
   request.set_skip_verify(line.switches.count("--skip-verify") > 0);
   if (const std::string v = Option(line, "--expected-version"); !v.empty()) {
-    auto version = ParseUint("--expected-version", v);
-    if (!version.ok()) return version.status();
-    request.set_expected_version(*version);
+    ICD_ASSIGN_OR_RETURN(auto version, ParseUint("--expected-version", v));
+    request.set_expected_version(version);
   }
   if (const std::string t = Option(line, "--tolerance"); !t.empty()) {
-    auto tolerance = ParseDouble("--tolerance", t);
-    if (!tolerance.ok()) return tolerance.status();
-    if (!(*tolerance > 0)) return Usage("--tolerance: expected a bound > 0");
-    request.set_tolerance(*tolerance);
+    ICD_ASSIGN_OR_RETURN(auto tolerance, ParseDouble("--tolerance", t));
+    if (!(tolerance > 0)) return Usage("--tolerance: expected a bound > 0");
+    request.set_tolerance(tolerance);
   }
   absl::StatusOr<std::vector<v1::Permutation>> perms;
   if (!perm_file.empty()) {
-    auto text = ReadFile(perm_file, "--perm");
-    if (!text.ok()) return text.status();
-    perms = ParsePermutationJson(*text, groups);
+    ICD_ASSIGN_OR_RETURN(auto text, ReadFile(perm_file, "--perm"));
+    perms = ParsePermutationJson(text, groups);
   } else {
-    auto seed = ParseUint("--random", seed_text);
-    if (!seed.ok()) return seed.status();
-    auto syms = ctx.client->GetSymmetries(model);
-    if (!syms.ok()) return syms.status();
-    perms = RandomPermutations(*syms, groups, *seed);
+    ICD_ASSIGN_OR_RETURN(auto seed, ParseUint("--random", seed_text));
+    ICD_ASSIGN_OR_RETURN(auto syms, ctx.client->GetSymmetries(model));
+    perms = RandomPermutations(syms, groups, seed);
   }
   if (!perms.ok()) return perms.status();
   for (auto& p : *perms) *request.add_permutations() = std::move(p);
-  auto report = ctx.client->ApplyPermutation(request);
-  if (!report.ok()) return report.status();
-  if (ctx.json) return PrintJson(*report);
-  PrintApplyReport(model, *report);
+  ICD_ASSIGN_OR_RETURN(auto report, ctx.client->ApplyPermutation(request));
+  if (ctx.json) return PrintJson(report);
+  PrintApplyReport(model, report);
   return absl::OkStatus();
 }
 
 absl::Status Verify(const Line& line, Context& ctx) {
-  if (auto s = Expect(line, 1, {}); !s.ok()) return s;
-  auto report = ctx.client->Verify(line.positional[0]);
-  if (!report.ok()) return report.status();
-  if (ctx.json) return PrintJson(*report);
-  PrintCorrectness(*report);
+  ICD_RETURN_IF_ERROR(Expect(line, 1, {}));
+  ICD_ASSIGN_OR_RETURN(auto report, ctx.client->Verify(line.positional[0]));
+  if (ctx.json) return PrintJson(report);
+  PrintCorrectness(report);
   return absl::OkStatus();
 }
 
 absl::Status Evaluate(const Line& line, Context& ctx) {
-  if (auto s = Expect(line, 1, {"--ids", "--batch", "--logits"}); !s.ok()) return s;
+  ICD_RETURN_IF_ERROR(Expect(line, 1, {"--ids", "--batch", "--logits"}));
   v1::EvaluateRequest request;
   request.set_model(line.positional[0]);
   const std::string ids = Option(line, "--ids");
   if (ids.empty()) return Usage("evaluate: --ids 1,2,3 is required");
   for (const auto& id : SplitList(ids)) {
-    auto v = ParseInt("--ids", id);
-    if (!v.ok()) return v.status();
-    request.add_input_ids(*v);
+    ICD_ASSIGN_OR_RETURN(auto v, ParseInt("--ids", id));
+    request.add_input_ids(v);
   }
   if (const std::string b = Option(line, "--batch"); !b.empty()) {
-    auto batch = ParseInt("--batch", b);
-    if (!batch.ok()) return batch.status();
-    request.set_batch(*batch);
+    ICD_ASSIGN_OR_RETURN(auto batch, ParseInt("--batch", b));
+    request.set_batch(batch);
   }
   request.set_return_logits(line.switches.count("--logits") > 0);
-  auto response = ctx.client->Evaluate(request);
-  if (!response.ok()) return response.status();
-  if (ctx.json) return PrintJson(*response);
-  std::cout << request.model() << ": mean NLL " << Fmt(response->mean_nll(), 6)
-            << " nats (perplexity " << Fmt(std::exp(response->mean_nll()), 6) << ") over "
-            << response->tokens() << " predicted tokens\n";
-  if (request.return_logits() && response->shape_size() == 3) {
-    const int64_t vocab = response->shape(2);
-    std::cout << "logits [" << response->shape(0) << ", " << response->shape(1) << ", "
+  ICD_ASSIGN_OR_RETURN(auto response, ctx.client->Evaluate(request));
+  if (ctx.json) return PrintJson(response);
+  std::cout << request.model() << ": mean NLL " << Fmt(response.mean_nll(), 6)
+            << " nats (perplexity " << Fmt(std::exp(response.mean_nll()), 6) << ") over "
+            << response.tokens() << " predicted tokens\n";
+  if (request.return_logits() && response.shape_size() == 3) {
+    const int64_t vocab = response.shape(2);
+    std::cout << "logits [" << response.shape(0) << ", " << response.shape(1) << ", "
               << vocab << "], one row per (batch, position):\n";
-    for (int64_t row = 0; vocab > 0 && row * vocab < response->logits_size(); ++row) {
-      std::cout << row / response->shape(1) << " " << row % response->shape(1) << ":";
+    for (int64_t row = 0; vocab > 0 && row * vocab < response.logits_size(); ++row) {
+      std::cout << row / response.shape(1) << " " << row % response.shape(1) << ":";
       for (int64_t v = 0; v < vocab; ++v) {
-        std::cout << " " << Fmt(response->logits(static_cast<int>(row * vocab + v)), 6);
+        std::cout << " " << Fmt(response.logits(static_cast<int>(row * vocab + v)), 6);
       }
       std::cout << "\n";
     }
@@ -193,13 +179,12 @@ absl::Status Evaluate(const Line& line, Context& ctx) {
 }
 
 absl::Status Export(const Line& line, Context& ctx) {
-  if (auto s = Expect(line, 2, {}); !s.ok()) return s;
-  auto report = ctx.client->ExportModel(line.positional[0], line.positional[1]);
-  if (!report.ok()) return report.status();
-  if (ctx.json) return PrintJson(*report);
-  std::cout << "exported " << line.positional[0] << " (version " << report->version()
-            << ") to " << report->path() << ":\n";
-  for (const auto& f : report->files()) std::cout << "  " << f << "\n";
+  ICD_RETURN_IF_ERROR(Expect(line, 2, {}));
+  ICD_ASSIGN_OR_RETURN(auto report, ctx.client->ExportModel(line.positional[0], line.positional[1]));
+  if (ctx.json) return PrintJson(report);
+  std::cout << "exported " << line.positional[0] << " (version " << report.version()
+            << ") to " << report.path() << ":\n";
+  for (const auto& f : report.files()) std::cout << "  " << f << "\n";
   return absl::OkStatus();
 }
 
@@ -234,9 +219,8 @@ absl::Status Latency(const Line& line, Context& ctx) {
   request.set_warmup(*warmup);
   request.set_iters(*iters);
   request.set_eager(line.switches.count("--eager") > 0);
-  auto report = ctx.client->MeasureLatency(request);
-  if (!report.ok()) return report.status();
-  if (ctx.json) return PrintJson(*report);
+  ICD_ASSIGN_OR_RETURN(auto report, ctx.client->MeasureLatency(request));
+  if (ctx.json) return PrintJson(report);
 
   if (request.mode() == "decode") {
     std::cout << "decode: one token for each of " << *batch << " sequences per sample, after a "
@@ -245,9 +229,9 @@ absl::Status Latency(const Line& line, Context& ctx) {
     std::cout << "prefill: one forward over " << *batch << " x " << *seq_len
               << " tokens per sample";
   }
-  std::cout << "; " << *warmup << " warm-up samples, then " << report->samples()
-            << " timed on " << report->device() << " (" << report->method() << ", "
-            << report->execution() << ")\n";
+  std::cout << "; " << *warmup << " warm-up samples, then " << report.samples()
+            << " timed on " << report.device() << " (" << report.method() << ", "
+            << report.execution() << ")\n";
   std::vector<std::vector<std::string>> rows = {
       {"MODEL", "VERSION", "MEDIAN MS", "95% CI", "P10", "P90", "SAMPLES"}};
   auto add_row = [&rows](const std::string& name, const v1::LatencyReport& r) {
@@ -255,22 +239,21 @@ absl::Status Latency(const Line& line, Context& ctx) {
                     Fmt(r.ci95_low_ms()) + " - " + Fmt(r.ci95_high_ms()), Fmt(r.p10_ms()),
                     Fmt(r.p90_ms()), std::to_string(r.samples())});
   };
-  add_row(request.model(), *report);
-  if (report->has_compare()) add_row(request.compare_model(), report->compare());
+  add_row(request.model(), report);
+  if (report.has_compare()) add_row(request.compare_model(), report.compare());
   PrintTable(rows, {false, true, true, true, true, true, true});
-  if (report->has_compare()) {
+  if (report.has_compare()) {
     std::cout << request.model() << " / " << request.compare_model() << ": "
-              << Fmt(report->ratio()) << " (95% CI " << Fmt(report->ratio_ci95_low()) << " - "
-              << Fmt(report->ratio_ci95_high()) << "), median over " << report->samples()
+              << Fmt(report.ratio()) << " (95% CI " << Fmt(report.ratio_ci95_low()) << " - "
+              << Fmt(report.ratio_ci95_high()) << "), median over " << report.samples()
               << " interleaved rounds\n";
   }
   return absl::OkStatus();
 }
 
 absl::Status Run(int argc, char** argv) {
-  auto line = ParseLine(argc, argv);
-  if (!line.ok()) return line.status();
-  if (line->help || argc == 1) {
+  ICD_ASSIGN_OR_RETURN(auto line, ParseLine(argc, argv));
+  if (line.help || argc == 1) {
     std::cout << kHelp;
     return absl::OkStatus();
   }
@@ -280,28 +263,26 @@ absl::Status Run(int argc, char** argv) {
       {"symmetries", Symmetries}, {"apply", Apply}, {"verify", Verify},
       {"evaluate", Evaluate},     {"export", Export},       {"capture", Capture},
       {"compute", Compute},       {"latency", Latency}};
-  if (line->command.empty()) return Usage("no command");
-  auto it = kCommands.find(line->command);
-  if (it == kCommands.end()) return Usage(absl::StrCat("unknown command '", line->command, "'"));
-  if (line->server.empty()) return Usage("--server HOST:PORT is required");
+  if (line.command.empty()) return Usage("no command");
+  auto it = kCommands.find(line.command);
+  if (it == kCommands.end()) return Usage(absl::StrCat("unknown command '", line.command, "'"));
+  if (line.server.empty()) return Usage("--server HOST:PORT is required");
 
   ClientOptions options;
-  if (line->timeout_s > 0) {
-    options.deadline = std::chrono::milliseconds(static_cast<int64_t>(line->timeout_s * 1000));
+  if (line.timeout_s > 0) {
+    options.deadline = std::chrono::milliseconds(static_cast<int64_t>(line.timeout_s * 1000));
     options.connect_timeout = options.deadline;
   }
-  if (!line->token_file.empty()) {
-    auto token = ReadFile(line->token_file, "--token-file");
-    if (!token.ok()) return token.status();
-    while (!token->empty() && (token->back() == '\n' || token->back() == '\r')) {
-      token->pop_back();
+  if (!line.token_file.empty()) {
+    ICD_ASSIGN_OR_RETURN(auto token, ReadFile(line.token_file, "--token-file"));
+    while (!token.empty() && (token.back() == '\n' || token.back() == '\r')) {
+      token.pop_back();
     }
-    options.token = *std::move(token);
+    options.token = std::move(token);
   }
-  auto client = Client::Connect(line->server, options);
-  if (!client.ok()) return client.status();
-  Context ctx{client->get(), line->json};
-  return it->second(*line, ctx);
+  ICD_ASSIGN_OR_RETURN(auto client, Client::Connect(line.server, options));
+  Context ctx{client.get(), line.json};
+  return it->second(line, ctx);
 }
 
 }  // namespace

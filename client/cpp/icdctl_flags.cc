@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "icd/status_macros.h"
 #include "absl/strings/str_split.h"
 
 namespace icd::ctl {
@@ -232,20 +233,19 @@ absl::StatusOr<Line> ParseLine(int argc, char** argv) {
       line.json = true;
     } else if (arg == "--server" || arg == "--timeout" || arg == "--token-file" ||
                ValuedOptions().count(arg) > 0) {
-      auto v = next();
-      if (!v.ok()) return v.status();
+      ICD_ASSIGN_OR_RETURN(auto v, next());
       if (arg == "--server") {
-        line.server = *v;
+        line.server = v;
       } else if (arg == "--token-file") {
-        line.token_file = *v;
+        line.token_file = v;
       } else if (arg == "--timeout") {
         char* end = nullptr;
-        line.timeout_s = std::strtod(v->c_str(), &end);
-        if (v->empty() || *end != '\0' || !(line.timeout_s > 0)) {
-          return Usage(absl::StrCat("--timeout: expected seconds > 0, got '", *v, "'"));
+        line.timeout_s = std::strtod(v.c_str(), &end);
+        if (v.empty() || *end != '\0' || !(line.timeout_s > 0)) {
+          return Usage(absl::StrCat("--timeout: expected seconds > 0, got '", v, "'"));
         }
       } else {
-        line.options[arg] = *v;
+        line.options[arg] = v;
       }
     } else if (arg == "--skip-verify" || arg == "--logits" || arg == "--apply" ||
                arg == "--eager") {
@@ -315,13 +315,12 @@ absl::StatusOr<double> ParseDouble(const std::string& what, const std::string& t
 }
 
 absl::StatusOr<int32_t> ParseInt32(const std::string& what, const std::string& text) {
-  auto v = ParseInt(what, text);
-  if (!v.ok()) return v.status();
-  if (*v < 0 || *v > std::numeric_limits<int32_t>::max()) {
+  ICD_ASSIGN_OR_RETURN(auto v, ParseInt(what, text));
+  if (v < 0 || v > std::numeric_limits<int32_t>::max()) {
     return Usage(absl::StrCat(what, ": expected 0..", std::numeric_limits<int32_t>::max(),
-                              ", got ", *v));
+                              ", got ", v));
   }
-  return static_cast<int32_t>(*v);
+  return static_cast<int32_t>(v);
 }
 
 absl::StatusOr<v1::SolverOptions> ParseSolver(const Line& line) {
@@ -329,44 +328,36 @@ absl::StatusOr<v1::SolverOptions> ParseSolver(const Line& line) {
   out.set_objective(Option(line, "--objective"));
   out.set_statistic(Option(line, "--statistic"));
   if (const std::string v = Option(line, "--quantile"); !v.empty()) {
-    auto q = ParseDouble("--quantile", v);
-    if (!q.ok()) return q.status();
-    out.set_activation_quantile(*q);
+    ICD_ASSIGN_OR_RETURN(auto q, ParseDouble("--quantile", v));
+    out.set_activation_quantile(q);
   }
   if (const std::string v = Option(line, "--resolution"); !v.empty()) {
-    auto r = ParseDouble("--resolution", v);
-    if (!r.ok()) return r.status();
-    out.set_resolution(*r);
+    ICD_ASSIGN_OR_RETURN(auto r, ParseDouble("--resolution", v));
+    out.set_resolution(r);
   }
   if (const std::string v = Option(line, "--seed"); !v.empty()) {
-    auto seed = ParseUint("--seed", v);
-    if (!seed.ok()) return seed.status();
-    out.set_seed(*seed);
+    ICD_ASSIGN_OR_RETURN(auto seed, ParseUint("--seed", v));
+    out.set_seed(seed);
   }
   if (const std::string v = Option(line, "--seeds"); !v.empty()) {
-    auto k = ParseInt32("--seeds", v);
-    if (!k.ok()) return k.status();
-    out.set_seeds(*k);
+    ICD_ASSIGN_OR_RETURN(auto k, ParseInt32("--seeds", v));
+    out.set_seeds(k);
   }
   if (const std::string v = Option(line, "--nm"); !v.empty()) {
     const std::vector<std::string> parts = absl::StrSplit(v, ':');
     if (parts.size() != 2) return Usage(absl::StrCat("--nm: expected N:M, e.g. 2:4, got '", v, "'"));
-    auto n = ParseInt32("--nm N", parts[0]);
-    if (!n.ok()) return n.status();
-    auto m = ParseInt32("--nm M", parts[1]);
-    if (!m.ok()) return m.status();
-    out.set_nm_n(*n);
-    out.set_nm_m(*m);
+    ICD_ASSIGN_OR_RETURN(auto n, ParseInt32("--nm N", parts[0]));
+    ICD_ASSIGN_OR_RETURN(auto m, ParseInt32("--nm M", parts[1]));
+    out.set_nm_n(n);
+    out.set_nm_m(m);
   }
   if (const std::string v = Option(line, "--preserve-block"); !v.empty()) {
-    auto k = ParseInt32("--preserve-block", v);
-    if (!k.ok()) return k.status();
-    out.set_preserve_block(*k);
+    ICD_ASSIGN_OR_RETURN(auto k, ParseInt32("--preserve-block", v));
+    out.set_preserve_block(k);
   }
   for (const auto& b : SplitList(Option(line, "--blocks"))) {
-    auto size = ParseInt32("--blocks", b);
-    if (!size.ok()) return size.status();
-    out.add_block_sizes(*size);
+    ICD_ASSIGN_OR_RETURN(auto size, ParseInt32("--blocks", b));
+    out.add_block_sizes(size);
   }
   return out;
 }

@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "icd/status_macros.h"
 #include "absl/strings/str_split.h"
 #include "icdctl_flags.h"
 
@@ -101,22 +102,19 @@ absl::StatusOr<NpyHeader> ReadNpyHeader(std::istream& in, const std::string& pat
     while (!v.empty() && v.back() == ' ') v.pop_back();
     return v;
   };
-  auto descr = value_of("descr");
-  if (!descr.ok()) return descr.status();
-  out.descr = *descr;
-  auto fortran = value_of("fortran_order");
-  if (!fortran.ok()) return fortran.status();
-  if (*fortran != "True" && *fortran != "False") {
-    return bad(absl::StrCat("fortran_order is '", *fortran, "'"));
+  ICD_ASSIGN_OR_RETURN(auto descr, value_of("descr"));
+  out.descr = descr;
+  ICD_ASSIGN_OR_RETURN(auto fortran, value_of("fortran_order"));
+  if (fortran != "True" && fortran != "False") {
+    return bad(absl::StrCat("fortran_order is '", fortran, "'"));
   }
-  out.fortran_order = *fortran == "True";
-  auto shape = value_of("shape");
-  if (!shape.ok()) return shape.status();
-  for (const auto& dim : absl::StrSplit(*shape, ',', absl::SkipWhitespace())) {
+  out.fortran_order = fortran == "True";
+  ICD_ASSIGN_OR_RETURN(auto shape, value_of("shape"));
+  for (const auto& dim : absl::StrSplit(shape, ',', absl::SkipWhitespace())) {
     std::string d(dim);
     d.erase(std::remove(d.begin(), d.end(), ' '), d.end());
     auto v = ParseInt("shape", d);
-    if (!v.ok() || *v < 0) return bad(absl::StrCat("shape (", *shape, ")"));
+    if (!v.ok() || *v < 0) return bad(absl::StrCat("shape (", shape, ")"));
     out.shape.push_back(*v);
   }
   return out;
@@ -141,40 +139,39 @@ absl::StatusOr<std::unique_ptr<TraceFile>> TraceFile::Open(const std::string& pa
   if (!file->in_) return absl::NotFoundError(absl::StrCat("--traces: cannot read ", path));
   const int64_t size = FileSize(file->in_);
   if (IsNpy(file->in_)) {
-    auto header = ReadNpyHeader(file->in_, path);
-    if (!header.ok()) return header.status();
-    if (header->descr == "<f4") {
+    ICD_ASSIGN_OR_RETURN(auto header, ReadNpyHeader(file->in_, path));
+    if (header.descr == "<f4") {
       file->item_bytes_ = 4;
-    } else if (header->descr == "<f8") {
+    } else if (header.descr == "<f8") {
       file->item_bytes_ = 8;
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
-          path, ": dtype '", header->descr, "' is not supported; traces are little-endian "
+          path, ": dtype '", header.descr, "' is not supported; traces are little-endian "
           "float32 ('<f4') or float64 ('<f8'): save a.astype(np.float32)"));
     }
-    if (header->fortran_order) {
+    if (header.fortran_order) {
       return absl::InvalidArgumentError(absl::StrCat(
           path, ": Fortran-ordered array; save np.ascontiguousarray(a) (C order, one row "
           "per token)"));
     }
-    if (header->shape.size() != 2) {
+    if (header.shape.size() != 2) {
       return absl::InvalidArgumentError(absl::StrCat(
-          path, ": shape has ", header->shape.size(), " dimensions; traces are 2-D "
+          path, ": shape has ", header.shape.size(), " dimensions; traces are 2-D "
           "[rows, channels] (reshape to (-1, channels))"));
     }
-    file->rows_ = header->shape[0];
-    file->channels_ = header->shape[1];
+    file->rows_ = header.shape[0];
+    file->channels_ = header.shape[1];
     if (channels_flag > 0 && channels_flag != file->channels_) {
       return absl::InvalidArgumentError(absl::StrCat(
           path, ": shape (", file->rows_, ", ", file->channels_, ") but --channels ",
           channels_flag));
     }
-    const int64_t want = header->data_offset + file->rows_ * file->channels_ * file->item_bytes_;
+    const int64_t want = header.data_offset + file->rows_ * file->channels_ * file->item_bytes_;
     if (size != want) {
       return absl::InvalidArgumentError(absl::StrCat(
           path, ": ", size, " bytes, but the header's shape and dtype need ", want));
     }
-    file->in_.seekg(header->data_offset);
+    file->in_.seekg(header.data_offset);
   } else {
     if (channels_flag <= 0) {
       return Usage(absl::StrCat("--traces ", path, " is not a .npy file: give --channels C "
@@ -218,20 +215,19 @@ absl::StatusOr<TokenIds> ReadTokenFile(const std::string& flag, const std::strin
   if (!in) return absl::NotFoundError(absl::StrCat(flag, ": cannot read ", path));
   TokenIds out;
   if (IsNpy(in)) {
-    auto header = ReadNpyHeader(in, path);
-    if (!header.ok()) return header.status();
+    ICD_ASSIGN_OR_RETURN(auto header, ReadNpyHeader(in, path));
     int item = 0;
-    if (header->descr == "<i8") item = 8;
-    if (header->descr == "<i4") item = 4;
-    if (item == 0 || header->fortran_order || header->shape.empty() || header->shape.size() > 2) {
+    if (header.descr == "<i8") item = 8;
+    if (header.descr == "<i4") item = 4;
+    if (item == 0 || header.fortran_order || header.shape.empty() || header.shape.size() > 2) {
       return absl::InvalidArgumentError(absl::StrCat(
           path, ": token ids are a C-order 1-D or 2-D int64 ('<i8') or int32 ('<i4') array; "
-          "got descr '", header->descr, "', ", header->shape.size(), " dimensions"));
+          "got descr '", header.descr, "', ", header.shape.size(), " dimensions"));
     }
     int64_t count = 1;
-    for (int64_t d : header->shape) count *= d;
+    for (int64_t d : header.shape) count *= d;
     std::string raw(static_cast<std::size_t>(count * item), '\0');
-    in.seekg(header->data_offset);
+    in.seekg(header.data_offset);
     in.read(raw.data(), static_cast<std::streamsize>(raw.size()));
     if (in.gcount() != static_cast<std::streamsize>(raw.size())) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": shorter than its shape"));
@@ -241,7 +237,7 @@ absl::StatusOr<TokenIds> ReadTokenFile(const std::string& flag, const std::strin
       out.ids.push_back(item == 8 ? LoadLe<int64_t, uint64_t>(p)
                                   : static_cast<int64_t>(LoadLe<int32_t, uint32_t>(p)));
     }
-    if (header->shape.size() == 2) out.batch = header->shape[0];
+    if (header.shape.size() == 2) out.batch = header.shape[0];
     return out;
   }
   std::stringstream text;
@@ -249,9 +245,8 @@ absl::StatusOr<TokenIds> ReadTokenFile(const std::string& flag, const std::strin
   std::string all = text.str();
   std::replace(all.begin(), all.end(), ',', ' ');
   for (const auto& word : absl::StrSplit(all, absl::ByAnyChar(" \t\r\n"), absl::SkipEmpty())) {
-    auto v = ParseInt(absl::StrCat(flag, " ", path), std::string(word));
-    if (!v.ok()) return v.status();
-    out.ids.push_back(*v);
+    ICD_ASSIGN_OR_RETURN(auto v, ParseInt(absl::StrCat(flag, " ", path), std::string(word)));
+    out.ids.push_back(v);
   }
   return out;
 }

@@ -1,4 +1,5 @@
-// abseil 20220623 has no RETURN_IF_ERROR / ASSIGN_OR_RETURN: these two.
+// The engine's status helpers: the early-return macros (icd/status_macros.h,
+// shared with the clients) and InternalFailure.
 #ifndef ICD_CORE_STATUS_MACROS_H_
 #define ICD_CORE_STATUS_MACROS_H_
 
@@ -8,23 +9,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
-
-#define ICD_RETURN_IF_ERROR(expr)                 \
-  do {                                            \
-    ::absl::Status icd_status_ = (expr);          \
-    if (!icd_status_.ok()) return icd_status_;    \
-  } while (false)
-
-#define ICD_CONCAT_INNER_(a, b) a##b
-#define ICD_CONCAT_(a, b) ICD_CONCAT_INNER_(a, b)
-
-#define ICD_ASSIGN_OR_RETURN(lhs, expr) \
-  ICD_ASSIGN_OR_RETURN_IMPL_(ICD_CONCAT_(icd_statusor_, __LINE__), lhs, expr)
-
-#define ICD_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, expr) \
-  auto statusor = (expr);                               \
-  if (!statusor.ok()) return std::move(statusor).status(); \
-  lhs = std::move(statusor).value()
+#include "icd/status_macros.h"
 
 namespace icd {
 

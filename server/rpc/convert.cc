@@ -99,7 +99,7 @@ ApplyOptions ApplyOptionsFromProto(const v1::ApplyRequest& in) {
 EvaluateRequest FromProto(const v1::EvaluateRequest& in) {
   EvaluateRequest out;
   out.input_ids.assign(in.input_ids().begin(), in.input_ids().end());
-  out.batch = in.batch() == 0 ? 1 : in.batch();
+  out.batch = in.batch();  // the engine reads 0 as one row and refuses < 0
   out.return_logits = in.return_logits();
   return out;
 }

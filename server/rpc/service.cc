@@ -145,12 +145,12 @@ grpc::Status PermutationServiceImpl::GetSymmetries(
     grpc::ServerContext* context, const v1::GetSymmetriesRequest* request,
     v1::Symmetries* response) {
   return Handle(context, "GetSymmetries", request->model(), [&](CallLog&) {
-    auto groups = engine_->Symmetries(request->model());
+    uint64_t version = 0;
+    auto groups = engine_->Symmetries(request->model(), &version);
     if (!groups.ok()) return groups.status();
     response->set_model(request->model());
+    response->set_version(version);
     for (const auto& g : *groups) ToProto(g, response->add_groups());
-    auto info = engine_->Info(request->model());
-    if (info.ok()) response->set_version(info->version);
     return absl::OkStatus();
   });
 }
@@ -185,10 +185,6 @@ grpc::Status PermutationServiceImpl::Evaluate(
     grpc::ServerContext* context, const v1::EvaluateRequest* request,
     v1::EvaluateResponse* response) {
   return Handle(context, "Evaluate", request->model(), [&](CallLog& log) {
-    if (request->batch() < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Evaluate: batch ", request->batch(), " < 0"));
-    }
     log.Add("tokens", request->input_ids_size());
     if (absl::Status s = CheckTokenCount("input_ids", request->input_ids_size()); !s.ok()) return s;
     auto result = engine_->Evaluate(request->model(), FromProto(*request),
@@ -281,11 +277,12 @@ grpc::Status PermutationServiceImpl::ExportModel(
     grpc::ServerContext* context, const v1::ExportRequest* request,
     v1::ExportReport* response) {
   return Handle(context, "ExportModel", request->model(), [&](CallLog&) {
-    // Unknown model first: NOT_FOUND says more than a path complaint.
-    auto info = engine_->Info(request->model());
-    if (!info.ok()) return info.status();
     auto path = paths_.ResolveExportPath(request->path());
-    if (!path.ok()) return path.status();
+    if (!path.ok()) {
+      // An unknown model first: NOT_FOUND says more than a path complaint.
+      auto info = engine_->Info(request->model());
+      return info.ok() ? path.status() : info.status();
+    }
     auto result =
         engine_->Export(request->model(), *path, MakeCallContext(context));
     if (!result.ok()) return result.status();
@@ -373,10 +370,6 @@ grpc::Status PermutationServiceImpl::CapturePermutation(
                 [&](CallLog& log) {
                   log.Add("groups", request->groups_size());
                   log.Add("tokens", request->input_ids_size());
-                  if (request->batch() < 0) {
-                    return absl::InvalidArgumentError(absl::StrCat(
-                        "CapturePermutation: batch ", request->batch(), " < 0"));
-                  }
                   if (absl::Status s = CheckTokenCount(
                           "input_ids and holdout_ids",
                           int64_t{request->input_ids_size()} + request->holdout_ids_size());

@@ -367,6 +367,40 @@ TEST_F(EngineTest, NonFiniteWeightsAndOneTokenEvaluateAreRefused) {
   EXPECT_EQ(logits->tokens, 0);
 }
 
+// The engine validates a request's batch itself (the service passes it on):
+// 0 is one row, below 0 is refused, naming the field, for Evaluate and
+// Capture alike; and Symmetries reports the version it read the groups at.
+TEST_F(EngineTest, ANegativeBatchIsRefusedAndZeroIsOneRow) {
+  Load("mamba1-small");
+  EvaluateRequest evaluate;
+  evaluate.input_ids = {5, 7, 9, 11};
+  evaluate.batch = -2;
+  EXPECT_TRUE(HasError(engine_.Evaluate("m", evaluate).status(),
+                       absl::StatusCode::kInvalidArgument, "batch: -2 < 0"));
+  evaluate.batch = 0;
+  auto one_row = engine_.Evaluate("m", evaluate);
+  ASSERT_TRUE(one_row.ok()) << one_row.status();
+  EXPECT_EQ(one_row->tokens, 3);
+  CaptureRequest capture;
+  capture.model = "m";
+  capture.input_ids = evaluate.input_ids;
+  capture.batch = -1;
+  EXPECT_TRUE(HasError(engine_.Capture(capture).status(), absl::StatusCode::kInvalidArgument,
+                       "batch: -1 < 0"));
+}
+
+TEST_F(EngineTest, SymmetriesReportTheVersionTheyWereReadAt) {
+  Load("mamba1-small");
+  uint64_t version = 0;
+  ASSERT_TRUE(engine_.Symmetries("m", &version).ok());
+  EXPECT_EQ(version, 1u);
+  std::mt19937_64 rng(5);
+  const GroupInfo inner = Group("layers.0.inner");
+  ASSERT_TRUE(engine_.Apply("m", {{"layers.0.inner", testing::RandomPermutation(inner, rng)}}).ok());
+  ASSERT_TRUE(engine_.Symmetries("m", &version).ok());
+  EXPECT_EQ(version, 2u);
+}
+
 TEST_F(EngineTest, DTypesFloat64AndBFloat16) {
   LoadOptions f64;
   f64.dtype = "float64";

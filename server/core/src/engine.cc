@@ -10,6 +10,7 @@ using engine_internal::FindGroup;
 using engine_internal::FromTorch;
 using engine_internal::Guarded;
 using engine_internal::ProbeLogits;
+using engine_internal::RequestBatch;
 using engine_internal::TokenTensor;
 
 Engine::Engine(EngineOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
@@ -39,9 +40,11 @@ absl::StatusOr<ModelInfo> Engine::Info(const std::string& name) const {
   return model->info;
 }
 
-absl::StatusOr<std::vector<GroupInfo>> Engine::Symmetries(const std::string& name) const {
+absl::StatusOr<std::vector<GroupInfo>> Engine::Symmetries(const std::string& name,
+                                                          uint64_t* version) const {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::shared_lock<std::shared_mutex> lock(model->mutex);
+  if (version != nullptr) *version = model->info.version;
   std::vector<GroupInfo> groups = model->spec;
   for (GroupInfo& group : groups) {
     for (GroupMember& member : group.members) {
@@ -74,8 +77,9 @@ absl::StatusOr<EvaluateResult> Engine::Evaluate(const std::string& name,
                                                 const CallContext& ctx) const {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::shared_lock<std::shared_mutex> lock(model->mutex);
+  ICD_ASSIGN_OR_RETURN(const int64_t batch, RequestBatch(request.batch));
   ICD_ASSIGN_OR_RETURN(torch::Tensor ids,
-                       TokenTensor(*model, request.input_ids, request.batch, "input_ids"));
+                       TokenTensor(*model, request.input_ids, batch, "input_ids"));
   if (ids.size(1) < 2 && !request.return_logits) {
     return absl::InvalidArgumentError(absl::StrCat(
         "input_ids: rows of ", ids.size(1),
@@ -88,7 +92,7 @@ absl::StatusOr<EvaluateResult> Engine::Evaluate(const std::string& name,
     ICD_ASSIGN_OR_RETURN(torch::Tensor logits, Forward(model->config, model->weights, ids, ctx));
     EvaluateResult result;
     result.shape = logits.sizes().vec();
-    result.tokens = request.batch * (seq - 1);
+    result.tokens = batch * (seq - 1);
     if (seq > 1) {
       torch::Tensor log_probs =
           torch::log_softmax(logits.slice(1, 0, seq - 1).to(torch::kFloat64), -1);

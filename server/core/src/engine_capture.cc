@@ -8,6 +8,7 @@ namespace icd {
 
 using engine_internal::FindGroup;
 using engine_internal::Guarded;
+using engine_internal::RequestBatch;
 using engine_internal::TokenTensor;
 
 namespace {
@@ -90,7 +91,7 @@ absl::StatusOr<std::vector<PermutationResult>> Engine::Capture(const CaptureRequ
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(request.model));
   ICD_ASSIGN_OR_RETURN(traces::ResolvedOptions options,
                        traces::ResolveSolverOptions(request.solver));
-  const int64_t batch = request.batch > 0 ? request.batch : 1;
+  ICD_ASSIGN_OR_RETURN(const int64_t batch, RequestBatch(request.batch));
   std::shared_lock<std::shared_mutex> lock(model->mutex);
   ICD_ASSIGN_OR_RETURN(torch::Tensor ids, TokenTensor(*model, request.input_ids, batch, "input_ids"));
   torch::Tensor holdout_ids;

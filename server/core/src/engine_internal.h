@@ -147,6 +147,16 @@ inline absl::StatusOr<const GroupInfo*> FindGroup(const LoadedModel& model, cons
 }
 
 // Token ids as an int64 [batch, seq] tensor on the model's device, checked.
+// A request's batch: 0 means one row (the proto's default); below 0 is
+// refused.
+inline absl::StatusOr<int64_t> RequestBatch(int64_t batch) {
+  if (batch < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("batch: ", batch, " < 0 (0 means one row)"));
+  }
+  return batch > 0 ? batch : 1;
+}
+
 inline absl::StatusOr<torch::Tensor> TokenTensor(const LoadedModel& model, const std::vector<int64_t>& ids,
                                           int64_t batch, const char* field) {
   const auto count = static_cast<int64_t>(ids.size());

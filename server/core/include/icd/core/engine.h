@@ -64,8 +64,10 @@ class ICD_CORE_API Engine {
   std::vector<ModelInfo> List() const;
   absl::StatusOr<ModelInfo> Info(const std::string& name) const;
 
-  absl::StatusOr<std::vector<GroupInfo>> Symmetries(
-      const std::string& name) const;
+  // The model's groups, tensor names in its layout; `version` (optional)
+  // receives the model's version, read under the same lock.
+  absl::StatusOr<std::vector<GroupInfo>> Symmetries(const std::string& name,
+                                                    uint64_t* version = nullptr) const;
 
   // All-or-nothing: every permutation is validated before any weight moves;
   // they are applied in request order. Unless skip_verify, the probe check

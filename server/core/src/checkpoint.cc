@@ -136,6 +136,11 @@ std::string CanonicalTensorName(const std::string& stored) {
   return stored == kSsmEmbedding ? kEmbeddingTensor : stored;
 }
 
+std::string WeightKey(const std::string& stored, const ModelConfig& config) {
+  const std::string canonical = CanonicalTensorName(stored);
+  return canonical == kHeadTensor && config.tied ? kEmbeddingTensor : canonical;
+}
+
 bool PathIsUnder(const fs::path& path, const fs::path& root) {
   auto p = path.begin();
   for (auto r = root.begin(); r != root.end(); ++r, ++p) {

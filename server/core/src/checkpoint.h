@@ -67,6 +67,9 @@ absl::Status CheckFilesUnderRoots(const std::filesystem::path& dir,
 // name is shared by both layouts (mamba_symmetries.md §4).
 std::string LayoutTensorName(Layout layout, const std::string& canonical);
 std::string CanonicalTensorName(const std::string& stored);
+// The key of a stored tensor in a model's Weights: its canonical name, a tied
+// head read as the embedding (one tensor under two names).
+std::string WeightKey(const std::string& stored, const ModelConfig& config);
 
 }  // namespace icd
 

@@ -346,10 +346,10 @@ absl::StatusOr<ModelConfig> ReadConfigFile(const std::filesystem::path& file) {
 std::map<std::string, std::vector<int64_t>> ExpectedShapes(const ModelConfig& c) {
   const int64_t dm = c.d_model, inner = c.d_inner, k = c.d_conv;
   std::map<std::string, std::vector<int64_t>> shapes;
-  shapes["backbone.embeddings.weight"] = {c.vocab_size, dm};
+  shapes[kEmbeddingTensor] = {c.vocab_size, dm};
   shapes["backbone.norm_f.weight"] = {dm};
   if (c.layer_norm) shapes["backbone.norm_f.bias"] = {dm};
-  if (!c.tied) shapes["lm_head.weight"] = {c.vocab_size, dm};
+  if (!c.tied) shapes[kHeadTensor] = {c.vocab_size, dm};
   for (int64_t i = 0; i < c.n_layer; ++i) {
     auto name = [i](const char* suffix) {
       return absl::StrCat("backbone.layers.", i, ".", suffix);

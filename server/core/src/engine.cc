@@ -120,10 +120,7 @@ absl::StatusOr<std::vector<HostTensor>> Engine::ReadTensors(
   return Guarded("read tensors", [&]() -> absl::StatusOr<std::vector<HostTensor>> {
     std::vector<HostTensor> out;
     for (const std::string& stored : wanted) {
-      std::string canonical = CanonicalTensorName(stored);
-      if (canonical == "lm_head.weight" && model->config.tied) {
-        canonical = "backbone.embeddings.weight";
-      }
+      const std::string canonical = WeightKey(stored, model->config);
       auto it = model->weights.find(canonical);
       if (it == model->weights.end()) {
         return absl::NotFoundError(
@@ -145,8 +142,7 @@ absl::StatusOr<int64_t> Engine::TensorBytes(const std::string& name,
                                             const std::string& tensor) const {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::shared_lock<std::shared_mutex> lock(model->mutex);
-  std::string canonical = CanonicalTensorName(tensor);
-  if (canonical == "lm_head.weight" && model->config.tied) canonical = "backbone.embeddings.weight";
+  const std::string canonical = WeightKey(tensor, model->config);
   auto it = model->weights.find(canonical);
   if (it == model->weights.end()) {
     return absl::NotFoundError(absl::StrCat("tensor '", tensor, "' is not in model '", name, "'"));

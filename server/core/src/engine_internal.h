@@ -401,10 +401,7 @@ class Engine::Impl {
     std::vector<std::pair<torch::Tensor*, torch::Tensor>> updates;
     std::set<std::string> seen;
     for (const HostTensor& host : tensors) {
-      std::string canonical = CanonicalTensorName(host.name);
-      if (canonical == "lm_head.weight" && model.config.tied) {
-        canonical = "backbone.embeddings.weight";
-      }
+      const std::string canonical = WeightKey(host.name, model.config);
       auto it = model.weights.find(canonical);
       if (it == model.weights.end()) {
         return absl::NotFoundError(absl::StrCat("tensor '", host.name, "' is not in model '",

@@ -99,9 +99,7 @@ absl::StatusOr<ExportResult> ExportCheckpoint(const fs::path& source_dir,
     ICD_RETURN_IF_ERROR(Poll(ctx));
     io::TensorList tensors;
     for (const std::string& stored : file.names) {
-      std::string canonical = CanonicalTensorName(stored);
-      if (canonical == "lm_head.weight" && config.tied) canonical = "backbone.embeddings.weight";
-      tensors.push_back({stored, host_tensor(canonical)});
+      tensors.push_back({stored, host_tensor(WeightKey(stored, config))});
     }
     const fs::path out = temp.path() / file.file;
     ICD_RETURN_IF_ERROR(layout.format == WeightFormat::kSafetensors

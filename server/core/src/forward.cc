@@ -22,10 +22,6 @@
 namespace icd {
 namespace forward_internal {
 
-std::string LayerTensorName(int64_t layer, const std::string& suffix) {
-  return absl::StrCat("backbone.layers.", layer, ".", suffix);
-}
-
 absl::Status CheckTensor(const Weights& weights, const std::string& name,
                          const std::vector<int64_t>& shape) {
   auto found = weights.find(name);
@@ -165,7 +161,6 @@ namespace {
 
 using forward_internal::Capture;
 using forward_internal::CheckTensor;
-using forward_internal::LayerTensorName;
 using forward_internal::Precision;
 
 constexpr char kFinalNorm[] = "backbone.norm_f";

@@ -23,8 +23,6 @@ struct Precision {
   torch::ScalarType accumulate = torch::kFloat32;
 };
 
-// "backbone.layers.{layer}.{suffix}".
-std::string LayerTensorName(int64_t layer, const std::string& suffix);
 // "backbone.layers.{layer}.mixer.{suffix}".
 inline std::string MixerTensorName(int64_t layer, const std::string& suffix) {
   return LayerTensorName(layer, "mixer." + suffix);

@@ -32,7 +32,7 @@ absl::StatusOr<Mode> ParseMode(const std::string& mode) {
 }
 
 const torch::Tensor& Embedding(const TimedModel& model) {
-  return model.weights->at("backbone.embeddings.weight");
+  return model.weights->at(kEmbeddingTensor);
 }
 
 // Times one sample: Start, the sample's work, StopMillis.

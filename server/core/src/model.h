@@ -59,6 +59,11 @@ struct ModelConfig {
 // from and to the mamba_ssm names.
 using Weights = std::map<std::string, torch::Tensor>;
 
+// "backbone.layers.{layer}.{suffix}".
+inline std::string LayerTensorName(int64_t layer, const std::string& suffix) {
+  return "backbone.layers." + std::to_string(layer) + "." + suffix;
+}
+
 }  // namespace icd
 
 #endif  // ICD_CORE_SRC_MODEL_H_

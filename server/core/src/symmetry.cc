@@ -70,10 +70,6 @@ GroupMember Member(std::string tensor, int axis, int64_t offset, int64_t length,
   return GroupMember{std::move(tensor), axis, offset, length, std::move(expand)};
 }
 
-std::string LayerTensor(int64_t layer, const std::string& suffix) {
-  return absl::StrCat("backbone.layers.", layer, ".", suffix);
-}
-
 // The residual stream: one permutation of d_model for the whole model. Every
 // block norm, in_proj's input columns, out_proj's output rows, the final norm
 // and both ends of the vocabulary projection (§3 d).
@@ -81,18 +77,18 @@ GroupInfo ResidualGroup(const ModelConfig& c) {
   const int64_t width = c.d_model;
   GroupInfo group{"residual", width, 0, 0, {}};
   auto& m = group.members;
-  m.push_back(Member("backbone.embeddings.weight", 1, 0, width));
+  m.push_back(Member(kEmbeddingTensor, 1, 0, width));
   for (int64_t i = 0; i < c.n_layer; ++i) {
-    m.push_back(Member(LayerTensor(i, "norm.weight"), 0, 0, width));
-    if (c.layer_norm) m.push_back(Member(LayerTensor(i, "norm.bias"), 0, 0, width));
-    m.push_back(Member(LayerTensor(i, "mixer.in_proj.weight"), 1, 0, width));
-    m.push_back(Member(LayerTensor(i, "mixer.out_proj.weight"), 0, 0, width));
-    if (c.proj_bias) m.push_back(Member(LayerTensor(i, "mixer.out_proj.bias"), 0, 0, width));
+    m.push_back(Member(LayerTensorName(i, "norm.weight"), 0, 0, width));
+    if (c.layer_norm) m.push_back(Member(LayerTensorName(i, "norm.bias"), 0, 0, width));
+    m.push_back(Member(LayerTensorName(i, "mixer.in_proj.weight"), 1, 0, width));
+    m.push_back(Member(LayerTensorName(i, "mixer.out_proj.weight"), 0, 0, width));
+    if (c.proj_bias) m.push_back(Member(LayerTensorName(i, "mixer.out_proj.bias"), 0, 0, width));
   }
   m.push_back(Member("backbone.norm_f.weight", 0, 0, width));
   if (c.layer_norm) m.push_back(Member("backbone.norm_f.bias", 0, 0, width));
   // Tied: the head is the embedding tensor, already permuted above.
-  if (!c.tied) m.push_back(Member("lm_head.weight", 1, 0, width));
+  if (!c.tied) m.push_back(Member(kHeadTensor, 1, 0, width));
   return group;
 }
 

@@ -24,7 +24,6 @@ FamilySpec Mamba2Spec(const ModelConfig& config);
 GroupInfo ResidualGroup(const ModelConfig& config);
 GroupMember Member(std::string tensor, int axis, int64_t offset, int64_t length,
                    std::string expand = "identity");
-std::string LayerTensor(int64_t layer, const std::string& suffix);  // backbone.layers.{i}.suffix
 
 // At load: every member names an existing tensor and fits it, its expansion
 // matches the group, and every weight is touched by some group (a forgotten

@@ -11,7 +11,7 @@ FamilySpec Mamba1Spec(const ModelConfig& c) {
   const int64_t inner = c.d_inner, state = c.d_state, dt_rank = c.dt_rank;
   FamilySpec spec{ResidualGroup(c)};
   for (int64_t i = 0; i < c.n_layer; ++i) {
-    auto t = [i](const char* suffix) { return LayerTensor(i, suffix); };
+    auto t = [i](const char* suffix) { return LayerTensorName(i, suffix); };
     const std::string layer = absl::StrCat("layers.", i, ".");
 
     // d_inner: x and z halves of in_proj take the same permutation, because

@@ -21,7 +21,7 @@ FamilySpec Mamba2Spec(const ModelConfig& c) {
 
   FamilySpec spec{ResidualGroup(c)};
   for (int64_t i = 0; i < c.n_layer; ++i) {
-    auto t = [i](const char* suffix) { return LayerTensor(i, suffix); };
+    auto t = [i](const char* suffix) { return LayerTensorName(i, suffix); };
     const std::string layer = absl::StrCat("layers.", i, ".");
 
     // Heads move inside their B/C group, or whole groups move with their B

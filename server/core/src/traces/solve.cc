@@ -124,13 +124,13 @@ absl::StatusOr<torch::Tensor> NmSaliency(const GroupInfo& group, const Weights& 
   // Linear layers reading the group: 2-D weights whose input axis (1) is a
   // member, element for element. The embedding reads nothing, unless it is
   // the tied head.
-  const bool tied_head = weights.count("lm_head.weight") == 0;
+  const bool tied_head = weights.count(kHeadTensor) == 0;
   std::vector<torch::Tensor> parts;
   for (const GroupMember& member : group.members) {
     if (member.axis != 1 || member.expand != "identity" || !EndsWith(member.tensor, ".weight")) {
       continue;
     }
-    if (member.tensor == "backbone.embeddings.weight" && !tied_head) continue;
+    if (member.tensor == kEmbeddingTensor && !tied_head) continue;
     const torch::Tensor& weight = weights.at(member.tensor);
     if (weight.dim() != 2) continue;
     parts.push_back(weight.narrow(1, member.offset, member.length).abs().to(torch::kFloat32));

@@ -70,12 +70,20 @@ GroupMember Member(std::string tensor, int axis, int64_t offset, int64_t length,
   return GroupMember{std::move(tensor), axis, offset, length, std::move(expand)};
 }
 
+GroupInfo NewGroup(std::string name, int64_t size, std::vector<GroupMember> members) {
+  GroupInfo group;
+  group.name = std::move(name);
+  group.size = size;
+  group.members = std::move(members);
+  return group;
+}
+
 // The residual stream: one permutation of d_model for the whole model. Every
 // block norm, in_proj's input columns, out_proj's output rows, the final norm
 // and both ends of the vocabulary projection (§3 d).
 GroupInfo ResidualGroup(const ModelConfig& c) {
   const int64_t width = c.d_model;
-  GroupInfo group{"residual", width, 0, 0, {}};
+  GroupInfo group = NewGroup("residual", width);
   auto& m = group.members;
   m.push_back(Member(kEmbeddingTensor, 1, 0, width));
   for (int64_t i = 0; i < c.n_layer; ++i) {

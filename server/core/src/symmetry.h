@@ -24,6 +24,9 @@ FamilySpec Mamba2Spec(const ModelConfig& config);
 GroupInfo ResidualGroup(const ModelConfig& config);
 GroupMember Member(std::string tensor, int axis, int64_t offset, int64_t length,
                    std::string expand = "identity");
+// A group of `size` channels, unconstrained (block = whole = 0: set either
+// by name where the group needs it).
+GroupInfo NewGroup(std::string name, int64_t size, std::vector<GroupMember> members = {});
 
 // At load: every member names an existing tensor and fits it, its expansion
 // matches the group, and every weight is touched by some group (a forgotten

@@ -16,7 +16,7 @@ FamilySpec Mamba1Spec(const ModelConfig& c) {
 
     // d_inner: x and z halves of in_proj take the same permutation, because
     // the output pairs y[d] with silu(z[d]).
-    GroupInfo inner_group{layer + "inner", inner, 0, 0, {}};
+    GroupInfo inner_group = NewGroup(layer + "inner", inner);
     auto& m = inner_group.members;
     m.push_back(Member(t("mixer.in_proj.weight"), 0, 0, inner));
     m.push_back(Member(t("mixer.in_proj.weight"), 0, inner, inner));
@@ -35,15 +35,15 @@ FamilySpec Mamba1Spec(const ModelConfig& c) {
     spec.push_back(std::move(inner_group));
 
     // d_state: the B and C rows of x_proj and A's columns take the same one.
-    spec.push_back(GroupInfo{layer + "state", state, 0, 0,
-                             {Member(t("mixer.A_log"), 1, 0, state),
-                              Member(t("mixer.x_proj.weight"), 0, dt_rank, state),
-                              Member(t("mixer.x_proj.weight"), 0, dt_rank + state, state)}});
+    spec.push_back(NewGroup(layer + "state", state,
+                            {Member(t("mixer.A_log"), 1, 0, state),
+                             Member(t("mixer.x_proj.weight"), 0, dt_rank, state),
+                             Member(t("mixer.x_proj.weight"), 0, dt_rank + state, state)}));
 
     // dt_rank: the low-rank factorisation x_proj[:R] -> dt_proj.
-    spec.push_back(GroupInfo{layer + "dt_rank", dt_rank, 0, 0,
-                             {Member(t("mixer.x_proj.weight"), 0, 0, dt_rank),
-                              Member(t("mixer.dt_proj.weight"), 1, 0, dt_rank)}});
+    spec.push_back(NewGroup(layer + "dt_rank", dt_rank,
+                            {Member(t("mixer.x_proj.weight"), 0, 0, dt_rank),
+                             Member(t("mixer.dt_proj.weight"), 1, 0, dt_rank)}));
   }
   return spec;
 }

@@ -26,7 +26,8 @@ FamilySpec Mamba2Spec(const ModelConfig& c) {
 
     // Heads move inside their B/C group, or whole groups move with their B
     // and C rows; a head carries its z/x channels, dt, dt_bias, A and D.
-    GroupInfo heads_group{layer + "heads", heads, 0, heads_per_group, {}};
+    GroupInfo heads_group = NewGroup(layer + "heads", heads);
+    heads_group.whole = heads_per_group;
     auto& h = heads_group.members;
     for (const char* proj : {"mixer.in_proj.weight", "mixer.in_proj.bias"}) {
       if (std::string(proj) == "mixer.in_proj.bias" && !c.proj_bias) continue;
@@ -51,7 +52,8 @@ FamilySpec Mamba2Spec(const ModelConfig& c) {
     spec.push_back(std::move(heads_group));
 
     // Positions inside each head: z and x channels together.
-    GroupInfo headdim_group{layer + "headdim", inner, headdim, 0, {}};
+    GroupInfo headdim_group = NewGroup(layer + "headdim", inner);
+    headdim_group.block = headdim;
     auto& d = headdim_group.members;
     d.push_back(Member(t("mixer.in_proj.weight"), 0, z_row, inner));
     d.push_back(Member(t("mixer.in_proj.weight"), 0, x_row, inner));
@@ -67,7 +69,8 @@ FamilySpec Mamba2Spec(const ModelConfig& c) {
     spec.push_back(std::move(headdim_group));
 
     // State positions inside each group: B and C rows together.
-    GroupInfo state_group{layer + "state", bc, c.d_state, 0, {}};
+    GroupInfo state_group = NewGroup(layer + "state", bc);
+    state_group.block = c.d_state;
     auto& s = state_group.members;
     s.push_back(Member(t("mixer.in_proj.weight"), 0, b_row, bc));
     s.push_back(Member(t("mixer.in_proj.weight"), 0, c_row, bc));

@@ -23,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "grpc/health/v1/health.pb.h"
 #include "absl/strings/str_cat.h"
+#include "icd/command_line.h"
 #include "icd/core/engine.h"
 #include "icd/core/stale_exports.h"
 #include "icd/core/host_memory.h"
@@ -199,15 +200,9 @@ absl::StatusOr<int> ParsePositive(const std::string& flag,
 
 absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
   Flags f;
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    std::string value;
-    bool has_value = false;
-    if (const auto eq = arg.find('='); arg.rfind("--", 0) == 0 && eq != std::string::npos) {
-      value = arg.substr(eq + 1);
-      arg = arg.substr(0, eq);
-      has_value = true;
-    }
+  icd::CommandLine args(argc, argv);
+  while (args.Next()) {
+    const std::string arg = args.name();
     if (arg == "--help" || arg == "-h") {
       f.help = true;
       continue;
@@ -220,14 +215,7 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
       f.return_freed_memory = true;
       continue;
     }
-    auto next = [&]() -> absl::StatusOr<std::string> {
-      if (has_value) return value;
-      if (i + 1 >= argc) {
-        return absl::InvalidArgumentError(absl::StrCat(arg, " needs a value"));
-      }
-      return std::string(argv[++i]);
-    };
-    absl::StatusOr<std::string> v = next();
+    absl::StatusOr<std::string> v = args.Value();
     if (arg != "--listen" && arg != "--model-root" && arg != "--export-root" &&
         arg != "--device" && arg != "--token-file" && arg != "--tls-cert" &&
         arg != "--tls-key" && arg != "--tls-client-ca" &&

@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "icd/command_line.h"
 #include "icd/status_macros.h"
 #include "absl/strings/str_split.h"
 
@@ -213,19 +214,13 @@ const std::set<std::string>& ValuedOptions() {
 absl::StatusOr<Line> ParseLine(int argc, char** argv) {
   Line line;
   if (const char* env = std::getenv("ICD_SERVER")) line.server = env;
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    std::string value;
-    bool has_value = false;
-    if (const auto eq = arg.find('='); arg.rfind("--", 0) == 0 && eq != std::string::npos) {
-      value = arg.substr(eq + 1);
-      arg = arg.substr(0, eq);
-      has_value = true;
-    }
+  CommandLine args(argc, argv);
+  while (args.Next()) {
+    const std::string arg = args.name();
     auto next = [&]() -> absl::StatusOr<std::string> {
-      if (has_value) return value;
-      if (i + 1 >= argc) return Usage(absl::StrCat(arg, " needs a value"));
-      return std::string(argv[++i]);
+      auto value = args.Value();
+      if (!value.ok()) return Usage(std::string(value.status().message()));
+      return value;
     };
     if (arg == "--help" || arg == "-h" || (line.command.empty() && arg == "help")) {
       line.help = true;

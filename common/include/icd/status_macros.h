@@ -1,5 +1,5 @@
 // abseil 20220623 has no RETURN_IF_ERROR / ASSIGN_OR_RETURN: these two, for
-// the engine and the clients alike (header-only target icd_status_macros).
+// the engine and the clients alike (header-only target icd_common).
 #ifndef ICD_STATUS_MACROS_H_
 #define ICD_STATUS_MACROS_H_
 

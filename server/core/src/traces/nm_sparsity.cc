@@ -16,6 +16,7 @@
 #include "icd/core/status_macros.h"
 #include "splitmix64.h"
 #include "traces/assignment.h"
+#include "traces/nm_stripes.h"
 
 namespace icd::traces {
 namespace {
@@ -28,10 +29,6 @@ constexpr int64_t kAssignmentSet = 32;
 // up to kMaxSingleSplits; no pair move beyond).
 constexpr double kMaxSplits = 70;
 constexpr double kMaxSingleSplits = 300;
-// Elements of one batch of candidates (8 MiB in float32). The search works
-// in scratch buffers of this order, allocated once: fresh large temporaries
-// cost page faults, which dominate on some hosts.
-constexpr int64_t kBatchElements = int64_t{1} << 21;
 // Automatic rounds: until moves have cost about this many scalar
 // evaluations (about 70 rounds for 2752 x 5120, 2:4), within bounds.
 constexpr double kWorkBudget = 1.2e10;
@@ -43,66 +40,6 @@ constexpr int64_t kPatience = 12;
 constexpr int64_t kKickStripes = 3;
 // Keeps this search's stream apart from others seeded with the same number.
 constexpr uint64_t kStreamSalt = 0x4e4d5065726d7574ULL;
-
-torch::Tensor IndexTensor(const std::vector<int64_t>& values, torch::Device device) {
-  return torch::tensor(values, torch::dtype(torch::kInt64)).to(device);
-}
-
-// Rows per chunk when a row holds `width` elements.
-int64_t ChunkRows(int64_t width) { return std::max<int64_t>(1, kBatchElements / width); }
-
-// A buffer reused across calls: views of the shape asked for, reallocated
-// only when a larger one is needed.
-class Scratch {
- public:
-  torch::Tensor Get(at::IntArrayRef shape, const torch::TensorOptions& options) {
-    int64_t numel = 1;
-    for (int64_t size : shape) numel *= size;
-    if (!storage_.defined() || storage_.numel() < numel) storage_ = torch::empty({numel}, options);
-    return storage_.narrow(0, 0, numel).view(shape);
-  }
-
- private:
-  torch::Tensor storage_;
-};
-
-// Reorders x along `dim` in place so that its first n entries are its n
-// largest, largest first (the rest is left in no particular order): an
-// insertion network of elementwise maximum/minimum, several times faster
-// than topk for the small m of N:M patterns, on any device, and allocation
-// free. scratch: a buffer of x.select(dim, 0)'s shape.
-void TopNInPlace(const torch::Tensor& x, int64_t n, int64_t dim, const torch::Tensor& scratch) {
-  for (int64_t j = 1; j < x.size(dim); ++j) {
-    const torch::Tensor slot_j = x.select(dim, j);
-    torch::Tensor carry = slot_j, spare = scratch;
-    const int64_t filled = std::min(j, n);  // slots 0..filled-1: the top so far
-    for (int64_t k = 0; k < filled; ++k) {
-      torch::Tensor slot = x.select(dim, k);
-      if (k + 1 == filled && filled == n) {
-        torch::maximum_out(slot, slot, carry);  // the loser drops out
-        break;
-      }
-      torch::minimum_out(spare, slot, carry);
-      torch::maximum_out(slot, slot, carry);
-      std::swap(carry, spare);  // the old carry's storage is free now
-    }
-    if (filled < n && carry.data_ptr() != slot_j.data_ptr()) slot_j.copy_(carry);
-  }
-}
-
-// The n largest entries of x along `dim`: their sum and the n-th largest,
-// both with `dim` removed. x may be overwritten. spare: scratch of
-// x.select(dim, 0)'s shape. The insertion network costs O(n·m) passes, so
-// topk takes over for large patterns.
-std::pair<torch::Tensor, torch::Tensor> TopNSumAndNth(const torch::Tensor& x, int64_t n,
-                                                      int64_t dim, const torch::Tensor& spare) {
-  if (n * x.size(dim) > 64) {
-    const torch::Tensor top = std::get<0>(x.topk(n, dim, /*largest=*/true, /*sorted=*/true));
-    return {top.sum(dim), top.select(dim, n - 1)};
-  }
-  TopNInPlace(x, n, dim, spare);
-  return {x.narrow(dim, 0, n).sum(dim), x.select(dim, n - 1)};
-}
 
 absl::Status Validate(const torch::Tensor& saliency, const NmOptions& options) {
   if (options.n < 1) {
@@ -626,74 +563,6 @@ absl::StatusOr<NmSolution> SolveNmPermutation(const torch::Tensor& saliency,
   } catch (const std::exception& e) {
     return InternalFailure("N:M search", e.what());
   }
-}
-
-double KeptSaliency(const torch::Tensor& saliency, const std::vector<int64_t>& order, int64_t n,
-                    int64_t m) {
-  torch::NoGradGuard no_grad;
-  const int64_t rows = saliency.size(0), channels = saliency.size(1);
-  const torch::Tensor index = IndexTensor(order, saliency.device());
-  const torch::TensorOptions wide = saliency.options().dtype(torch::kFloat64);
-  Scratch gathered_scratch, wide_scratch, spare_scratch;
-  double kept = 0;
-  const int64_t chunk = ChunkRows(channels);
-  for (int64_t first = 0; first < rows; first += chunk) {
-    const int64_t length = std::min(chunk, rows - first);
-    torch::Tensor gathered = gathered_scratch.Get({length, channels}, saliency.options());
-    torch::index_select_out(gathered, saliency.narrow(0, first, length), 1, index);
-    torch::Tensor stripes = gathered;
-    if (saliency.scalar_type() != torch::kFloat64) {
-      stripes = wide_scratch.Get({length, channels}, wide);
-      stripes.copy_(gathered);
-    }
-    kept += TopNSumAndNth(stripes.view({length, channels / m, m}), n, 2,
-                          spare_scratch.Get({length, channels / m}, wide))
-                .first.sum()
-                .item<double>();
-  }
-  return kept;
-}
-
-double NmUpperBound(const torch::Tensor& saliency, int64_t n, int64_t m, int64_t block) {
-  torch::NoGradGuard no_grad;
-  const int64_t rows = saliency.size(0), channels = saliency.size(1);
-  const int64_t width = block > 0 ? block : channels;
-  const int64_t keep = width / m * n;
-  Scratch values_scratch, indices_scratch, wide_scratch;
-  double bound = 0;
-  const int64_t chunk = ChunkRows(channels);
-  for (int64_t first = 0; first < rows; first += chunk) {
-    const int64_t length = std::min(chunk, rows - first);
-    torch::Tensor values = values_scratch.Get({length, channels / width, keep}, saliency.options());
-    torch::Tensor indices = indices_scratch.Get({length, channels / width, keep},
-                                                saliency.options().dtype(torch::kInt64));
-    torch::topk_out(values, indices,
-                    saliency.narrow(0, first, length).reshape({length, channels / width, width}), keep,
-                    2, /*largest=*/true, /*sorted=*/false);
-    torch::Tensor wide = values;
-    if (saliency.scalar_type() != torch::kFloat64) {
-      wide = wide_scratch.Get(values.sizes(), values.options().dtype(torch::kFloat64));
-      wide.copy_(values);
-    }
-    bound += wide.sum().item<double>();
-  }
-  return bound;
-}
-
-torch::Tensor NmMask(const torch::Tensor& values, int64_t n, int64_t m) {
-  torch::NoGradGuard no_grad;
-  TORCH_CHECK(values.dim() >= 1 && values.size(-1) % m == 0 && n >= 0 && n <= m,
-              "NmMask: the last axis must be a multiple of m, and 0 <= n <= m");
-  std::vector<int64_t> grouped = values.sizes().vec();
-  grouped.back() /= m;
-  grouped.push_back(m);
-  const torch::Tensor magnitude = values.abs().reshape(grouped);
-  // Stable descending sort: among equal magnitudes the lower index is kept.
-  const torch::Tensor ranked =
-      std::get<1>(magnitude.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true));
-  return torch::zeros_like(magnitude)
-      .scatter_(-1, ranked.narrow(-1, 0, n), 1.0)
-      .reshape(values.sizes());
 }
 
 }  // namespace icd::traces

@@ -50,22 +50,35 @@ torch::Tensor RandomState(const ScanShape& s, torch::ScalarType dtype, int64_t b
                       torch::TensorOptions().dtype(dtype));
 }
 
+// Rel L2 of the chunked scan from the recurrence, on the outputs and on the
+// final state, both started from `initial` (undefined: zeros).
+struct Agreement {
+  double output, state;
+};
+
+Agreement ChunkedAgainstRecurrence(const StateSpaceInputs& in, int64_t chunk,
+                                   const torch::Tensor& initial) {
+  torch::Tensor sequential_state, chunked_state;
+  if (initial.defined()) {
+    sequential_state = initial.clone();
+    chunked_state = initial.clone();
+  }
+  const torch::Tensor reference = StateSpaceScanSequential(in, &sequential_state);
+  const torch::Tensor chunked = StateSpaceScanChunked(in, chunk, &chunked_state);
+  EXPECT_EQ(chunked.sizes(), reference.sizes());
+  EXPECT_TRUE(torch::isfinite(chunked).all().item<bool>());
+  return {testing::RelL2(chunked, reference), testing::RelL2(chunked_state, sequential_state)};
+}
+
 class StateSpaceScanTest : public ::testing::TestWithParam<ScanShape> {};
 
 TEST_P(StateSpaceScanTest, ChunkedEqualsTheRecurrence) {
   const ScanShape s = GetParam();
   const StateSpaceInputs in = RandomInputs(s, torch::kFloat32, 11);
-  torch::Tensor sequential_state, chunked_state;
-  if (s.initial_state) {
-    sequential_state = RandomState(s, torch::kFloat32);
-    chunked_state = sequential_state.clone();
-  }
-  const torch::Tensor reference = StateSpaceScanSequential(in, &sequential_state);
-  const torch::Tensor chunked = StateSpaceScanChunked(in, s.chunk, &chunked_state);
-  ASSERT_EQ(chunked.sizes(), reference.sizes());
-  EXPECT_TRUE(torch::isfinite(chunked).all().item<bool>());
-  EXPECT_LE(testing::RelL2(chunked, reference), 1e-5);
-  EXPECT_LE(testing::RelL2(chunked_state, sequential_state), 1e-5);
+  const Agreement rel = ChunkedAgainstRecurrence(
+      in, s.chunk, s.initial_state ? RandomState(s, torch::kFloat32) : torch::Tensor());
+  EXPECT_LE(rel.output, 1e-5);
+  EXPECT_LE(rel.state, 1e-5);
 }
 
 std::vector<ScanShape> Shapes() {
@@ -92,12 +105,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, StateSpaceScanTest, ::testing::ValuesIn(Shapes(
 TEST(StateSpaceScanPrecisionTest, Float64AgreesToItsRounding) {
   const ScanShape s{2, 2, 32, 16, 64, 333, true};
   const StateSpaceInputs in = RandomInputs(s, torch::kFloat64, 12);
-  torch::Tensor sequential_state = RandomState(s, torch::kFloat64);
-  torch::Tensor chunked_state = sequential_state.clone();
-  const torch::Tensor reference = StateSpaceScanSequential(in, &sequential_state);
-  const torch::Tensor chunked = StateSpaceScanChunked(in, 64, &chunked_state);
-  EXPECT_LE(testing::RelL2(chunked, reference), 1e-13);
-  EXPECT_LE(testing::RelL2(chunked_state, sequential_state), 1e-13);
+  const Agreement rel = ChunkedAgainstRecurrence(in, 64, RandomState(s, torch::kFloat64));
+  EXPECT_LE(rel.output, 1e-13);
+  EXPECT_LE(rel.state, 1e-13);
 }
 
 // Strong decays over a long chunk: Σ Δ·A reaches about -1,500 within a
@@ -108,12 +118,9 @@ TEST(StateSpaceScanPrecisionTest, StrongDecayOverALongChunk) {
   const ScanShape s{1, 2, 16, 16, 256, 700, true};
   StateSpaceInputs in = RandomInputs(s, torch::kFloat32, 13);
   in.a_decay = torch::full({2}, -16.0f);
-  torch::Tensor sequential_state = RandomState(s, torch::kFloat32);
-  torch::Tensor chunked_state = sequential_state.clone();
-  const torch::Tensor reference = StateSpaceScanSequential(in, &sequential_state);
-  const torch::Tensor chunked = StateSpaceScanChunked(in, 256, &chunked_state);
-  EXPECT_LE(testing::RelL2(chunked, reference), 1e-6);
-  EXPECT_LE(testing::RelL2(chunked_state, sequential_state), 1e-6);
+  const Agreement rel = ChunkedAgainstRecurrence(in, 256, RandomState(s, torch::kFloat32));
+  EXPECT_LE(rel.output, 1e-6);
+  EXPECT_LE(rel.state, 1e-6);
 }
 
 // A sequence in two calls, the state carried between them, is the sequence

@@ -75,6 +75,38 @@ double Ms(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::ti
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
+// Median wall milliseconds of `run` (host clock around the call and a device
+// sync) over `iters` calls, after `warmup` untimed ones.
+template <typename Fn>
+double MedianWallMs(Fn&& run, int warmup, int iters) {
+  for (int i = 0; i < warmup; ++i) run();
+  torch::cuda::synchronize();
+  std::vector<double> ms;
+  for (int i = 0; i < iters; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    run();
+    torch::cuda::synchronize();
+    ms.push_back(Ms(t0, std::chrono::steady_clock::now()));
+  }
+  return Median(ms);
+}
+
+void StartProfiler();
+void StopProfiler(const std::string& path);
+
+// `iters` calls of `run` under the profiler, each a region `region` that
+// ends with a device sync; the trace goes to `path`.
+template <typename Fn>
+void Profile(Fn&& run, const char* region, int iters, const std::string& path) {
+  StartProfiler();
+  for (int i = 0; i < iters; ++i) {
+    RECORD_USER_SCOPE(region);
+    run();
+    torch::cuda::synchronize();
+  }
+  StopProfiler(path);
+}
+
 using torch::profiler::impl::ActivityType;
 using torch::profiler::impl::ProfilerConfig;
 using torch::profiler::impl::ProfilerState;
@@ -126,24 +158,9 @@ int main(int argc, char** argv) {
   auto prefill = [&] { return OrDie(icd::ForwardPrechecked(config, weights, ids), "Forward"); };
 
   // Prefill: warm-up, plain timing, then the profiled calls.
-  for (int i = 0; i < warmup; ++i) prefill();
-  torch::cuda::synchronize();
-  std::vector<double> plain;
-  for (int i = 0; i < std::max(prefill_iters, 5); ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    prefill();
-    torch::cuda::synchronize();
-    plain.push_back(Ms(t0, std::chrono::steady_clock::now()));
-  }
-  std::cout << "prefill " << seq_len << " tokens, no profiler: median " << Median(plain)
-            << " ms over " << plain.size() << "\n";
-  StartProfiler();
-  for (int i = 0; i < prefill_iters; ++i) {
-    RECORD_USER_SCOPE("icd_prefill");
-    prefill();
-    torch::cuda::synchronize();
-  }
-  StopProfiler(out + "-prefill.json");
+  std::cout << "prefill " << seq_len << " tokens, no profiler: median "
+            << MedianWallMs(prefill, warmup, std::max(prefill_iters, 5)) << " ms\n";
+  Profile(prefill, "icd_prefill", prefill_iters, out + "-prefill.json");
 
   // Decode: a decode session (what MeasureLatency's decode mode times),
   // first eager, every kernel launched on its own (the same kernels the graph
@@ -157,26 +174,11 @@ int main(int argc, char** argv) {
     auto step = [&] {
       return OrDie(session->Step(steps.narrow(0, next++ % steps.size(0), 1), {}), "decode step");
     };
-    for (int i = 0; i < warmup; ++i) step();
-    torch::cuda::synchronize();
-    plain.clear();
-    for (int i = 0; i < decode_steps; ++i) {
-      const auto t0 = std::chrono::steady_clock::now();
-      step();
-      torch::cuda::synchronize();
-      plain.push_back(Ms(t0, std::chrono::steady_clock::now()));
-    }
-    std::cout << "decode step (" << name << "), no profiler: median " << Median(plain)
-              << " ms over " << plain.size() << "\n";
-    StartProfiler();
-    for (int i = 0; i < decode_steps; ++i) {
-      RECORD_USER_SCOPE(execution == icd::decode::Execution::kEager ? "icd_decode_step"
-                                                                      : "icd_decode_graph_step");
-      step();
-      torch::cuda::synchronize();
-    }
-    StopProfiler(out + (execution == icd::decode::Execution::kEager ? "-decode.json"
-                                                                     : "-decode-graph.json"));
+    std::cout << "decode step (" << name << "), no profiler: median "
+              << MedianWallMs(step, warmup, decode_steps) << " ms over " << decode_steps << "\n";
+    const bool eager = execution == icd::decode::Execution::kEager;
+    Profile(step, eager ? "icd_decode_step" : "icd_decode_graph_step", decode_steps,
+            out + (eager ? "-decode.json" : "-decode-graph.json"));
   }
   return 0;
 }

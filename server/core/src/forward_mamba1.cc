@@ -79,19 +79,30 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   const int64_t state_size = config.d_state;
   const torch::ScalarType wide = precision.accumulate;
 
-  // 1. Gated MLP's linear projection: [x | z].
-  torch::Tensor projected = Linear(normed, view.in_proj_w, view.in_proj_b);  // [B, L, 2I]
-  torch::Tensor conv_input = projected.narrow(-1, 0, inner);                        // [B, L, I]
-  torch::Tensor gate = projected.narrow(-1, inner, inner);                          // [B, L, I]
+  // 1. Gated MLP's linear projection: [x | z]. A decode step on CUDA takes
+  // step 2's conv in the same kernel (fused/fused.h).
+  const bool in_place = state != nullptr && state->in_place;
+  std::optional<fused::LinearConvStepResult> step;
+  if (in_place && normed.size(1) == 1) {
+    step = fused::FewRowsLinearConvStep(normed, view.in_proj_w, view.in_proj_b, view.conv_w,
+                                        view.conv_b, &state->conv_history);
+  }
+  torch::Tensor projected =
+      step.has_value() ? step->projected
+                       : Linear(normed, view.in_proj_w, view.in_proj_b);  // [B, L, 2I]
+  torch::Tensor conv_input = projected.narrow(-1, 0, inner);              // [B, L, I]
+  torch::Tensor gate = projected.narrow(-1, inner, inner);                // [B, L, I]
 
   // 2. Causal depthwise convolution (continuing the state's history), then
   // silu: icd's fused kernel on CUDA (fused/fused.h), LibTorch's ops
   // otherwise (the reference, in chunks that check the call).
-  const bool in_place = state != nullptr && state->in_place;
-  std::optional<torch::Tensor> fused_hidden = fused::CausalConvSilu(
-      conv_input, view.conv_w, view.conv_b,
-      state != nullptr ? state->conv_history : torch::Tensor(),
-      state != nullptr ? &state->conv_history : nullptr, in_place);  // [B, L, I]
+  std::optional<torch::Tensor> fused_hidden =
+      step.has_value() ? std::optional<torch::Tensor>(step->convolved)
+                       : fused::CausalConvSilu(
+                             conv_input, view.conv_w, view.conv_b,
+                             state != nullptr ? state->conv_history : torch::Tensor(),
+                             state != nullptr ? &state->conv_history : nullptr,
+                             in_place);  // [B, L, I]
   torch::Tensor hidden =
       fused_hidden.has_value()
           ? *std::move(fused_hidden)
@@ -124,17 +135,23 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   capture.Add(LayerGroupName(layer, "dt_rank"), time_step);
   // Δ = softplus(dt_proj(δ)), in the compute dtype as HF; the scan applies
   // the softplus. On CUDA the bias is added inside the scan kernel too (one
-  // [B, L, I] pass less); on the CPU it stays in the linear, as HF.
+  // [B, L, I] pass less); on the CPU it stays in the linear, as HF. In one
+  // step of time on CUDA the scan kernel takes dt_proj's product as well (a
+  // decode step's kernel less).
   const bool bias_in_scan = time_step.is_cuda();
-  torch::Tensor delta = Linear(time_step, view.dt_proj_w,
-                                      bias_in_scan ? torch::Tensor() : view.dt_proj_b);  // [B, L, I]
+  scan::ScanInputs scan_inputs;
+  if (bias_in_scan && time_step.size(1) == 1) {
+    scan_inputs.delta_input = time_step;             // [B, 1, R]
+    scan_inputs.delta_proj_weight = view.dt_proj_w;  // [I, R]
+  } else {
+    scan_inputs.delta = Linear(time_step, view.dt_proj_w,
+                               bias_in_scan ? torch::Tensor() : view.dt_proj_b);  // [B, L, I]
+  }
 
   // 3.b-c. Discretisation, the recurrence over time (from and into the
   // state's h), skip D·x and gate silu(z): scan/selective_scan.h (icd's CUDA
   // kernel on GPU builds).
-  scan::ScanInputs scan_inputs;
   scan_inputs.hidden = hidden;
-  scan_inputs.delta = delta;
   scan_inputs.delta_bias = bias_in_scan ? view.dt_proj_b : torch::Tensor();
   scan_inputs.b_proj = b_proj;
   scan_inputs.c_proj = c_proj;

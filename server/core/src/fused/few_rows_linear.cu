@@ -16,6 +16,8 @@
 namespace icd::fused {
 namespace {
 
+using cuda_elements::RoundTo;
+
 using cuda_elements::BFloat16Element;
 using cuda_elements::Float16Element;
 using cuda_elements::Float32Element;
@@ -81,6 +83,40 @@ __device__ __forceinline__ uint4 LoadStreaming(const void* address) {
 
 // Loads of a lane in flight together.
 constexpr int kUnroll = ICD_FEW_ROWS_LINEAR_UNROLL;
+
+// One causal conv step of `channel` in `row` whose newest input is `input`
+// (the linear's rounded output): bias first, then the taps oldest to newest,
+// the conv rounded, SiLU in float32 (causal_conv.cu's arithmetic); the
+// history moves one step.
+template <class Element>
+__device__ __forceinline__ void ConvStep(const FewRowsLinearLaunchArgs& args, int row,
+                                         int64_t channel, typename Element::Storage input) {
+  using Storage = typename Element::Storage;
+  const int halo = static_cast<int>(args.conv_width) - 1;
+  auto* history = static_cast<Storage*>(args.conv_history) + (row * args.conv_channels + channel) * halo;
+  const auto* taps = static_cast<const Storage*>(args.conv_weight) + channel * args.conv_width;
+  Storage past[kMaxConvWidth - 1];
+#pragma unroll
+  for (int k = 0; k < kMaxConvWidth - 1; ++k) {
+    if (k < halo) past[k] = history[k];
+  }
+  float sum = args.conv_bias != nullptr
+                  ? Element::ToFloat(static_cast<const Storage*>(args.conv_bias)[channel])
+                  : 0.0f;
+#pragma unroll
+  for (int k = 0; k < kMaxConvWidth - 1; ++k) {
+    if (k < halo) sum = fmaf(Element::ToFloat(taps[k]), Element::ToFloat(past[k]), sum);
+  }
+  sum = fmaf(Element::ToFloat(taps[halo]), Element::ToFloat(input), sum);
+  const float conv = RoundTo<Element>(sum);
+  static_cast<Storage*>(args.conv_output)[row * args.conv_channels + channel] =
+      Element::FromFloat(conv / (1.0f + expf(-conv)));
+#pragma unroll
+  for (int k = 0; k + 1 < kMaxConvWidth - 1; ++k) {
+    if (k + 1 < halo) history[k] = past[k + 1];
+  }
+  if (halo > 0) history[halo - 1] = input;
+}
 
 // A block's kWarps warps compute kWarps / split output features; the `split`
 // warps of one feature take interleaved 16-byte columns of its weight row
@@ -156,9 +192,12 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
   const float bias =
       args.bias != nullptr ? Element::ToFloat(static_cast<const Storage*>(args.bias)[feature]) : 0.0f;
   auto* output = static_cast<Storage*>(args.output);
+  const bool conv = args.conv_output != nullptr && feature < args.conv_channels;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    output[r * args.out_features + feature] = Element::FromFloat(sums[r] + bias);
+    const Storage value = Element::FromFloat(sums[r] + bias);
+    output[r * args.out_features + feature] = value;
+    if (conv) ConvStep<Element>(args, r, feature, value);
   }
 }
 
@@ -216,6 +255,12 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream) {
       args.out_features < 1 || args.out_features > (int64_t{1} << 31) - 1 ||
       args.input == nullptr || args.weight == nullptr || args.output == nullptr ||
       !Aligned(args.input) || !Aligned(args.weight)) {
+    return invalid;
+  }
+  if (args.conv_output != nullptr &&
+      (args.conv_channels < 1 || args.conv_channels > args.out_features || args.conv_width < 1 ||
+       args.conv_width > kMaxConvWidth || args.conv_weight == nullptr ||
+       (args.conv_width > 1 && args.conv_history == nullptr))) {
     return invalid;
   }
   auto* cuda_stream = static_cast<cudaStream_t>(stream);

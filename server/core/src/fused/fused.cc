@@ -20,6 +20,14 @@ std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor&, const torch::Te
                                            const torch::Tensor&) {
   return std::nullopt;
 }
+
+std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
+                                                          const torch::Tensor&,
+                                                          const torch::Tensor&,
+                                                          const torch::Tensor&,
+                                                          const torch::Tensor&, torch::Tensor*) {
+  return std::nullopt;
+}
 #endif  // ICD_HAVE_CUDA_FUSED
 
 }  // namespace icd::fused

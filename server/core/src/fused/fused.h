@@ -53,6 +53,21 @@ std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
                                            const torch::Tensor& weight,
                                            const torch::Tensor& bias);
 
+struct LinearConvStepResult {
+  torch::Tensor projected;  // FewRowsLinear's output [B, 1, N]
+  torch::Tensor convolved;  // silu(conv) of its first C channels [B, 1, C]
+};
+
+// A decode step's in_proj and conv in one kernel: FewRowsLinear(input,
+// weight, bias) for input [B, 1, K], whose first C outputs of each row are
+// also the next step of CausalConvSilu (conv_weight [C, 1, K'], conv_bias [C]
+// or undefined) over `history` [B, C, K'-1], contiguous in the compute
+// dtype, which moves one step in place. nullopt (and `history` untouched)
+// where either kernel would decline.
+std::optional<LinearConvStepResult> FewRowsLinearConvStep(
+    const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
+    const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history);
+
 }  // namespace icd::fused
 
 #endif  // ICD_CORE_SRC_FUSED_FUSED_H_

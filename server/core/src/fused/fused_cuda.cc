@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "fused/fused.h"
@@ -159,9 +160,22 @@ std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor& residual,
   return result;
 }
 
-std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
-                                           const torch::Tensor& weight,
-                                           const torch::Tensor& bias) {
+namespace {
+
+// A decode step's conv, for FewRowsLinearLaunch: the history is written in
+// place, so it must be the tensor the caller keeps (contiguous, compute dtype).
+struct ConvStepOperands {
+  const torch::Tensor* weight;  // [C, 1, K]
+  const torch::Tensor* bias;    // [C] or undefined
+  torch::Tensor* history;       // [B, C, K-1]
+};
+
+// FewRowsLinear, and with `conv` its conv step in the same kernel (then the
+// second tensor is silu(conv) [B, 1, C]); nullopt where the kernel declines,
+// before anything is written.
+std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
+    const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
+    const ConvStepOperands* conv) {
   if (!input.defined() || !input.is_cuda() || input.dim() < 1 || !weight.defined() ||
       weight.dim() != 2 || !weight.is_contiguous()) {
     return std::nullopt;
@@ -185,6 +199,28 @@ std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
   const torch::Tensor rows = input.stride(-1) == 1 ? input.reshape({-1, in_features})
                                                    : input.contiguous().view({-1, in_features});
   if (rows.stride(1) != 1) return std::nullopt;
+  torch::Tensor taps;         // [C, 1, K]
+  torch::Tensor conv_bias;    // [C]
+  torch::Tensor conv_output;  // [B, 1, C]
+  if (conv != nullptr) {
+    const torch::Tensor& history = *conv->history;
+    const int64_t channels = conv->weight->size(0);
+    const int64_t width = conv->weight->dim() == 3 ? conv->weight->size(2) : 0;
+    // One time step per row: input [B, 1, K].
+    if (input.dim() != 3 || input.size(1) != 1 || !OnDeviceAs(*conv->weight, device, compute) ||
+        conv->weight->dim() != 3 || conv->weight->size(1) != 1 || channels > out_features ||
+        width < 1 || width > kMaxConvWidth || !OnDeviceAs(history, device, compute) ||
+        !history.is_contiguous() ||
+        history.sizes() != torch::IntArrayRef({input.size(0), channels, width - 1})) {
+      return std::nullopt;
+    }
+    if (conv->bias->defined() && (!OnDeviceAs(*conv->bias, device, compute) ||
+                                  conv->bias->dim() != 1 || conv->bias->size(0) != channels)) {
+      return std::nullopt;
+    }
+    taps = conv->weight->contiguous();
+    conv_bias = conv->bias->defined() ? conv->bias->contiguous() : torch::Tensor();
+  }
   const c10::cuda::CUDAGuard device_guard(device);
   const torch::Tensor bias_values = bias.defined() ? bias.contiguous() : bias;  // [N]
   std::vector<int64_t> output_sizes = input.sizes().vec();
@@ -201,6 +237,15 @@ std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
   args.weight = weight.data_ptr();
   args.bias = bias_values.defined() ? bias_values.data_ptr() : nullptr;
   args.output = output.data_ptr();
+  if (conv != nullptr) {
+    conv_output = torch::empty({input.size(0), 1, taps.size(0)}, input.options());
+    args.conv_channels = taps.size(0);
+    args.conv_width = taps.size(2);
+    args.conv_weight = taps.data_ptr();
+    args.conv_bias = conv_bias.defined() ? conv_bias.data_ptr() : nullptr;
+    args.conv_history = conv->history->numel() > 0 ? conv->history->data_ptr() : nullptr;
+    args.conv_output = conv_output.data_ptr();
+  }
   const int status = LaunchFewRowsLinear(args, CurrentStream(device));
   // Unaligned rows or widths decline: cuBLAS takes them.
   if (status == static_cast<int>(cudaErrorInvalidValue)) {
@@ -208,7 +253,27 @@ std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
     return std::nullopt;
   }
   if (!Launched(status, "few-rows linear kernel")) return std::nullopt;
-  return output;
+  return std::make_pair(std::move(output), std::move(conv_output));
+}
+
+}  // namespace
+
+std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
+                                           const torch::Tensor& weight,
+                                           const torch::Tensor& bias) {
+  auto result = FewRowsLinearLaunch(input, weight, bias, nullptr);
+  if (!result.has_value()) return std::nullopt;
+  return std::move(result->first);
+}
+
+std::optional<LinearConvStepResult> FewRowsLinearConvStep(
+    const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
+    const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history) {
+  if (history == nullptr) return std::nullopt;
+  const ConvStepOperands conv{&conv_weight, &conv_bias, history};
+  auto result = FewRowsLinearLaunch(input, weight, bias, &conv);
+  if (!result.has_value()) return std::nullopt;
+  return LinearConvStepResult{std::move(result->first), std::move(result->second)};
 }
 
 }  // namespace icd::fused

@@ -78,6 +78,17 @@ struct FewRowsLinearLaunchArgs {
   const void* weight = nullptr;   // [out_features, in_features], contiguous
   const void* bias = nullptr;     // [out_features]; null: none
   void* output = nullptr;         // [rows, out_features], contiguous
+  // Optional, when conv_output is set (a decode step's in_proj and its conv
+  // in one kernel): each row's first conv_channels outputs, as rounded into
+  // `output`, are also the next input of a causal depthwise conv + SiLU
+  // (CausalConvLaunchArgs' arithmetic, one time step per row) whose history
+  // is shifted in place.
+  int64_t conv_channels = 0;          // C <= out_features
+  int64_t conv_width = 0;             // K <= kMaxConvWidth
+  const void* conv_weight = nullptr;  // [C, K]
+  const void* conv_bias = nullptr;    // [C]; null: none
+  void* conv_history = nullptr;       // [rows, C, K-1], read and written
+  void* conv_output = nullptr;        // silu(conv) [rows, C], contiguous
 };
 
 // Enqueue on `stream` (a cudaStream_t) of the current device. Return 0

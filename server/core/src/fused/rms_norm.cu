@@ -1,8 +1,7 @@
 // Residual add + RMS norm on CUDA (launch interface: fused_launch.h). One
 // block per row: the first pass adds the mixer's output into the float32
-// residual, writes it and sums the squares; the second reads the row back
-// (from L1/L2: at most a few tens of KB) and writes the normalised, scaled
-// row. Replaces LibTorch's cast, add, pow, mean, add, rsqrt, mul, cast and
+// residual, writes it and sums the squares; the second writes the
+// normalised, scaled row. Replaces LibTorch's cast, add, pow, mean, add, rsqrt, mul, cast and
 // mul passes over [B·L, D].
 #include <cuda_runtime.h>
 
@@ -35,7 +34,12 @@ __device__ __forceinline__ float BlockSum(float value) {
   return total;
 }
 
-template <class Element>
+// A row of at most kThreads * kPerThread values is held in registers: every
+// load of the row is issued before the first store (the residual may be
+// written in place, so loads and stores interleaved in one loop would wait
+// for each other: a decode step's single row is latency, not bandwidth).
+// kPerThread 0: any width, the row read back from L1/L2 in the second pass.
+template <class Element, int kPerThread>
 __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(const AddRmsNormLaunchArgs args) {
   using Storage = typename Element::Storage;
   const int64_t width = args.width;
@@ -44,28 +48,67 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(const AddRmsNormLau
   const auto* mixed =
       args.mixed != nullptr ? static_cast<const Storage*>(args.mixed) + row_start : nullptr;
   float* residual_out = args.residual_out + row_start;
-
-  float squares = 0.0f;
-  // Unrolled: a row of a few thousand is a few loads per thread, issued
-  // together rather than one round trip each (a decode step's one row).
-#pragma unroll 4
-  for (int64_t i = threadIdx.x; i < width; i += kThreads) {
-    float value = residual[i];
-    if (mixed != nullptr) value += Element::ToFloat(mixed[i]);
-    residual_out[i] = value;
-    squares = fmaf(value, value, squares);
-  }
-  // mean(x²) as LibTorch's mean: the sum times 1/D.
-  const float mean_square = BlockSum(squares) * (1.0f / static_cast<float>(width));
-  const float scale = rsqrtf(mean_square + args.eps);
-
   const auto* weight = static_cast<const Storage*>(args.weight);
   auto* normed = static_cast<Storage*>(args.normed) + row_start;
-#pragma unroll 4
-  for (int64_t i = threadIdx.x; i < width; i += kThreads) {
-    // This thread wrote residual_out[i] above: program order, no barrier.
-    const float normalised = RoundTo<Element>(residual_out[i] * scale);
-    normed[i] = Element::FromFloat(normalised * Element::ToFloat(weight[i]));
+  const int thread = static_cast<int>(threadIdx.x);
+
+  float squares = 0.0f;
+  if constexpr (kPerThread > 0) {
+    float values[kPerThread];
+    float scales[kPerThread];
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
+      values[u] = 0.0f;
+      scales[u] = 0.0f;
+      if (i < width) {
+        values[u] = residual[i];
+        if (mixed != nullptr) values[u] += Element::ToFloat(mixed[i]);
+        scales[u] = Element::ToFloat(weight[i]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
+      if (i < width) residual_out[i] = values[u];
+      squares = fmaf(values[u], values[u], squares);
+    }
+    // mean(x²) as LibTorch's mean: the sum times 1/D.
+    const float scale = rsqrtf(BlockSum(squares) * (1.0f / static_cast<float>(width)) + args.eps);
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
+      if (i < width) {
+        const float normalised = RoundTo<Element>(values[u] * scale);
+        normed[i] = Element::FromFloat(normalised * scales[u]);
+      }
+    }
+  } else {
+    for (int64_t i = thread; i < width; i += kThreads) {
+      float value = residual[i];
+      if (mixed != nullptr) value += Element::ToFloat(mixed[i]);
+      residual_out[i] = value;
+      squares = fmaf(value, value, squares);
+    }
+    const float scale = rsqrtf(BlockSum(squares) * (1.0f / static_cast<float>(width)) + args.eps);
+    for (int64_t i = thread; i < width; i += kThreads) {
+      // This thread wrote residual_out[i] above: program order, no barrier.
+      const float normalised = RoundTo<Element>(residual_out[i] * scale);
+      normed[i] = Element::FromFloat(normalised * Element::ToFloat(weight[i]));
+    }
+  }
+}
+
+template <class Element>
+void LaunchRows(const AddRmsNormLaunchArgs& args, dim3 grid, cudaStream_t stream) {
+  if (args.width <= kThreads * 4) {
+    AddRmsNormKernel<Element, 4><<<grid, kThreads, 0, stream>>>(args);
+  } else if (args.width <= kThreads * 8) {
+    AddRmsNormKernel<Element, 8><<<grid, kThreads, 0, stream>>>(args);
+  } else if (args.width <= kThreads * 16) {
+    AddRmsNormKernel<Element, 16><<<grid, kThreads, 0, stream>>>(args);
+  } else {
+    AddRmsNormKernel<Element, 0><<<grid, kThreads, 0, stream>>>(args);
   }
 }
 
@@ -81,7 +124,7 @@ int LaunchAddRmsNorm(const AddRmsNormLaunchArgs& args, void* stream) {
   auto* cuda_stream = static_cast<cudaStream_t>(stream);
   const dim3 grid(static_cast<unsigned int>(args.rows));
   return cuda_elements::ForElementType(args.element_type, [&](auto element) {
-    AddRmsNormKernel<decltype(element)><<<grid, kThreads, 0, cuda_stream>>>(args);
+    LaunchRows<decltype(element)>(args, grid, cuda_stream);
     return static_cast<int>(cudaGetLastError());
   });
 }

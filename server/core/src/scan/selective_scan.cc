@@ -4,8 +4,18 @@
 
 namespace icd::scan {
 
-torch::Tensor SelectiveScanReference(const ScanInputs& inputs, torch::ScalarType accumulate,
+ScanInputs ResolveDelta(const ScanInputs& inputs) {
+  if (inputs.delta.defined() || !inputs.delta_proj_weight.defined()) return inputs;
+  ScanInputs resolved = inputs;
+  resolved.delta = torch::linear(inputs.delta_input, inputs.delta_proj_weight);  // [B, L, I]
+  resolved.delta_input = torch::Tensor();
+  resolved.delta_proj_weight = torch::Tensor();
+  return resolved;
+}
+
+torch::Tensor SelectiveScanReference(const ScanInputs& given, torch::ScalarType accumulate,
                                      torch::Tensor* state) {
+  const ScanInputs inputs = ResolveDelta(given);
   const int64_t batch = inputs.hidden.size(0);
   const int64_t seq_len = inputs.hidden.size(1);
   const int64_t inner = inputs.hidden.size(2);
@@ -45,7 +55,8 @@ torch::Tensor SelectiveScanReference(const ScanInputs& inputs, torch::ScalarType
 ScanInputs TimeSlice(const ScanInputs& inputs, int64_t start, int64_t length) {
   ScanInputs slice = inputs;
   slice.hidden = inputs.hidden.narrow(1, start, length);
-  slice.delta = inputs.delta.narrow(1, start, length);
+  if (inputs.delta.defined()) slice.delta = inputs.delta.narrow(1, start, length);
+  if (inputs.delta_input.defined()) slice.delta_input = inputs.delta_input.narrow(1, start, length);
   slice.b_proj = inputs.b_proj.narrow(1, start, length);
   slice.c_proj = inputs.c_proj.narrow(1, start, length);
   slice.gate = inputs.gate.narrow(1, start, length);

@@ -33,58 +33,17 @@
 #include <type_traits>
 
 #include "scan/element_types.cuh"
+#include "scan/scan_math.cuh"
 #include "scan/selective_scan_launch.h"
 
 namespace icd::scan {
 namespace {
 
 using cuda_elements::RoundTo;
-
-constexpr float kLog2E = 1.4426950408889634f;
-
-// Δ = softplus(raw + bias) as the LibTorch reference computes it in the
-// compute dtype: the sum rounded, softplus in float32 (LibTorch's formula,
-// threshold 20) rounded again. Exact libm calls: once per channel and step.
-template <class Element>
-__device__ __forceinline__ float SoftplusDelta(float raw, float bias) {
-  const float sum = RoundTo<Element>(raw + bias);
-  return RoundTo<Element>(sum > 20.0f ? sum : log1pf(expf(sum)));
-}
-
-// 2^x on the special-function unit (relative error about 2^-22; tiny
-// results flush to zero, which only drops a state that has fully decayed).
-__device__ __forceinline__ float Exp2Unit(float exponent) {
-  float result;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(exponent));
-  return result;
-}
-
-// 2^x on the FMA pipes: 2^round(x) by exponent arithmetic times a degree-5
-// fit of 2^f on [-0.5, 0.5] (relative error 1.6e-7). For silu, so that the
-// special-function unit only does the scan's exps and one reciprocal.
-__device__ __forceinline__ float Exp2Polynomial(float exponent) {
-  constexpr float kRoundingShift = 12582912.0f;
-  const float clamped = fminf(fmaxf(exponent, -125.0f), 125.0f);
-  const float shifted = clamped + kRoundingShift;
-  const float whole = shifted - kRoundingShift;
-  const float fraction = clamped - whole;
-  float power = 1.339086331e-03f;
-  power = fmaf(power, fraction, 9.676031768e-03f);
-  power = fmaf(power, fraction, 5.550356954e-02f);
-  power = fmaf(power, fraction, 2.402210683e-01f);
-  power = fmaf(power, fraction, 6.931471825e-01f);
-  power = fmaf(power, fraction, 1.000000119e+00f);
-  // Adding 1.5 * 2^23 leaves round(x) in the low mantissa bits of `shifted`
-  // (two's complement); moved into the exponent field it scales 2^f.
-  const unsigned int exponent_bits = __float_as_uint(shifted) << 23;
-  return __uint_as_float(__float_as_uint(power) + exponent_bits);
-}
-
-// silu(z) = z / (1 + e^-z), its exp on the FMA pipes: the special-function
-// unit is the scan's bottleneck (N exps per channel and step).
-__device__ __forceinline__ float Silu(float gate) {
-  return __fdividef(gate, 1.0f + Exp2Polynomial(-gate * kLog2E));
-}
+using scan_math::Exp2Unit;
+using scan_math::kLog2E;
+using scan_math::Silu;
+using scan_math::SoftplusDelta;
 
 // Transposing butterfly over an aligned group of kCount lanes: on entry each
 // lane holds kCount per-step partial sums, on return lane j holds the sum
@@ -458,65 +417,6 @@ int LanesFor(int64_t state_size, int states_per_thread) {
   return lanes;
 }
 
-// One step of time (a decode step, L = 1): the state update without the
-// chunked kernel's staging through shared memory. A thread owns one channel
-// of one batch row and its N states, read and written in place; the same
-// arithmetic per step as the chunked kernel (Δ from SoftplusDelta, decays on
-// the special-function unit, silu on the FMA pipes), C·h summed in state
-// order.
-template <class Element>
-__global__ void __launch_bounds__(128) SelectiveStateStepKernel(const ScanLaunchArgs args) {
-  using Storage = typename Element::Storage;
-  const int64_t channel = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t batch = blockIdx.y;
-  const int64_t inner = args.inner;
-  if (channel >= inner) return;
-  const int64_t state_size = args.state_size;
-  const auto* hidden = static_cast<const Storage*>(args.hidden.data);
-  const auto* gate = static_cast<const Storage*>(args.gate.data);
-  const float x = Element::ToFloat(hidden[batch * args.hidden.batch_stride + channel]);
-  const float z = Element::ToFloat(gate[batch * args.gate.batch_stride + channel]);
-  float delta = 0.0f;
-  if (args.delta_raw.data != nullptr) {
-    const auto* raw = static_cast<const Storage*>(args.delta_raw.data);
-    const float bias = args.delta_bias != nullptr ? args.delta_bias[channel] : 0.0f;
-    delta = SoftplusDelta<Element>(
-        Element::ToFloat(raw[batch * args.delta_raw.batch_stride + channel]), bias);
-  } else {
-    delta = static_cast<const float*>(args.delta.data)[batch * args.delta.batch_stride + channel];
-  }
-  const float delta_x = delta * x;
-  const auto* b_proj =
-      static_cast<const Storage*>(args.b_proj.data) + batch * args.b_proj.batch_stride;
-  const auto* c_proj =
-      static_cast<const Storage*>(args.c_proj.data) + batch * args.c_proj.batch_stride;
-  const float* a_decay = args.a_decay + channel * state_size;
-  const int64_t state_row = (batch * inner + channel) * state_size;
-  float sum = 0.0f;
-  for (int64_t n = 0; n < state_size; ++n) {
-    const float decay = Exp2Unit(delta * (a_decay[n] * kLog2E));
-    const float previous = args.state_in != nullptr ? args.state_in[state_row + n] : 0.0f;
-    const float state = fmaf(decay, previous, delta_x * Element::ToFloat(__ldg(b_proj + n)));
-    sum = fmaf(Element::ToFloat(__ldg(c_proj + n)), state, sum);
-    if (args.state_out != nullptr) args.state_out[state_row + n] = state;
-  }
-  const float y = (sum + args.d_skip[channel] * x) * Silu(z);
-  const int64_t out = batch * inner + channel;  // y [B, 1, I]
-  if (args.output_rounded != nullptr) {
-    static_cast<Storage*>(args.output_rounded)[out] = Element::FromFloat(y);
-  } else {
-    args.output[out] = y;
-  }
-}
-
-template <class Element>
-int LaunchStateStep(const ScanLaunchArgs& args, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned int>((args.inner + 127) / 128),
-                  static_cast<unsigned int>(args.batch));
-  SelectiveStateStepKernel<Element><<<grid, 128, 0, stream>>>(args);
-  return static_cast<int>(cudaGetLastError());
-}
-
 }  // namespace
 
 ScanKernelShape DefaultScanKernelShape(int64_t batch, int64_t inner, int64_t state_size,
@@ -553,20 +453,8 @@ bool ScanKernelShapeAvailable(const ScanKernelShape& shape, int64_t state_size,
 }
 
 int LaunchSelectiveScan(const ScanLaunchArgs& args, void* stream) {
-  // One step (a decode step): the state update kernel, under the same checks.
-  const bool raw_delta = args.delta_raw.data != nullptr;
-  if (args.seq_len == 1 && args.batch >= 1 && args.batch <= 65535 && args.inner >= 1 &&
-      args.inner <= (int64_t{1} << 31) - 1 && args.state_size >= 1 &&
-      args.state_size <= kMaxCudaStateSize && args.hidden.data != nullptr &&
-      args.gate.data != nullptr && args.b_proj.data != nullptr && args.c_proj.data != nullptr &&
-      args.a_decay != nullptr && args.d_skip != nullptr &&
-      raw_delta != (args.delta.data != nullptr) &&
-      (args.output == nullptr) != (args.output_rounded == nullptr)) {
-    auto* cuda_stream = static_cast<cudaStream_t>(stream);
-    return cuda_elements::ForElementType(args.element_type, [&](auto element) {
-      return LaunchStateStep<decltype(element)>(args, cuda_stream);
-    });
-  }
+  // One step of time (a decode step): selective_state_step.cu.
+  if (args.seq_len == 1) return LaunchSelectiveStateStep(args, stream);
   int device = 0;
   int multiprocessors = 0;
   cudaError_t status = cudaGetDevice(&device);
@@ -591,10 +479,10 @@ int LaunchSelectiveScan(const ScanLaunchArgs& args, const ScanKernelShape& shape
       args.c_proj.data == nullptr || args.a_decay == nullptr || args.d_skip == nullptr) {
     return invalid;
   }
-  // Exactly one Δ (float32, or raw) and exactly one y; L2 prefetch reads
-  // float32 Δ only.
+  // Exactly one Δ (float32, or raw; dt_proj's product only in one step)
+  // and exactly one y; L2 prefetch reads float32 Δ only.
   const bool raw_delta = args.delta_raw.data != nullptr;
-  if (raw_delta == (args.delta.data != nullptr) ||
+  if (raw_delta == (args.delta.data != nullptr) || args.delta_proj_weight != nullptr ||
       (args.output == nullptr) == (args.output_rounded == nullptr) ||
       (raw_delta && shape.prefetch_l2)) {
     return invalid;

@@ -20,7 +20,13 @@ namespace icd::scan {
 // compute dtype as HF does (delta_bias undefined: Δ = softplus(delta)).
 struct ScanInputs {
   torch::Tensor hidden;      // x after conv and silu           [B, L, I]
-  torch::Tensor delta;       // dt_proj(δ), with or without bias [B, L, I]
+  torch::Tensor delta;       // dt_proj(δ), with or without bias [B, L, I];
+                             // undefined when the next two are set:
+  torch::Tensor delta_input;        // δ [B, L, R] and dt_proj's weight [I, R],
+  torch::Tensor delta_proj_weight;  // whose product is Δ's time step: taken
+                                    // inside the CUDA kernel in one step of
+                                    // time (a decode step), by torch::linear
+                                    // otherwise (ResolveDelta)
   torch::Tensor delta_bias;  // dt_proj's bias, or undefined    [I]
                              // (the CUDA kernel also takes it widened to float32)
   torch::Tensor a_decay;     // A = -exp(A_log)                 [I, N]
@@ -29,6 +35,10 @@ struct ScanInputs {
   torch::Tensor d_skip;   // D                       [I]
   torch::Tensor gate;     // z                       [B, L, I]
 };
+
+// `inputs` with `delta` defined: dt_proj's product taken by torch::linear
+// when only delta_input and delta_proj_weight are given.
+ScanInputs ResolveDelta(const ScanInputs& inputs);
 
 // The inputs' time steps [start, start + length): views of the per-step
 // operands, the per-channel ones as they are (a scan in chunks of time).

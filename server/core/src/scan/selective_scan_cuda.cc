@@ -36,9 +36,13 @@ bool HasSizes(const torch::Tensor& tensor, std::initializer_list<int64_t> sizes)
 // device, shapes as ScanInputs states them, x / z / B / C / the time step
 // (and its bias) in one dtype the kernel reads, A / D in float32,
 // 1 <= N <= kMaxCudaStateSize.
+// Δ's time step as dt_proj's product (delta_input, delta_proj_weight) is
+// taken in one step of time only.
 bool KernelTakes(const ScanInputs& inputs, torch::ScalarType accumulate) {
   if (accumulate != torch::kFloat32) return false;
-  const torch::Tensor* operands[] = {&inputs.hidden, &inputs.delta,  &inputs.a_decay,
+  const bool delta_in_kernel = !inputs.delta.defined();
+  const torch::Tensor& delta = delta_in_kernel ? inputs.delta_input : inputs.delta;
+  const torch::Tensor* operands[] = {&inputs.hidden, &delta,          &inputs.a_decay,
                                      &inputs.b_proj, &inputs.c_proj, &inputs.d_skip,
                                      &inputs.gate};
   for (const torch::Tensor* operand : operands) {
@@ -56,7 +60,16 @@ bool KernelTakes(const ScanInputs& inputs, torch::ScalarType accumulate) {
       state_size > kMaxCudaStateSize) {
     return false;
   }
-  if (!HasSizes(inputs.delta, {batch, seq_len, inner}) ||
+  if (delta_in_kernel &&
+      (seq_len != 1 || !inputs.delta_proj_weight.defined() || delta.dim() != 3 ||
+       !HasSizes(delta, {batch, seq_len, delta.size(2)}) ||
+       !HasSizes(inputs.delta_proj_weight, {inner, delta.size(2)}) ||
+       !inputs.delta_proj_weight.is_contiguous() ||
+       inputs.delta_proj_weight.device() != inputs.hidden.device() ||
+       inputs.delta_proj_weight.scalar_type() != inputs.hidden.scalar_type())) {
+    return false;
+  }
+  if (!HasSizes(delta_in_kernel ? inputs.gate : inputs.delta, {batch, seq_len, inner}) ||
       !HasSizes(inputs.gate, {batch, seq_len, inner}) ||
       !HasSizes(inputs.b_proj, {batch, seq_len, state_size}) ||
       !HasSizes(inputs.c_proj, {batch, seq_len, state_size}) ||
@@ -75,7 +88,7 @@ bool KernelTakes(const ScanInputs& inputs, torch::ScalarType accumulate) {
   }
   return KernelElementType(compute).has_value() && inputs.gate.scalar_type() == compute &&
          inputs.b_proj.scalar_type() == compute && inputs.c_proj.scalar_type() == compute &&
-         inputs.delta.scalar_type() == compute &&
+         delta.scalar_type() == compute &&
          inputs.a_decay.scalar_type() == torch::kFloat32 &&
          inputs.d_skip.scalar_type() == torch::kFloat32;
 }
@@ -104,11 +117,17 @@ bool UsesCudaKernel(const ScanInputs& inputs, torch::ScalarType accumulate) {
 torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumulate,
                             torch::Tensor* state, bool in_place) {
   if (!KernelTakes(inputs, accumulate)) {
+    if (!inputs.delta.defined() && inputs.delta_proj_weight.defined()) {
+      // dt_proj's product by torch::linear, then the kernel if it takes that.
+      return SelectiveScan(ResolveDelta(inputs), accumulate, state, in_place);
+    }
     return SelectiveScanReference(inputs, accumulate, state);
   }
   const c10::cuda::CUDAGuard device_guard(inputs.hidden.device());
+  const bool delta_in_kernel = !inputs.delta.defined();
   const torch::Tensor hidden = RowContiguous(inputs.hidden);  // [B, L, I]
-  const torch::Tensor delta = RowContiguous(inputs.delta);    // [B, L, I]
+  // [B, L, I], or δ [B, L, R]
+  const torch::Tensor delta = RowContiguous(delta_in_kernel ? inputs.delta_input : inputs.delta);
   const torch::Tensor gate = RowContiguous(inputs.gate);      // [B, L, I]
   const torch::Tensor b_proj = RowContiguous(inputs.b_proj);  // [B, L, N]
   const torch::Tensor c_proj = RowContiguous(inputs.c_proj);  // [B, L, N]
@@ -147,7 +166,13 @@ torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumula
   args.state_size = state_size;
   args.element_type = *KernelElementType(hidden.scalar_type());
   args.hidden = Operand(hidden);
-  args.delta_raw = Operand(delta);
+  if (delta_in_kernel) {
+    args.delta_proj_input = Operand(delta);
+    args.delta_proj_weight = inputs.delta_proj_weight.data_ptr();
+    args.delta_rank = delta.size(2);
+  } else {
+    args.delta_raw = Operand(delta);
+  }
   args.delta_bias = delta_bias.defined() ? delta_bias.data_ptr<float>() : nullptr;
   args.gate = Operand(gate);
   args.b_proj = Operand(b_proj);

@@ -40,7 +40,14 @@ struct ScanLaunchArgs {
   // the LibTorch reference rounds in the compute dtype). Exactly one is set.
   ScanOperand delta;
   ScanOperand delta_raw;
-  const float* delta_bias = nullptr;  // [I]; null: no bias (raw only)
+  // Or, for one step of time only (L = 1), the time step before its bias as
+  // dt_proj's product, computed by the kernel: delta_raw[b, i] =
+  // round(Σ_r delta_proj_weight[i, r] · delta_proj_input[b, r]), float32
+  // accumulation, rounded to element_type as the linear's output.
+  ScanOperand delta_proj_input;              // δ [B, L, R], element_type
+  const void* delta_proj_weight = nullptr;   // [I, R], element_type, contiguous
+  int64_t delta_rank = 0;                    // R
+  const float* delta_bias = nullptr;  // [I]; null: no bias (raw or dt_proj only)
   ScanOperand gate;                  // z  [B, L, I], element_type
   ScanOperand b_proj;                // B  [B, L, N], element_type
   ScanOperand c_proj;                // C  [B, L, N], element_type
@@ -80,12 +87,16 @@ bool ScanKernelShapeAvailable(const ScanKernelShape& shape, int64_t state_size,
                               ScanElementType element_type);
 
 // Enqueues the scan on `stream` (a cudaStream_t) of the current device, in
-// the default shape for it; one step of time (L = 1, a decode step) runs a
-// state-update kernel instead (a thread per channel, no staging). Returns 0 (cudaSuccess) or a cudaError_t value:
+// the default shape for it; one step of time (L = 1, a decode step) runs
+// LaunchSelectiveStateStep instead. Returns 0 (cudaSuccess) or a cudaError_t value:
 // cudaErrorInvalidValue for arguments out of range (also a raw Δ with
 // prefetch_l2, which prefetches float32 Δ only).
 int LaunchSelectiveScan(const ScanLaunchArgs& args, void* stream);
 int LaunchSelectiveScan(const ScanLaunchArgs& args, const ScanKernelShape& shape, void* stream);
+
+// One step of time (L = 1) without the chunked kernel's staging: a
+// channel's states over a few lanes, Δ from any of its three sources.
+int LaunchSelectiveStateStep(const ScanLaunchArgs& args, void* stream);
 
 // cudaGetErrorString, for callers that do not include CUDA headers.
 const char* ScanLaunchErrorString(int status);

@@ -1,0 +1,62 @@
+// Device math the scan kernels share (selective_scan.cu, the chunked scan;
+// selective_state_step.cu, one step of time): the time step's softplus as
+// the LibTorch reference rounds it, 2^x on the special-function unit and on
+// the FMA pipes, and silu.
+#ifndef ICD_CORE_SRC_SCAN_SCAN_MATH_CUH_
+#define ICD_CORE_SRC_SCAN_SCAN_MATH_CUH_
+
+#include <cuda_runtime.h>
+
+#include "scan/element_types.cuh"
+
+namespace icd::scan_math {
+
+inline constexpr float kLog2E = 1.4426950408889634f;
+
+// Δ = softplus(raw + bias) as the LibTorch reference computes it in the
+// compute dtype: the sum rounded, softplus in float32 (LibTorch's formula,
+// threshold 20) rounded again. Exact libm calls: once per channel and step.
+template <class Element>
+__device__ __forceinline__ float SoftplusDelta(float raw, float bias) {
+  const float sum = cuda_elements::RoundTo<Element>(raw + bias);
+  return cuda_elements::RoundTo<Element>(sum > 20.0f ? sum : log1pf(expf(sum)));
+}
+
+// 2^x on the special-function unit (relative error about 2^-22; tiny
+// results flush to zero, which only drops a state that has fully decayed).
+__device__ __forceinline__ float Exp2Unit(float exponent) {
+  float result;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(exponent));
+  return result;
+}
+
+// 2^x on the FMA pipes: 2^round(x) by exponent arithmetic times a degree-5
+// fit of 2^f on [-0.5, 0.5] (relative error 1.6e-7). For silu, so that the
+// special-function unit only does the scan's exps and one reciprocal.
+__device__ __forceinline__ float Exp2Polynomial(float exponent) {
+  constexpr float kRoundingShift = 12582912.0f;
+  const float clamped = fminf(fmaxf(exponent, -125.0f), 125.0f);
+  const float shifted = clamped + kRoundingShift;
+  const float whole = shifted - kRoundingShift;
+  const float fraction = clamped - whole;
+  float power = 1.339086331e-03f;
+  power = fmaf(power, fraction, 9.676031768e-03f);
+  power = fmaf(power, fraction, 5.550356954e-02f);
+  power = fmaf(power, fraction, 2.402210683e-01f);
+  power = fmaf(power, fraction, 6.931471825e-01f);
+  power = fmaf(power, fraction, 1.000000119e+00f);
+  // Adding 1.5 * 2^23 leaves round(x) in the low mantissa bits of `shifted`
+  // (two's complement); moved into the exponent field it scales 2^f.
+  const unsigned int exponent_bits = __float_as_uint(shifted) << 23;
+  return __uint_as_float(__float_as_uint(power) + exponent_bits);
+}
+
+// silu(z) = z / (1 + e^-z), its exp on the FMA pipes: the special-function
+// unit is the scan's bottleneck (N exps per channel and step).
+__device__ __forceinline__ float Silu(float gate) {
+  return __fdividef(gate, 1.0f + Exp2Polynomial(-gate * kLog2E));
+}
+
+}  // namespace icd::scan_math
+
+#endif  // ICD_CORE_SRC_SCAN_SCAN_MATH_CUH_

@@ -1,0 +1,142 @@
+// One step of time of the selective scan (a decode step, L = 1; launch
+// interface: selective_scan_launch.h): the state update without the chunked
+// kernel's staging through shared memory. A channel's N states are spread
+// over kLanes lanes, so that the reads and writes of A and h are coalesced
+// and batch 1 still fills the GPU; C·h is summed by a shuffle tree. The
+// arithmetic per state is the chunked kernel's (Δ from SoftplusDelta, decays
+// on the special-function unit, silu on the FMA pipes). Optionally Δ's raw
+// time step is dt_proj's product, computed here: a [R]-long dot product per
+// channel that would otherwise be a matrix-vector kernel of its own.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "scan/element_types.cuh"
+#include "scan/scan_math.cuh"
+#include "scan/selective_scan_launch.h"
+
+namespace icd::scan {
+namespace {
+
+using cuda_elements::RoundTo;
+using scan_math::Exp2Unit;
+using scan_math::kLog2E;
+using scan_math::Silu;
+using scan_math::SoftplusDelta;
+
+constexpr int kThreads = 128;
+
+// The sum over an aligned group of kLanes lanes, in every lane of it.
+template <int kLanes>
+__device__ __forceinline__ float GroupSum(float value) {
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  }
+  return value;
+}
+
+template <class Element, int kLanes>
+__global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanLaunchArgs args) {
+  using Storage = typename Element::Storage;
+  constexpr int kChannelsPerBlock = kThreads / kLanes;
+  const int lane = static_cast<int>(threadIdx.x) % kLanes;
+  const int64_t inner = args.inner;
+  const int64_t wanted =
+      static_cast<int64_t>(blockIdx.x) * kChannelsPerBlock + static_cast<int>(threadIdx.x) / kLanes;
+  // Lanes past the last channel redo the last one and write nothing: every
+  // lane of a warp takes part in the shuffles.
+  const bool real = wanted < inner;
+  const int64_t channel = real ? wanted : inner - 1;
+  const int64_t batch = blockIdx.y;
+  const int64_t state_size = args.state_size;
+  const auto* hidden = static_cast<const Storage*>(args.hidden.data);
+  const auto* gate = static_cast<const Storage*>(args.gate.data);
+  const float x = Element::ToFloat(hidden[batch * args.hidden.batch_stride + channel]);
+  const float z = Element::ToFloat(gate[batch * args.gate.batch_stride + channel]);
+  const float bias = args.delta_bias != nullptr ? args.delta_bias[channel] : 0.0f;
+  float delta = 0.0f;
+  if (args.delta_proj_weight != nullptr) {
+    // dt_proj's output in the compute dtype, as the linear would round it.
+    const auto* weight =
+        static_cast<const Storage*>(args.delta_proj_weight) + channel * args.delta_rank;
+    const auto* input = static_cast<const Storage*>(args.delta_proj_input.data) +
+                        batch * args.delta_proj_input.batch_stride;
+    float dot = 0.0f;
+    for (int64_t r = lane; r < args.delta_rank; r += kLanes) {
+      dot = fmaf(Element::ToFloat(weight[r]), Element::ToFloat(__ldg(input + r)), dot);
+    }
+    delta = SoftplusDelta<Element>(RoundTo<Element>(GroupSum<kLanes>(dot)), bias);
+  } else if (args.delta_raw.data != nullptr) {
+    const auto* raw = static_cast<const Storage*>(args.delta_raw.data);
+    delta = SoftplusDelta<Element>(
+        Element::ToFloat(raw[batch * args.delta_raw.batch_stride + channel]), bias);
+  } else {
+    delta = static_cast<const float*>(args.delta.data)[batch * args.delta.batch_stride + channel];
+  }
+  const float delta_x = delta * x;
+  const auto* b_proj =
+      static_cast<const Storage*>(args.b_proj.data) + batch * args.b_proj.batch_stride;
+  const auto* c_proj =
+      static_cast<const Storage*>(args.c_proj.data) + batch * args.c_proj.batch_stride;
+  const float* a_decay = args.a_decay + channel * state_size;
+  const int64_t state_row = (batch * inner + channel) * state_size;
+  float sum = 0.0f;
+  for (int64_t n = lane; n < state_size; n += kLanes) {
+    const float decay = Exp2Unit(delta * (a_decay[n] * kLog2E));
+    const float previous = args.state_in != nullptr ? args.state_in[state_row + n] : 0.0f;
+    const float state = fmaf(decay, previous, delta_x * Element::ToFloat(__ldg(b_proj + n)));
+    sum = fmaf(Element::ToFloat(__ldg(c_proj + n)), state, sum);
+    if (real && args.state_out != nullptr) args.state_out[state_row + n] = state;
+  }
+  sum = GroupSum<kLanes>(sum);
+  if (!real || lane != 0) return;
+  const float y = (sum + args.d_skip[channel] * x) * Silu(z);
+  const int64_t out = batch * inner + channel;  // y [B, 1, I]
+  if (args.output_rounded != nullptr) {
+    static_cast<Storage*>(args.output_rounded)[out] = Element::FromFloat(y);
+  } else {
+    args.output[out] = y;
+  }
+}
+
+template <class Element, int kLanes>
+int LaunchLanes(const ScanLaunchArgs& args, cudaStream_t stream) {
+  constexpr int kChannelsPerBlock = kThreads / kLanes;
+  const dim3 grid(static_cast<unsigned int>((args.inner + kChannelsPerBlock - 1) / kChannelsPerBlock),
+                  static_cast<unsigned int>(args.batch));
+  SelectiveStateStepKernel<Element, kLanes><<<grid, kThreads, 0, stream>>>(args);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// Lanes per channel: N rounded up to a power of two, 4 to 32.
+template <class Element>
+int LaunchElement(const ScanLaunchArgs& args, cudaStream_t stream) {
+  if (args.state_size <= 4) return LaunchLanes<Element, 4>(args, stream);
+  if (args.state_size <= 8) return LaunchLanes<Element, 8>(args, stream);
+  if (args.state_size <= 16) return LaunchLanes<Element, 16>(args, stream);
+  return LaunchLanes<Element, 32>(args, stream);
+}
+
+}  // namespace
+
+int LaunchSelectiveStateStep(const ScanLaunchArgs& args, void* stream) {
+  const int sources = (args.delta.data != nullptr) + (args.delta_raw.data != nullptr) +
+                      (args.delta_proj_weight != nullptr);
+  if (args.seq_len != 1 || args.batch < 1 || args.batch > 65535 || args.inner < 1 ||
+      args.inner > (int64_t{1} << 31) - 1 || args.state_size < 1 ||
+      args.state_size > kMaxCudaStateSize || args.hidden.data == nullptr ||
+      args.gate.data == nullptr || args.b_proj.data == nullptr || args.c_proj.data == nullptr ||
+      args.a_decay == nullptr || args.d_skip == nullptr || sources != 1 ||
+      (args.delta_proj_weight != nullptr &&
+       (args.delta_proj_input.data == nullptr || args.delta_rank < 1)) ||
+      (args.output == nullptr) == (args.output_rounded == nullptr)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  auto* cuda_stream = static_cast<cudaStream_t>(stream);
+  return cuda_elements::ForElementType(args.element_type, [&](auto element) {
+    return LaunchElement<decltype(element)>(args, cuda_stream);
+  });
+}
+
+}  // namespace icd::scan

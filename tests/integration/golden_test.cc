@@ -106,7 +106,11 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"falcon-mamba-small", "hf", "falcon_mamba"},
                       Case{"mamba2-groups", "hf", "mamba2"},
                       Case{"mamba2-one-group", "hf", "mamba2"},
-                      Case{"mamba2-one-group", "mamba_ssm", "mamba2"}),
+                      Case{"mamba2-one-group", "mamba_ssm", "mamba2"},
+                      // mamba_ssm's own goldens (make_mamba_ssm_goldens.py)
+                      Case{"mamba_ssm-mamba1-layernorm", "mamba_ssm", "mamba1"},
+                      Case{"mamba_ssm-mamba2-groups", "mamba_ssm", "mamba2"},
+                      Case{"mamba_ssm-mamba2-gate-first", "mamba_ssm", "mamba2"}),
     [](const ::testing::TestParamInfo<Case>& param_info) {
       std::string name =
           param_info.param.fixture + "_" + param_info.param.layout;

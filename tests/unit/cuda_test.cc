@@ -194,6 +194,7 @@ TEST_P(CudaTest, Float16GoldenApplyBitForBit) {
   const double forward = RelL2(Logits("h"), golden_.logits);
   EXPECT_LE(forward, kFloat16GoldenTolerance);
   const auto unpermuted = Tensors("h");
+  const auto unpermuted_f32 = Tensors("f32");
 
   auto groups = engine_.Symmetries("f32");
   ASSERT_TRUE(groups.ok()) << groups.status();
@@ -221,11 +222,18 @@ TEST_P(CudaTest, Float16GoldenApplyBitForBit) {
     EXPECT_EQ(half.shape, tensor.shape) << name;
     EXPECT_TRUE(half.data == CastBytes(tensor, torch::kFloat16))
         << name << ": the float16 model's bytes are not the float32 permutation's";
-    moved += half.data != unpermuted.at(name).data;
+    const bool half_moved = half.data != unpermuted.at(name).data;
+    // Moved exactly where the float32 values moved as seen in float16 (on
+    // the H200 mamba2-one-group's layer-0 D moved in float32 and not in
+    // float16: the values its permutation swaps round to one float16).
+    EXPECT_EQ(half_moved, CastBytes(tensor, torch::kFloat16) !=
+                              CastBytes(unpermuted_f32.at(name), torch::kFloat16))
+        << name;
+    moved += half_moved;
   }
-  // Every group was permuted, so every tensor moved: the comparison is not
-  // of untouched weights.
-  EXPECT_EQ(moved, static_cast<int>(f32.size()));
+  // Most tensors moved: the comparison is not of untouched weights (on the
+  // H200, 19 of 20 to 27 of 27 per fixture).
+  EXPECT_GE(4 * moved, 3 * static_cast<int>(f32.size()));
   std::printf("[cuda] %s float16 vs float32 golden rel_l2 %.3g, permuted %.3g (tol %.3g); "
               "verify rel_l2 %.3g; %d of %zu tensors moved, bit-identical to float32 cast\n",
               Name().c_str(), forward, permuted, kFloat16GoldenTolerance, verify->rel_l2, moved,

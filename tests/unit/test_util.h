@@ -71,7 +71,12 @@ inline std::vector<GoldenCase> GoldenCases() {
   return {{"mamba1-small", "hf"},       {"mamba1-small", "mamba_ssm"},
           {"mamba1-bias-untied", "hf"}, {"mamba2-groups", "hf"},
           {"mamba2-one-group", "hf"},   {"mamba2-one-group", "mamba_ssm"},
-          {"falcon-mamba-small", "hf"}};
+          {"falcon-mamba-small", "hf"},
+          // mamba_ssm's own logits (fixtures/golden/make_mamba_ssm_goldens.py):
+          // configurations HF has no twin of, mamba_ssm layout only.
+          {"mamba_ssm-mamba1-layernorm", "mamba_ssm"},
+          {"mamba_ssm-mamba2-groups", "mamba_ssm"},
+          {"mamba_ssm-mamba2-gate-first", "mamba_ssm"}};
 }
 
 struct Golden {
@@ -80,7 +85,8 @@ struct Golden {
   torch::Tensor logits;  // float32 [batch, seq, vocab]
 };
 
-// HF's logits for fixed ids; a missing fixture fails the test (never skipped).
+// The oracle's logits for fixed ids (HF's, or mamba_ssm's for the mamba_ssm-*
+// fixtures); a missing fixture fails the test (never skipped).
 inline Golden ReadGolden(const std::string& fixture) {
   auto tensors = io::ReadSafetensors(GoldenDir(fixture) / "golden.safetensors");
   if (!tensors.ok()) throw std::runtime_error(std::string(tensors.status().message()));
@@ -125,7 +131,7 @@ inline Weights Clone(const Weights& weights) {
   return copy;
 }
 
-// Largest relative L2 of icd's float32 logits from HF's goldens (design.md).
+// Largest relative L2 of icd's float32 logits from the goldens (design.md).
 inline constexpr double kGoldenTolerance = 1e-4;
 
 inline double RelL2(const torch::Tensor& now, const torch::Tensor& reference) {

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "fused/fused_launch.h"
+#include "scan/dependent_launch.cuh"
 #include "scan/element_types.cuh"
 
 namespace icd::fused {
@@ -81,6 +82,10 @@ __device__ __forceinline__ uint4 LoadStreaming(const void* address) {
   return __ldcs(static_cast<const uint4*>(address));
 }
 
+__device__ __forceinline__ void PrefetchL2(const void* address) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
+}
+
 // Loads of a lane in flight together.
 constexpr int kUnroll = ICD_FEW_ROWS_LINEAR_UNROLL;
 
@@ -140,8 +145,17 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 #pragma unroll
   for (int r = 0; r < kRows; ++r) sums[r] = 0.0f;
   const int64_t stride = static_cast<int64_t>(split) * 32 * kValues;
-  for (int64_t first = (static_cast<int64_t>(part) * 32 + lane) * kValues;
-       real && first < in_features; first += kUnroll * stride) {
+  // The weights are the model's, not the previous kernel's: the first loads
+  // head for L2 while that kernel finishes (dependent_launch.cuh).
+  const int64_t lane_first = (static_cast<int64_t>(part) * 32 + lane) * kValues;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t k = lane_first + u * stride;
+    if (real && k < in_features) PrefetchL2(weight + k);
+  }
+  dependent_launch::WaitForPrerequisites();  // x comes from them
+  dependent_launch::AllowDependents();
+  for (int64_t first = lane_first; real && first < in_features; first += kUnroll * stride) {
     uint4 loaded[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -220,6 +234,12 @@ int Split(int64_t out_features) {
   return split;
 }
 
+int Launch(void (*kernel)(FewRowsLinearLaunchArgs, int), dim3 grid,
+           const FewRowsLinearLaunchArgs& args, int split, cudaStream_t stream) {
+  return static_cast<int>(
+      dependent_launch::LaunchDependent(kernel, grid, kThreads, stream, args, split));
+}
+
 template <class Element>
 int LaunchElement(const FewRowsLinearLaunchArgs& args, cudaStream_t stream) {
   const int split = Split(args.out_features);
@@ -227,17 +247,16 @@ int LaunchElement(const FewRowsLinearLaunchArgs& args, cudaStream_t stream) {
   const dim3 grid(
       static_cast<unsigned int>((args.out_features + features_per_block - 1) / features_per_block));
   switch (args.rows) {
-    case 1: FewRowsLinearKernel<Element, 1><<<grid, kThreads, 0, stream>>>(args, split); break;
-    case 2: FewRowsLinearKernel<Element, 2><<<grid, kThreads, 0, stream>>>(args, split); break;
-    case 3: FewRowsLinearKernel<Element, 3><<<grid, kThreads, 0, stream>>>(args, split); break;
-    case 4: FewRowsLinearKernel<Element, 4><<<grid, kThreads, 0, stream>>>(args, split); break;
-    case 5: FewRowsLinearKernel<Element, 5><<<grid, kThreads, 0, stream>>>(args, split); break;
-    case 6: FewRowsLinearKernel<Element, 6><<<grid, kThreads, 0, stream>>>(args, split); break;
-    case 7: FewRowsLinearKernel<Element, 7><<<grid, kThreads, 0, stream>>>(args, split); break;
-    case 8: FewRowsLinearKernel<Element, 8><<<grid, kThreads, 0, stream>>>(args, split); break;
+    case 1: return Launch(FewRowsLinearKernel<Element, 1>, grid, args, split, stream);
+    case 2: return Launch(FewRowsLinearKernel<Element, 2>, grid, args, split, stream);
+    case 3: return Launch(FewRowsLinearKernel<Element, 3>, grid, args, split, stream);
+    case 4: return Launch(FewRowsLinearKernel<Element, 4>, grid, args, split, stream);
+    case 5: return Launch(FewRowsLinearKernel<Element, 5>, grid, args, split, stream);
+    case 6: return Launch(FewRowsLinearKernel<Element, 6>, grid, args, split, stream);
+    case 7: return Launch(FewRowsLinearKernel<Element, 7>, grid, args, split, stream);
+    case 8: return Launch(FewRowsLinearKernel<Element, 8>, grid, args, split, stream);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
-  return static_cast<int>(cudaGetLastError());
 }
 
 bool Aligned(const void* pointer) {

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "fused/fused_launch.h"
+#include "scan/dependent_launch.cuh"
 #include "scan/element_types.cuh"
 
 namespace icd::fused {
@@ -51,6 +52,8 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(const AddRmsNormLau
   const auto* weight = static_cast<const Storage*>(args.weight);
   auto* normed = static_cast<Storage*>(args.normed) + row_start;
   const int thread = static_cast<int>(threadIdx.x);
+  dependent_launch::WaitForPrerequisites();  // the residual and mixed come from them
+  dependent_launch::AllowDependents();
 
   float squares = 0.0f;
   if constexpr (kPerThread > 0) {
@@ -100,15 +103,15 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(const AddRmsNormLau
 }
 
 template <class Element>
-void LaunchRows(const AddRmsNormLaunchArgs& args, dim3 grid, cudaStream_t stream) {
+cudaError_t LaunchRows(const AddRmsNormLaunchArgs& args, dim3 grid, cudaStream_t stream) {
   if (args.width <= kThreads * 4) {
-    AddRmsNormKernel<Element, 4><<<grid, kThreads, 0, stream>>>(args);
+    return dependent_launch::LaunchDependent(AddRmsNormKernel<Element, 4>, grid, kThreads, stream, args);
   } else if (args.width <= kThreads * 8) {
-    AddRmsNormKernel<Element, 8><<<grid, kThreads, 0, stream>>>(args);
+    return dependent_launch::LaunchDependent(AddRmsNormKernel<Element, 8>, grid, kThreads, stream, args);
   } else if (args.width <= kThreads * 16) {
-    AddRmsNormKernel<Element, 16><<<grid, kThreads, 0, stream>>>(args);
+    return dependent_launch::LaunchDependent(AddRmsNormKernel<Element, 16>, grid, kThreads, stream, args);
   } else {
-    AddRmsNormKernel<Element, 0><<<grid, kThreads, 0, stream>>>(args);
+    return dependent_launch::LaunchDependent(AddRmsNormKernel<Element, 0>, grid, kThreads, stream, args);
   }
 }
 
@@ -124,8 +127,7 @@ int LaunchAddRmsNorm(const AddRmsNormLaunchArgs& args, void* stream) {
   auto* cuda_stream = static_cast<cudaStream_t>(stream);
   const dim3 grid(static_cast<unsigned int>(args.rows));
   return cuda_elements::ForElementType(args.element_type, [&](auto element) {
-    LaunchRows<decltype(element)>(args, grid, cuda_stream);
-    return static_cast<int>(cudaGetLastError());
+    return static_cast<int>(LaunchRows<decltype(element)>(args, grid, cuda_stream));
   });
 }
 

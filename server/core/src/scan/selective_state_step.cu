@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "scan/dependent_launch.cuh"
 #include "scan/element_types.cuh"
 #include "scan/scan_math.cuh"
 #include "scan/selective_scan_launch.h"
@@ -50,6 +51,8 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
   const int64_t channel = real ? wanted : inner - 1;
   const int64_t batch = blockIdx.y;
   const int64_t state_size = args.state_size;
+  dependent_launch::WaitForPrerequisites();  // x, z, the time step, B, C come from them
+  dependent_launch::AllowDependents();
   const auto* hidden = static_cast<const Storage*>(args.hidden.data);
   const auto* gate = static_cast<const Storage*>(args.gate.data);
   const float x = Element::ToFloat(hidden[batch * args.hidden.batch_stride + channel]);
@@ -105,8 +108,8 @@ int LaunchLanes(const ScanLaunchArgs& args, cudaStream_t stream) {
   constexpr int kChannelsPerBlock = kThreads / kLanes;
   const dim3 grid(static_cast<unsigned int>((args.inner + kChannelsPerBlock - 1) / kChannelsPerBlock),
                   static_cast<unsigned int>(args.batch));
-  SelectiveStateStepKernel<Element, kLanes><<<grid, kThreads, 0, stream>>>(args);
-  return static_cast<int>(cudaGetLastError());
+  return static_cast<int>(dependent_launch::LaunchDependent(
+      SelectiveStateStepKernel<Element, kLanes>, grid, kThreads, stream, args));
 }
 
 // Lanes per channel: N rounded up to a power of two, 4 to 32.

@@ -1,4 +1,5 @@
-// Mamba-2's chunked scan against its recurrence (scan/state_space_scan.h):
+// Mamba-2's chunked scan and its native CPU loop against the recurrence
+// (scan/state_space_scan.h):
 // the same function, summed in another order, over groups, head dims, state
 // sizes, chunk sizes, lengths around and far past a chunk, with and without
 // a carried state.
@@ -7,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <optional>
 #include <ostream>
 #include <vector>
 
@@ -42,6 +44,7 @@ StateSpaceInputs RandomInputs(const ScanShape& s, torch::ScalarType dtype, uint6
   in.a_decay = -torch::exp(torch::rand({heads}, options) * 2.77);
   in.b_proj = torch::randn({batch, s.length, s.groups, s.state}, options);
   in.c_proj = torch::randn({batch, s.length, s.groups, s.state}, options);
+  in.skip = 1.0 + 0.3 * torch::randn({heads}, options);  // D, one per head
   return in;
 }
 
@@ -99,7 +102,82 @@ std::vector<ScanShape> Shapes() {
   return shapes;
 }
 
+// The native loop (the CPU's form) against the recurrence in LibTorch ops,
+// on the same shapes.
+TEST_P(StateSpaceScanTest, LoopEqualsTheRecurrence) {
+  const ScanShape s = GetParam();
+  const StateSpaceInputs in = RandomInputs(s, torch::kFloat32, 16);
+  torch::Tensor reference_state, loop_state;
+  if (s.initial_state) {
+    reference_state = RandomState(s, torch::kFloat32);
+    loop_state = reference_state.clone();
+  }
+  const torch::Tensor before = loop_state.defined() ? loop_state.clone() : torch::Tensor();
+  const torch::Tensor reference = StateSpaceScanSequential(in, &reference_state);
+  std::optional<torch::Tensor> loop = scan::StateSpaceScanLoop(in, &loop_state);
+  ASSERT_TRUE(loop.has_value());
+  EXPECT_EQ(loop->sizes(), reference.sizes());
+  EXPECT_LE(testing::RelL2(*loop, reference), 1e-5);
+  EXPECT_LE(testing::RelL2(loop_state, reference_state), 1e-5);
+  if (before.defined()) {
+    // The state is carried, not written into the caller's tensor.
+    EXPECT_FALSE(loop_state.is_same(before));
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, StateSpaceScanTest, ::testing::ValuesIn(Shapes()));
+
+// Float64 to float64's rounding; views of wider tensors (as the forward's
+// narrow()s of xBC) read as their values; CUDA and other dtypes declined.
+TEST(StateSpaceScanLoopTest, Float64ViewsAndWhatItDeclines) {
+  const ScanShape s{2, 2, 32, 16, 64, 333, true};
+  StateSpaceInputs in = RandomInputs(s, torch::kFloat64, 17);
+  in.b_proj = torch::cat({in.b_proj, in.c_proj}, -1).narrow(-1, 0, s.state);
+  torch::Tensor reference_state = RandomState(s, torch::kFloat64);
+  torch::Tensor loop_state = reference_state.clone();
+  const torch::Tensor reference = StateSpaceScanSequential(in, &reference_state);
+  std::optional<torch::Tensor> loop = scan::StateSpaceScanLoop(in, &loop_state);
+  ASSERT_TRUE(loop.has_value());
+  EXPECT_LE(testing::RelL2(*loop, reference), 1e-13);
+  EXPECT_LE(testing::RelL2(loop_state, reference_state), 1e-13);
+  StateSpaceInputs half = RandomInputs(s, torch::kFloat32, 18);
+  half.hidden = half.hidden.to(torch::kBFloat16);
+  EXPECT_FALSE(scan::StateSpaceScanLoop(half).has_value());
+}
+
+// D per channel (mamba_ssm's D_has_hdim) and no D at all, in all three forms.
+TEST(StateSpaceScanLoopTest, SkipPerChannelAndNone) {
+  const ScanShape s{2, 2, 16, 16, 64, 150, true};
+  StateSpaceInputs in = RandomInputs(s, torch::kFloat64, 20);
+  for (const bool per_channel : {true, false}) {
+    in.skip = per_channel ? torch::randn({4 * 16}, torch::kFloat64) : torch::Tensor();
+    const torch::Tensor reference = StateSpaceScanSequential(in);
+    const torch::Tensor chunked = StateSpaceScanChunked(in, 64);
+    const torch::Tensor loop = *scan::StateSpaceScanLoop(in);
+    EXPECT_LE(testing::RelL2(chunked, reference), 1e-13) << per_channel;
+    EXPECT_LE(testing::RelL2(loop, reference), 1e-13) << per_channel;
+  }
+  // The skip is y's own term: without it the outputs differ by D x.
+  in.skip = torch::full({4}, 2.0, torch::kFloat64);
+  StateSpaceInputs bare = in;
+  bare.skip = torch::Tensor();
+  const torch::Tensor difference = *scan::StateSpaceScanLoop(in) - *scan::StateSpaceScanLoop(bare);
+  EXPECT_LE(testing::RelL2(difference, 2.0 * in.hidden), 1e-13);
+}
+
+// A sequence in two calls of the loop is the sequence in one.
+TEST(StateSpaceScanLoopTest, CarriedStateJoinsTwoCalls) {
+  const ScanShape s{2, 2, 32, 16, 64, 500, false};
+  const StateSpaceInputs in = RandomInputs(s, torch::kFloat32, 19);
+  torch::Tensor whole_state, split_state;
+  const torch::Tensor whole = *scan::StateSpaceScanLoop(in, &whole_state);
+  const torch::Tensor first = *scan::StateSpaceScanLoop(scan::TimeSlice(in, 0, 130), &split_state);
+  const torch::Tensor second =
+      *scan::StateSpaceScanLoop(scan::TimeSlice(in, 130, 370), &split_state);
+  // The same operations in the same order: bit for bit.
+  EXPECT_TRUE(torch::equal(torch::cat({first, second}, 1), whole));
+  EXPECT_TRUE(torch::equal(split_state, whole_state));
+}
 
 // In float64 the two orders agree to float64's own rounding.
 TEST(StateSpaceScanPrecisionTest, Float64AgreesToItsRounding) {
@@ -150,9 +228,17 @@ TEST(StateSpaceScanPrecisionTest, BitwiseTheSameOnOneAndOnFourThreads) {
     states[i] = initial.clone();
     results[i] = StateSpaceScanChunked(in, 64, &states[i]);
   }
+  torch::Tensor loop_results[2], loop_states[2];
+  for (int i = 0; i < 2; ++i) {
+    torch::set_num_threads(counts[i]);
+    loop_states[i] = initial.clone();
+    loop_results[i] = *scan::StateSpaceScanLoop(in, &loop_states[i]);
+  }
   torch::set_num_threads(threads);
   EXPECT_TRUE(torch::equal(results[0], results[1]));
   EXPECT_TRUE(torch::equal(states[0], states[1]));
+  EXPECT_TRUE(torch::equal(loop_results[0], loop_results[1]));
+  EXPECT_TRUE(torch::equal(loop_states[0], loop_states[1]));
 }
 
 }  // namespace

@@ -3,6 +3,8 @@
 // The mixers live in forward_mamba1.cc and forward_mamba2.cc.
 #include "forward.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <chrono>
 #include <exception>
@@ -15,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "config.h"
+#include "cpu_vector.h"
 #include "forward_internal.h"
 #include "fused/fused.h"
 #include "icd/core/status_macros.h"
@@ -91,6 +94,108 @@ std::string LayerGroupName(int64_t layer, const std::string& suffix) {
 
 namespace {
 
+using cpu_vector::kLanes;
+using cpu_vector::Load;
+using cpu_vector::Store;
+using cpu_vector::Vector;
+
+// The CPU's causal conv, one batch row's positions [first, last): out[t, c] =
+// bias[c] + Σ_k taps[k, c] · in[t - K+1 + k, c] (bias first, then the taps
+// oldest to newest, as the CUDA kernel), where positions before 0 come from
+// `history` [C, K-1] (null: zeros). values rows `time_stride` apart,
+// channels contiguous; taps [K, C]; out [L, C].
+template <class Scalar>
+[[gnu::always_inline]] inline void ConvRows(const Scalar* values, int64_t time_stride,
+                                            const Scalar* taps, const Scalar* bias,
+                                            const Scalar* history, int64_t channels,
+                                            int64_t kernel, int64_t first, int64_t last,
+                                            Scalar* __restrict__ out) {
+  const int64_t blocked = channels - channels % kLanes<Scalar>;
+  const int64_t halo = kernel - 1;
+  for (int64_t t = first; t < last; ++t) {
+    Scalar* row = out + t * channels;
+    if (t >= halo) {
+      for (int64_t c0 = 0; c0 < blocked; c0 += kLanes<Scalar>) {
+        Vector<Scalar> sum = {}, tap, value;
+        if (bias != nullptr) Load(sum, bias + c0);
+        for (int64_t k = 0; k < kernel; ++k) {
+          Load(tap, taps + k * channels + c0);
+          Load(value, values + (t - halo + k) * time_stride + c0);
+          sum += tap * value;
+        }
+        Store(row + c0, sum);
+      }
+    }
+    for (int64_t c = t >= halo ? blocked : 0; c < channels; ++c) {
+      Scalar sum = bias != nullptr ? bias[c] : Scalar(0);
+      for (int64_t k = 0; k < kernel; ++k) {
+        const int64_t source = t - halo + k;
+        const Scalar value = source >= 0 ? values[source * time_stride + c]
+                             : history != nullptr ? history[c * halo + halo + source]
+                                                  : Scalar(0);
+        sum += taps[k * channels + c] * value;
+      }
+      row[c] = sum;
+    }
+  }
+}
+
+ICD_VECTOR_CLONES void ConvRowsOf(const float* values, int64_t time_stride, const float* taps,
+                                  const float* bias, const float* history, int64_t channels,
+                                  int64_t kernel, int64_t first, int64_t last, float* out) {
+  ConvRows<float>(values, time_stride, taps, bias, history, channels, kernel, first, last, out);
+}
+
+ICD_VECTOR_CLONES void ConvRowsOf(const double* values, int64_t time_stride, const double* taps,
+                                  const double* bias, const double* history, int64_t channels,
+                                  int64_t kernel, int64_t first, int64_t last, double* out) {
+  ConvRows<double>(values, time_stride, taps, bias, history, channels, kernel, first, last, out);
+}
+
+template <class Scalar>
+torch::Tensor ConvLoop(const torch::Tensor& values, const torch::Tensor& weight,
+                       const torch::Tensor& bias, const torch::Tensor& history) {
+  const int64_t batch = values.size(0), seq_len = values.size(1), channels = values.size(2);
+  const int64_t kernel = weight.size(2);
+  const torch::Tensor taps = weight.reshape({channels, kernel}).t().contiguous();  // [K, C]
+  const torch::Tensor bias_values = bias.defined() ? bias.contiguous() : bias;      // [C]
+  const torch::Tensor past = history.defined() ? history.contiguous() : history;   // [B, C, K-1]
+  torch::Tensor output = torch::empty({batch, seq_len, channels}, values.options());
+  const int64_t rows_per_task = std::max<int64_t>(1, 16384 / channels);
+  at::parallel_for(0, batch * seq_len, rows_per_task, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t b = begin / seq_len;
+      const int64_t stop = std::min(end, (b + 1) * seq_len);
+      ConvRowsOf(values.data_ptr<Scalar>() + b * values.stride(0), values.stride(1),
+                 taps.data_ptr<Scalar>(),
+                 bias_values.defined() ? bias_values.data_ptr<Scalar>() : nullptr,
+                 past.defined() ? past.data_ptr<Scalar>() + b * channels * (kernel - 1) : nullptr,
+                 channels, kernel, begin - b * seq_len, stop - b * seq_len,
+                 output.data_ptr<Scalar>() + b * seq_len * channels);
+      begin = stop;
+    }
+  });
+  return output;
+}
+
+// CausalDepthwiseConvPass as a native loop on the CPU (float32, float64;
+// channels contiguous): [B, L, C] contiguous out, with no transposes and no
+// conv1d. nullopt where it does not apply.
+std::optional<torch::Tensor> CausalDepthwiseConvLoop(const torch::Tensor& values,
+                                                     const torch::Tensor& weight,
+                                                     const torch::Tensor& bias,
+                                                     const torch::Tensor& history) {
+  const torch::ScalarType dtype = values.scalar_type();
+  if (!values.device().is_cpu() || values.dim() != 3 || values.stride(2) != 1 ||
+      (dtype != torch::kFloat32 && dtype != torch::kFloat64) || weight.scalar_type() != dtype ||
+      !weight.device().is_cpu() || (bias.defined() && bias.scalar_type() != dtype) ||
+      (history.defined() && (!history.device().is_cpu() || history.scalar_type() != dtype))) {
+    return std::nullopt;
+  }
+  return dtype == torch::kFloat32 ? ConvLoop<float>(values, weight, bias, history)
+                                  : ConvLoop<double>(values, weight, bias, history);
+}
+
 // One conv1d over all of `values` (CausalDepthwiseConv's contract).
 torch::Tensor CausalDepthwiseConvPass(const torch::Tensor& values, const torch::Tensor& weight,
                                       const torch::Tensor& bias, const torch::Tensor& history,
@@ -98,6 +203,19 @@ torch::Tensor CausalDepthwiseConvPass(const torch::Tensor& values, const torch::
   const int64_t seq_len = values.size(1);
   const int64_t channels = weight.size(0);
   const int64_t kernel = weight.size(2);
+  if (std::optional<torch::Tensor> conv = CausalDepthwiseConvLoop(values, weight, bias, history)) {
+    if (next_history != nullptr) {
+      // The last K-1 inputs of [history | values] (zeros before the sequence).
+      const torch::Tensor channels_first = values.transpose(1, 2);  // [B, C, L]
+      const torch::Tensor past =
+          history.defined() ? history.to(values.scalar_type())
+                            : torch::zeros({values.size(0), channels, kernel - 1}, values.options());
+      *next_history = torch::cat({past, channels_first}, 2)
+                          .narrow(2, seq_len, kernel - 1)
+                          .contiguous();  // [B, C, K-1]
+    }
+    return *std::move(conv);  // [B, L, C]
+  }
   // conv1d wants channels first.
   const torch::Tensor channels_first = values.transpose(1, 2);  // [B, C, L]
   if (history.defined()) {

@@ -4,6 +4,7 @@
 // and mamba_ssm's do; the chunk size changes only the order of the sums.
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -70,10 +71,10 @@ torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
   return normalized.to(precision.compute);
 }
 
-// Steps per chunk of the chunked scan. On the CPU, LibTorch's batched
-// products are a loop of one small GEMM each, so short chunks pay per call
-// and long ones for their [Q, Q] decay matrices: 32 was the fastest measured
-// (docs/mamba2-scan.md). On CUDA, mamba_ssm's own default; not yet tuned.
+// Steps per chunk of the chunked scan. On the CPU the native loop runs
+// instead (Scan), 4x faster than the best chunk (docs/mamba2-scan.md); 32
+// was that best, LibTorch's batched products being a loop of one small GEMM
+// each. On CUDA, mamba_ssm's own default; not yet tuned.
 int64_t ScanChunk(const torch::Device& device) { return device.is_cpu() ? 32 : 256; }
 
 // Chunks between two checks of the call: a chunk's work is a few batched
@@ -81,12 +82,32 @@ int64_t ScanChunk(const torch::Device& device) { return device.is_cpu() ? 32 : 2
 // ScanStepsPerCheck steps.
 constexpr int64_t kScanChunksPerCheck = 16;
 
-// The scan over the whole sequence: a decode step (one token) as the
-// recurrence, anything longer in the chunked form, in slices of time that
-// carry S from one to the next and check ctx between them.
+// The scan over the whole sequence: on the CPU the native loop; elsewhere a
+// decode step (one token) as the recurrence, anything longer in the chunked
+// form; in slices of time that carry S from one to the next and check ctx
+// between them.
 torch::Tensor Scan(const scan::StateSpaceInputs& inputs, torch::Tensor* state,
                    const CallContext& ctx, int64_t layer) {
   const int64_t seq_len = inputs.hidden.size(1);
+  if (inputs.hidden.device().is_cpu()) {
+    // The CPU's form: the recurrence as a native loop, in slices of time as
+    // Mamba-1's scan checks the call.
+    const int64_t steps = ScanStepsPerCheck(inputs.hidden.numel() / seq_len *
+                                            inputs.b_proj.size(-1));
+    torch::Tensor carried = state != nullptr ? *state : torch::Tensor();  // S, [B, H, P, N]
+    std::vector<torch::Tensor> outputs;  // [B, steps, H, P] each
+    for (int64_t start = 0; start < seq_len; start += steps) {
+      if (start > 0) CheckCallInLayer(ctx, layer);
+      std::optional<torch::Tensor> output = scan::StateSpaceScanLoop(
+          scan::TimeSlice(inputs, start, std::min(steps, seq_len - start)), &carried);
+      if (!output.has_value()) break;  // a dtype the loop does not take
+      outputs.push_back(*std::move(output));
+    }
+    if (static_cast<int64_t>(outputs.size()) * steps >= seq_len) {
+      if (state != nullptr) *state = carried;
+      return outputs.size() == 1 ? outputs.front() : torch::cat(outputs, 1);  // [B, L, H, P]
+    }
+  }
   if (seq_len == 1) return scan::StateSpaceScanSequential(inputs, state);
   const int64_t chunk = ScanChunk(inputs.hidden.device());
   const int64_t slice = chunk * kScanChunksPerCheck;
@@ -151,14 +172,11 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
       {batch, seq_len, groups, state_size});
   scan_inputs.c_proj = xbc.narrow(-1, inner + group_state, group_state).to(wide).reshape(
       {batch, seq_len, groups, state_size});
+  // D skip: one per head, or one per channel (mamba_ssm D_has_hdim).
+  scan_inputs.skip = view.d_skip;  // [H] or [I]
   torch::Tensor scan_output =
       Scan(scan_inputs, state != nullptr ? &state->ssm_state : nullptr, ctx, layer)
           .reshape({batch, seq_len, inner});  // [B, L, I]
-  // D skip: one per head, or one per channel (mamba_ssm D_has_hdim).
-  torch::Tensor d_channels =
-      config.d_has_hdim ? view.d_skip
-                        : view.d_skip.repeat_interleave(head_dim);  // [I]
-  scan_output = scan_output + hidden * d_channels;
 
   // 6. Gated RMSNorm (or the bare gate).
   torch::Tensor gated = GatedNorm(config, view, precision, scan_output, gate.to(wide));

@@ -1,10 +1,21 @@
 #include "scan/state_space_scan.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <vector>
+
+#include "cpu_vector.h"
 
 namespace icd::scan {
 namespace {
+
+using cpu_vector::kLanes;
+using cpu_vector::Load;
+using cpu_vector::Store;
+using cpu_vector::Vector;
 
 struct Dims {
   int64_t batch, length, heads, head_dim, groups, per_group, state;
@@ -42,7 +53,192 @@ torch::Tensor PadTime(const torch::Tensor& values, int64_t pad) {
   return torch::cat({values, torch::zeros(shape, values.options())}, 1);
 }
 
+// The loop's operands: each a pointer and its batch and time strides in
+// elements, the axes after time contiguous (x [B, L, H, P], Δ [B, L, H],
+// B/C [B, L, G, N]); y [B, L, H, P] contiguous.
+template <class Scalar>
+struct LoopOperands {
+  const Scalar* hidden;
+  int64_t hidden_batch, hidden_time;
+  const Scalar* delta;
+  int64_t delta_batch, delta_time;
+  const Scalar* b_proj;
+  int64_t b_batch, b_time;
+  const Scalar* c_proj;
+  int64_t c_batch, c_time;
+  const Scalar* a_decay;  // [H]
+  const Scalar* skip;     // D: [H], or [H, P] when skip_per_channel; null: none
+  bool skip_per_channel;
+  Scalar* output;
+};
+
+// One (batch, head) pair's scan over L steps: the state [N, P] in `work`,
+// from and into `state` [P, N] (null: zeros in, not kept).
+// (y and the state are restrict parameters, not the struct's fields: GCC
+// honours restrict on parameters only, and without it does not vectorize.)
+template <class Scalar>
+[[gnu::always_inline]] inline void ScanPair(const Dims& d, const LoopOperands<Scalar>& o,
+                                            int64_t batch, int64_t head, Scalar* state,
+                                            Scalar* __restrict__ output,
+                                            Scalar* __restrict__ work) {
+  const int64_t P = d.head_dim, N = d.state, H = d.heads;
+  const int64_t group = head / d.per_group;
+  const int64_t blocked = P - P % kLanes<Scalar>;
+  if (state != nullptr) {
+    for (int64_t p = 0; p < P; ++p) {
+      for (int64_t n = 0; n < N; ++n) work[n * P + p] = state[p * N + n];
+    }
+  } else {
+    std::fill(work, work + N * P, Scalar(0));
+  }
+  const Scalar decay_rate = o.a_decay[head];
+  // The pair's rows of each operand, and their time strides, as locals.
+  const Scalar* const hidden = o.hidden + batch * o.hidden_batch + head * P;
+  const Scalar* const delta = o.delta + batch * o.delta_batch + head;
+  const Scalar* const b_proj = o.b_proj + batch * o.b_batch + group * N;
+  const Scalar* const c_proj = o.c_proj + batch * o.c_batch + group * N;
+  const int64_t hidden_time = o.hidden_time, delta_time = o.delta_time;
+  const int64_t b_time = o.b_time, c_time = o.c_time;
+  for (int64_t t = 0; t < d.length; ++t) {
+    const Scalar dt = delta[t * delta_time];
+    const Scalar decay = std::exp(dt * decay_rate);
+    const Scalar* x = hidden + t * hidden_time;
+    const Scalar* b = b_proj + t * b_time;
+    const Scalar* c = c_proj + t * c_time;
+    Scalar* y = output + ((batch * d.length + t) * H + head) * P;
+    // Row by row of the state; y's vectors in L1 between rows (a register
+    // sum per vector would chain N dependent multiply-adds).
+    std::fill(y, y + blocked, Scalar(0));
+    for (int64_t n = 0; n < N; ++n) {
+      const Scalar drive = dt * b[n];
+      const Scalar read = c[n];
+      Scalar* row = work + n * P;
+      for (int64_t p0 = 0; p0 < blocked; p0 += kLanes<Scalar>) {
+        Vector<Scalar> held, inputs, sum;
+        Load(held, row + p0);
+        Load(inputs, x + p0);
+        Load(sum, y + p0);
+        held = decay * held + drive * inputs;
+        Store(row + p0, held);
+        Store(y + p0, sum + held * read);
+      }
+    }
+    for (int64_t p = blocked; p < P; ++p) {
+      Scalar sum = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        Scalar& held = work[n * P + p];
+        held = decay * held + (dt * b[n]) * x[p];
+        sum += held * c[n];
+      }
+      y[p] = sum;
+    }
+    if (o.skip != nullptr) {
+      // y += D x, after C·S as the other forms add it.
+      const Scalar* per_channel = o.skip_per_channel ? o.skip + head * P : nullptr;
+      for (int64_t p = 0; p < P; ++p) {
+        y[p] += (per_channel != nullptr ? per_channel[p] : o.skip[head]) * x[p];
+      }
+    }
+  }
+  if (state != nullptr) {
+    for (int64_t p = 0; p < P; ++p) {
+      for (int64_t n = 0; n < N; ++n) state[p * N + n] = work[n * P + p];
+    }
+  }
+}
+
+// The pair's scan compiled twice (cpu_vector.h).
+ICD_VECTOR_CLONES void ScanPairs(const Dims& d, const LoopOperands<float>& operands,
+                                 int64_t begin, int64_t end, float* state, float* work) {
+  for (int64_t pair = begin; pair < end; ++pair) {
+    ScanPair<float>(d, operands, pair / d.heads, pair % d.heads,
+                    state != nullptr ? state + pair * d.head_dim * d.state : nullptr,
+                    operands.output, work);
+  }
+}
+
+ICD_VECTOR_CLONES void ScanPairs(const Dims& d, const LoopOperands<double>& operands,
+                                 int64_t begin, int64_t end, double* state, double* work) {
+  for (int64_t pair = begin; pair < end; ++pair) {
+    ScanPair<double>(d, operands, pair / d.heads, pair % d.heads,
+                     state != nullptr ? state + pair * d.head_dim * d.state : nullptr,
+                     operands.output, work);
+  }
+}
+
+// `tensor` if its axes from `first` on are contiguous, else a contiguous copy.
+torch::Tensor InnerContiguous(const torch::Tensor& tensor, int64_t first) {
+  int64_t expected = 1;
+  for (int64_t axis = tensor.dim() - 1; axis >= first; --axis) {
+    if (tensor.size(axis) != 1 && tensor.stride(axis) != expected) return tensor.contiguous();
+    expected *= tensor.size(axis);
+  }
+  return tensor;
+}
+
+template <class Scalar>
+torch::Tensor ScanLoop(const StateSpaceInputs& inputs, const Dims& d, torch::Tensor* state) {
+  const torch::Tensor hidden = InnerContiguous(inputs.hidden, 2);  // [B, L, H, P]
+  const torch::Tensor delta = InnerContiguous(inputs.delta, 2);    // [B, L, H]
+  const torch::Tensor b_proj = InnerContiguous(inputs.b_proj, 2);  // [B, L, G, N]
+  const torch::Tensor c_proj = InnerContiguous(inputs.c_proj, 2);  // [B, L, G, N]
+  const torch::Tensor a_decay = inputs.a_decay.contiguous();       // [H]
+  const torch::Tensor skip =
+      inputs.skip.defined() ? inputs.skip.contiguous() : torch::Tensor();  // [H] or [H·P]
+  torch::Tensor output = torch::empty({d.batch, d.length, d.heads, d.head_dim}, hidden.options());
+  torch::Tensor carried;  // [B, H, P, N]
+  if (state != nullptr) {
+    carried = state->defined() ? state->to(hidden.scalar_type()).contiguous().clone()
+                               : torch::zeros({d.batch, d.heads, d.head_dim, d.state},
+                                              hidden.options());
+  }
+  LoopOperands<Scalar> operands{
+      hidden.data_ptr<Scalar>(), hidden.stride(0), hidden.stride(1),
+      delta.data_ptr<Scalar>(),  delta.stride(0),  delta.stride(1),
+      b_proj.data_ptr<Scalar>(), b_proj.stride(0), b_proj.stride(1),
+      c_proj.data_ptr<Scalar>(), c_proj.stride(0), c_proj.stride(1),
+      a_decay.data_ptr<Scalar>(),
+      skip.defined() ? skip.data_ptr<Scalar>() : nullptr,
+      skip.defined() && skip.numel() == d.heads * d.head_dim && d.head_dim > 1,
+      output.data_ptr<Scalar>()};
+  Scalar* s = carried.defined() ? carried.data_ptr<Scalar>() : nullptr;
+  at::parallel_for(0, d.batch * d.heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Scalar> work(static_cast<size_t>(d.head_dim * d.state));
+    ScanPairs(d, operands, begin, end, s, work.data());
+  });
+  if (state != nullptr) *state = carried;
+  return output;
+}
+
+// y + D x for y, x [B, L, H, P] (the forms in LibTorch ops).
+torch::Tensor AddSkip(const torch::Tensor& output, const StateSpaceInputs& inputs) {
+  if (!inputs.skip.defined()) return output;
+  const Dims d = DimsOf(inputs);
+  const torch::Tensor skip = inputs.skip.numel() == d.heads * d.head_dim
+                                 ? inputs.skip.reshape({d.heads, d.head_dim})
+                                 : inputs.skip.reshape({d.heads, 1});
+  return output + inputs.hidden * skip;
+}
+
 }  // namespace
+
+std::optional<torch::Tensor> StateSpaceScanLoop(const StateSpaceInputs& inputs,
+                                                torch::Tensor* state) {
+  const torch::Tensor* operands[] = {&inputs.hidden, &inputs.delta, &inputs.a_decay,
+                                     &inputs.b_proj, &inputs.c_proj, &inputs.skip};
+  const torch::ScalarType dtype = inputs.hidden.scalar_type();
+  for (const torch::Tensor* operand : operands) {
+    if (operand == &inputs.skip && !operand->defined()) continue;
+    if (!operand->defined() || !operand->device().is_cpu() || operand->scalar_type() != dtype) {
+      return std::nullopt;
+    }
+  }
+  if (state != nullptr && state->defined() && !state->device().is_cpu()) return std::nullopt;
+  const Dims d = DimsOf(inputs);
+  if (dtype == torch::kFloat32) return ScanLoop<float>(inputs, d, state);
+  if (dtype == torch::kFloat64) return ScanLoop<double>(inputs, d, state);
+  return std::nullopt;
+}
 
 torch::Tensor StateSpaceScanSequential(const StateSpaceInputs& inputs, torch::Tensor* state) {
   const Dims d = DimsOf(inputs);
@@ -62,7 +258,8 @@ torch::Tensor StateSpaceScanSequential(const StateSpaceInputs& inputs, torch::Te
     outputs.push_back(torch::matmul(carried, c_proj.select(1, step)).squeeze(-1));  // [B, G, Kh, P]
   }
   if (state != nullptr) *state = carried.reshape({d.batch, d.heads, d.head_dim, d.state});
-  return torch::stack(outputs, 1).reshape({d.batch, d.length, d.heads, d.head_dim});
+  return AddSkip(torch::stack(outputs, 1).reshape({d.batch, d.length, d.heads, d.head_dim}),
+                 inputs);
 }
 
 torch::Tensor StateSpaceScanChunked(const StateSpaceInputs& inputs, int64_t chunk,
@@ -139,10 +336,11 @@ torch::Tensor StateSpaceScanChunked(const StateSpaceInputs& inputs, int64_t chun
       * torch::exp(log_decay_from_start).unsqueeze(-1);
 
   if (state != nullptr) *state = carried.reshape({d.batch, d.heads, d.head_dim, d.state});
-  return (within + from_entering)
-      .permute({0, 1, 4, 2, 3, 5})  // [B, C, Q, G, Kh, P]
-      .reshape({d.batch, chunks * q, d.heads, d.head_dim})
-      .narrow(1, 0, d.length);
+  return AddSkip((within + from_entering)
+                     .permute({0, 1, 4, 2, 3, 5})  // [B, C, Q, G, Kh, P]
+                     .reshape({d.batch, chunks * q, d.heads, d.head_dim})
+                     .narrow(1, 0, d.length),
+                 inputs);
 }
 
 StateSpaceInputs TimeSlice(const StateSpaceInputs& inputs, int64_t start, int64_t length) {

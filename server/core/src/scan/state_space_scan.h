@@ -1,5 +1,5 @@
 // Mamba-2's scan (mamba_symmetries.md §2.4): per head h of group g(h),
-//   S_t = exp(Δ_t A_h) S_{t-1} + Δ_t x_t B_tᵀ,   y_t = S_t C_t,
+//   S_t = exp(Δ_t A_h) S_{t-1} + Δ_t x_t B_tᵀ,   y_t = S_t C_t + D x_t,
 // with the state S [P, N] per head. Two forms of the same function: the
 // recurrence, one step after another (the reference, and a decode step),
 // and the chunked form of the Mamba-2 paper's state-space duality (§6),
@@ -7,6 +7,8 @@
 // They differ only in the order of their sums. LibTorch ops, any device.
 #ifndef ICD_CORE_SRC_SCAN_STATE_SPACE_SCAN_H_
 #define ICD_CORE_SRC_SCAN_STATE_SPACE_SCAN_H_
+
+#include <optional>
 
 #include "torch_api.h"
 
@@ -22,9 +24,10 @@ struct StateSpaceInputs {
   torch::Tensor a_decay;  // A = -exp(A_log), [H]
   torch::Tensor b_proj;   // B, [B, L, G, N]
   torch::Tensor c_proj;   // C, [B, L, G, N]
+  torch::Tensor skip;     // D, [H] or [H·P] (per channel); undefined: none
 };
 
-// Returns y [B, L, H, P] (no D skip, no gate). `state` (optional) carries
+// Returns y [B, L, H, P], y_t = S_t C_t + D x_t (no gate). `state` (optional) carries
 // S [B, H, P, N] across calls: when defined on entry it is S_0 (zeros
 // otherwise); on return it holds S_L.
 torch::Tensor StateSpaceScanSequential(const StateSpaceInputs& inputs,
@@ -36,6 +39,15 @@ torch::Tensor StateSpaceScanSequential(const StateSpaceInputs& inputs,
 // sums, so that it keeps its relative precision however long the chunk.
 torch::Tensor StateSpaceScanChunked(const StateSpaceInputs& inputs, int64_t chunk,
                                     torch::Tensor* state = nullptr);
+
+// The recurrence as a native loop on the CPU (float32 or float64 inputs;
+// nullopt otherwise, e.g. on CUDA): one thread owns a (batch, head) pair at
+// a time and keeps its state in cache, so the result does not depend on the
+// number of threads. The state is held as [N, P], so that both its update
+// and y = S C run along P without a reduction in the inner loop. Same
+// contract as above; the order of sums is its own.
+std::optional<torch::Tensor> StateSpaceScanLoop(const StateSpaceInputs& inputs,
+                                                torch::Tensor* state = nullptr);
 
 // The inputs' time steps [start, start + length).
 StateSpaceInputs TimeSlice(const StateSpaceInputs& inputs, int64_t start, int64_t length);

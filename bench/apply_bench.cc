@@ -28,9 +28,9 @@
 #include <utility>
 #include <vector>
 
-#include "checkpoint.h"
-#include "symmetry.h"
-#include "gather/permute_gather.h"
+#include "io/checkpoint.h"
+#include "apply/symmetry.h"
+#include "apply/gather/permute_gather.h"
 #include "icd/core/engine.h"
 #include "icd/core/host_memory.h"
 #include "test_util.h"

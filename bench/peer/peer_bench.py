@@ -14,7 +14,7 @@ its HF original. --icd-logits holds icd-<shape>-<dtype>.json, `icdctl --json eva
 --logits` on the token ids of --ids (a JSON list). Timing as icd's MeasureLatency:
 CUDA events around each sample (host launch included), a device sync after it,
 warm-up samples dropped; median, p10, p90 and the 95% interval of the median by
-binomial order statistics (server/core/src/latency_stats.cc, ported). Prefill: one
+binomial order statistics (server/core/src/forward/latency_stats.cc, ported). Prefill: one
 forward over [1, seq_len] with logits for every position. Decode: after a prefill of
 seq_len tokens into the state, one token per sample, logits of that token;
 cuda_graphs=true replays the step captured by mamba_ssm's own update_graph_cache

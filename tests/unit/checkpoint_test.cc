@@ -1,12 +1,12 @@
 // Reading checkpoints: config parsing of both layouts, refusals that say
 // why, malformed files that name the file.
-#include "checkpoint.h"
+#include "io/checkpoint.h"
 
 #include <gtest/gtest.h>
 
 #include <fstream>
 
-#include "config.h"
+#include "io/config.h"
 #include "icd/core/engine.h"
 #include "test_util.h"
 

@@ -29,16 +29,16 @@
 #include <utility>
 #include <vector>
 
-#include "checkpoint.h"
-#include "config.h"
-#include "decode.h"
-#include "forward.h"
-#include "forward_internal.h"
+#include "io/checkpoint.h"
+#include "io/config.h"
+#include "forward/decode.h"
+#include "forward/forward.h"
+#include "forward/forward_internal.h"
 #include "fused/fused.h"
-#include "gather/permute_gather.h"
+#include "apply/gather/permute_gather.h"
 #include "icd/core/engine.h"
 #include "scan/selective_scan.h"
-#include "symmetry.h"
+#include "apply/symmetry.h"
 #include "test_util.h"
 #include "traces/graph.h"
 #include "traces/leiden.h"

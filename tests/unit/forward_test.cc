@@ -1,6 +1,6 @@
 // The forward of each family against HuggingFace's logits (golden fixtures),
 // and its capture points for trace statistics.
-#include "forward.h"
+#include "forward/forward.h"
 
 #include <gtest/gtest.h>
 
@@ -16,11 +16,11 @@
 #include <utility>
 #include <vector>
 
-#include "checkpoint.h"
-#include "config.h"
+#include "io/checkpoint.h"
+#include "io/config.h"
 #include "io/safetensors.h"
 #include "model.h"
-#include "symmetry.h"
+#include "apply/symmetry.h"
 #include "test_util.h"
 
 namespace icd {

@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "icd/core/engine.h"
-#include "latency.h"
-#include "latency_stats.h"
+#include "forward/latency.h"
+#include "forward/latency_stats.h"
 #include "test_util.h"
 
 namespace icd {

@@ -1,6 +1,6 @@
 // The symmetry specs as data: validation, gathers, every group exact on many
 // random configurations, and negative controls that prove the checks bite.
-#include "symmetry.h"
+#include "apply/symmetry.h"
 
 #include <gtest/gtest.h>
 
@@ -10,9 +10,9 @@
 #include <cstring>
 #include <random>
 
-#include "checkpoint.h"
-#include "config.h"
-#include "forward.h"
+#include "io/checkpoint.h"
+#include "io/config.h"
+#include "forward/forward.h"
 #include "test_util.h"
 
 namespace icd {

@@ -18,10 +18,10 @@
 #include <string>
 #include <vector>
 
-#include "config.h"
+#include "io/config.h"
 #include "icd/core/types.h"
 #include "io/safetensors.h"
-#include "symmetry.h"
+#include "apply/symmetry.h"
 
 namespace icd::testing {
 

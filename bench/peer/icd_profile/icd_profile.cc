@@ -29,9 +29,9 @@
 #include <string>
 #include <vector>
 
-#include "checkpoint.h"
-#include "decode.h"
-#include "forward.h"
+#include "io/checkpoint.h"
+#include "forward/decode.h"
+#include "forward/forward.h"
 
 namespace {
 

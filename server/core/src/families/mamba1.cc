@@ -1,7 +1,7 @@
 // Mamba-1 and FalconMamba symmetry groups (mamba_symmetries.md §3 a-d).
 // FalconMamba's extra RMS normalisations are weightless and act per channel
 // or over whole blocks, so it has exactly Mamba-1's groups.
-#include "symmetry.h"
+#include "apply/symmetry.h"
 
 #include "absl/strings/str_cat.h"
 

@@ -1,7 +1,7 @@
 // Mamba-2 symmetry groups (mamba_symmetries.md §3 d, e). in_proj rows are
 // [z | x | B | C | dt], conv1d channels [x | B | C]; channel c = head*P + p;
 // heads of one B/C group are contiguous.
-#include "symmetry.h"
+#include "apply/symmetry.h"
 
 #include "absl/strings/str_cat.h"
 

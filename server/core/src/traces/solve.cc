@@ -10,7 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "icd/core/checked.h"
 #include "icd/core/status_macros.h"
-#include "symmetry.h"
+#include "apply/symmetry.h"
 #include "traces/layout.h"
 #include "traces/leiden.h"
 #include "traces/nm_sparsity.h"

@@ -1,4 +1,4 @@
-#include "decode.h"
+#include "forward/decode.h"
 
 #include <exception>
 #include <utility>

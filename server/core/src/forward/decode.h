@@ -11,7 +11,7 @@
 #include <memory>
 
 #include "absl/status/statusor.h"
-#include "forward.h"
+#include "forward/forward.h"
 #include "icd/core/types.h"
 #include "model.h"
 

@@ -7,7 +7,7 @@
 #include <filesystem>
 
 #include "absl/status/statusor.h"
-#include "checkpoint.h"
+#include "io/checkpoint.h"
 #include "icd/core/types.h"
 #include "model.h"
 

@@ -1,4 +1,4 @@
-#include "latency.h"
+#include "forward/latency.h"
 
 #include "torch_api.h"
 
@@ -14,10 +14,10 @@
 #endif
 
 #include "absl/strings/str_cat.h"
-#include "decode.h"
-#include "forward.h"
+#include "forward/decode.h"
+#include "forward/forward.h"
 #include "icd/core/status_macros.h"
-#include "latency_stats.h"
+#include "forward/latency_stats.h"
 
 namespace icd::latency {
 namespace {

@@ -2,7 +2,7 @@
 // (engine_internal.h); CapturePermutation lives in engine_capture.cc.
 #include "icd/core/engine.h"
 
-#include "engine_internal.h"
+#include "engine/engine_internal.h"
 
 namespace icd {
 

@@ -1,6 +1,6 @@
 // Engine::Capture (CapturePermutation): forwards that collect the wanted
 // groups' activations into trace statistics, then the solver per group.
-#include "engine_internal.h"
+#include "engine/engine_internal.h"
 
 #include "traces/solve.h"
 

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "forward_internal.h"
+#include "forward/forward_internal.h"
 #include "fused/fused.h"
 #include "scan/selective_scan.h"
 

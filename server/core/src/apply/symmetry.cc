@@ -1,4 +1,4 @@
-#include "symmetry.h"
+#include "apply/symmetry.h"
 
 #include <deque>
 #include <map>
@@ -8,7 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "gather/permute_gather.h"
+#include "apply/gather/permute_gather.h"
 
 namespace icd {
 namespace {

@@ -1,4 +1,4 @@
-#include "gather/permute_gather.h"
+#include "apply/gather/permute_gather.h"
 
 namespace icd::gather {
 

@@ -1,7 +1,7 @@
 // Forward dispatch and the pieces every family shares: embedding, block norms
 // (RMSNorm, or mamba_ssm's LayerNorm), residual stream, final norm and head.
 // The mixers live in forward_mamba1.cc and forward_mamba2.cc.
-#include "forward.h"
+#include "forward/forward.h"
 
 #include <ATen/Parallel.h>
 
@@ -16,9 +16,9 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "config.h"
+#include "io/config.h"
 #include "cpu_vector.h"
-#include "forward_internal.h"
+#include "forward/forward_internal.h"
 #include "fused/fused.h"
 #include "icd/core/status_macros.h"
 

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "forward.h"
+#include "forward/forward.h"
 #include "model.h"
 
 namespace icd::forward_internal {

@@ -12,7 +12,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "gather/permute_gather_launch.h"
+#include "apply/gather/permute_gather_launch.h"
 
 namespace icd::gather {
 

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "forward_internal.h"
+#include "forward/forward_internal.h"
 #include "scan/state_space_scan.h"
 
 namespace icd::forward_internal {

@@ -1,7 +1,7 @@
-#include "probe.h"
+#include "forward/probe.h"
 
 #include "absl/strings/numbers.h"
-#include "forward.h"
+#include "forward/forward.h"
 #include "icd/core/status_macros.h"
 #include "splitmix64.h"
 

@@ -15,7 +15,7 @@
 
 #include <cstdint>
 
-#include "gather/permute_gather_launch.h"
+#include "apply/gather/permute_gather_launch.h"
 
 namespace icd::gather {
 namespace {

@@ -9,8 +9,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "gather/permute_gather.h"
-#include "gather/permute_gather_launch.h"
+#include "apply/gather/permute_gather.h"
+#include "apply/gather/permute_gather_launch.h"
 
 namespace icd::gather {
 namespace {

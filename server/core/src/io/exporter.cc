@@ -1,4 +1,4 @@
-#include "exporter.h"
+#include "io/exporter.h"
 
 #include <fcntl.h>
 #include <stdio.h>

@@ -1,4 +1,4 @@
-#include "checkpoint.h"
+#include "io/checkpoint.h"
 
 #include <algorithm>
 #include <fstream>
@@ -10,7 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "config.h"
+#include "io/config.h"
 #include "icd/core/status_macros.h"
 #include "io/safetensors.h"
 #include "io/torch_bin.h"

@@ -65,15 +65,6 @@ using testing::kGoldenTolerance;
 // bfloat16 figures.
 constexpr double kFloat16GoldenTolerance = 5e-3;
 
-// float32 bytes of one tensor (ReadTensors: raw little-endian), rounded to
-// `dtype` by LibTorch's cast.
-std::string CastBytes(const HostTensor& f32, torch::ScalarType dtype) {
-  const torch::Tensor cast =
-      torch::from_blob(const_cast<char*>(f32.data.data()), f32.shape, torch::kFloat32)
-          .to(dtype)
-          .contiguous();
-  return std::string(static_cast<const char*>(cast.data_ptr()), cast.nbytes());
-}
 
 class CudaTest : public ::testing::TestWithParam<Case> {
  protected:
@@ -220,14 +211,14 @@ TEST_P(CudaTest, Float16GoldenApplyBitForBit) {
     const HostTensor& half = f16.at(name);
     EXPECT_EQ(half.dtype, DType::kFloat16) << name;
     EXPECT_EQ(half.shape, tensor.shape) << name;
-    EXPECT_TRUE(half.data == CastBytes(tensor, torch::kFloat16))
+    EXPECT_TRUE(half.data == testing::CastBytes(tensor, torch::kFloat16))
         << name << ": the float16 model's bytes are not the float32 permutation's";
     const bool half_moved = half.data != unpermuted.at(name).data;
     // Moved exactly where the float32 values moved as seen in float16 (on
     // the H200 mamba2-one-group's layer-0 D moved in float32 and not in
     // float16: the values its permutation swaps round to one float16).
-    EXPECT_EQ(half_moved, CastBytes(tensor, torch::kFloat16) !=
-                              CastBytes(unpermuted_f32.at(name), torch::kFloat16))
+    EXPECT_EQ(half_moved, testing::CastBytes(tensor, torch::kFloat16) !=
+                              testing::CastBytes(unpermuted_f32.at(name), torch::kFloat16))
         << name;
     moved += half_moved;
   }

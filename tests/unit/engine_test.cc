@@ -465,14 +465,6 @@ class LowPrecisionApplyTest : public ::testing::TestWithParam<testing::GoldenCas
   Engine engine_;
 };
 
-// float32 bytes of one tensor, rounded to `dtype` by LibTorch's cast.
-std::string CastBytes(const HostTensor& f32, torch::ScalarType dtype) {
-  torch::Tensor cast = torch::from_blob(const_cast<char*>(f32.data.data()), f32.shape,
-                                        torch::kFloat32)
-                           .to(dtype)
-                           .contiguous();
-  return std::string(static_cast<const char*>(cast.data_ptr()), cast.nbytes());
-}
 
 TEST_P(LowPrecisionApplyTest, BFloat16WeightsAreTheFloat32PermutationCastBitForBit) {
   ASSERT_TRUE(LoadAs("f32", "float32").ok());
@@ -495,7 +487,7 @@ TEST_P(LowPrecisionApplyTest, BFloat16WeightsAreTheFloat32PermutationCastBitForB
     const HostTensor& low = bf16.at(name);
     EXPECT_EQ(low.dtype, DType::kBFloat16) << name;
     EXPECT_EQ(low.shape, tensor.shape) << name;
-    EXPECT_TRUE(low.data == CastBytes(tensor, torch::kBFloat16))
+    EXPECT_TRUE(low.data == testing::CastBytes(tensor, torch::kBFloat16))
         << name << ": the bf16 model's bytes are not the float32 permutation's";
     moved += low.data != unpermuted.at(name).data;
   }

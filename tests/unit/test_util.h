@@ -18,10 +18,10 @@
 #include <string>
 #include <vector>
 
-#include "io/config.h"
-#include "icd/core/types.h"
-#include "io/safetensors.h"
 #include "apply/symmetry.h"
+#include "icd/core/types.h"
+#include "io/config.h"
+#include "io/safetensors.h"
 
 namespace icd::testing {
 
@@ -133,6 +133,17 @@ inline Weights Clone(const Weights& weights) {
 
 // Largest relative L2 of icd's float32 logits from the goldens (design.md).
 inline constexpr double kGoldenTolerance = 1e-4;
+
+// The float32 bytes of one tensor as ReadTensors returns them (raw,
+// little-endian), rounded to `dtype` by LibTorch's cast: what a bf16 or
+// float16 model's bytes must be after the same permutation.
+inline std::string CastBytes(const HostTensor& f32, torch::ScalarType dtype) {
+  const torch::Tensor cast =
+      torch::from_blob(const_cast<char*>(f32.data.data()), f32.shape, torch::kFloat32)
+          .to(dtype)
+          .contiguous();
+  return std::string(static_cast<const char*>(cast.data_ptr()), cast.nbytes());
+}
 
 inline double RelL2(const torch::Tensor& now, const torch::Tensor& reference) {
   torch::Tensor a = now.to(torch::kFloat64), b = reference.to(torch::kFloat64);

@@ -41,6 +41,33 @@ template <class Scalar>
   std::memcpy(address, &value, sizeof value);
 }
 
+// e^x lane by lane: 2^round(x·log2 e) by exponent arithmetic times a degree-5
+// fit of 2^f on [-0.5, 0.5] (relative error 1.6e-7, as the CUDA scan's
+// Exp2Polynomial); x·log2 e clamped to ±125, so a decay that has all but
+// vanished comes out as 2^-125, not 0.
+[[gnu::always_inline]] inline void Exp(Vector<float>& value) {
+  typedef int32_t Bits __attribute__((vector_size(32)));
+  constexpr float kLog2E = 1.4426950408889634f;
+  constexpr float kRoundingShift = 12582912.0f;  // 1.5 · 2^23
+  Vector<float> exponent = value * kLog2E;
+  exponent = exponent < -125.0f ? Vector<float>{} - 125.0f : exponent;
+  exponent = exponent > 125.0f ? Vector<float>{} + 125.0f : exponent;
+  const Vector<float> shifted = exponent + kRoundingShift;
+  const Vector<float> whole = shifted - kRoundingShift;
+  const Vector<float> fraction = exponent - whole;
+  Vector<float> power = Vector<float>{} + 1.339086331e-03f;
+  power = power * fraction + 9.676031768e-03f;
+  power = power * fraction + 5.550356954e-02f;
+  power = power * fraction + 2.402210683e-01f;
+  power = power * fraction + 6.931471825e-01f;
+  power = power * fraction + 1.000000119e+00f;
+  // round(x) sits in the low mantissa bits of `shifted` (two's complement);
+  // moved into the exponent field it scales 2^f.
+  // (A cast between GCC vector types of one size reinterprets the bits.)
+  const Bits scale = (Bits)shifted << 23;
+  value = (Vector<float>)((Bits)power + scale);
+}
+
 #if defined(__GNUC__) && defined(__x86_64__)
 #define ICD_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else

@@ -6,6 +6,8 @@
 #ifndef ICD_CORE_SRC_SCAN_SELECTIVE_SCAN_H_
 #define ICD_CORE_SRC_SCAN_SELECTIVE_SCAN_H_
 
+#include <optional>
+
 #include "torch_api.h"
 
 namespace icd::scan {
@@ -57,6 +59,15 @@ torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumula
 // The LibTorch reference: the same contract, on any device.
 torch::Tensor SelectiveScanReference(const ScanInputs& inputs, torch::ScalarType accumulate,
                                      torch::Tensor* state = nullptr);
+
+// The recurrence as a native loop on the CPU, float32 (compute and
+// accumulate): the same contract as SelectiveScan, its own order of sums
+// and an exp to 1.6e-7 (cpu_vector::Exp); channels in vectors of 8 per
+// thread, so the result does not depend on the number of threads.
+// SelectiveScan takes it for CPU tensors; nullopt where it does not apply.
+std::optional<torch::Tensor> SelectiveScanLoop(const ScanInputs& inputs,
+                                               torch::ScalarType accumulate,
+                                               torch::Tensor* state = nullptr);
 
 // Whether SelectiveScan would use the CUDA kernel for these inputs.
 bool UsesCudaKernel(const ScanInputs& inputs, torch::ScalarType accumulate);

@@ -117,6 +117,9 @@ bool UsesCudaKernel(const ScanInputs& inputs, torch::ScalarType accumulate) {
 torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumulate,
                             torch::Tensor* state, bool in_place) {
   if (!KernelTakes(inputs, accumulate)) {
+    if (std::optional<torch::Tensor> loop = SelectiveScanLoop(inputs, accumulate, state)) {
+      return *std::move(loop);  // CPU tensors
+    }
     if (!inputs.delta.defined() && inputs.delta_proj_weight.defined()) {
       // dt_proj's product by torch::linear, then the kernel if it takes that.
       return SelectiveScan(ResolveDelta(inputs), accumulate, state, in_place);

@@ -5,6 +5,8 @@
 
 #include "torch_api.h"
 
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -143,6 +145,24 @@ inline std::string CastBytes(const HostTensor& f32, torch::ScalarType dtype) {
           .to(dtype)
           .contiguous();
   return std::string(static_cast<const char*>(cast.data_ptr()), cast.nbytes());
+}
+
+// Every tensor of `low` (the same model loaded in `dtype`, LibTorch's `cast`)
+// has its float32 twin's shape and exactly the twin's bytes cast: a
+// permutation moved the reduced model's bytes as it moved the float32 ones.
+inline void ExpectFloat32Cast(const std::map<std::string, HostTensor>& f32,
+                              const std::map<std::string, HostTensor>& low, DType dtype,
+                              torch::ScalarType cast) {
+  ASSERT_EQ(f32.size(), low.size());
+  for (const auto& [name, tensor] : f32) {
+    ASSERT_EQ(low.count(name), 1u) << name;
+    const HostTensor& reduced = low.at(name);
+    EXPECT_EQ(reduced.dtype, dtype) << name;
+    EXPECT_EQ(reduced.shape, tensor.shape) << name;
+    EXPECT_TRUE(reduced.data == CastBytes(tensor, cast))
+        << name << ": the " << c10::toString(cast)
+        << " model's bytes are not the float32 permutation's";
+  }
 }
 
 inline double RelL2(const torch::Tensor& now, const torch::Tensor& reference) {

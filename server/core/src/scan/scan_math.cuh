@@ -9,7 +9,7 @@
 
 #include "scan/element_types.cuh"
 
-namespace icd::scan_math {
+namespace icd::scan {
 
 inline constexpr float kLog2E = 1.4426950408889634f;
 
@@ -57,6 +57,6 @@ __device__ __forceinline__ float Silu(float gate) {
   return __fdividef(gate, 1.0f + Exp2Polynomial(-gate * kLog2E));
 }
 
-}  // namespace icd::scan_math
+}  // namespace icd::scan
 
 #endif  // ICD_CORE_SRC_SCAN_SCAN_MATH_CUH_

@@ -40,10 +40,6 @@ namespace icd::scan {
 namespace {
 
 using cuda_elements::RoundTo;
-using scan_math::Exp2Unit;
-using scan_math::kLog2E;
-using scan_math::Silu;
-using scan_math::SoftplusDelta;
 
 // Transposing butterfly over an aligned group of kCount lanes: on entry each
 // lane holds kCount per-step partial sums, on return lane j holds the sum

@@ -20,10 +20,6 @@ namespace icd::scan {
 namespace {
 
 using cuda_elements::RoundTo;
-using scan_math::Exp2Unit;
-using scan_math::kLog2E;
-using scan_math::Silu;
-using scan_math::SoftplusDelta;
 
 constexpr int kThreads = 128;
 

@@ -84,15 +84,8 @@ class CudaTest : public ::testing::TestWithParam<Case> {
 
   std::string Name() const { return GetParam().fixture + "/" + GetParam().layout; }
 
-  // Every tensor of `model`, copied to the host, by name.
   std::map<std::string, HostTensor> Tensors(const std::string& model) {
-    auto tensors = engine_.ReadTensors(model, {});
-    EXPECT_TRUE(tensors.ok()) << tensors.status();
-    std::map<std::string, HostTensor> by_name;
-    if (tensors.ok()) {
-      for (HostTensor& t : *tensors) by_name[t.name] = std::move(t);
-    }
-    return by_name;
+    return testing::TensorsByName(engine_, model);
   }
 
   Engine engine_{EngineOptions{"cuda"}};
@@ -187,16 +180,7 @@ TEST_P(CudaTest, Float16GoldenApplyBitForBit) {
   const auto unpermuted = Tensors("h");
   const auto unpermuted_f32 = Tensors("f32");
 
-  auto groups = engine_.Symmetries("f32");
-  ASSERT_TRUE(groups.ok()) << groups.status();
-  std::mt19937_64 rng(9);
-  const std::vector<Permutation> perms = testing::RandomPermutations(*groups, rng);
-  for (const char* model : {"f32", "h"}) {
-    auto report = engine_.Apply(model, perms);
-    ASSERT_TRUE(report.ok()) << model << ": " << report.status();
-    EXPECT_TRUE(report->verified && report->correctness.ok)
-        << model << " rel_l2 " << report->correctness.rel_l2;
-  }
+  testing::ApplySamePermutations(engine_, {"f32", "h"}, 9);
   auto verify = engine_.Verify("h");
   ASSERT_TRUE(verify.ok()) << verify.status();
   EXPECT_TRUE(verify->ok) << verify->rel_l2;

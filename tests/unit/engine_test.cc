@@ -451,15 +451,8 @@ class LowPrecisionApplyTest : public ::testing::TestWithParam<testing::GoldenCas
     options.dtype = dtype;
     return engine_.Load(name, Source(), options);
   }
-  // Every tensor of `model` (ReadTensors: raw little-endian bytes), by name.
   std::map<std::string, HostTensor> Tensors(const std::string& model) {
-    auto tensors = engine_.ReadTensors(model, {});
-    EXPECT_TRUE(tensors.ok()) << tensors.status();
-    std::map<std::string, HostTensor> by_name;
-    if (tensors.ok()) {
-      for (HostTensor& t : *tensors) by_name[t.name] = std::move(t);
-    }
-    return by_name;
+    return testing::TensorsByName(engine_, model);
   }
 
   Engine engine_;
@@ -470,15 +463,7 @@ TEST_P(LowPrecisionApplyTest, BFloat16WeightsAreTheFloat32PermutationCastBitForB
   ASSERT_TRUE(LoadAs("f32", "float32").ok());
   ASSERT_TRUE(LoadAs("bf16", "bfloat16").ok());
   const auto unpermuted = Tensors("bf16");
-  auto groups = engine_.Symmetries("f32");
-  ASSERT_TRUE(groups.ok()) << groups.status();
-  std::mt19937_64 rng(21);
-  const std::vector<Permutation> perms = testing::RandomPermutations(*groups, rng);
-  for (const char* model : {"f32", "bf16"}) {
-    auto report = engine_.Apply(model, perms);
-    ASSERT_TRUE(report.ok()) << model << ": " << report.status();
-    EXPECT_TRUE(report->verified && report->correctness.ok) << model;
-  }
+  testing::ApplySamePermutations(engine_, {"f32", "bf16"}, 21);
   const auto f32 = Tensors("f32"), bf16 = Tensors("bf16");
   testing::ExpectFloat32Cast(f32, bf16, DType::kBFloat16, torch::kBFloat16);
   int moved = 0;

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "apply/symmetry.h"
+#include "icd/core/engine.h"
 #include "icd/core/types.h"
 #include "io/config.h"
 #include "io/safetensors.h"
@@ -267,6 +268,36 @@ class TempDir {
  private:
   std::filesystem::path path_;
 };
+
+// One random permutation of every group of `models[0]`, drawn from `seed`
+// and applied to each of `models` (the same model in other dtypes), every
+// apply verified and within the probe's tolerance.
+inline void ApplySamePermutations(Engine& engine, const std::vector<std::string>& models,
+                                  uint64_t seed) {
+  auto groups = engine.Symmetries(models.front());
+  ASSERT_TRUE(groups.ok()) << groups.status();
+  std::mt19937_64 rng(seed);
+  const std::vector<Permutation> perms = RandomPermutations(*groups, rng);
+  for (const std::string& model : models) {
+    auto report = engine.Apply(model, perms);
+    ASSERT_TRUE(report.ok()) << model << ": " << report.status();
+    EXPECT_TRUE(report->verified && report->correctness.ok)
+        << model << " rel_l2 " << report->correctness.rel_l2;
+  }
+}
+
+// Every tensor of `model` (ReadTensors: raw little-endian bytes on the
+// host), by name.
+inline std::map<std::string, HostTensor> TensorsByName(const Engine& engine,
+                                                       const std::string& model) {
+  auto tensors = engine.ReadTensors(model, {});
+  EXPECT_TRUE(tensors.ok()) << tensors.status();
+  std::map<std::string, HostTensor> by_name;
+  if (tensors.ok()) {
+    for (HostTensor& t : *tensors) by_name[t.name] = std::move(t);
+  }
+  return by_name;
+}
 
 }  // namespace icd::testing
 

@@ -88,6 +88,19 @@ class CudaTest : public ::testing::TestWithParam<Case> {
     return testing::TensorsByName(engine_, model);
   }
 
+  // `path` loaded as `name` in `dtype`, which must land on cuda as
+  // `expected`; `device` (optional) receives the device it landed on.
+  void LoadOnCuda(const std::string& name, const std::string& path, const std::string& dtype,
+                  DType expected, std::string* device = nullptr) {
+    LoadOptions options;
+    options.dtype = dtype;
+    auto info = engine_.Load(name, path, options);
+    ASSERT_TRUE(info.ok()) << info.status();
+    EXPECT_EQ(info->device.rfind("cuda", 0), 0u) << info->device;
+    EXPECT_EQ(info->dtype, expected);
+    if (device != nullptr) *device = info->device;
+  }
+
   Engine engine_{EngineOptions{"cuda"}};
   testing::Golden golden_;
   std::string source_;
@@ -95,12 +108,8 @@ class CudaTest : public ::testing::TestWithParam<Case> {
 };
 
 TEST_P(CudaTest, Float32GoldenApplyVerifyExport) {
-  LoadOptions options;
-  options.dtype = "float32";
-  auto info = engine_.Load("m", source_, options);
-  ASSERT_TRUE(info.ok()) << info.status();
-  EXPECT_EQ(info->device.rfind("cuda", 0), 0u) << info->device;
-  EXPECT_EQ(info->dtype, DType::kFloat32);
+  std::string device;
+  ASSERT_NO_FATAL_FAILURE(LoadOnCuda("m", source_, "float32", DType::kFloat32, &device));
 
   const double forward = RelL2(Logits("m"), golden_.logits);
   EXPECT_LE(forward, kGoldenTolerance);
@@ -124,15 +133,13 @@ TEST_P(CudaTest, Float32GoldenApplyVerifyExport) {
   const auto target = temp_.path() / "export";
   auto exported = engine_.Export("m", target.string());
   ASSERT_TRUE(exported.ok()) << exported.status();
-  auto reloaded = engine_.Load("r", target.string(), options);
-  ASSERT_TRUE(reloaded.ok()) << reloaded.status();
-  EXPECT_EQ(reloaded->device.rfind("cuda", 0), 0u) << reloaded->device;
+  ASSERT_NO_FATAL_FAILURE(LoadOnCuda("r", target.string(), "float32", DType::kFloat32));
   const double reload = RelL2(Logits("r"), golden_.logits);
   EXPECT_LE(reload, kGoldenTolerance);
 
   std::printf("[cuda] %s device %s groups %zu forward rel_l2 %.3g, apply check rel_l2 %.3g, "
               "permuted rel_l2 %.3g, reloaded rel_l2 %.3g\n",
-              Name().c_str(), info->device.c_str(), groups->size(), forward,
+              Name().c_str(), device.c_str(), groups->size(), forward,
               report->correctness.rel_l2, permuted, reload);
 }
 
@@ -169,12 +176,7 @@ TEST_P(CudaTest, Float16GoldenApplyBitForBit) {
   LoadOptions f32_options;
   f32_options.dtype = "float32";
   ASSERT_TRUE(engine_.Load("f32", source_, f32_options).ok());
-  LoadOptions f16_options;
-  f16_options.dtype = "float16";
-  auto info = engine_.Load("h", source_, f16_options);
-  ASSERT_TRUE(info.ok()) << info.status();
-  EXPECT_EQ(info->device.rfind("cuda", 0), 0u) << info->device;
-  EXPECT_EQ(info->dtype, DType::kFloat16);
+  ASSERT_NO_FATAL_FAILURE(LoadOnCuda("h", source_, "float16", DType::kFloat16));
   const double forward = RelL2(Logits("h"), golden_.logits);
   EXPECT_LE(forward, kFloat16GoldenTolerance);
   const auto unpermuted = Tensors("h");

@@ -147,23 +147,27 @@ template <class Scalar>
   }
 }
 
-// The pair's scan compiled twice (cpu_vector.h).
-ICD_VECTOR_CLONES void ScanPairs(const Dims& d, const LoopOperands<float>& operands,
-                                 int64_t begin, int64_t end, float* state, float* work) {
+// Pairs [begin, end): the work of one thread.
+template <class Scalar>
+[[gnu::always_inline]] inline void ScanPairRange(const Dims& d, const LoopOperands<Scalar>& o,
+                                                 int64_t begin, int64_t end, Scalar* state,
+                                                 Scalar* work) {
   for (int64_t pair = begin; pair < end; ++pair) {
-    ScanPair<float>(d, operands, pair / d.heads, pair % d.heads,
-                    state != nullptr ? state + pair * d.head_dim * d.state : nullptr,
-                    operands.output, work);
+    ScanPair<Scalar>(d, o, pair / d.heads, pair % d.heads,
+                     state != nullptr ? state + pair * d.head_dim * d.state : nullptr, o.output,
+                     work);
   }
 }
 
-ICD_VECTOR_CLONES void ScanPairs(const Dims& d, const LoopOperands<double>& operands,
-                                 int64_t begin, int64_t end, double* state, double* work) {
-  for (int64_t pair = begin; pair < end; ++pair) {
-    ScanPair<double>(d, operands, pair / d.heads, pair % d.heads,
-                     state != nullptr ? state + pair * d.head_dim * d.state : nullptr,
-                     operands.output, work);
-  }
+// The range compiled twice per type (cpu_vector.h): target_clones takes no
+// templates.
+ICD_VECTOR_CLONES void ScanPairs(const Dims& d, const LoopOperands<float>& o, int64_t begin,
+                                 int64_t end, float* state, float* work) {
+  ScanPairRange(d, o, begin, end, state, work);
+}
+ICD_VECTOR_CLONES void ScanPairs(const Dims& d, const LoopOperands<double>& o, int64_t begin,
+                                 int64_t end, double* state, double* work) {
+  ScanPairRange(d, o, begin, end, state, work);
 }
 
 // `tensor` if its axes from `first` on are contiguous, else a contiguous copy.

@@ -1,17 +1,20 @@
 #!/usr/bin/env python3
-"""mamba_ssm (state-spaces/mamba's MambaLMHeadModel on its own CUDA kernels,
-built forward-only by build_peer.py) on the same checkpoints and in the same
-run as icd: logits against icd's (and HF's PyTorch path), prefill and decode
-latency, and a torch.profiler table of each.
+"""mamba_ssm (state-spaces/mamba's MambaLMHeadModel on its own kernels: Mamba-1's
+CUDA ones built forward-only by build_peer.py, Mamba-2's Triton ones) on the same
+checkpoints and in the same run as icd: logits against icd's (and HF's PyTorch
+path), prefill and decode latency, and a torch.profiler table of each.
 
-  peer_bench.py --models DIR --shapes 130m 2.8b --out DIR
+  peer_bench.py --models DIR [--family mamba1|mamba2] [--shapes 130m 2.8b] --out DIR
                 [--icd-logits DIR] [--ids FILE] [--seq-len 2048]
                 [--prefill-iters 30] [--decode-steps 200] [--warmup 5]
                 [--hf-shapes 130m] [--no-profile] [--skip-timing] [--commit SHA]
 
-DIR/mamba-<shape>/mamba_ssm is the checkpoint (mamba_ssm_layout.py), DIR/mamba-<shape>
-its HF original. --icd-logits holds icd-<shape>-<dtype>.json, `icdctl --json evaluate
---logits` on the token ids of --ids (a JSON list). Timing as icd's MeasureLatency:
+DIR/mamba-<shape>/mamba_ssm (mamba1; shapes 130m 2.8b by default) or
+DIR/mamba2-<shape>/mamba_ssm (mamba2; 130m 2.7b) is the checkpoint
+(mamba_ssm_layout.py), its parent the HF original. --icd-logits holds
+icd-<tag>-<dtype>.json, `icdctl --json evaluate --logits` on the token ids of --ids
+(a JSON list); <tag>, which also names the traces, is <shape> for mamba1 and
+mamba2-<shape> for mamba2. Every record says its family. Timing as icd's MeasureLatency:
 CUDA events around each sample (host launch included), a device sync after it,
 warm-up samples dropped; median, p10, p90 and the 95% interval of the median by
 binomial order statistics (server/core/src/forward/latency_stats.cc, ported). Prefill: one
@@ -90,11 +93,15 @@ def timed(fn):
 
 # ------------------------------------------------------------ importing the peer
 
-def import_mamba_ssm(build_dir):
+def import_mamba_ssm(build_dir, need_mamba2=False):
     """mamba_ssm and causal_conv1d from peers/ with the built extensions. If the
     package's __init__ fails on a module the Mamba-1 path does not use (Mamba2/3's
     Triton or CuTe code, flash-attn, transformers' hub helpers), those modules are
-    replaced by empty stand-ins and the import retried; the stand-ins are reported."""
+    replaced by empty stand-ins and the import retried; the stand-ins are reported.
+    need_mamba2 (a Mamba-2 run): mamba_ssm.modules.mamba2 is never replaced (its
+    Triton SSD kernels, RMSNormGated and causal_conv1d are what is measured), so a
+    failure there raises. Mamba-2's own fast paths (mamba2.py's optional imports)
+    are reported whenever that module is the real one."""
     for path in (build_dir, os.path.join(PEERS, "causal-conv1d"), os.path.join(PEERS, "mamba")):
         if path not in sys.path:
             sys.path.insert(0, path)
@@ -122,9 +129,11 @@ def import_mamba_ssm(build_dir):
 
         for name in ("mamba_ssm.modules.mamba3", "mamba_ssm.modules.mamba2", "mamba_ssm.modules.mha",
                      "mamba_ssm.utils.hf", "mamba_ssm.distributed.tensor_parallel"):
+            if need_mamba2 and name == "mamba_ssm.modules.mamba2":
+                continue  # (tensor_parallel's stand-in is fine: Mamba2 uses it only with a process group)
             sys.modules[name] = Stub(name)
             stubs.append(name)
-        import mamba_ssm  # noqa: F401
+        import mamba_ssm  # noqa: F401  (with need_mamba2, raises if modules.mamba2 is what failed)
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     from mamba_ssm.utils import generation
@@ -135,8 +144,18 @@ def import_mamba_ssm(build_dir):
              "selective_state_update": simple.selective_state_update is not None,
              "triton_layer_norm": simple.RMSNorm is not None,
              "selective_scan_cuda": getattr(ssi, "selective_scan_cuda", None) is not None}
+    if "mamba_ssm.modules.mamba2" not in stubs:
+        # Mamba2.forward/step fall back to nn.Conv1d / a torch conv step and a
+        # torch SSM step where these are None (mamba_chunk_scan_combined and
+        # RMSNormGated are mamba2.py's hard imports: present if it imported)
+        import mamba_ssm.modules.mamba2 as m2
+        paths.update({"mamba2.causal_conv1d_fn": m2.causal_conv1d_fn is not None,
+                      "mamba2.causal_conv1d_update": m2.causal_conv1d_update is not None,
+                      "mamba2.selective_state_update": m2.selective_state_update is not None})
+    # Mamba-2's float32 forward runs Triton tl.dot: TF32 unless this says "ieee"
     return MambaConfig, MambaLMHeadModel, generation, {"stand_ins": stubs, "fast_paths": paths,
-                                                       "version": mamba_ssm.__version__}
+                                                       "version": mamba_ssm.__version__,
+                                                       "triton_f32_default": os.environ.get("TRITON_F32_DEFAULT")}
 
 
 def load_peer(classes, ckpt_dir, dtype):
@@ -167,17 +186,27 @@ def compare(a, b):
     return {"rel_l2": rel, "top1_agreement": top1, "max_abs": (a - b).abs().max().item()}
 
 
+HF_CLASSES = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"}
+
+
 def hf_logits(hf_dir, ids, dtype):
-    from transformers import MambaForCausalLM
+    """HF's logits, the class by config.json's model_type, and which path HF took:
+    peers/ is on sys.path by now, so HF may find mamba_ssm and causal_conv1d and
+    run their kernels instead of its PyTorch path (its modeling module's
+    is_fast_path_available, as its mixer's forward reads it; None if absent)."""
+    import transformers
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        model_class = getattr(transformers, HF_CLASSES[json.load(f)["model_type"]])
     try:
-        model = MambaForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+        model = model_class.from_pretrained(hf_dir, dtype=dtype)
     except TypeError:
-        model = MambaForCausalLM.from_pretrained(hf_dir, torch_dtype=dtype)
+        model = model_class.from_pretrained(hf_dir, torch_dtype=dtype)
     model = model.cuda().eval()
     with torch.no_grad():
         out = model(ids, use_cache=False).logits.float()
+    fast = getattr(sys.modules[type(model).__module__], "is_fast_path_available", None)
     del model
-    return out
+    return out, {"hf_class": model_class.__name__, "hf_fast_path": None if fast is None else bool(fast)}
 
 
 # ------------------------------------------------------------ timing
@@ -242,6 +271,7 @@ def decode_matches_forward(model, generation, ids, dtype):
 
 
 def profile_peer(model, generation, prompt, steps_ids, dtype, out_dir, shape):
+    """shape: the tag (mamba2-<shape> for Mamba-2) that names the traces and tables."""
     from torch.profiler import ProfilerActivity, profile, record_function
     sys.path.insert(0, HERE)
     import trace_table
@@ -285,10 +315,24 @@ def profile_peer(model, generation, prompt, steps_ids, dtype, out_dir, shape):
 
 # ------------------------------------------------------------ main
 
+DEFAULT_SHAPES = {"mamba1": ["130m", "2.8b"], "mamba2": ["130m", "2.7b"]}
+
+
+def model_dir(family, shape):
+    """bench/peer/run_h200.sh's HF checkpoint directory, under --models."""
+    return f"mamba-{shape}" if family == "mamba1" else f"mamba2-{shape}"
+
+
+def tag(family, shape):
+    """Names icd's logits files and the traces: the shape alone for mamba1 (as before)."""
+    return shape if family == "mamba1" else f"mamba2-{shape}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", required=True)
-    parser.add_argument("--shapes", nargs="+", default=["130m", "2.8b"])
+    parser.add_argument("--family", choices=sorted(DEFAULT_SHAPES), default="mamba1")
+    parser.add_argument("--shapes", nargs="+", help="default: 130m 2.8b (mamba1), 130m 2.7b (mamba2)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--build", default=os.path.join(PEERS, "build"))
     parser.add_argument("--icd-logits")
@@ -304,8 +348,14 @@ def main():
     parser.add_argument("--commit", default="unknown")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    MambaConfig, MambaLMHeadModel, generation, info = import_mamba_ssm(args.build)
-    common = {"impl": "mamba_ssm", "family": "mamba1", "commit": args.commit,
+    try:
+        MambaConfig, MambaLMHeadModel, generation, info = import_mamba_ssm(
+            args.build, need_mamba2=args.family == "mamba2")
+    except Exception:  # noqa: BLE001  (a record says so, then the run fails)
+        emit({"impl": "mamba_ssm", "family": args.family, "commit": args.commit, "bench": "peer_import",
+              "error": traceback.format_exc()[-2000:]}, args.out)
+        raise
+    common = {"impl": "mamba_ssm", "family": args.family, "commit": args.commit,
               "torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
               "mamba_ssm": info["version"]}
     emit(dict(common, bench="peer_import", **info), args.out)
@@ -314,9 +364,10 @@ def main():
         with open(args.ids) as f:
             ids = torch.tensor(json.load(f), dtype=torch.long, device="cuda").reshape(1, -1)
 
-    for shape in args.shapes:
-        ckpt = os.path.join(args.models, f"mamba-{shape}", "mamba_ssm")
-        hf_dir = os.path.join(args.models, f"mamba-{shape}")
+    for shape in args.shapes or DEFAULT_SHAPES[args.family]:
+        label = tag(args.family, shape)
+        hf_dir = os.path.join(args.models, model_dir(args.family, shape))
+        ckpt = os.path.join(hf_dir, "mamba_ssm")
         # ---- logits: float32 first (bf16 random models are chaotic), then bf16
         if ids is not None:
             logits = {}
@@ -334,14 +385,15 @@ def main():
                 del model
                 torch.cuda.empty_cache()
                 if args.icd_logits:
-                    path = os.path.join(args.icd_logits, f"icd-{shape}-{dtype_name}.json")
+                    path = os.path.join(args.icd_logits, f"icd-{label}-{dtype_name}.json")
                     if os.path.exists(path):
                         logits[f"icd-{dtype_name}"] = read_icd_logits(path).cuda()
-                print(f"[peer] {shape} {dtype_name} logits in {time.perf_counter() - t0:.1f} s",
+                print(f"[peer] {label} {dtype_name} logits in {time.perf_counter() - t0:.1f} s",
                       file=sys.stderr, flush=True)
             if shape in args.hf_shapes:
                 try:
-                    logits["hf-float32"] = hf_logits(hf_dir, ids, torch.float32)
+                    logits["hf-float32"], hf_path = hf_logits(hf_dir, ids, torch.float32)
+                    emit(dict(common, bench="hf_forward", shape=shape, dtype="float32", **hf_path), args.out)
                 except Exception:  # noqa: BLE001
                     traceback.print_exc()
             pairs = [("icd-float32", "mamba_ssm-float32"), ("icd-float32", "hf-float32"),
@@ -350,7 +402,7 @@ def main():
                      ("icd-bfloat16", "mamba_ssm-float32")]
             for a, b in pairs:
                 if a in logits and b in logits:
-                    emit(dict(bench="logits_compare", shape=shape, a=a, reference=b,
+                    emit(dict(bench="logits_compare", family=args.family, shape=shape, a=a, reference=b,
                               tokens=ids.shape[1], commit=args.commit, **compare(logits[a], logits[b])),
                          args.out)
             del logits
@@ -377,7 +429,7 @@ def main():
                       **summarize(t)), args.out)
         if not args.no_profile:
             try:
-                summary = profile_peer(model, generation, prompt, steps_ids, dtype, args.out, shape)
+                summary = profile_peer(model, generation, prompt, steps_ids, dtype, args.out, label)
                 emit(dict(common, bench="peer_profile", shape=shape, tables=summary), args.out)
             except Exception:  # noqa: BLE001
                 traceback.print_exc()

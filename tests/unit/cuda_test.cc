@@ -8,6 +8,8 @@
 // CPU's, and the batched permutation
 // gather (gather/permute_gather.cu) against the CPU's, bit for bit, and
 // Leiden on a CUDA graph (its dense passes as device GEMMs) against the CPU.
+// Mamba-2's scan kernel (scan/state_space_scan.cu) against the recurrence,
+// its gated norm kernel, and its whole forward on cuda against the CPU's.
 // Decode sessions (decode.h): k steps replayed as one CUDA graph each equal
 // one forward over the whole sequence at every position. float16 on cuda
 // against the goldens, its permuted weights the float32 ones' cast bit for
@@ -26,6 +28,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -38,6 +41,7 @@
 #include "apply/gather/permute_gather.h"
 #include "icd/core/engine.h"
 #include "scan/selective_scan.h"
+#include "scan/state_space_scan.h"
 #include "apply/symmetry.h"
 #include "test_util.h"
 #include "traces/graph.h"
@@ -1126,9 +1130,12 @@ TEST(FewRowsLinearTest, ConvStepIsTheLinearThenTheConv) {
     for (const int64_t batch : {1, 3}) {
       for (const int64_t width : {1, 2, 4}) {
         for (const bool with_bias : {false, true}) {
+          // Mamba-1's conv channels come first in in_proj's output, Mamba-2's after z.
+          const int64_t offset = with_bias ? 0 : 100;
           const std::string name = std::string(c10::toString(dtype)) + " B" +
                                    std::to_string(batch) + " K" + std::to_string(width) +
-                                   (with_bias ? " bias" : "");
+                                   (with_bias ? " bias" : "") + " offset " +
+                                   std::to_string(offset);
           const int64_t channels = 300, model = 256;
           const torch::Tensor weight = torch::randn({2 * channels, model}, options) * 0.05;
           const torch::Tensor bias = with_bias ? torch::randn({2 * channels}, options) : torch::Tensor();
@@ -1140,14 +1147,14 @@ TEST(FewRowsLinearTest, ConvStepIsTheLinearThenTheConv) {
 
           torch::Tensor fused_history = history.clone();
           std::optional<fused::LinearConvStepResult> step = fused::FewRowsLinearConvStep(
-              input, weight, bias, conv_weight, conv_bias, &fused_history);
+              input, weight, bias, conv_weight, conv_bias, &fused_history, offset);
           ASSERT_TRUE(step.has_value()) << name;
           std::optional<torch::Tensor> projected = fused::FewRowsLinear(input, weight, bias);
           ASSERT_TRUE(projected.has_value()) << name;
           torch::Tensor next_history;
           std::optional<torch::Tensor> convolved =
-              fused::CausalConvSilu(projected->narrow(-1, 0, channels), conv_weight, conv_bias,
-                                    history, &next_history);
+              fused::CausalConvSilu(projected->narrow(-1, offset, channels), conv_weight,
+                                    conv_bias, history, &next_history);
           ASSERT_TRUE(convolved.has_value()) << name;
           EXPECT_TRUE(torch::equal(step->projected, *projected)) << name;
           EXPECT_TRUE(torch::equal(step->convolved, *convolved)) << name;
@@ -1155,7 +1162,7 @@ TEST(FewRowsLinearTest, ConvStepIsTheLinearThenTheConv) {
           // The history moved: the newest input is the step's own.
           if (width > 1) {
             EXPECT_TRUE(torch::equal(fused_history.select(2, width - 2),
-                                     projected->select(1, 0).narrow(-1, 0, channels)))
+                                     projected->select(1, 0).narrow(-1, offset, channels)))
                 << name;
           }
         }
@@ -1169,6 +1176,257 @@ TEST(FewRowsLinearTest, ConvStepIsTheLinearThenTheConv) {
                                               torch::randn({32, 1, 4}, options), {}, &wrong)
                      .has_value());
     EXPECT_TRUE(torch::equal(wrong, before));
+  }
+}
+
+// ---- Mamba-2: the scan kernel (scan/state_space_scan.cu), the gated norm
+// (fused/rms_norm.cu), the whole mixer on CUDA.
+
+struct StateSpaceCase {
+  int64_t batch, heads, groups, head_dim, state, length;
+  bool initial_state;
+  int skip;  // 0 none, 1 per head, 2 per channel
+};
+
+// Random inputs of `c` on `device` in float64; Δ = softplus(randn) and A in
+// [-4.5, -0.5], so states both persist and decay within a chunk.
+scan::StateSpaceInputs RandomStateSpaceInputs(const StateSpaceCase& c, torch::Device device) {
+  const auto options = torch::TensorOptions().dtype(torch::kFloat64).device(device);
+  scan::StateSpaceInputs inputs;
+  inputs.hidden = torch::randn({c.batch, c.length, c.heads, c.head_dim}, options);
+  inputs.delta = torch::softplus(torch::randn({c.batch, c.length, c.heads}, options) - 1.0);
+  inputs.a_decay = -(torch::rand({c.heads}, options) * 4 + 0.5);
+  inputs.b_proj = torch::randn({c.batch, c.length, c.groups, c.state}, options);
+  inputs.c_proj = torch::randn({c.batch, c.length, c.groups, c.state}, options);
+  if (c.skip == 1) inputs.skip = torch::randn({c.heads}, options);
+  if (c.skip == 2) inputs.skip = torch::randn({c.heads * c.head_dim}, options);
+  return inputs;
+}
+
+scan::StateSpaceInputs Cast(const scan::StateSpaceInputs& inputs, torch::ScalarType dtype,
+                            torch::Device device) {
+  scan::StateSpaceInputs cast = inputs;
+  for (torch::Tensor* t : {&cast.hidden, &cast.delta, &cast.a_decay, &cast.b_proj, &cast.c_proj,
+                           &cast.skip, &cast.time_step, &cast.time_step_bias}) {
+    if (t->defined()) *t = t->to(device, dtype);
+  }
+  return cast;
+}
+
+std::string Describe(const StateSpaceCase& c) {
+  return "B" + std::to_string(c.batch) + " H" + std::to_string(c.heads) + " G" +
+         std::to_string(c.groups) + " P" + std::to_string(c.head_dim) + " N" +
+         std::to_string(c.state) + " L" + std::to_string(c.length) +
+         (c.initial_state ? " S0" : "") + " skip" + std::to_string(c.skip);
+}
+
+// float32 on CUDA against the recurrence in float64 on the CPU (the oracle):
+// y and S_L within 1e-5 over group counts, head dims and state sizes, lengths
+// around the kernel's 32-step chunk and long ones, with and without S_0, D
+// per head, per channel and none.
+TEST(StateSpaceKernelTest, MatchesTheRecurrence) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  torch::manual_seed(901);
+  std::vector<StateSpaceCase> cases;
+  for (const int64_t length : {1, 7, 31, 32, 33, 100}) {
+    cases.push_back({2, 8, 2, 32, 16, length, length % 2 == 1, 1});
+    cases.push_back({1, 4, 1, 64, 128, length, length % 2 == 0, 2});
+  }
+  for (const auto& [groups, head_dim, state] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {1, 64, 128}, {2, 32, 16}, {4, 128, 64}, {8, 64, 128}, {2, 16, 8}, {1, 8, 5}}) {
+    cases.push_back({1, 8, groups, head_dim, state, 2048, true, 1});
+  }
+  cases.push_back({1, 2, 1, 64, 128, 4099, true, 0});
+  cases.push_back({3, 6, 3, 24, 33, 67, true, 2});  // odd sizes: padded rows and states
+  for (const StateSpaceCase& c : cases) {
+    const scan::StateSpaceInputs inputs = RandomStateSpaceInputs(c, torch::kCPU);
+    torch::Tensor reference_state =
+        c.initial_state
+            ? torch::randn({c.batch, c.heads, c.head_dim, c.state}, torch::kFloat64)
+            : torch::Tensor();
+    torch::Tensor kernel_state =
+        reference_state.defined() ? reference_state.to(torch::kCUDA, torch::kFloat32)
+                                  : torch::Tensor();
+    const torch::Tensor expected = scan::StateSpaceScanSequential(inputs, &reference_state);
+    std::optional<torch::Tensor> output = scan::StateSpaceScanCuda(
+        Cast(inputs, torch::kFloat32, torch::kCUDA), &kernel_state);
+    ASSERT_TRUE(output.has_value()) << Describe(c);
+    EXPECT_LE(RelL2(output->cpu(), expected), 1e-5) << Describe(c);
+    EXPECT_LE(RelL2(kernel_state.cpu(), reference_state), 1e-5) << Describe(c);
+  }
+}
+
+// Strong decays over long chunks (Σ Δ·A ≈ -1,500 within 256 steps, as
+// state_space_scan_test's precision case): the recurrence has no
+// differences of running sums to lose precision in.
+TEST(StateSpaceKernelTest, StrongDecays) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  torch::manual_seed(902);
+  const StateSpaceCase c{1, 4, 1, 32, 64, 512, true, 1};
+  scan::StateSpaceInputs inputs = RandomStateSpaceInputs(c, torch::kCPU);
+  inputs.a_decay = torch::full({c.heads}, -16.0, torch::kFloat64);
+  inputs.delta = torch::rand({1, c.length, c.heads}, torch::kFloat64) * 0.7;
+  torch::Tensor state = torch::randn({1, c.heads, c.head_dim, c.state}, torch::kFloat64);
+  torch::Tensor kernel_state = state.to(torch::kCUDA, torch::kFloat32);
+  const torch::Tensor expected = scan::StateSpaceScanSequential(inputs, &state);
+  std::optional<torch::Tensor> output =
+      scan::StateSpaceScanCuda(Cast(inputs, torch::kFloat32, torch::kCUDA), &kernel_state);
+  ASSERT_TRUE(output.has_value());
+  EXPECT_LE(RelL2(output->cpu(), expected), 1e-6);
+  EXPECT_LE(RelL2(kernel_state.cpu(), state), 1e-6);
+}
+
+// x, B, C in bfloat16 / float16 and Δ as its raw time step with the bias
+// (and a dt limit) taken inside the kernel: the same function as the
+// LibTorch path that widens first (scan::Widened), within float32 rounding.
+TEST(StateSpaceKernelTest, ComputeDtypeInputsAndRawTimeStep) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  torch::manual_seed(903);
+  const StateSpaceCase c{2, 8, 2, 64, 128, 77, true, 1};
+  for (const torch::ScalarType dtype : {torch::kBFloat16, torch::kFloat16, torch::kFloat32}) {
+    for (const bool limited : {false, true}) {
+      scan::StateSpaceInputs inputs =
+          Cast(RandomStateSpaceInputs(c, torch::kCUDA), dtype, torch::kCUDA);
+      inputs.a_decay = inputs.a_decay.to(torch::kFloat32);
+      inputs.skip = inputs.skip.to(torch::kFloat32);
+      inputs.time_step = (torch::randn({c.batch, c.length, c.heads}, torch::kCUDA) * 2).to(dtype);
+      inputs.time_step_bias = torch::randn({c.heads}, torch::kCUDA).to(dtype);
+      inputs.delta = torch::Tensor();
+      if (limited) inputs.delta_limit = std::make_pair(0.05, 0.9);
+      const torch::Tensor start = torch::randn({c.batch, c.heads, c.head_dim, c.state}, torch::kCUDA);
+      torch::Tensor kernel_state = start.clone();
+      torch::Tensor reference_state = start.clone();
+      std::optional<torch::Tensor> output = scan::StateSpaceScanCuda(inputs, &kernel_state);
+      ASSERT_TRUE(output.has_value()) << c10::toString(dtype);
+      const torch::Tensor expected = scan::StateSpaceScanSequential(
+          scan::Widened(inputs, torch::kFloat32), &reference_state);
+      const std::string name = std::string(c10::toString(dtype)) + (limited ? " limited" : "");
+      EXPECT_LE(RelL2(*output, expected), 1e-5) << name;
+      EXPECT_LE(RelL2(kernel_state, reference_state), 1e-5) << name;
+      // The bias widened to float32, as a decode session keeps it: the same.
+      scan::StateSpaceInputs widened_bias = inputs;
+      widened_bias.time_step_bias = inputs.time_step_bias.to(torch::kFloat32);
+      std::optional<torch::Tensor> again = scan::StateSpaceScanCuda(widened_bias);
+      ASSERT_TRUE(again.has_value()) << name;
+      EXPECT_TRUE(torch::equal(*again, *output)) << name;
+    }
+  }
+}
+
+// A sequence in pieces, the state carried and written in place (a decode
+// session), equals one call.
+TEST(StateSpaceKernelTest, PiecesInPlaceEqualOneCall) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  torch::manual_seed(904);
+  const StateSpaceCase c{2, 4, 2, 64, 128, 45, false, 1};
+  const scan::StateSpaceInputs inputs =
+      Cast(RandomStateSpaceInputs(c, torch::kCUDA), torch::kFloat32, torch::kCUDA);
+  torch::Tensor whole_state;
+  std::optional<torch::Tensor> whole = scan::StateSpaceScanCuda(inputs, &whole_state);
+  ASSERT_TRUE(whole.has_value());
+  torch::Tensor state = torch::zeros({c.batch, c.heads, c.head_dim, c.state}, torch::kCUDA);
+  const void* storage = state.data_ptr();
+  std::vector<torch::Tensor> pieces;
+  int64_t start = 0;
+  for (const int64_t length : {20, 1, 1, 23}) {
+    std::optional<torch::Tensor> piece =
+        scan::StateSpaceScanCuda(scan::TimeSlice(inputs, start, length), &state, true);
+    ASSERT_TRUE(piece.has_value());
+    EXPECT_EQ(state.data_ptr(), storage);
+    pieces.push_back(*piece);
+    start += length;
+  }
+  EXPECT_LE(RelL2(torch::cat(pieces, 1), *whole), 1e-6);
+  EXPECT_LE(RelL2(state, whole_state), 1e-6);
+}
+
+// What the kernel does not take goes back to the caller, state untouched.
+TEST(StateSpaceKernelTest, DeclinesWhatItDoesNotTake) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  const StateSpaceCase wide{1, 2, 1, 16, 256, 5, false, 1};
+  EXPECT_FALSE(scan::StateSpaceScanCuda(Cast(RandomStateSpaceInputs(wide, torch::kCUDA),
+                                             torch::kFloat32, torch::kCUDA))
+                   .has_value());
+  const StateSpaceCase c{1, 2, 1, 16, 16, 5, false, 1};
+  EXPECT_FALSE(scan::StateSpaceScanCuda(RandomStateSpaceInputs(c, torch::kCUDA)).has_value());
+  EXPECT_FALSE(scan::StateSpaceScanCuda(RandomStateSpaceInputs(c, torch::kCPU)).has_value());
+}
+
+// The gated norm kernel against GatedNorm's LibTorch formula in float32:
+// both gate orders, one group and several, a gate that is a narrow() view.
+TEST(FusedNormTest, GatedRmsNormMatchesTheReference) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  torch::manual_seed(905);
+  for (const torch::ScalarType dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
+    for (const int64_t groups : {1, 4}) {
+      for (const bool before : {false, true}) {
+        const int64_t rows = 37, width = 640;
+        const auto options = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);
+        const torch::Tensor values = torch::randn({1, rows, width}, torch::kCUDA);
+        const torch::Tensor projected = torch::randn({1, rows, 3 * width}, options);
+        const torch::Tensor gate = projected.narrow(-1, width, width);
+        const torch::Tensor weight = (1 + 0.3 * torch::randn({width}, torch::kCUDA)).to(dtype);
+        std::optional<torch::Tensor> fused =
+            fused::GatedRmsNorm(values, gate, weight, groups, 1e-5, before);
+        const std::string name = std::string(c10::toString(dtype)) + " groups " +
+                                 std::to_string(groups) + (before ? " norm first" : "");
+        ASSERT_TRUE(fused.has_value()) << name;
+        const torch::Tensor activated = torch::silu(gate.to(torch::kFloat32));
+        const torch::Tensor to_norm = before ? values : values * activated;
+        const torch::Tensor grouped = to_norm.reshape({1, rows, groups, width / groups});
+        torch::Tensor expected =
+            (grouped * torch::rsqrt(grouped.pow(2).mean(-1, true) + 1e-5)).reshape({1, rows, width}) *
+            weight.to(torch::kFloat32);
+        if (before) expected = expected * activated;
+        const double rel = RelL2(*fused, expected.to(dtype));
+        // One rounding to the dtype either side: at most a unit apart.
+        EXPECT_LE(rel, dtype == torch::kFloat32 ? kFusedFloat32Tolerance : 1e-2) << name;
+        EXPECT_LE(RelL2(*fused, expected), dtype == torch::kFloat32 ? 1e-6 : 5e-3) << name;
+      }
+    }
+  }
+}
+
+// Mamba-2 on CUDA (conv, scan and gated norm kernels; in_proj + conv in one
+// kernel in a decode step) against the CPU's forward, whole and in pieces
+// with the state carried, for both gated-norm layouts.
+TEST(FusedForwardTest, Mamba2OnCudaMatchesTheCpu) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  auto config = ParseConfig(
+      R"({"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300,
+          "state_size": 64, "expand": 2, "head_dim": 16, "num_heads": 8, "n_groups": 2,
+          "conv_kernel": 4, "use_bias": true, "use_conv_bias": true, "chunk_size": 16,
+          "tie_word_embeddings": false})",
+      "config");
+  ASSERT_TRUE(config.ok()) << config.status();
+  torch::manual_seed(906);
+  const torch::Tensor ids = torch::randint(0, 300, {2, 41}, torch::kInt64);
+  const torch::Tensor cuda_ids = ids.to(torch::kCUDA);
+  for (const auto& [dtype, bound] : std::vector<std::pair<torch::ScalarType, double>>{
+           {torch::kFloat32, 1e-5}, {torch::kBFloat16, 3e-2}}) {
+    const Weights weights = testing::RandomWeights(*config, 22, dtype);
+    Weights on_cuda;
+    for (const auto& [name, tensor] : weights) on_cuda[name] = tensor.to(torch::kCUDA);
+    auto cpu = Forward(*config, weights, ids);
+    auto cuda = Forward(*config, on_cuda, cuda_ids);
+    ASSERT_TRUE(cpu.ok() && cuda.ok());
+    const double vs_cpu = RelL2(cuda->cpu(), *cpu);
+    EXPECT_LE(vs_cpu, bound) << c10::toString(dtype);
+    RecurrentState state;
+    std::vector<torch::Tensor> pieces;
+    int64_t start = 0;
+    for (int64_t length : {20, 1, 1, 19}) {
+      auto piece = Forward(*config, on_cuda, cuda_ids.narrow(1, start, length), {}, nullptr, &state);
+      ASSERT_TRUE(piece.ok()) << piece.status();
+      pieces.push_back(*piece);
+      start += length;
+    }
+    const double split = RelL2(torch::cat(pieces, 1).cpu(), cuda->cpu());
+    EXPECT_LE(split, dtype == torch::kFloat32 ? 1e-5 : bound) << c10::toString(dtype);
+    std::printf("[cuda] Mamba-2 forward %s on cuda vs cpu rel_l2 %.3g (bound %.g); "
+                "20+1+1+19 tokens with state vs one call %.3g\n",
+                c10::toString(dtype), vs_cpu, bound, split);
   }
 }
 
@@ -1197,6 +1455,19 @@ std::vector<DecodeCase> DecodeCases() {
           "use_conv_bias": true, "tie_word_embeddings": false})",
       "config");
   EXPECT_TRUE(config.ok()) << config.status();
+  // A random Mamba-2 with the kernel's largest state and a dt limit, batch 2.
+  auto mamba2 = ParseConfig(
+      R"({"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 301,
+          "state_size": 128, "expand": 2, "head_dim": 16, "num_heads": 8, "n_groups": 2,
+          "conv_kernel": 4, "use_bias": false, "use_conv_bias": true, "chunk_size": 16,
+          "time_step_limit": [0.01, 2.0], "tie_word_embeddings": false})",
+      "config");
+  EXPECT_TRUE(mamba2.ok()) << mamba2.status();
+  if (mamba2.ok()) {
+    torch::manual_seed(802);
+    cases.push_back({"random-mamba2", *mamba2, testing::RandomWeights(*mamba2, 24, torch::kFloat32),
+                     torch::randint(0, 301, {2, 40}, torch::kInt64)});
+  }
   if (config.ok()) {
     torch::manual_seed(801);
     cases.push_back({"random-mamba1", *config, testing::RandomWeights(*config, 23, torch::kFloat32),
@@ -1213,7 +1484,7 @@ std::vector<DecodeCase> DecodeCases() {
 TEST(DecodeSessionTest, GraphStepsMatchOneForward) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   const std::vector<DecodeCase> cases = DecodeCases();
-  ASSERT_EQ(cases.size(), testing::GoldenCases().size() + 1);
+  ASSERT_EQ(cases.size(), testing::GoldenCases().size() + 2);
   for (const DecodeCase& c : cases) {
     for (const torch::ScalarType dtype : {torch::kFloat32, torch::kBFloat16}) {
       Weights weights;

@@ -75,10 +75,10 @@ struct LayerState {
   // is a CUDA graph, replayed on fixed addresses (decode.h). A forward that
   // fails may then leave them partly advanced.
   bool in_place = false;
-  // With in_place only (a session bound to one model version): Mamba-1's
-  // scan constants in the accumulate dtype, A = -exp(A_log) and D, and on
-  // CUDA dt_proj's bias in float32 (as the kernel adds it), computed by the
-  // first step and reused.
+  // With in_place only (a session bound to one model version): the scan's
+  // constants in the accumulate dtype, A = -exp(A_log) and D, and the time
+  // step's bias in float32 (as the CUDA kernels add it: Mamba-1's dt_proj
+  // bias on CUDA, Mamba-2's dt_bias), computed by the first step and reused.
   torch::Tensor scan_decay;
   torch::Tensor scan_skip;
   torch::Tensor scan_delta_bias;

@@ -1,15 +1,19 @@
 // Mamba-2 mixer, step by step as HF's Mamba2Mixer.torch_forward and
-// mamba_ssm's Mamba2 (mamba_symmetries.md §2.4-2.5). The scan runs in the
-// chunked form of the state-space duality (scan/state_space_scan.h), as HF's
-// and mamba_ssm's do; the chunk size changes only the order of the sums.
+// mamba_ssm's Mamba2 (mamba_symmetries.md §2.4-2.5). On CUDA the conv, the
+// scan and the gated norm are icd's kernels (fused/fused.h,
+// scan/state_space_scan.h); elsewhere the scan is the CPU's native loop or
+// the chunked form of the state-space duality, and the rest LibTorch ops.
+// Each form changes only the order of the sums.
 #include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "forward/forward_internal.h"
+#include "fused/fused.h"
 #include "scan/state_space_scan.h"
 
 namespace icd::forward_internal {
@@ -22,8 +26,8 @@ struct Mamba2Layer {
   torch::Tensor conv_w;      // [conv_dim, 1, d_conv], conv_dim = d_inner + 2*ngroups*d_state
   torch::Tensor conv_b;      // [conv_dim] or undefined
   torch::Tensor dt_bias;     // [nheads], compute
-  torch::Tensor a_log;       // [nheads], accumulate
-  torch::Tensor d_skip;      // [nheads] or [d_inner] (d_has_hdim), accumulate
+  torch::Tensor a_log;       // [nheads], as stored
+  torch::Tensor d_skip;      // [nheads] or [d_inner] (d_has_hdim), as stored
   torch::Tensor norm_w;      // [d_inner] or undefined (!gated_norm)
   torch::Tensor out_proj_w;  // [d_model, d_inner]
   torch::Tensor out_proj_b;  // [d_model] or undefined
@@ -37,8 +41,8 @@ Mamba2Layer Mamba2LayerView(const Weights& weights, int64_t layer, const Precisi
   view.conv_w = TensorAs(weights, MixerTensorName(layer, "conv1d.weight"), compute);
   view.conv_b = OptionalTensorAs(weights, MixerTensorName(layer, "conv1d.bias"), compute);
   view.dt_bias = TensorAs(weights, MixerTensorName(layer, "dt_bias"), compute);
-  view.a_log = TensorAs(weights, MixerTensorName(layer, "A_log"), precision.accumulate);
-  view.d_skip = TensorAs(weights, MixerTensorName(layer, "D"), precision.accumulate);
+  view.a_log = weights.at(MixerTensorName(layer, "A_log"));
+  view.d_skip = weights.at(MixerTensorName(layer, "D"));
   view.norm_w = OptionalTensorAs(weights, MixerTensorName(layer, "norm.weight"), compute);
   view.out_proj_w = TensorAs(weights, MixerTensorName(layer, "out_proj.weight"), compute);
   view.out_proj_b = OptionalTensorAs(weights, MixerTensorName(layer, "out_proj.bias"), compute);
@@ -49,16 +53,22 @@ bool HasDtLimit(const ModelConfig& config) {
   return config.dt_min > 0.0 || std::isfinite(config.dt_max);
 }
 
-// Step 6: the gated RMSNorm. scan_output, gate [B, L, I] in accumulate;
-// returns [B, L, I] in compute. HF (grouped_gated_norm=false) normalises over
-// the whole d_inner; mamba_ssm over each group of d_inner/ngroups channels.
+// Step 6: the gated RMSNorm. scan_output [B, L, I] in accumulate, gate
+// [B, L, I] in compute; returns [B, L, I] in compute. HF
+// (grouped_gated_norm=false) normalises over the whole d_inner; mamba_ssm
+// over each group of d_inner/ngroups channels. One kernel on CUDA.
 torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
                         const Precision& precision, const torch::Tensor& scan_output,
                         const torch::Tensor& gate) {
-  torch::Tensor gate_act = torch::silu(gate);
+  const int64_t groups = config.grouped_gated_norm ? config.ngroups : 1;
+  if (config.gated_norm) {
+    std::optional<torch::Tensor> fused = fused::GatedRmsNorm(
+        scan_output, gate, view.norm_w, groups, config.norm_eps, config.norm_before_gate);
+    if (fused.has_value()) return *std::move(fused);
+  }
+  torch::Tensor gate_act = torch::silu(gate.to(precision.accumulate));
   if (!config.gated_norm) return (scan_output * gate_act).to(precision.compute);
   torch::Tensor to_norm = config.norm_before_gate ? scan_output : scan_output * gate_act;
-  const int64_t groups = config.grouped_gated_norm ? config.ngroups : 1;
   const std::vector<int64_t> flat_shape = to_norm.sizes().vec();
   std::vector<int64_t> grouped_shape = {flat_shape[0], flat_shape[1], groups,
                                         config.d_inner / groups};
@@ -82,12 +92,17 @@ int64_t ScanChunk(const torch::Device& device) { return device.is_cpu() ? 32 : 2
 // ScanStepsPerCheck steps.
 constexpr int64_t kScanChunksPerCheck = 16;
 
-// The scan over the whole sequence: on the CPU the native loop; elsewhere a
-// decode step (one token) as the recurrence, anything longer in the chunked
-// form; in slices of time that carry S from one to the next and check ctx
-// between them.
-torch::Tensor Scan(const scan::StateSpaceInputs& inputs, torch::Tensor* state,
-                   const CallContext& ctx, int64_t layer) {
+// The scan over the whole sequence: on CUDA icd's kernel, in one launch
+// (with `in_place`, a decode step writes the state over); on the CPU the
+// native loop; elsewhere a decode step (one token) as the recurrence,
+// anything longer in the chunked form; in slices of time that carry S from
+// one to the next and check ctx between them.
+torch::Tensor Scan(const scan::StateSpaceInputs& given, torch::ScalarType accumulate,
+                   torch::Tensor* state, bool in_place, const CallContext& ctx, int64_t layer) {
+  if (std::optional<torch::Tensor> output = scan::StateSpaceScanCuda(given, state, in_place)) {
+    return *std::move(output);
+  }
+  const scan::StateSpaceInputs inputs = scan::Widened(given, accumulate);
   const int64_t seq_len = inputs.hidden.size(1);
   if (inputs.hidden.device().is_cpu()) {
     // The CPU's form: the recurrence as a native loop, in slices of time as
@@ -139,47 +154,83 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
   const int64_t group_state = groups * state_size;
   const torch::ScalarType wide = precision.accumulate;
 
-  // 1. Linear projection; order [z | x | B | C | dt] with xBC contiguous.
-  torch::Tensor projected = Linear(normed, view.in_proj_w, view.in_proj_b);  // [B, L, *]
-  torch::Tensor gate = projected.narrow(-1, 0, inner);                                // [B, L, I]
-  torch::Tensor xbc = projected.narrow(-1, inner, inner + 2 * group_state);           // [B, L, conv_dim]
-  torch::Tensor time_step = projected.narrow(-1, 2 * inner + 2 * group_state, heads);  // [B, L, H]
+  const int64_t conv_dim = inner + 2 * group_state;
+
+  // 1. Linear projection; order [z | x | B | C | dt] with xBC contiguous. A
+  // decode step on CUDA takes step 2's conv in the same kernel (fused/fused.h).
+  const bool in_place = state != nullptr && state->in_place;
+  std::optional<fused::LinearConvStepResult> step;
+  if (in_place && seq_len == 1) {
+    step = fused::FewRowsLinearConvStep(normed, view.in_proj_w, view.in_proj_b, view.conv_w,
+                                        view.conv_b, &state->conv_history, inner);
+  }
+  torch::Tensor projected = step.has_value() ? step->projected
+                                             : Linear(normed, view.in_proj_w,
+                                                      view.in_proj_b);  // [B, L, *]
+  torch::Tensor gate = projected.narrow(-1, 0, inner);                         // [B, L, I]
+  torch::Tensor xbc = projected.narrow(-1, inner, conv_dim);                   // [B, L, conv_dim]
+  torch::Tensor time_step = projected.narrow(-1, inner + conv_dim, heads);     // [B, L, H]
 
   // 2. Causal depthwise conv over xBC only (continuing the state's
-  // history), silu, then split x, B, C.
-  xbc = torch::silu(state != nullptr
-                        ? CausalDepthwiseConv(xbc, view.conv_w, view.conv_b, state->conv_history,
-                                              &state->conv_history, ctx, layer)
-                        : CausalDepthwiseConv(xbc, view.conv_w, view.conv_b, torch::Tensor(),
-                                              nullptr, ctx, layer));  // [B, L, conv_dim]
+  // history), silu, then split x, B, C: icd's fused kernel on CUDA.
+  std::optional<torch::Tensor> fused_conv =
+      step.has_value() ? std::optional<torch::Tensor>(step->convolved)
+                       : fused::CausalConvSilu(
+                             xbc, view.conv_w, view.conv_b,
+                             state != nullptr ? state->conv_history : torch::Tensor(),
+                             state != nullptr ? &state->conv_history : nullptr, in_place);
+  if (fused_conv.has_value()) {
+    xbc = *std::move(fused_conv);
+  } else {
+    xbc = torch::silu(state != nullptr
+                          ? CausalDepthwiseConv(xbc, view.conv_w, view.conv_b,
+                                                state->conv_history, &state->conv_history, ctx,
+                                                layer)
+                          : CausalDepthwiseConv(xbc, view.conv_w, view.conv_b, torch::Tensor(),
+                                                nullptr, ctx, layer));  // [B, L, conv_dim]
+  }
   const std::string state_group = LayerGroupName(layer, "state");
   capture.Add(state_group, xbc.narrow(-1, inner, group_state));                // B [B, L, G·N]
   capture.Add(state_group, xbc.narrow(-1, inner + group_state, group_state));  // C [B, L, G·N]
-  torch::Tensor hidden = xbc.narrow(-1, 0, inner).to(wide);  // [B, L, I]
 
-  // 3. Δ = softplus(dt + dt_bias) (compute dtype, as HF), clamped to dt_limit
-  // only when it is not the default (0, inf); A = -exp(A_log), one per head.
-  torch::Tensor delta = torch::softplus(time_step + view.dt_bias);  // [B, L, H]
-  if (HasDtLimit(config)) delta = torch::clamp(delta, config.dt_min, config.dt_max);
-
-  // 4-5. S_t = exp(Δ_t A) S_{t-1} + Δ_t x_t B_t^T, y_t = S_t C_t, from the
-  // state's S (zeros without one): scan/state_space_scan.h.
+  // 3-5. Δ = softplus(dt + dt_bias) (compute dtype, as HF), clamped to
+  // dt_limit only when it is not the default (0, inf); A = -exp(A_log), one
+  // per head; S_t = exp(Δ_t A) S_{t-1} + Δ_t x_t B_t^T, y_t = S_t C_t + D x_t,
+  // from the state's S (zeros without one): scan/state_space_scan.h. x, B,
+  // C and the time step go in as the conv and in_proj left them; the scan
+  // widens what it needs.
   scan::StateSpaceInputs scan_inputs;
-  scan_inputs.hidden = hidden.reshape({batch, seq_len, heads, head_dim});
-  scan_inputs.delta = delta.to(wide);
-  scan_inputs.a_decay = -torch::exp(view.a_log);
-  scan_inputs.b_proj = xbc.narrow(-1, inner, group_state).to(wide).reshape(
-      {batch, seq_len, groups, state_size});
-  scan_inputs.c_proj = xbc.narrow(-1, inner + group_state, group_state).to(wide).reshape(
-      {batch, seq_len, groups, state_size});
-  // D skip: one per head, or one per channel (mamba_ssm D_has_hdim).
-  scan_inputs.skip = view.d_skip;  // [H] or [I]
+  scan_inputs.hidden = xbc.narrow(-1, 0, inner).reshape({batch, seq_len, heads, head_dim});
+  scan_inputs.time_step = time_step;
+  scan_inputs.time_step_bias = view.dt_bias;
+  if (HasDtLimit(config)) scan_inputs.delta_limit = std::make_pair(config.dt_min, config.dt_max);
+  scan_inputs.b_proj =
+      xbc.narrow(-1, inner, group_state).reshape({batch, seq_len, groups, state_size});
+  scan_inputs.c_proj = xbc.narrow(-1, inner + group_state, group_state)
+                           .reshape({batch, seq_len, groups, state_size});
+  // A and D (one per head, or one per channel: mamba_ssm D_has_hdim) in
+  // `wide`: a decode session computes them once (its model does not change),
+  // with dt_bias widened to float32 as the kernel adds it.
+  if (in_place && state->scan_decay.defined()) {
+    scan_inputs.a_decay = state->scan_decay;
+    scan_inputs.skip = state->scan_skip;
+    scan_inputs.time_step_bias = state->scan_delta_bias;
+  } else {
+    scan_inputs.a_decay = -torch::exp(view.a_log.to(wide));  // [H]
+    scan_inputs.skip = view.d_skip.to(wide);                 // [H] or [I]
+    if (in_place) {
+      state->scan_decay = scan_inputs.a_decay;
+      state->scan_skip = scan_inputs.skip;
+      state->scan_delta_bias = view.dt_bias.to(torch::kFloat32);
+    }
+  }
   torch::Tensor scan_output =
-      Scan(scan_inputs, state != nullptr ? &state->ssm_state : nullptr, ctx, layer)
+      Scan(scan_inputs, wide, state != nullptr ? &state->ssm_state : nullptr, in_place, ctx,
+           layer)
           .reshape({batch, seq_len, inner});  // [B, L, I]
 
   // 6. Gated RMSNorm (or the bare gate).
-  torch::Tensor gated = GatedNorm(config, view, precision, scan_output, gate.to(wide));
+  torch::Tensor gated = GatedNorm(config, view, precision, scan_output, gate);
 
   capture.Add(LayerGroupName(layer, "headdim"), gated);
   const std::string heads_group = LayerGroupName(layer, "heads");

@@ -206,12 +206,14 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
   const float bias =
       args.bias != nullptr ? Element::ToFloat(static_cast<const Storage*>(args.bias)[feature]) : 0.0f;
   auto* output = static_cast<Storage*>(args.output);
-  const bool conv = args.conv_output != nullptr && feature < args.conv_channels;
+  const int64_t conv_channel = feature - args.conv_offset;
+  const bool conv =
+      args.conv_output != nullptr && conv_channel >= 0 && conv_channel < args.conv_channels;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const Storage value = Element::FromFloat(sums[r] + bias);
     output[r * args.out_features + feature] = value;
-    if (conv) ConvStep<Element>(args, r, feature, value);
+    if (conv) ConvStep<Element>(args, r, conv_channel, value);
   }
 }
 
@@ -277,7 +279,8 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream) {
     return invalid;
   }
   if (args.conv_output != nullptr &&
-      (args.conv_channels < 1 || args.conv_channels > args.out_features || args.conv_width < 1 ||
+      (args.conv_channels < 1 || args.conv_offset < 0 ||
+       args.conv_offset + args.conv_channels > args.out_features || args.conv_width < 1 ||
        args.conv_width > kMaxConvWidth || args.conv_weight == nullptr ||
        (args.conv_width > 1 && args.conv_history == nullptr))) {
     return invalid;

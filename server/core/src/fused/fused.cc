@@ -16,6 +16,11 @@ std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor&, const torch::Te
   return std::nullopt;
 }
 
+std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor&, const torch::Tensor&,
+                                          const torch::Tensor&, int64_t, double, bool) {
+  return std::nullopt;
+}
+
 std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor&, const torch::Tensor&,
                                            const torch::Tensor&) {
   return std::nullopt;
@@ -25,7 +30,8 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
                                                           const torch::Tensor&,
                                                           const torch::Tensor&,
                                                           const torch::Tensor&,
-                                                          const torch::Tensor&, torch::Tensor*) {
+                                                          const torch::Tensor&, torch::Tensor*,
+                                                          int64_t) {
   return std::nullopt;
 }
 #endif  // ICD_HAVE_CUDA_FUSED

@@ -42,6 +42,15 @@ std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor& residual,
                                            const torch::Tensor& mixed,
                                            const torch::Tensor& weight, double eps);
 
+// Mamba-2's gated RMS norm (forward_mamba2.cc's GatedNorm with a norm
+// weight): values y [..., I] float32, contiguous; gate z [..., I] in the
+// compute dtype, last axis contiguous (any row stride: a narrow() of
+// in_proj's output); weight [I] in the compute dtype; `groups` dividing I.
+// Returns [..., I] in the compute dtype, computed in float32 and rounded once.
+std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor& values, const torch::Tensor& gate,
+                                          const torch::Tensor& weight, int64_t groups,
+                                          double eps, bool norm_before_gate);
+
 // torch::linear(input, weight, bias) for inputs of at most
 // kMaxFewRowsLinearRows rows (input [..., K], the product of the leading
 // sizes): one pass over the weight, which dominates a decode step's reads.
@@ -55,18 +64,19 @@ std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
 
 struct LinearConvStepResult {
   torch::Tensor projected;  // FewRowsLinear's output [B, 1, N]
-  torch::Tensor convolved;  // silu(conv) of its first C channels [B, 1, C]
+  torch::Tensor convolved;  // silu(conv) of its C conv channels [B, 1, C]
 };
 
 // A decode step's in_proj and conv in one kernel: FewRowsLinear(input,
-// weight, bias) for input [B, 1, K], whose first C outputs of each row are
-// also the next step of CausalConvSilu (conv_weight [C, 1, K'], conv_bias [C]
-// or undefined) over `history` [B, C, K'-1], contiguous in the compute
-// dtype, which moves one step in place. nullopt (and `history` untouched)
-// where either kernel would decline.
+// weight, bias) for input [B, 1, K], whose C outputs of each row from
+// `conv_offset` on are also the next step of CausalConvSilu (conv_weight
+// [C, 1, K'], conv_bias [C] or undefined) over `history` [B, C, K'-1],
+// contiguous in the compute dtype, which moves one step in place. nullopt
+// (and `history` untouched) where either kernel would decline.
 std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
-    const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history);
+    const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
+    int64_t conv_offset = 0);
 
 }  // namespace icd::fused
 

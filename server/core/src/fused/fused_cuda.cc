@@ -160,6 +160,49 @@ std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor& residual,
   return result;
 }
 
+std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor& values, const torch::Tensor& gate,
+                                          const torch::Tensor& weight, int64_t groups,
+                                          double eps, bool norm_before_gate) {
+  if (!values.defined() || !values.is_cuda() || values.dim() < 1 ||
+      values.scalar_type() != torch::kFloat32 || !values.is_contiguous() || !weight.defined()) {
+    return std::nullopt;
+  }
+  const torch::Device device = values.device();
+  const torch::ScalarType compute = weight.scalar_type();
+  const std::optional<ElementType> element_type = KernelElementType(compute);
+  const int64_t width = values.size(-1);
+  if (!element_type.has_value() || !OnDeviceAs(weight, device, compute) || weight.dim() != 1 ||
+      weight.size(0) != width || width < 1 || values.numel() == 0 || groups < 1 ||
+      width % groups != 0 || !OnDeviceAs(gate, device, compute) ||
+      gate.sizes() != values.sizes()) {
+    return std::nullopt;
+  }
+  // Rows as one strided axis: a view where the leading axes collapse.
+  const torch::Tensor gate_rows = gate.stride(-1) == 1 ? gate.reshape({-1, width})
+                                                       : gate.contiguous().view({-1, width});
+  if (gate_rows.stride(1) != 1) return std::nullopt;
+
+  const c10::cuda::CUDAGuard device_guard(device);
+  const torch::Tensor scale = weight.contiguous();                        // [I]
+  torch::Tensor output = torch::empty(values.sizes(), weight.options());  // [..., I]
+  GatedRmsNormLaunchArgs args;
+  args.rows = values.numel() / width;
+  args.width = width;
+  args.groups = groups;
+  args.element_type = *element_type;
+  args.eps = static_cast<float>(eps);
+  args.norm_before_gate = norm_before_gate;
+  args.values = values.data_ptr<float>();
+  args.gate = gate_rows.data_ptr();
+  args.gate_row_stride = gate_rows.size(0) > 1 ? gate_rows.stride(0) : width;
+  args.weight = scale.data_ptr();
+  args.output = output.data_ptr();
+  if (!Launched(LaunchGatedRmsNorm(args, CurrentStream(device)), "gated RMS norm kernel")) {
+    return std::nullopt;
+  }
+  return output;
+}
+
 namespace {
 
 // A decode step's conv, for FewRowsLinearLaunch: the history is written in
@@ -168,6 +211,7 @@ struct ConvStepOperands {
   const torch::Tensor* weight;  // [C, 1, K]
   const torch::Tensor* bias;    // [C] or undefined
   torch::Tensor* history;       // [B, C, K-1]
+  int64_t offset;               // the first of the C outputs
 };
 
 // FewRowsLinear, and with `conv` its conv step in the same kernel (then the
@@ -208,7 +252,8 @@ std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
     const int64_t width = conv->weight->dim() == 3 ? conv->weight->size(2) : 0;
     // One time step per row: input [B, 1, K].
     if (input.dim() != 3 || input.size(1) != 1 || !OnDeviceAs(*conv->weight, device, compute) ||
-        conv->weight->dim() != 3 || conv->weight->size(1) != 1 || channels > out_features ||
+        conv->weight->dim() != 3 || conv->weight->size(1) != 1 || conv->offset < 0 ||
+        conv->offset + channels > out_features ||
         width < 1 || width > kMaxConvWidth || !OnDeviceAs(history, device, compute) ||
         !history.is_contiguous() ||
         history.sizes() != torch::IntArrayRef({input.size(0), channels, width - 1})) {
@@ -239,6 +284,7 @@ std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
   args.output = output.data_ptr();
   if (conv != nullptr) {
     conv_output = torch::empty({input.size(0), 1, taps.size(0)}, input.options());
+    args.conv_offset = conv->offset;
     args.conv_channels = taps.size(0);
     args.conv_width = taps.size(2);
     args.conv_weight = taps.data_ptr();
@@ -268,9 +314,10 @@ std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
 
 std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
-    const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history) {
+    const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
+    int64_t conv_offset) {
   if (history == nullptr) return std::nullopt;
-  const ConvStepOperands conv{&conv_weight, &conv_bias, history};
+  const ConvStepOperands conv{&conv_weight, &conv_bias, history, conv_offset};
   auto result = FewRowsLinearLaunch(input, weight, bias, &conv);
   if (!result.has_value()) return std::nullopt;
   return LinearConvStepResult{std::move(result->first), std::move(result->second)};

@@ -1,5 +1,5 @@
 // Plain-C++ interface of icd's fused elementwise kernels (causal_conv.cu,
-// rms_norm.cu): raw device pointers, sizes and strides in elements, the
+// rms_norm.cu, few_rows_linear.cu): raw device pointers, sizes and strides in elements, the
 // stream as void*. No LibTorch and no CUDA header here (as
 // scan/selective_scan_launch.h); the LibTorch side is fused_cuda.cc.
 #ifndef ICD_CORE_SRC_FUSED_FUSED_LAUNCH_H_
@@ -60,6 +60,25 @@ struct AddRmsNormLaunchArgs {
   void* normed = nullptr;           // [rows, D], element_type
 };
 
+// Mamba-2's gated RMS norm, per row of width I in `groups` groups of I /
+// groups channels: gate = silu(z), to_norm = y (norm_before_gate) or y·gate,
+// output = to_norm · rsqrt(mean over the group of to_norm² + eps) · weight,
+// times gate again when norm_before_gate; all in float32 (forward_mamba2.cc's
+// GatedNorm), rounded once to element_type.
+struct GatedRmsNormLaunchArgs {
+  int64_t rows = 0;
+  int64_t width = 0;
+  int64_t groups = 1;
+  ElementType element_type = ElementType::kFloat32;
+  float eps = 0.0f;
+  bool norm_before_gate = false;
+  const float* values = nullptr;  // y [rows, I], contiguous
+  const void* gate = nullptr;     // z [rows, I], element_type, rows gate_row_stride apart
+  int64_t gate_row_stride = 0;    // in elements
+  const void* weight = nullptr;   // [I], element_type
+  void* output = nullptr;         // [rows, I], element_type, contiguous
+};
+
 // Most rows of x the few-rows linear takes (a decode step's batch).
 inline constexpr int64_t kMaxFewRowsLinearRows = 8;
 
@@ -79,11 +98,12 @@ struct FewRowsLinearLaunchArgs {
   const void* bias = nullptr;     // [out_features]; null: none
   void* output = nullptr;         // [rows, out_features], contiguous
   // Optional, when conv_output is set (a decode step's in_proj and its conv
-  // in one kernel): each row's first conv_channels outputs, as rounded into
-  // `output`, are also the next input of a causal depthwise conv + SiLU
-  // (CausalConvLaunchArgs' arithmetic, one time step per row) whose history
-  // is shifted in place.
-  int64_t conv_channels = 0;          // C <= out_features
+  // in one kernel): each row's conv_channels outputs from conv_offset on, as
+  // rounded into `output`, are also the next input of a causal depthwise
+  // conv + SiLU (CausalConvLaunchArgs' arithmetic, one time step per row)
+  // whose history is shifted in place.
+  int64_t conv_offset = 0;            // Mamba-1: 0 (x first); Mamba-2: d_inner (after z)
+  int64_t conv_channels = 0;          // C, conv_offset + C <= out_features
   int64_t conv_width = 0;             // K <= kMaxConvWidth
   const void* conv_weight = nullptr;  // [C, K]
   const void* conv_bias = nullptr;    // [C]; null: none
@@ -96,6 +116,7 @@ struct FewRowsLinearLaunchArgs {
 // out of range.
 int LaunchCausalConvSilu(const CausalConvLaunchArgs& args, void* stream);
 int LaunchAddRmsNorm(const AddRmsNormLaunchArgs& args, void* stream);
+int LaunchGatedRmsNorm(const GatedRmsNormLaunchArgs& args, void* stream);
 int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream);
 
 }  // namespace icd::fused

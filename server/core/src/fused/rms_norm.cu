@@ -1,8 +1,9 @@
-// Residual add + RMS norm on CUDA (launch interface: fused_launch.h). One
-// block per row: the first pass adds the mixer's output into the float32
-// residual, writes it and sums the squares; the second writes the
-// normalised, scaled row. Replaces LibTorch's cast, add, pow, mean, add, rsqrt, mul, cast and
-// mul passes over [B·L, D].
+// Residual add + RMS norm on CUDA, and Mamba-2's gated RMS norm (launch
+// interface: fused_launch.h). Residual add + RMS norm, one block per row:
+// the first pass adds the mixer's output into the float32 residual, writes
+// it and sums the squares; the second writes the normalised, scaled row.
+// Each replaces some ten LibTorch passes over [B·L, D] (cast, add, pow,
+// mean, add, rsqrt, mul, cast, mul; the gated norm's silu and products).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -115,7 +116,58 @@ cudaError_t LaunchRows(const AddRmsNormLaunchArgs& args, dim3 grid, cudaStream_t
   }
 }
 
+// One block per (row, group): the first pass sums the squares of the values
+// to normalise, the second writes the row (read back from L1/L2).
+template <class Element>
+__global__ void __launch_bounds__(kThreads) GatedRmsNormKernel(const GatedRmsNormLaunchArgs args) {
+  using Storage = typename Element::Storage;
+  const int64_t group_width = args.width / args.groups;
+  const int64_t row = blockIdx.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * group_width;
+  const float* values = args.values + row * args.width + first;
+  const auto* gate = static_cast<const Storage*>(args.gate) + row * args.gate_row_stride + first;
+  const auto* weight = static_cast<const Storage*>(args.weight) + first;
+  auto* output = static_cast<Storage*>(args.output) + row * args.width + first;
+  const int thread = static_cast<int>(threadIdx.x);
+  dependent_launch::WaitForPrerequisites();  // y and z come from them
+  dependent_launch::AllowDependents();
+  // silu(z) in float32, as torch::silu of the widened gate.
+  auto gate_at = [&](int64_t i) {
+    const float z = Element::ToFloat(gate[i]);
+    return z / (1.0f + expf(-z));
+  };
+  float squares = 0.0f;
+  for (int64_t i = thread; i < group_width; i += kThreads) {
+    const float value = args.norm_before_gate ? values[i] : values[i] * gate_at(i);
+    squares = fmaf(value, value, squares);
+  }
+  const float scale =
+      rsqrtf(BlockSum(squares) * (1.0f / static_cast<float>(group_width)) + args.eps);
+  for (int64_t i = thread; i < group_width; i += kThreads) {
+    const float activated = gate_at(i);
+    const float value = args.norm_before_gate ? values[i] : values[i] * activated;
+    float normed = value * scale * Element::ToFloat(weight[i]);
+    if (args.norm_before_gate) normed *= activated;
+    output[i] = Element::FromFloat(normed);
+  }
+}
+
 }  // namespace
+
+int LaunchGatedRmsNorm(const GatedRmsNormLaunchArgs& args, void* stream) {
+  if (args.rows < 1 || args.rows > (int64_t{1} << 31) - 1 || args.width < 1 ||
+      args.groups < 1 || args.groups > 65535 || args.width % args.groups != 0 ||
+      args.values == nullptr || args.gate == nullptr || args.weight == nullptr ||
+      args.output == nullptr) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  auto* cuda_stream = static_cast<cudaStream_t>(stream);
+  const dim3 grid(static_cast<unsigned int>(args.rows), static_cast<unsigned int>(args.groups));
+  return cuda_elements::ForElementType(args.element_type, [&](auto element) {
+    return static_cast<int>(dependent_launch::LaunchDependent(
+        GatedRmsNormKernel<decltype(element)>, grid, kThreads, cuda_stream, args));
+  });
+}
 
 int LaunchAddRmsNorm(const AddRmsNormLaunchArgs& args, void* stream) {
   const int invalid = static_cast<int>(cudaErrorInvalidValue);

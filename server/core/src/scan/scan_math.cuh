@@ -1,7 +1,8 @@
 // Device math the scan kernels share (selective_scan.cu, the chunked scan;
-// selective_state_step.cu, one step of time): the time step's softplus as
-// the LibTorch reference rounds it, 2^x on the special-function unit and on
-// the FMA pipes, and silu.
+// selective_state_step.cu, one step of time; state_space_scan.cu, Mamba-2's):
+// the time step's softplus as the LibTorch reference rounds it, 2^x on the
+// special-function unit and on the FMA pipes, silu, and the transposing sum
+// of per-step partial sums over a group of lanes.
 #ifndef ICD_CORE_SRC_SCAN_SCAN_MATH_CUH_
 #define ICD_CORE_SRC_SCAN_SCAN_MATH_CUH_
 
@@ -55,6 +56,31 @@ __device__ __forceinline__ float Exp2Polynomial(float exponent) {
 // unit is the scan's bottleneck (N exps per channel and step).
 __device__ __forceinline__ float Silu(float gate) {
   return __fdividef(gate, 1.0f + Exp2Polynomial(-gate * kLog2E));
+}
+
+// Transposing butterfly over an aligned group of kCount lanes: on entry each
+// lane holds kCount per-step partial sums, on return lane j holds the sum
+// over the group's lanes of step j. Each level halves the values a lane
+// holds: it keeps the half whose step index has the lane's bit, and sends
+// the other half to the partner that keeps it.
+template <int kHalf, int kCount>
+__device__ __forceinline__ void TransposeSumLevel(float (&values)[kCount], int lane) {
+  if constexpr (kHalf >= 1) {
+    const bool upper = (lane & kHalf) != 0;
+#pragma unroll
+    for (int k = 0; k < kHalf; ++k) {
+      const float send = upper ? values[k] : values[k + kHalf];
+      const float keep = upper ? values[k + kHalf] : values[k];
+      values[k] = keep + __shfl_xor_sync(0xffffffffu, send, kHalf);
+    }
+    TransposeSumLevel<kHalf / 2>(values, lane);
+  }
+}
+
+template <int kCount>
+__device__ __forceinline__ float TransposeSum(float (&values)[kCount], int lane) {
+  TransposeSumLevel<kCount / 2>(values, lane);
+  return values[0];
 }
 
 }  // namespace icd::scan

@@ -41,31 +41,6 @@ namespace {
 
 using cuda_elements::RoundTo;
 
-// Transposing butterfly over an aligned group of kCount lanes: on entry each
-// lane holds kCount per-step partial sums, on return lane j holds the sum
-// over the group's lanes of step j. Each level halves the values a lane
-// holds: it keeps the half whose step index has the lane's bit, and sends
-// the other half to the partner that keeps it.
-template <int kHalf, int kCount>
-__device__ __forceinline__ void TransposeSumLevel(float (&values)[kCount], int lane) {
-  if constexpr (kHalf >= 1) {
-    const bool upper = (lane & kHalf) != 0;
-#pragma unroll
-    for (int k = 0; k < kHalf; ++k) {
-      const float send = upper ? values[k] : values[k + kHalf];
-      const float keep = upper ? values[k + kHalf] : values[k];
-      values[k] = keep + __shfl_xor_sync(0xffffffffu, send, kHalf);
-    }
-    TransposeSumLevel<kHalf / 2>(values, lane);
-  }
-}
-
-template <int kCount>
-__device__ __forceinline__ float TransposeSum(float (&values)[kCount], int lane) {
-  TransposeSumLevel<kCount / 2>(values, lane);
-  return values[0];
-}
-
 template <int kStatesPerThread, int kLanes, int kChannelsPerBlock>
 struct ScanTile {
   static constexpr int kThreads = kLanes * kChannelsPerBlock;

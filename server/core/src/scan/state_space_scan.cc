@@ -350,10 +350,42 @@ torch::Tensor StateSpaceScanChunked(const StateSpaceInputs& inputs, int64_t chun
 StateSpaceInputs TimeSlice(const StateSpaceInputs& inputs, int64_t start, int64_t length) {
   StateSpaceInputs slice = inputs;
   slice.hidden = inputs.hidden.narrow(1, start, length);
-  slice.delta = inputs.delta.narrow(1, start, length);
+  if (inputs.delta.defined()) slice.delta = inputs.delta.narrow(1, start, length);
+  if (inputs.time_step.defined()) slice.time_step = inputs.time_step.narrow(1, start, length);
   slice.b_proj = inputs.b_proj.narrow(1, start, length);
   slice.c_proj = inputs.c_proj.narrow(1, start, length);
   return slice;
 }
+
+StateSpaceInputs Widened(const StateSpaceInputs& inputs, torch::ScalarType accumulate) {
+  StateSpaceInputs wide = inputs;
+  if (!inputs.delta.defined()) {
+    // As HF: the sum and softplus in the compute dtype, the bias cast back to
+    // it (exactly, when a decode session widened it).
+    const torch::Tensor& time_step = inputs.time_step;
+    torch::Tensor delta =
+        inputs.time_step_bias.defined()
+            ? torch::softplus(time_step + inputs.time_step_bias.to(time_step.scalar_type()))
+            : torch::softplus(time_step);  // [B, L, H]
+    if (inputs.delta_limit.has_value()) {
+      delta = torch::clamp(delta, inputs.delta_limit->first, inputs.delta_limit->second);
+    }
+    wide.delta = delta;
+    wide.time_step = torch::Tensor();
+    wide.time_step_bias = torch::Tensor();
+    wide.delta_limit.reset();
+  }
+  wide.hidden = wide.hidden.to(accumulate);
+  wide.delta = wide.delta.to(accumulate);
+  wide.b_proj = wide.b_proj.to(accumulate);
+  wide.c_proj = wide.c_proj.to(accumulate);
+  return wide;
+}
+
+#ifndef ICD_HAVE_CUDA_SCAN
+std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs&, torch::Tensor*, bool) {
+  return std::nullopt;
+}
+#endif  // ICD_HAVE_CUDA_SCAN
 
 }  // namespace icd::scan

@@ -9,6 +9,7 @@
 #define ICD_CORE_SRC_SCAN_STATE_SPACE_SCAN_H_
 
 #include <optional>
+#include <utility>
 
 #include "torch_api.h"
 
@@ -17,15 +18,28 @@ namespace icd::scan {
 // One layer, with batch B, time L, heads H in G groups (the heads of a group
 // contiguous: g(h) = h / (H / G)), head dim P, state size N. All in one
 // floating dtype (the forward's accumulate dtype), on one device; views are
-// fine.
+// fine. The CUDA kernel (StateSpaceScanCuda) also takes x, B, C in the
+// compute dtype and Δ as its raw time step; Widened gives the form the
+// other three functions take.
 struct StateSpaceInputs {
   torch::Tensor hidden;   // x, [B, L, H, P]
-  torch::Tensor delta;    // Δ, after softplus and any clamp, [B, L, H]
+  torch::Tensor delta;    // Δ, after softplus and any clamp, [B, L, H]; or
+                          // undefined, with Δ from the next two:
+  torch::Tensor time_step;       // the time step [B, L, H] (compute dtype) and
+  torch::Tensor time_step_bias;  // dt_bias [H] (compute dtype, or float32 widened
+                                 // from it): Δ = softplus(time_step + bias),
+                                 // clamped to delta_limit when set, in the
+                                 // compute dtype as HF computes it
+  std::optional<std::pair<double, double>> delta_limit;
   torch::Tensor a_decay;  // A = -exp(A_log), [H]
   torch::Tensor b_proj;   // B, [B, L, G, N]
   torch::Tensor c_proj;   // C, [B, L, G, N]
   torch::Tensor skip;     // D, [H] or [H·P] (per channel); undefined: none
 };
+
+// `inputs` with Δ resolved (LibTorch ops, in the time step's dtype) and x,
+// Δ, B, C in `accumulate`.
+StateSpaceInputs Widened(const StateSpaceInputs& inputs, torch::ScalarType accumulate);
 
 // Returns y [B, L, H, P], y_t = S_t C_t + D x_t (no gate). `state` (optional) carries
 // S [B, H, P, N] across calls: when defined on entry it is S_0 (zeros
@@ -48,6 +62,17 @@ torch::Tensor StateSpaceScanChunked(const StateSpaceInputs& inputs, int64_t chun
 // contract as above; the order of sums is its own.
 std::optional<torch::Tensor> StateSpaceScanLoop(const StateSpaceInputs& inputs,
                                                 torch::Tensor* state = nullptr);
+
+// icd's CUDA kernel (state_space_scan.cu): the recurrence with each
+// thread's states in registers, x, B, C read in the compute dtype (float32,
+// bfloat16, float16) and Δ from either source; A, D, S and y in float32.
+// Same contract as above. With `in_place` (a decode step) a contiguous
+// float32 *state is written over instead of replaced. nullopt where it does
+// not take the inputs (CPU tensors, float64, N above 128, a build without
+// CUDA or for other GPUs), before anything is written.
+std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
+                                                torch::Tensor* state = nullptr,
+                                                bool in_place = false);
 
 // The inputs' time steps [start, start + length).
 StateSpaceInputs TimeSlice(const StateSpaceInputs& inputs, int64_t start, int64_t length);

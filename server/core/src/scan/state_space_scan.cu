@@ -1,0 +1,257 @@
+// icd's Mamba-2 scan on CUDA (contract: state_space_scan.h; launch
+// interface: state_space_scan_launch.h). No LibTorch here.
+//
+// The recurrence, one step after another, as the CPU's StateSpaceScanLoop.
+// Mamba-2's decay is one exp per head and step (Mamba-1's is one per state),
+// so per state and step what is left is a multiply and two FMAs; with
+// thousands of rows of states side by side the GPU is busy without the
+// chunked form's matrix products (docs/mamba2-scan.md).
+//
+// Work split. A block owns kRows rows p of one head h of one batch row; a
+// row's N states are spread over kLanes lanes, kPairs pairs of states each.
+// Time goes in chunks of kSteps: the block stages the chunk's B and C (a
+// float4 per pair of states, {B_n, C_n, B_n+1, C_n+1}, so that lane j reads
+// pair j + k·kLanes without bank conflicts), Δ, exp(Δ A_h) and x in shared
+// memory; each thread advances its states through the chunk, and the
+// per-step partial sums of C·S are combined by the transposing butterfly
+// (scan_math.cuh) every kLanes steps; y = C·S + D x goes out in rows.
+//
+// Padding is inert: steps past L have Δ = 0 (decay 1, drive 0), states past
+// N have B = C = 0, rows past P have x = 0 and keep no state.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+
+#include "scan/dependent_launch.cuh"
+#include "scan/element_types.cuh"
+#include "scan/scan_math.cuh"
+#include "scan/state_space_scan_launch.h"
+
+namespace icd::scan {
+namespace {
+
+using cuda_elements::RoundTo;
+
+constexpr int kSteps = 32;
+
+template <int kLanes, int kPairs, int kRows>
+struct StateSpaceTile {
+  static constexpr int kThreads = kLanes * kRows;
+  static constexpr int kPairsPerStep = kLanes * kPairs;  // N / 2, padded
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024, "whole warps: shuffles use a full mask");
+  static_assert(kLanes >= 2 && kLanes <= 32 && (kLanes & (kLanes - 1)) == 0);
+  static_assert(kSteps % kLanes == 0);
+  static_assert(2 * kPairsPerStep <= kMaxCudaStateSpaceStateSize);
+};
+
+// Δ of (batch, step, head) from whichever source the arguments give.
+template <class Element>
+__device__ __forceinline__ float DeltaAt(const StateSpaceScanLaunchArgs& args, int64_t batch,
+                                         int64_t step, int64_t head) {
+  if (args.delta.data != nullptr) {
+    return static_cast<const float*>(args.delta.data)[batch * args.delta.batch_stride +
+                                                       step * args.delta.time_stride + head];
+  }
+  using Storage = typename Element::Storage;
+  const Storage raw = static_cast<const Storage*>(
+      args.time_step.data)[batch * args.time_step.batch_stride + step * args.time_step.time_stride +
+                           head];
+  const float bias = args.time_step_bias != nullptr ? args.time_step_bias[head] : 0.0f;
+  const float delta = SoftplusDelta<Element>(Element::ToFloat(raw), bias);
+  if (!args.delta_limited) return delta;
+  return RoundTo<Element>(fminf(fmaxf(delta, args.delta_min), args.delta_max));
+}
+
+template <class Element, int kLanes, int kPairs, int kRows>
+__global__ void __launch_bounds__(kLanes* kRows)
+    StateSpaceScanKernel(const StateSpaceScanLaunchArgs args) {
+  using Tile = StateSpaceTile<kLanes, kPairs, kRows>;
+  using Storage = typename Element::Storage;
+  __shared__ float4 projections[kSteps][Tile::kPairsPerStep];  // {B_n, C_n, B_n+1, C_n+1}
+  __shared__ float deltas[kSteps];
+  __shared__ float decays[kSteps];                 // exp(Δ A_h)
+  __shared__ float inputs[kSteps][kRows];          // x
+  __shared__ float outputs[kSteps][kRows + 1];     // C·S
+
+  const int thread = static_cast<int>(threadIdx.x);
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t head = blockIdx.y;
+  const int64_t batch = blockIdx.z;
+  const int64_t heads = args.heads;
+  const int64_t head_dim = args.head_dim;
+  const int64_t state_size = args.state_size;
+  const int64_t seq_len = args.seq_len;
+  const int64_t group = head / (heads / args.groups);
+
+  // Scan role: states 2(lane + k·kLanes) and the next one, k < kPairs, of row p.
+  const int lane = thread % kLanes;
+  const int row = thread / kLanes;
+  const int64_t p = first_row + row;
+  const bool row_real = p < head_dim;
+  const int64_t state_row = ((batch * heads + head) * head_dim + p) * state_size;  // [B, H, P, N]
+  dependent_launch::WaitForPrerequisites();  // every input comes from the kernels before
+  dependent_launch::AllowDependents();
+  const float a_decay = args.a_decay[head];
+  float state[2 * kPairs];
+#pragma unroll
+  for (int s = 0; s < 2 * kPairs; ++s) {
+    const int64_t n = 2 * (lane + (s / 2) * kLanes) + s % 2;
+    state[s] = row_real && n < state_size && args.state_in != nullptr
+                   ? args.state_in[state_row + n]
+                   : 0.0f;
+  }
+
+  const auto* hidden = static_cast<const Storage*>(args.hidden.data) +
+                       batch * args.hidden.batch_stride + head * head_dim + first_row;
+  const auto* b_proj = static_cast<const Storage*>(args.b_proj.data) +
+                       batch * args.b_proj.batch_stride + group * state_size;
+  const auto* c_proj = static_cast<const Storage*>(args.c_proj.data) +
+                       batch * args.c_proj.batch_stride + group * state_size;
+  const int64_t output_row = heads * head_dim;  // y [B, L, H·P]
+  float* output = args.output + batch * seq_len * output_row + head * head_dim + first_row;
+
+  for (int64_t chunk_start = 0; chunk_start < seq_len; chunk_start += kSteps) {
+    const int steps = static_cast<int>(seq_len - chunk_start < kSteps ? seq_len - chunk_start
+                                                                       : kSteps);
+    // Stage the chunk. B and C are read by every block of the group: cached loads.
+    for (int i = thread; i < kSteps * Tile::kPairsPerStep; i += Tile::kThreads) {
+      const int t = i / Tile::kPairsPerStep;
+      const int pair = i % Tile::kPairsPerStep;
+      const int64_t n = 2 * static_cast<int64_t>(pair);
+      float4 values = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (t < steps) {
+        const int64_t b_step = (chunk_start + t) * args.b_proj.time_stride;
+        const int64_t c_step = (chunk_start + t) * args.c_proj.time_stride;
+        if (n < state_size) {
+          values.x = Element::ToFloat(__ldg(b_proj + b_step + n));
+          values.y = Element::ToFloat(__ldg(c_proj + c_step + n));
+        }
+        if (n + 1 < state_size) {
+          values.z = Element::ToFloat(__ldg(b_proj + b_step + n + 1));
+          values.w = Element::ToFloat(__ldg(c_proj + c_step + n + 1));
+        }
+      }
+      projections[t][pair] = values;
+    }
+    for (int i = thread; i < kSteps * kRows; i += Tile::kThreads) {
+      const int t = i / kRows;
+      const int r = i % kRows;
+      const bool real = t < steps && first_row + r < head_dim;
+      inputs[t][r] =
+          real ? Element::ToFloat(__ldcs(hidden + (chunk_start + t) * args.hidden.time_stride + r))
+               : 0.0f;
+    }
+    if (thread < kSteps) {
+      const float delta =
+          thread < steps ? DeltaAt<Element>(args, batch, chunk_start + thread, head) : 0.0f;
+      deltas[thread] = delta;
+      decays[thread] = thread < steps ? expf(delta * a_decay) : 1.0f;
+    }
+    __syncthreads();
+
+    for (int first = 0; first < steps; first += kLanes) {
+      float sums[kLanes];
+#pragma unroll
+      for (int j = 0; j < kLanes; ++j) {
+        const int t = first + j;
+        const float decay = decays[t];
+        const float drive = deltas[t] * inputs[t][row];  // Δ x
+        float sum = 0.0f;
+#pragma unroll
+        for (int k = 0; k < kPairs; ++k) {
+          const float4 values = projections[t][lane + k * kLanes];
+          state[2 * k] = fmaf(state[2 * k], decay, drive * values.x);
+          sum = fmaf(state[2 * k], values.y, sum);
+          state[2 * k + 1] = fmaf(state[2 * k + 1], decay, drive * values.z);
+          sum = fmaf(state[2 * k + 1], values.w, sum);
+        }
+        sums[j] = sum;
+      }
+      outputs[first + lane][row] = TransposeSum(sums, lane);
+    }
+    __syncthreads();
+
+    for (int i = thread; i < steps * kRows; i += Tile::kThreads) {
+      const int t = i / kRows;
+      const int r = i % kRows;
+      const int64_t channel_row = first_row + r;
+      if (channel_row >= head_dim) continue;
+      float y = outputs[t][r];
+      if (args.skip != nullptr) {
+        const float skip =
+            args.skip[args.skip_per_channel ? head * head_dim + channel_row : head];
+        y = fmaf(skip, inputs[t][r], y);
+      }
+      __stcs(output + (chunk_start + t) * output_row + r, y);
+    }
+    __syncthreads();  // the next chunk's staging writes over `inputs`
+  }
+
+  if (!row_real || args.state_out == nullptr) return;
+#pragma unroll
+  for (int s = 0; s < 2 * kPairs; ++s) {
+    const int64_t n = 2 * (lane + (s / 2) * kLanes) + s % 2;
+    if (n < state_size) args.state_out[state_row + n] = state[s];
+  }
+}
+
+template <class Element, int kLanes, int kPairs, int kRows>
+int LaunchTile(const StateSpaceScanLaunchArgs& args, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned int>((args.head_dim + kRows - 1) / kRows),
+                  static_cast<unsigned int>(args.heads), static_cast<unsigned int>(args.batch));
+  return static_cast<int>(dependent_launch::LaunchDependent(
+      StateSpaceScanKernel<Element, kLanes, kPairs, kRows>, grid, kLanes * kRows, stream, args));
+}
+
+// ICD_STATE_SPACE_LANES=16 or 32 forces the tile for N above 64 (for
+// measuring both in one build); otherwise 32 lanes where 16 would leave the
+// GPU with fewer than about four blocks per multiprocessor.
+int LanesFor(const StateSpaceScanLaunchArgs& args) {
+  static const int forced = [] {
+    const char* value = std::getenv("ICD_STATE_SPACE_LANES");
+    return value != nullptr ? std::atoi(value) : 0;
+  }();
+  if (forced == 16 || forced == 32) return forced;
+  int device = 0;
+  int multiprocessors = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device) !=
+          cudaSuccess) {
+    return 16;
+  }
+  const int64_t blocks = args.batch * args.heads * ((args.head_dim + 7) / 8);
+  return blocks < 4 * static_cast<int64_t>(multiprocessors) ? 32 : 16;
+}
+
+// The tile by N: pairs of states per lane and lanes per row.
+template <class Element>
+int LaunchElement(const StateSpaceScanLaunchArgs& args, cudaStream_t stream) {
+  const int64_t pairs = (args.state_size + 1) / 2;
+  if (pairs <= 4) return LaunchTile<Element, 4, 1, 32>(args, stream);
+  if (pairs <= 8) return LaunchTile<Element, 8, 1, 16>(args, stream);
+  if (pairs <= 16) return LaunchTile<Element, 8, 2, 16>(args, stream);
+  if (pairs <= 32) return LaunchTile<Element, 16, 2, 8>(args, stream);
+  if (LanesFor(args) == 32) return LaunchTile<Element, 32, 2, 4>(args, stream);
+  return LaunchTile<Element, 16, 4, 8>(args, stream);
+}
+
+}  // namespace
+
+int LaunchStateSpaceScan(const StateSpaceScanLaunchArgs& args, void* stream) {
+  const int sources = (args.delta.data != nullptr) + (args.time_step.data != nullptr);
+  if (args.batch < 1 || args.batch > 65535 || args.seq_len < 1 || args.heads < 1 ||
+      args.heads > 65535 || args.head_dim < 1 || args.groups < 1 ||
+      args.heads % args.groups != 0 || args.state_size < 1 ||
+      args.state_size > kMaxCudaStateSpaceStateSize || args.hidden.data == nullptr ||
+      args.b_proj.data == nullptr || args.c_proj.data == nullptr || args.a_decay == nullptr ||
+      args.output == nullptr || sources != 1) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  auto* cuda_stream = static_cast<cudaStream_t>(stream);
+  return cuda_elements::ForElementType(args.element_type, [&](auto element) {
+    return LaunchElement<decltype(element)>(args, cuda_stream);
+  });
+}
+
+}  // namespace icd::scan

@@ -56,7 +56,9 @@ def mamba2_ssm_cfg(hf):
            "D_has_hdim": False, "bias": bool(hf["use_bias"]), "conv_bias": bool(hf["use_conv_bias"])}
     # mamba_ssm's default dt_limit is (0.0, inf) and only that exact tuple skips
     # the clamp; inf is no valid JSON for icd, so the default stays implicit
-    limit = tuple(float(x) for x in hf.get("time_step_limit", (0.0, math.inf)))
+    # transformers writes inf as {"__float__": "Infinity"}
+    limit = tuple(float(x["__float__"]) if isinstance(x, dict) else float(x)
+                  for x in hf.get("time_step_limit", (0.0, math.inf)))
     if limit != (0.0, math.inf):
         assert all(math.isfinite(x) for x in limit), f"time_step_limit {limit}: inf is not valid JSON"
         cfg["dt_limit"] = list(limit)

@@ -1307,7 +1307,8 @@ TEST(StateSpaceKernelTest, ComputeDtypeInputsAndRawTimeStep) {
       // The bias widened to float32, as a decode session keeps it: the same.
       scan::StateSpaceInputs widened_bias = inputs;
       widened_bias.time_step_bias = inputs.time_step_bias.to(torch::kFloat32);
-      std::optional<torch::Tensor> again = scan::StateSpaceScanCuda(widened_bias);
+      torch::Tensor again_state = start.clone();
+      std::optional<torch::Tensor> again = scan::StateSpaceScanCuda(widened_bias, &again_state);
       ASSERT_TRUE(again.has_value()) << name;
       EXPECT_TRUE(torch::equal(*again, *output)) << name;
     }

@@ -1360,9 +1360,12 @@ TEST(FusedNormTest, GatedRmsNormMatchesTheReference) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   torch::manual_seed(905);
   for (const torch::ScalarType dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
-    for (const int64_t groups : {1, 4}) {
+    // Group widths 640 and 160 (the kernel's 4 per thread), 5120 (24: a
+    // 2.7b-shaped row), 7168 and 1792 (two passes, and 8).
+    for (const auto& [width, groups] : std::vector<std::pair<int64_t, int64_t>>{
+             {640, 1}, {640, 4}, {5120, 1}, {7168, 1}, {7168, 4}}) {
       for (const bool before : {false, true}) {
-        const int64_t rows = 37, width = 640;
+        const int64_t rows = 37;
         const auto options = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);
         const torch::Tensor values = torch::randn({1, rows, width}, torch::kCUDA);
         const torch::Tensor projected = torch::randn({1, rows, 3 * width}, options);
@@ -1370,8 +1373,9 @@ TEST(FusedNormTest, GatedRmsNormMatchesTheReference) {
         const torch::Tensor weight = (1 + 0.3 * torch::randn({width}, torch::kCUDA)).to(dtype);
         std::optional<torch::Tensor> fused =
             fused::GatedRmsNorm(values, gate, weight, groups, 1e-5, before);
-        const std::string name = std::string(c10::toString(dtype)) + " groups " +
-                                 std::to_string(groups) + (before ? " norm first" : "");
+        const std::string name = std::string(c10::toString(dtype)) + " width " +
+                                 std::to_string(width) + " groups " + std::to_string(groups) +
+                                 (before ? " norm first" : "");
         ASSERT_TRUE(fused.has_value()) << name;
         const torch::Tensor activated = torch::silu(gate.to(torch::kFloat32));
         const torch::Tensor to_norm = before ? values : values * activated;

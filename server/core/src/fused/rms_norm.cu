@@ -116,9 +116,11 @@ cudaError_t LaunchRows(const AddRmsNormLaunchArgs& args, dim3 grid, cudaStream_t
   }
 }
 
-// One block per (row, group): the first pass sums the squares of the values
-// to normalise, the second writes the row (read back from L1/L2).
-template <class Element>
+// One block per (row, group). A group of at most kThreads * kPerThread
+// channels is held in registers, every load issued before the first use (a
+// decode step's single row is latency); kPerThread 0: any width, two passes
+// over it, the second read back from L1/L2.
+template <class Element, int kPerThread>
 __global__ void __launch_bounds__(kThreads) GatedRmsNormKernel(const GatedRmsNormLaunchArgs args) {
   using Storage = typename Element::Storage;
   const int64_t group_width = args.width / args.groups;
@@ -129,26 +131,69 @@ __global__ void __launch_bounds__(kThreads) GatedRmsNormKernel(const GatedRmsNor
   const auto* weight = static_cast<const Storage*>(args.weight) + first;
   auto* output = static_cast<Storage*>(args.output) + row * args.width + first;
   const int thread = static_cast<int>(threadIdx.x);
+  const float inverse_width = 1.0f / static_cast<float>(group_width);
   dependent_launch::WaitForPrerequisites();  // y and z come from them
   dependent_launch::AllowDependents();
   // silu(z) in float32, as torch::silu of the widened gate.
-  auto gate_at = [&](int64_t i) {
-    const float z = Element::ToFloat(gate[i]);
+  auto activate = [](Storage bits) {
+    const float z = Element::ToFloat(bits);
     return z / (1.0f + expf(-z));
   };
   float squares = 0.0f;
-  for (int64_t i = thread; i < group_width; i += kThreads) {
-    const float value = args.norm_before_gate ? values[i] : values[i] * gate_at(i);
-    squares = fmaf(value, value, squares);
+  if constexpr (kPerThread > 0) {
+    float scanned[kPerThread];
+    Storage gate_bits[kPerThread];
+    Storage weight_bits[kPerThread];
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
+      const bool real = i < group_width;
+      scanned[u] = real ? values[i] : 0.0f;
+      gate_bits[u] = real ? gate[i] : Storage(0);
+      weight_bits[u] = real ? weight[i] : Storage(0);
+    }
+    float activated[kPerThread];
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      activated[u] = activate(gate_bits[u]);
+      if (!args.norm_before_gate) scanned[u] *= activated[u];
+      squares = fmaf(scanned[u], scanned[u], squares);
+    }
+    const float scale = rsqrtf(BlockSum(squares) * inverse_width + args.eps);
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
+      float normed = scanned[u] * scale * Element::ToFloat(weight_bits[u]);
+      if (args.norm_before_gate) normed *= activated[u];
+      if (i < group_width) output[i] = Element::FromFloat(normed);
+    }
+  } else {
+    for (int64_t i = thread; i < group_width; i += kThreads) {
+      const float value = args.norm_before_gate ? values[i] : values[i] * activate(gate[i]);
+      squares = fmaf(value, value, squares);
+    }
+    const float scale = rsqrtf(BlockSum(squares) * inverse_width + args.eps);
+    for (int64_t i = thread; i < group_width; i += kThreads) {
+      const float activated = activate(gate[i]);
+      const float value = args.norm_before_gate ? values[i] : values[i] * activated;
+      float normed = value * scale * Element::ToFloat(weight[i]);
+      if (args.norm_before_gate) normed *= activated;
+      output[i] = Element::FromFloat(normed);
+    }
   }
-  const float scale =
-      rsqrtf(BlockSum(squares) * (1.0f / static_cast<float>(group_width)) + args.eps);
-  for (int64_t i = thread; i < group_width; i += kThreads) {
-    const float activated = gate_at(i);
-    const float value = args.norm_before_gate ? values[i] : values[i] * activated;
-    float normed = value * scale * Element::ToFloat(weight[i]);
-    if (args.norm_before_gate) normed *= activated;
-    output[i] = Element::FromFloat(normed);
+}
+
+template <class Element>
+cudaError_t LaunchGatedRows(const GatedRmsNormLaunchArgs& args, dim3 grid, cudaStream_t stream) {
+  const int64_t group_width = args.width / args.groups;
+  if (group_width <= kThreads * 4) {
+    return dependent_launch::LaunchDependent(GatedRmsNormKernel<Element, 4>, grid, kThreads, stream, args);
+  } else if (group_width <= kThreads * 8) {
+    return dependent_launch::LaunchDependent(GatedRmsNormKernel<Element, 8>, grid, kThreads, stream, args);
+  } else if (group_width <= kThreads * 24) {
+    return dependent_launch::LaunchDependent(GatedRmsNormKernel<Element, 24>, grid, kThreads, stream, args);
+  } else {
+    return dependent_launch::LaunchDependent(GatedRmsNormKernel<Element, 0>, grid, kThreads, stream, args);
   }
 }
 
@@ -164,8 +209,7 @@ int LaunchGatedRmsNorm(const GatedRmsNormLaunchArgs& args, void* stream) {
   auto* cuda_stream = static_cast<cudaStream_t>(stream);
   const dim3 grid(static_cast<unsigned int>(args.rows), static_cast<unsigned int>(args.groups));
   return cuda_elements::ForElementType(args.element_type, [&](auto element) {
-    return static_cast<int>(dependent_launch::LaunchDependent(
-        GatedRmsNormKernel<decltype(element)>, grid, kThreads, cuda_stream, args));
+    return static_cast<int>(LaunchGatedRows<decltype(element)>(args, grid, cuda_stream));
   });
 }
 

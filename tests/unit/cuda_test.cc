@@ -763,49 +763,59 @@ TEST(FusedNormTest, MatchesResidualAddThenRmsNorm) {
   }
 }
 
-// The whole Mamba-1 forward on cuda (fused conv, scan with Δ's bias and
-// softplus, fused add + norm) against the CPU's LibTorch forward, and the
-// same tokens in several calls carrying the recurrent state (prefill, then
-// single tokens: histories shorter than the conv) against one call.
-TEST(FusedForwardTest, Mamba1OnCudaMatchesTheCpu) {
-  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
-  auto config = ParseConfig(
-      R"({"model_type": "mamba", "hidden_size": 40, "num_hidden_layers": 3, "vocab_size": 300,
-          "state_size": 16, "expand": 2, "time_step_rank": 5, "use_bias": true,
-          "use_conv_bias": true, "tie_word_embeddings": false})",
-      "config");
+// `config_json`'s forward on CUDA (icd's kernels) against the CPU's, float32
+// and bfloat16 (whose CPU and cuBLAS matmuls round differently, each layer's
+// output rounded to bf16: a few bf16 units, 2^-8, apart), and the same tokens
+// in calls of `pieces` tokens carrying the recurrent state against one call.
+void ExpectCudaForwardMatchesCpu(const std::string& label, const std::string& config_json,
+                                 uint64_t seed, int64_t batch, const std::vector<int64_t>& pieces) {
+  auto config = ParseConfig(config_json, "config");
   ASSERT_TRUE(config.ok()) << config.status();
-  torch::manual_seed(800);
-  const torch::Tensor ids = torch::randint(0, 300, {2, 37}, torch::kInt64);
+  torch::manual_seed(seed);
+  const int64_t length = std::accumulate(pieces.begin(), pieces.end(), int64_t{0});
+  const torch::Tensor ids = torch::randint(0, config->vocab_size, {batch, length}, torch::kInt64);
   const torch::Tensor cuda_ids = ids.to(torch::kCUDA);
-  // bfloat16: the CPU's and cuBLAS's bf16 matmuls round differently, and each
-  // layer's output is rounded to bf16; a few bf16 units (2^-8) apart.
   for (const auto& [dtype, bound] : std::vector<std::pair<torch::ScalarType, double>>{
            {torch::kFloat32, 1e-5}, {torch::kBFloat16, 3e-2}}) {
-    const Weights weights = testing::RandomWeights(*config, 21, dtype);
+    const Weights weights = testing::RandomWeights(*config, seed + 1, dtype);
     Weights on_cuda;
     for (const auto& [name, tensor] : weights) on_cuda[name] = tensor.to(torch::kCUDA);
     auto cpu = Forward(*config, weights, ids);
     auto cuda = Forward(*config, on_cuda, cuda_ids);
     ASSERT_TRUE(cpu.ok() && cuda.ok());
     const double vs_cpu = RelL2(cuda->cpu(), *cpu);
-    EXPECT_LE(vs_cpu, bound) << c10::toString(dtype);
+    EXPECT_LE(vs_cpu, bound) << label << " " << c10::toString(dtype);
 
     RecurrentState state;
-    std::vector<torch::Tensor> pieces;
+    std::vector<torch::Tensor> outputs;
     int64_t start = 0;
-    for (int64_t length : {20, 1, 1, 15}) {
-      auto piece = Forward(*config, on_cuda, cuda_ids.narrow(1, start, length), {}, nullptr, &state);
+    for (const int64_t piece_length : pieces) {
+      auto piece = Forward(*config, on_cuda, cuda_ids.narrow(1, start, piece_length), {}, nullptr,
+                           &state);
       ASSERT_TRUE(piece.ok()) << piece.status();
-      pieces.push_back(*piece);
-      start += length;
+      outputs.push_back(*piece);
+      start += piece_length;
     }
-    const double split = RelL2(torch::cat(pieces, 1).cpu(), cuda->cpu());
-    EXPECT_LE(split, dtype == torch::kFloat32 ? 1e-5 : bound) << c10::toString(dtype);
-    std::printf("[cuda] Mamba-1 forward %s on cuda vs cpu rel_l2 %.3g (bound %.g); "
-                "20+1+1+15 tokens with state vs one call %.3g\n",
-                c10::toString(dtype), vs_cpu, bound, split);
+    const double split = RelL2(torch::cat(outputs, 1).cpu(), cuda->cpu());
+    EXPECT_LE(split, dtype == torch::kFloat32 ? 1e-5 : bound) << label << " " << c10::toString(dtype);
+    std::printf("[cuda] %s forward %s on cuda vs cpu rel_l2 %.3g (bound %.g); "
+                "in pieces with state vs one call %.3g\n",
+                label.c_str(), c10::toString(dtype), vs_cpu, bound, split);
   }
+}
+
+// The whole Mamba-1 forward on cuda (fused conv, scan with Δ's bias and
+// softplus, fused add + norm) against the CPU's LibTorch forward, and the
+// same tokens in several calls carrying the recurrent state (prefill, then
+// single tokens: histories shorter than the conv) against one call.
+TEST(FusedForwardTest, Mamba1OnCudaMatchesTheCpu) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  ExpectCudaForwardMatchesCpu(
+      "Mamba-1",
+      R"({"model_type": "mamba", "hidden_size": 40, "num_hidden_layers": 3, "vocab_size": 300,
+          "state_size": 16, "expand": 2, "time_step_rank": 5, "use_bias": true,
+          "use_conv_bias": true, "tie_word_embeddings": false})",
+      800, 2, {20, 1, 1, 15});
 }
 
 // The batched gather moves every weight of every group, composed, exactly
@@ -1394,45 +1404,16 @@ TEST(FusedNormTest, GatedRmsNormMatchesTheReference) {
 }
 
 // Mamba-2 on CUDA (conv, scan and gated norm kernels; in_proj + conv in one
-// kernel in a decode step) against the CPU's forward, whole and in pieces
-// with the state carried, for both gated-norm layouts.
+// kernel in a decode step) against the CPU's forward.
 TEST(FusedForwardTest, Mamba2OnCudaMatchesTheCpu) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
-  auto config = ParseConfig(
+  ExpectCudaForwardMatchesCpu(
+      "Mamba-2",
       R"({"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300,
           "state_size": 64, "expand": 2, "head_dim": 16, "num_heads": 8, "n_groups": 2,
           "conv_kernel": 4, "use_bias": true, "use_conv_bias": true, "chunk_size": 16,
           "tie_word_embeddings": false})",
-      "config");
-  ASSERT_TRUE(config.ok()) << config.status();
-  torch::manual_seed(906);
-  const torch::Tensor ids = torch::randint(0, 300, {2, 41}, torch::kInt64);
-  const torch::Tensor cuda_ids = ids.to(torch::kCUDA);
-  for (const auto& [dtype, bound] : std::vector<std::pair<torch::ScalarType, double>>{
-           {torch::kFloat32, 1e-5}, {torch::kBFloat16, 3e-2}}) {
-    const Weights weights = testing::RandomWeights(*config, 22, dtype);
-    Weights on_cuda;
-    for (const auto& [name, tensor] : weights) on_cuda[name] = tensor.to(torch::kCUDA);
-    auto cpu = Forward(*config, weights, ids);
-    auto cuda = Forward(*config, on_cuda, cuda_ids);
-    ASSERT_TRUE(cpu.ok() && cuda.ok());
-    const double vs_cpu = RelL2(cuda->cpu(), *cpu);
-    EXPECT_LE(vs_cpu, bound) << c10::toString(dtype);
-    RecurrentState state;
-    std::vector<torch::Tensor> pieces;
-    int64_t start = 0;
-    for (int64_t length : {20, 1, 1, 19}) {
-      auto piece = Forward(*config, on_cuda, cuda_ids.narrow(1, start, length), {}, nullptr, &state);
-      ASSERT_TRUE(piece.ok()) << piece.status();
-      pieces.push_back(*piece);
-      start += length;
-    }
-    const double split = RelL2(torch::cat(pieces, 1).cpu(), cuda->cpu());
-    EXPECT_LE(split, dtype == torch::kFloat32 ? 1e-5 : bound) << c10::toString(dtype);
-    std::printf("[cuda] Mamba-2 forward %s on cuda vs cpu rel_l2 %.3g (bound %.g); "
-                "20+1+1+19 tokens with state vs one call %.3g\n",
-                c10::toString(dtype), vs_cpu, bound, split);
-  }
+      906, 2, {20, 1, 1, 19});
 }
 
 struct DecodeCase {

@@ -10,22 +10,12 @@
 
 #include "fused/fused.h"
 #include "fused/fused_launch.h"
+#include "scan/kernel_operands.h"
 
 namespace icd::fused {
 namespace {
 
-std::optional<ElementType> KernelElementType(torch::ScalarType type) {
-  switch (type) {
-    case torch::kFloat32:
-      return ElementType::kFloat32;
-    case torch::kBFloat16:
-      return ElementType::kBFloat16;
-    case torch::kFloat16:
-      return ElementType::kFloat16;
-    default:
-      return std::nullopt;
-  }
-}
+using scan::KernelElementType;
 
 // Defined, on `device`, of `dtype`.
 bool OnDeviceAs(const torch::Tensor& tensor, const torch::Device& device,

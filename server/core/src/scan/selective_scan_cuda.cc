@@ -9,24 +9,12 @@
 #include <initializer_list>
 #include <optional>
 
+#include "scan/kernel_operands.h"
 #include "scan/selective_scan.h"
 #include "scan/selective_scan_launch.h"
 
 namespace icd::scan {
 namespace {
-
-std::optional<ScanElementType> KernelElementType(torch::ScalarType type) {
-  switch (type) {
-    case torch::kFloat32:
-      return ScanElementType::kFloat32;
-    case torch::kBFloat16:
-      return ScanElementType::kBFloat16;
-    case torch::kFloat16:
-      return ScanElementType::kFloat16;
-    default:
-      return std::nullopt;
-  }
-}
 
 bool HasSizes(const torch::Tensor& tensor, std::initializer_list<int64_t> sizes) {
   return tensor.sizes() == torch::IntArrayRef(sizes);
@@ -98,14 +86,6 @@ bool KernelTakes(const ScanInputs& inputs, torch::ScalarType accumulate) {
 // go in as they are.
 torch::Tensor RowContiguous(const torch::Tensor& tensor) {
   return tensor.stride(-1) == 1 ? tensor : tensor.contiguous();
-}
-
-ScanOperand Operand(const torch::Tensor& tensor) {
-  ScanOperand operand;
-  operand.data = tensor.data_ptr();
-  operand.batch_stride = tensor.stride(0);
-  operand.time_stride = tensor.stride(1);
-  return operand;
 }
 
 }  // namespace

@@ -7,24 +7,12 @@
 #include <optional>
 #include <vector>
 
+#include "scan/kernel_operands.h"
 #include "scan/state_space_scan.h"
 #include "scan/state_space_scan_launch.h"
 
 namespace icd::scan {
 namespace {
-
-std::optional<ScanElementType> KernelElementType(torch::ScalarType type) {
-  switch (type) {
-    case torch::kFloat32:
-      return ScanElementType::kFloat32;
-    case torch::kBFloat16:
-      return ScanElementType::kBFloat16;
-    case torch::kFloat16:
-      return ScanElementType::kFloat16;
-    default:
-      return std::nullopt;
-  }
-}
 
 bool On(const torch::Tensor& tensor, const torch::Device& device) {
   return tensor.defined() && tensor.device() == device;
@@ -39,14 +27,6 @@ bool InnerContiguous(const torch::Tensor& tensor) {
     expected *= tensor.size(axis);
   }
   return true;
-}
-
-ScanOperand Operand(const torch::Tensor& tensor) {
-  ScanOperand operand;
-  operand.data = tensor.data_ptr();
-  operand.batch_stride = tensor.stride(0);
-  operand.time_stride = tensor.stride(1);
-  return operand;
 }
 
 }  // namespace

@@ -8,7 +8,9 @@
 // chunked form's matrix products (docs/mamba2-scan.md).
 //
 // Work split. A block owns kRows rows p of one head h of one batch row; a
-// row's N states are spread over kLanes lanes, kPairs pairs of states each.
+// row's N states are spread over kLanes lanes, kPairs pairs of states each,
+// and a thread holds kRowsPerThread rows (1, or 2 in the tile that halves
+// the shared-memory reads per state and step: WideTileFor).
 // Time goes in chunks of kSteps: the block stages the chunk's B and C (a
 // float4 per pair of states, {B_n, C_n, B_n+1, C_n+1}, so that lane j reads
 // pair j + k·kLanes without bank conflicts), Δ, exp(Δ A_h) and x in shared
@@ -22,6 +24,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "scan/dependent_launch.cuh"
@@ -36,13 +39,16 @@ using cuda_elements::RoundTo;
 
 constexpr int kSteps = 32;
 
-template <int kLanes, int kPairs, int kRows>
+// kRows rows per block, kRowsPerThread of them per thread (each B and C
+// value a thread reads from shared memory then serves that many rows).
+template <int kLanes, int kPairs, int kRows, int kRowsPerThread>
 struct StateSpaceTile {
-  static constexpr int kThreads = kLanes * kRows;
+  static constexpr int kRowGroups = kRows / kRowsPerThread;
+  static constexpr int kThreads = kLanes * kRowGroups;
   static constexpr int kPairsPerStep = kLanes * kPairs;  // N / 2, padded
   static_assert(kThreads % 32 == 0 && kThreads <= 1024, "whole warps: shuffles use a full mask");
   static_assert(kLanes >= 2 && kLanes <= 32 && (kLanes & (kLanes - 1)) == 0);
-  static_assert(kSteps % kLanes == 0);
+  static_assert(kSteps % kLanes == 0 && kRows % kRowsPerThread == 0);
   static_assert(2 * kPairsPerStep <= kMaxCudaStateSpaceStateSize);
   static_assert(kSteps * kPairsPerStep % kThreads == 0 && kSteps * kRows % kThreads == 0,
                 "each thread stages as many values as the next");
@@ -103,15 +109,17 @@ struct StatePairs {
   }
 };
 
-// Five blocks per multiprocessor for 2-byte elements: a 2.7b-shaped layer's
-// 640 blocks of 16 lanes then run in one wave on an H100 / H200 (132 SMs).
-template <class Element>
-constexpr int kMinBlocks = sizeof(typename Element::Storage) == 2 ? 5 : 1;
+// Five blocks per multiprocessor for 2-byte elements and a row per thread: a
+// 2.7b-shaped layer's 640 blocks of 16 lanes then run in one wave on an H100
+// / H200 (132 SMs).
+template <class Element, int kRowsPerThread>
+constexpr int kMinBlocks = sizeof(typename Element::Storage) == 2 && kRowsPerThread == 1 ? 5 : 1;
 
-template <class Element, int kLanes, int kPairs, int kRows>
-__global__ void __launch_bounds__(kLanes* kRows, kMinBlocks<Element>)
+template <class Element, int kLanes, int kPairs, int kRows, int kRowsPerThread>
+__global__ void __launch_bounds__(kLanes* kRows / kRowsPerThread,
+                                  kMinBlocks<Element, kRowsPerThread>)
     StateSpaceScanKernel(const StateSpaceScanLaunchArgs args) {
-  using Tile = StateSpaceTile<kLanes, kPairs, kRows>;
+  using Tile = StateSpaceTile<kLanes, kPairs, kRows, kRowsPerThread>;
   using Storage = typename Element::Storage;
   using Pairs = StatePairs<Element>;
   constexpr int kProjectionLoads = kSteps * Tile::kPairsPerStep / Tile::kThreads;
@@ -132,22 +140,28 @@ __global__ void __launch_bounds__(kLanes* kRows, kMinBlocks<Element>)
   const int64_t seq_len = args.seq_len;
   const int64_t group = head / (heads / args.groups);
 
-  // Scan role: states 2(lane + k·kLanes) and the next one, k < kPairs, of row p.
+  // Scan role: states 2(lane + k·kLanes) and the next one, k < kPairs, of
+  // rows group + r·kRowGroups, r < kRowsPerThread.
   const int lane = thread % kLanes;
-  const int row = thread / kLanes;
-  const int64_t p = first_row + row;
-  const bool row_real = p < head_dim;
-  const int64_t state_row = ((batch * heads + head) * head_dim + p) * state_size;  // [B, H, P, N]
+  const int row_group = thread / kLanes;
+  auto row_of = [&](int r) { return row_group + r * Tile::kRowGroups; };
+  auto state_row_of = [&](int r) {  // [B, H, P, N]
+    return ((batch * heads + head) * head_dim + first_row + row_of(r)) * state_size;
+  };
   dependent_launch::WaitForPrerequisites();  // every input comes from the kernels before
   dependent_launch::AllowDependents();
   const float a_decay = args.a_decay[head];
-  float state[2 * kPairs];
+  float state[kRowsPerThread][2 * kPairs];
 #pragma unroll
-  for (int s = 0; s < 2 * kPairs; ++s) {
-    const int64_t n = 2 * (lane + (s / 2) * kLanes) + s % 2;
-    state[s] = row_real && n < state_size && args.state_in != nullptr
-                   ? args.state_in[state_row + n]
-                   : 0.0f;
+  for (int r = 0; r < kRowsPerThread; ++r) {
+    const bool row_real = first_row + row_of(r) < head_dim;
+#pragma unroll
+    for (int s = 0; s < 2 * kPairs; ++s) {
+      const int64_t n = 2 * (lane + (s / 2) * kLanes) + s % 2;
+      state[r][s] = row_real && n < state_size && args.state_in != nullptr
+                        ? args.state_in[state_row_of(r) + n]
+                        : 0.0f;
+    }
   }
 
   const auto* hidden = static_cast<const Storage*>(args.hidden.data) +
@@ -213,24 +227,36 @@ __global__ void __launch_bounds__(kLanes* kRows, kMinBlocks<Element>)
     __syncthreads();
 
     for (int first = 0; first < steps; first += kLanes) {
-      float sums[kLanes];
+      float sums[kRowsPerThread][kLanes];
 #pragma unroll
       for (int j = 0; j < kLanes; ++j) {
         const int t = first + j;
         const float decay = decays[t];
-        const float drive = deltas[t] * inputs[t][row];  // Δ x
-        float sum = 0.0f;
+        float drive[kRowsPerThread];  // Δ x
+        float sum[kRowsPerThread];
+#pragma unroll
+        for (int r = 0; r < kRowsPerThread; ++r) {
+          drive[r] = deltas[t] * inputs[t][row_of(r)];
+          sum[r] = 0.0f;
+        }
 #pragma unroll
         for (int k = 0; k < kPairs; ++k) {
           const float4 values = projections[t][lane + k * kLanes];
-          state[2 * k] = fmaf(state[2 * k], decay, drive * values.x);
-          sum = fmaf(state[2 * k], values.y, sum);
-          state[2 * k + 1] = fmaf(state[2 * k + 1], decay, drive * values.z);
-          sum = fmaf(state[2 * k + 1], values.w, sum);
+#pragma unroll
+          for (int r = 0; r < kRowsPerThread; ++r) {
+            state[r][2 * k] = fmaf(state[r][2 * k], decay, drive[r] * values.x);
+            sum[r] = fmaf(state[r][2 * k], values.y, sum[r]);
+            state[r][2 * k + 1] = fmaf(state[r][2 * k + 1], decay, drive[r] * values.z);
+            sum[r] = fmaf(state[r][2 * k + 1], values.w, sum[r]);
+          }
         }
-        sums[j] = sum;
+#pragma unroll
+        for (int r = 0; r < kRowsPerThread; ++r) sums[r][j] = sum[r];
       }
-      outputs[first + lane][row] = TransposeSum(sums, lane);
+#pragma unroll
+      for (int r = 0; r < kRowsPerThread; ++r) {
+        outputs[first + lane][row_of(r)] = TransposeSum(sums[r], lane);
+      }
     }
     __syncthreads();
 
@@ -250,40 +276,54 @@ __global__ void __launch_bounds__(kLanes* kRows, kMinBlocks<Element>)
     __syncthreads();  // the next chunk's staging writes over `inputs`
   }
 
-  if (!row_real || args.state_out == nullptr) return;
+  if (args.state_out == nullptr) return;
 #pragma unroll
-  for (int s = 0; s < 2 * kPairs; ++s) {
-    const int64_t n = 2 * (lane + (s / 2) * kLanes) + s % 2;
-    if (n < state_size) args.state_out[state_row + n] = state[s];
+  for (int r = 0; r < kRowsPerThread; ++r) {
+    if (first_row + row_of(r) >= head_dim) continue;
+#pragma unroll
+    for (int s = 0; s < 2 * kPairs; ++s) {
+      const int64_t n = 2 * (lane + (s / 2) * kLanes) + s % 2;
+      if (n < state_size) args.state_out[state_row_of(r) + n] = state[r][s];
+    }
   }
 }
 
-template <class Element, int kLanes, int kPairs, int kRows>
+template <class Element, int kLanes, int kPairs, int kRows, int kRowsPerThread = 1>
 int LaunchTile(const StateSpaceScanLaunchArgs& args, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned int>((args.head_dim + kRows - 1) / kRows),
                   static_cast<unsigned int>(args.heads), static_cast<unsigned int>(args.batch));
   return static_cast<int>(dependent_launch::LaunchDependent(
-      StateSpaceScanKernel<Element, kLanes, kPairs, kRows>, grid, kLanes * kRows, stream, args));
+      StateSpaceScanKernel<Element, kLanes, kPairs, kRows, kRowsPerThread>, grid,
+      kLanes * kRows / kRowsPerThread, stream, args));
 }
 
-// ICD_STATE_SPACE_LANES=16 or 32 forces the tile for N above 64 (for
-// measuring both in one build); otherwise 32 lanes where 16 would leave the
-// GPU with fewer than about four blocks per multiprocessor.
-int LanesFor(const StateSpaceScanLaunchArgs& args) {
-  static const int forced = [] {
-    const char* value = std::getenv("ICD_STATE_SPACE_LANES");
-    return value != nullptr ? std::atoi(value) : 0;
-  }();
-  if (forced == 16 || forced == 32) return forced;
+// The tiles for N from 65 to 128: 16 lanes of 4 pairs, a row per thread; 32
+// lanes of 2 pairs (twice the threads, for small layers); 8 lanes of 8 pairs
+// and two rows per thread (half the shared-memory reads per state and step).
+enum class WideTile { kLanes16, kLanes32, kTwoRows };
+
+// ICD_STATE_SPACE_TILE=16, 32 or 8x2 forces one (for measuring them in one
+// build); otherwise 32 lanes where 16 would leave the GPU with fewer than
+// about four blocks per multiprocessor, else 16. The two-row tile is not
+// chosen by default until it is measured.
+WideTile WideTileFor(const StateSpaceScanLaunchArgs& args) {
+  static const char* forced = std::getenv("ICD_STATE_SPACE_TILE");
+  if (forced != nullptr) {
+    if (std::strcmp(forced, "16") == 0) return WideTile::kLanes16;
+    if (std::strcmp(forced, "32") == 0) return WideTile::kLanes32;
+    if (std::strcmp(forced, "8x2") == 0) return WideTile::kTwoRows;
+  }
   int device = 0;
   int multiprocessors = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device) !=
           cudaSuccess) {
-    return 16;
+    (void)cudaGetLastError();
+    return WideTile::kLanes16;
   }
   const int64_t blocks = args.batch * args.heads * ((args.head_dim + 7) / 8);
-  return blocks < 4 * static_cast<int64_t>(multiprocessors) ? 32 : 16;
+  return blocks < 4 * static_cast<int64_t>(multiprocessors) ? WideTile::kLanes32
+                                                            : WideTile::kLanes16;
 }
 
 // The tile by N: pairs of states per lane and lanes per row.
@@ -294,7 +334,11 @@ int LaunchElement(const StateSpaceScanLaunchArgs& args, cudaStream_t stream) {
   if (pairs <= 8) return LaunchTile<Element, 8, 1, 16>(args, stream);
   if (pairs <= 16) return LaunchTile<Element, 8, 2, 16>(args, stream);
   if (pairs <= 32) return LaunchTile<Element, 16, 2, 8>(args, stream);
-  if (LanesFor(args) == 32) return LaunchTile<Element, 32, 2, 4>(args, stream);
+  switch (WideTileFor(args)) {
+    case WideTile::kLanes32: return LaunchTile<Element, 32, 2, 4>(args, stream);
+    case WideTile::kTwoRows: return LaunchTile<Element, 8, 8, 32, 2>(args, stream);
+    case WideTile::kLanes16: break;
+  }
   return LaunchTile<Element, 16, 4, 8>(args, stream);
 }
 

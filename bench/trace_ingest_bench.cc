@@ -327,6 +327,37 @@ double Round(double v, int digits) {
   return std::round(v * scale) / scale;
 }
 
+// One ComputePermutation call, timed: wall seconds and this process's CPU
+// seconds (the client and the in-process server together). Throws on failure.
+struct TimedCall {
+  icd::v1::PermutationResult result;
+  double seconds;
+  double cpu_seconds;
+};
+
+TimedCall TimedComputePermutation(icd::Client& client, const icd::v1::TraceHeader& header,
+                                  absl::Span<const float> rows) {
+  const double cpu_start = ProcessCpuSeconds();
+  const auto start = Clock::now();
+  absl::StatusOr<icd::v1::PermutationResult> result = client.ComputePermutation(header, rows);
+  const double seconds = Since(start);
+  const double cpu_seconds = ProcessCpuSeconds() - cpu_start;
+  if (!result.ok()) throw std::runtime_error(result.status().ToString());
+  return {*std::move(result), seconds, cpu_seconds};
+}
+
+// The fields every measured ComputePermutation line has.
+Json CallLine(const Context& ctx, const std::string& measurement, int rep, uint64_t bytes,
+              const TimedCall& call) {
+  Json line = Line(ctx, measurement);
+  line["rep"] = rep;
+  line["bytes"] = bytes;
+  line["seconds"] = Round(call.seconds, 4);
+  line["gb_per_s"] = Round(static_cast<double>(bytes) / call.seconds / 1e9, 4);
+  line["cpu_seconds"] = Round(call.cpu_seconds, 4);
+  return line;
+}
+
 // ------------------------------------------------------------ flags
 
 struct Flags {
@@ -458,69 +489,43 @@ int Run(const Flags& flags) {
   // (b) the drain server. One untimed call first: connections, allocator
   // and page cache warm for every measured call, icd's included.
   {
-    const auto start = Clock::now();
-    absl::StatusOr<icd::v1::PermutationResult> warmup =
-        (*drain_client)->ComputePermutation(header, span);
-    if (!warmup.ok()) throw std::runtime_error(warmup.status().ToString());
+    const TimedCall warmup = TimedComputePermutation(**drain_client, header, span);
     Json line = Line(ctx, "echo_warmup");
-    line["seconds"] = Round(Since(start), 4);
+    line["seconds"] = Round(warmup.seconds, 4);
     Print(line);
   }
   std::vector<double> echo_gbps;
   for (int rep = 0; rep < flags.echo_repeat; ++rep) {
-    const double cpu_start = ProcessCpuSeconds();
-    const auto start = Clock::now();
-    absl::StatusOr<icd::v1::PermutationResult> result =
-        (*drain_client)->ComputePermutation(header, span);
-    const double seconds = Since(start);
-    const double cpu_seconds = ProcessCpuSeconds() - cpu_start;
-    if (!result.ok()) throw std::runtime_error(result.status().ToString());
-    if (result->tokens() != rows || drain_service.last_bytes() != bytes) {
+    const TimedCall call = TimedComputePermutation(**drain_client, header, span);
+    if (call.result.tokens() != rows || drain_service.last_bytes() != bytes) {
       throw std::runtime_error("echo: the drain server did not receive every row");
     }
-    const double gbps = static_cast<double>(bytes) / seconds / 1e9;
-    echo_gbps.push_back(gbps);
-    Json line = Line(ctx, "echo");
-    line["rep"] = rep;
-    line["bytes"] = bytes;
-    line["seconds"] = Round(seconds, 4);
-    line["gb_per_s"] = Round(gbps, 4);
-    line["cpu_seconds"] = Round(cpu_seconds, 4);
-    line["gb_per_cpu_s"] = Round(static_cast<double>(bytes) / cpu_seconds / 1e9, 4);
+    echo_gbps.push_back(static_cast<double>(bytes) / call.seconds / 1e9);
+    Json line = CallLine(ctx, "echo", rep, bytes, call);
+    line["gb_per_cpu_s"] = Round(static_cast<double>(bytes) / call.cpu_seconds / 1e9, 4);
     Print(line);
   }
 
   // (a) the icd service.
   std::vector<double> icd_gbps, icd_ingest_gbps, icd_solve_s;
   for (int rep = 0; flags.icd && rep < flags.repeat; ++rep) {
-    const double cpu_start = ProcessCpuSeconds();
-    const auto start = Clock::now();
-    absl::StatusOr<icd::v1::PermutationResult> result =
-        (*icd_client)->ComputePermutation(header, span);
-    const double seconds = Since(start);
-    const double cpu_seconds = ProcessCpuSeconds() - cpu_start;
-    if (!result.ok()) throw std::runtime_error(result.status().ToString());
-    const double solve_s = result->solve_ms() / 1e3;
-    const double gbps = static_cast<double>(bytes) / seconds / 1e9;
-    const double ingest_gbps = static_cast<double>(bytes) / (seconds - solve_s) / 1e9;
-    icd_gbps.push_back(gbps);
+    const TimedCall call = TimedComputePermutation(**icd_client, header, span);
+    const icd::v1::PermutationResult& result = call.result;
+    const double solve_s = result.solve_ms() / 1e3;
+    const double ingest_gbps = static_cast<double>(bytes) / (call.seconds - solve_s) / 1e9;
+    icd_gbps.push_back(static_cast<double>(bytes) / call.seconds / 1e9);
     icd_ingest_gbps.push_back(ingest_gbps);
     icd_solve_s.push_back(solve_s);
-    Json line = Line(ctx, "icd");
-    line["rep"] = rep;
-    line["bytes"] = bytes;
-    line["seconds"] = Round(seconds, 4);
-    line["gb_per_s"] = Round(gbps, 4);
-    line["cpu_seconds"] = Round(cpu_seconds, 4);
-    line["solve_ms"] = Round(result->solve_ms(), 1);
-    line["ingest_seconds"] = Round(seconds - solve_s, 4);
+    Json line = CallLine(ctx, "icd", rep, bytes, call);
+    line["solve_ms"] = Round(result.solve_ms(), 1);
+    line["ingest_seconds"] = Round(call.seconds - solve_s, 4);
     line["ingest_gb_per_s"] = Round(ingest_gbps, 4);
-    line["tokens"] = result->tokens();
-    line["holdout_tokens"] = result->holdout_tokens();
-    line["clusters"] = result->clusters();
-    line["modularity"] = Round(result->modularity(), 4);
-    line["modularity_null"] = Round(result->modularity_null(), 4);
-    line["structure_found"] = result->structure_found();
+    line["tokens"] = result.tokens();
+    line["holdout_tokens"] = result.holdout_tokens();
+    line["clusters"] = result.clusters();
+    line["modularity"] = Round(result.modularity(), 4);
+    line["modularity_null"] = Round(result.modularity_null(), 4);
+    line["structure_found"] = result.structure_found();
     Print(line);
   }
 

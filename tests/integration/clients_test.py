@@ -28,14 +28,25 @@ ARGS = None
 BUF_PACKAGE = "@bufbuild/buf@1.75.0"
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__)
+def parse_server_test_args(description, *flags):
+    """The command line of a black-box test of icd-server (icd_python_test in
+    CMakeLists.txt): the server and the stubs, then the test's own `flags`,
+    (name, help) pairs; all required. Returns (args, the rest for unittest)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--server-binary", required=True)
-    p.add_argument("--icdctl", required=True)
-    p.add_argument("--fixtures", required=True, help="tests/fixtures")
     p.add_argument("--stubs", required=True, help="generated Python stubs dir")
-    p.add_argument("--tools", required=True, help="npm prefix holding buf")
+    for name, help_text in flags:
+        p.add_argument(name, required=True, help=help_text)
     return p.parse_known_args()
+
+
+def parse_args():
+    return parse_server_test_args(
+        __doc__,
+        ("--icdctl", None),
+        ("--fixtures", "tests/fixtures"),
+        ("--tools", "npm prefix holding buf"),
+    )
 
 
 def read_safetensors(path):

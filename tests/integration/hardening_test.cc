@@ -174,21 +174,9 @@ class Server {
   std::unique_ptr<v1::PermutationService::Stub> stub_;
 };
 
-// What a refused or stopped call must leave as it was.
-struct ModelState {
-  uint64_t version = 0;
-  std::vector<float> logits;  // on the golden ids
-};
-
+// Every model here is mamba1-small, scored on its golden ids.
 ModelState Snapshot(Client& client, const std::string& model) {
-  ModelState state;
-  auto syms = client.GetSymmetries(model);
-  EXPECT_TRUE(syms.ok()) << syms.status();
-  if (syms.ok()) state.version = syms->version();
-  auto eval = EvaluateGolden(client, model, LoadGolden("mamba1-small"));
-  EXPECT_TRUE(eval.ok()) << eval.status();
-  if (eval.ok()) state.logits.assign(eval->logits().begin(), eval->logits().end());
-  return state;
+  return icd::testing::Snapshot(client, model, LoadGolden("mamba1-small"));
 }
 
 // A started server with mamba1-small/hf loaded as "m", and its state then:
@@ -260,6 +248,23 @@ StopFigures MeasureStop(Server& server, const std::string& rpc, bool by_deadline
   return figures;
 }
 
+// A call that ended at `ended` with `code` (DEADLINE_EXCEEDED: by its
+// deadline; CANCELLED: by the client): the server logs it within 1 s and
+// burns under 0.2 CPU seconds in the second after. `what` names the call.
+void ExpectStopsSoon(Server& server, const std::string& rpc, const std::string& what,
+                     const grpc::Status& status, grpc::StatusCode code, size_t log_from,
+                     Clock::time_point ended) {
+  SCOPED_TRACE(what);
+  EXPECT_EQ(status.error_code(), code) << status.error_message();
+  const StopFigures f = MeasureStop(server, rpc, code == grpc::StatusCode::DEADLINE_EXCEEDED,
+                                    log_from, ended);
+  std::printf("[stop] %s: server log line %.3f s after the client's status; server CPU in the "
+              "next second %.3f s\n",
+              what.c_str(), f.log_after_s, f.cpu_after_s);
+  EXPECT_LT(f.log_after_s, 1.0);
+  EXPECT_LT(f.cpu_after_s, 0.2);
+}
+
 TEST(HardeningTest, LongCallsStopSoonAfterTheirDeadlineOrCancellation) {
   Server server({"--max-tokens", "2000000"});
   ModelState before;
@@ -273,13 +278,10 @@ TEST(HardeningTest, LongCallsStopSoonAfterTheirDeadlineOrCancellation) {
     const auto start = Clock::now();
     const grpc::Status status = server.stub().Evaluate(context.get(), request, &response);
     const auto ended = Clock::now();
-    EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
-    const StopFigures f = MeasureStop(server, "Evaluate", true, log_from, ended);
-    std::printf("[stop] Evaluate 2e6 tokens, deadline 1 s: client status after %.3f s; server "
-                "log line %.3f s later; server CPU in the next second %.3f s\n",
-                Seconds(ended - start), f.log_after_s, f.cpu_after_s);
-    EXPECT_LT(f.log_after_s, 1.0);
-    EXPECT_LT(f.cpu_after_s, 0.2);
+    ExpectStopsSoon(server, "Evaluate", "Evaluate 2e6 tokens, deadline 1 s", status,
+                    grpc::StatusCode::DEADLINE_EXCEEDED, log_from, ended);
+    std::printf("[stop] Evaluate 2e6 tokens, deadline 1 s: client status after %.3f s\n",
+                Seconds(ended - start));
     ExpectUnchanged(server.client(), "m", before);
   }
   {  // The same, cancelled by the client after 1 s.
@@ -295,13 +297,8 @@ TEST(HardeningTest, LongCallsStopSoonAfterTheirDeadlineOrCancellation) {
     const grpc::Status status = server.stub().Evaluate(context.get(), request, &response);
     const auto ended = Clock::now();
     canceller.join();
-    EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
-    const StopFigures f = MeasureStop(server, "Evaluate", false, log_from, ended);
-    std::printf("[stop] Evaluate 2e6 tokens, cancelled at 1 s: server log line %.3f s after "
-                "the client's status; server CPU in the next second %.3f s\n",
-                f.log_after_s, f.cpu_after_s);
-    EXPECT_LT(f.log_after_s, 1.0);
-    EXPECT_LT(f.cpu_after_s, 0.2);
+    ExpectStopsSoon(server, "Evaluate", "Evaluate 2e6 tokens, cancelled at 1 s", status,
+                    grpc::StatusCode::CANCELLED, log_from, ended);
     ExpectUnchanged(server.client(), "m", before);
   }
   {  // MeasureLatency at its token limit: one forward of 1,000,000 tokens.
@@ -314,13 +311,8 @@ TEST(HardeningTest, LongCallsStopSoonAfterTheirDeadlineOrCancellation) {
     v1::LatencyReport response;
     const grpc::Status status = server.stub().MeasureLatency(context.get(), request, &response);
     const auto ended = Clock::now();
-    EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
-    const StopFigures f = MeasureStop(server, "MeasureLatency", true, log_from, ended);
-    std::printf("[stop] MeasureLatency 1e6 tokens, deadline 1 s: server log line %.3f s after the "
-                "client's status; server CPU in the next second %.3f s\n",
-                f.log_after_s, f.cpu_after_s);
-    EXPECT_LT(f.log_after_s, 1.0);
-    EXPECT_LT(f.cpu_after_s, 0.2);
+    ExpectStopsSoon(server, "MeasureLatency", "MeasureLatency 1e6 tokens, deadline 1 s", status,
+                    grpc::StatusCode::DEADLINE_EXCEEDED, log_from, ended);
   }
   {  // CapturePermutation: forward and statistics of every group, 0.5 s deadline.
     v1::CaptureRequest request;
@@ -334,14 +326,9 @@ TEST(HardeningTest, LongCallsStopSoonAfterTheirDeadlineOrCancellation) {
     const grpc::Status status =
         server.stub().CapturePermutation(context.get(), request, &response);
     const auto ended = Clock::now();
-    EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
-    const StopFigures f =
-        MeasureStop(server, "CapturePermutation", true, log_from, ended);
-    std::printf("[stop] CapturePermutation 4 x 32768 tokens, deadline 0.5 s: server log line %.3f s "
-                "after the client's status; server CPU in the next second %.3f s\n",
-                f.log_after_s, f.cpu_after_s);
-    EXPECT_LT(f.log_after_s, 1.0);
-    EXPECT_LT(f.cpu_after_s, 0.2);
+    ExpectStopsSoon(server, "CapturePermutation",
+                    "CapturePermutation 4 x 32768 tokens, deadline 0.5 s", status,
+                    grpc::StatusCode::DEADLINE_EXCEEDED, log_from, ended);
   }
   ExpectUnchanged(server.client(), "m", before);
 }

@@ -216,4 +216,19 @@ absl::StatusOr<v1::EvaluateResponse> EvaluateGolden(Client& client,
   return client.Evaluate(request);
 }
 
+ModelState Snapshot(Client& client, const std::string& model, const Golden& golden) {
+  ModelState state;
+  auto list = client.ListModels();
+  EXPECT_TRUE(list.ok()) << list.status();
+  if (list.ok()) {
+    for (const auto& m : *list) {
+      if (m.name() == model) state.version = m.version();
+    }
+  }
+  auto eval = EvaluateGolden(client, model, golden);
+  EXPECT_TRUE(eval.ok()) << eval.status();
+  if (eval.ok()) state.logits.assign(eval->logits().begin(), eval->logits().end());
+  return state;
+}
+
 }  // namespace icd::testing

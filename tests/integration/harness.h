@@ -122,6 +122,30 @@ absl::StatusOr<v1::EvaluateResponse> EvaluateGolden(Client& client,
                                                     const std::string& model,
                                                     const Golden& golden);
 
+// What a refused or stopped call must leave as it was.
+struct ModelState {
+  uint64_t version = 0;       // 0: not listed
+  std::vector<float> logits;  // on the golden ids
+};
+// `model`'s version (ListModels) and its logits on `golden`'s ids.
+ModelState Snapshot(Client& client, const std::string& model, const Golden& golden);
+
+// A harness with mamba1-small/hf loaded as "m", and that fixture's golden
+// ids and logits: the set-up of the service's own test suites.
+class LoadedModelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    golden_ = LoadGolden("mamba1-small");
+    auto info = client().LoadModel("m", "mamba1-small/hf");
+    ASSERT_TRUE(info.ok()) << info.status();
+  }
+  Client& client() { return harness_.client(); }
+  ModelState Snapshot() { return icd::testing::Snapshot(client(), "m", golden_); }
+
+  Harness harness_;
+  Golden golden_;
+};
+
 }  // namespace icd::testing
 
 #endif  // ICD_TESTS_INTEGRATION_HARNESS_H_

@@ -16,7 +16,6 @@ Run by ctest (tests/integration/CMakeLists.txt):
   /usr/bin/python3 python_client_test.py --server-binary B --fixtures F --stubs GEN
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -30,18 +29,14 @@ import unittest
 
 import numpy as np
 
-from clients_test import read_safetensors  # the golden files' reader, one copy
+from clients_test import parse_server_test_args, read_safetensors  # one copy each
 
 ARGS = None
 icd = None  # icd_client, imported once the stubs are on sys.path
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--server-binary", required=True)
-    p.add_argument("--fixtures", required=True, help="tests/fixtures")
-    p.add_argument("--stubs", required=True, help="generated Python stubs dir")
-    return p.parse_known_args()
+    return parse_server_test_args(__doc__, ("--fixtures", "tests/fixtures"))
 
 
 def write_safetensors(path, tensors):

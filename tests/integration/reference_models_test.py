@@ -12,7 +12,6 @@ Run by ctest (tests/integration/CMakeLists.txt):
   /usr/bin/python3 reference_models_test.py --server-binary B --stubs GEN --build BUILD
 """
 
-import argparse
 import glob
 import hashlib
 import json
@@ -27,6 +26,8 @@ import unittest
 
 import numpy as np
 
+from clients_test import parse_server_test_args  # one copy
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODELS = os.path.join(REPO, "models")
 ARGS = None
@@ -38,11 +39,7 @@ MAMBA_SSM_NAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--server-binary", required=True)
-    p.add_argument("--stubs", required=True, help="generated Python stubs dir")
-    p.add_argument("--build", required=True, help="the build dir (for the loop example)")
-    return p.parse_known_args()
+    return parse_server_test_args(__doc__, ("--build", "the build dir (for the loop example)"))
 
 
 def cards():

@@ -17,35 +17,17 @@ namespace {
 
 using absl::StatusCode;
 
-class ServiceTest : public ::testing::Test {
+class ServiceTest : public LoadedModelTest {
  protected:
   void SetUp() override {
-    golden_ = LoadGolden("mamba1-small");
-    auto info = client().LoadModel("m", "mamba1-small/hf");
-    ASSERT_TRUE(info.ok()) << info.status();
+    LoadedModelTest::SetUp();
+    if (HasFatalFailure()) return;
     baseline_ = Snapshot();
   }
-  Client& client() { return harness_.client(); }
 
-  struct State {
-    uint64_t version = 0;
-    std::vector<float> logits;
-  };
-  State Snapshot() {
-    State s;
-    auto list = client().ListModels();
-    EXPECT_TRUE(list.ok()) << list.status();
-    for (const auto& m : *list) {
-      if (m.name() == "m") s.version = m.version();
-    }
-    auto eval = EvaluateGolden(client(), "m", golden_);
-    EXPECT_TRUE(eval.ok()) << eval.status();
-    if (eval.ok()) s.logits.assign(eval->logits().begin(), eval->logits().end());
-    return s;
-  }
   // A refused call changed nothing: same version, bit-identical logits.
   void ExpectUnchanged() {
-    const State now = Snapshot();
+    const ModelState now = Snapshot();
     EXPECT_EQ(now.version, baseline_.version);
     EXPECT_EQ(now.logits, baseline_.logits);
   }
@@ -62,9 +44,7 @@ class ServiceTest : public ::testing::Test {
     return p;
   }
 
-  Harness harness_;
-  Golden golden_;
-  State baseline_;
+  ModelState baseline_;
 };
 
 TEST_F(ServiceTest, HealthServing) {
@@ -241,7 +221,7 @@ TEST_F(ServiceTest, WriteTensorsStreamCutShortChangesNothing) {
 TEST_F(ServiceTest, ExportAndReload) {
   std::mt19937_64 rng(11);
   ASSERT_TRUE(client().ApplyPermutation("m", RandomPermutations(Syms(), rng)).ok());
-  const State permuted = Snapshot();
+  const ModelState permuted = Snapshot();
   ASSERT_OK_AND_ASSIGN(report, client().ExportModel("m", "out"));
   EXPECT_EQ(report.version(), 2u);
   EXPECT_EQ(fs::path(report.path()), harness_.export_root() / "out");

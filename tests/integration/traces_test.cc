@@ -94,37 +94,27 @@ v1::CaptureRequest RandomCapture(uint64_t seed, int64_t batch, int64_t seq,
   return request;
 }
 
-class TracesTest : public ::testing::Test {
+class TracesTest : public LoadedModelTest {
  protected:
   void SetUp() override {
-    golden_ = LoadGolden("mamba1-small");
-    auto info = client().LoadModel("m", "mamba1-small/hf");
-    ASSERT_TRUE(info.ok()) << info.status();
+    LoadedModelTest::SetUp();
+    if (HasFatalFailure()) return;
     baseline_ = Logits();
   }
-  Client& client() { return harness_.client(); }
 
-  std::vector<float> Logits() {
-    auto eval = EvaluateGolden(client(), "m", golden_);
-    EXPECT_TRUE(eval.ok()) << eval.status();
-    return eval.ok() ? std::vector<float>(eval->logits().begin(), eval->logits().end())
-                     : std::vector<float>();
-  }
-  uint64_t Version() {
-    auto list = client().ListModels();
-    EXPECT_TRUE(list.ok()) << list.status();
-    for (const auto& m : *list) {
-      if (m.name() == "m") return m.version();
-    }
-    return 0;
+  std::vector<float> Logits() { return Snapshot().logits; }
+  // The model where it was loaded: version 1, the logits of SetUp.
+  void ExpectUnchanged() {
+    const ModelState now = Snapshot();
+    EXPECT_EQ(now.version, 1u);
+    EXPECT_EQ(now.logits, baseline_);
   }
   // After a refused stream: the server answers, the model is where it was.
   void ExpectHealthyAndUnchanged() {
     auto serving = client().Health();
     ASSERT_TRUE(serving.ok()) << serving.status();
     EXPECT_TRUE(*serving);
-    EXPECT_EQ(Version(), 1u);
-    EXPECT_EQ(Logits(), baseline_);
+    ExpectUnchanged();
   }
   // A well-formed stream that must succeed (the server still computes).
   void ExpectComputeWorks() {
@@ -134,8 +124,6 @@ class TracesTest : public ::testing::Test {
     EXPECT_TRUE(IsPermutation(result->permutation(), kChannels));
   }
 
-  Harness harness_;
-  Golden golden_;
   std::vector<float> baseline_;
 };
 
@@ -362,8 +350,7 @@ TEST_F(TracesTest, CaptureAllGroupsAppliesAndVerifies) {
     perms.push_back(r.permutation());
   }
   // Capture left the weights alone.
-  EXPECT_EQ(Version(), 1u);
-  EXPECT_EQ(Logits(), baseline_);
+  ExpectUnchanged();
   ASSERT_OK_AND_ASSIGN(report, client().ApplyPermutation("m", perms, 1));
   EXPECT_EQ(report.groups_size(), syms.groups_size());
   EXPECT_TRUE(report.correctness().ok()) << report.correctness().rel_l2();

@@ -14,13 +14,8 @@ namespace icd {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::ExpectError;
 using testing::GoldenDir;
-
-void ExpectError(const absl::Status& status, absl::StatusCode code, const std::string& needle) {
-  EXPECT_EQ(status.code(), code) << status;
-  EXPECT_NE(std::string(status.message()).find(needle), std::string::npos)
-      << "message lacks '" << needle << "': " << status;
-}
 
 TEST(ConfigTest, ParsesBothLayoutsOfTheFixtures) {
   auto hf = ReadConfigFile(GoldenDir("mamba1-bias-untied") / "hf" / "config.json");

@@ -44,13 +44,7 @@ class GoldenTest : public ::testing::TestWithParam<Case> {
     return torch::tensor(result->logits).reshape(result->shape);
   }
 
-  std::map<std::string, std::string> AllBytes() {
-    auto tensors = engine_.ReadTensors("m", {});
-    EXPECT_TRUE(tensors.ok()) << tensors.status();
-    std::map<std::string, std::string> bytes;
-    for (const HostTensor& t : *tensors) bytes[t.name] = t.data;
-    return bytes;
-  }
+  std::map<std::string, std::string> AllBytes() { return testing::TensorBytes(engine_, "m"); }
 
   // Applies, checks the report, the moved weights and the golden logits.
   void ApplyAndCheck(const std::vector<Permutation>& perms, const std::string& what) {

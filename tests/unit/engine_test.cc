@@ -45,13 +45,7 @@ class EngineTest : public ::testing::Test {
     ASSERT_TRUE(info.ok()) << info.status();
     info_ = *info;
   }
-  std::map<std::string, std::string> Weights() {
-    auto tensors = engine_.ReadTensors("m", {});
-    EXPECT_TRUE(tensors.ok()) << tensors.status();
-    std::map<std::string, std::string> bytes;
-    for (const HostTensor& t : *tensors) bytes[t.name] = t.data;
-    return bytes;
-  }
+  std::map<std::string, std::string> Weights() { return testing::TensorBytes(engine_, "m"); }
   GroupInfo Group(const std::string& name) {
     auto groups = engine_.Symmetries("m");
     for (const GroupInfo& g : *groups) {
@@ -214,12 +208,8 @@ TEST_F(EngineTest, ApplyStoppedDuringItsCheckRestoresTheWeights) {
       {"residual", testing::RandomPermutation(Group("residual"), rng)}};
   const auto before = Weights();
   for (const bool deadline : {false, true}) {
-    CallContext ctx;
-    if (deadline) {
-      ctx.deadline = std::chrono::steady_clock::now() - std::chrono::seconds(1);
-    } else {
-      ctx.cancelled = [] { return true; };
-    }
+    const CallContext ctx =
+        deadline ? testing::PastDeadlineContext() : testing::CancelledContext();
     auto report = engine_.Apply("m", perms, {}, ctx);
     EXPECT_EQ(report.status().code(), deadline ? absl::StatusCode::kDeadlineExceeded
                                                : absl::StatusCode::kCancelled)
@@ -242,12 +232,8 @@ TEST_F(EngineTest, VerifyAndEvaluateStopAtTheirDeadlineOrWhenCancelled) {
   const auto golden = testing::ReadGolden("mamba1-small");
   const auto before = Weights();
   for (const bool deadline : {false, true}) {
-    CallContext ctx;
-    if (deadline) {
-      ctx.deadline = std::chrono::steady_clock::now() - std::chrono::milliseconds(1);
-    } else {
-      ctx.cancelled = [] { return true; };
-    }
+    const CallContext ctx =
+        deadline ? testing::PastDeadlineContext() : testing::CancelledContext();
     const absl::StatusCode code =
         deadline ? absl::StatusCode::kDeadlineExceeded : absl::StatusCode::kCancelled;
     EXPECT_EQ(engine_.Verify("m", ctx).status().code(), code) << engine_.Verify("m", ctx).status();

@@ -23,6 +23,14 @@ struct Case {
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.fixture << "/" << c.layout; }
 
+// The start of a copy of the HF checkpoint `source` in another file layout:
+// `target` made with source's config.json, and source's tensors to write there.
+absl::StatusOr<io::TensorList> StartCopy(const fs::path& source, const fs::path& target) {
+  fs::create_directories(target);
+  fs::copy_file(source / "config.json", target / "config.json");
+  return io::ReadSafetensors(source / "model.safetensors");
+}
+
 
 class ExportTest : public ::testing::TestWithParam<Case> {
  protected:
@@ -140,11 +148,8 @@ TEST(ExportBinTest, TorchLoadWeightsOnlyAccepts) {
 TEST(ExportBinTest, HfPytorchModelBinLoadsAndExportsAsBin) {
   // HF checkpoints saved without safetensors: the same tensors in a .bin.
   testing::TempDir temp;
-  const fs::path source = GoldenDir("mamba2-groups") / "hf";
   const fs::path bin_dir = temp.path() / "bin";
-  fs::create_directories(bin_dir);
-  fs::copy_file(source / "config.json", bin_dir / "config.json");
-  auto tensors = io::ReadSafetensors(source / "model.safetensors");
+  auto tensors = StartCopy(GoldenDir("mamba2-groups") / "hf", bin_dir);
   ASSERT_TRUE(tensors.ok());
   ASSERT_TRUE(io::WriteTorchBin(bin_dir / "pytorch_model.bin", *tensors).ok());
   Engine engine;
@@ -165,9 +170,7 @@ TEST(ExportBinTest, ShardedSafetensorsRoundTrip) {
   testing::TempDir temp;
   const fs::path source = GoldenDir("mamba1-bias-untied") / "hf";
   const fs::path sharded = temp.path() / "sharded";
-  fs::create_directories(sharded);
-  fs::copy_file(source / "config.json", sharded / "config.json");
-  auto tensors = io::ReadSafetensors(source / "model.safetensors");
+  auto tensors = StartCopy(source, sharded);
   ASSERT_TRUE(tensors.ok());
   io::TensorList first, second;
   std::string weight_map;
@@ -221,9 +224,7 @@ TEST(CallContextTest, LoadAndExportStoppedMidCallLeaveNothing) {
     return names;
   };
 
-  CallContext late;
-  late.deadline = std::chrono::steady_clock::now() - std::chrono::seconds(1);
-  EXPECT_EQ(engine.Load("m", source.string(), {}, late).status().code(),
+  EXPECT_EQ(engine.Load("m", source.string(), {}, testing::PastDeadlineContext()).status().code(),
             absl::StatusCode::kDeadlineExceeded);
   EXPECT_EQ(engine.Load("m", source.string(), {}, cancelled_at(3)).status().code(),
             absl::StatusCode::kCancelled);
@@ -233,7 +234,7 @@ TEST(CallContextTest, LoadAndExportStoppedMidCallLeaveNothing) {
   // An export that completed, beside which nothing else may remain.
   ASSERT_TRUE(engine.Export("m", (temp.path() / "first").string()).ok());
   const std::string target = (temp.path() / "out").string();
-  EXPECT_EQ(engine.Export("m", target, late).status().code(),
+  EXPECT_EQ(engine.Export("m", target, testing::PastDeadlineContext()).status().code(),
             absl::StatusCode::kDeadlineExceeded);
   // Cancelled at its first poll: the staging directory exists by then.
   EXPECT_EQ(engine.Export("m", target, cancelled_at(1)).status().code(),

@@ -69,6 +69,14 @@ torch::Tensor RunOrFail(const ModelConfig& config, const Weights& weights,
   return *logits;
 }
 
+// The forward of `fixture` is refused (InvalidArgument) naming `tensor`.
+void ExpectRefusedNaming(const Fixture& fixture, const std::string& tensor) {
+  auto logits = Forward(fixture.config, fixture.weights, fixture.input_ids);
+  ASSERT_FALSE(logits.ok());
+  EXPECT_EQ(logits.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(logits.status().message().find(tensor), std::string::npos) << logits.status();
+}
+
 class GoldenForwardTest : public ::testing::TestWithParam<std::string> {};
 
 // gtest names allow no '-': "mamba1-small" -> "mamba1_small".
@@ -120,27 +128,20 @@ TEST(ForwardTest, MissingTensorIsNamed) {
   Fixture fixture = LoadFixture("mamba1-small");
   const std::string name = "backbone.layers.1.mixer.x_proj.weight";
   fixture.weights.erase(name);
-  auto logits = Forward(fixture.config, fixture.weights, fixture.input_ids);
-  ASSERT_FALSE(logits.ok());
-  EXPECT_EQ(logits.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(logits.status().message().find(name), std::string::npos) << logits.status();
+  ExpectRefusedNaming(fixture, name);
 }
 
 TEST(ForwardTest, MisShapedTensorIsNamed) {
   Fixture fixture = LoadFixture("mamba2-groups");
   const std::string name = "backbone.layers.0.mixer.dt_bias";
   fixture.weights[name] = torch::zeros({3});
-  auto logits = Forward(fixture.config, fixture.weights, fixture.input_ids);
-  ASSERT_FALSE(logits.ok());
-  EXPECT_EQ(logits.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(logits.status().message().find(name), std::string::npos) << logits.status();
+  ExpectRefusedNaming(fixture, name);
 }
 
 TEST(ForwardTest, ExpiredDeadline) {
   Fixture fixture = LoadFixture("mamba1-small");
-  CallContext ctx;
-  ctx.deadline = std::chrono::steady_clock::now() - std::chrono::seconds(1);
-  auto logits = Forward(fixture.config, fixture.weights, fixture.input_ids, ctx);
+  auto logits = Forward(fixture.config, fixture.weights, fixture.input_ids,
+                        testing::PastDeadlineContext());
   ASSERT_FALSE(logits.ok());
   EXPECT_EQ(logits.status().code(), absl::StatusCode::kDeadlineExceeded);
 }

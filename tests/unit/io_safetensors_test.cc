@@ -4,7 +4,6 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <cstdint>
 #include <cstring>
@@ -13,6 +12,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "test_util.h"
+
 namespace icd::io {
 namespace {
 
@@ -20,19 +21,10 @@ using ::testing::HasSubstr;
 
 class SafetensorsTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = std::filesystem::temp_directory_path() /
-           ("icd_io_safetensors_" + std::to_string(getpid()) + "_" + info->name());
-    std::filesystem::remove_all(dir_);
-    std::filesystem::create_directories(dir_);
-  }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
-
   // Writes [u64 little-endian header length][header][data] by hand.
   std::filesystem::path WriteRaw(const std::string& header, const std::string& data,
                                  uint64_t declared_length = UINT64_MAX) {
-    const std::filesystem::path path = dir_ / "model.safetensors";
+    const std::filesystem::path path = temp_.path() / "model.safetensors";
     std::ofstream out(path, std::ios::binary);
     uint64_t length = declared_length == UINT64_MAX ? header.size() : declared_length;
     for (int i = 0; i < 8; ++i) {
@@ -52,7 +44,7 @@ class SafetensorsTest : public ::testing::Test {
     EXPECT_THAT(std::string(result.status().message()), HasSubstr(reason));
   }
 
-  std::filesystem::path dir_;
+  testing::TempDir temp_;
 };
 
 TensorList SampleTensors() {
@@ -91,7 +83,7 @@ void ExpectSameTensors(const TensorList& expected, const TensorList& actual) {
 
 TEST_F(SafetensorsTest, RoundTripKeepsNamesOrderDtypesAndBytes) {
   const TensorList tensors = SampleTensors();
-  const std::filesystem::path path = dir_ / "out.safetensors";
+  const std::filesystem::path path = temp_.path() / "out.safetensors";
   ASSERT_TRUE(WriteSafetensors(path, tensors, {{"format", "pt"}}).ok());
   const absl::StatusOr<TensorList> read = ReadSafetensors(path);
   ASSERT_TRUE(read.ok()) << read.status();
@@ -99,7 +91,7 @@ TEST_F(SafetensorsTest, RoundTripKeepsNamesOrderDtypesAndBytes) {
 }
 
 TEST_F(SafetensorsTest, HeaderIsSortedPaddedJsonWithMetadata) {
-  const std::filesystem::path path = dir_ / "out.safetensors";
+  const std::filesystem::path path = temp_.path() / "out.safetensors";
   ASSERT_TRUE(WriteSafetensors(path, SampleTensors(), {{"format", "pt"}}).ok());
   std::ifstream in(path, std::ios::binary);
   unsigned char length_bytes[8];
@@ -135,7 +127,7 @@ TEST_F(SafetensorsTest, ReadsHfFixtureAndRewritesIt) {
     }
   }
   EXPECT_TRUE(found_embeddings);
-  const std::filesystem::path copy = dir_ / "copy.safetensors";
+  const std::filesystem::path copy = temp_.path() / "copy.safetensors";
   ASSERT_TRUE(WriteSafetensors(copy, *read).ok());
   const absl::StatusOr<TensorList> again = ReadSafetensors(copy);
   ASSERT_TRUE(again.ok()) << again.status();
@@ -143,14 +135,12 @@ TEST_F(SafetensorsTest, ReadsHfFixtureAndRewritesIt) {
 }
 
 TEST_F(SafetensorsTest, MissingFileIsNotFound) {
-  const std::filesystem::path path = dir_ / "absent.safetensors";
-  const absl::StatusOr<TensorList> result = ReadSafetensors(path);
-  EXPECT_EQ(result.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(std::string(result.status().message()), HasSubstr(path.string()));
+  const std::filesystem::path path = temp_.path() / "absent.safetensors";
+  testing::ExpectError(ReadSafetensors(path).status(), absl::StatusCode::kNotFound, path.string());
 }
 
 TEST_F(SafetensorsTest, RefusesTruncatedFile) {
-  const std::filesystem::path path = dir_ / "short.safetensors";
+  const std::filesystem::path path = temp_.path() / "short.safetensors";
   std::ofstream(path, std::ios::binary) << "abcde";
   ExpectRefused(path, "file is 5 bytes, shorter than the 8-byte header length");
 }
@@ -235,7 +225,7 @@ TEST_F(SafetensorsTest, RefusesInvalidBool) {
 }
 
 TEST_F(SafetensorsTest, WriteRefusesDuplicateAndReservedNames) {
-  const std::filesystem::path path = dir_ / "out.safetensors";
+  const std::filesystem::path path = temp_.path() / "out.safetensors";
   TensorList twice = {{"a", torch::ones({1})}, {"a", torch::ones({1})}};
   absl::Status status = WriteSafetensors(path, twice);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);

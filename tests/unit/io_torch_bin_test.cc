@@ -7,7 +7,6 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/wait.h>
-#include <unistd.h>
 
 #include <array>
 #include <cstdio>
@@ -19,6 +18,7 @@
 
 #include "io/pickle.h"
 #include "io/safetensors.h"
+#include "test_util.h"
 
 namespace icd::io {
 namespace {
@@ -30,18 +30,9 @@ const std::filesystem::path kGolden = std::filesystem::path(ICD_FIXTURES_DIR) / 
 
 class TorchBinTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = std::filesystem::temp_directory_path() /
-           ("icd_io_torch_bin_" + std::to_string(getpid()) + "_" + info->name());
-    std::filesystem::remove_all(dir_);
-    std::filesystem::create_directories(dir_);
-  }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
-
   // A torch.save-style zip whose data.pkl is `pickle` (and no storages).
   std::filesystem::path WriteArchive(const std::string& pickle) {
-    const std::filesystem::path path = dir_ / "crafted.bin";
+    const std::filesystem::path path = temp_.path() / "crafted.bin";
     caffe2::serialize::PyTorchStreamWriter writer(path.string());
     writer.writeRecord("data.pkl", pickle.data(), pickle.size());
     writer.writeEndOfFile();
@@ -50,7 +41,7 @@ class TorchBinTest : public ::testing::Test {
 
   // Runs `script` with the system interpreter; returns exit code and stdout.
   std::pair<int, std::string> RunPython(const std::string& script, const std::string& arg) {
-    const std::filesystem::path script_path = dir_ / "check.py";
+    const std::filesystem::path script_path = temp_.path() / "check.py";
     std::ofstream(script_path) << script;
     const std::string command =
         std::string(ICD_SYSTEM_PYTHON) + " " + script_path.string() + " " + arg + " 2>&1";
@@ -63,7 +54,7 @@ class TorchBinTest : public ::testing::Test {
     return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
   }
 
-  std::filesystem::path dir_;
+  testing::TempDir temp_;
 };
 
 // A byte string from a literal that may hold NULs.
@@ -130,7 +121,7 @@ TensorList TiedSample() {
 
 TEST_F(TorchBinTest, RoundTripKeepsOrderValuesDtypesAndTies) {
   const TensorList tensors = TiedSample();
-  const std::filesystem::path path = dir_ / "pytorch_model.bin";
+  const std::filesystem::path path = temp_.path() / "pytorch_model.bin";
   ASSERT_TRUE(WriteTorchBin(path, tensors).ok());
   const absl::StatusOr<TensorList> read = ReadTorchBin(path);
   ASSERT_TRUE(read.ok()) << read.status();
@@ -168,7 +159,7 @@ print(json.dumps({
 TEST_F(TorchBinTest, SystemTorchLoadsItWithWeightsOnly) {
   if (!std::filesystem::exists(ICD_SYSTEM_PYTHON)) GTEST_SKIP() << ICD_SYSTEM_PYTHON << " is absent";
   const TensorList tensors = TiedSample();
-  const std::filesystem::path path = dir_ / "pytorch_model.bin";
+  const std::filesystem::path path = temp_.path() / "pytorch_model.bin";
   ASSERT_TRUE(WriteTorchBin(path, tensors).ok());
   const auto [code, output] = RunPython(kLoadScript, path.string());
   ASSERT_EQ(code, 0) << output;
@@ -211,7 +202,7 @@ torch.save(sd, sys.argv[1])
 
 TEST_F(TorchBinTest, ReadsWhatSystemTorchSaves) {
   if (!std::filesystem::exists(ICD_SYSTEM_PYTHON)) GTEST_SKIP() << ICD_SYSTEM_PYTHON << " is absent";
-  const std::filesystem::path path = dir_ / "saved.bin";
+  const std::filesystem::path path = temp_.path() / "saved.bin";
   const auto [code, output] = RunPython(kSaveScript, path.string());
   ASSERT_EQ(code, 0) << output;
   const absl::StatusOr<TensorList> read = ReadTorchBin(path);
@@ -246,17 +237,15 @@ TEST_F(TorchBinTest, RefusesDisallowedGlobalInArchive) {
 }
 
 TEST_F(TorchBinTest, MissingFileIsNotFound) {
-  const std::filesystem::path path = dir_ / "absent.bin";
-  const absl::StatusOr<TensorList> result = ReadTorchBin(path);
-  EXPECT_EQ(result.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(std::string(result.status().message()), HasSubstr(path.string()));
+  const std::filesystem::path path = temp_.path() / "absent.bin";
+  testing::ExpectError(ReadTorchBin(path).status(), absl::StatusCode::kNotFound, path.string());
 }
 
 TEST_F(TorchBinTest, RefusesLegacyAndNonZipFiles) {
-  const std::filesystem::path legacy = dir_ / "legacy.bin";
+  const std::filesystem::path legacy = temp_.path() / "legacy.bin";
   std::ofstream(legacy, std::ios::binary) << Bytes("\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.");
   ExpectRefused(ReadTorchBin(legacy), legacy.string(), "legacy (pre-1.6, non-zip) torch.save format");
-  const std::filesystem::path text = dir_ / "text.bin";
+  const std::filesystem::path text = temp_.path() / "text.bin";
   std::ofstream(text) << "hello";
   ExpectRefused(ReadTorchBin(text), text.string(), "not a torch.save zip archive");
 }

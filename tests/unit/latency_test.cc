@@ -221,15 +221,11 @@ TEST_F(LatencyEngineTest, BadOptionsNameTheField) {
 }
 
 TEST_F(LatencyEngineTest, CancelledOrPastDeadline) {
-  CallContext cancelled;
-  cancelled.cancelled = [] { return true; };
-  auto report = engine_.MeasureLatency(Options("decode", "b"), cancelled);
+  auto report = engine_.MeasureLatency(Options("decode", "b"), testing::CancelledContext());
   ASSERT_FALSE(report.ok());
   EXPECT_EQ(report.status().code(), absl::StatusCode::kCancelled) << report.status();
 
-  CallContext late;
-  late.deadline = std::chrono::steady_clock::now() - std::chrono::seconds(1);
-  report = engine_.MeasureLatency(Options("prefill"), late);
+  report = engine_.MeasureLatency(Options("prefill"), testing::PastDeadlineContext());
   ASSERT_FALSE(report.ok());
   EXPECT_EQ(report.status().code(), absl::StatusCode::kDeadlineExceeded) << report.status();
 

@@ -286,14 +286,11 @@ TEST(NmSparsity, BadInputsAreInvalidArgument) {
 
 TEST(NmSparsity, CancellationAndDeadline) {
   const torch::Tensor saliency = AbsNormal(16, 64, 2);
-  CallContext cancelled;
-  cancelled.cancelled = [] { return true; };
-  EXPECT_EQ(SolveNmPermutation(saliency, NmOptions{}, cancelled).status().code(),
-            absl::StatusCode::kCancelled);
-  CallContext late;
-  late.deadline = std::chrono::steady_clock::now() - std::chrono::seconds(1);
-  EXPECT_EQ(SolveNmPermutation(saliency, NmOptions{}, late).status().code(),
-            absl::StatusCode::kDeadlineExceeded);
+  auto code = [&](const CallContext& ctx) {
+    return SolveNmPermutation(saliency, NmOptions{}, ctx).status().code();
+  };
+  EXPECT_EQ(code(testing::CancelledContext()), absl::StatusCode::kCancelled);
+  EXPECT_EQ(code(testing::PastDeadlineContext()), absl::StatusCode::kDeadlineExceeded);
 }
 
 TEST(NmSparsity, ZeroSaliencyKeepsIdentity) {

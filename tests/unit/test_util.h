@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -18,8 +19,10 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "apply/symmetry.h"
 #include "icd/core/engine.h"
 #include "icd/core/types.h"
@@ -297,6 +300,35 @@ inline std::map<std::string, HostTensor> TensorsByName(const Engine& engine,
     for (HostTensor& t : *tensors) by_name[t.name] = std::move(t);
   }
   return by_name;
+}
+
+// `status` has `code` and a message that names `needle`.
+inline void ExpectError(const absl::Status& status, absl::StatusCode code,
+                        const std::string& needle) {
+  EXPECT_EQ(status.code(), code) << status;
+  EXPECT_NE(std::string(status.message()).find(needle), std::string::npos)
+      << "message lacks '" << needle << "': " << status;
+}
+
+// Contexts that stop a call at its first check: the caller has gone away,
+// or the deadline has passed.
+inline CallContext CancelledContext() {
+  CallContext ctx;
+  ctx.cancelled = [] { return true; };
+  return ctx;
+}
+inline CallContext PastDeadlineContext() {
+  CallContext ctx;
+  ctx.deadline = std::chrono::steady_clock::now() - std::chrono::seconds(1);
+  return ctx;
+}
+
+// Every tensor's raw bytes, by name: equal maps mean identical weights.
+inline std::map<std::string, std::string> TensorBytes(const Engine& engine,
+                                                      const std::string& model) {
+  std::map<std::string, std::string> bytes;
+  for (auto& [name, tensor] : TensorsByName(engine, model)) bytes[name] = std::move(tensor.data);
+  return bytes;
 }
 
 }  // namespace icd::testing

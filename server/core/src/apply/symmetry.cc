@@ -70,6 +70,16 @@ GroupMember Member(std::string tensor, int axis, int64_t offset, int64_t length,
   return GroupMember{std::move(tensor), axis, offset, length, std::move(expand)};
 }
 
+void AddRowBlocks(std::vector<GroupMember>& members, int64_t layer, const std::string& module,
+                  bool has_bias, std::initializer_list<int64_t> offsets, int64_t length) {
+  for (const char* part : {".weight", ".bias"}) {
+    if (std::string(part) == ".bias" && !has_bias) continue;
+    for (int64_t offset : offsets) {
+      members.push_back(Member(LayerTensorName(layer, module + part), 0, offset, length));
+    }
+  }
+}
+
 GroupInfo NewGroup(std::string name, int64_t size, std::vector<GroupMember> members) {
   GroupInfo group;
   group.name = std::move(name);

@@ -3,6 +3,7 @@
 #ifndef ICD_CORE_SRC_SYMMETRY_H_
 #define ICD_CORE_SRC_SYMMETRY_H_
 
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,11 @@ FamilySpec Mamba2Spec(const ModelConfig& config);
 GroupInfo ResidualGroup(const ModelConfig& config);
 GroupMember Member(std::string tensor, int axis, int64_t offset, int64_t length,
                    std::string expand = "identity");
+// One member per offset for `length` rows of layer `layer`'s `module`.weight
+// along axis 0, then the same for `module`.bias when the checkpoint has one:
+// the blocks of a fused projection or convolution that move together.
+void AddRowBlocks(std::vector<GroupMember>& members, int64_t layer, const std::string& module,
+                  bool has_bias, std::initializer_list<int64_t> offsets, int64_t length);
 // A group of `size` channels, unconstrained (block = whole = 0: set either
 // by name where the group needs it).
 GroupInfo NewGroup(std::string name, int64_t size, std::vector<GroupMember> members = {});

@@ -18,14 +18,8 @@ FamilySpec Mamba1Spec(const ModelConfig& c) {
     // the output pairs y[d] with silu(z[d]).
     GroupInfo inner_group = NewGroup(layer + "inner", inner);
     auto& m = inner_group.members;
-    m.push_back(Member(t("mixer.in_proj.weight"), 0, 0, inner));
-    m.push_back(Member(t("mixer.in_proj.weight"), 0, inner, inner));
-    if (c.proj_bias) {
-      m.push_back(Member(t("mixer.in_proj.bias"), 0, 0, inner));
-      m.push_back(Member(t("mixer.in_proj.bias"), 0, inner, inner));
-    }
-    m.push_back(Member(t("mixer.conv1d.weight"), 0, 0, inner));
-    if (c.conv_bias) m.push_back(Member(t("mixer.conv1d.bias"), 0, 0, inner));
+    AddRowBlocks(m, i, "mixer.in_proj", c.proj_bias, {0, inner}, inner);
+    AddRowBlocks(m, i, "mixer.conv1d", c.conv_bias, {0}, inner);
     m.push_back(Member(t("mixer.x_proj.weight"), 1, 0, inner));
     m.push_back(Member(t("mixer.dt_proj.weight"), 0, 0, inner));
     m.push_back(Member(t("mixer.dt_proj.bias"), 0, 0, inner));

@@ -55,14 +55,8 @@ FamilySpec Mamba2Spec(const ModelConfig& c) {
     GroupInfo headdim_group = NewGroup(layer + "headdim", inner);
     headdim_group.block = headdim;
     auto& d = headdim_group.members;
-    d.push_back(Member(t("mixer.in_proj.weight"), 0, z_row, inner));
-    d.push_back(Member(t("mixer.in_proj.weight"), 0, x_row, inner));
-    if (c.proj_bias) {
-      d.push_back(Member(t("mixer.in_proj.bias"), 0, z_row, inner));
-      d.push_back(Member(t("mixer.in_proj.bias"), 0, x_row, inner));
-    }
-    d.push_back(Member(t("mixer.conv1d.weight"), 0, x_chan, inner));
-    if (c.conv_bias) d.push_back(Member(t("mixer.conv1d.bias"), 0, x_chan, inner));
+    AddRowBlocks(d, i, "mixer.in_proj", c.proj_bias, {z_row, x_row}, inner);
+    AddRowBlocks(d, i, "mixer.conv1d", c.conv_bias, {x_chan}, inner);
     if (c.d_has_hdim) d.push_back(Member(t("mixer.D"), 0, 0, inner));
     if (c.gated_norm) d.push_back(Member(t("mixer.norm.weight"), 0, 0, inner));
     d.push_back(Member(t("mixer.out_proj.weight"), 1, 0, inner));
@@ -72,18 +66,8 @@ FamilySpec Mamba2Spec(const ModelConfig& c) {
     GroupInfo state_group = NewGroup(layer + "state", bc);
     state_group.block = c.d_state;
     auto& s = state_group.members;
-    s.push_back(Member(t("mixer.in_proj.weight"), 0, b_row, bc));
-    s.push_back(Member(t("mixer.in_proj.weight"), 0, c_row, bc));
-    if (c.proj_bias) {
-      s.push_back(Member(t("mixer.in_proj.bias"), 0, b_row, bc));
-      s.push_back(Member(t("mixer.in_proj.bias"), 0, c_row, bc));
-    }
-    s.push_back(Member(t("mixer.conv1d.weight"), 0, b_chan, bc));
-    s.push_back(Member(t("mixer.conv1d.weight"), 0, c_chan, bc));
-    if (c.conv_bias) {
-      s.push_back(Member(t("mixer.conv1d.bias"), 0, b_chan, bc));
-      s.push_back(Member(t("mixer.conv1d.bias"), 0, c_chan, bc));
-    }
+    AddRowBlocks(s, i, "mixer.in_proj", c.proj_bias, {b_row, c_row}, bc);
+    AddRowBlocks(s, i, "mixer.conv1d", c.conv_bias, {b_chan, c_chan}, bc);
     spec.push_back(std::move(state_group));
   }
   return spec;

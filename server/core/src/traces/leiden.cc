@@ -140,6 +140,37 @@ struct MoveState {
   }
 };
 
+// One node's link weight to each community it touches, in the order first
+// touched (RowSweep and Refine gather it from a dense row); Clear costs
+// O(touched), not O(n).
+class TouchedLinks {
+ public:
+  explicit TouchedLinks(int64_t n)
+      : link_(static_cast<size_t>(n), 0), seen_(static_cast<size_t>(n), 0) {}
+  void Add(int64_t community, double weight) {
+    const auto c = static_cast<size_t>(community);
+    if (!seen_[c]) {
+      seen_[c] = 1;
+      touched_.push_back(community);
+    }
+    link_[c] += weight;
+  }
+  double link(int64_t community) const { return link_[static_cast<size_t>(community)]; }
+  const std::vector<int64_t>& touched() const { return touched_; }
+  void Clear() {
+    for (int64_t c : touched_) {
+      link_[static_cast<size_t>(c)] = 0;
+      seen_[static_cast<size_t>(c)] = 0;
+    }
+    touched_.clear();
+  }
+
+ private:
+  std::vector<double> link_;
+  std::vector<char> seen_;
+  std::vector<int64_t> touched_;
+};
+
 // The best community for a node that has left `current`, given its link
 // weight to each candidate: the largest ΔQ ∝ link − γ·degree·total/2m, ties
 // keeping `current`; an empty community when every choice loses.
@@ -165,37 +196,25 @@ int64_t BestCommunity(const MoveState& state, int64_t current, double current_li
 int64_t RowSweep(const LevelGraph& graph, double scale, const std::vector<int64_t>& order,
                  MoveState& state, std::vector<int64_t>& community) {
   const int64_t n = graph.nodes;
-  std::vector<double> link(static_cast<size_t>(n), 0);
-  std::vector<char> seen(static_cast<size_t>(n), 0);
-  std::vector<int64_t> touched;
+  TouchedLinks links(n);
   int64_t moved = 0;
   for (int64_t node : order) {
     const auto u = static_cast<size_t>(node);
     const int64_t current = community[u];
     const double* row = graph.Row(node);
-    touched.clear();
     for (int64_t j = 0; j < n; ++j) {
-      if (j == node || row[j] == 0) continue;
-      const auto c = static_cast<size_t>(community[static_cast<size_t>(j)]);
-      if (!seen[c]) {
-        seen[c] = 1;
-        touched.push_back(static_cast<int64_t>(c));
-      }
-      link[c] += row[j];
+      if (j != node && row[j] != 0) links.Add(community[static_cast<size_t>(j)], row[j]);
     }
     const double degree = graph.degree[u];
     state.Leave(current, degree);
-    const int64_t best = BestCommunity(state, current, link[static_cast<size_t>(current)], degree,
-                                       scale, [&](auto&& visit) {
-                                         for (int64_t c : touched) visit(c, link[static_cast<size_t>(c)]);
+    const int64_t best = BestCommunity(state, current, links.link(current), degree, scale,
+                                       [&](auto&& visit) {
+                                         for (int64_t c : links.touched()) visit(c, links.link(c));
                                        });
     state.Join(best, degree);
     community[u] = best;
     moved += best != current;
-    for (int64_t c : touched) {
-      link[static_cast<size_t>(c)] = 0;
-      seen[static_cast<size_t>(c)] = 0;
-    }
+    links.Clear();
   }
   return moved;
 }
@@ -304,8 +323,7 @@ std::vector<int64_t> Refine(const LevelGraph& graph, double resolution, SplitMix
   const double scale = resolution / graph.total;
   std::vector<int64_t> refined(static_cast<size_t>(n));
   std::vector<double> sub_total(static_cast<size_t>(n)), sub_external(static_cast<size_t>(n)),
-      link(static_cast<size_t>(n), 0), community_total(static_cast<size_t>(n), 0),
-      node_external(static_cast<size_t>(n), 0);
+      community_total(static_cast<size_t>(n), 0), node_external(static_cast<size_t>(n), 0);
   std::vector<int64_t> sub_size(static_cast<size_t>(n), 1);
   std::vector<std::vector<int64_t>> members(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
@@ -315,9 +333,9 @@ std::vector<int64_t> Refine(const LevelGraph& graph, double resolution, SplitMix
         graph.degree[static_cast<size_t>(i)];
   }
   for (int64_t i : rng.Order(n)) members[static_cast<size_t>(community[static_cast<size_t>(i)])].push_back(i);
-  std::vector<int64_t> touched, candidates;
+  TouchedLinks links(n);  // to each sub-community
+  std::vector<int64_t> candidates;
   std::vector<double> weights_of;
-  std::vector<char> seen(static_cast<size_t>(n), 0);
   for (const std::vector<int64_t>& nodes : members) {
     if (nodes.size() < 2) continue;
     const double whole = community_total[static_cast<size_t>(community[static_cast<size_t>(nodes[0])])];
@@ -336,15 +354,8 @@ std::vector<int64_t> Refine(const LevelGraph& graph, double resolution, SplitMix
       if (sub_size[static_cast<size_t>(refined[vi])] != 1) continue;
       if (node_external[vi] < scale * degree * (whole - degree)) continue;
       const double* row = graph.Row(v);
-      touched.clear();
       for (int64_t u : nodes) {
-        if (u == v || row[u] == 0) continue;
-        const auto s = static_cast<size_t>(refined[static_cast<size_t>(u)]);
-        if (!seen[s]) {
-          seen[s] = 1;
-          touched.push_back(static_cast<int64_t>(s));
-        }
-        link[s] += row[u];
+        if (u != v && row[u] != 0) links.Add(refined[static_cast<size_t>(u)], row[u]);
       }
       // Leiden's randomised choice: among the well-connected sub-communities
       // that do not lower Q, pick one with probability ∝ exp(ΔQ / θ), θ = 0.01.
@@ -353,12 +364,12 @@ std::vector<int64_t> Refine(const LevelGraph& graph, double resolution, SplitMix
       candidates.clear();
       weights_of.clear();
       double top = 0;
-      for (int64_t s : touched) {
+      for (int64_t s : links.touched()) {
         const auto si = static_cast<size_t>(s);
         const bool well_connected =
             sub_external[si] >= scale * sub_total[si] * (whole - sub_total[si]);
         if (!well_connected) continue;
-        const double gain = link[si] - scale * degree * sub_total[si];
+        const double gain = links.link(s) - scale * degree * sub_total[si];
         if (gain < 0) continue;
         candidates.push_back(s);
         weights_of.push_back(2 * gain / graph.total / kRandomness);
@@ -378,16 +389,13 @@ std::vector<int64_t> Refine(const LevelGraph& graph, double resolution, SplitMix
       }
       if (best != refined[vi]) {
         const auto bi = static_cast<size_t>(best);
-        sub_external[bi] += node_external[vi] - 2 * link[bi];
+        sub_external[bi] += node_external[vi] - 2 * links.link(best);
         sub_total[bi] += degree;
         ++sub_size[bi];
         sub_size[static_cast<size_t>(refined[vi])] = 0;
         refined[vi] = best;
       }
-      for (int64_t s : touched) {
-        link[static_cast<size_t>(s)] = 0;
-        seen[static_cast<size_t>(s)] = 0;
-      }
+      links.Clear();
     }
   }
   return refined;

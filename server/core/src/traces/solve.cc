@@ -4,10 +4,14 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "icd/core/checked.h"
 #include "icd/core/status_macros.h"
 #include "apply/symmetry.h"
@@ -20,6 +24,20 @@ namespace {
 
 absl::Status Refuse(const std::string& field, const std::string& why) {
   return absl::InvalidArgumentError(absl::StrCat("solver option ", field, ": ", why));
+}
+
+// `value` as one of `choices` (empty: the first); otherwise a refusal naming
+// `field` and every choice.
+template <typename Enum>
+absl::StatusOr<Enum> Choose(const std::string& field, const std::string& value,
+                            std::initializer_list<std::pair<const char*, Enum>> choices) {
+  if (value.empty()) return choices.begin()->second;
+  std::vector<std::string> names;
+  for (const auto& [name, choice] : choices) {
+    if (value == name) return choice;
+    names.push_back(name);
+  }
+  return Refuse(field, absl::StrCat("'", value, "' is not one of ", absl::StrJoin(names, ", ")));
 }
 
 bool EndsWith(const std::string& text, const std::string& suffix) {
@@ -52,24 +70,15 @@ bool StructureFound(int64_t channels, double modularity, double modularity_null)
 
 absl::StatusOr<ResolvedOptions> ResolveSolverOptions(const SolverOptions& options) {
   ResolvedOptions resolved;
-  if (options.objective.empty() || options.objective == "coactivation") {
-    resolved.objective = Objective::kCoactivation;
-  } else if (options.objective == "nm_sparsity") {
-    resolved.objective = Objective::kNmSparsity;
-  } else {
-    return Refuse("objective", absl::StrCat("'", options.objective,
-                                            "' is not one of coactivation, nm_sparsity"));
-  }
-  if (options.statistic.empty() || options.statistic == "correlation") {
-    resolved.statistic = Statistic::kCorrelation;
-  } else if (options.statistic == "coactivation") {
-    resolved.statistic = Statistic::kCoactivation;
-  } else if (options.statistic == "pmi") {
-    resolved.statistic = Statistic::kPmi;
-  } else {
-    return Refuse("statistic", absl::StrCat("'", options.statistic,
-                                            "' is not one of correlation, coactivation, pmi"));
-  }
+  ICD_ASSIGN_OR_RETURN(resolved.objective,
+                       Choose<Objective>("objective", options.objective,
+                                         {{"coactivation", Objective::kCoactivation},
+                                          {"nm_sparsity", Objective::kNmSparsity}}));
+  ICD_ASSIGN_OR_RETURN(resolved.statistic,
+                       Choose<Statistic>("statistic", options.statistic,
+                                         {{"correlation", Statistic::kCorrelation},
+                                          {"coactivation", Statistic::kCoactivation},
+                                          {"pmi", Statistic::kPmi}}));
   if (options.activation_quantile != 0) {
     if (!(options.activation_quantile > 0 && options.activation_quantile < 1)) {
       return Refuse("activation_quantile", "must lie in (0, 1)");

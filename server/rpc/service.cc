@@ -108,9 +108,6 @@ grpc::Status PermutationServiceImpl::LoadModel(
     grpc::ServerContext* context, const v1::LoadModelRequest* request,
     v1::ModelInfo* response) {
   return Handle(context, "LoadModel", request->name(), [&](CallLog&) {
-    if (request->name().empty()) {
-      return absl::InvalidArgumentError("LoadModel: empty model name");
-    }
     auto path = paths_.ResolveModelPath(request->path());
     if (!path.ok()) return path.status();
     LoadOptions options = FromProto(*request);

@@ -7,7 +7,6 @@
 namespace icd {
 
 using engine_internal::FindGroup;
-using engine_internal::Guarded;
 using engine_internal::RequestBatch;
 using engine_internal::TokenTensor;
 

@@ -46,16 +46,6 @@ inline double MillisSince(Clock::time_point start) {
   return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
 }
 
-// LibTorch reports errors by exception; none may cross the engine API.
-template <typename Fn>
-auto Guarded(const char* what, Fn&& fn) -> decltype(fn()) {
-  try {
-    return fn();
-  } catch (const std::exception& e) {
-    return InternalFailure(what, e.what());
-  }
-}
-
 inline absl::StatusOr<torch::ScalarType> ToTorch(DType dtype) {
   switch (dtype) {
     case DType::kFloat32: return torch::kFloat32;

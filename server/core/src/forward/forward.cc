@@ -497,17 +497,18 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
   return logits;
 }
 
-// LibTorch reports errors by exception; none may leave the forward.
+// No exception leaves the forward (Guarded); a stop inside a layer's scan
+// (CallStopped) is its status.
 template <typename Fn>
-absl::StatusOr<torch::Tensor> Guarded(Fn&& fn) {
-  try {
-    torch::NoGradGuard no_grad;
-    return fn();
-  } catch (const forward_internal::CallStopped& stopped) {
-    return stopped.status;
-  } catch (const std::exception& error) {
-    return InternalFailure("forward", error.what());
-  }
+absl::StatusOr<torch::Tensor> GuardedForward(Fn&& fn) {
+  return Guarded("forward", [&]() -> absl::StatusOr<torch::Tensor> {
+    try {
+      torch::NoGradGuard no_grad;
+      return fn();
+    } catch (const forward_internal::CallStopped& stopped) {
+      return stopped.status;
+    }
+  });
 }
 
 }  // namespace
@@ -532,7 +533,7 @@ namespace {
 absl::StatusOr<torch::Tensor> RunChecked(const ModelConfig& config, const Weights& weights,
                                          const torch::Tensor& input_ids, const CallContext& ctx,
                                          CaptureSink* capture, RecurrentState* state) {
-  return Guarded([&]() -> absl::StatusOr<torch::Tensor> {
+  return GuardedForward([&]() -> absl::StatusOr<torch::Tensor> {
     absl::Status checked = state != nullptr ? CheckState(config, *state, input_ids.size(0))
                                             : absl::OkStatus();
     if (checked.ok()) checked = PollContext(ctx, 0);

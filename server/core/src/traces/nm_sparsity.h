@@ -24,28 +24,9 @@
 //   efficacy     (kept(solved) − kept(identity)) / (upper_bound − kept(identity)),
 //                the paper's and Apex's measure; 1 when the denominator is 0.
 //
-// Search. Deterministic for a seed on a given device; the work is bounded by a
-// round count (from the shape, or NmOptions::rounds), never by wall-clock time.
-//   start   the identity, or a deal of each block's columns by strength
-//           (column saliency sums: every stripe gets one column of each
-//           strength tier) when that keeps more;
-//   round   an assignment move; where it improves nothing, a pair move:
-//     - assignment: every stripe ejects one random column; within random sets
-//       of up to 32 stripes of a block the ejected columns are dealt back, one
-//       per stripe, by an optimal linear assignment (Hungarian). A stripe given
-//       column y keeps base + Σ_rows max(0, y − t_N), where base and t_N are the
-//       sum and the N-th largest of the N largest of its other M−1 columns, so
-//       the gain matrix of a set is one batched tensor expression;
-//     - pair: a random perfect matching of each block's stripes; every pair
-//       evaluates all splits of its 2M columns into two stripes at once (35 for
-//       2:4; single exchanges when M > 4) and takes the best.
-//     Moves touch disjoint stripes, so all improvements of a round apply
-//     together, and only improving ones apply;
-//   descent rounds until 12 in a row improve nothing; then a kick (the columns
-//           of 3 random stripes of one block dealt afresh) and another
-//           descent, whose result is kept only if it keeps more than the best
-//           order so far (iterated local search); until the rounds run out or
-//           the bound is reached.
+// Search: deterministic for a seed on a given device, bounded by a round
+// count (from the shape, or NmOptions::rounds), never by wall-clock time;
+// how it moves columns is in docs/traces.md ("The search").
 // The returned order never keeps less than the identity.
 #ifndef ICD_CORE_SRC_TRACES_NM_SPARSITY_H_
 #define ICD_CORE_SRC_TRACES_NM_SPARSITY_H_

@@ -1,7 +1,9 @@
 // The engine's status helpers: the early-return macros (icd/status_macros.h,
-// shared with the clients) and InternalFailure.
+// shared with the clients), InternalFailure and Guarded.
 #ifndef ICD_CORE_STATUS_MACROS_H_
 #define ICD_CORE_STATUS_MACROS_H_
+
+#include <exception>
 
 #include "absl/strings/string_view.h"
 
@@ -25,6 +27,17 @@ inline absl::Status InternalFailure(absl::string_view what, absl::string_view de
       absl::StrCat(what, " failed: an internal error (the server's log has the detail)"));
   status.SetPayload(kInternalDetailPayload, absl::Cord(detail));
   return status;
+}
+
+// fn(), or InternalFailure(what, ...) when it throws: LibTorch reports errors
+// by exception, and none may cross the engine API.
+template <typename Fn>
+auto Guarded(const char* what, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const std::exception& e) {
+    return InternalFailure(what, e.what());
+  }
 }
 
 }  // namespace icd

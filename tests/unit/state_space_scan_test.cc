@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 #include <ostream>
+#include <utility>
 #include <vector>
 
 #include "test_util.h"
@@ -239,6 +240,51 @@ TEST(StateSpaceScanPrecisionTest, BitwiseTheSameOnOneAndOnFourThreads) {
   EXPECT_TRUE(torch::equal(states[0], states[1]));
   EXPECT_TRUE(torch::equal(loop_results[0], loop_results[1]));
   EXPECT_TRUE(torch::equal(loop_states[0], loop_states[1]));
+}
+
+// Widened: Δ from the raw time step as HF computes it (the sum and the
+// softplus in the compute dtype, then the dt limit), a bias already widened
+// to float32 (as a decode session keeps it) giving the same bits, x / B / C
+// cast to the accumulate dtype; TimeSlice slices the raw time step too.
+TEST(StateSpaceWidenedTest, ResolvesTheTimeStepAsHf) {
+  torch::manual_seed(31);
+  StateSpaceInputs inputs;
+  inputs.hidden = torch::randn({2, 9, 4, 8}).to(torch::kBFloat16);
+  inputs.b_proj = torch::randn({2, 9, 2, 16}).to(torch::kBFloat16);
+  inputs.c_proj = torch::randn({2, 9, 2, 16}).to(torch::kBFloat16);
+  inputs.a_decay = -torch::rand({4}) - 0.5;
+  inputs.time_step = (torch::randn({2, 9, 4}) * 3).to(torch::kBFloat16);
+  inputs.time_step_bias = torch::randn({4}).to(torch::kBFloat16);
+  for (const bool limited : {false, true}) {
+    if (limited) inputs.delta_limit = std::make_pair(0.05, 0.8);
+    const StateSpaceInputs wide = scan::Widened(inputs, torch::kFloat32);
+    torch::Tensor expected = torch::softplus(inputs.time_step + inputs.time_step_bias);
+    if (limited) expected = torch::clamp(expected, 0.05, 0.8);
+    ASSERT_EQ(wide.delta.scalar_type(), torch::kFloat32);
+    EXPECT_TRUE(torch::equal(wide.delta, expected.to(torch::kFloat32))) << limited;
+    EXPECT_FALSE(wide.time_step.defined());
+    EXPECT_FALSE(wide.delta_limit.has_value());
+    if (limited) {
+      EXPECT_GE(wide.delta.min().item<float>(), 0.0499f);
+      EXPECT_LE(wide.delta.max().item<float>(), 0.801f);
+    }
+    // The same bias widened: the same Δ, bit for bit.
+    StateSpaceInputs widened_bias = inputs;
+    widened_bias.time_step_bias = inputs.time_step_bias.to(torch::kFloat32);
+    EXPECT_TRUE(torch::equal(scan::Widened(widened_bias, torch::kFloat32).delta, wide.delta));
+    EXPECT_TRUE(torch::equal(wide.hidden, inputs.hidden.to(torch::kFloat32)));
+    EXPECT_TRUE(torch::equal(wide.b_proj, inputs.b_proj.to(torch::kFloat32)));
+    EXPECT_EQ(wide.c_proj.scalar_type(), torch::kFloat32);
+  }
+  const StateSpaceInputs slice = scan::TimeSlice(inputs, 3, 4);
+  EXPECT_TRUE(torch::equal(slice.time_step, inputs.time_step.narrow(1, 3, 4)));
+  EXPECT_FALSE(slice.delta.defined());
+  // A float32 widening of the bf16 Δ computed in float32 would differ: the
+  // check above sees the compute dtype's rounding.
+  const torch::Tensor in_float32 = torch::softplus(inputs.time_step.to(torch::kFloat32) +
+                                                   inputs.time_step_bias.to(torch::kFloat32));
+  EXPECT_FALSE(torch::equal(scan::Widened(StateSpaceInputs(inputs), torch::kFloat32).delta,
+                            torch::clamp(in_float32, 0.05, 0.8)));
 }
 
 }  // namespace

@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_check.h"
 #include "fused/fused_launch.h"
 
 namespace {
@@ -41,15 +42,6 @@ namespace {
 using icd::fused::ElementType;
 using icd::fused::FewRowsLinearLaunchArgs;
 using icd::fused::LaunchFewRowsLinear;
-
-#define CHECK_CUDA(call)                                                             \
-  do {                                                                               \
-    const cudaError_t error_ = (call);                                               \
-    if (error_ != cudaSuccess) {                                                     \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(error_)); \
-      std::exit(2);                                                                  \
-    }                                                                                \
-  } while (0)
 
 #define CHECK_CUBLAS(call)                                                  \
   do {                                                                      \

@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_check.h"
 #include "scan/state_space_scan_launch.h"
 
 namespace {
@@ -33,15 +34,6 @@ namespace {
 using icd::scan::LaunchStateSpaceScan;
 using icd::scan::ScanElementType;
 using icd::scan::StateSpaceScanLaunchArgs;
-
-#define CHECK_CUDA(call)                                                                    \
-  do {                                                                                      \
-    const cudaError_t error_ = (call);                                                      \
-    if (error_ != cudaSuccess) {                                                            \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(error_)); \
-      std::exit(2);                                                                         \
-    }                                                                                       \
-  } while (0)
 
 struct Shape {
   const char* name;

@@ -35,7 +35,10 @@
 #    SHARED library keeping torch PRIVATE, so icd-server never sees them.
 #  - protobuf::libprotobuf does not reach icd-server's link line there
 #    (ld: "DSO missing from command line" for libicd_rpc.a's protobuf
-#    symbols, seen 2026-11-28): libprotobuf.so is appended by path through
+#    symbols, seen 2026-11-28): PyTorch's Caffe2Config makes it an alias of
+#    an empty "dummy" target. The top-level CMakeLists links libprotobuf by
+#    path in that case (ICD_PROTOBUF_LIBRARY, which install(EXPORT) also
+#    needs); libprotobuf.so is still appended through
 #    CMAKE_CXX_STANDARD_LIBRARIES (with --as-needed, so targets that do not
 #    use it do not get it).
 #  - PyTorch's libtorch_cpu.so exports its own (static) copies of libstdc++'s

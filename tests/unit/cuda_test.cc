@@ -1352,6 +1352,110 @@ TEST(StateSpaceKernelTest, PiecesInPlaceEqualOneCall) {
   EXPECT_LE(RelL2(state, whole_state), 1e-6);
 }
 
+// bfloat16 inputs as the forward gives them (x, B, C, the raw time step
+// and its bias in bfloat16, A and D in float32) for the chunked form's
+// cases; `strong`: A = -16 and Δ up to 0.7 (Σ Δ·A down to -700 in a chunk).
+scan::StateSpaceInputs ChunkedCaseInputs(const StateSpaceCase& c, bool limited, bool strong) {
+  scan::StateSpaceInputs inputs =
+      Cast(RandomStateSpaceInputs(c, torch::kCUDA), torch::kBFloat16, torch::kCUDA);
+  inputs.a_decay = strong ? torch::full({c.heads}, -16.0f, torch::kCUDA)
+                          : inputs.a_decay.to(torch::kFloat32);
+  if (inputs.skip.defined()) inputs.skip = inputs.skip.to(torch::kFloat32);
+  inputs.time_step =
+      (torch::randn({c.batch, c.length, c.heads}, torch::kCUDA) * 2 - (strong ? 0 : 1))
+          .to(torch::kBFloat16);
+  inputs.time_step_bias = torch::randn({c.heads}, torch::kCUDA).to(torch::kBFloat16);
+  inputs.delta = torch::Tensor();
+  if (limited || strong) inputs.delta_limit = std::make_pair(0.001, strong ? 0.7 : 0.9);
+  return inputs;
+}
+
+// The chunked form (bfloat16 on tensor cores, state_space_chunked.cu)
+// against the recurrence in float64 on the same inputs widened: y and S_L
+// within 1e-5 over group counts, head dims and state sizes on and off its
+// tiles, lengths around its 64-step chunk and long ones, with and without
+// S_0, D per head, per channel and none, strong decays; the forward's
+// default (kAuto) picks it for bfloat16 past one chunk.
+TEST(StateSpaceKernelTest, ChunkedFormMatchesTheRecurrence) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  torch::manual_seed(906);
+  std::vector<std::pair<StateSpaceCase, bool>> cases;  // (case, strong decays)
+  for (const int64_t length : {1, 7, 63, 64, 65, 130, 2048, 4099}) {
+    cases.push_back({{1, 4, 1, 64, 128, length, length % 2 == 1, 1}, false});
+  }
+  for (const auto& [groups, head_dim, state] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {2, 32, 16}, {4, 128, 64}, {8, 64, 128}, {1, 24, 33}, {2, 8, 5}}) {
+    cases.push_back({{2, 8, groups, head_dim, state, 333, true, 2}, false});
+  }
+  cases.push_back({{1, 4, 1, 64, 128, 300, true, 0}, true});
+  cases.push_back({{1, 4, 2, 32, 64, 513, false, 1}, true});
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const auto& [c, strong] = cases[i];
+    const std::string name = Describe(c) + (strong ? " strong" : "");
+    const scan::StateSpaceInputs inputs = ChunkedCaseInputs(c, i % 2 == 1, strong);
+    const torch::Tensor initial =
+        c.initial_state
+            ? torch::randn({c.batch, c.heads, c.head_dim, c.state}, torch::kFloat64)
+            : torch::Tensor();
+    auto on_device = [&] {
+      return initial.defined() ? initial.to(torch::kCUDA, torch::kFloat32) : torch::Tensor();
+    };
+    torch::Tensor reference_state = initial.defined() ? initial.clone() : torch::Tensor();
+    torch::Tensor kernel_state = on_device();
+    std::optional<torch::Tensor> output =
+        scan::StateSpaceScanCuda(inputs, &kernel_state, false, scan::StateSpaceForm::kChunked);
+    ASSERT_TRUE(output.has_value()) << name;
+    const torch::Tensor expected = scan::StateSpaceScanSequential(
+        Cast(scan::Widened(inputs, torch::kFloat32), torch::kFloat64, torch::kCPU),
+        &reference_state);
+    EXPECT_LE(RelL2(output->cpu().to(torch::kFloat64), expected), 1e-5) << name;
+    EXPECT_LE(RelL2(kernel_state.cpu().to(torch::kFloat64), reference_state), 1e-5) << name;
+    // Past one chunk the default is this form: the same bits.
+    if (c.length > 64 && std::getenv("ICD_STATE_SPACE_FORM") == nullptr) {
+      torch::Tensor auto_state = on_device();
+      std::optional<torch::Tensor> picked = scan::StateSpaceScanCuda(inputs, &auto_state);
+      ASSERT_TRUE(picked.has_value()) << name;
+      EXPECT_TRUE(torch::equal(*picked, *output)) << name;
+      EXPECT_TRUE(torch::equal(auto_state, kernel_state)) << name;
+    }
+  }
+}
+
+// A sequence in pieces through the chunked form, the state carried and
+// written in place, equals one call; float32 inputs are declined, the
+// state untouched.
+TEST(StateSpaceKernelTest, ChunkedPiecesInPlaceAndDeclines) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  torch::manual_seed(907);
+  const StateSpaceCase c{2, 4, 2, 64, 128, 300, false, 1};
+  const scan::StateSpaceInputs inputs = ChunkedCaseInputs(c, false, false);
+  constexpr auto kChunked = scan::StateSpaceForm::kChunked;
+  torch::Tensor whole_state;
+  std::optional<torch::Tensor> whole = scan::StateSpaceScanCuda(inputs, &whole_state, false, kChunked);
+  ASSERT_TRUE(whole.has_value());
+  torch::Tensor state = torch::zeros({c.batch, c.heads, c.head_dim, c.state}, torch::kCUDA);
+  const void* storage = state.data_ptr();
+  std::vector<torch::Tensor> pieces;
+  int64_t start = 0;
+  for (const int64_t length : {100, 1, 70, 129}) {
+    std::optional<torch::Tensor> piece = scan::StateSpaceScanCuda(
+        scan::TimeSlice(inputs, start, length), &state, true, kChunked);
+    ASSERT_TRUE(piece.has_value());
+    EXPECT_EQ(state.data_ptr(), storage);
+    pieces.push_back(*piece);
+    start += length;
+  }
+  EXPECT_LE(RelL2(torch::cat(pieces, 1), *whole), 1e-5);
+  EXPECT_LE(RelL2(state, whole_state), 1e-5);
+
+  const scan::StateSpaceInputs wide =
+      Cast(RandomStateSpaceInputs(c, torch::kCUDA), torch::kFloat32, torch::kCUDA);
+  const torch::Tensor before = state.clone();
+  EXPECT_FALSE(scan::StateSpaceScanCuda(wide, &state, true, kChunked).has_value());
+  EXPECT_TRUE(torch::equal(state, before));
+}
+
 // What the kernel does not take goes back to the caller, state untouched.
 TEST(StateSpaceKernelTest, DeclinesWhatItDoesNotTake) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();

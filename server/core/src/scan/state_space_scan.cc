@@ -383,7 +383,8 @@ StateSpaceInputs Widened(const StateSpaceInputs& inputs, torch::ScalarType accum
 }
 
 #ifndef ICD_HAVE_CUDA_SCAN
-std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs&, torch::Tensor*, bool) {
+std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs&, torch::Tensor*, bool,
+                                                StateSpaceForm) {
   return std::nullopt;
 }
 #endif  // ICD_HAVE_CUDA_SCAN

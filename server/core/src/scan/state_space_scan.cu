@@ -30,6 +30,7 @@
 #include "scan/dependent_launch.cuh"
 #include "scan/element_types.cuh"
 #include "scan/scan_math.cuh"
+#include "scan/state_space_delta.cuh"
 #include "scan/state_space_scan_launch.h"
 
 namespace icd::scan {
@@ -53,24 +54,6 @@ struct StateSpaceTile {
   static_assert(kSteps * kPairsPerStep % kThreads == 0 && kSteps * kRows % kThreads == 0,
                 "each thread stages as many values as the next");
 };
-
-// Δ of (batch, step, head) from whichever source the arguments give.
-template <class Element>
-__device__ __forceinline__ float DeltaAt(const StateSpaceScanLaunchArgs& args, int64_t batch,
-                                         int64_t step, int64_t head) {
-  if (args.delta.data != nullptr) {
-    return static_cast<const float*>(args.delta.data)[batch * args.delta.batch_stride +
-                                                       step * args.delta.time_stride + head];
-  }
-  using Storage = typename Element::Storage;
-  const Storage raw = static_cast<const Storage*>(
-      args.time_step.data)[batch * args.time_step.batch_stride + step * args.time_step.time_stride +
-                           head];
-  const float bias = args.time_step_bias != nullptr ? args.time_step_bias[head] : 0.0f;
-  const float delta = SoftplusDelta<Element>(Element::ToFloat(raw), bias);
-  if (!args.delta_limited) return delta;
-  return RoundTo<Element>(fminf(fmaxf(delta, args.delta_min), args.delta_max));
-}
 
 // Two consecutive states' B (or C) values, n and n + 1 (n even), as loaded:
 // one 4-byte (8-byte for float32) load where the operand is aligned for it,
@@ -353,6 +336,9 @@ int LaunchStateSpaceScan(const StateSpaceScanLaunchArgs& args, void* stream) {
       args.b_proj.data == nullptr || args.c_proj.data == nullptr || args.a_decay == nullptr ||
       args.output == nullptr || sources != 1) {
     return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if (StateSpaceFormFor(args) == StateSpaceForm::kChunked) {
+    return LaunchStateSpaceChunked(args, stream);
   }
   auto* cuda_stream = static_cast<cudaStream_t>(stream);
   return cuda_elements::ForElementType(args.element_type, [&](auto element) {

@@ -11,6 +11,7 @@
 #include <optional>
 #include <utility>
 
+#include "scan/state_space_scan_launch.h"
 #include "torch_api.h"
 
 namespace icd::scan {
@@ -63,16 +64,20 @@ torch::Tensor StateSpaceScanChunked(const StateSpaceInputs& inputs, int64_t chun
 std::optional<torch::Tensor> StateSpaceScanLoop(const StateSpaceInputs& inputs,
                                                 torch::Tensor* state = nullptr);
 
-// icd's CUDA kernel (state_space_scan.cu): the recurrence with each
-// thread's states in registers, x, B, C read in the compute dtype (float32,
-// bfloat16, float16) and Δ from either source; A, D, S and y in float32.
-// Same contract as above. With `in_place` (a decode step) a contiguous
-// float32 *state is written over instead of replaced. nullopt where it does
-// not take the inputs (CPU tensors, float64, N above 128, a build without
-// CUDA or for other GPUs), before anything is written.
+// icd's CUDA kernels: the recurrence with each thread's states in
+// registers (state_space_scan.cu), and for bfloat16 the chunked form on
+// tensor cores (state_space_chunked.cu), which `form` kAuto picks for
+// sequences longer than one of its 64-step chunks; x, B, C read in the
+// compute dtype (float32, bfloat16, float16) and Δ from either source; A, D,
+// S and y in float32. Same contract as above. With `in_place` (a decode
+// step) a contiguous float32 *state is written over instead of replaced.
+// nullopt where it does not take the inputs (CPU tensors, float64, N above
+// 128, kChunked for other dtypes than bfloat16, a build without CUDA or for
+// other GPUs), before anything is written.
 std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
                                                 torch::Tensor* state = nullptr,
-                                                bool in_place = false);
+                                                bool in_place = false,
+                                                StateSpaceForm form = StateSpaceForm::kAuto);
 
 // The inputs' time steps [start, start + length).
 StateSpaceInputs TimeSlice(const StateSpaceInputs& inputs, int64_t start, int64_t length);

@@ -32,7 +32,8 @@ bool InnerContiguous(const torch::Tensor& tensor) {
 }  // namespace
 
 std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
-                                                torch::Tensor* state, bool in_place) {
+                                                torch::Tensor* state, bool in_place,
+                                                StateSpaceForm form) {
   const torch::Tensor& hidden = inputs.hidden;  // [B, L, H, P]
   if (!hidden.defined() || !hidden.is_cuda() || hidden.dim() != 4) return std::nullopt;
   const torch::Device device = hidden.device();
@@ -107,6 +108,7 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
   }
 
   StateSpaceScanLaunchArgs args;
+  args.form = form;
   args.batch = batch;
   args.seq_len = seq_len;
   args.heads = heads;
@@ -134,6 +136,14 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
   args.state_in = state_in.defined() ? state_in.data_ptr<float>() : nullptr;
   args.state_out = state_out.defined() ? state_out.data_ptr<float>() : nullptr;
   args.output = output.data_ptr<float>();
+  if (form == StateSpaceForm::kChunked && StateSpaceFormFor(args) != StateSpaceForm::kChunked) {
+    return std::nullopt;
+  }
+  torch::Tensor workspace;  // the chunked form's chunk states and decays
+  if (const int64_t floats = StateSpaceWorkspaceFloats(args); floats > 0) {
+    workspace = torch::empty({floats}, wide);
+    args.workspace = workspace.data_ptr<float>();
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const int status = LaunchStateSpaceScan(args, static_cast<void*>(stream));
   if (status == ScanLaunchNoKernelImageStatus()) {

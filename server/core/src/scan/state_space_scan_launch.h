@@ -15,6 +15,11 @@ namespace icd::scan {
 // chunk, N of each, in shared memory.
 inline constexpr int64_t kMaxCudaStateSpaceStateSize = 128;
 
+// The two forms of the scan on CUDA: the recurrence (state_space_scan.cu),
+// and the chunked form of the state-space duality on tensor cores
+// (state_space_chunked.cu; bfloat16 x, B and C only).
+enum class StateSpaceForm { kAuto, kRecurrence, kChunked };
+
 // One layer of S_t = exp(Δ_t A_h) S_{t-1} + Δ_t x_t B_tᵀ, y_t = S_t C_t + D x_t
 // (state_space_scan.h), batch B, time L, heads H in G groups, head dim P,
 // state size N. Accumulates in float32.
@@ -48,12 +53,32 @@ struct StateSpaceScanLaunchArgs {
                                      // may be state_in (one thread reads and writes
                                      // each element)
   float* output = nullptr;           // y [B, L, H·P], contiguous
+  // kAuto: the chunked form where it runs and the sequence is longer than one
+  // of its chunks (ICD_STATE_SPACE_FORM=recurrence or =chunked overrides
+  // that, for measuring both in one build); else the form named, where it
+  // runs.
+  StateSpaceForm form = StateSpaceForm::kAuto;
+  float* workspace = nullptr;  // the chunked form's: StateSpaceWorkspaceFloats
 };
+
+// The form a launch with these arguments runs; kRecurrence where the
+// chunked form cannot (other element types, or kRecurrence asked for).
+StateSpaceForm StateSpaceFormFor(const StateSpaceScanLaunchArgs& args);
+
+// Floats of device memory `workspace` must hold for the form
+// StateSpaceFormFor picks: the chunks' states and decays; 0 for the
+// recurrence.
+int64_t StateSpaceWorkspaceFloats(const StateSpaceScanLaunchArgs& args);
 
 // Enqueues the scan on `stream` (a cudaStream_t) of the current device.
 // Returns 0 (cudaSuccess) or a cudaError_t value: cudaErrorInvalidValue for
 // arguments out of range.
 int LaunchStateSpaceScan(const StateSpaceScanLaunchArgs& args, void* stream);
+
+// The chunked form alone (LaunchStateSpaceScan's, when StateSpaceFormFor
+// picks it): cudaErrorInvalidValue where it does not run or `workspace` is
+// null.
+int LaunchStateSpaceChunked(const StateSpaceScanLaunchArgs& args, void* stream);
 
 }  // namespace icd::scan
 

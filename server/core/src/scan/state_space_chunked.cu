@@ -78,6 +78,19 @@ __device__ __forceinline__ void Split(float value, Bits* high, Bits* low) {
   *low = Element::FromFloat(value - Element::ToFloat(top));
 }
 
+// Two values split as above, packed: the high halves' pair and the low
+// halves' pair, the first value in the low 16 bits (memory order).
+struct SplitPair {
+  unsigned int high, low;
+};
+__device__ __forceinline__ SplitPair SplitTwo(float first, float second) {
+  Bits high[2], low[2];
+  Split(first, &high[0], &low[0]);
+  Split(second, &high[1], &low[1]);
+  return {static_cast<unsigned int>(high[0]) | (static_cast<unsigned int>(high[1]) << 16),
+          static_cast<unsigned int>(low[0]) | (static_cast<unsigned int>(low[1]) << 16)};
+}
+
 // Where a (batch, head, chunk, row tile) block's pieces are.
 struct ChunkPlace {
   int64_t batch, head, chunk, row_tile, first_step, first_row, group;
@@ -233,11 +246,24 @@ __global__ void __launch_bounds__(kThreads)
               (place.batch * args.heads + place.head) * layout.chunks + place.chunk] = expf(total);
   }
   __syncthreads();
-  for (int i = thread; i < kChunk * kRowTile; i += kThreads) {
-    const int s = i / kRowTile;
-    const int p = i % kRowTile;
-    Split(weight[s] * Element::ToFloat(x_tile[s * S::kRow + p]), &drive_high[s * S::kRow + p],
-          &drive_low[s * S::kRow + p]);
+  // Eight rows p a thread: one 16-byte load of x, two 16-byte stores.
+  for (int i = thread; i < kChunk * kRowTile / 8; i += kThreads) {
+    const int s = i / (kRowTile / 8);
+    const int p = (i % (kRowTile / 8)) * 8;
+    const uint4 x = *reinterpret_cast<const uint4*>(x_tile + s * S::kRow + p);
+    const unsigned int words[4] = {x.x, x.y, x.z, x.w};
+    unsigned int high[4], low[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const SplitPair pair = SplitTwo(weight[s] * Element::ToFloat(Bits(words[w] & 0xffffu)),
+                                      weight[s] * Element::ToFloat(Bits(words[w] >> 16)));
+      high[w] = pair.high;
+      low[w] = pair.low;
+    }
+    *reinterpret_cast<uint4*>(drive_high + s * S::kRow + p) =
+        make_uint4(high[0], high[1], high[2], high[3]);
+    *reinterpret_cast<uint4*>(drive_low + s * S::kRow + p) =
+        make_uint4(low[0], low[1], low[2], low[3]);
   }
   __syncthreads();
 
@@ -267,41 +293,58 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The recurrence over chunks, S_start(c+1) = decay(c) S_start(c) + own(c),
-// one thread per element of a head's padded state: each chunk's own term in
-// the workspace is replaced by the state the chunk starts from; S_L to
-// state_out.
+// four elements of a head's padded state per thread: each chunk's own term
+// in the workspace is replaced by the state the chunk starts from; S_L to
+// state_out. The chunks' loads go out kAhead at a time: a thread's chain
+// of chunks is otherwise one memory latency per chunk.
 template <int kStates>
 __global__ void __launch_bounds__(kThreads)
     StatePassingKernel(const StateSpaceScanLaunchArgs args, float* workspace, Workspace layout) {
-  const int64_t element = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (element >= layout.StateFloats()) return;
+  const int64_t first_element = 4 * (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x);
+  if (first_element >= layout.StateFloats()) return;
   const int64_t head = blockIdx.y;
   const int64_t batch = blockIdx.z;
-  const int64_t p = element / kStates;
-  const int64_t n = element % kStates;
-  const bool real = p < args.head_dim && n < args.state_size;
-  const int64_t state_index = ((batch * args.heads + head) * args.head_dim + p) * args.state_size + n;
-  float state = real && args.state_in != nullptr ? args.state_in[state_index] : 0.0f;
-  float* own = workspace + layout.StateIndex(batch, head, args.heads, 0) + element;
+  const int64_t p = first_element / kStates;
+  const int64_t n = first_element % kStates;  // n .. n + 3, in one row (kStates % 4 == 0)
+  const int64_t state_index =
+      ((batch * args.heads + head) * args.head_dim + p) * args.state_size + n;
+  auto real = [&](int k) { return p < args.head_dim && n + k < args.state_size; };
+  float state[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    state[k] = real(k) && args.state_in != nullptr ? args.state_in[state_index + k] : 0.0f;
+  }
+  auto* own = reinterpret_cast<float4*>(workspace + layout.StateIndex(batch, head, args.heads, 0) +
+                                        first_element);
+  const int64_t chunk_stride = layout.StateFloats() / 4;  // in float4
   const float* decays = workspace + layout.DecayIndex(gridDim.z, args.heads) +
                         (batch * args.heads + head) * layout.chunks;
-  constexpr int kAhead = 8;  // chunks' loads issued together
+  constexpr int kAhead = 16;
   for (int64_t first = 0; first < layout.chunks; first += kAhead) {
-    float terms[kAhead];
+    float4 terms[kAhead];
     float decay[kAhead];
 #pragma unroll
     for (int k = 0; k < kAhead; ++k) {
       const bool inside = first + k < layout.chunks;
-      terms[k] = inside ? own[(first + k) * layout.StateFloats()] : 0.0f;
+      terms[k] = inside ? __ldcs(own + (first + k) * chunk_stride) : make_float4(0, 0, 0, 0);
       decay[k] = inside ? decays[first + k] : 1.0f;
     }
 #pragma unroll
     for (int k = 0; k < kAhead; ++k) {
-      if (first + k < layout.chunks) own[(first + k) * layout.StateFloats()] = state;
-      state = fmaf(decay[k], state, terms[k]);
+      if (first + k < layout.chunks) {
+        own[(first + k) * chunk_stride] = make_float4(state[0], state[1], state[2], state[3]);
+      }
+      state[0] = fmaf(decay[k], state[0], terms[k].x);
+      state[1] = fmaf(decay[k], state[1], terms[k].y);
+      state[2] = fmaf(decay[k], state[2], terms[k].z);
+      state[3] = fmaf(decay[k], state[3], terms[k].w);
     }
   }
-  if (real && args.state_out != nullptr) args.state_out[state_index] = state;
+  if (args.state_out == nullptr) return;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (real(k)) args.state_out[state_index + k] = state[k];
+  }
 }
 
 // Dynamic shared memory of ChunkOutputKernel, in bytes, by part.
@@ -367,12 +410,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < kPerThread; ++k) {
       const int i = 4 * (thread + k * kThreads);
-      Bits* high = start_high + (i / kStates) * S::kState + i % kStates;
-      Bits* low = start_low + (i / kStates) * S::kState + i % kStates;
-      Split(values[k].x, high, low);
-      Split(values[k].y, high + 1, low + 1);
-      Split(values[k].z, high + 2, low + 2);
-      Split(values[k].w, high + 3, low + 3);
+      const int at = (i / kStates) * S::kState + i % kStates;
+      const SplitPair first = SplitTwo(values[k].x, values[k].y);
+      const SplitPair second = SplitTwo(values[k].z, values[k].w);
+      *reinterpret_cast<uint2*>(start_high + at) = make_uint2(first.high, second.high);
+      *reinterpret_cast<uint2*>(start_low + at) = make_uint2(first.low, second.low);
     }
   }
   __syncthreads();
@@ -406,23 +448,39 @@ __global__ void __launch_bounds__(kThreads)
 
   // The gains, over B's buffer: row t by four threads, a quarter of the
   // steps s each, walking s down from the diagonal so that seg(t, s) is a
-  // running sum of the segment's own terms.
+  // running sum of the segment's own terms; a quarter row is written as
+  // two 16-byte stores per half.
   {
+    constexpr int kQuarter = kChunk / 4;
     const int t = thread / 4;
-    const int first = (thread % 4) * (kChunk / 4);
-    const int last = first + kChunk / 4 - 1;
-    const int top = t < last ? t : last;
+    const int first = (thread % 4) * kQuarter;
+    const int top = t < first + kQuarter - 1 ? t : first + kQuarter - 1;
     float segment = 0.0f;  // seg(t, top)
     for (int k = top + 1; k <= t; ++k) segment += log_decay[k];
-    for (int s = last; s > top && s >= first; --s) {
-      gain_high[t * S::kGain + s] = Bits(0);
-      gain_low[t * S::kGain + s] = Bits(0);
+    float gains[kQuarter];
+#pragma unroll
+    for (int q = kQuarter - 1; q >= 0; --q) {
+      const int step = first + q;
+      gains[q] = 0.0f;
+      if (step <= top) {
+        gains[q] = scores[t * S::kFloat + step] * expf(segment) * delta[step];
+        segment += log_decay[step];
+      }
     }
-    for (int s = top; s >= first; --s) {
-      Split(scores[t * S::kFloat + s] * expf(segment) * delta[s], &gain_high[t * S::kGain + s],
-            &gain_low[t * S::kGain + s]);
-      segment += log_decay[s];
+    unsigned int high[kQuarter / 2], low[kQuarter / 2];
+#pragma unroll
+    for (int w = 0; w < kQuarter / 2; ++w) {
+      const SplitPair pair = SplitTwo(gains[2 * w], gains[2 * w + 1]);
+      high[w] = pair.high;
+      low[w] = pair.low;
     }
+    auto* high_row = reinterpret_cast<uint4*>(gain_high + t * S::kGain + first);
+    auto* low_row = reinterpret_cast<uint4*>(gain_low + t * S::kGain + first);
+    static_assert(kQuarter == 16, "a quarter row is two 16-byte pieces");
+    high_row[0] = make_uint4(high[0], high[1], high[2], high[3]);
+    high_row[1] = make_uint4(high[4], high[5], high[6], high[7]);
+    low_row[0] = make_uint4(low[0], low[1], low[2], low[3]);
+    low_row[1] = make_uint4(low[4], low[5], low[6], low[7]);
   }
   __syncthreads();
 
@@ -504,7 +562,7 @@ int LaunchStates(const StateSpaceScanLaunchArgs& args, cudaStream_t stream) {
   const dim3 blocks(static_cast<unsigned int>(layout.chunks * layout.row_tiles),
                     static_cast<unsigned int>(args.heads), static_cast<unsigned int>(args.batch));
   ChunkStateKernel<kStates><<<blocks, kThreads, 0, stream>>>(args, args.workspace, layout);
-  const dim3 passing(static_cast<unsigned int>((layout.StateFloats() + kThreads - 1) / kThreads),
+  const dim3 passing(static_cast<unsigned int>((layout.StateFloats() / 4 + kThreads - 1) / kThreads),
                      static_cast<unsigned int>(args.heads), static_cast<unsigned int>(args.batch));
   StatePassingKernel<kStates><<<passing, kThreads, 0, stream>>>(args, args.workspace, layout);
   constexpr int kBytes = OutputLayout<kStates>::kBytes;

@@ -124,9 +124,9 @@ struct Layer {
     args.b_proj = {values + Inner(), batch_stride, ConvDim()};
     args.c_proj = {values + Inner() + shape.groups * shape.state, batch_stride, ConvDim()};
     args.time_step = {time_step, shape.seq_len * shape.heads, shape.heads};
-    args.time_step_bias = bias;
+    args.time_step_bias = {bias, true};
     args.a_decay = decay;
-    args.skip = skip;
+    args.skip = {skip, true};
     args.skip_per_channel = shape.skip_per_channel;
     args.state_in = state_in;
     args.state_out = state_out;

@@ -1422,6 +1422,46 @@ TEST(StateSpaceKernelTest, ChunkedFormMatchesTheRecurrence) {
   }
 }
 
+// A_log, D and dt_bias as a bfloat16 model holds them, widened in the
+// kernels (a prefill launches nothing to widen them): both forms give what
+// they give on float32 parameters widened first by LibTorch (A =
+// -exp(A_log) in float32 as HF computes it).
+TEST(StateSpaceKernelTest, ParametersAsTheModelHoldsThem) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  torch::manual_seed(908);
+  const StateSpaceCase c{1, 8, 2, 64, 128, 200, true, 1};
+  const scan::StateSpaceInputs given = ChunkedCaseInputs(c, false, false);
+  scan::StateSpaceInputs held = given;  // bias already bfloat16
+  held.a_log = torch::log(torch::rand({c.heads}, torch::kCUDA) * 4 + 0.5).to(torch::kBFloat16);
+  held.a_decay = torch::Tensor();
+  held.skip = given.skip.to(torch::kBFloat16);
+  scan::StateSpaceInputs widened = given;
+  widened.a_decay = -torch::exp(held.a_log.to(torch::kFloat32));
+  widened.skip = held.skip.to(torch::kFloat32);
+  widened.time_step_bias = given.time_step_bias.to(torch::kFloat32);
+  const torch::Tensor start =
+      torch::randn({c.batch, c.heads, c.head_dim, c.state}, torch::kCUDA);
+  for (const auto form : {scan::StateSpaceForm::kRecurrence, scan::StateSpaceForm::kChunked}) {
+    torch::Tensor held_state = start.clone();
+    torch::Tensor widened_state = start.clone();
+    std::optional<torch::Tensor> from_held = scan::StateSpaceScanCuda(held, &held_state, false, form);
+    std::optional<torch::Tensor> from_widened =
+        scan::StateSpaceScanCuda(widened, &widened_state, false, form);
+    ASSERT_TRUE(from_held.has_value() && from_widened.has_value());
+    const double distance = RelL2(*from_held, *from_widened);
+    std::printf("[cuda] scan parameters held in bf16 vs widened first, %s form: rel_l2 %.3g, "
+                "bitwise %s\n",
+                form == scan::StateSpaceForm::kChunked ? "chunked" : "recurrence", distance,
+                torch::equal(*from_held, *from_widened) ? "equal" : "different");
+    EXPECT_LE(distance, 1e-6);
+    EXPECT_LE(RelL2(held_state, widened_state), 1e-6);
+  }
+  // A parameter in a third dtype is declined.
+  scan::StateSpaceInputs odd = held;
+  odd.a_log = held.a_log.to(torch::kFloat16);
+  EXPECT_FALSE(scan::StateSpaceScanCuda(odd).has_value());
+}
+
 // A sequence in pieces through the chunked form, the state carried and
 // written in place, equals one call; float32 inputs are declined, the
 // state untouched.

@@ -166,6 +166,31 @@ TEST(StateSpaceScanLoopTest, SkipPerChannelAndNone) {
   EXPECT_LE(testing::RelL2(difference, 2.0 * in.hidden), 1e-13);
 }
 
+// A as A_log and D in the model's dtype, as the forward now passes them:
+// Widened resolves A = -exp(A_log) and widens D with the ops the forward
+// used before (-exp(A_log.to(accumulate)), D.to(accumulate)), so every
+// form's result keeps its bits.
+TEST(StateSpaceScanWidenedTest, ResolvesDecayFromItsLog) {
+  const ScanShape s{2, 2, 16, 16, 64, 150, true};
+  const StateSpaceInputs given = RandomInputs(s, torch::kFloat32, 21);
+  StateSpaceInputs held = given;
+  held.a_log = torch::log(torch::rand({4}) * 4 + 0.5).to(torch::kBFloat16);
+  held.a_decay = torch::Tensor();
+  held.skip = given.skip.to(torch::kBFloat16);
+  for (const torch::ScalarType accumulate : {torch::kFloat32, torch::kFloat64}) {
+    StateSpaceInputs before = given;  // as the forward built them before
+    before.a_decay = -torch::exp(held.a_log.to(accumulate));
+    before.skip = held.skip.to(accumulate);
+    const StateSpaceInputs widened = scan::Widened(held, accumulate);
+    EXPECT_FALSE(widened.a_log.defined());
+    EXPECT_TRUE(torch::equal(widened.a_decay, before.a_decay)) << c10::toString(accumulate);
+    EXPECT_TRUE(torch::equal(widened.skip, before.skip)) << c10::toString(accumulate);
+    EXPECT_TRUE(torch::equal(*scan::StateSpaceScanLoop(widened),
+                             *scan::StateSpaceScanLoop(scan::Widened(before, accumulate))))
+        << c10::toString(accumulate);
+  }
+}
+
 // A sequence in two calls of the loop is the sequence in one.
 TEST(StateSpaceScanLoopTest, CarriedStateJoinsTwoCalls) {
   const ScanShape s{2, 2, 32, 16, 64, 500, false};

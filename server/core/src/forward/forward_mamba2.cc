@@ -215,14 +215,17 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
     scan_inputs.a_decay = state->scan_decay;
     scan_inputs.skip = state->scan_skip;
     scan_inputs.time_step_bias = state->scan_delta_bias;
-  } else {
+  } else if (in_place) {
     scan_inputs.a_decay = -torch::exp(view.a_log.to(wide));  // [H]
     scan_inputs.skip = view.d_skip.to(wide);                 // [H] or [I]
-    if (in_place) {
-      state->scan_decay = scan_inputs.a_decay;
-      state->scan_skip = scan_inputs.skip;
-      state->scan_delta_bias = view.dt_bias.to(torch::kFloat32);
-    }
+    state->scan_decay = scan_inputs.a_decay;
+    state->scan_skip = scan_inputs.skip;
+    state->scan_delta_bias = view.dt_bias.to(torch::kFloat32);
+  } else {
+    // As the model holds them: the CUDA kernels widen them as they read
+    // them, the other forms through Widened (the same ops as above).
+    scan_inputs.a_log = view.a_log;  // [H]
+    scan_inputs.skip = view.d_skip;  // [H] or [I]
   }
   torch::Tensor scan_output =
       Scan(scan_inputs, wide, state != nullptr ? &state->ssm_state : nullptr, in_place, ctx,

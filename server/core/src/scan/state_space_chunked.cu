@@ -140,7 +140,7 @@ __device__ __forceinline__ void StageDecayTerms(const StateSpaceScanLaunchArgs& 
         t < place.steps ? DeltaAt<Element>(args, place.batch, place.first_step + t, place.head)
                         : 0.0f;
     delta[t] = value;
-    log_decay[t] = value * args.a_decay[place.head];
+    log_decay[t] = value * DecayRateOf<Element>(args, place.head);
   }
 }
 
@@ -536,11 +536,9 @@ __global__ void __launch_bounds__(kThreads)
     const int p = i % kRowTile;
     if (t >= place.steps || place.first_row + p >= args.head_dim) continue;
     float y = output_tile[t * S::kFloat + p];
-    if (args.skip != nullptr) {
-      const float skip = args.skip[args.skip_per_channel
-                                       ? place.head * args.head_dim + place.first_row + p
-                                       : place.head];
-      y = fmaf(skip, Element::ToFloat(x_tile[t * S::kRow + p]), y);
+    if (args.skip.data != nullptr) {
+      y = fmaf(SkipOf<Element>(args, place.head, place.first_row + p),
+               Element::ToFloat(x_tile[t * S::kRow + p]), y);
     }
     __stcs(output + t * output_row + p, y);
   }

@@ -375,6 +375,12 @@ StateSpaceInputs Widened(const StateSpaceInputs& inputs, torch::ScalarType accum
     wide.time_step_bias = torch::Tensor();
     wide.delta_limit.reset();
   }
+  if (!inputs.a_decay.defined() && inputs.a_log.defined()) {
+    wide.a_decay = -torch::exp(inputs.a_log.to(accumulate));
+    wide.a_log = torch::Tensor();
+  }
+  if (wide.a_decay.defined()) wide.a_decay = wide.a_decay.to(accumulate);
+  if (wide.skip.defined()) wide.skip = wide.skip.to(accumulate);
   wide.hidden = wide.hidden.to(accumulate);
   wide.delta = wide.delta.to(accumulate);
   wide.b_proj = wide.b_proj.to(accumulate);

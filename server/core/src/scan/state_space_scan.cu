@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kLanes* kRows / kRowsPerThread,
   };
   dependent_launch::WaitForPrerequisites();  // every input comes from the kernels before
   dependent_launch::AllowDependents();
-  const float a_decay = args.a_decay[head];
+  const float a_decay = DecayRateOf<Element>(args, head);
   float state[kRowsPerThread][2 * kPairs];
 #pragma unroll
   for (int r = 0; r < kRowsPerThread; ++r) {
@@ -249,11 +249,7 @@ __global__ void __launch_bounds__(kLanes* kRows / kRowsPerThread,
       const int64_t channel_row = first_row + r;
       if (channel_row >= head_dim) continue;
       float y = outputs[t][r];
-      if (args.skip != nullptr) {
-        const float skip =
-            args.skip[args.skip_per_channel ? head * head_dim + channel_row : head];
-        y = fmaf(skip, inputs[t][r], y);
-      }
+      if (args.skip.data != nullptr) y = fmaf(SkipOf<Element>(args, head, channel_row), inputs[t][r], y);
       __stcs(output + (chunk_start + t) * output_row + r, y);
     }
     __syncthreads();  // the next chunk's staging writes over `inputs`
@@ -333,7 +329,8 @@ int LaunchStateSpaceScan(const StateSpaceScanLaunchArgs& args, void* stream) {
       args.heads > 65535 || args.head_dim < 1 || args.groups < 1 ||
       args.heads % args.groups != 0 || args.state_size < 1 ||
       args.state_size > kMaxCudaStateSpaceStateSize || args.hidden.data == nullptr ||
-      args.b_proj.data == nullptr || args.c_proj.data == nullptr || args.a_decay == nullptr ||
+      args.b_proj.data == nullptr || args.c_proj.data == nullptr ||
+      (args.a_decay == nullptr) == (args.a_log.data == nullptr) ||
       args.output == nullptr || sources != 1) {
     return static_cast<int>(cudaErrorInvalidValue);
   }

@@ -32,14 +32,18 @@ struct StateSpaceInputs {
                                  // clamped to delta_limit when set, in the
                                  // compute dtype as HF computes it
   std::optional<std::pair<double, double>> delta_limit;
-  torch::Tensor a_decay;  // A = -exp(A_log), [H]
+  torch::Tensor a_decay;  // A = -exp(A_log), [H]; or undefined, with
+  torch::Tensor a_log;    // A_log [H], taken as -exp(A_log.to(accumulate)) by
+                          // Widened, and in float32 by the CUDA kernels
   torch::Tensor b_proj;   // B, [B, L, G, N]
   torch::Tensor c_proj;   // C, [B, L, G, N]
-  torch::Tensor skip;     // D, [H] or [H·P] (per channel); undefined: none
+  torch::Tensor skip;     // D, [H] or [H·P] (per channel); undefined: none.
+                          // The CUDA kernels take dt_bias, A_log and D in float32
+                          // or the compute dtype; the other forms, Widened's
 };
 
-// `inputs` with Δ resolved (LibTorch ops, in the time step's dtype) and x,
-// Δ, B, C in `accumulate`.
+// `inputs` with Δ resolved (LibTorch ops, in the time step's dtype), A
+// resolved from A_log, and x, Δ, B, C, A, D in `accumulate`.
 StateSpaceInputs Widened(const StateSpaceInputs& inputs, torch::ScalarType accumulate);
 
 // Returns y [B, L, H, P], y_t = S_t C_t + D x_t (no gate). `state` (optional) carries

@@ -66,21 +66,26 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
       delta.scalar_type() != (raw_delta ? compute : torch::kFloat32)) {
     return std::nullopt;
   }
+  // The per-head parameters: float32, or the compute dtype (widened in the
+  // kernel, so that a prefill launches nothing to widen them).
+  auto parameter_taken = [&](const torch::Tensor& parameter) {
+    return On(parameter, device) &&
+           (parameter.scalar_type() == torch::kFloat32 || parameter.scalar_type() == compute);
+  };
   if (raw_delta && inputs.time_step_bias.defined() &&
-      (!On(inputs.time_step_bias, device) || inputs.time_step_bias.numel() != heads ||
-       (inputs.time_step_bias.scalar_type() != compute &&
-        inputs.time_step_bias.scalar_type() != torch::kFloat32))) {
+      (!parameter_taken(inputs.time_step_bias) || inputs.time_step_bias.numel() != heads)) {
     return std::nullopt;
   }
-  if (!On(inputs.a_decay, device) || inputs.a_decay.numel() != heads ||
-      inputs.a_decay.scalar_type() != torch::kFloat32) {
+  const bool from_log = !inputs.a_decay.defined();
+  const torch::Tensor& decay_rate = from_log ? inputs.a_log : inputs.a_decay;  // [H]
+  if (!parameter_taken(decay_rate) || decay_rate.numel() != heads ||
+      (!from_log && decay_rate.scalar_type() != torch::kFloat32)) {
     return std::nullopt;
   }
   const bool skip_per_channel =
       inputs.skip.defined() && inputs.skip.numel() == heads * head_dim && head_dim != 1;
   if (inputs.skip.defined() &&
-      (!On(inputs.skip, device) || inputs.skip.scalar_type() != torch::kFloat32 ||
-       (inputs.skip.numel() != heads && !skip_per_channel))) {
+      (!parameter_taken(inputs.skip) || (inputs.skip.numel() != heads && !skip_per_channel))) {
     return std::nullopt;
   }
   const torch::TensorOptions wide = hidden.options().dtype(torch::kFloat32);
@@ -91,12 +96,18 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
   }
 
   const c10::cuda::CUDAGuard device_guard(device);
-  const torch::Tensor a_decay = inputs.a_decay.contiguous();                       // [H]
+  const torch::Tensor rate = decay_rate.contiguous();  // A or A_log, [H]
   const torch::Tensor skip = inputs.skip.defined() ? inputs.skip.contiguous() : inputs.skip;
-  // The bias in float32: widened exactly from the compute dtype.
   const torch::Tensor bias = raw_delta && inputs.time_step_bias.defined()
-                                 ? inputs.time_step_bias.to(torch::kFloat32).contiguous()
+                                 ? inputs.time_step_bias.contiguous()
                                  : torch::Tensor();  // [H]
+  auto parameter = [](const torch::Tensor& tensor) {
+    ParameterOperand operand;
+    if (!tensor.defined()) return operand;
+    operand.data = tensor.data_ptr();
+    operand.wide = tensor.scalar_type() == torch::kFloat32;
+    return operand;
+  };
   torch::Tensor output = torch::empty({batch, seq_len, heads, head_dim}, wide);  // y
   torch::Tensor state_in;   // [B, H, P, N]
   torch::Tensor state_out;  // [B, H, P, N]
@@ -119,7 +130,7 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
   args.hidden = Operand(hidden);
   if (raw_delta) {
     args.time_step = Operand(delta);
-    args.time_step_bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    args.time_step_bias = parameter(bias);
     if (inputs.delta_limit.has_value()) {
       args.delta_limited = true;
       args.delta_min = static_cast<float>(inputs.delta_limit->first);
@@ -130,8 +141,12 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
   }
   args.b_proj = Operand(b_proj);
   args.c_proj = Operand(c_proj);
-  args.a_decay = a_decay.data_ptr<float>();
-  args.skip = skip.defined() ? skip.data_ptr<float>() : nullptr;
+  if (from_log) {
+    args.a_log = parameter(rate);
+  } else {
+    args.a_decay = rate.data_ptr<float>();
+  }
+  args.skip = parameter(skip);
   args.skip_per_channel = skip_per_channel;
   args.state_in = state_in.defined() ? state_in.data_ptr<float>() : nullptr;
   args.state_out = state_out.defined() ? state_out.data_ptr<float>() : nullptr;

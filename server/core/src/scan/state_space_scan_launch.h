@@ -20,6 +20,13 @@ inline constexpr int64_t kMaxCudaStateSpaceStateSize = 128;
 // (state_space_chunked.cu; bfloat16 x, B and C only).
 enum class StateSpaceForm { kAuto, kRecurrence, kChunked };
 
+// A per-head (or per-channel) parameter of the scan as the model holds it:
+// float32, or the element type of x, B and C; widened in the kernel.
+struct ParameterOperand {
+  const void* data = nullptr;
+  bool wide = true;  // float32; false: element_type
+};
+
 // One layer of S_t = exp(Δ_t A_h) S_{t-1} + Δ_t x_t B_tᵀ, y_t = S_t C_t + D x_t
 // (state_space_scan.h), batch B, time L, heads H in G groups, head dim P,
 // state size N. Accumulates in float32.
@@ -39,14 +46,15 @@ struct StateSpaceScanLaunchArgs {
   // delta_limited. Exactly one of the two is set.
   ScanOperand delta;
   ScanOperand time_step;
-  const float* time_step_bias = nullptr;  // [H]; null: no bias
+  ParameterOperand time_step_bias;  // [H]; null: no bias
   bool delta_limited = false;
   float delta_min = 0.0f;
   float delta_max = 0.0f;
   ScanOperand b_proj;                // B [B, L, G·N], element_type
   ScanOperand c_proj;                // C [B, L, G·N], element_type
-  const float* a_decay = nullptr;    // A [H]
-  const float* skip = nullptr;       // D [H], or [H·P] with skip_per_channel; null: none
+  const float* a_decay = nullptr;    // A [H]; or null, with A = -exp(A_log) from:
+  ParameterOperand a_log;            // A_log [H] (HF computes A so, in float32)
+  ParameterOperand skip;             // D [H], or [H·P] with skip_per_channel; null: none
   bool skip_per_channel = false;
   const float* state_in = nullptr;   // S_0 [B, H, P, N], contiguous; null: zeros
   float* state_out = nullptr;        // S_L [B, H, P, N], contiguous; null: not kept;

@@ -23,10 +23,13 @@ e.g. ``"INVALID_ARGUMENT"``).
         print(timing.median_ms, timing.ratio, timing.ratio_ci95_low, timing.ratio_ci95_high)
 
 Needs Debian's python3-grpcio, python3-protobuf and python3-numpy, i.e. the
-system interpreter /usr/bin/python3. The generated stubs (icd/v1/
-permutation_pb2*.py) are built, not committed: ``cmake --build build --target
-icd_python_stubs`` writes them to build/client/python/gen. They are found on
-sys.path, else in $ICD_PYTHON_STUBS, else in <repo>/build/client/python/gen.
+system interpreter /usr/bin/python3. Installed with pip (client/python/
+pyproject.toml: ``pip install --no-build-isolation client/python`` into a venv
+made with --system-site-packages), the generated stubs (icd/v1/
+permutation_pb2*.py) come with it. In a source tree they are built, not
+committed: ``cmake --build build --target icd_python_stubs`` writes them to
+build/client/python/gen. They are found on sys.path, else in
+$ICD_PYTHON_STUBS, else in <repo>/build/client/python/gen.
 """
 
 import os

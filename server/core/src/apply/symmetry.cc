@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "apply/gather/permute_gather.h"
+#include "blocks/mixer.h"
 
 namespace icd {
 namespace {
@@ -96,12 +97,11 @@ GroupInfo ResidualGroup(const ModelConfig& c) {
   GroupInfo group = NewGroup("residual", width);
   auto& m = group.members;
   m.push_back(Member(kEmbeddingTensor, 1, 0, width));
+  const blocks::MixerKind& mixer = blocks::MixerOf(c);
   for (int64_t i = 0; i < c.n_layer; ++i) {
     m.push_back(Member(LayerTensorName(i, "norm.weight"), 0, 0, width));
     if (c.layer_norm) m.push_back(Member(LayerTensorName(i, "norm.bias"), 0, 0, width));
-    m.push_back(Member(LayerTensorName(i, "mixer.in_proj.weight"), 1, 0, width));
-    m.push_back(Member(LayerTensorName(i, "mixer.out_proj.weight"), 0, 0, width));
-    if (c.proj_bias) m.push_back(Member(LayerTensorName(i, "mixer.out_proj.bias"), 0, 0, width));
+    mixer.residual_members(c, i, m);
   }
   m.push_back(Member("backbone.norm_f.weight", 0, 0, width));
   if (c.layer_norm) m.push_back(Member("backbone.norm_f.bias", 0, 0, width));
@@ -111,12 +111,10 @@ GroupInfo ResidualGroup(const ModelConfig& c) {
 }
 
 FamilySpec BuildSpec(const ModelConfig& config) {
-  switch (config.family) {
-    case Family::kMamba1:
-    case Family::kFalconMamba: return Mamba1Spec(config);
-    case Family::kMamba2: return Mamba2Spec(config);
-  }
-  return {};
+  const blocks::MixerKind& mixer = blocks::MixerOf(config);
+  FamilySpec spec{ResidualGroup(config)};
+  for (int64_t layer = 0; layer < config.n_layer; ++layer) mixer.groups(config, layer, spec);
+  return spec;
 }
 
 absl::Status CheckSpec(const FamilySpec& spec, const Weights& weights) {

@@ -1,4 +1,4 @@
-// Symmetry groups as data (one builder per family, in families/) and the
+// Symmetry groups as data (each kind of mixer's, in blocks/) and the
 // architecture-blind machinery that validates and applies them.
 #ifndef ICD_CORE_SRC_SYMMETRY_H_
 #define ICD_CORE_SRC_SYMMETRY_H_
@@ -19,9 +19,9 @@ using FamilySpec = std::vector<GroupInfo>;
 
 FamilySpec BuildSpec(const ModelConfig& config);
 
-// Family builders (families/*.cc) and the group they share.
-FamilySpec Mamba1Spec(const ModelConfig& config);  // Mamba-1 and FalconMamba
-FamilySpec Mamba2Spec(const ModelConfig& config);
+// The group every block shares: the residual stream through the
+// embedding, every block's norm, every mixer's projections (blocks/
+// MixerKind::residual_members), the final norm and the head.
 GroupInfo ResidualGroup(const ModelConfig& config);
 GroupMember Member(std::string tensor, int axis, int64_t offset, int64_t length,
                    std::string expand = "identity");

@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "blocks/mixer.h"
 #include "io/config.h"
 #include "cpu_vector.h"
 #include "forward/forward_internal.h"
@@ -291,19 +292,7 @@ absl::Status CheckConfig(const ModelConfig& config) {
         config.d_model, ", ", config.n_layer, ", ", config.vocab_size, ", ", config.d_inner,
         ", ", config.d_state, ", ", config.d_conv));
   }
-  if (config.family == Family::kMamba2) {
-    if (config.nheads <= 0 || config.headdim <= 0 || config.ngroups <= 0 ||
-        config.nheads * config.headdim != config.d_inner || config.nheads % config.ngroups != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "Mamba-2 config needs nheads*headdim == d_inner and ngroups dividing nheads; got nheads ",
-          config.nheads, ", headdim ", config.headdim, ", ngroups ", config.ngroups,
-          ", d_inner ", config.d_inner));
-    }
-  } else if (config.dt_rank <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("config needs a positive dt_rank; got ", config.dt_rank));
-  }
-  return absl::OkStatus();
+  return blocks::MixerOf(config).check_config(config);
 }
 
 // Every tensor the config implies, with its shape (config.h's one table), and
@@ -356,13 +345,7 @@ absl::Status CheckState(const ModelConfig& config, const RecurrentState& state, 
     return absl::InvalidArgumentError(absl::StrCat("recurrent state has ", state.layers.size(),
                                                    " layers, the model ", config.n_layer));
   }
-  const bool mamba2 = config.family == Family::kMamba2;
-  const int64_t conv_channels =
-      mamba2 ? config.d_inner + 2 * config.ngroups * config.d_state : config.d_inner;
-  const std::vector<int64_t> conv_shape = {batch, conv_channels, config.d_conv - 1};
-  const std::vector<int64_t> ssm_shape =
-      mamba2 ? std::vector<int64_t>{batch, config.nheads, config.headdim, config.d_state}
-             : std::vector<int64_t>{batch, config.d_inner, config.d_state};
+  const blocks::StateShapes shapes = blocks::MixerOf(config).state_shapes(config, batch);
   auto check = [batch](size_t layer, const char* what, const torch::Tensor& tensor,
                        const std::vector<int64_t>& shape) {
     if (tensor.defined() && tensor.sizes().vec() == shape) return absl::OkStatus();
@@ -374,8 +357,9 @@ absl::Status CheckState(const ModelConfig& config, const RecurrentState& state, 
   };
   for (size_t layer = 0; layer < state.layers.size(); ++layer) {
     const LayerState& layer_state = state.layers[layer];
-    absl::Status status = check(layer, "conv_history", layer_state.conv_history, conv_shape);
-    if (status.ok()) status = check(layer, "ssm_state", layer_state.ssm_state, ssm_shape);
+    absl::Status status =
+        check(layer, "conv_history", layer_state.conv_history, shapes.conv_history);
+    if (status.ok()) status = check(layer, "ssm_state", layer_state.ssm_state, shapes.ssm_state);
     if (!status.ok()) return status;
   }
   return absl::OkStatus();
@@ -465,6 +449,7 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
     next_layers.resize(static_cast<size_t>(config.n_layer));
   }
   torch::Tensor mixed;  // [B, L, d_model]: the last mixer's output, added by the next norm
+  const blocks::MixerKind& mixer = blocks::MixerOf(config);
   for (int64_t layer = 0; layer < config.n_layer; ++layer) {
     absl::Status status = PollContext(ctx, layer);
     if (!status.ok()) return status;
@@ -475,12 +460,7 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
     torch::Tensor normed = AddAndNorm(config, weights, LayerTensorName(layer, "norm"), precision,
                                       &residual, &mixed);  // [B, L, d_model]
     capture.Add("residual", normed);
-    mixed =
-        config.family == Family::kMamba2
-            ? forward_internal::Mamba2Mixer(config, weights, layer, precision, normed, capture,
-                                            layer_state, ctx)
-            : forward_internal::Mamba1Mixer(config, weights, layer, precision, normed, capture,
-                                            layer_state, ctx);
+    mixed = mixer.forward(config, weights, layer, precision, normed, capture, layer_state, ctx);
     if (layer_state != nullptr && layer_state->in_place) {
       KeepStorage(state->layers[static_cast<size_t>(layer)], layer_state);
     }

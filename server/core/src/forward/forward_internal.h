@@ -103,7 +103,7 @@ void CheckCallInLayer(const CallContext& ctx, int64_t layer);
 // values per chunk (a few ms on one CPU core), 1 to 256 steps.
 int64_t ScanStepsPerCheck(int64_t state_elements);
 
-// "layers.{layer}.{suffix}": a per-layer group's name (families/*.cc).
+// "layers.{layer}.{suffix}": a per-layer group's name (blocks/*.cc).
 std::string LayerGroupName(int64_t layer, const std::string& suffix);
 
 // One mixer: normed [B, L, d_model] in precision.compute -> [B, L, d_model]

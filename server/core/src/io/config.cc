@@ -8,6 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "blocks/mixer.h"
 #include "icd/core/status_macros.h"
 
 namespace icd {
@@ -344,42 +345,17 @@ absl::StatusOr<ModelConfig> ReadConfigFile(const std::filesystem::path& file) {
 }
 
 std::map<std::string, std::vector<int64_t>> ExpectedShapes(const ModelConfig& c) {
-  const int64_t dm = c.d_model, inner = c.d_inner, k = c.d_conv;
-  std::map<std::string, std::vector<int64_t>> shapes;
+  const int64_t dm = c.d_model;
+  const blocks::MixerKind& mixer = blocks::MixerOf(c);
+  blocks::TensorShapes shapes;
   shapes[kEmbeddingTensor] = {c.vocab_size, dm};
   shapes["backbone.norm_f.weight"] = {dm};
   if (c.layer_norm) shapes["backbone.norm_f.bias"] = {dm};
   if (!c.tied) shapes[kHeadTensor] = {c.vocab_size, dm};
   for (int64_t i = 0; i < c.n_layer; ++i) {
-    auto name = [i](const char* suffix) {
-      return absl::StrCat("backbone.layers.", i, ".", suffix);
-    };
-    shapes[name("norm.weight")] = {dm};
-    if (c.layer_norm) shapes[name("norm.bias")] = {dm};
-    shapes[name("mixer.out_proj.weight")] = {dm, inner};
-    if (c.proj_bias) shapes[name("mixer.out_proj.bias")] = {dm};
-    int64_t in_rows = 0, conv_channels = 0;
-    if (c.family == Family::kMamba2) {
-      const int64_t bc = c.ngroups * c.d_state;
-      in_rows = 2 * inner + 2 * bc + c.nheads;
-      conv_channels = inner + 2 * bc;
-      shapes[name("mixer.dt_bias")] = {c.nheads};
-      shapes[name("mixer.A_log")] = {c.nheads};
-      shapes[name("mixer.D")] = {c.d_has_hdim ? inner : c.nheads};
-      if (c.gated_norm) shapes[name("mixer.norm.weight")] = {inner};
-    } else {
-      in_rows = 2 * inner;
-      conv_channels = inner;
-      shapes[name("mixer.x_proj.weight")] = {c.dt_rank + 2 * c.d_state, inner};
-      shapes[name("mixer.dt_proj.weight")] = {inner, c.dt_rank};
-      shapes[name("mixer.dt_proj.bias")] = {inner};
-      shapes[name("mixer.A_log")] = {inner, c.d_state};
-      shapes[name("mixer.D")] = {inner};
-    }
-    shapes[name("mixer.in_proj.weight")] = {in_rows, dm};
-    if (c.proj_bias) shapes[name("mixer.in_proj.bias")] = {in_rows};
-    shapes[name("mixer.conv1d.weight")] = {conv_channels, 1, k};
-    if (c.conv_bias) shapes[name("mixer.conv1d.bias")] = {conv_channels};
+    shapes[LayerTensorName(i, "norm.weight")] = {dm};
+    if (c.layer_norm) shapes[LayerTensorName(i, "norm.bias")] = {dm};
+    mixer.tensors(c, i, shapes);
   }
   return shapes;
 }
@@ -389,13 +365,7 @@ std::map<std::string, int64_t> ConfigDims(const ModelConfig& c) {
                                       {"vocab_size", c.vocab_size}, {"d_inner", c.d_inner},
                                       {"d_state", c.d_state},   {"d_conv", c.d_conv},
                                       {"tied", c.tied ? 1 : 0}};
-  if (c.family == Family::kMamba2) {
-    dims["nheads"] = c.nheads;
-    dims["headdim"] = c.headdim;
-    dims["ngroups"] = c.ngroups;
-  } else {
-    dims["dt_rank"] = c.dt_rank;
-  }
+  blocks::MixerOf(c).dims(c, dims);
   return dims;
 }
 

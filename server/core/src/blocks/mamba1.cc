@@ -1,0 +1,84 @@
+// The Mamba-1 mixer, and FalconMamba's (its extra RMS normalisations are
+// weightless and act per channel or over whole blocks, so it has exactly
+// Mamba-1's tensors and groups): mamba_symmetries.md §3 a-d.
+#include "absl/strings/str_cat.h"
+#include "blocks/mixer.h"
+
+namespace icd::blocks {
+namespace {
+
+absl::Status Mamba1CheckConfig(const ModelConfig& c) {
+  if (c.dt_rank <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config needs a positive dt_rank; got ", c.dt_rank));
+  }
+  return absl::OkStatus();
+}
+
+void Mamba1Dims(const ModelConfig& c, std::map<std::string, int64_t>& dims) {
+  dims["dt_rank"] = c.dt_rank;
+}
+
+StateShapes Mamba1StateShapes(const ModelConfig& c, int64_t batch) {
+  return {{batch, c.d_inner, c.d_conv - 1}, {batch, c.d_inner, c.d_state}};
+}
+
+void Mamba1Tensors(const ModelConfig& c, int64_t layer, TensorShapes& shapes) {
+  const int64_t inner = c.d_inner;
+  auto name = [layer](const char* suffix) { return LayerTensorName(layer, suffix); };
+  shapes[name("mixer.in_proj.weight")] = {2 * inner, c.d_model};
+  if (c.proj_bias) shapes[name("mixer.in_proj.bias")] = {2 * inner};
+  shapes[name("mixer.conv1d.weight")] = {inner, 1, c.d_conv};
+  if (c.conv_bias) shapes[name("mixer.conv1d.bias")] = {inner};
+  shapes[name("mixer.x_proj.weight")] = {c.dt_rank + 2 * c.d_state, inner};
+  shapes[name("mixer.dt_proj.weight")] = {inner, c.dt_rank};
+  shapes[name("mixer.dt_proj.bias")] = {inner};
+  shapes[name("mixer.A_log")] = {inner, c.d_state};
+  shapes[name("mixer.D")] = {inner};
+  shapes[name("mixer.out_proj.weight")] = {c.d_model, inner};
+  if (c.proj_bias) shapes[name("mixer.out_proj.bias")] = {c.d_model};
+}
+
+void Mamba1Groups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
+  const int64_t inner = c.d_inner, state = c.d_state, dt_rank = c.dt_rank;
+  auto t = [i](const char* suffix) { return LayerTensorName(i, suffix); };
+  const std::string layer = absl::StrCat("layers.", i, ".");
+
+  // d_inner: x and z halves of in_proj take the same permutation, because
+  // the output pairs y[d] with silu(z[d]).
+  GroupInfo inner_group = NewGroup(layer + "inner", inner);
+  auto& m = inner_group.members;
+  AddRowBlocks(m, i, "mixer.in_proj", c.proj_bias, {0, inner}, inner);
+  AddRowBlocks(m, i, "mixer.conv1d", c.conv_bias, {0}, inner);
+  m.push_back(Member(t("mixer.x_proj.weight"), 1, 0, inner));
+  m.push_back(Member(t("mixer.dt_proj.weight"), 0, 0, inner));
+  m.push_back(Member(t("mixer.dt_proj.bias"), 0, 0, inner));
+  m.push_back(Member(t("mixer.A_log"), 0, 0, inner));
+  m.push_back(Member(t("mixer.D"), 0, 0, inner));
+  m.push_back(Member(t("mixer.out_proj.weight"), 1, 0, inner));
+  spec.push_back(std::move(inner_group));
+
+  // d_state: the B and C rows of x_proj and A's columns take the same one.
+  spec.push_back(NewGroup(layer + "state", state,
+                          {Member(t("mixer.A_log"), 1, 0, state),
+                           Member(t("mixer.x_proj.weight"), 0, dt_rank, state),
+                           Member(t("mixer.x_proj.weight"), 0, dt_rank + state, state)}));
+
+  // dt_rank: the low-rank factorisation x_proj[:R] -> dt_proj.
+  spec.push_back(NewGroup(layer + "dt_rank", dt_rank,
+                          {Member(t("mixer.x_proj.weight"), 0, 0, dt_rank),
+                           Member(t("mixer.dt_proj.weight"), 1, 0, dt_rank)}));
+}
+
+}  // namespace
+
+const MixerKind kMamba1Mixer{"mamba1",
+                             Mamba1CheckConfig,
+                             Mamba1Dims,
+                             Mamba1Tensors,
+                             Mamba1Groups,
+                             ProjectionResidualMembers,
+                             forward_internal::Mamba1Mixer,
+                             Mamba1StateShapes};
+
+}  // namespace icd::blocks

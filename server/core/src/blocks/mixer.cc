@@ -1,0 +1,19 @@
+#include "blocks/mixer.h"
+
+namespace icd::blocks {
+
+const MixerKind& MixerOf(const ModelConfig& config) {
+  return config.family == Family::kMamba2 ? kMamba2Mixer : kMamba1Mixer;
+}
+
+void ProjectionResidualMembers(const ModelConfig& config, int64_t layer,
+                               std::vector<GroupMember>& members) {
+  const int64_t width = config.d_model;
+  members.push_back(Member(LayerTensorName(layer, "mixer.in_proj.weight"), 1, 0, width));
+  members.push_back(Member(LayerTensorName(layer, "mixer.out_proj.weight"), 0, 0, width));
+  if (config.proj_bias) {
+    members.push_back(Member(LayerTensorName(layer, "mixer.out_proj.bias"), 0, 0, width));
+  }
+}
+
+}  // namespace icd::blocks

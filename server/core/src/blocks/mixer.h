@@ -1,0 +1,67 @@
+// One place per kind of mixer (docs/blocks.md): what icd knows of a Mamba-1
+// (and FalconMamba) or a Mamba-2 mixer, as a table of functions over the
+// model's config and a layer: the tensors it holds, the symmetry groups
+// inside it, the members it gives the residual group, and its forward.
+// ExpectedShapes (io/config.cc), BuildSpec and ResidualGroup (apply/
+// symmetry.cc) and RunForward (forward/forward.cc) go through the table, so
+// that a new kind of block (attention, a gated MLP) is a new table, not a
+// new branch in each of them. Internal to core.
+#ifndef ICD_CORE_SRC_BLOCKS_MIXER_H_
+#define ICD_CORE_SRC_BLOCKS_MIXER_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "apply/symmetry.h"
+#include "forward/forward_internal.h"
+#include "model.h"
+
+namespace icd::blocks {
+
+// Canonical tensor name -> shape.
+using TensorShapes = std::map<std::string, std::vector<int64_t>>;
+
+// A layer's recurrent state for a batch (forward.h LayerState).
+struct StateShapes {
+  std::vector<int64_t> conv_history;
+  std::vector<int64_t> ssm_state;
+};
+
+struct MixerKind {
+  const char* name;
+  // The config's fields of this kind, checked (positive, consistent).
+  absl::Status (*check_config)(const ModelConfig& config);
+  // Its sizes as ModelInfo reports them (io/config.h ConfigDims), added.
+  void (*dims)(const ModelConfig& config, std::map<std::string, int64_t>& dims);
+  // Layer `layer`'s mixer tensors and their shapes, added to `shapes`.
+  void (*tensors)(const ModelConfig& config, int64_t layer, TensorShapes& shapes);
+  // The symmetry groups inside layer `layer`'s mixer, appended to `spec` in
+  // the order GetSymmetries lists them.
+  void (*groups)(const ModelConfig& config, int64_t layer, FamilySpec& spec);
+  // The residual group's members in layer `layer`'s mixer (its input
+  // projection's columns, its output projection's rows), appended.
+  void (*residual_members)(const ModelConfig& config, int64_t layer,
+                           std::vector<GroupMember>& members);
+  // normed [B, L, d_model] -> [B, L, d_model] (forward_internal.h).
+  decltype(&forward_internal::Mamba1Mixer) forward;
+  // The shapes of a layer's recurrent state for `batch` rows.
+  StateShapes (*state_shapes)(const ModelConfig& config, int64_t batch);
+};
+
+extern const MixerKind kMamba1Mixer;  // Mamba-1 and FalconMamba (blocks/mamba1.cc)
+extern const MixerKind kMamba2Mixer;  // blocks/mamba2.cc
+
+// The kind of every mixer of `config`'s model (all its layers are one kind).
+const MixerKind& MixerOf(const ModelConfig& config);
+
+// The members both Mamba kinds give the residual group: in_proj's columns,
+// out_proj's rows (and its bias).
+void ProjectionResidualMembers(const ModelConfig& config, int64_t layer,
+                               std::vector<GroupMember>& members);
+
+}  // namespace icd::blocks
+
+#endif  // ICD_CORE_SRC_BLOCKS_MIXER_H_

@@ -21,7 +21,7 @@ ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update && apt-get install -y --no-install-recommends \
       ca-certificates cmake curl g++ make unzip git python3 \
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
-      libabsl-dev nlohmann-json3-dev libgtest-dev libgmock-dev \
+      libabsl-dev nlohmann-json3-dev libgtest-dev libgmock-dev libmicrohttpd-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN curl -fsSL -o /tmp/libtorch.zip "${LIBTORCH_URL}" \
     && unzip -q /tmp/libtorch.zip -d /opt && rm /tmp/libtorch.zip
@@ -41,7 +41,7 @@ FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04
 ARG DEBIAN_FRONTEND=noninteractive
 # Run-time halves of the build's packages (Ubuntu 24.04 names: t64 ABI).
 RUN apt-get update && apt-get install -y --no-install-recommends \
-      libgrpc++1.51t64 libprotobuf32t64 libabsl20220623t64 libgomp1 \
+      libgrpc++1.51t64 libprotobuf32t64 libabsl20220623t64 libgomp1 libmicrohttpd12t64 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --create-home --home-dir /var/lib/icd icd \
     && mkdir -p /models /exports && chown icd:icd /exports
@@ -54,8 +54,11 @@ ENV LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6
 USER icd
 VOLUME ["/models", "/exports"]
 EXPOSE 50051
+# Prometheus metrics (GET /metrics, plain HTTP, no token: publish it only to
+# the scraper's network).
+EXPOSE 9400
 # grpc.health.v1 on the serving port; needs no token.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
   CMD ["icdctl", "--server", "127.0.0.1:50051", "--timeout", "4", "health"]
 ENTRYPOINT ["icd-server", "--listen", "0.0.0.0:50051", "--model-root", "/models", \
-            "--export-root", "/exports", "--device", "cuda"]
+            "--export-root", "/exports", "--device", "cuda", "--metrics-listen", "0.0.0.0:9400"]

@@ -4,7 +4,7 @@ JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
 DEB_PACKAGES := cmake g++ make ninja-build ccache pkg-config libtorch-dev libgrpc++-dev protobuf-compiler-grpc \
-  libprotobuf-dev libabsl-dev googletest libgtest-dev nlohmann-json3-dev \
+  libprotobuf-dev libabsl-dev googletest libgtest-dev nlohmann-json3-dev libmicrohttpd-dev \
   python3-grpcio python3-protobuf python3-torch python3-numpy python3-igraph \
   python3-venv python3-pip python3-setuptools python3-wheel \
   libopenblas0-pthread clang libclang-rt-14-dev openssl

@@ -59,7 +59,7 @@ set -euo pipefail
 ICD_GPU_DEBS="libgrpc++-dev libgrpc-dev libgrpc++1.51 libgrpc29 protobuf-compiler-grpc \
 protobuf-compiler libprotoc32 libprotobuf-dev libprotobuf32 libprotobuf-lite32 libabsl-dev \
 libabsl20220623 libc-ares-dev libc-ares2 libre2-dev libre2-9 nlohmann-json3-dev libgtest-dev \
-libgmock-dev"
+libgmock-dev libmicrohttpd-dev libmicrohttpd12"
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
   sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'

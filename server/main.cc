@@ -28,6 +28,8 @@
 #include "icd/core/stale_exports.h"
 #include "icd/core/host_memory.h"
 #include "auth.h"
+#include "metrics.h"
+#include "metrics_endpoint.h"
 #include "paths.h"
 #include "service.h"
 
@@ -107,6 +109,16 @@ Flags:
   --shutdown-grace-s N  on SIGINT or SIGTERM, how long calls in flight may
                         run on (default 10); then they are cancelled, stop
                         within about 100 ms, and the process exits 0.
+  --metrics-listen HOST:PORT
+                        serve Prometheus metrics over plain HTTP at
+                        http://HOST:PORT/metrics (port 0 picks a free one;
+                        stdout then gets a second line, "metrics on
+                        HOST:PORT"): calls and latency histograms per RPC
+                        and status code, applies and refused applies, the
+                        last verified rel L2 per model, trace bytes
+                        received, models loaded and their bytes per device,
+                        resident memory. Unauthenticated, as Triton's: bind
+                        it to an address only the scraper reaches.
   --quiet               no per-call log lines on stderr (what failed inside
                         an INTERNAL error is still logged).
   --help                this text.
@@ -131,6 +143,7 @@ Example:
 
 struct Flags {
   std::string listen;
+  std::string metrics_listen;  // empty: no metrics endpoint
   std::vector<std::string> model_roots;
   std::vector<std::string> export_roots;
   std::string device = "cpu";
@@ -216,7 +229,7 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
       continue;
     }
     absl::StatusOr<std::string> v = args.Value();
-    if (arg != "--listen" && arg != "--model-root" && arg != "--export-root" &&
+    if (arg != "--listen" && arg != "--metrics-listen" && arg != "--model-root" && arg != "--export-root" &&
         arg != "--device" && arg != "--token-file" && arg != "--tls-cert" &&
         arg != "--tls-key" && arg != "--tls-client-ca" &&
         arg != "--max-message-mb" && arg != "--max-trace-mb" &&
@@ -227,6 +240,7 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
     }
     if (!v.ok()) return v.status();
     if (arg == "--listen") f.listen = *v;
+    if (arg == "--metrics-listen") f.metrics_listen = *v;
     if (arg == "--model-root") f.model_roots.push_back(*v);
     if (arg == "--export-root") f.export_roots.push_back(*v);
     if (arg == "--device") f.device = *v;
@@ -381,6 +395,18 @@ int main(int argc, char** argv) {
     }
   }
   auto engine = std::make_unique<icd::Engine>(engine_options);
+  icd::rpc::Metrics metrics;
+  std::unique_ptr<icd::MetricsEndpoint> metrics_endpoint;
+  if (!flags->metrics_listen.empty()) {
+    service_options.metrics = &metrics;
+    auto started = icd::MetricsEndpoint::Start(
+        flags->metrics_listen, [&metrics, &engine] { return metrics.Render(engine->List()); });
+    if (!started.ok()) {
+      std::cerr << "icd-server: " << started.status().message() << "\n";
+      return 1;
+    }
+    metrics_endpoint = *std::move(started);
+  }
   {
     icd::rpc::PermutationServiceImpl service(engine.get(), std::move(*paths),
                                              service_options);
@@ -416,6 +442,11 @@ int main(int argc, char** argv) {
     }
     const std::string host = flags->listen.substr(0, flags->listen.rfind(':'));
     std::cout << "listening on " << host << ":" << port << std::endl;
+    if (metrics_endpoint != nullptr) {
+      const std::string& address = flags->metrics_listen;
+      std::cout << "metrics on " << address.substr(0, address.rfind(':')) << ":"
+                << metrics_endpoint->port() << std::endl;
+    }
 
     const int sig = signals->Wait();
     std::cerr << "icd-server: signal " << sig << ", shutting down\n";
@@ -426,6 +457,7 @@ int main(int argc, char** argv) {
                      std::chrono::seconds(flags->shutdown_grace_s));
     server->Wait();
   }
-  engine.reset();  // last: no call can reach it any more
+  metrics_endpoint.reset();  // no scrape can reach the engine any more
+  engine.reset();            // last: no call can reach it any more
   return 0;
 }

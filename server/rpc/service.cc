@@ -87,9 +87,9 @@ grpc::Status PermutationServiceImpl::Handle(
     }
   }
   const auto detail = status.GetPayload(kInternalDetailPayload);  // optional<Cord>
+  const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+  if (options_.metrics != nullptr) options_.metrics->RecordCall(rpc, status.code(), ms / 1e3);
   if (options_.log_calls || detail.has_value()) {
-    const double ms =
-        std::chrono::duration<double, std::milli>(Clock::now() - start).count();
     const std::string code = absl::StatusCodeToString(status.code());
     const std::string model_text = log.model.empty() ? "-" : QuoteForLog(log.model);
     std::string line = absl::StrFormat("rpc=%s status=%s ms=%.2f model=%s%s\n", rpc, code, ms,
@@ -134,7 +134,9 @@ grpc::Status PermutationServiceImpl::UnloadModel(
     grpc::ServerContext* context, const v1::UnloadModelRequest* request,
     v1::UnloadModelResponse*) {
   return Handle(context, "UnloadModel", request->name(), [&](CallLog&) {
-    return engine_->Unload(request->name());
+    absl::Status status = engine_->Unload(request->name());
+    if (status.ok() && options_.metrics != nullptr) options_.metrics->ForgetModel(request->name());
+    return status;
   });
 }
 
@@ -161,6 +163,13 @@ grpc::Status PermutationServiceImpl::ApplyPermutation(
                       request->model(), FromProto(request->permutations()),
                       ApplyOptionsFromProto(*request),
                       MakeCallContext(context));
+                  if (options_.metrics != nullptr) {
+                    options_.metrics->RecordApply(
+                        request->model(), report.ok(),
+                        report.ok() && report->verified
+                            ? std::optional<double>(report->correctness.rel_l2)
+                            : std::nullopt);
+                  }
                   if (!report.ok()) return report.status();
                   ToProto(*report, response);
                   return absl::OkStatus();
@@ -173,6 +182,9 @@ grpc::Status PermutationServiceImpl::Verify(grpc::ServerContext* context,
   return Handle(context, "Verify", request->model(), [&](CallLog&) {
     auto report = engine_->Verify(request->model(), MakeCallContext(context));
     if (!report.ok()) return report.status();
+    if (options_.metrics != nullptr) {
+      options_.metrics->RecordVerify(request->model(), report->rel_l2);
+    }
     ToProto(*report, response);
     return absl::OkStatus();
   });
@@ -346,6 +358,7 @@ grpc::Status PermutationServiceImpl::ComputePermutation(
     }
     log.Add("rows", rows);
     log.Add("bytes", static_cast<int64_t>(bytes));
+    if (options_.metrics != nullptr) options_.metrics->AddTraceBytes(static_cast<int64_t>(bytes));
     if ((*slot)->timed_out()) return (*slot)->IdleStatus("ComputePermutation");
     if (!status.ok()) return status;
     // A cancelled client also ends the reads: never solve a partial stream.

@@ -23,6 +23,7 @@
 #include "icd/core/engine.h"
 #include "icd/core/types.h"
 #include "icd/v1/permutation.grpc.pb.h"
+#include "metrics.h"
 #include "paths.h"
 #include "streams.h"
 
@@ -54,6 +55,9 @@ struct ServiceOptions {
   std::size_t max_trace_bytes = std::size_t{4096} << 20;
   // One line per call on stderr.
   bool log_calls = true;
+  // Where calls, applies, verifications and trace bytes are counted for
+  // Prometheus (icd-server --metrics-listen); null: nowhere. Not owned.
+  Metrics* metrics = nullptr;
 };
 
 // The deadline and cancellation of a call, as the engine polls them.

@@ -4,6 +4,8 @@
         client = Client(srv.address)
         ...
     # srv.exit_code: what the server returned after SIGTERM (0 on a clean stop)
+    # srv.metrics_address: HOST:PORT of /metrics, with extra_args
+    #   ["--metrics-listen", "127.0.0.1:0"]
 
 The server picks a free port (--listen 127.0.0.1:0) and prints
 "listening on HOST:PORT"; readiness is that line, never a sleep.
@@ -65,6 +67,15 @@ class LocalServer:
                                % (line, self.log()))
         self.address = line[len("listening on "):]
         self.port = int(self.address.rsplit(":", 1)[1])
+        # With --metrics-listen the server says where on the next line.
+        self.metrics_address = None
+        if "--metrics-listen" in extra_args:
+            line = _read_line(self.proc.stdout.fileno(), start_timeout_s)
+            if not line.startswith("metrics on "):
+                self.kill()
+                raise RuntimeError("icd-server said %r instead of 'metrics on ...'; log:\n%s"
+                                   % (line, self.log()))
+            self.metrics_address = line[len("metrics on "):]
         # Keep draining stdout so the server never blocks on a full pipe.
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
 

@@ -1,6 +1,8 @@
 #include "convert.h"
 
 #include <algorithm>
+#include <cstring>
+#include <limits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -153,6 +155,7 @@ void ToProto(const SolverOptions& in, v1::SolverOptions* out) {
   out->set_nm_m(in.nm_m);
   out->set_preserve_block(in.preserve_block);
   out->mutable_block_sizes()->Add(in.block_sizes.begin(), in.block_sizes.end());
+  out->set_return_graph(in.return_graph);
 }
 
 void ToProto(const BlocksTouched& in, v1::BlocksTouched* out) {
@@ -180,6 +183,13 @@ void ToProto(const PermutationResult& in, v1::PermutationResult* out) {
   out->set_holdout_tokens(in.holdout_tokens);
   out->set_scores_note(in.scores_note);
   out->set_solve_ms(in.solve_ms);
+  if (!in.graph.empty()) {
+    static_assert(std::numeric_limits<float>::is_iec559 &&
+                      __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+                  "the host's floats are the wire's float32 little-endian");
+    out->set_graph_f32_le(reinterpret_cast<const char*>(in.graph.data()),
+                          in.graph.size() * sizeof(float));
+  }
 }
 
 SolverOptions FromProto(const v1::SolverOptions& in) {
@@ -194,6 +204,7 @@ SolverOptions FromProto(const v1::SolverOptions& in) {
   out.nm_m = in.nm_m();
   out.preserve_block = in.preserve_block();
   out.block_sizes.assign(in.block_sizes().begin(), in.block_sizes().end());
+  out.return_graph = in.return_graph();
   return out;
 }
 
@@ -224,6 +235,8 @@ PermutationResult FromProto(const v1::PermutationResult& in) {
   out.holdout_tokens = in.holdout_tokens();
   out.scores_note = in.scores_note();
   out.solve_ms = in.solve_ms();
+  out.graph.resize(in.graph_f32_le().size() / sizeof(float));
+  std::memcpy(out.graph.data(), in.graph_f32_le().data(), out.graph.size() * sizeof(float));
   return out;
 }
 

@@ -288,6 +288,62 @@ def make_certificates(d):
                     "-out", os.path.join(d, "server.pem")], **quiet)
 
 
+class GraphTest(unittest.TestCase):
+    """return_graph (issue 22's figures): the statistic's graph the solver
+    clustered comes back with the result, in the channel order before the
+    permutation; icd_client.graph decodes it and reorders it by the result."""
+
+    @classmethod
+    def setUpClass(cls):
+        from icd_client.local_server import LocalServer
+        cls.root = ModelRoot()
+        cls.server = LocalServer(ARGS.server_binary, model_roots=[cls.root.models],
+                                 export_roots=[cls.root.exports], extra_args=["--quiet"])
+        cls.client = icd.Client(cls.server.address, timeout=120)
+        cls.client.load("g", "small/hf")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        cls.server.__exit__(None, None, None)
+        cls.root.close()
+
+    def test_planted_clusters_show_in_the_graph(self):
+        rng = np.random.default_rng(21)
+        channels, size = 128, 16
+        owner = rng.permutation(np.arange(channels) % (channels // size))  # 8 scattered clusters
+        latent = rng.standard_normal((3000, channels // size))
+        rows = (latent[:, owner] + 0.5 * rng.standard_normal((3000, channels))).astype(np.float32)
+        result = self.client.compute_permutation("g", "layers.0.inner", rows, holdout_rows=500,
+                                                 seed=2, return_graph=True)
+        graph = icd.graph(result)
+        self.assertEqual(graph.shape, (channels, channels))
+        self.assertTrue(np.allclose(graph, graph.T, atol=1e-6))
+        self.assertTrue(np.all(np.diag(graph) == 0) and np.all(graph >= 0))
+        same = owner[:, None] == owner[None, :]
+        off_diagonal = ~np.eye(channels, dtype=bool)
+        within, between = graph[same & off_diagonal].mean(), graph[~same].mean()
+        self.assertGreater(within, 5 * between)  # |r| about 0.8 against about 0.02
+        # The solved order puts each planted cluster in one aligned block.
+        solved = icd.graph(result, solved=True)
+        index = np.asarray(result.permutation.index)
+        self.assertTrue(np.array_equal(solved, graph[np.ix_(index, index)]))
+        diagonal_blocks = np.mean([solved[b:b + size, b:b + size][~np.eye(size, dtype=bool)].mean()
+                                   for b in range(0, channels, size)])
+        self.assertAlmostEqual(diagonal_blocks, within, delta=0.05 * within)
+
+    def test_absent_unless_asked_and_refused_for_nm(self):
+        rows = np.random.default_rng(22).standard_normal((400, 128)).astype(np.float32)
+        result = self.client.compute_permutation("g", "layers.0.inner", rows)
+        self.assertEqual(result.graph_f32_le, b"")
+        self.assertIsNone(icd.graph(result))
+        with self.assertRaises(icd.IcdError) as refused:
+            self.client.compute_permutation("g", "layers.0.inner", rows,
+                                            objective="nm_sparsity", return_graph=True)
+        self.assertEqual(refused.exception.code, "INVALID_ARGUMENT")
+        self.assertIn("return_graph", refused.exception.message)
+
+
 class CredentialsTest(unittest.TestCase):
     """Token and TLS as the Python client sends them, and its connect timeout."""
 

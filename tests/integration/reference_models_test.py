@@ -172,15 +172,25 @@ class ReferenceModelsTest(unittest.TestCase):
 
     def test_codesign_loop_example(self):
         started = time.time()
+        plots = tempfile.mkdtemp(prefix="icd-codesign-plots-")
+        self.addCleanup(shutil.rmtree, plots, True)
         out = subprocess.run([sys.executable, os.path.join(REPO, "client", "python", "examples",
                                                            "codesign_loop.py"),
-                              "--build", ARGS.build, "--model", "mamba1-pydoc"],
+                              "--build", ARGS.build, "--model", "mamba1-pydoc", "--plots", plots],
                              capture_output=True, text=True, timeout=600)
         print(out.stdout)
         self.assertEqual(out.returncode, 0, out.stderr[-4000:])
         self.assertIn("checks held", out.stdout)
         for variant in ("dense", "coact", "pruned", "nm+pruned", "re-permuted"):
             self.assertIn(variant, out.stdout)
+        # The three figures: PNG files of a plausible size, each named in the output.
+        for figure in ("coactivation", "blocks", "nll"):
+            path = os.path.join(plots, "mamba1-pydoc-%s.png" % figure)
+            self.assertIn("wrote %s" % path, out.stdout)
+            with open(path, "rb") as f:
+                data = f.read()
+            self.assertEqual(data[:8], b"\x89PNG\r\n\x1a\n", path)
+            self.assertGreater(len(data), 10000, path)
         print("[reference] codesign loop: %.0f s" % (time.time() - started))
 
 

@@ -17,11 +17,16 @@ orchestrator, on one of icd's trained reference models (models/):
 
 and a table: mean next-byte NLL on held-out validation text (Evaluate), bits
 per byte, the change against dense, whether 2:4 holds, and for the
-co-activation permutation the blocks touched per token. Exit status 0 when
-every check held (permutations exact, pattern kept), whatever the figures.
+co-activation permutation the blocks touched per token. With --plots DIR,
+three PNGs there (matplotlib, Debian's python3-matplotlib):
+MODEL-coactivation.png (the first layer's channel group: its |correlation|
+graph before and after the permutation, side by side), MODEL-blocks.png
+(blocks touched per token, identity and co-activation order) and
+MODEL-nll.png (each variant's NLL against dense). Exit status 0 when every
+check held (permutations exact, pattern kept), whatever the figures.
 
   /usr/bin/python3 client/python/examples/codesign_loop.py [--build build]
-      [--model mamba1-pydoc] [--address HOST:PORT] [--json OUT.json]
+      [--model mamba1-pydoc] [--address HOST:PORT] [--json OUT.json] [--plots DIR]
 
 Without --address, icd-server is started on loopback with models/ as its
 model root (the build's binary) and stopped with SIGTERM at the end.
@@ -112,7 +117,8 @@ def run(client, args):
 
     # 2. Co-activation: every group, applied and verified.
     t0 = time.perf_counter()
-    coact = client.capture_permutation("coact", capture_ids, seeds=1)
+    coact = client.capture_permutation("coact", capture_ids, seeds=1,
+                                       return_graph=bool(args.plots))
     report = client.apply("coact", coact)
     ok &= report.correctness.ok
     found = sum(r.structure_found for r in coact)
@@ -164,7 +170,64 @@ def run(client, args):
     for r in rows:
         r["bits_per_byte"] = r["nll"] / np.log(2)
         r["vs_dense"] = r["nll"] / dense - 1
-    return ok, rows, blocks
+    # The first layer's first compression target, for the plot.
+    plotted = next((r for r in coact if r.permutation.group == group_names[0]), None)
+    return ok, rows, blocks, plotted
+
+
+def plot(model, rows, blocks, result, out_dir, icd):
+    """The three figures of --plots; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    before, after = icd.graph(result), icd.graph(result, solved=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), constrained_layout=True)
+    top = float(np.quantile(before, 0.995)) or 1.0
+    for ax, matrix, title in ((axes[0], before, "identity order"),
+                              (axes[1], after, "co-activation order (π applied)")):
+        image = ax.imshow(matrix, cmap="magma", vmin=0, vmax=top, interpolation="nearest")
+        ax.set_title(title)
+        ax.set_xlabel("channel")
+        ax.set_ylabel("channel")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="|correlation|")
+    blocks_16 = [b for b in result.blocks if b.block == 16]
+    fig.suptitle("%s, group %s: |correlation| of its %d channels on validation text%s"
+                 % (model, result.permutation.group, before.shape[0],
+                    "\nblocks of 16 channels touched per held-out token: %.2f -> %.2f"
+                    % (blocks_16[0].identity, blocks_16[0].solved) if blocks_16 else ""))
+    paths.append(os.path.join(out_dir, "%s-coactivation.png" % model))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    keys = list(blocks)
+    fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
+    x = np.arange(len(keys))
+    ax.bar(x - 0.2, [blocks[k][0] for k in keys], 0.4, label="identity order")
+    ax.bar(x + 0.2, [blocks[k][1] for k in keys], 0.4, label="co-activation order")
+    ax.set_xticks(x, keys, rotation=30, ha="right")
+    ax.set_ylabel("blocks touched per token (mean over layers)")
+    ax.set_title("%s: blocks with an active channel, held-out tokens" % model)
+    ax.legend()
+    paths.append(os.path.join(out_dir, "%s-blocks.png" % model))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
+    names = [r["variant"] for r in rows]
+    change = [100 * r["vs_dense"] for r in rows]
+    bars = ax.bar(names, change, color=["#4c72b0" if not r["nm_valid"] else "#c44e52"
+                                        for r in rows])
+    ax.bar_label(bars, labels=["%+.2f%%" % (c if abs(c) >= 0.005 else 0.0) for c in change])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("NLL vs dense (%)")
+    ax.set_title("%s: next-byte NLL on held-out text (red: 2:4 sparse)" % model)
+    paths.append(os.path.join(out_dir, "%s-nll.png" % model))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
 
 
 def print_table(model, rows, blocks, args):
@@ -194,6 +257,7 @@ def main():
     p.add_argument("--eval-rows", type=int, default=16)
     p.add_argument("--eval-offset", type=int, default=163840)
     p.add_argument("--json", help="write the table and its provenance here")
+    p.add_argument("--plots", help="write the three PNG figures into this directory")
     args = p.parse_args()
     build = os.path.abspath(args.build)
     sys.path[:0] = [os.path.join(REPO, "client", "python"),
@@ -213,7 +277,7 @@ def main():
     try:
         with icd.Client(address, timeout=600) as client:
             t0 = time.perf_counter()
-            ok, rows, blocks = run(client, args)
+            ok, rows, blocks, plotted = run(client, args)
             seconds = time.perf_counter() - t0
     finally:
         code = server.stop() if server else 0
@@ -221,6 +285,9 @@ def main():
             shutil.rmtree(exports, ignore_errors=True)
     print_table(args.model, rows, blocks, args)
     print("loop %.1f s; checks %s; server exit %d" % (seconds, "held" if ok else "FAILED", code))
+    if args.plots:
+        for path in plot(args.model, rows, blocks, plotted, args.plots, icd):
+            print("wrote %s" % path)
     if args.json:
         with open(os.path.join(MODELS, args.model, "card.json")) as f:
             card = json.load(f)

@@ -39,7 +39,7 @@ import threading
 import grpc
 import numpy as np
 
-__all__ = ["Client", "IcdError", "random_permutations", "summarize"]
+__all__ = ["Client", "IcdError", "graph", "random_permutations", "summarize"]
 
 
 def _import_stubs():
@@ -193,7 +193,7 @@ def random_permutations(symmetries, seed, groups=None):
 # ---------------------------------------------------------------- traces
 
 _SOLVER_FIELDS = ("objective", "statistic", "activation_quantile", "resolution", "seed",
-                  "seeds", "nm_n", "nm_m", "preserve_block", "block_sizes")
+                  "seeds", "nm_n", "nm_m", "preserve_block", "block_sizes", "return_graph")
 
 
 def _solver_options(solver):
@@ -250,6 +250,27 @@ def _trace_chunks(header, rows, chunk_rows, chunk_bytes):
 
 def _fmt(value, digits=3):
     return "%.*g" % (digits, value)
+
+
+def graph(result, solved=False):
+    """The statistic's graph the solver clustered, from a PermutationResult
+    asked for with ``return_graph=True`` (capture_permutation or
+    compute_permutation): float32 [size, size] in the group's channel order
+    before the permutation, or with ``solved`` in the order it produces (rows
+    and columns taken by ``permutation.index``). None when the result has
+    none."""
+    raw = result.graph_f32_le
+    if not raw:
+        return None
+    values = np.frombuffer(raw, dtype="<f4")
+    size = int(round(np.sqrt(values.size)))
+    if size * size != values.size:
+        raise IcdError("INTERNAL", "graph_f32_le holds %d floats, not a square" % values.size)
+    matrix = values.reshape(size, size)
+    if solved:
+        index = np.asarray(result.permutation.index, dtype=np.int64)
+        matrix = matrix[np.ix_(index, index)]
+    return matrix
 
 
 def summarize(results):

@@ -107,6 +107,10 @@ absl::StatusOr<ResolvedOptions> ResolveSolverOptions(const SolverOptions& option
     return Refuse("preserve_block", "applies to the coactivation objective only");
   }
   resolved.preserve_block = options.preserve_block;
+  if (options.return_graph && resolved.objective == Objective::kNmSparsity) {
+    return Refuse("return_graph", "applies to the coactivation objective only");
+  }
+  resolved.return_graph = options.return_graph;
   if (!options.block_sizes.empty()) {
     resolved.block_sizes = options.block_sizes;
     for (int32_t size : resolved.block_sizes) {
@@ -182,8 +186,18 @@ absl::StatusOr<PermutationResult> SolveGroup(const GroupInfo& group, const Trace
           "group '", group.name, "': ", stats.rows(),
           " training rows; co-activation statistics need at least 2"));
     }
+    if (options.return_graph && group.size > kMaxReturnedGraphChannels) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "group '", group.name, "': ", group.size, " channels; return_graph takes groups of at "
+          "most ", kMaxReturnedGraphChannels, " (ask for the groups you want to plot)"));
+    }
     LeidenOptions leiden{options.resolution, options.seed};
     const torch::Tensor graph = BuildGraph(stats, options.statistic, /*null=*/false);
+    if (options.return_graph) {
+      const torch::Tensor host = graph.to(torch::kCPU, torch::kFloat32).contiguous();
+      const float* values = host.data_ptr<float>();
+      result.graph.assign(values, values + host.numel());
+    }
     ICD_ASSIGN_OR_RETURN(Clustering clustering,
                          ClusterAndOrder(graph, rate, constraints, leiden, ctx));
     result.modularity = Modularity(graph, clustering.membership, options.resolution);

@@ -33,6 +33,7 @@ struct ResolvedOptions {
   int32_t nm_m = 4;
   int32_t preserve_block = 0;
   std::vector<int32_t> block_sizes = {16, 64};
+  bool return_graph = false;
 };
 
 // InvalidArgument naming the field for an unknown objective or statistic,

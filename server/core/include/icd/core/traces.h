@@ -46,7 +46,12 @@ struct SolverOptions {
   // Block sizes for blocks-touched scoring; sizes not smaller than a group
   // are left out of its scores. Empty: {16, 64}.
   std::vector<int32_t> block_sizes;
+  // coactivation only: also return the graph that was clustered
+  // (PermutationResult::graph); groups of at most kMaxReturnedGraphChannels.
+  bool return_graph = false;
 };
+
+inline constexpr int64_t kMaxReturnedGraphChannels = 2048;
 
 // Mean number of aligned blocks of `block` channels with at least one active
 // channel, per held-out row, in the identity order and in the solved one.
@@ -79,6 +84,9 @@ struct PermutationResult {
   int64_t tokens = 0;  // rows the statistics were built from
   int64_t holdout_tokens = 0;  // rows the blocks were scored on
   double solve_ms = 0;
+  // SolverOptions::return_graph: the statistic's graph [size * size],
+  // row-major, in the channel order before the permutation; else empty.
+  std::vector<float> graph;
 };
 
 struct TraceHeader {

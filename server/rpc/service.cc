@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <optional>
 #include <utility>
@@ -73,12 +74,43 @@ void PermutationServiceImpl::CallLog::AddText(const char* key, const std::string
   absl::StrAppend(&fields, " ", key, "=", QuoteForLog(value));
 }
 
+CallContext PermutationServiceImpl::ContextFor(grpc::ServerContext* context) {
+  CallContext call = MakeCallContext(context);
+  std::shared_ptr<ProgressRegistry::Entry> entry;
+  {
+    const std::lock_guard<std::mutex> lock(progress_mutex_);
+    auto found = progress_by_call_.find(context);
+    if (found != progress_by_call_.end()) entry = found->second;
+  }
+  if (entry != nullptr) {
+    call.progress = [entry](absl::string_view stage, int64_t done, int64_t total) {
+      entry->Report(stage, done, total);
+    };
+  }
+  return call;
+}
+
 grpc::Status PermutationServiceImpl::Handle(
     grpc::ServerContext* context, const char* rpc, std::string model,
     const std::function<absl::Status(CallLog&)>& body) {
   const auto start = Clock::now();
   CallLog log{std::move(model), ""};
   absl::Status status = CheckToken(context);
+  // A call that names itself (x-icd-request-id) can be followed by GetProgress.
+  std::shared_ptr<ProgressRegistry::Entry> progress;
+  const auto& metadata = context->client_metadata();
+  const auto request_id = metadata.find(kRequestIdHeader);
+  if (status.ok() && request_id != metadata.end() && std::strcmp(rpc, "GetProgress") != 0) {
+    auto begun = progress_.Begin(std::string(request_id->second.data(), request_id->second.size()),
+                                 rpc);
+    if (begun.ok()) {
+      progress = *std::move(begun);
+      const std::lock_guard<std::mutex> lock(progress_mutex_);
+      progress_by_call_[context] = progress;
+    } else {
+      status = begun.status();
+    }
+  }
   if (status.ok()) {
     try {
       status = body(log);
@@ -86,10 +118,18 @@ grpc::Status PermutationServiceImpl::Handle(
       status = InternalFailure(rpc, e.what());
     }
   }
+  if (progress != nullptr) {
+    {
+      const std::lock_guard<std::mutex> lock(progress_mutex_);
+      progress_by_call_.erase(context);
+    }
+    progress_.Finish(*progress, status.code());
+  }
   const auto detail = status.GetPayload(kInternalDetailPayload);  // optional<Cord>
   const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
   if (options_.metrics != nullptr) options_.metrics->RecordCall(rpc, status.code(), ms / 1e3);
-  if (options_.log_calls || detail.has_value()) {
+  // GetProgress is polled (several times a second): counted, never logged.
+  if ((options_.log_calls && std::strcmp(rpc, "GetProgress") != 0) || detail.has_value()) {
     const std::string code = absl::StatusCodeToString(status.code());
     const std::string model_text = log.model.empty() ? "-" : QuoteForLog(log.model);
     std::string line = absl::StrFormat("rpc=%s status=%s ms=%.2f model=%s%s\n", rpc, code, ms,
@@ -112,7 +152,7 @@ grpc::Status PermutationServiceImpl::LoadModel(
     if (!path.ok()) return path.status();
     LoadOptions options = FromProto(*request);
     for (const auto& root : paths_.model_roots()) options.allowed_roots.push_back(root.string());
-    auto info = engine_->Load(request->name(), *path, options, MakeCallContext(context));
+    auto info = engine_->Load(request->name(), *path, options, ContextFor(context));
     if (!info.ok()) return info.status();
     ToProto(*info, response);
     return absl::OkStatus();
@@ -162,7 +202,7 @@ grpc::Status PermutationServiceImpl::ApplyPermutation(
                   auto report = engine_->Apply(
                       request->model(), FromProto(request->permutations()),
                       ApplyOptionsFromProto(*request),
-                      MakeCallContext(context));
+                      ContextFor(context));
                   if (options_.metrics != nullptr) {
                     options_.metrics->RecordApply(
                         request->model(), report.ok(),
@@ -180,7 +220,7 @@ grpc::Status PermutationServiceImpl::Verify(grpc::ServerContext* context,
                                             const v1::VerifyRequest* request,
                                             v1::CorrectnessReport* response) {
   return Handle(context, "Verify", request->model(), [&](CallLog&) {
-    auto report = engine_->Verify(request->model(), MakeCallContext(context));
+    auto report = engine_->Verify(request->model(), ContextFor(context));
     if (!report.ok()) return report.status();
     if (options_.metrics != nullptr) {
       options_.metrics->RecordVerify(request->model(), report->rel_l2);
@@ -197,7 +237,7 @@ grpc::Status PermutationServiceImpl::Evaluate(
     log.Add("tokens", request->input_ids_size());
     if (absl::Status s = CheckTokenCount("input_ids", request->input_ids_size()); !s.ok()) return s;
     auto result = engine_->Evaluate(request->model(), FromProto(*request),
-                                    MakeCallContext(context));
+                                    ContextFor(context));
     if (!result.ok()) return result.status();
     ToProto(*result, response);
     return absl::OkStatus();
@@ -293,7 +333,7 @@ grpc::Status PermutationServiceImpl::ExportModel(
       return info.ok() ? path.status() : info.status();
     }
     auto result =
-        engine_->Export(request->model(), *path, MakeCallContext(context));
+        engine_->Export(request->model(), *path, ContextFor(context));
     if (!result.ok()) return result.status();
     ToProto(*result, response);
     return absl::OkStatus();
@@ -313,7 +353,7 @@ grpc::Status PermutationServiceImpl::ComputePermutation(
           "ComputePermutation: the first TraceChunk must carry header");
     }
     (*slot)->Touch();
-    const CallContext call = MakeCallContext(context);
+    const CallContext call = ContextFor(context);
     const TraceHeader header = FromProto(chunk.header());
     log.model = header.model;
     log.AddText("group", header.group);
@@ -387,7 +427,7 @@ grpc::Status PermutationServiceImpl::CapturePermutation(
                     return s;
                   }
                   auto results = engine_->Capture(FromProto(*request),
-                                                  MakeCallContext(context));
+                                                  ContextFor(context));
                   if (!results.ok()) return results.status();
                   for (const auto& r : *results) {
                     ToProto(r, response->add_results());
@@ -412,9 +452,36 @@ grpc::Status PermutationServiceImpl::MeasureLatency(
       if (!tokens.ok()) return tokens.status();
       if (absl::Status s = CheckTokenCount("batch x seq_len", *tokens); !s.ok()) return s;
     }
-    auto report = engine_->MeasureLatency(options, MakeCallContext(context));
+    auto report = engine_->MeasureLatency(options, ContextFor(context));
     if (!report.ok()) return report.status();
     ToProto(*report, response);
+    return absl::OkStatus();
+  });
+}
+
+}  // namespace icd::rpc
+
+namespace icd::rpc {
+
+grpc::Status PermutationServiceImpl::GetProgress(grpc::ServerContext* context,
+                                                 const v1::ProgressRequest* request,
+                                                 v1::Progress* response) {
+  return Handle(context, "GetProgress", "", [&](CallLog&) {
+    const std::optional<ProgressSnapshot> snapshot = progress_.Get(request->request_id());
+    if (!snapshot.has_value()) {
+      return absl::NotFoundError(absl::StrCat(
+          "request_id: no call with this ID is running or ended in the last ",
+          ProgressRegistry::kKeepFinished.count(), " s (a call is followed when it carries the "
+          "metadata header ", kRequestIdHeader, ")"));
+    }
+    response->set_request_id(snapshot->request_id);
+    response->set_rpc(snapshot->rpc);
+    response->set_stage(snapshot->stage);
+    response->set_done(snapshot->done);
+    response->set_total(snapshot->total);
+    response->set_elapsed_s(snapshot->elapsed_s);
+    response->set_finished(snapshot->finished);
+    if (snapshot->finished) response->set_code(absl::StatusCodeToString(snapshot->code));
     return absl::OkStatus();
   });
 }

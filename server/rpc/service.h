@@ -15,6 +15,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
 
 #include <grpcpp/grpcpp.h>
@@ -25,6 +28,7 @@
 #include "icd/v1/permutation.grpc.pb.h"
 #include "metrics.h"
 #include "paths.h"
+#include "progress.h"
 #include "streams.h"
 
 namespace icd::rpc {
@@ -108,6 +112,8 @@ class PermutationServiceImpl final : public v1::PermutationService::Service {
   grpc::Status MeasureLatency(grpc::ServerContext* context,
                               const v1::LatencyRequest* request,
                               v1::LatencyReport* response) override;
+  grpc::Status GetProgress(grpc::ServerContext* context, const v1::ProgressRequest* request,
+                           v1::Progress* response) override;
 
  private:
   // What the log line says about a call beyond rpc, status and ms. `body`
@@ -126,6 +132,9 @@ class PermutationServiceImpl final : public v1::PermutationService::Service {
                       std::string model,
                       const std::function<absl::Status(CallLog&)>& body);
   absl::Status CheckToken(const grpc::ServerContext* context) const;
+  // MakeCallContext, plus progress reports into the call's registry entry
+  // when it carried x-icd-request-id (Handle registers it).
+  CallContext ContextFor(grpc::ServerContext* context);
   // RESOURCE_EXHAUSTED over options_.max_tokens, naming the field.
   absl::Status CheckTokenCount(const char* field, int64_t tokens) const;
 
@@ -133,6 +142,10 @@ class PermutationServiceImpl final : public v1::PermutationService::Service {
   PathPolicy paths_;
   ServiceOptions options_;
   StreamLimiter streams_;
+  ProgressRegistry progress_;
+  // The running calls' progress entries by their context (ContextFor).
+  std::mutex progress_mutex_;
+  std::map<const grpc::ServerContext*, std::shared_ptr<ProgressRegistry::Entry>> progress_by_call_;
 };
 
 }  // namespace icd::rpc

@@ -344,6 +344,86 @@ class GraphTest(unittest.TestCase):
         self.assertIn("return_graph", refused.exception.message)
 
 
+class ProgressTest(unittest.TestCase):
+    """Progress of long calls (issue 22): a call that carries x-icd-request-id
+    is followed by GetProgress while it runs and for a minute after; the
+    client's ``progress=`` callbacks see its stages advance and its end."""
+
+    @classmethod
+    def setUpClass(cls):
+        from icd_client.local_server import LocalServer
+        cls.root = ModelRoot()
+        cls.server = LocalServer(ARGS.server_binary, model_roots=[cls.root.models],
+                                 export_roots=[cls.root.exports], extra_args=["--quiet"])
+        cls.client = icd.Client(cls.server.address, timeout=120)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        cls.server.__exit__(None, None, None)
+        cls.root.close()
+
+    def test_latency_reports_samples_as_they_run(self):
+        seen = []
+        self.client.load("p", "small/hf", progress=seen.append)
+        self.assertTrue(seen[-1].finished and seen[-1].code == "OK", seen[-1])
+        self.assertEqual((seen[-1].rpc, seen[-1].stage), ("LoadModel", "read"))
+        self.addCleanup(self.client.unload, "p")
+        seen = []
+        report = self.client.measure_latency("p", seq_len=256, warmup=2, iters=300,
+                                             progress=seen.append)
+        self.assertEqual(report.samples, 300)
+        running = [p for p in seen if not p.finished]
+        self.assertTrue(running, "no report while the call ran")  # live, not only the end
+        samples = [p.done for p in running if p.stage == "samples"]
+        self.assertEqual(samples, sorted(samples))
+        self.assertTrue(all(p.total == 300 for p in running if p.stage == "samples"))
+        last = seen[-1]
+        self.assertTrue(last.finished)
+        self.assertEqual((last.rpc, last.code, last.stage, last.done, last.total),
+                         ("MeasureLatency", "OK", "samples", 300, 300))
+        self.assertGreater(last.elapsed_s, 0)
+        # Asked again by its ID after the end: the same final state.
+        again = self.client.progress(last.request_id)
+        self.assertEqual((again.finished, again.done), (True, 300))
+
+    def test_capture_counts_groups(self):
+        self.client.load("c", "small/hf")
+        self.addCleanup(self.client.unload, "c")
+        seen = []
+        ids = np.arange(256, dtype=np.int64).reshape(2, 128) % 100
+        results = self.client.capture_permutation("c", ids, progress=seen.append)
+        last = seen[-1]
+        self.assertEqual((last.rpc, last.stage, last.finished), ("CapturePermutation", "solve", True))
+        self.assertEqual((last.done, last.total), (len(results), len(results)))
+        self.assertTrue({p.stage for p in seen} <= {"forward", "solve"})
+
+    def test_unknown_and_duplicate_ids(self):
+        with self.assertRaises(icd.IcdError) as unknown:
+            self.client.progress("never-used")
+        self.assertEqual(unknown.exception.code, "NOT_FOUND")
+        self.client.load("d", "small/hf")
+        self.addCleanup(self.client.unload, "d")
+        from icd.v1 import permutation_pb2 as pb
+        metadata = (("x-icd-request-id", "same-id"),)
+        running = self.client._stub.MeasureLatency.future(
+            pb.LatencyRequest(model="d", seq_len=256, iters=400), timeout=120, metadata=metadata)
+        for _ in range(200):  # until the server has begun it
+            try:
+                if not self.client.progress("same-id").finished:
+                    break
+            except icd.IcdError:
+                pass
+            time.sleep(0.01)
+        with self.assertRaises(icd.IcdError) as duplicate:
+            self.client._call(self.client._stub.ListModels, pb.ListModelsRequest(),
+                              metadata=metadata)
+        self.assertEqual(duplicate.exception.code, "ALREADY_EXISTS")
+        self.assertEqual(running.result().samples, 400)
+        # Ended: the ID may be used again.
+        self.client._call(self.client._stub.ListModels, pb.ListModelsRequest(), metadata=metadata)
+
+
 class CredentialsTest(unittest.TestCase):
     """Token and TLS as the Python client sends them, and its connect timeout."""
 

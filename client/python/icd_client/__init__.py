@@ -35,6 +35,7 @@ $ICD_PYTHON_STUBS, else in <repo>/build/client/python/gen.
 import os
 import sys
 import threading
+import uuid
 
 import grpc
 import numpy as np
@@ -252,6 +253,72 @@ def _fmt(value, digits=3):
     return "%.*g" % (digits, value)
 
 
+class _Unwatched:
+    """What a call without ``progress`` uses: the client's own metadata."""
+
+    def __init__(self, metadata):
+        self.metadata = metadata
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _ProgressWatch:
+    """Follows one call: it carries a fresh x-icd-request-id, and a thread
+    polls GetProgress every ``interval`` seconds, handing each change to
+    ``callback`` (a Progress message); the finished state comes last, on the
+    caller's thread, before the call's result is returned. A callback that
+    raises stops the reports, not the call. For tqdm:
+
+        bar = tqdm()
+        def show(p):
+            bar.set_description(p.stage)
+            bar.total = p.total or None
+            bar.n = p.done
+            bar.refresh()
+    """
+
+    def __init__(self, client, callback, interval=0.2):
+        self._client, self._callback, self._interval = client, callback, interval
+        self.request_id = uuid.uuid4().hex
+        self.metadata = tuple(client._metadata or ()) + (("x-icd-request-id", self.request_id),)
+        self._stop = threading.Event()
+        self._last = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _poll(self):
+        try:
+            now = self._client._stub.GetProgress(
+                pb.ProgressRequest(request_id=self.request_id), timeout=10,
+                metadata=self._client._metadata)
+        except grpc.RpcError:
+            return  # not begun yet, or the server is busy: the next poll
+        key = (now.stage, now.done, now.total, now.finished)
+        if key != self._last and self._callback is not None:
+            self._last = key
+            try:
+                self._callback(now)
+            except Exception:  # noqa: BLE001 (the caller's bug must not fail the call)
+                self._callback = None
+
+    def _run(self):
+        while not self._stop.wait(self._interval):
+            self._poll()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._poll()  # the finished state
+        return False
+
+
 def graph(result, solved=False):
     """The statistic's graph the solver clustered, from a PermutationResult
     asked for with ``return_graph=True`` (capture_permutation or
@@ -365,11 +432,23 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def _call(self, method, request, timeout=None):
+    def _call(self, method, request, timeout=None, metadata=None):
         try:
-            return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
+            return method(request, timeout=timeout or self._timeout,
+                          metadata=metadata or self._metadata)
         except grpc.RpcError as err:
             raise _error(err) from None
+
+    def _watched(self, progress):
+        """A _ProgressWatch for a call (``progress``: a callback), or a no-op
+        context whose metadata is the client's own."""
+        return _ProgressWatch(self, progress) if progress else _Unwatched(self._metadata)
+
+    def progress(self, request_id):
+        """GetProgress -> Progress(request_id, rpc, stage, done, total,
+        elapsed_s, finished, code) of a call that carried that ID (the
+        ``progress=`` argument of the long calls does this for you)."""
+        return self._call(self._stub.GetProgress, pb.ProgressRequest(request_id=request_id))
 
     # -- health
 
@@ -387,11 +466,13 @@ class Client:
 
     # -- models
 
-    def load(self, name, path, device="", dtype=""):
+    def load(self, name, path, device="", dtype="", progress=None):
         """LoadModel -> ModelInfo (name, family, layout, device, dtype,
-        parameters, version, fingerprint, dims, path)."""
-        return self._call(self._stub.LoadModel, pb.LoadModelRequest(
-            name=name, path=path, device=device, dtype=dtype))
+        parameters, version, fingerprint, dims, path). ``progress``: a
+        callback taking Progress messages while it runs (weight files read)."""
+        with self._watched(progress) as watch:
+            return self._call(self._stub.LoadModel, pb.LoadModelRequest(
+                name=name, path=path, device=device, dtype=dtype), metadata=watch.metadata)
 
     def models(self):
         """ListModels -> list of ModelInfo."""
@@ -535,7 +616,7 @@ class Client:
     # -- traces
 
     def compute_permutation(self, model, group, rows, holdout_rows=0, chunk_rows=None,
-                            **solver):
+                            progress=None, **solver):
         """ComputePermutation -> PermutationResult: a permutation of ``group``
         from activation traces, whose ``permutation`` applies as is with
         ``apply``.
@@ -548,7 +629,9 @@ class Client:
         out for scoring (0: min(1024, rows / 5)). ``solver``: SolverOptions
         fields (objective="nm_sparsity", statistic="pmi", seeds=5, nm_n=2,
         nm_m=4, block_sizes=[16, 64], ...). A client-side error (a bad piece)
-        cancels the call and is raised; the server keeps nothing."""
+        cancels the call and is raised; the server keeps nothing.
+        ``progress``: a callback taking Progress messages (rows received,
+        then the solve)."""
         header = pb.TraceHeader(model=model, group=group, holdout_rows=int(holdout_rows),
                                 solver=_solver_options(solver))
         failure, call, started = [], [], threading.Event()
@@ -564,24 +647,27 @@ class Client:
                 failure.append(err)
                 call[0].cancel()
 
-        call.append(self._stub.ComputePermutation.future(
-            chunks(), timeout=self._timeout, metadata=self._metadata))
-        started.set()
-        try:
-            return call[0].result()
-        except (grpc.RpcError, grpc.FutureCancelledError) as err:
-            if failure:
-                raise failure[0] from None
-            raise _error(err) from None
+        with self._watched(progress) as watch:
+            call.append(self._stub.ComputePermutation.future(
+                chunks(), timeout=self._timeout, metadata=watch.metadata))
+            started.set()
+            try:
+                return call[0].result()
+            except (grpc.RpcError, grpc.FutureCancelledError) as err:
+                if failure:
+                    raise failure[0] from None
+                raise _error(err) from None
 
     def capture_permutation(self, model, input_ids, batch=None, holdout_ids=None, groups=None,
-                            **solver):
+                            progress=None, **solver):
         """CapturePermutation -> list of PermutationResult, one per group (in
         ``groups`` order, or every group in GetSymmetries order). The server
         runs the model on ``input_ids`` ([batch, seq] array, or flat with
         ``batch``; None: rows of a 2-D array, else 1), records each group's
         activations, solves, and scores on ``holdout_ids`` (same batch; None:
-        the last fifth of every sequence). ``solver`` as for compute_permutation."""
+        the last fifth of every sequence). ``solver`` as for compute_permutation.
+        ``progress``: a callback taking Progress messages (stage "forward",
+        then "solve", counted in groups)."""
         ids = np.asarray(input_ids, dtype=np.int64)
         if batch is None:
             batch = ids.shape[0] if ids.ndim == 2 else 1
@@ -590,14 +676,16 @@ class Client:
                                     solver=_solver_options(solver))
         if holdout_ids is not None:
             request.holdout_ids.extend(np.asarray(holdout_ids, dtype=np.int64).ravel().tolist())
-        return list(self._call(self._stub.CapturePermutation, request).results)
+        with self._watched(progress) as watch:
+            return list(self._call(self._stub.CapturePermutation, request,
+                                   metadata=watch.metadata).results)
 
     summarize = staticmethod(summarize)
 
     # -- latency
 
     def measure_latency(self, model, compare_model=None, mode="prefill", batch=1, seq_len=128,
-                        warmup=3, iters=20, eager=False):
+                        warmup=3, iters=20, eager=False, progress=None):
         """MeasureLatency -> LatencyReport(median_ms, p10_ms, p90_ms,
         ci95_low_ms, ci95_high_ms, samples, device, method, execution,
         version, compare, ratio, ratio_ci95_low, ratio_ci95_high). On a GPU
@@ -608,10 +696,13 @@ class Client:
         an untimed prefill of seq_len tokens. ``warmup`` samples are
         discarded. With ``compare_model`` both run in interleaved rounds;
         ``compare`` is its report and ``ratio`` the median of t(model) /
-        t(compare_model) over the rounds, with its 95% interval."""
-        return self._call(self._stub.MeasureLatency, pb.LatencyRequest(
-            model=model, compare_model=compare_model or "", mode=mode, batch=int(batch),
-            seq_len=int(seq_len), warmup=int(warmup), iters=int(iters), eager=bool(eager)))
+        t(compare_model) over the rounds, with its 95% interval. ``progress``:
+        a callback taking Progress messages ("warmup", then "samples")."""
+        with self._watched(progress) as watch:
+            return self._call(self._stub.MeasureLatency, pb.LatencyRequest(
+                model=model, compare_model=compare_model or "", mode=mode, batch=int(batch),
+                seq_len=int(seq_len), warmup=int(warmup), iters=int(iters), eager=bool(eager)),
+                metadata=watch.metadata)
 
     # -- export
 

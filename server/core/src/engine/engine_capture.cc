@@ -137,6 +137,9 @@ absl::StatusOr<std::vector<PermutationResult>> Engine::Capture(const CaptureRequ
         by_name[groups[next]->name] = slots.back().get();
         ++next;
       }
+      // Progress in groups: those solved before this batch's forward.
+      ReportProgress(ctx, "forward", static_cast<int64_t>(first),
+                     static_cast<int64_t>(groups.size()));
       CaptureCollector training(by_name, batch, seq, holdout_positions, /*holdout_pass=*/false,
                                 ctx);
       ICD_RETURN_IF_ERROR(Forward(model->config, model->weights, ids, ctx, &training).status());
@@ -156,6 +159,8 @@ absl::StatusOr<std::vector<PermutationResult>> Engine::Capture(const CaptureRequ
                              traces::SolveGroup(*groups[i], slot.stats, holdout, options,
                                                 model->weights, ctx));
         results.push_back(std::move(result));
+        ReportProgress(ctx, "solve", static_cast<int64_t>(i + 1),
+                       static_cast<int64_t>(groups.size()));
       }
     }
     return results;

@@ -19,6 +19,11 @@ absl::Status CheckCall(const CallContext& ctx, absl::string_view where) {
   return absl::OkStatus();
 }
 
+void ReportProgress(const CallContext& ctx, absl::string_view stage, int64_t done,
+                    int64_t total) {
+  if (ctx.progress) ctx.progress(stage, done, total);
+}
+
 std::string_view FamilyName(Family family) {
   switch (family) {
     case Family::kMamba1: return "mamba1";

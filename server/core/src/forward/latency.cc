@@ -260,6 +260,11 @@ absl::StatusOr<LatencyReport> Measure(const LatencyOptions& options, const Timed
   std::vector<double> ratios;  // t(model) / t(compare) per timed round
   for (int64_t round = 0; round < rounds; ++round) {
     ICD_RETURN_IF_ERROR(PollContext(ctx, round, rounds));
+    if (round < options.warmup) {
+      ReportProgress(ctx, "warmup", round, options.warmup);
+    } else {
+      ReportProgress(ctx, "samples", round - options.warmup, options.iters);
+    }
     // Decode: every round advances both states by the same token.
     const torch::Tensor ids =
         mode == Mode::kDecode ? token_source.Next(options.batch, 1) : prefill_ids;
@@ -276,6 +281,7 @@ absl::StatusOr<LatencyReport> Measure(const LatencyOptions& options, const Timed
     if (compare != nullptr) ratios.push_back(round_ms[0] / round_ms[1]);
   }
 
+  ReportProgress(ctx, "samples", options.iters, options.iters);
   LatencyReport report;
   report.timing = Timing(times_ms[0], model, timer->Method(), samplers[0].Execution());
   if (compare != nullptr) {

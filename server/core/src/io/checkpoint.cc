@@ -203,8 +203,11 @@ absl::StatusOr<Checkpoint> ReadCheckpoint(const fs::path& dir, const CallContext
   fingerprint.Add(config_text);
   const auto expected = ExpectedShapes(config);
   std::optional<torch::Tensor> stored_head;
+  int64_t files_read = 0;
   for (WeightFile& weight_file : layout.files) {
     ICD_RETURN_IF_ERROR(PollContext(ctx));
+    // Progress in weight files (shards): a large checkpoint is many.
+    ReportProgress(ctx, "read", files_read++, static_cast<int64_t>(layout.files.size()));
     const fs::path path = dir / weight_file.file;
     if (!fs::is_regular_file(path)) {
       return absl::NotFoundError(absl::StrCat(path.string(), ": missing weights file"));

@@ -318,6 +318,7 @@ absl::Status TraceSessionState::AddRows(std::string_view f32_le, int64_t rows,
     return *failed_;
   }
   if (!stopped.ok()) failed_ = stopped;  // the statistics are incomplete
+  if (stopped.ok()) ReportProgress(ctx, "rows", rows_seen_, 0);  // a stream's length is unknown
   return stopped;
 }
 
@@ -337,7 +338,10 @@ absl::StatusOr<PermutationResult> TraceSessionState::Finish(const CallContext& c
     const torch::Tensor holdout = tail_.Finish(
         keep, header_.channels, [this](const torch::Tensor& released) { stats_.Add(released); });
     stats_.Finish();
-    return solver_(stats_, holdout, ctx);
+    ReportProgress(ctx, "solve", 0, 1);
+    absl::StatusOr<PermutationResult> result = solver_(stats_, holdout, ctx);
+    if (result.ok()) ReportProgress(ctx, "solve", 1, 1);
+    return result;
   } catch (const std::exception& e) {
     return InternalFailure("solving", e.what());
   }

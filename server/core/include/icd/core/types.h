@@ -94,7 +94,16 @@ struct CorrectnessReport {
 struct CallContext {
   std::optional<std::chrono::steady_clock::time_point> deadline;
   std::function<bool()> cancelled;  // may be empty
+  // May be empty: where a long call says how far it is (ReportProgress).
+  std::function<void(absl::string_view stage, int64_t done, int64_t total)> progress;
 };
+
+// A long call's progress, for a caller that asked (CallContext::progress):
+// `done` of `total` steps of `stage` ("forward", "solve", "samples", ...;
+// total 0: not known in advance). Core calls it where the steps are
+// natural units (groups solved, samples taken, trace rows received).
+ICD_CORE_API void ReportProgress(const CallContext& ctx, absl::string_view stage, int64_t done,
+                                 int64_t total);
 
 // The one check of a CallContext: OK while the call may go on; Cancelled or
 // DeadlineExceeded, the message naming `where`, once it may not.

@@ -88,6 +88,7 @@ class Client::Impl {
     if (with_token && !options_.token.empty()) {
       ctx->AddMetadata("authorization", "Bearer " + options_.token);
     }
+    if (!options_.request_id.empty()) ctx->AddMetadata("x-icd-request-id", options_.request_id);
   }
 
   // One ComputePermutation stream: the header chunk, then whatever `next`
@@ -438,6 +439,12 @@ absl::StatusOr<v1::PermutationSet> Client::CapturePermutation(
     const v1::CaptureRequest& request) {
   return impl_->Unary<v1::CaptureRequest, v1::PermutationSet>(
       &Stub::CapturePermutation, request);
+}
+
+absl::StatusOr<v1::Progress> Client::GetProgress(const std::string& request_id) {
+  v1::ProgressRequest request;
+  request.set_request_id(request_id);
+  return impl_->Unary<v1::ProgressRequest, v1::Progress>(&Stub::GetProgress, request);
 }
 
 absl::StatusOr<v1::LatencyReport> Client::MeasureLatency(

@@ -2,10 +2,14 @@
 // per RPC, on top of icd::Client. Human-readable output by default, the
 // response message as JSON with --json. The exit code is the gRPC status code
 // (0: OK); errors go to stderr as "icdctl: CODE: message".
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <iostream>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -20,6 +24,7 @@
 #include "icdctl_flags.h"
 #include "icdctl_output.h"
 #include "icdctl_permutations.h"
+#include "icdctl_progress.h"
 #include "icdctl_readers.h"
 
 namespace icd::ctl {
@@ -280,9 +285,33 @@ absl::Status Run(int argc, char** argv) {
     }
     options.token = std::move(token);
   }
+  // The long commands show how far they are on a terminal (not under --json
+  // or into a pipe): their calls carry a request ID that a second
+  // connection follows with GetProgress.
+  const bool long_command = line.command == "load" || line.command == "capture" ||
+                            line.command == "compute" || line.command == "latency";
+  const bool show_progress = long_command && !line.json && isatty(STDERR_FILENO) == 1;
+  if (show_progress) options.request_id = NewRequestId();
   ICD_ASSIGN_OR_RETURN(auto client, Client::Connect(line.server, options));
+  std::unique_ptr<ProgressLine> progress;
+  if (show_progress) {
+    ClientOptions watcher_options = options;
+    watcher_options.request_id.clear();
+    watcher_options.deadline = std::chrono::milliseconds(5000);  // each poll
+    auto watcher = Client::Connect(line.server, watcher_options);
+    if (watcher.ok()) progress = std::make_unique<ProgressLine>(*std::move(watcher), options.request_id);
+  }
   Context ctx{client.get(), line.json};
-  return it->second(line, ctx);
+  if (progress == nullptr) return it->second(line, ctx);
+  // The command's output waits until the progress line is cleared, so that
+  // the two never interleave on one terminal (commands write std::cout only).
+  std::ostringstream output;
+  std::streambuf* terminal = std::cout.rdbuf(output.rdbuf());
+  absl::Status status = it->second(line, ctx);
+  std::cout.rdbuf(terminal);
+  progress.reset();
+  std::cout << output.str();
+  return status;
 }
 
 }  // namespace

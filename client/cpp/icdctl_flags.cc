@@ -31,6 +31,9 @@ Global flags (anywhere on the line):
   --token-file F      send "authorization: Bearer <F's content>"
   --help              this text
 
+On a terminal, load, capture, compute and latency draw a progress line on
+stderr while the server works (GetProgress); none under --json or into a pipe.
+
 Commands:
   health [SERVICE]
       grpc.health.v1 check (needs no token): prints SERVING and exits 0, or

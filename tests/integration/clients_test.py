@@ -359,7 +359,7 @@ class ClientsTest(unittest.TestCase):
         methods = r.stdout.split()
         for m in ("LoadModel", "ListModels", "UnloadModel", "GetSymmetries",
                   "ApplyPermutation", "Verify", "Evaluate", "ReadTensors", "WriteTensors",
-                  "ExportModel"):
+                  "ExportModel", "GetProgress"):
             self.assertIn("icd.v1.PermutationService/" + m, methods)
         self.assertIn("grpc.health.v1.Health/Check", methods)
         r = self.buf_curl(base + "/grpc.health.v1.Health/Check")
@@ -579,6 +579,47 @@ class ClientsTest(unittest.TestCase):
         r = subprocess.run([ARGS.icdctl, "--help"], capture_output=True, text=True)
         self.assertIn("icdctl --server 127.0.0.1:50051 latency", r.stdout)
         c.unload("lat")
+
+    def icdctl_with_terminal(self, *args):
+        """icdctl with its stderr on a pseudo-terminal and stdout on a pipe:
+        (exit code, stdout, what the terminal got)."""
+        import pty
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([ARGS.icdctl, "--server", self.address] + list(args),
+                                stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        terminal = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            terminal += chunk
+        os.close(master)
+        out = proc.communicate(timeout=120)[0]
+        return proc.returncode, out.decode(), terminal.decode(errors="replace")
+
+    def test_8f_icdctl_progress_line_on_a_terminal_only(self):
+        self.client.load("prog", "mamba1-small/hf")
+        self.addCleanup(self.client.unload, "prog")
+        code, out, terminal = self.icdctl_with_terminal(
+            "latency", "prog", "--seq-len", "256", "--iters", "300")
+        self.assertEqual(code, 0, terminal)
+        self.assertIn("MeasureLatency samples [", terminal)  # the bar, redrawn in place
+        self.assertIn("/300", terminal)
+        self.assertTrue(terminal.endswith("\r\x1b[K"), repr(terminal[-40:]))  # cleared at the end
+        self.assertIn("MEDIAN MS", out)  # the result, on stdout, after the line went
+        # --json, or stderr into a pipe: no progress line.
+        code, out, terminal = self.icdctl_with_terminal(
+            "--json", "latency", "prog", "--seq-len", "256", "--iters", "300")
+        self.assertEqual((code, terminal), (0, ""))
+        self.assertEqual(int(json.loads(out)["samples"]), 300)
+        piped = subprocess.run([ARGS.icdctl, "--server", self.address, "latency", "prog",
+                                "--seq-len", "256", "--iters", "300"],
+                               capture_output=True, text=True, timeout=120)
+        self.assertEqual((piped.returncode, piped.stderr), (0, ""))
 
     # ------------------------------------------------------------ shutdown
 

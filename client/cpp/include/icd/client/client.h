@@ -48,6 +48,10 @@ struct ClientOptions {
   int max_message_mb = 256;
   // Null: an insecure channel.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // Non-empty: sent as the metadata header x-icd-request-id on every call,
+  // so that GetProgress (from another thread or process) can follow the
+  // calls; the server refuses a second call with the ID while one runs.
+  std::string request_id;
   // ReadTensors/WriteTensors/ComputePermutation chunk size on the client's
   // side: 1 MiB less 64 KiB, so that a chunk with its name, shape and model
   // fits the smallest server message cap (icd-server --max-message-mb 1).
@@ -137,6 +141,8 @@ class Client {
 
   // Times the model's forward on the server (prefill or decode samples),
   // with request.compare_model in interleaved rounds and their ratio.
+  // How far the call that carried `request_id` is (ClientOptions::request_id).
+  absl::StatusOr<v1::Progress> GetProgress(const std::string& request_id);
   absl::StatusOr<v1::LatencyReport> MeasureLatency(
       const v1::LatencyRequest& request);
 

@@ -9,10 +9,15 @@
 #include <limits>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "icd/core/types.h"
 
 namespace icd {
+
+namespace blocks {
+struct MixerKind;  // blocks/mixer.h
+}  // namespace blocks
 
 // Canonical names of the embedding and the head; a tied head is the embedding.
 inline constexpr char kEmbeddingTensor[] = "backbone.embeddings.weight";
@@ -51,6 +56,11 @@ struct ModelConfig {
   bool norm_before_gate = false;   // mamba_ssm only
   bool grouped_gated_norm = false;  // mamba_ssm: per group; HF: whole d_inner
   bool d_has_hdim = false;         // D is [d_inner] instead of [nheads]
+
+  // The model as a list of residual blocks (docs/blocks.md): block i is
+  // norm -> mixers[i] -> add. Planned by the config parser (blocks::
+  // PlanBlocks); every block of today's families has the family's kind.
+  std::vector<const blocks::MixerKind*> mixers;
 };
 
 // Canonical tensor names: HuggingFace's ("backbone.embeddings.weight",

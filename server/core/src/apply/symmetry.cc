@@ -97,11 +97,10 @@ GroupInfo ResidualGroup(const ModelConfig& c) {
   GroupInfo group = NewGroup("residual", width);
   auto& m = group.members;
   m.push_back(Member(kEmbeddingTensor, 1, 0, width));
-  const blocks::MixerKind& mixer = blocks::MixerOf(c);
   for (int64_t i = 0; i < c.n_layer; ++i) {
     m.push_back(Member(LayerTensorName(i, "norm.weight"), 0, 0, width));
     if (c.layer_norm) m.push_back(Member(LayerTensorName(i, "norm.bias"), 0, 0, width));
-    mixer.residual_members(c, i, m);
+    blocks::MixerAt(c, i).residual_members(c, i, m);
   }
   m.push_back(Member("backbone.norm_f.weight", 0, 0, width));
   if (c.layer_norm) m.push_back(Member("backbone.norm_f.bias", 0, 0, width));
@@ -111,9 +110,10 @@ GroupInfo ResidualGroup(const ModelConfig& c) {
 }
 
 FamilySpec BuildSpec(const ModelConfig& config) {
-  const blocks::MixerKind& mixer = blocks::MixerOf(config);
   FamilySpec spec{ResidualGroup(config)};
-  for (int64_t layer = 0; layer < config.n_layer; ++layer) mixer.groups(config, layer, spec);
+  for (int64_t layer = 0; layer < config.n_layer; ++layer) {
+    blocks::MixerAt(config, layer).groups(config, layer, spec);
+  }
   return spec;
 }
 

@@ -3,7 +3,8 @@
 // model's config and a layer: the tensors it holds, the symmetry groups
 // inside it, the members it gives the residual group, and its forward.
 // ExpectedShapes (io/config.cc), BuildSpec and ResidualGroup (apply/
-// symmetry.cc) and RunForward (forward/forward.cc) go through the table, so
+// symmetry.cc) and RunForward (forward/forward.cc) go through the table of
+// each layer's mixer (ModelConfig::mixers, the model as a list of blocks), so
 // that a new kind of block (attention, a gated MLP) is a new table, not a
 // new branch in each of them. Internal to core.
 #ifndef ICD_CORE_SRC_BLOCKS_MIXER_H_
@@ -54,8 +55,15 @@ struct MixerKind {
 extern const MixerKind kMamba1Mixer;  // Mamba-1 and FalconMamba (blocks/mamba1.cc)
 extern const MixerKind kMamba2Mixer;  // blocks/mamba2.cc
 
-// The kind of every mixer of `config`'s model (all its layers are one kind).
-const MixerKind& MixerOf(const ModelConfig& config);
+// The list of blocks of `config`'s model: config.mixers, one per layer, from
+// its family (the parsers call it; a hybrid's parser will list its kinds).
+void PlanBlocks(ModelConfig& config);
+
+// Layer `layer`'s mixer (config.mixers must be planned: every parsed config is).
+const MixerKind& MixerAt(const ModelConfig& config, int64_t layer);
+
+// The distinct kinds of the model's mixers, in order of first appearance.
+std::vector<const MixerKind*> MixerKinds(const ModelConfig& config);
 
 // The members both Mamba kinds give the residual group: in_proj's columns,
 // out_proj's rows (and its bias).

@@ -292,7 +292,14 @@ absl::Status CheckConfig(const ModelConfig& config) {
         config.d_model, ", ", config.n_layer, ", ", config.vocab_size, ", ", config.d_inner,
         ", ", config.d_state, ", ", config.d_conv));
   }
-  return blocks::MixerOf(config).check_config(config);
+  if (static_cast<int64_t>(config.mixers.size()) != config.n_layer) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config plans ", config.mixers.size(), " blocks for ", config.n_layer, " layers"));
+  }
+  for (const blocks::MixerKind* kind : blocks::MixerKinds(config)) {
+    ICD_RETURN_IF_ERROR(kind->check_config(config));
+  }
+  return absl::OkStatus();
 }
 
 // Every tensor the config implies, with its shape (config.h's one table), and
@@ -345,7 +352,7 @@ absl::Status CheckState(const ModelConfig& config, const RecurrentState& state, 
     return absl::InvalidArgumentError(absl::StrCat("recurrent state has ", state.layers.size(),
                                                    " layers, the model ", config.n_layer));
   }
-  const blocks::StateShapes shapes = blocks::MixerOf(config).state_shapes(config, batch);
+
   auto check = [batch](size_t layer, const char* what, const torch::Tensor& tensor,
                        const std::vector<int64_t>& shape) {
     if (tensor.defined() && tensor.sizes().vec() == shape) return absl::OkStatus();
@@ -357,6 +364,8 @@ absl::Status CheckState(const ModelConfig& config, const RecurrentState& state, 
   };
   for (size_t layer = 0; layer < state.layers.size(); ++layer) {
     const LayerState& layer_state = state.layers[layer];
+    const blocks::StateShapes shapes =
+        blocks::MixerAt(config, static_cast<int64_t>(layer)).state_shapes(config, batch);
     absl::Status status =
         check(layer, "conv_history", layer_state.conv_history, shapes.conv_history);
     if (status.ok()) status = check(layer, "ssm_state", layer_state.ssm_state, shapes.ssm_state);
@@ -449,7 +458,6 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
     next_layers.resize(static_cast<size_t>(config.n_layer));
   }
   torch::Tensor mixed;  // [B, L, d_model]: the last mixer's output, added by the next norm
-  const blocks::MixerKind& mixer = blocks::MixerOf(config);
   for (int64_t layer = 0; layer < config.n_layer; ++layer) {
     absl::Status status = PollContext(ctx, layer);
     if (!status.ok()) return status;
@@ -460,7 +468,8 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
     torch::Tensor normed = AddAndNorm(config, weights, LayerTensorName(layer, "norm"), precision,
                                       &residual, &mixed);  // [B, L, d_model]
     capture.Add("residual", normed);
-    mixed = mixer.forward(config, weights, layer, precision, normed, capture, layer_state, ctx);
+    mixed = blocks::MixerAt(config, layer)
+                .forward(config, weights, layer, precision, normed, capture, layer_state, ctx);
     if (layer_state != nullptr && layer_state->in_place) {
       KeepStorage(state->layers[static_cast<size_t>(layer)], layer_state);
     }

@@ -330,6 +330,7 @@ absl::StatusOr<ModelConfig> ParseConfig(const std::string& json_text, const std:
     ICD_ASSIGN_OR_RETURN(ModelConfig config,
                          mamba_ssm ? ParseMambaSsm(root, source) : ParseHf(root, source));
     ICD_RETURN_IF_ERROR(CheckDimensions(config, source));
+    blocks::PlanBlocks(config);
     return config;
   }
   return Unsupported(source, "neither a HuggingFace config (model_type) nor a mamba_ssm one "
@@ -346,7 +347,6 @@ absl::StatusOr<ModelConfig> ReadConfigFile(const std::filesystem::path& file) {
 
 std::map<std::string, std::vector<int64_t>> ExpectedShapes(const ModelConfig& c) {
   const int64_t dm = c.d_model;
-  const blocks::MixerKind& mixer = blocks::MixerOf(c);
   blocks::TensorShapes shapes;
   shapes[kEmbeddingTensor] = {c.vocab_size, dm};
   shapes["backbone.norm_f.weight"] = {dm};
@@ -355,7 +355,7 @@ std::map<std::string, std::vector<int64_t>> ExpectedShapes(const ModelConfig& c)
   for (int64_t i = 0; i < c.n_layer; ++i) {
     shapes[LayerTensorName(i, "norm.weight")] = {dm};
     if (c.layer_norm) shapes[LayerTensorName(i, "norm.bias")] = {dm};
-    mixer.tensors(c, i, shapes);
+    blocks::MixerAt(c, i).tensors(c, i, shapes);
   }
   return shapes;
 }
@@ -365,7 +365,7 @@ std::map<std::string, int64_t> ConfigDims(const ModelConfig& c) {
                                       {"vocab_size", c.vocab_size}, {"d_inner", c.d_inner},
                                       {"d_state", c.d_state},   {"d_conv", c.d_conv},
                                       {"tied", c.tied ? 1 : 0}};
-  blocks::MixerOf(c).dims(c, dims);
+  for (const blocks::MixerKind* kind : blocks::MixerKinds(c)) kind->dims(c, dims);
   return dims;
 }
 

@@ -158,16 +158,18 @@ class Bf16RoundingTest(unittest.TestCase):
             np.testing.assert_array_equal(back, values)
 
 
-class WireTest(unittest.TestCase):
-    """Tensor streams and dtypes against a server whose messages are at most 1 MiB."""
+class OwnServerTest(unittest.TestCase):
+    """A test class with its own icd-server over a ModelRoot (SERVER_ARGS)
+    and a client of it, for the class's tests."""
+
+    SERVER_ARGS = ["--quiet"]
 
     @classmethod
     def setUpClass(cls):
         from icd_client.local_server import LocalServer
         cls.root = ModelRoot()
         cls.server = LocalServer(ARGS.server_binary, model_roots=[cls.root.models],
-                                 export_roots=[cls.root.exports],
-                                 extra_args=["--max-message-mb", "1", "--quiet"])
+                                 export_roots=[cls.root.exports], extra_args=cls.SERVER_ARGS)
         cls.client = icd.Client(cls.server.address, timeout=120)
 
     @classmethod
@@ -175,6 +177,12 @@ class WireTest(unittest.TestCase):
         cls.client.close()
         cls.server.__exit__(None, None, None)  # SIGTERM, wait, close the log
         cls.root.close()
+
+
+class WireTest(OwnServerTest):
+    """Tensor streams and dtypes against a server whose messages are at most 1 MiB."""
+
+    SERVER_ARGS = ["--max-message-mb", "1", "--quiet"]
 
     def load(self, name, path, dtype=""):
         self.client.load(name, path, dtype=dtype)
@@ -288,25 +296,15 @@ def make_certificates(d):
                     "-out", os.path.join(d, "server.pem")], **quiet)
 
 
-class GraphTest(unittest.TestCase):
+class GraphTest(OwnServerTest):
     """return_graph (issue 22's figures): the statistic's graph the solver
     clustered comes back with the result, in the channel order before the
     permutation; icd_client.graph decodes it and reorders it by the result."""
 
     @classmethod
     def setUpClass(cls):
-        from icd_client.local_server import LocalServer
-        cls.root = ModelRoot()
-        cls.server = LocalServer(ARGS.server_binary, model_roots=[cls.root.models],
-                                 export_roots=[cls.root.exports], extra_args=["--quiet"])
-        cls.client = icd.Client(cls.server.address, timeout=120)
+        super().setUpClass()
         cls.client.load("g", "small/hf")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
-        cls.server.__exit__(None, None, None)
-        cls.root.close()
 
     def test_planted_clusters_show_in_the_graph(self):
         rng = np.random.default_rng(21)
@@ -344,24 +342,10 @@ class GraphTest(unittest.TestCase):
         self.assertIn("return_graph", refused.exception.message)
 
 
-class ProgressTest(unittest.TestCase):
+class ProgressTest(OwnServerTest):
     """Progress of long calls (issue 22): a call that carries x-icd-request-id
     is followed by GetProgress while it runs and for a minute after; the
     client's ``progress=`` callbacks see its stages advance and its end."""
-
-    @classmethod
-    def setUpClass(cls):
-        from icd_client.local_server import LocalServer
-        cls.root = ModelRoot()
-        cls.server = LocalServer(ARGS.server_binary, model_roots=[cls.root.models],
-                                 export_roots=[cls.root.exports], extra_args=["--quiet"])
-        cls.client = icd.Client(cls.server.address, timeout=120)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
-        cls.server.__exit__(None, None, None)
-        cls.root.close()
 
     def test_latency_reports_samples_as_they_run(self):
         seen = []

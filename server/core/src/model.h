@@ -15,9 +15,9 @@
 
 namespace icd {
 
-namespace blocks {
-struct MixerKind;  // blocks/mixer.h
-}  // namespace blocks
+// The kinds of mixer a residual block can hold; blocks/ holds each one's
+// tables (shapes.h: config side; mixer.h: groups and forward).
+enum class MixerType { kMamba1, kMamba2 };
 
 // Canonical names of the embedding and the head; a tied head is the embedding.
 inline constexpr char kEmbeddingTensor[] = "backbone.embeddings.weight";
@@ -60,7 +60,7 @@ struct ModelConfig {
   // The model as a list of residual blocks (docs/blocks.md): block i is
   // norm -> mixers[i] -> add. Planned by the config parser (blocks::
   // PlanBlocks); every block of today's families has the family's kind.
-  std::vector<const blocks::MixerKind*> mixers;
+  std::vector<MixerType> mixers;
 };
 
 // Canonical tensor names: HuggingFace's ("backbone.embeddings.weight",

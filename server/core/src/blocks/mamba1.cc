@@ -7,38 +7,6 @@
 namespace icd::blocks {
 namespace {
 
-absl::Status Mamba1CheckConfig(const ModelConfig& c) {
-  if (c.dt_rank <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("config needs a positive dt_rank; got ", c.dt_rank));
-  }
-  return absl::OkStatus();
-}
-
-void Mamba1Dims(const ModelConfig& c, std::map<std::string, int64_t>& dims) {
-  dims["dt_rank"] = c.dt_rank;
-}
-
-StateShapes Mamba1StateShapes(const ModelConfig& c, int64_t batch) {
-  return {{batch, c.d_inner, c.d_conv - 1}, {batch, c.d_inner, c.d_state}};
-}
-
-void Mamba1Tensors(const ModelConfig& c, int64_t layer, TensorShapes& shapes) {
-  const int64_t inner = c.d_inner;
-  auto name = [layer](const char* suffix) { return LayerTensorName(layer, suffix); };
-  shapes[name("mixer.in_proj.weight")] = {2 * inner, c.d_model};
-  if (c.proj_bias) shapes[name("mixer.in_proj.bias")] = {2 * inner};
-  shapes[name("mixer.conv1d.weight")] = {inner, 1, c.d_conv};
-  if (c.conv_bias) shapes[name("mixer.conv1d.bias")] = {inner};
-  shapes[name("mixer.x_proj.weight")] = {c.dt_rank + 2 * c.d_state, inner};
-  shapes[name("mixer.dt_proj.weight")] = {inner, c.dt_rank};
-  shapes[name("mixer.dt_proj.bias")] = {inner};
-  shapes[name("mixer.A_log")] = {inner, c.d_state};
-  shapes[name("mixer.D")] = {inner};
-  shapes[name("mixer.out_proj.weight")] = {c.d_model, inner};
-  if (c.proj_bias) shapes[name("mixer.out_proj.bias")] = {c.d_model};
-}
-
 void Mamba1Groups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
   const int64_t inner = c.d_inner, state = c.d_state, dt_rank = c.dt_rank;
   auto t = [i](const char* suffix) { return LayerTensorName(i, suffix); };
@@ -72,13 +40,7 @@ void Mamba1Groups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
 
 }  // namespace
 
-const MixerKind kMamba1Mixer{"mamba1",
-                             Mamba1CheckConfig,
-                             Mamba1Dims,
-                             Mamba1Tensors,
-                             Mamba1Groups,
-                             ProjectionResidualMembers,
-                             forward_internal::Mamba1Mixer,
-                             Mamba1StateShapes};
+const MixerKind kMamba1Mixer{"mamba1", kMamba1Shapes, Mamba1Groups,
+                             ProjectionResidualMembers, forward_internal::Mamba1Mixer};
 
 }  // namespace icd::blocks

@@ -7,45 +7,6 @@
 namespace icd::blocks {
 namespace {
 
-absl::Status Mamba2CheckConfig(const ModelConfig& c) {
-  if (c.nheads <= 0 || c.headdim <= 0 || c.ngroups <= 0 || c.nheads * c.headdim != c.d_inner ||
-      c.nheads % c.ngroups != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "Mamba-2 config needs nheads*headdim == d_inner and ngroups dividing nheads; got nheads ",
-        c.nheads, ", headdim ", c.headdim, ", ngroups ", c.ngroups, ", d_inner ", c.d_inner));
-  }
-  return absl::OkStatus();
-}
-
-void Mamba2Dims(const ModelConfig& c, std::map<std::string, int64_t>& dims) {
-  dims["nheads"] = c.nheads;
-  dims["headdim"] = c.headdim;
-  dims["ngroups"] = c.ngroups;
-}
-
-StateShapes Mamba2StateShapes(const ModelConfig& c, int64_t batch) {
-  return {{batch, c.d_inner + 2 * c.ngroups * c.d_state, c.d_conv - 1},
-          {batch, c.nheads, c.headdim, c.d_state}};
-}
-
-void Mamba2Tensors(const ModelConfig& c, int64_t layer, TensorShapes& shapes) {
-  const int64_t inner = c.d_inner;
-  const int64_t bc = c.ngroups * c.d_state;
-  const int64_t in_rows = 2 * inner + 2 * bc + c.nheads;  // z, x, B, C, dt
-  const int64_t conv_channels = inner + 2 * bc;           // x, B, C
-  auto name = [layer](const char* suffix) { return LayerTensorName(layer, suffix); };
-  shapes[name("mixer.in_proj.weight")] = {in_rows, c.d_model};
-  if (c.proj_bias) shapes[name("mixer.in_proj.bias")] = {in_rows};
-  shapes[name("mixer.conv1d.weight")] = {conv_channels, 1, c.d_conv};
-  if (c.conv_bias) shapes[name("mixer.conv1d.bias")] = {conv_channels};
-  shapes[name("mixer.dt_bias")] = {c.nheads};
-  shapes[name("mixer.A_log")] = {c.nheads};
-  shapes[name("mixer.D")] = {c.d_has_hdim ? inner : c.nheads};
-  if (c.gated_norm) shapes[name("mixer.norm.weight")] = {inner};
-  shapes[name("mixer.out_proj.weight")] = {c.d_model, inner};
-  if (c.proj_bias) shapes[name("mixer.out_proj.bias")] = {c.d_model};
-}
-
 void Mamba2Groups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
   const int64_t inner = c.d_inner, heads = c.nheads, headdim = c.headdim;
   const int64_t bc = c.ngroups * c.d_state;  // rows of B (and of C)
@@ -110,13 +71,7 @@ void Mamba2Groups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
 
 }  // namespace
 
-const MixerKind kMamba2Mixer{"mamba2",
-                             Mamba2CheckConfig,
-                             Mamba2Dims,
-                             Mamba2Tensors,
-                             Mamba2Groups,
-                             ProjectionResidualMembers,
-                             forward_internal::Mamba2Mixer,
-                             Mamba2StateShapes};
+const MixerKind kMamba2Mixer{"mamba2", kMamba2Shapes, Mamba2Groups,
+                             ProjectionResidualMembers, forward_internal::Mamba2Mixer};
 
 }  // namespace icd::blocks

@@ -1,24 +1,10 @@
 #include "blocks/mixer.h"
 
-#include <algorithm>
-
 namespace icd::blocks {
 
-void PlanBlocks(ModelConfig& config) {
-  const MixerKind* kind = config.family == Family::kMamba2 ? &kMamba2Mixer : &kMamba1Mixer;
-  config.mixers.assign(static_cast<size_t>(std::max<int64_t>(config.n_layer, 0)), kind);
-}
-
 const MixerKind& MixerAt(const ModelConfig& config, int64_t layer) {
-  return *config.mixers.at(static_cast<size_t>(layer));
-}
-
-std::vector<const MixerKind*> MixerKinds(const ModelConfig& config) {
-  std::vector<const MixerKind*> kinds;
-  for (const MixerKind* kind : config.mixers) {
-    if (std::find(kinds.begin(), kinds.end(), kind) == kinds.end()) kinds.push_back(kind);
-  }
-  return kinds;
+  return config.mixers.at(static_cast<size_t>(layer)) == MixerType::kMamba2 ? kMamba2Mixer
+                                                                            : kMamba1Mixer;
 }
 
 void ProjectionResidualMembers(const ModelConfig& config, int64_t layer,

@@ -1,7 +1,8 @@
 // One place per kind of mixer (docs/blocks.md): what icd knows of a Mamba-1
 // (and FalconMamba) or a Mamba-2 mixer, as a table of functions over the
-// model's config and a layer: the tensors it holds, the symmetry groups
-// inside it, the members it gives the residual group, and its forward.
+// model's config and a layer: its config side (blocks/shapes.h: checks,
+// tensors, state), the symmetry groups inside it, the members it gives the
+// residual group, and its forward.
 // ExpectedShapes (io/config.cc), BuildSpec and ResidualGroup (apply/
 // symmetry.cc) and RunForward (forward/forward.cc) go through the table of
 // each layer's mixer (ModelConfig::mixers, the model as a list of blocks), so
@@ -17,28 +18,16 @@
 
 #include "absl/status/status.h"
 #include "apply/symmetry.h"
+#include "blocks/shapes.h"
 #include "forward/forward_internal.h"
 #include "model.h"
 
 namespace icd::blocks {
 
-// Canonical tensor name -> shape.
-using TensorShapes = std::map<std::string, std::vector<int64_t>>;
-
-// A layer's recurrent state for a batch (forward.h LayerState).
-struct StateShapes {
-  std::vector<int64_t> conv_history;
-  std::vector<int64_t> ssm_state;
-};
-
 struct MixerKind {
   const char* name;
-  // The config's fields of this kind, checked (positive, consistent).
-  absl::Status (*check_config)(const ModelConfig& config);
-  // Its sizes as ModelInfo reports them (io/config.h ConfigDims), added.
-  void (*dims)(const ModelConfig& config, std::map<std::string, int64_t>& dims);
-  // Layer `layer`'s mixer tensors and their shapes, added to `shapes`.
-  void (*tensors)(const ModelConfig& config, int64_t layer, TensorShapes& shapes);
+  // Its config side: checks, sizes, tensors, state shapes.
+  const MixerShapes& shapes;
   // The symmetry groups inside layer `layer`'s mixer, appended to `spec` in
   // the order GetSymmetries lists them.
   void (*groups)(const ModelConfig& config, int64_t layer, FamilySpec& spec);
@@ -48,22 +37,13 @@ struct MixerKind {
                            std::vector<GroupMember>& members);
   // normed [B, L, d_model] -> [B, L, d_model] (forward_internal.h).
   decltype(&forward_internal::Mamba1Mixer) forward;
-  // The shapes of a layer's recurrent state for `batch` rows.
-  StateShapes (*state_shapes)(const ModelConfig& config, int64_t batch);
 };
 
 extern const MixerKind kMamba1Mixer;  // Mamba-1 and FalconMamba (blocks/mamba1.cc)
 extern const MixerKind kMamba2Mixer;  // blocks/mamba2.cc
 
-// The list of blocks of `config`'s model: config.mixers, one per layer, from
-// its family (the parsers call it; a hybrid's parser will list its kinds).
-void PlanBlocks(ModelConfig& config);
-
 // Layer `layer`'s mixer (config.mixers must be planned: every parsed config is).
 const MixerKind& MixerAt(const ModelConfig& config, int64_t layer);
-
-// The distinct kinds of the model's mixers, in order of first appearance.
-std::vector<const MixerKind*> MixerKinds(const ModelConfig& config);
 
 // The members both Mamba kinds give the residual group: in_proj's columns,
 // out_proj's rows (and its bias).

@@ -296,8 +296,8 @@ absl::Status CheckConfig(const ModelConfig& config) {
     return absl::InvalidArgumentError(absl::StrCat(
         "config plans ", config.mixers.size(), " blocks for ", config.n_layer, " layers"));
   }
-  for (const blocks::MixerKind* kind : blocks::MixerKinds(config)) {
-    ICD_RETURN_IF_ERROR(kind->check_config(config));
+  for (const MixerType type : blocks::MixerTypes(config)) {
+    ICD_RETURN_IF_ERROR(blocks::ShapesOf(type).check_config(config));
   }
   return absl::OkStatus();
 }
@@ -365,7 +365,7 @@ absl::Status CheckState(const ModelConfig& config, const RecurrentState& state, 
   for (size_t layer = 0; layer < state.layers.size(); ++layer) {
     const LayerState& layer_state = state.layers[layer];
     const blocks::StateShapes shapes =
-        blocks::MixerAt(config, static_cast<int64_t>(layer)).state_shapes(config, batch);
+        blocks::ShapesAt(config, static_cast<int64_t>(layer)).state_shapes(config, batch);
     absl::Status status =
         check(layer, "conv_history", layer_state.conv_history, shapes.conv_history);
     if (status.ok()) status = check(layer, "ssm_state", layer_state.ssm_state, shapes.ssm_state);

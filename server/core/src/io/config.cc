@@ -8,7 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "blocks/mixer.h"
+#include "blocks/shapes.h"
 #include "icd/core/status_macros.h"
 
 namespace icd {
@@ -355,7 +355,7 @@ std::map<std::string, std::vector<int64_t>> ExpectedShapes(const ModelConfig& c)
   for (int64_t i = 0; i < c.n_layer; ++i) {
     shapes[LayerTensorName(i, "norm.weight")] = {dm};
     if (c.layer_norm) shapes[LayerTensorName(i, "norm.bias")] = {dm};
-    blocks::MixerAt(c, i).tensors(c, i, shapes);
+    blocks::ShapesAt(c, i).tensors(c, i, shapes);
   }
   return shapes;
 }
@@ -365,7 +365,7 @@ std::map<std::string, int64_t> ConfigDims(const ModelConfig& c) {
                                       {"vocab_size", c.vocab_size}, {"d_inner", c.d_inner},
                                       {"d_state", c.d_state},   {"d_conv", c.d_conv},
                                       {"tied", c.tied ? 1 : 0}};
-  for (const blocks::MixerKind* kind : blocks::MixerKinds(c)) kind->dims(c, dims);
+  for (const MixerType type : blocks::MixerTypes(c)) blocks::ShapesOf(type).dims(c, dims);
   return dims;
 }
 

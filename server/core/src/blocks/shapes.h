@@ -1,0 +1,57 @@
+// The config-side half of each kind of mixer (docs/blocks.md): the checks of
+// its config fields, its sizes as ModelInfo reports them, its tensors and
+// their shapes, its recurrent state's shapes. Plain config arithmetic, so that
+// the config parser (and the parsers' fuzz build) uses it without the
+// forward; the groups and the forward are blocks/mixer.h's. Internal to core.
+#ifndef ICD_CORE_SRC_BLOCKS_SHAPES_H_
+#define ICD_CORE_SRC_BLOCKS_SHAPES_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "model.h"
+
+namespace icd::blocks {
+
+// Canonical tensor name -> shape.
+using TensorShapes = std::map<std::string, std::vector<int64_t>>;
+
+// A layer's recurrent state for a batch (forward.h LayerState).
+struct StateShapes {
+  std::vector<int64_t> conv_history;
+  std::vector<int64_t> ssm_state;
+};
+
+struct MixerShapes {
+  const char* name;
+  // The config's fields of this kind, checked (positive, consistent).
+  absl::Status (*check_config)(const ModelConfig& config);
+  // Its sizes as ModelInfo reports them (io/config.h ConfigDims), added.
+  void (*dims)(const ModelConfig& config, std::map<std::string, int64_t>& dims);
+  // Layer `layer`'s mixer tensors and their shapes, added to `shapes`.
+  void (*tensors)(const ModelConfig& config, int64_t layer, TensorShapes& shapes);
+  // The shapes of a layer's recurrent state for `batch` rows.
+  StateShapes (*state_shapes)(const ModelConfig& config, int64_t batch);
+};
+
+extern const MixerShapes kMamba1Shapes;  // Mamba-1 and FalconMamba (blocks/mamba1_shapes.cc)
+extern const MixerShapes kMamba2Shapes;  // blocks/mamba2_shapes.cc
+
+// The list of blocks of `config`'s model: config.mixers, one per layer, from
+// its family (the parsers call it; a hybrid's parser will list its kinds).
+void PlanBlocks(ModelConfig& config);
+
+// Layer `layer`'s mixer's shapes (config.mixers must be planned: every
+// parsed config is).
+const MixerShapes& ShapesAt(const ModelConfig& config, int64_t layer);
+
+// The distinct kinds of the model's mixers, in order of first appearance.
+std::vector<MixerType> MixerTypes(const ModelConfig& config);
+const MixerShapes& ShapesOf(MixerType type);
+
+}  // namespace icd::blocks
+
+#endif  // ICD_CORE_SRC_BLOCKS_SHAPES_H_

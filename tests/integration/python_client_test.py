@@ -408,6 +408,42 @@ class ProgressTest(OwnServerTest):
         self.client._call(self.client._stub.ListModels, pb.ListModelsRequest(), metadata=metadata)
 
 
+class OutOfMemoryTest(OwnServerTest):
+    """An allocation that fails inside a call (issue 20: a CUDA out-of-memory
+    that happens anyway) is RESOURCE_EXHAUSTED saying so, not INTERNAL, and
+    leaves the server and its models as they were. Without a GPU: the
+    server's address space is capped (RLIMIT_AS) just above what it uses, so
+    the forward's first large tensor cannot be allocated."""
+
+    SERVER_ARGS = ["--quiet", "--max-tokens", "2000000"]
+
+    def test_a_failed_allocation_is_resource_exhausted(self):
+        import resource
+        self.client.load("mem", "small/hf")
+        self.addCleanup(self.client.unload, "mem")
+        before = self.client.verify("mem")
+        pid = self.server.proc.pid
+        with open("/proc/%d/status" % pid) as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        ids = np.full((1, 1_000_000), 5, dtype=np.int64)  # embedding alone: 1e6 x 64 x 4 bytes
+        old = resource.prlimit(pid, resource.RLIMIT_AS, (size + (128 << 20), resource.RLIM_INFINITY))
+        try:
+            with self.assertRaises(icd.IcdError) as exhausted:
+                self.client.evaluate("mem", ids)
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_AS, old)
+        self.assertEqual(exhausted.exception.code, "RESOURCE_EXHAUSTED")
+        self.assertIn("out of memory", exhausted.exception.message)
+        self.assertIn("bytes asked for", exhausted.exception.message)
+        self.assertNotIn("frame #", exhausted.exception.message)  # no backtrace to the client
+        # The model and the server as they were.
+        after = self.client.verify("mem")
+        self.assertTrue(after.ok)
+        self.assertEqual((after.rel_l2, after.max_abs), (before.rel_l2, before.max_abs))
+        self.assertTrue(self.client.health())
+        self.assertEqual(self.client.evaluate("mem", ids[:, :64])["tokens"], 63)
+
+
 class CredentialsTest(unittest.TestCase):
     """Token and TLS as the Python client sends them, and its connect timeout."""
 

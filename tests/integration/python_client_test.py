@@ -425,8 +425,8 @@ class OutOfMemoryTest(OwnServerTest):
         pid = self.server.proc.pid
         with open("/proc/%d/status" % pid) as f:
             size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-        ids = np.full((1, 1_000_000), 5, dtype=np.int64)  # embedding alone: 1e6 x 64 x 4 bytes
-        old = resource.prlimit(pid, resource.RLIMIT_AS, (size + (128 << 20), resource.RLIM_INFINITY))
+        ids = np.full((1, 400_000), 5, dtype=np.int64)  # the embedding alone: 4e5 x 64 x 4 bytes
+        old = resource.prlimit(pid, resource.RLIMIT_AS, (size + (48 << 20), resource.RLIM_INFINITY))
         try:
             with self.assertRaises(icd.IcdError) as exhausted:
                 self.client.evaluate("mem", ids)

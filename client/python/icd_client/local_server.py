@@ -60,24 +60,24 @@ class LocalServer:
         self.proc = subprocess.Popen(args + list(extra_args), stdout=subprocess.PIPE,
                                      stderr=self._log)
         self.exit_code = None
-        line = _read_line(self.proc.stdout.fileno(), start_timeout_s)
-        if not line.startswith("listening on "):
-            self.kill()
-            raise RuntimeError("icd-server said %r instead of 'listening on ...'; log:\n%s"
-                               % (line, self.log()))
-        self.address = line[len("listening on "):]
+        self.address = self._announced("listening on ", start_timeout_s)
         self.port = int(self.address.rsplit(":", 1)[1])
         # With --metrics-listen the server says where on the next line.
         self.metrics_address = None
         if "--metrics-listen" in extra_args:
-            line = _read_line(self.proc.stdout.fileno(), start_timeout_s)
-            if not line.startswith("metrics on "):
-                self.kill()
-                raise RuntimeError("icd-server said %r instead of 'metrics on ...'; log:\n%s"
-                                   % (line, self.log()))
-            self.metrics_address = line[len("metrics on "):]
+            self.metrics_address = self._announced("metrics on ", start_timeout_s)
         # Keep draining stdout so the server never blocks on a full pipe.
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+
+    def _announced(self, prefix, timeout_s):
+        """The HOST:PORT of the server's next stdout line, which must start
+        with `prefix`; else the server is killed and its log raised."""
+        line = _read_line(self.proc.stdout.fileno(), timeout_s)
+        if not line.startswith(prefix):
+            self.kill()
+            raise RuntimeError("icd-server said %r instead of '%s...'; log:\n%s"
+                               % (line, prefix, self.log()))
+        return line[len(prefix):]
 
     def log(self, tail=4000):
         self._log.flush()

@@ -25,17 +25,12 @@ StateShapes Mamba1StateShapes(const ModelConfig& c, int64_t batch) {
 void Mamba1Tensors(const ModelConfig& c, int64_t layer, TensorShapes& shapes) {
   const int64_t inner = c.d_inner;
   auto name = [layer](const char* suffix) { return LayerTensorName(layer, suffix); };
-  shapes[name("mixer.in_proj.weight")] = {2 * inner, c.d_model};
-  if (c.proj_bias) shapes[name("mixer.in_proj.bias")] = {2 * inner};
-  shapes[name("mixer.conv1d.weight")] = {inner, 1, c.d_conv};
-  if (c.conv_bias) shapes[name("mixer.conv1d.bias")] = {inner};
+  AddProjectionTensors(c, layer, 2 * inner, inner, shapes);  // in_proj: x, z
   shapes[name("mixer.x_proj.weight")] = {c.dt_rank + 2 * c.d_state, inner};
   shapes[name("mixer.dt_proj.weight")] = {inner, c.dt_rank};
   shapes[name("mixer.dt_proj.bias")] = {inner};
   shapes[name("mixer.A_log")] = {inner, c.d_state};
   shapes[name("mixer.D")] = {inner};
-  shapes[name("mixer.out_proj.weight")] = {c.d_model, inner};
-  if (c.proj_bias) shapes[name("mixer.out_proj.bias")] = {c.d_model};
 }
 
 }  // namespace

@@ -33,16 +33,11 @@ void Mamba2Tensors(const ModelConfig& c, int64_t layer, TensorShapes& shapes) {
   const int64_t in_rows = 2 * inner + 2 * bc + c.nheads;  // z, x, B, C, dt
   const int64_t conv_channels = inner + 2 * bc;           // x, B, C
   auto name = [layer](const char* suffix) { return LayerTensorName(layer, suffix); };
-  shapes[name("mixer.in_proj.weight")] = {in_rows, c.d_model};
-  if (c.proj_bias) shapes[name("mixer.in_proj.bias")] = {in_rows};
-  shapes[name("mixer.conv1d.weight")] = {conv_channels, 1, c.d_conv};
-  if (c.conv_bias) shapes[name("mixer.conv1d.bias")] = {conv_channels};
+  AddProjectionTensors(c, layer, in_rows, conv_channels, shapes);
   shapes[name("mixer.dt_bias")] = {c.nheads};
   shapes[name("mixer.A_log")] = {c.nheads};
   shapes[name("mixer.D")] = {c.d_has_hdim ? inner : c.nheads};
   if (c.gated_norm) shapes[name("mixer.norm.weight")] = {inner};
-  shapes[name("mixer.out_proj.weight")] = {c.d_model, inner};
-  if (c.proj_bias) shapes[name("mixer.out_proj.bias")] = {c.d_model};
 }
 
 }  // namespace

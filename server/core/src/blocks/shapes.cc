@@ -9,6 +9,17 @@ void PlanBlocks(ModelConfig& config) {
   config.mixers.assign(static_cast<size_t>(std::max<int64_t>(config.n_layer, 0)), type);
 }
 
+void AddProjectionTensors(const ModelConfig& c, int64_t layer, int64_t in_rows,
+                          int64_t conv_channels, TensorShapes& shapes) {
+  auto name = [layer](const char* suffix) { return LayerTensorName(layer, suffix); };
+  shapes[name("mixer.in_proj.weight")] = {in_rows, c.d_model};
+  if (c.proj_bias) shapes[name("mixer.in_proj.bias")] = {in_rows};
+  shapes[name("mixer.conv1d.weight")] = {conv_channels, 1, c.d_conv};
+  if (c.conv_bias) shapes[name("mixer.conv1d.bias")] = {conv_channels};
+  shapes[name("mixer.out_proj.weight")] = {c.d_model, c.d_inner};
+  if (c.proj_bias) shapes[name("mixer.out_proj.bias")] = {c.d_model};
+}
+
 const MixerShapes& ShapesOf(MixerType type) {
   return type == MixerType::kMamba2 ? kMamba2Shapes : kMamba1Shapes;
 }

@@ -40,6 +40,12 @@ struct MixerShapes {
 extern const MixerShapes kMamba1Shapes;  // Mamba-1 and FalconMamba (blocks/mamba1_shapes.cc)
 extern const MixerShapes kMamba2Shapes;  // blocks/mamba2_shapes.cc
 
+// The tensors both Mamba kinds hold around their own: in_proj [in_rows,
+// d_model], conv1d [conv_channels, 1, d_conv], out_proj [d_model, d_inner],
+// with the biases the config has.
+void AddProjectionTensors(const ModelConfig& config, int64_t layer, int64_t in_rows,
+                          int64_t conv_channels, TensorShapes& shapes);
+
 // The list of blocks of `config`'s model: config.mixers, one per layer, from
 // its family (the parsers call it; a hybrid's parser will list its kinds).
 void PlanBlocks(ModelConfig& config);

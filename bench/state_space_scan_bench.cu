@@ -14,7 +14,10 @@
 // its distance (rel L2) from the recurrence's y and S_L on the same inputs.
 // With --check, first the chunked form against the recurrence over odd
 // shapes (groups, head dims and state sizes off its tiles, lengths around
-// its 64-step chunk, S_0, D per channel): one line each, exit 1 past 1e-5.
+// its 64-step chunk, S_0, D per channel), and the step form (a decode step)
+// against the recurrence on one step: one line each, exit 1 past 1e-5.
+// Then one decode step of each shape, the step form and the recurrence: the
+// mean of 200 launches back to back (a decode step's kernels run so).
 // The recurrence itself is checked against float64 by cuda_test
 // (StateSpaceKernelTest); both forms by cuda_test's chunked cases.
 //
@@ -212,20 +215,31 @@ bool Check(const std::string& label) {
   cases.push_back({"G3 P24 N33", 3, 6, 3, 24, 33, 67, true, true});
   cases.push_back({"G1 P8 N5", 1, 8, 1, 8, 5, 200, false, false});
   cases.push_back({"G8 P64 N128", 1, 16, 8, 64, 128, 2048, true, false});
-  for (const Case& c : cases) {
+  const size_t chunked_cases = cases.size();
+  for (const Case& c : std::vector<Case>{{"P64 N128", 1, 4, 1, 64, 128, 1, true, false},
+                                         {"P64 N128", 2, 80, 1, 64, 128, 1, true, true},
+                                         {"B2 G2 P32 N16", 2, 8, 2, 32, 16, 1, true, true},
+                                         {"G4 P128 N64", 1, 8, 4, 128, 64, 1, false, false},
+                                         {"G3 P24 N33", 3, 6, 3, 24, 33, 1, true, true},
+                                         {"G1 P8 N5", 1, 8, 1, 8, 5, 1, true, false}}) {
+    cases.push_back(c);
+  }
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const Case& c = cases[i];
+    const StateSpaceForm form = i < chunked_cases ? StateSpaceForm::kChunked : StateSpaceForm::kStep;
     const Layer layer(c);
     const Result recurrence = Run(layer, StateSpaceForm::kRecurrence, 1);
-    const Result chunked = Run(layer, StateSpaceForm::kChunked, 1);
-    const double output = RelL2(chunked.output, recurrence.output);
-    const double state = RelL2(chunked.state, recurrence.state);
+    const Result checked = Run(layer, form, 1);
+    const double output = RelL2(checked.output, recurrence.output);
+    const double state = RelL2(checked.state, recurrence.state);
     const bool within = output <= 1e-5 && state <= 1e-5;
     pass = pass && within;
-    std::printf("{\"bench\": \"state_space_check\", \"label\": \"%s\", \"case\": \"%s\", "
-                "\"batch\": %ld, \"seq_len\": %ld, \"state_in\": %s, "
+    std::printf("{\"bench\": \"state_space_check\", \"label\": \"%s\", \"form\": \"%s\", "
+                "\"case\": \"%s\", \"batch\": %ld, \"seq_len\": %ld, \"state_in\": %s, "
                 "\"output_rel_l2\": %.3g, \"state_rel_l2\": %.3g, \"pass\": %s}\n",
-                label.c_str(), c.name.c_str(), static_cast<long>(c.batch),
-                static_cast<long>(c.seq_len), c.state_in ? "true" : "false", output, state,
-                within ? "true" : "false");
+                label.c_str(), form == StateSpaceForm::kStep ? "step" : "chunked", c.name.c_str(),
+                static_cast<long>(c.batch), static_cast<long>(c.seq_len),
+                c.state_in ? "true" : "false", output, state, within ? "true" : "false");
   }
   return pass;
 }
@@ -262,6 +276,52 @@ void TimeShape(const char* name, int64_t heads, const std::string& label,
   }
 }
 
+// One decode step of a layer, each form: the mean of 200 launches back to
+// back between two events (S_0 given, S written elsewhere).
+void TimeStep(const char* name, int64_t heads, const std::string& label) {
+  const Case c{std::string("mamba2-") + name, 1, heads, 1, 64, 128, 1, true, false};
+  const Layer layer(c);
+  float* state = nullptr;
+  float* output = nullptr;
+  CHECK_CUDA(cudaMalloc(&state, layer.StateFloats() * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&output, layer.OutputFloats() * sizeof(float)));
+  cudaEvent_t start, stop;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&stop));
+  constexpr int kLaunches = 200;
+  for (const auto& [form_name, form] :
+       {std::pair<const char*, StateSpaceForm>{"recurrence", StateSpaceForm::kRecurrence},
+        std::pair<const char*, StateSpaceForm>{"step", StateSpaceForm::kStep}}) {
+    const StateSpaceScanLaunchArgs args = layer.Args(form, state, output);
+    for (int round = 0; round < 2; ++round) {  // the first warms up
+      CHECK_CUDA(cudaEventRecord(start));
+      for (int launch = 0; launch < kLaunches; ++launch) {
+        if (LaunchStateSpaceScan(args, nullptr) != 0) {
+          std::fprintf(stderr, "%s: step launch failed\n", c.name.c_str());
+          std::exit(2);
+        }
+      }
+      CHECK_CUDA(cudaEventRecord(stop));
+      CHECK_CUDA(cudaEventSynchronize(stop));
+      float ms = 0;
+      CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
+      if (round == 0) continue;
+      // Moved at least once: S in and out (float32), x, B, C (bf16), y (float32).
+      const double bytes = 8.0 * layer.StateFloats() + 6.0 * layer.Inner() + 4.0 * c.state;
+      std::printf("{\"bench\": \"state_space_step\", \"label\": \"%s\", \"form\": \"%s\", "
+                  "\"shape\": \"%s\", \"heads\": %ld, \"mean_us\": %.2f, "
+                  "\"bytes_floor_us\": %.2f}\n",
+                  label.c_str(), form_name, c.name.c_str(), static_cast<long>(heads),
+                  ms * 1000.0 / kLaunches, bytes / 4.0e12 * 1e6);
+    }
+  }
+  CHECK_CUDA(cudaGetLastError());
+  CHECK_CUDA(cudaFree(state));
+  CHECK_CUDA(cudaFree(output));
+  CHECK_CUDA(cudaEventDestroy(start));
+  CHECK_CUDA(cudaEventDestroy(stop));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -283,5 +343,7 @@ int main(int argc, char** argv) {
   const bool pass = !check || Check(label);
   TimeShape("130m", 24, label, properties, clock_khz);
   TimeShape("2.7b", 80, label, properties, clock_khz);
+  TimeStep("130m", 24, label);
+  TimeStep("2.7b", 80, label);
   return pass ? 0 : 1;
 }

@@ -16,7 +16,7 @@ bin=${SCAN_BENCH_DIR:-/tmp/state_space_scan_bench}; mkdir -p "$bin"
 nvcc -std=c++17 -O3 -arch=sm_90 -I"$repo/server/core/src" \
   -Xcompiler=-Wall,-Wextra,-Wshadow -Werror all-warnings \
   "$repo/bench/state_space_scan_bench.cu" "$repo/server/core/src/scan/state_space_scan.cu" \
-  "$repo/server/core/src/scan/state_space_chunked.cu" \
+  "$repo/server/core/src/scan/state_space_chunked.cu" "$repo/server/core/src/scan/state_space_step.cu" \
   -o "$bin/state_space_scan_bench" > "$out/scan-bench-build.log" 2>&1 ||
   { echo "build failed: $(tail -3 "$out/scan-bench-build.log")" >&2; exit 1; }
 filter='StateSpaceKernelTest.*:FusedForwardTest.Mamba2*:DecodeSessionTest.*'

@@ -1496,6 +1496,48 @@ TEST(StateSpaceKernelTest, ChunkedPiecesInPlaceAndDeclines) {
   EXPECT_TRUE(torch::equal(state, before));
 }
 
+// One step (a decode step) runs the step form by default: against the
+// recurrence kernel on the same inputs within float32 rounding, the state
+// written in place, on shapes off its lane tiles (N 5 to 128, odd head dims,
+// batches, groups, D per head, per channel and none), bfloat16 with the raw
+// time step and float32 with Δ; and against float64 as MatchesTheRecurrence.
+TEST(StateSpaceKernelTest, StepFormMatchesTheRecurrence) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  torch::manual_seed(909);
+  const std::vector<StateSpaceCase> cases = {
+      {1, 80, 1, 64, 128, 1, true, 1}, {2, 8, 2, 32, 16, 1, true, 2},
+      {3, 6, 3, 24, 33, 1, true, 0},   {1, 8, 4, 128, 64, 1, false, 1},
+      {2, 8, 1, 5, 5, 1, true, 2},     {1, 4, 2, 16, 8, 1, true, 1}};
+  for (const StateSpaceCase& c : cases) {
+    for (const bool bf16 : {true, false}) {
+      const std::string name = Describe(c) + (bf16 ? " bf16" : " f32");
+      const scan::StateSpaceInputs inputs =
+          bf16 ? ChunkedCaseInputs(c, true, false)
+               : Cast(RandomStateSpaceInputs(c, torch::kCUDA), torch::kFloat32, torch::kCUDA);
+      const torch::Tensor start =
+          c.initial_state ? torch::randn({c.batch, c.heads, c.head_dim, c.state}, torch::kCUDA)
+                          : torch::zeros({c.batch, c.heads, c.head_dim, c.state}, torch::kCUDA);
+      torch::Tensor step_state = start.clone();
+      const void* storage = step_state.data_ptr();
+      torch::Tensor recurrence_state = start.clone();
+      std::optional<torch::Tensor> step = scan::StateSpaceScanCuda(inputs, &step_state, true);
+      std::optional<torch::Tensor> recurrence = scan::StateSpaceScanCuda(
+          inputs, &recurrence_state, false, scan::StateSpaceForm::kRecurrence);
+      ASSERT_TRUE(step.has_value() && recurrence.has_value()) << name;
+      EXPECT_EQ(step_state.data_ptr(), storage) << name;
+      EXPECT_LE(RelL2(*step, *recurrence), 1e-6) << name;
+      EXPECT_LE(RelL2(step_state, recurrence_state), 1e-6) << name;
+      if (!bf16) {
+        torch::Tensor reference_state = start.cpu().to(torch::kFloat64);
+        const torch::Tensor expected = scan::StateSpaceScanSequential(
+            Cast(inputs, torch::kFloat64, torch::kCPU), &reference_state);
+        EXPECT_LE(RelL2(step->cpu().to(torch::kFloat64), expected), 1e-5) << name;
+        EXPECT_LE(RelL2(step_state.cpu().to(torch::kFloat64), reference_state), 1e-5) << name;
+      }
+    }
+  }
+}
+
 // What the kernel does not take goes back to the caller, state untouched.
 TEST(StateSpaceKernelTest, DeclinesWhatItDoesNotTake) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
@@ -1514,10 +1556,13 @@ TEST(FusedNormTest, GatedRmsNormMatchesTheReference) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   torch::manual_seed(905);
   for (const torch::ScalarType dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
-    // Group widths 640 and 160 (the kernel's 4 per thread), 5120 (24: a
-    // 2.7b-shaped row), 7168 and 1792 (two passes, and 8).
+    // Group widths 640 and 160 (one quad a thread), 5120 (six: a
+    // 2.7b-shaped row), 7168 and 1792 (eight, and two); 163 and 1630 are no
+    // whole quads (the scalar kernel: 4 per thread, and 8) and 9000 is past
+    // the quads' widest (two passes).
     for (const auto& [width, groups] : std::vector<std::pair<int64_t, int64_t>>{
-             {640, 1}, {640, 4}, {5120, 1}, {7168, 1}, {7168, 4}}) {
+             {640, 1}, {640, 4}, {5120, 1}, {7168, 1}, {7168, 4}, {326, 2}, {1630, 1},
+             {9000, 1}}) {
       for (const bool before : {false, true}) {
         const int64_t rows = 37;
         const auto options = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);

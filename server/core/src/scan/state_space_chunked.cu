@@ -580,7 +580,6 @@ bool ChunkedRuns(const StateSpaceScanLaunchArgs& args) {
 }  // namespace
 
 StateSpaceForm StateSpaceFormFor(const StateSpaceScanLaunchArgs& args) {
-  if (!ChunkedRuns(args)) return StateSpaceForm::kRecurrence;
   StateSpaceForm form = args.form;
   if (form == StateSpaceForm::kAuto) {
     static const char* forced = std::getenv("ICD_STATE_SPACE_FORM");
@@ -588,10 +587,14 @@ StateSpaceForm StateSpaceFormFor(const StateSpaceScanLaunchArgs& args) {
       form = StateSpaceForm::kRecurrence;
     } else if (forced != nullptr && std::strcmp(forced, "chunked") == 0) {
       form = StateSpaceForm::kChunked;
+    } else if (args.seq_len == 1) {
+      form = StateSpaceForm::kStep;
     } else {
       form = args.seq_len > kChunk ? StateSpaceForm::kChunked : StateSpaceForm::kRecurrence;
     }
   }
+  if (form == StateSpaceForm::kChunked && !ChunkedRuns(args)) return StateSpaceForm::kRecurrence;
+  if (form == StateSpaceForm::kStep && args.seq_len != 1) return StateSpaceForm::kRecurrence;
   return form;
 }
 

@@ -334,8 +334,10 @@ int LaunchStateSpaceScan(const StateSpaceScanLaunchArgs& args, void* stream) {
       args.output == nullptr || sources != 1) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  if (StateSpaceFormFor(args) == StateSpaceForm::kChunked) {
-    return LaunchStateSpaceChunked(args, stream);
+  switch (StateSpaceFormFor(args)) {
+    case StateSpaceForm::kChunked: return LaunchStateSpaceChunked(args, stream);
+    case StateSpaceForm::kStep: return LaunchStateSpaceStep(args, stream);
+    default: break;
   }
   auto* cuda_stream = static_cast<cudaStream_t>(stream);
   return cuda_elements::ForElementType(args.element_type, [&](auto element) {

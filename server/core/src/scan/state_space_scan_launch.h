@@ -15,10 +15,11 @@ namespace icd::scan {
 // chunk, N of each, in shared memory.
 inline constexpr int64_t kMaxCudaStateSpaceStateSize = 128;
 
-// The two forms of the scan on CUDA: the recurrence (state_space_scan.cu),
-// and the chunked form of the state-space duality on tensor cores
-// (state_space_chunked.cu; bfloat16 x, B and C only).
-enum class StateSpaceForm { kAuto, kRecurrence, kChunked };
+// The forms of the scan on CUDA: the recurrence (state_space_scan.cu), the
+// chunked form of the state-space duality on tensor cores
+// (state_space_chunked.cu; bfloat16 x, B and C only), and one step of time
+// (state_space_step.cu; L = 1, a decode step).
+enum class StateSpaceForm { kAuto, kRecurrence, kChunked, kStep };
 
 // A per-head (or per-channel) parameter of the scan as the model holds it:
 // float32, or the element type of x, B and C; widened in the kernel.
@@ -61,16 +62,17 @@ struct StateSpaceScanLaunchArgs {
                                      // may be state_in (one thread reads and writes
                                      // each element)
   float* output = nullptr;           // y [B, L, H·P], contiguous
-  // kAuto: the chunked form where it runs and the sequence is longer than one
-  // of its chunks (ICD_STATE_SPACE_FORM=recurrence or =chunked overrides
-  // that, for measuring both in one build); else the form named, where it
-  // runs.
+  // kAuto: the step form for one step; the chunked form where it runs and
+  // the sequence is longer than one of its chunks (ICD_STATE_SPACE_FORM=
+  // recurrence or =chunked overrides both, for measuring the forms in one
+  // build); else the form named, where it runs.
   StateSpaceForm form = StateSpaceForm::kAuto;
   float* workspace = nullptr;  // the chunked form's: StateSpaceWorkspaceFloats
 };
 
-// The form a launch with these arguments runs; kRecurrence where the
-// chunked form cannot (other element types, or kRecurrence asked for).
+// The form a launch with these arguments runs; kRecurrence where the form
+// asked for cannot (the chunked form on other element types, the step form
+// on more than one step).
 StateSpaceForm StateSpaceFormFor(const StateSpaceScanLaunchArgs& args);
 
 // Floats of device memory `workspace` must hold for the form
@@ -87,6 +89,9 @@ int LaunchStateSpaceScan(const StateSpaceScanLaunchArgs& args, void* stream);
 // picks it): cudaErrorInvalidValue where it does not run or `workspace` is
 // null.
 int LaunchStateSpaceChunked(const StateSpaceScanLaunchArgs& args, void* stream);
+
+// The step form alone: cudaErrorInvalidValue unless seq_len is 1.
+int LaunchStateSpaceStep(const StateSpaceScanLaunchArgs& args, void* stream);
 
 }  // namespace icd::scan
 

@@ -1559,12 +1559,13 @@ TEST(FusedNormTest, GatedRmsNormMatchesTheReference) {
     // Group widths 640 and 160 (one quad a thread), 5120 (six: a
     // 2.7b-shaped row), 7168 and 1792 (eight, and two); 163 and 1630 are no
     // whole quads (the scalar kernel: 4 per thread, and 8) and 9000 is past
-    // the quads' widest (two passes).
+    // the quads' widest (two passes). One row: a decode step's 1024 threads
+    // a block where the group is wider than 1024 values.
     for (const auto& [width, groups] : std::vector<std::pair<int64_t, int64_t>>{
              {640, 1}, {640, 4}, {5120, 1}, {7168, 1}, {7168, 4}, {326, 2}, {1630, 1},
              {9000, 1}}) {
-      for (const bool before : {false, true}) {
-        const int64_t rows = 37;
+      for (const auto& [before, rows] : std::vector<std::pair<bool, int64_t>>{
+               {false, 37}, {true, 37}, {false, 1}, {true, 1}}) {
         const auto options = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);
         const torch::Tensor values = torch::randn({1, rows, width}, torch::kCUDA);
         const torch::Tensor projected = torch::randn({1, rows, 3 * width}, options);
@@ -1574,7 +1575,7 @@ TEST(FusedNormTest, GatedRmsNormMatchesTheReference) {
             fused::GatedRmsNorm(values, gate, weight, groups, 1e-5, before);
         const std::string name = std::string(c10::toString(dtype)) + " width " +
                                  std::to_string(width) + " groups " + std::to_string(groups) +
-                                 (before ? " norm first" : "");
+                                 " rows " + std::to_string(rows) + (before ? " norm first" : "");
         ASSERT_TRUE(fused.has_value()) << name;
         const torch::Tensor activated = torch::silu(gate.to(torch::kFloat32));
         const torch::Tensor to_norm = before ? values : values * activated;

@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "fused/fused_launch.h"
 #include "scan/dependent_launch.cuh"
@@ -129,7 +130,8 @@ __device__ __forceinline__ void ConvStep(const FewRowsLinearLaunchArgs& args, in
 // partial sums are added in shared memory in warp order (deterministic).
 template <class Element, int kRows>
 __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLinearLaunchArgs args,
-                                                                const int split) {
+                                                                const int split,
+                                                                const int prefetches) {
   using Storage = typename Element::Storage;
   constexpr int kValues = Unpack<Element>::kValues;
   const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -145,13 +147,14 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 #pragma unroll
   for (int r = 0; r < kRows; ++r) sums[r] = 0.0f;
   const int64_t stride = static_cast<int64_t>(split) * 32 * kValues;
-  // The weights are the model's, not the previous kernel's: the first loads
-  // head for L2 while that kernel finishes (dependent_launch.cuh).
+  // The weights are the model's, not the previous kernel's: the first
+  // `prefetches` loads of each lane head for L2 while that kernel finishes
+  // (dependent_launch.cuh).
   const int64_t lane_first = (static_cast<int64_t>(part) * 32 + lane) * kValues;
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
+  for (int u = 0; u < prefetches; ++u) {
     const int64_t k = lane_first + u * stride;
-    if (real && k < in_features) PrefetchL2(weight + k);
+    if (!real || k >= in_features) break;
+    PrefetchL2(weight + k);
   }
   dependent_launch::WaitForPrerequisites();  // x comes from them
   dependent_launch::AllowDependents();
@@ -236,10 +239,22 @@ int Split(int64_t out_features) {
   return split;
 }
 
-int Launch(void (*kernel)(FewRowsLinearLaunchArgs, int), dim3 grid,
+// Loads of each lane prefetched before the previous kernel has finished: by
+// default the whole row (a resident block's weights stream in while the
+// kernels before it run); ICD_FEW_ROWS_PREFETCH=N caps it at N (N = kUnroll
+// was the earlier behaviour), for measuring both in one build.
+int Prefetches() {
+  static const int prefetches = [] {
+    const char* value = std::getenv("ICD_FEW_ROWS_PREFETCH");
+    return value != nullptr ? std::atoi(value) : 1 << 20;
+  }();
+  return prefetches;
+}
+
+int Launch(void (*kernel)(FewRowsLinearLaunchArgs, int, int), dim3 grid,
            const FewRowsLinearLaunchArgs& args, int split, cudaStream_t stream) {
-  return static_cast<int>(
-      dependent_launch::LaunchDependent(kernel, grid, kThreads, stream, args, split));
+  return static_cast<int>(dependent_launch::LaunchDependent(kernel, grid, kThreads, stream, args,
+                                                            split, Prefetches()));
 }
 
 template <class Element>

@@ -19,9 +19,10 @@ using cuda_elements::RoundTo;
 
 constexpr int kThreads = 256;
 
-// The block's sum of `value`, returned to every thread.
+// The block's sum of `value`, returned to every thread (of kBlockThreads).
+template <int kBlockThreads = kThreads>
 __device__ __forceinline__ float BlockSum(float value) {
-  __shared__ float warp_sums[kThreads / 32];
+  __shared__ float warp_sums[kBlockThreads / 32];
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {
     value += __shfl_xor_sync(0xffffffffu, value, offset);
@@ -32,7 +33,7 @@ __device__ __forceinline__ float BlockSum(float value) {
   __syncthreads();
   float total = 0.0f;
 #pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+  for (int w = 0; w < kBlockThreads / 32; ++w) total += warp_sums[w];
   return total;
 }
 
@@ -195,8 +196,8 @@ struct alignas(4 * sizeof(Storage)) Quad {
 // weight read afterwards from L1/L2 (every row reads it), so that a
 // prefill's thousands of rows keep more blocks in flight. Where the row,
 // gate and weight are aligned for it (GatedQuadsAligned).
-template <class Element, int kQuads, bool kNormFirst>
-__global__ void __launch_bounds__(kThreads)
+template <class Element, int kQuads, bool kNormFirst, int kBlockThreads>
+__global__ void __launch_bounds__(kBlockThreads)
     GatedRmsNormQuadKernel(const GatedRmsNormLaunchArgs args) {
   using Storage = typename Element::Storage;
   using StorageQuad = Quad<Storage>;
@@ -219,7 +220,7 @@ __global__ void __launch_bounds__(kThreads)
   StorageQuad gate_bits[kQuads];
 #pragma unroll
   for (int u = 0; u < kQuads; ++u) {
-    const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
+    const int64_t i = thread + static_cast<int64_t>(u) * kBlockThreads;
     float4 loaded = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     gate_bits[u] = StorageQuad{};
     if (i < quads) {
@@ -247,10 +248,10 @@ __global__ void __launch_bounds__(kThreads)
       squares = fmaf(scanned[u][j], scanned[u][j], squares);
     }
   }
-  const float scale = rsqrtf(BlockSum(squares) * inverse_width + args.eps);
+  const float scale = rsqrtf(BlockSum<kBlockThreads>(squares) * inverse_width + args.eps);
 #pragma unroll
   for (int u = 0; u < kQuads; ++u) {
-    const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
+    const int64_t i = thread + static_cast<int64_t>(u) * kBlockThreads;
     if (i >= quads) continue;
     const StorageQuad weight_bits = weight[i];
     StorageQuad normed;
@@ -264,14 +265,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <class Element, int kQuads>
+template <class Element, int kQuads, int kBlockThreads = kThreads>
 cudaError_t LaunchGatedQuads(const GatedRmsNormLaunchArgs& args, dim3 grid, cudaStream_t stream) {
   if (args.norm_before_gate) {
-    return dependent_launch::LaunchDependent(GatedRmsNormQuadKernel<Element, kQuads, true>, grid,
-                                             kThreads, stream, args);
+    return dependent_launch::LaunchDependent(
+        GatedRmsNormQuadKernel<Element, kQuads, true, kBlockThreads>, grid, kBlockThreads, stream,
+        args);
   }
-  return dependent_launch::LaunchDependent(GatedRmsNormQuadKernel<Element, kQuads, false>, grid,
-                                           kThreads, stream, args);
+  return dependent_launch::LaunchDependent(
+      GatedRmsNormQuadKernel<Element, kQuads, false, kBlockThreads>, grid, kBlockThreads, stream,
+      args);
 }
 
 // Whether every row of values, gate, weight and output starts aligned for
@@ -292,6 +295,11 @@ cudaError_t LaunchGatedRows(const GatedRmsNormLaunchArgs& args, dim3 grid, cudaS
   const int64_t group_width = args.width / args.groups;
   if (GatedQuadsAligned<Element>(args) && group_width <= kThreads * 4 * 8) {
     const int64_t quads = group_width / 4;
+    // A decode step's few rows: a block of 1024 threads each, so that a
+    // thread's loads are two quads, not six (latency, not bandwidth).
+    if (args.rows * args.groups < 32 && quads > kThreads && quads <= 1024 * 2) {
+      return LaunchGatedQuads<Element, 2, 1024>(args, grid, stream);
+    }
     if (quads <= kThreads) return LaunchGatedQuads<Element, 1>(args, grid, stream);
     if (quads <= kThreads * 2) return LaunchGatedQuads<Element, 2>(args, grid, stream);
     if (quads <= kThreads * 4) return LaunchGatedQuads<Element, 4>(args, grid, stream);

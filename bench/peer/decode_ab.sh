@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# A/B of a run-time knob on icd's decode step, in one build on the GPU machine:
+# icd_profile's unprofiled CUDA-graph decode step (median of STEPS) for each
+# model under each setting of one environment variable, interleaved in
+# ROUNDS so that drift touches both alike. After bench/peer/run_h200.sh's
+# build stage (icd_profile and the random checkpoints in $ICD_MODELS_DIR).
+#   bench/peer/decode_ab.sh OUT_FILE VAR "VALUE_A VALUE_B" MODEL_DIR...
+# A value "-" leaves VAR unset. Env: STEPS (100), ROUNDS (2).
+set -uo pipefail
+out=${1:?usage: decode_ab.sh OUT_FILE VAR "VALUES" MODEL_DIR...}
+var=${2:?}; values=${3:?}; shift 3
+deb=${ICD_DEB_PREFIX:-/tmp/deb}
+log() { echo "[decode_ab] $*" >&2; }
+source "$(dirname "$0")/icd_env.sh"
+for round in $(seq "${ROUNDS:-2}"); do
+  for model in "$@"; do
+    for value in $values; do
+      if [[ $value == - ]]; then setting=(env -u "$var"); else setting=(env "$var=$value"); fi
+      line=$(icd_env "${setting[@]}" /tmp/icd_profile/icd_profile --model "$model" \
+        --prefill-iters 1 --decode-steps "${STEPS:-100}" --out "/tmp/decode_ab" 2>&1 |
+        grep "decode step (cuda_graph), no profiler")
+      echo "$var=$value round $round $(basename "$(dirname "$model")"): ${line:-failed}" | tee -a "$out"
+    done
+  done
+done

@@ -95,10 +95,26 @@ Flags:
                         N seconds is cancelled (default 60).
   --max-models N        most models loaded at once (default: no limit); one
                         more LoadModel fails with RESOURCE_EXHAUSTED.
-  --memory-budget-mb N  most megabytes of weights all loaded models may hold,
-                        in their loaded dtype (default: no limit); a
-                        LoadModel that would pass it fails with
-                        RESOURCE_EXHAUSTED before any weight is moved.
+  --memory-budget-mb SPEC
+                        most memory per device, in MiB (default: no limit).
+                        SPEC is N (every device), or DEVICE=N entries
+                        separated by commas, DEVICE being cpu, cuda:I or
+                        cuda (every CUDA device not named by index); a bare
+                        N among them covers the devices not named:
+                          --memory-budget-mb 70000
+                          --memory-budget-mb cuda:0=70000,cpu=4000
+                          --memory-budget-mb cuda=70000,8000
+                        The flag may be repeated to add entries. Counted
+                        on each device: loaded models' weights (in their
+                        loaded dtype) and probe references, exactly, and
+                        what CapturePermutation, MeasureLatency, Evaluate
+                        and ComputePermutation will allocate, estimated
+                        from their shapes and held while they run. A
+                        LoadModel or call that would pass its device's
+                        budget fails with RESOURCE_EXHAUSTED before it
+                        allocates there, naming the device, the bytes
+                        needed, the bytes in use and the budget.
+                        ListModels reports each model's device_bytes.
   --return-freed-memory keep glibc's allocator defaults: large freed blocks go
                         back to the kernel at once. By default icd-server
                         keeps them for reuse (one arena, no mmap, heap trimmed
@@ -157,7 +173,7 @@ struct Flags {
   int stream_idle_timeout_s = 60;
   int shutdown_grace_s = 10;
   int max_models = 0;        // 0: no limit
-  int memory_budget_mb = 0;  // 0: no limit
+  icd::MemoryBudget memory_budget;  // empty: no limit
   bool quiet = false;
   bool return_freed_memory = false;
   bool help = false;
@@ -259,9 +275,10 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
       f.max_models = *n;
     }
     if (arg == "--memory-budget-mb") {
-      auto n = ParsePositive(arg, *v, 1 << 30);  // up to 1 PiB
-      if (!n.ok()) return n.status();
-      f.memory_budget_mb = *n;
+      absl::Status added = icd::AddMemoryBudget(*v, f.memory_budget);
+      if (!added.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(arg, " ", *v, ": ", added.message()));
+      }
     }
     if (arg == "--max-tokens" || arg == "--max-streams" || arg == "--stream-idle-timeout-s" ||
         arg == "--shutdown-grace-s") {
@@ -358,8 +375,9 @@ int main(int argc, char** argv) {
   service_options.max_streams = flags->max_streams;
   service_options.stream_idle_timeout = std::chrono::seconds(flags->stream_idle_timeout_s);
   // A WriteTensors stream buffers what it replaces: never more than the
-  // weights the budget allows (each tensor is also held to its own size).
-  service_options.max_write_bytes = static_cast<std::size_t>(flags->memory_budget_mb) << 20;
+  // largest device budget, when every device has one (each tensor is also
+  // held to its own size).
+  service_options.max_write_bytes = static_cast<std::size_t>(flags->memory_budget.Bound());
   if (!flags->token_file.empty()) {
     auto token = ReadFile(flags->token_file, "--token-file");
     if (!token.ok()) return Fail(token.status());
@@ -386,7 +404,10 @@ int main(int argc, char** argv) {
   icd::EngineOptions engine_options;
   engine_options.default_device = flags->device;
   engine_options.max_models = flags->max_models;
-  engine_options.memory_budget_bytes = int64_t{flags->memory_budget_mb} << 20;
+  engine_options.memory_budget = flags->memory_budget;
+  if (!flags->memory_budget.empty()) {
+    std::cerr << "memory budget: " << icd::DescribeMemoryBudget(flags->memory_budget) << "\n";
+  }
   for (const std::string& root : flags->export_roots) {
     auto removed = icd::RemoveStaleExports(root);
     if (!removed.ok()) return Fail(removed.status());
@@ -400,7 +421,8 @@ int main(int argc, char** argv) {
   if (!flags->metrics_listen.empty()) {
     service_options.metrics = &metrics;
     auto started = icd::MetricsEndpoint::Start(
-        flags->metrics_listen, [&metrics, &engine] { return metrics.Render(engine->List()); });
+        flags->metrics_listen,
+        [&metrics, &engine] { return metrics.Render(engine->List(), engine->Memory()); });
     if (!started.ok()) {
       std::cerr << "icd-server: " << started.status().message() << "\n";
       return 1;

@@ -21,6 +21,7 @@ void ToProto(const ModelInfo& in, v1::ModelInfo* out) {
   out->set_fingerprint(in.fingerprint);
   for (const auto& [k, v] : in.dims) (*out->mutable_dims())[k] = v;
   out->set_path(in.path);
+  out->set_device_bytes(in.device_bytes);
 }
 
 void ToProto(const GroupInfo& in, v1::Group* out) {

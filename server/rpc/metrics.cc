@@ -67,7 +67,8 @@ void Metrics::AddTraceBytes(int64_t bytes) {
   trace_bytes_ += static_cast<uint64_t>(bytes > 0 ? bytes : 0);
 }
 
-std::string Metrics::Render(const std::vector<ModelInfo>& models) const {
+std::string Metrics::Render(const std::vector<ModelInfo>& models,
+                            const std::vector<DeviceMemory>& devices) const {
   std::string out;
   {
     const std::lock_guard<std::mutex> lock(mutex_);
@@ -110,13 +111,31 @@ std::string Metrics::Render(const std::vector<ModelInfo>& models) const {
   Header(out, "icd_models_loaded", "gauge", "Models loaded.");
   absl::StrAppend(&out, "icd_models_loaded ", models.size(), "\n");
   Header(out, "icd_model_bytes", "gauge",
-         "Bytes of a loaded model's parameters (distinct parameters x dtype size), by model, "
-         "device and dtype.");
+         "Bytes a loaded model holds on its device as the memory budget counts them (its "
+         "weights in its dtype and its probe reference), by model, device and dtype.");
   for (const ModelInfo& model : models) {
     const std::string dtype(DTypeName(model.dtype));
     absl::StrAppend(&out, "icd_model_bytes{model=\"", Escape(model.name), "\",device=\"",
-                    Escape(model.device), "\",dtype=\"", dtype, "\"} ",
-                    model.parameters * DTypeSize(model.dtype), "\n");
+                    Escape(model.device), "\",dtype=\"", dtype, "\"} ", model.device_bytes,
+                    "\n");
+  }
+  Header(out, "icd_device_memory_bytes", "gauge",
+         "Bytes the memory budget counts on a device, by what holds them: loaded models, or "
+         "running calls' estimates.");
+  for (const DeviceMemory& device : devices) {
+    const std::string label = Escape(device.device);
+    absl::StrAppend(&out, "icd_device_memory_bytes{device=\"", label, "\",held_by=\"models\"} ",
+                    device.model_bytes, "\n");
+    absl::StrAppend(&out, "icd_device_memory_bytes{device=\"", label, "\",held_by=\"calls\"} ",
+                    device.call_bytes, "\n");
+  }
+  Header(out, "icd_device_memory_budget_bytes", "gauge",
+         "A device's memory budget (icd-server --memory-budget-mb); devices without one are "
+         "left out.");
+  for (const DeviceMemory& device : devices) {
+    if (device.budget_bytes <= 0) continue;
+    absl::StrAppend(&out, "icd_device_memory_budget_bytes{device=\"", Escape(device.device),
+                    "\"} ", device.budget_bytes, "\n");
   }
   Header(out, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
   absl::StrAppend(&out, "process_resident_memory_bytes ", ResidentBytes(), "\n");

@@ -2,7 +2,8 @@
 // Triton serves its own on :8002/metrics: calls and their latency per RPC
 // and status code, applies and refused applies, the last verified rel L2 per
 // model, trace bytes ingested; and, read when scraped, the loaded models and
-// their bytes per device and the process's resident memory. The service
+// their bytes per device, each device's memory against its budget, and the
+// process's resident memory. The service
 // records (service.cc); icd-server serves Render() over HTTP
 // (--metrics-listen, metrics_endpoint.cc). Thread-safe.
 #ifndef ICD_RPC_METRICS_H_
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "icd/core/memory_budget.h"
 #include "icd/core/types.h"
 
 namespace icd::rpc {
@@ -42,8 +44,11 @@ class Metrics {
   void AddTraceBytes(int64_t bytes);
 
   // The exposition: the recorded series, then `models` (Engine::List, read
-  // by the caller at scrape time) and the process's resident memory.
-  std::string Render(const std::vector<ModelInfo>& models) const;
+  // by the caller at scrape time), what each device holds against the
+  // memory budget (`devices`, Engine::Memory) and the process's resident
+  // memory.
+  std::string Render(const std::vector<ModelInfo>& models,
+                     const std::vector<DeviceMemory>& devices = {}) const;
 
  private:
   struct Histogram {

@@ -38,7 +38,8 @@ TEST(ServerBinaryTest, HelpTeachesAndExitsZero) {
   for (const char* needle : {"--listen", "--model-root", "--export-root",
                              "--device", "--token-file", "--max-message-mb",
                              "--return-freed-memory", "--max-tokens", "--max-streams",
-                             "--stream-idle-timeout-s", "--shutdown-grace-s", "Example",
+                             "--stream-idle-timeout-s", "--shutdown-grace-s",
+                             "--memory-budget-mb", "cuda:0=70000,cpu=4000", "Example",
                              "listening on"}) {
     EXPECT_NE(out.find(needle), std::string::npos) << needle;
   }
@@ -287,6 +288,59 @@ TEST(ServerBinaryTest, ModelLimitsAreRefusedAndTheServerStaysHealthy) {
   EXPECT_TRUE(icd.Verify("third").ok());
 
   StopWithSigterm(child);
+}
+
+// --memory-budget-mb per device: a value naming devices starts the server
+// (its log says the budget), a load past the CPU's budget is refused naming
+// the device; a value it cannot read stops it at start with exit 2 and says
+// why.
+TEST(ServerBinaryTest, MemoryBudgetIsPerDeviceAndBadValuesStopTheStart) {
+  TempDir tmp;
+  const auto [models, exports] = MakeRoots(tmp.path());
+  const fs::path log = tmp.path() / "budget.log";
+  Child child = Spawn({ICD_SERVER_BINARY, "--listen", "127.0.0.1:0", "--model-root",
+                       models.string(), "--export-root", exports.string(), "--memory-budget-mb",
+                       "cuda:0=70000,cpu=1", "--quiet"},
+                      log.string());
+  ASSERT_GT(child.pid, 0);
+  const std::string port = ListeningPort(child);
+  ASSERT_FALSE(port.empty());
+  auto client = Client::Connect("127.0.0.1:" + port, {});
+  ASSERT_TRUE(client.ok()) << client.status();
+  Client& icd = **client;
+  // mamba1-small in float64: 573,440 bytes with its probe reference.
+  ASSERT_TRUE(icd.LoadModel("wide", "mamba1-small/hf", "", "float64").ok());
+  auto refused = icd.LoadModel("wide2", "mamba1-small/hf", "", "float64");
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  for (const char* needle : {"memory budget of device cpu", "needs 573440 bytes",
+                             "573440 bytes (0.5 MiB) are in use", "the budget is 1048576 bytes"}) {
+    EXPECT_NE(refused.status().message().find(needle), std::string::npos)
+        << needle << " not in: " << refused.status();
+  }
+  auto list = icd.ListModels();
+  ASSERT_TRUE(list.ok()) << list.status();
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].device_bytes(), 573440);
+  StopWithSigterm(child);
+  std::ifstream in(log);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("memory budget: cpu 1 MiB, cuda:0 70000 MiB"), std::string::npos) << text;
+
+  for (const char* bad : {"0", "cpu=", "gpu=5", "cpu=5,cpu=6", "5MB"}) {
+    const fs::path bad_log = tmp.path() / "bad.log";
+    Child refused_start = Spawn({ICD_SERVER_BINARY, "--listen", "127.0.0.1:0", "--model-root",
+                                 models.string(), "--export-root", exports.string(),
+                                 "--memory-budget-mb", bad},
+                                bad_log.string());
+    ASSERT_GT(refused_start.pid, 0);
+    close(refused_start.out);
+    EXPECT_EQ(WaitExit(refused_start.pid), 2) << bad;
+    std::ifstream bad_in(bad_log);
+    const std::string said((std::istreambuf_iterator<char>(bad_in)),
+                           std::istreambuf_iterator<char>());
+    EXPECT_NE(said.find(std::string("--memory-budget-mb ") + bad + ": "), std::string::npos)
+        << said;
+  }
 }
 
 // Runs a shell command (openssl, for test certificates); true on exit 0.

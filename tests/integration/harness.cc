@@ -146,7 +146,8 @@ std::vector<v1::Permutation> RandomPermutations(const v1::Symmetries& syms,
   return out;
 }
 
-Harness::Harness(rpc::ServiceOptions options) : token_(options.token) {
+Harness::Harness(rpc::ServiceOptions options, EngineOptions engine_options)
+    : token_(options.token) {
   model_root_ = tmp_.path() / "models";
   export_root_ = tmp_.path() / "exports";
   fs::create_directories(model_root_);
@@ -165,7 +166,7 @@ Harness::Harness(rpc::ServiceOptions options) : token_(options.token) {
       {model_root_.string(), export_root_.string()}, {export_root_.string()});
   EXPECT_TRUE(paths.ok()) << paths.status();
   options.log_calls = false;
-  engine_ = std::make_unique<Engine>();
+  engine_ = std::make_unique<Engine>(std::move(engine_options));
   service_ = std::make_unique<rpc::PermutationServiceImpl>(
       engine_.get(), std::move(*paths), options);
   grpc::EnableDefaultHealthCheckService(true);

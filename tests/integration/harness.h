@@ -92,7 +92,7 @@ std::vector<v1::Permutation> RandomPermutations(const v1::Symmetries& syms,
 // exists, <fixture>/mamba_ssm) and <tmp>/exports; export root: <tmp>/exports.
 class Harness {
  public:
-  explicit Harness(rpc::ServiceOptions options = {});
+  explicit Harness(rpc::ServiceOptions options = {}, EngineOptions engine_options = {});
   ~Harness();
   Harness(const Harness&) = delete;
   Harness& operator=(const Harness&) = delete;

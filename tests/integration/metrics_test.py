@@ -10,7 +10,11 @@ checked against the calls the test made:
   was, and is counted as refused), icd_verify_rel_l2 equal to the report's,
   gone with the model's unload;
 - icd_trace_bytes_total = the float32 bytes a ComputePermutation stream sent;
-- icd_models_loaded, icd_model_bytes (parameters x dtype size, per device),
+- icd_models_loaded, icd_model_bytes (a model's device_bytes as ListModels
+  reports them: parameters x dtype size + the probe reference, per device),
+  icd_device_memory_bytes (what the memory budget counts per device: the
+  models' bytes, no running call's after the calls) and
+  icd_device_memory_budget_bytes (--memory-budget-mb cpu=4000),
   process_resident_memory_bytes;
 - the exposition parses (HELP and TYPE before each family's samples), the
   content type is Prometheus' 0.0.4 text, other paths are 404 and other
@@ -75,7 +79,8 @@ class MetricsTest(unittest.TestCase):
         models = os.path.join(ARGS.fixtures, "golden")
         with LocalServer(ARGS.server_binary, model_roots=[models],
                          export_roots=[tempfile.gettempdir()],
-                         extra_args=["--metrics-listen", "127.0.0.1:0", "--quiet"]) as server:
+                         extra_args=["--metrics-listen", "127.0.0.1:0", "--quiet",
+                                     "--memory-budget-mb", "cpu=4000"]) as server:
             self.assertIsNotNone(server.metrics_address)
             with icd.Client(server.address, timeout=60) as client:
                 client.load("m", "mamba2-groups/hf")
@@ -147,16 +152,28 @@ class MetricsTest(unittest.TestCase):
                 self.assertEqual(value(samples, "icd_trace_bytes_total"), trace_rows.nbytes)
                 self.assertEqual(value(samples, "icd_models_loaded"), 2)
                 infos = {info.name: info for info in client.models()}
+                for name, size in (("m", 4), ("other", 8)):
+                    probe = 2 * 32 * (8 + 4 * infos[name].dims["vocab_size"])  # ids, logits
+                    self.assertEqual(infos[name].device_bytes, infos[name].parameters * size + probe)
                 self.assertEqual(value(samples, "icd_model_bytes", model="m", device="cpu",
-                                       dtype="float32"), infos["m"].parameters * 4)
+                                       dtype="float32"), infos["m"].device_bytes)
                 self.assertEqual(value(samples, "icd_model_bytes", model="other", device="cpu",
-                                       dtype="float64"), infos["other"].parameters * 8)
+                                       dtype="float64"), infos["other"].device_bytes)
+                self.assertEqual(value(samples, "icd_device_memory_bytes", device="cpu",
+                                       held_by="models"),
+                                 infos["m"].device_bytes + infos["other"].device_bytes)
+                self.assertEqual(value(samples, "icd_device_memory_bytes", device="cpu",
+                                       held_by="calls"), 0)
+                self.assertEqual(value(samples, "icd_device_memory_budget_bytes", device="cpu"),
+                                 4000 << 20)
                 self.assertGreater(value(samples, "process_resident_memory_bytes"), 1 << 20)
 
                 client.unload("other")
                 samples = parse(scrape(server.metrics_address)[2])
                 self.assertIsNone(value(samples, "icd_verify_rel_l2", model="other"))
                 self.assertEqual(value(samples, "icd_models_loaded"), 1)
+                self.assertEqual(value(samples, "icd_device_memory_bytes", device="cpu",
+                                       held_by="models"), infos["m"].device_bytes)
                 self.assertEqual(value(samples, "icd_requests_total", rpc="UnloadModel",
                                        code="OK"), 1)
 

@@ -33,6 +33,8 @@ absl::Status Engine::Unload(const std::string& name) { return impl_->Erase(name)
 
 std::vector<ModelInfo> Engine::List() const { return impl_->List(); }
 
+std::vector<DeviceMemory> Engine::Memory() const { return impl_->Memory(); }
+
 absl::StatusOr<ModelInfo> Engine::Info(const std::string& name) const {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::shared_lock<std::shared_mutex> lock(model->mutex);
@@ -85,6 +87,24 @@ absl::StatusOr<EvaluateResult> Engine::Evaluate(const std::string& name,
         " token leave nothing to score (the NLL is of each next token: send at least 2 per "
         "row, or ask for logits)"));
   }
+  // The forward, the log-probabilities in float64 (and their slice), and on
+  // the CPU the logits copied out when asked.
+  const int64_t positions = batch * ids.size(1);
+  const int64_t vocab = model->config.vocab_size;
+  const int64_t forward_bytes =
+      engine_internal::ForwardBytes(model->config, model->dtype, batch, ids.size(1));
+  const int64_t nll_bytes = engine_internal::SaturatingProduct({2, positions, vocab, 8});
+  const int64_t copy_bytes = request.return_logits && model->memory_device == "cpu"
+                                 ? engine_internal::SaturatingProduct({positions, vocab, 4})
+                                 : 0;
+  ICD_ASSIGN_OR_RETURN(
+      const engine_internal::MemoryHold hold,
+      impl_->BookCall(*model,
+                      engine_internal::SaturatingSum({forward_bytes, nll_bytes, copy_bytes}),
+                      absl::StrCat("Evaluate of model '", name, "' over ", batch, " x ",
+                                   ids.size(1), " tokens (an estimate: forward ", forward_bytes,
+                                   ", log-probabilities ", nll_bytes, ", logits copied out ",
+                                   copy_bytes, " bytes)")));
   return Guarded("evaluate", [&]() -> absl::StatusOr<EvaluateResult> {
     torch::NoGradGuard no_grad;
     const int64_t seq = ids.size(1);
@@ -195,11 +215,29 @@ absl::StatusOr<std::unique_ptr<TraceSession>> Engine::BeginTraces(const TraceHea
     }
     device = model->probe.input_ids.device();
   }
+  // The stream's statistics, its held-out tail (float32 rows, default 1024)
+  // and the solve, on the model's device for the stream's life.
+  const int64_t holdout_rows = header.holdout_rows > 0 ? header.holdout_rows : 1024;
+  const int64_t stats_bytes = engine_internal::StatsBytes(header.channels, /*rows=*/1024);
+  const int64_t tail_bytes =
+      engine_internal::SaturatingProduct({holdout_rows, header.channels, 4});
+  const int64_t solver_bytes = engine_internal::SolverBytes(header.channels);
+  ICD_ASSIGN_OR_RETURN(
+      engine_internal::MemoryHold booked,
+      impl_->BookCall(*model,
+                      engine_internal::SaturatingSum({stats_bytes, tail_bytes, solver_bytes}),
+                      absl::StrCat("ComputePermutation of group '", header.group, "' of model '",
+                                   header.model, "' (", header.channels,
+                                   " channels; an estimate: statistics ", stats_bytes,
+                                   ", held-out rows ", tail_bytes, ", solver ", solver_bytes,
+                                   " bytes)")));
+  // Kept by the solve below, so held as long as the session lives.
+  auto hold = std::make_shared<engine_internal::MemoryHold>(std::move(booked));
   // Finish looks the model up again: it may have been unloaded meanwhile.
   Impl* impl = impl_.get();
-  auto solve = [impl, header, options](const traces::TraceStats& stats,
-                                       const torch::Tensor& holdout,
-                                       const CallContext& ctx) -> absl::StatusOr<PermutationResult> {
+  auto solve = [impl, header, options, hold](
+                   const traces::TraceStats& stats, const torch::Tensor& holdout,
+                   const CallContext& ctx) -> absl::StatusOr<PermutationResult> {
     ICD_ASSIGN_OR_RETURN(auto current, impl->Find(header.model));
     std::shared_lock<std::shared_mutex> lock(current->mutex);
     ICD_ASSIGN_OR_RETURN(const GroupInfo* group, FindGroup(*current, header.group));
@@ -244,6 +282,39 @@ absl::StatusOr<LatencyReport> Engine::MeasureLatency(const LatencyOptions& optio
   const latency::TimedModel timed_model = timed(*model);
   std::optional<latency::TimedModel> timed_compare;
   if (compare) timed_compare = timed(*compare);
+  // Each model's forward over [batch, seq_len], one at a time; for decode,
+  // every session's recurrent state for the whole call, and on a GPU the
+  // memory its step's graph keeps (a one-token forward). A compare model on
+  // another device is refused by Measure, not counted here.
+  const bool decode = options.mode == "decode";
+  int64_t forward_bytes = 0;
+  int64_t state_bytes = 0;
+  for (const LoadedModel* timed_one : {model.get(), compare.get()}) {
+    if (timed_one == nullptr || timed_one->memory_device != model->memory_device) continue;
+    forward_bytes = std::max(forward_bytes,
+                             engine_internal::ForwardBytes(timed_one->config, timed_one->dtype,
+                                                           options.batch, options.seq_len));
+    if (decode) {
+      const int64_t step = timed_one->memory_device == "cpu"
+                               ? 0
+                               : engine_internal::ForwardBytes(timed_one->config,
+                                                               timed_one->dtype, options.batch, 1);
+      state_bytes = engine_internal::SaturatingSum(
+          {state_bytes, step,
+           engine_internal::StateBytes(timed_one->config, timed_one->dtype, options.batch)});
+    }
+  }
+  ICD_ASSIGN_OR_RETURN(
+      const engine_internal::MemoryHold hold,
+      impl_->BookCall(*model, engine_internal::SaturatingSum({forward_bytes, state_bytes}),
+                      absl::StrCat("MeasureLatency (", options.mode, ") of model '", options.model,
+                                   "'",
+                                   compare ? absl::StrCat(" and '", options.compare_model, "'")
+                                           : "",
+                                   " over ", options.batch, " x ", options.seq_len,
+                                   " tokens (an estimate: forward ", forward_bytes,
+                                   decode ? absl::StrCat(", decode state ", state_bytes) : "",
+                                   " bytes)")));
   return Guarded("latency", [&] {
     return latency::Measure(options, timed_model,
                             timed_compare.has_value() ? &*timed_compare : nullptr, ctx);

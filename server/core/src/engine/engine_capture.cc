@@ -83,6 +83,74 @@ class CaptureCollector : public CaptureSink {
 // forwards.
 constexpr int64_t kCaptureStatsBytes = int64_t{2} << 30;
 
+// The capture's forwards: groups [first, next) of each, in order, as many
+// as their statistics fit kCaptureStatsBytes (at least one).
+std::vector<std::pair<size_t, size_t>> CaptureBatches(const std::vector<const GroupInfo*>& groups) {
+  std::vector<std::pair<size_t, size_t>> batches;
+  size_t next = 0;
+  while (next < groups.size()) {
+    const size_t first = next;
+    int64_t bytes = 0;
+    while (next < groups.size()) {
+      const int64_t size = groups[next]->size;
+      const int64_t need = 2 * size * size * 8;
+      if (next > first && bytes + need > kCaptureStatsBytes) break;
+      bytes += need;
+      ++next;
+    }
+    batches.emplace_back(first, next);
+  }
+  return batches;
+}
+
+// What a capture holds on the model's device at its peak, estimated per
+// batch of groups: the statistics and held-out rows of the batch's groups,
+// with either a forward (and one float32 copy of the widest group's rows)
+// or one group's solve (and its held-out rows gathered into one tensor).
+// Held-out rows per group: forward.h's capture points hand `residual`
+// n_layer + 1 row sets per forward and every other group at most 2.
+struct CaptureEstimate {
+  int64_t forward = 0, statistics = 0, holdout = 0, solver = 0, total = 0;
+};
+
+CaptureEstimate EstimateCapture(const LoadedModel& model,
+                                const std::vector<const GroupInfo*>& groups,
+                                const std::vector<std::pair<size_t, size_t>>& batches,
+                                int64_t batch, int64_t seq, int64_t holdout_seq,
+                                int64_t holdout_positions) {
+  using engine_internal::SaturatingProduct;
+  using engine_internal::SaturatingSum;
+  const int64_t longest = std::max(seq, holdout_seq);
+  const int64_t forward =
+      engine_internal::ForwardBytes(model.config, model.dtype, batch, longest);
+  // Rows held out per row set: every position of the held-out ids, or the
+  // last holdout_positions of each sequence.
+  const int64_t held_rows = holdout_seq > 0 ? batch * holdout_seq : batch * holdout_positions;
+  CaptureEstimate peak;
+  for (const auto& [first, next] : batches) {
+    CaptureEstimate part;
+    int64_t widest = 0, row_copy = 0;
+    for (size_t i = first; i < next; ++i) {
+      const int64_t channels = groups[i]->size;
+      const int64_t sets = groups[i]->name == "residual" ? model.config.n_layer + 1 : 2;
+      const int64_t held = SaturatingProduct({sets, held_rows, channels, 4});
+      const int64_t rows = SaturatingProduct({sets, batch, seq});
+      part.statistics =
+          SaturatingSum({part.statistics, engine_internal::StatsBytes(channels, rows)});
+      part.holdout = SaturatingSum({part.holdout, held});
+      part.solver = std::max(part.solver,
+                             SaturatingSum({engine_internal::SolverBytes(channels), held}));
+      widest = std::max(widest, channels);
+    }
+    row_copy = SaturatingProduct({batch, longest, widest, 4});
+    part.forward = SaturatingSum({forward, row_copy});
+    part.total = SaturatingSum(
+        {part.statistics, part.holdout, std::max(part.forward, part.solver)});
+    if (part.total > peak.total) peak = part;
+  }
+  return peak;
+}
+
 }  // namespace
 
 absl::StatusOr<std::vector<PermutationResult>> Engine::Capture(const CaptureRequest& request,
@@ -115,27 +183,32 @@ absl::StatusOr<std::vector<PermutationResult>> Engine::Capture(const CaptureRequ
   // Without held-out tokens: the last fifth of every sequence is held out.
   const int64_t holdout_positions = holdout_ids.defined() ? 0 : (seq >= 2 ? std::max<int64_t>(1, seq / 5) : 0);
   const torch::Device device = ids.device();
+  const std::vector<std::pair<size_t, size_t>> batches = CaptureBatches(groups);
+  const CaptureEstimate estimate =
+      EstimateCapture(*model, groups, batches, batch, seq,
+                      holdout_ids.defined() ? holdout_ids.size(1) : 0, holdout_positions);
+  ICD_ASSIGN_OR_RETURN(
+      const engine_internal::MemoryHold hold,
+      impl_->BookCall(*model, estimate.total,
+                      absl::StrCat("CapturePermutation of model '", request.model, "' over ",
+                                   batch, " x ", seq, " tokens and ", groups.size(),
+                                   " group(s) (an estimate at its peak: forward ",
+                                   estimate.forward, ", statistics ", estimate.statistics,
+                                   ", held-out rows ", estimate.holdout, ", solver ",
+                                   estimate.solver, " bytes)")));
 
   return Guarded("capture", [&]() -> absl::StatusOr<std::vector<PermutationResult>> {
     torch::NoGradGuard no_grad;
     std::vector<PermutationResult> results;
-    size_t next = 0;
-    while (next < groups.size()) {
+    for (const auto& [first, next] : batches) {
       // One forward (two with held-out tokens) per batch of groups whose
-      // statistics fit the budget.
+      // statistics fit kCaptureStatsBytes.
       std::vector<std::unique_ptr<CaptureCollector::Slot>> slots;
       std::map<std::string, CaptureCollector::Slot*> by_name;
-      int64_t bytes = 0;
-      const size_t first = next;
-      while (next < groups.size()) {
-        const int64_t size = groups[next]->size;
-        const int64_t need = 2 * size * size * 8;
-        if (next > first && bytes + need > kCaptureStatsBytes) break;
-        bytes += need;
+      for (size_t i = first; i < next; ++i) {
         slots.push_back(std::make_unique<CaptureCollector::Slot>(
-            traces::StatsOptionsFor(options, size, device)));
-        by_name[groups[next]->name] = slots.back().get();
-        ++next;
+            traces::StatsOptionsFor(options, groups[i]->size, device)));
+        by_name[groups[i]->name] = slots.back().get();
       }
       // Progress in groups: those solved before this batch's forward.
       ReportProgress(ctx, "forward", static_cast<int64_t>(first),

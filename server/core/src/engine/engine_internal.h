@@ -24,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "engine/memory_budget.h"
 #include "io/checkpoint.h"
 #include "io/config.h"
 #include "io/exporter.h"
@@ -101,6 +102,7 @@ struct LoadedModel {
   ProbeReference probe;
   torch::ScalarType dtype = torch::kFloat32;
   std::vector<std::string> allowed_roots;  // LoadOptions::allowed_roots
+  std::string memory_device;  // where the memory budget counts it: "cpu", "cuda:N"
 
   double Tolerance(double requested) const {
     return requested > 0 ? requested : DefaultTolerance(dtype);
@@ -179,6 +181,8 @@ class Engine::Impl {
  public:
   explicit Impl(EngineOptions options) : options_(std::move(options)) {}
 
+  std::vector<DeviceMemory> Memory() const { return ledger_.Snapshot(); }
+
   absl::StatusOr<std::shared_ptr<LoadedModel>> Find(const std::string& name) const {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = models_.find(name);
@@ -203,21 +207,13 @@ class Engine::Impl {
     return absl::OkStatus();
   }
 
-  // Counts `bytes` against the memory budget for `name` (loading), or
-  // refuses: checked and booked under one lock, so concurrent loads cannot
-  // both pass.
-  absl::Status ReserveBytes(const std::string& name, int64_t bytes) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    int64_t held = 0;
-    for (const auto& [holder, size] : bytes_) held += size;
-    if (options_.memory_budget_bytes > 0 && held + bytes > options_.memory_budget_bytes) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "memory budget: model '", name, "' needs ", bytes, " bytes of weights, ", held,
-          " are held, the budget is ", options_.memory_budget_bytes,
-          " (icd-server --memory-budget-mb); unload a model first"));
-    }
-    bytes_[name] = bytes;
-    return absl::OkStatus();
+  // Books a running call's estimated bytes on `model`'s device until the
+  // hold is destroyed, or refuses (ResourceExhausted) before it allocates.
+  absl::StatusOr<engine_internal::MemoryHold> BookCall(const LoadedModel& model, int64_t bytes,
+                                                       absl::string_view what) {
+    return ledger_.BookCall(model.memory_device, bytes, what,
+                            "use fewer tokens or a smaller batch, wait for running calls, or "
+                            "unload a model");
   }
 
   void Finish(const std::string& name, std::shared_ptr<LoadedModel> model) {
@@ -226,7 +222,7 @@ class Engine::Impl {
     if (model) {
       models_[name] = std::move(model);
     } else {
-      bytes_.erase(name);
+      ledger_.ReleaseModel(name);
     }
   }
 
@@ -238,24 +234,47 @@ class Engine::Impl {
     const std::string device_name = options.device.empty() ? options_.default_device
                                                            : options.device;
     ICD_ASSIGN_OR_RETURN(torch::Device device, engine_internal::ParseDevice(device_name));
-    ICD_ASSIGN_OR_RETURN(Checkpoint checkpoint, ReadCheckpoint(path, ctx, options.allowed_roots));
-
-    auto model = std::make_shared<LoadedModel>();
-    model->dtype = checkpoint.weights.at("backbone.embeddings.weight").scalar_type();
+    std::optional<torch::ScalarType> requested;
     if (!options.dtype.empty()) {
       ICD_ASSIGN_OR_RETURN(DType dtype, ParseDType(options.dtype));
-      ICD_ASSIGN_OR_RETURN(model->dtype, engine_internal::ToTorch(dtype));
+      ICD_ASSIGN_OR_RETURN(requested, engine_internal::ToTorch(dtype));
     }
+    if (requested == torch::kFloat16 && device.is_cpu()) {
+      return absl::InvalidArgumentError(kNoCpuHalf);
+    }
+    auto model = std::make_shared<LoadedModel>();
+    model->memory_device = engine_internal::MemoryDevice(device);
+    // The memory budget, before any weight is read: with a dtype asked for
+    // the model's bytes are known from config.json alone and are booked
+    // now; otherwise they are at least those of a 2-byte dtype (checked
+    // here), and booked exactly once the files say their dtype (below),
+    // still before anything reaches the model's device.
+    auto before_weights = [&](const ModelConfig& config) -> absl::Status {
+      const torch::ScalarType counted = requested.value_or(torch::kBFloat16);
+      const std::string what = absl::StrCat(
+          "loading model '", name, "' (", engine_internal::WeightElements(config),
+          " weight elements in ",
+          requested ? std::string(c10::toString(*requested))
+                    : std::string("the checkpoint's dtype, at least 2 bytes each"),
+          ", and a probe reference of ", engine_internal::ProbeBytes(config), " bytes)");
+      const int64_t bytes = engine_internal::ModelBytes(config, counted);
+      return requested ? ledger_.BookModel(name, model->memory_device, bytes, what, kUnloadFirst)
+                       : ledger_.CheckFits(model->memory_device, bytes, what, kUnloadFirst);
+    };
+    ICD_ASSIGN_OR_RETURN(Checkpoint checkpoint,
+                         ReadCheckpoint(path, ctx, options.allowed_roots, before_weights));
+
+    model->dtype =
+        requested.value_or(checkpoint.weights.at("backbone.embeddings.weight").scalar_type());
     if (model->dtype == torch::kFloat16 && device.is_cpu()) {
-      return absl::InvalidArgumentError(
-          "dtype float16 on the CPU: LibTorch has no CPU half kernels here; load with dtype "
-          "float32 (or on a CUDA device)");
+      return absl::InvalidArgumentError(kNoCpuHalf);
     }
-    int64_t bytes = 0;
-    for (const auto& [tensor_name, tensor] : checkpoint.weights) {
-      bytes += tensor.numel() * static_cast<int64_t>(c10::elementSize(model->dtype));
-    }
-    ICD_RETURN_IF_ERROR(ReserveBytes(name, bytes));
+    const int64_t bytes = engine_internal::ModelBytes(checkpoint.config, model->dtype);
+    ICD_RETURN_IF_ERROR(ledger_.BookModel(
+        name, model->memory_device, bytes,
+        absl::StrCat("loading model '", name, "' (weights in ",
+                     std::string(c10::toString(model->dtype)), " and its probe reference)"),
+        kUnloadFirst));
     torch::NoGradGuard no_grad;
     for (auto& [tensor_name, tensor] : checkpoint.weights) {
       tensor = tensor.to(device, model->dtype).contiguous();
@@ -281,6 +300,18 @@ class Engine::Impl {
     info.dims = ConfigDims(model->config);
     info.path = path;
     model->allowed_roots = options.allowed_roots;
+    // What the model holds, counted from its tensors: the booking above, or
+    // a bug in the estimate, corrected here.
+    info.device_bytes = static_cast<int64_t>(model->probe.input_ids.nbytes() +
+                                             model->probe.logits.nbytes());
+    for (const auto& [tensor_name, tensor] : model->weights) {
+      info.device_bytes += static_cast<int64_t>(tensor.nbytes());
+    }
+    if (info.device_bytes != bytes) {
+      ICD_RETURN_IF_ERROR(ledger_.BookModel(
+          name, model->memory_device, info.device_bytes,
+          absl::StrCat("loading model '", name, "' (as loaded)"), kUnloadFirst));
+    }
     return model;
   }
 
@@ -307,7 +338,7 @@ class Engine::Impl {
       return absl::NotFoundError(absl::StrCat("model '", name, "' is not loaded"));
     }
     models_.erase(it);
-    bytes_.erase(name);
+    ledger_.ReleaseModel(name);
     uint64_t& last = retired_versions_[std::hash<std::string>{}(name)];
     last = std::max(last, model->info.version);
     return absl::OkStatus();
@@ -443,11 +474,18 @@ class Engine::Impl {
     return ++model.info.version;
   }
 
+  static constexpr char kUnloadFirst[] = "unload a model first";
+  static constexpr char kNoCpuHalf[] =
+      "dtype float16 on the CPU: LibTorch has no CPU half kernels here; load with dtype "
+      "float32 (or on a CUDA device)";
+
   EngineOptions options_;
-  mutable std::mutex mutex_;  // guards models_, loading_ and bytes_ only
+  mutable std::mutex mutex_;  // guards models_ and loading_ only
   std::map<std::string, std::shared_ptr<LoadedModel>> models_;
   std::set<std::string> loading_;
-  std::map<std::string, int64_t> bytes_;  // weight bytes per loaded or loading model
+  // What each device holds against the budget: loaded (and loading) models
+  // by name, running calls by hold. Its own lock.
+  engine_internal::MemoryLedger ledger_{options_.memory_budget};
   std::unordered_map<size_t, uint64_t> retired_versions_;  // name hash -> last version
 };
 

@@ -180,8 +180,9 @@ absl::Status CheckFilesUnderRoots(const fs::path& dir, const std::vector<std::st
   return absl::OkStatus();
 }
 
-absl::StatusOr<Checkpoint> ReadCheckpoint(const fs::path& dir, const CallContext& ctx,
-                                          const std::vector<std::string>& allowed_roots) {
+absl::StatusOr<Checkpoint> ReadCheckpoint(
+    const fs::path& dir, const CallContext& ctx, const std::vector<std::string>& allowed_roots,
+    const std::function<absl::Status(const ModelConfig&)>& before_weights) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) {
     return absl::NotFoundError(absl::StrCat(dir.string(), ": no such checkpoint directory"));
@@ -198,6 +199,7 @@ absl::StatusOr<Checkpoint> ReadCheckpoint(const fs::path& dir, const CallContext
   const ModelConfig& config = checkpoint.config;
   ICD_ASSIGN_OR_RETURN(checkpoint.layout, FindWeightFiles(dir, config));
   CheckpointLayout& layout = checkpoint.layout;
+  if (before_weights) ICD_RETURN_IF_ERROR(before_weights(config));
 
   Fingerprint fingerprint;
   fingerprint.Add(config_text);

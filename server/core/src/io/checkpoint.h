@@ -4,6 +4,7 @@
 #define ICD_CORE_SRC_CHECKPOINT_H_
 
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -52,10 +53,13 @@ inline constexpr int64_t kMaxIndexBytes = int64_t{16} << 20;
 // nothing else is. NotFound for a missing directory or weights file;
 // InvalidArgument naming the file for a missing config.json, one over
 // kMaxConfigBytes or an index over kMaxIndexBytes. With `allowed_roots`,
-// first CheckFilesUnderRoots.
-absl::StatusOr<Checkpoint> ReadCheckpoint(const std::filesystem::path& dir,
-                                          const CallContext& ctx = {},
-                                          const std::vector<std::string>& allowed_roots = {});
+// first CheckFilesUnderRoots. `before_weights` (optional) is called with the
+// parsed config once the weight files are found and before any is read; a
+// status it returns ends the read (the engine's memory budget).
+absl::StatusOr<Checkpoint> ReadCheckpoint(
+    const std::filesystem::path& dir, const CallContext& ctx = {},
+    const std::vector<std::string>& allowed_roots = {},
+    const std::function<absl::Status(const ModelConfig&)>& before_weights = {});
 
 // Every regular file of `dir` (what a load reads and an export copies),
 // links followed, must lie under one of `roots` (empty: no check);

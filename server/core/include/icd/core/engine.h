@@ -13,7 +13,9 @@
 //   AlreadyExists      a loaded name, an existing export path
 //   FailedPrecondition stale expected_version
 //   Aborted            post-apply check failed, weights restored
-//   ResourceExhausted  a request over a built-in limit (latency samples)
+//   ResourceExhausted  a request over a built-in limit (latency samples), or
+//                      past its device's memory budget (EngineOptions); an
+//                      allocation that failed (status_macros.h OutOfMemory)
 //   PermissionDenied   a checkpoint file linking outside LoadOptions::allowed_roots
 //   Cancelled / DeadlineExceeded  the CallContext said stop (CheckCall);
 //                      nothing changed
@@ -31,6 +33,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "icd/core/export.h"
+#include "icd/core/memory_budget.h"
 #include "icd/core/traces.h"
 #include "icd/core/types.h"
 
@@ -41,10 +44,11 @@ struct EngineOptions {
   // Most models loaded (or loading) at once; 0: no limit. Beyond it Load is
   // ResourceExhausted.
   int max_models = 0;
-  // Most weight bytes held by loaded (and loading) models together, in their
-  // loaded dtype; 0: no limit. A Load that would pass it is
-  // ResourceExhausted before any weight reaches the device.
-  int64_t memory_budget_bytes = 0;
+  // Bytes each device may hold (icd/core/memory_budget.h): loaded (and
+  // loading) models' weights in their loaded dtype and probe references, and
+  // running calls' estimates; empty: no limit. A Load or call that would
+  // pass its device's budget is ResourceExhausted before it allocates there.
+  MemoryBudget memory_budget = {};
 };
 
 class ICD_CORE_API Engine {
@@ -62,6 +66,9 @@ class ICD_CORE_API Engine {
                                  const CallContext& ctx = {});
   absl::Status Unload(const std::string& name);
   std::vector<ModelInfo> List() const;
+  // What each device holds as the memory budget counts it: every device
+  // with a budget or with anything booked.
+  std::vector<DeviceMemory> Memory() const;
   absl::StatusOr<ModelInfo> Info(const std::string& name) const;
 
   // The model's groups, tensor names in its layout; `version` (optional)

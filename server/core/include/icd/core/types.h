@@ -43,6 +43,9 @@ struct ModelInfo {
   std::string fingerprint;  // hex digest of config and weights at load
   std::map<std::string, int64_t> dims;  // d_model, n_layer, vocab_size, ...
   std::string path;  // checkpoint directory it was loaded from
+  // Bytes it holds on `device`, as the memory budget counts them: its
+  // weights in `dtype` and its probe reference (ids and logits).
+  int64_t device_bytes = 0;
 };
 
 // One slice of one tensor that a symmetry group permutes.

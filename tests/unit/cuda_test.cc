@@ -1694,6 +1694,33 @@ TEST(DecodeSessionTest, GraphStepsMatchOneForward) {
   }
 }
 
+// A Mamba-2 decode step folds its gated norm into the scan (y·silu(z)) and
+// out_proj (the norm as it reads g); ICD_FOLD_GATED_NORM=0 runs the norm
+// kernel instead. Both give the same logits, step by step: the fold
+// computes the norm kernel's floats (the same sum order for the scale, the
+// same products and roundings).
+TEST(DecodeSessionTest, FoldedGatedNormIsTheNormKernel) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  for (const DecodeCase& c : DecodeCases()) {
+    for (const torch::ScalarType dtype : {torch::kFloat32, torch::kBFloat16}) {
+      Weights weights;
+      for (const auto& [name, tensor] : c.weights) weights[name] = tensor.to(torch::kCUDA, dtype);
+      const torch::Tensor ids = c.ids.to(torch::kCUDA);
+      ASSERT_EQ(unsetenv("ICD_FOLD_GATED_NORM"), 0);
+      const torch::Tensor folded = SessionLogits(c.config, weights, ids, 1, decode::Execution::kEager);
+      ASSERT_EQ(setenv("ICD_FOLD_GATED_NORM", "0", 1), 0);
+      const torch::Tensor kernel = SessionLogits(c.config, weights, ids, 1, decode::Execution::kEager);
+      ASSERT_EQ(unsetenv("ICD_FOLD_GATED_NORM"), 0);
+      ASSERT_TRUE(folded.defined() && kernel.defined()) << c.name;
+      const double rel = RelL2(folded, kernel);
+      std::printf("[decode] %s %s: folded gated norm vs its kernel rel_l2 %.3g, bitwise %s\n",
+                  c.name.c_str(), c10::toString(dtype), rel,
+                  torch::equal(folded, kernel) ? "equal" : "different");
+      EXPECT_LE(rel, dtype == torch::kFloat32 ? 1e-6 : 1e-3) << c.name;
+    }
+  }
+}
+
 // The check bites: a session whose state is lost (a fresh prefill of one
 // token, then the rest) is another function.
 TEST(DecodeSessionTest, StepsWithoutTheirHistoryDiffer) {

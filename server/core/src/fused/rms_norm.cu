@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "fused/block_sum.cuh"
 #include "fused/fused_launch.h"
 #include "scan/dependent_launch.cuh"
 #include "scan/element_types.cuh"
@@ -18,24 +19,6 @@ namespace {
 using cuda_elements::RoundTo;
 
 constexpr int kThreads = 256;
-
-// The block's sum of `value`, returned to every thread (of kBlockThreads).
-template <int kBlockThreads = kThreads>
-__device__ __forceinline__ float BlockSum(float value) {
-  __shared__ float warp_sums[kBlockThreads / 32];
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    value += __shfl_xor_sync(0xffffffffu, value, offset);
-  }
-  const int warp = static_cast<int>(threadIdx.x) / 32;
-  const int lane = static_cast<int>(threadIdx.x) % 32;
-  if (lane == 0) warp_sums[warp] = value;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int w = 0; w < kBlockThreads / 32; ++w) total += warp_sums[w];
-  return total;
-}
 
 // A row of at most kThreads * kPerThread values is held in registers: every
 // load of the row is issued before the first store (the residual may be
@@ -79,7 +62,7 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(const AddRmsNormLau
       squares = fmaf(values[u], values[u], squares);
     }
     // mean(x²) as LibTorch's mean: the sum times 1/D.
-    const float scale = rsqrtf(BlockSum(squares) * (1.0f / static_cast<float>(width)) + args.eps);
+    const float scale = rsqrtf(BlockSum<kThreads>(squares) * (1.0f / static_cast<float>(width)) + args.eps);
 #pragma unroll
     for (int u = 0; u < kPerThread; ++u) {
       const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
@@ -95,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(const AddRmsNormLau
       residual_out[i] = value;
       squares = fmaf(value, value, squares);
     }
-    const float scale = rsqrtf(BlockSum(squares) * (1.0f / static_cast<float>(width)) + args.eps);
+    const float scale = rsqrtf(BlockSum<kThreads>(squares) * (1.0f / static_cast<float>(width)) + args.eps);
     for (int64_t i = thread; i < width; i += kThreads) {
       // This thread wrote residual_out[i] above: program order, no barrier.
       const float normalised = RoundTo<Element>(residual_out[i] * scale);
@@ -160,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) GatedRmsNormKernel(const GatedRmsNor
       if (!args.norm_before_gate) scanned[u] *= activated[u];
       squares = fmaf(scanned[u], scanned[u], squares);
     }
-    const float scale = rsqrtf(BlockSum(squares) * inverse_width + args.eps);
+    const float scale = rsqrtf(BlockSum<kThreads>(squares) * inverse_width + args.eps);
 #pragma unroll
     for (int u = 0; u < kPerThread; ++u) {
       const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
@@ -173,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) GatedRmsNormKernel(const GatedRmsNor
       const float value = args.norm_before_gate ? values[i] : values[i] * activate(gate[i]);
       squares = fmaf(value, value, squares);
     }
-    const float scale = rsqrtf(BlockSum(squares) * inverse_width + args.eps);
+    const float scale = rsqrtf(BlockSum<kThreads>(squares) * inverse_width + args.eps);
     for (int64_t i = thread; i < group_width; i += kThreads) {
       const float activated = activate(gate[i]);
       const float value = args.norm_before_gate ? values[i] : values[i] * activated;
@@ -196,8 +179,8 @@ struct alignas(4 * sizeof(Storage)) Quad {
 // weight read afterwards from L1/L2 (every row reads it), so that a
 // prefill's thousands of rows keep more blocks in flight. Where the row,
 // gate and weight are aligned for it (GatedQuadsAligned).
-template <class Element, int kQuads, bool kNormFirst, int kBlockThreads>
-__global__ void __launch_bounds__(kBlockThreads)
+template <class Element, int kQuads, bool kNormFirst>
+__global__ void __launch_bounds__(kThreads)
     GatedRmsNormQuadKernel(const GatedRmsNormLaunchArgs args) {
   using Storage = typename Element::Storage;
   using StorageQuad = Quad<Storage>;
@@ -220,7 +203,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   StorageQuad gate_bits[kQuads];
 #pragma unroll
   for (int u = 0; u < kQuads; ++u) {
-    const int64_t i = thread + static_cast<int64_t>(u) * kBlockThreads;
+    const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
     float4 loaded = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     gate_bits[u] = StorageQuad{};
     if (i < quads) {
@@ -248,10 +231,10 @@ __global__ void __launch_bounds__(kBlockThreads)
       squares = fmaf(scanned[u][j], scanned[u][j], squares);
     }
   }
-  const float scale = rsqrtf(BlockSum<kBlockThreads>(squares) * inverse_width + args.eps);
+  const float scale = rsqrtf(BlockSum<kThreads>(squares) * inverse_width + args.eps);
 #pragma unroll
   for (int u = 0; u < kQuads; ++u) {
-    const int64_t i = thread + static_cast<int64_t>(u) * kBlockThreads;
+    const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
     if (i >= quads) continue;
     const StorageQuad weight_bits = weight[i];
     StorageQuad normed;
@@ -265,16 +248,14 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-template <class Element, int kQuads, int kBlockThreads = kThreads>
+template <class Element, int kQuads>
 cudaError_t LaunchGatedQuads(const GatedRmsNormLaunchArgs& args, dim3 grid, cudaStream_t stream) {
   if (args.norm_before_gate) {
-    return dependent_launch::LaunchDependent(
-        GatedRmsNormQuadKernel<Element, kQuads, true, kBlockThreads>, grid, kBlockThreads, stream,
-        args);
+    return dependent_launch::LaunchDependent(GatedRmsNormQuadKernel<Element, kQuads, true>, grid,
+                                             kThreads, stream, args);
   }
-  return dependent_launch::LaunchDependent(
-      GatedRmsNormQuadKernel<Element, kQuads, false, kBlockThreads>, grid, kBlockThreads, stream,
-      args);
+  return dependent_launch::LaunchDependent(GatedRmsNormQuadKernel<Element, kQuads, false>, grid,
+                                           kThreads, stream, args);
 }
 
 // Whether every row of values, gate, weight and output starts aligned for
@@ -295,11 +276,6 @@ cudaError_t LaunchGatedRows(const GatedRmsNormLaunchArgs& args, dim3 grid, cudaS
   const int64_t group_width = args.width / args.groups;
   if (GatedQuadsAligned<Element>(args) && group_width <= kThreads * 4 * 8) {
     const int64_t quads = group_width / 4;
-    // A decode step's few rows: a block of 1024 threads each, so that a
-    // thread's loads are two quads, not six (latency, not bandwidth).
-    if (args.rows * args.groups < 32 && quads > kThreads && quads <= 1024 * 2) {
-      return LaunchGatedQuads<Element, 2, 1024>(args, grid, stream);
-    }
     if (quads <= kThreads) return LaunchGatedQuads<Element, 1>(args, grid, stream);
     if (quads <= kThreads * 2) return LaunchGatedQuads<Element, 2>(args, grid, stream);
     if (quads <= kThreads * 4) return LaunchGatedQuads<Element, 4>(args, grid, stream);

@@ -58,6 +58,17 @@ __device__ __forceinline__ float Silu(float gate) {
   return __fdividef(gate, 1.0f + Exp2Polynomial(-gate * kLog2E));
 }
 
+// The sum over an aligned group of kLanes lanes (a power of two, at most
+// 32), in every lane of it; every lane of the warp takes part.
+template <int kLanes>
+__device__ __forceinline__ float LaneGroupSum(float value) {
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  }
+  return value;
+}
+
 // Transposing butterfly over an aligned group of kCount lanes: on entry each
 // lane holds kCount per-step partial sums, on return lane j holds the sum
 // over the group's lanes of step j. Each level halves the values a lane

@@ -23,16 +23,6 @@ using cuda_elements::RoundTo;
 
 constexpr int kThreads = 128;
 
-// The sum over an aligned group of kLanes lanes, in every lane of it.
-template <int kLanes>
-__device__ __forceinline__ float GroupSum(float value) {
-#pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
-    value += __shfl_xor_sync(0xffffffffu, value, offset);
-  }
-  return value;
-}
-
 template <class Element, int kLanes>
 __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanLaunchArgs args) {
   using Storage = typename Element::Storage;
@@ -65,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
     for (int64_t r = lane; r < args.delta_rank; r += kLanes) {
       dot = fmaf(Element::ToFloat(weight[r]), Element::ToFloat(__ldg(input + r)), dot);
     }
-    delta = SoftplusDelta<Element>(RoundTo<Element>(GroupSum<kLanes>(dot)), bias);
+    delta = SoftplusDelta<Element>(RoundTo<Element>(LaneGroupSum<kLanes>(dot)), bias);
   } else if (args.delta_raw.data != nullptr) {
     const auto* raw = static_cast<const Storage*>(args.delta_raw.data);
     delta = SoftplusDelta<Element>(
@@ -88,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
     sum = fmaf(Element::ToFloat(__ldg(c_proj + n)), state, sum);
     if (real && args.state_out != nullptr) args.state_out[state_row + n] = state;
   }
-  sum = GroupSum<kLanes>(sum);
+  sum = LaneGroupSum<kLanes>(sum);
   if (!real || lane != 0) return;
   const float y = (sum + args.d_skip[channel] * x) * Silu(z);
   const int64_t out = batch * inner + channel;  // y [B, 1, I]

@@ -14,6 +14,7 @@
 
 #include "scan/dependent_launch.cuh"
 #include "scan/element_types.cuh"
+#include "scan/scan_math.cuh"
 #include "scan/state_space_delta.cuh"
 #include "scan/state_space_scan_launch.h"
 
@@ -21,16 +22,6 @@ namespace icd::scan {
 namespace {
 
 constexpr int kStepThreads = 128;
-
-// The sum over an aligned group of kLanes lanes, in every lane of it.
-template <int kLanes>
-__device__ __forceinline__ float LaneGroupSum(float value) {
-#pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
-    value += __shfl_xor_sync(0xffffffffu, value, offset);
-  }
-  return value;
-}
 
 // A lane holds states lane + k·kLanes, k < kPerLane (N ≤ kLanes · kPerLane).
 template <class Element, int kLanes, int kPerLane>

@@ -137,6 +137,17 @@ std::string Metrics::Render(const std::vector<ModelInfo>& models,
     absl::StrAppend(&out, "icd_device_memory_budget_bytes{device=\"", Escape(device.device),
                     "\"} ", device.budget_bytes, "\n");
   }
+  Header(out, "icd_cuda_allocator_bytes", "gauge",
+         "LibTorch's CUDA caching allocator on a device: bytes in live tensors (allocated) "
+         "and bytes held from the driver (reserved); CUDA devices only.");
+  for (const DeviceMemory& device : devices) {
+    if (device.allocator_reserved_bytes < 0) continue;
+    const std::string label = Escape(device.device);
+    absl::StrAppend(&out, "icd_cuda_allocator_bytes{device=\"", label, "\",kind=\"allocated\"} ",
+                    device.allocator_allocated_bytes, "\n");
+    absl::StrAppend(&out, "icd_cuda_allocator_bytes{device=\"", label, "\",kind=\"reserved\"} ",
+                    device.allocator_reserved_bytes, "\n");
+  }
   Header(out, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
   absl::StrAppend(&out, "process_resident_memory_bytes ", ResidentBytes(), "\n");
   return out;

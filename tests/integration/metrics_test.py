@@ -15,7 +15,7 @@ checked against the calls the test made:
   icd_device_memory_bytes (what the memory budget counts per device: the
   models' bytes, no running call's after the calls) and
   icd_device_memory_budget_bytes (--memory-budget-mb cpu=4000),
-  process_resident_memory_bytes;
+  process_resident_memory_bytes; no icd_cuda_allocator_bytes on a CPU server;
 - the exposition parses (HELP and TYPE before each family's samples), the
   content type is Prometheus' 0.0.4 text, other paths are 404 and other
   methods 405; a bad --metrics-listen stops the server at start with a message.
@@ -167,6 +167,9 @@ class MetricsTest(unittest.TestCase):
                 self.assertEqual(value(samples, "icd_device_memory_budget_bytes", device="cpu"),
                                  4000 << 20)
                 self.assertGreater(value(samples, "process_resident_memory_bytes"), 1 << 20)
+                # A CPU server has no CUDA allocator to report (cuda_test checks the
+                # figures on a GPU).
+                self.assertFalse([s for s in samples if s[0] == "icd_cuda_allocator_bytes"])
 
                 client.unload("other")
                 samples = parse(scrape(server.metrics_address)[2])

@@ -134,6 +134,22 @@ TEST_P(CudaTest, Float32GoldenApplyVerifyExport) {
   const double permuted = RelL2(Logits("m"), golden_.logits);
   EXPECT_LE(permuted, kGoldenTolerance);
 
+  // The device's memory as LibTorch's CUDA allocator has it (the metrics'
+  // icd_cuda_allocator_bytes) covers the model's bytes; the CPU has none.
+  auto info = engine_.Info("m");
+  ASSERT_TRUE(info.ok()) << info.status();
+  bool found = false;
+  for (const DeviceMemory& memory : engine_.Memory()) {
+    if (memory.device == "cpu") {
+      EXPECT_EQ(memory.allocator_reserved_bytes, -1);
+    }
+    if (memory.device != device) continue;
+    found = true;
+    EXPECT_GE(memory.allocator_allocated_bytes, info->device_bytes) << device;
+    EXPECT_GE(memory.allocator_reserved_bytes, memory.allocator_allocated_bytes) << device;
+  }
+  EXPECT_TRUE(found) << device;
+
   const auto target = temp_.path() / "export";
   auto exported = engine_.Export("m", target.string());
   ASSERT_TRUE(exported.ok()) << exported.status();

@@ -7,6 +7,11 @@
 #include <limits>
 #include <utility>
 
+#ifdef ICD_HAVE_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <torch/cuda.h>
+#endif
+
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -200,6 +205,38 @@ void MemoryLedger::ReleaseCall(const std::string& device, int64_t bytes) {
   usage.calls -= 1;
 }
 
+namespace {
+
+// The CUDA caching allocator's figures for each CUDA device in `out` (those
+// with a budget, models or calls: LibTorch has initialised their allocator
+// once a model lives there); nothing in a build without CUDA. A device whose
+// allocator cannot say keeps -1.
+void AddAllocatorBytes(std::map<std::string, DeviceMemory>& out) {
+#ifdef ICD_HAVE_CUDA
+  const int64_t count = static_cast<int64_t>(torch::cuda::device_count());
+  for (auto& [name, memory] : out) {
+    int64_t index = -1;
+    if (!absl::StartsWith(name, "cuda:") || !absl::SimpleAtoi(name.substr(5), &index) ||
+        index < 0 || index >= count) {
+      continue;
+    }
+    try {
+      // Index 0 of each statistic is the aggregate over pool kinds.
+      const auto stats =
+          c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(index));
+      memory.allocator_allocated_bytes = stats.allocated_bytes[0].current;
+      memory.allocator_reserved_bytes = stats.reserved_bytes[0].current;
+    } catch (const c10::Error&) {
+      // Not initialised yet (nothing allocated there): no figures.
+    }
+  }
+#else
+  (void)out;
+#endif
+}
+
+}  // namespace
+
 std::vector<DeviceMemory> MemoryLedger::Snapshot() const {
   std::lock_guard<std::mutex> lock(mutex_);
   std::map<std::string, DeviceMemory> out;
@@ -215,6 +252,7 @@ std::vector<DeviceMemory> MemoryLedger::Snapshot() const {
     memory.models = usage.models;
     memory.calls = usage.calls;
   }
+  AddAllocatorBytes(out);
   std::vector<DeviceMemory> devices;
   for (auto& [device, memory] : out) {
     memory.budget_bytes = budget_.For(device);

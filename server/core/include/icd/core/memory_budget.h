@@ -65,6 +65,12 @@ struct DeviceMemory {
   int64_t call_bytes = 0;    // running calls' estimates
   int64_t models = 0;
   int64_t calls = 0;
+  // LibTorch's CUDA caching allocator on a CUDA device, as it stands: bytes
+  // in live tensors (allocated) and bytes it holds from the driver
+  // (reserved, what nvidia-smi shows of icd beside the CUDA context); -1 on
+  // the CPU and in builds without CUDA.
+  int64_t allocator_allocated_bytes = -1;
+  int64_t allocator_reserved_bytes = -1;
 };
 
 }  // namespace icd

@@ -143,7 +143,8 @@ TEST_P(CudaTest, Float32GoldenApplyVerifyExport) {
     if (memory.device == "cpu") {
       EXPECT_EQ(memory.allocator_reserved_bytes, -1);
     }
-    if (memory.device != device) continue;
+    // The model's "cuda" is the ledger's "cuda:0".
+    if (memory.device.rfind("cuda:", 0) != 0 || memory.models == 0) continue;
     found = true;
     EXPECT_GE(memory.allocator_allocated_bytes, info->device_bytes) << device;
     EXPECT_GE(memory.allocator_reserved_bytes, memory.allocator_allocated_bytes) << device;
@@ -1575,8 +1576,7 @@ TEST(FusedNormTest, GatedRmsNormMatchesTheReference) {
     // Group widths 640 and 160 (one quad a thread), 5120 (six: a
     // 2.7b-shaped row), 7168 and 1792 (eight, and two); 163 and 1630 are no
     // whole quads (the scalar kernel: 4 per thread, and 8) and 9000 is past
-    // the quads' widest (two passes). One row: a decode step's 1024 threads
-    // a block where the group is wider than 1024 values.
+    // the quads' widest (two passes); 37 rows and one (a decode step).
     for (const auto& [width, groups] : std::vector<std::pair<int64_t, int64_t>>{
              {640, 1}, {640, 4}, {5120, 1}, {7168, 1}, {7168, 4}, {326, 2}, {1630, 1},
              {9000, 1}}) {
@@ -1706,33 +1706,6 @@ TEST(DecodeSessionTest, GraphStepsMatchOneForward) {
           EXPECT_LE(graph_rel, std::max(2 * eager_rel, 1e-3)) << c.name << " prefill " << prefill;
         }
       }
-    }
-  }
-}
-
-// A Mamba-2 decode step folds its gated norm into the scan (y·silu(z)) and
-// out_proj (the norm as it reads g); ICD_FOLD_GATED_NORM=0 runs the norm
-// kernel instead. Both give the same logits, step by step: the fold
-// computes the norm kernel's floats (the same sum order for the scale, the
-// same products and roundings).
-TEST(DecodeSessionTest, FoldedGatedNormIsTheNormKernel) {
-  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
-  for (const DecodeCase& c : DecodeCases()) {
-    for (const torch::ScalarType dtype : {torch::kFloat32, torch::kBFloat16}) {
-      Weights weights;
-      for (const auto& [name, tensor] : c.weights) weights[name] = tensor.to(torch::kCUDA, dtype);
-      const torch::Tensor ids = c.ids.to(torch::kCUDA);
-      ASSERT_EQ(unsetenv("ICD_FOLD_GATED_NORM"), 0);
-      const torch::Tensor folded = SessionLogits(c.config, weights, ids, 1, decode::Execution::kEager);
-      ASSERT_EQ(setenv("ICD_FOLD_GATED_NORM", "0", 1), 0);
-      const torch::Tensor kernel = SessionLogits(c.config, weights, ids, 1, decode::Execution::kEager);
-      ASSERT_EQ(unsetenv("ICD_FOLD_GATED_NORM"), 0);
-      ASSERT_TRUE(folded.defined() && kernel.defined()) << c.name;
-      const double rel = RelL2(folded, kernel);
-      std::printf("[decode] %s %s: folded gated norm vs its kernel rel_l2 %.3g, bitwise %s\n",
-                  c.name.c_str(), c10::toString(dtype), rel,
-                  torch::equal(folded, kernel) ? "equal" : "different");
-      EXPECT_LE(rel, dtype == torch::kFloat32 ? 1e-6 : 1e-3) << c.name;
     }
   }
 }

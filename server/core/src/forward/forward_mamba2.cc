@@ -6,8 +6,6 @@
 // Each form changes only the order of the sums.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <string>
 #include <utility>
@@ -55,21 +53,6 @@ bool HasDtLimit(const ModelConfig& config) {
   return config.dt_min > 0.0 || std::isfinite(config.dt_max);
 }
 
-// RMSNorm of to_norm [B, L, I] (accumulate) over each of the norm's groups,
-// times the norm weight, in accumulate.
-torch::Tensor ScaledNorm(const ModelConfig& config, const Mamba2Layer& view,
-                         const Precision& precision, const torch::Tensor& to_norm) {
-  const int64_t groups = config.grouped_gated_norm ? config.ngroups : 1;
-  const std::vector<int64_t> flat_shape = to_norm.sizes().vec();
-  std::vector<int64_t> grouped_shape = {flat_shape[0], flat_shape[1], groups,
-                                        config.d_inner / groups};
-  torch::Tensor normalized = RmsNormalize(to_norm.reshape(grouped_shape), config.norm_eps,
-                                          precision.accumulate)
-                                 .reshape(flat_shape);  // [B, L, I]
-  // As HF's MambaRMSNormGated: the weight scales the normalised values.
-  return normalized * view.norm_w.to(precision.accumulate);
-}
-
 // Step 6: the gated RMSNorm. scan_output [B, L, I] in accumulate, gate
 // [B, L, I] in compute; returns [B, L, I] in compute. HF
 // (grouped_gated_norm=false) normalises over the whole d_inner; mamba_ssm
@@ -85,33 +68,17 @@ torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
   }
   torch::Tensor gate_act = torch::silu(gate.to(precision.accumulate));
   if (!config.gated_norm) return (scan_output * gate_act).to(precision.compute);
-  torch::Tensor normalized = ScaledNorm(
-      config, view, precision, config.norm_before_gate ? scan_output : scan_output * gate_act);
+  torch::Tensor to_norm = config.norm_before_gate ? scan_output : scan_output * gate_act;
+  const std::vector<int64_t> flat_shape = to_norm.sizes().vec();
+  std::vector<int64_t> grouped_shape = {flat_shape[0], flat_shape[1], groups,
+                                        config.d_inner / groups};
+  torch::Tensor normalized = RmsNormalize(to_norm.reshape(grouped_shape), config.norm_eps,
+                                          precision.accumulate)
+                                 .reshape(flat_shape);  // [B, L, I]
+  // As HF's MambaRMSNormGated: the weight scales the normalised values.
+  normalized = normalized * view.norm_w.to(precision.accumulate);
   if (config.norm_before_gate) normalized = normalized * gate_act;
   return normalized.to(precision.compute);
-}
-
-// Whether a decode step folds its gated norm into the scan and out_proj:
-// ICD_FOLD_GATED_NORM=0 runs the norm kernel instead (for measuring and
-// checking the fold in one build; read on every step, cheap beside it).
-bool FoldGatedNorm() {
-  const char* value = std::getenv("ICD_FOLD_GATED_NORM");
-  return value == nullptr || std::strcmp(value, "0") != 0;
-}
-
-// A decode step's gated norm and out_proj from g = y·silu(z) (the scan's
-// output with its gate; norm_before_gate false): one kernel on CUDA
-// (fused::GatedNormLinear, the same floats as GatedRmsNorm then the
-// linear), else GatedNorm's LibTorch ops from g.
-torch::Tensor GatedNormOut(const ModelConfig& config, const Mamba2Layer& view,
-                           const Precision& precision, const torch::Tensor& gated) {
-  const int64_t groups = config.grouped_gated_norm ? config.ngroups : 1;
-  if (std::optional<torch::Tensor> out = fused::GatedNormLinear(
-          gated, view.norm_w, groups, config.norm_eps, view.out_proj_w, view.out_proj_b)) {
-    return *std::move(out);
-  }
-  return Linear(ScaledNorm(config, view, precision, gated).to(precision.compute), view.out_proj_w,
-                view.out_proj_b);
 }
 
 // Steps per chunk of the chunked scan. On the CPU the native loop runs
@@ -134,12 +101,6 @@ torch::Tensor Scan(const scan::StateSpaceInputs& given, torch::ScalarType accumu
                    torch::Tensor* state, bool in_place, const CallContext& ctx, int64_t layer) {
   if (std::optional<torch::Tensor> output = scan::StateSpaceScanCuda(given, state, in_place)) {
     return *std::move(output);
-  }
-  if (given.gate.defined()) {  // only the CUDA step form takes it: y·silu(z) here
-    scan::StateSpaceInputs ungated = given;
-    ungated.gate = torch::Tensor();
-    return Scan(ungated, accumulate, state, in_place, ctx, layer) *
-           torch::silu(given.gate.to(accumulate));
   }
   const scan::StateSpaceInputs inputs = scan::Widened(given, accumulate);
   const int64_t seq_len = inputs.hidden.size(1);
@@ -266,24 +227,16 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
     scan_inputs.a_log = view.a_log;  // [H]
     scan_inputs.skip = view.d_skip;  // [H] or [I]
   }
-  // A decode step folds the gated norm's product into the scan and the rest
-  // into out_proj (GatedNormOut), where nothing is captured.
-  const std::string headdim_group = LayerGroupName(layer, "headdim");
-  const std::string heads_group = LayerGroupName(layer, "heads");
-  const bool fold_gated_norm = in_place && seq_len == 1 && config.gated_norm &&
-                               !config.norm_before_gate && !capture.Wants(headdim_group) &&
-                               !capture.Wants(heads_group) && FoldGatedNorm();
-  if (fold_gated_norm) scan_inputs.gate = gate.reshape({batch, seq_len, heads, head_dim});
   torch::Tensor scan_output =
       Scan(scan_inputs, wide, state != nullptr ? &state->ssm_state : nullptr, in_place, ctx,
            layer)
           .reshape({batch, seq_len, inner});  // [B, L, I]
-  if (fold_gated_norm) return GatedNormOut(config, view, precision, scan_output);
 
   // 6. Gated RMSNorm (or the bare gate).
   torch::Tensor gated = GatedNorm(config, view, precision, scan_output, gate);
 
-  capture.Add(headdim_group, gated);
+  capture.Add(LayerGroupName(layer, "headdim"), gated);
+  const std::string heads_group = LayerGroupName(layer, "heads");
   if (capture.Wants(heads_group)) {
     // One magnitude per head: invariant under the head's own headdim
     // permutation, so it follows only the head map.

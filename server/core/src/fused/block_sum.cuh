@@ -1,8 +1,7 @@
 // The sum over a block of kBlockThreads threads, in one fixed order: a
-// shuffle tree within each warp, then the warps' sums in warp order. The
-// gated norm kernel (rms_norm.cu) and the few-rows linear that folds it in
-// (few_rows_linear.cu) both use it, so that the folded norm's scale is the
-// same float as the kernel's.
+// shuffle tree within each warp, then the warps' sums in warp order (the
+// norm kernels, rms_norm.cu). A kernel that needs a norm's scale as the
+// same float, bit for bit, sums the same way through this.
 #ifndef ICD_CORE_SRC_FUSED_BLOCK_SUM_CUH_
 #define ICD_CORE_SRC_FUSED_BLOCK_SUM_CUH_
 

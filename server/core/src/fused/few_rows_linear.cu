@@ -11,7 +11,6 @@
 #include <cstdint>
 #include <cstdlib>
 
-#include "fused/block_sum.cuh"
 #include "fused/fused_launch.h"
 #include "scan/dependent_launch.cuh"
 #include "scan/element_types.cuh"
@@ -129,39 +128,7 @@ __device__ __forceinline__ void ConvStep(const FewRowsLinearLaunchArgs& args, in
 // warps of one feature take interleaved 16-byte columns of its weight row
 // (split > 1 when there are too few features to fill the GPU), and their
 // partial sums are added in shared memory in warp order (deterministic).
-// With kGatedNorm the input is the gated norm of args.norm_values, computed
-// as it is read (fused_launch.h).
-// The folded gated norm's scale of each (row, group) of g, into `scales`:
-// the gated norm kernel's sum (rms_norm.cu, GatedRmsNormQuadKernel: thread t
-// takes quads t, t + kThreads, ..., in order, then BlockSum), so that the
-// scale is the same float.
-template <int kRows>
-__device__ __forceinline__ void GatedNormScales(const FewRowsLinearLaunchArgs& args,
-                                                float* scales) {
-  const int64_t groups = args.norm_groups;
-  const int64_t group_width = args.in_features / groups;
-  const int64_t group_quads = group_width / 4;
-  const float inverse_width = 1.0f / static_cast<float>(group_width);
-  for (int r = 0; r < kRows; ++r) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const auto* quads =
-          reinterpret_cast<const float4*>(args.norm_values + r * args.in_features + g * group_width);
-      float squares = 0.0f;
-      for (int64_t i = threadIdx.x; i < group_quads; i += kThreads) {
-        const float4 value = quads[i];
-        squares = fmaf(value.x, value.x, squares);
-        squares = fmaf(value.y, value.y, squares);
-        squares = fmaf(value.z, value.z, squares);
-        squares = fmaf(value.w, value.w, squares);
-      }
-      const float total = BlockSum<kThreads>(squares);
-      if (threadIdx.x == 0) scales[r * groups + g] = rsqrtf(total * inverse_width + args.norm_eps);
-      __syncthreads();  // the next sum reuses BlockSum's storage; `scales` is read after
-    }
-  }
-}
-
-template <class Element, int kRows, bool kGatedNorm>
+template <class Element, int kRows>
 __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLinearLaunchArgs args,
                                                                 const int split,
                                                                 const int prefetches) {
@@ -191,9 +158,6 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
   }
   dependent_launch::WaitForPrerequisites();  // x comes from them
   dependent_launch::AllowDependents();
-  __shared__ float norm_scales[kGatedNorm ? kMaxFewRowsNormScales : 1];
-  if constexpr (kGatedNorm) GatedNormScales<kRows>(args, norm_scales);
-  const int64_t norm_group_width = in_features / args.norm_groups;
   for (int64_t first = lane_first; real && first < in_features; first += kUnroll * stride) {
     uint4 loaded[kUnroll];
 #pragma unroll
@@ -207,34 +171,11 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
       if (k >= in_features) break;
       float weights[kValues];
       Unpack<Element>::Run(loaded[u], weights);
-      float norm_weights[kGatedNorm ? kValues : 1];
-      if constexpr (kGatedNorm) {
-        Unpack<Element>::Run(
-            __ldg(reinterpret_cast<const uint4*>(static_cast<const Storage*>(args.norm_weight) + k)),
-            norm_weights);
-      }
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         float values[kValues];
-        if constexpr (kGatedNorm) {
-          // GatedRmsNormQuadKernel's output element: (g · scale) · weight,
-          // rounded to the element type.
-          const float scale = norm_scales[r * args.norm_groups + k / norm_group_width];
-          const auto* g = reinterpret_cast<const float4*>(args.norm_values + r * in_features + k);
-#pragma unroll
-          for (int q = 0; q < kValues / 4; ++q) {
-            const float4 quad = g[q];
-            const float lanes[4] = {quad.x, quad.y, quad.z, quad.w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const int i = 4 * q + j;
-              values[i] = Element::ToFloat(Element::FromFloat(lanes[j] * scale * norm_weights[i]));
-            }
-          }
-        } else {
-          Unpack<Element>::Run(
-              __ldg(reinterpret_cast<const uint4*>(input + r * args.input_row_stride + k)), values);
-        }
+        Unpack<Element>::Run(
+            __ldg(reinterpret_cast<const uint4*>(input + r * args.input_row_stride + k)), values);
 #pragma unroll
         for (int i = 0; i < kValues; ++i) sums[r] = fmaf(weights[i], values[i], sums[r]);
       }
@@ -298,22 +239,20 @@ int Split(int64_t out_features) {
   return split;
 }
 
-// Loads of each lane prefetched before the previous kernel has finished: by
-// default the whole row (a resident block's weights stream in while the
-// kernels before it run); ICD_FEW_ROWS_PREFETCH=N caps it at N (N = kUnroll
-// was the earlier behaviour), for measuring both in one build.
+// Loads of each lane prefetched before the previous kernel has finished:
+// kUnroll, the first iteration's (the whole row measured slower:
+// deploy/results/h200-gpu-2026-12-02i); ICD_FEW_ROWS_PREFETCH=N sets N, for
+// measuring in one build.
 int Prefetches() {
   static const int prefetches = [] {
     const char* value = std::getenv("ICD_FEW_ROWS_PREFETCH");
-    return value != nullptr ? std::atoi(value) : 1 << 20;
+    return value != nullptr ? std::atoi(value) : kUnroll;
   }();
   return prefetches;
 }
 
-template <class Element, int kRows>
-int Launch(dim3 grid, const FewRowsLinearLaunchArgs& args, int split, cudaStream_t stream) {
-  auto* kernel = args.norm_values != nullptr ? FewRowsLinearKernel<Element, kRows, true>
-                                             : FewRowsLinearKernel<Element, kRows, false>;
+int Launch(void (*kernel)(FewRowsLinearLaunchArgs, int, int), dim3 grid,
+           const FewRowsLinearLaunchArgs& args, int split, cudaStream_t stream) {
   return static_cast<int>(dependent_launch::LaunchDependent(kernel, grid, kThreads, stream, args,
                                                             split, Prefetches()));
 }
@@ -325,14 +264,14 @@ int LaunchElement(const FewRowsLinearLaunchArgs& args, cudaStream_t stream) {
   const dim3 grid(
       static_cast<unsigned int>((args.out_features + features_per_block - 1) / features_per_block));
   switch (args.rows) {
-    case 1: return Launch<Element, 1>(grid, args, split, stream);
-    case 2: return Launch<Element, 2>(grid, args, split, stream);
-    case 3: return Launch<Element, 3>(grid, args, split, stream);
-    case 4: return Launch<Element, 4>(grid, args, split, stream);
-    case 5: return Launch<Element, 5>(grid, args, split, stream);
-    case 6: return Launch<Element, 6>(grid, args, split, stream);
-    case 7: return Launch<Element, 7>(grid, args, split, stream);
-    case 8: return Launch<Element, 8>(grid, args, split, stream);
+    case 1: return Launch(FewRowsLinearKernel<Element, 1>, grid, args, split, stream);
+    case 2: return Launch(FewRowsLinearKernel<Element, 2>, grid, args, split, stream);
+    case 3: return Launch(FewRowsLinearKernel<Element, 3>, grid, args, split, stream);
+    case 4: return Launch(FewRowsLinearKernel<Element, 4>, grid, args, split, stream);
+    case 5: return Launch(FewRowsLinearKernel<Element, 5>, grid, args, split, stream);
+    case 6: return Launch(FewRowsLinearKernel<Element, 6>, grid, args, split, stream);
+    case 7: return Launch(FewRowsLinearKernel<Element, 7>, grid, args, split, stream);
+    case 8: return Launch(FewRowsLinearKernel<Element, 8>, grid, args, split, stream);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }
@@ -347,23 +286,11 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream) {
   const int invalid = static_cast<int>(cudaErrorInvalidValue);
   const int64_t element_bytes = args.element_type == ElementType::kFloat32 ? 4 : 2;
   const int64_t per_load = kLoadBytes / element_bytes;
-  const bool folded_norm = args.norm_values != nullptr;
   if (args.rows < 1 || args.rows > kMaxFewRowsLinearRows || args.in_features < 1 ||
-      args.in_features % per_load != 0 || args.out_features < 1 ||
-      args.out_features > (int64_t{1} << 31) - 1 || args.weight == nullptr ||
-      args.output == nullptr || !Aligned(args.weight)) {
-    return invalid;
-  }
-  if (!folded_norm && (args.input_row_stride % per_load != 0 || args.input == nullptr ||
-                       !Aligned(args.input))) {
-    return invalid;
-  }
-  if (folded_norm &&
-      (args.norm_weight == nullptr || args.norm_groups < 1 ||
-       args.rows * args.norm_groups > kMaxFewRowsNormScales ||
-       args.in_features % args.norm_groups != 0 ||
-       (args.in_features / args.norm_groups) % per_load != 0 || !Aligned(args.norm_values) ||
-       !Aligned(args.norm_weight))) {
+      args.in_features % per_load != 0 || args.input_row_stride % per_load != 0 ||
+      args.out_features < 1 || args.out_features > (int64_t{1} << 31) - 1 ||
+      args.input == nullptr || args.weight == nullptr || args.output == nullptr ||
+      !Aligned(args.input) || !Aligned(args.weight)) {
     return invalid;
   }
   if (args.conv_output != nullptr &&

@@ -34,12 +34,6 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
                                                           int64_t) {
   return std::nullopt;
 }
-
-std::optional<torch::Tensor> GatedNormLinear(const torch::Tensor&, const torch::Tensor&, int64_t,
-                                             double, const torch::Tensor&,
-                                             const torch::Tensor&) {
-  return std::nullopt;
-}
 #endif  // ICD_HAVE_CUDA_FUSED
 
 }  // namespace icd::fused

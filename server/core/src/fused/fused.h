@@ -78,17 +78,6 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
     int64_t conv_offset = 0);
 
-// A Mamba-2 decode step's gated norm (norm_before_gate false) and out_proj
-// in one kernel: FewRowsLinear(GatedRmsNorm(y, z, norm_weight, groups, eps,
-// false), weight, bias), the same floats, from gated = y·silu(z) [..., I]
-// (float32, contiguous: the step form's output with a gate, scan::
-// StateSpaceInputs::gate), of at most kMaxFewRowsLinearRows rows with
-// rows · groups at most 8. nullopt where the kernel declines.
-std::optional<torch::Tensor> GatedNormLinear(const torch::Tensor& gated,
-                                             const torch::Tensor& norm_weight, int64_t groups,
-                                             double eps, const torch::Tensor& weight,
-                                             const torch::Tensor& bias);
-
 }  // namespace icd::fused
 
 #endif  // ICD_CORE_SRC_FUSED_FUSED_H_

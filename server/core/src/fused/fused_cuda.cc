@@ -204,32 +204,18 @@ struct ConvStepOperands {
   int64_t offset;               // the first of the C outputs
 };
 
-// A gated norm folded into the linear: `input` is g = y·silu(z), float32.
-struct GatedNormOperands {
-  const torch::Tensor* weight;  // [K], the compute dtype
-  int64_t groups;
-  double eps;
-};
-
 // FewRowsLinear, and with `conv` its conv step in the same kernel (then the
-// second tensor is silu(conv) [B, 1, C]), or with `norm` of the gated norm of
-// its float32 input; nullopt where the kernel declines, before anything is
-// written.
+// second tensor is silu(conv) [B, 1, C]); nullopt where the kernel declines,
+// before anything is written.
 std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
     const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
-    const ConvStepOperands* conv, const GatedNormOperands* norm = nullptr) {
+    const ConvStepOperands* conv) {
   if (!input.defined() || !input.is_cuda() || input.dim() < 1 || !weight.defined() ||
       weight.dim() != 2 || !weight.is_contiguous()) {
     return std::nullopt;
   }
   const torch::Device device = input.device();
-  const torch::ScalarType compute = norm != nullptr ? weight.scalar_type() : input.scalar_type();
-  if (norm != nullptr &&
-      (input.scalar_type() != torch::kFloat32 || !input.is_contiguous() ||
-       !OnDeviceAs(*norm->weight, device, compute) || !norm->weight->is_contiguous() ||
-       norm->weight->dim() != 1 || norm->weight->size(0) != input.size(-1))) {
-    return std::nullopt;
-  }
+  const torch::ScalarType compute = input.scalar_type();
   const std::optional<ElementType> element_type = KernelElementType(compute);
   const int64_t in_features = weight.size(1);
   const int64_t out_features = weight.size(0);
@@ -274,7 +260,7 @@ std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
   const torch::Tensor bias_values = bias.defined() ? bias.contiguous() : bias;  // [N]
   std::vector<int64_t> output_sizes = input.sizes().vec();
   output_sizes.back() = out_features;
-  torch::Tensor output = torch::empty(output_sizes, weight.options());  // [..., N]
+  torch::Tensor output = torch::empty(output_sizes, input.options());  // [..., N]
 
   FewRowsLinearLaunchArgs args;
   args.rows = rows.size(0);
@@ -286,13 +272,6 @@ std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
   args.weight = weight.data_ptr();
   args.bias = bias_values.defined() ? bias_values.data_ptr() : nullptr;
   args.output = output.data_ptr();
-  if (norm != nullptr) {
-    args.input = nullptr;
-    args.norm_values = rows.data_ptr<float>();
-    args.norm_weight = norm->weight->data_ptr();
-    args.norm_groups = norm->groups;
-    args.norm_eps = static_cast<float>(norm->eps);
-  }
   if (conv != nullptr) {
     conv_output = torch::empty({input.size(0), 1, taps.size(0)}, input.options());
     args.conv_offset = conv->offset;
@@ -332,16 +311,6 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
   auto result = FewRowsLinearLaunch(input, weight, bias, &conv);
   if (!result.has_value()) return std::nullopt;
   return LinearConvStepResult{std::move(result->first), std::move(result->second)};
-}
-
-std::optional<torch::Tensor> GatedNormLinear(const torch::Tensor& gated,
-                                             const torch::Tensor& norm_weight, int64_t groups,
-                                             double eps, const torch::Tensor& weight,
-                                             const torch::Tensor& bias) {
-  const GatedNormOperands norm{&norm_weight, groups, eps};
-  auto result = FewRowsLinearLaunch(gated, weight, bias, nullptr, &norm);
-  if (!result.has_value()) return std::nullopt;
-  return std::move(result->first);
 }
 
 }  // namespace icd::fused

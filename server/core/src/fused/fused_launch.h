@@ -109,22 +109,7 @@ struct FewRowsLinearLaunchArgs {
   const void* conv_bias = nullptr;    // [C]; null: none
   void* conv_history = nullptr;       // [rows, C, K-1], read and written
   void* conv_output = nullptr;        // silu(conv) [rows, C], contiguous
-  // Optional, when norm_values is set (a Mamba-2 decode step's gated norm
-  // folded into out_proj): the input is GatedRmsNorm's output for
-  // norm_before_gate false, computed here from g = y·silu(z) (the step
-  // form's output with a gate): each of norm_groups groups of a row scaled
-  // by rsqrt(mean(g²) + eps), times norm_weight, rounded to element_type, as
-  // the norm kernel computes and rounds it (the same floats). `input` is
-  // then unused. rows · norm_groups <= kMaxFewRowsNormScales; the group
-  // width a multiple of 16 bytes' worth of elements.
-  const float* norm_values = nullptr;  // g [rows, in_features], contiguous
-  const void* norm_weight = nullptr;   // [in_features], element_type
-  int64_t norm_groups = 1;
-  float norm_eps = 0.0f;
 };
-
-// Most (row, group) scales the folded gated norm keeps.
-inline constexpr int64_t kMaxFewRowsNormScales = 8;
 
 // Enqueue on `stream` (a cudaStream_t) of the current device. Return 0
 // (cudaSuccess) or a cudaError_t value: cudaErrorInvalidValue for arguments

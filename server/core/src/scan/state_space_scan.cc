@@ -354,7 +354,6 @@ StateSpaceInputs TimeSlice(const StateSpaceInputs& inputs, int64_t start, int64_
   if (inputs.time_step.defined()) slice.time_step = inputs.time_step.narrow(1, start, length);
   slice.b_proj = inputs.b_proj.narrow(1, start, length);
   slice.c_proj = inputs.c_proj.narrow(1, start, length);
-  if (inputs.gate.defined()) slice.gate = inputs.gate.narrow(1, start, length);
   return slice;
 }
 

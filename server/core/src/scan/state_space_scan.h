@@ -40,11 +40,6 @@ struct StateSpaceInputs {
   torch::Tensor skip;     // D, [H] or [H·P] (per channel); undefined: none.
                           // The CUDA kernels take dt_bias, A_log and D in float32
                           // or the compute dtype; the other forms, Widened's
-  torch::Tensor gate;     // z [B, L, H, P] (compute dtype) or undefined: y·silu(z)
-                          // is returned instead of y (Mamba-2's gated norm's
-                          // first product). StateSpaceScanCuda's step form
-                          // only: it declines a gate on any other form, and the
-                          // other functions leave it to the caller.
 };
 
 // `inputs` with Δ resolved (LibTorch ops, in the time step's dtype), A

@@ -88,11 +88,6 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
       (!parameter_taken(inputs.skip) || (inputs.skip.numel() != heads && !skip_per_channel))) {
     return std::nullopt;
   }
-  if (inputs.gate.defined() &&
-      (!On(inputs.gate, device) || inputs.gate.sizes() != hidden.sizes() ||
-       inputs.gate.scalar_type() != compute || !InnerContiguous(inputs.gate))) {
-    return std::nullopt;
-  }
   const torch::TensorOptions wide = hidden.options().dtype(torch::kFloat32);
   const std::vector<int64_t> state_shape = {batch, heads, head_dim, state_size};
   if (state != nullptr && state->defined() &&
@@ -156,9 +151,7 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
   args.state_in = state_in.defined() ? state_in.data_ptr<float>() : nullptr;
   args.state_out = state_out.defined() ? state_out.data_ptr<float>() : nullptr;
   args.output = output.data_ptr<float>();
-  if (inputs.gate.defined()) args.gate = Operand(inputs.gate);
-  if ((form == StateSpaceForm::kChunked && StateSpaceFormFor(args) != StateSpaceForm::kChunked) ||
-      (args.gate.data != nullptr && StateSpaceFormFor(args) != StateSpaceForm::kStep)) {
+  if (form == StateSpaceForm::kChunked && StateSpaceFormFor(args) != StateSpaceForm::kChunked) {
     return std::nullopt;
   }
   torch::Tensor workspace;  // the chunked form's chunk states and decays

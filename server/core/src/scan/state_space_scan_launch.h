@@ -62,10 +62,6 @@ struct StateSpaceScanLaunchArgs {
                                      // may be state_in (one thread reads and writes
                                      // each element)
   float* output = nullptr;           // y [B, L, H·P], contiguous
-  // z [B, L, H·P], element_type: with it y·silu(z) is written instead of y,
-  // the first product of Mamba-2's gated norm (norm_before_gate false),
-  // folded into the scan. The step form only (cudaErrorInvalidValue else).
-  ScanOperand gate;
   // kAuto: the step form for one step; the chunked form where it runs and
   // the sequence is longer than one of its chunks (ICD_STATE_SPACE_FORM=
   // recurrence or =chunked overrides both, for measuring the forms in one

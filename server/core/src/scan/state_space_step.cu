@@ -6,8 +6,7 @@
 // so that its reads and writes of S are coalesced and batch 1 still gives
 // thousands of warps; C·S is summed by a shuffle tree. The arithmetic per
 // state is the recurrence kernel's: S = fma(S, exp(Δ A_h), (Δ x) B_n),
-// float32 throughout, y = C·S + D x; with a gate, y·silu(z) (the gated
-// norm's first product, as its kernel computes it).
+// float32 throughout, y = C·S + D x.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -82,12 +81,6 @@ __global__ void __launch_bounds__(kStepThreads) StateSpaceStepKernel(const State
   if (!real || lane != 0) return;
   float y = sum;
   if (args.skip.data != nullptr) y = fmaf(SkipOf<Element>(args, head, p), x, y);
-  if (args.gate.data != nullptr) {
-    // silu(z) in float32, as the gated norm kernel and torch::silu take it.
-    const float z = Element::ToFloat(static_cast<const Storage*>(
-        args.gate.data)[batch * args.gate.batch_stride + head * head_dim + p]);
-    y *= z / (1.0f + expf(-z));
-  }
   args.output[batch * heads * head_dim + head * head_dim + p] = y;  // y [B, 1, H·P]
 }
 

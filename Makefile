@@ -6,7 +6,7 @@ CMAKE_FLAGS ?=
 DEB_PACKAGES := cmake g++ make ninja-build ccache pkg-config libtorch-dev libgrpc++-dev protobuf-compiler-grpc \
   libprotobuf-dev libabsl-dev googletest libgtest-dev nlohmann-json3-dev libmicrohttpd-dev \
   python3-grpcio python3-protobuf python3-torch python3-numpy python3-igraph \
-  python3-venv python3-pip python3-setuptools python3-wheel python3-matplotlib \
+  python3-venv python3-pip python3-setuptools python3-wheel python3-matplotlib python3-tqdm \
   libopenblas0-pthread clang libclang-rt-14-dev openssl
 # Node and npm bring `buf` (npm @bufbuild/buf) for the clients test. Installed
 # from Debian only when no npm is on PATH (a NodeSource nodejs already ships

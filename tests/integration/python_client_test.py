@@ -16,6 +16,7 @@ Run by ctest (tests/integration/CMakeLists.txt):
   /usr/bin/python3 python_client_test.py --server-binary B --fixtures F --stubs GEN
 """
 
+import io
 import json
 import os
 import shutil
@@ -370,6 +371,30 @@ class ProgressTest(OwnServerTest):
         # Asked again by its ID after the end: the same final state.
         again = self.client.progress(last.request_id)
         self.assertEqual((again.finished, again.done), (True, 300))
+
+    def test_tqdm_shows_the_documented_bar(self):
+        # docs/clients.md's tqdm snippet, as written, on a latency run: the bar
+        # ends full, named by the last stage, and drew as the call ran.
+        from tqdm import tqdm
+        self.client.load("t", "small/hf")
+        self.addCleanup(self.client.unload, "t")
+        out = io.StringIO()
+        bar = tqdm(file=out, mininterval=0)
+        def show(p):
+            bar.set_description(p.stage)
+            bar.total = p.total or None
+            bar.n = p.done
+            bar.refresh()
+        report = self.client.measure_latency("t", seq_len=256, warmup=2, iters=200, progress=show)
+        bar.close()
+        self.assertEqual(report.samples, 200)
+        self.assertEqual((bar.n, bar.total), (200, 200))
+        lines = [line for line in out.getvalue().replace("\r", "\n").split("\n") if line.strip()]
+        self.assertTrue(lines[-1].startswith("samples: 100%"), lines[-1])
+        self.assertIn("200/200", lines[-1])
+        partial = [line for line in lines if "samples:" in line and "/200" in line
+                   and "200/200" not in line]
+        self.assertTrue(partial, "no bar drawn while the call ran: %r" % lines[-5:])
 
     def test_capture_counts_groups(self):
         self.client.load("c", "small/hf")

@@ -11,7 +11,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd); cd "$repo"
 build=${ICD_BUILD_DIR:-/tmp/build-gpu}
 deb=${ICD_DEB_PREFIX:-/tmp/deb}
 if [[ ! -x "$build/bench/grpc_bench" || ! -x "$build/client/cpp/icdctl" ]]; then
-  ICD_TARGETS="icd-server icdctl grpc_bench" deploy/build-gpu.sh "$build" > /tmp/grpc_h200-build.log 2>  ICD_TARGETS="icd-server icdctl grpc_bench" deploy/build-gpu.sh > /tmp/grpc_h200-build.log 2>&1 ||1 ||
+  ICD_TARGETS="icd-server icdctl grpc_bench" deploy/build-gpu.sh "$build" > /tmp/grpc_h200-build.log 2>&1 ||
     { echo "build failed: $(tail -5 /tmp/grpc_h200-build.log)" >&2; exit 1; }
 fi
 run() {

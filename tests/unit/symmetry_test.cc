@@ -4,12 +4,14 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <cstddef>
 #include <cstring>
 #include <random>
 
+#include "blocks/mixer.h"
 #include "io/checkpoint.h"
 #include "io/config.h"
 #include "forward/forward.h"
@@ -166,8 +168,70 @@ INSTANTIATE_TEST_SUITE_P(
         RandomCase{"ssm_m2_groups4_nonorm_layernorm",
                    R"({"d_model": 16, "n_layer": 1, "vocab_size": 23, "rms_norm": false,
                        "ssm_cfg": {"layer": "Mamba2", "d_state": 3, "headdim": 4, "ngroups": 4,
-                                   "rmsnorm": false}})"}),
+                                   "rmsnorm": false}})"},
+        // mamba_ssm with a gated MLP after each mixer (d_intermediate): the
+        // MLP's hidden channels and the residual through norm2, fc1, fc2.
+        RandomCase{"ssm_m1_mlp_odd",
+                   R"({"d_model": 18, "n_layer": 2, "vocab_size": 31, "d_intermediate": 13,
+                       "ssm_cfg": {"d_state": 5, "dt_rank": 3}})"},
+        RandomCase{"ssm_m2_mlp_layernorm_untied",
+                   R"({"d_model": 16, "n_layer": 2, "vocab_size": 27, "d_intermediate": 24,
+                       "rms_norm": false, "tie_embeddings": false,
+                       "ssm_cfg": {"layer": "Mamba2", "d_state": 4, "headdim": 8, "ngroups": 2}})"}),
     [](const auto& param_info) { return param_info.param.name; });
+
+// mamba_ssm's gated MLP block (d_intermediate, blocks/gated_mlp.cc): with
+// fc2 zero the model is the one without MLPs (the block adds nothing, its
+// norm2 reads the residual and leaves it); the block computes
+// fc2(values · silu(gate)) with fc1's first half the values (mamba_ssm's
+// y, gate = fc1(x).chunk(2)); and its group's control: the gate half's rows
+// permuted alone move the logits.
+TEST(GatedMlpTest, WiringHalvesAndControl) {
+  const std::string base =
+      R"("d_model": 12, "n_layer": 2, "vocab_size": 19, "ssm_cfg": {"d_state": 4, "dt_rank": 2})";
+  auto with_mlp = ParseConfig("{" + base + R"(, "d_intermediate": 10})", "with mlp");
+  auto without = ParseConfig("{" + base + "}", "without");
+  ASSERT_TRUE(with_mlp.ok() && without.ok()) << with_mlp.status() << without.status();
+  EXPECT_EQ(ConfigDims(*with_mlp).at("d_intermediate"), 10);
+  EXPECT_EQ(ExpectedShapes(*with_mlp).at("backbone.layers.1.mlp.fc1.weight"),
+            (std::vector<int64_t>{20, 12}));
+  const FamilySpec spec = BuildSpec(*with_mlp);
+  auto mlp_group = std::find_if(spec.begin(), spec.end(),
+                                [](const GroupInfo& g) { return g.name == "layers.1.mlp"; });
+  ASSERT_NE(mlp_group, spec.end());
+  EXPECT_EQ(mlp_group->size, 10);
+  EXPECT_EQ(mlp_group->members.size(), 3u);  // fc1's two halves, fc2's columns
+  Weights weights = RandomWeights(*with_mlp, 41, torch::kFloat64);
+  const torch::Tensor ids = RandomIds(*with_mlp, 5);
+
+  Weights silent = Clone(weights);
+  Weights plain;
+  for (const auto& [name, tensor] : weights) {
+    if (name.find(".mlp.") == std::string::npos && name.find(".norm2.") == std::string::npos) {
+      plain[name] = tensor;
+    }
+  }
+  for (int64_t layer = 0; layer < 2; ++layer) {
+    silent[LayerTensorName(layer, "mlp.fc2.weight")].zero_();
+  }
+  EXPECT_LE(RelL2(Logits(*with_mlp, silent, ids), Logits(*without, plain, ids)), 1e-12);
+
+  const torch::Tensor normed = torch::randn({2, 5, 12}, torch::kFloat64);
+  const torch::Tensor fc1 = weights.at("backbone.layers.0.mlp.fc1.weight");
+  const torch::Tensor fc2 = weights.at("backbone.layers.0.mlp.fc2.weight");
+  const torch::Tensor projected = torch::matmul(normed, fc1.t());
+  const torch::Tensor expected = torch::matmul(
+      projected.narrow(-1, 0, 10) * torch::silu(projected.narrow(-1, 10, 10)), fc2.t());
+  EXPECT_LE(RelL2(blocks::GatedMlp(*with_mlp, weights, 0, normed, forward_internal::Capture(nullptr)),
+                  expected),
+            1e-12);
+
+  const torch::Tensor reference = Logits(*with_mlp, weights, ids);
+  Weights gate_only = Clone(weights);
+  torch::Tensor& first = gate_only["backbone.layers.0.mlp.fc1.weight"];
+  first.narrow(0, 10, 10).copy_(first.narrow(0, 10, 10).flip(0).clone());
+  EXPECT_GT(RelL2(Logits(*with_mlp, gate_only, ids), reference), 1e-3);
+}
 
 // Issue 15, finding 1, for the dtypes the engine cannot load on this CPU:
 // LibTorch 1.13 has no CPU half kernels (the engine refuses float16 on the

@@ -57,6 +57,11 @@ struct ModelConfig {
   bool grouped_gated_norm = false;  // mamba_ssm: per group; HF: whole d_inner
   bool d_has_hdim = false;         // D is [d_inner] instead of [nheads]
 
+  // mamba_ssm's gated MLP after each layer's mixer (d_intermediate > 0): a
+  // second residual block per layer, norm2 -> mlp -> add (blocks/gated_mlp.cc);
+  // 0: none.
+  int64_t d_intermediate = 0;
+
   // The model as a list of residual blocks (docs/blocks.md): block i is
   // norm -> mixers[i] -> add. Planned by the config parser (blocks::
   // PlanBlocks); every block of today's families has the family's kind.

@@ -45,6 +45,21 @@ extern const MixerKind kMamba2Mixer;  // blocks/mamba2.cc
 // Layer `layer`'s mixer (config.mixers must be planned: every parsed config is).
 const MixerKind& MixerAt(const ModelConfig& config, int64_t layer);
 
+// The gated MLP after a layer's mixer (blocks/shapes.h HasMlp), a residual
+// block of its own (docs/hybrid_symmetries.md):
+// its hidden channels, one group per layer: fc1's two halves' rows by one
+// permutation, fc2's columns;
+void MlpGroups(const ModelConfig& config, int64_t layer, FamilySpec& spec);
+// the residual group's members in it: norm2's weight (and bias), fc1's
+// columns, fc2's rows;
+void MlpResidualMembers(const ModelConfig& config, int64_t layer,
+                        std::vector<GroupMember>& members);
+// its forward: normed [B, L, d_model] (norm2's output) -> fc2(values ·
+// silu(gate)), [B, L, d_model], in the compute dtype as mamba_ssm's GatedMLP;
+// the hidden activations go to capture as the layer's "mlp" group.
+torch::Tensor GatedMlp(const ModelConfig& config, const Weights& weights, int64_t layer,
+                       const torch::Tensor& normed, const forward_internal::Capture& capture);
+
 // The members both Mamba kinds give the residual group: in_proj's columns,
 // out_proj's rows (and its bias).
 void ProjectionResidualMembers(const ModelConfig& config, int64_t layer,

@@ -46,6 +46,14 @@ extern const MixerShapes kMamba2Shapes;  // blocks/mamba2_shapes.cc
 void AddProjectionTensors(const ModelConfig& config, int64_t layer, int64_t in_rows,
                           int64_t conv_channels, TensorShapes& shapes);
 
+// mamba_ssm's gated MLP after each layer's mixer (config.d_intermediate > 0;
+// its groups and forward: blocks/mixer.h, blocks/gated_mlp.cc): norm2 [d_model]
+// (and its bias with LayerNorm), mlp.fc1 [2·d_intermediate, d_model] (its
+// halves: the values, then the gate), mlp.fc2 [d_model, d_intermediate], no
+// biases (mamba_ssm's GatedMLP as MambaLMHeadModel builds it).
+bool HasMlp(const ModelConfig& config);
+void AddMlpTensors(const ModelConfig& config, int64_t layer, TensorShapes& shapes);
+
 // The list of blocks of `config`'s model: config.mixers, one per layer, from
 // its family (the parsers call it; a hybrid's parser will list its kinds).
 void PlanBlocks(ModelConfig& config);

@@ -470,6 +470,13 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
     capture.Add("residual", normed);
     mixed = blocks::MixerAt(config, layer)
                 .forward(config, weights, layer, precision, normed, capture, layer_state, ctx);
+    if (blocks::HasMlp(config)) {
+      // mamba_ssm's second block of the layer: norm2 -> gated MLP -> add.
+      normed = AddAndNorm(config, weights, LayerTensorName(layer, "norm2"), precision, &residual,
+                          &mixed);
+      capture.Add("residual", normed);
+      mixed = blocks::GatedMlp(config, weights, layer, normed, capture);
+    }
     if (layer_state != nullptr && layer_state->in_place) {
       KeepStorage(state->layers[static_cast<size_t>(layer)], layer_state);
     }

@@ -19,8 +19,8 @@ using Json = nlohmann::json;
 constexpr char kSupported[] =
     "supported: HuggingFace MambaForCausalLM (model_type 'mamba'), "
     "FalconMambaForCausalLM ('falcon_mamba'), Mamba2ForCausalLM ('mamba2'); "
-    "mamba_ssm MambaLMHeadModel with ssm_cfg.layer 'Mamba1' or 'Mamba2' and no "
-    "MLP or attention layers";
+    "mamba_ssm MambaLMHeadModel with ssm_cfg.layer 'Mamba1' or 'Mamba2', with or "
+    "without a gated MLP (d_intermediate), and no attention layers";
 
 // Reads typed fields with defaults; every error names the file and field.
 class Fields {
@@ -235,10 +235,7 @@ absl::StatusOr<ModelConfig> ParseHf(const Json& root, const std::string& source)
 absl::StatusOr<ModelConfig> ParseMambaSsm(const Json& root, const std::string& source) {
   Fields f(root, source);
   ICD_ASSIGN_OR_RETURN(int64_t d_intermediate, f.Int("d_intermediate", 0));
-  if (d_intermediate > 0) {
-    return Unsupported(source, absl::StrCat("a hybrid with MLP layers (d_intermediate ",
-                                            d_intermediate, ")"));
-  }
+  if (d_intermediate < 0) return f.Error("d_intermediate", "must be 0 (no MLP) or positive");
   if (f.Has("attn_layer_idx") && !(root.at("attn_layer_idx").is_array() &&
                                    root.at("attn_layer_idx").empty())) {
     return Unsupported(source, absl::StrCat("a hybrid with attention layers (attn_layer_idx ",
@@ -252,6 +249,7 @@ absl::StatusOr<ModelConfig> ParseMambaSsm(const Json& root, const std::string& s
 
   ModelConfig c;
   c.layout = Layout::kMambaSsm;
+  c.d_intermediate = d_intermediate;
   if (layer == "Mamba1") {
     c.family = Family::kMamba1;
   } else if (layer == "Mamba2") {
@@ -356,6 +354,7 @@ std::map<std::string, std::vector<int64_t>> ExpectedShapes(const ModelConfig& c)
     shapes[LayerTensorName(i, "norm.weight")] = {dm};
     if (c.layer_norm) shapes[LayerTensorName(i, "norm.bias")] = {dm};
     blocks::ShapesAt(c, i).tensors(c, i, shapes);
+    if (blocks::HasMlp(c)) blocks::AddMlpTensors(c, i, shapes);
   }
   return shapes;
 }
@@ -366,6 +365,7 @@ std::map<std::string, int64_t> ConfigDims(const ModelConfig& c) {
                                       {"d_state", c.d_state},   {"d_conv", c.d_conv},
                                       {"tied", c.tied ? 1 : 0}};
   for (const MixerType type : blocks::MixerTypes(c)) blocks::ShapesOf(type).dims(c, dims);
+  if (blocks::HasMlp(c)) dims["d_intermediate"] = c.d_intermediate;
   return dims;
 }
 

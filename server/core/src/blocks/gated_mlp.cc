@@ -1,0 +1,42 @@
+// mamba_ssm's gated MLP (its GatedMLP, as MambaLMHeadModel puts one after
+// each mixer when d_intermediate > 0): y, gate = fc1(x).chunk(2);
+// fc2(y · silu(gate)). Its hidden channels are free (docs/hybrid_symmetries.md,
+// "Gated MLP"): silu and the product act channel by channel.
+#include "absl/strings/str_cat.h"
+#include "blocks/mixer.h"
+
+namespace icd::blocks {
+
+void MlpGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
+  const int64_t hidden = c.d_intermediate;
+  GroupInfo group = NewGroup(absl::StrCat("layers.", i, ".mlp"), hidden);
+  AddRowBlocks(group.members, i, "mlp.fc1", false, {0, hidden}, hidden);
+  group.members.push_back(Member(LayerTensorName(i, "mlp.fc2.weight"), 1, 0, hidden));
+  spec.push_back(std::move(group));
+}
+
+void MlpResidualMembers(const ModelConfig& c, int64_t i, std::vector<GroupMember>& members) {
+  const int64_t width = c.d_model;
+  members.push_back(Member(LayerTensorName(i, "norm2.weight"), 0, 0, width));
+  if (c.layer_norm) members.push_back(Member(LayerTensorName(i, "norm2.bias"), 0, 0, width));
+  members.push_back(Member(LayerTensorName(i, "mlp.fc1.weight"), 1, 0, width));
+  members.push_back(Member(LayerTensorName(i, "mlp.fc2.weight"), 0, 0, width));
+}
+
+torch::Tensor GatedMlp(const ModelConfig& c, const Weights& weights, int64_t i,
+                       const torch::Tensor& normed, const forward_internal::Capture& capture) {
+  const torch::ScalarType compute = normed.scalar_type();
+  const torch::Tensor fc1 =
+      forward_internal::TensorAs(weights, LayerTensorName(i, "mlp.fc1.weight"), compute);
+  const torch::Tensor fc2 =
+      forward_internal::TensorAs(weights, LayerTensorName(i, "mlp.fc2.weight"), compute);
+  const torch::Tensor projected = forward_internal::Linear(normed, fc1, torch::Tensor());
+  const int64_t hidden = c.d_intermediate;
+  const torch::Tensor values = projected.narrow(-1, 0, hidden);  // [B, L, H]
+  const torch::Tensor gate = projected.narrow(-1, hidden, hidden);
+  const torch::Tensor activations = values * torch::silu(gate);  // [B, L, H]
+  capture.Add(absl::StrCat("layers.", i, ".mlp"), activations);
+  return forward_internal::Linear(activations, fc2, torch::Tensor());
+}
+
+}  // namespace icd::blocks

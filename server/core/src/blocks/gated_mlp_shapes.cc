@@ -1,0 +1,17 @@
+// The gated MLP's config side (blocks/shapes.h). Its groups and forward:
+// blocks/gated_mlp.cc.
+#include "blocks/shapes.h"
+
+namespace icd::blocks {
+
+bool HasMlp(const ModelConfig& config) { return config.d_intermediate > 0; }
+
+void AddMlpTensors(const ModelConfig& c, int64_t layer, TensorShapes& shapes) {
+  auto name = [layer](const char* suffix) { return LayerTensorName(layer, suffix); };
+  shapes[name("norm2.weight")] = {c.d_model};
+  if (c.layer_norm) shapes[name("norm2.bias")] = {c.d_model};
+  shapes[name("mlp.fc1.weight")] = {2 * c.d_intermediate, c.d_model};
+  shapes[name("mlp.fc2.weight")] = {c.d_model, c.d_intermediate};
+}
+
+}  // namespace icd::blocks

@@ -401,6 +401,12 @@ TEST(MemoryBudgetEngineTest, EstimatesGrowWithWhatTheCallComputes) {
   EXPECT_EQ(engine_internal::StateBytes(config, torch::kFloat32, 2),
             2 * (2 * 128 * 3 + 2 * 128 * 8) * 4);
   EXPECT_EQ(engine_internal::ModelBytes(config, torch::kFloat32), 303360);
+  // A gated MLP of 40 channels after each mixer: fc1's output and the product,
+  // 120 more activations a position.
+  ModelConfig with_mlp = config;
+  with_mlp.d_intermediate = 40;
+  EXPECT_EQ(engine_internal::ForwardBytes(with_mlp, torch::kFloat32, 1, 1),
+            per_position + 120 * 4);
   // Saturating, never wrapping.
   EXPECT_EQ(
       engine_internal::ForwardBytes(config, torch::kFloat32, int64_t{1} << 40, int64_t{1} << 40),

@@ -344,9 +344,12 @@ int64_t ForwardBytes(const ModelConfig& config, torch::ScalarType dtype, int64_t
     if (it != shapes.end() && !it->second.empty()) in_rows = std::max(in_rows, it->second[0]);
   }
   const int64_t positions = SaturatingProduct({batch, seq});
+  // A gated MLP after the mixer (d_intermediate) adds fc1's output and the
+  // product it feeds fc2, 3 x d_intermediate a position.
   const int64_t per_position =
       SaturatingSum({SaturatingProduct({2, in_rows}), SaturatingProduct({3, config.d_inner}),
-                     SaturatingProduct({4, config.d_model})});
+                     SaturatingProduct({4, config.d_model}),
+                     SaturatingProduct({3, config.d_intermediate})});
   const int64_t activations = SaturatingProduct({positions, per_position, AccumulateBytes(dtype)});
   const int64_t logit_bytes = 4 + (dtype == torch::kFloat32 ? 0 : ElementBytes(dtype));
   const int64_t logits = SaturatingProduct({positions, config.vocab_size, logit_bytes});

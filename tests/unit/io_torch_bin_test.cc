@@ -11,6 +11,7 @@
 #include <array>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <string>
 
@@ -257,6 +258,30 @@ TEST_F(TorchBinTest, RefusesArchiveMissingStorageRecord) {
   ASSERT_TRUE(pickle.ok());
   const std::filesystem::path path = WriteArchive(*pickle);
   ExpectRefused(ReadTorchBin(path), path.string(), "storage '0' has no record data/0");
+}
+
+// A record whose size the zip directory forges (here 4 GiB - 16 in a file of
+// a few hundred bytes) is refused naming it, before LibTorch's reader would
+// allocate that much (torch_bin_fuzz found it; the input is in the fuzz
+// corpus); the archive as written still reads.
+TEST_F(TorchBinTest, RefusesRecordSizesPastTheFile) {
+  const std::filesystem::path path = temp_.path() / "forged.bin";
+  ASSERT_TRUE(WriteTorchBin(path, {{"w", torch::arange(4, torch::kFloat32)}}).ok());
+  ASSERT_TRUE(ReadTorchBin(path).ok());
+  std::string bytes;
+  {
+    std::ifstream in(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  const size_t entry = bytes.find(std::string("PK\x01\x02", 4));
+  ASSERT_NE(entry, std::string::npos);
+  const size_t name_length = static_cast<unsigned char>(bytes[entry + 28]) |
+                             (static_cast<unsigned char>(bytes[entry + 29]) << 8);
+  const std::string name = bytes.substr(entry + 46, name_length);
+  for (int i = 0; i < 4; ++i) bytes[entry + 24 + i] = i == 0 ? '\xf0' : '\xff';  // 0xFFFFFFF0
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
+  ExpectRefused(ReadTorchBin(path), path.string(),
+                "zip record '" + name + "' claims 4294967280 bytes");
 }
 
 // The unpickler alone, over a loader that makes each storage once from

@@ -6,6 +6,8 @@
 
 #include <caffe2/serialize/inline_container.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -51,6 +53,103 @@ absl::Status CheckZipMagic(const std::string& where, const std::filesystem::path
                "current torch.save or convert it to safetensors"));
   }
   return absl::InvalidArgumentError(absl::StrCat(where, ": not a torch.save zip archive (no zip header)"));
+}
+
+// Little-endian fields of the zip format.
+uint64_t ReadLittle(const unsigned char* bytes, int width) {
+  uint64_t value = 0;
+  for (int i = width - 1; i >= 0; --i) value = (value << 8) | bytes[i];
+  return value;
+}
+
+// Every record the archive's central directory lists claims at most the
+// file's own size, compressed and not (torch.save stores its records
+// uncompressed). LibTorch's reader allocates a record's claimed size before
+// it reads it, so a forged size would otherwise ask for gigabytes before
+// failing (found by torch_bin_fuzz: 4 GiB from a 1 KB file). Sizes of
+// 0xFFFFFFFF are read from the record's zip64 field. An archive whose
+// directory cannot be found is left to LibTorch's reader to refuse.
+absl::Status CheckRecordSizes(const std::string& where, const std::filesystem::path& file) {
+  std::error_code error;
+  const uint64_t file_size = std::filesystem::file_size(file, error);
+  if (error) return absl::InvalidArgumentError(absl::StrCat(where, ": ", error.message()));
+  std::ifstream in(file, std::ios::binary);
+  auto read_at = [&in](uint64_t offset, uint64_t length) {
+    std::string bytes(static_cast<size_t>(length), '\0');
+    in.clear();
+    in.seekg(static_cast<std::streamoff>(offset));
+    in.read(bytes.data(), static_cast<std::streamsize>(length));
+    bytes.resize(static_cast<size_t>(std::max<std::streamsize>(in.gcount(), 0)));
+    return bytes;
+  };
+  // The end-of-central-directory record: 22 bytes and a comment of up to 64 KiB.
+  const uint64_t tail_length = std::min<uint64_t>(file_size, 22 + 65535);
+  const std::string tail = read_at(file_size - tail_length, tail_length);
+  const auto* t = reinterpret_cast<const unsigned char*>(tail.data());
+  int64_t end = -1;
+  for (int64_t i = static_cast<int64_t>(tail.size()) - 22; i >= 0; --i) {
+    if (ReadLittle(t + i, 4) == 0x06054b50) {
+      end = i;
+      break;
+    }
+  }
+  if (end < 0) return absl::OkStatus();
+  uint64_t entries = ReadLittle(t + end + 10, 2);
+  uint64_t directory_size = ReadLittle(t + end + 12, 4);
+  uint64_t directory_offset = ReadLittle(t + end + 16, 4);
+  if (entries == 0xffff || directory_size == 0xffffffffu || directory_offset == 0xffffffffu) {
+    // zip64: its locator sits just before, and points at the zip64 record.
+    if (end < 20 || ReadLittle(t + end - 20, 4) != 0x07064b50) return absl::OkStatus();
+    const std::string record = read_at(ReadLittle(t + end - 12, 8), 56);
+    const auto* r = reinterpret_cast<const unsigned char*>(record.data());
+    if (record.size() < 56 || ReadLittle(r, 4) != 0x06064b50) return absl::OkStatus();
+    entries = ReadLittle(r + 32, 8);
+    directory_size = ReadLittle(r + 40, 8);
+    directory_offset = ReadLittle(r + 48, 8);
+  }
+  if (directory_size > file_size || directory_offset > file_size - directory_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        where, ": the zip directory (", directory_size, " bytes at ", directory_offset,
+        ") lies outside the file's ", file_size, " bytes"));
+  }
+  const std::string directory = read_at(directory_offset, directory_size);
+  const auto* d = reinterpret_cast<const unsigned char*>(directory.data());
+  uint64_t at = 0;
+  for (uint64_t n = 0; n < entries && at + 46 <= directory.size(); ++n) {
+    if (ReadLittle(d + at, 4) != 0x02014b50) break;  // LibTorch's reader says what is wrong
+    uint64_t compressed = ReadLittle(d + at + 20, 4);
+    uint64_t size = ReadLittle(d + at + 24, 4);
+    const uint64_t name_length = ReadLittle(d + at + 28, 2);
+    const uint64_t extra_length = ReadLittle(d + at + 30, 2);
+    const uint64_t comment_length = ReadLittle(d + at + 32, 2);
+    const uint64_t next = at + 46 + name_length + extra_length + comment_length;
+    if (next > directory.size()) break;
+    const std::string name(directory, static_cast<size_t>(at + 46), static_cast<size_t>(name_length));
+    // zip64 sizes: the extra field of id 1 holds the 8-byte values, the
+    // uncompressed size first, of those whose 4-byte field is all ones.
+    for (uint64_t e = at + 46 + name_length; e + 4 <= at + 46 + name_length + extra_length;) {
+      const uint64_t id = ReadLittle(d + e, 2);
+      const uint64_t length = ReadLittle(d + e + 2, 2);
+      if (id == 1) {
+        uint64_t field = e + 4;
+        if (size == 0xffffffffu && field + 8 <= e + 4 + length) {
+          size = ReadLittle(d + field, 8);
+          field += 8;
+        }
+        if (compressed == 0xffffffffu && field + 8 <= e + 4 + length) {
+          compressed = ReadLittle(d + field, 8);
+        }
+      }
+      e += 4 + length;
+    }
+    if (size > file_size || compressed > file_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, ": zip record '", name, "' claims ", size, " bytes (", compressed,
+          " stored), more than the file's ", file_size));
+    }
+    at = next;
+  }
+  return absl::OkStatus();
 }
 
 // Loads each storage record once; every later use of the key gets the same
@@ -110,6 +209,8 @@ absl::StatusOr<TensorList> ReadTorchBin(const std::filesystem::path& file) {
   }
   absl::Status magic = CheckZipMagic(where, file);
   if (!magic.ok()) return magic;
+  absl::Status sizes = CheckRecordSizes(where, file);
+  if (!sizes.ok()) return sizes;
 
   std::unique_ptr<caffe2::serialize::PyTorchStreamReader> reader;
   std::string pickle;

@@ -94,16 +94,15 @@ absl::Status CheckRecordSizes(const std::string& where, const std::filesystem::p
     }
   }
   if (end < 0) return absl::OkStatus();
-  uint64_t entries = ReadLittle(t + end + 10, 2);
   uint64_t directory_size = ReadLittle(t + end + 12, 4);
   uint64_t directory_offset = ReadLittle(t + end + 16, 4);
-  if (entries == 0xffff || directory_size == 0xffffffffu || directory_offset == 0xffffffffu) {
+  if (ReadLittle(t + end + 10, 2) == 0xffff || directory_size == 0xffffffffu ||
+      directory_offset == 0xffffffffu) {
     // zip64: its locator sits just before, and points at the zip64 record.
     if (end < 20 || ReadLittle(t + end - 20, 4) != 0x07064b50) return absl::OkStatus();
     const std::string record = read_at(ReadLittle(t + end - 12, 8), 56);
     const auto* r = reinterpret_cast<const unsigned char*>(record.data());
     if (record.size() < 56 || ReadLittle(r, 4) != 0x06064b50) return absl::OkStatus();
-    entries = ReadLittle(r + 32, 8);
     directory_size = ReadLittle(r + 40, 8);
     directory_offset = ReadLittle(r + 48, 8);
   }
@@ -114,8 +113,10 @@ absl::Status CheckRecordSizes(const std::string& where, const std::filesystem::p
   }
   const std::string directory = read_at(directory_offset, directory_size);
   const auto* d = reinterpret_cast<const unsigned char*>(directory.data());
+  // Every header in the directory's bytes, whatever count the end record
+  // claims (a forged count must not hide a forged size from this check).
   uint64_t at = 0;
-  for (uint64_t n = 0; n < entries && at + 46 <= directory.size(); ++n) {
+  while (at + 46 <= directory.size()) {
     if (ReadLittle(d + at, 4) != 0x02014b50) break;  // LibTorch's reader says what is wrong
     uint64_t compressed = ReadLittle(d + at + 20, 4);
     uint64_t size = ReadLittle(d + at + 24, 4);

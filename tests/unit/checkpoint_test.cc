@@ -87,6 +87,11 @@ TEST(ConfigTest, RefusesWhatIsNotSupportedAndSaysWhy) {
   // Found by config_fuzz in CI: an integral float beyond int64 was cast.
   refused(R"({"model_type": "mamba", "hidden_size": 9.6e118})",
           "field 'hidden_size' must be an integer, got 9.6e+118");
+  // Found by config_fuzz in CI: n_layer 2^24 listed 200 million tensor names
+  // (over libFuzzer's 10 s); a gated MLP's width is bounded like the others.
+  refused(R"({"d_model": 64, "n_layer": 16777216})", "n_layer is 16777216; expected 1 to 4096");
+  refused(R"({"d_model": 64, "n_layer": 2, "d_intermediate": 1000000000000})",
+          "d_intermediate is 1000000000000");
 }
 
 // A copy of a fixture whose files a test may damage.

@@ -110,6 +110,11 @@ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // could overflow int64.
 constexpr int64_t kMaxDimension = int64_t{1} << 24;
 
+// Most layers icd accepts: far above every released model (NemotronH 56B has
+// 118), low enough that a config's tensor list (a dozen names a layer) is
+// built in milliseconds; a forged n_layer of 2^24 took seconds and gigabytes.
+constexpr int64_t kMaxLayers = 4096;
+
 // d_inner = int(expand * d_model), as both layouts compute it; refuses
 // expand values that are not finite and positive, or give no channel or too
 // many (before the cast, which is undefined for out-of-range doubles).
@@ -126,9 +131,14 @@ absl::StatusOr<int64_t> InnerWidth(double expand, int64_t d_model, const std::st
 
 // Every dimension of a parsed config in [1, kMaxDimension], named in errors.
 absl::Status CheckDimensions(const ModelConfig& c, const std::string& source) {
-  const std::vector<std::pair<const char*, int64_t>> dims = {
-      {"d_model", c.d_model},   {"n_layer", c.n_layer}, {"vocab_size", c.vocab_size},
-      {"d_inner", c.d_inner},   {"d_state", c.d_state}, {"d_conv", c.d_conv}};
+  if (c.n_layer < 1 || c.n_layer > kMaxLayers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": n_layer is ", c.n_layer, "; expected 1 to ", kMaxLayers));
+  }
+  std::vector<std::pair<const char*, int64_t>> dims = {
+      {"d_model", c.d_model}, {"vocab_size", c.vocab_size}, {"d_inner", c.d_inner},
+      {"d_state", c.d_state}, {"d_conv", c.d_conv}};
+  if (c.d_intermediate != 0) dims.emplace_back("d_intermediate", c.d_intermediate);
   for (const auto& [name, value] : dims) {
     if (value < 1 || value > kMaxDimension) {
       return absl::InvalidArgumentError(absl::StrCat(source, ": ", name, " is ", value,

@@ -62,7 +62,8 @@ TEST(ConfigTest, RefusesWhatIsNotSupportedAndSaysWhy) {
     ExpectError(config.status(), absl::StatusCode::kInvalidArgument, "x/config.json");
   };
   refused(R"({"d_model": 64, "n_layer": 2, "d_intermediate": -1})", "d_intermediate");
-  refused(R"({"d_model": 64, "n_layer": 2, "attn_layer_idx": [1]})", "attention layers");
+  refused(R"({"d_model": 64, "n_layer": 2, "attn_layer_idx": [1], "attn_cfg": {"num_heads": 4}})",
+          "attention that is not causal");
   refused(R"({"d_model": 64, "n_layer": 2, "ssm_cfg": {"layer": "Mamba3"}})", "'Mamba3'");
   refused(R"({"model_type": "jamba", "hidden_size": 64})", "model_type 'jamba'");
   refused(R"({"model_type": "llama"})", "supported: HuggingFace MambaForCausalLM");
@@ -166,7 +167,7 @@ TEST_F(BrokenCheckpointTest, TensorsThatDoNotMatchTheConfig) {
 TEST_F(BrokenCheckpointTest, UnsupportedArchitectureListsWhatIs) {
   const fs::path dir = Copy("mamba1-small", "mamba_ssm");
   std::ofstream(dir / "config.json")
-      << R"({"d_model": 64, "n_layer": 2, "vocab_size": 128, "attn_layer_idx": [1]})";
+      << R"({"d_model": 64, "n_layer": 2, "vocab_size": 128, "ssm_cfg": {"layer": "Mamba3"}})";
   ExpectError(Load(dir), absl::StatusCode::kInvalidArgument, "supported:");
 }
 

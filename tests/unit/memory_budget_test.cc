@@ -398,7 +398,7 @@ TEST(MemoryBudgetEngineTest, EstimatesGrowWithWhatTheCallComputes) {
   EXPECT_EQ(engine_internal::ForwardBytes(config, torch::kBFloat16, 1, 1),
             1152 * 4 + 128 * (4 + 2) + 8);
   // Two layers' conv history [B, 128, 3] and scan state [B, 128, 8].
-  EXPECT_EQ(engine_internal::StateBytes(config, torch::kFloat32, 2),
+  EXPECT_EQ(engine_internal::StateBytes(config, torch::kFloat32, 2, 100),
             2 * (2 * 128 * 3 + 2 * 128 * 8) * 4);
   EXPECT_EQ(engine_internal::ModelBytes(config, torch::kFloat32), 303360);
   // A gated MLP of 40 channels after each mixer: fc1's output and the product,

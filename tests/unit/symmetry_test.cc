@@ -177,7 +177,20 @@ INSTANTIATE_TEST_SUITE_P(
         RandomCase{"ssm_m2_mlp_layernorm_untied",
                    R"({"d_model": 16, "n_layer": 2, "vocab_size": 27, "d_intermediate": 24,
                        "rms_norm": false, "tie_embeddings": false,
-                       "ssm_cfg": {"layer": "Mamba2", "d_state": 4, "headdim": 8, "ngroups": 2}})"}),
+                       "ssm_cfg": {"layer": "Mamba2", "d_state": 4, "headdim": 8, "ngroups": 2}})"},
+        // mamba_ssm hybrids (attn_layer_idx, attn_cfg): attention heads with
+        // their KV heads, value and key dimensions, the residual through it.
+        RandomCase{"ssm_m1_attention_gqa2_rotary_conv",
+                   R"({"d_model": 20, "n_layer": 3, "vocab_size": 29, "attn_layer_idx": [1],
+                       "attn_cfg": {"causal": true, "num_heads": 4, "num_heads_kv": 2,
+                                    "head_dim": 6, "rotary_emb_dim": 2, "d_conv": 3},
+                       "ssm_cfg": {"d_state": 4, "dt_rank": 2}})"},
+        RandomCase{"ssm_m2_attention_gqa4_mlp_layernorm",
+                   R"({"d_model": 16, "n_layer": 3, "vocab_size": 27, "d_intermediate": 12,
+                       "rms_norm": false, "tie_embeddings": false, "attn_layer_idx": [0, 2],
+                       "attn_cfg": {"causal": true, "num_heads": 4, "num_heads_kv": 1,
+                                    "head_dim": 5, "mlp_dim": 4, "qkv_proj_bias": false},
+                       "ssm_cfg": {"layer": "Mamba2", "d_state": 4, "headdim": 8}})"}),
     [](const auto& param_info) { return param_info.param.name; });
 
 // mamba_ssm's gated MLP block (d_intermediate, blocks/gated_mlp.cc): with

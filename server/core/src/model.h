@@ -17,7 +17,29 @@ namespace icd {
 
 // The kinds of mixer a residual block can hold; blocks/ holds each one's
 // tables (shapes.h: config side; mixer.h: groups and forward).
-enum class MixerType { kMamba1, kMamba2 };
+enum class MixerType { kMamba1, kMamba2, kAttention };
+
+// mamba_ssm's attention mixer (its MHA, at the layers attn_layer_idx lists,
+// configured by attn_cfg; blocks/attention.cc, docs/hybrid_symmetries.md).
+// in_proj rows are [q: heads·head_dim | k: kv_heads·head_dim | v: kv_heads·
+// head_dim | mlp_dim: values, then gate], out_proj columns [heads·head_dim |
+// mlp_dim / 2].
+struct AttentionConfig {
+  int64_t heads = 0;
+  int64_t kv_heads = 0;  // query head h reads kv head h / (heads / kv_heads)
+  int64_t head_dim = 0;
+  int64_t rotary_dim = 0;  // the first rotary_dim of each q and k head; 0: none
+  double rotary_base = 10000.0;
+  bool rotary_interleaved = false;  // pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)
+  int64_t conv = 0;     // depthwise causal conv over q, k, v of this width; 0: none
+  int64_t mlp_dim = 0;  // a gated MLP inside the mixer (rounded up to 256 as MHA does)
+  bool qkv_bias = true;
+  bool out_bias = true;
+  double softmax_scale = 0.0;  // 0: 1 / sqrt(head_dim)
+
+  int64_t qkv_rows() const { return head_dim * (heads + 2 * kv_heads); }
+  int64_t context_width() const { return head_dim * heads; }
+};
 
 // Canonical names of the embedding and the head; a tied head is the embedding.
 inline constexpr char kEmbeddingTensor[] = "backbone.embeddings.weight";
@@ -61,6 +83,11 @@ struct ModelConfig {
   // second residual block per layer, norm2 -> mlp -> add (blocks/gated_mlp.cc);
   // 0: none.
   int64_t d_intermediate = 0;
+
+  // mamba_ssm hybrids: the layers whose mixer is attention (attn_layer_idx,
+  // ascending), all with `attention`'s shape.
+  std::vector<int64_t> attention_layers;
+  AttentionConfig attention;
 
   // The model as a list of residual blocks (docs/blocks.md): block i is
   // norm -> mixers[i] -> add. Planned by the config parser (blocks::

@@ -8,6 +8,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "apply/gather/permute_gather.h"
 #include "blocks/mixer.h"
 
@@ -17,13 +19,29 @@ namespace {
 // A member's expansion, parsed: how many slice positions one group index
 // covers, and how to map a slice position to its source position.
 struct Expansion {
-  enum Kind { kIdentity, kPerHead, kPerGroup } kind = kIdentity;
+  enum Kind { kIdentity, kPerHead, kPerGroup, kSegments } kind = kIdentity;
   int64_t width = 1;  // P for per_head, N for per_group
+  // segments:COPIES:STRIDE:OFFSET
+  int64_t copies = 1, stride = 1, offset = 0;
 };
+
+bool ParsePositive(absl::string_view text, int64_t* out, bool zero_allowed = false) {
+  return absl::SimpleAtoi(text, out) && (*out > 0 || (zero_allowed && *out == 0));
+}
 
 bool ParseExpansion(const std::string& text, Expansion* out) {
   if (text == "identity") {
     *out = {Expansion::kIdentity, 1};
+    return true;
+  }
+  if (text.rfind("segments:", 0) == 0) {
+    const std::vector<absl::string_view> parts = absl::StrSplit(text, ':');
+    Expansion e{Expansion::kSegments, 1};
+    if (parts.size() != 4 || !ParsePositive(parts[1], &e.copies) ||
+        !ParsePositive(parts[2], &e.stride) || !ParsePositive(parts[3], &e.offset, true)) {
+      return false;
+    }
+    *out = e;
     return true;
   }
   for (auto [prefix, kind] : {std::pair{"per_head:", Expansion::kPerHead},
@@ -31,7 +49,7 @@ bool ParseExpansion(const std::string& text, Expansion* out) {
     const std::string p = prefix;
     if (text.rfind(p, 0) == 0) {
       int64_t width = 0;
-      if (!absl::SimpleAtoi(text.substr(p.size()), &width) || width <= 0) return false;
+      if (!ParsePositive(text.substr(p.size()), &width)) return false;
       *out = {kind, width};
       return true;
     }
@@ -44,6 +62,10 @@ int64_t ExpectedLength(const GroupInfo& group, const Expansion& e) {
     case Expansion::kIdentity: return group.size;
     case Expansion::kPerHead: return group.size * e.width;
     case Expansion::kPerGroup: return group.whole > 0 ? group.size / group.whole * e.width : -1;
+    case Expansion::kSegments:
+      return group.block > 0 && e.offset + group.block <= e.stride
+                 ? group.size / group.block * e.copies * e.stride
+                 : -1;
   }
   return -1;
 }
@@ -59,6 +81,16 @@ int64_t SourcePosition(const GroupInfo& group, const Expansion& e,
       const int64_t group_id = k / e.width;
       const int64_t first_head = index[static_cast<size_t>(group_id * group.whole)];
       return first_head / group.whole * e.width + k % e.width;
+    }
+    case Expansion::kSegments: {
+      // Segment s holds copy s % copies of block s / copies at [offset,
+      // offset + block); the rest of the segment stays.
+      const int64_t block = group.block;
+      const int64_t segment = k / e.stride, within = k % e.stride - e.offset;
+      if (within < 0 || within >= block) return k;
+      const int64_t first = segment / e.copies * block;
+      return segment * e.stride + e.offset +
+             (index[static_cast<size_t>(first + within)] - first);
     }
   }
   return k;

@@ -19,7 +19,7 @@ void Mamba1Dims(const ModelConfig& c, std::map<std::string, int64_t>& dims) {
 }
 
 StateShapes Mamba1StateShapes(const ModelConfig& c, int64_t batch) {
-  return {{batch, c.d_inner, c.d_conv - 1}, {batch, c.d_inner, c.d_state}};
+  return {{batch, c.d_inner, c.d_conv - 1}, {batch, c.d_inner, c.d_state}, {}};
 }
 
 void Mamba1Tensors(const ModelConfig& c, int64_t layer, TensorShapes& shapes) {

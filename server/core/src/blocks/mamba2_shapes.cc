@@ -24,7 +24,8 @@ void Mamba2Dims(const ModelConfig& c, std::map<std::string, int64_t>& dims) {
 
 StateShapes Mamba2StateShapes(const ModelConfig& c, int64_t batch) {
   return {{batch, c.d_inner + 2 * c.ngroups * c.d_state, c.d_conv - 1},
-          {batch, c.nheads, c.headdim, c.d_state}};
+          {batch, c.nheads, c.headdim, c.d_state},
+          {}};
 }
 
 void Mamba2Tensors(const ModelConfig& c, int64_t layer, TensorShapes& shapes) {

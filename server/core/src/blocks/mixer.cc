@@ -3,8 +3,12 @@
 namespace icd::blocks {
 
 const MixerKind& MixerAt(const ModelConfig& config, int64_t layer) {
-  return config.mixers.at(static_cast<size_t>(layer)) == MixerType::kMamba2 ? kMamba2Mixer
-                                                                            : kMamba1Mixer;
+  switch (config.mixers.at(static_cast<size_t>(layer))) {
+    case MixerType::kMamba1: return kMamba1Mixer;
+    case MixerType::kMamba2: return kMamba2Mixer;
+    case MixerType::kAttention: return kAttentionMixer;
+  }
+  return kMamba1Mixer;
 }
 
 void ProjectionResidualMembers(const ModelConfig& config, int64_t layer,

@@ -41,6 +41,7 @@ struct MixerKind {
 
 extern const MixerKind kMamba1Mixer;  // Mamba-1 and FalconMamba (blocks/mamba1.cc)
 extern const MixerKind kMamba2Mixer;  // blocks/mamba2.cc
+extern const MixerKind kAttentionMixer;  // mamba_ssm's MHA (blocks/attention.cc)
 
 // Layer `layer`'s mixer (config.mixers must be planned: every parsed config is).
 const MixerKind& MixerAt(const ModelConfig& config, int64_t layer);

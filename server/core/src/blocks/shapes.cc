@@ -7,6 +7,11 @@ namespace icd::blocks {
 void PlanBlocks(ModelConfig& config) {
   const MixerType type = config.family == Family::kMamba2 ? MixerType::kMamba2 : MixerType::kMamba1;
   config.mixers.assign(static_cast<size_t>(std::max<int64_t>(config.n_layer, 0)), type);
+  for (const int64_t layer : config.attention_layers) {
+    if (layer >= 0 && layer < config.n_layer) {
+      config.mixers[static_cast<size_t>(layer)] = MixerType::kAttention;
+    }
+  }
 }
 
 void AddProjectionTensors(const ModelConfig& c, int64_t layer, int64_t in_rows,
@@ -21,7 +26,12 @@ void AddProjectionTensors(const ModelConfig& c, int64_t layer, int64_t in_rows,
 }
 
 const MixerShapes& ShapesOf(MixerType type) {
-  return type == MixerType::kMamba2 ? kMamba2Shapes : kMamba1Shapes;
+  switch (type) {
+    case MixerType::kMamba1: return kMamba1Shapes;
+    case MixerType::kMamba2: return kMamba2Shapes;
+    case MixerType::kAttention: return kAttentionShapes;
+  }
+  return kMamba1Shapes;
 }
 
 const MixerShapes& ShapesAt(const ModelConfig& config, int64_t layer) {

@@ -19,10 +19,14 @@ namespace icd::blocks {
 // Canonical tensor name -> shape.
 using TensorShapes = std::map<std::string, std::vector<int64_t>>;
 
-// A layer's recurrent state for a batch (forward.h LayerState).
+// A layer's recurrent state for a batch (forward.h LayerState): each
+// tensor's shape, empty where the kind holds no such tensor, kAnyLength on
+// the time axis of an attention cache (it grows with every token seen).
+inline constexpr int64_t kAnyLength = -1;
 struct StateShapes {
   std::vector<int64_t> conv_history;
   std::vector<int64_t> ssm_state;
+  std::vector<int64_t> attention_cache;  // keys, and values alike
 };
 
 struct MixerShapes {
@@ -39,6 +43,7 @@ struct MixerShapes {
 
 extern const MixerShapes kMamba1Shapes;  // Mamba-1 and FalconMamba (blocks/mamba1_shapes.cc)
 extern const MixerShapes kMamba2Shapes;  // blocks/mamba2_shapes.cc
+extern const MixerShapes kAttentionShapes;  // mamba_ssm's MHA (blocks/attention_shapes.cc)
 
 // The tensors both Mamba kinds hold around their own: in_proj [in_rows,
 // d_model], conv1d [conv_channels, 1, d_conv], out_proj [d_model, d_inner],
@@ -54,8 +59,9 @@ void AddProjectionTensors(const ModelConfig& config, int64_t layer, int64_t in_r
 bool HasMlp(const ModelConfig& config);
 void AddMlpTensors(const ModelConfig& config, int64_t layer, TensorShapes& shapes);
 
-// The list of blocks of `config`'s model: config.mixers, one per layer, from
-// its family (the parsers call it; a hybrid's parser will list its kinds).
+// The list of blocks of `config`'s model: config.mixers, one per layer: the
+// family's Mamba kind, attention at config.attention_layers (the parsers
+// call it).
 void PlanBlocks(ModelConfig& config);
 
 // Layer `layer`'s mixer's shapes (config.mixers must be planned: every

@@ -301,7 +301,9 @@ absl::StatusOr<LatencyReport> Engine::MeasureLatency(const LatencyOptions& optio
                                                                timed_one->dtype, options.batch, 1);
       state_bytes = engine_internal::SaturatingSum(
           {state_bytes, step,
-           engine_internal::StateBytes(timed_one->config, timed_one->dtype, options.batch)});
+           engine_internal::StateBytes(
+               timed_one->config, timed_one->dtype, options.batch,
+               engine_internal::SaturatingSum({options.seq_len, options.warmup, options.iters}))});
     }
   }
   ICD_ASSIGN_OR_RETURN(

@@ -351,20 +351,33 @@ int64_t ForwardBytes(const ModelConfig& config, torch::ScalarType dtype, int64_t
                      SaturatingProduct({4, config.d_model}),
                      SaturatingProduct({3, config.d_intermediate})});
   const int64_t activations = SaturatingProduct({positions, per_position, AccumulateBytes(dtype)});
+  // Attention's scores and their softmax, wide, [B, heads, L, L] each.
+  const int64_t attention =
+      config.attention_layers.empty()
+          ? 0
+          : SaturatingProduct({2, batch, config.attention.heads, seq, seq, AccumulateBytes(dtype)});
   const int64_t logit_bytes = 4 + (dtype == torch::kFloat32 ? 0 : ElementBytes(dtype));
   const int64_t logits = SaturatingProduct({positions, config.vocab_size, logit_bytes});
-  return SaturatingSum({activations, logits, SaturatingProduct({positions, 8})});  // + the ids
+  return SaturatingSum({activations, attention, logits, SaturatingProduct({positions, 8})});  // + the ids
 }
 
-int64_t StateBytes(const ModelConfig& config, torch::ScalarType dtype, int64_t batch) {
+int64_t StateBytes(const ModelConfig& config, torch::ScalarType dtype, int64_t batch,
+                   int64_t positions) {
+  auto bytes_of = [positions](const std::vector<int64_t>& shape, int64_t element) {
+    if (shape.empty()) return int64_t{0};
+    int64_t bytes = element;
+    for (const int64_t size : shape) {
+      bytes = SaturatingProduct({bytes, size == blocks::kAnyLength ? positions : size});
+    }
+    return bytes;
+  };
   int64_t bytes = 0;
   for (int64_t layer = 0; layer < config.n_layer; ++layer) {
     const blocks::StateShapes shapes = blocks::ShapesAt(config, layer).state_shapes(config, batch);
-    int64_t conv = ElementBytes(dtype);
-    for (const int64_t size : shapes.conv_history) conv = SaturatingProduct({conv, size});
-    int64_t scan = AccumulateBytes(dtype);
-    for (const int64_t size : shapes.ssm_state) scan = SaturatingProduct({scan, size});
-    bytes = SaturatingSum({bytes, conv, scan});
+    bytes = SaturatingSum({bytes, bytes_of(shapes.conv_history, ElementBytes(dtype)),
+                           bytes_of(shapes.ssm_state, AccumulateBytes(dtype)),
+                           SaturatingProduct({2, bytes_of(shapes.attention_cache,
+                                                          ElementBytes(dtype))})});
   }
   return bytes;
 }

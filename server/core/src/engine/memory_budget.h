@@ -123,12 +123,15 @@ int64_t ModelBytes(const ModelConfig& config, torch::ScalarType dtype);
 // One forward over [batch, seq] token ids: the logits (float32 [batch, seq,
 // vocab], and the head's output in `dtype` when that is not float32), and
 // one layer's activations at a time, per position (in_proj's output twice,
-// three d_inner-wide and four d_model-wide tensors, in max(float32, dtype)).
+// three d_inner-wide and four d_model-wide tensors, in max(float32, dtype)),
+// and with attention layers their scores and softmax [batch, heads, seq, seq].
 int64_t ForwardBytes(const ModelConfig& config, torch::ScalarType dtype, int64_t batch,
                      int64_t seq);
 // A recurrent state of `batch` sequences, every layer (forward.h
-// LayerState: conv history in `dtype`, scan state in max(float32, dtype)).
-int64_t StateBytes(const ModelConfig& config, torch::ScalarType dtype, int64_t batch);
+// LayerState: conv history in `dtype`, scan state in max(float32, dtype),
+// an attention layer's keys and values of `positions` tokens in `dtype`).
+int64_t StateBytes(const ModelConfig& config, torch::ScalarType dtype, int64_t batch,
+                   int64_t positions);
 // One group's trace statistics over at most `rows` rows (traces/stats.h):
 // two float64 [C, C] sums, and the first block's sample and a pending block,
 // float64 [min(rows, 1024), C] each.

@@ -108,7 +108,9 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Start(const ModelConfig& confi
   impl->weights = &weights;
   ICD_RETURN_IF_ERROR(Forward(config, weights, prefill_ids, ctx, nullptr, &impl->state).status());
   const torch::Device device = weights.at(kEmbeddingTensor).device();
-  if (execution == Execution::kCudaGraph && device.is_cuda()) {
+  // An attention layer's cache grows with every token, so its step has no
+  // fixed addresses to replay: such a model decodes eagerly.
+  if (execution == Execution::kCudaGraph && device.is_cuda() && config.attention_layers.empty()) {
 #ifdef ICD_HAVE_CUDA
     try {
       torch::NoGradGuard no_grad;

@@ -353,14 +353,26 @@ absl::Status CheckState(const ModelConfig& config, const RecurrentState& state, 
                                                    " layers, the model ", config.n_layer));
   }
 
+  // An empty expected shape: the kind holds no such tensor; kAnyLength: a
+  // cache's time axis, any length.
   auto check = [batch](size_t layer, const char* what, const torch::Tensor& tensor,
                        const std::vector<int64_t>& shape) {
-    if (tensor.defined() && tensor.sizes().vec() == shape) return absl::OkStatus();
+    if (shape.empty() && !tensor.defined()) return absl::OkStatus();
+    bool fits = tensor.defined() && tensor.dim() == static_cast<int64_t>(shape.size());
+    for (size_t axis = 0; fits && axis < shape.size(); ++axis) {
+      fits = shape[axis] == blocks::kAnyLength || tensor.size(static_cast<int64_t>(axis)) == shape[axis];
+    }
+    if (fits) return absl::OkStatus();
+    std::vector<std::string> expected;
+    for (const int64_t size : shape) {
+      expected.push_back(size == blocks::kAnyLength ? "any" : std::to_string(size));
+    }
     return absl::InvalidArgumentError(absl::StrCat(
         "recurrent state: layer ", layer, " ", what, " is ",
         tensor.defined() ? absl::StrCat("[", absl::StrJoin(tensor.sizes().vec(), ", "), "]")
                          : "undefined",
-        ", expected [", absl::StrJoin(shape, ", "), "] (batch ", batch, ")"));
+        ", expected ", shape.empty() ? "none" : absl::StrCat("[", absl::StrJoin(expected, ", "), "]"),
+        " (batch ", batch, ")"));
   };
   for (size_t layer = 0; layer < state.layers.size(); ++layer) {
     const LayerState& layer_state = state.layers[layer];
@@ -369,6 +381,19 @@ absl::Status CheckState(const ModelConfig& config, const RecurrentState& state, 
     absl::Status status =
         check(layer, "conv_history", layer_state.conv_history, shapes.conv_history);
     if (status.ok()) status = check(layer, "ssm_state", layer_state.ssm_state, shapes.ssm_state);
+    if (status.ok()) {
+      status = check(layer, "attention_keys", layer_state.attention_keys, shapes.attention_cache);
+    }
+    if (status.ok()) {
+      status =
+          check(layer, "attention_values", layer_state.attention_values, shapes.attention_cache);
+    }
+    if (status.ok() && layer_state.attention_keys.defined() &&
+        layer_state.attention_keys.size(2) != layer_state.attention_values.size(2)) {
+      status = absl::InvalidArgumentError(absl::StrCat(
+          "recurrent state: layer ", layer, " holds ", layer_state.attention_keys.size(2),
+          " positions of keys and ", layer_state.attention_values.size(2), " of values"));
+    }
     if (!status.ok()) return status;
   }
   return absl::OkStatus();

@@ -70,6 +70,12 @@ struct LayerState {
   // Mamba-1 / FalconMamba h [B, d_inner, d_state]; Mamba-2 S
   // [B, nheads, headdim, d_state].
   torch::Tensor ssm_state;
+  // An attention layer's cache instead (blocks/attention.cc): the keys
+  // (rotary applied) and values of every position seen, [B, kv_heads, T,
+  // head_dim] in the weights' dtype, growing by each call's length; its
+  // conv_history only where its conv has one, ssm_state undefined.
+  torch::Tensor attention_keys;
+  torch::Tensor attention_values;
   // Whether a forward writes the new conv_history and ssm_state into these
   // tensors' own storage instead of replacing them: a decode session's step
   // is a CUDA graph, replayed on fixed addresses (decode.h). A forward that

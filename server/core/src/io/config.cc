@@ -1,5 +1,6 @@
 #include "io/config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <sstream>
@@ -20,7 +21,7 @@ constexpr char kSupported[] =
     "supported: HuggingFace MambaForCausalLM (model_type 'mamba'), "
     "FalconMambaForCausalLM ('falcon_mamba'), Mamba2ForCausalLM ('mamba2'); "
     "mamba_ssm MambaLMHeadModel with ssm_cfg.layer 'Mamba1' or 'Mamba2', with or "
-    "without a gated MLP (d_intermediate), and no attention layers";
+    "without a gated MLP (d_intermediate) and causal attention layers (attn_layer_idx)";
 
 // Reads typed fields with defaults; every error names the file and field.
 class Fields {
@@ -242,15 +243,104 @@ absl::StatusOr<ModelConfig> ParseHf(const Json& root, const std::string& source)
   return c;
 }
 
+// mamba_ssm's hybrid fields: attn_layer_idx (the layers whose mixer is its
+// MHA) and attn_cfg (MHA's keyword arguments; MambaLMHeadModel passes them
+// as they are, so a key MHA does not take cannot be loaded there either).
+absl::Status ParseAttention(const Json& root, const std::string& source, ModelConfig& c) {
+  Fields f(root, source);
+  if (!f.Has("attn_layer_idx")) return absl::OkStatus();
+  const Json& layers = root.at("attn_layer_idx");
+  if (!layers.is_array()) return f.Error("attn_layer_idx", "must be a list of layer indices");
+  for (const Json& entry : layers) {
+    const Json wrapped = {{"attn_layer_idx", entry}};
+    ICD_ASSIGN_OR_RETURN(int64_t layer, Fields(wrapped, source).Int("attn_layer_idx", 0));
+    if (layer < 0 || layer >= c.n_layer) {
+      return f.Error("attn_layer_idx", absl::StrCat("lists layer ", layer, ", but n_layer is ",
+                                                    c.n_layer));
+    }
+    c.attention_layers.push_back(layer);
+  }
+  std::sort(c.attention_layers.begin(), c.attention_layers.end());
+  c.attention_layers.erase(std::unique(c.attention_layers.begin(), c.attention_layers.end()),
+                           c.attention_layers.end());
+  if (c.attention_layers.empty()) return absl::OkStatus();
+
+  static const Json kEmpty = Json::object();
+  const Json& attn_cfg = f.Has("attn_cfg") ? root.at("attn_cfg") : kEmpty;
+  if (!attn_cfg.is_object()) return f.Error("attn_cfg", "must be an object");
+  static const char* const kKnown[] = {
+      "num_heads",     "num_heads_kv",  "head_dim",       "mlp_dim",
+      "qkv_proj_bias", "out_proj_bias", "softmax_scale",  "causal",
+      "d_conv",        "rotary_emb_dim", "rotary_emb_base", "rotary_emb_interleaved"};
+  for (const auto& [key, value] : attn_cfg.items()) {
+    if (std::find_if(std::begin(kKnown), std::end(kKnown),
+                     [&key = key](const char* known) { return key == known; }) ==
+        std::end(kKnown)) {
+      return Unsupported(source, absl::StrCat("attn_cfg.", key, " (MHA takes no such argument)"));
+    }
+  }
+  Fields a(attn_cfg, source, "attn_cfg.");
+  AttentionConfig& attention = c.attention;
+  ICD_ASSIGN_OR_RETURN(attention.heads, a.PositiveInt("num_heads", std::nullopt));
+  if (attention.heads > kMaxDimension) return a.Error("num_heads", "is too large");
+  ICD_ASSIGN_OR_RETURN(attention.kv_heads, a.PositiveInt("num_heads_kv", attention.heads));
+  if (attention.heads % attention.kv_heads != 0) {
+    return a.Error("num_heads_kv", absl::StrCat(attention.kv_heads, " does not divide num_heads ",
+                                                attention.heads));
+  }
+  if (!a.Has("head_dim") && c.d_model % attention.heads != 0) {
+    return a.Error("num_heads", absl::StrCat(attention.heads, " does not divide d_model ",
+                                             c.d_model, " (and head_dim is not given)"));
+  }
+  ICD_ASSIGN_OR_RETURN(attention.head_dim, a.PositiveInt("head_dim", c.d_model / attention.heads));
+  ICD_ASSIGN_OR_RETURN(int64_t mlp_dim, a.Int("mlp_dim", 0));
+  if (mlp_dim < 0 || mlp_dim > kMaxDimension) {
+    return a.Error("mlp_dim", absl::StrCat("is ", mlp_dim, "; expected 0 to ", kMaxDimension));
+  }
+  attention.mlp_dim = CeilDiv(mlp_dim, 256) * 256;  // as MHA rounds it
+  ICD_ASSIGN_OR_RETURN(attention.qkv_bias, a.Bool("qkv_proj_bias", true));
+  ICD_ASSIGN_OR_RETURN(attention.out_bias, a.Bool("out_proj_bias", true));
+  ICD_ASSIGN_OR_RETURN(attention.softmax_scale, a.Number("softmax_scale", 0.0));
+  if (a.Has("softmax_scale") && !(attention.softmax_scale > 0 &&
+                                  std::isfinite(attention.softmax_scale))) {
+    return a.Error("softmax_scale", "must be a positive number (or null: 1/sqrt(head_dim))");
+  }
+  ICD_ASSIGN_OR_RETURN(bool causal, a.Bool("causal", false));
+  if (!causal) {
+    return Unsupported(source, "attention that is not causal (attn_cfg.causal is false, MHA's "
+                               "default): every position would read the ones after it");
+  }
+  ICD_ASSIGN_OR_RETURN(attention.conv, a.Int("d_conv", 0));
+  ICD_ASSIGN_OR_RETURN(attention.rotary_dim, a.Int("rotary_emb_dim", 0));
+  ICD_ASSIGN_OR_RETURN(attention.rotary_base, a.Number("rotary_emb_base", 10000.0));
+  ICD_ASSIGN_OR_RETURN(attention.rotary_interleaved, a.Bool("rotary_emb_interleaved", false));
+  if (attention.head_dim > kMaxDimension || attention.conv < 0 ||
+      attention.conv > kMaxDimension) {
+    return a.Error("head_dim", absl::StrCat("or d_conv out of range: ", attention.head_dim, ", ",
+                                            attention.conv));
+  }
+  if (attention.qkv_rows() + attention.mlp_dim > kMaxDimension) {
+    return a.Error("num_heads", absl::StrCat("x head_dim gives ", attention.qkv_rows(),
+                                             " rows of q, k and v; expected at most ",
+                                             kMaxDimension));
+  }
+  if (attention.rotary_dim < 0 || attention.rotary_dim % 2 != 0 ||
+      attention.rotary_dim > attention.head_dim) {
+    return a.Error("rotary_emb_dim", absl::StrCat(attention.rotary_dim,
+                                                  " must be even and at most head_dim ",
+                                                  attention.head_dim));
+  }
+  if (attention.rotary_dim > 0 &&
+      !(attention.rotary_base > 0 && std::isfinite(attention.rotary_base))) {
+    return a.Error("rotary_emb_base", "must be a positive number");
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<ModelConfig> ParseMambaSsm(const Json& root, const std::string& source) {
   Fields f(root, source);
   ICD_ASSIGN_OR_RETURN(int64_t d_intermediate, f.Int("d_intermediate", 0));
   if (d_intermediate < 0) return f.Error("d_intermediate", "must be 0 (no MLP) or positive");
-  if (f.Has("attn_layer_idx") && !(root.at("attn_layer_idx").is_array() &&
-                                   root.at("attn_layer_idx").empty())) {
-    return Unsupported(source, absl::StrCat("a hybrid with attention layers (attn_layer_idx ",
-                                            root.at("attn_layer_idx").dump(), ")"));
-  }
   static const Json kEmpty = Json::object();
   const Json& ssm_cfg = f.Has("ssm_cfg") ? root.at("ssm_cfg") : kEmpty;
   if (!ssm_cfg.is_object()) return f.Error("ssm_cfg", "must be an object");
@@ -281,6 +371,7 @@ absl::StatusOr<ModelConfig> ParseMambaSsm(const Json& root, const std::string& s
   ICD_ASSIGN_OR_RETURN(c.d_inner, InnerWidth(expand, c.d_model, source, "ssm_cfg.expand"));
   ICD_ASSIGN_OR_RETURN(c.proj_bias, s.Bool("bias", false));
   ICD_ASSIGN_OR_RETURN(c.conv_bias, s.Bool("conv_bias", true));
+  ICD_RETURN_IF_ERROR(ParseAttention(root, source, c));
 
   if (c.family == Family::kMamba1) {
     ICD_ASSIGN_OR_RETURN(c.d_state, s.PositiveInt("d_state", 16));

@@ -61,6 +61,13 @@ struct GroupMember {
   //   "per_group:N"  the group indexes heads in whole groups of `whole`
   //                  heads; the slice holds one block of N rows per group:
   //                  row g*N+n takes old row (p[g*whole]/whole)*N+n.
+  //   "segments:C:S:O" the group permutes within blocks of `block` channels;
+  //                  the slice is segments of S positions, C in a row for
+  //                  each block (the C query heads that read one KV head);
+  //                  in every segment positions O..O+block-1 are that
+  //                  block's channels, moved as the group moves them, and
+  //                  the rest stay: position s*S+O+q takes old position
+  //                  s*S+O+(p[b*block+q]-b*block), b = s/C.
   std::string expand = "identity";
 };
 

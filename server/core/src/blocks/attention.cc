@@ -1,0 +1,248 @@
+// mamba_ssm's attention mixer (its MHA, at the layers attn_layer_idx lists):
+// in_proj -> [optional depthwise causal conv over q, k, v] -> rotary on the
+// first rotary_dim of each q and k head -> causal softmax attention, query
+// head h reading KV head h / (heads / kv_heads) -> [context | values ·
+// silu(gate) of the mixer's own MLP] -> out_proj. Its groups are derived in
+// docs/hybrid_symmetries.md ("Attention with grouped KV heads").
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "blocks/mixer.h"
+
+namespace icd::blocks {
+namespace {
+
+using forward_internal::Capture;
+using forward_internal::LayerGroupName;
+using forward_internal::MixerTensorName;
+using forward_internal::Precision;
+
+// in_proj rows (and conv channels, which cover q, k and v only).
+struct Rows {
+  int64_t query = 0, key = 0, value = 0, mlp = 0;
+};
+
+Rows RowsOf(const AttentionConfig& a) {
+  const int64_t kv_width = a.kv_heads * a.head_dim;
+  return {0, a.context_width(), a.context_width() + kv_width, a.qkv_rows()};
+}
+
+// "segments:C:S:O" (types.h), or "identity" where it is one.
+std::string Segments(int64_t copies, int64_t stride, int64_t offset, int64_t block) {
+  if (copies == 1 && offset == 0 && stride == block) return "identity";
+  return absl::StrCat("segments:", copies, ":", stride, ":", offset);
+}
+
+// The q, k and v rows of in_proj (and its bias) and of the conv (weight and
+// bias), each with its own expansion.
+// An empty expansion leaves that part out.
+void AddQkvMembers(const ModelConfig& c, int64_t i, const std::string& query_expand,
+                   const std::string& key_expand, const std::string& value_expand,
+                   std::vector<GroupMember>& members) {
+  const AttentionConfig& a = c.attention;
+  const Rows rows = RowsOf(a);
+  const int64_t kv_width = a.kv_heads * a.head_dim;
+  std::vector<std::string> tensors{"mixer.in_proj.weight"};
+  if (a.qkv_bias) tensors.push_back("mixer.in_proj.bias");
+  if (a.conv > 0) {
+    tensors.push_back("mixer.conv1d.weight");
+    tensors.push_back("mixer.conv1d.bias");
+  }
+  for (const std::string& tensor : tensors) {
+    const std::string name = LayerTensorName(i, tensor);
+    if (!query_expand.empty()) {
+      members.push_back(Member(name, 0, rows.query, a.context_width(), query_expand));
+    }
+    if (!key_expand.empty()) {
+      members.push_back(Member(name, 0, rows.key, kv_width, key_expand));
+    }
+    if (!value_expand.empty()) {
+      members.push_back(Member(name, 0, rows.value, kv_width, value_expand));
+    }
+  }
+}
+
+void AttentionGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
+  const AttentionConfig& a = c.attention;
+  const int64_t head_dim = a.head_dim, per_kv = a.heads / a.kv_heads;
+  const std::string layer = absl::StrCat("layers.", i, ".");
+  const std::string out_proj = LayerTensorName(i, "mixer.out_proj.weight");
+
+  // Query heads move inside the run that reads one KV head, or whole runs
+  // move with their KV head's k and v rows.
+  GroupInfo heads = NewGroup(layer + "heads", a.heads);
+  heads.whole = per_kv;
+  const std::string per_head = absl::StrCat("per_head:", head_dim);
+  const std::string per_group = absl::StrCat("per_group:", head_dim);
+  AddQkvMembers(c, i, per_head, per_group, per_group, heads.members);
+  heads.members.push_back(Member(out_proj, 1, 0, a.context_width(), per_head));
+  spec.push_back(std::move(heads));
+
+  // The value dimensions of each KV head: its v rows and out_proj's columns
+  // of every query head that reads it.
+  GroupInfo values = NewGroup(layer + "value_dims", a.kv_heads * head_dim);
+  values.block = head_dim;
+  AddQkvMembers(c, i, "", "", "identity", values.members);
+  values.members.push_back(
+      Member(out_proj, 1, 0, a.context_width(), Segments(per_kv, head_dim, 0, head_dim)));
+  spec.push_back(std::move(values));
+
+  // The query / key dimensions no rotary embedding turns: k's rows and the
+  // q rows of every query head that reads them.
+  const int64_t free_dims = head_dim - a.rotary_dim;
+  if (free_dims > 0) {
+    GroupInfo keys = NewGroup(layer + "key_dims", a.kv_heads * free_dims);
+    keys.block = free_dims;
+    AddQkvMembers(c, i, Segments(per_kv, head_dim, a.rotary_dim, free_dims),
+                  Segments(1, head_dim, a.rotary_dim, free_dims), "", keys.members);
+    spec.push_back(std::move(keys));
+  }
+
+  // The mixer's own gated MLP: hidden channels, free.
+  if (a.mlp_dim > 0) {
+    const int64_t hidden = a.mlp_dim / 2;
+    GroupInfo mlp = NewGroup(layer + "mixer_mlp", hidden);
+    const int64_t first = RowsOf(a).mlp;
+    AddRowBlocks(mlp.members, i, "mixer.in_proj", a.qkv_bias, {first, first + hidden}, hidden);
+    mlp.members.push_back(Member(out_proj, 1, a.context_width(), hidden));
+    spec.push_back(std::move(mlp));
+  }
+}
+
+void AttentionResidualMembers(const ModelConfig& c, int64_t i, std::vector<GroupMember>& members) {
+  const int64_t width = c.d_model;
+  members.push_back(Member(LayerTensorName(i, "mixer.in_proj.weight"), 1, 0, width));
+  members.push_back(Member(LayerTensorName(i, "mixer.out_proj.weight"), 0, 0, width));
+  if (c.attention.out_bias) {
+    members.push_back(Member(LayerTensorName(i, "mixer.out_proj.bias"), 0, 0, width));
+  }
+}
+
+// x [B, heads, L, head_dim] at positions first.. -> the same with its first
+// rotary_dim turned, as flash_attn's RotaryEmbedding (which MHA uses): angle
+// position / base^(2i / rotary_dim) for pair i, the angles' cos and sin in
+// the weights' dtype, the rotation computed wide.
+torch::Tensor Rotate(const torch::Tensor& x, int64_t first, const AttentionConfig& a,
+                     const Precision& precision) {
+  const int64_t rotary = a.rotary_dim, half = rotary / 2, length = x.size(2);
+  const auto wide = torch::TensorOptions().dtype(precision.accumulate).device(x.device());
+  const torch::Tensor positions = torch::arange(first, first + length, wide);
+  const torch::Tensor frequencies =
+      torch::pow(a.rotary_base, torch::arange(0, rotary, 2, wide) / static_cast<double>(rotary))
+          .reciprocal();
+  const torch::Tensor angles = torch::outer(positions, frequencies);  // [L, rotary / 2]
+  const torch::Tensor cos = angles.cos().to(precision.compute).to(precision.accumulate);
+  const torch::Tensor sin = angles.sin().to(precision.compute).to(precision.accumulate);
+  const torch::Tensor turned = x.narrow(-1, 0, rotary).to(precision.accumulate);
+  torch::Tensor rotated;
+  if (a.rotary_interleaved) {
+    const torch::Tensor pairs = turned.unflatten(-1, {half, 2});
+    const torch::Tensor even = pairs.select(-1, 0), odd = pairs.select(-1, 1);
+    rotated = torch::stack({even * cos - odd * sin, even * sin + odd * cos}, -1).flatten(-2);
+  } else {
+    const torch::Tensor low = turned.narrow(-1, 0, half), high = turned.narrow(-1, half, half);
+    rotated = torch::cat({low * cos - high * sin, low * sin + high * cos}, -1);
+  }
+  if (rotary == x.size(-1)) return rotated.to(precision.compute);
+  return torch::cat({rotated.to(precision.compute), x.narrow(-1, rotary, x.size(-1) - rotary)},
+                    -1);
+}
+
+// [B, L, width] -> [B, heads, L, width / heads].
+torch::Tensor SplitHeads(const torch::Tensor& x, int64_t heads) {
+  return x.reshape({x.size(0), x.size(1), heads, -1}).transpose(1, 2);
+}
+
+torch::Tensor AttentionMixer(const ModelConfig& c, const Weights& weights, int64_t layer,
+                             const Precision& precision, const torch::Tensor& normed,
+                             const Capture& capture, LayerState* state,
+                             const CallContext& ctx) {
+  const AttentionConfig& a = c.attention;
+  const torch::ScalarType compute = precision.compute;
+  auto weight = [&](const char* suffix) {
+    return forward_internal::TensorAs(weights, MixerTensorName(layer, suffix), compute);
+  };
+  auto optional = [&](const char* suffix) {
+    return forward_internal::OptionalTensorAs(weights, MixerTensorName(layer, suffix), compute);
+  };
+  const int64_t batch = normed.size(0), length = normed.size(1);
+  const int64_t kv_width = a.kv_heads * a.head_dim, per_kv = a.heads / a.kv_heads;
+  const Rows rows = RowsOf(a);
+
+  const torch::Tensor projected = forward_internal::Linear(
+      normed, weight("in_proj.weight"), optional("in_proj.bias"));  // [B, L, qkv + mlp]
+  torch::Tensor qkv = projected.narrow(-1, 0, a.qkv_rows());
+  if (a.conv > 0) {
+    torch::Tensor next_history;
+    qkv = forward_internal::CausalDepthwiseConv(
+        qkv, weight("conv1d.weight"), optional("conv1d.bias"),
+        state != nullptr ? state->conv_history : torch::Tensor(),
+        state != nullptr ? &next_history : nullptr, ctx, layer);
+    if (state != nullptr) state->conv_history = next_history;
+  }
+  const torch::Tensor value_rows = qkv.narrow(-1, rows.value, kv_width);  // [B, L, KV·d]
+  capture.Add(LayerGroupName(layer, "value_dims"), value_rows);
+  torch::Tensor query = SplitHeads(qkv.narrow(-1, rows.query, a.context_width()), a.heads);
+  torch::Tensor key = SplitHeads(qkv.narrow(-1, rows.key, kv_width), a.kv_heads);
+  torch::Tensor value = SplitHeads(value_rows, a.kv_heads);  // [B, KV, L, d]
+
+  // Positions seen before this call: the cache's length.
+  const bool cached = state != nullptr && state->attention_keys.defined();
+  const int64_t past = cached ? state->attention_keys.size(2) : 0;
+  if (a.rotary_dim > 0) {
+    query = Rotate(query, past, a, precision);
+    key = Rotate(key, past, a, precision);
+  }
+  const int64_t free_dims = a.head_dim - a.rotary_dim;
+  if (free_dims > 0 && capture.Wants(LayerGroupName(layer, "key_dims"))) {
+    capture.Add(LayerGroupName(layer, "key_dims"),
+                key.narrow(-1, a.rotary_dim, free_dims).transpose(1, 2).reshape(
+                    {batch, length, a.kv_heads * free_dims}));
+  }
+  if (cached) {
+    key = torch::cat({state->attention_keys, key.to(compute)}, 2);
+    value = torch::cat({state->attention_values, value}, 2);
+  }
+  if (state != nullptr) {
+    state->attention_keys = key.contiguous();
+    state->attention_values = value.contiguous();
+  }
+
+  // Query head h reads KV head h / per_kv; scores and softmax wide.
+  const torch::Tensor keys = key.repeat_interleave(per_kv, 1);      // [B, H, T, d]
+  const torch::Tensor values = value.repeat_interleave(per_kv, 1);  // [B, H, T, d]
+  const double scale =
+      a.softmax_scale > 0 ? a.softmax_scale : 1.0 / std::sqrt(static_cast<double>(a.head_dim));
+  torch::Tensor scores = torch::matmul(query.to(precision.accumulate),
+                                       keys.to(precision.accumulate).transpose(-2, -1)) *
+                         scale;  // [B, H, L, T]
+  if (length > 1) {
+    // Query i (position past + i) reads keys 0 .. past + i.
+    const torch::Tensor later = torch::ones({length, past + length}, scores.options().dtype(
+                                                                          torch::kBool))
+                                    .triu(past + 1);
+    scores = scores.masked_fill(later, -std::numeric_limits<double>::infinity());
+  }
+  const torch::Tensor weights_of_keys = torch::softmax(scores, -1).to(compute);
+  const torch::Tensor context = torch::matmul(weights_of_keys, values);  // [B, H, L, d]
+  if (capture.Wants(LayerGroupName(layer, "heads"))) {
+    capture.Add(LayerGroupName(layer, "heads"),
+                context.to(precision.accumulate).pow(2).mean(-1).sqrt().transpose(1, 2));
+  }
+  torch::Tensor mixed = context.transpose(1, 2).reshape({batch, length, a.context_width()});
+  if (a.mlp_dim > 0) {
+    const int64_t hidden = a.mlp_dim / 2;
+    const torch::Tensor activations = projected.narrow(-1, rows.mlp, hidden) *
+                                      torch::silu(projected.narrow(-1, rows.mlp + hidden, hidden));
+    capture.Add(LayerGroupName(layer, "mixer_mlp"), activations);
+    mixed = torch::cat({mixed, activations}, -1);
+  }
+  return forward_internal::Linear(mixed, weight("out_proj.weight"), optional("out_proj.bias"));
+}
+
+}  // namespace
+
+const MixerKind kAttentionMixer{"attention", kAttentionShapes, AttentionGroups,
+                                AttentionResidualMembers, AttentionMixer};
+
+}  // namespace icd::blocks

@@ -407,6 +407,23 @@ TEST(MemoryBudgetEngineTest, EstimatesGrowWithWhatTheCallComputes) {
   with_mlp.d_intermediate = 40;
   EXPECT_EQ(engine_internal::ForwardBytes(with_mlp, torch::kFloat32, 1, 1),
             per_position + 120 * 4);
+  // Attention at layer 1 (4 heads, 2 KV heads of 6, no conv): its scores and
+  // softmax grow with the square of the length, [B, 4, L, L] float32 each;
+  // its cache with the positions held, keys and values [B, 2, T, 6].
+  ModelConfig hybrid = config;
+  hybrid.attention_layers = {1};
+  hybrid.mixers = {MixerType::kMamba1, MixerType::kAttention};
+  hybrid.attention.heads = 4;
+  hybrid.attention.kv_heads = 2;
+  hybrid.attention.head_dim = 6;
+  EXPECT_EQ(engine_internal::ForwardBytes(hybrid, torch::kFloat32, 1, 100) -
+                100 * engine_internal::ForwardBytes(hybrid, torch::kFloat32, 1, 1),
+            2 * 4 * (100 * 100 - 100) * 4);
+  EXPECT_EQ(engine_internal::StateBytes(hybrid, torch::kFloat32, 2, 30) -
+                engine_internal::StateBytes(hybrid, torch::kFloat32, 2, 10),
+            2 * (2 * 2 * 20 * 6) * 4);
+  EXPECT_EQ(engine_internal::StateBytes(hybrid, torch::kFloat32, 2, 0),
+            (2 * 128 * 3 + 2 * 128 * 8) * 4);  // layer 0's alone
   // Saturating, never wrapping.
   EXPECT_EQ(
       engine_internal::ForwardBytes(config, torch::kFloat32, int64_t{1} << 40, int64_t{1} << 40),

@@ -338,3 +338,62 @@ TEST(AttentionGroupsTest, RotaryDecidesTheKeyDimensions) {
 
 }  // namespace
 }  // namespace icd::attention_test
+
+namespace icd::attention_test {
+namespace {
+
+// HuggingFace's layout of the same attention (q_proj, k_proj, v_proj, o_proj):
+// the same function as mamba_ssm's fused in_proj cut into its three parts,
+// and every group exact on it.
+TEST(AttentionSeparateProjectionsTest, SameFunctionAsTheFusedOneAndExact) {
+  const ModelConfig fused = Parse(R"({"d_model": 20, "n_layer": 2, "vocab_size": 29,
+      "attn_layer_idx": [1], "attn_cfg": {"causal": true, "num_heads": 6, "num_heads_kv": 2,
+                                          "head_dim": 4, "rotary_emb_dim": 2}})");
+  ModelConfig separate = fused;
+  separate.attention.separate_projections = true;
+  const Weights weights = RandomWeights(fused, 53, torch::kFloat64);
+  Weights split;
+  for (const auto& [name, tensor] : weights) {
+    const std::string mixer = "backbone.layers.1.mixer.";
+    if (name.rfind(mixer, 0) != 0) {
+      split[name] = tensor;
+      continue;
+    }
+    const std::string part = name.substr(mixer.size());  // "in_proj.weight", ...
+    const std::string kind = part.substr(part.find('.'));  // ".weight" or ".bias"
+    if (part.rfind("in_proj", 0) == 0) {
+      split[mixer + "q_proj" + kind] = tensor.narrow(0, 0, 24);
+      split[mixer + "k_proj" + kind] = tensor.narrow(0, 24, 8);
+      split[mixer + "v_proj" + kind] = tensor.narrow(0, 32, 8);
+    } else {
+      split[mixer + "o_proj" + kind] = tensor;
+    }
+  }
+  const auto expected = ExpectedShapes(separate);
+  ASSERT_EQ(expected.size(), split.size());
+  for (const auto& [name, shape] : expected) {
+    ASSERT_EQ(split.count(name), 1u) << name;
+    EXPECT_EQ(split.at(name).sizes().vec(), shape) << name;
+  }
+  const torch::Tensor ids = Ids(fused, 7);
+  const torch::Tensor reference = Logits(fused, weights, ids);
+  EXPECT_LE(RelL2(Logits(separate, split, ids), reference), 1e-12);
+
+  const FamilySpec spec = BuildSpec(separate);
+  ASSERT_TRUE(CheckSpec(spec, split).ok()) << CheckSpec(spec, split);
+  std::mt19937_64 rng(3);
+  Weights all = Clone(split);
+  for (const GroupInfo& group : spec) {
+    const std::vector<int64_t> index = testing::RandomPermutation(group, rng);
+    Weights permuted = Clone(split);
+    ApplyGather(group, index, permuted);
+    EXPECT_LE(RelL2(Logits(separate, permuted, ids), reference), 1e-10) << group.name;
+    ApplyGather(group, index, all);
+  }
+  EXPECT_LE(RelL2(Logits(separate, all, ids), reference), 1e-10);
+  EXPECT_GT(RelL2(all.at("backbone.layers.1.mixer.q_proj.weight"),
+                  split.at("backbone.layers.1.mixer.q_proj.weight")), 0.1);
+}
+
+}  // namespace
+}  // namespace icd::attention_test

@@ -19,12 +19,14 @@ namespace icd {
 // tables (shapes.h: config side; mixer.h: groups and forward).
 enum class MixerType { kMamba1, kMamba2, kAttention };
 
-// mamba_ssm's attention mixer (its MHA, at the layers attn_layer_idx lists,
-// configured by attn_cfg; blocks/attention.cc, docs/hybrid_symmetries.md).
-// in_proj rows are [q: heads·head_dim | k: kv_heads·head_dim | v: kv_heads·
-// head_dim | mlp_dim: values, then gate], out_proj columns [heads·head_dim |
-// mlp_dim / 2].
+// An attention mixer (blocks/attention.cc, docs/hybrid_symmetries.md):
+// mamba_ssm's MHA (at the layers attn_layer_idx lists, configured by
+// attn_cfg), whose in_proj rows are [q: heads·head_dim | k: kv_heads·head_dim
+// | v: kv_heads·head_dim | mlp_dim: values, then gate] and out_proj columns
+// [heads·head_dim | mlp_dim / 2]; or HuggingFace's, with q_proj, k_proj,
+// v_proj and o_proj of their own (separate_projections; no conv, no MLP).
 struct AttentionConfig {
+  bool separate_projections = false;
   int64_t heads = 0;
   int64_t kv_heads = 0;  // query head h reads kv head h / (heads / kv_heads)
   int64_t head_dim = 0;

@@ -4,6 +4,7 @@
 // head h reading KV head h / (heads / kv_heads) -> [context | values ·
 // silu(gate) of the mixer's own MLP] -> out_proj. Its groups are derived in
 // docs/hybrid_symmetries.md ("Attention with grouped KV heads").
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -17,14 +18,40 @@ using forward_internal::LayerGroupName;
 using forward_internal::MixerTensorName;
 using forward_internal::Precision;
 
-// in_proj rows (and conv channels, which cover q, k and v only).
-struct Rows {
-  int64_t query = 0, key = 0, value = 0, mlp = 0;
+// Where q, k and v come from: each a slice of rows of one or more tensors
+// (mamba_ssm: in_proj and its bias, and the conv's weight and bias, at the
+// same rows; HuggingFace: q_proj, k_proj, v_proj and their biases), and the
+// output projection whose columns read the context.
+struct Projections {
+  std::vector<std::string> query, key, value;  // tensor names (canonical)
+  int64_t query_row = 0, key_row = 0, value_row = 0;
+  std::string output;  // its weight
 };
 
-Rows RowsOf(const AttentionConfig& a) {
-  const int64_t kv_width = a.kv_heads * a.head_dim;
-  return {0, a.context_width(), a.context_width() + kv_width, a.qkv_rows()};
+Projections ProjectionsOf(const ModelConfig& c, int64_t i) {
+  const AttentionConfig& a = c.attention;
+  auto t = [i](const std::string& suffix) { return LayerTensorName(i, "mixer." + suffix); };
+  Projections p;
+  if (a.separate_projections) {
+    for (auto [list, module] : {std::pair{&p.query, "q_proj"}, std::pair{&p.key, "k_proj"},
+                                std::pair{&p.value, "v_proj"}}) {
+      list->push_back(t(std::string(module) + ".weight"));
+      if (a.qkv_bias) list->push_back(t(std::string(module) + ".bias"));
+    }
+    p.output = t("o_proj.weight");
+    return p;
+  }
+  std::vector<std::string> fused{t("in_proj.weight")};
+  if (a.qkv_bias) fused.push_back(t("in_proj.bias"));
+  if (a.conv > 0) {
+    fused.push_back(t("conv1d.weight"));
+    fused.push_back(t("conv1d.bias"));
+  }
+  p.query = p.key = p.value = fused;
+  p.key_row = a.context_width();
+  p.value_row = a.context_width() + a.kv_heads * a.head_dim;
+  p.output = t("out_proj.weight");
+  return p;
 }
 
 // "segments:C:S:O" (types.h), or "identity" where it is one.
@@ -33,40 +60,29 @@ std::string Segments(int64_t copies, int64_t stride, int64_t offset, int64_t blo
   return absl::StrCat("segments:", copies, ":", stride, ":", offset);
 }
 
-// The q, k and v rows of in_proj (and its bias) and of the conv (weight and
-// bias), each with its own expansion.
-// An empty expansion leaves that part out.
+// The q, k and v rows of every tensor they come from, each part with its own
+// expansion; an empty expansion leaves that part out.
 void AddQkvMembers(const ModelConfig& c, int64_t i, const std::string& query_expand,
                    const std::string& key_expand, const std::string& value_expand,
                    std::vector<GroupMember>& members) {
   const AttentionConfig& a = c.attention;
-  const Rows rows = RowsOf(a);
+  const Projections p = ProjectionsOf(c, i);
   const int64_t kv_width = a.kv_heads * a.head_dim;
-  std::vector<std::string> tensors{"mixer.in_proj.weight"};
-  if (a.qkv_bias) tensors.push_back("mixer.in_proj.bias");
-  if (a.conv > 0) {
-    tensors.push_back("mixer.conv1d.weight");
-    tensors.push_back("mixer.conv1d.bias");
-  }
-  for (const std::string& tensor : tensors) {
-    const std::string name = LayerTensorName(i, tensor);
-    if (!query_expand.empty()) {
-      members.push_back(Member(name, 0, rows.query, a.context_width(), query_expand));
-    }
-    if (!key_expand.empty()) {
-      members.push_back(Member(name, 0, rows.key, kv_width, key_expand));
-    }
-    if (!value_expand.empty()) {
-      members.push_back(Member(name, 0, rows.value, kv_width, value_expand));
-    }
-  }
+  auto add = [&members](const std::vector<std::string>& tensors, int64_t row, int64_t rows,
+                        const std::string& expand) {
+    if (expand.empty()) return;
+    for (const std::string& tensor : tensors) members.push_back(Member(tensor, 0, row, rows, expand));
+  };
+  add(p.query, p.query_row, a.context_width(), query_expand);
+  add(p.key, p.key_row, kv_width, key_expand);
+  add(p.value, p.value_row, kv_width, value_expand);
 }
 
 void AttentionGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
   const AttentionConfig& a = c.attention;
   const int64_t head_dim = a.head_dim, per_kv = a.heads / a.kv_heads;
   const std::string layer = absl::StrCat("layers.", i, ".");
-  const std::string out_proj = LayerTensorName(i, "mixer.out_proj.weight");
+  const std::string out_proj = ProjectionsOf(c, i).output;
 
   // Query heads move inside the run that reads one KV head, or whole runs
   // move with their KV head's k and v rows.
@@ -102,7 +118,7 @@ void AttentionGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
   if (a.mlp_dim > 0) {
     const int64_t hidden = a.mlp_dim / 2;
     GroupInfo mlp = NewGroup(layer + "mixer_mlp", hidden);
-    const int64_t first = RowsOf(a).mlp;
+    const int64_t first = a.qkv_rows();
     AddRowBlocks(mlp.members, i, "mixer.in_proj", a.qkv_bias, {first, first + hidden}, hidden);
     mlp.members.push_back(Member(out_proj, 1, a.context_width(), hidden));
     spec.push_back(std::move(mlp));
@@ -111,10 +127,18 @@ void AttentionGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
 
 void AttentionResidualMembers(const ModelConfig& c, int64_t i, std::vector<GroupMember>& members) {
   const int64_t width = c.d_model;
-  members.push_back(Member(LayerTensorName(i, "mixer.in_proj.weight"), 1, 0, width));
-  members.push_back(Member(LayerTensorName(i, "mixer.out_proj.weight"), 0, 0, width));
+  const Projections p = ProjectionsOf(c, i);
+  // Each input projection's weight once (mamba_ssm's q, k and v share one).
+  std::vector<std::string> inputs;
+  for (const auto* list : {&p.query, &p.key, &p.value}) {
+    const std::string& weight = list->front();
+    if (std::find(inputs.begin(), inputs.end(), weight) == inputs.end()) inputs.push_back(weight);
+  }
+  for (const std::string& weight : inputs) members.push_back(Member(weight, 1, 0, width));
+  members.push_back(Member(p.output, 0, 0, width));
   if (c.attention.out_bias) {
-    members.push_back(Member(LayerTensorName(i, "mixer.out_proj.bias"), 0, 0, width));
+    const std::string bias = p.output.substr(0, p.output.size() - 6) + "bias";  // "weight"
+    members.push_back(Member(bias, 0, 0, width));
   }
 }
 
@@ -167,10 +191,22 @@ torch::Tensor AttentionMixer(const ModelConfig& c, const Weights& weights, int64
   };
   const int64_t batch = normed.size(0), length = normed.size(1);
   const int64_t kv_width = a.kv_heads * a.head_dim, per_kv = a.heads / a.kv_heads;
-  const Rows rows = RowsOf(a);
+  const int64_t key_row = a.context_width(), value_row = key_row + kv_width;
 
-  const torch::Tensor projected = forward_internal::Linear(
-      normed, weight("in_proj.weight"), optional("in_proj.bias"));  // [B, L, qkv + mlp]
+  // [B, L, q | k | v], then the mixer's MLP part where mamba_ssm has one.
+  torch::Tensor projected;
+  if (a.separate_projections) {
+    projected = torch::cat({forward_internal::Linear(normed, weight("q_proj.weight"),
+                                                     optional("q_proj.bias")),
+                            forward_internal::Linear(normed, weight("k_proj.weight"),
+                                                     optional("k_proj.bias")),
+                            forward_internal::Linear(normed, weight("v_proj.weight"),
+                                                     optional("v_proj.bias"))},
+                           -1);
+  } else {
+    projected = forward_internal::Linear(normed, weight("in_proj.weight"),
+                                         optional("in_proj.bias"));  // [B, L, qkv + mlp]
+  }
   torch::Tensor qkv = projected.narrow(-1, 0, a.qkv_rows());
   if (a.conv > 0) {
     torch::Tensor next_history;
@@ -180,10 +216,10 @@ torch::Tensor AttentionMixer(const ModelConfig& c, const Weights& weights, int64
         state != nullptr ? &next_history : nullptr, ctx, layer);
     if (state != nullptr) state->conv_history = next_history;
   }
-  const torch::Tensor value_rows = qkv.narrow(-1, rows.value, kv_width);  // [B, L, KV·d]
+  const torch::Tensor value_rows = qkv.narrow(-1, value_row, kv_width);  // [B, L, KV·d]
   capture.Add(LayerGroupName(layer, "value_dims"), value_rows);
-  torch::Tensor query = SplitHeads(qkv.narrow(-1, rows.query, a.context_width()), a.heads);
-  torch::Tensor key = SplitHeads(qkv.narrow(-1, rows.key, kv_width), a.kv_heads);
+  torch::Tensor query = SplitHeads(qkv.narrow(-1, 0, a.context_width()), a.heads);
+  torch::Tensor key = SplitHeads(qkv.narrow(-1, key_row, kv_width), a.kv_heads);
   torch::Tensor value = SplitHeads(value_rows, a.kv_heads);  // [B, KV, L, d]
 
   // Positions seen before this call: the cache's length.
@@ -232,12 +268,15 @@ torch::Tensor AttentionMixer(const ModelConfig& c, const Weights& weights, int64
   torch::Tensor mixed = context.transpose(1, 2).reshape({batch, length, a.context_width()});
   if (a.mlp_dim > 0) {
     const int64_t hidden = a.mlp_dim / 2;
-    const torch::Tensor activations = projected.narrow(-1, rows.mlp, hidden) *
-                                      torch::silu(projected.narrow(-1, rows.mlp + hidden, hidden));
+    const torch::Tensor activations =
+        projected.narrow(-1, a.qkv_rows(), hidden) *
+        torch::silu(projected.narrow(-1, a.qkv_rows() + hidden, hidden));
     capture.Add(LayerGroupName(layer, "mixer_mlp"), activations);
     mixed = torch::cat({mixed, activations}, -1);
   }
-  return forward_internal::Linear(mixed, weight("out_proj.weight"), optional("out_proj.bias"));
+  return a.separate_projections
+             ? forward_internal::Linear(mixed, weight("o_proj.weight"), optional("o_proj.bias"))
+             : forward_internal::Linear(mixed, weight("out_proj.weight"), optional("out_proj.bias"));
 }
 
 }  // namespace

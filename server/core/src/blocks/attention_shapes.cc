@@ -13,6 +13,10 @@ absl::Status AttentionCheckConfig(const ModelConfig& c) {
         "attention needs positive heads, kv_heads and head_dim, heads a multiple of kv_heads; "
         "got ", a.heads, ", ", a.kv_heads, ", ", a.head_dim));
   }
+  if (a.separate_projections && (a.conv != 0 || a.mlp_dim != 0)) {
+    return absl::InvalidArgumentError("attention with separate q, k, v projections has no conv "
+                                      "and no MLP of its own");
+  }
   if (a.rotary_dim < 0 || a.rotary_dim % 2 != 0 || a.rotary_dim > a.head_dim ||
       a.conv < 0 || a.mlp_dim < 0 || a.mlp_dim % 2 != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -44,6 +48,18 @@ StateShapes AttentionStateShapes(const ModelConfig& c, int64_t batch) {
 void AttentionTensors(const ModelConfig& c, int64_t layer, TensorShapes& shapes) {
   const AttentionConfig& a = c.attention;
   auto name = [layer](const char* suffix) { return LayerTensorName(layer, suffix); };
+  if (a.separate_projections) {
+    const int64_t kv_width = a.kv_heads * a.head_dim;
+    const std::pair<const char*, int64_t> inputs[] = {
+        {"mixer.q_proj", a.context_width()}, {"mixer.k_proj", kv_width}, {"mixer.v_proj", kv_width}};
+    for (const auto& [module, rows] : inputs) {
+      shapes[name(module) + ".weight"] = {rows, c.d_model};
+      if (a.qkv_bias) shapes[name(module) + ".bias"] = {rows};
+    }
+    shapes[name("mixer.o_proj.weight")] = {c.d_model, a.context_width()};
+    if (a.out_bias) shapes[name("mixer.o_proj.bias")] = {c.d_model};
+    return;
+  }
   shapes[name("mixer.in_proj.weight")] = {a.qkv_rows() + a.mlp_dim, c.d_model};
   if (a.qkv_bias) shapes[name("mixer.in_proj.bias")] = {a.qkv_rows() + a.mlp_dim};
   if (a.conv > 0) {

@@ -10,8 +10,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <future>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "io/checkpoint.h"
@@ -108,7 +110,10 @@ TEST_F(EngineTest, LoadReportsFamilyLayoutAndDims) {
 // A mamba_ssm checkpoint written from `config_json` with random weights,
 // loaded; every group permuted at random and verified; exported, reloaded
 // with the same logits. Returns the group names GetSymmetries listed.
-std::vector<std::string> LoadApplyExportReload(Engine& engine, const std::string& config_json) {
+// `stored` names each tensor in the files (default: the layout's name).
+std::vector<std::string> LoadApplyExportReload(
+    Engine& engine, const std::string& config_json,
+    const std::function<std::string(const std::string&)>& stored = {}) {
   testing::TempDir temp;
   const fs::path dir = temp.path() / "hybrid";
   fs::create_directories(dir);
@@ -118,13 +123,13 @@ std::vector<std::string> LoadApplyExportReload(Engine& engine, const std::string
   if (!config.ok()) return {};
   io::TensorList tensors;
   for (const auto& [name, tensor] : testing::RandomWeights(*config, 43, torch::kFloat32)) {
-    tensors.push_back({LayoutTensorName(Layout::kMambaSsm, name), tensor});
+    tensors.push_back({stored ? stored(name) : LayoutTensorName(config->layout, name), tensor});
   }
   EXPECT_TRUE(io::WriteSafetensors(dir / "model.safetensors", tensors).ok());
   auto info = engine.Load("m", Str(dir));
   EXPECT_TRUE(info.ok()) << info.status();
   if (!info.ok()) return {};
-  EXPECT_EQ(info->layout, Layout::kMambaSsm);
+  EXPECT_EQ(info->layout, config->layout);
   auto groups = engine.Symmetries("m");
   EXPECT_TRUE(groups.ok()) << groups.status();
   torch::manual_seed(7);
@@ -146,6 +151,15 @@ std::vector<std::string> LoadApplyExportReload(Engine& engine, const std::string
   EXPECT_TRUE(after.ok()) << after.status();
   if (after.ok()) {
     EXPECT_LE(RelL2(torch::tensor(after->logits), torch::tensor(before->logits)), 1e-5);
+  }
+  // The export holds the files' own names.
+  auto written = io::ReadSafetensors(exported / "model.safetensors");
+  EXPECT_TRUE(written.ok()) << written.status();
+  if (written.ok()) {
+    std::set<std::string> names_in, names_out;
+    for (const auto& tensor : tensors) names_in.insert(tensor.name);
+    for (const auto& tensor : *written) names_out.insert(tensor.name);
+    EXPECT_EQ(names_out, names_in);
   }
   std::vector<std::string> names;
   for (const GroupInfo& group : *groups) names.push_back(group.name);
@@ -201,6 +215,31 @@ TEST_F(EngineTest, MambaSsmHybridWithAttentionLoadsAppliesAndExports) {
   ASSERT_TRUE(applied.ok()) << applied.status();
   EXPECT_TRUE(applied->correctness.ok);
   EXPECT_DOUBLE_EQ(applied->correctness.top1_agreement, 1.0);
+}
+
+// NVIDIA's Nemotron-H as transformers 5 may store it (model.* names):
+// Mamba-2, attention and ReLU² MLP layers, one mixer a layer.
+TEST_F(EngineTest, NemotronHLoadsAppliesAndExportsUnderItsOwnNames) {
+  const std::vector<std::string> groups = LoadApplyExportReload(
+      engine_, R"({"model_type": "nemotron_h", "hybrid_override_pattern": "M*-M",
+                   "hidden_size": 16, "vocab_size": 40, "mamba_num_heads": 4,
+                   "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 4,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 6,
+                   "intermediate_size": 20})",
+      [](const std::string& name) {
+        return name.rfind("backbone.", 0) == 0 ? "model." + name.substr(9) : name;
+      });
+  EXPECT_EQ(groups, (std::vector<std::string>{
+                        "residual", "layers.0.heads", "layers.0.headdim", "layers.0.state",
+                        "layers.1.heads", "layers.1.value_dims", "layers.1.key_dims",
+                        "layers.2.mlp", "layers.3.heads", "layers.3.headdim", "layers.3.state"}));
+  auto symmetries = engine_.Symmetries("m");
+  ASSERT_TRUE(symmetries.ok());
+  for (const GroupMember& member : symmetries->front().members) {
+    EXPECT_TRUE(member.tensor.rfind("model.", 0) == 0 || member.tensor == "lm_head.weight")
+        << member.tensor;
+  }
+  EXPECT_EQ(engine_.Info("m")->dims.at("mlp_layers"), 1);
 }
 
 TEST_F(EngineTest, TiedHeadStaysOneTensor) {

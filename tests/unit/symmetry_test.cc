@@ -190,7 +190,15 @@ INSTANTIATE_TEST_SUITE_P(
                        "rms_norm": false, "tie_embeddings": false, "attn_layer_idx": [0, 2],
                        "attn_cfg": {"causal": true, "num_heads": 4, "num_heads_kv": 1,
                                     "head_dim": 5, "mlp_dim": 4, "qkv_proj_bias": false},
-                       "ssm_cfg": {"layer": "Mamba2", "d_state": 4, "headdim": 8}})"}),
+                       "ssm_cfg": {"layer": "Mamba2", "d_state": 4, "headdim": 8}})"},
+        // NVIDIA's Nemotron-H: Mamba-2 (per-group gated norm), attention
+        // without positions (GQA 3), ReLU² MLP layers, one mixer a layer.
+        RandomCase{"nemotron_h_odd",
+                   R"({"model_type": "nemotron_h", "hybrid_override_pattern": "M-*M-",
+                       "hidden_size": 18, "vocab_size": 31, "mamba_num_heads": 4,
+                       "mamba_head_dim": 6, "n_groups": 2, "ssm_state_size": 5,
+                       "conv_kernel": 3, "num_attention_heads": 6, "num_key_value_heads": 2,
+                       "head_dim": 5, "intermediate_size": 13})"}),
     [](const auto& param_info) { return param_info.param.name; });
 
 // mamba_ssm's gated MLP block (d_intermediate, blocks/gated_mlp.cc): with

@@ -17,7 +17,18 @@ namespace icd {
 
 // The kinds of mixer a residual block can hold; blocks/ holds each one's
 // tables (shapes.h: config side; mixer.h: groups and forward).
-enum class MixerType { kMamba1, kMamba2, kAttention };
+enum class MixerType { kMamba1, kMamba2, kAttention, kMlp };
+
+// An MLP that is a layer's mixer (NemotronH's '-' layers; blocks/mlp.cc):
+// mixer.up_proj [hidden, d_model], mixer.down_proj [d_model, hidden], and
+// mixer.gate_proj [hidden, d_model] where gated; biases where `bias`.
+struct MlpConfig {
+  enum class Activation { kSilu, kRelu2 };  // relu2: relu(x)^2
+  int64_t hidden = 0;
+  bool gated = false;  // down(act(gate(x)) * up(x)); else down(act(up(x)))
+  Activation activation = Activation::kSilu;
+  bool bias = false;
+};
 
 // An attention mixer (blocks/attention.cc, docs/hybrid_symmetries.md):
 // mamba_ssm's MHA (at the layers attn_layer_idx lists, configured by
@@ -86,10 +97,17 @@ struct ModelConfig {
   // 0: none.
   int64_t d_intermediate = 0;
 
-  // mamba_ssm hybrids: the layers whose mixer is attention (attn_layer_idx,
-  // ascending), all with `attention`'s shape.
+  // Hybrids: the layers whose mixer is attention (mamba_ssm's attn_layer_idx,
+  // NemotronH's '*'), ascending, all with `attention`'s shape; those whose
+  // mixer is an MLP (NemotronH's '-'), with `mlp`'s. Every other layer's is
+  // the family's Mamba mixer (blocks::PlanBlocks).
   std::vector<int64_t> attention_layers;
   AttentionConfig attention;
+  std::vector<int64_t> mlp_layers;
+  MlpConfig mlp;
+  // The architecture config.json names ("mamba", "mamba2", "falcon_mamba",
+  // "nemotron_h", or "mamba_ssm" for MambaLMHeadModel's layout).
+  std::string architecture;
 
   // The model as a list of residual blocks (docs/blocks.md): block i is
   // norm -> mixers[i] -> add. Planned by the config parser (blocks::

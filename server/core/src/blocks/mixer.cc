@@ -7,6 +7,7 @@ const MixerKind& MixerAt(const ModelConfig& config, int64_t layer) {
     case MixerType::kMamba1: return kMamba1Mixer;
     case MixerType::kMamba2: return kMamba2Mixer;
     case MixerType::kAttention: return kAttentionMixer;
+    case MixerType::kMlp: return kMlpMixer;
   }
   return kMamba1Mixer;
 }

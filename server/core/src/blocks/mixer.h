@@ -41,7 +41,8 @@ struct MixerKind {
 
 extern const MixerKind kMamba1Mixer;  // Mamba-1 and FalconMamba (blocks/mamba1.cc)
 extern const MixerKind kMamba2Mixer;  // blocks/mamba2.cc
-extern const MixerKind kAttentionMixer;  // mamba_ssm's MHA (blocks/attention.cc)
+extern const MixerKind kAttentionMixer;  // blocks/attention.cc
+extern const MixerKind kMlpMixer;        // an MLP as a layer's mixer (blocks/mlp.cc)
 
 // Layer `layer`'s mixer (config.mixers must be planned: every parsed config is).
 const MixerKind& MixerAt(const ModelConfig& config, int64_t layer);

@@ -7,9 +7,10 @@ namespace icd::blocks {
 void PlanBlocks(ModelConfig& config) {
   const MixerType type = config.family == Family::kMamba2 ? MixerType::kMamba2 : MixerType::kMamba1;
   config.mixers.assign(static_cast<size_t>(std::max<int64_t>(config.n_layer, 0)), type);
-  for (const int64_t layer : config.attention_layers) {
-    if (layer >= 0 && layer < config.n_layer) {
-      config.mixers[static_cast<size_t>(layer)] = MixerType::kAttention;
+  for (const auto& [layers, kind] : {std::pair{&config.attention_layers, MixerType::kAttention},
+                                     std::pair{&config.mlp_layers, MixerType::kMlp}}) {
+    for (const int64_t layer : *layers) {
+      if (layer >= 0 && layer < config.n_layer) config.mixers[static_cast<size_t>(layer)] = kind;
     }
   }
 }
@@ -30,6 +31,7 @@ const MixerShapes& ShapesOf(MixerType type) {
     case MixerType::kMamba1: return kMamba1Shapes;
     case MixerType::kMamba2: return kMamba2Shapes;
     case MixerType::kAttention: return kAttentionShapes;
+    case MixerType::kMlp: return kMlpShapes;
   }
   return kMamba1Shapes;
 }

@@ -43,7 +43,8 @@ struct MixerShapes {
 
 extern const MixerShapes kMamba1Shapes;  // Mamba-1 and FalconMamba (blocks/mamba1_shapes.cc)
 extern const MixerShapes kMamba2Shapes;  // blocks/mamba2_shapes.cc
-extern const MixerShapes kAttentionShapes;  // mamba_ssm's MHA (blocks/attention_shapes.cc)
+extern const MixerShapes kAttentionShapes;  // blocks/attention_shapes.cc
+extern const MixerShapes kMlpShapes;        // an MLP as a mixer (blocks/mlp_shapes.cc)
 
 // The tensors both Mamba kinds hold around their own: in_proj [in_rows,
 // d_model], conv1d [conv_channels, 1, d_conv], out_proj [d_model, d_inner],
@@ -60,8 +61,8 @@ bool HasMlp(const ModelConfig& config);
 void AddMlpTensors(const ModelConfig& config, int64_t layer, TensorShapes& shapes);
 
 // The list of blocks of `config`'s model: config.mixers, one per layer: the
-// family's Mamba kind, attention at config.attention_layers (the parsers
-// call it).
+// family's Mamba kind, attention at config.attention_layers, an MLP at
+// config.mlp_layers (the parsers call it).
 void PlanBlocks(ModelConfig& config);
 
 // Layer `layer`'s mixer's shapes (config.mixers must be planned: every

@@ -49,7 +49,12 @@ absl::StatusOr<std::vector<GroupInfo>> Engine::Symmetries(const std::string& nam
   std::vector<GroupInfo> groups = model->spec;
   for (GroupInfo& group : groups) {
     for (GroupMember& member : group.members) {
-      member.tensor = LayoutTensorName(model->config.layout, member.tensor);
+      // The name the checkpoint's files gave it (what ReadTensors and an
+      // export use), else the layout's.
+      auto stored = model->layout.stored_name.find(member.tensor);
+      member.tensor = stored != model->layout.stored_name.end()
+                          ? stored->second
+                          : LayoutTensorName(model->config.layout, member.tensor);
     }
   }
   return groups;

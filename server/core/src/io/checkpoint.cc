@@ -133,6 +133,12 @@ std::string LayoutTensorName(Layout layout, const std::string& canonical) {
 }
 
 std::string CanonicalTensorName(const std::string& stored) {
+  // transformers 5's own names for checkpoints stored under backbone.
+  // (NemotronH: model.layers.*, model.embeddings.weight, model.norm_f.weight).
+  constexpr char kModelPrefix[] = "model.";
+  if (stored.rfind(kModelPrefix, 0) == 0) {
+    return CanonicalTensorName("backbone." + stored.substr(sizeof(kModelPrefix) - 1));
+  }
   return stored == kSsmEmbedding ? kEmbeddingTensor : stored;
 }
 

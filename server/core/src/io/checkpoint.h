@@ -68,7 +68,9 @@ absl::Status CheckFilesUnderRoots(const std::filesystem::path& dir,
                                   const std::vector<std::string>& roots);
 
 // mamba_ssm calls the embedding "backbone.embedding.weight"; every other
-// name is shared by both layouts (mamba_symmetries.md §4).
+// name is shared by both layouts (mamba_symmetries.md §4). transformers 5
+// may store a backbone's tensors under "model." (NemotronH): read as
+// "backbone.", written back as the files had them (CheckpointLayout).
 std::string LayoutTensorName(Layout layout, const std::string& canonical);
 std::string CanonicalTensorName(const std::string& stored);
 // The key of a stored tensor in a model's Weights: its canonical name, a tied

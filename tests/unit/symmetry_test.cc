@@ -198,7 +198,16 @@ INSTANTIATE_TEST_SUITE_P(
                        "hidden_size": 18, "vocab_size": 31, "mamba_num_heads": 4,
                        "mamba_head_dim": 6, "n_groups": 2, "ssm_state_size": 5,
                        "conv_kernel": 3, "num_attention_heads": 6, "num_key_value_heads": 2,
-                       "head_dim": 5, "intermediate_size": 13})"}),
+                       "head_dim": 5, "intermediate_size": 13})"},
+        // IBM's Bamba: HF Mamba-2 and attention with a partial rotary, each
+        // layer followed by a gated MLP of its own (gate, up, down).
+        RandomCase{"bamba_odd",
+                   R"({"model_type": "bamba", "hidden_size": 18, "num_hidden_layers": 3,
+                       "vocab_size": 29, "attn_layer_indices": [1], "num_attention_heads": 6,
+                       "num_key_value_heads": 2, "head_dim": 8, "mamba_n_heads": 6,
+                       "mamba_d_head": 6, "mamba_n_groups": 3, "mamba_d_state": 5,
+                       "mamba_expand": 2, "intermediate_size": 11,
+                       "tie_word_embeddings": true})"}),
     [](const auto& param_info) { return param_info.param.name; });
 
 // mamba_ssm's gated MLP block (d_intermediate, blocks/gated_mlp.cc): with

@@ -96,6 +96,10 @@ struct ModelConfig {
   // second residual block per layer, norm2 -> mlp -> add (blocks/gated_mlp.cc);
   // 0: none.
   int64_t d_intermediate = 0;
+  // Its projections as HuggingFace's (Bamba's feed_forward): mlp.gate_proj,
+  // mlp.up_proj [d_intermediate, d_model], mlp.down_proj, instead of
+  // mamba_ssm's fc1 (values, then gate) and fc2.
+  bool mlp_separate_projections = false;
 
   // Hybrids: the layers whose mixer is attention (mamba_ssm's attn_layer_idx,
   // NemotronH's '*'), ascending, all with `attention`'s shape; those whose

@@ -10,8 +10,14 @@ namespace icd::blocks {
 void MlpGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
   const int64_t hidden = c.d_intermediate;
   GroupInfo group = NewGroup(absl::StrCat("layers.", i, ".mlp"), hidden);
-  AddRowBlocks(group.members, i, "mlp.fc1", false, {0, hidden}, hidden);
-  group.members.push_back(Member(LayerTensorName(i, "mlp.fc2.weight"), 1, 0, hidden));
+  if (c.mlp_separate_projections) {
+    AddRowBlocks(group.members, i, "mlp.gate_proj", false, {0}, hidden);
+    AddRowBlocks(group.members, i, "mlp.up_proj", false, {0}, hidden);
+    group.members.push_back(Member(LayerTensorName(i, "mlp.down_proj.weight"), 1, 0, hidden));
+  } else {
+    AddRowBlocks(group.members, i, "mlp.fc1", false, {0, hidden}, hidden);
+    group.members.push_back(Member(LayerTensorName(i, "mlp.fc2.weight"), 1, 0, hidden));
+  }
   spec.push_back(std::move(group));
 }
 
@@ -19,6 +25,12 @@ void MlpResidualMembers(const ModelConfig& c, int64_t i, std::vector<GroupMember
   const int64_t width = c.d_model;
   members.push_back(Member(LayerTensorName(i, "norm2.weight"), 0, 0, width));
   if (c.layer_norm) members.push_back(Member(LayerTensorName(i, "norm2.bias"), 0, 0, width));
+  if (c.mlp_separate_projections) {
+    members.push_back(Member(LayerTensorName(i, "mlp.gate_proj.weight"), 1, 0, width));
+    members.push_back(Member(LayerTensorName(i, "mlp.up_proj.weight"), 1, 0, width));
+    members.push_back(Member(LayerTensorName(i, "mlp.down_proj.weight"), 0, 0, width));
+    return;
+  }
   members.push_back(Member(LayerTensorName(i, "mlp.fc1.weight"), 1, 0, width));
   members.push_back(Member(LayerTensorName(i, "mlp.fc2.weight"), 0, 0, width));
 }
@@ -26,6 +38,16 @@ void MlpResidualMembers(const ModelConfig& c, int64_t i, std::vector<GroupMember
 torch::Tensor GatedMlp(const ModelConfig& c, const Weights& weights, int64_t i,
                        const torch::Tensor& normed, const forward_internal::Capture& capture) {
   const torch::ScalarType compute = normed.scalar_type();
+  if (c.mlp_separate_projections) {  // down(silu(gate(x)) * up(x))
+    auto weight = [&](const char* name) {
+      return forward_internal::TensorAs(weights, LayerTensorName(i, name), compute);
+    };
+    const torch::Tensor activations =
+        torch::silu(forward_internal::Linear(normed, weight("mlp.gate_proj.weight"))) *
+        forward_internal::Linear(normed, weight("mlp.up_proj.weight"));
+    capture.Add(absl::StrCat("layers.", i, ".mlp"), activations);
+    return forward_internal::Linear(activations, weight("mlp.down_proj.weight"));
+  }
   const torch::Tensor fc1 =
       forward_internal::TensorAs(weights, LayerTensorName(i, "mlp.fc1.weight"), compute);
   const torch::Tensor fc2 =

@@ -10,6 +10,12 @@ void AddMlpTensors(const ModelConfig& c, int64_t layer, TensorShapes& shapes) {
   auto name = [layer](const char* suffix) { return LayerTensorName(layer, suffix); };
   shapes[name("norm2.weight")] = {c.d_model};
   if (c.layer_norm) shapes[name("norm2.bias")] = {c.d_model};
+  if (c.mlp_separate_projections) {
+    shapes[name("mlp.gate_proj.weight")] = {c.d_intermediate, c.d_model};
+    shapes[name("mlp.up_proj.weight")] = {c.d_intermediate, c.d_model};
+    shapes[name("mlp.down_proj.weight")] = {c.d_model, c.d_intermediate};
+    return;
+  }
   shapes[name("mlp.fc1.weight")] = {2 * c.d_intermediate, c.d_model};
   shapes[name("mlp.fc2.weight")] = {c.d_model, c.d_intermediate};
 }

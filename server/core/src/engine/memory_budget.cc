@@ -349,7 +349,8 @@ int64_t ForwardBytes(const ModelConfig& config, torch::ScalarType dtype, int64_t
   const int64_t per_position =
       SaturatingSum({SaturatingProduct({2, in_rows}), SaturatingProduct({3, config.d_inner}),
                      SaturatingProduct({4, config.d_model}),
-                     SaturatingProduct({3, config.d_intermediate})});
+                     SaturatingProduct({3, config.d_intermediate}),
+                     config.mlp_layers.empty() ? 0 : SaturatingProduct({3, config.mlp.hidden})});
   const int64_t activations = SaturatingProduct({positions, per_position, AccumulateBytes(dtype)});
   // Attention's scores and their softmax, wide, [B, heads, L, L] each.
   const int64_t attention =

@@ -1,6 +1,7 @@
 #include "io/checkpoint.h"
 
 #include <algorithm>
+#include <cstring>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -133,13 +134,33 @@ std::string LayoutTensorName(Layout layout, const std::string& canonical) {
 }
 
 std::string CanonicalTensorName(const std::string& stored) {
-  // transformers 5's own names for checkpoints stored under backbone.
-  // (NemotronH: model.layers.*, model.embeddings.weight, model.norm_f.weight).
+  // transformers' names under model. (NemotronH's under transformers 5, and
+  // Bamba's own: model.embed_tokens, model.layers.{i}.input_layernorm, mamba
+  // or self_attn, pre_ff_layernorm, feed_forward, model.final_layernorm).
   constexpr char kModelPrefix[] = "model.";
-  if (stored.rfind(kModelPrefix, 0) == 0) {
-    return CanonicalTensorName("backbone." + stored.substr(sizeof(kModelPrefix) - 1));
+  if (stored.rfind(kModelPrefix, 0) != 0) return stored == kSsmEmbedding ? kEmbeddingTensor : stored;
+  static const std::pair<const char*, const char*> kTopLevel[] = {
+      {"embed_tokens.", "embeddings."}, {"final_layernorm.", "norm_f."}};
+  static const std::pair<const char*, const char*> kInLayer[] = {
+      {"input_layernorm.", "norm."}, {"pre_ff_layernorm.", "norm2."}, {"mamba.", "mixer."},
+      {"self_attn.", "mixer."},      {"feed_forward.", "mlp."}};
+  std::string rest = stored.substr(sizeof(kModelPrefix) - 1);
+  for (const auto& [from, to] : kTopLevel) {
+    if (rest.rfind(from, 0) == 0) rest = to + rest.substr(std::strlen(from));
   }
-  return stored == kSsmEmbedding ? kEmbeddingTensor : stored;
+  constexpr char kLayers[] = "layers.";
+  if (rest.rfind(kLayers, 0) == 0) {
+    const size_t dot = rest.find('.', sizeof(kLayers) - 1);  // after the layer's index
+    if (dot != std::string::npos) {
+      for (const auto& [from, to] : kInLayer) {
+        if (rest.compare(dot + 1, std::strlen(from), from) == 0) {
+          rest = rest.substr(0, dot + 1) + to + rest.substr(dot + 1 + std::strlen(from));
+          break;
+        }
+      }
+    }
+  }
+  return CanonicalTensorName("backbone." + rest);
 }
 
 std::string WeightKey(const std::string& stored, const ModelConfig& config) {

@@ -23,7 +23,8 @@ constexpr char kSupported[] =
     "FalconMambaForCausalLM ('falcon_mamba'), Mamba2ForCausalLM ('mamba2'); "
     "mamba_ssm MambaLMHeadModel with ssm_cfg.layer 'Mamba1' or 'Mamba2', with or "
     "without a gated MLP (d_intermediate) and causal attention layers (attn_layer_idx); "
-    "NemotronHForCausalLM ('nemotron_h') without mixture-of-experts layers";
+    "NemotronHForCausalLM ('nemotron_h') without mixture-of-experts layers, "
+    "BambaForCausalLM ('bamba')";
 
 // Reads typed fields with defaults; every error names the file and field.
 class Fields {
@@ -304,10 +305,114 @@ absl::StatusOr<ModelConfig> ParseNemotronH(const Json& root, const std::string& 
   return c;
 }
 
+// IBM's Bamba (transformers' BambaForCausalLM): HF Mamba-2 layers (the gated
+// norm over all of d_inner) and attention at attn_layer_indices (q/k/v/o
+// projections, a partial rotary), each layer followed by pre_ff_layernorm and
+// a gated MLP (feed_forward); tensors under model.* with Bamba's module names
+// (io/checkpoint.cc maps them to icd's canonical ones).
+absl::StatusOr<ModelConfig> ParseBamba(const Json& root, const std::string& source) {
+  Fields f(root, source);
+  ModelConfig c;
+  c.layout = Layout::kHf;
+  c.architecture = "bamba";
+  c.family = Family::kMamba2;
+  ICD_ASSIGN_OR_RETURN(c.d_model, f.PositiveInt("hidden_size", 4096));
+  ICD_ASSIGN_OR_RETURN(c.n_layer, f.PositiveInt("num_hidden_layers", 32));
+  ICD_ASSIGN_OR_RETURN(c.vocab_size, f.PositiveInt("vocab_size", 128000));
+  c.vocab_unpadded = c.vocab_size;
+  ICD_ASSIGN_OR_RETURN(c.tied, f.Bool("tie_word_embeddings", false));
+  ICD_ASSIGN_OR_RETURN(c.norm_eps, f.Number("rms_norm_eps", 1e-5));
+  ICD_ASSIGN_OR_RETURN(std::string act, f.String("hidden_act", "silu"));
+  if (act != "silu") return Unsupported(source, absl::StrCat("hidden_act '", act, "'"));
+  if (c.n_layer > kMaxLayers) return f.Error("num_hidden_layers", "is too large");
+  if (f.Has("attn_layer_indices")) {
+    const Json& layers = root.at("attn_layer_indices");
+    if (!layers.is_array()) return f.Error("attn_layer_indices", "must be a list of layer indices");
+    for (const Json& entry : layers) {
+      const Json wrapped = {{"attn_layer_indices", entry}};
+      ICD_ASSIGN_OR_RETURN(int64_t layer, Fields(wrapped, source).Int("attn_layer_indices", 0));
+      if (layer < 0 || layer >= c.n_layer) {
+        return f.Error("attn_layer_indices", absl::StrCat("lists layer ", layer,
+                                                          ", but num_hidden_layers is ", c.n_layer));
+      }
+      c.attention_layers.push_back(layer);
+    }
+    std::sort(c.attention_layers.begin(), c.attention_layers.end());
+    c.attention_layers.erase(std::unique(c.attention_layers.begin(), c.attention_layers.end()),
+                             c.attention_layers.end());
+  }
+
+  ICD_ASSIGN_OR_RETURN(double expand, f.Number("mamba_expand", 2));
+  ICD_ASSIGN_OR_RETURN(c.d_inner, InnerWidth(expand, c.d_model, source, "mamba_expand"));
+  ICD_ASSIGN_OR_RETURN(c.nheads, f.PositiveInt("mamba_n_heads", 128));
+  if (f.Has("mamba_d_head") && !(root.at("mamba_d_head").is_string() &&
+                                 root.at("mamba_d_head").get<std::string>() == "auto")) {
+    ICD_ASSIGN_OR_RETURN(c.headdim, f.PositiveInt("mamba_d_head", std::nullopt));
+  } else {
+    if (c.d_inner % c.nheads != 0) {
+      return f.Error("mamba_n_heads", absl::StrCat(c.nheads, " does not divide mamba_expand x "
+                                                   "hidden_size ", c.d_inner));
+    }
+    c.headdim = c.d_inner / c.nheads;
+  }
+  ICD_ASSIGN_OR_RETURN(c.ngroups, f.PositiveInt("mamba_n_groups", 1));
+  ICD_ASSIGN_OR_RETURN(c.d_state, f.PositiveInt("mamba_d_state", 256));
+  ICD_ASSIGN_OR_RETURN(c.d_conv, f.PositiveInt("mamba_d_conv", 4));
+  ICD_ASSIGN_OR_RETURN(c.chunk_size, f.PositiveInt("mamba_chunk_size", 256));
+  ICD_ASSIGN_OR_RETURN(c.conv_bias, f.Bool("mamba_conv_bias", true));
+  ICD_ASSIGN_OR_RETURN(c.proj_bias, f.Bool("mamba_proj_bias", false));
+  if (f.Has("time_step_limit")) {
+    const Json& limit = root.at("time_step_limit");
+    if (!limit.is_array() || limit.size() != 2) return f.Error("time_step_limit", "must be [min, max]");
+    ICD_ASSIGN_OR_RETURN(c.dt_min, f.ParseNumber("time_step_limit", limit[0]));
+    ICD_ASSIGN_OR_RETURN(c.dt_max, f.ParseNumber("time_step_limit", limit[1]));
+  }
+  c.gated_norm = true;
+  c.grouped_gated_norm = false;  // MambaRMSNormGated over all of d_inner
+  c.norm_before_gate = false;
+  ICD_RETURN_IF_ERROR(CheckMamba2Shapes(c, source));
+
+  AttentionConfig& a = c.attention;
+  a.separate_projections = true;
+  ICD_ASSIGN_OR_RETURN(a.heads, f.PositiveInt("num_attention_heads", 32));
+  ICD_ASSIGN_OR_RETURN(a.kv_heads, f.PositiveInt("num_key_value_heads", 8));
+  if (a.heads > kMaxDimension || a.heads % a.kv_heads != 0 || c.d_model % a.heads != 0) {
+    return f.Error("num_key_value_heads",
+                   absl::StrCat(a.kv_heads, " must divide num_attention_heads ", a.heads,
+                                ", which must divide hidden_size ", c.d_model));
+  }
+  ICD_ASSIGN_OR_RETURN(a.head_dim, f.PositiveInt("head_dim", c.d_model / a.heads));
+  ICD_ASSIGN_OR_RETURN(a.qkv_bias, f.Bool("attention_bias", false));
+  a.out_bias = a.qkv_bias;
+  // Rotary: rope_parameters (transformers 5) or the older top-level fields;
+  // Bamba's config fixes partial_rotary_factor at 0.5.
+  static const Json kEmpty = Json::object();
+  const Json& rope = f.Has("rope_parameters") ? root.at("rope_parameters") : kEmpty;
+  if (!rope.is_object()) return f.Error("rope_parameters", "must be an object");
+  Fields r(rope, source, "rope_parameters.");
+  ICD_ASSIGN_OR_RETURN(std::string rope_type, r.String("rope_type", "default"));
+  if (rope_type != "default") return Unsupported(source, absl::StrCat("rope_type '", rope_type, "'"));
+  ICD_ASSIGN_OR_RETURN(double theta, f.Number("rope_theta", 10000.0));
+  ICD_ASSIGN_OR_RETURN(a.rotary_base, r.Number("rope_theta", theta));
+  ICD_ASSIGN_OR_RETURN(double factor, f.Number("partial_rotary_factor", 0.5));
+  ICD_ASSIGN_OR_RETURN(factor, r.Number("partial_rotary_factor", factor));
+  if (!(factor > 0 && factor <= 1) || !(a.rotary_base > 0 && std::isfinite(a.rotary_base))) {
+    return f.Error("partial_rotary_factor", "or rope_theta out of range");
+  }
+  a.rotary_dim = static_cast<int64_t>(static_cast<double>(a.head_dim) * factor);
+  a.rotary_dim -= a.rotary_dim % 2;
+
+  ICD_ASSIGN_OR_RETURN(c.d_intermediate, f.PositiveInt("intermediate_size", 14336));
+  if (c.d_intermediate > kMaxDimension) return f.Error("intermediate_size", "is too large");
+  c.mlp_separate_projections = true;
+  return c;
+}
+
 absl::StatusOr<ModelConfig> ParseHf(const Json& root, const std::string& source) {
   Fields f(root, source);
   ICD_ASSIGN_OR_RETURN(std::string model_type, f.String("model_type", ""));
   if (model_type == "nemotron_h") return ParseNemotronH(root, source);
+  if (model_type == "bamba") return ParseBamba(root, source);
   ModelConfig c;
   c.layout = Layout::kHf;
   c.architecture = model_type;

@@ -1,16 +1,18 @@
-// NVIDIA's Nemotron-H (io/config.cc ParseNemotronH): its config as
-// transformers reads it, and its MLP layer (blocks/mlp.cc). Every group alone
-// and all together are exact on a random Nemotron-H in symmetry_test
-// (RandomConfigTest nemotron_h_odd); loading, applying and exporting under
-// its own tensor names in engine_test.
+// HuggingFace's hybrids (io/config.cc ParseNemotronH, ParseBamba): their
+// configs as transformers reads them, their tensor names (io/checkpoint.cc),
+// and Nemotron-H's MLP layer (blocks/mlp.cc). Every group alone and all
+// together are exact on random ones in symmetry_test (RandomConfigTest
+// nemotron_h_odd, bamba_odd); loading, applying and exporting under their own
+// tensor names in engine_test.
 #include <gtest/gtest.h>
 
 #include "blocks/mixer.h"
+#include "io/checkpoint.h"
 #include "io/config.h"
 #include "test_util.h"
 
 // A namespace of its own: model_test compiles its files as one unit.
-namespace icd::nemotron_h_test {
+namespace icd::hf_hybrids_test {
 namespace {
 
 std::string Config(const std::string& fields) {
@@ -93,5 +95,54 @@ TEST(MlpMixerTest, ComputesDownOfSquaredRelu) {
   EXPECT_LE(testing::RelL2(out, expected), 1e-14);
 }
 
+constexpr char kBamba[] = R"({"model_type": "bamba", "hidden_size": 20, "num_hidden_layers": 4,
+    "vocab_size": 33, "attn_layer_indices": [2, 1], "num_attention_heads": 4,
+    "num_key_value_heads": 2, "mamba_n_heads": 8, "mamba_d_head": "auto", "mamba_n_groups": 2,
+    "mamba_d_state": 6, "mamba_expand": 2, "intermediate_size": 14,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}})";
+
+TEST(BambaConfigTest, ReadsTheLayersTheRotaryAndTheFeedForward) {
+  auto config = ParseConfig(kBamba, "b");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->mixers, (std::vector<MixerType>{MixerType::kMamba2, MixerType::kAttention,
+                                                     MixerType::kAttention, MixerType::kMamba2}));
+  EXPECT_EQ(config->headdim, 5);  // "auto": expand x hidden / heads
+  EXPECT_FALSE(config->grouped_gated_norm);  // over all of d_inner, as HF's Mamba-2
+  EXPECT_EQ(config->attention.head_dim, 5);
+  EXPECT_EQ(config->attention.rotary_dim, 2);  // int(5 x 0.5), even
+  EXPECT_DOUBLE_EQ(config->attention.rotary_base, 500.0);
+  EXPECT_TRUE(config->mlp_separate_projections);
+  EXPECT_EQ(config->d_intermediate, 14);
+  const auto shapes = ExpectedShapes(*config);
+  EXPECT_EQ(shapes.at("backbone.layers.3.mlp.gate_proj.weight"), (std::vector<int64_t>{14, 20}));
+  EXPECT_EQ(shapes.at("backbone.layers.1.mixer.k_proj.weight"), (std::vector<int64_t>{10, 20}));
+  EXPECT_EQ(shapes.count("backbone.layers.1.norm2.weight"), 1u);
+  auto refused = ParseConfig(R"({"model_type": "bamba", "hidden_size": 20, "hidden_act": "gelu"})",
+                             "b");
+  EXPECT_FALSE(refused.ok());
+  refused = ParseConfig(R"({"model_type": "bamba", "hidden_size": 20, "num_hidden_layers": 2,
+                            "attn_layer_indices": [2]})", "b");
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("lists layer 2, but num_hidden_layers is 2"),
+            std::string::npos) << refused.status();
+}
+
+// Bamba's and transformers' module names read as icd's canonical ones.
+TEST(HfHybridNamesTest, BambaAndModelPrefixedNamesAreCanonical) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"model.embed_tokens.weight", "backbone.embeddings.weight"},
+      {"model.final_layernorm.weight", "backbone.norm_f.weight"},
+      {"model.layers.12.input_layernorm.weight", "backbone.layers.12.norm.weight"},
+      {"model.layers.3.pre_ff_layernorm.weight", "backbone.layers.3.norm2.weight"},
+      {"model.layers.0.mamba.in_proj.weight", "backbone.layers.0.mixer.in_proj.weight"},
+      {"model.layers.1.self_attn.q_proj.weight", "backbone.layers.1.mixer.q_proj.weight"},
+      {"model.layers.1.feed_forward.down_proj.weight", "backbone.layers.1.mlp.down_proj.weight"},
+      {"model.layers.4.mixer.D", "backbone.layers.4.mixer.D"},  // NemotronH under model.
+      {"model.embeddings.weight", "backbone.embeddings.weight"},
+      {"backbone.embedding.weight", "backbone.embeddings.weight"},  // mamba_ssm
+      {"lm_head.weight", "lm_head.weight"}};
+  for (const auto& [stored, canonical] : cases) EXPECT_EQ(CanonicalTensorName(stored), canonical);
+}
+
 }  // namespace
-}  // namespace icd::nemotron_h_test
+}  // namespace icd::hf_hybrids_test

@@ -26,6 +26,8 @@
 #           --logits) against mamba_ssm and HF (130m)
 #   profile icd_profile (LibTorch's Kineto profiler around icd::Forward) on each
 #           shape's prefill, decode step and graphed decode step -> trace_table.py
+#   goldens issue 19's golden fixtures (transformers' and mamba_ssm's hybrids) into
+#           OUT_DIR/goldens; not a default step
 #   pack    side-by-side.jsonl (a family on each row) and the tables into OUT_DIR
 #           (few files, for $OUT)
 #
@@ -278,6 +280,23 @@ if want profile && [[ -x /tmp/icd_profile/icd_profile ]]; then
       profile_icd "$label" "$models/$(model_dir $family $shape)/mamba_ssm" 30 "$(cap 200)" || continue
     done
   done
+fi
+
+# ---------------------------------------------------------------- goldens
+# Issue 19's golden fixtures: transformers' hybrids (make_hybrid_goldens.py, CPU
+# float32) and mamba_ssm's MLP and attention hybrids (make_mamba_ssm_goldens.py,
+# which needs the peer's extensions from the build stage), into OUT_DIR/goldens
+# for the repo's tests/fixtures/golden. Not in the default steps.
+if want goldens && fits 120 goldens; then
+  mkdir -p "$out/goldens"
+  log "goldens: transformers' hybrids"
+  timeout $(cap 300) python3 tests/fixtures/golden/make_hybrid_goldens.py --out "$out/goldens" \
+    --force > "$work/logs/goldens-hf.log" 2>&1 || log "make_hybrid_goldens failed (logs/goldens-hf.log)"
+  log "goldens: mamba_ssm hybrids"
+  timeout $(cap 300) python3 tests/fixtures/golden/make_mamba_ssm_goldens.py --out "$out/goldens" \
+    --only mamba_ssm-mamba2-mlp mamba_ssm-hybrid-attention --force \
+    > "$work/logs/goldens-mamba_ssm.log" 2>&1 || log "make_mamba_ssm_goldens failed (logs/goldens-mamba_ssm.log)"
+  cp "$work"/logs/goldens-*.log "$out/goldens/" 2>/dev/null
 fi
 
 # ---------------------------------------------------------------- pack

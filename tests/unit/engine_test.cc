@@ -293,6 +293,49 @@ TEST_F(EngineTest, BambaLoadsAppliesAndExportsUnderItsOwnNames) {
   }
 }
 
+// IBM's Granite 4.0 under its own names (shared_mlp, block_sparse_moe,
+// post_attention_layernorm, model.norm), with a mixture of experts.
+TEST_F(EngineTest, GraniteLoadsAppliesAndExportsUnderItsOwnNames) {
+  const std::vector<std::string> groups = LoadApplyExportReload(
+      engine_, R"({"model_type": "granitemoehybrid", "hidden_size": 16, "vocab_size": 40,
+                   "layer_types": ["attention", "mamba"], "num_attention_heads": 4,
+                   "num_key_value_heads": 1, "position_embedding_type": "rope",
+                   "mamba_n_heads": 4, "mamba_n_groups": 2, "mamba_d_state": 4,
+                   "shared_intermediate_size": 10, "num_local_experts": 4,
+                   "num_experts_per_tok": 2, "intermediate_size": 6,
+                   "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                   "logits_scaling": 4.0})",
+      [](const std::string& name) {
+        if (name == "backbone.embeddings.weight") return std::string("model.embed_tokens.weight");
+        if (name == "backbone.norm_f.weight") return std::string("model.norm.weight");
+        const std::string layers = "backbone.layers.";
+        if (name.rfind(layers, 0) != 0) return name;
+        const size_t dot = name.find('.', layers.size());
+        const std::string layer = name.substr(layers.size(), dot - layers.size());
+        const std::string rest = name.substr(dot + 1);
+        const std::vector<std::pair<std::string, std::string>> modules = {
+            {"norm.", "input_layernorm."},
+            {"norm2.", "post_attention_layernorm."},
+            {"mixer.", layer == "0" ? "self_attn." : "mamba."},
+            {"mlp.fc1.", "shared_mlp.input_linear."},
+            {"mlp.fc2.", "shared_mlp.output_linear."},
+            {"moe.router.", "block_sparse_moe.router.layer."},
+            {"moe.fc1.", "block_sparse_moe.input_linear."},
+            {"moe.fc2.", "block_sparse_moe.output_linear."}};
+        for (const auto& [from, to] : modules) {
+          if (rest.rfind(from, 0) == 0) {
+            return "model.layers." + layer + "." + to + rest.substr(from.size());
+          }
+        }
+        return name;
+      });
+  EXPECT_EQ(groups, (std::vector<std::string>{
+                        "residual", "layers.0.heads", "layers.0.value_dims", "layers.0.mlp",
+                        "layers.0.experts", "layers.0.expert_hidden", "layers.1.heads",
+                        "layers.1.headdim", "layers.1.state", "layers.1.mlp",
+                        "layers.1.experts", "layers.1.expert_hidden"}));
+}
+
 TEST_F(EngineTest, TiedHeadStaysOneTensor) {
   Load("mamba1-small", "mamba_ssm");
   // Both names are readable and hold the same bytes; the residual group

@@ -1,6 +1,7 @@
-// HuggingFace's hybrids (io/config.cc ParseNemotronH, ParseBamba): their
-// configs as transformers reads them, their tensor names (io/checkpoint.cc),
-// and Nemotron-H's MLP layer (blocks/mlp.cc). Every group alone and all
+// HuggingFace's hybrids (io/config.cc ParseNemotronH, ParseBamba,
+// ParseGranite): their configs as transformers reads them, their tensor names
+// (io/checkpoint.cc), Nemotron-H's MLP layer (blocks/mlp.cc) and Granite
+// 4.0's mixture of experts (blocks/moe.cc). Every group alone and all
 // together are exact on random ones in symmetry_test (RandomConfigTest
 // nemotron_h_odd, bamba_odd); loading, applying and exporting under their own
 // tensor names in engine_test.
@@ -8,6 +9,8 @@
 
 #include "blocks/mixer.h"
 #include "io/checkpoint.h"
+#include "apply/symmetry.h"
+#include "forward/forward.h"
 #include "io/config.h"
 #include "test_util.h"
 
@@ -142,6 +145,98 @@ TEST(HfHybridNamesTest, BambaAndModelPrefixedNamesAreCanonical) {
       {"backbone.embedding.weight", "backbone.embeddings.weight"},  // mamba_ssm
       {"lm_head.weight", "lm_head.weight"}};
   for (const auto& [stored, canonical] : cases) EXPECT_EQ(CanonicalTensorName(stored), canonical);
+}
+
+constexpr char kGranite[] = R"({"model_type": "granitemoehybrid", "hidden_size": 16,
+    "vocab_size": 27, "layer_types": ["mamba", "attention"], "num_attention_heads": 4,
+    "num_key_value_heads": 2, "position_embedding_type": "rope", "attention_multiplier": 0.3,
+    "mamba_n_heads": 4, "mamba_n_groups": 2, "mamba_d_state": 5, "shared_intermediate_size": 9,
+    "num_local_experts": 5, "num_experts_per_tok": 2, "intermediate_size": 7,
+    "embedding_multiplier": 3.0, "residual_multiplier": 0.4, "logits_scaling": 2.5})";
+
+TEST(GraniteConfigTest, ReadsLayersMultipliersAndExperts) {
+  auto config = ParseConfig(kGranite, "g");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->mixers, (std::vector<MixerType>{MixerType::kMamba2, MixerType::kAttention}));
+  EXPECT_TRUE(config->grouped_gated_norm);
+  EXPECT_EQ(config->attention.rotary_dim, 4);  // the whole head
+  EXPECT_DOUBLE_EQ(config->attention.softmax_scale, 0.3);
+  EXPECT_TRUE(config->mlp_gate_first);
+  EXPECT_EQ(config->d_intermediate, 9);
+  EXPECT_EQ(config->moe.experts, 5);
+  EXPECT_EQ(config->moe.top_k, 2);
+  EXPECT_DOUBLE_EQ(config->embedding_multiplier, 3.0);
+  EXPECT_DOUBLE_EQ(config->residual_multiplier, 0.4);
+  EXPECT_DOUBLE_EQ(config->logits_scaling, 2.5);
+  const auto shapes = ExpectedShapes(*config);
+  EXPECT_EQ(shapes.at("backbone.layers.1.moe.fc1.weight"), (std::vector<int64_t>{5, 14, 16}));
+  EXPECT_EQ(shapes.at("backbone.layers.1.moe.fc2.weight"), (std::vector<int64_t>{5, 16, 7}));
+  EXPECT_EQ(shapes.at("backbone.layers.0.moe.router.weight"), (std::vector<int64_t>{5, 16}));
+  EXPECT_EQ(CanonicalTensorName("model.layers.1.block_sparse_moe.router.layer.weight"),
+            "backbone.layers.1.moe.router.weight");
+  EXPECT_EQ(CanonicalTensorName("model.layers.0.shared_mlp.input_linear.weight"),
+            "backbone.layers.0.mlp.fc1.weight");
+  EXPECT_EQ(CanonicalTensorName("model.layers.0.post_attention_layernorm.weight"),
+            "backbone.layers.0.norm2.weight");
+  EXPECT_EQ(CanonicalTensorName("model.norm.weight"), "backbone.norm_f.weight");
+  for (const std::string& bad :
+       {std::string(R"("num_local_experts": 2, "num_experts_per_tok": 3)"),
+        std::string(R"("position_embedding_type": "alibi")"),
+        std::string(R"("logits_scaling": 0)")}) {
+    auto refused = ParseConfig(R"({"model_type": "granitemoehybrid", "hidden_size": 16,
+        "num_attention_heads": 4, "mamba_n_heads": 4, )" + bad + "}", "g");
+    EXPECT_FALSE(refused.ok()) << bad;
+  }
+}
+
+// The mixture of experts against every expert computed for every position,
+// weighted by the softmax of its top two logits (zero elsewhere), and the
+// controls of its groups: the router's rows moved without the experts, or
+// the experts' hidden channels moved in fc1 but not in fc2, move the logits.
+TEST(MixtureOfExpertsTest, MatchesTheDenseSumAndItsControlsBite) {
+  auto config = ParseConfig(kGranite, "g");
+  ASSERT_TRUE(config.ok()) << config.status();
+  const Weights weights = testing::RandomWeights(*config, 61, torch::kFloat64);
+  torch::manual_seed(5);
+  const torch::Tensor normed = torch::randn({2, 6, 16}, torch::kFloat64);
+  const torch::Tensor moe =
+      blocks::MixtureOfExperts(*config, weights, 1, normed, forward_internal::Capture(nullptr));
+  const torch::Tensor x = normed.reshape({-1, 16});
+  const torch::Tensor logits = x.matmul(weights.at("backbone.layers.1.moe.router.weight").t());
+  const auto [top, chosen] = logits.topk(2, -1);
+  const torch::Tensor gates =
+      torch::zeros_like(logits).scatter(-1, chosen, torch::softmax(top, -1));  // [T, E]
+  torch::Tensor expected = torch::zeros_like(x);
+  for (int64_t e = 0; e < 5; ++e) {
+    const torch::Tensor h = x.matmul(weights.at("backbone.layers.1.moe.fc1.weight")[e].t());
+    const torch::Tensor act = torch::silu(h.narrow(-1, 0, 7)) * h.narrow(-1, 7, 7);
+    expected += act.matmul(weights.at("backbone.layers.1.moe.fc2.weight")[e].t()) *
+                gates.select(-1, e).unsqueeze(-1);
+  }
+  EXPECT_LE(testing::RelL2(moe.reshape({-1, 16}), expected), 1e-13);
+
+  const torch::Tensor ids = torch::randint(27, {2, 9}, torch::kInt64);
+  const torch::Tensor reference = *Forward(*config, weights, ids);
+  const FamilySpec spec = BuildSpec(*config);
+  auto moved = [&](GroupInfo group, const std::vector<int64_t>& index, size_t keep) {
+    group.members.resize(std::min(keep, group.members.size()));
+    Weights permuted = testing::Clone(weights);
+    ApplyGather(group, index, permuted);
+    return testing::RelL2(*Forward(*config, permuted, ids), reference);
+  };
+  int checked = 0;
+  for (const GroupInfo& group : spec) {
+    if (group.name == "layers.1.experts") {
+      ++checked;
+      EXPECT_LE(moved(group, {4, 2, 0, 3, 1}, 3), 1e-12);
+      EXPECT_GT(moved(group, {4, 2, 0, 3, 1}, 1), 1e-3);  // the router alone
+    } else if (group.name == "layers.1.expert_hidden") {
+      ++checked;
+      EXPECT_LE(moved(group, {6, 5, 4, 3, 2, 1, 0}, 3), 1e-12);
+      EXPECT_GT(moved(group, {6, 5, 4, 3, 2, 1, 0}, 2), 1e-3);  // fc2 left behind
+    }
+  }
+  EXPECT_EQ(checked, 2);
 }
 
 }  // namespace

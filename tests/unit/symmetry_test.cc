@@ -207,7 +207,27 @@ INSTANTIATE_TEST_SUITE_P(
                        "num_key_value_heads": 2, "head_dim": 8, "mamba_n_heads": 6,
                        "mamba_d_head": 6, "mamba_n_groups": 3, "mamba_d_state": 5,
                        "mamba_expand": 2, "intermediate_size": 11,
-                       "tie_word_embeddings": true})"}),
+                       "tie_word_embeddings": true})"},
+        // IBM's Granite 4.0: Mamba-2 (per-group gated norm), attention with a
+        // full rotary and a softmax scale of its own, a shared MLP (gate
+        // first) and a mixture of 5 experts (top 2) in every layer, μP
+        // multipliers.
+        RandomCase{"granite_moe_rope",
+                   R"({"model_type": "granitemoehybrid", "hidden_size": 16, "vocab_size": 27,
+                       "layer_types": ["mamba", "attention", "mamba"],
+                       "num_attention_heads": 4, "num_key_value_heads": 2,
+                       "position_embedding_type": "rope", "attention_multiplier": 0.3,
+                       "mamba_n_heads": 4, "mamba_n_groups": 2, "mamba_d_state": 5,
+                       "shared_intermediate_size": 9, "num_local_experts": 5,
+                       "num_experts_per_tok": 2, "intermediate_size": 7,
+                       "embedding_multiplier": 3.0, "residual_multiplier": 0.4,
+                       "logits_scaling": 2.5})"},
+        RandomCase{"granite_dense_nope",
+                   R"({"model_type": "granitemoehybrid", "hidden_size": 12, "vocab_size": 23,
+                       "layer_types": ["attention", "mamba"], "num_attention_heads": 3,
+                       "num_key_value_heads": 1, "position_embedding_type": "nope",
+                       "mamba_n_heads": 6, "mamba_d_state": 4, "shared_intermediate_size": 10,
+                       "num_local_experts": 0, "tie_word_embeddings": true})"}),
     [](const auto& param_info) { return param_info.param.name; });
 
 // mamba_ssm's gated MLP block (d_intermediate, blocks/gated_mlp.cc): with

@@ -100,6 +100,27 @@ struct ModelConfig {
   // mlp.up_proj [d_intermediate, d_model], mlp.down_proj, instead of
   // mamba_ssm's fc1 (values, then gate) and fc2.
   bool mlp_separate_projections = false;
+  // fc1's halves the other way round: the gate, then the values (Granite
+  // 4.0's shared_mlp.input_linear).
+  bool mlp_gate_first = false;
+
+  // A mixture of experts beside that MLP (Granite 4.0's block_sparse_moe;
+  // blocks/moe.cc): moe.router [experts, d_model], moe.fc1 [experts,
+  // 2·hidden, d_model] (gate, then values), moe.fc2 [experts, d_model,
+  // hidden]; each position takes its top_k experts by router logit, weighted
+  // by the softmax of those k logits. experts 0: none.
+  struct Experts {
+    int64_t experts = 0;
+    int64_t top_k = 0;
+    int64_t hidden = 0;
+  } moe;
+
+  // Granite 4.0's scalars: the embedding's output times
+  // embedding_multiplier, every block's output times residual_multiplier
+  // before it is added, the logits divided by logits_scaling.
+  double embedding_multiplier = 1.0;
+  double residual_multiplier = 1.0;
+  double logits_scaling = 1.0;
 
   // Hybrids: the layers whose mixer is attention (mamba_ssm's attn_layer_idx,
   // NemotronH's '*'), ascending, all with `attention`'s shape; those whose

@@ -19,6 +19,7 @@ void MlpGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
     group.members.push_back(Member(LayerTensorName(i, "mlp.fc2.weight"), 1, 0, hidden));
   }
   spec.push_back(std::move(group));
+  if (HasExperts(c)) ExpertGroups(c, i, spec);
 }
 
 void MlpResidualMembers(const ModelConfig& c, int64_t i, std::vector<GroupMember>& members) {
@@ -33,6 +34,7 @@ void MlpResidualMembers(const ModelConfig& c, int64_t i, std::vector<GroupMember
   }
   members.push_back(Member(LayerTensorName(i, "mlp.fc1.weight"), 1, 0, width));
   members.push_back(Member(LayerTensorName(i, "mlp.fc2.weight"), 0, 0, width));
+  if (HasExperts(c)) ExpertResidualMembers(c, i, members);
 }
 
 torch::Tensor GatedMlp(const ModelConfig& c, const Weights& weights, int64_t i,
@@ -54,11 +56,13 @@ torch::Tensor GatedMlp(const ModelConfig& c, const Weights& weights, int64_t i,
       forward_internal::TensorAs(weights, LayerTensorName(i, "mlp.fc2.weight"), compute);
   const torch::Tensor projected = forward_internal::Linear(normed, fc1, torch::Tensor());
   const int64_t hidden = c.d_intermediate;
-  const torch::Tensor values = projected.narrow(-1, 0, hidden);  // [B, L, H]
-  const torch::Tensor gate = projected.narrow(-1, hidden, hidden);
+  const int64_t values_at = c.mlp_gate_first ? hidden : 0;
+  const torch::Tensor values = projected.narrow(-1, values_at, hidden);  // [B, L, H]
+  const torch::Tensor gate = projected.narrow(-1, hidden - values_at, hidden);
   const torch::Tensor activations = values * torch::silu(gate);  // [B, L, H]
   capture.Add(absl::StrCat("layers.", i, ".mlp"), activations);
-  return forward_internal::Linear(activations, fc2, torch::Tensor());
+  const torch::Tensor shared = forward_internal::Linear(activations, fc2, torch::Tensor());
+  return HasExperts(c) ? shared + MixtureOfExperts(c, weights, i, normed, capture) : shared;
 }
 
 }  // namespace icd::blocks

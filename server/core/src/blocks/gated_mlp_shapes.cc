@@ -6,6 +6,8 @@ namespace icd::blocks {
 
 bool HasMlp(const ModelConfig& config) { return config.d_intermediate > 0; }
 
+bool HasExperts(const ModelConfig& config) { return config.moe.experts > 0; }
+
 void AddMlpTensors(const ModelConfig& c, int64_t layer, TensorShapes& shapes) {
   auto name = [layer](const char* suffix) { return LayerTensorName(layer, suffix); };
   shapes[name("norm2.weight")] = {c.d_model};
@@ -18,6 +20,11 @@ void AddMlpTensors(const ModelConfig& c, int64_t layer, TensorShapes& shapes) {
   }
   shapes[name("mlp.fc1.weight")] = {2 * c.d_intermediate, c.d_model};
   shapes[name("mlp.fc2.weight")] = {c.d_model, c.d_intermediate};
+  if (HasExperts(c)) {
+    shapes[name("moe.router.weight")] = {c.moe.experts, c.d_model};
+    shapes[name("moe.fc1.weight")] = {c.moe.experts, 2 * c.moe.hidden, c.d_model};
+    shapes[name("moe.fc2.weight")] = {c.moe.experts, c.d_model, c.moe.hidden};
+  }
 }
 
 }  // namespace icd::blocks

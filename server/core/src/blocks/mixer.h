@@ -62,6 +62,17 @@ void MlpResidualMembers(const ModelConfig& config, int64_t layer,
 torch::Tensor GatedMlp(const ModelConfig& config, const Weights& weights, int64_t layer,
                        const torch::Tensor& normed, const forward_internal::Capture& capture);
 
+// A mixture of experts beside that MLP (blocks/moe.cc, config.moe): its
+// groups (the experts' order, their hidden channels), its residual members
+// (the router's and the experts' d_model axes) and its forward, normed
+// [B, L, d_model] -> [B, L, d_model], added to the MLP's.
+void ExpertGroups(const ModelConfig& config, int64_t layer, FamilySpec& spec);
+void ExpertResidualMembers(const ModelConfig& config, int64_t layer,
+                           std::vector<GroupMember>& members);
+torch::Tensor MixtureOfExperts(const ModelConfig& config, const Weights& weights, int64_t layer,
+                               const torch::Tensor& normed,
+                               const forward_internal::Capture& capture);
+
 // The members both Mamba kinds give the residual group: in_proj's columns,
 // out_proj's rows (and its bias).
 void ProjectionResidualMembers(const ModelConfig& config, int64_t layer,

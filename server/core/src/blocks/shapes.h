@@ -58,6 +58,9 @@ void AddProjectionTensors(const ModelConfig& config, int64_t layer, int64_t in_r
 // halves: the values, then the gate), mlp.fc2 [d_model, d_intermediate], no
 // biases (mamba_ssm's GatedMLP as MambaLMHeadModel builds it).
 bool HasMlp(const ModelConfig& config);
+// A mixture of experts beside it (config.moe; blocks/moe.cc): moe.router,
+// moe.fc1, moe.fc2 with their shapes (model.h).
+bool HasExperts(const ModelConfig& config);
 void AddMlpTensors(const ModelConfig& config, int64_t layer, TensorShapes& shapes);
 
 // The list of blocks of `config`'s model: config.mixers, one per layer: the

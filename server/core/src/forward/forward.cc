@@ -475,6 +475,11 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
   torch::Tensor ids = input_ids.to(embedding.device());  // [B, L]
   // 1. Embedding; the residual stream stays wide (residual_in_fp32).
   torch::Tensor residual = torch::embedding(embedding, ids).to(precision.accumulate);  // [B, L, d_model]
+  if (config.embedding_multiplier != 1.0) residual = residual * config.embedding_multiplier;
+  // Granite 4.0 scales every block's output before the add.
+  auto scaled = [&config](torch::Tensor output) {
+    return config.residual_multiplier != 1.0 ? output * config.residual_multiplier : output;
+  };
   // Tensors are replaced, never written in place: the caller's state stays
   // intact until the swap at the end.
   std::vector<LayerState> next_layers;
@@ -493,14 +498,15 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
     torch::Tensor normed = AddAndNorm(config, weights, LayerTensorName(layer, "norm"), precision,
                                       &residual, &mixed);  // [B, L, d_model]
     capture.Add("residual", normed);
-    mixed = blocks::MixerAt(config, layer)
-                .forward(config, weights, layer, precision, normed, capture, layer_state, ctx);
+    mixed = scaled(blocks::MixerAt(config, layer)
+                       .forward(config, weights, layer, precision, normed, capture, layer_state,
+                                ctx));
     if (blocks::HasMlp(config)) {
       // mamba_ssm's second block of the layer: norm2 -> gated MLP -> add.
       normed = AddAndNorm(config, weights, LayerTensorName(layer, "norm2"), precision, &residual,
                           &mixed);
       capture.Add("residual", normed);
-      mixed = blocks::GatedMlp(config, weights, layer, normed, capture);
+      mixed = scaled(blocks::GatedMlp(config, weights, layer, normed, capture));
     }
     if (layer_state != nullptr && layer_state->in_place) {
       KeepStorage(state->layers[static_cast<size_t>(layer)], layer_state);
@@ -514,6 +520,7 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
   const torch::Tensor& head = config.tied ? embedding : weights.at(kHeadTensor);  // [V, d_model]
   torch::Tensor logits =
       forward_internal::Linear(normed, head.to(precision.compute)).to(torch::kFloat32);  // [B, L, V]
+  if (config.logits_scaling != 1.0) logits = logits / config.logits_scaling;
   if (state != nullptr) state->layers = std::move(next_layers);
   return logits;
 }

@@ -134,16 +134,24 @@ std::string LayoutTensorName(Layout layout, const std::string& canonical) {
 }
 
 std::string CanonicalTensorName(const std::string& stored) {
-  // transformers' names under model. (NemotronH's under transformers 5, and
+  // transformers' names under model. (NemotronH's under transformers 5;
   // Bamba's own: model.embed_tokens, model.layers.{i}.input_layernorm, mamba
-  // or self_attn, pre_ff_layernorm, feed_forward, model.final_layernorm).
+  // or self_attn, pre_ff_layernorm, feed_forward, model.final_layernorm;
+  // Granite 4.0's: post_attention_layernorm, shared_mlp, block_sparse_moe,
+  // model.norm).
   constexpr char kModelPrefix[] = "model.";
   if (stored.rfind(kModelPrefix, 0) != 0) return stored == kSsmEmbedding ? kEmbeddingTensor : stored;
   static const std::pair<const char*, const char*> kTopLevel[] = {
-      {"embed_tokens.", "embeddings."}, {"final_layernorm.", "norm_f."}};
+      {"embed_tokens.", "embeddings."}, {"final_layernorm.", "norm_f."}, {"norm.", "norm_f."}};
   static const std::pair<const char*, const char*> kInLayer[] = {
       {"input_layernorm.", "norm."}, {"pre_ff_layernorm.", "norm2."}, {"mamba.", "mixer."},
-      {"self_attn.", "mixer."},      {"feed_forward.", "mlp."}};
+      {"self_attn.", "mixer."},      {"feed_forward.", "mlp."},
+      {"post_attention_layernorm.", "norm2."},
+      {"shared_mlp.input_linear.", "mlp.fc1."},
+      {"shared_mlp.output_linear.", "mlp.fc2."},
+      {"block_sparse_moe.router.layer.", "moe.router."},
+      {"block_sparse_moe.input_linear.", "moe.fc1."},
+      {"block_sparse_moe.output_linear.", "moe.fc2."}};
   std::string rest = stored.substr(sizeof(kModelPrefix) - 1);
   for (const auto& [from, to] : kTopLevel) {
     if (rest.rfind(from, 0) == 0) rest = to + rest.substr(std::strlen(from));

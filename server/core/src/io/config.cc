@@ -24,7 +24,7 @@ constexpr char kSupported[] =
     "mamba_ssm MambaLMHeadModel with ssm_cfg.layer 'Mamba1' or 'Mamba2', with or "
     "without a gated MLP (d_intermediate) and causal attention layers (attn_layer_idx); "
     "NemotronHForCausalLM ('nemotron_h') without mixture-of-experts layers, "
-    "BambaForCausalLM ('bamba')";
+    "BambaForCausalLM ('bamba'), GraniteMoeHybridForCausalLM ('granitemoehybrid')";
 
 // Reads typed fields with defaults; every error names the file and field.
 class Fields {
@@ -305,6 +305,65 @@ absl::StatusOr<ModelConfig> ParseNemotronH(const Json& root, const std::string& 
   return c;
 }
 
+// Rotary settings as transformers 5 writes them (rope_parameters) or as the
+// older top-level fields; only the default rope type.
+absl::Status ParseRope(const Json& root, const Fields& f, const std::string& source,
+                       double default_factor, AttentionConfig& a) {
+  static const Json kEmpty = Json::object();
+  const Json& rope = f.Has("rope_parameters") ? root.at("rope_parameters") : kEmpty;
+  if (!rope.is_object()) return f.Error("rope_parameters", "must be an object");
+  Fields r(rope, source, "rope_parameters.");
+  ICD_ASSIGN_OR_RETURN(std::string rope_type, r.String("rope_type", "default"));
+  if (rope_type != "default") {
+    return Unsupported(source, absl::StrCat("rope_type '", rope_type, "'"));
+  }
+  ICD_ASSIGN_OR_RETURN(double theta, f.Number("rope_theta", 10000.0));
+  ICD_ASSIGN_OR_RETURN(a.rotary_base, r.Number("rope_theta", theta));
+  ICD_ASSIGN_OR_RETURN(double factor, f.Number("partial_rotary_factor", default_factor));
+  ICD_ASSIGN_OR_RETURN(factor, r.Number("partial_rotary_factor", factor));
+  if (!(factor > 0 && factor <= 1) || !(a.rotary_base > 0 && std::isfinite(a.rotary_base))) {
+    return f.Error("partial_rotary_factor", "or rope_theta out of range");
+  }
+  a.rotary_dim = static_cast<int64_t>(static_cast<double>(a.head_dim) * factor);
+  a.rotary_dim -= a.rotary_dim % 2;
+  return absl::OkStatus();
+}
+
+// The Mamba-2 fields Bamba and Granite 4.0 share (mamba_*), into `c`.
+absl::Status ParseMambaFields(const Json& root, const Fields& f, const std::string& source,
+                              int64_t default_state, ModelConfig& c) {
+  ICD_ASSIGN_OR_RETURN(double expand, f.Number("mamba_expand", 2));
+  ICD_ASSIGN_OR_RETURN(c.d_inner, InnerWidth(expand, c.d_model, source, "mamba_expand"));
+  ICD_ASSIGN_OR_RETURN(c.nheads, f.PositiveInt("mamba_n_heads", 128));
+  if (f.Has("mamba_d_head") && !(root.at("mamba_d_head").is_string() &&
+                                 root.at("mamba_d_head").get<std::string>() == "auto")) {
+    ICD_ASSIGN_OR_RETURN(c.headdim, f.PositiveInt("mamba_d_head", std::nullopt));
+  } else {
+    if (c.d_inner % c.nheads != 0) {
+      return f.Error("mamba_n_heads", absl::StrCat(c.nheads, " does not divide mamba_expand x "
+                                                   "hidden_size ", c.d_inner));
+    }
+    c.headdim = c.d_inner / c.nheads;
+  }
+  ICD_ASSIGN_OR_RETURN(c.ngroups, f.PositiveInt("mamba_n_groups", 1));
+  ICD_ASSIGN_OR_RETURN(c.d_state, f.PositiveInt("mamba_d_state", default_state));
+  ICD_ASSIGN_OR_RETURN(c.d_conv, f.PositiveInt("mamba_d_conv", 4));
+  ICD_ASSIGN_OR_RETURN(c.chunk_size, f.PositiveInt("mamba_chunk_size", 256));
+  ICD_ASSIGN_OR_RETURN(c.conv_bias, f.Bool("mamba_conv_bias", true));
+  ICD_ASSIGN_OR_RETURN(c.proj_bias, f.Bool("mamba_proj_bias", false));
+  if (f.Has("time_step_limit")) {
+    const Json& limit = root.at("time_step_limit");
+    if (!limit.is_array() || limit.size() != 2) {
+      return f.Error("time_step_limit", "must be [min, max]");
+    }
+    ICD_ASSIGN_OR_RETURN(c.dt_min, f.ParseNumber("time_step_limit", limit[0]));
+    ICD_ASSIGN_OR_RETURN(c.dt_max, f.ParseNumber("time_step_limit", limit[1]));
+  }
+  c.gated_norm = true;
+  c.norm_before_gate = false;
+  return CheckMamba2Shapes(c, source);
+}
+
 // IBM's Bamba (transformers' BambaForCausalLM): HF Mamba-2 layers (the gated
 // norm over all of d_inner) and attention at attn_layer_indices (q/k/v/o
 // projections, a partial rotary), each layer followed by pre_ff_layernorm and
@@ -342,69 +401,124 @@ absl::StatusOr<ModelConfig> ParseBamba(const Json& root, const std::string& sour
                              c.attention_layers.end());
   }
 
-  ICD_ASSIGN_OR_RETURN(double expand, f.Number("mamba_expand", 2));
-  ICD_ASSIGN_OR_RETURN(c.d_inner, InnerWidth(expand, c.d_model, source, "mamba_expand"));
-  ICD_ASSIGN_OR_RETURN(c.nheads, f.PositiveInt("mamba_n_heads", 128));
-  if (f.Has("mamba_d_head") && !(root.at("mamba_d_head").is_string() &&
-                                 root.at("mamba_d_head").get<std::string>() == "auto")) {
-    ICD_ASSIGN_OR_RETURN(c.headdim, f.PositiveInt("mamba_d_head", std::nullopt));
-  } else {
-    if (c.d_inner % c.nheads != 0) {
-      return f.Error("mamba_n_heads", absl::StrCat(c.nheads, " does not divide mamba_expand x "
-                                                   "hidden_size ", c.d_inner));
-    }
-    c.headdim = c.d_inner / c.nheads;
-  }
-  ICD_ASSIGN_OR_RETURN(c.ngroups, f.PositiveInt("mamba_n_groups", 1));
-  ICD_ASSIGN_OR_RETURN(c.d_state, f.PositiveInt("mamba_d_state", 256));
-  ICD_ASSIGN_OR_RETURN(c.d_conv, f.PositiveInt("mamba_d_conv", 4));
-  ICD_ASSIGN_OR_RETURN(c.chunk_size, f.PositiveInt("mamba_chunk_size", 256));
-  ICD_ASSIGN_OR_RETURN(c.conv_bias, f.Bool("mamba_conv_bias", true));
-  ICD_ASSIGN_OR_RETURN(c.proj_bias, f.Bool("mamba_proj_bias", false));
-  if (f.Has("time_step_limit")) {
-    const Json& limit = root.at("time_step_limit");
-    if (!limit.is_array() || limit.size() != 2) return f.Error("time_step_limit", "must be [min, max]");
-    ICD_ASSIGN_OR_RETURN(c.dt_min, f.ParseNumber("time_step_limit", limit[0]));
-    ICD_ASSIGN_OR_RETURN(c.dt_max, f.ParseNumber("time_step_limit", limit[1]));
-  }
-  c.gated_norm = true;
+  ICD_RETURN_IF_ERROR(ParseMambaFields(root, f, source, 256, c));
   c.grouped_gated_norm = false;  // MambaRMSNormGated over all of d_inner
-  c.norm_before_gate = false;
-  ICD_RETURN_IF_ERROR(CheckMamba2Shapes(c, source));
 
   AttentionConfig& a = c.attention;
   a.separate_projections = true;
   ICD_ASSIGN_OR_RETURN(a.heads, f.PositiveInt("num_attention_heads", 32));
   ICD_ASSIGN_OR_RETURN(a.kv_heads, f.PositiveInt("num_key_value_heads", 8));
-  if (a.heads > kMaxDimension || a.heads % a.kv_heads != 0 || c.d_model % a.heads != 0) {
+  if (a.heads > kMaxDimension || a.heads % a.kv_heads != 0 ||
+      (!f.Has("head_dim") && c.d_model % a.heads != 0)) {
     return f.Error("num_key_value_heads",
                    absl::StrCat(a.kv_heads, " must divide num_attention_heads ", a.heads,
-                                ", which must divide hidden_size ", c.d_model));
+                                ", which must divide hidden_size ", c.d_model,
+                                " when head_dim is not given"));
   }
   ICD_ASSIGN_OR_RETURN(a.head_dim, f.PositiveInt("head_dim", c.d_model / a.heads));
+  if (a.head_dim > kMaxDimension || a.qkv_rows() > kMaxDimension) {
+    return f.Error("head_dim", "x the heads is too large");
+  }
   ICD_ASSIGN_OR_RETURN(a.qkv_bias, f.Bool("attention_bias", false));
   a.out_bias = a.qkv_bias;
-  // Rotary: rope_parameters (transformers 5) or the older top-level fields;
   // Bamba's config fixes partial_rotary_factor at 0.5.
-  static const Json kEmpty = Json::object();
-  const Json& rope = f.Has("rope_parameters") ? root.at("rope_parameters") : kEmpty;
-  if (!rope.is_object()) return f.Error("rope_parameters", "must be an object");
-  Fields r(rope, source, "rope_parameters.");
-  ICD_ASSIGN_OR_RETURN(std::string rope_type, r.String("rope_type", "default"));
-  if (rope_type != "default") return Unsupported(source, absl::StrCat("rope_type '", rope_type, "'"));
-  ICD_ASSIGN_OR_RETURN(double theta, f.Number("rope_theta", 10000.0));
-  ICD_ASSIGN_OR_RETURN(a.rotary_base, r.Number("rope_theta", theta));
-  ICD_ASSIGN_OR_RETURN(double factor, f.Number("partial_rotary_factor", 0.5));
-  ICD_ASSIGN_OR_RETURN(factor, r.Number("partial_rotary_factor", factor));
-  if (!(factor > 0 && factor <= 1) || !(a.rotary_base > 0 && std::isfinite(a.rotary_base))) {
-    return f.Error("partial_rotary_factor", "or rope_theta out of range");
-  }
-  a.rotary_dim = static_cast<int64_t>(static_cast<double>(a.head_dim) * factor);
-  a.rotary_dim -= a.rotary_dim % 2;
+  ICD_RETURN_IF_ERROR(ParseRope(root, f, source, 0.5, a));
 
   ICD_ASSIGN_OR_RETURN(c.d_intermediate, f.PositiveInt("intermediate_size", 14336));
   if (c.d_intermediate > kMaxDimension) return f.Error("intermediate_size", "is too large");
   c.mlp_separate_projections = true;
+  return c;
+}
+
+// IBM's Granite 4.0 (transformers' GraniteMoeHybridForCausalLM): Mamba-2
+// (the gated norm per group) and attention layers by layer_types (anything
+// but "mamba" is attention: q/k/v/o, a full rotary with position_embedding_
+// type "rope", none otherwise; the softmax scale is attention_multiplier),
+// each followed by post_attention_layernorm and a shared gated MLP (its
+// input_linear's halves the gate, then the values) plus, with
+// num_local_experts > 0, a mixture of experts; embedding_multiplier,
+// residual_multiplier and logits_scaling scale the stream.
+absl::StatusOr<ModelConfig> ParseGranite(const Json& root, const std::string& source) {
+  Fields f(root, source);
+  ModelConfig c;
+  c.layout = Layout::kHf;
+  c.architecture = "granitemoehybrid";
+  c.family = Family::kMamba2;
+  ICD_ASSIGN_OR_RETURN(c.d_model, f.PositiveInt("hidden_size", 4096));
+  ICD_ASSIGN_OR_RETURN(c.vocab_size, f.PositiveInt("vocab_size", 32000));
+  c.vocab_unpadded = c.vocab_size;
+  ICD_ASSIGN_OR_RETURN(c.tied, f.Bool("tie_word_embeddings", false));
+  ICD_ASSIGN_OR_RETURN(c.norm_eps, f.Number("rms_norm_eps", 1e-6));
+  ICD_ASSIGN_OR_RETURN(std::string act, f.String("hidden_act", "silu"));
+  if (act != "silu") return Unsupported(source, absl::StrCat("hidden_act '", act, "'"));
+  const char* types_key = FirstPresent(f, {"layer_types", "layers_block_type"});
+  if (f.Has(types_key)) {
+    const Json& types = root.at(types_key);
+    if (!types.is_array()) return f.Error(types_key, "must be a list of layer kinds");
+    c.n_layer = static_cast<int64_t>(types.size());
+    for (int64_t layer = 0; layer < c.n_layer; ++layer) {
+      const Json& type = types[static_cast<size_t>(layer)];
+      if (!type.is_string()) return f.Error(types_key, absl::StrCat("lists ", type.dump()));
+      if (type.get<std::string>() != "mamba") c.attention_layers.push_back(layer);
+    }
+  } else {
+    ICD_ASSIGN_OR_RETURN(c.n_layer, f.PositiveInt("num_hidden_layers", 32));
+  }
+  if (c.n_layer < 1 || c.n_layer > kMaxLayers) return f.Error(types_key, "lists no layer, or too many");
+  ICD_RETURN_IF_ERROR(ParseMambaFields(root, f, source, 256, c));
+  c.grouped_gated_norm = true;
+
+  AttentionConfig& a = c.attention;
+  a.separate_projections = true;
+  ICD_ASSIGN_OR_RETURN(a.heads, f.PositiveInt("num_attention_heads", 32));
+  ICD_ASSIGN_OR_RETURN(a.kv_heads, f.PositiveInt("num_key_value_heads", a.heads));
+  if (a.heads > kMaxDimension || a.heads % a.kv_heads != 0 ||
+      (!f.Has("head_dim") && c.d_model % a.heads != 0)) {
+    return f.Error("num_key_value_heads",
+                   absl::StrCat(a.kv_heads, " must divide num_attention_heads ", a.heads,
+                                ", which must divide hidden_size ", c.d_model,
+                                " when head_dim is not given"));
+  }
+  ICD_ASSIGN_OR_RETURN(a.head_dim, f.PositiveInt("head_dim", c.d_model / a.heads));
+  if (a.head_dim > kMaxDimension || a.qkv_rows() > kMaxDimension) {
+    return f.Error("head_dim", "x the heads is too large");
+  }
+  ICD_ASSIGN_OR_RETURN(a.qkv_bias, f.Bool("attention_bias", false));
+  a.out_bias = a.qkv_bias;
+  ICD_ASSIGN_OR_RETURN(std::string positions, f.String("position_embedding_type", ""));
+  if (positions == "rope") {
+    ICD_RETURN_IF_ERROR(ParseRope(root, f, source, 1.0, a));
+  } else if (!positions.empty() && positions != "nope") {
+    return Unsupported(source, absl::StrCat("position_embedding_type '", positions, "'"));
+  }
+  ICD_ASSIGN_OR_RETURN(a.softmax_scale, f.Number("attention_multiplier", 1.0));
+  ICD_ASSIGN_OR_RETURN(c.embedding_multiplier, f.Number("embedding_multiplier", 1.0));
+  ICD_ASSIGN_OR_RETURN(c.residual_multiplier, f.Number("residual_multiplier", 1.0));
+  ICD_ASSIGN_OR_RETURN(c.logits_scaling, f.Number("logits_scaling", 1.0));
+  for (const auto& [key, value] : {std::pair{"attention_multiplier", a.softmax_scale},
+                                   std::pair{"embedding_multiplier", c.embedding_multiplier},
+                                   std::pair{"residual_multiplier", c.residual_multiplier},
+                                   std::pair{"logits_scaling", c.logits_scaling}}) {
+    if (!(value > 0 && std::isfinite(value))) return f.Error(key, "must be a positive number");
+  }
+
+  ICD_ASSIGN_OR_RETURN(c.d_intermediate, f.PositiveInt("shared_intermediate_size", 1024));
+  c.mlp_gate_first = true;
+  ICD_ASSIGN_OR_RETURN(c.moe.experts, f.Int("num_local_experts", 8));
+  if (c.moe.experts < 0 || c.moe.experts > kMaxDimension) {
+    return f.Error("num_local_experts", "must be 0 (no experts) or positive");
+  }
+  if (c.moe.experts > 0) {
+    ICD_ASSIGN_OR_RETURN(c.moe.top_k, f.PositiveInt("num_experts_per_tok", 2));
+    ICD_ASSIGN_OR_RETURN(c.moe.hidden, f.PositiveInt("intermediate_size", 11008));
+    if (c.moe.top_k > c.moe.experts) {
+      return f.Error("num_experts_per_tok", absl::StrCat(c.moe.top_k, " is above num_local_experts ",
+                                                         c.moe.experts));
+    }
+  }
+  if (c.d_intermediate > kMaxDimension || c.moe.hidden > kMaxDimension) {
+    return f.Error("shared_intermediate_size", "or intermediate_size is too large");
+  }
   return c;
 }
 
@@ -413,6 +527,7 @@ absl::StatusOr<ModelConfig> ParseHf(const Json& root, const std::string& source)
   ICD_ASSIGN_OR_RETURN(std::string model_type, f.String("model_type", ""));
   if (model_type == "nemotron_h") return ParseNemotronH(root, source);
   if (model_type == "bamba") return ParseBamba(root, source);
+  if (model_type == "granitemoehybrid") return ParseGranite(root, source);
   ModelConfig c;
   c.layout = Layout::kHf;
   c.architecture = model_type;

@@ -1,0 +1,76 @@
+// A mixture of experts beside a layer's gated MLP (Granite 4.0's
+// block_sparse_moe; docs/hybrid_symmetries.md, "Mixture of experts"): the
+// router's top_k logits of each position pick its experts, weighted by the
+// softmax of those k logits; each expert is a gated MLP (fc1's halves the
+// gate, then the values) and their weighted outputs are summed.
+// Groups: the order of the experts (the router's rows and every stacked
+// tensor's first axis move together: a position picks the same experts with
+// the same weights, summed in another order); and the experts' hidden
+// channels, one permutation for all of them (each expert's MLP argument,
+// with the same σ in every expert; a σ per expert needs members per expert,
+// not yet).
+#include "absl/strings/str_cat.h"
+#include "blocks/mixer.h"
+
+namespace icd::blocks {
+
+void ExpertGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
+  const int64_t experts = c.moe.experts, hidden = c.moe.hidden;
+  auto t = [i](const char* suffix) { return LayerTensorName(i, suffix); };
+  GroupInfo order = NewGroup(absl::StrCat("layers.", i, ".experts"), experts);
+  for (const char* tensor : {"moe.router.weight", "moe.fc1.weight", "moe.fc2.weight"}) {
+    order.members.push_back(Member(t(tensor), 0, 0, experts));
+  }
+  spec.push_back(std::move(order));
+  GroupInfo channels = NewGroup(absl::StrCat("layers.", i, ".expert_hidden"), hidden);
+  channels.members.push_back(Member(t("moe.fc1.weight"), 1, 0, hidden));
+  channels.members.push_back(Member(t("moe.fc1.weight"), 1, hidden, hidden));
+  channels.members.push_back(Member(t("moe.fc2.weight"), 2, 0, hidden));
+  spec.push_back(std::move(channels));
+}
+
+void ExpertResidualMembers(const ModelConfig& c, int64_t i, std::vector<GroupMember>& members) {
+  const int64_t width = c.d_model;
+  members.push_back(Member(LayerTensorName(i, "moe.router.weight"), 1, 0, width));
+  members.push_back(Member(LayerTensorName(i, "moe.fc1.weight"), 2, 0, width));
+  members.push_back(Member(LayerTensorName(i, "moe.fc2.weight"), 1, 0, width));
+}
+
+torch::Tensor MixtureOfExperts(const ModelConfig& c, const Weights& weights, int64_t i,
+                               const torch::Tensor& normed,
+                               const forward_internal::Capture& capture) {
+  const torch::ScalarType compute = normed.scalar_type();
+  const int64_t hidden = c.moe.hidden, width = c.d_model;
+  auto weight = [&](const char* name) {
+    return forward_internal::TensorAs(weights, LayerTensorName(i, name), compute);
+  };
+  const torch::Tensor positions = normed.reshape({-1, width});  // [T, D]
+  const torch::ScalarType wide = compute == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+  const torch::Tensor logits =
+      forward_internal::Linear(positions, weight("moe.router.weight")).to(wide);  // [T, E]
+  if (capture.Wants(absl::StrCat("layers.", i, ".experts"))) {
+    capture.Add(absl::StrCat("layers.", i, ".experts"), torch::softmax(logits, -1));
+  }
+  const auto [top_logits, top_experts] = logits.topk(c.moe.top_k, -1);  // [T, k]
+  const torch::Tensor gates = torch::softmax(top_logits, -1).to(compute);
+  const torch::Tensor fc1 = weight("moe.fc1.weight");  // [E, 2I, D]
+  const torch::Tensor fc2 = weight("moe.fc2.weight");  // [E, D, I]
+  torch::Tensor out = torch::zeros_like(positions);
+  for (int64_t expert = 0; expert < c.moe.experts; ++expert) {
+    const torch::Tensor chosen = top_experts == expert;  // [T, k]
+    const torch::Tensor rows = chosen.any(-1).nonzero().squeeze(-1);
+    if (rows.numel() == 0) continue;
+    const torch::Tensor gate_of_row = (gates * chosen.to(compute)).sum(-1).index_select(0, rows);
+    const torch::Tensor projected =
+        forward_internal::Linear(positions.index_select(0, rows), fc1.select(0, expert));
+    const torch::Tensor activations =
+        torch::silu(projected.narrow(-1, 0, hidden)) * projected.narrow(-1, hidden, hidden);
+    capture.Add(absl::StrCat("layers.", i, ".expert_hidden"), activations);
+    out.index_add_(0, rows,
+                   forward_internal::Linear(activations, fc2.select(0, expert)) *
+                       gate_of_row.unsqueeze(-1));
+  }
+  return out.reshape(normed.sizes());
+}
+
+}  // namespace icd::blocks

@@ -248,38 +248,43 @@ TEST_F(EngineTest, NemotronHLoadsAppliesAndExportsUnderItsOwnNames) {
   EXPECT_EQ(engine_.Info("m")->dims.at("mlp_layers"), 1);
 }
 
-// IBM's Bamba under its own module names (model.layers.{i}.mamba,
-// self_attn, feed_forward, input_layernorm, pre_ff_layernorm, ...).
+// Bamba's and Jamba's module names (model.layers.{i}.mamba or self_attn,
+// feed_forward, input_layernorm, pre_ff_layernorm, ...) for icd's canonical
+// ones, attention at `attention`.
+std::function<std::string(const std::string&)> BambaStyleNames(std::set<int64_t> attention) {
+  return [attention](const std::string& name) {
+    const std::vector<std::pair<std::string, std::string>> top = {
+        {"backbone.embeddings.", "model.embed_tokens."},
+        {"backbone.norm_f.", "model.final_layernorm."}};
+    for (const auto& [from, to] : top) {
+      if (name.rfind(from, 0) == 0) return to + name.substr(from.size());
+    }
+    const std::string layers = "backbone.layers.";
+    if (name.rfind(layers, 0) != 0) return name;
+    const size_t dot = name.find('.', layers.size());
+    const int64_t layer = std::stoll(name.substr(layers.size(), dot - layers.size()));
+    const std::string rest = name.substr(dot + 1);
+    const std::vector<std::pair<std::string, std::string>> modules = {
+        {"norm.", "input_layernorm."}, {"norm2.", "pre_ff_layernorm."},
+        {"mixer.", attention.count(layer) ? "self_attn." : "mamba."},
+        {"mlp.", "feed_forward."}};
+    for (const auto& [from, to] : modules) {
+      if (rest.rfind(from, 0) == 0) {
+        return "model.layers." + std::to_string(layer) + "." + to + rest.substr(from.size());
+      }
+    }
+    return name;
+  };
+}
+
+// IBM's Bamba under its own module names.
 TEST_F(EngineTest, BambaLoadsAppliesAndExportsUnderItsOwnNames) {
-  const std::set<int64_t> attention = {1};
   const std::vector<std::string> groups = LoadApplyExportReload(
       engine_, R"({"model_type": "bamba", "hidden_size": 16, "num_hidden_layers": 3,
                    "vocab_size": 40, "attn_layer_indices": [1], "num_attention_heads": 4,
                    "num_key_value_heads": 2, "mamba_n_heads": 4, "mamba_n_groups": 2,
                    "mamba_d_state": 4, "intermediate_size": 12})",
-      [&attention](const std::string& name) {
-        const std::vector<std::pair<std::string, std::string>> top = {
-            {"backbone.embeddings.", "model.embed_tokens."},
-            {"backbone.norm_f.", "model.final_layernorm."}};
-        for (const auto& [from, to] : top) {
-          if (name.rfind(from, 0) == 0) return to + name.substr(from.size());
-        }
-        const std::string layers = "backbone.layers.";
-        if (name.rfind(layers, 0) != 0) return name;
-        const size_t dot = name.find('.', layers.size());
-        const int64_t layer = std::stoll(name.substr(layers.size(), dot - layers.size()));
-        const std::string rest = name.substr(dot + 1);
-        const std::vector<std::pair<std::string, std::string>> modules = {
-            {"norm.", "input_layernorm."}, {"norm2.", "pre_ff_layernorm."},
-            {"mixer.", attention.count(layer) ? "self_attn." : "mamba."},
-            {"mlp.", "feed_forward."}};
-        for (const auto& [from, to] : modules) {
-          if (rest.rfind(from, 0) == 0) {
-            return "model.layers." + std::to_string(layer) + "." + to + rest.substr(from.size());
-          }
-        }
-        return name;
-      });
+      BambaStyleNames({1}));
   EXPECT_EQ(groups, (std::vector<std::string>{
                         "residual", "layers.0.heads", "layers.0.headdim", "layers.0.state",
                         "layers.0.mlp", "layers.1.heads", "layers.1.value_dims",
@@ -291,6 +296,24 @@ TEST_F(EngineTest, BambaLoadsAppliesAndExportsUnderItsOwnNames) {
     EXPECT_TRUE(member.tensor.rfind("model.", 0) == 0 || member.tensor == "lm_head.weight")
         << member.tensor;
   }
+}
+
+// AI21's Jamba under its own names, its experts a tensor each.
+TEST_F(EngineTest, JambaLoadsAppliesAndExportsUnderItsOwnNames) {
+  const std::vector<std::string> groups = LoadApplyExportReload(
+      engine_, R"({"model_type": "jamba", "hidden_size": 16, "num_hidden_layers": 3,
+                   "vocab_size": 40, "attn_layer_period": 3, "attn_layer_offset": 1,
+                   "expert_layer_period": 2, "expert_layer_offset": 0, "num_experts": 2,
+                   "num_experts_per_tok": 1, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "mamba_d_state": 4, "intermediate_size": 10})",
+      BambaStyleNames({1}));
+  EXPECT_EQ(groups, (std::vector<std::string>{
+                        "residual", "layers.0.inner", "layers.0.state", "layers.0.dt_rank",
+                        "layers.0.expert_hidden.0", "layers.0.expert_hidden.1",
+                        "layers.1.heads", "layers.1.value_dims", "layers.1.key_dims",
+                        "layers.1.mlp", "layers.2.inner", "layers.2.state",
+                        "layers.2.dt_rank", "layers.2.expert_hidden.0",
+                        "layers.2.expert_hidden.1"}));
 }
 
 // IBM's Granite 4.0 under its own names (shared_mlp, block_sparse_moe,

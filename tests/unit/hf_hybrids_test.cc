@@ -1,11 +1,14 @@
 // HuggingFace's hybrids (io/config.cc ParseNemotronH, ParseBamba,
 // ParseGranite): their configs as transformers reads them, their tensor names
-// (io/checkpoint.cc), Nemotron-H's MLP layer (blocks/mlp.cc) and Granite
-// 4.0's mixture of experts (blocks/moe.cc). Every group alone and all
+// (io/checkpoint.cc), Nemotron-H's MLP layer (blocks/mlp.cc), Granite 4.0's
+// and Jamba's mixtures of experts (blocks/moe.cc) and Jamba's weighted norms
+// in its Mamba-1 mixer. Every group alone and all
 // together are exact on random ones in symmetry_test (RandomConfigTest
 // nemotron_h_odd, bamba_odd); loading, applying and exporting under their own
 // tensor names in engine_test.
 #include <gtest/gtest.h>
+
+#include <algorithm>
 
 #include "blocks/mixer.h"
 #include "io/checkpoint.h"
@@ -237,6 +240,92 @@ TEST(MixtureOfExpertsTest, MatchesTheDenseSumAndItsControlsBite) {
     }
   }
   EXPECT_EQ(checked, 2);
+}
+
+constexpr char kJamba[] = R"({"model_type": "jamba", "hidden_size": 18, "num_hidden_layers": 4,
+    "vocab_size": 29, "attn_layer_period": 4, "attn_layer_offset": 2, "expert_layer_period": 2,
+    "expert_layer_offset": 1, "num_experts": 3, "num_experts_per_tok": 2,
+    "num_attention_heads": 6, "num_key_value_heads": 3, "mamba_d_state": 5,
+    "mamba_expand": 2, "intermediate_size": 11})";
+
+TEST(JambaConfigTest, PeriodsPlanTheLayersAndTheExperts) {
+  auto config = ParseConfig(kJamba, "j");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->mixers, (std::vector<MixerType>{MixerType::kMamba1, MixerType::kMamba1,
+                                                     MixerType::kAttention, MixerType::kMamba1}));
+  EXPECT_EQ(config->moe.layers, (std::vector<int64_t>{1, 3}));
+  EXPECT_EQ(config->dt_rank, 2);  // "auto": ceil(18 / 16)
+  EXPECT_EQ(config->attention.head_dim, 3);
+  EXPECT_EQ(config->attention.rotary_dim, 0);
+  const auto shapes = ExpectedShapes(*config);
+  EXPECT_EQ(shapes.at("backbone.layers.0.mixer.dt_layernorm.weight"), (std::vector<int64_t>{2}));
+  EXPECT_EQ(shapes.at("backbone.layers.3.mixer.b_layernorm.weight"), (std::vector<int64_t>{5}));
+  EXPECT_EQ(shapes.at("backbone.layers.1.mlp.experts.2.down_proj.weight"),
+            (std::vector<int64_t>{18, 11}));
+  EXPECT_EQ(shapes.at("backbone.layers.1.mlp.router.weight"), (std::vector<int64_t>{3, 18}));
+  EXPECT_EQ(shapes.count("backbone.layers.1.mlp.gate_proj.weight"), 0u);  // experts instead
+  EXPECT_EQ(shapes.at("backbone.layers.2.mlp.gate_proj.weight"), (std::vector<int64_t>{11, 18}));
+  EXPECT_EQ(CanonicalTensorName("model.layers.1.feed_forward.experts.2.up_proj.weight"),
+            "backbone.layers.1.mlp.experts.2.up_proj.weight");
+  auto refused = ParseConfig(R"({"model_type": "jamba", "num_experts": 300})", "j");
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("300 experts"), std::string::npos)
+      << refused.status();
+}
+
+// Jamba's experts: the top 2 of the softmax over all experts, not
+// renormalised, against every expert computed for every position; and the
+// controls of the groups Jamba adds: an expert's down_proj left behind, the
+// weighted norms on dt and B left out of their groups.
+TEST(JambaGroupsTest, ExpertsMatchTheDenseSumAndTheControlsBite) {
+  auto config = ParseConfig(kJamba, "j");
+  ASSERT_TRUE(config.ok()) << config.status();
+  const Weights weights = testing::RandomWeights(*config, 67, torch::kFloat64);
+  torch::manual_seed(9);
+  const torch::Tensor normed = torch::randn({2, 5, 18}, torch::kFloat64);
+  const torch::Tensor moe =
+      blocks::PerExpertMixture(*config, weights, 1, normed, forward_internal::Capture(nullptr));
+  const torch::Tensor x = normed.reshape({-1, 18});
+  auto w = [&weights](const std::string& name) { return weights.at("backbone.layers.1.mlp." + name); };
+  const torch::Tensor probabilities = torch::softmax(x.matmul(w("router.weight").t()), -1);
+  const auto [top, chosen] = probabilities.topk(2, -1);
+  const torch::Tensor gates = torch::zeros_like(probabilities).scatter(-1, chosen, top);
+  torch::Tensor expected = torch::zeros_like(x);
+  for (int64_t e = 0; e < 3; ++e) {
+    const std::string p = "experts." + std::to_string(e) + ".";
+    const torch::Tensor act = torch::silu(x.matmul(w(p + "gate_proj.weight").t())) *
+                              x.matmul(w(p + "up_proj.weight").t());
+    expected += act.matmul(w(p + "down_proj.weight").t()) * gates.select(-1, e).unsqueeze(-1);
+  }
+  EXPECT_LE(testing::RelL2(moe.reshape({-1, 18}), expected), 1e-13);
+
+  const torch::Tensor ids = torch::randint(29, {2, 9}, torch::kInt64);
+  const torch::Tensor reference = *Forward(*config, weights, ids);
+  const FamilySpec spec = BuildSpec(*config);
+  ASSERT_TRUE(CheckSpec(spec, weights).ok()) << CheckSpec(spec, weights);
+  auto moved = [&](const std::string& name, const std::string& left_out) {
+    for (const GroupInfo& found : spec) {
+      if (found.name != name) continue;
+      GroupInfo group = found;
+      group.members.erase(std::remove_if(group.members.begin(), group.members.end(),
+                                         [&](const GroupMember& m) { return m.tensor == left_out; }),
+                          group.members.end());
+      std::vector<int64_t> index(static_cast<size_t>(group.size));
+      for (int64_t j = 0; j < group.size; ++j) index[static_cast<size_t>(j)] = group.size - 1 - j;
+      Weights permuted = testing::Clone(weights);
+      ApplyGather(group, index, permuted);
+      return testing::RelL2(*Forward(*config, permuted, ids), reference);
+    }
+    ADD_FAILURE() << "no group " << name;
+    return 0.0;
+  };
+  EXPECT_LE(moved("layers.1.expert_hidden.2", ""), 1e-12);
+  EXPECT_GT(moved("layers.1.expert_hidden.2", "backbone.layers.1.mlp.experts.2.down_proj.weight"),
+            1e-3);
+  EXPECT_LE(moved("layers.0.dt_rank", ""), 1e-12);
+  EXPECT_GT(moved("layers.0.dt_rank", "backbone.layers.0.mixer.dt_layernorm.weight"), 1e-4);
+  EXPECT_LE(moved("layers.3.state", ""), 1e-12);
+  EXPECT_GT(moved("layers.3.state", "backbone.layers.3.mixer.b_layernorm.weight"), 1e-4);
 }
 
 }  // namespace

@@ -227,7 +227,17 @@ INSTANTIATE_TEST_SUITE_P(
                        "layer_types": ["attention", "mamba"], "num_attention_heads": 3,
                        "num_key_value_heads": 1, "position_embedding_type": "nope",
                        "mamba_n_heads": 6, "mamba_d_state": 4, "shared_intermediate_size": 10,
-                       "num_local_experts": 0, "tie_word_embeddings": true})"}),
+                       "num_local_experts": 0, "tie_word_embeddings": true})"},
+        // AI21's Jamba: Mamba-1 with weighted norms on dt, B and C, attention
+        // without positions at layer 2, a SwiGLU MLP or (odd layers) 3 experts
+        // with a tensor each, top 2 of the softmax over all.
+        RandomCase{"jamba_odd",
+                   R"({"model_type": "jamba", "hidden_size": 18, "num_hidden_layers": 4,
+                       "vocab_size": 29, "attn_layer_period": 4, "attn_layer_offset": 2,
+                       "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 3,
+                       "num_experts_per_tok": 2, "num_attention_heads": 6,
+                       "num_key_value_heads": 3, "mamba_d_state": 5, "mamba_dt_rank": 3,
+                       "mamba_expand": 2, "intermediate_size": 11})"}),
     [](const auto& param_info) { return param_info.param.name; });
 
 // mamba_ssm's gated MLP block (d_intermediate, blocks/gated_mlp.cc): with

@@ -79,6 +79,10 @@ struct ModelConfig {
   // Mamba-1 / FalconMamba
   int64_t dt_rank = 0;
   double mixer_rms_eps = 1e-6;  // FalconMamba's weightless RMS on B, C, dt
+  // Jamba's RMS norms with weights on dt, B and C (mixer.dt_layernorm [dt_rank],
+  // b_layernorm and c_layernorm [d_state]; eps norm_eps), where FalconMamba's
+  // have none.
+  bool mixer_norm_weights = false;
 
   // Mamba-2
   int64_t nheads = 0;
@@ -113,6 +117,12 @@ struct ModelConfig {
     int64_t experts = 0;
     int64_t top_k = 0;
     int64_t hidden = 0;
+    // Jamba's: at `layers` only, in place of the MLP; a tensor per expert
+    // (mlp.experts.{e}.gate_proj, up_proj [hidden, d_model], down_proj) and
+    // mlp.router [experts, d_model]; the top_k of the softmax over every
+    // expert, not renormalised.
+    bool per_expert_tensors = false;
+    std::vector<int64_t> layers;
   } moe;
 
   // Granite 4.0's scalars: the embedding's output times

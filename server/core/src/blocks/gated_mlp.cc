@@ -8,6 +8,10 @@
 namespace icd::blocks {
 
 void MlpGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
+  if (PerExpertLayer(c, i)) {
+    PerExpertGroups(c, i, spec);
+    return;
+  }
   const int64_t hidden = c.d_intermediate;
   GroupInfo group = NewGroup(absl::StrCat("layers.", i, ".mlp"), hidden);
   if (c.mlp_separate_projections) {
@@ -26,6 +30,10 @@ void MlpResidualMembers(const ModelConfig& c, int64_t i, std::vector<GroupMember
   const int64_t width = c.d_model;
   members.push_back(Member(LayerTensorName(i, "norm2.weight"), 0, 0, width));
   if (c.layer_norm) members.push_back(Member(LayerTensorName(i, "norm2.bias"), 0, 0, width));
+  if (PerExpertLayer(c, i)) {
+    PerExpertResidualMembers(c, i, members);
+    return;
+  }
   if (c.mlp_separate_projections) {
     members.push_back(Member(LayerTensorName(i, "mlp.gate_proj.weight"), 1, 0, width));
     members.push_back(Member(LayerTensorName(i, "mlp.up_proj.weight"), 1, 0, width));
@@ -40,6 +48,7 @@ void MlpResidualMembers(const ModelConfig& c, int64_t i, std::vector<GroupMember
 torch::Tensor GatedMlp(const ModelConfig& c, const Weights& weights, int64_t i,
                        const torch::Tensor& normed, const forward_internal::Capture& capture) {
   const torch::ScalarType compute = normed.scalar_type();
+  if (PerExpertLayer(c, i)) return PerExpertMixture(c, weights, i, normed, capture);
   if (c.mlp_separate_projections) {  // down(silu(gate(x)) * up(x))
     auto weight = [&](const char* name) {
       return forward_internal::TensorAs(weights, LayerTensorName(i, name), compute);

@@ -27,15 +27,26 @@ void Mamba1Groups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
   spec.push_back(std::move(inner_group));
 
   // d_state: the B and C rows of x_proj and A's columns take the same one.
-  spec.push_back(NewGroup(layer + "state", state,
-                          {Member(t("mixer.A_log"), 1, 0, state),
-                           Member(t("mixer.x_proj.weight"), 0, dt_rank, state),
-                           Member(t("mixer.x_proj.weight"), 0, dt_rank + state, state)}));
+  // Jamba's weighted norms on B and C (over d_state) carry their weights.
+  GroupInfo state_group = NewGroup(layer + "state", state,
+                                   {Member(t("mixer.A_log"), 1, 0, state),
+                                    Member(t("mixer.x_proj.weight"), 0, dt_rank, state),
+                                    Member(t("mixer.x_proj.weight"), 0, dt_rank + state, state)});
+  if (c.mixer_norm_weights) {
+    state_group.members.push_back(Member(t("mixer.b_layernorm.weight"), 0, 0, state));
+    state_group.members.push_back(Member(t("mixer.c_layernorm.weight"), 0, 0, state));
+  }
+  spec.push_back(std::move(state_group));
 
-  // dt_rank: the low-rank factorisation x_proj[:R] -> dt_proj.
-  spec.push_back(NewGroup(layer + "dt_rank", dt_rank,
-                          {Member(t("mixer.x_proj.weight"), 0, 0, dt_rank),
-                           Member(t("mixer.dt_proj.weight"), 1, 0, dt_rank)}));
+  // dt_rank: the low-rank factorisation x_proj[:R] -> dt_proj (through
+  // Jamba's weighted norm over the rank).
+  GroupInfo rank_group = NewGroup(layer + "dt_rank", dt_rank,
+                                  {Member(t("mixer.x_proj.weight"), 0, 0, dt_rank),
+                                   Member(t("mixer.dt_proj.weight"), 1, 0, dt_rank)});
+  if (c.mixer_norm_weights) {
+    rank_group.members.push_back(Member(t("mixer.dt_layernorm.weight"), 0, 0, dt_rank));
+  }
+  spec.push_back(std::move(rank_group));
 }
 
 }  // namespace

@@ -31,6 +31,11 @@ void Mamba1Tensors(const ModelConfig& c, int64_t layer, TensorShapes& shapes) {
   shapes[name("mixer.dt_proj.bias")] = {inner};
   shapes[name("mixer.A_log")] = {inner, c.d_state};
   shapes[name("mixer.D")] = {inner};
+  if (c.mixer_norm_weights) {
+    shapes[name("mixer.dt_layernorm.weight")] = {c.dt_rank};
+    shapes[name("mixer.b_layernorm.weight")] = {c.d_state};
+    shapes[name("mixer.c_layernorm.weight")] = {c.d_state};
+  }
 }
 
 }  // namespace

@@ -72,6 +72,15 @@ void ExpertResidualMembers(const ModelConfig& config, int64_t layer,
 torch::Tensor MixtureOfExperts(const ModelConfig& config, const Weights& weights, int64_t layer,
                                const torch::Tensor& normed,
                                const forward_internal::Capture& capture);
+// Jamba's mixture (blocks/shapes.h PerExpertLayer), in place of the MLP: a
+// group of hidden channels per expert ("layers.{i}.expert_hidden.{e}"); the
+// experts' order is not a group yet (it moves whole tensors between names).
+void PerExpertGroups(const ModelConfig& config, int64_t layer, FamilySpec& spec);
+void PerExpertResidualMembers(const ModelConfig& config, int64_t layer,
+                              std::vector<GroupMember>& members);
+torch::Tensor PerExpertMixture(const ModelConfig& config, const Weights& weights, int64_t layer,
+                               const torch::Tensor& normed,
+                               const forward_internal::Capture& capture);
 
 // The members both Mamba kinds give the residual group: in_proj's columns,
 // out_proj's rows (and its bias).

@@ -74,3 +74,68 @@ torch::Tensor MixtureOfExperts(const ModelConfig& c, const Weights& weights, int
 }
 
 }  // namespace icd::blocks
+
+namespace icd::blocks {
+namespace {
+
+std::string ExpertTensor(int64_t layer, int64_t expert, const char* module) {
+  return LayerTensorName(layer, absl::StrCat("mlp.experts.", expert, ".", module, ".weight"));
+}
+
+}  // namespace
+
+void PerExpertGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
+  const int64_t hidden = c.moe.hidden;
+  for (int64_t expert = 0; expert < c.moe.experts; ++expert) {
+    spec.push_back(NewGroup(absl::StrCat("layers.", i, ".expert_hidden.", expert), hidden,
+                            {Member(ExpertTensor(i, expert, "gate_proj"), 0, 0, hidden),
+                             Member(ExpertTensor(i, expert, "up_proj"), 0, 0, hidden),
+                             Member(ExpertTensor(i, expert, "down_proj"), 1, 0, hidden)}));
+  }
+}
+
+void PerExpertResidualMembers(const ModelConfig& c, int64_t i, std::vector<GroupMember>& members) {
+  const int64_t width = c.d_model;
+  members.push_back(Member(LayerTensorName(i, "mlp.router.weight"), 1, 0, width));
+  for (int64_t expert = 0; expert < c.moe.experts; ++expert) {
+    members.push_back(Member(ExpertTensor(i, expert, "gate_proj"), 1, 0, width));
+    members.push_back(Member(ExpertTensor(i, expert, "up_proj"), 1, 0, width));
+    members.push_back(Member(ExpertTensor(i, expert, "down_proj"), 0, 0, width));
+  }
+}
+
+torch::Tensor PerExpertMixture(const ModelConfig& c, const Weights& weights, int64_t i,
+                               const torch::Tensor& normed,
+                               const forward_internal::Capture& capture) {
+  const torch::ScalarType compute = normed.scalar_type();
+  const torch::Tensor positions = normed.reshape({-1, c.d_model});  // [T, D]
+  const torch::ScalarType wide = compute == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+  const torch::Tensor router = forward_internal::TensorAs(
+      weights, LayerTensorName(i, "mlp.router.weight"), compute);
+  // Softmax over every expert in float32, then the top k, not renormalised.
+  const torch::Tensor probabilities =
+      torch::softmax(forward_internal::Linear(positions, router).to(wide), -1);  // [T, E]
+  const auto [top_probabilities, top_experts] = probabilities.topk(c.moe.top_k, -1);
+  const torch::Tensor gates = top_probabilities.to(compute);
+  torch::Tensor out = torch::zeros_like(positions);
+  for (int64_t expert = 0; expert < c.moe.experts; ++expert) {
+    const torch::Tensor chosen = top_experts == expert;  // [T, k]
+    const torch::Tensor rows = chosen.any(-1).nonzero().squeeze(-1);
+    if (rows.numel() == 0) continue;
+    auto weight = [&](const char* module) {
+      return forward_internal::TensorAs(weights, ExpertTensor(i, expert, module), compute);
+    };
+    const torch::Tensor x = positions.index_select(0, rows);
+    const torch::Tensor activations =
+        torch::silu(forward_internal::Linear(x, weight("gate_proj"))) *
+        forward_internal::Linear(x, weight("up_proj"));
+    capture.Add(absl::StrCat("layers.", i, ".expert_hidden.", expert), activations);
+    const torch::Tensor gate_of_row = (gates * chosen.to(compute)).sum(-1).index_select(0, rows);
+    out.index_add_(0, rows,
+                   forward_internal::Linear(activations, weight("down_proj")) *
+                       gate_of_row.unsqueeze(-1));
+  }
+  return out.reshape(normed.sizes());
+}
+
+}  // namespace icd::blocks

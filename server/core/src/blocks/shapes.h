@@ -61,6 +61,9 @@ bool HasMlp(const ModelConfig& config);
 // A mixture of experts beside it (config.moe; blocks/moe.cc): moe.router,
 // moe.fc1, moe.fc2 with their shapes (model.h).
 bool HasExperts(const ModelConfig& config);
+// Jamba's: layer `layer`'s feed-forward is a mixture of experts with a tensor
+// per expert, in place of the MLP (config.moe.per_expert_tensors).
+bool PerExpertLayer(const ModelConfig& config, int64_t layer);
 void AddMlpTensors(const ModelConfig& config, int64_t layer, TensorShapes& shapes);
 
 // The list of blocks of `config`'s model: config.mixers, one per layer: the

@@ -126,6 +126,16 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
     b_proj = RmsNormalize(b_proj, config.mixer_rms_eps, wide).to(compute);
     c_proj = RmsNormalize(c_proj, config.mixer_rms_eps, wide).to(compute);
     time_step = RmsNormalize(time_step, config.mixer_rms_eps, wide).to(compute);
+  } else if (config.mixer_norm_weights) {
+    // Jamba: the same over each, with weights and the block norms' eps.
+    const torch::ScalarType compute = precision.compute;
+    auto norm = [&](const torch::Tensor& values, const char* weight) {
+      return RmsNormalize(values, config.norm_eps, wide).to(compute) *
+             TensorAs(weights, MixerTensorName(layer, weight), compute);
+    };
+    b_proj = norm(b_proj, "b_layernorm.weight");
+    c_proj = norm(c_proj, "c_layernorm.weight");
+    time_step = norm(time_step, "dt_layernorm.weight");
   }
   // Captured as the scan and dt_proj see them, so FalconMamba's RMS (which
   // commutes with both groups' permutations) is already applied.

@@ -224,21 +224,24 @@ TEST_F(EngineTest, MambaSsmHybridWithAttentionLoadsAppliesAndExports) {
 }
 
 // NVIDIA's Nemotron-H as transformers 5 may store it (model.* names):
-// Mamba-2, attention and ReLU² MLP layers, one mixer a layer.
+// Mamba-2, attention, ReLU² MLP and experts layers, one mixer a layer.
 TEST_F(EngineTest, NemotronHLoadsAppliesAndExportsUnderItsOwnNames) {
   const std::vector<std::string> groups = LoadApplyExportReload(
-      engine_, R"({"model_type": "nemotron_h", "hybrid_override_pattern": "M*-M",
+      engine_, R"({"model_type": "nemotron_h", "hybrid_override_pattern": "M*-ME",
                    "hidden_size": 16, "vocab_size": 40, "mamba_num_heads": 4,
                    "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 4,
                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 6,
-                   "intermediate_size": 20})",
+                   "intermediate_size": 20, "n_routed_experts": 3, "num_experts_per_tok": 2,
+                   "moe_intermediate_size": 5, "moe_shared_expert_intermediate_size": 6})",
       [](const std::string& name) {
         return name.rfind("backbone.", 0) == 0 ? "model." + name.substr(9) : name;
       });
   EXPECT_EQ(groups, (std::vector<std::string>{
                         "residual", "layers.0.heads", "layers.0.headdim", "layers.0.state",
                         "layers.1.heads", "layers.1.value_dims", "layers.1.key_dims",
-                        "layers.2.mlp", "layers.3.heads", "layers.3.headdim", "layers.3.state"}));
+                        "layers.2.mlp", "layers.3.heads", "layers.3.headdim", "layers.3.state",
+                        "layers.4.expert_hidden.0", "layers.4.expert_hidden.1",
+                        "layers.4.expert_hidden.2", "layers.4.shared_expert"}));
   auto symmetries = engine_.Symmetries("m");
   ASSERT_TRUE(symmetries.ok());
   for (const GroupMember& member : symmetries->front().members) {

@@ -70,7 +70,10 @@ TEST(NemotronHConfigTest, RefusesWhatItCannotComputeAndSaysWhy) {
     EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_NE(config.status().message().find(needle), std::string::npos) << config.status();
   };
-  refused(R"("hybrid_override_pattern": "M-E*")", "mixture-of-experts layers (layer 2, 'E')");
+  refused(R"("hybrid_override_pattern": "M-E*", "n_groups": 2, "n_group": 2)",
+          "group-limited routing (n_group 2)");
+  refused(R"("hybrid_override_pattern": "E", "n_groups": 2, "moe_latent_size": 8)",
+          "latent projections");
   refused(R"("hybrid_override_pattern": "M+")", "has '+' at layer 1");
   refused(R"("hybrid_override_pattern": "")", "lists no layer");
   refused(R"("n_groups": 3)", "is missing");  // no pattern at all
@@ -99,6 +102,46 @@ TEST(MlpMixerTest, ComputesDownOfSquaredRelu) {
   const torch::Tensor expected =
       (hidden * hidden).matmul(w("down_proj.weight").t()) + w("down_proj.bias");
   EXPECT_LE(testing::RelL2(out, expected), 1e-14);
+}
+
+// Nemotron-H's experts layer: the top 2 of sigmoid(logits) + correction
+// bias, weighted by their sigmoids normalised and scaled, ReLU² experts, plus
+// the shared expert; against every expert computed for every position.
+TEST(NemotronHExpertsTest, MatchTheDenseSumAndTheSharedExpert) {
+  auto config = ParseConfig(Config(R"("hybrid_override_pattern": "E", "n_groups": 2,
+      "n_routed_experts": 5, "num_experts_per_tok": 2, "moe_intermediate_size": 7,
+      "moe_shared_expert_intermediate_size": 9, "routed_scaling_factor": 1.5)"), "n");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->mixers, (std::vector<MixerType>{MixerType::kExperts}));
+  const Weights weights = testing::RandomWeights(*config, 71, torch::kFloat64);
+  torch::manual_seed(4);
+  const torch::Tensor normed = torch::randn({2, 5, 16}, torch::kFloat64);
+  forward_internal::Precision precision;
+  precision.compute = precision.accumulate = torch::kFloat64;
+  const torch::Tensor out =
+      blocks::MixerAt(*config, 0)
+          .forward(*config, weights, 0, precision, normed, forward_internal::Capture(nullptr),
+                   nullptr, CallContext{});
+  auto w = [&weights](const std::string& name) { return weights.at("backbone.layers.0.mixer." + name); };
+  const torch::Tensor x = normed.reshape({-1, 16});
+  const torch::Tensor scores = torch::sigmoid(x.matmul(w("gate.weight").t()));
+  const torch::Tensor chosen = std::get<1>((scores + w("gate.e_score_correction_bias")).topk(2, -1));
+  torch::Tensor top = scores.gather(-1, chosen);
+  top = top / top.sum(-1, true) * 1.5;
+  const torch::Tensor gates = torch::zeros_like(scores).scatter(-1, chosen, top);
+  torch::Tensor expected = torch::relu(x.matmul(w("shared_experts.up_proj.weight").t())).pow(2)
+                               .matmul(w("shared_experts.down_proj.weight").t());
+  for (int64_t e = 0; e < 5; ++e) {
+    const std::string p = "experts." + std::to_string(e) + ".";
+    expected += torch::relu(x.matmul(w(p + "up_proj.weight").t())).pow(2)
+                    .matmul(w(p + "down_proj.weight").t()) * gates.select(-1, e).unsqueeze(-1);
+  }
+  EXPECT_LE(testing::RelL2(out.reshape({-1, 16}), expected), 1e-13);
+  // The router's bias is the one tensor no group moves (the experts' order is
+  // not a group yet): the spec checks out only with it named.
+  const FamilySpec spec = BuildSpec(*config);
+  EXPECT_TRUE(CheckSpec(spec, weights, *config).ok());
+  EXPECT_FALSE(CheckSpec(spec, weights).ok());
 }
 
 constexpr char kBamba[] = R"({"model_type": "bamba", "hidden_size": 20, "num_hidden_layers": 4,

@@ -91,7 +91,7 @@ TEST_P(RandomConfigTest, EveryGroupAloneAndAllTogetherAreExact) {
     const double tolerance = dtype == torch::kFloat64 ? 1e-10 : 1e-5;
     Weights weights = RandomWeights(*config, 17, dtype);
     const FamilySpec spec = BuildSpec(*config);
-    ASSERT_TRUE(CheckSpec(spec, weights).ok()) << CheckSpec(spec, weights);
+    ASSERT_TRUE(CheckSpec(spec, weights, *config).ok()) << CheckSpec(spec, weights, *config);
     const torch::Tensor ids = RandomIds(*config, 3);
     const torch::Tensor reference = Logits(*config, weights, ids);
     ASSERT_TRUE(reference.defined());
@@ -199,6 +199,14 @@ INSTANTIATE_TEST_SUITE_P(
                        "mamba_head_dim": 6, "n_groups": 2, "ssm_state_size": 5,
                        "conv_kernel": 3, "num_attention_heads": 6, "num_key_value_heads": 2,
                        "head_dim": 5, "intermediate_size": 13})"},
+        RandomCase{"nemotron_h_experts",
+                   R"({"model_type": "nemotron_h", "hybrid_override_pattern": "ME*E",
+                       "hidden_size": 16, "vocab_size": 29, "mamba_num_heads": 4,
+                       "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 4,
+                       "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4,
+                       "n_routed_experts": 5, "num_experts_per_tok": 2,
+                       "moe_intermediate_size": 7, "moe_shared_expert_intermediate_size": 9,
+                       "routed_scaling_factor": 1.5})"},
         // IBM's Bamba: HF Mamba-2 and attention with a partial rotary, each
         // layer followed by a gated MLP of its own (gate, up, down).
         RandomCase{"bamba_odd",

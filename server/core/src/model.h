@@ -17,7 +17,7 @@ namespace icd {
 
 // The kinds of mixer a residual block can hold; blocks/ holds each one's
 // tables (shapes.h: config side; mixer.h: groups and forward).
-enum class MixerType { kMamba1, kMamba2, kAttention, kMlp };
+enum class MixerType { kMamba1, kMamba2, kAttention, kMlp, kExperts };
 
 // An MLP that is a layer's mixer (NemotronH's '-' layers; blocks/mlp.cc):
 // mixer.up_proj [hidden, d_model], mixer.down_proj [d_model, hidden], and
@@ -123,6 +123,17 @@ struct ModelConfig {
     // expert, not renormalised.
     bool per_expert_tensors = false;
     std::vector<int64_t> layers;
+    // Nemotron-H's, as a layer's mixer (MixerType::kExperts, its 'E' layers;
+    // blocks/moe.cc): mixer.gate [experts, d_model] and its
+    // e_score_correction_bias [experts], mixer.experts.{e}.up_proj [hidden,
+    // d_model] and down_proj (ReLU², no gate), mixer.shared_experts.up_proj
+    // [shared_hidden, d_model] and down_proj; the top_k of sigmoid(logits) +
+    // bias, weighted by their sigmoids (divided by their sum where
+    // normalize), times scaling, plus the shared expert.
+    int64_t shared_hidden = 0;
+    bool normalize = true;
+    double scaling = 1.0;
+    std::vector<int64_t> mixer_layers;
   } moe;
 
   // Granite 4.0's scalars: the embedding's output times

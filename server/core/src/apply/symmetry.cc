@@ -151,7 +151,11 @@ FamilySpec BuildSpec(const ModelConfig& config) {
   return spec;
 }
 
-absl::Status CheckSpec(const FamilySpec& spec, const Weights& weights) {
+namespace {
+
+// CheckSpec, but for the tensors in `unmoved`.
+absl::Status CheckSpecExcept(const FamilySpec& spec, const Weights& weights,
+                             const std::set<std::string>& unmoved) {
   std::set<std::string> touched;
   for (const GroupInfo& group : spec) {
     if (group.size <= 0 || (group.block > 0 && group.size % group.block != 0) ||
@@ -180,7 +184,7 @@ absl::Status CheckSpec(const FamilySpec& spec, const Weights& weights) {
   }
   std::vector<std::string> untouched;
   for (const auto& [name, tensor] : weights) {
-    if (touched.count(name) == 0) untouched.push_back(name);
+    if (touched.count(name) == 0 && unmoved.count(name) == 0) untouched.push_back(name);
   }
   if (!untouched.empty()) {
     return absl::InternalError(absl::StrCat("symmetry spec covers no group for tensors: ",
@@ -188,6 +192,18 @@ absl::Status CheckSpec(const FamilySpec& spec, const Weights& weights) {
   }
   return absl::OkStatus();
 }
+
+}  // namespace
+
+absl::Status CheckSpec(const FamilySpec& spec, const Weights& weights) {
+  return CheckSpecExcept(spec, weights, {});
+}
+
+absl::Status CheckSpec(const FamilySpec& spec, const Weights& weights, const ModelConfig& config) {
+  const std::vector<std::string> unmoved = blocks::UnmovedTensors(config);
+  return CheckSpecExcept(spec, weights, std::set<std::string>(unmoved.begin(), unmoved.end()));
+}
+
 
 absl::Status ValidatePermutation(const GroupInfo& group, const std::vector<int64_t>& index) {
   auto error = [&group](const std::string& what) {

@@ -38,6 +38,9 @@ GroupInfo NewGroup(std::string name, int64_t size, std::vector<GroupMember> memb
 // matches the group, and every weight is touched by some group (a forgotten
 // tensor fails here, not silently). Internal error otherwise.
 absl::Status CheckSpec(const FamilySpec& spec, const Weights& weights);
+// The same, but for the tensors `config`'s blocks say no symmetry of icd's
+// moves (blocks/mixer.h UnmovedTensors), which no group need touch.
+absl::Status CheckSpec(const FamilySpec& spec, const Weights& weights, const ModelConfig& config);
 
 // Length, range, repeats, block and whole constraints. Messages name the group.
 absl::Status ValidatePermutation(const GroupInfo& group, const std::vector<int64_t>& index);

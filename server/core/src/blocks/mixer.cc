@@ -8,6 +8,7 @@ const MixerKind& MixerAt(const ModelConfig& config, int64_t layer) {
     case MixerType::kMamba2: return kMamba2Mixer;
     case MixerType::kAttention: return kAttentionMixer;
     case MixerType::kMlp: return kMlpMixer;
+    case MixerType::kExperts: return kExpertsMixer;
   }
   return kMamba1Mixer;
 }
@@ -20,6 +21,14 @@ void ProjectionResidualMembers(const ModelConfig& config, int64_t layer,
   if (config.proj_bias) {
     members.push_back(Member(LayerTensorName(layer, "mixer.out_proj.bias"), 0, 0, width));
   }
+}
+
+std::vector<std::string> UnmovedTensors(const ModelConfig& config) {
+  std::vector<std::string> unmoved;
+  for (const int64_t layer : config.moe.mixer_layers) {
+    unmoved.push_back(LayerTensorName(layer, "mixer.gate.e_score_correction_bias"));
+  }
+  return unmoved;
 }
 
 }  // namespace icd::blocks

@@ -43,6 +43,7 @@ extern const MixerKind kMamba1Mixer;  // Mamba-1 and FalconMamba (blocks/mamba1.
 extern const MixerKind kMamba2Mixer;  // blocks/mamba2.cc
 extern const MixerKind kAttentionMixer;  // blocks/attention.cc
 extern const MixerKind kMlpMixer;        // an MLP as a layer's mixer (blocks/mlp.cc)
+extern const MixerKind kExpertsMixer;    // Nemotron-H's experts as a mixer (blocks/moe.cc)
 
 // Layer `layer`'s mixer (config.mixers must be planned: every parsed config is).
 const MixerKind& MixerAt(const ModelConfig& config, int64_t layer);
@@ -81,6 +82,11 @@ void PerExpertResidualMembers(const ModelConfig& config, int64_t layer,
 torch::Tensor PerExpertMixture(const ModelConfig& config, const Weights& weights, int64_t layer,
                                const torch::Tensor& normed,
                                const forward_internal::Capture& capture);
+
+// The tensors of `config`'s model that no group of icd's moves, by design:
+// Nemotron-H's router bias (e_score_correction_bias), which only the experts'
+// order would move, not a group yet.
+std::vector<std::string> UnmovedTensors(const ModelConfig& config);
 
 // The members both Mamba kinds give the residual group: in_proj's columns,
 // out_proj's rows (and its bias).

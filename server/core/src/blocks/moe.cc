@@ -139,3 +139,95 @@ torch::Tensor PerExpertMixture(const ModelConfig& c, const Weights& weights, int
 }
 
 }  // namespace icd::blocks
+
+namespace icd::blocks {
+namespace {
+
+// Nemotron-H's experts as a layer's mixer: a hidden-channel group per expert
+// and one for the shared expert; the experts' order (the gate's rows, its
+// bias, whole expert tensors) is not a group yet, as for Jamba.
+std::string NemotronExpert(int64_t layer, int64_t expert, const char* module) {
+  return LayerTensorName(layer, absl::StrCat("mixer.experts.", expert, ".", module, ".weight"));
+}
+
+void ExpertsMixerGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
+  const int64_t hidden = c.moe.hidden;
+  for (int64_t expert = 0; expert < c.moe.experts; ++expert) {
+    spec.push_back(NewGroup(absl::StrCat("layers.", i, ".expert_hidden.", expert), hidden,
+                            {Member(NemotronExpert(i, expert, "up_proj"), 0, 0, hidden),
+                             Member(NemotronExpert(i, expert, "down_proj"), 1, 0, hidden)}));
+  }
+  if (c.moe.shared_hidden > 0) {
+    const int64_t shared = c.moe.shared_hidden;
+    spec.push_back(NewGroup(
+        absl::StrCat("layers.", i, ".shared_expert"), shared,
+        {Member(LayerTensorName(i, "mixer.shared_experts.up_proj.weight"), 0, 0, shared),
+         Member(LayerTensorName(i, "mixer.shared_experts.down_proj.weight"), 1, 0, shared)}));
+  }
+}
+
+void ExpertsMixerResidualMembers(const ModelConfig& c, int64_t i,
+                                 std::vector<GroupMember>& members) {
+  const int64_t width = c.d_model;
+  members.push_back(Member(LayerTensorName(i, "mixer.gate.weight"), 1, 0, width));
+  for (int64_t expert = 0; expert < c.moe.experts; ++expert) {
+    members.push_back(Member(NemotronExpert(i, expert, "up_proj"), 1, 0, width));
+    members.push_back(Member(NemotronExpert(i, expert, "down_proj"), 0, 0, width));
+  }
+  if (c.moe.shared_hidden > 0) {
+    members.push_back(Member(LayerTensorName(i, "mixer.shared_experts.up_proj.weight"), 1, 0, width));
+    members.push_back(Member(LayerTensorName(i, "mixer.shared_experts.down_proj.weight"), 0, 0, width));
+  }
+}
+
+torch::Tensor SquaredRelu(const torch::Tensor& x) { return torch::relu(x).pow(2); }
+
+torch::Tensor ExpertsMixer(const ModelConfig& c, const Weights& weights, int64_t i,
+                           const forward_internal::Precision& precision,
+                           const torch::Tensor& normed, const forward_internal::Capture& capture,
+                           LayerState*, const CallContext&) {
+  const torch::ScalarType compute = precision.compute;
+  auto weight = [&](const std::string& name) {
+    return forward_internal::TensorAs(weights, name, compute);
+  };
+  const torch::Tensor positions = normed.reshape({-1, c.d_model});  // [T, D]
+  const torch::ScalarType wide = precision.accumulate;
+  // The router in float32 (float64 models: float64), as transformers keeps it.
+  const torch::Tensor scores = torch::sigmoid(torch::matmul(
+      positions.to(wide),
+      forward_internal::TensorAs(weights, LayerTensorName(i, "mixer.gate.weight"), wide).t()));
+  const torch::Tensor bias = forward_internal::TensorAs(
+      weights, LayerTensorName(i, "mixer.gate.e_score_correction_bias"), wide);
+  const torch::Tensor top_experts = std::get<1>((scores + bias).topk(c.moe.top_k, -1));  // [T, k]
+  torch::Tensor top_weights = scores.gather(-1, top_experts);
+  if (c.moe.normalize) top_weights = top_weights / (top_weights.sum(-1, true) + 1e-20);
+  const torch::Tensor gates = (top_weights * c.moe.scaling).to(compute);
+  torch::Tensor out = torch::zeros_like(positions);
+  for (int64_t expert = 0; expert < c.moe.experts; ++expert) {
+    const torch::Tensor chosen = top_experts == expert;
+    const torch::Tensor rows = chosen.any(-1).nonzero().squeeze(-1);
+    if (rows.numel() == 0) continue;
+    const torch::Tensor activations = SquaredRelu(forward_internal::Linear(
+        positions.index_select(0, rows), weight(NemotronExpert(i, expert, "up_proj"))));
+    capture.Add(absl::StrCat("layers.", i, ".expert_hidden.", expert), activations);
+    const torch::Tensor gate_of_row = (gates * chosen.to(compute)).sum(-1).index_select(0, rows);
+    out.index_add_(0, rows,
+                   forward_internal::Linear(activations, weight(NemotronExpert(i, expert, "down_proj"))) *
+                       gate_of_row.unsqueeze(-1));
+  }
+  if (c.moe.shared_hidden > 0) {
+    const torch::Tensor shared = SquaredRelu(forward_internal::Linear(
+        positions, weight(LayerTensorName(i, "mixer.shared_experts.up_proj.weight"))));
+    capture.Add(absl::StrCat("layers.", i, ".shared_expert"), shared);
+    out = out + forward_internal::Linear(
+                    shared, weight(LayerTensorName(i, "mixer.shared_experts.down_proj.weight")));
+  }
+  return out.reshape(normed.sizes());
+}
+
+}  // namespace
+
+const MixerKind kExpertsMixer{"experts", kExpertsShapes, ExpertsMixerGroups,
+                              ExpertsMixerResidualMembers, ExpertsMixer};
+
+}  // namespace icd::blocks

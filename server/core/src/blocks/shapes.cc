@@ -8,7 +8,8 @@ void PlanBlocks(ModelConfig& config) {
   const MixerType type = config.family == Family::kMamba2 ? MixerType::kMamba2 : MixerType::kMamba1;
   config.mixers.assign(static_cast<size_t>(std::max<int64_t>(config.n_layer, 0)), type);
   for (const auto& [layers, kind] : {std::pair{&config.attention_layers, MixerType::kAttention},
-                                     std::pair{&config.mlp_layers, MixerType::kMlp}}) {
+                                     std::pair{&config.mlp_layers, MixerType::kMlp},
+                                     std::pair{&config.moe.mixer_layers, MixerType::kExperts}}) {
     for (const int64_t layer : *layers) {
       if (layer >= 0 && layer < config.n_layer) config.mixers[static_cast<size_t>(layer)] = kind;
     }
@@ -32,6 +33,7 @@ const MixerShapes& ShapesOf(MixerType type) {
     case MixerType::kMamba2: return kMamba2Shapes;
     case MixerType::kAttention: return kAttentionShapes;
     case MixerType::kMlp: return kMlpShapes;
+    case MixerType::kExperts: return kExpertsShapes;
   }
   return kMamba1Shapes;
 }

@@ -45,6 +45,7 @@ extern const MixerShapes kMamba1Shapes;  // Mamba-1 and FalconMamba (blocks/mamb
 extern const MixerShapes kMamba2Shapes;  // blocks/mamba2_shapes.cc
 extern const MixerShapes kAttentionShapes;  // blocks/attention_shapes.cc
 extern const MixerShapes kMlpShapes;        // an MLP as a mixer (blocks/mlp_shapes.cc)
+extern const MixerShapes kExpertsShapes;    // experts as a mixer (blocks/mlp_shapes.cc)
 
 // The tensors both Mamba kinds hold around their own: in_proj [in_rows,
 // d_model], conv1d [conv_channels, 1, d_conv], out_proj [d_model, d_inner],

@@ -23,7 +23,7 @@ constexpr char kSupported[] =
     "FalconMambaForCausalLM ('falcon_mamba'), Mamba2ForCausalLM ('mamba2'); "
     "mamba_ssm MambaLMHeadModel with ssm_cfg.layer 'Mamba1' or 'Mamba2', with or "
     "without a gated MLP (d_intermediate) and causal attention layers (attn_layer_idx); "
-    "NemotronHForCausalLM ('nemotron_h') without mixture-of-experts layers, "
+    "NemotronHForCausalLM ('nemotron_h'), "
     "BambaForCausalLM ('bamba'), GraniteMoeHybridForCausalLM ('granitemoehybrid'), "
     "JambaForCausalLM ('jamba')";
 
@@ -238,9 +238,7 @@ absl::StatusOr<ModelConfig> ParseNemotronH(const Json& root, const std::string& 
       case 'M': break;
       case '*': c.attention_layers.push_back(layer); break;
       case '-': c.mlp_layers.push_back(layer); break;
-      case 'E':
-        return Unsupported(source, absl::StrCat("NemotronH's mixture-of-experts layers (layer ",
-                                                layer, ", 'E')"));
+      case 'E': c.moe.mixer_layers.push_back(layer); break;
       default:
         return f.Error("hybrid_override_pattern",
                        absl::StrCat("has '", std::string(1, pattern[static_cast<size_t>(layer)]),
@@ -303,6 +301,36 @@ absl::StatusOr<ModelConfig> ParseNemotronH(const Json& root, const std::string& 
   }
   c.mlp.activation = MlpConfig::Activation::kRelu2;
   ICD_ASSIGN_OR_RETURN(c.mlp.bias, f.Bool("mlp_bias", false));
+  if (!c.moe.mixer_layers.empty()) {
+    // The experts' layers: ReLU² experts and a shared one, routed by
+    // sigmoid scores plus a correction bias (transformers' NemotronHMoE).
+    auto& e = c.moe;
+    ICD_ASSIGN_OR_RETURN(e.experts, f.PositiveInt("n_routed_experts", 8));
+    ICD_ASSIGN_OR_RETURN(e.top_k, f.PositiveInt("num_experts_per_tok", 2));
+    ICD_ASSIGN_OR_RETURN(e.hidden, f.PositiveInt("moe_intermediate_size", 7688));
+    ICD_ASSIGN_OR_RETURN(e.shared_hidden,
+                         f.PositiveInt("moe_shared_expert_intermediate_size", 7688));
+    ICD_ASSIGN_OR_RETURN(e.normalize, f.Bool("norm_topk_prob", true));
+    ICD_ASSIGN_OR_RETURN(e.scaling, f.Number("routed_scaling_factor", 1.0));
+    ICD_ASSIGN_OR_RETURN(int64_t n_group, f.PositiveInt("n_group", 1));
+    if (f.Has("moe_latent_size")) {
+      return Unsupported(source, "NemotronH experts with latent projections (moe_latent_size)");
+    }
+    if (n_group != 1) {
+      return Unsupported(source, absl::StrCat("NemotronH's group-limited routing (n_group ",
+                                              n_group, ")"));
+    }
+    if (c.mlp.bias) return Unsupported(source, "NemotronH experts with biases (mlp_bias)");
+    if (e.top_k > e.experts || e.experts > 256 ||
+        static_cast<int64_t>(e.mixer_layers.size()) * e.experts > int64_t{1} << 14 ||
+        e.hidden > kMaxDimension || e.shared_hidden > kMaxDimension ||
+        !(std::isfinite(e.scaling) && e.scaling > 0)) {
+      return f.Error("n_routed_experts",
+                     absl::StrCat(e.experts, " experts, top ", e.top_k, ", hidden ", e.hidden,
+                                  ": out of what icd takes (at most 256 experts a layer, 16384 "
+                                  "in all, top_k at most the experts, a positive scaling)"));
+    }
+  }
   return c;
 }
 

@@ -108,9 +108,11 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Start(const ModelConfig& confi
   impl->weights = &weights;
   ICD_RETURN_IF_ERROR(Forward(config, weights, prefill_ids, ctx, nullptr, &impl->state).status());
   const torch::Device device = weights.at(kEmbeddingTensor).device();
-  // An attention layer's cache grows with every token, so its step has no
-  // fixed addresses to replay: such a model decodes eagerly.
-  if (execution == Execution::kCudaGraph && device.is_cuda() && config.attention_layers.empty()) {
+  // An attention layer's cache grows with every token, and experts pick
+  // their rows by value (a host sync): such a step has no fixed shapes to
+  // replay, and the model decodes eagerly.
+  const bool replayable = config.attention_layers.empty() && config.moe.experts == 0;
+  if (execution == Execution::kCudaGraph && device.is_cuda() && replayable) {
 #ifdef ICD_HAVE_CUDA
     try {
       torch::NoGradGuard no_grad;

@@ -63,7 +63,8 @@ void PrintTable(const std::vector<std::vector<std::string>>& rows,
 }
 
 void PrintModel(const v1::ModelInfo& m) {
-  std::cout << m.name() << ": " << m.family() << " (" << m.layout() << " layout) on "
+  std::cout << m.name() << ": " << (m.architecture().empty() ? m.family() : m.architecture())
+            << " (" << m.family() << ", " << m.layout() << " layout) on "
             << m.device() << ", " << m.dtype() << ", " << m.parameters()
             << " parameters, version " << m.version() << "\n";
   std::cout << "  path        " << m.path() << "\n";

@@ -13,6 +13,7 @@ namespace icd::rpc {
 void ToProto(const ModelInfo& in, v1::ModelInfo* out) {
   out->set_name(in.name);
   out->set_family(std::string(FamilyName(in.family)));
+  out->set_architecture(in.architecture);
   out->set_layout(std::string(LayoutName(in.layout)));
   out->set_device(in.device);
   out->set_dtype(std::string(DTypeName(in.dtype)));

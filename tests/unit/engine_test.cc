@@ -249,6 +249,8 @@ TEST_F(EngineTest, NemotronHLoadsAppliesAndExportsUnderItsOwnNames) {
         << member.tensor;
   }
   EXPECT_EQ(engine_.Info("m")->dims.at("mlp_layers"), 1);
+  EXPECT_EQ(engine_.Info("m")->architecture, "nemotron_h");
+  EXPECT_EQ(engine_.Info("m")->family, Family::kMamba2);
 }
 
 // Bamba's and Jamba's module names (model.layers.{i}.mamba or self_attn,

@@ -290,6 +290,7 @@ class Engine::Impl {
 
     ModelInfo& info = model->info;
     info.name = name;
+    info.architecture = model->config.architecture;
     info.family = model->config.family;
     info.layout = model->config.layout;
     info.device = device.str();

@@ -31,6 +31,9 @@ ICD_CORE_API int64_t DTypeSize(DType dtype);
 
 struct ModelInfo {
   std::string name;
+  // config.json's architecture ("mamba2", "nemotron_h", "jamba", ...); family
+  // is its Mamba layers' kind.
+  std::string architecture;
   Family family = Family::kMamba1;
   Layout layout = Layout::kHf;
   std::string device;  // "cpu", "cuda:0"

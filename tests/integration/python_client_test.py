@@ -355,7 +355,9 @@ class ProgressTest(OwnServerTest):
         self.assertEqual((seen[-1].rpc, seen[-1].stage), ("LoadModel", "read"))
         self.addCleanup(self.client.unload, "p")
         seen = []
-        report = self.client.measure_latency("p", seq_len=256, warmup=2, iters=300,
+        # Long enough (a second or more) for the client's polls, every 0.2 s,
+        # to see it run on a fast machine too: at seq_len 256 it took 0.2 s.
+        report = self.client.measure_latency("p", seq_len=2048, warmup=2, iters=300,
                                              progress=seen.append)
         self.assertEqual(report.samples, 300)
         running = [p for p in seen if not p.finished]
@@ -385,7 +387,9 @@ class ProgressTest(OwnServerTest):
             bar.total = p.total or None
             bar.n = p.done
             bar.refresh()
-        report = self.client.measure_latency("t", seq_len=256, warmup=2, iters=200, progress=show)
+        # seq_len 2048: over a second, so the 0.2 s polls see the bar move
+        # (at 256, 200 samples took 0.2 s on an idle machine: no partial bar).
+        report = self.client.measure_latency("t", seq_len=2048, warmup=2, iters=200, progress=show)
         bar.close()
         self.assertEqual(report.samples, 200)
         self.assertEqual((bar.n, bar.total), (200, 200))
@@ -467,6 +471,99 @@ class OutOfMemoryTest(OwnServerTest):
         self.assertEqual((after.rel_l2, after.max_abs), (before.rel_l2, before.max_abs))
         self.assertTrue(self.client.health())
         self.assertEqual(self.client.evaluate("mem", ids[:, :64])["tokens"], 63)
+
+
+def nemotron_h_checkpoint(directory, seed=29):
+    """A random Nemotron-H (issue 19) in transformers' own names (model.*):
+    layers M (Mamba-2) * (attention) - (ReLU² MLP) E (experts), the shapes as
+    transformers' NemotronH builds them for this config.json."""
+    config = {"model_type": "nemotron_h", "hybrid_override_pattern": "M*-E",
+              "hidden_size": 16, "vocab_size": 40, "mamba_num_heads": 4, "mamba_head_dim": 8,
+              "n_groups": 2, "ssm_state_size": 4, "conv_kernel": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 6, "intermediate_size": 20,
+              "n_routed_experts": 3, "num_experts_per_tok": 2, "moe_intermediate_size": 5,
+              "moe_shared_expert_intermediate_size": 6}
+    d, inner, conv = 16, 32, 32 + 2 * 2 * 4
+    shapes = {"model.embeddings.weight": (40, d), "model.norm_f.weight": (d,),
+              "lm_head.weight": (40, d)}
+    for i in range(4):
+        shapes["model.layers.%d.norm.weight" % i] = (d,)
+    m = "model.layers.0.mixer."
+    shapes.update({m + "in_proj.weight": (2 * inner + 2 * 2 * 4 + 4, d),
+                   m + "conv1d.weight": (conv, 1, 4), m + "conv1d.bias": (conv,),
+                   m + "dt_bias": (4,), m + "A_log": (4,), m + "D": (4,),
+                   m + "norm.weight": (inner,), m + "out_proj.weight": (d, inner)})
+    a = "model.layers.1.mixer."
+    shapes.update({a + "q_proj.weight": (24, d), a + "k_proj.weight": (12, d),
+                   a + "v_proj.weight": (12, d), a + "o_proj.weight": (d, 24)})
+    shapes.update({"model.layers.2.mixer.up_proj.weight": (20, d),
+                   "model.layers.2.mixer.down_proj.weight": (d, 20)})
+    e = "model.layers.3.mixer."
+    shapes.update({e + "gate.weight": (3, d), e + "gate.e_score_correction_bias": (3,),
+                   e + "shared_experts.up_proj.weight": (6, d),
+                   e + "shared_experts.down_proj.weight": (d, 6)})
+    for j in range(3):
+        shapes[e + "experts.%d.up_proj.weight" % j] = (5, d)
+        shapes[e + "experts.%d.down_proj.weight" % j] = (d, 5)
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in sorted(shapes.items()):
+        values = rng.standard_normal(shape)
+        if name.endswith("A_log"):
+            values = np.log(rng.random(shape) * 8 + 0.5)
+        elif "norm" in name and name.endswith("weight"):
+            values = 1 + 0.3 * values
+        elif len(shape) == 2:
+            values = values / np.sqrt(shape[1])
+        else:
+            values = 0.3 * values
+        weights[name] = values.astype(np.float32)
+    os.makedirs(directory)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+    write_safetensors(os.path.join(directory, "model.safetensors"), weights)
+    return config
+
+
+class HybridTest(OwnServerTest):
+    """A hybrid through the real service and the Python client (issue 19):
+    Nemotron-H with Mamba-2, attention, MLP and experts layers, stored under
+    transformers' names; loaded, every group captured, solved and applied,
+    verified, exported under the same names and reloaded with the same
+    logits."""
+
+    def test_nemotron_h_round_trip(self):
+        nemotron_h_checkpoint(os.path.join(self.root.models, "nemotron"))
+        info = self.client.load("h", "nemotron")
+        self.addCleanup(self.client.unload, "h")
+        self.assertEqual((info.architecture, info.family), ("nemotron_h", "mamba2"))
+        groups = self.client.symmetries("h").groups
+        names = [g.name for g in groups]
+        for expected in ("residual", "layers.0.heads", "layers.1.heads", "layers.1.value_dims",
+                         "layers.1.key_dims", "layers.2.mlp", "layers.3.expert_hidden.2",
+                         "layers.3.shared_expert"):
+            self.assertIn(expected, names)
+        tensors = {m.tensor for g in groups for m in g.members}
+        self.assertIn("model.layers.3.mixer.experts.2.down_proj.weight", tensors)
+        self.assertTrue(all(t.startswith("model.") or t == "lm_head.weight" for t in tensors))
+        ids = (np.arange(2 * 24, dtype=np.int64).reshape(2, 24) * 7 + 3) % 40
+        before = self.client.evaluate("h", ids, return_logits=True)["logits"]
+        results = self.client.capture_permutation("h", ids)
+        self.assertEqual([r.permutation.group for r in results], names)
+        report = self.client.apply("h", results)
+        self.assertTrue(report.correctness.ok, report.correctness)
+        self.assertEqual(report.correctness.top1_agreement, 1.0)
+        self.assertTrue(self.client.verify("h").ok)
+        report = self.client.export("h", "nemotron-permuted")
+        exported = dict(read_safetensors(os.path.join(report.path, "model.safetensors")))
+        stored = dict(read_safetensors(os.path.join(self.root.models, "nemotron",
+                                                    "model.safetensors")))
+        self.assertEqual(set(exported), set(stored))
+        shutil.copytree(report.path, os.path.join(self.root.models, "nemotron-permuted"))
+        self.client.load("h2", "nemotron-permuted")
+        self.addCleanup(self.client.unload, "h2")
+        after = self.client.evaluate("h2", ids, return_logits=True)["logits"]
+        self.assertLess(np.linalg.norm(after - before) / np.linalg.norm(before), 1e-5)
 
 
 class CredentialsTest(unittest.TestCase):

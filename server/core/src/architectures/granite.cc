@@ -1,0 +1,100 @@
+// IBM's Granite 4.0: its config.json (docs/hybrid_symmetries.md, "Granite 4.0").
+#include <algorithm>
+
+#include "io/config_fields.h"
+
+namespace icd::config_fields {
+
+// IBM's Granite 4.0 (transformers' GraniteMoeHybridForCausalLM): Mamba-2
+// (the gated norm per group) and attention layers by layer_types (anything
+// but "mamba" is attention: q/k/v/o, a full rotary with position_embedding_
+// type "rope", none otherwise; the softmax scale is attention_multiplier),
+// each followed by post_attention_layernorm and a shared gated MLP (its
+// input_linear's halves the gate, then the values) plus, with
+// num_local_experts > 0, a mixture of experts; embedding_multiplier,
+// residual_multiplier and logits_scaling scale the stream.
+absl::StatusOr<ModelConfig> ParseGranite(const Json& root, const std::string& source) {
+  Fields f(root, source);
+  ModelConfig c;
+  c.layout = Layout::kHf;
+  c.architecture = "granitemoehybrid";
+  c.family = Family::kMamba2;
+  ICD_ASSIGN_OR_RETURN(c.d_model, f.PositiveInt("hidden_size", 4096));
+  ICD_ASSIGN_OR_RETURN(c.vocab_size, f.PositiveInt("vocab_size", 32000));
+  c.vocab_unpadded = c.vocab_size;
+  ICD_ASSIGN_OR_RETURN(c.tied, f.Bool("tie_word_embeddings", false));
+  ICD_ASSIGN_OR_RETURN(c.norm_eps, f.Number("rms_norm_eps", 1e-6));
+  ICD_ASSIGN_OR_RETURN(std::string act, f.String("hidden_act", "silu"));
+  if (act != "silu") return Unsupported(source, absl::StrCat("hidden_act '", act, "'"));
+  const char* types_key = FirstPresent(f, {"layer_types", "layers_block_type"});
+  if (f.Has(types_key)) {
+    const Json& types = root.at(types_key);
+    if (!types.is_array()) return f.Error(types_key, "must be a list of layer kinds");
+    c.n_layer = static_cast<int64_t>(types.size());
+    for (int64_t layer = 0; layer < c.n_layer; ++layer) {
+      const Json& type = types[static_cast<size_t>(layer)];
+      if (!type.is_string()) return f.Error(types_key, absl::StrCat("lists ", type.dump()));
+      if (type.get<std::string>() != "mamba") c.attention_layers.push_back(layer);
+    }
+  } else {
+    ICD_ASSIGN_OR_RETURN(c.n_layer, f.PositiveInt("num_hidden_layers", 32));
+  }
+  if (c.n_layer < 1 || c.n_layer > kMaxLayers) return f.Error(types_key, "lists no layer, or too many");
+  ICD_RETURN_IF_ERROR(ParseMambaFields(root, f, source, 256, c));
+  c.grouped_gated_norm = true;
+
+  AttentionConfig& a = c.attention;
+  a.separate_projections = true;
+  ICD_ASSIGN_OR_RETURN(a.heads, f.PositiveInt("num_attention_heads", 32));
+  ICD_ASSIGN_OR_RETURN(a.kv_heads, f.PositiveInt("num_key_value_heads", a.heads));
+  if (a.heads > kMaxDimension || a.heads % a.kv_heads != 0 ||
+      (!f.Has("head_dim") && c.d_model % a.heads != 0)) {
+    return f.Error("num_key_value_heads",
+                   absl::StrCat(a.kv_heads, " must divide num_attention_heads ", a.heads,
+                                ", which must divide hidden_size ", c.d_model,
+                                " when head_dim is not given"));
+  }
+  ICD_ASSIGN_OR_RETURN(a.head_dim, f.PositiveInt("head_dim", c.d_model / a.heads));
+  if (a.head_dim > kMaxDimension || a.qkv_rows() > kMaxDimension) {
+    return f.Error("head_dim", "x the heads is too large");
+  }
+  ICD_ASSIGN_OR_RETURN(a.qkv_bias, f.Bool("attention_bias", false));
+  a.out_bias = a.qkv_bias;
+  ICD_ASSIGN_OR_RETURN(std::string positions, f.String("position_embedding_type", ""));
+  if (positions == "rope") {
+    ICD_RETURN_IF_ERROR(ParseRope(root, f, source, 1.0, a));
+  } else if (!positions.empty() && positions != "nope") {
+    return Unsupported(source, absl::StrCat("position_embedding_type '", positions, "'"));
+  }
+  ICD_ASSIGN_OR_RETURN(a.softmax_scale, f.Number("attention_multiplier", 1.0));
+  ICD_ASSIGN_OR_RETURN(c.embedding_multiplier, f.Number("embedding_multiplier", 1.0));
+  ICD_ASSIGN_OR_RETURN(c.residual_multiplier, f.Number("residual_multiplier", 1.0));
+  ICD_ASSIGN_OR_RETURN(c.logits_scaling, f.Number("logits_scaling", 1.0));
+  for (const auto& [key, value] : {std::pair{"attention_multiplier", a.softmax_scale},
+                                   std::pair{"embedding_multiplier", c.embedding_multiplier},
+                                   std::pair{"residual_multiplier", c.residual_multiplier},
+                                   std::pair{"logits_scaling", c.logits_scaling}}) {
+    if (!(value > 0 && std::isfinite(value))) return f.Error(key, "must be a positive number");
+  }
+
+  ICD_ASSIGN_OR_RETURN(c.d_intermediate, f.PositiveInt("shared_intermediate_size", 1024));
+  c.mlp_gate_first = true;
+  ICD_ASSIGN_OR_RETURN(c.moe.experts, f.Int("num_local_experts", 8));
+  if (c.moe.experts < 0 || c.moe.experts > kMaxDimension) {
+    return f.Error("num_local_experts", "must be 0 (no experts) or positive");
+  }
+  if (c.moe.experts > 0) {
+    ICD_ASSIGN_OR_RETURN(c.moe.top_k, f.PositiveInt("num_experts_per_tok", 2));
+    ICD_ASSIGN_OR_RETURN(c.moe.hidden, f.PositiveInt("intermediate_size", 11008));
+    if (c.moe.top_k > c.moe.experts) {
+      return f.Error("num_experts_per_tok", absl::StrCat(c.moe.top_k, " is above num_local_experts ",
+                                                         c.moe.experts));
+    }
+  }
+  if (c.d_intermediate > kMaxDimension || c.moe.hidden > kMaxDimension) {
+    return f.Error("shared_intermediate_size", "or intermediate_size is too large");
+  }
+  return c;
+}
+
+}  // namespace icd::config_fields

@@ -407,9 +407,10 @@ TEST(MemoryBudgetEngineTest, EstimatesGrowWithWhatTheCallComputes) {
   with_mlp.d_intermediate = 40;
   EXPECT_EQ(engine_internal::ForwardBytes(with_mlp, torch::kFloat32, 1, 1),
             per_position + 120 * 4);
-  // Attention at layer 1 (4 heads, 2 KV heads of 6, no conv): its scores and
-  // softmax grow with the square of the length, [B, 4, L, L] float32 each;
-  // its cache with the positions held, keys and values [B, 2, T, 6].
+  // Attention at layer 1 (4 heads, 2 KV heads of 6, no conv): its scores,
+  // their masked copy, softmax and cast grow with the square of the length,
+  // [B, 4, L, L] float32 each; its cache with the positions held, keys and
+  // values [B, 2, T, 6].
   ModelConfig hybrid = config;
   hybrid.attention_layers = {1};
   hybrid.mixers = {MixerType::kMamba1, MixerType::kAttention};
@@ -418,7 +419,7 @@ TEST(MemoryBudgetEngineTest, EstimatesGrowWithWhatTheCallComputes) {
   hybrid.attention.head_dim = 6;
   EXPECT_EQ(engine_internal::ForwardBytes(hybrid, torch::kFloat32, 1, 100) -
                 100 * engine_internal::ForwardBytes(hybrid, torch::kFloat32, 1, 1),
-            2 * 4 * (100 * 100 - 100) * 4);
+            4 * 4 * (100 * 100 - 100) * 4);
   EXPECT_EQ(engine_internal::StateBytes(hybrid, torch::kFloat32, 2, 30) -
                 engine_internal::StateBytes(hybrid, torch::kFloat32, 2, 10),
             2 * (2 * 2 * 20 * 6) * 4);

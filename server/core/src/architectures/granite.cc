@@ -80,8 +80,11 @@ absl::StatusOr<ModelConfig> ParseGranite(const Json& root, const std::string& so
   ICD_ASSIGN_OR_RETURN(c.d_intermediate, f.PositiveInt("shared_intermediate_size", 1024));
   c.mlp_gate_first = true;
   ICD_ASSIGN_OR_RETURN(c.moe.experts, f.Int("num_local_experts", 8));
-  if (c.moe.experts < 0 || c.moe.experts > kMaxDimension) {
-    return f.Error("num_local_experts", "must be 0 (no experts) or positive");
+  // At most 256, as the other architectures' experts: the forward visits
+  // every expert of a layer, and a forged count must not hang a load.
+  if (c.moe.experts < 0 || c.moe.experts > 256) {
+    return f.Error("num_local_experts", absl::StrCat(c.moe.experts, ": expected 0 (no experts) "
+                                                     "to 256"));
   }
   if (c.moe.experts > 0) {
     ICD_ASSIGN_OR_RETURN(c.moe.top_k, f.PositiveInt("num_experts_per_tok", 2));

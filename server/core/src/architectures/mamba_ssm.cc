@@ -129,6 +129,10 @@ absl::StatusOr<ModelConfig> ParseMambaSsm(const Json& root, const std::string& s
   ICD_ASSIGN_OR_RETURN(c.n_layer, f.PositiveInt("n_layer", std::nullopt));
   ICD_ASSIGN_OR_RETURN(c.vocab_unpadded, f.PositiveInt("vocab_size", 50277));
   ICD_ASSIGN_OR_RETURN(int64_t pad_multiple, f.PositiveInt("pad_vocab_size_multiple", 8));
+  if (c.vocab_unpadded > kMaxDimension || pad_multiple > kMaxDimension) {
+    return f.Error("vocab_size", absl::StrCat(c.vocab_unpadded, " or pad_vocab_size_multiple ",
+                                              pad_multiple, " above ", kMaxDimension));
+  }
   c.vocab_size = CeilDiv(c.vocab_unpadded, pad_multiple) * pad_multiple;
   ICD_ASSIGN_OR_RETURN(c.tied, f.Bool("tie_embeddings", true));
   ICD_ASSIGN_OR_RETURN(bool rms_norm, f.Bool("rms_norm", true));

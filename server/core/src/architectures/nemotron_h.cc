@@ -91,7 +91,11 @@ absl::StatusOr<ModelConfig> ParseNemotronH(const Json& root, const std::string& 
 
   AttentionConfig& a = c.attention;
   a.separate_projections = true;
-  a.qkv_bias = a.out_bias = false;  // hard-coded in NemotronHAttention
+  // transformers' NemotronHAttention has no bias whatever attention_bias
+  // says; NVIDIA's own code reads it: the files say which (a bias present
+  // where the config says none is an unexpected tensor, named).
+  ICD_ASSIGN_OR_RETURN(a.qkv_bias, f.Bool("attention_bias", false));
+  a.out_bias = a.qkv_bias;
   ICD_ASSIGN_OR_RETURN(a.heads, f.PositiveInt("num_attention_heads", 32));
   ICD_ASSIGN_OR_RETURN(a.kv_heads, f.PositiveInt("num_key_value_heads", 8));
   ICD_ASSIGN_OR_RETURN(a.head_dim, f.PositiveInt("head_dim", 128));

@@ -172,6 +172,28 @@ torch::Tensor Rotate(const torch::Tensor& x, int64_t first, const AttentionConfi
                     -1);
 }
 
+// CausalDepthwiseConv's contract (forward_internal.h) as K shifted
+// multiply-adds, for CUDA: conv1d there goes through cuDNN, which may
+// compute float32 in TF32; these are plain float32 (or wider) products.
+torch::Tensor ShiftedSumConv(const torch::Tensor& values, const torch::Tensor& weight,
+                             const torch::Tensor& bias, const torch::Tensor& history,
+                             torch::Tensor* next_history) {
+  const int64_t batch = values.size(0), length = values.size(1), channels = values.size(2);
+  const int64_t kernel = weight.size(2);
+  const torch::Tensor past =
+      history.defined() ? history.to(values.scalar_type()).transpose(1, 2)  // [B, K-1, C]
+                        : torch::zeros({batch, kernel - 1, channels}, values.options());
+  const torch::Tensor padded = torch::cat({past, values}, 1);  // [B, K-1+L, C]
+  if (next_history != nullptr) {
+    *next_history = padded.narrow(1, length, kernel - 1).transpose(1, 2).contiguous();
+  }
+  const torch::Tensor taps = weight.reshape({channels, kernel});  // [C, K]
+  torch::Tensor out = bias.defined() ? bias.expand({batch, length, channels}).clone()
+                                     : torch::zeros({batch, length, channels}, values.options());
+  for (int64_t k = 0; k < kernel; ++k) out += padded.narrow(1, k, length) * taps.select(1, k);
+  return out;
+}
+
 // [B, L, width] -> [B, heads, L, width / heads].
 torch::Tensor SplitHeads(const torch::Tensor& x, int64_t heads) {
   return x.reshape({x.size(0), x.size(1), heads, -1}).transpose(1, 2);
@@ -210,10 +232,13 @@ torch::Tensor AttentionMixer(const ModelConfig& c, const Weights& weights, int64
   torch::Tensor qkv = projected.narrow(-1, 0, a.qkv_rows());
   if (a.conv > 0) {
     torch::Tensor next_history;
-    qkv = forward_internal::CausalDepthwiseConv(
-        qkv, weight("conv1d.weight"), optional("conv1d.bias"),
-        state != nullptr ? state->conv_history : torch::Tensor(),
-        state != nullptr ? &next_history : nullptr, ctx, layer);
+    const torch::Tensor history = state != nullptr ? state->conv_history : torch::Tensor();
+    qkv = qkv.is_cuda()
+              ? ShiftedSumConv(qkv, weight("conv1d.weight"), optional("conv1d.bias"), history,
+                               state != nullptr ? &next_history : nullptr)
+              : forward_internal::CausalDepthwiseConv(
+                    qkv, weight("conv1d.weight"), optional("conv1d.bias"), history,
+                    state != nullptr ? &next_history : nullptr, ctx, layer);
     if (state != nullptr) state->conv_history = next_history;
   }
   const torch::Tensor value_rows = qkv.narrow(-1, value_row, kv_width);  // [B, L, KV·d]

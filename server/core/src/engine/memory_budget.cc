@@ -350,13 +350,23 @@ int64_t ForwardBytes(const ModelConfig& config, torch::ScalarType dtype, int64_t
       SaturatingSum({SaturatingProduct({2, in_rows}), SaturatingProduct({3, config.d_inner}),
                      SaturatingProduct({4, config.d_model}),
                      SaturatingProduct({3, config.d_intermediate}),
-                     config.mlp_layers.empty() ? 0 : SaturatingProduct({3, config.mlp.hidden})});
+                     config.mlp_layers.empty() ? 0 : SaturatingProduct({3, config.mlp.hidden}),
+                     // experts: the hidden width of those a position visits, and the shared one
+                     SaturatingProduct({3, config.moe.top_k, config.moe.hidden}),
+                     SaturatingProduct({3, config.moe.shared_hidden}),
+                     // separate q, k, v projections: their outputs, then concatenated
+                     config.attention_layers.empty() ? 0 : SaturatingProduct({2, config.attention.qkv_rows()})});
   const int64_t activations = SaturatingProduct({positions, per_position, AccumulateBytes(dtype)});
-  // Attention's scores and their softmax, wide, [B, heads, L, L] each.
+  // Attention: its scores, their masked copy, the softmax and its cast, wide,
+  // [B, heads, L, L] each (4 counted), and the keys and values repeated for
+  // every query head, wide (4 x [B, heads, L, head_dim]).
+  const AttentionConfig& a = config.attention;
   const int64_t attention =
       config.attention_layers.empty()
           ? 0
-          : SaturatingProduct({2, batch, config.attention.heads, seq, seq, AccumulateBytes(dtype)});
+          : SaturatingSum({SaturatingProduct({4, batch, a.heads, seq, seq, AccumulateBytes(dtype)}),
+                           SaturatingProduct({4, batch, a.heads, seq, a.head_dim,
+                                              AccumulateBytes(dtype)})});
   const int64_t logit_bytes = 4 + (dtype == torch::kFloat32 ? 0 : ElementBytes(dtype));
   const int64_t logits = SaturatingProduct({positions, config.vocab_size, logit_bytes});
   return SaturatingSum({activations, attention, logits, SaturatingProduct({positions, 8})});  // + the ids

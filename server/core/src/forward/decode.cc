@@ -39,8 +39,9 @@ namespace {
 RecurrentState CopyOf(const RecurrentState& state) {
   RecurrentState copy = state;
   for (LayerState& layer : copy.layers) {
-    layer.conv_history = layer.conv_history.clone();
-    layer.ssm_state = layer.ssm_state.clone();
+    // A layer without state (an MLP as its mixer) has undefined tensors.
+    if (layer.conv_history.defined()) layer.conv_history = layer.conv_history.clone();
+    if (layer.ssm_state.defined()) layer.ssm_state = layer.ssm_state.clone();
   }
   return copy;
 }
@@ -48,10 +49,9 @@ RecurrentState CopyOf(const RecurrentState& state) {
 // Captures one step into impl->graph, on a stream of its own (a capture may
 // not run on the default stream). The state's tensors are written in place
 // (LayerState::in_place), so every replay reads and advances the same ones.
-absl::Status CaptureStep(Session::Impl* impl, const torch::Device& device,
+absl::Status CaptureStep(Session::Impl* impl, const torch::Device& device, int64_t batch,
                          const CallContext& ctx) {
   const c10::cuda::CUDAGuard device_guard(device);
-  const int64_t batch = impl->state.layers.front().ssm_state.size(0);
   impl->step_ids = torch::zeros({batch, 1}, torch::dtype(torch::kInt64).device(device));
   for (LayerState& layer : impl->state.layers) layer.in_place = true;
 
@@ -116,7 +116,7 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Start(const ModelConfig& confi
 #ifdef ICD_HAVE_CUDA
     try {
       torch::NoGradGuard no_grad;
-      ICD_RETURN_IF_ERROR(CaptureStep(impl.get(), device, ctx));
+      ICD_RETURN_IF_ERROR(CaptureStep(impl.get(), device, prefill_ids.size(0), ctx));
       impl->execution = Execution::kCudaGraph;
     } catch (const std::exception& error) {
       return InternalFailure("decode graph capture", error.what());

@@ -39,6 +39,11 @@ absl::StatusOr<int64_t> DtRank(const Fields& fields, const char* key, int64_t d_
 }
 
 absl::Status CheckMamba2Shapes(const ModelConfig& config, const std::string& source) {
+  if (config.nheads > kMaxDimension || config.headdim > kMaxDimension) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": num_heads (", config.nheads, ") or head_dim (", config.headdim,
+        ") above ", kMaxDimension));
+  }
   if (config.nheads * config.headdim != config.d_inner) {
     return absl::InvalidArgumentError(absl::StrCat(
         source, ": num_heads (", config.nheads, ") x head_dim (", config.headdim,

@@ -103,7 +103,9 @@ class Fields {
 // InvalidArgument: "<source>: unsupported model: <what> (supported: ...)".
 absl::Status Unsupported(const std::string& source, const std::string& what);
 
-inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// ceil(a / b) for a >= 0, b > 0, without a + b - 1 (which overflows near
+// INT64_MAX: found by review before the fuzzer did).
+inline int64_t CeilDiv(int64_t a, int64_t b) { return a / b + (a % b != 0 ? 1 : 0); }
 
 // Largest width icd accepts for any dimension: far above every released
 // Mamba (d_inner 8192, vocab 65024), far below where products of dimensions

@@ -272,7 +272,7 @@ std::function<std::string(const std::string&)> BambaStyleNames(std::set<int64_t>
     const std::vector<std::pair<std::string, std::string>> modules = {
         {"norm.", "input_layernorm."}, {"norm2.", "pre_ff_layernorm."},
         {"mixer.", attention.count(layer) ? "self_attn." : "mamba."},
-        {"mlp.", "feed_forward."}};
+        {"mlp.", "feed_forward."}, {"attn.", "self_attn."}};  // Falcon-H1's beside
     for (const auto& [from, to] : modules) {
       if (rest.rfind(from, 0) == 0) {
         return "model.layers." + std::to_string(layer) + "." + to + rest.substr(from.size());
@@ -319,6 +319,31 @@ TEST_F(EngineTest, JambaLoadsAppliesAndExportsUnderItsOwnNames) {
                         "layers.1.mlp", "layers.2.inner", "layers.2.state",
                         "layers.2.dt_rank", "layers.2.expert_hidden.0",
                         "layers.2.expert_hidden.1"}));
+}
+
+// TII's Falcon-H1 under its own names: attention (self_attn, icd's "attn")
+// beside the Mamba-2 mixer in every layer, its multipliers.
+TEST_F(EngineTest, FalconH1LoadsAppliesAndExportsUnderItsOwnNames) {
+  const std::vector<std::string> groups = LoadApplyExportReload(
+      engine_, R"({"model_type": "falcon_h1", "hidden_size": 16, "num_hidden_layers": 2,
+                   "vocab_size": 40, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_n_groups": 2,
+                   "mamba_d_state": 4, "intermediate_size": 12, "key_multiplier": 0.5,
+                   "ssm_multipliers": [0.5, 2.0, 0.8, 1.5, 0.9], "lm_head_multiplier": 0.3})",
+      BambaStyleNames({}));
+  EXPECT_EQ(groups, (std::vector<std::string>{
+                        "residual", "layers.0.heads", "layers.0.headdim", "layers.0.state",
+                        "layers.0.attn.heads", "layers.0.attn.value_dims", "layers.0.mlp",
+                        "layers.1.heads", "layers.1.headdim", "layers.1.state",
+                        "layers.1.attn.heads", "layers.1.attn.value_dims", "layers.1.mlp"}));
+  auto symmetries = engine_.Symmetries("m");
+  ASSERT_TRUE(symmetries.ok());
+  bool self_attn = false;
+  for (const GroupMember& member : symmetries->front().members) {
+    self_attn |= member.tensor == "model.layers.1.self_attn.q_proj.weight";
+  }
+  EXPECT_TRUE(self_attn);
+  EXPECT_EQ(engine_.Info("m")->architecture, "falcon_h1");
 }
 
 // IBM's Granite 4.0 under its own names (shared_mlp, block_sparse_moe,

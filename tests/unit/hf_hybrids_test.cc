@@ -371,5 +371,59 @@ TEST(JambaGroupsTest, ExpertsMatchTheDenseSumAndTheControlsBite) {
   EXPECT_GT(moved("layers.3.state", "backbone.layers.3.mixer.b_layernorm.weight"), 1e-4);
 }
 
+// Falcon-H1's multipliers act where transformers applies them: each equals
+// scaling the weights it stands next to (the model with every multiplier 1
+// and those weights scaled gives the same logits): ssm_in on in_proj's
+// input (not its bias), ssm_multipliers on in_proj's output slices [z | x |
+// B | C | dt], ssm_out on the mixer's output, attention_in on q/k/v's input,
+// key_multiplier on k, attention_out on o_proj's output, the MLP's on the
+// gate's pre-activation and on down_proj's output, embedding and lm_head.
+TEST(FalconH1Test, MultipliersActWhereTransformersAppliesThem) {
+  const std::string sizes = R"("model_type": "falcon_h1", "hidden_size": 16,
+      "num_hidden_layers": 2, "vocab_size": 27, "num_attention_heads": 4,
+      "num_key_value_heads": 2, "head_dim": 6, "mamba_d_ssm": 24, "mamba_n_heads": 4,
+      "mamba_n_groups": 2, "mamba_d_state": 5, "mamba_rms_norm": true, "mamba_proj_bias": true,
+      "projectors_bias": true, "intermediate_size": 11)";
+  auto with = ParseConfig("{" + sizes + R"(, "embedding_multiplier": 2.0,
+      "lm_head_multiplier": 0.5, "attention_in_multiplier": 0.7, "attention_out_multiplier": 1.3,
+      "key_multiplier": 0.4, "ssm_in_multiplier": 1.25, "ssm_out_multiplier": 0.6,
+      "ssm_multipliers": [0.5, 2.0, 0.8, 1.5, 0.9], "mlp_multipliers": [0.7, 1.4]})", "f");
+  auto plain = ParseConfig("{" + sizes + "}", "f");
+  ASSERT_TRUE(with.ok() && plain.ok()) << with.status() << plain.status();
+  EXPECT_EQ(with->mixers, (std::vector<MixerType>{MixerType::kMamba2, MixerType::kMamba2}));
+  EXPECT_TRUE(with->parallel_attention);
+  const Weights weights = testing::RandomWeights(*with, 73, torch::kFloat64);
+  Weights scaled = testing::Clone(weights);
+  auto scale = [&scaled](const std::string& name, double by) {
+    scaled.at(name) = scaled.at(name) * by;
+  };
+  const int64_t inner = 24, bc = 2 * 5, heads = 4;
+  const std::vector<double> slices = {0.5, 2.0, 0.8, 1.5, 0.9};
+  const torch::Tensor rows = torch::cat(
+      {torch::full({inner}, slices[0], torch::kFloat64), torch::full({inner}, slices[1], torch::kFloat64),
+       torch::full({bc}, slices[2], torch::kFloat64), torch::full({bc}, slices[3], torch::kFloat64),
+       torch::full({heads}, slices[4], torch::kFloat64)});
+  scale("backbone.embeddings.weight", 2.0);
+  scale("lm_head.weight", 0.5);  // untied: the head is its own tensor
+  for (int64_t i = 0; i < 2; ++i) {
+    auto t = [i](const std::string& suffix) { return LayerTensorName(i, suffix); };
+    scaled.at(t("mixer.in_proj.weight")) = scaled.at(t("mixer.in_proj.weight")) * rows.unsqueeze(1) * 1.25;
+    scaled.at(t("mixer.in_proj.bias")) = scaled.at(t("mixer.in_proj.bias")) * rows;
+    scale(t("mixer.out_proj.weight"), 0.6);
+    scale(t("mixer.out_proj.bias"), 0.6);
+    scale(t("attn.q_proj.weight"), 0.7);
+    scale(t("attn.k_proj.weight"), 0.7 * 0.4);
+    scale(t("attn.v_proj.weight"), 0.7);
+    scale(t("attn.o_proj.weight"), 1.3);
+    scale(t("mlp.gate_proj.weight"), 0.7);
+    scale(t("mlp.down_proj.weight"), 1.4);
+  }
+  const torch::Tensor ids = torch::randint(27, {2, 9}, torch::kInt64);
+  const torch::Tensor multiplied = *Forward(*with, weights, ids);
+  EXPECT_LE(testing::RelL2(*Forward(*plain, scaled, ids), multiplied), 1e-12);
+  // The check bites: the multipliers left out are another function.
+  EXPECT_GT(testing::RelL2(*Forward(*plain, weights, ids), multiplied), 1e-2);
+}
+
 }  // namespace
 }  // namespace icd::hf_hybrids_test

@@ -245,7 +245,21 @@ INSTANTIATE_TEST_SUITE_P(
                        "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 3,
                        "num_experts_per_tok": 2, "num_attention_heads": 6,
                        "num_key_value_heads": 3, "mamba_d_state": 5, "mamba_dt_rank": 3,
-                       "mamba_expand": 2, "intermediate_size": 11})"}),
+                       "mamba_expand": 2, "intermediate_size": 11})"},
+        // TII's Falcon-H1: attention and Mamba-2 side by side in every layer,
+        // its μP multipliers (per slice of in_proj's output too), the gated
+        // norm before the gate.
+        RandomCase{"falcon_h1_multipliers",
+                   R"({"model_type": "falcon_h1", "hidden_size": 16, "num_hidden_layers": 2,
+                       "vocab_size": 27, "num_attention_heads": 4, "num_key_value_heads": 2,
+                       "head_dim": 6, "mamba_d_ssm": 24, "mamba_n_heads": 4,
+                       "mamba_n_groups": 2, "mamba_d_state": 5, "mamba_rms_norm": true,
+                       "mamba_norm_before_gate": true, "intermediate_size": 11,
+                       "embedding_multiplier": 2.0, "lm_head_multiplier": 0.5,
+                       "attention_in_multiplier": 0.7, "attention_out_multiplier": 1.3,
+                       "key_multiplier": 0.4, "ssm_in_multiplier": 1.25,
+                       "ssm_out_multiplier": 0.6, "ssm_multipliers": [0.5, 2.0, 0.8, 1.5, 0.9],
+                       "mlp_multipliers": [0.7, 1.4]})"}),
     [](const auto& param_info) { return param_info.param.name; });
 
 // mamba_ssm's gated MLP block (d_intermediate, blocks/gated_mlp.cc): with

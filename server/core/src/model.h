@@ -38,6 +38,11 @@ struct MlpConfig {
 // v_proj and o_proj of their own (separate_projections; no conv, no MLP).
 struct AttentionConfig {
   bool separate_projections = false;
+  // The module its tensors live under in a layer ("mixer"; "attn" where it
+  // sits beside a Mamba mixer, parallel_attention), and its groups'
+  // prefix there ("layers.{i}.attn.heads").
+  std::string module = "mixer";
+  double key_multiplier = 1.0;  // Falcon-H1: k times it, before the rotary
   int64_t heads = 0;
   int64_t kv_heads = 0;  // query head h reads kv head h / (heads / kv_heads)
   int64_t head_dim = 0;
@@ -142,6 +147,22 @@ struct ModelConfig {
   double embedding_multiplier = 1.0;
   double residual_multiplier = 1.0;
   double logits_scaling = 1.0;
+
+  // Falcon-H1: every layer holds attention (module "attn") beside its Mamba
+  // mixer, both reading the block's norm: mixer(x · ssm_in) · ssm_out +
+  // attention(x · attention_in) · attention_out; the Mamba-2 in_proj's
+  // output slices [z | x | B | C | dt] times ssm_multipliers (five, or
+  // none); the gated MLP's gate pre-activation and output times its two
+  // multipliers; the logits times logits_multiplier.
+  bool parallel_attention = false;
+  double attention_in_multiplier = 1.0;
+  double attention_out_multiplier = 1.0;
+  double ssm_in_multiplier = 1.0;
+  double ssm_out_multiplier = 1.0;
+  std::vector<double> ssm_multipliers;
+  double mlp_gate_multiplier = 1.0;
+  double mlp_down_multiplier = 1.0;
+  double logits_multiplier = 1.0;
 
   // Hybrids: the layers whose mixer is attention (mamba_ssm's attn_layer_idx,
   // NemotronH's '*'), ascending, all with `attention`'s shape; those whose

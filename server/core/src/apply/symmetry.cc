@@ -133,6 +133,7 @@ GroupInfo ResidualGroup(const ModelConfig& c) {
     m.push_back(Member(LayerTensorName(i, "norm.weight"), 0, 0, width));
     if (c.layer_norm) m.push_back(Member(LayerTensorName(i, "norm.bias"), 0, 0, width));
     blocks::MixerAt(c, i).residual_members(c, i, m);
+    if (c.parallel_attention) blocks::kAttentionMixer.residual_members(c, i, m);
     if (blocks::HasMlp(c)) blocks::MlpResidualMembers(c, i, m);
   }
   m.push_back(Member("backbone.norm_f.weight", 0, 0, width));
@@ -146,6 +147,7 @@ FamilySpec BuildSpec(const ModelConfig& config) {
   FamilySpec spec{ResidualGroup(config)};
   for (int64_t layer = 0; layer < config.n_layer; ++layer) {
     blocks::MixerAt(config, layer).groups(config, layer, spec);
+    if (config.parallel_attention) blocks::kAttentionMixer.groups(config, layer, spec);
     if (blocks::HasMlp(config)) blocks::MlpGroups(config, layer, spec);
   }
   return spec;

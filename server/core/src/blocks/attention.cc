@@ -14,8 +14,6 @@ namespace icd::blocks {
 namespace {
 
 using forward_internal::Capture;
-using forward_internal::LayerGroupName;
-using forward_internal::MixerTensorName;
 using forward_internal::Precision;
 
 // Where q, k and v come from: each a slice of rows of one or more tensors
@@ -30,7 +28,9 @@ struct Projections {
 
 Projections ProjectionsOf(const ModelConfig& c, int64_t i) {
   const AttentionConfig& a = c.attention;
-  auto t = [i](const std::string& suffix) { return LayerTensorName(i, "mixer." + suffix); };
+  auto t = [i, &a](const std::string& suffix) {
+    return LayerTensorName(i, a.module + "." + suffix);
+  };
   Projections p;
   if (a.separate_projections) {
     for (auto [list, module] : {std::pair{&p.query, "q_proj"}, std::pair{&p.key, "k_proj"},
@@ -52,6 +52,13 @@ Projections ProjectionsOf(const ModelConfig& c, int64_t i) {
   p.value_row = a.context_width() + a.kv_heads * a.head_dim;
   p.output = t("out_proj.weight");
   return p;
+}
+
+// "layers.{i}." (or "layers.{i}.attn." beside a Mamba mixer): its groups'
+// and capture points' prefix.
+std::string GroupPrefix(const ModelConfig& c, int64_t i) {
+  return c.attention.module == "mixer" ? absl::StrCat("layers.", i, ".")
+                                       : absl::StrCat("layers.", i, ".", c.attention.module, ".");
 }
 
 // "segments:C:S:O" (types.h), or "identity" where it is one.
@@ -81,7 +88,7 @@ void AddQkvMembers(const ModelConfig& c, int64_t i, const std::string& query_exp
 void AttentionGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
   const AttentionConfig& a = c.attention;
   const int64_t head_dim = a.head_dim, per_kv = a.heads / a.kv_heads;
-  const std::string layer = absl::StrCat("layers.", i, ".");
+  const std::string layer = GroupPrefix(c, i);
   const std::string out_proj = ProjectionsOf(c, i).output;
 
   // Query heads move inside the run that reads one KV head, or whole runs
@@ -119,7 +126,8 @@ void AttentionGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
     const int64_t hidden = a.mlp_dim / 2;
     GroupInfo mlp = NewGroup(layer + "mixer_mlp", hidden);
     const int64_t first = a.qkv_rows();
-    AddRowBlocks(mlp.members, i, "mixer.in_proj", a.qkv_bias, {first, first + hidden}, hidden);
+    AddRowBlocks(mlp.members, i, a.module + ".in_proj", a.qkv_bias, {first, first + hidden},
+                 hidden);
     mlp.members.push_back(Member(out_proj, 1, a.context_width(), hidden));
     spec.push_back(std::move(mlp));
   }
@@ -206,10 +214,12 @@ torch::Tensor AttentionMixer(const ModelConfig& c, const Weights& weights, int64
   const AttentionConfig& a = c.attention;
   const torch::ScalarType compute = precision.compute;
   auto weight = [&](const char* suffix) {
-    return forward_internal::TensorAs(weights, MixerTensorName(layer, suffix), compute);
+    return forward_internal::TensorAs(weights, LayerTensorName(layer, a.module + "." + suffix),
+                                      compute);
   };
   auto optional = [&](const char* suffix) {
-    return forward_internal::OptionalTensorAs(weights, MixerTensorName(layer, suffix), compute);
+    return forward_internal::OptionalTensorAs(
+        weights, LayerTensorName(layer, a.module + "." + suffix), compute);
   };
   const int64_t batch = normed.size(0), length = normed.size(1);
   const int64_t kv_width = a.kv_heads * a.head_dim, per_kv = a.heads / a.kv_heads;
@@ -242,9 +252,10 @@ torch::Tensor AttentionMixer(const ModelConfig& c, const Weights& weights, int64
     if (state != nullptr) state->conv_history = next_history;
   }
   const torch::Tensor value_rows = qkv.narrow(-1, value_row, kv_width);  // [B, L, KV·d]
-  capture.Add(LayerGroupName(layer, "value_dims"), value_rows);
+  capture.Add(GroupPrefix(c, layer) + "value_dims", value_rows);
   torch::Tensor query = SplitHeads(qkv.narrow(-1, 0, a.context_width()), a.heads);
   torch::Tensor key = SplitHeads(qkv.narrow(-1, key_row, kv_width), a.kv_heads);
+  if (a.key_multiplier != 1.0) key = key * a.key_multiplier;
   torch::Tensor value = SplitHeads(value_rows, a.kv_heads);  // [B, KV, L, d]
 
   // Positions seen before this call: the cache's length.
@@ -255,8 +266,8 @@ torch::Tensor AttentionMixer(const ModelConfig& c, const Weights& weights, int64
     key = Rotate(key, past, a, precision);
   }
   const int64_t free_dims = a.head_dim - a.rotary_dim;
-  if (free_dims > 0 && capture.Wants(LayerGroupName(layer, "key_dims"))) {
-    capture.Add(LayerGroupName(layer, "key_dims"),
+  if (free_dims > 0 && capture.Wants(GroupPrefix(c, layer) + "key_dims")) {
+    capture.Add(GroupPrefix(c, layer) + "key_dims",
                 key.narrow(-1, a.rotary_dim, free_dims).transpose(1, 2).reshape(
                     {batch, length, a.kv_heads * free_dims}));
   }
@@ -286,8 +297,8 @@ torch::Tensor AttentionMixer(const ModelConfig& c, const Weights& weights, int64
   }
   const torch::Tensor weights_of_keys = torch::softmax(scores, -1).to(compute);
   const torch::Tensor context = torch::matmul(weights_of_keys, values);  // [B, H, L, d]
-  if (capture.Wants(LayerGroupName(layer, "heads"))) {
-    capture.Add(LayerGroupName(layer, "heads"),
+  if (capture.Wants(GroupPrefix(c, layer) + "heads")) {
+    capture.Add(GroupPrefix(c, layer) + "heads",
                 context.to(precision.accumulate).pow(2).mean(-1).sqrt().transpose(1, 2));
   }
   torch::Tensor mixed = context.transpose(1, 2).reshape({batch, length, a.context_width()});
@@ -296,7 +307,7 @@ torch::Tensor AttentionMixer(const ModelConfig& c, const Weights& weights, int64
     const torch::Tensor activations =
         projected.narrow(-1, a.qkv_rows(), hidden) *
         torch::silu(projected.narrow(-1, a.qkv_rows() + hidden, hidden));
-    capture.Add(LayerGroupName(layer, "mixer_mlp"), activations);
+    capture.Add(GroupPrefix(c, layer) + "mixer_mlp", activations);
     mixed = torch::cat({mixed, activations}, -1);
   }
   return a.separate_projections

@@ -47,28 +47,30 @@ StateShapes AttentionStateShapes(const ModelConfig& c, int64_t batch) {
 
 void AttentionTensors(const ModelConfig& c, int64_t layer, TensorShapes& shapes) {
   const AttentionConfig& a = c.attention;
-  auto name = [layer](const char* suffix) { return LayerTensorName(layer, suffix); };
+  auto name = [layer, &a](const std::string& suffix) {
+    return LayerTensorName(layer, a.module + "." + suffix);
+  };
   if (a.separate_projections) {
     const int64_t kv_width = a.kv_heads * a.head_dim;
     const std::pair<const char*, int64_t> inputs[] = {
-        {"mixer.q_proj", a.context_width()}, {"mixer.k_proj", kv_width}, {"mixer.v_proj", kv_width}};
+        {"q_proj", a.context_width()}, {"k_proj", kv_width}, {"v_proj", kv_width}};
     for (const auto& [module, rows] : inputs) {
       shapes[name(module) + ".weight"] = {rows, c.d_model};
       if (a.qkv_bias) shapes[name(module) + ".bias"] = {rows};
     }
-    shapes[name("mixer.o_proj.weight")] = {c.d_model, a.context_width()};
-    if (a.out_bias) shapes[name("mixer.o_proj.bias")] = {c.d_model};
+    shapes[name("o_proj.weight")] = {c.d_model, a.context_width()};
+    if (a.out_bias) shapes[name("o_proj.bias")] = {c.d_model};
     return;
   }
-  shapes[name("mixer.in_proj.weight")] = {a.qkv_rows() + a.mlp_dim, c.d_model};
-  if (a.qkv_bias) shapes[name("mixer.in_proj.bias")] = {a.qkv_rows() + a.mlp_dim};
+  shapes[name("in_proj.weight")] = {a.qkv_rows() + a.mlp_dim, c.d_model};
+  if (a.qkv_bias) shapes[name("in_proj.bias")] = {a.qkv_rows() + a.mlp_dim};
   if (a.conv > 0) {
     // nn.Conv1d's bias is on by default, and MHA does not turn it off.
-    shapes[name("mixer.conv1d.weight")] = {a.qkv_rows(), 1, a.conv};
-    shapes[name("mixer.conv1d.bias")] = {a.qkv_rows()};
+    shapes[name("conv1d.weight")] = {a.qkv_rows(), 1, a.conv};
+    shapes[name("conv1d.bias")] = {a.qkv_rows()};
   }
-  shapes[name("mixer.out_proj.weight")] = {c.d_model, a.context_width() + a.mlp_dim / 2};
-  if (a.out_bias) shapes[name("mixer.out_proj.bias")] = {c.d_model};
+  shapes[name("out_proj.weight")] = {c.d_model, a.context_width() + a.mlp_dim / 2};
+  if (a.out_bias) shapes[name("out_proj.bias")] = {c.d_model};
 }
 
 }  // namespace

@@ -53,11 +53,13 @@ torch::Tensor GatedMlp(const ModelConfig& c, const Weights& weights, int64_t i,
     auto weight = [&](const char* name) {
       return forward_internal::TensorAs(weights, LayerTensorName(i, name), compute);
     };
+    torch::Tensor gate = forward_internal::Linear(normed, weight("mlp.gate_proj.weight"));
+    if (c.mlp_gate_multiplier != 1.0) gate = gate * c.mlp_gate_multiplier;  // Falcon-H1
     const torch::Tensor activations =
-        torch::silu(forward_internal::Linear(normed, weight("mlp.gate_proj.weight"))) *
-        forward_internal::Linear(normed, weight("mlp.up_proj.weight"));
+        torch::silu(gate) * forward_internal::Linear(normed, weight("mlp.up_proj.weight"));
     capture.Add(absl::StrCat("layers.", i, ".mlp"), activations);
-    return forward_internal::Linear(activations, weight("mlp.down_proj.weight"));
+    const torch::Tensor out = forward_internal::Linear(activations, weight("mlp.down_proj.weight"));
+    return c.mlp_down_multiplier != 1.0 ? out * c.mlp_down_multiplier : out;
   }
   const torch::Tensor fc1 =
       forward_internal::TensorAs(weights, LayerTensorName(i, "mlp.fc1.weight"), compute);

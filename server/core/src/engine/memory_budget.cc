@@ -355,14 +355,16 @@ int64_t ForwardBytes(const ModelConfig& config, torch::ScalarType dtype, int64_t
                      SaturatingProduct({3, config.moe.top_k, config.moe.hidden}),
                      SaturatingProduct({3, config.moe.shared_hidden}),
                      // separate q, k, v projections: their outputs, then concatenated
-                     config.attention_layers.empty() ? 0 : SaturatingProduct({2, config.attention.qkv_rows()})});
+                     config.attention_layers.empty() && !config.parallel_attention
+                         ? 0
+                         : SaturatingProduct({2, config.attention.qkv_rows()})});
   const int64_t activations = SaturatingProduct({positions, per_position, AccumulateBytes(dtype)});
   // Attention: its scores, their masked copy, the softmax and its cast, wide,
   // [B, heads, L, L] each (4 counted), and the keys and values repeated for
   // every query head, wide (4 x [B, heads, L, head_dim]).
   const AttentionConfig& a = config.attention;
   const int64_t attention =
-      config.attention_layers.empty()
+      config.attention_layers.empty() && !config.parallel_attention
           ? 0
           : SaturatingSum({SaturatingProduct({4, batch, a.heads, seq, seq, AccumulateBytes(dtype)}),
                            SaturatingProduct({4, batch, a.heads, seq, a.head_dim,
@@ -384,7 +386,10 @@ int64_t StateBytes(const ModelConfig& config, torch::ScalarType dtype, int64_t b
   };
   int64_t bytes = 0;
   for (int64_t layer = 0; layer < config.n_layer; ++layer) {
-    const blocks::StateShapes shapes = blocks::ShapesAt(config, layer).state_shapes(config, batch);
+    blocks::StateShapes shapes = blocks::ShapesAt(config, layer).state_shapes(config, batch);
+    if (config.parallel_attention) {
+      shapes.attention_cache = blocks::kAttentionShapes.state_shapes(config, batch).attention_cache;
+    }
     bytes = SaturatingSum({bytes, bytes_of(shapes.conv_history, ElementBytes(dtype)),
                            bytes_of(shapes.ssm_state, AccumulateBytes(dtype)),
                            SaturatingProduct({2, bytes_of(shapes.attention_cache,

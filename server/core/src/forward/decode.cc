@@ -111,7 +111,8 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Start(const ModelConfig& confi
   // An attention layer's cache grows with every token, and experts pick
   // their rows by value (a host sync): such a step has no fixed shapes to
   // replay, and the model decodes eagerly.
-  const bool replayable = config.attention_layers.empty() && config.moe.experts == 0;
+  const bool replayable = config.attention_layers.empty() && !config.parallel_attention &&
+                          config.moe.experts == 0;
   if (execution == Execution::kCudaGraph && device.is_cuda() && replayable) {
 #ifdef ICD_HAVE_CUDA
     try {

@@ -376,8 +376,11 @@ absl::Status CheckState(const ModelConfig& config, const RecurrentState& state, 
   };
   for (size_t layer = 0; layer < state.layers.size(); ++layer) {
     const LayerState& layer_state = state.layers[layer];
-    const blocks::StateShapes shapes =
+    blocks::StateShapes shapes =
         blocks::ShapesAt(config, static_cast<int64_t>(layer)).state_shapes(config, batch);
+    if (config.parallel_attention) {  // the attention's cache beside the Mamba state
+      shapes.attention_cache = blocks::kAttentionShapes.state_shapes(config, batch).attention_cache;
+    }
     absl::Status status =
         check(layer, "conv_history", layer_state.conv_history, shapes.conv_history);
     if (status.ok()) status = check(layer, "ssm_state", layer_state.ssm_state, shapes.ssm_state);
@@ -498,9 +501,24 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
     torch::Tensor normed = AddAndNorm(config, weights, LayerTensorName(layer, "norm"), precision,
                                       &residual, &mixed);  // [B, L, d_model]
     capture.Add("residual", normed);
-    mixed = scaled(blocks::MixerAt(config, layer)
-                       .forward(config, weights, layer, precision, normed, capture, layer_state,
-                                ctx));
+    if (config.parallel_attention) {
+      // Falcon-H1: the Mamba mixer and attention side by side on one norm.
+      const torch::Tensor mamba =
+          blocks::MixerAt(config, layer)
+              .forward(config, weights, layer, precision,
+                       config.ssm_in_multiplier != 1.0 ? normed * config.ssm_in_multiplier : normed,
+                       capture, layer_state, ctx);
+      const torch::Tensor attention = blocks::kAttentionMixer.forward(
+          config, weights, layer, precision,
+          config.attention_in_multiplier != 1.0 ? normed * config.attention_in_multiplier : normed,
+          capture, layer_state, ctx);
+      mixed = scaled(mamba * config.ssm_out_multiplier +
+                     attention * config.attention_out_multiplier);
+    } else {
+      mixed = scaled(blocks::MixerAt(config, layer)
+                         .forward(config, weights, layer, precision, normed, capture, layer_state,
+                                  ctx));
+    }
     if (blocks::HasMlp(config)) {
       // mamba_ssm's second block of the layer: norm2 -> gated MLP -> add.
       normed = AddAndNorm(config, weights, LayerTensorName(layer, "norm2"), precision, &residual,
@@ -521,6 +539,7 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
   torch::Tensor logits =
       forward_internal::Linear(normed, head.to(precision.compute)).to(torch::kFloat32);  // [B, L, V]
   if (config.logits_scaling != 1.0) logits = logits / config.logits_scaling;
+  if (config.logits_multiplier != 1.0) logits = logits * config.logits_multiplier;
   if (state != nullptr) state->layers = std::move(next_layers);
   return logits;
 }

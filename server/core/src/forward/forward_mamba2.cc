@@ -33,11 +33,26 @@ struct Mamba2Layer {
   torch::Tensor out_proj_b;  // [d_model] or undefined
 };
 
-Mamba2Layer Mamba2LayerView(const Weights& weights, int64_t layer, const Precision& precision) {
+Mamba2Layer Mamba2LayerView(const ModelConfig& config, const Weights& weights, int64_t layer,
+                            const Precision& precision) {
   const torch::ScalarType compute = precision.compute;
   Mamba2Layer view;
   view.in_proj_w = TensorAs(weights, MixerTensorName(layer, "in_proj.weight"), compute);
   view.in_proj_b = OptionalTensorAs(weights, MixerTensorName(layer, "in_proj.bias"), compute);
+  if (!config.ssm_multipliers.empty()) {
+    // Falcon-H1's mup_vector on in_proj's output slices [z | x | B | C | dt],
+    // folded into a scaled copy of its rows (the weights stay as loaded).
+    const int64_t inner = config.d_inner, bc = config.ngroups * config.d_state;
+    const std::vector<double>& m = config.ssm_multipliers;
+    const auto wide = torch::dtype(torch::kFloat64);  // the multipliers as written
+    const torch::Tensor rows = torch::cat(
+        {torch::full({inner}, m[0], wide), torch::full({inner}, m[1], wide),
+         torch::full({bc}, m[2], wide), torch::full({bc}, m[3], wide),
+         torch::full({config.nheads}, m[4], wide)});
+    const torch::Tensor scale = rows.to(view.in_proj_w.options());
+    view.in_proj_w = view.in_proj_w * scale.unsqueeze(1);
+    if (view.in_proj_b.defined()) view.in_proj_b = view.in_proj_b * scale;
+  }
   view.conv_w = TensorAs(weights, MixerTensorName(layer, "conv1d.weight"), compute);
   view.conv_b = OptionalTensorAs(weights, MixerTensorName(layer, "conv1d.bias"), compute);
   view.dt_bias = TensorAs(weights, MixerTensorName(layer, "dt_bias"), compute);
@@ -143,7 +158,7 @@ torch::Tensor Scan(const scan::StateSpaceInputs& given, torch::ScalarType accumu
 torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int64_t layer,
                           const Precision& precision, const torch::Tensor& normed,
                           const Capture& capture, LayerState* state, const CallContext& ctx) {
-  const Mamba2Layer view = Mamba2LayerView(weights, layer, precision);
+  const Mamba2Layer view = Mamba2LayerView(config, weights, layer, precision);
   const int64_t batch = normed.size(0);
   const int64_t seq_len = normed.size(1);
   const int64_t inner = config.d_inner;

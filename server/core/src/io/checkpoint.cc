@@ -171,8 +171,18 @@ std::string CanonicalTensorName(const std::string& stored) {
   return CanonicalTensorName("backbone." + rest);
 }
 
+std::string CanonicalTensorName(const std::string& stored, const ModelConfig& config) {
+  // Falcon-H1's attention sits beside its Mamba mixer: self_attn is "attn".
+  const std::string self_attn = ".self_attn.";
+  const size_t at = stored.find(self_attn);
+  if (config.parallel_attention && at != std::string::npos) {
+    return CanonicalTensorName(stored.substr(0, at) + ".attn." + stored.substr(at + self_attn.size()));
+  }
+  return CanonicalTensorName(stored);
+}
+
 std::string WeightKey(const std::string& stored, const ModelConfig& config) {
-  const std::string canonical = CanonicalTensorName(stored);
+  const std::string canonical = CanonicalTensorName(stored, config);
   return canonical == kHeadTensor && config.tied ? kEmbeddingTensor : canonical;
 }
 
@@ -255,7 +265,7 @@ absl::StatusOr<Checkpoint> ReadCheckpoint(
     if (!tensors.ok()) return tensors.status();
     for (io::NamedTensor& named : *tensors) {
       weight_file.names.push_back(named.name);
-      std::string canonical = CanonicalTensorName(named.name);
+      std::string canonical = CanonicalTensorName(named.name, config);
       if (layout.stored_name.count(canonical) > 0) {
         return absl::InvalidArgumentError(absl::StrCat(
             path.string(), ": tensor '", named.name, "' appears twice in the checkpoint"));

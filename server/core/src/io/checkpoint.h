@@ -73,6 +73,9 @@ absl::Status CheckFilesUnderRoots(const std::filesystem::path& dir,
 // "backbone.", written back as the files had them (CheckpointLayout).
 std::string LayoutTensorName(Layout layout, const std::string& canonical);
 std::string CanonicalTensorName(const std::string& stored);
+// The same for `config`'s architecture (Falcon-H1's self_attn beside its
+// Mamba mixer is "attn").
+std::string CanonicalTensorName(const std::string& stored, const ModelConfig& config);
 // The key of a stored tensor in a model's Weights: its canonical name, a tied
 // head read as the embedding (one tensor under two names).
 std::string WeightKey(const std::string& stored, const ModelConfig& config);

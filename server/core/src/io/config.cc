@@ -25,6 +25,7 @@ using config_fields::Json;
 using config_fields::kMaxDimension;
 using config_fields::kMaxLayers;
 using config_fields::ParseBamba;
+using config_fields::ParseFalconH1;
 using config_fields::ParseGranite;
 using config_fields::ParseJamba;
 using config_fields::ParseMambaSsm;
@@ -69,6 +70,7 @@ absl::StatusOr<ModelConfig> ParseHf(const Json& root, const std::string& source)
   if (model_type == "bamba") return ParseBamba(root, source);
   if (model_type == "granitemoehybrid") return ParseGranite(root, source);
   if (model_type == "jamba") return ParseJamba(root, source);
+  if (model_type == "falcon_h1") return ParseFalconH1(root, source);
   ModelConfig c;
   c.layout = Layout::kHf;
   c.architecture = model_type;
@@ -176,6 +178,7 @@ std::map<std::string, std::vector<int64_t>> ExpectedShapes(const ModelConfig& c)
     shapes[LayerTensorName(i, "norm.weight")] = {dm};
     if (c.layer_norm) shapes[LayerTensorName(i, "norm.bias")] = {dm};
     blocks::ShapesAt(c, i).tensors(c, i, shapes);
+    if (c.parallel_attention) blocks::kAttentionShapes.tensors(c, i, shapes);
     if (blocks::HasMlp(c)) blocks::AddMlpTensors(c, i, shapes);
   }
   return shapes;
@@ -187,6 +190,7 @@ std::map<std::string, int64_t> ConfigDims(const ModelConfig& c) {
                                       {"d_state", c.d_state},   {"d_conv", c.d_conv},
                                       {"tied", c.tied ? 1 : 0}};
   for (const MixerType type : blocks::MixerTypes(c)) blocks::ShapesOf(type).dims(c, dims);
+  if (c.parallel_attention) blocks::kAttentionShapes.dims(c, dims);
   if (blocks::HasMlp(c)) dims["d_intermediate"] = c.d_intermediate;
   return dims;
 }

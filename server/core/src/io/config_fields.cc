@@ -11,7 +11,7 @@ constexpr char kSupported[] =
     "without a gated MLP (d_intermediate) and causal attention layers (attn_layer_idx); "
     "NemotronHForCausalLM ('nemotron_h'), "
     "BambaForCausalLM ('bamba'), GraniteMoeHybridForCausalLM ('granitemoehybrid'), "
-    "JambaForCausalLM ('jamba')";
+    "JambaForCausalLM ('jamba'), FalconH1ForCausalLM ('falcon_h1')";
 
 }  // namespace
 

@@ -145,6 +145,7 @@ absl::StatusOr<ModelConfig> ParseNemotronH(const Json& root, const std::string& 
 absl::StatusOr<ModelConfig> ParseBamba(const Json& root, const std::string& source);
 absl::StatusOr<ModelConfig> ParseGranite(const Json& root, const std::string& source);
 absl::StatusOr<ModelConfig> ParseJamba(const Json& root, const std::string& source);
+absl::StatusOr<ModelConfig> ParseFalconH1(const Json& root, const std::string& source);
 
 }  // namespace icd::config_fields
 

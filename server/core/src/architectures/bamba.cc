@@ -12,18 +12,9 @@ namespace icd::config_fields {
 // (io/checkpoint.cc maps them to icd's canonical ones).
 absl::StatusOr<ModelConfig> ParseBamba(const Json& root, const std::string& source) {
   Fields f(root, source);
-  ModelConfig c;
-  c.layout = Layout::kHf;
-  c.architecture = "bamba";
-  c.family = Family::kMamba2;
-  ICD_ASSIGN_OR_RETURN(c.d_model, f.PositiveInt("hidden_size", 4096));
+  ICD_ASSIGN_OR_RETURN(ModelConfig c,
+                       HfHybridBase(f, source, "bamba", Family::kMamba2, 128000, 1e-5));
   ICD_ASSIGN_OR_RETURN(c.n_layer, f.PositiveInt("num_hidden_layers", 32));
-  ICD_ASSIGN_OR_RETURN(c.vocab_size, f.PositiveInt("vocab_size", 128000));
-  c.vocab_unpadded = c.vocab_size;
-  ICD_ASSIGN_OR_RETURN(c.tied, f.Bool("tie_word_embeddings", false));
-  ICD_ASSIGN_OR_RETURN(c.norm_eps, f.Number("rms_norm_eps", 1e-5));
-  ICD_ASSIGN_OR_RETURN(std::string act, f.String("hidden_act", "silu"));
-  if (act != "silu") return Unsupported(source, absl::StrCat("hidden_act '", act, "'"));
   if (c.n_layer > kMaxLayers) return f.Error("num_hidden_layers", "is too large");
   if (f.Has("attn_layer_indices")) {
     const Json& layers = root.at("attn_layer_indices");
@@ -46,22 +37,7 @@ absl::StatusOr<ModelConfig> ParseBamba(const Json& root, const std::string& sour
   c.grouped_gated_norm = false;  // MambaRMSNormGated over all of d_inner
 
   AttentionConfig& a = c.attention;
-  a.separate_projections = true;
-  ICD_ASSIGN_OR_RETURN(a.heads, f.PositiveInt("num_attention_heads", 32));
-  ICD_ASSIGN_OR_RETURN(a.kv_heads, f.PositiveInt("num_key_value_heads", 8));
-  if (a.heads > kMaxDimension || a.heads % a.kv_heads != 0 ||
-      (!f.Has("head_dim") && c.d_model % a.heads != 0)) {
-    return f.Error("num_key_value_heads",
-                   absl::StrCat(a.kv_heads, " must divide num_attention_heads ", a.heads,
-                                ", which must divide hidden_size ", c.d_model,
-                                " when head_dim is not given"));
-  }
-  ICD_ASSIGN_OR_RETURN(a.head_dim, f.PositiveInt("head_dim", c.d_model / a.heads));
-  if (a.head_dim > kMaxDimension || a.qkv_rows() > kMaxDimension) {
-    return f.Error("head_dim", "x the heads is too large");
-  }
-  ICD_ASSIGN_OR_RETURN(a.qkv_bias, f.Bool("attention_bias", false));
-  a.out_bias = a.qkv_bias;
+  ICD_RETURN_IF_ERROR(ParseSeparateAttention(f, c.d_model, 8, std::nullopt, a));
   // Bamba's config fixes partial_rotary_factor at 0.5.
   ICD_RETURN_IF_ERROR(ParseRope(root, f, source, 0.5, a));
 

@@ -15,17 +15,8 @@ namespace icd::config_fields {
 // residual_multiplier and logits_scaling scale the stream.
 absl::StatusOr<ModelConfig> ParseGranite(const Json& root, const std::string& source) {
   Fields f(root, source);
-  ModelConfig c;
-  c.layout = Layout::kHf;
-  c.architecture = "granitemoehybrid";
-  c.family = Family::kMamba2;
-  ICD_ASSIGN_OR_RETURN(c.d_model, f.PositiveInt("hidden_size", 4096));
-  ICD_ASSIGN_OR_RETURN(c.vocab_size, f.PositiveInt("vocab_size", 32000));
-  c.vocab_unpadded = c.vocab_size;
-  ICD_ASSIGN_OR_RETURN(c.tied, f.Bool("tie_word_embeddings", false));
-  ICD_ASSIGN_OR_RETURN(c.norm_eps, f.Number("rms_norm_eps", 1e-6));
-  ICD_ASSIGN_OR_RETURN(std::string act, f.String("hidden_act", "silu"));
-  if (act != "silu") return Unsupported(source, absl::StrCat("hidden_act '", act, "'"));
+  ICD_ASSIGN_OR_RETURN(ModelConfig c, HfHybridBase(f, source, "granitemoehybrid",
+                                                   Family::kMamba2, 32000, 1e-6));
   const char* types_key = FirstPresent(f, {"layer_types", "layers_block_type"});
   if (f.Has(types_key)) {
     const Json& types = root.at(types_key);
@@ -44,22 +35,8 @@ absl::StatusOr<ModelConfig> ParseGranite(const Json& root, const std::string& so
   c.grouped_gated_norm = true;
 
   AttentionConfig& a = c.attention;
-  a.separate_projections = true;
-  ICD_ASSIGN_OR_RETURN(a.heads, f.PositiveInt("num_attention_heads", 32));
-  ICD_ASSIGN_OR_RETURN(a.kv_heads, f.PositiveInt("num_key_value_heads", a.heads));
-  if (a.heads > kMaxDimension || a.heads % a.kv_heads != 0 ||
-      (!f.Has("head_dim") && c.d_model % a.heads != 0)) {
-    return f.Error("num_key_value_heads",
-                   absl::StrCat(a.kv_heads, " must divide num_attention_heads ", a.heads,
-                                ", which must divide hidden_size ", c.d_model,
-                                " when head_dim is not given"));
-  }
-  ICD_ASSIGN_OR_RETURN(a.head_dim, f.PositiveInt("head_dim", c.d_model / a.heads));
-  if (a.head_dim > kMaxDimension || a.qkv_rows() > kMaxDimension) {
-    return f.Error("head_dim", "x the heads is too large");
-  }
-  ICD_ASSIGN_OR_RETURN(a.qkv_bias, f.Bool("attention_bias", false));
-  a.out_bias = a.qkv_bias;
+  ICD_ASSIGN_OR_RETURN(const int64_t default_kv_heads, f.PositiveInt("num_attention_heads", 32));
+  ICD_RETURN_IF_ERROR(ParseSeparateAttention(f, c.d_model, default_kv_heads, std::nullopt, a));
   ICD_ASSIGN_OR_RETURN(std::string positions, f.String("position_embedding_type", ""));
   if (positions == "rope") {
     ICD_RETURN_IF_ERROR(ParseRope(root, f, source, 1.0, a));

@@ -13,19 +13,10 @@ namespace icd::config_fields {
 // expert_layer_period == expert_layer_offset.
 absl::StatusOr<ModelConfig> ParseJamba(const Json& root, const std::string& source) {
   Fields f(root, source);
-  ModelConfig c;
-  c.layout = Layout::kHf;
-  c.architecture = "jamba";
-  c.family = Family::kMamba1;
-  ICD_ASSIGN_OR_RETURN(c.d_model, f.PositiveInt("hidden_size", 4096));
+  ICD_ASSIGN_OR_RETURN(ModelConfig c,
+                       HfHybridBase(f, source, "jamba", Family::kMamba1, 65536, 1e-6));
   ICD_ASSIGN_OR_RETURN(c.n_layer, f.PositiveInt("num_hidden_layers", 32));
   if (c.n_layer > kMaxLayers) return f.Error("num_hidden_layers", "is too large");
-  ICD_ASSIGN_OR_RETURN(c.vocab_size, f.PositiveInt("vocab_size", 65536));
-  c.vocab_unpadded = c.vocab_size;
-  ICD_ASSIGN_OR_RETURN(c.tied, f.Bool("tie_word_embeddings", false));
-  ICD_ASSIGN_OR_RETURN(c.norm_eps, f.Number("rms_norm_eps", 1e-6));
-  ICD_ASSIGN_OR_RETURN(std::string act, f.String("hidden_act", "silu"));
-  if (act != "silu") return Unsupported(source, absl::StrCat("hidden_act '", act, "'"));
   ICD_ASSIGN_OR_RETURN(int64_t attn_period, f.PositiveInt("attn_layer_period", 8));
   ICD_ASSIGN_OR_RETURN(int64_t attn_offset, f.Int("attn_layer_offset", 4));
   ICD_ASSIGN_OR_RETURN(int64_t expert_period, f.PositiveInt("expert_layer_period", 2));
@@ -47,17 +38,9 @@ absl::StatusOr<ModelConfig> ParseJamba(const Json& root, const std::string& sour
   ICD_ASSIGN_OR_RETURN(c.proj_bias, f.Bool("mamba_proj_bias", false));
   c.mixer_norm_weights = true;
 
+  // Jamba's attention: head_dim is hidden / heads, no bias (LlamaAttention's).
   AttentionConfig& a = c.attention;
-  a.separate_projections = true;
-  a.qkv_bias = a.out_bias = false;
-  ICD_ASSIGN_OR_RETURN(a.heads, f.PositiveInt("num_attention_heads", 32));
-  ICD_ASSIGN_OR_RETURN(a.kv_heads, f.PositiveInt("num_key_value_heads", 8));
-  if (a.heads > kMaxDimension || a.heads % a.kv_heads != 0 || c.d_model % a.heads != 0) {
-    return f.Error("num_key_value_heads",
-                   absl::StrCat(a.kv_heads, " must divide num_attention_heads ", a.heads,
-                                ", which must divide hidden_size ", c.d_model));
-  }
-  a.head_dim = c.d_model / a.heads;
+  ICD_RETURN_IF_ERROR(ParseSeparateAttention(f, c.d_model, 8, std::nullopt, a));
 
   ICD_ASSIGN_OR_RETURN(c.d_intermediate, f.PositiveInt("intermediate_size", 14336));
   if (c.d_intermediate > kMaxDimension) return f.Error("intermediate_size", "is too large");

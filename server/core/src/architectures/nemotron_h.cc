@@ -77,35 +77,17 @@ absl::StatusOr<ModelConfig> ParseNemotronH(const Json& root, const std::string& 
   ICD_ASSIGN_OR_RETURN(c.proj_bias, f.Bool("use_bias", false));
   ICD_ASSIGN_OR_RETURN(c.chunk_size,
                        f.PositiveInt(FirstPresent(f, {"chunk_size", "mamba_chunk_size"}), 128));
-  const char* limit_key = FirstPresent(f, {"time_step_limit", "mamba_dt_limit"});
-  if (f.Has(limit_key)) {
-    const Json& limit = root.at(limit_key);
-    if (!limit.is_array() || limit.size() != 2) return f.Error(limit_key, "must be [min, max]");
-    ICD_ASSIGN_OR_RETURN(c.dt_min, f.ParseNumber(limit_key, limit[0]));
-    ICD_ASSIGN_OR_RETURN(c.dt_max, f.ParseNumber(limit_key, limit[1]));
-  }
+  ICD_RETURN_IF_ERROR(ParseTimeStepLimit(
+      root, f, FirstPresent(f, {"time_step_limit", "mamba_dt_limit"}), c));
   c.gated_norm = true;
   c.grouped_gated_norm = true;  // Zamba2RMSNormGated, groups of d_inner / n_groups
   c.norm_before_gate = false;
   ICD_RETURN_IF_ERROR(CheckMamba2Shapes(c, source));
 
-  AttentionConfig& a = c.attention;
-  a.separate_projections = true;
   // transformers' NemotronHAttention has no bias whatever attention_bias
   // says; NVIDIA's own code reads it: the files say which (a bias present
   // where the config says none is an unexpected tensor, named).
-  ICD_ASSIGN_OR_RETURN(a.qkv_bias, f.Bool("attention_bias", false));
-  a.out_bias = a.qkv_bias;
-  ICD_ASSIGN_OR_RETURN(a.heads, f.PositiveInt("num_attention_heads", 32));
-  ICD_ASSIGN_OR_RETURN(a.kv_heads, f.PositiveInt("num_key_value_heads", 8));
-  ICD_ASSIGN_OR_RETURN(a.head_dim, f.PositiveInt("head_dim", 128));
-  if (a.heads > kMaxDimension || a.head_dim > kMaxDimension || a.heads % a.kv_heads != 0 ||
-      a.qkv_rows() > kMaxDimension) {
-    return f.Error("num_key_value_heads",
-                   absl::StrCat(a.kv_heads, " must divide num_attention_heads ", a.heads,
-                                ", and heads x head_dim ", a.head_dim, " stay below ",
-                                kMaxDimension));
-  }
+  ICD_RETURN_IF_ERROR(ParseSeparateAttention(f, c.d_model, 8, int64_t{128}, c.attention));
   ICD_ASSIGN_OR_RETURN(c.mlp.hidden, f.PositiveInt("intermediate_size", 21504));
   if (c.mlp.hidden > kMaxDimension) return f.Error("intermediate_size", "is too large");
   ICD_ASSIGN_OR_RETURN(std::string mlp_act, f.String("mlp_hidden_act", "relu2"));

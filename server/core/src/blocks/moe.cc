@@ -9,10 +9,38 @@
 // channels, one permutation for all of them (each expert's MLP argument,
 // with the same σ in every expert; a σ per expert needs members per expert,
 // not yet).
+#include <functional>
+
 #include "absl/strings/str_cat.h"
 #include "blocks/mixer.h"
 
 namespace icd::blocks {
+namespace {
+
+// Σ over the experts of each position's gate times the expert's output:
+// positions [T, D]; top_experts [T, k] the experts each position visits,
+// gates [T, k] their weights (compute dtype); expert_output(e, x) gives
+// expert e's output for the rows x [n, D] routed to it, and sees them first
+// (capture). Experts no position visits are skipped.
+torch::Tensor RouteToExperts(
+    const torch::Tensor& positions, const torch::Tensor& top_experts, const torch::Tensor& gates,
+    int64_t experts,
+    const std::function<torch::Tensor(int64_t, const torch::Tensor&)>& expert_output) {
+  torch::Tensor out = torch::zeros_like(positions);
+  for (int64_t expert = 0; expert < experts; ++expert) {
+    const torch::Tensor chosen = top_experts == expert;  // [T, k]
+    const torch::Tensor rows = chosen.any(-1).nonzero().squeeze(-1);
+    if (rows.numel() == 0) continue;
+    const torch::Tensor gate_of_row =
+        (gates * chosen.to(gates.scalar_type())).sum(-1).index_select(0, rows);
+    out.index_add_(0, rows,
+                   expert_output(expert, positions.index_select(0, rows)) *
+                       gate_of_row.unsqueeze(-1));
+  }
+  return out;
+}
+
+}  // namespace
 
 void ExpertGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
   const int64_t experts = c.moe.experts, hidden = c.moe.hidden;
@@ -55,21 +83,14 @@ torch::Tensor MixtureOfExperts(const ModelConfig& c, const Weights& weights, int
   const torch::Tensor gates = torch::softmax(top_logits, -1).to(compute);
   const torch::Tensor fc1 = weight("moe.fc1.weight");  // [E, 2I, D]
   const torch::Tensor fc2 = weight("moe.fc2.weight");  // [E, D, I]
-  torch::Tensor out = torch::zeros_like(positions);
-  for (int64_t expert = 0; expert < c.moe.experts; ++expert) {
-    const torch::Tensor chosen = top_experts == expert;  // [T, k]
-    const torch::Tensor rows = chosen.any(-1).nonzero().squeeze(-1);
-    if (rows.numel() == 0) continue;
-    const torch::Tensor gate_of_row = (gates * chosen.to(compute)).sum(-1).index_select(0, rows);
-    const torch::Tensor projected =
-        forward_internal::Linear(positions.index_select(0, rows), fc1.select(0, expert));
-    const torch::Tensor activations =
-        torch::silu(projected.narrow(-1, 0, hidden)) * projected.narrow(-1, hidden, hidden);
-    capture.Add(absl::StrCat("layers.", i, ".expert_hidden"), activations);
-    out.index_add_(0, rows,
-                   forward_internal::Linear(activations, fc2.select(0, expert)) *
-                       gate_of_row.unsqueeze(-1));
-  }
+  const torch::Tensor out = RouteToExperts(
+      positions, top_experts, gates, c.moe.experts, [&](int64_t expert, const torch::Tensor& x) {
+        const torch::Tensor projected = forward_internal::Linear(x, fc1.select(0, expert));
+        const torch::Tensor activations =
+            torch::silu(projected.narrow(-1, 0, hidden)) * projected.narrow(-1, hidden, hidden);
+        capture.Add(absl::StrCat("layers.", i, ".expert_hidden"), activations);
+        return forward_internal::Linear(activations, fc2.select(0, expert));
+      });
   return out.reshape(normed.sizes());
 }
 
@@ -117,24 +138,17 @@ torch::Tensor PerExpertMixture(const ModelConfig& c, const Weights& weights, int
       torch::softmax(forward_internal::Linear(positions, router).to(wide), -1);  // [T, E]
   const auto [top_probabilities, top_experts] = probabilities.topk(c.moe.top_k, -1);
   const torch::Tensor gates = top_probabilities.to(compute);
-  torch::Tensor out = torch::zeros_like(positions);
-  for (int64_t expert = 0; expert < c.moe.experts; ++expert) {
-    const torch::Tensor chosen = top_experts == expert;  // [T, k]
-    const torch::Tensor rows = chosen.any(-1).nonzero().squeeze(-1);
-    if (rows.numel() == 0) continue;
-    auto weight = [&](const char* module) {
-      return forward_internal::TensorAs(weights, ExpertTensor(i, expert, module), compute);
-    };
-    const torch::Tensor x = positions.index_select(0, rows);
-    const torch::Tensor activations =
-        torch::silu(forward_internal::Linear(x, weight("gate_proj"))) *
-        forward_internal::Linear(x, weight("up_proj"));
-    capture.Add(absl::StrCat("layers.", i, ".expert_hidden.", expert), activations);
-    const torch::Tensor gate_of_row = (gates * chosen.to(compute)).sum(-1).index_select(0, rows);
-    out.index_add_(0, rows,
-                   forward_internal::Linear(activations, weight("down_proj")) *
-                       gate_of_row.unsqueeze(-1));
-  }
+  const torch::Tensor out = RouteToExperts(
+      positions, top_experts, gates, c.moe.experts, [&](int64_t expert, const torch::Tensor& x) {
+        auto weight = [&](const char* module) {
+          return forward_internal::TensorAs(weights, ExpertTensor(i, expert, module), compute);
+        };
+        const torch::Tensor activations =
+            torch::silu(forward_internal::Linear(x, weight("gate_proj"))) *
+            forward_internal::Linear(x, weight("up_proj"));
+        capture.Add(absl::StrCat("layers.", i, ".expert_hidden.", expert), activations);
+        return forward_internal::Linear(activations, weight("down_proj"));
+      });
   return out.reshape(normed.sizes());
 }
 
@@ -202,19 +216,14 @@ torch::Tensor ExpertsMixer(const ModelConfig& c, const Weights& weights, int64_t
   torch::Tensor top_weights = scores.gather(-1, top_experts);
   if (c.moe.normalize) top_weights = top_weights / (top_weights.sum(-1, true) + 1e-20);
   const torch::Tensor gates = (top_weights * c.moe.scaling).to(compute);
-  torch::Tensor out = torch::zeros_like(positions);
-  for (int64_t expert = 0; expert < c.moe.experts; ++expert) {
-    const torch::Tensor chosen = top_experts == expert;
-    const torch::Tensor rows = chosen.any(-1).nonzero().squeeze(-1);
-    if (rows.numel() == 0) continue;
-    const torch::Tensor activations = SquaredRelu(forward_internal::Linear(
-        positions.index_select(0, rows), weight(NemotronExpert(i, expert, "up_proj"))));
-    capture.Add(absl::StrCat("layers.", i, ".expert_hidden.", expert), activations);
-    const torch::Tensor gate_of_row = (gates * chosen.to(compute)).sum(-1).index_select(0, rows);
-    out.index_add_(0, rows,
-                   forward_internal::Linear(activations, weight(NemotronExpert(i, expert, "down_proj"))) *
-                       gate_of_row.unsqueeze(-1));
-  }
+  torch::Tensor out = RouteToExperts(
+      positions, top_experts, gates, c.moe.experts, [&](int64_t expert, const torch::Tensor& x) {
+        const torch::Tensor activations =
+            SquaredRelu(forward_internal::Linear(x, weight(NemotronExpert(i, expert, "up_proj"))));
+        capture.Add(absl::StrCat("layers.", i, ".expert_hidden.", expert), activations);
+        return forward_internal::Linear(activations,
+                                        weight(NemotronExpert(i, expert, "down_proj")));
+      });
   if (c.moe.shared_hidden > 0) {
     const torch::Tensor shared = SquaredRelu(forward_internal::Linear(
         positions, weight(LayerTensorName(i, "mixer.shared_experts.up_proj.weight"))));

@@ -103,14 +103,7 @@ absl::StatusOr<ModelConfig> ParseHf(const Json& root, const std::string& source)
     c.d_inner = inner_default;
     ICD_ASSIGN_OR_RETURN(c.nheads, f.PositiveInt("num_heads", c.d_inner / c.headdim));
     ICD_ASSIGN_OR_RETURN(c.chunk_size, f.PositiveInt("chunk_size", 256));
-    if (f.Has("time_step_limit")) {
-      const Json& limit = root.at("time_step_limit");
-      if (!limit.is_array() || limit.size() != 2) {
-        return f.Error("time_step_limit", "must be [min, max]");
-      }
-      ICD_ASSIGN_OR_RETURN(c.dt_min, f.ParseNumber("time_step_limit", limit[0]));
-      ICD_ASSIGN_OR_RETURN(c.dt_max, f.ParseNumber("time_step_limit", limit[1]));
-    }
+    ICD_RETURN_IF_ERROR(config_fields::ParseTimeStepLimit(root, f, "time_step_limit", c));
     // HF's Mamba2 gates before the norm and normalises over the whole inner
     // width in its PyTorch path, whatever rms_norm says (mamba_symmetries §2.5).
     c.gated_norm = true;

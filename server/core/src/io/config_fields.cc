@@ -87,9 +87,14 @@ absl::Status ParseRope(const Json& root, const Fields& f, const std::string& sou
 }
 
 absl::Status ParseMambaFields(const Json& root, const Fields& f, const std::string& source,
-                              int64_t default_state, ModelConfig& c) {
-  ICD_ASSIGN_OR_RETURN(double expand, f.Number("mamba_expand", 2));
-  ICD_ASSIGN_OR_RETURN(c.d_inner, InnerWidth(expand, c.d_model, source, "mamba_expand"));
+                              int64_t default_state, ModelConfig& c, bool read_d_ssm) {
+  if (read_d_ssm && f.Has("mamba_d_ssm")) {
+    ICD_ASSIGN_OR_RETURN(c.d_inner, f.PositiveInt("mamba_d_ssm", std::nullopt));
+    if (c.d_inner > kMaxDimension) return f.Error("mamba_d_ssm", "is too large");
+  } else {
+    ICD_ASSIGN_OR_RETURN(double expand, f.Number("mamba_expand", 2));
+    ICD_ASSIGN_OR_RETURN(c.d_inner, InnerWidth(expand, c.d_model, source, "mamba_expand"));
+  }
   ICD_ASSIGN_OR_RETURN(c.nheads, f.PositiveInt("mamba_n_heads", 128));
   if (f.Has("mamba_d_head") && !(root.at("mamba_d_head").is_string() &&
                                  root.at("mamba_d_head").get<std::string>() == "auto")) {
@@ -107,17 +112,60 @@ absl::Status ParseMambaFields(const Json& root, const Fields& f, const std::stri
   ICD_ASSIGN_OR_RETURN(c.chunk_size, f.PositiveInt("mamba_chunk_size", 256));
   ICD_ASSIGN_OR_RETURN(c.conv_bias, f.Bool("mamba_conv_bias", true));
   ICD_ASSIGN_OR_RETURN(c.proj_bias, f.Bool("mamba_proj_bias", false));
-  if (f.Has("time_step_limit")) {
-    const Json& limit = root.at("time_step_limit");
-    if (!limit.is_array() || limit.size() != 2) {
-      return f.Error("time_step_limit", "must be [min, max]");
-    }
-    ICD_ASSIGN_OR_RETURN(c.dt_min, f.ParseNumber("time_step_limit", limit[0]));
-    ICD_ASSIGN_OR_RETURN(c.dt_max, f.ParseNumber("time_step_limit", limit[1]));
-  }
+  ICD_RETURN_IF_ERROR(ParseTimeStepLimit(root, f, "time_step_limit", c));
   c.gated_norm = true;
   c.norm_before_gate = false;
   return CheckMamba2Shapes(c, source);
+}
+
+absl::Status ParseTimeStepLimit(const Json& root, const Fields& f, const char* key,
+                                ModelConfig& c) {
+  if (!f.Has(key)) return absl::OkStatus();
+  const Json& limit = root.at(key);
+  if (!limit.is_array() || limit.size() != 2) return f.Error(key, "must be [min, max]");
+  ICD_ASSIGN_OR_RETURN(c.dt_min, f.ParseNumber(key, limit[0]));
+  ICD_ASSIGN_OR_RETURN(c.dt_max, f.ParseNumber(key, limit[1]));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ModelConfig> HfHybridBase(const Fields& f, const std::string& source,
+                                         const char* architecture, Family family,
+                                         int64_t default_vocab, double default_eps) {
+  ModelConfig c;
+  c.layout = Layout::kHf;
+  c.architecture = architecture;
+  c.family = family;
+  ICD_ASSIGN_OR_RETURN(c.d_model, f.PositiveInt("hidden_size", 4096));
+  ICD_ASSIGN_OR_RETURN(c.vocab_size, f.PositiveInt("vocab_size", default_vocab));
+  c.vocab_unpadded = c.vocab_size;
+  ICD_ASSIGN_OR_RETURN(c.tied, f.Bool("tie_word_embeddings", false));
+  ICD_ASSIGN_OR_RETURN(c.norm_eps, f.Number("rms_norm_eps", default_eps));
+  ICD_ASSIGN_OR_RETURN(std::string act, f.String("hidden_act", "silu"));
+  if (act != "silu") return Unsupported(source, absl::StrCat("hidden_act '", act, "'"));
+  return c;
+}
+
+absl::Status ParseSeparateAttention(const Fields& f, int64_t d_model, int64_t default_kv_heads,
+                                    std::optional<int64_t> default_head_dim, AttentionConfig& a) {
+  a.separate_projections = true;
+  ICD_ASSIGN_OR_RETURN(a.heads, f.PositiveInt("num_attention_heads", 32));
+  ICD_ASSIGN_OR_RETURN(a.kv_heads, f.PositiveInt("num_key_value_heads", default_kv_heads));
+  const bool derived = !default_head_dim.has_value() && !f.Has("head_dim");
+  if (a.heads > kMaxDimension || a.heads % a.kv_heads != 0 ||
+      (derived && d_model % a.heads != 0)) {
+    return f.Error("num_key_value_heads",
+                   absl::StrCat(a.kv_heads, " must divide num_attention_heads ", a.heads,
+                                ", which must divide hidden_size ", d_model,
+                                " when head_dim is not given"));
+  }
+  ICD_ASSIGN_OR_RETURN(a.head_dim,
+                       f.PositiveInt("head_dim", default_head_dim.value_or(d_model / a.heads)));
+  if (a.head_dim > kMaxDimension || a.qkv_rows() > kMaxDimension) {
+    return f.Error("head_dim", "x the heads is too large");
+  }
+  ICD_ASSIGN_OR_RETURN(a.qkv_bias, f.Bool("attention_bias", false));
+  a.out_bias = a.qkv_bias;
+  return absl::OkStatus();
 }
 
 }  // namespace icd::config_fields

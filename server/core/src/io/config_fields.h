@@ -134,9 +134,23 @@ const char* FirstPresent(const Fields& f, std::initializer_list<const char*> key
 // rotary_dim (head_dim x partial_rotary_factor, even; a.head_dim set first).
 absl::Status ParseRope(const Json& root, const Fields& f, const std::string& source,
                        double default_factor, AttentionConfig& a);
-// The Mamba-2 fields Bamba and Granite 4.0 share (mamba_*), into `c`.
+// The Mamba-2 fields Bamba, Granite 4.0 and Falcon-H1 share (mamba_*), into
+// `c`; with read_d_ssm, d_inner is mamba_d_ssm where given (Falcon-H1).
 absl::Status ParseMambaFields(const Json& root, const Fields& f, const std::string& source,
-                              int64_t default_state, ModelConfig& c);
+                              int64_t default_state, ModelConfig& c, bool read_d_ssm = false);
+// A [min, max] time-step limit at `key` (absent: none) into c.dt_min, dt_max.
+absl::Status ParseTimeStepLimit(const Json& root, const Fields& f, const char* key,
+                                ModelConfig& c);
+// The fields every transformers hybrid shares: hidden_size, vocab_size,
+// tie_word_embeddings (false), rms_norm_eps, hidden_act (silu only).
+absl::StatusOr<ModelConfig> HfHybridBase(const Fields& f, const std::string& source,
+                                         const char* architecture, Family family,
+                                         int64_t default_vocab, double default_eps);
+// Attention with q/k/v/o of their own: num_attention_heads,
+// num_key_value_heads, head_dim (default: hidden / heads, which must then
+// divide; or `default_head_dim`), attention_bias; every size bounded.
+absl::Status ParseSeparateAttention(const Fields& f, int64_t d_model, int64_t default_kv_heads,
+                                    std::optional<int64_t> default_head_dim, AttentionConfig& a);
 
 // One parser per architecture (architectures/*.cc): config.json's object ->
 // the config, or InvalidArgument naming the file and the field.

@@ -82,19 +82,25 @@ TEST(NemotronHConfigTest, RefusesWhatItCannotComputeAndSaysWhy) {
   refused(R"("layers_block_type": ["mamba", "conv"])", "unknown layer kind conv");
 }
 
+// Layer 0's mixer of `config` on random normed inputs [2, 5, d_model], in
+// float64: {the inputs, its output}.
+std::pair<torch::Tensor, torch::Tensor> MixerOnRandomInputs(const ModelConfig& config,
+                                                            const Weights& weights) {
+  torch::manual_seed(3);
+  const torch::Tensor normed = torch::randn({2, 5, config.d_model}, torch::kFloat64);
+  forward_internal::Precision precision;
+  precision.compute = precision.accumulate = torch::kFloat64;
+  return {normed, blocks::MixerAt(config, 0).forward(config, weights, 0, precision, normed,
+                                                     forward_internal::Capture(nullptr), nullptr,
+                                                     CallContext{})};
+}
+
 // The MLP layer computes down(relu(up(x))^2), with its biases.
 TEST(MlpMixerTest, ComputesDownOfSquaredRelu) {
   auto config = ParseConfig(Config(R"("hybrid_override_pattern": "-", "mlp_bias": true)"), "n");
   ASSERT_TRUE(config.ok()) << config.status();
   const Weights weights = testing::RandomWeights(*config, 7, torch::kFloat64);
-  torch::manual_seed(3);
-  const torch::Tensor normed = torch::randn({2, 5, 16}, torch::kFloat64);
-  forward_internal::Precision precision;
-  precision.compute = precision.accumulate = torch::kFloat64;
-  const torch::Tensor out =
-      blocks::MixerAt(*config, 0)
-          .forward(*config, weights, 0, precision, normed, forward_internal::Capture(nullptr),
-                   nullptr, CallContext{});
+  const auto [normed, out] = MixerOnRandomInputs(*config, weights);
   auto w = [&weights](const char* name) {
     return weights.at(std::string("backbone.layers.0.mixer.") + name);
   };
@@ -114,14 +120,7 @@ TEST(NemotronHExpertsTest, MatchTheDenseSumAndTheSharedExpert) {
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->mixers, (std::vector<MixerType>{MixerType::kExperts}));
   const Weights weights = testing::RandomWeights(*config, 71, torch::kFloat64);
-  torch::manual_seed(4);
-  const torch::Tensor normed = torch::randn({2, 5, 16}, torch::kFloat64);
-  forward_internal::Precision precision;
-  precision.compute = precision.accumulate = torch::kFloat64;
-  const torch::Tensor out =
-      blocks::MixerAt(*config, 0)
-          .forward(*config, weights, 0, precision, normed, forward_internal::Capture(nullptr),
-                   nullptr, CallContext{});
+  const auto [normed, out] = MixerOnRandomInputs(*config, weights);
   auto w = [&weights](const std::string& name) { return weights.at("backbone.layers.0.mixer." + name); };
   const torch::Tensor x = normed.reshape({-1, 16});
   const torch::Tensor scores = torch::sigmoid(x.matmul(w("gate.weight").t()));

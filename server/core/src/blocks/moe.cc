@@ -94,13 +94,14 @@ torch::Tensor MixtureOfExperts(const ModelConfig& c, const Weights& weights, int
   return out.reshape(normed.sizes());
 }
 
-}  // namespace icd::blocks
-
-namespace icd::blocks {
 namespace {
 
-std::string ExpertTensor(int64_t layer, int64_t expert, const char* module) {
-  return LayerTensorName(layer, absl::StrCat("mlp.experts.", expert, ".", module, ".weight"));
+// Expert `expert`'s tensor `module` of a layer whose experts live under
+// `parent` ("mlp": Jamba's feed-forward; "mixer": Nemotron-H's layer).
+std::string ExpertTensor(int64_t layer, int64_t expert, const char* module,
+                         const char* parent = "mlp") {
+  return LayerTensorName(layer,
+                         absl::StrCat(parent, ".experts.", expert, ".", module, ".weight"));
 }
 
 }  // namespace
@@ -152,16 +153,13 @@ torch::Tensor PerExpertMixture(const ModelConfig& c, const Weights& weights, int
   return out.reshape(normed.sizes());
 }
 
-}  // namespace icd::blocks
-
-namespace icd::blocks {
 namespace {
 
 // Nemotron-H's experts as a layer's mixer: a hidden-channel group per expert
 // and one for the shared expert; the experts' order (the gate's rows, its
 // bias, whole expert tensors) is not a group yet, as for Jamba.
 std::string NemotronExpert(int64_t layer, int64_t expert, const char* module) {
-  return LayerTensorName(layer, absl::StrCat("mixer.experts.", expert, ".", module, ".weight"));
+  return ExpertTensor(layer, expert, module, "mixer");
 }
 
 void ExpertsMixerGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {

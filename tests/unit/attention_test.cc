@@ -235,6 +235,37 @@ TEST(AttentionForwardTest, DecodingThroughTheCacheIsOneForward) {
     EXPECT_EQ(state.layers[1].attention_keys.sizes().vec(),
               (std::vector<int64_t>{2, 2, 10, 6}));
     EXPECT_FALSE(state.layers[0].attention_keys.defined());
+    // The steps appended in place: the cache still views the storage its
+    // prefill allocated, which has room beyond the 10 positions.
+    EXPECT_EQ(state.layers[1].attention_keys.data_ptr(),
+              state.layers[1].attention_key_storage.data_ptr());
+    EXPECT_GT(state.layers[1].attention_key_storage.size(2), 10);
+  }
+  {
+    // A state cloned (as a decode session copies one) and continued beside
+    // the original: each continues its own sequence, neither writes into the
+    // other's cache.
+    RecurrentState original;
+    ASSERT_TRUE(Forward(config, weights, ids.narrow(1, 0, 6), {}, nullptr, &original).ok());
+    RecurrentState fork = original;
+    for (LayerState& layer : fork.layers) {
+      if (!layer.attention_keys.defined()) continue;
+      layer.attention_keys = layer.attention_keys.clone();
+      layer.attention_values = layer.attention_values.clone();
+    }
+    // Interleaved, two steps each: a shared storage would hand each the
+    // other's position 6 at step 7.
+    const torch::Tensor other_ids =
+        torch::cat({ids.narrow(1, 0, 6), (ids.narrow(1, 6, 2) + 1).remainder(config.vocab_size)},
+                   1);
+    const torch::Tensor other_whole = Logits(config, weights, other_ids);
+    for (const int64_t position : {int64_t{6}, int64_t{7}}) {
+      auto forked = Forward(config, weights, other_ids.narrow(1, position, 1), {}, nullptr, &fork);
+      auto continued = Forward(config, weights, ids.narrow(1, position, 1), {}, nullptr, &original);
+      ASSERT_TRUE(forked.ok() && continued.ok());
+      EXPECT_LE(RelL2(*continued, whole.narrow(1, position, 1)), 1e-10) << position;
+      EXPECT_LE(RelL2(*forked, other_whole.narrow(1, position, 1)), 1e-10) << position;
+    }
   }
   // A state of another shape is refused, naming the layer and the tensor.
   RecurrentState state;

@@ -6,6 +6,7 @@
 // docs/hybrid_symmetries.md ("Attention with grouped KV heads").
 #include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "blocks/mixer.h"
@@ -207,6 +208,67 @@ torch::Tensor SplitHeads(const torch::Tensor& x, int64_t heads) {
   return x.reshape({x.size(0), x.size(1), heads, -1}).transpose(1, 2);
 }
 
+// Appends [B, KV, L, d] to a cache of T positions, `cache` a view of the
+// first T positions of `storage`, and returns the new view of T + L. The
+// storage keeps room to grow, so a decode step writes its one position
+// instead of copying all T; it is reused only while `cache` still views it
+// (a cache cloned or replaced by its holder gets storage of its own).
+torch::Tensor Append(const torch::Tensor& added, torch::Tensor* cache, torch::Tensor* storage) {
+  const int64_t past = cache->defined() ? cache->size(2) : 0;
+  const int64_t positions = past + added.size(2);
+  const bool room = storage->defined() && cache->defined() &&
+                    storage->size(2) >= positions && cache->data_ptr() == storage->data_ptr() &&
+                    cache->strides() == storage->strides() &&
+                    cache->size(0) == storage->size(0) && cache->size(1) == storage->size(1) &&
+                    cache->size(3) == storage->size(3);
+  if (!room) {
+    // Half again what is needed, at least 64 positions: amortised O(1) a step.
+    const int64_t capacity = positions + std::max<int64_t>(64, positions / 2);
+    torch::Tensor grown =
+        torch::empty({added.size(0), added.size(1), capacity, added.size(3)}, added.options());
+    if (past > 0) grown.narrow(2, 0, past).copy_(*cache);
+    *storage = grown;
+  }
+  storage->narrow(2, past, added.size(2)).copy_(added);
+  *cache = storage->narrow(2, 0, positions);
+  return *cache;
+}
+
+// Causal softmax attention of L queries at positions past .. past + L - 1
+// over the T = past + L keys; query head h reads KV head h / per_kv.
+torch::Tensor Attend(const torch::Tensor& query, const torch::Tensor& key,
+                     const torch::Tensor& value, int64_t past, int64_t per_kv, double scale,
+                     const Precision& precision) {
+  const int64_t length = query.size(2);
+  const torch::TensorOptions flags = query.options().dtype(torch::kBool);
+#if TORCH_VERSION_MAJOR >= 2
+  if (query.is_cuda()) {
+    // PyTorch's fused kernels (flash, memory-efficient) in the model's dtype,
+    // as HuggingFace's default "sdpa" attention computes it. is_causal aligns
+    // the mask top-left, right only without a past; a continued chunk gets
+    // its mask spelled out (true: attended).
+    std::optional<torch::Tensor> attended;
+    if (past > 0 && length > 1) attended = torch::ones({length, past + length}, flags).tril(past);
+    return at::scaled_dot_product_attention(query, key, value, attended, 0.0,
+                                            /*is_causal=*/past == 0 && length > 1, scale,
+                                            /*enable_gqa=*/per_kv > 1);
+  }
+#endif
+  // Scores and softmax wide (CPU: the goldens' float32 and float64).
+  const torch::Tensor keys = key.repeat_interleave(per_kv, 1);      // [B, H, T, d]
+  const torch::Tensor values = value.repeat_interleave(per_kv, 1);  // [B, H, T, d]
+  torch::Tensor scores = torch::matmul(query.to(precision.accumulate),
+                                       keys.to(precision.accumulate).transpose(-2, -1)) *
+                         scale;  // [B, H, L, T]
+  if (length > 1) {
+    // Query i (position past + i) reads keys 0 .. past + i.
+    const torch::Tensor later = torch::ones({length, past + length}, flags).triu(past + 1);
+    scores = scores.masked_fill(later, -std::numeric_limits<double>::infinity());
+  }
+  const torch::Tensor weights_of_keys = torch::softmax(scores, -1).to(precision.compute);
+  return torch::matmul(weights_of_keys, values);  // [B, H, L, d]
+}
+
 torch::Tensor AttentionMixer(const ModelConfig& c, const Weights& weights, int64_t layer,
                              const Precision& precision, const torch::Tensor& normed,
                              const Capture& capture, LayerState* state,
@@ -271,32 +333,14 @@ torch::Tensor AttentionMixer(const ModelConfig& c, const Weights& weights, int64
                 key.narrow(-1, a.rotary_dim, free_dims).transpose(1, 2).reshape(
                     {batch, length, a.kv_heads * free_dims}));
   }
-  if (cached) {
-    key = torch::cat({state->attention_keys, key.to(compute)}, 2);
-    value = torch::cat({state->attention_values, value}, 2);
-  }
   if (state != nullptr) {
-    state->attention_keys = key.contiguous();
-    state->attention_values = value.contiguous();
+    key = Append(key.to(compute), &state->attention_keys, &state->attention_key_storage);
+    value = Append(value, &state->attention_values, &state->attention_value_storage);
   }
-
-  // Query head h reads KV head h / per_kv; scores and softmax wide.
-  const torch::Tensor keys = key.repeat_interleave(per_kv, 1);      // [B, H, T, d]
-  const torch::Tensor values = value.repeat_interleave(per_kv, 1);  // [B, H, T, d]
   const double scale =
       a.softmax_scale > 0 ? a.softmax_scale : 1.0 / std::sqrt(static_cast<double>(a.head_dim));
-  torch::Tensor scores = torch::matmul(query.to(precision.accumulate),
-                                       keys.to(precision.accumulate).transpose(-2, -1)) *
-                         scale;  // [B, H, L, T]
-  if (length > 1) {
-    // Query i (position past + i) reads keys 0 .. past + i.
-    const torch::Tensor later = torch::ones({length, past + length}, scores.options().dtype(
-                                                                          torch::kBool))
-                                    .triu(past + 1);
-    scores = scores.masked_fill(later, -std::numeric_limits<double>::infinity());
-  }
-  const torch::Tensor weights_of_keys = torch::softmax(scores, -1).to(compute);
-  const torch::Tensor context = torch::matmul(weights_of_keys, values);  // [B, H, L, d]
+  const torch::Tensor context =
+      Attend(query, key, value, past, per_kv, scale, precision);  // [B, H, L, d]
   if (capture.Wants(GroupPrefix(c, layer) + "heads")) {
     capture.Add(GroupPrefix(c, layer) + "heads",
                 context.to(precision.accumulate).pow(2).mean(-1).sqrt().transpose(1, 2));

@@ -42,6 +42,10 @@ RecurrentState CopyOf(const RecurrentState& state) {
     // A layer without state (an MLP as its mixer) has undefined tensors.
     if (layer.conv_history.defined()) layer.conv_history = layer.conv_history.clone();
     if (layer.ssm_state.defined()) layer.ssm_state = layer.ssm_state.clone();
+    if (layer.attention_keys.defined()) {
+      layer.attention_keys = layer.attention_keys.clone();
+      layer.attention_values = layer.attention_values.clone();
+    }
   }
   return copy;
 }

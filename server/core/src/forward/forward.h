@@ -73,9 +73,15 @@ struct LayerState {
   // An attention layer's cache instead (blocks/attention.cc): the keys
   // (rotary applied) and values of every position seen, [B, kv_heads, T,
   // head_dim] in the weights' dtype, growing by each call's length; its
-  // conv_history only where its conv has one, ssm_state undefined.
+  // conv_history only where its conv has one, ssm_state undefined. Each is a
+  // view of the first T positions of its storage, which has room for more,
+  // so that a step appends without copying the cache; a forward writes past
+  // T in that storage. A copy of a state that is to be continued beside the
+  // original must clone these (a clone gets storage of its own).
   torch::Tensor attention_keys;
   torch::Tensor attention_values;
+  torch::Tensor attention_key_storage;
+  torch::Tensor attention_value_storage;
   // Whether a forward writes the new conv_history and ssm_state into these
   // tensors' own storage instead of replacing them: a decode session's step
   // is a CUDA graph, replayed on fixed addresses (decode.h). A forward that

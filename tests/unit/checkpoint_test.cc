@@ -92,7 +92,7 @@ TEST(ConfigTest, RefusesWhatIsNotSupportedAndSaysWhy) {
   // (over libFuzzer's 10 s); a gated MLP's width is bounded like the others.
   refused(R"({"d_model": 64, "n_layer": 16777216})", "n_layer is 16777216; expected 1 to 4096");
   refused(R"({"d_model": 64, "n_layer": 2, "d_intermediate": 1000000000000})",
-          "d_intermediate is 1000000000000");
+          "'d_intermediate' is 1000000000000");
 }
 
 // A copy of a fixture whose files a test may damage.

@@ -274,14 +274,15 @@ TEST(GatedMlpTest, WiringHalvesAndControl) {
   auto with_mlp = ParseConfig("{" + base + R"(, "d_intermediate": 10})", "with mlp");
   auto without = ParseConfig("{" + base + "}", "without");
   ASSERT_TRUE(with_mlp.ok() && without.ok()) << with_mlp.status() << without.status();
-  EXPECT_EQ(ConfigDims(*with_mlp).at("d_intermediate"), 10);
+  // 10 rounded up to GatedMLP's multiple of 128, as mamba_ssm builds it.
+  EXPECT_EQ(ConfigDims(*with_mlp).at("d_intermediate"), 128);
   EXPECT_EQ(ExpectedShapes(*with_mlp).at("backbone.layers.1.mlp.fc1.weight"),
-            (std::vector<int64_t>{20, 12}));
+            (std::vector<int64_t>{256, 12}));
   const FamilySpec spec = BuildSpec(*with_mlp);
   auto mlp_group = std::find_if(spec.begin(), spec.end(),
                                 [](const GroupInfo& g) { return g.name == "layers.1.mlp"; });
   ASSERT_NE(mlp_group, spec.end());
-  EXPECT_EQ(mlp_group->size, 10);
+  EXPECT_EQ(mlp_group->size, 128);
   EXPECT_EQ(mlp_group->members.size(), 3u);  // fc1's two halves, fc2's columns
   Weights weights = RandomWeights(*with_mlp, 41, torch::kFloat64);
   const torch::Tensor ids = RandomIds(*with_mlp, 5);
@@ -303,7 +304,7 @@ TEST(GatedMlpTest, WiringHalvesAndControl) {
   const torch::Tensor fc2 = weights.at("backbone.layers.0.mlp.fc2.weight");
   const torch::Tensor projected = torch::matmul(normed, fc1.t());
   const torch::Tensor expected = torch::matmul(
-      projected.narrow(-1, 0, 10) * torch::silu(projected.narrow(-1, 10, 10)), fc2.t());
+      projected.narrow(-1, 0, 128) * torch::silu(projected.narrow(-1, 128, 128)), fc2.t());
   EXPECT_LE(RelL2(blocks::GatedMlp(*with_mlp, weights, 0, normed, forward_internal::Capture(nullptr)),
                   expected),
             1e-12);
@@ -311,7 +312,7 @@ TEST(GatedMlpTest, WiringHalvesAndControl) {
   const torch::Tensor reference = Logits(*with_mlp, weights, ids);
   Weights gate_only = Clone(weights);
   torch::Tensor& first = gate_only["backbone.layers.0.mlp.fc1.weight"];
-  first.narrow(0, 10, 10).copy_(first.narrow(0, 10, 10).flip(0).clone());
+  first.narrow(0, 128, 128).copy_(first.narrow(0, 128, 128).flip(0).clone());
   EXPECT_GT(RelL2(Logits(*with_mlp, gate_only, ids), reference), 1e-3);
 }
 

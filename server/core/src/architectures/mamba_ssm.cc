@@ -107,7 +107,10 @@ absl::Status ParseAttention(const Json& root, const std::string& source, ModelCo
 absl::StatusOr<ModelConfig> ParseMambaSsm(const Json& root, const std::string& source) {
   Fields f(root, source);
   ICD_ASSIGN_OR_RETURN(int64_t d_intermediate, f.Int("d_intermediate", 0));
-  if (d_intermediate < 0) return f.Error("d_intermediate", "must be 0 (no MLP) or positive");
+  if (d_intermediate < 0 || d_intermediate > kMaxDimension) {
+    return f.Error("d_intermediate", absl::StrCat("is ", d_intermediate, "; expected 0 (no MLP) to ",
+                                                  kMaxDimension));
+  }
   static const Json kEmpty = Json::object();
   const Json& ssm_cfg = f.Has("ssm_cfg") ? root.at("ssm_cfg") : kEmpty;
   if (!ssm_cfg.is_object()) return f.Error("ssm_cfg", "must be an object");
@@ -117,7 +120,8 @@ absl::StatusOr<ModelConfig> ParseMambaSsm(const Json& root, const std::string& s
   ModelConfig c;
   c.layout = Layout::kMambaSsm;
   c.architecture = "mamba_ssm";
-  c.d_intermediate = d_intermediate;
+  // As GatedMLP rounds its hidden_features (multiple_of 128).
+  c.d_intermediate = CeilDiv(d_intermediate, 128) * 128;
   if (layer == "Mamba1") {
     c.family = Family::kMamba1;
   } else if (layer == "Mamba2") {

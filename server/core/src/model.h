@@ -164,6 +164,26 @@ struct ModelConfig {
   double mlp_down_multiplier = 1.0;
   double logits_multiplier = 1.0;
 
+  // Zamba2's shared transformer blocks (blocks/shared_block.cc): at each of
+  // `layers` (ascending; its j-th runs block j mod `blocks`), attention and
+  // then a gated MLP (GELU) read the norm of [residual, embeddings]; their
+  // output, through the layer's own `linear`, joins the layer's Mamba mixer's
+  // input only (h + mixer(norm(h + linear(block)))). A block's weights are
+  // stored once, under its first layer; LoRA adapters, one per layer it runs
+  // at, add to q, k, v (with `attention_adapters`) and to the MLP's gate_up.
+  // The attention is `attention`'s (its input 2·d_model wide).
+  struct SharedBlocks {
+    int64_t blocks = 0;  // 0: none
+    std::vector<int64_t> layers;
+    int64_t hidden = 0;        // the MLP's intermediate_size
+    int64_t adapter_rank = 0;
+    bool attention_adapters = false;
+    bool bias = false;  // gate_up_proj and down_proj biases (add_bias_linear)
+  } shared;
+  // The Mamba-2 gated norm's eps where it is not norm_eps (Zamba2 fixes it at
+  // 1e-5); 0: norm_eps.
+  double gated_norm_eps = 0.0;
+
   // Hybrids: the layers whose mixer is attention (mamba_ssm's attn_layer_idx,
   // NemotronH's '*'), ascending, all with `attention`'s shape; those whose
   // mixer is an MLP (NemotronH's '-'), with `mlp`'s. Every other layer's is

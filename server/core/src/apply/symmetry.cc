@@ -136,6 +136,7 @@ GroupInfo ResidualGroup(const ModelConfig& c) {
     if (c.parallel_attention) blocks::kAttentionMixer.residual_members(c, i, m);
     if (blocks::HasMlp(c)) blocks::MlpResidualMembers(c, i, m);
   }
+  blocks::SharedBlockResidualMembers(c, m);
   m.push_back(Member("backbone.norm_f.weight", 0, 0, width));
   if (c.layer_norm) m.push_back(Member("backbone.norm_f.bias", 0, 0, width));
   // Tied: the head is the embedding tensor, already permuted above.
@@ -150,6 +151,7 @@ FamilySpec BuildSpec(const ModelConfig& config) {
     if (config.parallel_attention) blocks::kAttentionMixer.groups(config, layer, spec);
     if (blocks::HasMlp(config)) blocks::MlpGroups(config, layer, spec);
   }
+  blocks::SharedBlockGroups(config, spec);
   return spec;
 }
 

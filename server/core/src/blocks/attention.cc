@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "blocks/attention_parts.h"
 #include "blocks/mixer.h"
 
 namespace icd::blocks {
@@ -62,11 +63,6 @@ std::string GroupPrefix(const ModelConfig& c, int64_t i) {
                                        : absl::StrCat("layers.", i, ".", c.attention.module, ".");
 }
 
-// "segments:C:S:O" (types.h), or "identity" where it is one.
-std::string Segments(int64_t copies, int64_t stride, int64_t offset, int64_t block) {
-  if (copies == 1 && offset == 0 && stride == block) return "identity";
-  return absl::StrCat("segments:", copies, ":", stride, ":", offset);
-}
 
 // The q, k and v rows of every tensor they come from, each part with its own
 // expansion; an empty expansion leaves that part out.
@@ -151,6 +147,8 @@ void AttentionResidualMembers(const ModelConfig& c, int64_t i, std::vector<Group
   }
 }
 
+}  // namespace
+
 // x [B, heads, L, head_dim] at positions first.. -> the same with its first
 // rotary_dim turned, as flash_attn's RotaryEmbedding (which MHA uses): angle
 // position / base^(2i / rotary_dim) for pair i, the angles' cos and sin in
@@ -181,6 +179,8 @@ torch::Tensor Rotate(const torch::Tensor& x, int64_t first, const AttentionConfi
                     -1);
 }
 
+namespace {
+
 // CausalDepthwiseConv's contract (forward_internal.h) as K shifted
 // multiply-adds, for CUDA: conv1d there goes through cuDNN, which may
 // compute float32 in TF32; these are plain float32 (or wider) products.
@@ -203,7 +203,13 @@ torch::Tensor ShiftedSumConv(const torch::Tensor& values, const torch::Tensor& w
   return out;
 }
 
-// [B, L, width] -> [B, heads, L, width / heads].
+}  // namespace
+
+std::string Segments(int64_t copies, int64_t stride, int64_t offset, int64_t block) {
+  if (copies == 1 && offset == 0 && stride == block) return "identity";
+  return absl::StrCat("segments:", copies, ":", stride, ":", offset);
+}
+
 torch::Tensor SplitHeads(const torch::Tensor& x, int64_t heads) {
   return x.reshape({x.size(0), x.size(1), heads, -1}).transpose(1, 2);
 }
@@ -268,6 +274,8 @@ torch::Tensor Attend(const torch::Tensor& query, const torch::Tensor& key,
   const torch::Tensor weights_of_keys = torch::softmax(scores, -1).to(precision.compute);
   return torch::matmul(weights_of_keys, values);  // [B, H, L, d]
 }
+
+namespace {
 
 torch::Tensor AttentionMixer(const ModelConfig& c, const Weights& weights, int64_t layer,
                              const Precision& precision, const torch::Tensor& normed,

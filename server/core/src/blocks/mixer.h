@@ -83,6 +83,25 @@ torch::Tensor PerExpertMixture(const ModelConfig& config, const Weights& weights
                                const torch::Tensor& normed,
                                const forward_internal::Capture& capture);
 
+// Zamba2's shared transformer blocks (blocks/shapes.h HasSharedBlocks;
+// blocks/shared_block.cc): each block's groups ("shared.{k}.": heads,
+// value_dims, key_dims without a rotary, attention_output, mlp, output, and
+// each adapter's rank, adapters.{slot}.{q,k,v,gate_up}), one set for every
+// layer that runs it;
+void SharedBlockGroups(const ModelConfig& config, FamilySpec& spec);
+// the residual group's members in them: every hybrid layer's linear's rows;
+// each block's input norm, q, k, v's columns and the attention adapters'
+// down columns, both halves of their [residual, embeddings] input;
+void SharedBlockResidualMembers(const ModelConfig& config, std::vector<GroupMember>& members);
+// its forward at hybrid layer `layer`: residual and embedded [B, L, d_model]
+// (the embeddings' output) -> linear(block(...)) [B, L, d_model] in the
+// compute dtype, added to the layer's mixer's input; `state` (optional)
+// holds the block's attention cache at this layer.
+torch::Tensor SharedBlock(const ModelConfig& config, const Weights& weights, int64_t layer,
+                          const forward_internal::Precision& precision,
+                          const torch::Tensor& residual, const torch::Tensor& embedded,
+                          const forward_internal::Capture& capture, LayerState* state);
+
 // The tensors of `config`'s model that no group of icd's moves, by design:
 // Nemotron-H's router bias (e_score_correction_bias), which only the experts'
 // order would move, not a group yet.

@@ -67,6 +67,39 @@ bool HasExperts(const ModelConfig& config);
 bool PerExpertLayer(const ModelConfig& config, int64_t layer);
 void AddMlpTensors(const ModelConfig& config, int64_t layer, TensorShapes& shapes);
 
+// Zamba2's shared transformer blocks (config.shared; their groups and
+// forward: blocks/mixer.h, blocks/shared_block.cc). Block k's tensors live
+// under its first layer, config.shared.layers[k]:
+// backbone.layers.{that}.shared_transformer.{input_layernorm [2·d_model],
+// self_attn.{q,k,v,o}_proj, pre_ff_layernorm [d_model],
+// feed_forward.{gate_up_proj [2·hidden, d_model], down_proj}} and the
+// adapters of every layer that runs it (slot j: the layer's place in
+// config.shared.layers), self_attn.linear_{q,k,v}_adapter_list.{j}.{0,1} and
+// feed_forward.gate_up_proj_adapter_list.{j}.{0,1} (down [rank, in], up
+// [out, rank]); each hybrid layer's own linear [d_model, d_model].
+bool HasSharedBlocks(const ModelConfig& config);
+struct SharedBlockUse {
+  int64_t block = -1;  // -1: the layer runs none
+  int64_t slot = -1;   // its adapters' index
+};
+SharedBlockUse SharedBlockAt(const ModelConfig& config, int64_t layer);
+// "backbone.layers.{first layer of block}.shared_transformer.{suffix}".
+std::string SharedTensorName(const ModelConfig& config, int64_t block, const std::string& suffix);
+// An adapter's tensor: `list` "self_attn.linear_q_adapter_list" (k, v) or
+// "feed_forward.gate_up_proj_adapter_list"; part 0 (down) or 1 (up).
+std::string AdapterTensorName(const ModelConfig& config, int64_t block, const std::string& list,
+                              int64_t slot, int part);
+// The adapter slots of block k: the hybrid layers' places j with j mod blocks = k.
+std::vector<int64_t> AdapterSlots(const ModelConfig& config, int64_t block);
+void AddSharedBlockTensors(const ModelConfig& config, TensorShapes& shapes);
+void SharedBlockDims(const ModelConfig& config, std::map<std::string, int64_t>& dims);
+
+// Whether layer `layer` holds an attention cache beside its mixer's state
+// (Falcon-H1's parallel attention, Zamba2's shared block), and whether any
+// layer of the model attends.
+bool AttentionBeside(const ModelConfig& config, int64_t layer);
+bool Attends(const ModelConfig& config);
+
 // The list of blocks of `config`'s model: config.mixers, one per layer: the
 // family's Mamba kind, attention at config.attention_layers, an MLP at
 // config.mlp_layers (the parsers call it).

@@ -355,7 +355,7 @@ int64_t ForwardBytes(const ModelConfig& config, torch::ScalarType dtype, int64_t
                      SaturatingProduct({3, config.moe.top_k, config.moe.hidden}),
                      SaturatingProduct({3, config.moe.shared_hidden}),
                      // separate q, k, v projections: their outputs, then concatenated
-                     config.attention_layers.empty() && !config.parallel_attention
+                     !blocks::Attends(config)
                          ? 0
                          : SaturatingProduct({2, config.attention.qkv_rows()})});
   const int64_t activations = SaturatingProduct({positions, per_position, AccumulateBytes(dtype)});
@@ -364,7 +364,7 @@ int64_t ForwardBytes(const ModelConfig& config, torch::ScalarType dtype, int64_t
   // every query head, wide (4 x [B, heads, L, head_dim]).
   const AttentionConfig& a = config.attention;
   const int64_t attention =
-      config.attention_layers.empty() && !config.parallel_attention
+      !blocks::Attends(config)
           ? 0
           : SaturatingSum({SaturatingProduct({4, batch, a.heads, seq, seq, AccumulateBytes(dtype)}),
                            SaturatingProduct({4, batch, a.heads, seq, a.head_dim,
@@ -387,7 +387,7 @@ int64_t StateBytes(const ModelConfig& config, torch::ScalarType dtype, int64_t b
   int64_t bytes = 0;
   for (int64_t layer = 0; layer < config.n_layer; ++layer) {
     blocks::StateShapes shapes = blocks::ShapesAt(config, layer).state_shapes(config, batch);
-    if (config.parallel_attention) {
+    if (blocks::AttentionBeside(config, layer)) {
       shapes.attention_cache = blocks::kAttentionShapes.state_shapes(config, batch).attention_cache;
     }
     bytes = SaturatingSum({bytes, bytes_of(shapes.conv_history, ElementBytes(dtype)),

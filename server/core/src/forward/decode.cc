@@ -12,6 +12,7 @@
 #endif
 
 #include "absl/strings/str_cat.h"
+#include "blocks/shapes.h"
 #include "icd/core/status_macros.h"
 
 namespace icd::decode {
@@ -115,8 +116,7 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Start(const ModelConfig& confi
   // An attention layer's cache grows with every token, and experts pick
   // their rows by value (a host sync): such a step has no fixed shapes to
   // replay, and the model decodes eagerly.
-  const bool replayable = config.attention_layers.empty() && !config.parallel_attention &&
-                          config.moe.experts == 0;
+  const bool replayable = !blocks::Attends(config) && config.moe.experts == 0;
   if (execution == Execution::kCudaGraph && device.is_cuda() && replayable) {
 #ifdef ICD_HAVE_CUDA
     try {

@@ -378,7 +378,8 @@ absl::Status CheckState(const ModelConfig& config, const RecurrentState& state, 
     const LayerState& layer_state = state.layers[layer];
     blocks::StateShapes shapes =
         blocks::ShapesAt(config, static_cast<int64_t>(layer)).state_shapes(config, batch);
-    if (config.parallel_attention) {  // the attention's cache beside the Mamba state
+    if (blocks::AttentionBeside(config, static_cast<int64_t>(layer))) {
+      // the attention's cache beside the Mamba state
       shapes.attention_cache = blocks::kAttentionShapes.state_shapes(config, batch).attention_cache;
     }
     absl::Status status =
@@ -479,6 +480,8 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
   // 1. Embedding; the residual stream stays wide (residual_in_fp32).
   torch::Tensor residual = torch::embedding(embedding, ids).to(precision.accumulate);  // [B, L, d_model]
   if (config.embedding_multiplier != 1.0) residual = residual * config.embedding_multiplier;
+  // Zamba2's shared blocks read the embeddings beside the residual.
+  const torch::Tensor embedded = blocks::HasSharedBlocks(config) ? residual : torch::Tensor();
   // Granite 4.0 scales every block's output before the add.
   auto scaled = [&config](torch::Tensor output) {
     return config.residual_multiplier != 1.0 ? output * config.residual_multiplier : output;
@@ -498,8 +501,20 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
         state != nullptr ? &next_layers[static_cast<size_t>(layer)] : nullptr;
     // 2. Block: residual + Mixer(Norm(residual)); the add is done with the
     // next norm.
-    torch::Tensor normed = AddAndNorm(config, weights, LayerTensorName(layer, "norm"), precision,
-                                      &residual, &mixed);  // [B, L, d_model]
+    torch::Tensor normed;  // [B, L, d_model]
+    if (blocks::SharedBlockAt(config, layer).block >= 0) {
+      // Zamba2: the shared block's output joins the mixer's input only,
+      // residual + mixer(norm(residual + block)).
+      if (mixed.defined()) residual = residual + mixed.to(precision.accumulate);
+      mixed = torch::Tensor();
+      const torch::Tensor block = blocks::SharedBlock(config, weights, layer, precision, residual,
+                                                      embedded, capture, layer_state);
+      normed = BlockNorm(config, weights, LayerTensorName(layer, "norm"), precision,
+                         residual + block.to(precision.accumulate));
+    } else {
+      normed = AddAndNorm(config, weights, LayerTensorName(layer, "norm"), precision, &residual,
+                          &mixed);
+    }
     capture.Add("residual", normed);
     if (config.parallel_attention) {
       // Falcon-H1: the Mamba mixer and attention side by side on one norm.

@@ -76,9 +76,10 @@ torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
                         const Precision& precision, const torch::Tensor& scan_output,
                         const torch::Tensor& gate) {
   const int64_t groups = config.grouped_gated_norm ? config.ngroups : 1;
+  const double eps = config.gated_norm_eps > 0 ? config.gated_norm_eps : config.norm_eps;
   if (config.gated_norm) {
     std::optional<torch::Tensor> fused = fused::GatedRmsNorm(
-        scan_output, gate, view.norm_w, groups, config.norm_eps, config.norm_before_gate);
+        scan_output, gate, view.norm_w, groups, eps, config.norm_before_gate);
     if (fused.has_value()) return *std::move(fused);
   }
   torch::Tensor gate_act = torch::silu(gate.to(precision.accumulate));
@@ -87,7 +88,7 @@ torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
   const std::vector<int64_t> flat_shape = to_norm.sizes().vec();
   std::vector<int64_t> grouped_shape = {flat_shape[0], flat_shape[1], groups,
                                         config.d_inner / groups};
-  torch::Tensor normalized = RmsNormalize(to_norm.reshape(grouped_shape), config.norm_eps,
+  torch::Tensor normalized = RmsNormalize(to_norm.reshape(grouped_shape), eps,
                                           precision.accumulate)
                                  .reshape(flat_shape);  // [B, L, I]
   // As HF's MambaRMSNormGated: the weight scales the normalised values.

@@ -145,6 +145,8 @@ std::string CanonicalTensorName(const std::string& stored) {
       {"embed_tokens.", "embeddings."}, {"final_layernorm.", "norm_f."}, {"norm.", "norm_f."}};
   static const std::pair<const char*, const char*> kInLayer[] = {
       {"input_layernorm.", "norm."}, {"pre_ff_layernorm.", "norm2."}, {"mamba.", "mixer."},
+      // Zamba2's hybrid layers hold their Mamba layer as mamba_decoder.
+      {"mamba_decoder.mamba.", "mixer."}, {"mamba_decoder.input_layernorm.", "norm."},
       {"self_attn.", "mixer."},      {"feed_forward.", "mlp."},
       {"post_attention_layernorm.", "norm2."},
       {"shared_mlp.input_linear.", "mlp.fc1."},

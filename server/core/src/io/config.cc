@@ -26,6 +26,7 @@ using config_fields::kMaxDimension;
 using config_fields::kMaxLayers;
 using config_fields::ParseBamba;
 using config_fields::ParseFalconH1;
+using config_fields::ParseZamba2;
 using config_fields::ParseGranite;
 using config_fields::ParseJamba;
 using config_fields::ParseMambaSsm;
@@ -71,6 +72,7 @@ absl::StatusOr<ModelConfig> ParseHf(const Json& root, const std::string& source)
   if (model_type == "granitemoehybrid") return ParseGranite(root, source);
   if (model_type == "jamba") return ParseJamba(root, source);
   if (model_type == "falcon_h1") return ParseFalconH1(root, source);
+  if (model_type == "zamba2") return ParseZamba2(root, source);
   ModelConfig c;
   c.layout = Layout::kHf;
   c.architecture = model_type;
@@ -174,6 +176,7 @@ std::map<std::string, std::vector<int64_t>> ExpectedShapes(const ModelConfig& c)
     if (c.parallel_attention) blocks::kAttentionShapes.tensors(c, i, shapes);
     if (blocks::HasMlp(c)) blocks::AddMlpTensors(c, i, shapes);
   }
+  blocks::AddSharedBlockTensors(c, shapes);
   return shapes;
 }
 
@@ -185,6 +188,7 @@ std::map<std::string, int64_t> ConfigDims(const ModelConfig& c) {
   for (const MixerType type : blocks::MixerTypes(c)) blocks::ShapesOf(type).dims(c, dims);
   if (c.parallel_attention) blocks::kAttentionShapes.dims(c, dims);
   if (blocks::HasMlp(c)) dims["d_intermediate"] = c.d_intermediate;
+  blocks::SharedBlockDims(c, dims);
   return dims;
 }
 

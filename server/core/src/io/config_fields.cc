@@ -11,7 +11,8 @@ constexpr char kSupported[] =
     "without a gated MLP (d_intermediate) and causal attention layers (attn_layer_idx); "
     "NemotronHForCausalLM ('nemotron_h'), "
     "BambaForCausalLM ('bamba'), GraniteMoeHybridForCausalLM ('granitemoehybrid'), "
-    "JambaForCausalLM ('jamba'), FalconH1ForCausalLM ('falcon_h1')";
+    "JambaForCausalLM ('jamba'), FalconH1ForCausalLM ('falcon_h1'), "
+    "Zamba2ForCausalLM ('zamba2')";
 
 }  // namespace
 

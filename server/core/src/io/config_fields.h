@@ -160,6 +160,7 @@ absl::StatusOr<ModelConfig> ParseBamba(const Json& root, const std::string& sour
 absl::StatusOr<ModelConfig> ParseGranite(const Json& root, const std::string& source);
 absl::StatusOr<ModelConfig> ParseJamba(const Json& root, const std::string& source);
 absl::StatusOr<ModelConfig> ParseFalconH1(const Json& root, const std::string& source);
+absl::StatusOr<ModelConfig> ParseZamba2(const Json& root, const std::string& source);
 
 }  // namespace icd::config_fields
 

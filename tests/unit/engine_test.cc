@@ -389,6 +389,54 @@ TEST_F(EngineTest, GraniteLoadsAppliesAndExportsUnderItsOwnNames) {
                         "layers.1.experts", "layers.1.expert_hidden"}));
 }
 
+// Zyphra's Zamba2 under its own names: a hybrid layer's Mamba layer as
+// mamba_decoder, its linear, the shared block under its first layer.
+TEST_F(EngineTest, Zamba2LoadsAppliesAndExportsUnderItsOwnNames) {
+  const std::set<int64_t> hybrid{0, 2};
+  const std::vector<std::string> groups = LoadApplyExportReload(
+      engine_, R"({"model_type": "zamba2", "hidden_size": 12, "num_hidden_layers": 3,
+                   "vocab_size": 40, "layers_block_type": ["hybrid", "mamba", "hybrid"],
+                   "mamba_d_state": 4, "n_mamba_heads": 4, "mamba_ngroups": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "intermediate_size": 10, "adapter_rank": 2})",
+      [&hybrid](const std::string& name) {
+        if (name == "backbone.embeddings.weight") return std::string("model.embed_tokens.weight");
+        if (name == "backbone.norm_f.weight") return std::string("model.final_layernorm.weight");
+        const std::string layers = "backbone.layers.";
+        if (name.rfind(layers, 0) != 0) return name;
+        const size_t dot = name.find('.', layers.size());
+        const int64_t layer = std::stoll(name.substr(layers.size(), dot - layers.size()));
+        const std::string rest = name.substr(dot + 1);
+        const std::string decoder = hybrid.count(layer) ? "mamba_decoder." : "";
+        const std::vector<std::pair<std::string, std::string>> modules = {
+            {"norm.", decoder + "input_layernorm."}, {"mixer.", decoder + "mamba."}};
+        for (const auto& [from, to] : modules) {
+          if (rest.rfind(from, 0) == 0) {
+            return "model.layers." + std::to_string(layer) + "." + to + rest.substr(from.size());
+          }
+        }
+        return "model.layers." + std::to_string(layer) + "." + rest;  // linear, shared_transformer
+      });
+  EXPECT_EQ(groups,
+            (std::vector<std::string>{
+                "residual", "layers.0.heads", "layers.0.headdim", "layers.0.state",
+                "layers.1.heads", "layers.1.headdim", "layers.1.state", "layers.2.heads",
+                "layers.2.headdim", "layers.2.state", "shared.0.heads", "shared.0.value_dims",
+                "shared.0.key_dims", "shared.0.attention_output", "shared.0.mlp",
+                "shared.0.output", "shared.0.adapters.0.gate_up", "shared.0.adapters.1.gate_up"}));
+  auto symmetries = engine_.Symmetries("m");
+  ASSERT_TRUE(symmetries.ok());
+  std::set<std::string> residual_tensors;
+  for (const GroupMember& member : symmetries->front().members) {
+    residual_tensors.insert(member.tensor);
+  }
+  EXPECT_TRUE(residual_tensors.count("model.layers.2.mamba_decoder.mamba.in_proj.weight"));
+  EXPECT_TRUE(residual_tensors.count("model.layers.0.shared_transformer.self_attn.q_proj.weight"));
+  EXPECT_TRUE(residual_tensors.count("model.layers.2.linear.weight"));
+  EXPECT_EQ(engine_.Info("m")->architecture, "zamba2");
+  EXPECT_EQ(engine_.Info("m")->dims.at("shared_blocks"), 1);
+}
+
 TEST_F(EngineTest, TiedHeadStaysOneTensor) {
   Load("mamba1-small", "mamba_ssm");
   // Both names are readable and hold the same bytes; the residual group

@@ -424,5 +424,188 @@ TEST(FalconH1Test, MultipliersActWhereTransformersAppliesThem) {
   EXPECT_GT(testing::RelL2(*Forward(*plain, weights, ids), multiplied), 1e-2);
 }
 
+
+// Zyphra's Zamba2 (architectures/zamba2.cc, blocks/shared_block.cc).
+constexpr char kZamba2[] =
+    R"({"model_type": "zamba2", "hidden_size": 8, "num_hidden_layers": 6, "vocab_size": 31,
+        "layers_block_type": ["mamba", "hybrid", "hybrid", "linear_attention", "hybrid",
+                              "hybrid"],
+        "num_mem_blocks": 2, "mamba_d_state": 4, "mamba_expand": 2, "n_mamba_heads": 4,
+        "mamba_ngroups": 2, "num_attention_heads": 4, "intermediate_size": 6,
+        "adapter_rank": 3, "use_shared_attention_adapter": true, "use_mem_rope": true,
+        "rope_theta": 100.0, "rms_norm_eps": 1e-6})";
+
+TEST(Zamba2ConfigTest, ReadsTheLayersTheBlocksAndTheirAdapters) {
+  auto config = ParseConfig(kZamba2, "zamba2");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->architecture, "zamba2");
+  EXPECT_EQ(config->family, Family::kMamba2);
+  EXPECT_EQ(config->shared.layers, (std::vector<int64_t>{1, 2, 4, 5}));
+  EXPECT_EQ(config->shared.blocks, 2);
+  EXPECT_TRUE(config->tied);
+  // Attention on [residual, embeddings]: head_dim 2 x 8 / 4, scale (4/2)^-1/2,
+  // the rotary over whole heads; the Mamba norm's eps is its own.
+  EXPECT_EQ(config->attention.head_dim, 4);
+  EXPECT_EQ(config->attention.kv_heads, 4);
+  EXPECT_EQ(config->attention.rotary_dim, 4);
+  EXPECT_DOUBLE_EQ(config->attention.softmax_scale, 1.0 / std::sqrt(2.0));
+  EXPECT_DOUBLE_EQ(config->norm_eps, 1e-6);
+  EXPECT_DOUBLE_EQ(config->gated_norm_eps, 1e-5);
+  EXPECT_DOUBLE_EQ(config->dt_min, 1e-3);
+  EXPECT_TRUE(config->grouped_gated_norm);
+  // The hybrid layers take turns: slot j runs block j mod 2.
+  const std::vector<std::pair<int64_t, int64_t>> uses = {{-1, -1}, {0, 0}, {1, 1},
+                                                         {-1, -1}, {0, 2}, {1, 3}};
+  for (int64_t layer = 0; layer < 6; ++layer) {
+    const blocks::SharedBlockUse use = blocks::SharedBlockAt(*config, layer);
+    EXPECT_EQ(std::pair(use.block, use.slot), uses[static_cast<size_t>(layer)]) << layer;
+  }
+  // Block 1 lives under layer 2 and holds the adapters of slots 1 and 3 only.
+  const auto shapes = ExpectedShapes(*config);
+  EXPECT_EQ(shapes.at("backbone.layers.2.shared_transformer.self_attn.q_proj.weight"),
+            (std::vector<int64_t>{16, 16}));
+  EXPECT_EQ(shapes.at("backbone.layers.2.shared_transformer.self_attn.linear_k_adapter_list.3."
+                      "1.weight"),
+            (std::vector<int64_t>{16, 3}));
+  EXPECT_EQ(shapes.at("backbone.layers.2.shared_transformer.feed_forward.gate_up_proj_adapter_"
+                      "list.1.0.weight"),
+            (std::vector<int64_t>{3, 8}));
+  EXPECT_EQ(shapes.count("backbone.layers.2.shared_transformer.feed_forward.gate_up_proj_"
+                         "adapter_list.0.0.weight"),
+            0u);
+  EXPECT_EQ(shapes.count("backbone.layers.4.shared_transformer.input_layernorm.weight"), 0u);
+  EXPECT_EQ(shapes.at("backbone.layers.4.linear.weight"), (std::vector<int64_t>{8, 8}));
+  EXPECT_EQ(shapes.count("backbone.layers.3.linear.weight"), 0u);
+  // Its module names.
+  EXPECT_EQ(CanonicalTensorName("model.layers.4.mamba_decoder.mamba.in_proj.weight"),
+            "backbone.layers.4.mixer.in_proj.weight");
+  EXPECT_EQ(CanonicalTensorName("model.layers.4.mamba_decoder.input_layernorm.weight"),
+            "backbone.layers.4.norm.weight");
+  EXPECT_EQ(CanonicalTensorName("model.layers.3.input_layernorm.weight"),
+            "backbone.layers.3.norm.weight");
+  EXPECT_EQ(CanonicalTensorName("model.layers.2.shared_transformer.self_attn.o_proj.weight"),
+            "backbone.layers.2.shared_transformer.self_attn.o_proj.weight");
+}
+
+TEST(Zamba2ConfigTest, RefusesWhatItCannotComputeAndSaysWhy) {
+  const auto refused = [](const std::string& json, const std::string& needle) {
+    auto config = ParseConfig(json, "x/config.json");
+    ASSERT_FALSE(config.ok()) << json;
+    EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(config.status().message().find(needle), std::string::npos) << config.status();
+  };
+  const std::string base = R"({"model_type": "zamba2", "hidden_size": 8, "vocab_size": 31,
+      "mamba_d_state": 4, "n_mamba_heads": 4, "intermediate_size": 6, )";
+  refused(base + R"("num_hidden_layers": 2, "layers_block_type": ["mamba", "attention"]})",
+          "names layer 1 'attention'");
+  refused(base + R"("num_hidden_layers": 2, "layers_block_type": ["mamba"]})",
+          "must list num_hidden_layers (2) kinds");
+  refused(base + R"("num_hidden_layers": 2})", "'layers_block_type' is missing");
+  refused(base + R"("num_hidden_layers": 2, "layers_block_type": ["hybrid", "mamba"],
+                    "num_mem_blocks": 2})",
+          "2 blocks, but only 1 hybrid layers");
+  refused(base + R"("num_hidden_layers": 1, "layers_block_type": ["hybrid"],
+                    "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "use_shared_attention_adapter": true})",
+          "needs num_key_value_heads equal to num_attention_heads");
+  refused(base + R"("num_hidden_layers": 1, "layers_block_type": ["hybrid"],
+                    "hidden_act": "silu"})",
+          "hidden_act 'silu'");
+}
+
+// The shared block computed from its definition (transformers' Zamba2
+// AttentionDecoderLayer, float64 LibTorch ops written here) against icd's, at
+// a layer of each block; and its output joins the mixer's input only: with
+// that layer's mixer silenced (out_proj zero) the block's weights do not
+// reach the logits.
+TEST(Zamba2SharedBlockTest, IsItsDefinitionAndFeedsOnlyTheMixer) {
+  auto config = ParseConfig(kZamba2, "zamba2");
+  ASSERT_TRUE(config.ok()) << config.status();
+  const Weights weights = testing::RandomWeights(*config, 29, torch::kFloat64);
+  torch::manual_seed(5);
+  const int64_t batch = 2, length = 7, width = 8;
+  const torch::Tensor residual = torch::randn({batch, length, width}, torch::kFloat64);
+  const torch::Tensor embedded = torch::randn({batch, length, width}, torch::kFloat64);
+  forward_internal::Precision precision;
+  precision.compute = precision.accumulate = torch::kFloat64;
+  const AttentionConfig& a = config->attention;
+  const auto norm = [](const torch::Tensor& x, const torch::Tensor& w) {
+    return x * torch::rsqrt(x.pow(2).mean(-1, true) + 1e-6) * w;
+  };
+  // rotate_half over whole heads, cos and sin of position / 100^(2i / d).
+  const auto rotary = [&](const torch::Tensor& x) {  // [B, H, L, d]
+    const int64_t d = x.size(-1);
+    const torch::Tensor frequencies =
+        torch::pow(100.0, torch::arange(0, d, 2, torch::kFloat64) / static_cast<double>(d))
+            .reciprocal();
+    const torch::Tensor angles =
+        torch::outer(torch::arange(length, torch::kFloat64), frequencies).repeat({1, 2});
+    const torch::Tensor half = torch::cat({-x.narrow(-1, d / 2, d / 2), x.narrow(-1, 0, d / 2)}, -1);
+    return x * angles.cos() + half * angles.sin();
+  };
+  for (const int64_t layer : {int64_t{2}, int64_t{4}}) {
+    const blocks::SharedBlockUse use = blocks::SharedBlockAt(*config, layer);
+    const auto w = [&](const std::string& suffix) {
+      return weights.at(blocks::SharedTensorName(*config, use.block, suffix));
+    };
+    const auto adapter = [&](const std::string& list, const torch::Tensor& x) {
+      return torch::matmul(
+          torch::matmul(x, weights.at(blocks::AdapterTensorName(*config, use.block, list, use.slot,
+                                                                0)).t()),
+          weights.at(blocks::AdapterTensorName(*config, use.block, list, use.slot, 1)).t());
+    };
+    const torch::Tensor u =
+        norm(torch::cat({residual, embedded}, -1), w("input_layernorm.weight"));
+    auto heads = [&](const torch::Tensor& x) {
+      return x.reshape({batch, length, a.heads, a.head_dim}).transpose(1, 2);
+    };
+    const torch::Tensor q = rotary(heads(torch::matmul(u, w("self_attn.q_proj.weight").t()) +
+                                         adapter("self_attn.linear_q_adapter_list", u)));
+    const torch::Tensor k = rotary(heads(torch::matmul(u, w("self_attn.k_proj.weight").t()) +
+                                         adapter("self_attn.linear_k_adapter_list", u)));
+    const torch::Tensor v = heads(torch::matmul(u, w("self_attn.v_proj.weight").t()) +
+                                  adapter("self_attn.linear_v_adapter_list", u));
+    const torch::Tensor scores = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(2.0) +
+                                 torch::full({length, length}, -1e300, torch::kFloat64).triu(1);
+    const torch::Tensor context = torch::matmul(torch::softmax(scores, -1), v)
+                                      .transpose(1, 2)
+                                      .reshape({batch, length, a.heads * a.head_dim});
+    const torch::Tensor attended =
+        norm(torch::matmul(context, w("self_attn.o_proj.weight").t()), w("pre_ff_layernorm.weight"));
+    const torch::Tensor gate_up =
+        torch::matmul(attended, w("feed_forward.gate_up_proj.weight").t()) +
+        adapter("feed_forward.gate_up_proj_adapter_list", attended);
+    const torch::Tensor hidden =
+        torch::gelu(gate_up.narrow(-1, 0, 6)) * gate_up.narrow(-1, 6, 6);
+    const torch::Tensor expected = torch::matmul(
+        torch::matmul(hidden, w("feed_forward.down_proj.weight").t()),
+        weights.at(LayerTensorName(layer, "linear.weight")).t());
+    const torch::Tensor got =
+        blocks::SharedBlock(*config, weights, layer, precision, residual, embedded,
+                            forward_internal::Capture(nullptr), nullptr);
+    EXPECT_LE(testing::RelL2(got, expected), 1e-12) << "layer " << layer;
+  }
+
+  // Silence every hybrid layer's mixer: the blocks then reach nothing.
+  Weights silent = testing::Clone(weights);
+  for (const int64_t layer : config->shared.layers) {
+    silent.at(LayerTensorName(layer, "mixer.out_proj.weight")).zero_();
+  }
+  Weights other_blocks = testing::Clone(silent);
+  for (auto& [name, tensor] : other_blocks) {
+    if (name.find("shared_transformer") != std::string::npos) tensor.normal_();
+  }
+  torch::manual_seed(9);
+  const torch::Tensor ids = torch::randint(0, config->vocab_size, {2, 6}, torch::kLong);
+  const auto logits = [&](const Weights& w) { return *Forward(*config, w, ids); };
+  EXPECT_LE(testing::RelL2(logits(other_blocks), logits(silent)), 1e-12);
+  // The control: with the mixers live, the same change moves the logits.
+  Weights live = testing::Clone(weights);
+  for (auto& [name, tensor] : live) {
+    if (name.find("shared_transformer") != std::string::npos) tensor.normal_();
+  }
+  EXPECT_GT(testing::RelL2(logits(live), logits(weights)), 1e-3);
+}
+
 }  // namespace
 }  // namespace icd::hf_hybrids_test

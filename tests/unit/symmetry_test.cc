@@ -74,6 +74,21 @@ TEST(GatherTest, ExpansionsMoveTheRightRows) {
 }
 
 // Random configurations: odd sizes, biases, tied or not, LayerNorm, groups.
+constexpr char kZamba2Gqa[] =
+    R"({"model_type": "zamba2", "hidden_size": 12, "num_hidden_layers": 4, "vocab_size": 23,
+        "layers_block_type": ["hybrid", "mamba", "hybrid", "hybrid"], "num_mem_blocks": 1,
+        "mamba_d_state": 4, "mamba_expand": 2, "n_mamba_heads": 4, "mamba_ngroups": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 10,
+        "adapter_rank": 3})";
+constexpr char kZamba2Blocks[] =
+    R"({"model_type": "zamba2", "hidden_size": 10, "num_hidden_layers": 5, "vocab_size": 19,
+        "layers_block_type": ["mamba", "hybrid", "hybrid", "mamba", "hybrid"],
+        "num_mem_blocks": 2, "mamba_d_state": 4, "mamba_d_conv": 3, "mamba_expand": 2,
+        "n_mamba_heads": 4, "mamba_ngroups": 2, "num_attention_heads": 5,
+        "intermediate_size": 6, "adapter_rank": 2, "add_bias_linear": true,
+        "use_shared_attention_adapter": true, "use_mem_rope": true, "rope_theta": 100.0,
+        "tie_word_embeddings": false})";
+
 struct RandomCase {
   std::string name;
   std::string config_json;
@@ -97,6 +112,16 @@ TEST_P(RandomConfigTest, EveryGroupAloneAndAllTogetherAreExact) {
     ASSERT_TRUE(reference.defined());
     std::mt19937_64 rng(99);
     double worst = 0;
+    if (dtype == torch::kFloat32) {
+      // The scale of float32 rounding in this model: its float32 forward
+      // against the float64 one on the same weights (the groups' float32
+      // figures below are read against it).
+      Weights wide = RandomWeights(*config, 17, torch::kFloat64);
+      Weights narrow;
+      for (auto& [n, t] : wide) narrow[n] = t.to(torch::kFloat32);
+      std::printf("[random] %s float32 forward vs float64: %.3g\n", GetParam().name.c_str(),
+                  RelL2(Logits(*config, narrow, ids), Logits(*config, wide, ids)));
+    }
     for (const GroupInfo& group : spec) {
       Weights permuted = Clone(weights);
       ApplyGather(group, testing::RandomPermutation(group, rng), permuted);
@@ -259,7 +284,14 @@ INSTANTIATE_TEST_SUITE_P(
                        "attention_in_multiplier": 0.7, "attention_out_multiplier": 1.3,
                        "key_multiplier": 0.4, "ssm_in_multiplier": 1.25,
                        "ssm_out_multiplier": 0.6, "ssm_multipliers": [0.5, 2.0, 0.8, 1.5, 0.9],
-                       "mlp_multipliers": [0.7, 1.4]})"}),
+                       "mlp_multipliers": [0.7, 1.4]})"},
+        // Zyphra's Zamba2: one shared block (attention on [residual,
+        // embeddings] with grouped KV heads and no rotary, a GELU MLP with
+        // adapters) at three layers, each through its own linear.
+        RandomCase{"zamba2_gqa", kZamba2Gqa},
+        // Two shared blocks taking turns, adapters on q, k, v, a rotary,
+        // biases, an untied head.
+        RandomCase{"zamba2_blocks_rope_adapters", kZamba2Blocks}),
     [](const auto& param_info) { return param_info.param.name; });
 
 // mamba_ssm's gated MLP block (d_intermediate, blocks/gated_mlp.cc): with
@@ -491,6 +523,25 @@ INSTANTIATE_TEST_SUITE_P(Goldens, NegativeControlTest,
                          [](const auto& param_info) {
                            return testing::GoldenCaseLabel(param_info.param);
                          });
+
+// Zamba2's groups on random weights of both configurations above: leaving
+// out any member of any group (the shared blocks' members at every layer
+// that runs them, both halves of [residual, embeddings], each adapter)
+// moves the logits.
+TEST(Zamba2ControlTest, LeavingOutAnyMemberBreaksEquivalence) {
+  for (const char* json : {kZamba2Gqa, kZamba2Blocks}) {
+    auto config = ParseConfig(json, "zamba2");
+    ASSERT_TRUE(config.ok()) << config.status();
+    const ControlSummary summary =
+        LeaveOutEveryMember(*config, testing::RandomWeights(*config, 23, torch::kFloat32), 9,
+                            [](const GroupMember&) { return kControlFloor; });
+    EXPECT_GT(summary.controls, 60);
+    EXPECT_EQ(summary.inert, 0);
+    std::printf("[control] zamba2 (%lld blocks): %d members left out, weakest %.3g (%s)\n",
+                static_cast<long long>(config->shared.blocks), summary.controls,
+                summary.weakest, summary.weakest_name.c_str());
+  }
+}
 
 }  // namespace
 }  // namespace icd

@@ -32,8 +32,8 @@ absl::StatusOr<ModelConfig> ParseZamba2(const Json& root, const std::string& sou
 
   // The layers' kinds: "mamba" (transformers 5.x's newer name:
   // "linear_attention") or "hybrid".
-  const char* kinds = FirstPresent(f, {"layers_block_type", "layer_types"});
-  if (!f.Has(kinds)) return f.Error(kinds, "is missing");
+  const char* kinds = FirstPresent(f, {"layer_types", "layers_block_type"});
+  if (!f.Has(kinds)) return f.Error("layers_block_type", "is missing");
   const Json& list = root.at(kinds);
   if (!list.is_array() || static_cast<int64_t>(list.size()) != c.n_layer) {
     return f.Error(kinds, absl::StrCat("must list num_hidden_layers (", c.n_layer, ") kinds"));

@@ -65,7 +65,7 @@ TEST(ConfigTest, RefusesWhatIsNotSupportedAndSaysWhy) {
   refused(R"({"d_model": 64, "n_layer": 2, "attn_layer_idx": [1], "attn_cfg": {"num_heads": 4}})",
           "attention that is not causal");
   refused(R"({"d_model": 64, "n_layer": 2, "ssm_cfg": {"layer": "Mamba3"}})", "'Mamba3'");
-  refused(R"({"model_type": "zamba2", "hidden_size": 64})", "model_type 'zamba2'");
+  refused(R"({"model_type": "plamo2", "hidden_size": 64})", "model_type 'plamo2'");
   refused(R"({"model_type": "llama"})", "supported: HuggingFace MambaForCausalLM");
   refused(R"({"hidden_size": 64})", "neither");
   refused(R"({"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 1,

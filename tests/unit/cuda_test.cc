@@ -32,6 +32,7 @@
 #include <utility>
 #include <vector>
 
+#include "blocks/shapes.h"
 #include "io/checkpoint.h"
 #include "io/config.h"
 #include "forward/decode.h"
@@ -1762,7 +1763,13 @@ TEST(HybridCudaTest, EveryArchitectureMatchesTheCpuAndStaysExact) {
            "attn_layer_period": 4, "attn_layer_offset": 2, "expert_layer_period": 2,
            "expert_layer_offset": 1, "num_experts": 4, "num_experts_per_tok": 2,
            "num_attention_heads": 4, "num_key_value_heads": 2, "mamba_d_state": 16,
-           "intermediate_size": 40})"}};
+           "intermediate_size": 40})"},
+      {"zamba2",  // two shared blocks taking turns, adapters, a rotary
+       R"({"model_type": "zamba2", "hidden_size": 32, "num_hidden_layers": 5, "vocab_size": 96,
+           "layers_block_type": ["mamba", "hybrid", "hybrid", "mamba", "hybrid"],
+           "num_mem_blocks": 2, "mamba_d_state": 16, "n_mamba_heads": 8, "mamba_ngroups": 2,
+           "num_attention_heads": 8, "intermediate_size": 40, "adapter_rank": 4,
+           "use_shared_attention_adapter": true, "use_mem_rope": true})"}};
   for (const auto& [label, json] : hybrids) {
     SCOPED_TRACE(label);
     ExpectCudaForwardMatchesCpu(label, json, 900, 2, {9, 1, 1, 6},
@@ -1793,8 +1800,7 @@ TEST(HybridCudaTest, EveryArchitectureMatchesTheCpuAndStaysExact) {
     auto graphed = decode::Session::Start(*config, weights, ids.narrow(1, 0, 5),
                                           decode::Execution::kCudaGraph, {});
     ASSERT_TRUE(graphed.ok()) << graphed.status();
-    const bool replayable = config->attention_layers.empty() && !config->parallel_attention &&
-                            config->moe.experts == 0;
+    const bool replayable = !blocks::Attends(*config) && config->moe.experts == 0;
     EXPECT_EQ((*graphed)->execution(),
               replayable ? decode::Execution::kCudaGraph : decode::Execution::kEager);
     if (replayable) {  // layers without state (the MLP's) in a captured step

@@ -37,6 +37,7 @@ void ToProto(const GroupInfo& in, v1::Group* out) {
     pm->set_offset(m.offset);
     pm->set_length(m.length);
     pm->set_expand(m.expand);
+    for (const std::string& tensor : m.tensors) pm->add_tensors(tensor);
   }
 }
 

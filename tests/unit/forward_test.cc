@@ -284,8 +284,11 @@ TEST_P(CaptureGoldenTest, LogitsBitwiseUnchanged) {
 }
 
 // Every group gets [B·L, group size] rows: n_layer + 1 sets for the residual
-// stream, B and C for a state group, one set otherwise; nothing else arrives.
-TEST_P(CaptureGoldenTest, EveryGroupGetsRowsOfItsWidth) {
+// stream, B and C for a state group, one set otherwise; nothing else arrives
+// (pure Mamba models; the hybrids' groups are captured in engine_test).
+class MambaCaptureGoldenTest : public CaptureGoldenTest {};
+
+TEST_P(MambaCaptureGoldenTest, EveryGroupGetsRowsOfItsWidth) {
   const Model model = LoadModel(GetParam().fixture, GetParam().layout);
   const FamilySpec spec = BuildSpec(model.config);
   const RowSets rows = CaptureEveryGroup(model.config, model.weights, model.input_ids);
@@ -310,6 +313,10 @@ TEST_P(CaptureGoldenTest, EveryGroupGetsRowsOfItsWidth) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CaptureGoldenTest, ::testing::ValuesIn(testing::GoldenCases()),
                          GoldenCaseName);
+INSTANTIATE_TEST_SUITE_P(Hybrids, CaptureGoldenTest,
+                         ::testing::ValuesIn(testing::HybridGoldenCases()), GoldenCaseName);
+INSTANTIATE_TEST_SUITE_P(Fixtures, MambaCaptureGoldenTest,
+                         ::testing::ValuesIn(testing::GoldenCases()), GoldenCaseName);
 
 // A sink that wants one group gets that group only, and no sink at all
 // (the default) is what the golden tests run.
@@ -476,11 +483,12 @@ torch::Tensor DecodeLogits(const ModelConfig& config, const Weights& weights,
 
 class DecodeGoldenTest : public ::testing::TestWithParam<testing::GoldenCase> {};
 
-// Prefill lengths below and above d_conv - 1 (the fixtures' d_conv is 4), so
-// the conv history is carried both part-zero and whole.
+// Prefill lengths below and above d_conv - 1 (the fixtures' d_conv is 3 or
+// 4), so the conv history is carried both part-zero and whole; the hybrids'
+// attention caches grow from 1, 2 and 9 positions.
 TEST_P(DecodeGoldenTest, PrefillThenStepsMatchesOneForward) {
   const Model model = LoadModel(GetParam().fixture, GetParam().layout);
-  ASSERT_EQ(model.config.d_conv, 4);
+  ASSERT_GE(model.config.d_conv, 3);
   // float64: only the summation order of matmuls over L vs 1 rows differs.
   for (const auto& [dtype, tolerance] :
        {std::make_pair(torch::kFloat64, 1e-10), std::make_pair(torch::kFloat32, 1e-5)}) {
@@ -507,8 +515,11 @@ TEST_P(DecodeGoldenTest, PrefillThenStepsMatchesOneForward) {
 }
 
 // An empty state changes nothing in the logits (bitwise), and afterwards
-// holds one layer state per layer with forward.h's shapes.
-TEST_P(DecodeGoldenTest, EmptyStateIsTheStatelessForward) {
+// holds one layer state per layer with forward.h's shapes (a pure Mamba
+// model's: a Mamba state in every layer).
+class MambaDecodeGoldenTest : public DecodeGoldenTest {};
+
+TEST_P(MambaDecodeGoldenTest, EmptyStateIsTheStatelessForward) {
   const Model model = LoadModel(GetParam().fixture, GetParam().layout);
   const ModelConfig& config = model.config;
   const torch::Tensor plain = RunOrFail(config, model.weights, model.input_ids);
@@ -534,6 +545,10 @@ TEST_P(DecodeGoldenTest, EmptyStateIsTheStatelessForward) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, DecodeGoldenTest, ::testing::ValuesIn(testing::GoldenCases()),
                          GoldenCaseName);
+INSTANTIATE_TEST_SUITE_P(Hybrids, DecodeGoldenTest,
+                         ::testing::ValuesIn(testing::HybridGoldenCases()), GoldenCaseName);
+INSTANTIATE_TEST_SUITE_P(Fixtures, MambaDecodeGoldenTest,
+                         ::testing::ValuesIn(testing::GoldenCases()), GoldenCaseName);
 
 // A state of another batch is refused by name; a refused or cancelled call
 // leaves the state as it was.

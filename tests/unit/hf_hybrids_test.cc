@@ -136,11 +136,29 @@ TEST(NemotronHExpertsTest, MatchTheDenseSumAndTheSharedExpert) {
                     .matmul(w(p + "down_proj.weight").t()) * gates.select(-1, e).unsqueeze(-1);
   }
   EXPECT_LE(testing::RelL2(out.reshape({-1, 16}), expected), 1e-13);
-  // The router's bias is the one tensor no group moves (the experts' order is
-  // not a group yet): the spec checks out only with it named.
+  // The experts' order moves the gate's rows, its bias and each expert's
+  // tensors whole: the mixer's output stays; left without the bias, the
+  // permuted router picks other experts.
   const FamilySpec spec = BuildSpec(*config);
-  EXPECT_TRUE(CheckSpec(spec, weights, *config).ok());
-  EXPECT_FALSE(CheckSpec(spec, weights).ok());
+  EXPECT_TRUE(CheckSpec(spec, weights).ok());
+  const auto order = std::find_if(spec.begin(), spec.end(), [](const GroupInfo& g) {
+    return g.name == "layers.0.experts";
+  });
+  ASSERT_NE(order, spec.end());
+  EXPECT_EQ(order->members.size(), 4u);  // gate, its bias, up_proj's and down_proj's lists
+  const std::vector<int64_t> index = {3, 0, 4, 2, 1};
+  Weights moved = testing::Clone(weights);
+  ApplyGather(*order, index, moved);
+  EXPECT_NE(moved.at("backbone.layers.0.mixer.experts.0.up_proj.weight").data_ptr(),
+            weights.at("backbone.layers.0.mixer.experts.0.up_proj.weight").data_ptr());
+  EXPECT_TRUE(torch::equal(moved.at("backbone.layers.0.mixer.experts.0.up_proj.weight"),
+                           weights.at("backbone.layers.0.mixer.experts.3.up_proj.weight")));
+  EXPECT_LE(testing::RelL2(MixerOnRandomInputs(*config, moved).second, out), 1e-13);
+  GroupInfo without_bias = *order;
+  without_bias.members.erase(without_bias.members.begin() + 1);
+  Weights broken = testing::Clone(weights);
+  ApplyGather(without_bias, index, broken);
+  EXPECT_GT(testing::RelL2(MixerOnRandomInputs(*config, broken).second, out), 1e-3);
 }
 
 constexpr char kBamba[] = R"({"model_type": "bamba", "hidden_size": 20, "num_hidden_layers": 4,
@@ -203,7 +221,7 @@ TEST(GraniteConfigTest, ReadsLayersMultipliersAndExperts) {
   auto config = ParseConfig(kGranite, "g");
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->mixers, (std::vector<MixerType>{MixerType::kMamba2, MixerType::kAttention}));
-  EXPECT_TRUE(config->grouped_gated_norm);
+  EXPECT_FALSE(config->grouped_gated_norm);  // over all of d_inner, as transformers 5.17
   EXPECT_EQ(config->attention.rotary_dim, 4);  // the whole head
   EXPECT_DOUBLE_EQ(config->attention.softmax_scale, 0.3);
   EXPECT_TRUE(config->mlp_gate_first);
@@ -605,6 +623,21 @@ TEST(Zamba2SharedBlockTest, IsItsDefinitionAndFeedsOnlyTheMixer) {
     if (name.find("shared_transformer") != std::string::npos) tensor.normal_();
   }
   EXPECT_GT(testing::RelL2(logits(live), logits(weights)), 1e-3);
+}
+
+
+// transformers 5.17 with two shared blocks saves a copy of each at every
+// hybrid layer, untied (its fixture, zamba2-blocks-untied, as
+// make_hybrid_goldens.py first wrote it): refused, naming the tensor and why.
+TEST(Zamba2ConfigTest, UntiedCopiesOfTheBlocksAreRefusedWithTheReason) {
+  auto checkpoint =
+      ReadCheckpoint(testing::GoldenDir("zamba2-blocks-untied") / "hf");
+  ASSERT_FALSE(checkpoint.ok());
+  EXPECT_EQ(checkpoint.status().code(), absl::StatusCode::kInvalidArgument);
+  const std::string message(checkpoint.status().message());
+  EXPECT_NE(message.find("model.layers.4.shared_transformer."), std::string::npos) << message;
+  EXPECT_NE(message.find("huggingface/transformers#47994"), std::string::npos) << message;
+  EXPECT_NE(message.find("under their first layers (1, 2)"), std::string::npos) << message;
 }
 
 }  // namespace

@@ -85,6 +85,22 @@ inline std::vector<GoldenCase> GoldenCases() {
           {"mamba_ssm-mamba2-gate-first", "mamba_ssm"}};
 }
 
+// Issue 19's hybrids: transformers' (make_hybrid_goldens.py) and mamba_ssm's
+// MLP and attention hybrids (make_mamba_ssm_goldens.py); the tests that hold
+// for every model take them beside GoldenCases().
+inline std::vector<GoldenCase> HybridGoldenCases() {
+  return {{"mamba_ssm-mamba2-mlp", "mamba_ssm"},
+          {"mamba_ssm-hybrid-attention", "mamba_ssm"},
+          {"nemotron_h-small", "hf"},
+          {"nemotron_h-gqa4", "hf"},
+          {"nemotron_h-experts", "hf"},
+          {"bamba-small", "hf"},
+          {"granite4-dense-nope", "hf"},
+          {"jamba-small", "hf"},
+          {"falcon_h1-small", "hf"},
+          {"zamba2-small", "hf"}};
+}
+
 struct Golden {
   std::vector<int64_t> input_ids;  // row-major [batch, seq]
   int64_t batch = 0;

@@ -100,7 +100,22 @@ int64_t SourcePosition(const GroupInfo& group, const Expansion& e,
 
 GroupMember Member(std::string tensor, int axis, int64_t offset, int64_t length,
                    std::string expand) {
-  return GroupMember{std::move(tensor), axis, offset, length, std::move(expand)};
+  GroupMember member;
+  member.tensor = std::move(tensor);
+  member.axis = axis;
+  member.offset = offset;
+  member.length = length;
+  member.expand = std::move(expand);
+  return member;
+}
+
+GroupMember TensorsMember(std::vector<std::string> tensors) {
+  GroupMember member;
+  member.tensor = tensors.empty() ? std::string() : tensors.front();
+  member.length = static_cast<int64_t>(tensors.size());
+  member.expand = "tensors";
+  member.tensors = std::move(tensors);
+  return member;
 }
 
 void AddRowBlocks(std::vector<GroupMember>& members, int64_t layer, const std::string& module,
@@ -157,9 +172,7 @@ FamilySpec BuildSpec(const ModelConfig& config) {
 
 namespace {
 
-// CheckSpec, but for the tensors in `unmoved`.
-absl::Status CheckSpecExcept(const FamilySpec& spec, const Weights& weights,
-                             const std::set<std::string>& unmoved) {
+absl::Status CheckSpecOf(const FamilySpec& spec, const Weights& weights) {
   std::set<std::string> touched;
   for (const GroupInfo& group : spec) {
     if (group.size <= 0 || (group.block > 0 && group.size % group.block != 0) ||
@@ -168,6 +181,25 @@ absl::Status CheckSpecExcept(const FamilySpec& spec, const Weights& weights,
                                               "' has inconsistent size/block/whole"));
     }
     for (const GroupMember& member : group.members) {
+      if (member.expand == "tensors") {
+        // Whole tensors, one per index, all of one shape.
+        if (static_cast<int64_t>(member.tensors.size()) != group.size) {
+          return absl::InternalError(absl::StrCat("symmetry spec: group '", group.name,
+                                                  "' moves ", member.tensors.size(),
+                                                  " whole tensors, not ", group.size));
+        }
+        for (const std::string& name : member.tensors) {
+          auto it = weights.find(name);
+          if (it == weights.end() ||
+              it->second.sizes() != weights.at(member.tensors.front()).sizes()) {
+            return absl::InternalError(absl::StrCat("symmetry spec: group '", group.name,
+                                                    "' moves '", name,
+                                                    "', missing or of another shape"));
+          }
+          touched.insert(name);
+        }
+        continue;
+      }
       auto it = weights.find(member.tensor);
       if (it == weights.end()) {
         return absl::InternalError(absl::StrCat("symmetry spec: group '", group.name,
@@ -188,7 +220,7 @@ absl::Status CheckSpecExcept(const FamilySpec& spec, const Weights& weights,
   }
   std::vector<std::string> untouched;
   for (const auto& [name, tensor] : weights) {
-    if (touched.count(name) == 0 && unmoved.count(name) == 0) untouched.push_back(name);
+    if (touched.count(name) == 0) untouched.push_back(name);
   }
   if (!untouched.empty()) {
     return absl::InternalError(absl::StrCat("symmetry spec covers no group for tensors: ",
@@ -200,12 +232,7 @@ absl::Status CheckSpecExcept(const FamilySpec& spec, const Weights& weights,
 }  // namespace
 
 absl::Status CheckSpec(const FamilySpec& spec, const Weights& weights) {
-  return CheckSpecExcept(spec, weights, {});
-}
-
-absl::Status CheckSpec(const FamilySpec& spec, const Weights& weights, const ModelConfig& config) {
-  const std::vector<std::string> unmoved = blocks::UnmovedTensors(config);
-  return CheckSpecExcept(spec, weights, std::set<std::string>(unmoved.begin(), unmoved.end()));
+  return CheckSpecOf(spec, weights);
 }
 
 
@@ -259,7 +286,70 @@ absl::Status ValidatePermutation(const GroupInfo& group, const std::vector<int64
   return absl::OkStatus();
 }
 
+namespace {
+
+// ApplyGathers where some group moves whole tensors between names: each
+// name's content is tracked through the permutations in order (where it
+// came from, and the source position of every index on each axis moved),
+// then gathered from its origin and stored under its name.
+void ApplyGathersAcrossNames(const std::vector<GroupPermutation>& perms, Weights& weights) {
+  struct Content {
+    std::string origin;
+    std::map<int, std::vector<int64_t>> source;  // axis -> source of each position
+  };
+  std::map<std::string, Content> contents;
+  auto at = [&](const std::string& name) -> Content& {
+    auto it = contents.find(name);
+    if (it == contents.end()) it = contents.emplace(name, Content{name, {}}).first;
+    return it->second;
+  };
+  for (const GroupPermutation& perm : perms) {
+    for (const GroupMember& member : perm.group->members) {
+      if (member.expand == "tensors") {
+        std::vector<Content> before;
+        for (const std::string& name : member.tensors) before.push_back(at(name));
+        for (size_t j = 0; j < member.tensors.size(); ++j) {
+          contents[member.tensors[j]] = before[static_cast<size_t>((*perm.index)[j])];
+        }
+        continue;
+      }
+      Content& content = at(member.tensor);
+      std::vector<int64_t>& source = content.source[member.axis];
+      if (source.empty()) {
+        source.resize(static_cast<size_t>(weights.at(content.origin).size(member.axis)));
+        for (size_t k = 0; k < source.size(); ++k) source[k] = static_cast<int64_t>(k);
+      }
+      Expansion e;
+      ParseExpansion(member.expand, &e);
+      std::vector<int64_t> moved(static_cast<size_t>(member.length));
+      const int64_t* slice = source.data() + member.offset;
+      for (int64_t k = 0; k < member.length; ++k) {
+        moved[static_cast<size_t>(k)] = slice[SourcePosition(*perm.group, e, *perm.index, k)];
+      }
+      std::copy(moved.begin(), moved.end(), source.begin() + member.offset);
+    }
+  }
+  std::map<std::string, torch::Tensor> gathered;
+  for (const auto& [name, content] : contents) gathered[name] = weights.at(content.origin);
+  std::vector<gather::TensorGather> plan;
+  for (const auto& [name, content] : contents) {
+    if (content.source.empty()) continue;
+    gather::TensorGather tensor_gather{&gathered.at(name), {}};
+    for (const auto& [axis, source] : content.source) tensor_gather.index_of[axis] = &source;
+    plan.push_back(std::move(tensor_gather));
+  }
+  if (!gather::GatherWithCuda(plan)) gather::GatherWithLibTorch(plan);
+  for (auto& [name, tensor] : gathered) weights[name] = std::move(tensor);
+}
+
+}  // namespace
+
 void ApplyGathers(const std::vector<GroupPermutation>& perms, Weights& weights) {
+  for (const GroupPermutation& perm : perms) {
+    for (const GroupMember& member : perm.group->members) {
+      if (member.expand == "tensors") return ApplyGathersAcrossNames(perms, weights);
+    }
+  }
   // The members that move each (tensor, axis), in order.
   std::map<std::string, std::map<int, std::vector<std::pair<const GroupPermutation*,
                                                             const GroupMember*>>>> moves;

@@ -25,6 +25,9 @@ FamilySpec BuildSpec(const ModelConfig& config);
 GroupInfo ResidualGroup(const ModelConfig& config);
 GroupMember Member(std::string tensor, int axis, int64_t offset, int64_t length,
                    std::string expand = "identity");
+// A member that moves whole tensors between `tensors` (expand "tensors",
+// types.h): one per index of its group.
+GroupMember TensorsMember(std::vector<std::string> tensors);
 // One member per offset for `length` rows of layer `layer`'s `module`.weight
 // along axis 0, then the same for `module`.bias when the checkpoint has one:
 // the blocks of a fused projection or convolution that move together.
@@ -38,9 +41,6 @@ GroupInfo NewGroup(std::string name, int64_t size, std::vector<GroupMember> memb
 // matches the group, and every weight is touched by some group (a forgotten
 // tensor fails here, not silently). Internal error otherwise.
 absl::Status CheckSpec(const FamilySpec& spec, const Weights& weights);
-// The same, but for the tensors `config`'s blocks say no symmetry of icd's
-// moves (blocks/mixer.h UnmovedTensors), which no group need touch.
-absl::Status CheckSpec(const FamilySpec& spec, const Weights& weights, const ModelConfig& config);
 
 // Length, range, repeats, block and whole constraints. Messages name the group.
 absl::Status ValidatePermutation(const GroupInfo& group, const std::vector<int64_t>& index);

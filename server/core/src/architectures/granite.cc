@@ -6,9 +6,9 @@
 namespace icd::config_fields {
 
 // IBM's Granite 4.0 (transformers' GraniteMoeHybridForCausalLM): Mamba-2
-// (the gated norm per group) and attention layers by layer_types (anything
-// but "mamba" is attention: q/k/v/o, a full rotary with position_embedding_
-// type "rope", none otherwise; the softmax scale is attention_multiplier),
+// (the gated norm over all of d_inner) and attention layers by layer_types ("mamba" or
+// "linear_attention"; "attention" or "full_attention": q/k/v/o, a full rotary
+// with position_embedding_type "rope", none otherwise; the softmax scale is attention_multiplier),
 // each followed by post_attention_layernorm and a shared gated MLP (its
 // input_linear's halves the gate, then the values) plus, with
 // num_local_experts > 0, a mixture of experts; embedding_multiplier,
@@ -25,14 +25,24 @@ absl::StatusOr<ModelConfig> ParseGranite(const Json& root, const std::string& so
     for (int64_t layer = 0; layer < c.n_layer; ++layer) {
       const Json& type = types[static_cast<size_t>(layer)];
       if (!type.is_string()) return f.Error(types_key, absl::StrCat("lists ", type.dump()));
-      if (type.get<std::string>() != "mamba") c.attention_layers.push_back(layer);
+      // transformers 5 writes the kinds as linear_attention and full_attention.
+      const std::string kind = type.get<std::string>();
+      if (kind == "attention" || kind == "full_attention") {
+        c.attention_layers.push_back(layer);
+      } else if (kind != "mamba" && kind != "linear_attention") {
+        return f.Error(types_key, absl::StrCat("names layer ", layer, " '", kind,
+                                               "'; expected mamba, attention, linear_attention "
+                                               "or full_attention"));
+      }
     }
   } else {
     ICD_ASSIGN_OR_RETURN(c.n_layer, f.PositiveInt("num_hidden_layers", 32));
   }
   if (c.n_layer < 1 || c.n_layer > kMaxLayers) return f.Error(types_key, "lists no layer, or too many");
   ICD_RETURN_IF_ERROR(ParseMambaFields(root, f, source, 256, c));
-  c.grouped_gated_norm = true;
+  // transformers 5.17's gated norm over all of d_inner, as its golden
+  // (granite4-dense-nope, two groups) showed: per group it is 0.22 away.
+  c.grouped_gated_norm = false;
 
   AttentionConfig& a = c.attention;
   ICD_ASSIGN_OR_RETURN(const int64_t default_kv_heads, f.PositiveInt("num_attention_heads", 32));

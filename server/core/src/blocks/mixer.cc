@@ -23,12 +23,4 @@ void ProjectionResidualMembers(const ModelConfig& config, int64_t layer,
   }
 }
 
-std::vector<std::string> UnmovedTensors(const ModelConfig& config) {
-  std::vector<std::string> unmoved;
-  for (const int64_t layer : config.moe.mixer_layers) {
-    unmoved.push_back(LayerTensorName(layer, "mixer.gate.e_score_correction_bias"));
-  }
-  return unmoved;
-}
-
 }  // namespace icd::blocks

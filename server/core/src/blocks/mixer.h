@@ -73,9 +73,10 @@ void ExpertResidualMembers(const ModelConfig& config, int64_t layer,
 torch::Tensor MixtureOfExperts(const ModelConfig& config, const Weights& weights, int64_t layer,
                                const torch::Tensor& normed,
                                const forward_internal::Capture& capture);
-// Jamba's mixture (blocks/shapes.h PerExpertLayer), in place of the MLP: a
-// group of hidden channels per expert ("layers.{i}.expert_hidden.{e}"); the
-// experts' order is not a group yet (it moves whole tensors between names).
+// Jamba's mixture (blocks/shapes.h PerExpertLayer), in place of the MLP: the
+// experts' order ("layers.{i}.experts": the router's rows and each expert's
+// tensors moved whole between names) and a group of hidden channels per
+// expert ("layers.{i}.expert_hidden.{e}").
 void PerExpertGroups(const ModelConfig& config, int64_t layer, FamilySpec& spec);
 void PerExpertResidualMembers(const ModelConfig& config, int64_t layer,
                               std::vector<GroupMember>& members);
@@ -101,11 +102,6 @@ torch::Tensor SharedBlock(const ModelConfig& config, const Weights& weights, int
                           const forward_internal::Precision& precision,
                           const torch::Tensor& residual, const torch::Tensor& embedded,
                           const forward_internal::Capture& capture, LayerState* state);
-
-// The tensors of `config`'s model that no group of icd's moves, by design:
-// Nemotron-H's router bias (e_score_correction_bias), which only the experts'
-// order would move, not a group yet.
-std::vector<std::string> UnmovedTensors(const ModelConfig& config);
 
 // The members both Mamba kinds give the residual group: in_proj's columns,
 // out_proj's rows (and its bias).

@@ -104,10 +104,31 @@ std::string ExpertTensor(int64_t layer, int64_t expert, const char* module,
                          absl::StrCat(parent, ".experts.", expert, ".", module, ".weight"));
 }
 
+// The experts' order where each expert's tensors have names of their own:
+// the router's rows (and its bias, where it has one) and, for each module,
+// every expert's tensor moved whole to the expert's new place.
+GroupInfo ExpertOrder(const ModelConfig& c, int64_t i, const std::vector<std::string>& router,
+                      std::initializer_list<const char*> modules, const char* parent) {
+  GroupInfo order = NewGroup(absl::StrCat("layers.", i, ".experts"), c.moe.experts);
+  for (const std::string& tensor : router) {
+    order.members.push_back(Member(tensor, 0, 0, c.moe.experts));
+  }
+  for (const char* module : modules) {
+    std::vector<std::string> tensors;
+    for (int64_t expert = 0; expert < c.moe.experts; ++expert) {
+      tensors.push_back(ExpertTensor(i, expert, module, parent));
+    }
+    order.members.push_back(TensorsMember(std::move(tensors)));
+  }
+  return order;
+}
+
 }  // namespace
 
 void PerExpertGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
   const int64_t hidden = c.moe.hidden;
+  spec.push_back(ExpertOrder(c, i, {LayerTensorName(i, "mlp.router.weight")},
+                             {"gate_proj", "up_proj", "down_proj"}, "mlp"));
   for (int64_t expert = 0; expert < c.moe.experts; ++expert) {
     spec.push_back(NewGroup(absl::StrCat("layers.", i, ".expert_hidden.", expert), hidden,
                             {Member(ExpertTensor(i, expert, "gate_proj"), 0, 0, hidden),
@@ -137,6 +158,7 @@ torch::Tensor PerExpertMixture(const ModelConfig& c, const Weights& weights, int
   // Softmax over every expert in float32, then the top k, not renormalised.
   const torch::Tensor probabilities =
       torch::softmax(forward_internal::Linear(positions, router).to(wide), -1);  // [T, E]
+  capture.Add(absl::StrCat("layers.", i, ".experts"), probabilities);
   const auto [top_probabilities, top_experts] = probabilities.topk(c.moe.top_k, -1);
   const torch::Tensor gates = top_probabilities.to(compute);
   const torch::Tensor out = RouteToExperts(
@@ -155,15 +177,19 @@ torch::Tensor PerExpertMixture(const ModelConfig& c, const Weights& weights, int
 
 namespace {
 
-// Nemotron-H's experts as a layer's mixer: a hidden-channel group per expert
-// and one for the shared expert; the experts' order (the gate's rows, its
-// bias, whole expert tensors) is not a group yet, as for Jamba.
+// Nemotron-H's experts as a layer's mixer: the experts' order (the gate's
+// rows and its bias, whole expert tensors), a hidden-channel group per expert
+// and one for the shared expert.
 std::string NemotronExpert(int64_t layer, int64_t expert, const char* module) {
   return ExpertTensor(layer, expert, module, "mixer");
 }
 
 void ExpertsMixerGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
   const int64_t hidden = c.moe.hidden;
+  spec.push_back(ExpertOrder(c, i,
+                             {LayerTensorName(i, "mixer.gate.weight"),
+                              LayerTensorName(i, "mixer.gate.e_score_correction_bias")},
+                             {"up_proj", "down_proj"}, "mixer"));
   for (int64_t expert = 0; expert < c.moe.experts; ++expert) {
     spec.push_back(NewGroup(absl::StrCat("layers.", i, ".expert_hidden.", expert), hidden,
                             {Member(NemotronExpert(i, expert, "up_proj"), 0, 0, hidden),
@@ -210,6 +236,7 @@ torch::Tensor ExpertsMixer(const ModelConfig& c, const Weights& weights, int64_t
       forward_internal::TensorAs(weights, LayerTensorName(i, "mixer.gate.weight"), wide).t()));
   const torch::Tensor bias = forward_internal::TensorAs(
       weights, LayerTensorName(i, "mixer.gate.e_score_correction_bias"), wide);
+  capture.Add(absl::StrCat("layers.", i, ".experts"), scores);
   const torch::Tensor top_experts = std::get<1>((scores + bias).topk(c.moe.top_k, -1));  // [T, k]
   torch::Tensor top_weights = scores.gather(-1, top_experts);
   if (c.moe.normalize) top_weights = top_weights / (top_weights.sum(-1, true) + 1e-20);

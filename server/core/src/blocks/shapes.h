@@ -92,6 +92,10 @@ std::string AdapterTensorName(const ModelConfig& config, int64_t block, const st
 // The adapter slots of block k: the hybrid layers' places j with j mod blocks = k.
 std::vector<int64_t> AdapterSlots(const ModelConfig& config, int64_t block);
 void AddSharedBlockTensors(const ModelConfig& config, TensorShapes& shapes);
+// Why a checkpoint may hold `canonical`, a tensor the config does not
+// expect, where a known cause explains it (else empty): a Zamba2 block saved
+// again under a later hybrid layer.
+std::string WhyUnexpected(const ModelConfig& config, const std::string& canonical);
 void SharedBlockDims(const ModelConfig& config, std::map<std::string, int64_t>& dims);
 
 // Whether layer `layer` holds an attention cache beside its mixer's state

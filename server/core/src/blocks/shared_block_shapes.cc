@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "blocks/shapes.h"
 
 namespace icd::blocks {
@@ -74,6 +75,19 @@ void AddSharedBlockTensors(const ModelConfig& c, TensorShapes& shapes) {
       shapes[AdapterTensorName(c, block, list, slot, 1)] = {2 * s.hidden, s.adapter_rank};
     }
   }
+}
+
+std::string WhyUnexpected(const ModelConfig& c, const std::string& canonical) {
+  if (!HasSharedBlocks(c) || canonical.find(".shared_transformer.") == std::string::npos) return "";
+  std::vector<std::string> firsts;
+  for (int64_t block = 0; block < c.shared.blocks; ++block) {
+    firsts.push_back(std::to_string(c.shared.layers[static_cast<size_t>(block)]));
+  }
+  return absl::StrCat(
+      "a shared block saved again under another hybrid layer. transformers 5 builds a copy of "
+      "each block at every hybrid layer when num_mem_blocks > 1 and saves them untied "
+      "(huggingface/transformers#47994); icd reads Zamba2's blocks stored once, under their "
+      "first layers (", absl::StrJoin(firsts, ", "), "), as Zyphra's checkpoints hold them");
 }
 
 void SharedBlockDims(const ModelConfig& c, std::map<std::string, int64_t>& dims) {

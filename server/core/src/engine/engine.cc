@@ -51,10 +51,14 @@ absl::StatusOr<std::vector<GroupInfo>> Engine::Symmetries(const std::string& nam
     for (GroupMember& member : group.members) {
       // The name the checkpoint's files gave it (what ReadTensors and an
       // export use), else the layout's.
-      auto stored = model->layout.stored_name.find(member.tensor);
-      member.tensor = stored != model->layout.stored_name.end()
-                          ? stored->second
-                          : LayoutTensorName(model->config.layout, member.tensor);
+      auto named = [&](const std::string& tensor) {
+        auto stored = model->layout.stored_name.find(tensor);
+        return stored != model->layout.stored_name.end()
+                   ? stored->second
+                   : LayoutTensorName(model->config.layout, tensor);
+      };
+      member.tensor = named(member.tensor);
+      for (std::string& tensor : member.tensors) tensor = named(tensor);
     }
   }
   return groups;

@@ -283,7 +283,7 @@ class Engine::Impl {
     model->weights = std::move(checkpoint.weights);
     model->layout = std::move(checkpoint.layout);
     model->spec = BuildSpec(model->config);
-    ICD_RETURN_IF_ERROR(CheckSpec(model->spec, model->weights, model->config));
+    ICD_RETURN_IF_ERROR(CheckSpec(model->spec, model->weights));
     for (const GroupInfo& group : model->spec) model->groups[group.name] = &group;
     ICD_ASSIGN_OR_RETURN(model->probe,
                          TakeProbe(model->config, model->weights, checkpoint.fingerprint, ctx));

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "blocks/shapes.h"
 #include "io/config.h"
 #include "icd/core/status_macros.h"
 #include "io/safetensors.h"
@@ -287,11 +288,12 @@ absl::StatusOr<Checkpoint> ReadCheckpoint(
       }
       auto shape = expected.find(canonical);
       if (shape == expected.end()) {
+        const std::string why = blocks::WhyUnexpected(config, canonical);
         return absl::InvalidArgumentError(absl::StrCat(
             path.string(), ": unexpected tensor '", named.name, "' for a ",
             std::string(FamilyName(config.family)), " model in the ",
-            std::string(LayoutName(config.layout)),
-            " layout (another architecture or a hybrid?)"));
+            std::string(LayoutName(config.layout)), " layout",
+            why.empty() ? " (another architecture or a hybrid?)" : ": " + why));
       }
       if (named.tensor.sizes().vec() != shape->second) {
         return absl::InvalidArgumentError(absl::StrFormat(

@@ -71,7 +71,12 @@ struct GroupMember {
   //                  block's channels, moved as the group moves them, and
   //                  the rest stay: position s*S+O+q takes old position
   //                  s*S+O+(p[b*block+q]-b*block), b = s/C.
+  //   "tensors"      the group moves whole tensors between the names in
+  //                  `tensors` (a checkpoint that stores one tensor per
+  //                  expert): tensors[j] takes what tensors[p[j]] held;
+  //                  `tensor` is tensors[0], axis, offset and length unused.
   std::string expand = "identity";
+  std::vector<std::string> tensors;
 };
 
 struct GroupInfo {

@@ -55,12 +55,13 @@ absl::Status Models(const Line& line, Context& ctx) {
     return absl::OkStatus();
   }
   std::vector<std::vector<std::string>> rows = {
-      {"NAME", "FAMILY", "LAYOUT", "DEVICE", "DTYPE", "PARAMETERS", "VERSION", "PATH"}};
+      {"NAME", "ARCHITECTURE", "FAMILY", "LAYOUT", "DEVICE", "DTYPE", "PARAMETERS", "VERSION",
+       "PATH"}};
   for (const auto& m : models) {
-    rows.push_back({m.name(), m.family(), m.layout(), m.device(), m.dtype(),
+    rows.push_back({m.name(), m.architecture(), m.family(), m.layout(), m.device(), m.dtype(),
                     std::to_string(m.parameters()), std::to_string(m.version()), m.path()});
   }
-  PrintTable(rows, {false, false, false, false, false, true, true, false});
+  PrintTable(rows, {false, false, false, false, false, false, true, true, false});
   return absl::OkStatus();
 }
 

@@ -1,8 +1,8 @@
 #!/usr/bin/python3
 """`make demo`: icd-server on loopback with icd's two trained reference
 models (models/: byte-level Mamba-2 and Mamba-1 trained on the Python
-documentation), driven through the main job by the Python client (and icdctl
-for the listings).
+documentation) and a hybrid (Zamba2, a golden fixture), driven through the
+main job by the Python client (and icdctl for the listings).
 
 For each model: load, list its symmetry groups, apply a random permutation of
 every group, verify, evaluate before and after, export, reload the export and
@@ -27,9 +27,13 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 REFERENCE = os.path.join(REPO, "models")
-# (model, layout): the Mamba-2 (two B/C groups) in HF layout, the Mamba-1 in
-# mamba_ssm layout.
-MODELS = [("mamba2-pydoc", "hf"), ("mamba1-pydoc", "mamba_ssm")]
+# (root, model, layout): the Mamba-2 (two B/C groups) in HF layout, the
+# Mamba-1 in mamba_ssm layout; and a hybrid, transformers' Zamba2 (a shared
+# attention + MLP block at three layers beside Mamba-2; a golden fixture, its
+# random weights untrained, 41 tokens: the text's bytes are taken modulo 41).
+GOLDEN = os.path.join(REPO, "tests", "fixtures", "golden")
+MODELS = [(REFERENCE, "mamba2-pydoc", "hf"), (REFERENCE, "mamba1-pydoc", "mamba_ssm"),
+          (GOLDEN, "zamba2-small", "hf")]
 SEED = 20240601
 
 
@@ -70,18 +74,20 @@ def run_model(client, icd, fixture, layout):
     name = fixture
     ok = True
     info = client.load(name, os.path.join(fixture, layout))
+    vocab = info.dims["vocab_size"]
+    ids, capture = IDS % vocab, CAPTURE % vocab
     syms = client.symmetries(name)
-    before = client.evaluate(name, IDS, return_logits=True)
+    before = client.evaluate(name, ids, return_logits=True)
     perms = icd.random_permutations(syms, SEED)
     t0 = time.perf_counter()
     report = client.apply(name, perms, expected_version=info.version)
     call_ms = (time.perf_counter() - t0) * 1e3
     check = client.verify(name)
-    after = client.evaluate(name, IDS, return_logits=True)
+    after = client.evaluate(name, ids, return_logits=True)
     export = client.export(name, name + "-permuted")
     reloaded_name = name + "-reloaded"
     client.load(reloaded_name, export.path)  # the export root is also a model root
-    reloaded = client.evaluate(reloaded_name, IDS, return_logits=True)
+    reloaded = client.evaluate(reloaded_name, ids, return_logits=True)
 
     c = report.correctness
     drift = rel_l2(after["logits"], before["logits"])
@@ -91,9 +97,9 @@ def run_model(client, icd, fixture, layout):
     ok &= report.version == info.version + 1 and agree == 1.0
 
     print("== %s ==" % name)
-    print("model      %s: family %s, layout %s, %s on %s, %d parameters, version %d"
-          % (info.name, info.family, info.layout, info.dtype, info.device, info.parameters,
-             info.version))
+    print("model      %s: %s (family %s), layout %s, %s on %s, %d parameters, version %d"
+          % (info.name, info.architecture or info.family, info.family, info.layout, info.dtype,
+             info.device, info.parameters, info.version))
     print("groups     %d: %s" % (len(syms.groups), " ".join(group_summary(syms))))
     print("apply      %d permutations (seed %d): %.3f ms in the server (%.1f ms the call,"
           " with the check); version %d -> %d"
@@ -112,7 +118,7 @@ def run_model(client, icd, fixture, layout):
 
     # Traces -> π: the server runs the model on tokens, captures every group's
     # activations, solves each group; the permutations apply as they are.
-    tokens = CAPTURE
+    tokens = capture
     t0 = time.perf_counter()
     results = client.capture_permutation(name, tokens, seeds=2)
     capture_ms = (time.perf_counter() - t0) * 1e3
@@ -147,8 +153,8 @@ def main():
     models = os.path.join(tmp, "models")
     exports = os.path.join(tmp, "exports")
     os.makedirs(exports)
-    for fixture, layout in MODELS:
-        shutil.copytree(os.path.join(REFERENCE, fixture, layout),
+    for root, fixture, layout in MODELS:
+        shutil.copytree(os.path.join(root, fixture, layout),
                         os.path.join(models, fixture, layout))
     from icd_client.local_server import LocalServer
     with LocalServer(server_bin, model_roots=[models, exports],
@@ -157,7 +163,7 @@ def main():
         with icd.Client(server.address, timeout=300) as client:
             print("health     %s\n" % ("SERVING" if client.health() else "NOT SERVING"))
             ok = all([run_model(client, icd, fixture, layout)
-                      for fixture, layout in MODELS])
+                      for _, fixture, layout in MODELS])
         print("$ icdctl --server %s models" % server.address)
         sys.stdout.flush()
         ok &= subprocess.run([icdctl, "--server", server.address, "models"]).returncode == 0

@@ -264,6 +264,10 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, CudaTest, ::testing::ValuesIn(testing::Golden
                          [](const auto& param_info) {
                            return testing::GoldenCaseLabel(param_info.param);
                          });
+INSTANTIATE_TEST_SUITE_P(Hybrids, CudaTest, ::testing::ValuesIn(testing::HybridGoldenCases()),
+                         [](const auto& param_info) {
+                           return testing::GoldenCaseLabel(param_info.param);
+                         });
 
 // ---- MeasureLatency on cuda ---------------------------------------------------
 

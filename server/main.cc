@@ -38,10 +38,12 @@ namespace {
 constexpr char kUsage[] = R"(icd-server: a gRPC permutation service for Mamba models.
 
 It loads Mamba checkpoints (Mamba-1, FalconMamba, Mamba-2; HuggingFace or
-mamba_ssm layout) by name, computes channel permutations of their symmetry
-groups from activation traces (streamed by the client, or captured by running
-the model on tokens), applies them, checks that the logits are unchanged,
-evaluates, reads and writes tensors and exports the permuted checkpoint. The service is
+mamba_ssm layout) and hybrids (mamba_ssm's with attention and MLPs, NemotronH,
+Bamba, Granite 4.0, Jamba, Falcon-H1, Zamba2) by name, computes channel
+permutations of their symmetry groups from activation traces (streamed by the
+client, or captured by running the model on tokens), applies them, checks that
+the logits are unchanged, evaluates, reads and writes tensors and exports the
+permuted checkpoint. The service is
 icd.v1.PermutationService (proto/icd/v1/permutation.proto); gRPC health
 (grpc.health.v1.Health) and server reflection are served too, so grpcurl and
 `buf curl` can list and call everything without the .proto file.

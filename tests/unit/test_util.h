@@ -95,10 +95,12 @@ inline std::vector<GoldenCase> HybridGoldenCases() {
           {"nemotron_h-gqa4", "hf"},
           {"nemotron_h-experts", "hf"},
           {"bamba-small", "hf"},
+          {"granite4-moe", "hf"},
           {"granite4-dense-nope", "hf"},
           {"jamba-small", "hf"},
           {"falcon_h1-small", "hf"},
-          {"zamba2-small", "hf"}};
+          {"zamba2-small", "hf"},
+          {"zamba2-blocks", "hf"}};
 }
 
 struct Golden {

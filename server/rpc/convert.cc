@@ -38,6 +38,7 @@ void ToProto(const GroupInfo& in, v1::Group* out) {
     pm->set_length(m.length);
     pm->set_expand(m.expand);
     for (const std::string& tensor : m.tensors) pm->add_tensors(tensor);
+    if (m.slice >= 0) pm->set_slice(m.slice);
   }
 }
 

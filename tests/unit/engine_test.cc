@@ -383,9 +383,12 @@ TEST_F(EngineTest, GraniteLoadsAppliesAndExportsUnderItsOwnNames) {
       });
   EXPECT_EQ(groups, (std::vector<std::string>{
                         "residual", "layers.0.heads", "layers.0.value_dims", "layers.0.mlp",
-                        "layers.0.experts", "layers.0.expert_hidden", "layers.1.heads",
-                        "layers.1.headdim", "layers.1.state", "layers.1.mlp",
-                        "layers.1.experts", "layers.1.expert_hidden"}));
+                        "layers.0.experts", "layers.0.expert_hidden.0",
+                        "layers.0.expert_hidden.1", "layers.0.expert_hidden.2",
+                        "layers.0.expert_hidden.3", "layers.1.heads", "layers.1.headdim",
+                        "layers.1.state", "layers.1.mlp", "layers.1.experts",
+                        "layers.1.expert_hidden.0", "layers.1.expert_hidden.1",
+                        "layers.1.expert_hidden.2", "layers.1.expert_hidden.3"}));
 }
 
 // Zyphra's Zamba2 under its own names: a hybrid layer's Mamba layer as

@@ -109,6 +109,13 @@ GroupMember Member(std::string tensor, int axis, int64_t offset, int64_t length,
   return member;
 }
 
+GroupMember SliceMember(std::string tensor, int64_t slice, int axis, int64_t offset,
+                        int64_t length) {
+  GroupMember member = Member(std::move(tensor), axis, offset, length);
+  member.slice = slice;
+  return member;
+}
+
 GroupMember TensorsMember(std::vector<std::string> tensors) {
   GroupMember member;
   member.tensor = tensors.empty() ? std::string() : tensors.front();
@@ -207,7 +214,8 @@ absl::Status CheckSpecOf(const FamilySpec& spec, const Weights& weights) {
       }
       const torch::Tensor& tensor = it->second;
       Expansion e;
-      if (member.axis < 0 || member.axis >= tensor.dim() || !ParseExpansion(member.expand, &e) ||
+      if ((member.slice >= 0 && (member.axis < 1 || member.slice >= tensor.size(0))) ||
+          member.axis < 0 || member.axis >= tensor.dim() || !ParseExpansion(member.expand, &e) ||
           ExpectedLength(group, e) != member.length || member.offset < 0 ||
           member.offset + member.length > tensor.size(member.axis)) {
         return absl::InternalError(absl::StrCat(
@@ -288,49 +296,91 @@ absl::Status ValidatePermutation(const GroupInfo& group, const std::vector<int64
 
 namespace {
 
-// ApplyGathers where some group moves whole tensors between names: each
-// name's content is tracked through the permutations in order (where it
-// came from, and the source position of every index on each axis moved),
-// then gathered from its origin and stored under its name.
+// ApplyGathers where some group moves whole tensors between names, or one
+// slice of a stacked tensor: each name's content is tracked through the
+// permutations in order (where it came from, and the source position of
+// every index on each axis moved), then gathered from its origin and stored
+// under its name. A tensor that some member moves by slice is tracked as one
+// content per slice of axis 0 (its axes shifted down by one), stacked again
+// at the end.
 void ApplyGathersAcrossNames(const std::vector<GroupPermutation>& perms, Weights& weights) {
   struct Content {
     std::string origin;
     std::map<int, std::vector<int64_t>> source;  // axis -> source of each position
   };
+  // Slice s of tensor T: "T\x1fs" (no tensor name holds a unit separator).
+  const auto slice_name = [](const std::string& tensor, int64_t slice) {
+    return tensor + '\x1f' + std::to_string(slice);
+  };
+  const auto origin_tensor = [&](const std::string& name) {
+    const size_t cut = name.find('\x1f');
+    if (cut == std::string::npos) return weights.at(name);
+    return weights.at(name.substr(0, cut)).select(0, std::stoll(name.substr(cut + 1)));
+  };
+  std::set<std::string> split;
+  for (const GroupPermutation& perm : perms) {
+    for (const GroupMember& member : perm.group->members) {
+      if (member.slice >= 0) split.insert(member.tensor);
+    }
+  }
   std::map<std::string, Content> contents;
   auto at = [&](const std::string& name) -> Content& {
     auto it = contents.find(name);
     if (it == contents.end()) it = contents.emplace(name, Content{name, {}}).first;
     return it->second;
   };
+  // Positions [offset, offset + length) of `axis` of `name`'s content, moved
+  // by the member's expansion of `perm`.
+  const auto move = [&](const GroupPermutation& perm, const GroupMember& member,
+                        const std::string& name, int axis) {
+    Content& content = at(name);
+    std::vector<int64_t>& source = content.source[axis];
+    if (source.empty()) {
+      source.resize(static_cast<size_t>(origin_tensor(content.origin).size(axis)));
+      for (size_t k = 0; k < source.size(); ++k) source[k] = static_cast<int64_t>(k);
+    }
+    Expansion e;
+    ParseExpansion(member.expand, &e);
+    std::vector<int64_t> moved(static_cast<size_t>(member.length));
+    const int64_t* slice = source.data() + member.offset;
+    for (int64_t k = 0; k < member.length; ++k) {
+      moved[static_cast<size_t>(k)] = slice[SourcePosition(*perm.group, e, *perm.index, k)];
+    }
+    std::copy(moved.begin(), moved.end(), source.begin() + member.offset);
+  };
   for (const GroupPermutation& perm : perms) {
     for (const GroupMember& member : perm.group->members) {
+      std::vector<std::string> names;  // contents exchanged whole, in the group's order
       if (member.expand == "tensors") {
-        std::vector<Content> before;
-        for (const std::string& name : member.tensors) before.push_back(at(name));
-        for (size_t j = 0; j < member.tensors.size(); ++j) {
-          contents[member.tensors[j]] = before[static_cast<size_t>((*perm.index)[j])];
+        names = member.tensors;
+      } else if (member.slice >= 0) {
+        move(perm, member, slice_name(member.tensor, member.slice), member.axis - 1);
+        continue;
+      } else if (split.count(member.tensor) > 0 && member.axis == 0) {
+        for (int64_t k = 0; k < member.length; ++k) {
+          names.push_back(slice_name(member.tensor, member.offset + k));
+        }
+      } else if (split.count(member.tensor) > 0) {
+        for (int64_t s = 0; s < weights.at(member.tensor).size(0); ++s) {
+          move(perm, member, slice_name(member.tensor, s), member.axis - 1);
         }
         continue;
-      }
-      Content& content = at(member.tensor);
-      std::vector<int64_t>& source = content.source[member.axis];
-      if (source.empty()) {
-        source.resize(static_cast<size_t>(weights.at(content.origin).size(member.axis)));
-        for (size_t k = 0; k < source.size(); ++k) source[k] = static_cast<int64_t>(k);
+      } else {
+        move(perm, member, member.tensor, member.axis);
+        continue;
       }
       Expansion e;
-      ParseExpansion(member.expand, &e);
-      std::vector<int64_t> moved(static_cast<size_t>(member.length));
-      const int64_t* slice = source.data() + member.offset;
-      for (int64_t k = 0; k < member.length; ++k) {
-        moved[static_cast<size_t>(k)] = slice[SourcePosition(*perm.group, e, *perm.index, k)];
+      ParseExpansion(member.expand == "tensors" ? "identity" : member.expand, &e);
+      std::vector<Content> before;
+      for (const std::string& name : names) before.push_back(at(name));
+      for (size_t j = 0; j < names.size(); ++j) {
+        const int64_t from = SourcePosition(*perm.group, e, *perm.index, static_cast<int64_t>(j));
+        contents[names[j]] = before[static_cast<size_t>(from)];
       }
-      std::copy(moved.begin(), moved.end(), source.begin() + member.offset);
     }
   }
   std::map<std::string, torch::Tensor> gathered;
-  for (const auto& [name, content] : contents) gathered[name] = weights.at(content.origin);
+  for (const auto& [name, content] : contents) gathered[name] = origin_tensor(content.origin);
   std::vector<gather::TensorGather> plan;
   for (const auto& [name, content] : contents) {
     if (content.source.empty()) continue;
@@ -339,7 +389,17 @@ void ApplyGathersAcrossNames(const std::vector<GroupPermutation>& perms, Weights
     plan.push_back(std::move(tensor_gather));
   }
   if (!gather::GatherWithCuda(plan)) gather::GatherWithLibTorch(plan);
-  for (auto& [name, tensor] : gathered) weights[name] = std::move(tensor);
+  for (const std::string& tensor : split) {
+    std::vector<torch::Tensor> slices;
+    for (int64_t s = 0; s < weights.at(tensor).size(0); ++s) {
+      auto it = gathered.find(slice_name(tensor, s));
+      slices.push_back(it != gathered.end() ? it->second : weights.at(tensor).select(0, s));
+    }
+    weights[tensor] = torch::stack(slices, 0);
+  }
+  for (auto& [name, tensor] : gathered) {
+    if (name.find('\x1f') == std::string::npos) weights[name] = std::move(tensor);
+  }
 }
 
 }  // namespace
@@ -347,7 +407,9 @@ void ApplyGathersAcrossNames(const std::vector<GroupPermutation>& perms, Weights
 void ApplyGathers(const std::vector<GroupPermutation>& perms, Weights& weights) {
   for (const GroupPermutation& perm : perms) {
     for (const GroupMember& member : perm.group->members) {
-      if (member.expand == "tensors") return ApplyGathersAcrossNames(perms, weights);
+      if (member.expand == "tensors" || member.slice >= 0) {
+        return ApplyGathersAcrossNames(perms, weights);
+      }
     }
   }
   // The members that move each (tensor, axis), in order.

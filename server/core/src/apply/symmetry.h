@@ -28,6 +28,10 @@ GroupMember Member(std::string tensor, int axis, int64_t offset, int64_t length,
 // A member that moves whole tensors between `tensors` (expand "tensors",
 // types.h): one per index of its group.
 GroupMember TensorsMember(std::vector<std::string> tensors);
+// A member of one slice of axis 0 (GroupMember::slice): `axis` >= 1 of the
+// sub-tensor at `slice`, as Member otherwise.
+GroupMember SliceMember(std::string tensor, int64_t slice, int axis, int64_t offset,
+                        int64_t length);
 // One member per offset for `length` rows of layer `layer`'s `module`.weight
 // along axis 0, then the same for `module`.bias when the checkpoint has one:
 // the blocks of a fused projection or convolution that move together.

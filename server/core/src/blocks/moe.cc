@@ -5,10 +5,9 @@
 // gate, then the values) and their weighted outputs are summed.
 // Groups: the order of the experts (the router's rows and every stacked
 // tensor's first axis move together: a position picks the same experts with
-// the same weights, summed in another order); and the experts' hidden
-// channels, one permutation for all of them (each expert's MLP argument,
-// with the same σ in every expert; a σ per expert needs members per expert,
-// not yet).
+// the same weights, summed in another order); and each expert's hidden
+// channels, a permutation of its own (members restricted to the expert's
+// slice of the stacked tensors).
 #include <functional>
 
 #include "absl/strings/str_cat.h"
@@ -50,11 +49,13 @@ void ExpertGroups(const ModelConfig& c, int64_t i, FamilySpec& spec) {
     order.members.push_back(Member(t(tensor), 0, 0, experts));
   }
   spec.push_back(std::move(order));
-  GroupInfo channels = NewGroup(absl::StrCat("layers.", i, ".expert_hidden"), hidden);
-  channels.members.push_back(Member(t("moe.fc1.weight"), 1, 0, hidden));
-  channels.members.push_back(Member(t("moe.fc1.weight"), 1, hidden, hidden));
-  channels.members.push_back(Member(t("moe.fc2.weight"), 2, 0, hidden));
-  spec.push_back(std::move(channels));
+  // Each expert's hidden channels, its slice of the stacked tensors.
+  for (int64_t expert = 0; expert < experts; ++expert) {
+    spec.push_back(NewGroup(absl::StrCat("layers.", i, ".expert_hidden.", expert), hidden,
+                            {SliceMember(t("moe.fc1.weight"), expert, 1, 0, hidden),
+                             SliceMember(t("moe.fc1.weight"), expert, 1, hidden, hidden),
+                             SliceMember(t("moe.fc2.weight"), expert, 2, 0, hidden)}));
+  }
 }
 
 void ExpertResidualMembers(const ModelConfig& c, int64_t i, std::vector<GroupMember>& members) {
@@ -88,7 +89,7 @@ torch::Tensor MixtureOfExperts(const ModelConfig& c, const Weights& weights, int
         const torch::Tensor projected = forward_internal::Linear(x, fc1.select(0, expert));
         const torch::Tensor activations =
             torch::silu(projected.narrow(-1, 0, hidden)) * projected.narrow(-1, hidden, hidden);
-        capture.Add(absl::StrCat("layers.", i, ".expert_hidden"), activations);
+        capture.Add(absl::StrCat("layers.", i, ".expert_hidden.", expert), activations);
         return forward_internal::Linear(activations, fc2.select(0, expert));
       });
   return out.reshape(normed.sizes());

@@ -77,6 +77,10 @@ struct GroupMember {
   //                  `tensor` is tensors[0], axis, offset and length unused.
   std::string expand = "identity";
   std::vector<std::string> tensors;
+  // >= 0: the member moves only the sub-tensor at this index of axis 0 (one
+  // expert of experts stacked [E, ...]); axis counts the whole tensor's axes
+  // (>= 1). -1: the whole tensor.
+  int64_t slice = -1;
 };
 
 struct GroupInfo {

@@ -64,7 +64,7 @@ torch::Tensor GatedMlp(const ModelConfig& config, const Weights& weights, int64_
                        const torch::Tensor& normed, const forward_internal::Capture& capture);
 
 // A mixture of experts beside that MLP (blocks/moe.cc, config.moe): its
-// groups (the experts' order, their hidden channels), its residual members
+// groups (the experts' order, each expert's hidden channels), its residual members
 // (the router's and the experts' d_model axes) and its forward, normed
 // [B, L, d_model] -> [B, L, d_model], added to the MLP's.
 void ExpertGroups(const ModelConfig& config, int64_t layer, FamilySpec& spec);

@@ -15,18 +15,11 @@ namespace icd::config_fields {
 // (io/checkpoint.cc maps them to icd's canonical names).
 absl::StatusOr<ModelConfig> ParseZamba2(const Json& root, const std::string& source) {
   Fields f(root, source);
-  ModelConfig c;
-  c.layout = Layout::kHf;
-  c.architecture = "zamba2";
-  c.family = Family::kMamba2;
-  ICD_ASSIGN_OR_RETURN(c.d_model, f.PositiveInt("hidden_size", 2560));
+  ICD_ASSIGN_OR_RETURN(ModelConfig c, HfHybridBase(f, source, "zamba2", Family::kMamba2, 32000,
+                                                   1e-5, /*tied=*/true, "gelu"));
+  if (!f.Has("hidden_size")) c.d_model = 2560;  // Zamba2Config's default
+  // Bounded here: the attention reads 2 x hidden_size.
   if (c.d_model > kMaxDimension) return f.Error("hidden_size", "is too large");
-  ICD_ASSIGN_OR_RETURN(c.vocab_size, f.PositiveInt("vocab_size", 32000));
-  c.vocab_unpadded = c.vocab_size;
-  ICD_ASSIGN_OR_RETURN(c.tied, f.Bool("tie_word_embeddings", true));
-  ICD_ASSIGN_OR_RETURN(c.norm_eps, f.Number("rms_norm_eps", 1e-5));
-  ICD_ASSIGN_OR_RETURN(std::string act, f.String("hidden_act", "gelu"));
-  if (act != "gelu") return Unsupported(source, absl::StrCat("hidden_act '", act, "'"));
   ICD_ASSIGN_OR_RETURN(c.n_layer, f.PositiveInt("num_hidden_layers", 54));
   if (c.n_layer > kMaxLayers) return f.Error("num_hidden_layers", "is too large");
 

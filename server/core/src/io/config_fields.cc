@@ -131,7 +131,8 @@ absl::Status ParseTimeStepLimit(const Json& root, const Fields& f, const char* k
 
 absl::StatusOr<ModelConfig> HfHybridBase(const Fields& f, const std::string& source,
                                          const char* architecture, Family family,
-                                         int64_t default_vocab, double default_eps) {
+                                         int64_t default_vocab, double default_eps, bool tied,
+                                         const char* activation) {
   ModelConfig c;
   c.layout = Layout::kHf;
   c.architecture = architecture;
@@ -139,10 +140,10 @@ absl::StatusOr<ModelConfig> HfHybridBase(const Fields& f, const std::string& sou
   ICD_ASSIGN_OR_RETURN(c.d_model, f.PositiveInt("hidden_size", 4096));
   ICD_ASSIGN_OR_RETURN(c.vocab_size, f.PositiveInt("vocab_size", default_vocab));
   c.vocab_unpadded = c.vocab_size;
-  ICD_ASSIGN_OR_RETURN(c.tied, f.Bool("tie_word_embeddings", false));
+  ICD_ASSIGN_OR_RETURN(c.tied, f.Bool("tie_word_embeddings", tied));
   ICD_ASSIGN_OR_RETURN(c.norm_eps, f.Number("rms_norm_eps", default_eps));
-  ICD_ASSIGN_OR_RETURN(std::string act, f.String("hidden_act", "silu"));
-  if (act != "silu") return Unsupported(source, absl::StrCat("hidden_act '", act, "'"));
+  ICD_ASSIGN_OR_RETURN(std::string act, f.String("hidden_act", activation));
+  if (act != activation) return Unsupported(source, absl::StrCat("hidden_act '", act, "'"));
   return c;
 }
 

@@ -142,10 +142,12 @@ absl::Status ParseMambaFields(const Json& root, const Fields& f, const std::stri
 absl::Status ParseTimeStepLimit(const Json& root, const Fields& f, const char* key,
                                 ModelConfig& c);
 // The fields every transformers hybrid shares: hidden_size, vocab_size,
-// tie_word_embeddings (false), rms_norm_eps, hidden_act (silu only).
+// tie_word_embeddings (default `tied`), rms_norm_eps, hidden_act (`activation`
+// only, which is also its default).
 absl::StatusOr<ModelConfig> HfHybridBase(const Fields& f, const std::string& source,
                                          const char* architecture, Family family,
-                                         int64_t default_vocab, double default_eps);
+                                         int64_t default_vocab, double default_eps,
+                                         bool tied = false, const char* activation = "silu");
 // Attention with q/k/v/o of their own: num_attention_heads,
 // num_key_value_heads, head_dim (default: hidden / heads, which must then
 // divide; or `default_head_dim`), attention_bias; every size bounded.

@@ -7,7 +7,7 @@ deliberate faults, then checks of what must hold afterwards.
   bench/soak.py --server-binary build/server/icd-server --model-root models \
       --models mamba1-pydoc/hf mamba2-pydoc/hf [--device cuda] [--dtype bfloat16] \
       [--clients 8] [--seconds 300] [--budget-mb 70000] [--grpc-bench build/bench/grpc_bench] \
-      [--out soak.jsonl]
+      [--stall-seq-len 512] [--out soak.jsonl]
 
 Faults, each with the status code it must get (anything else counts as
 unexpected): float64 copies of a model loaded until the memory budget refuses
@@ -101,6 +101,7 @@ class Soak:
         self.applied = collections.defaultdict(list)  # model -> [(version, residual index)]
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.stall_rows = []
         rng = np.random.default_rng(20)
         self.ids = rng.integers(0, 200, size=(2, 64)).astype(np.int64)
         self.capture_ids = rng.integers(0, 200, size=(2, 128)).astype(np.int64)
@@ -213,6 +214,41 @@ class Soak:
         for thread in threads:
             thread.join()
 
+    def stall(self):
+        """MeasureLatency of m0 alone, beside back-to-back applies on m1, and
+        alone again (issue 20 item 2: on a GPU each model's calls run on a
+        stream of its own). The applies count as the soak's."""
+        def measure(label):
+            report = self.client.measure_latency("m0", mode="prefill",
+                                                 seq_len=self.args.stall_seq_len, iters=100)
+            return {"label": label, "median_ms": report.median_ms, "p10_ms": report.p10_ms,
+                    "p90_ms": report.p90_ms,
+                    "ci95_ms": [report.ci95_low_ms, report.ci95_high_ms]}
+        rows = [measure("m0 alone")]
+        stop = threading.Event()
+        applies = []
+
+        def applier():
+            client = icd.Client(self.server.address, timeout=600)
+            rng = random.Random(7)
+            while not stop.is_set():
+                perms = icd.random_permutations(self.symmetries["m1"], rng.getrandbits(63))
+                report = self.call("apply", "m1", lambda: client.apply("m1", perms))
+                if report is not None:
+                    applies.append(report.version)
+                    with self.lock:
+                        self.applied["m1"].append((report.version, perms.get("residual")))
+            client.close()
+        thread = threading.Thread(target=applier)
+        thread.start()
+        time.sleep(0.5)
+        rows.append(measure("m0 beside applies on m1"))
+        stop.set()
+        thread.join()
+        rows[-1]["applies_on_m1"] = len(applies)
+        rows.append(measure("m0 alone again"))
+        return rows
+
     def run(self):
         args = self.args
         metrics_start = scrape(self.server.metrics_address)
@@ -231,6 +267,7 @@ class Soak:
         device = self.client.models()[0].device
         if device == "cuda":
             device = "cuda:0"
+        self.stall_rows = self.stall() if args.stall_seq_len else []
 
         threads = [threading.Thread(target=self.worker, args=(seed,))
                    for seed in range(args.clients)]
@@ -294,6 +331,9 @@ def main():
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--budget-mb", type=int, default=0,
                         help="the device's --memory-budget-mb (default: 4x the two models)")
+    parser.add_argument("--stall-seq-len", type=int, default=0,
+                        help="before the soak, time m0's prefill of this many tokens alone "
+                             "and beside applies on m1 (0: not)")
     parser.add_argument("--grpc-bench")
     parser.add_argument("--stubs", help="generated Python stubs (the build's client/python/gen)")
     parser.add_argument("--out", default="soak.jsonl")
@@ -321,13 +361,15 @@ def main():
                   "device": args.device or "default", "dtype": args.dtype or "as stored",
                   "clients": args.clients, "seconds": round(elapsed, 1), "budget_mb": budget,
                   "calls": {"%s %s" % key: n for key, n in sorted(soak.counts.items())},
-                  "grpc_bench": bench, "pass": ok}
+                  "grpc_bench": bench, "stall": soak.stall_rows, "pass": ok}
         out.write(json.dumps(header) + "\n")
         for name, passed, detail in checks:
             out.write(json.dumps({"check": name, "pass": passed, **detail}, default=str) + "\n")
     for name, passed, detail in checks:
         print("%-40s %s %s" % (name, "ok" if passed else "FAILED", json.dumps(detail, default=str)))
     print("calls:", dict(sorted(("%s %s" % k, n) for k, n in soak.counts.items())))
+    for row in soak.stall_rows:
+        print("stall:", json.dumps(row))
     if bench:
         print("\n".join(bench))
     return 0 if ok else 1

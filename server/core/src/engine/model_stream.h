@@ -1,0 +1,57 @@
+// The stream a CUDA model's calls run on. Each CUDA model takes one of
+// LibTorch's pool streams when it loads, so calls on different models are not
+// queued behind each other on the device's default stream. Everything the
+// model holds is allocated on that stream, so the caching allocator reuses its
+// blocks in that stream's order only. A call waits for the stream before it
+// returns: nothing it queued outlives its locks, and another model it read
+// (MeasureLatency's compare_model) is done with before that model can change.
+// Internal to core.
+#ifndef ICD_CORE_SRC_ENGINE_MODEL_STREAM_H_
+#define ICD_CORE_SRC_ENGINE_MODEL_STREAM_H_
+
+#include "torch_api.h"
+
+#include <c10/core/Stream.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
+#include <exception>
+#include <iostream>
+#include <optional>
+
+namespace icd::engine_internal {
+
+// A pool stream of the model's device, or none on the CPU.
+inline std::optional<c10::Stream> ModelStream(const torch::Device& device) {
+  if (!device.is_cuda()) return std::nullopt;
+  const c10::impl::DeviceGuardImplInterface* cuda = c10::impl::getDeviceGuardImpl(device.type());
+  return cuda->getStreamFromGlobalPool(device.has_index() ? device : cuda->getDevice());
+}
+
+// For a call's duration: the model's stream is the current one; on leaving,
+// the call waits for it.
+class OnModelStream {
+ public:
+  explicit OnModelStream(std::optional<c10::Stream> stream) : stream_(stream) {
+    if (stream_) guard_.reset_stream(*stream_);
+  }
+  OnModelStream(const OnModelStream&) = delete;
+  OnModelStream& operator=(const OnModelStream&) = delete;
+  ~OnModelStream() {
+    if (!stream_) return;
+    try {
+      stream_->synchronize();
+    } catch (const std::exception& e) {
+      // A device fault is sticky: the next call on this device reports it.
+      std::cerr << "icd: waiting for a model's stream failed: " << e.what() << "\n";
+    }
+  }
+
+ private:
+  std::optional<c10::Stream> stream_;
+  c10::OptionalStreamGuard guard_;
+};
+
+}  // namespace icd::engine_internal
+
+#endif  // ICD_CORE_SRC_ENGINE_MODEL_STREAM_H_

@@ -196,9 +196,42 @@ absl::Status Export(const Line& line, Context& ctx) {
 
 // ---------------------------------------------------------------- latency
 
+// One model's hardware counters: a row per kernel, the total, and the spread
+// of the totals over the repeats.
+void PrintCounters(const std::string& model, const v1::CounterReport& counters) {
+  constexpr double kMB = 1e6;
+  std::cout << "\nhardware counters of " << model << ": " << counters.execution() << ", "
+            << counters.repeat_totals_size() << " repeat(s) (" << counters.method() << ")\n";
+  std::vector<std::vector<std::string>> rows = {{"KERNEL", "LAUNCHES", "DRAM READ MB",
+                                                 "DRAM WRITE MB", "L2 SECTORS", "L2 HIT %",
+                                                 "US (REPLAYED)"}};
+  auto add = [&rows](const v1::KernelCounters& k) {
+    std::string name = k.kernel();
+    if (name.size() > 64) name = name.substr(0, 61) + "...";
+    rows.push_back({name, std::to_string(k.launches()), Fmt(k.dram_read_bytes() / kMB),
+                    Fmt(k.dram_write_bytes() / kMB), Fmt(k.l2_sectors()),
+                    Fmt(100 * k.l2_hit_rate()), Fmt(k.duration_ns() / 1e3)});
+  };
+  for (const auto& kernel : counters.kernels()) add(kernel);
+  add(counters.total());
+  PrintTable(rows, {false, true, true, true, true, true, true});
+  double low_read = 0, high_read = 0, low_hit = 0, high_hit = 0;
+  for (int i = 0; i < counters.repeat_totals_size(); ++i) {
+    const auto& total = counters.repeat_totals(i);
+    const double read = total.dram_read_bytes() + total.dram_write_bytes();
+    low_read = i == 0 ? read : std::min(low_read, read);
+    high_read = i == 0 ? read : std::max(high_read, read);
+    low_hit = i == 0 ? total.l2_hit_rate() : std::min(low_hit, total.l2_hit_rate());
+    high_hit = i == 0 ? total.l2_hit_rate() : std::max(high_hit, total.l2_hit_rate());
+  }
+  std::cout << "over the repeats: DRAM bytes " << Fmt(low_read / kMB) << " - "
+            << Fmt(high_read / kMB) << " MB, L2 hit " << Fmt(100 * low_hit) << " - "
+            << Fmt(100 * high_hit) << " %\n";
+}
+
 absl::Status Latency(const Line& line, Context& ctx) {
   if (auto s = Expect(line, 1, {"--compare", "--mode", "--batch", "--seq-len", "--warmup",
-                                "--iters", "--eager"});
+                                "--iters", "--eager", "--counters"});
       !s.ok()) {
     return s;
   }
@@ -217,7 +250,8 @@ absl::Status Latency(const Line& line, Context& ctx) {
   auto seq_len = count("--seq-len", 128);
   auto warmup = count("--warmup", 3);
   auto iters = count("--iters", 20);
-  for (const auto* v : {&batch, &seq_len, &warmup, &iters}) {
+  auto counters = count("--counters", 0);
+  for (const auto* v : {&batch, &seq_len, &warmup, &iters, &counters}) {
     if (!v->ok()) return v->status();
   }
   request.set_batch(*batch);
@@ -225,6 +259,7 @@ absl::Status Latency(const Line& line, Context& ctx) {
   request.set_warmup(*warmup);
   request.set_iters(*iters);
   request.set_eager(line.switches.count("--eager") > 0);
+  request.set_counter_repeats(*counters);
   ICD_ASSIGN_OR_RETURN(auto report, ctx.client->MeasureLatency(request));
   if (ctx.json) return PrintJson(report);
 
@@ -253,6 +288,10 @@ absl::Status Latency(const Line& line, Context& ctx) {
               << Fmt(report.ratio()) << " (95% CI " << Fmt(report.ratio_ci95_low()) << " - "
               << Fmt(report.ratio_ci95_high()) << "), median over " << report.samples()
               << " interleaved rounds\n";
+  }
+  if (report.has_counters()) PrintCounters(request.model(), report.counters());
+  if (report.compare().has_counters()) {
+    PrintCounters(request.compare_model(), report.compare().counters());
   }
   return absl::OkStatus();
 }

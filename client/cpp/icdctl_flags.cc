@@ -93,7 +93,7 @@ Commands:
         icdctl --server 127.0.0.1:50051 export m m-permuted
 
   latency NAME [--compare M] [--mode prefill|decode] [--batch B] [--seq-len L]
-          [--warmup W] [--iters N] [--eager]
+          [--warmup W] [--iters N] [--eager] [--counters R]
       Time the model's forward on the server, on token ids the server draws
       (fixed seed). prefill (default): a sample is one forward over [B, L];
       decode: after an untimed prefill of L tokens, a sample is one
@@ -105,8 +105,13 @@ Commands:
       median and 95% interval. On a GPU a decode step is replayed as one CUDA
       graph (captured after the prefill); --eager launches its kernels one by
       one instead. The report names how samples ran and the models' versions.
+      --counters R (CUDA): one more sample of each model (a decode step
+      launched eagerly) run R times under the GPU's hardware counters (CUPTI):
+      DRAM bytes read and written, L2 sectors and hit rate, per kernel and in
+      all, with each repeat's totals (how repeatable they are).
         icdctl --server 127.0.0.1:50051 latency m --mode decode --batch 8 --seq-len 512
         icdctl --server 127.0.0.1:50051 latency m-permuted --compare m --iters 50
+        icdctl --server 127.0.0.1:50051 latency m-permuted --compare m --counters 3
 
   capture --model M (--tokens FILE | --random-tokens N) [--batch B]
           [--holdout-tokens FILE | --random-holdout N] [--groups g1,g2]
@@ -201,7 +206,7 @@ const std::set<std::string>& ValuedOptions() {
       "--device", "--dtype", "--perm", "--random", "--groups",
       "--expected-version", "--tolerance", "--ids", "--batch",
       // latency
-      "--compare", "--mode", "--seq-len", "--warmup", "--iters",
+      "--compare", "--mode", "--seq-len", "--warmup", "--iters", "--counters",
       // capture / compute
       "--model", "--tokens", "--random-tokens", "--holdout-tokens",
       "--random-holdout", "--token-seed", "--group", "--traces", "--channels",

@@ -120,10 +120,29 @@ LatencyOptions FromProto(const v1::LatencyRequest& in) {
   if (in.seq_len() != 0) out.seq_len = in.seq_len();
   out.warmup = in.warmup();
   if (in.iters() != 0) out.iters = in.iters();
+  out.counter_repeats = in.counter_repeats();
   return out;
 }
 
 namespace {
+
+void ToProto(const KernelCounters& in, v1::KernelCounters* out) {
+  out->set_kernel(in.kernel);
+  out->set_launches(in.launches);
+  out->set_dram_read_bytes(in.dram_read_bytes);
+  out->set_dram_write_bytes(in.dram_write_bytes);
+  out->set_l2_sectors(in.l2_sectors);
+  out->set_l2_hit_rate(in.l2_hit_rate);
+  out->set_duration_ns(in.duration_ns);
+}
+
+void ToProto(const CounterReport& in, v1::CounterReport* out) {
+  out->set_method(in.method);
+  out->set_execution(in.execution);
+  for (const KernelCounters& kernel : in.kernels) ToProto(kernel, out->add_kernels());
+  ToProto(in.total, out->mutable_total());
+  for (const KernelCounters& total : in.repeat_totals) ToProto(total, out->add_repeat_totals());
+}
 
 void ToProto(const LatencyTiming& in, v1::LatencyReport* out) {
   out->set_median_ms(in.median_ms);
@@ -136,6 +155,7 @@ void ToProto(const LatencyTiming& in, v1::LatencyReport* out) {
   out->set_method(in.method);
   out->set_execution(in.execution);
   out->set_version(in.version);
+  if (in.counters.has_value()) ToProto(*in.counters, out->mutable_counters());
 }
 
 }  // namespace

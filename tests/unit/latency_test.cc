@@ -12,6 +12,7 @@
 #include "icd/core/engine.h"
 #include "forward/latency.h"
 #include "forward/latency_stats.h"
+#include "counters/hardware_counters.h"
 #include "test_util.h"
 
 namespace icd {
@@ -20,6 +21,52 @@ namespace {
 using latency::MedianInterval95;
 using latency::Quantile;
 using latency::Summarize;
+
+// ---------------------------------------------------------------- counters
+
+// Launches summed by kernel in order of first launch; bytes and sectors add,
+// the hit rate is weighted by sectors.
+TEST(HardwareCountersTest, SumsByKernelAndWeighsTheHitRateBySectors) {
+  const std::vector<KernelCounters> launches = {
+      {"gemm", 1, 100, 10, 1000, 0.5, 2000},
+      {"scan", 1, 50, 5, 3000, 0.9, 1000},
+      {"gemm", 1, 300, 30, 1000, 0.7, 4000},
+  };
+  const std::vector<KernelCounters> kernels = counters::ByKernel(launches);
+  ASSERT_EQ(kernels.size(), 2u);
+  EXPECT_EQ(kernels[0].kernel, "gemm");
+  EXPECT_EQ(kernels[0].launches, 2);
+  EXPECT_DOUBLE_EQ(kernels[0].dram_read_bytes, 400);
+  EXPECT_DOUBLE_EQ(kernels[0].dram_write_bytes, 40);
+  EXPECT_DOUBLE_EQ(kernels[0].l2_sectors, 2000);
+  EXPECT_DOUBLE_EQ(kernels[0].l2_hit_rate, 0.6);
+  EXPECT_DOUBLE_EQ(kernels[0].duration_ns, 6000);
+  EXPECT_EQ(kernels[1].kernel, "scan");
+  const KernelCounters total = counters::Total(launches);
+  EXPECT_EQ(total.kernel, "total");
+  EXPECT_EQ(total.launches, 3);
+  EXPECT_DOUBLE_EQ(total.dram_read_bytes, 450);
+  EXPECT_DOUBLE_EQ(total.l2_sectors, 5000);
+  EXPECT_DOUBLE_EQ(total.l2_hit_rate, (0.5 * 1000 + 0.9 * 3000 + 0.7 * 1000) / 5000);
+  EXPECT_EQ(counters::Total({}).launches, 0);
+  EXPECT_EQ(counters::Total({}).l2_hit_rate, 0);
+  EXPECT_EQ(counters::MetricNames().size(), 5u);
+}
+
+// Without a device the collection is refused with its reason; the work never
+// runs, and nothing is returned as if counted.
+TEST(HardwareCountersTest, RefusedWithoutADevice) {
+  if (torch::cuda::is_available()) GTEST_SKIP() << "a CUDA device is present (cuda_test counts)";
+  bool ran = false;
+  auto counted = counters::Collect(0, [&ran] {
+    ran = true;
+    return absl::OkStatus();
+  });
+  ASSERT_FALSE(counted.ok());
+  EXPECT_EQ(counted.status().code(), absl::StatusCode::kFailedPrecondition) << counted.status();
+  EXPECT_NE(counted.status().message().find("hardware counters"), std::string::npos);
+  EXPECT_FALSE(ran);
+}
 
 // ---------------------------------------------------------------- statistics
 
@@ -209,6 +256,14 @@ TEST_F(LatencyEngineTest, BadOptionsNameTheField) {
                 o.seq_len = 1025;
               }),
               Code::kResourceExhausted, "batch·seq_len");
+  ExpectError(with([](LatencyOptions& o) { o.counter_repeats = -1; }), Code::kInvalidArgument,
+              "counter_repeats");
+  ExpectError(with([](LatencyOptions& o) { o.counter_repeats = latency::kMaxCounterRepeats + 1; }),
+              Code::kResourceExhausted, "counter_repeats");
+  // Counters are read on a GPU: on the CPU the call says so, before any
+  // sample, and never answers zeros.
+  ExpectError(with([](LatencyOptions& o) { o.counter_repeats = 1; }),
+              Code::kFailedPrecondition, "hardware counters are read on a CUDA device");
   ExpectError(with([](LatencyOptions& o) { o.model = "nope"; }), Code::kNotFound, "nope");
   ExpectError(with([](LatencyOptions& o) { o.compare_model = "nope"; }), Code::kNotFound, "nope");
   ExpectError(with([](LatencyOptions& o) { o.compare_model = "m2"; }), Code::kInvalidArgument,

@@ -685,7 +685,7 @@ class Client:
     # -- latency
 
     def measure_latency(self, model, compare_model=None, mode="prefill", batch=1, seq_len=128,
-                        warmup=3, iters=20, eager=False, progress=None):
+                        warmup=3, iters=20, eager=False, counter_repeats=0, progress=None):
         """MeasureLatency -> LatencyReport(median_ms, p10_ms, p90_ms,
         ci95_low_ms, ci95_high_ms, samples, device, method, execution,
         version, compare, ratio, ratio_ci95_low, ratio_ci95_high). On a GPU
@@ -697,11 +697,17 @@ class Client:
         discarded. With ``compare_model`` both run in interleaved rounds;
         ``compare`` is its report and ``ratio`` the median of t(model) /
         t(compare_model) over the rounds, with its 95% interval. ``progress``:
-        a callback taking Progress messages ("warmup", then "samples")."""
+        a callback taking Progress messages ("warmup", then "samples").
+        ``counter_repeats`` (CUDA): one more sample of each model (a decode
+        step launched eagerly) run that many times under the GPU's hardware
+        counters; ``counters`` in each report: DRAM bytes read and written, L2
+        sectors and hit rate per kernel (``kernels``), in all (``total``) and
+        per repeat (``repeat_totals``)."""
         with self._watched(progress) as watch:
             return self._call(self._stub.MeasureLatency, pb.LatencyRequest(
                 model=model, compare_model=compare_model or "", mode=mode, batch=int(batch),
-                seq_len=int(seq_len), warmup=int(warmup), iters=int(iters), eager=bool(eager)),
+                seq_len=int(seq_len), warmup=int(warmup), iters=int(iters), eager=bool(eager),
+                counter_repeats=int(counter_repeats)),
                 metadata=watch.metadata)
 
     # -- export

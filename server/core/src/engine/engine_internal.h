@@ -247,7 +247,7 @@ class Engine::Impl {
     auto model = std::make_shared<LoadedModel>();
     model->memory_device = engine_internal::MemoryDevice(device);
     model->stream = engine_internal::ModelStream(device);
-    const engine_internal::OnModelStream on_stream(model->stream);
+    const engine_internal::OnModelStream on_stream(model->stream, device_gate);
     // The memory budget, before any weight is read: with a dtype asked for
     // the model's bytes are known from config.json alone and are booked
     // now; otherwise they are at least those of a 2-byte dtype (checked
@@ -486,6 +486,13 @@ class Engine::Impl {
 
   EngineOptions options_;
   mutable std::mutex mutex_;  // guards models_ and loading_ only
+
+ public:
+  // Held by every call on a CUDA model (model_stream.h): shared, or
+  // exclusively by a call that counts the device's kernels.
+  std::shared_mutex device_gate;
+
+ private:
   std::map<std::string, std::shared_ptr<LoadedModel>> models_;
   std::set<std::string> loading_;
   // What each device holds against the budget: loaded (and loading) models

@@ -5,7 +5,10 @@
 // blocks in that stream's order only. A call waits for the stream before it
 // returns: nothing it queued outlives its locks, and another model it read
 // (MeasureLatency's compare_model) is done with before that model can change.
-// Internal to core.
+// A CUDA call also holds the engine's device gate, shared; a call that must
+// have the devices to itself (the hardware counters count every kernel in the
+// context) holds it exclusively. Every call takes its models' locks first and
+// the gate last, so the gate adds no lock cycle. Internal to core.
 #ifndef ICD_CORE_SRC_ENGINE_MODEL_STREAM_H_
 #define ICD_CORE_SRC_ENGINE_MODEL_STREAM_H_
 
@@ -17,7 +20,9 @@
 
 #include <exception>
 #include <iostream>
+#include <mutex>
 #include <optional>
+#include <shared_mutex>
 
 namespace icd::engine_internal {
 
@@ -28,12 +33,20 @@ inline std::optional<c10::Stream> ModelStream(const torch::Device& device) {
   return cuda->getStreamFromGlobalPool(device.has_index() ? device : cuda->getDevice());
 }
 
-// For a call's duration: the model's stream is the current one; on leaving,
-// the call waits for it.
+// For a call's duration: the model's stream is the current one and the gate
+// is held; on leaving, the call waits for the stream.
 class OnModelStream {
  public:
-  explicit OnModelStream(std::optional<c10::Stream> stream) : stream_(stream) {
-    if (stream_) guard_.reset_stream(*stream_);
+  OnModelStream(std::optional<c10::Stream> stream, std::shared_mutex& gate,
+                bool exclusive = false)
+      : stream_(stream) {
+    if (!stream_) return;
+    if (exclusive) {
+      exclusive_ = std::unique_lock<std::shared_mutex>(gate);
+    } else {
+      shared_ = std::shared_lock<std::shared_mutex>(gate);
+    }
+    guard_.reset_stream(*stream_);
   }
   OnModelStream(const OnModelStream&) = delete;
   OnModelStream& operator=(const OnModelStream&) = delete;
@@ -49,6 +62,8 @@ class OnModelStream {
 
  private:
   std::optional<c10::Stream> stream_;
+  std::shared_lock<std::shared_mutex> shared_;
+  std::unique_lock<std::shared_mutex> exclusive_;
   c10::OptionalStreamGuard guard_;
 };
 

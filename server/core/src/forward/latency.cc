@@ -14,6 +14,7 @@
 #endif
 
 #include "absl/strings/str_cat.h"
+#include "counters/hardware_counters.h"
 #include "forward/decode.h"
 #include "forward/forward.h"
 #include "icd/core/status_macros.h"
@@ -202,6 +203,38 @@ absl::Status CheckComparable(const TimedModel& model, const TimedModel& compare)
   return absl::OkStatus();
 }
 
+// One more sample of `model` under the hardware counters, `repeats` times:
+// a prefill forward over `ids`, or a decode step launched eagerly (a graph's
+// kernels are the same ones; CUPTI counts launches it sees) in a session of
+// its own, prefilled with `prefill_ids`.
+absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
+                                          const torch::Tensor& prefill_ids,
+                                          TokenSource& token_source, int64_t repeats,
+                                          const CallContext& ctx) {
+  ModelSampler sampler(model);
+  ICD_RETURN_IF_ERROR(sampler.Prepare(mode, /*eager=*/true, prefill_ids, ctx));
+  const torch::Device device = Embedding(model).device();
+  CounterReport report;
+  report.method =
+      "CUPTI range profiler: a range per kernel launch, each kernel replayed until every "
+      "counter is read";
+  report.execution = mode == Mode::kDecode ? "decode step (eager)" : "prefill";
+  for (int64_t repeat = 0; repeat < repeats; ++repeat) {
+    ICD_RETURN_IF_ERROR(CheckCall(ctx, "hardware counters"));
+    const torch::Tensor ids =
+        mode == Mode::kDecode ? token_source.Next(prefill_ids.size(0), 1) : prefill_ids;
+    ICD_ASSIGN_OR_RETURN(
+        std::vector<KernelCounters> launches,
+        counters::Collect(device.index(), [&] { return sampler.Sample(ids, ctx); }));
+    report.repeat_totals.push_back(counters::Total(launches));
+    if (repeat == 0) {
+      report.total = report.repeat_totals.back();
+      report.kernels = counters::ByKernel(launches);
+    }
+  }
+  return report;
+}
+
 }  // namespace
 
 absl::Status ValidateOptions(const LatencyOptions& options) {
@@ -222,6 +255,11 @@ absl::Status ValidateOptions(const LatencyOptions& options) {
   };
   ICD_RETURN_IF_ERROR(samples_at_most("iters", options.iters));
   ICD_RETURN_IF_ERROR(samples_at_most("warmup", options.warmup));
+  ICD_RETURN_IF_ERROR(at_least("counter_repeats", options.counter_repeats, 0));
+  if (options.counter_repeats > kMaxCounterRepeats) {
+    return absl::ResourceExhaustedError(absl::StrCat("counter_repeats: ", options.counter_repeats,
+                                                     " exceeds the limit of ", kMaxCounterRepeats));
+  }
   if (options.batch > kMaxTokens / options.seq_len) {
     return absl::ResourceExhaustedError(
         absl::StrCat("batch·seq_len: ", options.batch, "·", options.seq_len,
@@ -244,6 +282,11 @@ absl::StatusOr<LatencyReport> Measure(const LatencyOptions& options, const Timed
   }
   torch::NoGradGuard no_grad;
   const torch::Device device = Embedding(model).device();
+  if (options.counter_repeats > 0 && !device.is_cuda()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "counter_repeats: hardware counters are read on a CUDA device; model '", model.name,
+        "' is on ", device.str()));
+  }
   TokenSource token_source(vocab, device);
   const torch::Tensor prefill_ids = token_source.Next(options.batch, options.seq_len);
 
@@ -290,6 +333,18 @@ absl::StatusOr<LatencyReport> Measure(const LatencyOptions& options, const Timed
     report.ratio = ratio.median;
     report.ratio_ci95_low = ratio.ci95_low;
     report.ratio_ci95_high = ratio.ci95_high;
+  }
+  if (options.counter_repeats > 0) {
+    ReportProgress(ctx, "counters", 0, compare != nullptr ? 2 : 1);
+    ICD_ASSIGN_OR_RETURN(report.timing.counters,
+                         CountSample(mode, model, prefill_ids, token_source,
+                                     options.counter_repeats, ctx));
+    if (compare != nullptr) {
+      ReportProgress(ctx, "counters", 1, 2);
+      ICD_ASSIGN_OR_RETURN(report.compare->counters,
+                           CountSample(mode, *compare, prefill_ids, token_source,
+                                       options.counter_repeats, ctx));
+    }
   }
   return report;
 }

@@ -24,10 +24,13 @@ namespace icd::latency {
 constexpr int64_t kMaxIters = 100000;
 constexpr int64_t kMaxTokens = int64_t{1} << 20;
 constexpr int64_t kMaxLogits = int64_t{1} << 32;
+// Each repeat of the hardware counters replays every kernel of a sample.
+constexpr int64_t kMaxCounterRepeats = 100;
 
 // The options on their own: INVALID_ARGUMENT naming the field (mode not
 // "prefill" / "decode"; batch, seq_len or iters below 1; warmup below 0),
-// RESOURCE_EXHAUSTED over kMaxIters (iters or warmup) or kMaxTokens.
+// RESOURCE_EXHAUSTED over kMaxIters (iters or warmup) or kMaxTokens;
+// counter_repeats below 0 or over kMaxCounterRepeats likewise.
 absl::Status ValidateOptions(const LatencyOptions& options);
 
 // A loaded model as the caller holds it (under its shared lock).

@@ -192,6 +192,31 @@ struct LatencyOptions {
   // Decode on a GPU replays each step as one CUDA graph; `eager` launches
   // its kernels one by one instead (what the graph saves, measured).
   bool eager = false;
+  // Above 0 (CUDA only): after the timed samples, one more sample of each
+  // model (a prefill forward, or a decode step launched eagerly) runs this
+  // many times under the GPU's hardware counters (LatencyTiming::counters).
+  // While they are read the call has the device to itself.
+  int64_t counter_repeats = 0;
+};
+
+// What the GPU's counters saw of one kernel's launches (or of all of them).
+struct KernelCounters {
+  std::string kernel;  // the kernel's function name; "total" for a sum
+  int64_t launches = 0;
+  double dram_read_bytes = 0;   // dram__bytes_read.sum
+  double dram_write_bytes = 0;  // dram__bytes_write.sum
+  double l2_sectors = 0;        // lts__t_sectors.sum: 32-byte L2 sectors accessed
+  double l2_hit_rate = 0;       // lts__t_sector_hit_rate, 0..1; a sum's weighted by l2_sectors
+  double duration_ns = 0;       // gpu__time_duration.sum, each kernel alone (replayed)
+};
+
+// One sample's memory traffic from the hardware counters (counter_repeats).
+struct CounterReport {
+  std::string method;     // how they were read
+  std::string execution;  // what was counted: "prefill", "decode step (eager)"
+  std::vector<KernelCounters> kernels;  // first repeat, summed by kernel, in launch order
+  KernelCounters total;                 // first repeat, every launch
+  std::vector<KernelCounters> repeat_totals;  // each repeat's total: how repeatable they are
 };
 
 // One model's timed samples, in milliseconds.
@@ -208,6 +233,7 @@ struct LatencyTiming {
   // "eager" (kernels launched one by one: prefill, CPU, or asked).
   std::string execution;
   uint64_t version = 0;  // the model's version that was timed (ModelInfo)
+  std::optional<CounterReport> counters;  // with LatencyOptions::counter_repeats
 };
 
 struct LatencyReport {

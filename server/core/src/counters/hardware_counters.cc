@@ -1,0 +1,431 @@
+#include "counters/hardware_counters.h"
+
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+#ifdef ICD_HAVE_CUPTI
+#include <cuda.h>
+#include <cupti_profiler_host.h>
+#include <cupti_profiler_target.h>
+#include <cupti_range_profiler.h>
+#include <cupti_result.h>
+#include <cupti_target.h>
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <filesystem>
+#endif
+
+namespace icd::counters {
+
+void Add(KernelCounters& sum, const KernelCounters& launch) {
+  const double sectors = sum.l2_sectors + launch.l2_sectors;
+  sum.l2_hit_rate =
+      sectors > 0 ? (sum.l2_hit_rate * sum.l2_sectors + launch.l2_hit_rate * launch.l2_sectors) /
+                        sectors
+                  : 0;
+  sum.launches += launch.launches;
+  sum.dram_read_bytes += launch.dram_read_bytes;
+  sum.dram_write_bytes += launch.dram_write_bytes;
+  sum.l2_sectors = sectors;
+  sum.duration_ns += launch.duration_ns;
+}
+
+const std::vector<std::string>& MetricNames() {
+  static const std::vector<std::string> names = {
+      "dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_sectors.sum",
+      "lts__t_sector_hit_rate.pct", "gpu__time_duration.sum"};
+  return names;
+}
+
+std::vector<KernelCounters> ByKernel(const std::vector<KernelCounters>& launches) {
+  std::vector<KernelCounters> kernels;
+  std::map<std::string, size_t> index;
+  for (const KernelCounters& launch : launches) {
+    auto [it, inserted] = index.emplace(launch.kernel, kernels.size());
+    if (inserted) {
+      kernels.push_back(KernelCounters{launch.kernel});
+    }
+    Add(kernels[it->second], launch);
+  }
+  return kernels;
+}
+
+KernelCounters Total(const std::vector<KernelCounters>& launches) {
+  KernelCounters total{"total"};
+  for (const KernelCounters& launch : launches) Add(total, launch);
+  return total;
+}
+
+#ifndef ICD_HAVE_CUPTI
+
+absl::StatusOr<std::vector<KernelCounters>> Collect(int, const std::function<absl::Status()>&,
+                                                  int64_t) {
+  return absl::FailedPreconditionError(
+      "hardware counters: this server was built without CUPTI (CUDA's profiling interface; "
+      "its headers come with the CUDA toolkit the server is built with)");
+}
+
+#else  // ICD_HAVE_CUPTI
+
+namespace {
+
+// libcupti's entry points and the two of the driver it needs, resolved once.
+struct Api {
+  std::string error;  // why they could not be resolved; empty when they were
+  std::string library;
+  decltype(&cuptiGetResultString) GetResultString = nullptr;
+  decltype(&cuptiProfilerInitialize) ProfilerInitialize = nullptr;
+  decltype(&cuptiDeviceGetChipName) DeviceGetChipName = nullptr;
+  decltype(&cuptiProfilerGetCounterAvailability) GetCounterAvailability = nullptr;
+  decltype(&cuptiProfilerHostInitialize) HostInitialize = nullptr;
+  decltype(&cuptiProfilerHostDeinitialize) HostDeinitialize = nullptr;
+  decltype(&cuptiProfilerHostConfigAddMetrics) HostConfigAddMetrics = nullptr;
+  decltype(&cuptiProfilerHostGetConfigImageSize) HostGetConfigImageSize = nullptr;
+  decltype(&cuptiProfilerHostGetConfigImage) HostGetConfigImage = nullptr;
+  decltype(&cuptiProfilerHostGetRangeName) HostGetRangeName = nullptr;
+  decltype(&cuptiProfilerHostEvaluateToGpuValues) HostEvaluateToGpuValues = nullptr;
+  decltype(&cuptiRangeProfilerEnable) RangeEnable = nullptr;
+  decltype(&cuptiRangeProfilerDisable) RangeDisable = nullptr;
+  decltype(&cuptiRangeProfilerGetCounterDataSize) RangeGetCounterDataSize = nullptr;
+  decltype(&cuptiRangeProfilerCounterDataImageInitialize) RangeCounterDataImageInitialize = nullptr;
+  decltype(&cuptiRangeProfilerSetConfig) RangeSetConfig = nullptr;
+  decltype(&cuptiRangeProfilerStart) RangeStart = nullptr;
+  decltype(&cuptiRangeProfilerStop) RangeStop = nullptr;
+  decltype(&cuptiRangeProfilerDecodeData) RangeDecodeData = nullptr;
+  decltype(&cuptiRangeProfilerGetCounterDataInfo) RangeGetCounterDataInfo = nullptr;
+  decltype(&cuCtxGetCurrent) CtxGetCurrent = nullptr;
+  decltype(&cuCtxSynchronize) CtxSynchronize = nullptr;
+};
+
+// Where libcupti may be: ICD_CUPTI_LIBRARY; the loader's paths; beside the
+// CUDA runtime this process loaded (PyTorch's wheels keep both in one
+// folder); the CUDA toolkit's folders.
+std::vector<std::string> CuptiCandidates() {
+  const std::string name = absl::StrCat("libcupti.so.", CUDA_VERSION / 1000);
+  std::vector<std::string> candidates;
+  if (const char* forced = std::getenv("ICD_CUPTI_LIBRARY"); forced != nullptr && *forced) {
+    candidates.push_back(forced);
+    return candidates;
+  }
+  candidates.push_back(name);
+  candidates.push_back("libcupti.so");
+  void* runtime = dlsym(RTLD_DEFAULT, "cudaRuntimeGetVersion");
+  Dl_info info{};
+  if (runtime != nullptr && dladdr(runtime, &info) != 0 && info.dli_fname != nullptr) {
+    candidates.push_back(
+        (std::filesystem::path(info.dli_fname).parent_path() / name).string());
+  }
+  const char* home = std::getenv("CUDA_HOME");
+  for (const std::string& root : {std::string(home != nullptr ? home : ""),
+                                 std::string("/usr/local/cuda")}) {
+    if (root.empty()) continue;
+    for (const char* folder : {"extras/CUPTI/lib64", "lib64", "targets/x86_64-linux/lib"}) {
+      candidates.push_back((std::filesystem::path(root) / folder / name).string());
+    }
+  }
+  return candidates;
+}
+
+Api Open() {
+  Api api;
+  void* cupti = nullptr;
+  std::string tried;
+  for (const std::string& candidate : CuptiCandidates()) {
+    cupti = dlopen(candidate.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (cupti != nullptr) {
+      api.library = candidate;
+      break;
+    }
+    absl::StrAppend(&tried, tried.empty() ? "" : ", ", candidate);
+  }
+  if (cupti == nullptr) {
+    api.error = absl::StrCat("libcupti could not be opened (tried ", tried,
+                             "; set ICD_CUPTI_LIBRARY to its path)");
+    return api;
+  }
+  void* driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+  if (driver == nullptr) driver = dlopen("libcuda.so.1", RTLD_NOW);
+  if (driver == nullptr) {
+    api.error = "the CUDA driver (libcuda.so.1) is not loaded";
+    return api;
+  }
+  auto resolve = [&](void* library, auto& entry, const char* symbol) {
+    entry = reinterpret_cast<std::remove_reference_t<decltype(entry)>>(dlsym(library, symbol));
+    if (entry == nullptr && api.error.empty()) {
+      api.error = absl::StrCat(api.library, " has no ", symbol,
+                               " (CUPTI's range profiler needs CUDA 12.6 or later)");
+    }
+  };
+  resolve(cupti, api.GetResultString, "cuptiGetResultString");
+  resolve(cupti, api.ProfilerInitialize, "cuptiProfilerInitialize");
+  resolve(cupti, api.DeviceGetChipName, "cuptiDeviceGetChipName");
+  resolve(cupti, api.GetCounterAvailability, "cuptiProfilerGetCounterAvailability");
+  resolve(cupti, api.HostInitialize, "cuptiProfilerHostInitialize");
+  resolve(cupti, api.HostDeinitialize, "cuptiProfilerHostDeinitialize");
+  resolve(cupti, api.HostConfigAddMetrics, "cuptiProfilerHostConfigAddMetrics");
+  resolve(cupti, api.HostGetConfigImageSize, "cuptiProfilerHostGetConfigImageSize");
+  resolve(cupti, api.HostGetConfigImage, "cuptiProfilerHostGetConfigImage");
+  resolve(cupti, api.HostGetRangeName, "cuptiProfilerHostGetRangeName");
+  resolve(cupti, api.HostEvaluateToGpuValues, "cuptiProfilerHostEvaluateToGpuValues");
+  resolve(cupti, api.RangeEnable, "cuptiRangeProfilerEnable");
+  resolve(cupti, api.RangeDisable, "cuptiRangeProfilerDisable");
+  resolve(cupti, api.RangeGetCounterDataSize, "cuptiRangeProfilerGetCounterDataSize");
+  resolve(cupti, api.RangeCounterDataImageInitialize,
+          "cuptiRangeProfilerCounterDataImageInitialize");
+  resolve(cupti, api.RangeSetConfig, "cuptiRangeProfilerSetConfig");
+  resolve(cupti, api.RangeStart, "cuptiRangeProfilerStart");
+  resolve(cupti, api.RangeStop, "cuptiRangeProfilerStop");
+  resolve(cupti, api.RangeDecodeData, "cuptiRangeProfilerDecodeData");
+  resolve(cupti, api.RangeGetCounterDataInfo, "cuptiRangeProfilerGetCounterDataInfo");
+  resolve(driver, api.CtxGetCurrent, "cuCtxGetCurrent");
+  resolve(driver, api.CtxSynchronize, "cuCtxSynchronize");
+  return api;
+}
+
+const Api& Library() {
+  static const Api api = Open();
+  return api;
+}
+
+// A CUPTI parameter struct: zeroed, its size set (CUPTI checks it).
+template <typename Struct>
+Struct Params(size_t size) {
+  Struct params{};
+  params.structSize = size;
+  return params;
+}
+
+// FAILED_PRECONDITION naming the call and CUPTI's reason; privileges get
+// the setting that grants them.
+absl::Status Check(const Api& api, CUptiResult result, const char* call) {
+  if (result == CUPTI_SUCCESS) return absl::OkStatus();
+  const char* text = nullptr;
+  if (api.GetResultString(result, &text) != CUPTI_SUCCESS || text == nullptr) text = "";
+  std::string hint;
+  if (result == CUPTI_ERROR_INSUFFICIENT_PRIVILEGES) {
+    hint = " (the driver lets only administrators read the GPU's performance counters: "
+           "NVreg_RestrictProfilingToAdminUsers=0, or a container with CAP_SYS_ADMIN)";
+  }
+  return absl::FailedPreconditionError(absl::StrCat("hardware counters: ", call, " failed: ",
+                                                    text, " (CUPTI ", result, ")", hint));
+}
+
+#define ICD_CUPTI(api, call, params) \
+  ICD_CUPTI_RETURN_IF_ERROR(Check(api, api.call(&params), #call))
+#define ICD_CUPTI_RETURN_IF_ERROR(expr)  \
+  do {                                   \
+    absl::Status status_ = (expr);       \
+    if (!status_.ok()) return status_;   \
+  } while (false)
+
+// The host object (metric configuration and evaluation) and the range
+// profiler on the context, released in reverse order.
+class Session {
+ public:
+  explicit Session(const Api& api) : api_(api) {}
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+  ~Session() {
+    if (profiler_ != nullptr) {
+      auto disable = Params<CUpti_RangeProfiler_Disable_Params>(CUpti_RangeProfiler_Disable_Params_STRUCT_SIZE);
+      disable.pRangeProfilerObject = profiler_;
+      api_.RangeDisable(&disable);
+    }
+    if (host_ != nullptr) {
+      auto deinit = Params<CUpti_Profiler_Host_Deinitialize_Params>(CUpti_Profiler_Host_Deinitialize_Params_STRUCT_SIZE);
+      deinit.pHostObject = host_;
+      api_.HostDeinitialize(&deinit);
+    }
+  }
+
+  absl::Status Configure(int device_index, CUcontext context, const std::vector<const char*>& metrics,
+                         int64_t max_launches) {
+    auto chip = Params<CUpti_Device_GetChipName_Params>(CUpti_Device_GetChipName_Params_STRUCT_SIZE);
+    chip.deviceIndex = static_cast<size_t>(device_index);
+    ICD_CUPTI(api_, DeviceGetChipName, chip);
+    chip_ = chip.pChipName;
+
+    auto availability = Params<CUpti_Profiler_GetCounterAvailability_Params>(CUpti_Profiler_GetCounterAvailability_Params_STRUCT_SIZE);
+    availability.ctx = context;
+    ICD_CUPTI(api_, GetCounterAvailability, availability);
+    std::vector<uint8_t> availability_image(availability.counterAvailabilityImageSize);
+    availability.pCounterAvailabilityImage = availability_image.data();
+    ICD_CUPTI(api_, GetCounterAvailability, availability);
+
+    auto host = Params<CUpti_Profiler_Host_Initialize_Params>(CUpti_Profiler_Host_Initialize_Params_STRUCT_SIZE);
+    host.profilerType = CUPTI_PROFILER_TYPE_RANGE_PROFILER;
+    host.pChipName = chip_.c_str();
+    host.pCounterAvailabilityImage = availability_image.data();
+    ICD_CUPTI(api_, HostInitialize, host);
+    host_ = host.pHostObject;
+
+    auto add = Params<CUpti_Profiler_Host_ConfigAddMetrics_Params>(CUpti_Profiler_Host_ConfigAddMetrics_Params_STRUCT_SIZE);
+    add.pHostObject = host_;
+    add.ppMetricNames = const_cast<const char**>(metrics.data());
+    add.numMetrics = metrics.size();
+    ICD_CUPTI(api_, HostConfigAddMetrics, add);
+    auto config_size = Params<CUpti_Profiler_Host_GetConfigImageSize_Params>(CUpti_Profiler_Host_GetConfigImageSize_Params_STRUCT_SIZE);
+    config_size.pHostObject = host_;
+    ICD_CUPTI(api_, HostGetConfigImageSize, config_size);
+    config_.resize(config_size.configImageSize);
+    auto config = Params<CUpti_Profiler_Host_GetConfigImage_Params>(CUpti_Profiler_Host_GetConfigImage_Params_STRUCT_SIZE);
+    config.pHostObject = host_;
+    config.configImageSize = config_.size();
+    config.pConfigImage = config_.data();
+    ICD_CUPTI(api_, HostGetConfigImage, config);
+
+    auto enable = Params<CUpti_RangeProfiler_Enable_Params>(CUpti_RangeProfiler_Enable_Params_STRUCT_SIZE);
+    enable.ctx = context;
+    ICD_CUPTI(api_, RangeEnable, enable);
+    profiler_ = enable.pRangeProfilerObject;
+
+    auto data_size = Params<CUpti_RangeProfiler_GetCounterDataSize_Params>(CUpti_RangeProfiler_GetCounterDataSize_Params_STRUCT_SIZE);
+    data_size.pRangeProfilerObject = profiler_;
+    data_size.pMetricNames = const_cast<const char**>(metrics.data());
+    data_size.numMetrics = metrics.size();
+    data_size.maxNumOfRanges = static_cast<size_t>(max_launches);
+    data_size.maxNumRangeTreeNodes = static_cast<uint32_t>(max_launches);
+    ICD_CUPTI(api_, RangeGetCounterDataSize, data_size);
+    counter_data_.resize(data_size.counterDataSize);
+    auto init = Params<CUpti_RangeProfiler_CounterDataImage_Initialize_Params>(CUpti_RangeProfiler_CounterDataImage_Initialize_Params_STRUCT_SIZE);
+    init.pRangeProfilerObject = profiler_;
+    init.counterDataSize = counter_data_.size();
+    init.pCounterData = counter_data_.data();
+    ICD_CUPTI(api_, RangeCounterDataImageInitialize, init);
+
+    // Auto ranges: each kernel launch its own range. Kernel replay: CUPTI
+    // reruns each kernel, its memory saved and restored, once per pass.
+    auto set = Params<CUpti_RangeProfiler_SetConfig_Params>(CUpti_RangeProfiler_SetConfig_Params_STRUCT_SIZE);
+    set.pRangeProfilerObject = profiler_;
+    set.configSize = config_.size();
+    set.pConfig = config_.data();
+    set.counterDataImageSize = counter_data_.size();
+    set.pCounterDataImage = counter_data_.data();
+    set.range = CUPTI_AutoRange;
+    set.replayMode = CUPTI_KernelReplay;
+    set.maxRangesPerPass = static_cast<size_t>(max_launches);
+    set.numNestingLevels = 1;
+    set.minNestingLevel = 1;
+    set.passIndex = 0;
+    set.targetNestingLevel = 1;
+    ICD_CUPTI(api_, RangeSetConfig, set);
+    return absl::OkStatus();
+  }
+
+  absl::Status Start() {
+    auto start = Params<CUpti_RangeProfiler_Start_Params>(CUpti_RangeProfiler_Start_Params_STRUCT_SIZE);
+    start.pRangeProfilerObject = profiler_;
+    ICD_CUPTI(api_, RangeStart, start);
+    return absl::OkStatus();
+  }
+
+  // Stops, decodes the counts into the counter data image; the launches
+  // that did not fit are an error.
+  absl::Status Stop(int64_t max_launches) {
+    auto stop = Params<CUpti_RangeProfiler_Stop_Params>(CUpti_RangeProfiler_Stop_Params_STRUCT_SIZE);
+    stop.pRangeProfilerObject = profiler_;
+    ICD_CUPTI(api_, RangeStop, stop);
+    auto decode = Params<CUpti_RangeProfiler_DecodeData_Params>(CUpti_RangeProfiler_DecodeData_Params_STRUCT_SIZE);
+    decode.pRangeProfilerObject = profiler_;
+    ICD_CUPTI(api_, RangeDecodeData, decode);
+    if (decode.numOfRangeDropped > 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "hardware counters: the work launched more than ", max_launches, " kernels (",
+          decode.numOfRangeDropped, " dropped); count a shorter piece of work"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::vector<KernelCounters>> Read(const std::vector<const char*>& metrics) {
+    auto info = Params<CUpti_RangeProfiler_GetCounterDataInfo_Params>(CUpti_RangeProfiler_GetCounterDataInfo_Params_STRUCT_SIZE);
+    info.pCounterDataImage = counter_data_.data();
+    info.counterDataImageSize = counter_data_.size();
+    ICD_CUPTI(api_, RangeGetCounterDataInfo, info);
+    std::vector<KernelCounters> launches;
+    std::vector<double> values(metrics.size());
+    for (size_t range = 0; range < info.numTotalRanges; ++range) {
+      auto name = Params<CUpti_Profiler_Host_GetRangeName_Params>(CUpti_Profiler_Host_GetRangeName_Params_STRUCT_SIZE);
+      name.pCounterDataImage = counter_data_.data();
+      name.counterDataImageSize = counter_data_.size();
+      name.rangeIndex = range;
+      name.delimiter = "/";
+      ICD_CUPTI(api_, HostGetRangeName, name);
+      auto evaluate = Params<CUpti_Profiler_Host_EvaluateToGpuValues_Params>(CUpti_Profiler_Host_EvaluateToGpuValues_Params_STRUCT_SIZE);
+      evaluate.pHostObject = host_;
+      evaluate.pCounterDataImage = counter_data_.data();
+      evaluate.counterDataImageSize = counter_data_.size();
+      evaluate.rangeIndex = range;
+      evaluate.ppMetricNames = const_cast<const char**>(metrics.data());
+      evaluate.numMetrics = metrics.size();
+      evaluate.pMetricValues = values.data();
+      ICD_CUPTI(api_, HostEvaluateToGpuValues, evaluate);
+      KernelCounters launch;
+      launch.kernel = name.pRangeName != nullptr ? name.pRangeName : "";
+      launch.launches = 1;
+      launch.dram_read_bytes = values[0];
+      launch.dram_write_bytes = values[1];
+      launch.l2_sectors = values[2];
+      launch.l2_hit_rate = values[3] / 100.0;
+      launch.duration_ns = values[4];
+      launches.push_back(std::move(launch));
+    }
+    return launches;
+  }
+
+ private:
+  const Api& api_;
+  std::string chip_;
+  CUpti_Profiler_Host_Object* host_ = nullptr;
+  CUpti_RangeProfiler_Object* profiler_ = nullptr;
+  std::vector<uint8_t> config_;
+  std::vector<uint8_t> counter_data_;
+};
+
+std::mutex& CollectionMutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
+                                                  const std::function<absl::Status()>& work,
+                                                  int64_t max_launches) {
+  const std::lock_guard<std::mutex> one_at_a_time(CollectionMutex());
+  const Api& api = Library();
+  if (!api.error.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat("hardware counters: ", api.error));
+  }
+  static const absl::Status initialized = [&api] {
+    auto init = Params<CUpti_Profiler_Initialize_Params>(CUpti_Profiler_Initialize_Params_STRUCT_SIZE);
+    return Check(api, api.ProfilerInitialize(&init), "cuptiProfilerInitialize");
+  }();
+  ICD_CUPTI_RETURN_IF_ERROR(initialized);
+  CUcontext context = nullptr;
+  if (api.CtxGetCurrent(&context) != CUDA_SUCCESS || context == nullptr) {
+    return absl::FailedPreconditionError(
+        "hardware counters: no CUDA context is current on the calling thread");
+  }
+  std::vector<const char*> metrics;
+  for (const std::string& name : MetricNames()) metrics.push_back(name.c_str());
+
+  Session session(api);
+  ICD_CUPTI_RETURN_IF_ERROR(session.Configure(device_index, context, metrics, max_launches));
+  ICD_CUPTI_RETURN_IF_ERROR(session.Start());
+  absl::Status ran = work();
+  if (ran.ok() && api.CtxSynchronize() != CUDA_SUCCESS) {
+    ran = absl::InternalError("hardware counters: the work's kernels failed (cuCtxSynchronize)");
+  }
+  const absl::Status stopped = session.Stop(max_launches);
+  ICD_CUPTI_RETURN_IF_ERROR(ran);
+  ICD_CUPTI_RETURN_IF_ERROR(stopped);
+  return session.Read(metrics);
+}
+
+#endif  // ICD_HAVE_CUPTI
+
+}  // namespace icd::counters

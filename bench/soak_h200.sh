@@ -43,7 +43,7 @@ EOF
 
 if want build; then
   log "build"
-  ICD_TARGETS="icd-server icdctl grpc_bench cuda_test icd_python_stubs" ICD_LOG_DIR="$out/build" \
+  ICD_TARGETS="${SOAK_TARGETS:-icd-server icdctl grpc_bench cuda_test icd_python_stubs}" ICD_LOG_DIR="$out/build" \
     deploy/build-gpu.sh "$build" > "$out/build.log" 2>&1 || log "build failed: $(tail -3 "$out/build.log")"
 fi
 wrap icd-server-gpu "$build/server/icd-server"

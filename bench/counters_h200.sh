@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Memory traffic from the hardware counters on the GPU machine (issue 21),
+# after bench/soak_h200.sh's build (or with SOAK_TARGETS naming
+# counters_check, icd-server and icdctl):
+#   1. icd's CUPTI counters against Nsight Compute's on the same sample
+#      (bench/counters_check: --cupti, then --ncu under ncu with the same
+#      metrics), prefill and decode of random mamba-130m (and COUNTERS_SHAPES);
+#   2. identity against permuted through the service: a bf16 copy with every
+#      group applied (--random 7 --tolerance 10, recorded) timed against the
+#      original with `icdctl latency --counters 3`, prefill 2048 and decode.
+#   bench/counters_h200.sh OUT_DIR
+set -uo pipefail
+out=${1:?usage: bench/counters_h200.sh OUT_DIR}
+mkdir -p "$out"; out=$(cd "$out" && pwd)
+repo=$(cd "$(dirname "$0")/.." && pwd); cd "$repo"
+build=${ICD_BUILD_DIR:-/tmp/build-gpu}
+deb=${ICD_DEB_PREFIX:-/tmp/deb}
+models=${ICD_MODELS_DIR:-/tmp/icd-models}
+shapes=${COUNTERS_SHAPES:-130m}
+metrics=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sectors.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum
+log() { echo "[counters_h200 $(date -u +%T)] $*" | tee -a "$out/steps.log" >&2; }
+run() {
+  LD_LIBRARY_PATH="$deb/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  LD_PRELOAD="$(g++ -print-file-name=libstdc++.so.6)" "$@"
+}
+{
+  echo "commit: ${ICD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+  echo "date: $(date -u +%FT%TZ)"
+  echo "command: bench/counters_h200.sh $*"
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | sed 's/^/gpu: /'
+  echo "ncu: $(ncu --version 2>/dev/null | tail -1)"
+  echo "metrics: $metrics"
+} >> "$out/provenance.txt" 2>&1
+
+for shape in $shapes; do
+  dir="$models/mamba-$shape"
+  [[ -f "$dir/config.json" ]] || python3 bench/make_random_mamba.py --shape "$shape" --out "$dir" \
+    > "$out/make-$shape.log" 2>&1 || { log "make_random_mamba $shape failed"; continue; }
+  for mode in prefill decode; do
+    log "cupti $shape $mode"
+    run "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --cupti --repeats 3 \
+      > "$out/cupti-$shape-$mode.jsonl" 2> "$out/cupti-$shape-$mode.err" || log "cupti $shape $mode failed: $(tail -2 "$out/cupti-$shape-$mode.err")"
+    for cache in all none; do
+      log "ncu $shape $mode (cache-control $cache)"
+      run ncu --profile-from-start off --cache-control $cache --metrics "$metrics" --csv --page raw --print-units base \
+        "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --ncu \
+        > "$out/ncu-$shape-$mode-$cache.csv" 2> "$out/ncu-$shape-$mode-$cache.err" || log "ncu $shape $mode failed: $(tail -2 "$out/ncu-$shape-$mode-$cache.err")"
+    done
+    python3 bench/counters_compare.py "$out/cupti-$shape-$mode.jsonl" "$out"/ncu-$shape-$mode-*.csv \
+      >> "$out/compare.txt" 2>&1 || log "compare $shape $mode failed"
+  done
+done
+
+# Identity against permuted through the service.
+log "service: identity vs permuted"
+server_log="$out/server.log"
+run "$build/server/icd-server" --listen 127.0.0.1:0 --model-root "$models" --export-root /tmp \
+  --device cuda > "$server_log" 2>&1 &
+server=$!
+for _ in $(seq 300); do grep -q "listening on" "$server_log" && break; sleep 0.2; done
+address=$(sed -n 's/^listening on //p' "$server_log" | head -1)
+icdctl() { run "$build/client/cpp/icdctl" --server "$address" --timeout 900 "$@"; }
+for shape in $shapes; do
+  icdctl load "id-$shape" "mamba-$shape" --dtype bfloat16 > /dev/null &&
+    icdctl load "perm-$shape" "mamba-$shape" --dtype bfloat16 > /dev/null || { log "load $shape failed"; continue; }
+  icdctl --json apply "perm-$shape" --random 7 --tolerance 10 > "$out/apply-$shape.json" 2>&1 ||
+    log "apply perm-$shape failed: $(tail -1 "$out/apply-$shape.json")"
+  for mode in prefill decode; do
+    iters=20; [[ $mode == decode ]] && iters=100
+    icdctl latency "perm-$shape" --compare "id-$shape" --mode $mode --seq-len 2048 --iters $iters \
+      --counters 3 > "$out/service-$shape-$mode.txt" 2>&1 || log "latency $shape $mode failed"
+    icdctl --json latency "perm-$shape" --compare "id-$shape" --mode $mode --seq-len 2048 \
+      --iters $iters --counters 3 > "$out/service-$shape-$mode.json" 2>&1 || log "latency json $shape $mode failed"
+  done
+done
+# On the CPU the same call is refused, never zeros.
+icdctl load cpu-model "mamba-${shapes%% *}" --device cpu --dtype float32 > /dev/null 2>&1 &&
+  icdctl latency cpu-model --seq-len 8 --iters 1 --counters 1 > "$out/service-cpu.txt" 2>&1
+echo "exit $?" >> "$out/service-cpu.txt"
+kill $server; wait $server 2>/dev/null
+log "done"

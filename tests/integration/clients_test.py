@@ -576,6 +576,15 @@ class ClientsTest(unittest.TestCase):
         self.assertIn("decode", text)
         self.assertIn("lat / lat:", text)
         self.assertIn("INVALID_ARGUMENT", self.ctl("latency", "lat", "--batch", "-1", expect=3))
+        # Hardware counters are read on a GPU: on the CPU both clients get the
+        # refusal with its reason, never zeros.
+        with self.assertRaises(self.icd.IcdError) as no_counters:
+            c.measure_latency("lat", seq_len=8, iters=2, counter_repeats=2)
+        self.assertEqual(no_counters.exception.code, "FAILED_PRECONDITION")
+        self.assertIn("CUDA device", no_counters.exception.message)
+        refused = self.ctl("latency", "lat", "--seq-len", "8", "--counters", "2", expect=9)
+        self.assertIn("FAILED_PRECONDITION", refused)
+        self.assertIn("counter_repeats", refused)
         r = subprocess.run([ARGS.icdctl, "--help"], capture_output=True, text=True)
         self.assertIn("icdctl --server 127.0.0.1:50051 latency", r.stdout)
         c.unload("lat")

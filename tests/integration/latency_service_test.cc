@@ -101,6 +101,12 @@ TEST_F(LatencyTest, RefusalsCarryTheirCodes) {
                  }))
                  .status(),
              StatusCode::kResourceExhausted, "tokens");
+  ExpectCode(client().MeasureLatency(with([](auto& r) { r.set_counter_repeats(-1); })).status(),
+             StatusCode::kInvalidArgument, "counter_repeats");
+  ExpectCode(client().MeasureLatency(with([](auto& r) { r.set_counter_repeats(101); })).status(),
+             StatusCode::kResourceExhausted, "counter_repeats");
+  ExpectCode(client().MeasureLatency(with([](auto& r) { r.set_counter_repeats(2); })).status(),
+             StatusCode::kFailedPrecondition, "hardware counters are read on a CUDA device");
   ExpectCode(client().MeasureLatency(with([](auto& r) { r.set_model("ghost"); })).status(),
              StatusCode::kNotFound, "ghost");
   ExpectCode(

@@ -22,18 +22,10 @@
 #include "counters/hardware_counters.h"
 #include "forward/decode.h"
 #include "forward/forward.h"
+#include "or_die.h"
 #include "io/checkpoint.h"
 
 namespace {
-
-template <typename T>
-T OrDie(absl::StatusOr<T> value, const char* what) {
-  if (!value.ok()) {
-    std::cerr << what << ": " << value.status() << "\n";
-    std::exit(1);
-  }
-  return *std::move(value);
-}
 
 void PrintJson(const icd::KernelCounters& k, const std::string& label, int repeat) {
   std::string name;

@@ -32,6 +32,7 @@
 #include "io/checkpoint.h"
 #include "forward/decode.h"
 #include "forward/forward.h"
+#include "../../or_die.h"
 
 namespace {
 
@@ -54,15 +55,6 @@ torch::ScalarType DType(const std::string& name) {
   if (name == "float32") return torch::kFloat32;
   std::cerr << "unknown dtype " << name << "\n";
   std::exit(2);
-}
-
-template <typename T>
-T OrDie(absl::StatusOr<T> value, const char* what) {
-  if (!value.ok()) {
-    std::cerr << what << ": " << value.status() << "\n";
-    std::exit(1);
-  }
-  return *std::move(value);
 }
 
 double Median(std::vector<double> v) {

@@ -78,4 +78,21 @@ icdctl load cpu-model "mamba-${shapes%% *}" --device cpu --dtype float32 > /dev/
   icdctl latency cpu-model --seq-len 8 --iters 1 --counters 1 > "$out/service-cpu.txt" 2>&1
 echo "exit $?" >> "$out/service-cpu.txt"
 kill $server; wait $server 2>/dev/null
+
+# The co-design example's variants against dense, with their counters, on the
+# trained reference model (models/, bf16 would refuse nothing here: float32).
+log "codesign_loop --counters 3"
+pydeb=${ICD_PYDEB_PREFIX:-/tmp/pydeb}
+mkdir -p "$pydeb"; for f in .pydebs/*.deb; do dpkg-deb -x "$f" "$pydeb"; done
+codesign_log="$out/codesign-server.log"
+run "$build/server/icd-server" --listen 127.0.0.1:0 --model-root models --export-root /tmp \
+  --device cuda > "$codesign_log" 2>&1 &
+server=$!
+for _ in $(seq 300); do grep -q "listening on" "$codesign_log" && break; sleep 0.2; done
+address=$(sed -n 's/^listening on //p' "$codesign_log" | head -1)
+env "PYTHONPATH=$pydeb/usr/lib/python3/dist-packages" "LD_LIBRARY_PATH=$pydeb/usr/lib/x86_64-linux-gnu" \
+  python3 client/python/examples/codesign_loop.py --build "$build" --address "$address" \
+  --device cuda --counters 3 --json "$out/codesign-mamba1-pydoc.json" > "$out/codesign.txt" 2>&1 ||
+  log "codesign_loop failed: $(tail -3 "$out/codesign.txt")"
+kill $server; wait $server 2>/dev/null
 log "done"

@@ -27,6 +27,12 @@ check held (permutations exact, pattern kept), whatever the figures.
 
   /usr/bin/python3 client/python/examples/codesign_loop.py [--build build]
       [--model mamba1-pydoc] [--address HOST:PORT] [--json OUT.json] [--plots DIR]
+      [--device cuda --counters 3]
+
+With --counters R each variant's prefill is timed against dense's in one
+MeasureLatency call that also reads the GPU's hardware counters R times: DRAM
+bytes and L2 hit rate beside the latency ratio (a server that cannot read them
+says why, in the variant's row).
 
 Without --address, icd-server is started on loopback with models/ as its
 model root (the build's binary) and stopped with SIGTERM at the end.
@@ -101,7 +107,7 @@ def run(client, args):
     capture_ids = validation_rows(args.capture_offset, args.capture_rows, args.seq)
     eval_ids = validation_rows(args.eval_offset, args.eval_rows, args.seq)
     for v in ("dense", "coact", "pruned", "nm"):
-        client.load(v, model_path)
+        client.load(v, model_path, device=args.device)
     syms = client.symmetries("dense")
     groups = channel_groups(syms)
     group_names = [g for g, _ in groups]
@@ -172,7 +178,51 @@ def run(client, args):
         r["vs_dense"] = r["nll"] / dense - 1
     # The first layer's first compression target, for the plot.
     plotted = next((r for r in coact if r.permutation.group == group_names[0]), None)
-    return ok, rows, blocks, plotted
+    counters = measure_counters(client, args) if args.counters else []
+    return ok, rows, blocks, plotted, counters
+
+
+def measure_counters(client, args):
+    """Each variant's prefill of --seq tokens against dense's in the same
+    call (MeasureLatency with counter_repeats): latency ratio, DRAM bytes and
+    L2 hit rate from the GPU's counters. A server that cannot read them (a
+    CPU model, no CUPTI) says why; the row carries its message."""
+    out = []
+    for variant in ("coact", "pruned", "nm"):
+        try:
+            r = client.measure_latency(variant, compare_model="dense", seq_len=args.seq,
+                                       iters=20, counter_repeats=args.counters)
+        except Exception as err:  # IcdError: the reason the counters were refused
+            out.append({"variant": variant, "error": str(err)})
+            continue
+        row = {"variant": variant, "ratio": r.ratio,
+               "ratio_ci95": [r.ratio_ci95_low, r.ratio_ci95_high]}
+        for side, report in (("variant", r), ("dense", r.compare)):
+            totals = report.counters.repeat_totals
+            row[side] = {"dram_read_bytes": report.counters.total.dram_read_bytes,
+                         "dram_write_bytes": report.counters.total.dram_write_bytes,
+                         "l2_hit_rate": report.counters.total.l2_hit_rate,
+                         "l2_sectors": report.counters.total.l2_sectors,
+                         "dram_bytes_over_repeats": [
+                             min(t.dram_read_bytes + t.dram_write_bytes for t in totals),
+                             max(t.dram_read_bytes + t.dram_write_bytes for t in totals)]}
+        out.append(row)
+    return out
+
+
+def print_counters(counters):
+    print("prefill against dense in one call, GPU hardware counters (MeasureLatency):")
+    print("%-12s %14s %12s %12s %9s %9s" % ("VARIANT", "LATENCY RATIO", "DRAM MB", "DENSE MB",
+                                              "L2 HIT %", "DENSE %"))
+    for row in counters:
+        if "error" in row:
+            print("%-12s %s" % (row["variant"], row["error"]))
+            continue
+        v, d = row["variant"], row["dense"]
+        print("%-12s %14.3f %12.3f %12.3f %9.2f %9.2f" % (
+            row["variant"], row["ratio"], (v["dram_read_bytes"] + v["dram_write_bytes"]) / 1e6,
+            (d["dram_read_bytes"] + d["dram_write_bytes"]) / 1e6, 100 * v["l2_hit_rate"],
+            100 * d["l2_hit_rate"]))
 
 
 def plot(model, rows, blocks, result, out_dir, icd):
@@ -256,6 +306,10 @@ def main():
     p.add_argument("--capture-offset", type=int, default=65536)
     p.add_argument("--eval-rows", type=int, default=16)
     p.add_argument("--eval-offset", type=int, default=163840)
+    p.add_argument("--device", default="", help="the models' device (default: the server's)")
+    p.add_argument("--counters", type=int, default=0,
+                   help="also time each variant against dense and read the GPU's hardware "
+                        "counters this many times (CUDA)")
     p.add_argument("--json", help="write the table and its provenance here")
     p.add_argument("--plots", help="write the three PNG figures into this directory")
     args = p.parse_args()
@@ -277,13 +331,15 @@ def main():
     try:
         with icd.Client(address, timeout=600) as client:
             t0 = time.perf_counter()
-            ok, rows, blocks, plotted = run(client, args)
+            ok, rows, blocks, plotted, counters = run(client, args)
             seconds = time.perf_counter() - t0
     finally:
         code = server.stop() if server else 0
         if server:
             shutil.rmtree(exports, ignore_errors=True)
     print_table(args.model, rows, blocks, args)
+    if counters:
+        print_counters(counters)
     print("loop %.1f s; checks %s; server exit %d" % (seconds, "held" if ok else "FAILED", code))
     if args.plots:
         for path in plot(args.model, rows, blocks, plotted, args.plots, icd):
@@ -294,6 +350,7 @@ def main():
         commit = os.popen("git -C %s rev-parse --short HEAD 2>/dev/null" % REPO).read().strip()
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "rows": rows, "blocks_touched": blocks,
+                       "counters": counters,
                        "checks_held": bool(ok), "seconds": seconds,
                        "settings": {k: v for k, v in vars(args).items() if k != "json"},
                        "model_card_validation_bits_per_byte": card["validation"]["bits_per_byte"],

@@ -40,14 +40,6 @@ for shape in $shapes; do
     log "cupti $shape $mode"
     run "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --cupti --repeats 3 \
       > "$out/cupti-$shape-$mode.jsonl" 2> "$out/cupti-$shape-$mode.err" || log "cupti $shape $mode failed: $(tail -2 "$out/cupti-$shape-$mode.err")"
-    for cache in all none; do
-      log "ncu $shape $mode (cache-control $cache)"
-      run ncu --profile-from-start off --cache-control $cache --metrics "$metrics" --csv --page raw --print-units base \
-        "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --ncu \
-        > "$out/ncu-$shape-$mode-$cache.csv" 2> "$out/ncu-$shape-$mode-$cache.err" || log "ncu $shape $mode failed: $(tail -2 "$out/ncu-$shape-$mode-$cache.err")"
-    done
-    python3 bench/counters_compare.py "$out/cupti-$shape-$mode.jsonl" "$out"/ncu-$shape-$mode-*.csv \
-      >> "$out/compare.txt" 2>&1 || log "compare $shape $mode failed"
   done
 done
 
@@ -95,4 +87,18 @@ env "PYTHONPATH=$pydeb/usr/lib/python3/dist-packages" "LD_LIBRARY_PATH=$pydeb/us
   --device cuda --counters 3 --json "$out/codesign-mamba1-pydoc.json" > "$out/codesign.txt" 2>&1 ||
   log "codesign_loop failed: $(tail -3 "$out/codesign.txt")"
 kill $server; wait $server 2>/dev/null
+# Nsight Compute on the same samples (last: the slowest part).
+for shape in ${NCU_SHAPES:-${shapes%% *}}; do
+  dir="$models/mamba-$shape"
+  for mode in prefill decode; do
+    for cache in all none; do
+      log "ncu $shape $mode (cache-control $cache)"
+      run ncu --profile-from-start off --cache-control $cache --metrics "$metrics" --csv --page raw --print-units base \
+        "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --ncu \
+        > "$out/ncu-$shape-$mode-$cache.csv" 2> "$out/ncu-$shape-$mode-$cache.err" || log "ncu $shape $mode failed: $(tail -2 "$out/ncu-$shape-$mode-$cache.err")"
+    done
+    python3 bench/counters_compare.py "$out/cupti-$shape-$mode.jsonl" "$out"/ncu-$shape-$mode-*.csv \
+      >> "$out/compare.txt" 2>&1 || log "compare $shape $mode failed"
+  done
+done
 log "done"

@@ -72,7 +72,7 @@ echo "exit $?" >> "$out/service-cpu.txt"
 kill $server; wait $server 2>/dev/null
 
 # The co-design example's variants against dense, with their counters, on the
-# trained reference model (models/, bf16 would refuse nothing here: float32).
+# trained reference model (models/, float32 as stored).
 log "codesign_loop --counters 3"
 pydeb=${ICD_PYDEB_PREFIX:-/tmp/pydeb}
 mkdir -p "$pydeb"; for f in .pydebs/*.deb; do dpkg-deb -x "$f" "$pydeb"; done

@@ -88,7 +88,7 @@ env "PYTHONPATH=$pydeb/usr/lib/python3/dist-packages" "LD_LIBRARY_PATH=$pydeb/us
   log "codesign_loop failed: $(tail -3 "$out/codesign.txt")"
 kill $server; wait $server 2>/dev/null
 # Nsight Compute on the same samples (last: the slowest part).
-for shape in ${NCU_SHAPES:-${shapes%% *}}; do
+for shape in ${NCU_SHAPES-${shapes%% *}}; do
   dir="$models/mamba-$shape"
   for mode in prefill decode; do
     for cache in all none; do

@@ -218,6 +218,9 @@ TEST(CudaMemoryTest, ABudgetBelowTheModelRefusesItsLoadBeforeItAllocates) {
   for (const DeviceMemory& memory : engine.Memory()) {
     EXPECT_EQ(memory.model_bytes, 0) << memory.device;
   }
+  // The control: without the budget the same load succeeds.
+  Engine unlimited{EngineOptions{"cuda:0"}};
+  LoadFloat32(unlimited, "m", "mamba1-small");
 #endif
 }
 

@@ -5,14 +5,19 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "icd/core/status_macros.h"
 
 #ifdef ICD_HAVE_CUPTI
 #include <cuda.h>
+#include <cupti_callbacks.h>
+#include <cupti_driver_cbid.h>
+#include <cupti_runtime_cbid.h>
 #include <cupti_profiler_host.h>
 #include <cupti_profiler_target.h>
 #include <cupti_range_profiler.h>
 #include <cupti_result.h>
 #include <cupti_target.h>
+#include <cxxabi.h>
 #include <dlfcn.h>
 
 #include <cstdlib>
@@ -79,6 +84,10 @@ struct Api {
   std::string library;
   decltype(&cuptiGetResultString) GetResultString = nullptr;
   decltype(&cuptiProfilerInitialize) ProfilerInitialize = nullptr;
+  decltype(&cuptiProfilerDeInitialize) ProfilerDeInitialize = nullptr;
+  decltype(&cuptiSubscribe) Subscribe = nullptr;
+  decltype(&cuptiUnsubscribe) Unsubscribe = nullptr;
+  decltype(&cuptiEnableDomain) EnableDomain = nullptr;
   decltype(&cuptiDeviceGetChipName) DeviceGetChipName = nullptr;
   decltype(&cuptiProfilerGetCounterAvailability) GetCounterAvailability = nullptr;
   decltype(&cuptiProfilerHostInitialize) HostInitialize = nullptr;
@@ -162,6 +171,10 @@ Api Open() {
   };
   resolve(cupti, api.GetResultString, "cuptiGetResultString");
   resolve(cupti, api.ProfilerInitialize, "cuptiProfilerInitialize");
+  resolve(cupti, api.ProfilerDeInitialize, "cuptiProfilerDeInitialize");
+  resolve(cupti, api.Subscribe, "cuptiSubscribe");
+  resolve(cupti, api.Unsubscribe, "cuptiUnsubscribe");
+  resolve(cupti, api.EnableDomain, "cuptiEnableDomain");
   resolve(cupti, api.DeviceGetChipName, "cuptiDeviceGetChipName");
   resolve(cupti, api.GetCounterAvailability, "cuptiProfilerGetCounterAvailability");
   resolve(cupti, api.HostInitialize, "cuptiProfilerHostInitialize");
@@ -214,13 +227,7 @@ absl::Status Check(const Api& api, CUptiResult result, const char* call) {
                                                     text, " (CUPTI ", result, ")", hint));
 }
 
-#define ICD_CUPTI(api, call, params) \
-  ICD_CUPTI_RETURN_IF_ERROR(Check(api, api.call(&params), #call))
-#define ICD_CUPTI_RETURN_IF_ERROR(expr)  \
-  do {                                   \
-    absl::Status status_ = (expr);       \
-    if (!status_.ok()) return status_;   \
-  } while (false)
+#define ICD_CUPTI(api, call, params) ICD_RETURN_IF_ERROR(Check(api, api.call(&params), #call))
 
 // The host object (metric configuration and evaluation) and the range
 // profiler on the context, released in reverse order.
@@ -385,6 +392,128 @@ class Session {
   std::vector<uint8_t> counter_data_;
 };
 
+// The range profiler names an auto range by its index; the kernels' names
+// come from CUPTI's launch callbacks, in launch order. A runtime launch calls
+// the driver inside it: only the outermost launch of a thread is recorded.
+class KernelNames {
+ public:
+  explicit KernelNames(const Api& api) : api_(api) {
+    if (api_.Subscribe(&subscriber_, &KernelNames::OnCallback, this) != CUPTI_SUCCESS) {
+      subscriber_ = nullptr;  // another subscriber (a profiler) holds CUPTI: no names
+      return;
+    }
+    api_.EnableDomain(1, subscriber_, CUPTI_CB_DOMAIN_RUNTIME_API);
+    api_.EnableDomain(1, subscriber_, CUPTI_CB_DOMAIN_DRIVER_API);
+  }
+  KernelNames(const KernelNames&) = delete;
+  KernelNames& operator=(const KernelNames&) = delete;
+  ~KernelNames() {
+    if (subscriber_ != nullptr) api_.Unsubscribe(subscriber_);
+  }
+
+  std::vector<std::string> Take() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return std::move(names_);
+  }
+
+ private:
+  static bool IsLaunch(CUpti_CallbackDomain domain, CUpti_CallbackId id) {
+    if (domain == CUPTI_CB_DOMAIN_RUNTIME_API) {
+      switch (id) {
+        case CUPTI_RUNTIME_TRACE_CBID_cudaLaunchKernel_v7000:
+        case CUPTI_RUNTIME_TRACE_CBID_cudaLaunchKernel_ptsz_v7000:
+        case CUPTI_RUNTIME_TRACE_CBID_cudaLaunchCooperativeKernel_v9000:
+        case CUPTI_RUNTIME_TRACE_CBID_cudaLaunchKernelExC_v11060:
+        case CUPTI_RUNTIME_TRACE_CBID_cudaLaunchKernelExC_ptsz_v11060:
+        case CUPTI_RUNTIME_TRACE_CBID___cudaLaunchKernel_v13000:
+        case CUPTI_RUNTIME_TRACE_CBID___cudaLaunchKernel_ptsz_v13000:
+          return true;
+        default:
+          return false;
+      }
+    }
+    if (domain == CUPTI_CB_DOMAIN_DRIVER_API) {
+      switch (id) {
+        case CUPTI_DRIVER_TRACE_CBID_cuLaunchKernel:
+        case CUPTI_DRIVER_TRACE_CBID_cuLaunchKernel_ptsz:
+        case CUPTI_DRIVER_TRACE_CBID_cuLaunchCooperativeKernel:
+        case CUPTI_DRIVER_TRACE_CBID_cuLaunchCooperativeKernel_ptsz:
+        case CUPTI_DRIVER_TRACE_CBID_cuLaunchKernelEx:
+        case CUPTI_DRIVER_TRACE_CBID_cuLaunchKernelEx_ptsz:
+          return true;
+        default:
+          return false;
+      }
+    }
+    return false;
+  }
+
+  static void CUPTIAPI OnCallback(void* self, CUpti_CallbackDomain domain, CUpti_CallbackId id,
+                                  const void* data) {
+    if (!IsLaunch(domain, id)) return;
+    thread_local int depth = 0;
+    const auto* call = static_cast<const CUpti_CallbackData*>(data);
+    if (call->callbackSite == CUPTI_API_EXIT) {
+      --depth;
+      return;
+    }
+    if (depth++ > 0) return;
+    auto* names = static_cast<KernelNames*>(self);
+    const std::lock_guard<std::mutex> lock(names->mutex_);
+    names->names_.push_back(Demangled(call->symbolName));
+  }
+
+  // "void ns::Kernel<128>(Args...)" -> "ns::Kernel<128>"
+  static std::string Demangled(const char* symbol) {
+    if (symbol == nullptr) return "";
+    int status = 0;
+    char* plain = abi::__cxa_demangle(symbol, nullptr, nullptr, &status);
+    std::string name = status == 0 && plain != nullptr ? plain : symbol;
+    std::free(plain);
+    if (name.rfind("void ", 0) == 0) name.erase(0, 5);
+    int angle = 0;
+    for (size_t i = 0; i < name.size(); ++i) {
+      if (name[i] == '<') ++angle;
+      if (name[i] == '>') --angle;
+      if (name[i] == '(' && angle == 0 && name.compare(i, 21, "(anonymous namespace)") != 0) {
+        name.resize(i);
+        break;
+      }
+    }
+    return name;
+  }
+
+  const Api& api_;
+  CUpti_SubscriberHandle subscriber_ = nullptr;
+  std::mutex mutex_;
+  std::vector<std::string> names_;
+};
+
+// The profiler initialised for one collection, and de-initialised after it
+// (left initialised, CUPTI tore down badly at the process's exit).
+class ProfilerScope {
+ public:
+  explicit ProfilerScope(const Api& api) : api_(api) {}
+  ProfilerScope(const ProfilerScope&) = delete;
+  ProfilerScope& operator=(const ProfilerScope&) = delete;
+  absl::Status Initialize() {
+    auto init = Params<CUpti_Profiler_Initialize_Params>(CUpti_Profiler_Initialize_Params_STRUCT_SIZE);
+    ICD_RETURN_IF_ERROR(Check(api_, api_.ProfilerInitialize(&init), "cuptiProfilerInitialize"));
+    initialized_ = true;
+    return absl::OkStatus();
+  }
+  ~ProfilerScope() {
+    if (!initialized_) return;
+    auto deinit =
+        Params<CUpti_Profiler_DeInitialize_Params>(CUpti_Profiler_DeInitialize_Params_STRUCT_SIZE);
+    api_.ProfilerDeInitialize(&deinit);
+  }
+
+ private:
+  const Api& api_;
+  bool initialized_ = false;
+};
+
 std::mutex& CollectionMutex() {
   static std::mutex mutex;
   return mutex;
@@ -400,11 +529,8 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
   if (!api.error.empty()) {
     return absl::FailedPreconditionError(absl::StrCat("hardware counters: ", api.error));
   }
-  static const absl::Status initialized = [&api] {
-    auto init = Params<CUpti_Profiler_Initialize_Params>(CUpti_Profiler_Initialize_Params_STRUCT_SIZE);
-    return Check(api, api.ProfilerInitialize(&init), "cuptiProfilerInitialize");
-  }();
-  ICD_CUPTI_RETURN_IF_ERROR(initialized);
+  ProfilerScope profiler(api);
+  ICD_RETURN_IF_ERROR(profiler.Initialize());
   CUcontext context = nullptr;
   if (api.CtxGetCurrent(&context) != CUDA_SUCCESS || context == nullptr) {
     return absl::FailedPreconditionError(
@@ -414,16 +540,25 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
   for (const std::string& name : MetricNames()) metrics.push_back(name.c_str());
 
   Session session(api);
-  ICD_CUPTI_RETURN_IF_ERROR(session.Configure(device_index, context, metrics, max_launches));
-  ICD_CUPTI_RETURN_IF_ERROR(session.Start());
+  ICD_RETURN_IF_ERROR(session.Configure(device_index, context, metrics, max_launches));
+  KernelNames names(api);
+  ICD_RETURN_IF_ERROR(session.Start());
   absl::Status ran = work();
   if (ran.ok() && api.CtxSynchronize() != CUDA_SUCCESS) {
     ran = absl::InternalError("hardware counters: the work's kernels failed (cuCtxSynchronize)");
   }
   const absl::Status stopped = session.Stop(max_launches);
-  ICD_CUPTI_RETURN_IF_ERROR(ran);
-  ICD_CUPTI_RETURN_IF_ERROR(stopped);
-  return session.Read(metrics);
+  ICD_RETURN_IF_ERROR(ran);
+  ICD_RETURN_IF_ERROR(stopped);
+  ICD_ASSIGN_OR_RETURN(std::vector<KernelCounters> launches, session.Read(metrics));
+  // Names only when every range has its launch; else CUPTI's range names.
+  std::vector<std::string> launched = names.Take();
+  if (launched.size() == launches.size()) {
+    for (size_t i = 0; i < launches.size(); ++i) launches[i].kernel = std::move(launched[i]);
+  } else {
+    for (KernelCounters& launch : launches) launch.kernel = "launch " + launch.kernel;
+  }
+  return launches;
 }
 
 #endif  // ICD_HAVE_CUPTI

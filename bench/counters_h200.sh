@@ -9,6 +9,9 @@
 #      group applied (--random 7 --tolerance 10, recorded) timed against the
 #      original with `icdctl latency --counters 3`, prefill 2048 and decode.
 #   bench/counters_h200.sh OUT_DIR
+# Env: COUNTERS_SHAPES (130m), NCU_SHAPES (the first shape; empty: no ncu),
+# COUNTERS_CHECK (1: counters_check's CUPTI runs), COUNTERS_MODES ("prefill
+# decode"), COUNTERS_REPEATS (3), COUNTERS_CODESIGN (1).
 set -uo pipefail
 out=${1:?usage: bench/counters_h200.sh OUT_DIR}
 mkdir -p "$out"; out=$(cd "$out" && pwd)
@@ -36,6 +39,7 @@ for shape in $shapes; do
   dir="$models/mamba-$shape"
   [[ -f "$dir/config.json" ]] || python3 bench/make_random_mamba.py --shape "$shape" --out "$dir" \
     > "$out/make-$shape.log" 2>&1 || { log "make_random_mamba $shape failed"; continue; }
+  [[ ${COUNTERS_CHECK:-1} == 1 ]] || continue
   for mode in prefill decode; do
     log "cupti $shape $mode"
     run "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --cupti --repeats 3 \
@@ -57,12 +61,12 @@ for shape in $shapes; do
     icdctl load "perm-$shape" "mamba-$shape" --dtype bfloat16 > /dev/null || { log "load $shape failed"; continue; }
   icdctl --json apply "perm-$shape" --random 7 --tolerance 10 > "$out/apply-$shape.json" 2>&1 ||
     log "apply perm-$shape failed: $(tail -1 "$out/apply-$shape.json")"
-  for mode in prefill decode; do
+  for mode in ${COUNTERS_MODES:-prefill decode}; do
     iters=20; [[ $mode == decode ]] && iters=100
     icdctl latency "perm-$shape" --compare "id-$shape" --mode $mode --seq-len 2048 --iters $iters \
-      --counters 3 > "$out/service-$shape-$mode.txt" 2>&1 || log "latency $shape $mode failed"
+      --counters ${COUNTERS_REPEATS:-3} > "$out/service-$shape-$mode.txt" 2>&1 || log "latency $shape $mode failed"
     icdctl --json latency "perm-$shape" --compare "id-$shape" --mode $mode --seq-len 2048 \
-      --iters $iters --counters 3 > "$out/service-$shape-$mode.json" 2>&1 || log "latency json $shape $mode failed"
+      --iters $iters --counters ${COUNTERS_REPEATS:-3} > "$out/service-$shape-$mode.json" 2>&1 || log "latency json $shape $mode failed"
   done
 done
 # On the CPU the same call is refused, never zeros.
@@ -73,6 +77,7 @@ kill $server; wait $server 2>/dev/null
 
 # The co-design example's variants against dense, with their counters, on the
 # trained reference model (models/, float32 as stored).
+if [[ ${COUNTERS_CODESIGN:-1} == 1 ]]; then
 log "codesign_loop --counters 3"
 pydeb=${ICD_PYDEB_PREFIX:-/tmp/pydeb}
 mkdir -p "$pydeb"; for f in .pydebs/*.deb; do dpkg-deb -x "$f" "$pydeb"; done
@@ -87,6 +92,8 @@ env "PYTHONPATH=$pydeb/usr/lib/python3/dist-packages" "LD_LIBRARY_PATH=$pydeb/us
   --device cuda --counters 3 --json "$out/codesign-mamba1-pydoc.json" > "$out/codesign.txt" 2>&1 ||
   log "codesign_loop failed: $(tail -3 "$out/codesign.txt")"
 kill $server; wait $server 2>/dev/null
+fi
+
 # Nsight Compute on the same samples (last: the slowest part).
 for shape in ${NCU_SHAPES-${shapes%% *}}; do
   dir="$models/mamba-$shape"

@@ -348,6 +348,8 @@ def main():
     parser.add_argument("--stall-seq-len", type=int, default=0,
                         help="before the soak, time m0's prefill of this many tokens alone "
                              "and beside applies on m1 (0: not)")
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="one more icd-server flag (repeatable), e.g. --model-streams")
     parser.add_argument("--grpc-bench")
     parser.add_argument("--stubs", help="generated Python stubs (the build's client/python/gen)")
     parser.add_argument("--out", default="soak.jsonl")
@@ -356,6 +358,7 @@ def main():
 
     budget = args.budget_mb or 64
     extra = ["--metrics-listen", "127.0.0.1:0", "--memory-budget-mb", str(budget), "--quiet"]
+    extra += args.server_arg
     exports = tempfile.mkdtemp(prefix="icd-soak-exports-")
     with LocalServer(args.server_binary, model_roots=[args.model_root], export_roots=[exports],
                      extra_args=extra) as server:
@@ -374,6 +377,7 @@ def main():
         header = {"bench": "soak", "label": args.label, "models": args.models,
                   "device": args.device or "default", "dtype": args.dtype or "as stored",
                   "clients": args.clients, "seconds": round(elapsed, 1), "budget_mb": budget,
+                  "server_args": args.server_arg,
                   "calls": {"%s %s" % key: n for key, n in sorted(soak.counts.items())},
                   "grpc_bench": bench, "stall": soak.stall_rows, "pass": ok}
         out.write(json.dumps(header) + "\n")

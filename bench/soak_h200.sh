@@ -11,6 +11,9 @@
 # python3-protobuf (and the libraries they link) are unpacked from .pydebs/,
 # which deploy/gpu-python-debs.sh fills on a machine with network; carry it.
 #   bench/soak_h200.sh OUT_DIR        (SOAK_STEPS="build cuda_test soak grpc")
+# Env: SOAK_SECONDS (180), SOAK_CLIENTS (8), SOAK_STALL_SEQ_LEN (1024),
+# SOAK_SERVER_ARGS (one more icd-server flag: --model-streams), SOAK_TARGETS,
+# CUDA_TEST_FILTER.
 set -uo pipefail
 out=${1:?usage: bench/soak_h200.sh OUT_DIR}
 mkdir -p "$out"; out=$(cd "$out" && pwd)
@@ -51,8 +54,11 @@ wrap grpc-bench-gpu "$build/bench/grpc_bench"
 
 if want cuda_test; then
   log "cuda_test ${CUDA_TEST_FILTER:-(all)}"
-  LD_LIBRARY_PATH="$deb/usr/lib/x86_64-linux-gnu" ICD_REQUIRE_CUDA=1 \
-    "$build/tests/unit/cuda_test" --gtest_brief=1 ${CUDA_TEST_FILTER:+--gtest_filter=$CUDA_TEST_FILTER} \
+  # Line-buffered, every test named (a crash keeps what ran before it), and
+  # under gdb where there is one (a crash leaves its backtrace).
+  debugger=(); command -v gdb > /dev/null && debugger=(gdb -batch -ex run -ex bt --args)
+  LD_LIBRARY_PATH="$deb/usr/lib/x86_64-linux-gnu" ICD_REQUIRE_CUDA=1 stdbuf -oL -eL \
+    "${debugger[@]}" "$build/tests/unit/cuda_test" ${CUDA_TEST_FILTER:+--gtest_filter=$CUDA_TEST_FILTER} \
     > "$out/cuda_test.log" 2>&1
   log "cuda_test exit $?: $(grep -E '^\[  (PASSED|FAILED)' "$out/cuda_test.log" | tr '\n' ' ')"
 fi
@@ -69,8 +75,10 @@ if want soak; then
     --models mamba1-pydoc/hf mamba2-pydoc/hf --device cuda --clients "${SOAK_CLIENTS:-8}" \
     --seconds "${SOAK_SECONDS:-180}" --stall-seq-len "${SOAK_STALL_SEQ_LEN:-1024}" \
     --grpc-bench /tmp/grpc-bench-gpu --stubs "$build/client/python/gen" \
+    ${SOAK_SERVER_ARGS:+--server-arg=$SOAK_SERVER_ARGS} \
     --label h200 --out "$out/soak.jsonl" > "$out/soak.txt" 2>&1
   log "soak exit $?"
+  cp /tmp/icd-server-*.log "$out/" 2>/dev/null  # LocalServer's logs: a server that died says why
 fi
 
 if want grpc; then

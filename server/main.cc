@@ -124,6 +124,10 @@ Flags:
                         then cost no page faults (a 5120-channel solve: 54 s
                         -> 18 s on a 2-core VM), at the price of a resident
                         size that stays near its peak.
+  --model-streams       each CUDA model's calls on a CUDA stream of its own,
+                        so calls on different models do not queue behind
+                        each other on the device's default stream (off by
+                        default: not yet run under load on a GPU).
   --shutdown-grace-s N  on SIGINT or SIGTERM, how long calls in flight may
                         run on (default 10); then they are cancelled, stop
                         within about 100 ms, and the process exits 0.
@@ -175,6 +179,7 @@ struct Flags {
   int stream_idle_timeout_s = 60;
   int shutdown_grace_s = 10;
   int max_models = 0;        // 0: no limit
+  bool model_streams = false;
   icd::MemoryBudget memory_budget;  // empty: no limit
   bool quiet = false;
   bool return_freed_memory = false;
@@ -244,6 +249,10 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
     }
     if (arg == "--return-freed-memory") {
       f.return_freed_memory = true;
+      continue;
+    }
+    if (arg == "--model-streams") {
+      f.model_streams = true;
       continue;
     }
     absl::StatusOr<std::string> v = args.Value();
@@ -406,6 +415,7 @@ int main(int argc, char** argv) {
   icd::EngineOptions engine_options;
   engine_options.default_device = flags->device;
   engine_options.max_models = flags->max_models;
+  engine_options.model_streams = flags->model_streams;
   engine_options.memory_budget = flags->memory_budget;
   if (!flags->memory_budget.empty()) {
     std::cerr << "memory budget: " << icd::DescribeMemoryBudget(flags->memory_budget) << "\n";

@@ -45,6 +45,12 @@ constexpr bool kHaveCudaHeaders = true;
 constexpr bool kHaveCudaHeaders = false;
 #endif
 
+EngineOptions WithModelStreams() {
+  EngineOptions options{"cuda:0"};
+  options.model_streams = true;
+  return options;
+}
+
 std::string Fixture(const std::string& name) { return (GoldenDir(name) / "hf").string(); }
 
 void LoadFloat32(Engine& engine, const std::string& name, const std::string& fixture) {
@@ -73,7 +79,7 @@ void SpinDefaultStream(double seconds) {
 TEST(ModelStreamTest, CallsDoNotWaitForTheDefaultStream) {
   ICD_SKIP_WITHOUT_CUDA_HEADERS();
 #ifdef ICD_HAVE_CUDA
-  Engine engine{EngineOptions{"cuda:0"}};
+  Engine engine(WithModelStreams());
   LoadFloat32(engine, "m", "mamba1-small");
   ASSERT_TRUE(engine.Verify("m").ok());  // first-use costs (cuBLAS handles) out of the way
   const c10::cuda::CUDAStream default_stream = c10::cuda::getDefaultCUDAStream(0);
@@ -106,7 +112,7 @@ TEST(ModelStreamTest, CallsDoNotWaitForTheDefaultStream) {
 
 TEST(ModelStreamTest, ConcurrentCallsOnTwoModelsStayExact) {
   ICD_SKIP_WITHOUT_CUDA_HEADERS();
-  Engine engine{EngineOptions{"cuda:0"}};
+  Engine engine(WithModelStreams());
   LoadFloat32(engine, "applied", "mamba1-small");
   LoadFloat32(engine, "read", "mamba2-one-group");
   const testing::Golden golden = ReadGolden("mamba2-one-group");

@@ -69,7 +69,7 @@ absl::StatusOr<ApplyReport> Engine::Apply(const std::string& name,
                                           const ApplyOptions& options, const CallContext& ctx) {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::unique_lock<std::shared_mutex> lock(model->mutex);
-  const engine_internal::OnModelStream on_stream(model->stream, impl_->device_gate);
+  const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, impl_->device_gate);
   return Guarded("apply", [&] { return impl_->Apply(*model, perms, options, ctx); });
 }
 
@@ -77,7 +77,7 @@ absl::StatusOr<CorrectnessReport> Engine::Verify(const std::string& name,
                                                  const CallContext& ctx) const {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::shared_lock<std::shared_mutex> lock(model->mutex);
-  const engine_internal::OnModelStream on_stream(model->stream, impl_->device_gate);
+  const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, impl_->device_gate);
   return Guarded("verify", [&]() -> absl::StatusOr<CorrectnessReport> {
     ICD_ASSIGN_OR_RETURN(torch::Tensor logits, ProbeLogits(*model, ctx));
     return CompareLogits(logits, model->probe.logits, model->Tolerance(0));
@@ -89,7 +89,7 @@ absl::StatusOr<EvaluateResult> Engine::Evaluate(const std::string& name,
                                                 const CallContext& ctx) const {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::shared_lock<std::shared_mutex> lock(model->mutex);
-  const engine_internal::OnModelStream on_stream(model->stream, impl_->device_gate);
+  const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, impl_->device_gate);
   ICD_ASSIGN_OR_RETURN(const int64_t batch, RequestBatch(request.batch));
   ICD_ASSIGN_OR_RETURN(torch::Tensor ids,
                        TokenTensor(*model, request.input_ids, batch, "input_ids"));
@@ -142,7 +142,7 @@ absl::StatusOr<std::vector<HostTensor>> Engine::ReadTensors(
     const std::string& name, const std::vector<std::string>& names) const {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::shared_lock<std::shared_mutex> lock(model->mutex);
-  const engine_internal::OnModelStream on_stream(model->stream, impl_->device_gate);
+  const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, impl_->device_gate);
   std::vector<std::string> wanted = names;
   if (wanted.empty()) {
     for (const WeightFile& file : model->layout.files) {
@@ -187,7 +187,7 @@ absl::StatusOr<uint64_t> Engine::WriteTensors(const std::string& name,
                                               uint64_t expected_version) {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::unique_lock<std::shared_mutex> lock(model->mutex);
-  const engine_internal::OnModelStream on_stream(model->stream, impl_->device_gate);
+  const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, impl_->device_gate);
   return Guarded("write tensors", [&] { return impl_->Write(*model, tensors, expected_version); });
 }
 
@@ -195,7 +195,7 @@ absl::StatusOr<ExportResult> Engine::Export(const std::string& name, const std::
                                             const CallContext& ctx) {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::unique_lock<std::shared_mutex> lock(model->mutex);
-  const engine_internal::OnModelStream on_stream(model->stream, impl_->device_gate);
+  const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, impl_->device_gate);
   return Guarded("export", [&]() -> absl::StatusOr<ExportResult> {
     // The files beside the weights are copied: they must still lie where the
     // load was allowed to read.
@@ -293,7 +293,7 @@ absl::StatusOr<LatencyReport> Engine::MeasureLatency(const LatencyOptions& optio
   // On the first model's stream; the compare model is only read, and the wait
   // on leaving covers it too. Counters count every kernel on the device:
   // the call has it to itself.
-  const engine_internal::OnModelStream on_stream(model->stream, impl_->device_gate,
+  const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, impl_->device_gate,
                                                  /*exclusive=*/options.counter_repeats > 0);
   auto timed = [](const LoadedModel& loaded) {
     return latency::TimedModel{loaded.info.name, &loaded.config, &loaded.weights,

@@ -104,6 +104,7 @@ struct LoadedModel {
   torch::ScalarType dtype = torch::kFloat32;
   std::vector<std::string> allowed_roots;  // LoadOptions::allowed_roots
   std::string memory_device;  // where the memory budget counts it: "cpu", "cuda:N"
+  bool on_cuda = false;
   std::optional<c10::Stream> stream;  // a CUDA model's calls run on it (model_stream.h)
 
   double Tolerance(double requested) const {
@@ -246,8 +247,9 @@ class Engine::Impl {
     }
     auto model = std::make_shared<LoadedModel>();
     model->memory_device = engine_internal::MemoryDevice(device);
-    model->stream = engine_internal::ModelStream(device);
-    const engine_internal::OnModelStream on_stream(model->stream, device_gate);
+    model->on_cuda = device.is_cuda();
+    if (options_.model_streams) model->stream = engine_internal::ModelStream(device);
+    const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, device_gate);
     // The memory budget, before any weight is read: with a dtype asked for
     // the model's bytes are known from config.json alone and are booked
     // now; otherwise they are at least those of a 2-byte dtype (checked

@@ -1,5 +1,5 @@
-// The stream a CUDA model's calls run on. Each CUDA model takes one of
-// LibTorch's pool streams when it loads, so calls on different models are not
+// The stream a CUDA model's calls run on. With EngineOptions::model_streams
+// each CUDA model takes one of LibTorch's pool streams when it loads, so calls on different models are not
 // queued behind each other on the device's default stream. Everything the
 // model holds is allocated on that stream, so the caching allocator reuses its
 // blocks in that stream's order only. A call waits for the stream before it
@@ -37,16 +37,18 @@ inline std::optional<c10::Stream> ModelStream(const torch::Device& device) {
 // is held; on leaving, the call waits for the stream.
 class OnModelStream {
  public:
-  OnModelStream(std::optional<c10::Stream> stream, std::shared_mutex& gate,
+  // `on_cuda`: the model is on a CUDA device (the gate is taken); `stream`:
+  // its own stream, when EngineOptions::model_streams gave it one.
+  OnModelStream(bool on_cuda, std::optional<c10::Stream> stream, std::shared_mutex& gate,
                 bool exclusive = false)
       : stream_(stream) {
-    if (!stream_) return;
+    if (!on_cuda) return;
     if (exclusive) {
       exclusive_ = std::unique_lock<std::shared_mutex>(gate);
     } else {
       shared_ = std::shared_lock<std::shared_mutex>(gate);
     }
-    guard_.reset_stream(*stream_);
+    if (stream_) guard_.reset_stream(*stream_);
   }
   OnModelStream(const OnModelStream&) = delete;
   OnModelStream& operator=(const OnModelStream&) = delete;

@@ -49,6 +49,10 @@ struct EngineOptions {
   // running calls' estimates; empty: no limit. A Load or call that would
   // pass its device's budget is ResourceExhausted before it allocates there.
   MemoryBudget memory_budget = {};
+  // Each CUDA model's calls on a stream of its own (engine/model_stream.h)
+  // instead of the device's default stream. Off by default: not yet run
+  // under load on a GPU (the first H200 soak's server died, cause not found).
+  bool model_streams = false;
 };
 
 class ICD_CORE_API Engine {

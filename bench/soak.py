@@ -250,15 +250,17 @@ class Soak:
         return rows
 
     def warm_streams(self):
-        """On a GPU each model takes the next of LibTorch's 32 pool streams
-        when it loads, and cuBLAS keeps a workspace per stream it has run on
-        for the process's life (bounded: one per stream). Loading (and so
-        running the probe forward on) a model 40 times first puts those
+        """cuBLAS keeps a workspace per stream it has run on, for the
+        process's life (bounded: one per stream). On a GPU a decode latency
+        run captures its graph on the next of LibTorch's 32 low-priority pool
+        streams, and with --model-streams each model loads onto the next of
+        the 32 high-priority ones. 40 loads and 40 decode runs first put those
         workspaces in the baseline, so that the memory check sees what the
         soak's models and calls leave behind."""
         for n in range(40):
             self.client.load("warm", self.args.models[0], device=self.args.device,
                              dtype=self.args.dtype)
+            self.client.measure_latency("warm", mode="decode", seq_len=8, warmup=0, iters=1)
             self.client.unload("warm")
 
     def run(self):

@@ -26,11 +26,15 @@
 
 namespace icd::engine_internal {
 
-// A pool stream of the model's device, or none on the CPU.
+// A stream of the high-priority pool of the model's device, or none on the
+// CPU. Not the low-priority pool: a decode session captures its CUDA graph on
+// a stream of that pool (forward/decode.cc), and a model whose stream were the
+// capturing one would have its calls launched into another call's capture.
 inline std::optional<c10::Stream> ModelStream(const torch::Device& device) {
   if (!device.is_cuda()) return std::nullopt;
   const c10::impl::DeviceGuardImplInterface* cuda = c10::impl::getDeviceGuardImpl(device.type());
-  return cuda->getStreamFromGlobalPool(device.has_index() ? device : cuda->getDevice());
+  return cuda->getStreamFromGlobalPool(device.has_index() ? device : cuda->getDevice(),
+                                       /*isHighPriority=*/true);
 }
 
 // For a call's duration: the model's stream is the current one and the gate

@@ -22,7 +22,7 @@
 #include "counters/hardware_counters.h"
 #include "forward/decode.h"
 #include "forward/forward.h"
-#include "or_die.h"
+#include "driver_util.h"
 #include "io/checkpoint.h"
 
 namespace {
@@ -74,8 +74,7 @@ int main(int argc, char** argv) {
   const int64_t seq_len = std::stoll(args.at("--seq-len"));
   torch::NoGradGuard no_grad;
   const torch::Device cuda(torch::kCUDA, 0);
-  icd::Checkpoint checkpoint = OrDie(icd::ReadCheckpoint(args.at("--model")), "ReadCheckpoint");
-  for (auto& [name, tensor] : checkpoint.weights) tensor = tensor.to(cuda, dtype).contiguous();
+  icd::Checkpoint checkpoint = CheckpointOnCuda(args.at("--model"), dtype);
   const icd::ModelConfig& config = checkpoint.config;
   const icd::Weights& weights = checkpoint.weights;
   torch::manual_seed(7);

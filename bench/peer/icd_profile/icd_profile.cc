@@ -32,7 +32,7 @@
 #include "io/checkpoint.h"
 #include "forward/decode.h"
 #include "forward/forward.h"
-#include "../../or_die.h"
+#include "../../driver_util.h"
 
 namespace {
 
@@ -129,8 +129,7 @@ int main(int argc, char** argv) {
   torch::NoGradGuard no_grad;
   const torch::Device cuda(torch::kCUDA, 0);
 
-  icd::Checkpoint checkpoint = OrDie(icd::ReadCheckpoint(args.at("--model")), "ReadCheckpoint");
-  for (auto& [name, tensor] : checkpoint.weights) tensor = tensor.to(cuda, dtype).contiguous();
+  icd::Checkpoint checkpoint = CheckpointOnCuda(args.at("--model"), dtype);
   const icd::ModelConfig& config = checkpoint.config;
   const icd::Weights& weights = checkpoint.weights;
   std::cout << "model " << args.at("--model") << ": d_model " << config.d_model << ", n_layer "

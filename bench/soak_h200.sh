@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A GPU node under load and faults (issue 20), on the GPU machine in one call:
-#   build   icd-server, icdctl, grpc_bench, cuda_test and the Python stubs
+#   build   icd-server, icdctl, grpc_bench, cuda_test, cuda_counters_test,
+#           counters_check and the Python stubs
 #           (deploy/build-gpu.sh, ICD_TARGETS) into ICD_BUILD_DIR
-#   cuda_test  the whole GPU test (CUDA_TEST_FILTER to narrow it)
+#   cuda_test  the whole GPU test (CUDA_TEST_FILTER to narrow it), then
+#           cuda_counters_test (CUPTI in a process of its own)
 #   soak    bench/soak.py on cuda: SOAK_CLIENTS clients for SOAK_SECONDS over
 #           the two reference models beside its faults, the stall measurement
 #           first and grpc_bench after
@@ -46,7 +48,7 @@ EOF
 
 if want build; then
   log "build"
-  ICD_TARGETS="${SOAK_TARGETS:-icd-server icdctl grpc_bench cuda_test icd_python_stubs}" ICD_LOG_DIR="$out/build" \
+  ICD_TARGETS="${SOAK_TARGETS:-icd-server icdctl grpc_bench cuda_test cuda_counters_test counters_check icd_python_stubs}" ICD_LOG_DIR="$out/build" \
     deploy/build-gpu.sh "$build" > "$out/build.log" 2>&1 || log "build failed: $(tail -3 "$out/build.log")"
 fi
 wrap icd-server-gpu "$build/server/icd-server"
@@ -61,6 +63,11 @@ if want cuda_test; then
     "${debugger[@]}" "$build/tests/unit/cuda_test" ${CUDA_TEST_FILTER:+--gtest_filter=$CUDA_TEST_FILTER} \
     > "$out/cuda_test.log" 2>&1
   log "cuda_test exit $?: $(grep -E '^\[  (PASSED|FAILED)' "$out/cuda_test.log" | tr '\n' ' ')"
+  if [[ -x "$build/tests/unit/cuda_counters_test" ]]; then
+    LD_LIBRARY_PATH="$deb/usr/lib/x86_64-linux-gnu" ICD_REQUIRE_CUDA=1 stdbuf -oL -eL \
+      "${debugger[@]}" "$build/tests/unit/cuda_counters_test" > "$out/cuda_counters_test.log" 2>&1
+    log "cuda_counters_test exit $?: $(grep -E '^\[  (PASSED|FAILED)' "$out/cuda_counters_test.log" | tr '\n' ' ')"
+  fi
 fi
 
 if want soak; then

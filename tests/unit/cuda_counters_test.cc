@@ -55,6 +55,14 @@ TEST(HardwareCountersTest, EveryWeightPassesThroughL2AndRepeatsAgree) {
                   kernel.l2_hit_rate);
     }
     EXPECT_EQ(launches, counted.total.launches) << mode;
+    // Named by the launches CUPTI saw (not its range numbers): icd's own
+    // kernels among them.
+    bool icd_kernel = false;
+    for (const KernelCounters& kernel : counted.kernels) {
+      EXPECT_NE(kernel.kernel.rfind("launch ", 0), 0u) << mode << ": unnamed " << kernel.kernel;
+      icd_kernel = icd_kernel || kernel.kernel.find("icd::") != std::string::npos;
+    }
+    EXPECT_TRUE(icd_kernel) << mode;
     EXPECT_DOUBLE_EQ(l2_sectors, counted.total.l2_sectors) << mode;
     EXPECT_GT(counted.total.dram_read_bytes + counted.total.dram_write_bytes, 0) << mode;
     EXPECT_GE(32 * counted.total.l2_sectors, 0.9 * weight_bytes)

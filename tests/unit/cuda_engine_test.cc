@@ -110,9 +110,12 @@ TEST(ModelStreamTest, CallsDoNotWaitForTheDefaultStream) {
 #endif
 }
 
-TEST(ModelStreamTest, ConcurrentCallsOnTwoModelsStayExact) {
-  ICD_SKIP_WITHOUT_CUDA_HEADERS();
-  Engine engine(WithModelStreams());
+// Applies on one model, evaluates and latency runs on another, at once: all
+// exact, with model streams or without (every call on the default stream).
+void ConcurrentCallsStayExact(bool model_streams) {
+  EngineOptions engine_options = WithModelStreams();
+  engine_options.model_streams = model_streams;
+  Engine engine(engine_options);
   LoadFloat32(engine, "applied", "mamba1-small");
   LoadFloat32(engine, "read", "mamba2-one-group");
   const testing::Golden golden = ReadGolden("mamba2-one-group");
@@ -157,6 +160,16 @@ TEST(ModelStreamTest, ConcurrentCallsOnTwoModelsStayExact) {
   ASSERT_TRUE(verified.ok()) << verified.status();
   EXPECT_TRUE(verified->ok) << verified->rel_l2;
   EXPECT_EQ(engine.Info("applied")->version, 1u + kRounds);  // both loaded at version 1
+}
+
+TEST(ModelStreamTest, ConcurrentCallsOnTwoModelsStayExact) {
+  ICD_SKIP_WITHOUT_CUDA_HEADERS();
+  ConcurrentCallsStayExact(/*model_streams=*/true);
+}
+
+TEST(ModelStreamTest, ConcurrentCallsOnTheDefaultStreamStayExact) {
+  ICD_SKIP_WITHOUT_CUDA_HEADERS();
+  ConcurrentCallsStayExact(/*model_streams=*/false);
 }
 
 TEST(CudaMemoryTest, OutOfMemoryIsResourceExhaustedAndLeavesTheModel) {

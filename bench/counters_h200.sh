@@ -22,10 +22,7 @@ models=${ICD_MODELS_DIR:-/tmp/icd-models}
 shapes=${COUNTERS_SHAPES:-130m}
 metrics=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sectors.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum
 log() { echo "[counters_h200 $(date -u +%T)] $*" | tee -a "$out/steps.log" >&2; }
-run() {
-  LD_LIBRARY_PATH="$deb/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-  LD_PRELOAD="$(g++ -print-file-name=libstdc++.so.6)" "$@"
-}
+source bench/peer/icd_env.sh  # icd_env: the GPU build's run-time environment
 {
   echo "commit: ${ICD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   echo "date: $(date -u +%FT%TZ)"
@@ -42,7 +39,7 @@ for shape in $shapes; do
   [[ ${COUNTERS_CHECK:-1} == 1 ]] || continue
   for mode in prefill decode; do
     log "cupti $shape $mode"
-    run "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --cupti --repeats 3 \
+    icd_env "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --cupti --repeats 3 \
       > "$out/cupti-$shape-$mode.jsonl" 2> "$out/cupti-$shape-$mode.err" || log "cupti $shape $mode failed: $(tail -2 "$out/cupti-$shape-$mode.err")"
   done
 done
@@ -50,12 +47,12 @@ done
 # Identity against permuted through the service.
 log "service: identity vs permuted"
 server_log="$out/server.log"
-run "$build/server/icd-server" --listen 127.0.0.1:0 --model-root "$models" --export-root /tmp \
+icd_env "$build/server/icd-server" --listen 127.0.0.1:0 --model-root "$models" --export-root /tmp \
   --device cuda > "$server_log" 2>&1 &
 server=$!
 for _ in $(seq 300); do grep -q "listening on" "$server_log" && break; sleep 0.2; done
 address=$(sed -n 's/^listening on //p' "$server_log" | head -1)
-icdctl() { run "$build/client/cpp/icdctl" --server "$address" --timeout 900 "$@"; }
+icdctl() { icd_env "$build/client/cpp/icdctl" --server "$address" --timeout 900 "$@"; }
 for shape in $shapes; do
   icdctl load "id-$shape" "mamba-$shape" --dtype bfloat16 > /dev/null &&
     icdctl load "perm-$shape" "mamba-$shape" --dtype bfloat16 > /dev/null || { log "load $shape failed"; continue; }
@@ -82,7 +79,7 @@ log "codesign_loop --counters 3"
 pydeb=${ICD_PYDEB_PREFIX:-/tmp/pydeb}
 mkdir -p "$pydeb"; for f in .pydebs/*.deb; do dpkg-deb -x "$f" "$pydeb"; done
 codesign_log="$out/codesign-server.log"
-run "$build/server/icd-server" --listen 127.0.0.1:0 --model-root models --export-root /tmp \
+icd_env "$build/server/icd-server" --listen 127.0.0.1:0 --model-root models --export-root /tmp \
   --device cuda > "$codesign_log" 2>&1 &
 server=$!
 for _ in $(seq 300); do grep -q "listening on" "$codesign_log" && break; sleep 0.2; done
@@ -100,7 +97,7 @@ for shape in ${NCU_SHAPES-${shapes%% *}}; do
   for mode in prefill decode; do
     for cache in all none; do
       log "ncu $shape $mode (cache-control $cache)"
-      run ncu --profile-from-start off --cache-control $cache --metrics "$metrics" --csv --page raw --print-units base \
+      icd_env ncu --profile-from-start off --cache-control $cache --metrics "$metrics" --csv --page raw --print-units base \
         "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --ncu \
         > "$out/ncu-$shape-$mode-$cache.csv" 2> "$out/ncu-$shape-$mode-$cache.err" || log "ncu $shape $mode failed: $(tail -2 "$out/ncu-$shape-$mode-$cache.err")"
     done

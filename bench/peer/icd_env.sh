@@ -1,4 +1,5 @@
-# Sourced by bench/peer/run_h200.sh and bench/prefill/run_h200.sh: what both
+# Sourced by bench/peer/run_h200.sh, bench/prefill/run_h200.sh and
+# bench/counters_h200.sh (icd_env only): what they
 # run on the GPU machine. The caller defines `log`, `$deb` (the unpacked .debs)
 # and `$work` (its output tree).
 

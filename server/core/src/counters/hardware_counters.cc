@@ -211,6 +211,7 @@ Struct Params(size_t size) {
   params.structSize = size;
   return params;
 }
+#define ICD_CUPTI_PARAMS(Type) Params<Type>(Type##_STRUCT_SIZE)
 
 // FAILED_PRECONDITION naming the call and CUPTI's reason; privileges get
 // the setting that grants them.
@@ -238,59 +239,59 @@ class Session {
   Session& operator=(const Session&) = delete;
   ~Session() {
     if (profiler_ != nullptr) {
-      auto disable = Params<CUpti_RangeProfiler_Disable_Params>(CUpti_RangeProfiler_Disable_Params_STRUCT_SIZE);
+      auto disable = ICD_CUPTI_PARAMS(CUpti_RangeProfiler_Disable_Params);
       disable.pRangeProfilerObject = profiler_;
       api_.RangeDisable(&disable);
     }
     if (host_ != nullptr) {
-      auto deinit = Params<CUpti_Profiler_Host_Deinitialize_Params>(CUpti_Profiler_Host_Deinitialize_Params_STRUCT_SIZE);
+      auto deinit = ICD_CUPTI_PARAMS(CUpti_Profiler_Host_Deinitialize_Params);
       deinit.pHostObject = host_;
       api_.HostDeinitialize(&deinit);
     }
   }
 
-  absl::Status Configure(int device_index, CUcontext context, const std::vector<const char*>& metrics,
-                         int64_t max_launches) {
-    auto chip = Params<CUpti_Device_GetChipName_Params>(CUpti_Device_GetChipName_Params_STRUCT_SIZE);
+  absl::Status Configure(int device_index, CUcontext context,
+                         const std::vector<const char*>& metrics, int64_t max_launches) {
+    auto chip = ICD_CUPTI_PARAMS(CUpti_Device_GetChipName_Params);
     chip.deviceIndex = static_cast<size_t>(device_index);
     ICD_CUPTI(api_, DeviceGetChipName, chip);
     chip_ = chip.pChipName;
 
-    auto availability = Params<CUpti_Profiler_GetCounterAvailability_Params>(CUpti_Profiler_GetCounterAvailability_Params_STRUCT_SIZE);
+    auto availability = ICD_CUPTI_PARAMS(CUpti_Profiler_GetCounterAvailability_Params);
     availability.ctx = context;
     ICD_CUPTI(api_, GetCounterAvailability, availability);
     std::vector<uint8_t> availability_image(availability.counterAvailabilityImageSize);
     availability.pCounterAvailabilityImage = availability_image.data();
     ICD_CUPTI(api_, GetCounterAvailability, availability);
 
-    auto host = Params<CUpti_Profiler_Host_Initialize_Params>(CUpti_Profiler_Host_Initialize_Params_STRUCT_SIZE);
+    auto host = ICD_CUPTI_PARAMS(CUpti_Profiler_Host_Initialize_Params);
     host.profilerType = CUPTI_PROFILER_TYPE_RANGE_PROFILER;
     host.pChipName = chip_.c_str();
     host.pCounterAvailabilityImage = availability_image.data();
     ICD_CUPTI(api_, HostInitialize, host);
     host_ = host.pHostObject;
 
-    auto add = Params<CUpti_Profiler_Host_ConfigAddMetrics_Params>(CUpti_Profiler_Host_ConfigAddMetrics_Params_STRUCT_SIZE);
+    auto add = ICD_CUPTI_PARAMS(CUpti_Profiler_Host_ConfigAddMetrics_Params);
     add.pHostObject = host_;
     add.ppMetricNames = const_cast<const char**>(metrics.data());
     add.numMetrics = metrics.size();
     ICD_CUPTI(api_, HostConfigAddMetrics, add);
-    auto config_size = Params<CUpti_Profiler_Host_GetConfigImageSize_Params>(CUpti_Profiler_Host_GetConfigImageSize_Params_STRUCT_SIZE);
+    auto config_size = ICD_CUPTI_PARAMS(CUpti_Profiler_Host_GetConfigImageSize_Params);
     config_size.pHostObject = host_;
     ICD_CUPTI(api_, HostGetConfigImageSize, config_size);
     config_.resize(config_size.configImageSize);
-    auto config = Params<CUpti_Profiler_Host_GetConfigImage_Params>(CUpti_Profiler_Host_GetConfigImage_Params_STRUCT_SIZE);
+    auto config = ICD_CUPTI_PARAMS(CUpti_Profiler_Host_GetConfigImage_Params);
     config.pHostObject = host_;
     config.configImageSize = config_.size();
     config.pConfigImage = config_.data();
     ICD_CUPTI(api_, HostGetConfigImage, config);
 
-    auto enable = Params<CUpti_RangeProfiler_Enable_Params>(CUpti_RangeProfiler_Enable_Params_STRUCT_SIZE);
+    auto enable = ICD_CUPTI_PARAMS(CUpti_RangeProfiler_Enable_Params);
     enable.ctx = context;
     ICD_CUPTI(api_, RangeEnable, enable);
     profiler_ = enable.pRangeProfilerObject;
 
-    auto data_size = Params<CUpti_RangeProfiler_GetCounterDataSize_Params>(CUpti_RangeProfiler_GetCounterDataSize_Params_STRUCT_SIZE);
+    auto data_size = ICD_CUPTI_PARAMS(CUpti_RangeProfiler_GetCounterDataSize_Params);
     data_size.pRangeProfilerObject = profiler_;
     data_size.pMetricNames = const_cast<const char**>(metrics.data());
     data_size.numMetrics = metrics.size();
@@ -298,7 +299,7 @@ class Session {
     data_size.maxNumRangeTreeNodes = static_cast<uint32_t>(max_launches);
     ICD_CUPTI(api_, RangeGetCounterDataSize, data_size);
     counter_data_.resize(data_size.counterDataSize);
-    auto init = Params<CUpti_RangeProfiler_CounterDataImage_Initialize_Params>(CUpti_RangeProfiler_CounterDataImage_Initialize_Params_STRUCT_SIZE);
+    auto init = ICD_CUPTI_PARAMS(CUpti_RangeProfiler_CounterDataImage_Initialize_Params);
     init.pRangeProfilerObject = profiler_;
     init.counterDataSize = counter_data_.size();
     init.pCounterData = counter_data_.data();
@@ -306,7 +307,7 @@ class Session {
 
     // Auto ranges: each kernel launch its own range. Kernel replay: CUPTI
     // reruns each kernel, its memory saved and restored, once per pass.
-    auto set = Params<CUpti_RangeProfiler_SetConfig_Params>(CUpti_RangeProfiler_SetConfig_Params_STRUCT_SIZE);
+    auto set = ICD_CUPTI_PARAMS(CUpti_RangeProfiler_SetConfig_Params);
     set.pRangeProfilerObject = profiler_;
     set.configSize = config_.size();
     set.pConfig = config_.data();
@@ -324,7 +325,7 @@ class Session {
   }
 
   absl::Status Start() {
-    auto start = Params<CUpti_RangeProfiler_Start_Params>(CUpti_RangeProfiler_Start_Params_STRUCT_SIZE);
+    auto start = ICD_CUPTI_PARAMS(CUpti_RangeProfiler_Start_Params);
     start.pRangeProfilerObject = profiler_;
     ICD_CUPTI(api_, RangeStart, start);
     return absl::OkStatus();
@@ -333,10 +334,10 @@ class Session {
   // Stops, decodes the counts into the counter data image; the launches
   // that did not fit are an error.
   absl::Status Stop(int64_t max_launches) {
-    auto stop = Params<CUpti_RangeProfiler_Stop_Params>(CUpti_RangeProfiler_Stop_Params_STRUCT_SIZE);
+    auto stop = ICD_CUPTI_PARAMS(CUpti_RangeProfiler_Stop_Params);
     stop.pRangeProfilerObject = profiler_;
     ICD_CUPTI(api_, RangeStop, stop);
-    auto decode = Params<CUpti_RangeProfiler_DecodeData_Params>(CUpti_RangeProfiler_DecodeData_Params_STRUCT_SIZE);
+    auto decode = ICD_CUPTI_PARAMS(CUpti_RangeProfiler_DecodeData_Params);
     decode.pRangeProfilerObject = profiler_;
     ICD_CUPTI(api_, RangeDecodeData, decode);
     if (decode.numOfRangeDropped > 0) {
@@ -348,20 +349,20 @@ class Session {
   }
 
   absl::StatusOr<std::vector<KernelCounters>> Read(const std::vector<const char*>& metrics) {
-    auto info = Params<CUpti_RangeProfiler_GetCounterDataInfo_Params>(CUpti_RangeProfiler_GetCounterDataInfo_Params_STRUCT_SIZE);
+    auto info = ICD_CUPTI_PARAMS(CUpti_RangeProfiler_GetCounterDataInfo_Params);
     info.pCounterDataImage = counter_data_.data();
     info.counterDataImageSize = counter_data_.size();
     ICD_CUPTI(api_, RangeGetCounterDataInfo, info);
     std::vector<KernelCounters> launches;
     std::vector<double> values(metrics.size());
     for (size_t range = 0; range < info.numTotalRanges; ++range) {
-      auto name = Params<CUpti_Profiler_Host_GetRangeName_Params>(CUpti_Profiler_Host_GetRangeName_Params_STRUCT_SIZE);
+      auto name = ICD_CUPTI_PARAMS(CUpti_Profiler_Host_GetRangeName_Params);
       name.pCounterDataImage = counter_data_.data();
       name.counterDataImageSize = counter_data_.size();
       name.rangeIndex = range;
       name.delimiter = "/";
       ICD_CUPTI(api_, HostGetRangeName, name);
-      auto evaluate = Params<CUpti_Profiler_Host_EvaluateToGpuValues_Params>(CUpti_Profiler_Host_EvaluateToGpuValues_Params_STRUCT_SIZE);
+      auto evaluate = ICD_CUPTI_PARAMS(CUpti_Profiler_Host_EvaluateToGpuValues_Params);
       evaluate.pHostObject = host_;
       evaluate.pCounterDataImage = counter_data_.data();
       evaluate.counterDataImageSize = counter_data_.size();
@@ -497,7 +498,7 @@ class ProfilerScope {
   ProfilerScope(const ProfilerScope&) = delete;
   ProfilerScope& operator=(const ProfilerScope&) = delete;
   absl::Status Initialize() {
-    auto init = Params<CUpti_Profiler_Initialize_Params>(CUpti_Profiler_Initialize_Params_STRUCT_SIZE);
+    auto init = ICD_CUPTI_PARAMS(CUpti_Profiler_Initialize_Params);
     ICD_RETURN_IF_ERROR(Check(api_, api_.ProfilerInitialize(&init), "cuptiProfilerInitialize"));
     initialized_ = true;
     return absl::OkStatus();
@@ -505,7 +506,7 @@ class ProfilerScope {
   ~ProfilerScope() {
     if (!initialized_) return;
     auto deinit =
-        Params<CUpti_Profiler_DeInitialize_Params>(CUpti_Profiler_DeInitialize_Params_STRUCT_SIZE);
+        ICD_CUPTI_PARAMS(CUpti_Profiler_DeInitialize_Params);
     api_.ProfilerDeInitialize(&deinit);
   }
 

@@ -383,10 +383,6 @@ class Engine::Impl {
     }
     std::vector<GroupPermutation> gathers;
     for (size_t i = 0; i < perms.size(); ++i) gathers.push_back({groups[i], &perms[i].index});
-    ApplyGathers(gathers, model.weights);
-    // Gathers on a GPU are asynchronous: apply_ms counts them finished.
-    const torch::Device device = model.weights.begin()->second.device();
-    if (device.is_cuda()) torch::cuda::synchronize(device.index());
     auto restore = [&] {
       std::vector<std::vector<int64_t>> inverses;
       for (const Permutation& perm : perms) inverses.push_back(InversePermutation(perm.index));
@@ -394,6 +390,30 @@ class Engine::Impl {
       for (size_t i = perms.size(); i-- > 0;) undo.push_back({groups[i], &inverses[i]});
       ApplyGathers(undo, model.weights);
     };
+    ApplyGathers(gathers, model.weights);
+    // From here a throw (a CUDA error, an out-of-memory in the check) must
+    // not leave the weights permuted under the old version.
+    try {
+      return CheckApplied(model, perms, options, ctx, start, restore);
+    } catch (...) {
+      restore();
+      throw;
+    }
+  }
+
+  // Apply's second half: the gathers done, time them, run the post-apply
+  // check, and either take the new version or undo them (`restore`).
+  template <typename Restore>
+  absl::StatusOr<ApplyReport> CheckApplied(LoadedModel& model,
+                                           const std::vector<Permutation>& perms,
+                                           const ApplyOptions& options, const CallContext& ctx,
+                                           engine_internal::Clock::time_point start,
+                                           const Restore& restore) {
+    // Gathers on a GPU are asynchronous: apply_ms counts them finished. The
+    // stream they ran on, not the device: a device-wide synchronize is
+    // refused while another call captures a CUDA graph (a decode session),
+    // and breaks that capture.
+    engine_internal::SynchronizeCurrentStream(model.weights.begin()->second.device());
     ApplyReport report;
     report.apply_ms = engine_internal::MillisSince(start);
     for (const Permutation& perm : perms) report.groups.push_back(perm.group);

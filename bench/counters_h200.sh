@@ -11,7 +11,8 @@
 #   bench/counters_h200.sh OUT_DIR
 # Env: COUNTERS_SHAPES (130m), NCU_SHAPES (the first shape; empty: no ncu),
 # COUNTERS_CHECK (1: counters_check's CUPTI runs), COUNTERS_MODES ("prefill
-# decode"), COUNTERS_REPEATS (3), COUNTERS_CODESIGN (1).
+# decode": of those runs, the service's and ncu's), NCU_CACHE ("all none":
+# ncu's --cache-control runs), COUNTERS_REPEATS (3), COUNTERS_CODESIGN (1).
 set -uo pipefail
 out=${1:?usage: bench/counters_h200.sh OUT_DIR}
 mkdir -p "$out"; out=$(cd "$out" && pwd)
@@ -37,7 +38,7 @@ for shape in $shapes; do
   [[ -f "$dir/config.json" ]] || python3 bench/make_random_mamba.py --shape "$shape" --out "$dir" \
     > "$out/make-$shape.log" 2>&1 || { log "make_random_mamba $shape failed"; continue; }
   [[ ${COUNTERS_CHECK:-1} == 1 ]] || continue
-  for mode in prefill decode; do
+  for mode in ${COUNTERS_MODES:-prefill decode}; do
     log "cupti $shape $mode"
     icd_env "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --cupti --repeats 3 \
       > "$out/cupti-$shape-$mode.jsonl" 2> "$out/cupti-$shape-$mode.err" || log "cupti $shape $mode failed: $(tail -2 "$out/cupti-$shape-$mode.err")"
@@ -60,8 +61,9 @@ for shape in $shapes; do
     log "apply perm-$shape failed: $(tail -1 "$out/apply-$shape.json")"
   for mode in ${COUNTERS_MODES:-prefill decode}; do
     iters=20; [[ $mode == decode ]] && iters=100
-    icdctl latency "perm-$shape" --compare "id-$shape" --mode $mode --seq-len 2048 --iters $iters \
-      --counters ${COUNTERS_REPEATS:-3} > "$out/service-$shape-$mode.txt" 2>&1 || log "latency $shape $mode failed"
+    # JSON only: under kernel replay each run takes minutes (README.md there
+    # shows the table icdctl prints).
+    log "service $shape $mode"
     icdctl --json latency "perm-$shape" --compare "id-$shape" --mode $mode --seq-len 2048 \
       --iters $iters --counters ${COUNTERS_REPEATS:-3} > "$out/service-$shape-$mode.json" 2>&1 || log "latency json $shape $mode failed"
   done
@@ -94,8 +96,8 @@ fi
 # Nsight Compute on the same samples (last: the slowest part).
 for shape in ${NCU_SHAPES-${shapes%% *}}; do
   dir="$models/mamba-$shape"
-  for mode in prefill decode; do
-    for cache in all none; do
+  for mode in ${COUNTERS_MODES:-prefill decode}; do
+    for cache in ${NCU_CACHE:-all none}; do
       log "ncu $shape $mode (cache-control $cache)"
       icd_env ncu --profile-from-start off --cache-control $cache --metrics "$metrics" --csv --page raw --print-units base \
         "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --ncu \

@@ -213,6 +213,20 @@ inline std::string LayerTensorName(int64_t layer, const std::string& suffix) {
   return "backbone.layers." + std::to_string(layer) + "." + suffix;
 }
 
+// The layer of a canonical tensor name; -1 for the embedding, the final norm
+// and the head.
+inline int64_t LayerOfTensor(const std::string& name) {
+  constexpr char kPrefix[] = "backbone.layers.";
+  constexpr size_t kLength = sizeof(kPrefix) - 1;
+  if (name.compare(0, kLength, kPrefix) != 0) return -1;
+  int64_t layer = 0;
+  size_t at = kLength;
+  for (; at < name.size() && name[at] >= '0' && name[at] <= '9'; ++at) {
+    layer = layer * 10 + (name[at] - '0');
+  }
+  return at > kLength && at < name.size() && name[at] == '.' ? layer : -1;
+}
+
 }  // namespace icd
 
 #endif  // ICD_CORE_SRC_MODEL_H_

@@ -303,6 +303,19 @@ namespace {
 // under its name. A tensor that some member moves by slice is tracked as one
 // content per slice of axis 0 (its axes shifted down by one), stacked again
 // at the end.
+// Each weight is read and written once, as a copy would: on a GPU by one
+// batched kernel, elsewhere by one LibTorch indexing op per tensor; a batch
+// per device where the model is placed over several.
+void GatherOnEachDevice(std::vector<gather::TensorGather> plan) {
+  std::map<std::string, std::vector<gather::TensorGather>> by_device;
+  for (gather::TensorGather& tensor_gather : plan) {
+    by_device[tensor_gather.tensor->device().str()].push_back(std::move(tensor_gather));
+  }
+  for (auto& [device, part] : by_device) {
+    if (!gather::GatherWithCuda(part)) gather::GatherWithLibTorch(part);
+  }
+}
+
 void ApplyGathersAcrossNames(const std::vector<GroupPermutation>& perms, Weights& weights) {
   struct Content {
     std::string origin;
@@ -388,7 +401,7 @@ void ApplyGathersAcrossNames(const std::vector<GroupPermutation>& perms, Weights
     for (const auto& [axis, source] : content.source) tensor_gather.index_of[axis] = &source;
     plan.push_back(std::move(tensor_gather));
   }
-  if (!gather::GatherWithCuda(plan)) gather::GatherWithLibTorch(plan);
+  GatherOnEachDevice(std::move(plan));
   for (const std::string& tensor : split) {
     std::vector<torch::Tensor> slices;
     for (int64_t s = 0; s < weights.at(tensor).size(0); ++s) {
@@ -459,9 +472,7 @@ void ApplyGathers(const std::vector<GroupPermutation>& perms, Weights& weights) 
     }
     plan.push_back(std::move(tensor_gather));
   }
-  // Each weight is read and written once, as a copy would: on a GPU by one
-  // batched kernel, elsewhere by one LibTorch indexing op per tensor.
-  if (!gather::GatherWithCuda(plan)) gather::GatherWithLibTorch(plan);
+  GatherOnEachDevice(std::move(plan));
 }
 
 void ApplyGather(const GroupInfo& group, const std::vector<int64_t>& index, Weights& weights) {

@@ -18,7 +18,9 @@ namespace {
 class CaptureCollector : public CaptureSink {
  public:
   struct Slot {
-    explicit Slot(traces::StatsOptions options) : stats(std::move(options)) {}
+    explicit Slot(traces::StatsOptions options)
+        : device(options.device), stats(std::move(options)) {}
+    torch::Device device;  // the statistics' (activations of a placed model's layers move there)
     traces::TraceStats stats;
     std::vector<torch::Tensor> holdout;
   };
@@ -45,7 +47,7 @@ class CaptureCollector : public CaptureSink {
   void Add(const std::string& group, const torch::Tensor& rows) override {
     if (!stopped_.ok()) return;  // the forward stops at its next check
     Slot& slot = *slots_.at(group);
-    const torch::Tensor values = rows.to(torch::kFloat32);
+    const torch::Tensor values = rows.to(slot.device, torch::kFloat32);
     if (holdout_pass_) {
       slot.holdout.push_back(values.contiguous());
     } else if (holdout_positions_ > 0 && values.size(0) == batch_ * window_length_) {

@@ -24,8 +24,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "devices.h"
 #include "engine/memory_budget.h"
+#include "engine/placement.h"
 #include "engine/model_stream.h"
+#include "blocks/shapes.h"
 #include "io/checkpoint.h"
 #include "io/config.h"
 #include "io/exporter.h"
@@ -92,6 +96,33 @@ inline absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
       absl::StrCat("device '", name, "': expected cpu, cuda or cuda:N"));
 }
 
+// The devices a LoadOptions::placement names, in order: every visible CUDA
+// device for "auto", else each range's (placement.h checks the ranges once
+// the config says how many layers there are).
+inline absl::StatusOr<std::vector<torch::Device>> PlacementDevices(const std::string& placement) {
+  std::vector<torch::Device> devices;
+  if (placement == "auto") {
+    if (!torch::cuda::is_available()) {
+      return absl::InvalidArgumentError(
+          "placement 'auto': no CUDA device is available to this server");
+    }
+    for (size_t index = 0; index < torch::cuda::device_count(); ++index) {
+      devices.emplace_back(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
+    }
+    return devices;
+  }
+  for (absl::string_view part : absl::StrSplit(placement, ',')) {
+    const std::string name(part.substr(0, part.find('=')));
+    absl::StatusOr<torch::Device> device = ParseDevice(name);
+    if (!device.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("placement '", placement, "': ", device.status().message()));
+    }
+    devices.push_back(*device);
+  }
+  return devices;
+}
+
 struct LoadedModel {
   mutable std::shared_mutex mutex;  // shared: reads; exclusive: changes
   ModelInfo info;
@@ -106,6 +137,9 @@ struct LoadedModel {
   std::string memory_device;  // where the memory budget counts it: "cpu", "cuda:N"
   bool on_cuda = false;
   std::optional<c10::Stream> stream;  // a CUDA model's calls run on it (model_stream.h)
+  // Its layers by device (ModelInfo::placement); more than one range where
+  // LoadOptions::placement put it over several.
+  std::vector<LayerRange> placement;
 
   double Tolerance(double requested) const {
     return requested > 0 ? requested : DefaultTolerance(dtype);
@@ -234,27 +268,81 @@ class Engine::Impl {
                                                          const LoadOptions& options,
                                                          const CallContext& ctx) {
     if (name.empty()) return absl::InvalidArgumentError("name: must not be empty");
-    const std::string device_name = options.device.empty() ? options_.default_device
-                                                           : options.device;
-    ICD_ASSIGN_OR_RETURN(torch::Device device, engine_internal::ParseDevice(device_name));
+    if (!options.placement.empty() && !options.device.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "device '", options.device, "' and placement '", options.placement,
+          "': give one (a placement names its devices)"));
+    }
+    // Where the model goes: one device, or a placement's, in order.
+    std::vector<torch::Device> devices;
+    if (options.placement.empty()) {
+      ICD_ASSIGN_OR_RETURN(torch::Device device,
+                           engine_internal::ParseDevice(options.device.empty()
+                                                            ? options_.default_device
+                                                            : options.device));
+      devices.push_back(device);
+    } else {
+      ICD_ASSIGN_OR_RETURN(devices, engine_internal::PlacementDevices(options.placement));
+    }
+    const torch::Device device = devices.front();
+    const bool on_cpu = std::any_of(devices.begin(), devices.end(),
+                                    [](const torch::Device& d) { return d.is_cpu(); });
     std::optional<torch::ScalarType> requested;
     if (!options.dtype.empty()) {
       ICD_ASSIGN_OR_RETURN(DType dtype, ParseDType(options.dtype));
       ICD_ASSIGN_OR_RETURN(requested, engine_internal::ToTorch(dtype));
     }
-    if (requested == torch::kFloat16 && device.is_cpu()) {
+    if (requested == torch::kFloat16 && on_cpu) {
       return absl::InvalidArgumentError(kNoCpuHalf);
     }
     auto model = std::make_shared<LoadedModel>();
     model->memory_device = engine_internal::MemoryDevice(device);
-    model->on_cuda = device.is_cuda();
-    if (options_.model_streams) model->stream = engine_internal::ModelStream(device);
+    model->on_cuda = std::any_of(devices.begin(), devices.end(),
+                                 [](const torch::Device& d) { return d.is_cuda(); });
+    if (options_.model_streams && devices.size() == 1) {
+      model->stream = engine_internal::ModelStream(device);
+    }
     const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, device_gate);
+    // The layers' devices, and the bytes each holds, from the config alone.
+    auto plan = [&](const ModelConfig& config,
+                    torch::ScalarType dtype) -> absl::StatusOr<std::vector<LayerRange>> {
+      const engine_internal::PlacementSizes sizes =
+          engine_internal::SizesOf(config, static_cast<int64_t>(c10::elementSize(dtype)));
+      std::vector<LayerRange> ranges;
+      if (options.placement.empty()) {
+        ranges.push_back({engine_internal::MemoryDevice(device), 0, config.n_layer - 1, 0});
+      } else if (options.placement == "auto") {
+        std::vector<std::string> names;
+        for (const torch::Device& d : devices) names.push_back(engine_internal::MemoryDevice(d));
+        ranges = engine_internal::BalancePlacement(sizes, names);
+      } else {
+        ICD_ASSIGN_OR_RETURN(ranges,
+                             engine_internal::ParsePlacement(options.placement, config.n_layer));
+        for (size_t i = 0; i < ranges.size(); ++i) {
+          ranges[i].device = engine_internal::MemoryDevice(devices[i]);
+        }
+      }
+      if (ranges.size() > 1 && blocks::HasSharedBlocks(config)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "placement '", options.placement, "': ", config.architecture,
+            "'s shared blocks are read at layers all over the model; load it on one device"));
+      }
+      engine_internal::CountRangeBytes(sizes, &ranges);
+      // The probe reference: its logits beside the head.
+      LayerRange& head = config.tied ? ranges.front() : ranges.back();
+      head.bytes += engine_internal::ProbeBytes(config);
+      return ranges;
+    };
+    auto bytes_by_device = [](const std::vector<LayerRange>& ranges) {
+      std::map<std::string, int64_t> parts;
+      for (const LayerRange& range : ranges) parts[range.device] += range.bytes;
+      return parts;
+    };
     // The memory budget, before any weight is read: with a dtype asked for
     // the model's bytes are known from config.json alone and are booked
     // now; otherwise they are at least those of a 2-byte dtype (checked
     // here), and booked exactly once the files say their dtype (below),
-    // still before anything reaches the model's device.
+    // still before anything reaches the model's devices.
     auto before_weights = [&](const ModelConfig& config) -> absl::Status {
       const torch::ScalarType counted = requested.value_or(torch::kBFloat16);
       const std::string what = absl::StrCat(
@@ -263,27 +351,38 @@ class Engine::Impl {
           requested ? std::string(c10::toString(*requested))
                     : std::string("the checkpoint's dtype, at least 2 bytes each"),
           ", and a probe reference of ", engine_internal::ProbeBytes(config), " bytes)");
-      const int64_t bytes = engine_internal::ModelBytes(config, counted);
-      return requested ? ledger_.BookModel(name, model->memory_device, bytes, what, kUnloadFirst)
-                       : ledger_.CheckFits(model->memory_device, bytes, what, kUnloadFirst);
+      ICD_ASSIGN_OR_RETURN(model->placement, plan(config, counted));
+      if (requested) return ledger_.BookModel(name, bytes_by_device(model->placement), what,
+                                              kUnloadFirst);
+      for (const auto& [part_device, bytes] : bytes_by_device(model->placement)) {
+        ICD_RETURN_IF_ERROR(ledger_.CheckFits(part_device, bytes, what, kUnloadFirst));
+      }
+      return absl::OkStatus();
     };
     ICD_ASSIGN_OR_RETURN(Checkpoint checkpoint,
                          ReadCheckpoint(path, ctx, options.allowed_roots, before_weights));
 
     model->dtype =
         requested.value_or(checkpoint.weights.at("backbone.embeddings.weight").scalar_type());
-    if (model->dtype == torch::kFloat16 && device.is_cpu()) {
+    if (model->dtype == torch::kFloat16 && on_cpu) {
       return absl::InvalidArgumentError(kNoCpuHalf);
     }
-    const int64_t bytes = engine_internal::ModelBytes(checkpoint.config, model->dtype);
+    ICD_ASSIGN_OR_RETURN(model->placement, plan(checkpoint.config, model->dtype));
     ICD_RETURN_IF_ERROR(ledger_.BookModel(
-        name, model->memory_device, bytes,
+        name, bytes_by_device(model->placement),
         absl::StrCat("loading model '", name, "' (weights in ",
                      std::string(c10::toString(model->dtype)), " and its probe reference)"),
         kUnloadFirst));
+    if (model->placement.size() > 1) {
+      // A placed model's calls book their memory beside its head (the
+      // logits, a call's largest tensor).
+      model->memory_device =
+          (checkpoint.config.tied ? model->placement.front() : model->placement.back()).device;
+    }
     torch::NoGradGuard no_grad;
     for (auto& [tensor_name, tensor] : checkpoint.weights) {
-      tensor = tensor.to(device, model->dtype).contiguous();
+      const std::string& target = engine_internal::RangeOfTensor(tensor_name, model->placement).device;
+      tensor = tensor.to(torch::Device(target), model->dtype).contiguous();
     }
     model->config = checkpoint.config;
     model->weights = std::move(checkpoint.weights);
@@ -299,7 +398,7 @@ class Engine::Impl {
     info.architecture = model->config.architecture;
     info.family = model->config.family;
     info.layout = model->config.layout;
-    info.device = device.str();
+    info.device = model->placement.size() > 1 ? model->placement.front().device : device.str();
     ICD_ASSIGN_OR_RETURN(info.dtype, engine_internal::FromTorch(model->dtype));
     for (const auto& [tensor_name, tensor] : model->weights) info.parameters += tensor.numel();
     info.version = FirstVersion(name);
@@ -309,16 +408,25 @@ class Engine::Impl {
     model->allowed_roots = options.allowed_roots;
     // What the model holds, counted from its tensors: the booking above, or
     // a bug in the estimate, corrected here.
-    info.device_bytes = static_cast<int64_t>(model->probe.input_ids.nbytes() +
-                                             model->probe.logits.nbytes());
+    std::vector<LayerRange> held = model->placement;
+    for (LayerRange& range : held) range.bytes = 0;
+    held.front().bytes += static_cast<int64_t>(model->probe.input_ids.nbytes());
+    (model->config.tied ? held.front() : held.back()).bytes +=
+        static_cast<int64_t>(model->probe.logits.nbytes());
     for (const auto& [tensor_name, tensor] : model->weights) {
-      info.device_bytes += static_cast<int64_t>(tensor.nbytes());
+      const LayerRange& range = engine_internal::RangeOfTensor(tensor_name, model->placement);
+      held[static_cast<size_t>(&range - model->placement.data())].bytes +=
+          static_cast<int64_t>(tensor.nbytes());
     }
-    if (info.device_bytes != bytes) {
+    info.device_bytes = 0;
+    for (const LayerRange& range : held) info.device_bytes += range.bytes;
+    if (bytes_by_device(held) != bytes_by_device(model->placement)) {
       ICD_RETURN_IF_ERROR(ledger_.BookModel(
-          name, model->memory_device, info.device_bytes,
-          absl::StrCat("loading model '", name, "' (as loaded)"), kUnloadFirst));
+          name, bytes_by_device(held), absl::StrCat("loading model '", name, "' (as loaded)"),
+          kUnloadFirst));
     }
+    model->placement = held;
+    info.placement = held;
     return model;
   }
 
@@ -413,7 +521,7 @@ class Engine::Impl {
     // stream they ran on, not the device: a device-wide synchronize is
     // refused while another call captures a CUDA graph (a decode session),
     // and breaks that capture.
-    engine_internal::SynchronizeCurrentStream(model.weights.begin()->second.device());
+    for (const torch::Device& device : DevicesOf(model.weights)) SynchronizeCurrentStream(device);
     ApplyReport report;
     report.apply_ms = engine_internal::MillisSince(start);
     for (const Permutation& perm : perms) report.groups.push_back(perm.group);

@@ -157,30 +157,47 @@ absl::Status MemoryLedger::CheckFits(const std::string& device, int64_t bytes,
 absl::Status MemoryLedger::BookModel(const std::string& name, const std::string& device,
                                      int64_t bytes, absl::string_view what,
                                      absl::string_view hint) {
+  return BookModel(name, std::map<std::string, int64_t>{{device, bytes}}, what, hint);
+}
+
+absl::Status MemoryLedger::BookModel(const std::string& name,
+                                     const std::map<std::string, int64_t>& parts,
+                                     absl::string_view what, absl::string_view hint) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto previous = models_.find(name);
-  const bool same_device = previous != models_.end() && previous->second.first == device;
-  const int64_t excluded = same_device ? previous->second.second : 0;
-  if (absl::Status fits = Fits(device, bytes, what, hint, excluded); !fits.ok()) return fits;
-  if (previous != models_.end()) {
-    Usage& old = devices_[previous->second.first];
-    old.model_bytes -= previous->second.second;
-    old.models -= 1;
+  // Every device first: a refusal on one books nothing on any.
+  for (const auto& [device, bytes] : parts) {
+    int64_t excluded = 0;
+    if (previous != models_.end()) {
+      if (auto it = previous->second.find(device); it != previous->second.end()) {
+        excluded = it->second;
+      }
+    }
+    if (absl::Status fits = Fits(device, bytes, what, hint, excluded); !fits.ok()) return fits;
   }
-  Usage& usage = devices_[device];
-  usage.model_bytes += bytes;
-  usage.models += 1;
-  models_[name] = {device, bytes};
+  if (previous != models_.end()) Unbook(previous->second);
+  for (const auto& [device, bytes] : parts) {
+    Usage& usage = devices_[device];
+    usage.model_bytes += bytes;
+    usage.models += 1;
+  }
+  models_[name] = parts;
   return absl::OkStatus();
+}
+
+void MemoryLedger::Unbook(const std::map<std::string, int64_t>& parts) {
+  for (const auto& [device, bytes] : parts) {
+    Usage& usage = devices_[device];
+    usage.model_bytes -= bytes;
+    usage.models -= 1;
+  }
 }
 
 void MemoryLedger::ReleaseModel(const std::string& name) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = models_.find(name);
   if (it == models_.end()) return;
-  Usage& usage = devices_[it->second.first];
-  usage.model_bytes -= it->second.second;
-  usage.models -= 1;
+  Unbook(it->second);
   models_.erase(it);
 }
 

@@ -63,6 +63,10 @@ class MemoryLedger {
   // changing nothing.
   absl::Status BookModel(const std::string& name, const std::string& device, int64_t bytes,
                          absl::string_view what, absl::string_view hint);
+  // The same for a model over several devices (LoadOptions::placement):
+  // bytes by device, booked on all of them or on none.
+  absl::Status BookModel(const std::string& name, const std::map<std::string, int64_t>& parts,
+                         absl::string_view what, absl::string_view hint);
   // Gives back what model `name` booked (nothing if none).
   void ReleaseModel(const std::string& name);
 
@@ -88,11 +92,12 @@ class MemoryLedger {
   absl::Status Fits(const std::string& device, int64_t bytes, absl::string_view what,
                     absl::string_view hint, int64_t excluded) const;
   void ReleaseCall(const std::string& device, int64_t bytes);
+  void Unbook(const std::map<std::string, int64_t>& parts);  // under mutex_
 
   const MemoryBudget budget_;
   mutable std::mutex mutex_;
   std::map<std::string, Usage> devices_;
-  std::map<std::string, std::pair<std::string, int64_t>> models_;  // name -> (device, bytes)
+  std::map<std::string, std::map<std::string, int64_t>> models_;  // name -> bytes by device
 };
 
 // The device key memory is counted under: "cpu" or "cuda:N" (an index-less

@@ -37,16 +37,6 @@ inline std::optional<c10::Stream> ModelStream(const torch::Device& device) {
                                        /*isHighPriority=*/true);
 }
 
-// Waits for the work queued on the current stream of `device` (a CUDA one;
-// nothing on the CPU). Not torch::cuda::synchronize: a device-wide wait is
-// refused while another thread captures a CUDA graph, and invalidates that
-// capture.
-inline void SynchronizeCurrentStream(const torch::Device& device) {
-  if (!device.is_cuda()) return;
-  const c10::impl::DeviceGuardImplInterface* cuda = c10::impl::getDeviceGuardImpl(device.type());
-  cuda->getStream(device.has_index() ? device : cuda->getDevice()).synchronize();
-}
-
 // For a call's duration: the model's stream is the current one and the gate
 // is held; on leaving, the call waits for the stream.
 class OnModelStream {

@@ -1,5 +1,7 @@
 #include "forward/decode.h"
 
+#include "devices.h"
+
 #include <exception>
 #include <utility>
 
@@ -116,7 +118,10 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Start(const ModelConfig& confi
   // An attention layer's cache grows with every token, and experts pick
   // their rows by value (a host sync): such a step has no fixed shapes to
   // replay, and the model decodes eagerly.
-  const bool replayable = !blocks::Attends(config) && config.moe.experts == 0;
+  // A model placed over several devices runs eagerly too: one graph would
+  // span their streams.
+  const bool replayable = !blocks::Attends(config) && config.moe.experts == 0 &&
+                          DevicesOf(weights).size() == 1;
   if (execution == Execution::kCudaGraph && device.is_cuda() && replayable) {
 #ifdef ICD_HAVE_CUDA
     try {

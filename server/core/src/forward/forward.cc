@@ -4,6 +4,7 @@
 #include "forward/forward.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <algorithm>
 #include <chrono>
@@ -317,11 +318,19 @@ absl::Status CheckWeights(const ModelConfig& config, const Weights& weights) {
           absl::StrCat("unexpected tensor ", name, ": the config says it is absent"));
     }
   }
-  const torch::Device device = weights.at(kEmbeddingTensor).device();
+  // One device per layer, the final norm's for the head: the forward moves
+  // the residual stream between layers only (LoadOptions::placement).
+  const torch::Device tail = weights.at(std::string(kFinalNorm) + ".weight").device();
   for (const auto& [name, tensor] : weights) {
-    if (tensor.defined() && tensor.device() != device) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "tensor ", name, " is on ", tensor.device().str(), ", the embedding on ", device.str()));
+    if (!tensor.defined() || name == kEmbeddingTensor) continue;
+    const int64_t layer = LayerOfTensor(name);
+    const std::string anchor =
+        layer >= 0 ? LayerTensorName(layer, "norm.weight") : std::string(kFinalNorm) + ".weight";
+    const torch::Device device = layer >= 0 ? weights.at(anchor).device() : tail;
+    if (tensor.device() != device) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor ", name, " is on ",
+                                                     tensor.device().str(), ", ", anchor,
+                                                     " on ", device.str()));
     }
   }
   return absl::OkStatus();
@@ -494,9 +503,19 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
     next_layers.resize(static_cast<size_t>(config.n_layer));
   }
   torch::Tensor mixed;  // [B, L, d_model]: the last mixer's output, added by the next norm
+  // A model over several devices (LoadOptions::placement): the residual
+  // stream moves to each layer's device, and the layer runs there.
+  c10::OptionalDeviceGuard device_guard;
+  auto run_on = [&](const torch::Tensor& anchor) {
+    if (anchor.device() == residual.device()) return;
+    residual = residual.to(anchor.device());
+    if (mixed.defined()) mixed = mixed.to(anchor.device());
+    device_guard.reset_device(anchor.device());
+  };
   for (int64_t layer = 0; layer < config.n_layer; ++layer) {
     absl::Status status = PollContext(ctx, layer);
     if (!status.ok()) return status;
+    run_on(weights.at(LayerTensorName(layer, "norm.weight")));
     LayerState* layer_state =
         state != nullptr ? &next_layers[static_cast<size_t>(layer)] : nullptr;
     // 2. Block: residual + Mixer(Norm(residual)); the add is done with the
@@ -548,9 +567,14 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
   absl::Status status = PollContext(ctx, config.n_layer);
   if (!status.ok()) return status;
   // 3. Final norm and head (the embedding when tied); logits in float32.
+  run_on(weights.at(std::string(kFinalNorm) + ".weight"));
   torch::Tensor normed = AddAndNorm(config, weights, kFinalNorm, precision, &residual, &mixed);
   capture.Add("residual", normed);
   const torch::Tensor& head = config.tied ? embedding : weights.at(kHeadTensor);  // [V, d_model]
+  if (normed.device() != head.device()) {  // a tied head of a placed model
+    normed = normed.to(head.device());
+    device_guard.reset_device(head.device());
+  }
   torch::Tensor logits =
       forward_internal::Linear(normed, head.to(precision.compute)).to(torch::kFloat32);  // [B, L, V]
   if (config.logits_scaling != 1.0) logits = logits / config.logits_scaling;

@@ -2,6 +2,7 @@
 
 #include "torch_api.h"
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <random>
@@ -15,6 +16,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "counters/hardware_counters.h"
+#include "devices.h"
 #include "forward/decode.h"
 #include "forward/forward.h"
 #include "icd/core/status_macros.h"
@@ -46,11 +48,12 @@ class SampleTimer {
   virtual const char* Method() const = 0;
 };
 
-// Host wall time; on a GPU the device is synchronised on both sides, since
-// its work is asynchronous.
+// Host wall time; on a GPU the streams the forward runs on are waited for on
+// both sides, since its work is asynchronous. Every device of a model placed
+// over several: one device's events would not see the others' work.
 class SteadyClockTimer final : public SampleTimer {
  public:
-  explicit SteadyClockTimer(torch::Device device) : device_(device) {}
+  explicit SteadyClockTimer(std::vector<torch::Device> devices) : devices_(std::move(devices)) {}
   void Start() override {
     Synchronize();
     start_ = std::chrono::steady_clock::now();
@@ -64,9 +67,9 @@ class SteadyClockTimer final : public SampleTimer {
 
  private:
   void Synchronize() const {
-    if (device_.is_cuda()) torch::cuda::synchronize(device_.index());
+    for (const torch::Device& device : devices_) SynchronizeCurrentStream(device);
   }
-  torch::Device device_;
+  std::vector<torch::Device> devices_;
   std::chrono::steady_clock::time_point start_;
 };
 
@@ -93,11 +96,49 @@ class CudaEventTimer final : public SampleTimer {
 };
 #endif  // ICD_HAVE_CUDA
 
-std::unique_ptr<SampleTimer> MakeTimer(const torch::Device& device) {
+std::unique_ptr<SampleTimer> MakeTimer(const std::vector<torch::Device>& devices) {
 #ifdef ICD_HAVE_CUDA
-  if (device.is_cuda()) return std::make_unique<CudaEventTimer>(device.index());
+  if (devices.size() == 1 && devices[0].is_cuda()) {
+    return std::make_unique<CudaEventTimer>(devices[0].index());
+  }
 #endif
-  return std::make_unique<SteadyClockTimer>(device);
+  return std::make_unique<SteadyClockTimer>(devices);
+}
+
+// A model placed over several devices moves its residual stream (float32,
+// or float64 for a float64 model) and the last mixer's output (the model's
+// dtype) at each change of device, the head's input to a tied head's
+// device: those copies of one sample's [batch, tokens, d_model], timed alone
+// (steady clock, the streams waited for), the median of `iters` per
+// boundary, summed. 0 on one device.
+double TransferMillis(const TimedModel& model, int64_t batch, int64_t tokens, int64_t iters) {
+  const Weights& weights = *model.weights;
+  std::vector<torch::Device> path{Embedding(model).device()};
+  for (int64_t layer = 0; layer < model.config->n_layer; ++layer) {
+    path.push_back(weights.at(LayerTensorName(layer, "norm.weight")).device());
+  }
+  path.push_back(weights.at("backbone.norm_f.weight").device());
+  path.push_back(model.config->tied ? Embedding(model).device()
+                                    : weights.at(kHeadTensor).device());
+  const torch::ScalarType dtype = Embedding(model).scalar_type();
+  const torch::ScalarType wide = dtype == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+  double total_ms = 0;
+  for (size_t i = 1; i < path.size(); ++i) {
+    if (path[i] == path[i - 1]) continue;
+    const torch::Tensor residual =
+        torch::zeros({batch, tokens, model.config->d_model}, torch::dtype(wide).device(path[i - 1]));
+    const torch::Tensor mixed = residual.to(dtype);
+    std::vector<double> copies_ms;
+    SteadyClockTimer timer({path[i - 1], path[i]});
+    for (int64_t k = 0; k < iters; ++k) {
+      timer.Start();
+      (void)residual.to(path[i]);
+      (void)mixed.to(path[i]);
+      copies_ms.push_back(timer.StopMillis());
+    }
+    total_ms += Summarize(copies_ms).median;
+  }
+  return total_ms;
 }
 
 // Pseudo-random token ids in [0, vocab), the same sequence on every call (a
@@ -282,10 +323,17 @@ absl::StatusOr<LatencyReport> Measure(const LatencyOptions& options, const Timed
   }
   torch::NoGradGuard no_grad;
   const torch::Device device = Embedding(model).device();
+  const std::vector<torch::Device> devices = DevicesOf(*model.weights);
   if (options.counter_repeats > 0 && !device.is_cuda()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "counter_repeats: hardware counters are read on a CUDA device; model '", model.name,
         "' is on ", device.str()));
+  }
+  if (options.counter_repeats > 0 && (devices.size() > 1 || (compare != nullptr &&
+                                                             DevicesOf(*compare->weights).size() > 1))) {
+    return absl::FailedPreconditionError(
+        "counter_repeats: the hardware counters are read on one device; a model placed over "
+        "several is timed without them");
   }
   TokenSource token_source(vocab, device);
   const torch::Tensor prefill_ids = token_source.Next(options.batch, options.seq_len);
@@ -297,7 +345,15 @@ absl::StatusOr<LatencyReport> Measure(const LatencyOptions& options, const Timed
     ICD_RETURN_IF_ERROR(sampler.Prepare(mode, options.eager, prefill_ids, ctx));
   }
 
-  std::unique_ptr<SampleTimer> timer = MakeTimer(device);
+  std::vector<torch::Device> timed_devices = devices;
+  if (compare != nullptr) {
+    for (const torch::Device& other : DevicesOf(*compare->weights)) {
+      if (std::find(timed_devices.begin(), timed_devices.end(), other) == timed_devices.end()) {
+        timed_devices.push_back(other);
+      }
+    }
+  }
+  std::unique_ptr<SampleTimer> timer = MakeTimer(timed_devices);
   const int64_t rounds = options.warmup + options.iters;
   std::vector<std::vector<double>> times_ms(samplers.size());
   std::vector<double> ratios;  // t(model) / t(compare) per timed round
@@ -326,9 +382,12 @@ absl::StatusOr<LatencyReport> Measure(const LatencyOptions& options, const Timed
 
   ReportProgress(ctx, "samples", options.iters, options.iters);
   LatencyReport report;
+  const int64_t sample_tokens = mode == Mode::kDecode ? 1 : options.seq_len;
   report.timing = Timing(times_ms[0], model, timer->Method(), samplers[0].Execution());
+  report.timing.transfer_ms = TransferMillis(model, options.batch, sample_tokens, options.iters);
   if (compare != nullptr) {
     report.compare = Timing(times_ms[1], *compare, timer->Method(), samplers[1].Execution());
+    report.compare->transfer_ms = TransferMillis(*compare, options.batch, sample_tokens, options.iters);
     const SampleSummary ratio = Summarize(ratios);
     report.ratio = ratio.median;
     report.ratio_ci95_low = ratio.ci95_low;

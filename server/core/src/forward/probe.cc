@@ -24,7 +24,7 @@ absl::StatusOr<ProbeReference> TakeProbe(const ModelConfig& config, const Weight
                                          const std::string& fingerprint,
                                          const CallContext& ctx) {
   ProbeReference probe;
-  const torch::Device device = weights.begin()->second.device();
+  const torch::Device device = weights.at(kEmbeddingTensor).device();
   // Only real tokens: mamba_ssm's padding rows are never produced by a tokenizer.
   probe.input_ids = ProbeIds(fingerprint, config.vocab_unpadded, device);
   ICD_ASSIGN_OR_RETURN(probe.logits, Forward(config, weights, probe.input_ids, ctx));

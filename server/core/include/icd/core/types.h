@@ -29,6 +29,16 @@ ICD_CORE_API std::string_view DTypeName(DType dtype);
 ICD_CORE_API absl::StatusOr<DType> ParseDType(std::string_view name);
 ICD_CORE_API int64_t DTypeSize(DType dtype);
 
+// One device's share of a model (ModelInfo::placement): layers [first,
+// last] and the bytes it holds there. The embedding is with the first layer,
+// the final norm and an untied head with the last.
+struct LayerRange {
+  std::string device;  // "cpu", "cuda:1"
+  int64_t first = 0;
+  int64_t last = 0;  // inclusive
+  int64_t bytes = 0;
+};
+
 struct ModelInfo {
   std::string name;
   // config.json's architecture ("mamba2", "nemotron_h", "jamba", ...); family
@@ -47,8 +57,13 @@ struct ModelInfo {
   std::map<std::string, int64_t> dims;  // d_model, n_layer, vocab_size, ...
   std::string path;  // checkpoint directory it was loaded from
   // Bytes it holds on `device`, as the memory budget counts them: its
-  // weights in `dtype` and its probe reference (ids and logits).
+  // weights in `dtype` and its probe reference (ids and logits); over every
+  // device where it is placed over several.
   int64_t device_bytes = 0;
+  // Where its layers are: one range over every layer on `device`, or one
+  // per device of a placement (LoadOptions::placement; `device` is then the
+  // first range's).
+  std::vector<LayerRange> placement;
 };
 
 // One slice of one tensor that a symmetry group permutes.
@@ -133,6 +148,11 @@ ICD_CORE_API absl::Status CheckCall(const CallContext& ctx, absl::string_view wh
 
 struct LoadOptions {
   std::string device;  // empty: the engine's default device
+  // Empty: every layer on `device`. "auto": the layers in contiguous ranges
+  // over every visible CUDA device, balanced by bytes (the embedding with
+  // the first layer, the final norm and head with the last). Or explicit
+  // ranges, "cuda:0=0-31,cuda:1=32-63": every layer once, in order.
+  std::string placement;
   std::string dtype;  // empty: the checkpoint's dtype
   // Non-empty: every file of the checkpoint directory, links followed, must
   // lie under one of these directories (PermissionDenied naming the file);
@@ -234,6 +254,10 @@ struct LatencyTiming {
   std::string execution;
   uint64_t version = 0;  // the model's version that was timed (ModelInfo)
   std::optional<CounterReport> counters;  // with LatencyOptions::counter_repeats
+  // A model placed over several devices (ModelInfo::placement): what moving
+  // its residual stream between them costs a sample, timed alone (the
+  // median of `iters` copies per change of device, summed); 0 on one.
+  double transfer_ms = 0;
 };
 
 struct LatencyReport {

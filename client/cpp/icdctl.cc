@@ -34,8 +34,14 @@ namespace {
 
 
 absl::Status Load(const Line& line, Context& ctx) {
-  ICD_RETURN_IF_ERROR(Expect(line, 2, {"--device", "--dtype"}));
-  ICD_ASSIGN_OR_RETURN(auto info, ctx.client->LoadModel(line.positional[0], line.positional[1], Option(line, "--device"), Option(line, "--dtype")));
+  ICD_RETURN_IF_ERROR(Expect(line, 2, {"--device", "--dtype", "--placement"}));
+  v1::LoadModelRequest request;
+  request.set_name(line.positional[0]);
+  request.set_path(line.positional[1]);
+  request.set_device(Option(line, "--device"));
+  request.set_dtype(Option(line, "--dtype"));
+  request.set_placement(Option(line, "--placement"));
+  ICD_ASSIGN_OR_RETURN(auto info, ctx.client->LoadModel(request));
   if (ctx.json) return PrintJson(info);
   std::cout << "loaded ";
   PrintModel(info);
@@ -283,6 +289,13 @@ absl::Status Latency(const Line& line, Context& ctx) {
   add_row(request.model(), report);
   if (report.has_compare()) add_row(request.compare_model(), report.compare());
   PrintTable(rows, {false, true, true, true, true, true, true});
+  auto print_transfer = [](const std::string& name, const v1::LatencyReport& r) {
+    if (r.transfer_ms() == 0) return;
+    std::cout << name << " is placed over several devices: moving its residual stream between "
+              << "them takes " << Fmt(r.transfer_ms()) << " ms of each sample (timed alone)\n";
+  };
+  print_transfer(request.model(), report);
+  if (report.has_compare()) print_transfer(request.compare_model(), report.compare());
   if (report.has_compare()) {
     std::cout << request.model() << " / " << request.compare_model() << ": "
               << Fmt(report.ratio()) << " (95% CI " << Fmt(report.ratio_ci95_low()) << " - "

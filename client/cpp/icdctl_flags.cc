@@ -40,11 +40,14 @@ Commands:
       prints the status and exits 1. For container health checks and probes.
         icdctl --server 127.0.0.1:50051 --timeout 3 health
 
-  load NAME PATH [--device D] [--dtype T]
+  load NAME PATH [--device D | --placement P] [--dtype T]
       Load a checkpoint directory (under the server's --model-root; relative
       paths are taken from the first root) as NAME. D: cpu | cuda | cuda:N,
       T: float32 | bfloat16 | float16 | float64 (default: the checkpoint's).
+      P spreads the layers over several devices: auto (balanced by bytes
+      over every GPU) or ranges naming every layer once, in order.
         icdctl --server 127.0.0.1:50051 load m mamba1-small/hf --dtype float32
+        icdctl --server 127.0.0.1:50051 load big mamba-2.8b --placement cuda:0=0-31,cuda:1=32-63
 
   models
       List the loaded models.
@@ -203,7 +206,7 @@ namespace {
 
 const std::set<std::string>& ValuedOptions() {
   static const auto* options = new std::set<std::string>{
-      "--device", "--dtype", "--perm", "--random", "--groups",
+      "--device", "--dtype", "--placement", "--perm", "--random", "--groups",
       "--expected-version", "--tolerance", "--ids", "--batch",
       // latency
       "--compare", "--mode", "--seq-len", "--warmup", "--iters", "--counters",

@@ -73,6 +73,14 @@ void PrintModel(const v1::ModelInfo& m) {
   std::cout << "  dims       ";
   for (const auto& [k, v] : dims) std::cout << " " << k << "=" << v;
   std::cout << "\n";
+  if (m.placement_size() > 1) {
+    std::cout << "  placement  ";
+    for (const auto& range : m.placement()) {
+      std::cout << " " << range.device() << "=" << range.first_layer() << "-"
+                << range.last_layer() << " (" << range.bytes() << " bytes)";
+    }
+    std::cout << "\n";
+  }
 }
 
 void PrintCorrectness(const v1::CorrectnessReport& c) {

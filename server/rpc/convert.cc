@@ -23,6 +23,13 @@ void ToProto(const ModelInfo& in, v1::ModelInfo* out) {
   for (const auto& [k, v] : in.dims) (*out->mutable_dims())[k] = v;
   out->set_path(in.path);
   out->set_device_bytes(in.device_bytes);
+  for (const LayerRange& range : in.placement) {
+    v1::LayerRange* entry = out->add_placement();
+    entry->set_device(range.device);
+    entry->set_first_layer(range.first);
+    entry->set_last_layer(range.last);
+    entry->set_bytes(range.bytes);
+  }
 }
 
 void ToProto(const GroupInfo& in, v1::Group* out) {
@@ -78,6 +85,7 @@ LoadOptions FromProto(const v1::LoadModelRequest& in) {
   LoadOptions out;
   out.device = in.device();
   out.dtype = in.dtype();
+  out.placement = in.placement();
   return out;
 }
 
@@ -155,6 +163,7 @@ void ToProto(const LatencyTiming& in, v1::LatencyReport* out) {
   out->set_method(in.method);
   out->set_execution(in.execution);
   out->set_version(in.version);
+  out->set_transfer_ms(in.transfer_ms);
   if (in.counters.has_value()) ToProto(*in.counters, out->mutable_counters());
 }
 

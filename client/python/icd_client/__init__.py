@@ -466,13 +466,16 @@ class Client:
 
     # -- models
 
-    def load(self, name, path, device="", dtype="", progress=None):
+    def load(self, name, path, device="", dtype="", progress=None, placement=""):
         """LoadModel -> ModelInfo (name, family, layout, device, dtype,
-        parameters, version, fingerprint, dims, path). ``progress``: a
-        callback taking Progress messages while it runs (weight files read)."""
+        parameters, version, fingerprint, dims, path, placement). ``progress``:
+        a callback taking Progress messages while it runs (weight files read).
+        ``placement`` instead of ``device`` spreads the layers over several
+        devices: "auto" or "cuda:0=0-31,cuda:1=32-63"."""
         with self._watched(progress) as watch:
             return self._call(self._stub.LoadModel, pb.LoadModelRequest(
-                name=name, path=path, device=device, dtype=dtype), metadata=watch.metadata)
+                name=name, path=path, device=device, dtype=dtype, placement=placement),
+                metadata=watch.metadata)
 
     def models(self):
         """ListModels -> list of ModelInfo."""

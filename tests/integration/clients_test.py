@@ -589,6 +589,37 @@ class ClientsTest(unittest.TestCase):
         self.assertIn("icdctl --server 127.0.0.1:50051 latency", r.stdout)
         c.unload("lat")
 
+    def test_8g_placement_through_both_clients(self):
+        """A model's layers in ranges (on this CPU both ranges are the CPU's):
+        reported by ListModels in both clients, equal logits to the model on
+        one device, a bad range refused with the field named."""
+        c = self.client
+        info = c.load("ranged", "mamba1-small/hf", placement="cpu=0-0,cpu=1-1")
+        self.assertEqual([(r.device, r.first_layer, r.last_layer) for r in info.placement],
+                         [("cpu", 0, 0), ("cpu", 1, 1)])
+        self.assertEqual(sum(r.bytes for r in info.placement), info.device_bytes)
+        whole = c.load("whole", "mamba1-small/hf")
+        self.assertEqual(len(whole.placement), 1)
+        ids = list(range(1, 17))
+        a = c.evaluate("ranged", ids, batch=2, return_logits=True)["logits"]
+        b = c.evaluate("whole", ids, batch=2, return_logits=True)["logits"]
+        self.assertEqual(a.tobytes(), b.tobytes())
+        listed = self.ctl("--json", "models")
+        ranged = next(m for m in listed["models"] if m["name"] == "ranged")
+        self.assertEqual([r["device"] for r in ranged["placement"]], ["cpu", "cpu"])
+        c.unload("ranged")
+        text = self.ctl("load", "ranged", "mamba1-small/hf", "--placement", "cpu=0-0,cpu=1-1")
+        self.assertIn("placement   cpu=0-0", text)
+        refused = self.ctl("load", "gap", "mamba1-small/hf", "--placement", "cpu=0-0", expect=3)
+        self.assertIn("INVALID_ARGUMENT", refused)
+        self.assertIn("placement 'cpu=0-0': layers 1-1 are on no device", refused)
+        with self.assertRaises(self.icd.IcdError) as both:
+            c.load("both", "mamba1-small/hf", device="cpu", placement="cpu=0-1")
+        self.assertEqual(both.exception.code, "INVALID_ARGUMENT")
+        self.assertIn("give one", both.exception.message)
+        c.unload("ranged")
+        c.unload("whole")
+
     def icdctl_with_terminal(self, *args):
         """icdctl with its stderr on a pseudo-terminal and stdout on a pipe:
         (exit code, stdout, what the terminal got)."""

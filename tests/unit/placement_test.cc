@@ -65,7 +65,7 @@ TEST(ParsePlacementTest, GapsOverlapsAndStrayLayersAreRefusedByName) {
 TEST(BalancePlacementTest, EqualLayersSplitEvenly) {
   PlacementSizes sizes;
   sizes.layers.assign(64, 100);
-  auto ranges = BalancePlacement(sizes, {"cuda:0", "cuda:1"});
+  auto ranges = *BalancePlacement(sizes, {"cuda:0", "cuda:1"});
   EXPECT_EQ(Ranges(ranges), "cuda:0=0-31,cuda:1=32-63");
   EXPECT_EQ(ranges[0].bytes, 3200);
   EXPECT_EQ(ranges[1].bytes, 3200);
@@ -76,7 +76,7 @@ TEST(BalancePlacementTest, TheEmbeddingAndHeadWeighOnTheEndDevices) {
   sizes.layers.assign(8, 100);
   sizes.first = 300;  // the embedding: three layers' worth
   sizes.last = 100;   // final norm and head
-  auto ranges = BalancePlacement(sizes, {"cuda:0", "cuda:1", "cuda:2"});
+  auto ranges = *BalancePlacement(sizes, {"cuda:0", "cuda:1", "cuda:2"});
   // Totals 1200 over three: 400 each is reachable only as 300+100 | 4x100 | 3x100+100.
   EXPECT_EQ(Ranges(ranges), "cuda:0=0-0,cuda:1=1-4,cuda:2=5-7");
   int64_t total = 0;
@@ -98,7 +98,7 @@ TEST(BalancePlacementTest, NoPartIsLargerThanTheBestSplitFoundByBruteForce) {
     sizes.first = static_cast<int64_t>(rng() % 60);
     sizes.last = static_cast<int64_t>(rng() % 60);
     const std::vector<std::string> devices = {"a", "b", "c"};
-    const auto ranges = BalancePlacement(sizes, devices);
+    const auto ranges = *BalancePlacement(sizes, devices);
     ASSERT_EQ(ranges.size(), std::min<size_t>(3, static_cast<size_t>(n)));
     int64_t largest = 0;
     for (const LayerRange& r : ranges) largest = std::max(largest, r.bytes);
@@ -127,6 +127,23 @@ TEST(BalancePlacementTest, NoPartIsLargerThanTheBestSplitFoundByBruteForce) {
     EXPECT_EQ(ranges.front().first, 0);
     EXPECT_EQ(ranges.back().last, n - 1);
   }
+}
+
+TEST(BalancePlacementTest, DeviceMemoryShapesThePlanAndAModelTooLargeIsRefused) {
+  PlacementSizes sizes;
+  sizes.layers.assign(12, 100);
+  // The second device has three times the first's room: it takes three
+  // quarters of the layers.
+  auto ranges = BalancePlacement(sizes, {"cuda:0", "cuda:1"}, {400, 1200});
+  ASSERT_TRUE(ranges.ok()) << ranges.status();
+  EXPECT_EQ(Ranges(*ranges), "cuda:0=0-2,cuda:1=3-11");
+  // Room for 1100 of the 1200 bytes: refused, nothing planned.
+  testing::ExpectError(BalancePlacement(sizes, {"cuda:0", "cuda:1"}, {500, 600}).status(),
+                       absl::StatusCode::kResourceExhausted, "do not fit the 1100 bytes free");
+  // Room unknown on one device: balanced by bytes.
+  auto unknown = BalancePlacement(sizes, {"cuda:0", "cuda:1"}, {400, -1});
+  ASSERT_TRUE(unknown.ok());
+  EXPECT_EQ(Ranges(*unknown), "cuda:0=0-5,cuda:1=6-11");
 }
 
 TEST(PlacementSizesTest, EveryWeightIsCountedOnce) {

@@ -127,7 +127,7 @@ absl::StatusOr<EvaluateResult> Engine::Evaluate(const std::string& name,
     if (seq > 1) {
       torch::Tensor log_probs =
           torch::log_softmax(logits.slice(1, 0, seq - 1).to(torch::kFloat64), -1);
-      torch::Tensor targets = ids.slice(1, 1, seq).unsqueeze(-1);
+      torch::Tensor targets = ids.slice(1, 1, seq).unsqueeze(-1).to(logits.device());
       result.mean_nll = -log_probs.gather(-1, targets).mean().item<double>();
     }
     if (request.return_logits) {

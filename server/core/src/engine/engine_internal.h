@@ -312,9 +312,17 @@ class Engine::Impl {
       if (options.placement.empty()) {
         ranges.push_back({engine_internal::MemoryDevice(device), 0, config.n_layer - 1, 0});
       } else if (options.placement == "auto") {
+        // Each GPU's room: what its budget has left, or else what the
+        // driver and the allocator have free.
         std::vector<std::string> names;
-        for (const torch::Device& d : devices) names.push_back(engine_internal::MemoryDevice(d));
-        ranges = engine_internal::BalancePlacement(sizes, names);
+        std::vector<int64_t> room;
+        for (const torch::Device& d : devices) {
+          names.push_back(engine_internal::MemoryDevice(d));
+          const int64_t unbooked = ledger_.Unbooked(names.back());
+          room.push_back(unbooked >= 0 ? std::max<int64_t>(unbooked, 1)
+                                       : engine_internal::FreeDeviceBytes(d));
+        }
+        ICD_ASSIGN_OR_RETURN(ranges, engine_internal::BalancePlacement(sizes, names, room));
       } else {
         ICD_ASSIGN_OR_RETURN(ranges,
                              engine_internal::ParsePlacement(options.placement, config.n_layer));

@@ -9,6 +9,8 @@
 
 #ifdef ICD_HAVE_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
 #include <torch/cuda.h>
 #endif
 
@@ -253,6 +255,38 @@ void AddAllocatorBytes(std::map<std::string, DeviceMemory>& out) {
 }
 
 }  // namespace
+
+int64_t MemoryLedger::Unbooked(const std::string& device) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t budget = budget_.For(device);
+  if (budget <= 0) return -1;
+  auto it = devices_.find(device);
+  if (it == devices_.end()) return budget;
+  return budget - it->second.model_bytes - it->second.call_bytes;
+}
+
+int64_t FreeDeviceBytes(const torch::Device& device) {
+#ifdef ICD_HAVE_CUDA
+  if (!device.is_cuda()) return -1;
+  try {
+    const c10::cuda::CUDAGuard guard(device);
+    size_t free = 0, total = 0;
+    if (cudaMemGetInfo(&free, &total) != cudaSuccess) return -1;
+    int64_t cached = 0;  // held by LibTorch's allocator, not in a tensor
+    try {
+      const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+      cached = stats.reserved_bytes[0].current - stats.allocated_bytes[0].current;
+    } catch (const c10::Error&) {
+    }
+    return static_cast<int64_t>(free) + cached;
+  } catch (const std::exception&) {
+    return -1;
+  }
+#else
+  (void)device;
+  return -1;
+#endif
+}
 
 std::vector<DeviceMemory> MemoryLedger::Snapshot() const {
   std::lock_guard<std::mutex> lock(mutex_);

@@ -78,6 +78,9 @@ class MemoryLedger {
   // Every device with a budget or anything booked, by name.
   std::vector<DeviceMemory> Snapshot() const;
 
+  // What `device`'s budget has left now; -1 where it has none.
+  int64_t Unbooked(const std::string& device) const;
+
  private:
   friend class MemoryHold;
   struct Usage {
@@ -103,6 +106,11 @@ class MemoryLedger {
 // The device key memory is counted under: "cpu" or "cuda:N" (an index-less
 // "cuda" resolved to the device LibTorch allocates on, which it initialises).
 std::string MemoryDevice(const torch::Device& device);
+
+// Bytes a new tensor could take on a CUDA device now: the driver's free
+// memory and what LibTorch's allocator holds unused; -1 where that is not
+// known (the CPU, a build without CUDA).
+int64_t FreeDeviceBytes(const torch::Device& device);
 
 // "303360 bytes (0.3 MiB)".
 std::string BytesText(int64_t bytes);

@@ -71,11 +71,15 @@ absl::StatusOr<std::vector<LayerRange>> ParsePlacement(const std::string& text,
   return ranges;
 }
 
-std::vector<LayerRange> BalancePlacement(const PlacementSizes& sizes,
-                                         const std::vector<std::string>& devices) {
+absl::StatusOr<std::vector<LayerRange>> BalancePlacement(
+    const PlacementSizes& sizes, const std::vector<std::string>& devices,
+    const std::vector<int64_t>& capacities) {
   const auto n = static_cast<int64_t>(sizes.layers.size());
   const auto k = std::min<int64_t>(static_cast<int64_t>(devices.size()), n);
-  if (k <= 0) return {};
+  if (k <= 0) return std::vector<LayerRange>{};
+  const bool by_capacity =
+      capacities.size() == devices.size() &&
+      std::all_of(capacities.begin(), capacities.end(), [](int64_t c) { return c > 0; });
   // prefix[i]: bytes of layers [0, i), the embedding counted with layer 0
   // and the tail with the last layer.
   std::vector<int64_t> prefix(static_cast<size_t>(n) + 1, 0);
@@ -88,27 +92,42 @@ std::vector<LayerRange> BalancePlacement(const PlacementSizes& sizes,
   const auto span = [&](int64_t from, int64_t to) {  // layers [from, to)
     return prefix[static_cast<size_t>(to)] - prefix[static_cast<size_t>(from)];
   };
-  // best[j][i]: the smallest largest part splitting layers [0, i) into j
-  // non-empty parts; cut[j][i] where its last part starts. n and k are
-  // small (layers, GPUs of one node).
-  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
-  std::vector<std::vector<int64_t>> best(
-      static_cast<size_t>(k) + 1, std::vector<int64_t>(static_cast<size_t>(n) + 1, kNone));
+  // The load of device j holding layers [from, to): its bytes, or the
+  // fraction of its free bytes they fill.
+  const auto load = [&](int64_t j, int64_t from, int64_t to) {
+    const auto bytes = static_cast<double>(span(from, to));
+    return by_capacity ? bytes / static_cast<double>(capacities[static_cast<size_t>(j)]) : bytes;
+  };
+  // best[j][i]: the smallest largest load splitting layers [0, i) over the
+  // first j devices, each non-empty; cut[j][i] where its last part starts.
+  // n and k are small (layers, GPUs of one node).
+  constexpr double kNone = std::numeric_limits<double>::infinity();
+  std::vector<std::vector<double>> best(
+      static_cast<size_t>(k) + 1, std::vector<double>(static_cast<size_t>(n) + 1, kNone));
   std::vector<std::vector<int64_t>> cut(
       static_cast<size_t>(k) + 1, std::vector<int64_t>(static_cast<size_t>(n) + 1, 0));
   best[0][0] = 0;
   for (int64_t j = 1; j <= k; ++j) {
     for (int64_t i = j; i <= n; ++i) {
       for (int64_t from = j - 1; from < i; ++from) {
-        const int64_t before = best[static_cast<size_t>(j) - 1][static_cast<size_t>(from)];
+        const double before = best[static_cast<size_t>(j) - 1][static_cast<size_t>(from)];
         if (before == kNone) continue;
-        const int64_t largest = std::max(before, span(from, i));
+        const double largest = std::max(before, load(j - 1, from, i));
         if (largest < best[static_cast<size_t>(j)][static_cast<size_t>(i)]) {
           best[static_cast<size_t>(j)][static_cast<size_t>(i)] = largest;
           cut[static_cast<size_t>(j)][static_cast<size_t>(i)] = from;
         }
       }
     }
+  }
+  if (by_capacity && best[static_cast<size_t>(k)][static_cast<size_t>(n)] > 1.0) {
+    int64_t free = 0;
+    for (int64_t j = 0; j < k; ++j) free += capacities[static_cast<size_t>(j)];
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "placement 'auto': the model's ", span(0, n), " bytes of weights do not fit the ",
+        free, " bytes free on ", k, " device(s) in layer ranges (the fullest would be ",
+        static_cast<int64_t>(100 * best[static_cast<size_t>(k)][static_cast<size_t>(n)]),
+        "% full); unload a model, or load it in a smaller dtype"));
   }
   std::vector<LayerRange> ranges(static_cast<size_t>(k));
   int64_t end = n;

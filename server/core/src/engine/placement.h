@@ -34,11 +34,15 @@ PlacementSizes SizesOf(const ModelConfig& config, int64_t element_bytes);
 absl::StatusOr<std::vector<LayerRange>> ParsePlacement(const std::string& text,
                                                        int64_t n_layer);
 
-// Contiguous ranges over `devices`, in their order, with the largest
-// device's bytes as small as it can be; fewer ranges than devices where
-// there are fewer layers. Each range's `bytes` is its weights' share.
-std::vector<LayerRange> BalancePlacement(const PlacementSizes& sizes,
-                                         const std::vector<std::string>& devices);
+// Contiguous ranges over `devices`, in their order; fewer ranges than
+// devices where there are fewer layers. Each range's `bytes` is its
+// weights' share. With every device's free bytes known (`capacities`, one
+// per device, none 0) the plan fills the fullest device as little as it
+// can, and is ResourceExhausted when even that does not fit; otherwise the
+// largest device's bytes are as small as they can be.
+absl::StatusOr<std::vector<LayerRange>> BalancePlacement(
+    const PlacementSizes& sizes, const std::vector<std::string>& devices,
+    const std::vector<int64_t>& capacities = {});
 
 // Sets each range's `bytes`: its layers', the embedding's on the first, the
 // final norm's and head's on the last.

@@ -510,7 +510,7 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
     if (anchor.device() == residual.device()) return;
     residual = residual.to(anchor.device());
     if (mixed.defined()) mixed = mixed.to(anchor.device());
-    device_guard.reset_device(anchor.device());
+    if (anchor.is_cuda()) device_guard.reset_device(anchor.device());
   };
   for (int64_t layer = 0; layer < config.n_layer; ++layer) {
     absl::Status status = PollContext(ctx, layer);
@@ -573,7 +573,7 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
   const torch::Tensor& head = config.tied ? embedding : weights.at(kHeadTensor);  // [V, d_model]
   if (normed.device() != head.device()) {  // a tied head of a placed model
     normed = normed.to(head.device());
-    device_guard.reset_device(head.device());
+    if (head.is_cuda()) device_guard.reset_device(head.device());
   }
   torch::Tensor logits =
       forward_internal::Linear(normed, head.to(precision.compute)).to(torch::kFloat32);  // [B, L, V]

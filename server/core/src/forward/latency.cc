@@ -324,16 +324,16 @@ absl::StatusOr<LatencyReport> Measure(const LatencyOptions& options, const Timed
   torch::NoGradGuard no_grad;
   const torch::Device device = Embedding(model).device();
   const std::vector<torch::Device> devices = DevicesOf(*model.weights);
-  if (options.counter_repeats > 0 && !device.is_cuda()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "counter_repeats: hardware counters are read on a CUDA device; model '", model.name,
-        "' is on ", device.str()));
-  }
   if (options.counter_repeats > 0 && (devices.size() > 1 || (compare != nullptr &&
                                                              DevicesOf(*compare->weights).size() > 1))) {
     return absl::FailedPreconditionError(
         "counter_repeats: the hardware counters are read on one device; a model placed over "
         "several is timed without them");
+  }
+  if (options.counter_repeats > 0 && !device.is_cuda()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "counter_repeats: hardware counters are read on a CUDA device; model '", model.name,
+        "' is on ", device.str()));
   }
   TokenSource token_source(vocab, device);
   const torch::Tensor prefill_ids = token_source.Next(options.batch, options.seq_len);

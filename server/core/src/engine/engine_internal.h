@@ -106,7 +106,8 @@ inline absl::StatusOr<std::vector<torch::Device>> PlacementDevices(const std::st
       return absl::InvalidArgumentError(
           "placement 'auto': no CUDA device is available to this server");
     }
-    for (size_t index = 0; index < torch::cuda::device_count(); ++index) {
+    const auto count = static_cast<int64_t>(torch::cuda::device_count());
+    for (int64_t index = 0; index < count; ++index) {
       devices.emplace_back(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
     }
     return devices;

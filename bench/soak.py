@@ -250,13 +250,10 @@ class Soak:
         return rows
 
     def warm_streams(self):
-        """cuBLAS keeps a workspace per stream it has run on, for the
-        process's life (bounded: one per stream). On a GPU a decode latency
-        run captures its graph on the next of LibTorch's 32 low-priority pool
-        streams, and with --model-streams each model loads onto the next of
-        the 32 high-priority ones. 40 loads and 40 decode runs first put those
-        workspaces in the baseline, so that the memory check sees what the
-        soak's models and calls leave behind."""
+        """First-use costs out of the way before the baseline: CUDA graph
+        pools, LibTorch's stream pools. (cuBLAS's workspaces, one per server
+        thread and stream, are given back when the last model is unloaded:
+        the warm-up's last unload and the soak's both do.)"""
         for n in range(40):
             self.client.load("warm", self.args.models[0], device=self.args.device,
                              dtype=self.args.dtype)

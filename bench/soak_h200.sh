@@ -59,12 +59,15 @@ if want cuda_test; then
   # Line-buffered, every test named (a crash keeps what ran before it), and
   # under gdb where there is one (a crash leaves its backtrace).
   debugger=(); command -v gdb > /dev/null && debugger=(gdb -batch -ex run -ex bt --args)
-  LD_LIBRARY_PATH="$deb/usr/lib/x86_64-linux-gnu" ICD_REQUIRE_CUDA=1 stdbuf -oL -eL \
+  # libtorch's own copies of std::filesystem crash the tests' TempDir unless
+  # the system libstdc++ comes first (deploy/build-gpu.sh does the same).
+  preload=$(g++ -print-file-name=libstdc++.so.6)
+  LD_LIBRARY_PATH="$deb/usr/lib/x86_64-linux-gnu" LD_PRELOAD="$preload" ICD_REQUIRE_CUDA=1 stdbuf -oL -eL \
     "${debugger[@]}" "$build/tests/unit/cuda_test" ${CUDA_TEST_FILTER:+--gtest_filter=$CUDA_TEST_FILTER} \
     > "$out/cuda_test.log" 2>&1
   log "cuda_test exit $?: $(grep -E '^\[  (PASSED|FAILED)' "$out/cuda_test.log" | tr '\n' ' ')"
   if [[ -x "$build/tests/unit/cuda_counters_test" ]]; then
-    LD_LIBRARY_PATH="$deb/usr/lib/x86_64-linux-gnu" ICD_REQUIRE_CUDA=1 stdbuf -oL -eL \
+    LD_LIBRARY_PATH="$deb/usr/lib/x86_64-linux-gnu" LD_PRELOAD="$preload" ICD_REQUIRE_CUDA=1 stdbuf -oL -eL \
       "${debugger[@]}" "$build/tests/unit/cuda_counters_test" > "$out/cuda_counters_test.log" 2>&1
     log "cuda_counters_test exit $?: $(grep -E '^\[  (PASSED|FAILED)' "$out/cuda_counters_test.log" | tr '\n' ' ')"
   fi

@@ -463,6 +463,8 @@ class Engine::Impl {
     }
     models_.erase(it);
     ledger_.ReleaseModel(name);
+    // Nothing loaded or loading, so no call can be running a matmul.
+    if (models_.empty() && loading_.empty()) engine_internal::ReleaseCublasWorkspaces();
     uint64_t& last = retired_versions_[std::hash<std::string>{}(name)];
     last = std::max(last, model->info.version);
     return absl::OkStatus();

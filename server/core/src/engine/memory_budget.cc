@@ -8,8 +8,10 @@
 #include <utility>
 
 #ifdef ICD_HAVE_CUDA
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/version.h>
 #include <cuda_runtime_api.h>
 #include <torch/cuda.h>
 #endif
@@ -285,6 +287,12 @@ int64_t FreeDeviceBytes(const torch::Device& device) {
 #else
   (void)device;
   return -1;
+#endif
+}
+
+void ReleaseCublasWorkspaces() {
+#if defined(ICD_HAVE_CUDA) && TORCH_VERSION_MAJOR >= 2
+  at::cuda::clearCublasWorkspaces();
 #endif
 }
 

@@ -112,6 +112,13 @@ std::string MemoryDevice(const torch::Device& device);
 // known (the CPU, a build without CUDA).
 int64_t FreeDeviceBytes(const torch::Device& device);
 
+// LibTorch keeps a cuBLAS workspace (32 MiB on Hopper) for every (thread,
+// stream) pair that has run a matmul, for the process's life: a server's
+// thread pool times the streams of decode captures and model streams reached
+// gigabytes in the H200 soak. Given back to LibTorch's allocator here, when
+// nothing is loaded or loading (Engine::Unload of the last model).
+void ReleaseCublasWorkspaces();
+
 // "303360 bytes (0.3 MiB)".
 std::string BytesText(int64_t bytes);
 

@@ -3,6 +3,7 @@
 #include "devices.h"
 
 #include <exception>
+#include <mutex>
 #include <utility>
 
 #ifdef ICD_HAVE_CUDA
@@ -23,6 +24,18 @@ const char* ExecutionName(Execution execution) {
   return execution == Execution::kCudaGraph ? "cuda_graph" : "eager";
 }
 
+#ifdef ICD_HAVE_CUDA
+// LibTorch's CUDA generator registers each graph when its capture begins and
+// unregisters it when the graph is destroyed, without a lock of its own: two
+// captures at once raced there in the H200 soak (capture_begin's fill_ on an
+// undefined tensor, INTERNAL). Captures and the graphs' destruction take
+// turns under this lock; a capture is one step's launches.
+static std::mutex& GraphRegistryMutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+#endif
+
 struct Session::Impl {
   const ModelConfig* config = nullptr;
   const Weights* weights = nullptr;
@@ -34,6 +47,12 @@ struct Session::Impl {
   torch::Tensor step_ids;     // [B, 1] int64: the graph's input
   torch::Tensor step_logits;  // [B, 1, V] float32: its output
 #endif
+  ~Impl() {
+#ifdef ICD_HAVE_CUDA
+    const std::lock_guard<std::mutex> registry_lock(GraphRegistryMutex());
+    graph.reset();  // a captured graph unregisters from LibTorch's generator
+#endif
+  }
 };
 
 namespace {
@@ -82,6 +101,7 @@ absl::Status CaptureStep(Session::Impl* impl, const torch::Device& device, int64
   }
 
   impl->graph = std::make_unique<at::cuda::CUDAGraph>();
+  const std::lock_guard<std::mutex> registry_lock(GraphRegistryMutex());
 #if TORCH_VERSION_MAJOR >= 2
   // Thread-local: the server's other threads may allocate meanwhile.
   impl->graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <fstream>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -115,9 +116,17 @@ std::string Metrics::Render(const std::vector<ModelInfo>& models,
          "weights in its dtype and its probe reference), by model, device and dtype.");
   for (const ModelInfo& model : models) {
     const std::string dtype(DTypeName(model.dtype));
-    absl::StrAppend(&out, "icd_model_bytes{model=\"", Escape(model.name), "\",device=\"",
-                    Escape(model.device), "\",dtype=\"", dtype, "\"} ", model.device_bytes,
-                    "\n");
+    // A model placed over several devices: a series per device, its share.
+    std::map<std::string, int64_t> by_device;
+    if (model.placement.size() > 1) {
+      for (const LayerRange& range : model.placement) by_device[range.device] += range.bytes;
+    } else {
+      by_device[model.device] = model.device_bytes;
+    }
+    for (const auto& [device, bytes] : by_device) {
+      absl::StrAppend(&out, "icd_model_bytes{model=\"", Escape(model.name), "\",device=\"",
+                      Escape(device), "\",dtype=\"", dtype, "\"} ", bytes, "\n");
+    }
   }
   Header(out, "icd_device_memory_bytes", "gauge",
          "Bytes the memory budget counts on a device, by what holds them: loaded models, or "

@@ -84,7 +84,10 @@ class MetricsTest(unittest.TestCase):
             self.assertIsNotNone(server.metrics_address)
             with icd.Client(server.address, timeout=60) as client:
                 client.load("m", "mamba2-groups/hf")
-                client.load("other", "mamba1-small/hf", dtype="float64")
+                # Placed in two ranges (both on this CPU): one series for its
+                # device, the ranges' bytes summed.
+                client.load("other", "mamba1-small/hf", dtype="float64",
+                            placement="cpu=0-0,cpu=1-1")
                 ids = np.arange(32, dtype=np.int64).reshape(2, 16)
 
                 # A load of concurrent calls, scraped while it runs.

@@ -74,6 +74,12 @@ void PlacedMatchesOneGpu(const std::string& fixture, const std::string& placemen
   capture.batch = golden.batch;
   auto captured = engine.Capture(capture);
   EXPECT_TRUE(captured.ok()) << captured.status();
+  // N:M's saliency reads the weights of every layer that reads the residual
+  // stream: on a placed model, from every device.
+  capture.groups = {"residual"};
+  capture.solver.objective = "nm_sparsity";
+  auto nm = engine.Capture(capture);
+  EXPECT_TRUE(nm.ok()) << nm.status();
 
   LatencyOptions latency;
   latency.model = "split";

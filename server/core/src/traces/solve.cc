@@ -146,7 +146,11 @@ absl::StatusOr<torch::Tensor> NmSaliency(const GroupInfo& group, const Weights& 
     if (member.tensor == kEmbeddingTensor && !tied_head) continue;
     const torch::Tensor& weight = weights.at(member.tensor);
     if (weight.dim() != 2) continue;
-    parts.push_back(weight.narrow(1, member.offset, member.length).abs().to(torch::kFloat32));
+    // On the first part's device: a placed model's layers are on several.
+    parts.push_back(weight.narrow(1, member.offset, member.length)
+                        .abs()
+                        .to(parts.empty() ? weight.device() : parts.front().device(),
+                            torch::kFloat32));
   }
   if (parts.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(

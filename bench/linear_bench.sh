@@ -2,7 +2,8 @@
 # Builds bench/linear_bench.cu once per tuning of the few-rows linear kernel
 # (ICD_FEW_ROWS_LINEAR_WARPS x ICD_FEW_ROWS_LINEAR_UNROLL), in parallel, then
 # runs them one after another (never two on the GPU at once).
-#   bench/linear_bench.sh OUT_JSONL [VARIANTS]   VARIANTS: "WARPSxUNROLL ..."
+#   bench/linear_bench.sh OUT_JSONL [VARIANTS]   VARIANTS: "WARPSxUNROLL ..." or
+#                                                "WARPSxUNROLLxBLOCKS_PER_SM ..."
 #                                                (default: the kernel's own)
 set -uo pipefail
 out=${1:?usage: bench/linear_bench.sh OUT_JSONL [VARIANTS]}
@@ -11,7 +12,11 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 bin=${LINEAR_BENCH_DIR:-/tmp/linear_bench}; mkdir -p "$bin"
 for v in $variants; do
   flags=()
-  [[ $v != default ]] && flags=(-DICD_FEW_ROWS_LINEAR_WARPS="${v%x*}" -DICD_FEW_ROWS_LINEAR_UNROLL="${v#*x}")
+  if [[ $v != default ]]; then
+    IFS=x read -r warps unroll blocks <<< "$v"
+    flags=(-DICD_FEW_ROWS_LINEAR_WARPS="$warps" -DICD_FEW_ROWS_LINEAR_UNROLL="$unroll")
+    [[ -n $blocks ]] && flags+=(-DICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM="$blocks")
+  fi
   nvcc -std=c++17 -O3 -arch=sm_90 -I"$repo/server/core/src" "${flags[@]}" \
     -Xcompiler=-Wall,-Wextra,-Wshadow -Werror all-warnings \
     "$repo/bench/linear_bench.cu" "$repo/server/core/src/fused/few_rows_linear.cu" -lcublas \

@@ -31,6 +31,11 @@ using cuda_elements::Float32Element;
 #ifndef ICD_FEW_ROWS_LINEAR_UNROLL
 #define ICD_FEW_ROWS_LINEAR_UNROLL 4
 #endif
+// Blocks per multiprocessor below which a feature's row is split over more
+// warps (Split).
+#ifndef ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM
+#define ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM 4
+#endif
 
 constexpr int kWarps = ICD_FEW_ROWS_LINEAR_WARPS;
 constexpr int kThreads = kWarps * 32;
@@ -220,7 +225,8 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
   }
 }
 
-// Warps per feature: enough blocks for about four per multiprocessor.
+// Warps per feature: enough blocks for about ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM
+// per multiprocessor.
 int Split(int64_t out_features) {
   static const int multiprocessors = [] {
     int device = 0;
@@ -233,7 +239,8 @@ int Split(int64_t out_features) {
     return count;
   }();
   int split = 1;
-  while (split < kWarps && (out_features * split + kWarps - 1) / kWarps < 4 * multiprocessors) {
+  while (split < kWarps && (out_features * split + kWarps - 1) / kWarps <
+                               ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM * multiprocessors) {
     split *= 2;
   }
   return split;

@@ -564,6 +564,35 @@ TEST_F(EngineTest, ApplyStoppedDuringItsCheckRestoresTheWeights) {
   }
 }
 
+// A throw after the gathers (on a GPU: a CUDA error while waiting for them,
+// or an out-of-memory comparing the logits; here the progress callback of
+// the check's stage) restores the weights and keeps the version: the H200
+// soak found them left permuted.
+TEST_F(EngineTest, ApplyThrowingDuringItsCheckRestoresTheWeights) {
+  Load("mamba1-small");
+  std::mt19937_64 rng(6);
+  const std::vector<Permutation> perms = {
+      {"layers.1.inner", testing::RandomPermutation(Group("layers.1.inner"), rng)},
+      {"residual", testing::RandomPermutation(Group("residual"), rng)}};
+  const auto before = Weights();
+  CallContext ctx;
+  bool reached = false;
+  ctx.progress = [&reached](absl::string_view stage, int64_t, int64_t) {
+    if (stage != "check") return;
+    reached = true;
+    throw std::runtime_error("a device fault after the gathers");
+  };
+  auto report = engine_.Apply("m", perms, {}, ctx);
+  EXPECT_TRUE(reached);
+  EXPECT_EQ(report.status().code(), absl::StatusCode::kInternal) << report.status();
+  EXPECT_EQ(Weights(), before);
+  EXPECT_EQ(engine_.Info("m")->version, 1u);
+  // The control: the same permutations apply when nothing throws.
+  auto applied = engine_.Apply("m", perms);
+  ASSERT_TRUE(applied.ok()) << applied.status();
+  EXPECT_NE(Weights(), before);
+}
+
 // Issue 15, finding 9: Verify and Evaluate stop at their deadline or when
 // cancelled, and change nothing.
 TEST_F(EngineTest, VerifyAndEvaluateStopAtTheirDeadlineOrWhenCancelled) {

@@ -537,6 +537,7 @@ class Engine::Impl {
     report.apply_ms = engine_internal::MillisSince(start);
     for (const Permutation& perm : perms) report.groups.push_back(perm.group);
     if (!options.skip_verify) {
+      ReportProgress(ctx, "check", 0, 1);
       const auto verify_start = engine_internal::Clock::now();
       absl::StatusOr<torch::Tensor> logits = engine_internal::ProbeLogits(model, ctx);
       if (!logits.ok()) {

@@ -91,42 +91,55 @@ TEST(BalancePlacementTest, TheEmbeddingAndHeadWeighOnTheEndDevices) {
 
 TEST(BalancePlacementTest, NoPartIsLargerThanTheBestSplitFoundByBruteForce) {
   std::mt19937_64 rng(3);
-  for (int trial = 0; trial < 50; ++trial) {
+  for (int trial = 0; trial < 200; ++trial) {
     PlacementSizes sizes;
     const int n = 1 + static_cast<int>(rng() % 9);
     for (int i = 0; i < n; ++i) sizes.layers.push_back(1 + static_cast<int64_t>(rng() % 50));
     sizes.first = static_cast<int64_t>(rng() % 60);
     sizes.last = static_cast<int64_t>(rng() % 60);
-    const std::vector<std::string> devices = {"a", "b", "c"};
-    const auto ranges = *BalancePlacement(sizes, devices);
-    ASSERT_EQ(ranges.size(), std::min<size_t>(3, static_cast<size_t>(n)));
+    const auto ranges = *BalancePlacement(sizes, {"a", "b", "c"});
+    // Contiguous, in device order, every layer once.
+    ASSERT_FALSE(ranges.empty());
+    EXPECT_EQ(ranges.front().first, 0);
+    EXPECT_EQ(ranges.back().last, n - 1);
+    for (size_t r = 1; r < ranges.size(); ++r) {
+      EXPECT_EQ(ranges[r].first, ranges[r - 1].last + 1);
+      EXPECT_LT(ranges[r - 1].device, ranges[r].device);
+    }
     int64_t largest = 0;
     for (const LayerRange& r : ranges) largest = std::max(largest, r.bytes);
-    // Every way to cut n layers into ranges.size() non-empty runs.
+    // Every way to cut the n layers into at most three runs.
     std::vector<int64_t> per(static_cast<size_t>(n));
     for (int i = 0; i < n; ++i) {
       per[static_cast<size_t>(i)] = sizes.layers[static_cast<size_t>(i)] +
                                     (i == 0 ? sizes.first : 0) + (i == n - 1 ? sizes.last : 0);
     }
     int64_t best = std::numeric_limits<int64_t>::max();
-    for (int a = 1; a <= n; ++a) {
+    for (int a = 0; a <= n; ++a) {
       for (int b = a; b <= n; ++b) {
-        std::vector<int> cuts = {0, a, b, n};
-        if (ranges.size() == 1 && !(a == n && b == n)) continue;
-        if (ranges.size() == 2 && !(b == n && a < n)) continue;
-        if (ranges.size() == 3 && !(a < b && b < n)) continue;
+        const int cuts[] = {0, a, b, n};
         int64_t worst = 0;
-        for (size_t k = 0; k + 1 < cuts.size(); ++k) {
-          worst = std::max(worst, std::accumulate(per.begin() + cuts[k], per.begin() + cuts[k + 1],
+        for (int c = 0; c < 3; ++c) {
+          worst = std::max(worst, std::accumulate(per.begin() + cuts[c], per.begin() + cuts[c + 1],
                                                   int64_t{0}));
         }
         best = std::min(best, worst);
       }
     }
     EXPECT_EQ(largest, best) << "trial " << trial;
-    EXPECT_EQ(ranges.front().first, 0);
-    EXPECT_EQ(ranges.back().last, n - 1);
   }
+}
+
+TEST(BalancePlacementTest, ADeviceWithNoRoomIsLeftOut) {
+  PlacementSizes sizes;
+  sizes.layers.assign(4, 100);
+  // The first GPU's budget is spent: everything goes to the second.
+  auto ranges = BalancePlacement(sizes, {"cuda:0", "cuda:1"}, {1, 1000});
+  ASSERT_TRUE(ranges.ok()) << ranges.status();
+  EXPECT_EQ(Ranges(*ranges), "cuda:1=0-3");
+  // Fewer layers than devices: one range each, the rest unused.
+  sizes.layers.assign(2, 100);
+  EXPECT_EQ(Ranges(*BalancePlacement(sizes, {"a", "b", "c"})), "a=0-0,b=1-1");
 }
 
 TEST(BalancePlacementTest, DeviceMemoryShapesThePlanAndAModelTooLargeIsRefused) {

@@ -306,13 +306,36 @@ namespace {
 // Each weight is read and written once, as a copy would: on a GPU by one
 // batched kernel, elsewhere by one LibTorch indexing op per tensor; a batch
 // per device where the model is placed over several.
+// A throw on one device (an out-of-memory, a CUDA error) undoes the devices
+// already gathered, so that every device is as it was.
 void GatherOnEachDevice(std::vector<gather::TensorGather> plan) {
   std::map<std::string, std::vector<gather::TensorGather>> by_device;
   for (gather::TensorGather& tensor_gather : plan) {
     by_device[tensor_gather.tensor->device().str()].push_back(std::move(tensor_gather));
   }
-  for (auto& [device, part] : by_device) {
+  const auto gather_part = [](const std::vector<gather::TensorGather>& part) {
     if (!gather::GatherWithCuda(part)) gather::GatherWithLibTorch(part);
+  };
+  std::vector<const std::vector<gather::TensorGather>*> done;
+  try {
+    for (const auto& [device, part] : by_device) {
+      gather_part(part);
+      done.push_back(&part);
+    }
+  } catch (...) {
+    std::deque<std::vector<int64_t>> inverses;  // stable addresses for the plan
+    for (const std::vector<gather::TensorGather>* part : done) {
+      std::vector<gather::TensorGather> undo;
+      for (const gather::TensorGather& tensor_gather : *part) {
+        gather::TensorGather back{tensor_gather.tensor, {}};
+        for (const auto& [axis, index] : tensor_gather.index_of) {
+          back.index_of[axis] = &inverses.emplace_back(InversePermutation(*index));
+        }
+        undo.push_back(std::move(back));
+      }
+      gather_part(undo);
+    }
+    throw;
   }
 }
 

@@ -245,7 +245,8 @@ absl::StatusOr<std::unique_ptr<TraceSession>> Engine::BeginTraces(const TraceHea
                                    header.model, "' (", header.channels,
                                    " channels; an estimate: statistics ", stats_bytes,
                                    ", held-out rows ", tail_bytes, ", solver ", solver_bytes,
-                                   " bytes)")));
+                                   " bytes)"),
+                      engine_internal::MemoryDevice(device)));
   // Kept by the solve below, so held as long as the session lives.
   auto hold = std::make_shared<engine_internal::MemoryHold>(std::move(booked));
   // Finish looks the model up again: it may have been unloaded meanwhile.

@@ -198,7 +198,8 @@ absl::StatusOr<std::vector<PermutationResult>> Engine::Capture(const CaptureRequ
                                    " group(s) (an estimate at its peak: forward ",
                                    estimate.forward, ", statistics ", estimate.statistics,
                                    ", held-out rows ", estimate.holdout, ", solver ",
-                                   estimate.solver, " bytes)")));
+                                   estimate.solver, " bytes)"),
+                      engine_internal::MemoryDevice(device)));
 
   return Guarded("capture", [&]() -> absl::StatusOr<std::vector<PermutationResult>> {
     torch::NoGradGuard no_grad;

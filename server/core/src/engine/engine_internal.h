@@ -247,9 +247,12 @@ class Engine::Impl {
 
   // Books a running call's estimated bytes on `model`'s device until the
   // hold is destroyed, or refuses (ResourceExhausted) before it allocates.
+  // `device`: where the call's memory lives when it is not the model's
+  // calls' device (a placed model's statistics live beside its embedding).
   absl::StatusOr<engine_internal::MemoryHold> BookCall(const LoadedModel& model, int64_t bytes,
-                                                       absl::string_view what) {
-    return ledger_.BookCall(model.memory_device, bytes, what,
+                                                       absl::string_view what,
+                                                       const std::string& device = "") {
+    return ledger_.BookCall(device.empty() ? model.memory_device : device, bytes, what,
                             "use fewer tokens or a smaller batch, wait for running calls, or "
                             "unload a model");
   }
@@ -337,9 +340,12 @@ class Engine::Impl {
             "'s shared blocks are read at layers all over the model; load it on one device"));
       }
       engine_internal::CountRangeBytes(sizes, &ranges);
-      // The probe reference: its logits beside the head.
-      LayerRange& head = config.tied ? ranges.front() : ranges.back();
-      head.bytes += engine_internal::ProbeBytes(config);
+      // The probe reference: its ids beside the embedding, its logits beside
+      // the head.
+      const int64_t ids_bytes = kProbeBatch * kProbeSeq * int64_t{8};
+      ranges.front().bytes += ids_bytes;
+      (config.tied ? ranges.front() : ranges.back()).bytes +=
+          engine_internal::ProbeBytes(config) - ids_bytes;
       return ranges;
     };
     auto bytes_by_device = [](const std::vector<LayerRange>& ranges) {
@@ -376,7 +382,12 @@ class Engine::Impl {
     if (model->dtype == torch::kFloat16 && on_cpu) {
       return absl::InvalidArgumentError(kNoCpuHalf);
     }
-    ICD_ASSIGN_OR_RETURN(model->placement, plan(checkpoint.config, model->dtype));
+    // Planned again only where the early plan counted 2 bytes a weight; with
+    // a dtype asked for it was planned (and booked) in that dtype, and a new
+    // plan would see its own booking as used room.
+    if (!requested) {
+      ICD_ASSIGN_OR_RETURN(model->placement, plan(checkpoint.config, model->dtype));
+    }
     ICD_RETURN_IF_ERROR(ledger_.BookModel(
         name, bytes_by_device(model->placement),
         absl::StrCat("loading model '", name, "' (weights in ",
@@ -456,17 +467,24 @@ class Engine::Impl {
   absl::Status Erase(const std::string& name) {
     ICD_ASSIGN_OR_RETURN(auto model, Find(name));
     std::unique_lock<std::shared_mutex> model_lock(model->mutex);  // waits for in-flight calls
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::unique_lock<std::mutex> lock(mutex_);
     auto it = models_.find(name);
     if (it == models_.end() || it->second != model) {
       return absl::NotFoundError(absl::StrCat("model '", name, "' is not loaded"));
     }
     models_.erase(it);
     ledger_.ReleaseModel(name);
-    // Nothing loaded or loading, so no call can be running a matmul.
-    if (models_.empty() && loading_.empty()) engine_internal::ReleaseCublasWorkspaces();
     uint64_t& last = retired_versions_[std::hash<std::string>{}(name)];
     last = std::max(last, model->info.version);
+    // Nothing loaded or loading and no call booked (a trace stream books
+    // its memory for its life): cuBLAS's workspaces go back. Under the
+    // device gate held exclusively, so that a call still running on a model
+    // it found before an unload (it holds the gate shared) is not mid-matmul.
+    if (models_.empty() && loading_.empty() && ledger_.NoCalls()) {
+      lock.unlock();
+      const std::unique_lock<std::shared_mutex> gate(device_gate);
+      engine_internal::ReleaseCublasWorkspaces();
+    }
     return absl::OkStatus();
   }
 
@@ -502,13 +520,20 @@ class Engine::Impl {
     }
     std::vector<GroupPermutation> gathers;
     for (size_t i = 0; i < perms.size(); ++i) gathers.push_back({groups[i], &perms[i].index});
+    // At most once: a restore that throws part way is not run again (a
+    // second inverse would permute what the first put back).
+    bool restored = false;
     auto restore = [&] {
+      if (restored) return;
+      restored = true;
       std::vector<std::vector<int64_t>> inverses;
       for (const Permutation& perm : perms) inverses.push_back(InversePermutation(perm.index));
       std::vector<GroupPermutation> undo;
       for (size_t i = perms.size(); i-- > 0;) undo.push_back({groups[i], &inverses[i]});
       ApplyGathers(undo, model.weights);
     };
+    // A throw inside the gathers leaves every device as it was
+    // (ApplyGathers undoes the devices it had finished).
     ApplyGathers(gathers, model.weights);
     // From here a throw (a CUDA error, an out-of-memory in the check) must
     // not leave the weights permuted under the old version.

@@ -267,6 +267,14 @@ int64_t MemoryLedger::Unbooked(const std::string& device) const {
   return budget - it->second.model_bytes - it->second.call_bytes;
 }
 
+bool MemoryLedger::NoCalls() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (const auto& [device, usage] : devices_) {
+    if (usage.calls > 0) return false;
+  }
+  return true;
+}
+
 int64_t FreeDeviceBytes(const torch::Device& device) {
 #ifdef ICD_HAVE_CUDA
   if (!device.is_cuda()) return -1;

@@ -80,6 +80,8 @@ class MemoryLedger {
 
   // What `device`'s budget has left now; -1 where it has none.
   int64_t Unbooked(const std::string& device) const;
+  // No call holds memory on any device.
+  bool NoCalls() const;
 
  private:
   friend class MemoryHold;

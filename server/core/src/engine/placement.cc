@@ -75,8 +75,8 @@ absl::StatusOr<std::vector<LayerRange>> BalancePlacement(
     const PlacementSizes& sizes, const std::vector<std::string>& devices,
     const std::vector<int64_t>& capacities) {
   const auto n = static_cast<int64_t>(sizes.layers.size());
-  const auto k = std::min<int64_t>(static_cast<int64_t>(devices.size()), n);
-  if (k <= 0) return std::vector<LayerRange>{};
+  const auto k = static_cast<int64_t>(devices.size());
+  if (k == 0 || n == 0) return std::vector<LayerRange>{};
   const bool by_capacity =
       capacities.size() == devices.size() &&
       std::all_of(capacities.begin(), capacities.end(), [](int64_t c) { return c > 0; });
@@ -99,8 +99,9 @@ absl::StatusOr<std::vector<LayerRange>> BalancePlacement(
     return by_capacity ? bytes / static_cast<double>(capacities[static_cast<size_t>(j)]) : bytes;
   };
   // best[j][i]: the smallest largest load splitting layers [0, i) over the
-  // first j devices, each non-empty; cut[j][i] where its last part starts.
-  // n and k are small (layers, GPUs of one node).
+  // first j devices; cut[j][i] where device j-1's part starts (i: it holds
+  // nothing, as a device with no room must). A part is left empty only when
+  // that is strictly better. n and k are small (layers, GPUs of one node).
   constexpr double kNone = std::numeric_limits<double>::infinity();
   std::vector<std::vector<double>> best(
       static_cast<size_t>(k) + 1, std::vector<double>(static_cast<size_t>(n) + 1, kNone));
@@ -108,8 +109,11 @@ absl::StatusOr<std::vector<LayerRange>> BalancePlacement(
       static_cast<size_t>(k) + 1, std::vector<int64_t>(static_cast<size_t>(n) + 1, 0));
   best[0][0] = 0;
   for (int64_t j = 1; j <= k; ++j) {
-    for (int64_t i = j; i <= n; ++i) {
-      for (int64_t from = j - 1; from < i; ++from) {
+    for (int64_t i = 0; i <= n; ++i) {
+      best[static_cast<size_t>(j)][static_cast<size_t>(i)] =
+          best[static_cast<size_t>(j) - 1][static_cast<size_t>(i)];
+      cut[static_cast<size_t>(j)][static_cast<size_t>(i)] = i;
+      for (int64_t from = 0; from < i; ++from) {
         const double before = best[static_cast<size_t>(j) - 1][static_cast<size_t>(from)];
         if (before == kNone) continue;
         const double largest = std::max(before, load(j - 1, from, i));
@@ -129,15 +133,17 @@ absl::StatusOr<std::vector<LayerRange>> BalancePlacement(
         static_cast<int64_t>(100 * best[static_cast<size_t>(k)][static_cast<size_t>(n)]),
         "% full); unload a model, or load it in a smaller dtype"));
   }
-  std::vector<LayerRange> ranges(static_cast<size_t>(k));
+  std::vector<LayerRange> ranges;
   int64_t end = n;
   for (int64_t j = k; j >= 1; --j) {
     const int64_t from = cut[static_cast<size_t>(j)][static_cast<size_t>(end)];
-    LayerRange& range = ranges[static_cast<size_t>(j) - 1];
+    if (from == end) continue;  // this device holds nothing
+    LayerRange range;
     range.device = devices[static_cast<size_t>(j) - 1];
     range.first = from;
     range.last = end - 1;
     range.bytes = span(from, end);
+    ranges.insert(ranges.begin(), std::move(range));
     end = from;
   }
   return ranges;

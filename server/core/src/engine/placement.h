@@ -34,9 +34,9 @@ PlacementSizes SizesOf(const ModelConfig& config, int64_t element_bytes);
 absl::StatusOr<std::vector<LayerRange>> ParsePlacement(const std::string& text,
                                                        int64_t n_layer);
 
-// Contiguous ranges over `devices`, in their order; fewer ranges than
-// devices where there are fewer layers. Each range's `bytes` is its
-// weights' share. With every device's free bytes known (`capacities`, one
+// Contiguous ranges over `devices`, in their order, a device left out only
+// where that is strictly better (fewer layers than devices, a device with no
+// room). Each range's `bytes` is its weights' share. With every device's free bytes known (`capacities`, one
 // per device, none 0) the plan fills the fullest device as little as it
 // can, and is ResourceExhausted when even that does not fit; otherwise the
 // largest device's bytes are as small as they can be.

@@ -38,6 +38,7 @@ std::vector<DeviceMemory> Engine::Memory() const { return impl_->Memory(); }
 absl::StatusOr<ModelInfo> Engine::Info(const std::string& name) const {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::shared_lock<std::shared_mutex> lock(model->mutex);
+  ICD_RETURN_IF_ERROR(engine_internal::StillLoaded(*model));
   return model->info;
 }
 
@@ -45,6 +46,7 @@ absl::StatusOr<std::vector<GroupInfo>> Engine::Symmetries(const std::string& nam
                                                           uint64_t* version) const {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::shared_lock<std::shared_mutex> lock(model->mutex);
+  ICD_RETURN_IF_ERROR(engine_internal::StillLoaded(*model));
   if (version != nullptr) *version = model->info.version;
   std::vector<GroupInfo> groups = model->spec;
   for (GroupInfo& group : groups) {
@@ -69,6 +71,7 @@ absl::StatusOr<ApplyReport> Engine::Apply(const std::string& name,
                                           const ApplyOptions& options, const CallContext& ctx) {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::unique_lock<std::shared_mutex> lock(model->mutex);
+  ICD_RETURN_IF_ERROR(engine_internal::StillLoaded(*model));
   const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, impl_->device_gate);
   return Guarded("apply", [&] { return impl_->Apply(*model, perms, options, ctx); });
 }
@@ -77,6 +80,7 @@ absl::StatusOr<CorrectnessReport> Engine::Verify(const std::string& name,
                                                  const CallContext& ctx) const {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::shared_lock<std::shared_mutex> lock(model->mutex);
+  ICD_RETURN_IF_ERROR(engine_internal::StillLoaded(*model));
   const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, impl_->device_gate);
   return Guarded("verify", [&]() -> absl::StatusOr<CorrectnessReport> {
     ICD_ASSIGN_OR_RETURN(torch::Tensor logits, ProbeLogits(*model, ctx));
@@ -89,6 +93,7 @@ absl::StatusOr<EvaluateResult> Engine::Evaluate(const std::string& name,
                                                 const CallContext& ctx) const {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::shared_lock<std::shared_mutex> lock(model->mutex);
+  ICD_RETURN_IF_ERROR(engine_internal::StillLoaded(*model));
   const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, impl_->device_gate);
   ICD_ASSIGN_OR_RETURN(const int64_t batch, RequestBatch(request.batch));
   ICD_ASSIGN_OR_RETURN(torch::Tensor ids,
@@ -142,6 +147,7 @@ absl::StatusOr<std::vector<HostTensor>> Engine::ReadTensors(
     const std::string& name, const std::vector<std::string>& names) const {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::shared_lock<std::shared_mutex> lock(model->mutex);
+  ICD_RETURN_IF_ERROR(engine_internal::StillLoaded(*model));
   const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, impl_->device_gate);
   std::vector<std::string> wanted = names;
   if (wanted.empty()) {
@@ -174,6 +180,7 @@ absl::StatusOr<int64_t> Engine::TensorBytes(const std::string& name,
                                             const std::string& tensor) const {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::shared_lock<std::shared_mutex> lock(model->mutex);
+  ICD_RETURN_IF_ERROR(engine_internal::StillLoaded(*model));
   const std::string canonical = WeightKey(tensor, model->config);
   auto it = model->weights.find(canonical);
   if (it == model->weights.end()) {
@@ -187,6 +194,7 @@ absl::StatusOr<uint64_t> Engine::WriteTensors(const std::string& name,
                                               uint64_t expected_version) {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::unique_lock<std::shared_mutex> lock(model->mutex);
+  ICD_RETURN_IF_ERROR(engine_internal::StillLoaded(*model));
   const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, impl_->device_gate);
   return Guarded("write tensors", [&] { return impl_->Write(*model, tensors, expected_version); });
 }
@@ -195,6 +203,7 @@ absl::StatusOr<ExportResult> Engine::Export(const std::string& name, const std::
                                             const CallContext& ctx) {
   ICD_ASSIGN_OR_RETURN(auto model, impl_->Find(name));
   std::unique_lock<std::shared_mutex> lock(model->mutex);
+  ICD_RETURN_IF_ERROR(engine_internal::StillLoaded(*model));
   const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, impl_->device_gate);
   return Guarded("export", [&]() -> absl::StatusOr<ExportResult> {
     // The files beside the weights are copied: they must still lie where the
@@ -215,6 +224,7 @@ absl::StatusOr<std::unique_ptr<TraceSession>> Engine::BeginTraces(const TraceHea
   torch::Device device = torch::kCPU;
   {
     std::shared_lock<std::shared_mutex> lock(model->mutex);
+    ICD_RETURN_IF_ERROR(engine_internal::StillLoaded(*model));
     ICD_ASSIGN_OR_RETURN(const GroupInfo* group, FindGroup(*model, header.group));
     if (header.channels != group->size) {
       return absl::InvalidArgumentError(
@@ -256,6 +266,7 @@ absl::StatusOr<std::unique_ptr<TraceSession>> Engine::BeginTraces(const TraceHea
                    const CallContext& ctx) -> absl::StatusOr<PermutationResult> {
     ICD_ASSIGN_OR_RETURN(auto current, impl->Find(header.model));
     std::shared_lock<std::shared_mutex> lock(current->mutex);
+    ICD_RETURN_IF_ERROR(engine_internal::StillLoaded(*current));
     ICD_ASSIGN_OR_RETURN(const GroupInfo* group, FindGroup(*current, header.group));
     if (group->size != header.channels) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -287,9 +298,11 @@ absl::StatusOr<LatencyReport> Engine::MeasureLatency(const LatencyOptions& optio
   LoadedModel* second = compare.get();
   if (second != nullptr && std::less<LoadedModel*>()(second, first)) std::swap(first, second);
   std::shared_lock<std::shared_mutex> first_lock(first->mutex);
+  ICD_RETURN_IF_ERROR(engine_internal::StillLoaded(*first));
   std::shared_lock<std::shared_mutex> second_lock;
   if (second != nullptr && second != first) {
     second_lock = std::shared_lock<std::shared_mutex>(second->mutex);
+    ICD_RETURN_IF_ERROR(engine_internal::StillLoaded(*second));
   }
   // On the first model's stream; the compare model is only read, and the wait
   // on leaving covers it too. Counters count every kernel on the device:

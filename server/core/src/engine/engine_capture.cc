@@ -162,6 +162,7 @@ absl::StatusOr<std::vector<PermutationResult>> Engine::Capture(const CaptureRequ
                        traces::ResolveSolverOptions(request.solver));
   ICD_ASSIGN_OR_RETURN(const int64_t batch, RequestBatch(request.batch));
   std::shared_lock<std::shared_mutex> lock(model->mutex);
+  ICD_RETURN_IF_ERROR(engine_internal::StillLoaded(*model));
   const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, impl_->device_gate);
   ICD_ASSIGN_OR_RETURN(torch::Tensor ids, TokenTensor(*model, request.input_ids, batch, "input_ids"));
   torch::Tensor holdout_ids;

@@ -141,6 +141,10 @@ struct LoadedModel {
   // Its layers by device (ModelInfo::placement); more than one range where
   // LoadOptions::placement put it over several.
   std::vector<LayerRange> placement;
+  // Set by Unload under the exclusive lock: a call that found the model
+  // before and takes its lock after is refused, not run on a model the
+  // ledger no longer counts.
+  bool unloaded = false;
 
   double Tolerance(double requested) const {
     return requested > 0 ? requested : DefaultTolerance(dtype);
@@ -155,6 +159,13 @@ inline std::string GroupList(const FamilySpec& spec) {
                                           : absl::StrCat("layers.{i}", group.name.substr(dot)));
   }
   return absl::StrJoin(kinds, ", ");
+}
+
+// NotFound where the model was unloaded while the call waited for its lock.
+inline absl::Status StillLoaded(const LoadedModel& model) {
+  if (!model.unloaded) return absl::OkStatus();
+  return absl::NotFoundError(
+      absl::StrCat("model '", model.info.name, "' was unloaded while this call waited for it"));
 }
 
 inline absl::Status CheckVersion(const LoadedModel& model, uint64_t expected) {
@@ -473,6 +484,7 @@ class Engine::Impl {
       return absl::NotFoundError(absl::StrCat("model '", name, "' is not loaded"));
     }
     models_.erase(it);
+    model->unloaded = true;
     ledger_.ReleaseModel(name);
     uint64_t& last = retired_versions_[std::hash<std::string>{}(name)];
     last = std::max(last, model->info.version);

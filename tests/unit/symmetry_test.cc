@@ -11,6 +11,7 @@
 #include <cstring>
 #include <random>
 
+#include "apply/gather/permute_gather.h"
 #include "blocks/mixer.h"
 #include "io/checkpoint.h"
 #include "io/config.h"
@@ -53,6 +54,30 @@ TEST(ValidateTest, NamesTheGroupAndTheReason) {
   GroupInfo state{"layers.0.state", 8, 4, 0, {}};
   EXPECT_TRUE(ValidatePermutation(state, {3, 2, 1, 0, 4, 5, 7, 6}).ok());
   EXPECT_FALSE(ValidatePermutation(state, {4, 1, 2, 3, 0, 5, 6, 7}).ok());
+}
+
+// A gather that throws part way (here an index out of range on the third
+// tensor; in service, an out-of-memory) leaves every tensor as it was: the
+// two already gathered are put back.
+TEST(GatherTest, AThrowPartWayPutsTheGatheredTensorsBack) {
+  torch::manual_seed(4);
+  torch::Tensor rows = torch::randn({4, 3}), both = torch::randn({4, 4}),
+                bad = torch::randn({4});
+  const torch::Tensor rows_before = rows.clone(), both_before = both.clone(),
+                      bad_before = bad.clone();
+  const std::vector<int64_t> shuffle = {2, 0, 3, 1}, out_of_range = {0, 1, 2, 9};
+  std::vector<gather::TensorGather> plan = {{&rows, {{0, &shuffle}}},
+                                            {&both, {{0, &shuffle}, {1, &shuffle}}},
+                                            {&bad, {{0, &out_of_range}}}};
+  EXPECT_ANY_THROW(gather::GatherWithLibTorch(plan));
+  EXPECT_TRUE(torch::equal(rows, rows_before));
+  EXPECT_TRUE(torch::equal(both, both_before));
+  EXPECT_TRUE(torch::equal(bad, bad_before));
+  // The control: without the bad tensor the same plan moves both.
+  plan.pop_back();
+  gather::GatherWithLibTorch(plan);
+  EXPECT_TRUE(torch::equal(rows, rows_before.index_select(0, torch::tensor(shuffle))));
+  EXPECT_FALSE(torch::equal(both, both_before));
 }
 
 TEST(GatherTest, ExpansionsMoveTheRightRows) {

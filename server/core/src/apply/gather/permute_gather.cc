@@ -15,6 +15,20 @@ PlanIndices CollectIndices(const std::vector<TensorGather>& plan) {
   return out;
 }
 
+namespace {
+
+// `tensor` gathered along each axis of `index_of` (axis -> source positions).
+torch::Tensor Gathered(const torch::Tensor& tensor, std::map<int, torch::Tensor>& index_of) {
+  if (tensor.dim() == 2 && index_of.size() == 2) {
+    return tensor.index({index_of[0].unsqueeze(1), index_of[1]});
+  }
+  torch::Tensor gathered = tensor;
+  for (const auto& [axis, index] : index_of) gathered = gathered.index_select(axis, index);
+  return gathered;
+}
+
+}  // namespace
+
 void GatherWithLibTorch(const std::vector<TensorGather>& plan) {
   if (plan.empty()) return;
   torch::NoGradGuard no_grad;
@@ -23,19 +37,31 @@ void GatherWithLibTorch(const std::vector<TensorGather>& plan) {
   torch::Tensor indices = torch::empty({all.total}, torch::kInt64);
   CopyIndices(all, indices.data_ptr<int64_t>());
   indices = indices.to(plan.front().tensor->device());
-  for (const TensorGather& gather : plan) {
-    torch::Tensor& tensor = *gather.tensor;
-    std::map<int, torch::Tensor> index_of;
-    for (const auto& [axis, index] : gather.index_of) {
-      index_of[axis] = indices.narrow(0, offset_of.at(index), static_cast<int64_t>(index->size()));
+  size_t done = 0;
+  try {
+    for (; done < plan.size(); ++done) {
+      const TensorGather& gather = plan[done];
+      std::map<int, torch::Tensor> index_of;
+      for (const auto& [axis, index] : gather.index_of) {
+        index_of[axis] =
+            indices.narrow(0, offset_of.at(index), static_cast<int64_t>(index->size()));
+      }
+      *gather.tensor = Gathered(*gather.tensor, index_of);
     }
-    if (tensor.dim() == 2 && index_of.size() == 2) {
-      tensor = tensor.index({index_of[0].unsqueeze(1), index_of[1]});
-    } else {
-      torch::Tensor gathered = tensor;
-      for (const auto& [axis, index] : index_of) gathered = gathered.index_select(axis, index);
-      tensor = gathered;
+  } catch (...) {
+    // A throw part way (an out-of-memory) puts the tensors already gathered
+    // back with the inverse positions: none is left moved.
+    while (done-- > 0) {
+      std::map<int, torch::Tensor> inverse_of;
+      for (const auto& [axis, index] : plan[done].index_of) {
+        torch::Tensor inverse = torch::empty({static_cast<int64_t>(index->size())}, torch::kInt64);
+        int64_t* out = inverse.data_ptr<int64_t>();
+        for (size_t k = 0; k < index->size(); ++k) out[(*index)[k]] = static_cast<int64_t>(k);
+        inverse_of[axis] = inverse.to(indices.device());
+      }
+      *plan[done].tensor = Gathered(*plan[done].tensor, inverse_of);
     }
+    throw;
   }
 }
 

@@ -49,19 +49,23 @@ void GatherWithLibTorch(const std::vector<TensorGather>& plan) {
       *gather.tensor = Gathered(*gather.tensor, index_of);
     }
   } catch (...) {
-    // A throw part way (an out-of-memory) puts the tensors already gathered
-    // back with the inverse positions: none is left moved.
-    while (done-- > 0) {
-      std::map<int, torch::Tensor> inverse_of;
-      for (const auto& [axis, index] : plan[done].index_of) {
-        torch::Tensor inverse = torch::empty({static_cast<int64_t>(index->size())}, torch::kInt64);
-        int64_t* out = inverse.data_ptr<int64_t>();
-        for (size_t k = 0; k < index->size(); ++k) out[(*index)[k]] = static_cast<int64_t>(k);
-        inverse_of[axis] = inverse.to(indices.device());
-      }
-      *plan[done].tensor = Gathered(*plan[done].tensor, inverse_of);
-    }
+    UndoGathered(plan, done);
     throw;
+  }
+}
+
+void UndoGathered(const std::vector<TensorGather>& plan, size_t count) {
+  torch::NoGradGuard no_grad;
+  for (size_t i = count; i-- > 0;) {
+    torch::Tensor& tensor = *plan[i].tensor;
+    std::map<int, torch::Tensor> inverse_of;
+    for (const auto& [axis, index] : plan[i].index_of) {
+      torch::Tensor inverse = torch::empty({static_cast<int64_t>(index->size())}, torch::kInt64);
+      int64_t* out = inverse.data_ptr<int64_t>();
+      for (size_t k = 0; k < index->size(); ++k) out[(*index)[k]] = static_cast<int64_t>(k);
+      inverse_of[axis] = inverse.to(tensor.device());
+    }
+    tensor = Gathered(tensor, inverse_of);
   }
 }
 

@@ -45,8 +45,13 @@ void CopyIndices(const PlanIndices& indices, Index* out) {
 void SetCudaGatherColumns(GatherColumns columns);
 
 // LibTorch: one host-to-device copy of every distinct index, then one
-// indexing op per tensor. Any device, axis and dtype.
+// indexing op per tensor. Any device, axis and dtype. A throw part way (an
+// out-of-memory) leaves every tensor as it was (UndoGathered).
 void GatherWithLibTorch(const std::vector<TensorGather>& plan);
+
+// Puts the first `count` tensors of `plan`, already gathered, back: each
+// gathered again with the inverse positions (LibTorch, on its device).
+void UndoGathered(const std::vector<TensorGather>& plan, size_t count);
 
 // The batched kernel, when every tensor is a contiguous CUDA tensor on one
 // device whose moving axes are among the first two. Returns false, having

@@ -77,54 +77,61 @@ bool GatherWithCuda(const std::vector<TensorGather>& plan) {
   };
 
   size_t next = 0;
-  while (next < plan.size()) {
-    std::vector<GatherTask> tasks;
-    std::vector<torch::Tensor> targets;
-    int64_t batch_bytes = 0, blocks = 0;
-    bool any_staged = false;
-    size_t end = next;
-    for (; end < plan.size(); ++end) {
-      const TensorGather& gather = plan[end];
-      const torch::Tensor& source = *gather.tensor;
-      const int64_t bytes = source.numel() * source.element_size();
-      if (!tasks.empty() && batch_bytes + bytes > kBatchBytes) break;
-      batch_bytes += bytes;
-      GatherTask task;
-      task.source = source.data_ptr();
-      targets.push_back(torch::empty_like(source));
-      task.target = targets.back().data_ptr();
-      task.element_bytes = static_cast<int32_t>(source.element_size());
-      if (source.dim() == 1) {
-        // A vector is one row whose columns move.
-        task.rows = 1;
-        task.cols = source.size(0);
-        task.inner = 1;
-        task.col_index = device_index(gather, 0);
-      } else {
-        task.rows = source.size(0);
-        task.cols = source.size(1);
-        task.inner = source.numel() / (task.rows * task.cols);
-        task.row_index = device_index(gather, 0);
-        task.col_index = device_index(gather, 1);
+  // A throw in a later batch (an out-of-memory for its targets) puts the
+  // batches already swapped in back: no tensor is left moved.
+  try {
+    while (next < plan.size()) {
+      std::vector<GatherTask> tasks;
+      std::vector<torch::Tensor> targets;
+      int64_t batch_bytes = 0, blocks = 0;
+      bool any_staged = false;
+      size_t end = next;
+      for (; end < plan.size(); ++end) {
+        const TensorGather& gather = plan[end];
+        const torch::Tensor& source = *gather.tensor;
+        const int64_t bytes = source.numel() * source.element_size();
+        if (!tasks.empty() && batch_bytes + bytes > kBatchBytes) break;
+        batch_bytes += bytes;
+        GatherTask task;
+        task.source = source.data_ptr();
+        targets.push_back(torch::empty_like(source));
+        task.target = targets.back().data_ptr();
+        task.element_bytes = static_cast<int32_t>(source.element_size());
+        if (source.dim() == 1) {
+          // A vector is one row whose columns move.
+          task.rows = 1;
+          task.cols = source.size(0);
+          task.inner = 1;
+          task.col_index = device_index(gather, 0);
+        } else {
+          task.rows = source.size(0);
+          task.cols = source.size(1);
+          task.inner = source.numel() / (task.rows * task.cols);
+          task.row_index = device_index(gather, 0);
+          task.col_index = device_index(gather, 1);
+        }
+        PlanRows(task, columns);
+        any_staged |= task.staged;
+        task.first_block = blocks;
+        blocks += BlocksFor(task);
+        tasks.push_back(task);
       }
-      PlanRows(task, columns);
-      any_staged |= task.staged;
-      task.first_block = blocks;
-      blocks += BlocksFor(task);
-      tasks.push_back(task);
+      const torch::Tensor device_tasks = ToDevice(
+          tasks.data(), static_cast<int64_t>(tasks.size() * sizeof(GatherTask)), device);
+      if (const char* error =
+              LaunchPermuteGather(static_cast<const GatherTask*>(device_tasks.data_ptr()),
+                                  static_cast<int64_t>(tasks.size()), blocks, any_staged,
+                                  stream.stream())) {
+        throw std::runtime_error(std::string("permutation gather kernel: ") + error);
+      }
+      // The old tensors go back to the caching allocator, stream-ordered after
+      // the kernel that reads them.
+      for (size_t i = next; i < end; ++i) *plan[i].tensor = std::move(targets[i - next]);
+      next = end;
     }
-    const torch::Tensor device_tasks = ToDevice(
-        tasks.data(), static_cast<int64_t>(tasks.size() * sizeof(GatherTask)), device);
-    if (const char* error =
-            LaunchPermuteGather(static_cast<const GatherTask*>(device_tasks.data_ptr()),
-                                static_cast<int64_t>(tasks.size()), blocks, any_staged,
-                                stream.stream())) {
-      throw std::runtime_error(std::string("permutation gather kernel: ") + error);
-    }
-    // The old tensors go back to the caching allocator, stream-ordered after
-    // the kernel that reads them.
-    for (size_t i = next; i < end; ++i) *plan[i].tensor = std::move(targets[i - next]);
-    next = end;
+  } catch (...) {
+    UndoGathered(plan, next);
+    throw;
   }
   return true;
 }

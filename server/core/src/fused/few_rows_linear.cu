@@ -225,8 +225,20 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
   }
 }
 
-// Warps per feature: enough blocks for about ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM
-// per multiprocessor.
+// Blocks per multiprocessor Split aims at: ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM,
+// or ICD_FEW_ROWS_BLOCKS_PER_SM=N from the environment (measuring a whole
+// decode step at several values in one build).
+int BlocksPerMultiprocessor() {
+  static const int blocks = [] {
+    const char* value = std::getenv("ICD_FEW_ROWS_BLOCKS_PER_SM");
+    const int parsed = value != nullptr ? std::atoi(value) : 0;
+    return parsed > 0 ? parsed : ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM;
+  }();
+  return blocks;
+}
+
+// Warps per feature: enough blocks for about BlocksPerMultiprocessor() per
+// multiprocessor.
 int Split(int64_t out_features) {
   static const int multiprocessors = [] {
     int device = 0;
@@ -239,8 +251,8 @@ int Split(int64_t out_features) {
     return count;
   }();
   int split = 1;
-  while (split < kWarps && (out_features * split + kWarps - 1) / kWarps <
-                               ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM * multiprocessors) {
+  while (split < kWarps &&
+         (out_features * split + kWarps - 1) / kWarps < BlocksPerMultiprocessor() * multiprocessors) {
     split *= 2;
   }
   return split;

@@ -278,6 +278,51 @@ class Engine::Impl {
     }
   }
 
+  // The layers' devices, and the bytes each holds (weights in `dtype`, the
+  // probe reference), from the config alone: one range on `devices[0]`
+  // without a placement, else its ranges. For "auto", each GPU's room is
+  // what its budget has left, or else what the driver and the allocator
+  // have free.
+  absl::StatusOr<std::vector<LayerRange>> PlanPlacement(const std::string& placement,
+                                                        const std::vector<torch::Device>& devices,
+                                                        const ModelConfig& config,
+                                                        torch::ScalarType dtype) const {
+    const engine_internal::PlacementSizes sizes =
+        engine_internal::SizesOf(config, static_cast<int64_t>(c10::elementSize(dtype)));
+    std::vector<LayerRange> ranges;
+    if (placement.empty()) {
+      ranges.push_back({engine_internal::MemoryDevice(devices.front()), 0, config.n_layer - 1, 0});
+    } else if (placement == "auto") {
+      std::vector<std::string> names;
+      std::vector<int64_t> room;
+      for (const torch::Device& device : devices) {
+        names.push_back(engine_internal::MemoryDevice(device));
+        const int64_t unbooked = ledger_.Unbooked(names.back());
+        room.push_back(unbooked >= 0 ? std::max<int64_t>(unbooked, 1)
+                                     : engine_internal::FreeDeviceBytes(device));
+      }
+      ICD_ASSIGN_OR_RETURN(ranges, engine_internal::BalancePlacement(sizes, names, room));
+    } else {
+      ICD_ASSIGN_OR_RETURN(ranges, engine_internal::ParsePlacement(placement, config.n_layer));
+      for (size_t i = 0; i < ranges.size(); ++i) {
+        ranges[i].device = engine_internal::MemoryDevice(devices[i]);
+      }
+    }
+    if (ranges.size() > 1 && blocks::HasSharedBlocks(config)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "placement '", placement, "': ", config.architecture,
+          "'s shared blocks are read at layers all over the model; load it on one device"));
+    }
+    engine_internal::CountRangeBytes(sizes, &ranges);
+    // The probe reference: its ids beside the embedding, its logits beside
+    // the head.
+    const int64_t ids_bytes = kProbeBatch * kProbeSeq * int64_t{8};
+    ranges.front().bytes += ids_bytes;
+    (config.tied ? ranges.front() : ranges.back()).bytes +=
+        engine_internal::ProbeBytes(config) - ids_bytes;
+    return ranges;
+  }
+
   absl::StatusOr<std::shared_ptr<LoadedModel>> LoadModel(const std::string& name,
                                                          const std::string& path,
                                                          const LoadOptions& options,
@@ -319,50 +364,8 @@ class Engine::Impl {
     }
     const engine_internal::OnModelStream on_stream(model->on_cuda, model->stream, device_gate);
     // The layers' devices, and the bytes each holds, from the config alone.
-    auto plan = [&](const ModelConfig& config,
-                    torch::ScalarType dtype) -> absl::StatusOr<std::vector<LayerRange>> {
-      const engine_internal::PlacementSizes sizes =
-          engine_internal::SizesOf(config, static_cast<int64_t>(c10::elementSize(dtype)));
-      std::vector<LayerRange> ranges;
-      if (options.placement.empty()) {
-        ranges.push_back({engine_internal::MemoryDevice(device), 0, config.n_layer - 1, 0});
-      } else if (options.placement == "auto") {
-        // Each GPU's room: what its budget has left, or else what the
-        // driver and the allocator have free.
-        std::vector<std::string> names;
-        std::vector<int64_t> room;
-        for (const torch::Device& d : devices) {
-          names.push_back(engine_internal::MemoryDevice(d));
-          const int64_t unbooked = ledger_.Unbooked(names.back());
-          room.push_back(unbooked >= 0 ? std::max<int64_t>(unbooked, 1)
-                                       : engine_internal::FreeDeviceBytes(d));
-        }
-        ICD_ASSIGN_OR_RETURN(ranges, engine_internal::BalancePlacement(sizes, names, room));
-      } else {
-        ICD_ASSIGN_OR_RETURN(ranges,
-                             engine_internal::ParsePlacement(options.placement, config.n_layer));
-        for (size_t i = 0; i < ranges.size(); ++i) {
-          ranges[i].device = engine_internal::MemoryDevice(devices[i]);
-        }
-      }
-      if (ranges.size() > 1 && blocks::HasSharedBlocks(config)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "placement '", options.placement, "': ", config.architecture,
-            "'s shared blocks are read at layers all over the model; load it on one device"));
-      }
-      engine_internal::CountRangeBytes(sizes, &ranges);
-      // The probe reference: its ids beside the embedding, its logits beside
-      // the head.
-      const int64_t ids_bytes = kProbeBatch * kProbeSeq * int64_t{8};
-      ranges.front().bytes += ids_bytes;
-      (config.tied ? ranges.front() : ranges.back()).bytes +=
-          engine_internal::ProbeBytes(config) - ids_bytes;
-      return ranges;
-    };
-    auto bytes_by_device = [](const std::vector<LayerRange>& ranges) {
-      std::map<std::string, int64_t> parts;
-      for (const LayerRange& range : ranges) parts[range.device] += range.bytes;
-      return parts;
+    auto plan = [&](const ModelConfig& config, torch::ScalarType dtype) {
+      return PlanPlacement(options.placement, devices, config, dtype);
     };
     // The memory budget, before any weight is read: with a dtype asked for
     // the model's bytes are known from config.json alone and are booked
@@ -378,9 +381,11 @@ class Engine::Impl {
                     : std::string("the checkpoint's dtype, at least 2 bytes each"),
           ", and a probe reference of ", engine_internal::ProbeBytes(config), " bytes)");
       ICD_ASSIGN_OR_RETURN(model->placement, plan(config, counted));
-      if (requested) return ledger_.BookModel(name, bytes_by_device(model->placement), what,
-                                              kUnloadFirst);
-      for (const auto& [part_device, bytes] : bytes_by_device(model->placement)) {
+      if (requested) {
+        return ledger_.BookModel(name, engine_internal::BytesByDevice(model->placement), what,
+                                 kUnloadFirst);
+      }
+      for (const auto& [part_device, bytes] : engine_internal::BytesByDevice(model->placement)) {
         ICD_RETURN_IF_ERROR(ledger_.CheckFits(part_device, bytes, what, kUnloadFirst));
       }
       return absl::OkStatus();
@@ -400,7 +405,7 @@ class Engine::Impl {
       ICD_ASSIGN_OR_RETURN(model->placement, plan(checkpoint.config, model->dtype));
     }
     ICD_RETURN_IF_ERROR(ledger_.BookModel(
-        name, bytes_by_device(model->placement),
+        name, engine_internal::BytesByDevice(model->placement),
         absl::StrCat("loading model '", name, "' (weights in ",
                      std::string(c10::toString(model->dtype)), " and its probe reference)"),
         kUnloadFirst));
@@ -412,7 +417,8 @@ class Engine::Impl {
     }
     torch::NoGradGuard no_grad;
     for (auto& [tensor_name, tensor] : checkpoint.weights) {
-      const std::string& target = engine_internal::RangeOfTensor(tensor_name, model->placement).device;
+      const std::string& target =
+          engine_internal::RangeOfTensor(tensor_name, model->placement).device;
       tensor = tensor.to(torch::Device(target), model->dtype).contiguous();
     }
     model->config = checkpoint.config;
@@ -451,10 +457,10 @@ class Engine::Impl {
     }
     info.device_bytes = 0;
     for (const LayerRange& range : held) info.device_bytes += range.bytes;
-    if (bytes_by_device(held) != bytes_by_device(model->placement)) {
+    if (engine_internal::BytesByDevice(held) != engine_internal::BytesByDevice(model->placement)) {
       ICD_RETURN_IF_ERROR(ledger_.BookModel(
-          name, bytes_by_device(held), absl::StrCat("loading model '", name, "' (as loaded)"),
-          kUnloadFirst));
+          name, engine_internal::BytesByDevice(held),
+          absl::StrCat("loading model '", name, "' (as loaded)"), kUnloadFirst));
     }
     model->placement = held;
     info.placement = held;

@@ -161,6 +161,12 @@ void CountRangeBytes(const PlacementSizes& sizes, std::vector<LayerRange>* range
   ranges->back().bytes += sizes.last;
 }
 
+std::map<std::string, int64_t> BytesByDevice(const std::vector<LayerRange>& ranges) {
+  std::map<std::string, int64_t> parts;
+  for (const LayerRange& range : ranges) parts[range.device] += range.bytes;
+  return parts;
+}
+
 const LayerRange& RangeOfTensor(const std::string& name,
                                 const std::vector<LayerRange>& placement) {
   if (name == kEmbeddingTensor) return placement.front();

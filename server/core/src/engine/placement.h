@@ -48,6 +48,9 @@ absl::StatusOr<std::vector<LayerRange>> BalancePlacement(
 // final norm's and head's on the last.
 void CountRangeBytes(const PlacementSizes& sizes, std::vector<LayerRange>* ranges);
 
+// The ranges' bytes summed by device (the memory budget's booking).
+std::map<std::string, int64_t> BytesByDevice(const std::vector<LayerRange>& ranges);
+
 // The range whose device holds canonical tensor `name` (model.h's names).
 const LayerRange& RangeOfTensor(const std::string& name, const std::vector<LayerRange>& placement);
 

@@ -64,7 +64,18 @@ absl::Status Models(const Line& line, Context& ctx) {
       {"NAME", "ARCHITECTURE", "FAMILY", "LAYOUT", "DEVICE", "DTYPE", "PARAMETERS", "VERSION",
        "PATH"}};
   for (const auto& m : models) {
-    rows.push_back({m.name(), m.architecture(), m.family(), m.layout(), m.device(), m.dtype(),
+    // A model placed over several devices: each of them, in layer order.
+    std::string devices = m.device();
+    if (m.placement_size() > 1) {
+      devices.clear();
+      std::string previous;
+      for (const auto& range : m.placement()) {
+        if (range.device() == previous) continue;
+        devices += (devices.empty() ? "" : "+") + range.device();
+        previous = range.device();
+      }
+    }
+    rows.push_back({m.name(), m.architecture(), m.family(), m.layout(), devices, m.dtype(),
                     std::to_string(m.parameters()), std::to_string(m.version()), m.path()});
   }
   PrintTable(rows, {false, false, false, false, false, false, true, true, false});

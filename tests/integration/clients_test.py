@@ -610,6 +610,9 @@ class ClientsTest(unittest.TestCase):
         c.unload("ranged")
         text = self.ctl("load", "ranged", "mamba1-small/hf", "--placement", "cpu=0-0,cpu=1-1")
         self.assertIn("placement   cpu=0-0", text)
+        table = self.ctl("models")
+        row = next(line for line in table.splitlines() if line.startswith("ranged "))
+        self.assertIn(" cpu ", row)  # both ranges on the CPU: one device, named once
         refused = self.ctl("load", "gap", "mamba1-small/hf", "--placement", "cpu=0-0", expect=3)
         self.assertIn("INVALID_ARGUMENT", refused)
         self.assertIn("placement 'cpu=0-0': layers 1-1 are on no device", refused)

@@ -284,6 +284,19 @@ TEST_F(TorchBinTest, RefusesRecordSizesPastTheFile) {
                 "zip record '" + name + "' claims 4294967280 bytes");
 }
 
+// The same forged size where the end record's 32-bit fields point at the
+// first local header and a zip64 locator and record point at the real
+// directory: LibTorch's reader follows the zip64 record, and so must the
+// check (torch_bin_fuzz found it; the input is in the fuzz corpus).
+TEST_F(TorchBinTest, RefusesRecordSizesBehindAZip64Directory) {
+  const std::filesystem::path path = std::filesystem::path(ICD_FIXTURES_DIR).parent_path() /
+                                     "fuzz" / "corpus" / "torch_bin" /
+                                     "forged-zip64-directory-4gib";
+  ASSERT_TRUE(std::filesystem::exists(path)) << path;
+  ExpectRefused(ReadTorchBin(path), path.string(),
+                "zip record 'two-tensors/version' claims 4294967295 bytes");
+}
+
 // The unpickler alone, over a loader that makes each storage once from
 // arange (caching is the loader's job, as in ReadTorchBin).
 absl::StatusOr<TensorList> Unpickle(const std::string& pickle) {

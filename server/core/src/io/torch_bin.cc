@@ -96,15 +96,24 @@ absl::Status CheckRecordSizes(const std::string& where, const std::filesystem::p
   if (end < 0) return absl::OkStatus();
   uint64_t directory_size = ReadLittle(t + end + 12, 4);
   uint64_t directory_offset = ReadLittle(t + end + 16, 4);
-  if (ReadLittle(t + end + 10, 2) == 0xffff || directory_size == 0xffffffffu ||
-      directory_offset == 0xffffffffu) {
-    // zip64: its locator sits just before, and points at the zip64 record.
-    if (end < 20 || ReadLittle(t + end - 20, 4) != 0x07064b50) return absl::OkStatus();
+  // zip64: a locator just before the end record points at the zip64 record.
+  // LibTorch's reader (miniz) takes the directory from there whenever both
+  // are present, whatever the 32-bit fields say, so this check does too
+  // (torch_bin_fuzz: a 4 GiB record hidden behind 32-bit fields that point
+  // elsewhere).
+  bool zip64 = false;
+  if (end >= 20 && ReadLittle(t + end - 20, 4) == 0x07064b50) {
     const std::string record = read_at(ReadLittle(t + end - 12, 8), 56);
     const auto* r = reinterpret_cast<const unsigned char*>(record.data());
-    if (record.size() < 56 || ReadLittle(r, 4) != 0x06064b50) return absl::OkStatus();
-    directory_size = ReadLittle(r + 40, 8);
-    directory_offset = ReadLittle(r + 48, 8);
+    if (record.size() == 56 && ReadLittle(r, 4) == 0x06064b50) {
+      directory_size = ReadLittle(r + 40, 8);
+      directory_offset = ReadLittle(r + 48, 8);
+      zip64 = true;
+    }
+  }
+  if (!zip64 && (ReadLittle(t + end + 10, 2) == 0xffff || directory_size == 0xffffffffu ||
+                 directory_offset == 0xffffffffu)) {
+    return absl::OkStatus();  // zip64 fields without a zip64 record: LibTorch refuses it
   }
   if (directory_size > file_size || directory_offset > file_size - directory_size) {
     return absl::InvalidArgumentError(absl::StrCat(

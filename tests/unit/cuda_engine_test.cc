@@ -230,10 +230,7 @@ TEST(CudaMemoryTest, ABudgetBelowTheModelRefusesItsLoadBeforeItAllocates) {
   load.dtype = "float32";
   // A trained reference model: 4 MB in float32, over the 1 MiB budget (the
   // golden fixtures are smaller than that).
-  const std::string reference =
-      (std::filesystem::path(ICD_FIXTURES_DIR).parent_path().parent_path() / "models" /
-       "mamba1-pydoc" / "hf")
-          .string();
+  const std::string reference = testing::ReferenceModelDir("mamba1-pydoc");
   auto refused = engine.Load("m", reference, load);
   ASSERT_FALSE(refused.ok());
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();

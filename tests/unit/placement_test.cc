@@ -261,10 +261,7 @@ TEST_F(PlacedModelTest, ABudgetRefusesThePlacementAsAWhole) {
   LoadOptions load;
   load.dtype = "float32";
   // mamba1-pydoc: 4 MB in float32, past 1 MiB in either range's share or both.
-  const std::string reference =
-      (std::filesystem::path(ICD_FIXTURES_DIR).parent_path().parent_path() / "models" /
-       "mamba1-pydoc" / "hf")
-          .string();
+  const std::string reference = testing::ReferenceModelDir("mamba1-pydoc");
   load.placement = "cpu=0-1,cpu=2-3";
   auto refused = engine.Load("m", reference, load);
   testing::ExpectError(refused.status(), absl::StatusCode::kResourceExhausted, "cpu");

@@ -55,6 +55,14 @@ inline std::filesystem::path GoldenDir(const std::string& fixture) {
   return std::filesystem::path(ICD_FIXTURES_DIR) / "golden" / fixture;
 }
 
+// A trained reference model of models/ (README: reference models) in the HF
+// layout: larger than the golden fixtures (mamba1-pydoc: 4 MB in float32).
+inline std::string ReferenceModelDir(const std::string& name) {
+  return (std::filesystem::path(ICD_FIXTURES_DIR).parent_path().parent_path() / "models" / name /
+          "hf")
+      .string();
+}
+
 // Every golden fixture in every layout it ships.
 struct GoldenCase {
   std::string fixture;

@@ -8,8 +8,15 @@
 // Prints one JSON line per call kind: p50, p90, p99, mean and max in
 // microseconds. Compare Evaluate's with MeasureLatency's prefill of the same
 // [1, tokens] shape (the forward alone) to read off the transport's share.
+//
+// --bare-peer also times health checks against gRPC's own server with
+// nothing of icd's (the default health service, default options, icd's
+// generated service base registered unimplemented so that health is served
+// synchronously as in icd-server), started in a child process: the floor of gRPC's C++ stack on the same machine, in the
+// same run, so icd's share of a small call reads off as the difference.
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <functional>
 #include <iostream>
@@ -18,7 +25,15 @@
 #include <string>
 #include <vector>
 
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <sys/prctl.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include "icd/client/client.h"
+#include "icd/v1/permutation.grpc.pb.h"
 
 namespace {
 
@@ -58,12 +73,51 @@ void Print(const std::string& kind, const std::vector<double>& micros, const std
   std::fflush(stdout);
 }
 
+// Starts gRPC's server with its default health service alone on a loopback
+// port in a child process; returns the child's pid and writes the port. The
+// child serves until it is killed. Called before this process touches gRPC.
+pid_t StartBarePeer(int* port) {
+  int pipe_ends[2];
+  if (pipe(pipe_ends) != 0) throw std::runtime_error("pipe failed");
+  const pid_t child = fork();
+  if (child < 0) throw std::runtime_error("fork failed");
+  if (child == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);  // a bench that throws leaves no server behind
+    close(pipe_ends[0]);
+    grpc::EnableDefaultHealthCheckService(true);
+    icd::v1::PermutationService::Service unimplemented;
+    grpc::ServerBuilder builder;
+    builder.RegisterService(&unimplemented);
+    int bound = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &bound);
+    std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+    if (server == nullptr) bound = 0;
+    (void)!write(pipe_ends[1], &bound, sizeof bound);
+    close(pipe_ends[1]);
+    if (server != nullptr) server->Wait();
+    _exit(0);
+  }
+  close(pipe_ends[1]);
+  const bool read_port = read(pipe_ends[0], port, sizeof *port) == sizeof *port;
+  close(pipe_ends[0]);
+  if (!read_port || *port == 0) throw std::runtime_error("the bare gRPC server did not start");
+  return child;
+}
+
+std::vector<double> TimeHealthChecks(icd::Client& client, int calls) {
+  return TimeCalls(calls, [&] {
+    auto serving = client.Health();
+    return serving.ok() && *serving;
+  });
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string server = "127.0.0.1:50051", model;
   int calls = 2000, evaluate_calls = 50;
   int64_t tokens = 128;
+  bool bare_peer = false;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     auto value = [&]() -> std::string {
@@ -75,23 +129,34 @@ int main(int argc, char** argv) {
     else if (flag == "--calls") calls = std::stoi(value());
     else if (flag == "--evaluate-calls") evaluate_calls = std::stoi(value());
     else if (flag == "--tokens") tokens = std::stoll(value());
+    else if (flag == "--bare-peer") bare_peer = true;
     else {
       std::cerr << "usage: grpc_bench --server HOST:PORT [--model NAME] [--calls N]"
-                   " [--evaluate-calls N] [--tokens T]\n";
+                   " [--evaluate-calls N] [--tokens T] [--bare-peer]\n";
       return 2;
     }
   }
+  int peer_port = 0;
+  const pid_t peer = bare_peer ? StartBarePeer(&peer_port) : 0;
   auto client = icd::Client::Connect(server);
   if (!client.ok()) {
     std::cerr << "connect: " << client.status() << "\n";
     return 1;
   }
   icd::Client& icd = **client;
-  Print("health_check", TimeCalls(calls, [&] {
-          auto serving = icd.Health();
-          return serving.ok() && *serving;
-        }),
-        "");
+  Print("health_check", TimeHealthChecks(icd, calls), "");
+  if (peer != 0) {
+    auto bare = icd::Client::Connect("127.0.0.1:" + std::to_string(peer_port));
+    std::vector<double> micros;
+    if (bare.ok()) micros = TimeHealthChecks(**bare, calls);
+    kill(peer, SIGTERM);
+    waitpid(peer, nullptr, 0);
+    if (!bare.ok()) {
+      std::cerr << "connect to the bare gRPC server: " << bare.status() << "\n";
+      return 1;
+    }
+    Print("health_check", micros, ", \"server\": \"bare grpc\"");
+  }
   Print("list_models", TimeCalls(calls, [&] { return icd.ListModels().ok(); }), "");
   if (!model.empty()) {
     icd::v1::EvaluateRequest request;

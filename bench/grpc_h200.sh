@@ -29,7 +29,7 @@ for round in 1 2 3; do
   address=$(sed -n 's/^listening on //p' "$log" | head -1)
   run "$build/client/cpp/icdctl" --server "$address" load m mamba1-small/hf > /dev/null 2>&1 || true
   echo "round $round" >> "$out"
-  run "$build/bench/grpc_bench" --server "$address" --calls "$calls" --evaluate-calls 0 >> "$out" 2>&1
+  run "$build/bench/grpc_bench" --server "$address" --calls "$calls" --evaluate-calls 0 --bare-peer >> "$out" 2>&1
   kill "$pid"; wait "$pid" 2>/dev/null
 done
 cat "$out"

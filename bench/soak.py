@@ -34,7 +34,8 @@ Checks at the end, each a line of --out and of the summary:
                 before anything was loaded (/metrics)
   health        SERVING throughout and at the end
 With --grpc-bench, grpc_bench's health and ListModels p50 / p99 on the same
-server after the soak. Exit status 0 when every check holds, 1 otherwise.
+server after the soak, and health against a bare gRPC server beside it
+(--bare-peer: gRPC's own floor on the machine). Exit status 0 when every check holds, 1 otherwise.
 """
 import argparse
 import collections
@@ -366,7 +367,7 @@ def main():
         bench = None
         if args.grpc_bench:
             out = subprocess.run([args.grpc_bench, "--server", server.address,
-                                  "--calls", "2000", "--evaluate-calls", "0"],
+                                  "--calls", "2000", "--evaluate-calls", "0", "--bare-peer"],
                                  capture_output=True, text=True, check=False)
             bench = out.stdout.strip().splitlines()
         exit_code = server.stop()

@@ -460,10 +460,14 @@ int main(int argc, char** argv) {
     quota.SetMaxThreads(flags->max_threads);
     builder.SetResourceQuota(quota);
     // Reflection (and any service but health and icd's own, which checks
-    // itself) answers only with the token.
-    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
-    interceptors.push_back(icd::rpc::MakeTokenInterceptorFactory(service_options.token));
-    builder.experimental().SetInterceptorCreators(std::move(interceptors));
+    // itself) answers only with the token. Without a token there is nothing
+    // to check, and no interceptor: each one costs every call its hooks.
+    if (!service_options.token.empty()) {
+      std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
+          interceptors;
+      interceptors.push_back(icd::rpc::MakeTokenInterceptorFactory(service_options.token));
+      builder.experimental().SetInterceptorCreators(std::move(interceptors));
+    }
     std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
     if (!server || port == 0) {
       std::cerr << "icd-server: cannot listen on " << flags->listen << "\n";

@@ -12,7 +12,9 @@
 # Env: COUNTERS_SHAPES (130m), NCU_SHAPES (the first shape; empty: no ncu),
 # COUNTERS_CHECK (1: counters_check's CUPTI runs), COUNTERS_MODES ("prefill
 # decode": of those runs, the service's and ncu's), NCU_CACHE ("all none":
-# ncu's --cache-control runs), COUNTERS_REPEATS (3), COUNTERS_CODESIGN (1).
+# ncu's --cache-control runs), COUNTERS_REPEATS (3), COUNTERS_CODESIGN (1),
+# COUNTERS_STEP_TIMEOUT_S (300: each step's limit, so that one slow step
+# leaves the others' results and a log line naming it).
 set -uo pipefail
 out=${1:?usage: bench/counters_h200.sh OUT_DIR}
 mkdir -p "$out"; out=$(cd "$out" && pwd)
@@ -23,6 +25,7 @@ models=${ICD_MODELS_DIR:-/tmp/icd-models}
 shapes=${COUNTERS_SHAPES:-130m}
 metrics=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sectors.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum
 log() { echo "[counters_h200 $(date -u +%T)] $*" | tee -a "$out/steps.log" >&2; }
+limit=${COUNTERS_STEP_TIMEOUT_S:-300}
 source bench/peer/icd_env.sh  # icd_env: the GPU build's run-time environment
 {
   echo "commit: ${ICD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
@@ -40,7 +43,7 @@ for shape in $shapes; do
   [[ ${COUNTERS_CHECK:-1} == 1 ]] || continue
   for mode in ${COUNTERS_MODES:-prefill decode}; do
     log "cupti $shape $mode"
-    icd_env "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --cupti --repeats 3 \
+    icd_env timeout -k 5 "$limit" "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --cupti --repeats 3 \
       > "$out/cupti-$shape-$mode.jsonl" 2> "$out/cupti-$shape-$mode.err" || log "cupti $shape $mode failed: $(tail -2 "$out/cupti-$shape-$mode.err")"
   done
 done
@@ -53,7 +56,7 @@ icd_env "$build/server/icd-server" --listen 127.0.0.1:0 --model-root "$models" -
 server=$!
 for _ in $(seq 300); do grep -q "listening on" "$server_log" && break; sleep 0.2; done
 address=$(sed -n 's/^listening on //p' "$server_log" | head -1)
-icdctl() { icd_env "$build/client/cpp/icdctl" --server "$address" --timeout 900 "$@"; }
+icdctl() { icd_env timeout -k 5 "$limit" "$build/client/cpp/icdctl" --server "$address" --timeout 900 "$@"; }
 for shape in $shapes; do
   icdctl load "id-$shape" "mamba-$shape" --dtype bfloat16 > /dev/null &&
     icdctl load "perm-$shape" "mamba-$shape" --dtype bfloat16 > /dev/null || { log "load $shape failed"; continue; }
@@ -86,7 +89,7 @@ icd_env "$build/server/icd-server" --listen 127.0.0.1:0 --model-root models --ex
 server=$!
 for _ in $(seq 300); do grep -q "listening on" "$codesign_log" && break; sleep 0.2; done
 address=$(sed -n 's/^listening on //p' "$codesign_log" | head -1)
-env "PYTHONPATH=$pydeb/usr/lib/python3/dist-packages" "LD_LIBRARY_PATH=$pydeb/usr/lib/x86_64-linux-gnu" \
+timeout -k 5 "$limit" env "PYTHONPATH=$pydeb/usr/lib/python3/dist-packages" "LD_LIBRARY_PATH=$pydeb/usr/lib/x86_64-linux-gnu" \
   python3 client/python/examples/codesign_loop.py --build "$build" --address "$address" \
   --device cuda --counters 3 --json "$out/codesign-mamba1-pydoc.json" > "$out/codesign.txt" 2>&1 ||
   log "codesign_loop failed: $(tail -3 "$out/codesign.txt")"
@@ -99,7 +102,7 @@ for shape in ${NCU_SHAPES-${shapes%% *}}; do
   for mode in ${COUNTERS_MODES:-prefill decode}; do
     for cache in ${NCU_CACHE:-all none}; do
       log "ncu $shape $mode (cache-control $cache)"
-      icd_env ncu --profile-from-start off --cache-control $cache --metrics "$metrics" --csv --page raw --print-units base \
+      icd_env timeout -k 5 "$limit" ncu --profile-from-start off --cache-control $cache --metrics "$metrics" --csv --page raw --print-units base \
         "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --ncu \
         > "$out/ncu-$shape-$mode-$cache.csv" 2> "$out/ncu-$shape-$mode-$cache.err" || log "ncu $shape $mode failed: $(tail -2 "$out/ncu-$shape-$mode-$cache.err")"
     done

@@ -8,7 +8,11 @@
 // (bench/counters_ncu.py sums ncu's CSV the same way).
 //
 //   counters_check --model DIR [--dtype bfloat16] [--mode prefill|decode]
-//                  [--seq-len 2048] (--cupti [--repeats 3] | --ncu)
+//                  [--seq-len 2048] (--cupti [--repeats 3] [--replay user|kernel]
+//                  | --ncu)
+// --replay user (the service's) matches ncu's --replay-mode application
+// --cache-control none; --replay kernel matches ncu's default kernel replay
+// in reads and L2 (DRAM writes differ: hardware_counters.h says why).
 #include <cstdlib>
 #include <iostream>
 #include <map>
@@ -45,7 +49,8 @@ void PrintJson(const icd::KernelCounters& k, const std::string& label, int repea
 
 int main(int argc, char** argv) {
   std::map<std::string, std::string> args = {
-      {"--dtype", "bfloat16"}, {"--mode", "prefill"}, {"--seq-len", "2048"}, {"--repeats", "3"}};
+      {"--dtype", "bfloat16"}, {"--mode", "prefill"}, {"--seq-len", "2048"}, {"--repeats", "3"},
+      {"--replay", "user"}};
   bool cupti = false;
   bool ncu = false;
   for (int i = 1; i < argc; ++i) {
@@ -103,7 +108,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   torch::cuda::synchronize();
-  const std::string label = args.at("--mode") + " " + args.at("--model");
+  const std::string label = args.at("--mode") + " " + args.at("--model") +
+                            (cupti ? " (replay " + args.at("--replay") + ")" : "");
   if (ncu) {
 #ifdef ICD_HAVE_CUDA
     cudaProfilerStart();
@@ -120,12 +126,19 @@ int main(int argc, char** argv) {
     return 1;
 #endif
   }
-  for (int repeat = 0; repeat < std::stoi(args.at("--repeats")); ++repeat) {
-    const auto launches = OrDie(icd::counters::Collect(0, sample), "hardware counters");
+  if (args.at("--replay") != "user" && args.at("--replay") != "kernel") {
+    std::cerr << "counters_check: --replay is user or kernel, got " << args.at("--replay") << "\n";
+    return 2;
+  }
+  const auto replay =
+      args.at("--replay") == "user" ? icd::counters::Replay::kUser : icd::counters::Replay::kKernel;
+    for (int repeat = 0; repeat < std::stoi(args.at("--repeats")); ++repeat) {
+    const auto launches = OrDie(icd::counters::Collect(0, sample, replay), "hardware counters");
     for (const icd::KernelCounters& kernel : icd::counters::ByKernel(launches)) {
       PrintJson(kernel, label, repeat);
     }
     PrintJson(icd::counters::Total(launches), label, repeat);
+    std::cout.flush();  // a run cut short keeps its finished repeats
   }
   return 0;
 }

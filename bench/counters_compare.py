@@ -15,8 +15,15 @@ FIELDS = [("dram_read_bytes", "dram__bytes_read.sum"), ("dram_write_bytes", "dra
           ("l2_sectors", "lts__t_sectors.sum")]
 
 
+def parsed(line):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:  # a run cut short leaves half a line
+        return None
+
+
 def cupti_totals(path):
-    rows = [json.loads(line) for line in open(path) if line.startswith("{")]
+    rows = [r for r in (parsed(line) for line in open(path) if line.startswith("{")) if r]
     totals = [r for r in rows if r["kernel"] == "total"]
     kernels = [r for r in rows if r["kernel"] != "total" and r["repeat"] == 0]
     return totals, kernels

@@ -4,15 +4,19 @@
 # counters_check, icd-server and icdctl):
 #   1. icd's CUPTI counters against Nsight Compute's on the same sample
 #      (bench/counters_check: --cupti, then --ncu under ncu with the same
-#      metrics), prefill and decode of random mamba-130m (and COUNTERS_SHAPES);
+#      metrics), prefill and decode of random mamba-130m (and COUNTERS_SHAPES),
+#      each replay beside its match: icd's user replay (the service's) beside
+#      ncu's application replay without cache control, icd's kernel replay
+#      beside ncu's kernel replay with caches flushed;
 #   2. identity against permuted through the service: a bf16 copy with every
 #      group applied (--random 7 --tolerance 10, recorded) timed against the
 #      original with `icdctl latency --counters 3`, prefill 2048 and decode.
 #   bench/counters_h200.sh OUT_DIR
 # Env: COUNTERS_SHAPES (130m), NCU_SHAPES (the first shape; empty: no ncu),
 # COUNTERS_CHECK (1: counters_check's CUPTI runs), COUNTERS_MODES ("prefill
-# decode": of those runs, the service's and ncu's), NCU_CACHE ("all none":
-# ncu's --cache-control runs), COUNTERS_REPEATS (3), COUNTERS_CODESIGN (1),
+# decode": of those runs, the service's and ncu's), COUNTERS_REPLAYS ("user
+# kernel": counters_check's), NCU_RUNS ("application:none kernel:all": ncu's
+# --replay-mode:--cache-control runs), COUNTERS_REPEATS (3), COUNTERS_CODESIGN (1),
 # COUNTERS_STEP_TIMEOUT_S (300: each step's limit, so that one slow step
 # leaves the others' results and a log line naming it).
 set -uo pipefail
@@ -42,9 +46,12 @@ for shape in $shapes; do
     > "$out/make-$shape.log" 2>&1 || { log "make_random_mamba $shape failed"; continue; }
   [[ ${COUNTERS_CHECK:-1} == 1 ]] || continue
   for mode in ${COUNTERS_MODES:-prefill decode}; do
-    log "cupti $shape $mode"
-    icd_env timeout -k 5 "$limit" "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --cupti --repeats 3 \
-      > "$out/cupti-$shape-$mode.jsonl" 2> "$out/cupti-$shape-$mode.err" || log "cupti $shape $mode failed: $(tail -2 "$out/cupti-$shape-$mode.err")"
+    for replay in ${COUNTERS_REPLAYS:-user kernel}; do
+      log "cupti $shape $mode (replay $replay)"
+      icd_env timeout -k 5 "$limit" "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 \
+        --cupti --replay $replay --repeats 3 > "$out/cupti-$shape-$mode-$replay.jsonl" 2> "$out/cupti-$shape-$mode-$replay.err" ||
+        log "cupti $shape $mode $replay failed: $(tail -2 "$out/cupti-$shape-$mode-$replay.err")"
+    done
   done
 done
 
@@ -100,14 +107,19 @@ fi
 for shape in ${NCU_SHAPES-${shapes%% *}}; do
   dir="$models/mamba-$shape"
   for mode in ${COUNTERS_MODES:-prefill decode}; do
-    for cache in ${NCU_CACHE:-all none}; do
-      log "ncu $shape $mode (cache-control $cache)"
-      icd_env timeout -k 5 "$limit" ncu --profile-from-start off --cache-control $cache --metrics "$metrics" --csv --page raw --print-units base \
+    for run in ${NCU_RUNS:-application:none kernel:all}; do
+      replay=${run%%:*} cache=${run##*:}
+      log "ncu $shape $mode (replay-mode $replay, cache-control $cache)"
+      icd_env timeout -k 5 "$limit" ncu --profile-from-start off --replay-mode $replay --cache-control $cache \
+        --metrics "$metrics" --csv --page raw --print-units base \
         "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --ncu \
-        > "$out/ncu-$shape-$mode-$cache.csv" 2> "$out/ncu-$shape-$mode-$cache.err" || log "ncu $shape $mode failed: $(tail -2 "$out/ncu-$shape-$mode-$cache.err")"
+        > "$out/ncu-$shape-$mode-$replay-$cache.csv" 2> "$out/ncu-$shape-$mode-$replay-$cache.err" ||
+        log "ncu $shape $mode $replay failed: $(tail -2 "$out/ncu-$shape-$mode-$replay-$cache.err")"
+      # icd's user replay beside ncu's application replay, kernel beside kernel.
+      ours=user; [[ $replay == kernel ]] && ours=kernel
+      python3 bench/counters_compare.py "$out/cupti-$shape-$mode-$ours.jsonl" "$out/ncu-$shape-$mode-$replay-$cache.csv" \
+        >> "$out/compare.txt" 2>&1 || log "compare $shape $mode $replay failed"
     done
-    python3 bench/counters_compare.py "$out/cupti-$shape-$mode.jsonl" "$out"/ncu-$shape-$mode-*.csv \
-      >> "$out/compare.txt" 2>&1 || log "compare $shape $mode failed"
   done
 done
 log "done"

@@ -17,7 +17,7 @@ mkdir -p "$shim/c10/cuda/impl" && echo '#pragma once' > "$shim/c10/cuda/impl/cud
 files=("$@")
 if [[ ${#files[@]} -eq 0 ]]; then
   mapfile -t files < <(grep -rlE 'ICD_HAVE_(CUDA|CUPTI)' server/core/src --include=*.cc | sort)
-  files+=(tests/unit/cuda_engine_test.cc tests/unit/cuda_placement_test.cc)
+  files+=(tests/unit/cuda_engine_test.cc tests/unit/cuda_placement_test.cc tests/unit/cuda_counters_test.cc)
 fi
 status=0
 for f in "${files[@]}"; do

@@ -9,6 +9,9 @@
 #include <cstdio>
 #include <string>
 
+#include <torch/torch.h>
+
+#include "counters/hardware_counters.h"
 #include "icd/core/engine.h"
 #include "test_util.h"
 
@@ -72,6 +75,60 @@ TEST(HardwareCountersTest, EveryWeightPassesThroughL2AndRepeatsAgree) {
       EXPECT_NEAR(total.l2_sectors, counted.total.l2_sectors, 0.05 * counted.total.l2_sectors)
           << mode;
     }
+  }
+}
+
+// A kernel that reads 256 MB (five times the H200's L2) and writes one
+// number: under user replay (the service's) its DRAM writes are near zero,
+// and the work ran once per pass with the same kernels. Under kernel replay
+// the profiler's restore leaves dirty lines that the kernel's misses write
+// back (printed, not asserted: it is CUPTI's behaviour, not icd's).
+TEST(HardwareCountersTest, AReadingKernelWritesAlmostNothingUnderUserReplay) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  const torch::Tensor values =
+      torch::ones({64 * 1024 * 1024}, torch::TensorOptions(torch::kFloat32).device(torch::kCUDA));
+  const double bytes = 4.0 * static_cast<double>(values.numel());
+  torch::Tensor sum = values.sum();  // warm-up: launches, and the fill's dirty lines written back
+  torch::cuda::synchronize();
+  int calls = 0;
+  auto read_all = [&] {
+    ++calls;
+    sum = values.sum();
+    return absl::OkStatus();
+  };
+  for (counters::Replay replay : {counters::Replay::kUser, counters::Replay::kKernel}) {
+    calls = 0;
+    auto launches = counters::Collect(0, read_all, replay);
+    ASSERT_TRUE(launches.ok()) << launches.status();
+    const KernelCounters total = counters::Total(*launches);
+    std::printf("[counters] %s replay: %d calls of the work, %lld launches, DRAM read %.0f write %.0f B\n",
+                replay == counters::Replay::kUser ? "user" : "kernel", calls,
+                static_cast<long long>(total.launches), total.dram_read_bytes,
+                total.dram_write_bytes);
+    EXPECT_EQ(sum.item<float>(), static_cast<float>(values.numel()));
+    EXPECT_GE(total.dram_read_bytes, 0.9 * bytes);
+    EXPECT_LE(total.dram_read_bytes, 1.2 * bytes);
+    if (replay == counters::Replay::kUser) {
+      EXPECT_GE(calls, 1);
+      EXPECT_LE(total.dram_write_bytes, 0.02 * bytes);
+    } else {
+      EXPECT_EQ(calls, 1);
+    }
+  }
+  // Negative control: passes that launch different kernels are refused.
+  calls = 0;
+  auto uneven = counters::Collect(0, [&] {
+    sum = values.sum();
+    if (++calls % 2 == 0) sum = sum + 1;
+    return absl::OkStatus();
+  });
+  if (calls == 1) {
+    std::printf("[counters] these metrics take one pass: no uneven passes to refuse\n");
+  } else {
+    ASSERT_FALSE(uneven.ok());
+    EXPECT_EQ(uneven.status().code(), absl::StatusCode::kFailedPrecondition) << uneven.status();
+    EXPECT_NE(uneven.status().message().find("different kernels"), std::string::npos)
+        << uneven.status();
   }
 }
 

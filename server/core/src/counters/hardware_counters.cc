@@ -65,10 +65,23 @@ KernelCounters Total(const std::vector<KernelCounters>& launches) {
   return total;
 }
 
+std::string Describe(Replay replay) {
+  switch (replay) {
+    case Replay::kUser:
+      return "CUPTI range profiler: a range per kernel launch, the work rerun once per pass "
+             "(user replay): each kernel sees the caches as the kernels before it left them";
+    case Replay::kKernel:
+      return "CUPTI range profiler: a range per kernel launch, each kernel replayed with device "
+             "memory restored until every counter is read (kernel replay: DRAM writes include "
+             "the write-back of the restore)";
+  }
+  return "";
+}
+
 #ifndef ICD_HAVE_CUPTI
 
 absl::StatusOr<std::vector<KernelCounters>> Collect(int, const std::function<absl::Status()>&,
-                                                  int64_t) {
+                                                  Replay, int64_t) {
   return absl::FailedPreconditionError(
       "hardware counters: this server was built without CUPTI (CUDA's profiling interface; "
       "its headers come with the CUDA toolkit the server is built with)");
@@ -251,7 +264,8 @@ class Session {
   }
 
   absl::Status Configure(int device_index, CUcontext context,
-                         const std::vector<const char*>& metrics, int64_t max_launches) {
+                         const std::vector<const char*>& metrics, Replay replay,
+                         int64_t max_launches) {
     auto chip = ICD_CUPTI_PARAMS(CUpti_Device_GetChipName_Params);
     chip.deviceIndex = static_cast<size_t>(device_index);
     ICD_CUPTI(api_, DeviceGetChipName, chip);
@@ -305,8 +319,8 @@ class Session {
     init.pCounterData = counter_data_.data();
     ICD_CUPTI(api_, RangeCounterDataImageInitialize, init);
 
-    // Auto ranges: each kernel launch its own range. Kernel replay: CUPTI
-    // reruns each kernel, its memory saved and restored, once per pass.
+    // Auto ranges: each kernel launch its own range (Replay says how the
+    // passes run).
     auto set = ICD_CUPTI_PARAMS(CUpti_RangeProfiler_SetConfig_Params);
     set.pRangeProfilerObject = profiler_;
     set.configSize = config_.size();
@@ -314,7 +328,7 @@ class Session {
     set.counterDataImageSize = counter_data_.size();
     set.pCounterDataImage = counter_data_.data();
     set.range = CUPTI_AutoRange;
-    set.replayMode = CUPTI_KernelReplay;
+    set.replayMode = replay == Replay::kUser ? CUPTI_UserReplay : CUPTI_KernelReplay;
     set.maxRangesPerPass = static_cast<size_t>(max_launches);
     set.numNestingLevels = 1;
     set.minNestingLevel = 1;
@@ -331,12 +345,17 @@ class Session {
     return absl::OkStatus();
   }
 
-  // Stops, decodes the counts into the counter data image; the launches
-  // that did not fit are an error.
-  absl::Status Stop(int64_t max_launches) {
+  // Ends a pass; true when every pass the metrics need has run.
+  absl::StatusOr<bool> Stop() {
     auto stop = ICD_CUPTI_PARAMS(CUpti_RangeProfiler_Stop_Params);
     stop.pRangeProfilerObject = profiler_;
     ICD_CUPTI(api_, RangeStop, stop);
+    return stop.isAllPassSubmitted != 0;
+  }
+
+  // Decodes the passes' counts into the counter data image; the launches
+  // that did not fit are an error.
+  absl::Status Decode(int64_t max_launches) {
     auto decode = ICD_CUPTI_PARAMS(CUpti_RangeProfiler_DecodeData_Params);
     decode.pRangeProfilerObject = profiler_;
     ICD_CUPTI(api_, RangeDecodeData, decode);
@@ -524,7 +543,7 @@ std::mutex& CollectionMutex() {
 
 absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
                                                   const std::function<absl::Status()>& work,
-                                                  int64_t max_launches) {
+                                                  Replay replay, int64_t max_launches) {
   const std::lock_guard<std::mutex> one_at_a_time(CollectionMutex());
   const Api& api = Library();
   if (!api.error.empty()) {
@@ -541,20 +560,43 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
   for (const std::string& name : MetricNames()) metrics.push_back(name.c_str());
 
   Session session(api);
-  ICD_RETURN_IF_ERROR(session.Configure(device_index, context, metrics, max_launches));
+  ICD_RETURN_IF_ERROR(session.Configure(device_index, context, metrics, replay, max_launches));
   KernelNames names(api);
-  ICD_RETURN_IF_ERROR(session.Start());
-  absl::Status ran = work();
-  if (ran.ok() && api.CtxSynchronize() != CUDA_SUCCESS) {
-    ran = absl::InternalError("hardware counters: the work's kernels failed (cuCtxSynchronize)");
+  // Kernel replay ends after one pass; user replay after as many as the
+  // metrics need (a few for these five).
+  constexpr int kMaxPasses = 64;
+  int passes = 0;
+  for (bool all_passes = false; !all_passes;) {
+    if (++passes > kMaxPasses) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "hardware counters: the metrics still wanted passes after ", kMaxPasses));
+    }
+    ICD_RETURN_IF_ERROR(session.Start());
+    absl::Status ran = work();
+    if (ran.ok() && api.CtxSynchronize() != CUDA_SUCCESS) {
+      ran = absl::InternalError("hardware counters: the work's kernels failed (cuCtxSynchronize)");
+    }
+    absl::StatusOr<bool> stopped = session.Stop();
+    ICD_RETURN_IF_ERROR(ran);
+    ICD_ASSIGN_OR_RETURN(all_passes, std::move(stopped));
   }
-  const absl::Status stopped = session.Stop(max_launches);
-  ICD_RETURN_IF_ERROR(ran);
-  ICD_RETURN_IF_ERROR(stopped);
+  // Each pass must have launched the same kernels, or its counts belong to
+  // other launches than the first pass's (checked before CUPTI decodes them).
+  std::vector<std::string> launched = names.Take();
+  const size_t per_pass = launched.size() / static_cast<size_t>(passes);
+  bool same_passes = launched.size() % static_cast<size_t>(passes) == 0;
+  for (size_t i = per_pass; same_passes && i < launched.size(); ++i) {
+    same_passes = launched[i] == launched[i % per_pass];
+  }
+  if (replay == Replay::kUser && passes > 1 && !same_passes) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "hardware counters: the work launched different kernels in its ", passes,
+        " passes (", launched.size(), " launches in all); each pass must repeat the first"));
+  }
+  ICD_RETURN_IF_ERROR(session.Decode(max_launches));
   ICD_ASSIGN_OR_RETURN(std::vector<KernelCounters> launches, session.Read(metrics));
   // Names only when every range has its launch; else CUPTI's range names.
-  std::vector<std::string> launched = names.Take();
-  if (launched.size() == launches.size()) {
+  if (same_passes && per_pass == launches.size()) {
     for (size_t i = 0; i < launches.size(); ++i) launches[i].kernel = std::move(launched[i]);
   } else {
     for (KernelCounters& launch : launches) launch.kernel = "launch " + launch.kernel;

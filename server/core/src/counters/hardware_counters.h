@@ -1,10 +1,10 @@
 // Memory traffic of a piece of GPU work as the hardware counts it (issue 21):
 // DRAM bytes read and written, L2 sectors and their hit rate, and each
 // kernel's duration, per kernel, through CUPTI's range profiler (the
-// counters Nsight Compute reads): auto ranges (one range per kernel launch)
-// with kernel replay (CUPTI reruns a kernel, its memory restored, as often as
-// the metrics need passes). libcupti is opened at the first call, so a server
-// on a node without it starts and answers FAILED_PRECONDITION here.
+// counters Nsight Compute reads): auto ranges (one range per kernel launch),
+// replayed as `Replay` says when the metrics need several passes. libcupti is
+// opened at the first call, so a server on a node without it starts and
+// answers FAILED_PRECONDITION here.
 // No LibTorch: the work is a callback. Internal to core.
 #ifndef ICD_CORE_SRC_COUNTERS_HARDWARE_COUNTERS_H_
 #define ICD_CORE_SRC_COUNTERS_HARDWARE_COUNTERS_H_
@@ -28,16 +28,36 @@ void Add(KernelCounters& sum, const KernelCounters& launch);
 // for checking against Nsight Compute with the same names).
 const std::vector<std::string>& MetricNames();
 
-// Runs `work` once on CUDA device `device_index` (the calling thread's
+// How the counts of several passes are gathered.
+enum class Replay {
+  // The work runs once per pass (as many passes as the metrics need, often
+  // one), launching the same kernels each time; each kernel sees the caches
+  // as the kernels before it left them, as in a real run. Counts do not
+  // depend on the values computed, so the work's effects need no undoing.
+  kUser,
+  // The work runs once and CUPTI reruns each kernel, device memory saved
+  // before and restored between its passes. The restore leaves dirty lines
+  // in L2 that the kernel's own misses then write back, so DRAM writes
+  // include the profiler's (deploy/results/h200-gpu-2026-12-03c/ measured
+  // it against Nsight Compute).
+  kKernel,
+};
+
+// The method a report names for `replay`.
+std::string Describe(Replay replay);
+
+// Runs `work` on CUDA device `device_index` (the calling thread's
 // current context: the work's kernels must be launched from this thread, and
 // nothing else should run on the device meanwhile, since every kernel in the
-// context is counted) and returns each launch's counts in launch order.
-// FAILED_PRECONDITION, with the reason, when the counters cannot be read: no
-// libcupti, a build without CUPTI, an unsupported chip, counters restricted
-// to administrators, or more launches than `max_launches`. Errors of `work`
+// context is counted) once per pass, and returns each launch's counts in
+// launch order. FAILED_PRECONDITION, with the reason, when the counters
+// cannot be read: no libcupti, a build without CUPTI, an unsupported chip,
+// counters restricted to administrators, more launches than `max_launches`,
+// or (user replay) passes that launched different kernels. Errors of `work`
 // are returned as they are. One collection at a time per process.
 absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
                                                   const std::function<absl::Status()>& work,
+                                                  Replay replay = Replay::kUser,
                                                   int64_t max_launches = 8192);
 
 // Launches with the same kernel name summed, in order of first launch.

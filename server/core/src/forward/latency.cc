@@ -247,7 +247,9 @@ absl::Status CheckComparable(const TimedModel& model, const TimedModel& compare)
 // One more sample of `model` under the hardware counters, `repeats` times:
 // a prefill forward over `ids`, or a decode step launched eagerly (a graph's
 // kernels are the same ones; CUPTI counts launches it sees) in a session of
-// its own, prefilled with `prefill_ids`.
+// its own, prefilled with `prefill_ids`. Under user replay a collection runs
+// the sample once per pass: the decode session takes a step per pass, each
+// step the same kernels over the same bytes.
 absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
                                           const torch::Tensor& prefill_ids,
                                           TokenSource& token_source, int64_t repeats,
@@ -256,9 +258,7 @@ absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
   ICD_RETURN_IF_ERROR(sampler.Prepare(mode, /*eager=*/true, prefill_ids, ctx));
   const torch::Device device = Embedding(model).device();
   CounterReport report;
-  report.method =
-      "CUPTI range profiler: a range per kernel launch, each kernel replayed until every "
-      "counter is read";
+  report.method = counters::Describe(counters::Replay::kUser);
   report.execution = mode == Mode::kDecode ? "decode step (eager)" : "prefill";
   for (int64_t repeat = 0; repeat < repeats; ++repeat) {
     ICD_RETURN_IF_ERROR(CheckCall(ctx, "hardware counters"));

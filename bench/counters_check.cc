@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
   }
   if (!args.count("--model") || cupti == ncu) {
     std::cerr << "usage: counters_check --model DIR [--dtype bfloat16] [--mode prefill|decode] "
-                 "[--seq-len 2048] (--cupti [--repeats 3] | --ncu)\n";
+                 "[--seq-len 2048] (--cupti [--repeats 3] [--replay user|kernel] | --ncu)\n";
     return 2;
   }
   if (!torch::cuda::is_available()) {
@@ -132,8 +132,15 @@ int main(int argc, char** argv) {
   }
   const auto replay =
       args.at("--replay") == "user" ? icd::counters::Replay::kUser : icd::counters::Replay::kKernel;
-    for (int repeat = 0; repeat < std::stoi(args.at("--repeats")); ++repeat) {
-    const auto launches = OrDie(icd::counters::Collect(0, sample, replay), "hardware counters");
+  // A decode step rewinds to the same state before each pass (user replay),
+  // as MeasureLatency's counters do.
+  auto rewind = [&]() -> absl::Status {
+    return session != nullptr ? session->Rewind() : absl::OkStatus();
+  };
+  for (int repeat = 0; repeat < std::stoi(args.at("--repeats")); ++repeat) {
+    if (session != nullptr) OrDie(session->Mark(), "decode session");
+    const auto launches =
+        OrDie(icd::counters::Collect(0, sample, replay, rewind), "hardware counters");
     for (const icd::KernelCounters& kernel : icd::counters::ByKernel(launches)) {
       PrintJson(kernel, label, repeat);
     }

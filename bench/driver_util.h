@@ -22,6 +22,13 @@ T OrDie(absl::StatusOr<T> value, const char* what) {
   return *std::move(value);
 }
 
+inline void OrDie(const absl::Status& status, const char* what) {
+  if (!status.ok()) {
+    std::cerr << what << ": " << status << "\n";
+    std::exit(1);
+  }
+}
+
 // `path` read by icd's reader, every weight on cuda:0 in `dtype`, contiguous.
 inline icd::Checkpoint CheckpointOnCuda(const std::string& path, torch::ScalarType dtype) {
   icd::Checkpoint checkpoint = OrDie(icd::ReadCheckpoint(path), "ReadCheckpoint");

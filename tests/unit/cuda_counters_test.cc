@@ -7,11 +7,11 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <map>
 #include <string>
 
-#include <torch/torch.h>
-
 #include "counters/hardware_counters.h"
+#include "torch_api.h"
 #include "icd/core/engine.h"
 #include "test_util.h"
 
@@ -78,11 +78,11 @@ TEST(HardwareCountersTest, EveryWeightPassesThroughL2AndRepeatsAgree) {
   }
 }
 
-// A kernel that reads 256 MB (five times the H200's L2) and writes one
+// A kernel that reads 256 MB (several times the H200's L2) and writes one
 // number: under user replay (the service's) its DRAM writes are near zero,
-// and the work ran once per pass with the same kernels. Under kernel replay
-// the profiler's restore leaves dirty lines that the kernel's misses write
-// back (printed, not asserted: it is CUPTI's behaviour, not icd's).
+// and each launch is counted once however many passes ran. Under kernel
+// replay the profiler's restore leaves dirty lines that the kernel's misses
+// write back (printed, not asserted: it is CUPTI's behaviour, not icd's).
 TEST(HardwareCountersTest, AReadingKernelWritesAlmostNothingUnderUserReplay) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   const torch::Tensor values =
@@ -96,11 +96,13 @@ TEST(HardwareCountersTest, AReadingKernelWritesAlmostNothingUnderUserReplay) {
     sum = values.sum();
     return absl::OkStatus();
   };
+  std::map<counters::Replay, int64_t> launch_counts;
   for (counters::Replay replay : {counters::Replay::kUser, counters::Replay::kKernel}) {
     calls = 0;
     auto launches = counters::Collect(0, read_all, replay);
     ASSERT_TRUE(launches.ok()) << launches.status();
     const KernelCounters total = counters::Total(*launches);
+    launch_counts[replay] = total.launches;
     std::printf("[counters] %s replay: %d calls of the work, %lld launches, DRAM read %.0f write %.0f B\n",
                 replay == counters::Replay::kUser ? "user" : "kernel", calls,
                 static_cast<long long>(total.launches), total.dram_read_bytes,
@@ -109,12 +111,12 @@ TEST(HardwareCountersTest, AReadingKernelWritesAlmostNothingUnderUserReplay) {
     EXPECT_GE(total.dram_read_bytes, 0.9 * bytes);
     EXPECT_LE(total.dram_read_bytes, 1.2 * bytes);
     if (replay == counters::Replay::kUser) {
-      EXPECT_GE(calls, 1);
       EXPECT_LE(total.dram_write_bytes, 0.02 * bytes);
     } else {
-      EXPECT_EQ(calls, 1);
+      EXPECT_EQ(calls, 1);  // CUPTI reruns the kernel, not the work
     }
   }
+  EXPECT_EQ(launch_counts[counters::Replay::kUser], launch_counts[counters::Replay::kKernel]);
   // Negative control: passes that launch different kernels are refused.
   calls = 0;
   auto uneven = counters::Collect(0, [&] {
@@ -127,8 +129,6 @@ TEST(HardwareCountersTest, AReadingKernelWritesAlmostNothingUnderUserReplay) {
   } else {
     ASSERT_FALSE(uneven.ok());
     EXPECT_EQ(uneven.status().code(), absl::StatusCode::kFailedPrecondition) << uneven.status();
-    EXPECT_NE(uneven.status().message().find("different kernels"), std::string::npos)
-        << uneven.status();
   }
 }
 

@@ -1,6 +1,7 @@
 // The forward of each family against HuggingFace's logits (golden fixtures),
 // and its capture points for trace statistics.
 #include "forward/forward.h"
+#include "forward/decode.h"
 
 #include <gtest/gtest.h>
 
@@ -642,6 +643,43 @@ TEST(DecodeTest, PrecheckedForwardIsForward) {
   bad[0][0] = model.config.vocab_size;
   EXPECT_EQ(CheckForwardInputs(model.config, model.weights, bad).code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// ---- Decode sessions: Mark and Rewind ----------------------------------------
+
+// The hardware counters' user replay runs a decode step once per pass from
+// the same state (latency.cc): after Rewind the steps after Mark repeat bit
+// for bit, for a Mamba layer's recurrent state, an attention layer's growing
+// cache and experts chosen by value; without Rewind the same token gives
+// other logits (the check can fail).
+TEST(DecodeSessionTest, RewindRepeatsTheStepsAfterMark) {
+  for (const char* fixture : {"mamba1-small", "mamba2-groups", "jamba-small", "nemotron_h-experts"}) {
+    SCOPED_TRACE(fixture);
+    const Model model = LoadModel(fixture, "hf");
+    const torch::Tensor& ids = model.input_ids;
+    auto token = [&](int64_t position) { return ids.narrow(1, position, 1).contiguous(); };
+    auto session = decode::Session::Start(model.config, model.weights, ids.narrow(1, 0, 10),
+                                          decode::Execution::kEager, {});
+    ASSERT_TRUE(session.ok()) << session.status();
+    decode::Session& steps = **session;
+    testing::ExpectError(steps.Rewind(), absl::StatusCode::kFailedPrecondition, "no marked state");
+    ASSERT_TRUE(steps.Step(token(10), {}).ok());
+    ASSERT_TRUE(steps.Mark().ok());
+    auto first = steps.Step(token(11), {});
+    auto second = steps.Step(token(12), {});
+    ASSERT_TRUE(first.ok() && second.ok());
+    for (int rewinds = 0; rewinds < 2; ++rewinds) {
+      ASSERT_TRUE(steps.Rewind().ok());
+      auto again = steps.Step(token(11), {});
+      auto second_again = steps.Step(token(12), {});
+      ASSERT_TRUE(again.ok() && second_again.ok());
+      EXPECT_TRUE(torch::equal(*again, *first)) << "rewind " << rewinds;
+      EXPECT_TRUE(torch::equal(*second_again, *second)) << "rewind " << rewinds;
+    }
+    auto unrewound = steps.Step(token(11), {});
+    ASSERT_TRUE(unrewound.ok());
+    EXPECT_FALSE(torch::equal(*unrewound, *first));
+  }
 }
 
 }  // namespace

@@ -81,7 +81,8 @@ std::string Describe(Replay replay) {
 #ifndef ICD_HAVE_CUPTI
 
 absl::StatusOr<std::vector<KernelCounters>> Collect(int, const std::function<absl::Status()>&,
-                                                  Replay, int64_t) {
+                                                  Replay, const std::function<absl::Status()>&,
+                                                  int64_t) {
   return absl::FailedPreconditionError(
       "hardware counters: this server was built without CUPTI (CUDA's profiling interface; "
       "its headers come with the CUDA toolkit the server is built with)");
@@ -543,7 +544,9 @@ std::mutex& CollectionMutex() {
 
 absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
                                                   const std::function<absl::Status()>& work,
-                                                  Replay replay, int64_t max_launches) {
+                                                  Replay replay,
+                                                  const std::function<absl::Status()>& rewind,
+                                                  int64_t max_launches) {
   const std::lock_guard<std::mutex> one_at_a_time(CollectionMutex());
   const Api& api = Library();
   if (!api.error.empty()) {
@@ -571,6 +574,7 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
       return absl::FailedPreconditionError(absl::StrCat(
           "hardware counters: the metrics still wanted passes after ", kMaxPasses));
     }
+    if (passes > 1 && rewind) ICD_RETURN_IF_ERROR(rewind());
     ICD_RETURN_IF_ERROR(session.Start());
     absl::Status ran = work();
     if (ran.ok() && api.CtxSynchronize() != CUDA_SUCCESS) {
@@ -592,6 +596,12 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
     return absl::FailedPreconditionError(absl::StrCat(
         "hardware counters: the work launched different kernels in its ", passes,
         " passes (", launched.size(), " launches in all); each pass must repeat the first"));
+  }
+  if (replay == Replay::kUser && passes > 1 && launched.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "hardware counters: the metrics took ", passes, " passes, and CUPTI's launch callbacks "
+        "are held by another client (a profiler?), so the passes cannot be checked to have "
+        "launched the same kernels"));
   }
   ICD_RETURN_IF_ERROR(session.Decode(max_launches));
   ICD_ASSIGN_OR_RETURN(std::vector<KernelCounters> launches, session.Read(metrics));

@@ -31,9 +31,9 @@ const std::vector<std::string>& MetricNames();
 // How the counts of several passes are gathered.
 enum class Replay {
   // The work runs once per pass (as many passes as the metrics need, often
-  // one), launching the same kernels each time; each kernel sees the caches
-  // as the kernels before it left them, as in a real run. Counts do not
-  // depend on the values computed, so the work's effects need no undoing.
+  // one), each time from the same state (Collect's `rewind`) and launching
+  // the same kernels; each kernel sees the caches as the kernels before it
+  // left them, as in a real run.
   kUser,
   // The work runs once and CUPTI reruns each kernel, device memory saved
   // before and restored between its passes. The restore leaves dirty lines
@@ -50,15 +50,19 @@ std::string Describe(Replay replay);
 // current context: the work's kernels must be launched from this thread, and
 // nothing else should run on the device meanwhile, since every kernel in the
 // context is counted) once per pass, and returns each launch's counts in
-// launch order. FAILED_PRECONDITION, with the reason, when the counters
-// cannot be read: no libcupti, a build without CUPTI, an unsupported chip,
-// counters restricted to administrators, more launches than `max_launches`,
-// or (user replay) passes that launched different kernels. Errors of `work`
-// are returned as they are. One collection at a time per process.
-absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
-                                                  const std::function<absl::Status()>& work,
-                                                  Replay replay = Replay::kUser,
-                                                  int64_t max_launches = 8192);
+// launch order. `rewind` (optional) runs before every pass after the first,
+// outside the counts, and puts back what the work changed that would change
+// its next pass (a decode session's state: a step from another state may
+// take other kernels or bytes). FAILED_PRECONDITION, with the reason, when
+// the counters cannot be read: no libcupti, a build without CUPTI, an
+// unsupported chip, counters restricted to administrators, more launches
+// than `max_launches`, or (user replay) passes that launched different
+// kernels, or several passes whose kernels cannot be compared (another
+// CUPTI client holds the callbacks). Errors of `work` and `rewind` are
+// returned as they are. One collection at a time per process.
+absl::StatusOr<std::vector<KernelCounters>> Collect(
+    int device_index, const std::function<absl::Status()>& work, Replay replay = Replay::kUser,
+    const std::function<absl::Status()>& rewind = nullptr, int64_t max_launches = 8192);
 
 // Launches with the same kernel name summed, in order of first launch.
 std::vector<KernelCounters> ByKernel(const std::vector<KernelCounters>& launches);

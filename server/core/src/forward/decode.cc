@@ -4,6 +4,7 @@
 
 #include <exception>
 #include <mutex>
+#include <optional>
 #include <utility>
 
 #ifdef ICD_HAVE_CUDA
@@ -40,6 +41,7 @@ struct Session::Impl {
   const ModelConfig* config = nullptr;
   const Weights* weights = nullptr;
   RecurrentState state;
+  std::optional<RecurrentState> marked;  // Mark's, eager sessions only
   Execution execution = Execution::kEager;
   bool failed = false;  // a step failed: the state may be partly advanced
 #ifdef ICD_HAVE_CUDA
@@ -180,6 +182,23 @@ absl::StatusOr<torch::Tensor> Session::Step(const torch::Tensor& ids, const Call
   // Eager steps replace the state only on success (forward.h): a failed one
   // leaves it as it was.
   return logits;
+}
+
+absl::Status Session::Mark() {
+  if (impl_->execution != Execution::kEager || impl_->failed) {
+    return absl::FailedPreconditionError(
+        "decode session: only an eager session that has not failed can mark its state");
+  }
+  impl_->marked = impl_->state;  // shares the tensors: eager steps replace them
+  return absl::OkStatus();
+}
+
+absl::Status Session::Rewind() {
+  if (!impl_->marked.has_value() || impl_->failed) {
+    return absl::FailedPreconditionError("decode session: no marked state to rewind to");
+  }
+  impl_->state = *impl_->marked;
+  return absl::OkStatus();
 }
 
 }  // namespace icd::decode

@@ -10,6 +10,7 @@
 
 #include <memory>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "forward/forward.h"
 #include "icd/core/types.h"
@@ -47,6 +48,16 @@ class Session {
   // output buffer, overwritten by the next step. After a failed step the
   // state may be partly advanced: the session refuses further steps.
   absl::StatusOr<torch::Tensor> Step(const torch::Tensor& ids, const CallContext& ctx);
+
+  // Eager sessions only: remembers the state as it is now, and goes back to
+  // it (a step after Rewind repeats the step after Mark, bit for bit): the
+  // hardware counters' user replay runs the same step once per pass. Eager
+  // steps replace the state's tensors rather than write into them, and an
+  // attention cache's step writes only past the positions it has seen, so
+  // what Mark keeps stays valid. FAILED_PRECONDITION on a CUDA-graph
+  // session (its steps write the state in place) or a failed one.
+  absl::Status Mark();
+  absl::Status Rewind();
 
   Execution execution() const;
 

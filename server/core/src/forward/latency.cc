@@ -192,6 +192,11 @@ class ModelSampler {
     return ForwardPrechecked(*model_->config, *model_->weights, ids, ctx).status();
   }
 
+  // A decode session's Mark and Rewind (decode.h); nothing to do for a
+  // prefill, which starts from no state.
+  absl::Status Mark() { return session_ != nullptr ? session_->Mark() : absl::OkStatus(); }
+  absl::Status Rewind() { return session_ != nullptr ? session_->Rewind() : absl::OkStatus(); }
+
   const char* Execution() const {
     return decode::ExecutionName(session_ != nullptr ? session_->execution()
                                                      : decode::Execution::kEager);
@@ -248,8 +253,8 @@ absl::Status CheckComparable(const TimedModel& model, const TimedModel& compare)
 // a prefill forward over `ids`, or a decode step launched eagerly (a graph's
 // kernels are the same ones; CUPTI counts launches it sees) in a session of
 // its own, prefilled with `prefill_ids`. Under user replay a collection runs
-// the sample once per pass: the decode session takes a step per pass, each
-// step the same kernels over the same bytes.
+// the sample once per pass: a decode session rewinds to the same state before
+// each pass, after one uncounted step (a first step's one-time launches).
 absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
                                           const torch::Tensor& prefill_ids,
                                           TokenSource& token_source, int64_t repeats,
@@ -260,13 +265,19 @@ absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
   CounterReport report;
   report.method = counters::Describe(counters::Replay::kUser);
   report.execution = mode == Mode::kDecode ? "decode step (eager)" : "prefill";
+  if (mode == Mode::kDecode) {
+    ICD_RETURN_IF_ERROR(sampler.Sample(token_source.Next(prefill_ids.size(0), 1), ctx));
+  }
   for (int64_t repeat = 0; repeat < repeats; ++repeat) {
     ICD_RETURN_IF_ERROR(CheckCall(ctx, "hardware counters"));
     const torch::Tensor ids =
         mode == Mode::kDecode ? token_source.Next(prefill_ids.size(0), 1) : prefill_ids;
+    ICD_RETURN_IF_ERROR(sampler.Mark());
     ICD_ASSIGN_OR_RETURN(
         std::vector<KernelCounters> launches,
-        counters::Collect(device.index(), [&] { return sampler.Sample(ids, ctx); }));
+        counters::Collect(
+            device.index(), [&] { return sampler.Sample(ids, ctx); }, counters::Replay::kUser,
+            [&] { return sampler.Rewind(); }));
     report.repeat_totals.push_back(counters::Total(launches));
     if (repeat == 0) {
       report.total = report.repeat_totals.back();

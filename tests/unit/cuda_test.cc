@@ -19,6 +19,10 @@
 // does not even run it: label gpu), failed there under ICD_REQUIRE_CUDA=1.
 #include <gtest/gtest.h>
 
+#ifdef ICD_HAVE_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -1682,6 +1686,45 @@ std::vector<DecodeCase> DecodeCases() {
 // the graph's steps are the eager steps'. bfloat16: within the gap between
 // the eager steps and one forward (the same rounding points, other matmul
 // shapes), times two. Prefill 9 (longer than the conv history) and 1.
+// ICD_DECODE_L2_PREFETCH=1 (fused.h: out_proj's weight into L2 during a
+// decode step's small kernels) is a hint only: a step's logits are bit for
+// bit the same with it, in graphs and eager, Mamba-1 and Mamba-2; on sm_90
+// it is issued (not silently skipped), and off by default.
+TEST(DecodeSessionTest, L2PrefetchLeavesTheStepsBitForBit) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  const torch::Tensor some_weight = torch::randn({512, 256}, torch::kCUDA).to(torch::kBFloat16);
+  unsetenv("ICD_DECODE_L2_PREFETCH");
+  EXPECT_FALSE(fused::PrefetchToL2(some_weight));
+  for (const DecodeCase& c : DecodeCases()) {
+    Weights weights;
+    for (const auto& [name, tensor] : c.weights) {
+      weights[name] = tensor.to(torch::kCUDA, torch::kBFloat16);
+    }
+    const torch::Tensor ids = c.ids.to(torch::kCUDA);
+    for (const decode::Execution execution :
+         {decode::Execution::kCudaGraph, decode::Execution::kEager}) {
+      unsetenv("ICD_DECODE_L2_PREFETCH");
+      const torch::Tensor without = SessionLogits(c.config, weights, ids, 5, execution);
+      setenv("ICD_DECODE_L2_PREFETCH", "1", 1);
+      const torch::Tensor with = SessionLogits(c.config, weights, ids, 5, execution);
+      unsetenv("ICD_DECODE_L2_PREFETCH");
+      ASSERT_TRUE(without.defined() && with.defined()) << c.name;
+      EXPECT_TRUE(torch::equal(with, without))
+          << c.name << " " << decode::ExecutionName(execution) << ": rel "
+          << RelL2(with, without);
+    }
+  }
+  setenv("ICD_DECODE_L2_PREFETCH", "1", 1);
+  const bool issued = fused::PrefetchToL2(some_weight);
+  unsetenv("ICD_DECODE_L2_PREFETCH");
+#ifdef ICD_HAVE_CUDA
+  EXPECT_EQ(issued, at::cuda::getCurrentDeviceProperties()->major >= 9);
+#else
+  std::printf("[decode] L2 prefetch issued: %d\n", issued ? 1 : 0);
+#endif
+  torch::cuda::synchronize();
+}
+
 TEST(DecodeSessionTest, GraphStepsMatchOneForward) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   const std::vector<DecodeCase> cases = DecodeCases();

@@ -252,26 +252,26 @@ absl::Status CheckComparable(const TimedModel& model, const TimedModel& compare)
 // One more sample of `model` under the hardware counters, `repeats` times:
 // a prefill forward over `ids`, or a decode step launched eagerly (a graph's
 // kernels are the same ones; CUPTI counts launches it sees) in a session of
-// its own, prefilled with `prefill_ids`. Under user replay a collection runs
-// the sample once per pass: a decode session rewinds to the same state before
-// each pass, after one uncounted step (a first step's one-time launches).
+// its own, prefilled with `prefill_ids`, then stepping through `step_ids`
+// (one uncounted step for a first step's one-time launches, then one per
+// repeat; both models of a comparison get the same). Under user replay a
+// collection runs the sample once per pass: a decode session rewinds to the
+// same state before each pass.
 absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
                                           const torch::Tensor& prefill_ids,
-                                          TokenSource& token_source, int64_t repeats,
-                                          const CallContext& ctx) {
+                                          const std::vector<torch::Tensor>& step_ids,
+                                          int64_t repeats, const CallContext& ctx) {
   ModelSampler sampler(model);
   ICD_RETURN_IF_ERROR(sampler.Prepare(mode, /*eager=*/true, prefill_ids, ctx));
   const torch::Device device = Embedding(model).device();
   CounterReport report;
   report.method = counters::Describe(counters::Replay::kUser);
   report.execution = mode == Mode::kDecode ? "decode step (eager)" : "prefill";
-  if (mode == Mode::kDecode) {
-    ICD_RETURN_IF_ERROR(sampler.Sample(token_source.Next(prefill_ids.size(0), 1), ctx));
-  }
+  if (mode == Mode::kDecode) ICD_RETURN_IF_ERROR(sampler.Sample(step_ids[0], ctx));
   for (int64_t repeat = 0; repeat < repeats; ++repeat) {
     ICD_RETURN_IF_ERROR(CheckCall(ctx, "hardware counters"));
     const torch::Tensor ids =
-        mode == Mode::kDecode ? token_source.Next(prefill_ids.size(0), 1) : prefill_ids;
+        mode == Mode::kDecode ? step_ids[static_cast<size_t>(repeat) + 1] : prefill_ids;
     ICD_RETURN_IF_ERROR(sampler.Mark());
     ICD_ASSIGN_OR_RETURN(
         std::vector<KernelCounters> launches,
@@ -406,13 +406,19 @@ absl::StatusOr<LatencyReport> Measure(const LatencyOptions& options, const Timed
   }
   if (options.counter_repeats > 0) {
     ReportProgress(ctx, "counters", 0, compare != nullptr ? 2 : 1);
+    std::vector<torch::Tensor> step_ids;
+    if (mode == Mode::kDecode) {
+      for (int64_t i = 0; i <= options.counter_repeats; ++i) {
+        step_ids.push_back(token_source.Next(options.batch, 1));
+      }
+    }
     ICD_ASSIGN_OR_RETURN(report.timing.counters,
-                         CountSample(mode, model, prefill_ids, token_source,
+                         CountSample(mode, model, prefill_ids, step_ids,
                                      options.counter_repeats, ctx));
     if (compare != nullptr) {
       ReportProgress(ctx, "counters", 1, 2);
       ICD_ASSIGN_OR_RETURN(report.compare->counters,
-                           CountSample(mode, *compare, prefill_ids, token_source,
+                           CountSample(mode, *compare, prefill_ids, step_ids,
                                        options.counter_repeats, ctx));
     }
   }

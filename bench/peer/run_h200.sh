@@ -36,6 +36,7 @@
 # Env: PEER_STEPS (default "build cuda_test latency ratio logits profile pack"), PEER_DEADLINE
 # (epoch seconds: stages that would not fit are skipped, pack always runs),
 # ICD_COMMIT, ICD_BUILD_DIR (/tmp/build-gpu), ICD_MODELS_DIR (/tmp/icd-models),
+# PEER_BUILD_PEERS (1; 0 skips the peer's extensions in the build stage),
 # PEER_WORK (/tmp/peerwork: logs, traces, logits; kept between calls on a warm
 # machine), ICD_FAMILIES ("mamba1"; "mamba1 mamba2" for both), ICD_SHAPES ("130m 2.8b": mamba1's),
 # ICD_MAMBA2_SHAPES ("130m 2.7b").
@@ -110,7 +111,8 @@ if want build; then
         timeout $budget bash deploy/build-gpu.sh "$build" > "$work/logs/icd-build.log" 2>&1
       echo "exit $?" >> "$work/logs/icd-build.log" ) & pids+=($!)
   fi
-  for ext in selective_scan causal_conv1d; do
+  # PEER_BUILD_PEERS=0: icd's side only (an A/B of icd's own settings).
+  for ext in $( [[ ${PEER_BUILD_PEERS:-1} == 1 ]] && echo selective_scan causal_conv1d ); do
     so=peers/build/${ext}_cuda.so
     [[ -f $so ]] && { log "peer $ext: $so present (carried or built earlier)"; continue; }
     log "peer: build_peer.py --only $ext"

@@ -10,7 +10,8 @@
 #      beside ncu's kernel replay with caches flushed;
 #   2. identity against permuted through the service: a bf16 copy with every
 #      group applied (--random 7 --tolerance 10, recorded) timed against the
-#      original with `icdctl latency --counters 3`, prefill 2048 and decode.
+#      original with `icdctl latency --counters 3`, prefill 2048 and decode;
+#      and the control, a second unpermuted copy against the original;
 #   bench/counters_h200.sh OUT_DIR
 # Env: COUNTERS_SHAPES (130m), NCU_SHAPES (the first shape; empty: no ncu),
 # COUNTERS_CHECK (1: counters_check's CUPTI runs), COUNTERS_MODES ("prefill
@@ -67,17 +68,22 @@ for _ in $(seq 300); do grep -q "listening on" "$server_log" && break; sleep 0.2
 address=$(sed -n 's/^listening on //p' "$server_log" | head -1)
 icdctl() { icd_env timeout -k 5 "$limit" "$build/client/cpp/icdctl" --server "$address" --timeout 900 "$@"; }
 for shape in $shapes; do
+  # copy-$shape: a second unpermuted load, the control. Counts can move with
+  # where the allocator put the weights (which L2 partition is near their
+  # memory), so identity against an identical copy says how much of a
+  # permuted/identity difference is placement.
   icdctl load "id-$shape" "mamba-$shape" --dtype bfloat16 > /dev/null &&
+    icdctl load "copy-$shape" "mamba-$shape" --dtype bfloat16 > /dev/null &&
     icdctl load "perm-$shape" "mamba-$shape" --dtype bfloat16 > /dev/null || { log "load $shape failed"; continue; }
   icdctl --json apply "perm-$shape" --random 7 --tolerance 10 > "$out/apply-$shape.json" 2>&1 ||
     log "apply perm-$shape failed: $(tail -1 "$out/apply-$shape.json")"
   for mode in ${COUNTERS_MODES:-prefill decode}; do
     iters=20; [[ $mode == decode ]] && iters=100
-    # JSON only: under kernel replay each run takes minutes (README.md there
-    # shows the table icdctl prints).
     log "service $shape $mode"
     icdctl --json latency "perm-$shape" --compare "id-$shape" --mode $mode --seq-len 2048 \
       --iters $iters --counters ${COUNTERS_REPEATS:-3} > "$out/service-$shape-$mode.json" 2>&1 || log "latency json $shape $mode failed"
+    icdctl --json latency "copy-$shape" --compare "id-$shape" --mode $mode --seq-len 2048 \
+      --iters $iters --counters ${COUNTERS_REPEATS:-3} > "$out/control-$shape-$mode.json" 2>&1 || log "control json $shape $mode failed"
   done
 done
 # On the CPU the same call is refused, never zeros.

@@ -36,6 +36,31 @@ def ncu_rows(path):
     return [r for r in reader if r.get("ID", "").strip().isdigit()]
 
 
+def base_name(kernel):
+    """The function's own name: "void ns::<unnamed>::Kernel<T, 4>(Args)" and
+    "ns::(anonymous namespace)::Kernel<T, 4>" are both "Kernel" (icd's and ncu's
+    spellings differ in namespaces and arguments)."""
+    depth, cut = 0, len(kernel)
+    for i, c in enumerate(kernel):
+        if c in "<(" and depth == 0 and not kernel.startswith(("<unnamed>", "(anonymous"), i):
+            cut = i
+            break
+        depth += c == "<"
+        depth -= c == ">" and depth > 0
+    head = kernel[:cut].split(" ")[-1]
+    return head.split("::")[-1]
+
+
+def by_base_name(rows):
+    sums = {}
+    for name, launches, read, write in rows:
+        s = sums.setdefault(base_name(name), [0, 0.0, 0.0])
+        s[0] += launches
+        s[1] += read
+        s[2] += write
+    return sums
+
+
 def main(cupti_path, *ncu_paths):
     totals, kernels = cupti_totals(cupti_path)
     if not totals:
@@ -59,6 +84,15 @@ def main(cupti_path, *ncu_paths):
         print("ncu %s: %d launches; " % (path.rsplit("/", 1)[-1], len(rows)) + ", ".join(
             "%s %.6g (icd/ncu %.4f)" % (name, sums[name], first[name] / sums[name] if sums[name] else 0)
             for name, _ in FIELDS) + ", l2_hit_rate %.4f" % hit_rate)
+        # Kernel by kernel (by the function's own name), icd's first repeat.
+        ours = by_base_name((k["kernel"], k["launches"], k["dram_read_bytes"], k["dram_write_bytes"])
+                            for k in kernels)
+        theirs = by_base_name((r["Kernel Name"], 1, float(r["dram__bytes_read.sum"].replace(",", "")),
+                               float(r["dram__bytes_write.sum"].replace(",", ""))) for r in rows)
+        for name in sorted(set(ours) | set(theirs), key=lambda n: -theirs.get(n, ours.get(n))[1]):
+            o, t = ours.get(name, [0, 0.0, 0.0]), theirs.get(name, [0, 0.0, 0.0])
+            print("  %-32.32s launches %4d / %4d  read %10.4g / %10.4g  write %10.4g / %10.4g  (icd / ncu)"
+                  % (name, o[0], t[0], o[1], t[1], o[2], t[2]))
     top = sorted(kernels, key=lambda k: -k["dram_read_bytes"])[:5]
     for k in top:
         print("  icd top: %-70.70s x%d read %.4g write %.4g hit %.3f" % (

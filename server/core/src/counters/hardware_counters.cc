@@ -1,5 +1,6 @@
 #include "counters/hardware_counters.h"
 
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -569,24 +570,28 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
   // metrics need (a few for these five).
   constexpr int kMaxPasses = 64;
   int passes = 0;
+  std::vector<std::string> launched;  // every pass's launches, in order
   for (bool all_passes = false; !all_passes;) {
     if (++passes > kMaxPasses) {
       return absl::FailedPreconditionError(absl::StrCat(
           "hardware counters: the metrics still wanted passes after ", kMaxPasses));
     }
     if (passes > 1 && rewind) ICD_RETURN_IF_ERROR(rewind());
+    (void)names.Take();  // the rewind's own launches, if any, are not the pass's
     ICD_RETURN_IF_ERROR(session.Start());
     absl::Status ran = work();
     if (ran.ok() && api.CtxSynchronize() != CUDA_SUCCESS) {
       ran = absl::InternalError("hardware counters: the work's kernels failed (cuCtxSynchronize)");
     }
     absl::StatusOr<bool> stopped = session.Stop();
+    std::vector<std::string> pass_names = names.Take();
+    launched.insert(launched.end(), std::make_move_iterator(pass_names.begin()),
+                    std::make_move_iterator(pass_names.end()));
     ICD_RETURN_IF_ERROR(ran);
     ICD_ASSIGN_OR_RETURN(all_passes, std::move(stopped));
   }
   // Each pass must have launched the same kernels, or its counts belong to
   // other launches than the first pass's (checked before CUPTI decodes them).
-  std::vector<std::string> launched = names.Take();
   const size_t per_pass = launched.size() / static_cast<size_t>(passes);
   bool same_passes = launched.size() % static_cast<size_t>(passes) == 0;
   for (size_t i = per_pass; same_passes && i < launched.size(); ++i) {

@@ -53,7 +53,7 @@ for shape in $shapes; do
       log "cupti $shape $mode (replay $replay)"
       icd_env timeout -k 5 "$limit" "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 \
         --cupti --replay $replay --repeats $repeats > "$out/cupti-$shape-$mode-$replay.jsonl" 2> "$out/cupti-$shape-$mode-$replay.err" ||
-        log "cupti $shape $mode $replay failed: $(tail -2 "$out/cupti-$shape-$mode-$replay.err")"
+        log "cupti $shape $mode $replay failed (exit $?; 124: the step limit): $(tail -2 "$out/cupti-$shape-$mode-$replay.err")"
     done
   done
 done
@@ -81,9 +81,9 @@ for shape in $shapes; do
     iters=20; [[ $mode == decode ]] && iters=100
     log "service $shape $mode"
     icdctl --json latency "perm-$shape" --compare "id-$shape" --mode $mode --seq-len 2048 \
-      --iters $iters --counters ${COUNTERS_REPEATS:-3} > "$out/service-$shape-$mode.json" 2>&1 || log "latency json $shape $mode failed"
+      --iters $iters --counters ${COUNTERS_REPEATS:-3} > "$out/service-$shape-$mode.json" 2>&1 || log "latency json $shape $mode failed (exit $?)"
     icdctl --json latency "copy-$shape" --compare "id-$shape" --mode $mode --seq-len 2048 \
-      --iters $iters --counters ${COUNTERS_REPEATS:-3} > "$out/control-$shape-$mode.json" 2>&1 || log "control json $shape $mode failed"
+      --iters $iters --counters ${COUNTERS_REPEATS:-3} > "$out/control-$shape-$mode.json" 2>&1 || log "control json $shape $mode failed (exit $?)"
   done
 done
 # On the CPU the same call is refused, never zeros.
@@ -116,13 +116,13 @@ for shape in ${NCU_SHAPES-${shapes%% *}}; do
   dir="$models/mamba-$shape"
   for mode in ${COUNTERS_MODES:-prefill decode}; do
     for run in ${NCU_RUNS:-application:none kernel:all}; do
-      replay=${run%%:*} cache=${run##*:}
+      replay=${run%%:*} cache=${run#*:}; [[ $run == *:* ]] || cache=all
       log "ncu $shape $mode (replay-mode $replay, cache-control $cache)"
       icd_env timeout -k 5 "$limit" ncu --profile-from-start off --replay-mode $replay --cache-control $cache \
         --metrics "$metrics" --csv --page raw --print-units base \
         "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --ncu \
         > "$out/ncu-$shape-$mode-$replay-$cache.csv" 2> "$out/ncu-$shape-$mode-$replay-$cache.err" ||
-        log "ncu $shape $mode $replay failed: $(tail -2 "$out/ncu-$shape-$mode-$replay-$cache.err")"
+        log "ncu $shape $mode $replay failed (exit $?): $(tail -2 "$out/ncu-$shape-$mode-$replay-$cache.err")"
       # icd's user replay beside ncu's application replay, kernel beside kernel.
       ours=user; [[ $replay == kernel ]] && ours=kernel
       python3 bench/counters_compare.py "$out/cupti-$shape-$mode-$ours.jsonl" "$out/ncu-$shape-$mode-$replay-$cache.csv" \

@@ -94,7 +94,7 @@ int main(int argc, char** argv) {
   std::unique_ptr<icd::decode::Session> session;
   if (decode) {
     session = OrDie(icd::decode::Session::Start(config, weights, ids,
-                                                icd::decode::Execution::kEager, {}),
+                                                icd::decode::Execution::kInPlace, {}),
                     "decode session");
   }
   // One sample, as MeasureLatency's counters run it; the first is a warm-up

@@ -42,7 +42,8 @@ TEST(HardwareCountersTest, EveryWeightPassesThroughL2AndRepeatsAgree) {
     ASSERT_TRUE(report.ok()) << mode << ": " << report.status();
     ASSERT_TRUE(report->timing.counters.has_value()) << mode;
     const CounterReport& counted = *report->timing.counters;
-    EXPECT_EQ(counted.execution, std::string(mode) == "decode" ? "decode step (eager)" : "prefill");
+    EXPECT_EQ(counted.execution,
+              std::string(mode) == "decode" ? "decode step (in_place)" : "prefill");
     ASSERT_EQ(counted.repeat_totals.size(), 3u);
     ASSERT_FALSE(counted.kernels.empty());
     int64_t launches = 0;

@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "blocks/shapes.h"
 #include "io/checkpoint.h"
 #include "io/config.h"
 #include "io/safetensors.h"
@@ -653,13 +654,20 @@ TEST(DecodeTest, PrecheckedForwardIsForward) {
 // cache and experts chosen by value; without Rewind the same token gives
 // other logits (the check can fail).
 TEST(DecodeSessionTest, RewindRepeatsTheStepsAfterMark) {
-  for (const char* fixture : {"mamba1-small", "mamba2-groups", "jamba-small", "nemotron_h-experts"}) {
-    SCOPED_TRACE(fixture);
+  for (const auto& [fixture, execution] :
+       std::vector<std::pair<const char*, decode::Execution>>{
+           {"mamba1-small", decode::Execution::kEager},
+           {"mamba2-groups", decode::Execution::kEager},
+           {"jamba-small", decode::Execution::kEager},
+           {"nemotron_h-experts", decode::Execution::kEager},
+           {"mamba1-small", decode::Execution::kInPlace},
+           {"mamba2-groups", decode::Execution::kInPlace}}) {
+    SCOPED_TRACE(std::string(fixture) + " " + decode::ExecutionName(execution));
     const Model model = LoadModel(fixture, "hf");
     const torch::Tensor& ids = model.input_ids;
     auto token = [&](int64_t position) { return ids.narrow(1, position, 1).contiguous(); };
     auto session = decode::Session::Start(model.config, model.weights, ids.narrow(1, 0, 10),
-                                          decode::Execution::kEager, {});
+                                          execution, {});
     ASSERT_TRUE(session.ok()) << session.status();
     decode::Session& steps = **session;
     testing::ExpectError(steps.Rewind(), absl::StatusCode::kFailedPrecondition, "no marked state");
@@ -679,6 +687,38 @@ TEST(DecodeSessionTest, RewindRepeatsTheStepsAfterMark) {
     auto unrewound = steps.Step(token(11), {});
     ASSERT_TRUE(unrewound.ok());
     EXPECT_FALSE(torch::equal(*unrewound, *first));
+  }
+}
+
+// The in-place session (the graph's step, one launch each: what the hardware
+// counters count) writes its state in place and computes the scan's
+// constants once, and gives the eager session's logits bit for bit, step by
+// step; a model that cannot be captured (attention, experts) decodes eagerly.
+TEST(DecodeSessionTest, InPlaceStepsAreTheEagerSteps) {
+  for (const char* fixture : {"mamba1-small", "mamba2-groups", "mamba_ssm-mamba2-gate-first",
+                              "jamba-small", "nemotron_h-experts"}) {
+    SCOPED_TRACE(fixture);
+    const std::string layout =
+        std::string(fixture).rfind("mamba_ssm-", 0) == 0 ? "mamba_ssm" : "hf";
+    const Model model = LoadModel(fixture, layout);
+    const torch::Tensor& ids = model.input_ids;
+    const torch::Tensor prefill = ids.narrow(1, 0, 6);
+    auto eager = decode::Session::Start(model.config, model.weights, prefill,
+                                        decode::Execution::kEager, {});
+    auto in_place = decode::Session::Start(model.config, model.weights, prefill,
+                                           decode::Execution::kInPlace, {});
+    ASSERT_TRUE(eager.ok() && in_place.ok());
+    const bool capturable = !blocks::Attends(model.config) && model.config.moe.experts == 0;
+    EXPECT_EQ((*in_place)->execution(),
+              capturable ? decode::Execution::kInPlace : decode::Execution::kEager);
+    for (int64_t position = 6; position < ids.size(1); ++position) {
+      const torch::Tensor token = ids.narrow(1, position, 1).contiguous();
+      auto expected = (*eager)->Step(token, {});
+      auto got = (*in_place)->Step(token, {});
+      ASSERT_TRUE(expected.ok() && got.ok()) << "position " << position;
+      EXPECT_TRUE(torch::equal(*got, *expected))
+          << "position " << position << ": rel " << testing::RelL2(*got, *expected);
+    }
   }
 }
 

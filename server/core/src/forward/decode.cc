@@ -22,7 +22,15 @@
 namespace icd::decode {
 
 const char* ExecutionName(Execution execution) {
-  return execution == Execution::kCudaGraph ? "cuda_graph" : "eager";
+  switch (execution) {
+    case Execution::kCudaGraph:
+      return "cuda_graph";
+    case Execution::kInPlace:
+      return "in_place";
+    case Execution::kEager:
+      break;
+  }
+  return "eager";
 }
 
 #ifdef ICD_HAVE_CUDA
@@ -59,7 +67,6 @@ struct Session::Impl {
 
 namespace {
 
-#ifdef ICD_HAVE_CUDA
 RecurrentState CopyOf(const RecurrentState& state) {
   RecurrentState copy = state;
   for (LayerState& layer : copy.layers) {
@@ -74,6 +81,7 @@ RecurrentState CopyOf(const RecurrentState& state) {
   return copy;
 }
 
+#ifdef ICD_HAVE_CUDA
 // Captures one step into impl->graph, on a stream of its own (a capture may
 // not run on the default stream). The state's tensors are written in place
 // (LayerState::in_place), so every replay reads and advances the same ones.
@@ -144,6 +152,10 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Start(const ModelConfig& confi
   // span their streams.
   const bool replayable = !blocks::Attends(config) && config.moe.experts == 0 &&
                           DevicesOf(weights).size() == 1;
+  if (execution == Execution::kInPlace && replayable) {
+    for (LayerState& layer : impl->state.layers) layer.in_place = true;
+    impl->execution = Execution::kInPlace;
+  }
   if (execution == Execution::kCudaGraph && device.is_cuda() && replayable) {
 #ifdef ICD_HAVE_CUDA
     try {
@@ -180,16 +192,21 @@ absl::StatusOr<torch::Tensor> Session::Step(const torch::Tensor& ids, const Call
   absl::StatusOr<torch::Tensor> logits =
       ForwardPrechecked(*impl_->config, *impl_->weights, ids, ctx, &impl_->state);
   // Eager steps replace the state only on success (forward.h): a failed one
-  // leaves it as it was.
+  // leaves it as it was. An in-place one may have written part of it.
+  if (!logits.ok() && impl_->execution == Execution::kInPlace) impl_->failed = true;
   return logits;
 }
 
 absl::Status Session::Mark() {
-  if (impl_->execution != Execution::kEager || impl_->failed) {
+  if (impl_->execution == Execution::kCudaGraph || impl_->failed) {
     return absl::FailedPreconditionError(
-        "decode session: only an eager session that has not failed can mark its state");
+        "decode session: only a session that is not a graph and has not failed can mark its "
+        "state");
   }
-  impl_->marked = impl_->state;  // shares the tensors: eager steps replace them
+  // Eager steps replace the tensors, so sharing them is enough; in-place
+  // steps write into them.
+  impl_->marked =
+      impl_->execution == Execution::kInPlace ? CopyOf(impl_->state) : impl_->state;
   return absl::OkStatus();
 }
 
@@ -197,7 +214,18 @@ absl::Status Session::Rewind() {
   if (!impl_->marked.has_value() || impl_->failed) {
     return absl::FailedPreconditionError("decode session: no marked state to rewind to");
   }
-  impl_->state = *impl_->marked;
+  if (impl_->execution != Execution::kInPlace) {
+    impl_->state = *impl_->marked;
+    return absl::OkStatus();
+  }
+  // Into the state's own tensors, which the in-place steps write.
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < impl_->state.layers.size(); ++i) {
+    LayerState& layer = impl_->state.layers[i];
+    const LayerState& marked = impl_->marked->layers[i];
+    if (layer.conv_history.defined()) layer.conv_history.copy_(marked.conv_history);
+    if (layer.ssm_state.defined()) layer.ssm_state.copy_(marked.ssm_state);
+  }
   return absl::OkStatus();
 }
 

@@ -18,9 +18,16 @@
 
 namespace icd::decode {
 
-enum class Execution { kEager, kCudaGraph };
+// kEager: each step the forward over one token, the state replaced.
+// kCudaGraph: on a CUDA device, the step captured once and replayed, the
+// state written in place. kInPlace: the graph's step launched kernel by
+// kernel (the state written in place, the scan's constants computed once):
+// the kernels a graph replays, one launch each, for the hardware counters,
+// which count launches. A model that cannot be captured (attention, experts,
+// placed over devices) decodes eagerly under either.
+enum class Execution { kEager, kCudaGraph, kInPlace };
 
-// "eager" | "cuda_graph", as LatencyReport::execution reports it.
+// "eager" | "cuda_graph" | "in_place", as LatencyReport::execution reports it.
 const char* ExecutionName(Execution execution);
 
 class Session {
@@ -49,13 +56,15 @@ class Session {
   // state may be partly advanced: the session refuses further steps.
   absl::StatusOr<torch::Tensor> Step(const torch::Tensor& ids, const CallContext& ctx);
 
-  // Eager sessions only: remembers the state as it is now, and goes back to
-  // it (a step after Rewind repeats the step after Mark, bit for bit): the
-  // hardware counters' user replay runs the same step once per pass. Eager
-  // steps replace the state's tensors rather than write into them, and an
-  // attention cache's step writes only past the positions it has seen, so
-  // what Mark keeps stays valid. FAILED_PRECONDITION on a CUDA-graph
-  // session (its steps write the state in place) or a failed one.
+  // Sessions that are not graphs: remembers the state as it is now, and goes
+  // back to it (a step after Rewind repeats the step after Mark, bit for
+  // bit): the hardware counters' user replay runs the same step once per
+  // pass. Eager steps replace the state's tensors rather than write into
+  // them, and an attention cache's step writes only past the positions it
+  // has seen, so Mark keeps the tensors themselves; in-place steps write into
+  // them, so Mark keeps copies and Rewind copies them back (launches of their
+  // own, outside the step's). FAILED_PRECONDITION on a CUDA-graph session or
+  // a failed one.
   absl::Status Mark();
   absl::Status Rewind();
 

@@ -172,16 +172,14 @@ class ModelSampler {
   explicit ModelSampler(const TimedModel& model) : model_(&model) {}
 
   // Untimed: Forward's checks once (the samples skip them: the range check
-  // is a device sync), and for decode the prefill into a session (and on a
-  // GPU the step's CUDA graph, unless `eager`).
-  absl::Status Prepare(Mode mode, bool eager, const torch::Tensor& prefill_ids,
+  // is a device sync), and for decode the prefill into a session stepping as
+  // `execution` says (decode.h; on a GPU kCudaGraph captures the step).
+  absl::Status Prepare(Mode mode, decode::Execution execution, const torch::Tensor& prefill_ids,
                        const CallContext& ctx) {
     ICD_RETURN_IF_ERROR(CheckForwardInputs(*model_->config, *model_->weights, prefill_ids));
     if (mode == Mode::kDecode) {
-      ICD_ASSIGN_OR_RETURN(
-          session_, decode::Session::Start(
-                        *model_->config, *model_->weights, prefill_ids,
-                        eager ? decode::Execution::kEager : decode::Execution::kCudaGraph, ctx));
+      ICD_ASSIGN_OR_RETURN(session_, decode::Session::Start(*model_->config, *model_->weights,
+                                                            prefill_ids, execution, ctx));
     }
     return absl::OkStatus();
   }
@@ -250,9 +248,9 @@ absl::Status CheckComparable(const TimedModel& model, const TimedModel& compare)
 }
 
 // One more sample of `model` under the hardware counters, `repeats` times:
-// a prefill forward over `ids`, or a decode step launched eagerly (a graph's
-// kernels are the same ones; CUPTI counts launches it sees) in a session of
-// its own, prefilled with `prefill_ids`, then stepping through `step_ids`
+// a prefill forward over `ids`, or a decode step (the kernels a graph
+// replays, one launch each: decode::Execution::kInPlace) in a session of its
+// own, prefilled with `prefill_ids`, then stepping through `step_ids`
 // (one uncounted step for a first step's one-time launches, then one per
 // repeat; both models of a comparison get the same). Under user replay a
 // collection runs the sample once per pass: a decode session rewinds to the
@@ -262,11 +260,14 @@ absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
                                           const std::vector<torch::Tensor>& step_ids,
                                           int64_t repeats, const CallContext& ctx) {
   ModelSampler sampler(model);
-  ICD_RETURN_IF_ERROR(sampler.Prepare(mode, /*eager=*/true, prefill_ids, ctx));
+  // The graph's kernels one launch each (CUPTI counts launches, and a graph
+  // replay is one), or the eager step where there is no graph.
+  ICD_RETURN_IF_ERROR(sampler.Prepare(mode, decode::Execution::kInPlace, prefill_ids, ctx));
   const torch::Device device = Embedding(model).device();
   CounterReport report;
   report.method = counters::Describe(counters::Replay::kUser);
-  report.execution = mode == Mode::kDecode ? "decode step (eager)" : "prefill";
+  report.execution =
+      mode == Mode::kDecode ? absl::StrCat("decode step (", sampler.Execution(), ")") : "prefill";
   if (mode == Mode::kDecode) ICD_RETURN_IF_ERROR(sampler.Sample(step_ids[0], ctx));
   for (int64_t repeat = 0; repeat < repeats; ++repeat) {
     ICD_RETURN_IF_ERROR(CheckCall(ctx, "hardware counters"));
@@ -353,7 +354,9 @@ absl::StatusOr<LatencyReport> Measure(const LatencyOptions& options, const Timed
   samplers.emplace_back(model);
   if (compare != nullptr) samplers.emplace_back(*compare);
   for (ModelSampler& sampler : samplers) {
-    ICD_RETURN_IF_ERROR(sampler.Prepare(mode, options.eager, prefill_ids, ctx));
+    ICD_RETURN_IF_ERROR(sampler.Prepare(
+        mode, options.eager ? decode::Execution::kEager : decode::Execution::kCudaGraph,
+        prefill_ids, ctx));
   }
 
   std::vector<torch::Device> timed_devices = devices;

@@ -233,7 +233,8 @@ struct KernelCounters {
 // One sample's memory traffic from the hardware counters (counter_repeats).
 struct CounterReport {
   std::string method;     // how they were read
-  std::string execution;  // what was counted: "prefill", "decode step (eager)"
+  std::string execution;  // what was counted: "prefill", "decode step (in_place)" (a
+                          // graph's kernels one launch each), "decode step (eager)"
   std::vector<KernelCounters> kernels;  // first repeat, summed by kernel, in launch order
   KernelCounters total;                 // first repeat, every launch
   std::vector<KernelCounters> repeat_totals;  // each repeat's total: how repeatable they are

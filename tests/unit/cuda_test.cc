@@ -1749,6 +1749,40 @@ TEST(DecodeSessionTest, L2PrefetchLeavesTheStepsBitForBit) {
   torch::cuda::synchronize();
 }
 
+// On the device, an in-place session's Rewind puts back what its kernels
+// wrote in place (the conv history written by the fused in_proj + conv, the
+// scan's state): the steps after Rewind repeat the steps after Mark bit for
+// bit, as the hardware counters' user replay needs.
+TEST(DecodeSessionTest, InPlaceRewindOnTheDevice) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  for (const DecodeCase& c : DecodeCases()) {
+    Weights weights;
+    for (const auto& [name, tensor] : c.weights) {
+      weights[name] = tensor.to(torch::kCUDA, torch::kBFloat16);
+    }
+    const torch::Tensor ids = c.ids.to(torch::kCUDA);
+    auto token = [&](int64_t position) { return ids.narrow(1, position, 1).contiguous(); };
+    auto session = decode::Session::Start(c.config, weights, ids.narrow(1, 0, 5),
+                                          decode::Execution::kInPlace, {});
+    ASSERT_TRUE(session.ok()) << c.name << ": " << session.status();
+    decode::Session& steps = **session;
+    ASSERT_TRUE(steps.Step(token(5), {}).ok()) << c.name;
+    ASSERT_TRUE(steps.Mark().ok()) << c.name;
+    auto first = steps.Step(token(6), {});
+    ASSERT_TRUE(first.ok()) << c.name;
+    const torch::Tensor first_logits = first->cpu();
+    auto second = steps.Step(token(7), {});
+    ASSERT_TRUE(second.ok()) << c.name;
+    const torch::Tensor second_logits = second->cpu();
+    ASSERT_TRUE(steps.Rewind().ok()) << c.name;
+    auto again = steps.Step(token(6), {});
+    auto second_again = steps.Step(token(7), {});
+    ASSERT_TRUE(again.ok() && second_again.ok()) << c.name;
+    EXPECT_TRUE(torch::equal(again->cpu(), first_logits)) << c.name;
+    EXPECT_TRUE(torch::equal(second_again->cpu(), second_logits)) << c.name;
+  }
+}
+
 // float32: the step replayed as a graph is the forward over the whole
 // sequence at every position (rel L2 <= 1e-5, forward.h's decode bound), and
 // the graph's steps are the eager steps'. bfloat16: within the gap between

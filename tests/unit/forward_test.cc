@@ -722,5 +722,50 @@ TEST(DecodeSessionTest, InPlaceStepsAreTheEagerSteps) {
   }
 }
 
+// The same in float64 (the scan's cached constants must keep float64: a
+// dt_bias cached in float32 moved Mamba-2's steps by ~1e-7), and a Mark
+// taken before the first step, whose Rewind also forgets the constants that
+// step computed (the step after Rewind launches what the step after Mark did).
+TEST(DecodeSessionTest, InPlaceStepsInFloat64AndFromAMarkBeforeTheFirstStep) {
+  const char* configs[] = {
+      R"({"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 50,
+          "state_size": 8, "expand": 2, "time_step_rank": 4, "use_bias": true,
+          "use_conv_bias": true, "tie_word_embeddings": false})",
+      R"({"model_type": "mamba2", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 50,
+          "state_size": 16, "expand": 2, "head_dim": 8, "num_heads": 8, "n_groups": 2,
+          "conv_kernel": 4, "chunk_size": 8, "tie_word_embeddings": false})"};
+  torch::manual_seed(33);
+  const torch::Tensor ids = torch::randint(0, 50, {2, 12}, torch::kInt64);
+  for (const char* json : configs) {
+    auto config = ParseConfig(json, "config");
+    ASSERT_TRUE(config.ok()) << config.status();
+    SCOPED_TRACE(config->family == Family::kMamba2 ? "mamba2" : "mamba1");
+    const Weights weights = testing::RandomWeights(*config, 34, torch::kFloat64);
+    const torch::Tensor prefill = ids.narrow(1, 0, 4);
+    auto eager = decode::Session::Start(*config, weights, prefill, decode::Execution::kEager, {});
+    auto in_place =
+        decode::Session::Start(*config, weights, prefill, decode::Execution::kInPlace, {});
+    ASSERT_TRUE(eager.ok() && in_place.ok());
+    ASSERT_EQ((*in_place)->execution(), decode::Execution::kInPlace);
+    ASSERT_TRUE((*in_place)->Mark().ok());  // before any step
+    const torch::Tensor first_token = ids.narrow(1, 4, 1).contiguous();
+    auto first = (*in_place)->Step(first_token, {});
+    ASSERT_TRUE(first.ok());
+    ASSERT_TRUE((*in_place)->Rewind().ok());
+    auto again = (*in_place)->Step(first_token, {});
+    ASSERT_TRUE(again.ok());
+    EXPECT_TRUE(torch::equal(*again, *first));
+    ASSERT_TRUE((*eager)->Step(first_token, {}).ok());
+    for (int64_t position = 5; position < ids.size(1); ++position) {
+      const torch::Tensor token = ids.narrow(1, position, 1).contiguous();
+      auto expected = (*eager)->Step(token, {});
+      auto got = (*in_place)->Step(token, {});
+      ASSERT_TRUE(expected.ok() && got.ok()) << "position " << position;
+      EXPECT_TRUE(torch::equal(*got, *expected))
+          << "position " << position << ": rel " << testing::RelL2(*got, *expected);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace icd

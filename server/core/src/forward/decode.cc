@@ -49,7 +49,7 @@ struct Session::Impl {
   const ModelConfig* config = nullptr;
   const Weights* weights = nullptr;
   RecurrentState state;
-  std::optional<RecurrentState> marked;  // Mark's, eager sessions only
+  std::optional<RecurrentState> marked;  // Mark's: eager and in-place sessions
   Execution execution = Execution::kEager;
   bool failed = false;  // a step failed: the state may be partly advanced
 #ifdef ICD_HAVE_CUDA
@@ -189,6 +189,8 @@ absl::StatusOr<torch::Tensor> Session::Step(const torch::Tensor& ids, const Call
     return impl_->step_logits;
   }
 #endif
+  // A call stopped before the step leaves any session as it was.
+  ICD_RETURN_IF_ERROR(CheckCall(ctx, "decode step"));
   absl::StatusOr<torch::Tensor> logits =
       ForwardPrechecked(*impl_->config, *impl_->weights, ids, ctx, &impl_->state);
   // Eager steps replace the state only on success (forward.h): a failed one
@@ -218,13 +220,19 @@ absl::Status Session::Rewind() {
     impl_->state = *impl_->marked;
     return absl::OkStatus();
   }
-  // Into the state's own tensors, which the in-place steps write.
+  // Into the state's own tensors, which the in-place steps write; the scan's
+  // constants as they were at Mark (undefined before the first step, which
+  // computes them: the step after Rewind launches what the step after Mark
+  // did).
   torch::NoGradGuard no_grad;
   for (size_t i = 0; i < impl_->state.layers.size(); ++i) {
     LayerState& layer = impl_->state.layers[i];
     const LayerState& marked = impl_->marked->layers[i];
     if (layer.conv_history.defined()) layer.conv_history.copy_(marked.conv_history);
     if (layer.ssm_state.defined()) layer.ssm_state.copy_(marked.ssm_state);
+    layer.scan_decay = marked.scan_decay;
+    layer.scan_skip = marked.scan_skip;
+    layer.scan_delta_bias = marked.scan_delta_bias;
   }
   return absl::OkStatus();
 }

@@ -33,9 +33,10 @@ const char* ExecutionName(Execution execution);
 class Session {
  public:
   // Runs the prefill (Forward, with its checks) into the state, then on a
-  // CUDA device with `execution` kCudaGraph captures the step (not for a
-  // model with attention layers, whose cache grows, or experts, which pick
-  // rows by value: eager). `config` and
+  // CUDA device with `execution` kCudaGraph captures the step, or with
+  // kInPlace marks the state to be written in place (neither for a model
+  // with attention layers, whose cache grows, or experts, which pick rows by
+  // value, or one placed over devices: eager). `config` and
   // `weights` must outlive the session unchanged (the caller holds the
   // model's shared lock): the graph keeps the weights' addresses, so a
   // session never outlives the model version it was built on.

@@ -230,7 +230,8 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
                            .reshape({batch, seq_len, groups, state_size});
   // A and D (one per head, or one per channel: mamba_ssm D_has_hdim) in
   // `wide`: a decode session computes them once (its model does not change),
-  // with dt_bias widened to float32 as the kernel adds it.
+  // with dt_bias widened to `wide` (float32 for every dtype the kernel takes,
+  // as it adds it; float64 models keep theirs exact).
   if (in_place && state->scan_decay.defined()) {
     scan_inputs.a_decay = state->scan_decay;
     scan_inputs.skip = state->scan_skip;
@@ -240,7 +241,7 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
     scan_inputs.skip = view.d_skip.to(wide);                 // [H] or [I]
     state->scan_decay = scan_inputs.a_decay;
     state->scan_skip = scan_inputs.skip;
-    state->scan_delta_bias = view.dt_bias.to(torch::kFloat32);
+    state->scan_delta_bias = view.dt_bias.to(wide);
   } else {
     // As the model holds them: the CUDA kernels widen them as they read
     // them, the other forms through Widened (the same ops as above).

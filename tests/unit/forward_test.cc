@@ -690,6 +690,20 @@ TEST(DecodeSessionTest, RewindRepeatsTheStepsAfterMark) {
   }
 }
 
+// Steps both sessions through ids[:, from:], one token at a time, and
+// expects the same logits bit for bit at every position.
+void ExpectTheSameSteps(decode::Session& expected_session, decode::Session& session,
+                        const torch::Tensor& ids, int64_t from) {
+  for (int64_t position = from; position < ids.size(1); ++position) {
+    const torch::Tensor token = ids.narrow(1, position, 1).contiguous();
+    auto expected = expected_session.Step(token, {});
+    auto got = session.Step(token, {});
+    ASSERT_TRUE(expected.ok() && got.ok()) << "position " << position;
+    EXPECT_TRUE(torch::equal(*got, *expected))
+        << "position " << position << ": rel " << testing::RelL2(*got, *expected);
+  }
+}
+
 // The in-place session (the graph's step, one launch each: what the hardware
 // counters count) writes its state in place and computes the scan's
 // constants once, and gives the eager session's logits bit for bit, step by
@@ -711,19 +725,12 @@ TEST(DecodeSessionTest, InPlaceStepsAreTheEagerSteps) {
     const bool capturable = !blocks::Attends(model.config) && model.config.moe.experts == 0;
     EXPECT_EQ((*in_place)->execution(),
               capturable ? decode::Execution::kInPlace : decode::Execution::kEager);
-    for (int64_t position = 6; position < ids.size(1); ++position) {
-      const torch::Tensor token = ids.narrow(1, position, 1).contiguous();
-      auto expected = (*eager)->Step(token, {});
-      auto got = (*in_place)->Step(token, {});
-      ASSERT_TRUE(expected.ok() && got.ok()) << "position " << position;
-      EXPECT_TRUE(torch::equal(*got, *expected))
-          << "position " << position << ": rel " << testing::RelL2(*got, *expected);
-    }
+    ExpectTheSameSteps(**eager, **in_place, ids, 6);
   }
 }
 
 // The same in float64 (the scan's cached constants must keep float64: a
-// dt_bias cached in float32 moved Mamba-2's steps by ~1e-7), and a Mark
+// dt_bias cached in float32 moved Mamba-2's steps by ~1e-9 rel), and a Mark
 // taken before the first step, whose Rewind also forgets the constants that
 // step computed (the step after Rewind launches what the step after Mark did).
 TEST(DecodeSessionTest, InPlaceStepsInFloat64AndFromAMarkBeforeTheFirstStep) {
@@ -756,14 +763,7 @@ TEST(DecodeSessionTest, InPlaceStepsInFloat64AndFromAMarkBeforeTheFirstStep) {
     ASSERT_TRUE(again.ok());
     EXPECT_TRUE(torch::equal(*again, *first));
     ASSERT_TRUE((*eager)->Step(first_token, {}).ok());
-    for (int64_t position = 5; position < ids.size(1); ++position) {
-      const torch::Tensor token = ids.narrow(1, position, 1).contiguous();
-      auto expected = (*eager)->Step(token, {});
-      auto got = (*in_place)->Step(token, {});
-      ASSERT_TRUE(expected.ok() && got.ok()) << "position " << position;
-      EXPECT_TRUE(torch::equal(*got, *expected))
-          << "position " << position << ": rel " << testing::RelL2(*got, *expected);
-    }
+    ExpectTheSameSteps(**eager, **in_place, ids, 5);
   }
 }
 

@@ -1682,7 +1682,8 @@ std::vector<DecodeCase> DecodeCases() {
 }
 
 // ICD_DECODE_L2_PREFETCH=1 (fused.h: out_proj's weight into L2 during a
-// decode step's small kernels) is a hint only: a step's logits are bit for
+// decode step's small kernels) and ICD_DECODE_L2_PREFETCH_NEXT_MB (the next
+// layer's in_proj, the head's after the last) are hints only: a step's logits are bit for
 // bit the same with it, in graphs and eager, Mamba-1 and Mamba-2 (two runs
 // without it first: the comparison's own control); it is issued (on sm_90)
 // for weights of 1 MiB or more, from any start (rounded up to 16 bytes).

@@ -36,6 +36,7 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
 }
 
 bool PrefetchToL2(const torch::Tensor&) { return false; }
+bool PrefetchStartToL2(const torch::Tensor&) { return false; }
 void SetL2PrefetchForTest(std::optional<bool>) {}
 int64_t L2PrefetchesIssued() { return 0; }
 #endif  // ICD_HAVE_CUDA_FUSED

@@ -88,8 +88,14 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
 // a build without the kernel). Never throws for a hint's sake.
 bool PrefetchToL2(const torch::Tensor& weight);
 
-// Tests: on, off, or (nullopt) as ICD_DECODE_L2_PREFETCH says; and how many
-// prefetches this process has issued.
+// The same hint for the first ICD_DECODE_L2_PREFETCH_NEXT_MB megabytes of
+// `weight` (unset or 0: off; at most half the L2): the weight the next layer
+// reads first, issued before this layer's out_proj, whose own weight
+// PrefetchToL2 has brought into L2 so that DRAM would otherwise idle.
+bool PrefetchStartToL2(const torch::Tensor& weight);
+
+// Tests: on (both hints; the next layer's 4 MiB), off, or (nullopt) as the
+// environment says; and how many prefetches this process has issued.
 void SetL2PrefetchForTest(std::optional<bool> enabled);
 int64_t L2PrefetchesIssued();
 

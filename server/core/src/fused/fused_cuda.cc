@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -332,12 +333,22 @@ bool L2PrefetchEnabled() {
   return override_value < 0 ? from_environment : override_value == 1;
 }
 
-}  // namespace
+// PrefetchStartToL2's bytes; 0: off.
+int64_t StartPrefetchBytes() {
+  static const int64_t from_environment = [] {
+    const char* value = std::getenv("ICD_DECODE_L2_PREFETCH_NEXT_MB");
+    const int64_t megabytes = value != nullptr ? std::atoll(value) : 0;
+    return megabytes > 0 ? megabytes << 20 : int64_t{0};
+  }();
+  const int override_value = l2_prefetch_override.load();
+  return override_value < 0 ? from_environment : (override_value == 1 ? int64_t{4} << 20 : 0);
+}
 
-bool PrefetchToL2(const torch::Tensor& weight) {
+// The hint for at most `bytes` (and half the L2) of `weight` from its start.
+bool IssuePrefetch(const torch::Tensor& weight, int64_t bytes) {
   constexpr int64_t kSmallest = int64_t{1} << 20;
-  if (!L2PrefetchEnabled() || !weight.defined() || !weight.is_cuda() ||
-      !weight.is_contiguous() || static_cast<int64_t>(weight.nbytes()) < kSmallest) {
+  if (bytes <= 0 || !weight.defined() || !weight.is_cuda() || !weight.is_contiguous() ||
+      static_cast<int64_t>(weight.nbytes()) < kSmallest) {
     return false;
   }
   const c10::cuda::CUDAGuard device_guard(weight.device());
@@ -349,7 +360,7 @@ bool PrefetchToL2(const torch::Tensor& weight) {
   }
   L2PrefetchLaunchArgs args;
   args.data = weight.data_ptr();
-  args.bytes = std::min<int64_t>(static_cast<int64_t>(weight.nbytes()), l2_bytes / 2);
+  args.bytes = std::min({static_cast<int64_t>(weight.nbytes()), int64_t{l2_bytes} / 2, bytes});
   const int status = LaunchL2Prefetch(args, CurrentStream(weight.device()));
   if (status != static_cast<int>(cudaSuccess)) {
     (void)cudaGetLastError();  // a hint not given; the step goes on without it
@@ -357,6 +368,16 @@ bool PrefetchToL2(const torch::Tensor& weight) {
   }
   ++l2_prefetches_issued;
   return true;
+}
+
+}  // namespace
+
+bool PrefetchToL2(const torch::Tensor& weight) {
+  return L2PrefetchEnabled() && IssuePrefetch(weight, std::numeric_limits<int64_t>::max());
+}
+
+bool PrefetchStartToL2(const torch::Tensor& weight) {
+  return IssuePrefetch(weight, StartPrefetchBytes());
 }
 
 void SetL2PrefetchForTest(std::optional<bool> enabled) {

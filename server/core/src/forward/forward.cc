@@ -65,14 +65,6 @@ torch::Tensor Linear(const torch::Tensor& input, const torch::Tensor& weight,
   return torch::linear(input, weight, bias);
 }
 
-void PrefetchNextLayerToL2(const ModelConfig& config, const Weights& weights, int64_t layer) {
-  const std::string name = layer + 1 < config.n_layer ? MixerTensorName(layer + 1, "in_proj.weight")
-                           : weights.count(kHeadTensor) > 0 ? std::string(kHeadTensor)
-                                                            : std::string(kEmbeddingTensor);
-  auto found = weights.find(name);
-  if (found != weights.end()) fused::PrefetchStartToL2(found->second);
-}
-
 torch::Tensor RmsNormalize(const torch::Tensor& values, double eps,
                            torch::ScalarType accumulate) {
   torch::Tensor wide = values.to(accumulate);

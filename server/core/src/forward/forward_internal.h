@@ -46,11 +46,6 @@ torch::Tensor OptionalTensorAs(const Weights& weights, const std::string& name,
 torch::Tensor Linear(const torch::Tensor& input, const torch::Tensor& weight,
                      const torch::Tensor& bias = {});
 
-// A decode step's hint before `layer`'s out_proj (fused::PrefetchStartToL2,
-// opt-in): the start of the weight read next, the next layer's in_proj (a
-// Mamba layer's; others get none) or the head after the last layer.
-void PrefetchNextLayerToL2(const ModelConfig& config, const Weights& weights, int64_t layer);
-
 // Weightless RMS normalisation over the last axis, reduced in `accumulate`
 // and returned in `accumulate`: v / sqrt(mean(v^2) + eps).
 torch::Tensor RmsNormalize(const torch::Tensor& values, double eps,

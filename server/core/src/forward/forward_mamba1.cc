@@ -193,9 +193,6 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   torch::Tensor out_proj_input =
       ScanInChunks(scan_inputs, wide, state != nullptr ? &state->ssm_state : nullptr, in_place,
                    ctx, layer);  // [B, L, I]
-  // The next layer's first weight into L2 while out_proj reads its own from
-  // there (fused.h: opt-in).
-  if (state != nullptr && normed.size(1) == 1) PrefetchNextLayerToL2(config, weights, layer);
 
   // 4. Final linear projection.
   capture.Add(LayerGroupName(layer, "inner"), out_proj_input);

@@ -252,9 +252,6 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
       Scan(scan_inputs, wide, state != nullptr ? &state->ssm_state : nullptr, in_place, ctx,
            layer)
           .reshape({batch, seq_len, inner});  // [B, L, I]
-  // The next layer's first weight into L2 while out_proj reads its own from
-  // there (fused.h: opt-in).
-  if (state != nullptr && seq_len == 1) PrefetchNextLayerToL2(config, weights, layer);
 
   // 6. Gated RMSNorm (or the bare gate).
   torch::Tensor gated = GatedNorm(config, view, precision, scan_output, gate);

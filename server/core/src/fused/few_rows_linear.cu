@@ -258,18 +258,16 @@ int Split(int64_t out_features) {
   return split;
 }
 
-// Bytes of one bulk prefetch instruction, and one warp per block: a weight's
-// few hundred chunks spread over the TMA units of a few dozen SMs.
+// Bytes of one bulk prefetch instruction: a few hundred per projection
+// weight, spread over a few blocks' threads.
 constexpr int64_t kL2PrefetchChunk = 32 * 1024;
-constexpr int kL2PrefetchThreads = 32;
+constexpr int kL2PrefetchThreads = 128;
 
 __global__ void __launch_bounds__(kL2PrefetchThreads) L2PrefetchKernel(const char* data,
                                                                        int64_t bytes) {
-  // It writes nothing, so the next kernel may be scheduled at once (its own
-  // wait still waits for this grid, and so for the one before).
-  dependent_launch::AllowDependents();
   // DRAM is the previous kernel's until it has completed.
   dependent_launch::WaitForPrerequisites();
+  dependent_launch::AllowDependents();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t offset = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) *
@@ -278,9 +276,7 @@ __global__ void __launch_bounds__(kL2PrefetchThreads) L2PrefetchKernel(const cha
     const auto size = static_cast<uint32_t>(
         (bytes - offset < kL2PrefetchChunk ? bytes - offset : kL2PrefetchChunk) & ~int64_t{15});
     if (size > 0) {
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(
-                       static_cast<uint64_t>(__cvta_generic_to_global(data + offset))),
-                   "r"(size)
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(data + offset), "r"(size)
                    : "memory");
     }
   }
@@ -355,13 +351,9 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream) {
 }
 
 int LaunchL2Prefetch(const L2PrefetchLaunchArgs& args, void* stream) {
-  if (args.bytes <= 0) return static_cast<int>(cudaSuccess);
-  if (args.data == nullptr) return static_cast<int>(cudaErrorInvalidValue);
-  // From the first 16-byte boundary: the instruction's alignment.
-  const auto address = reinterpret_cast<uintptr_t>(args.data);
-  const int64_t skip = static_cast<int64_t>((kLoadBytes - address % kLoadBytes) % kLoadBytes);
-  const int64_t bytes = args.bytes - skip;
-  if (bytes <= 0) return static_cast<int>(cudaSuccess);
+  if (args.data == nullptr || args.bytes < 0 || !Aligned(args.data)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
   int device = 0;
   int major = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -369,11 +361,12 @@ int LaunchL2Prefetch(const L2PrefetchLaunchArgs& args, void* stream) {
     return static_cast<int>(cudaErrorInvalidDevice);
   }
   if (major < 9) return static_cast<int>(cudaErrorNotSupported);
-  const int64_t chunks = (bytes + kL2PrefetchChunk - 1) / kL2PrefetchChunk;
+  const int64_t chunks = (args.bytes + kL2PrefetchChunk - 1) / kL2PrefetchChunk;
+  if (chunks == 0) return static_cast<int>(cudaSuccess);
   const dim3 grid(static_cast<unsigned int>((chunks + kL2PrefetchThreads - 1) / kL2PrefetchThreads));
   return static_cast<int>(dependent_launch::LaunchDependent(
       L2PrefetchKernel, grid, kL2PrefetchThreads, static_cast<cudaStream_t>(stream),
-      static_cast<const char*>(args.data) + skip, bytes));
+      static_cast<const char*>(args.data), args.bytes));
 }
 
 }  // namespace icd::fused

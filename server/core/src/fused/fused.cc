@@ -36,9 +36,6 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
 }
 
 bool PrefetchToL2(const torch::Tensor&) { return false; }
-bool PrefetchStartToL2(const torch::Tensor&) { return false; }
-void SetL2PrefetchForTest(std::optional<bool>) {}
-int64_t L2PrefetchesIssued() { return 0; }
 #endif  // ICD_HAVE_CUDA_FUSED
 
 }  // namespace icd::fused

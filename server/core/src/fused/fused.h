@@ -80,24 +80,10 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
 
 // A decode step's hint (LaunchL2Prefetch): `weight`, which a kernel after
 // the next few will read, brought into L2 on the current stream once the
-// kernel before has completed; at most half the device's L2 of it (more
-// would evict its own start), nothing for a weight under 1 MiB (a graph
-// node per layer for little). Only with ICD_DECODE_L2_PREFETCH=1, read once
-// (off by default until measured against its absence on the H200); false
-// when not issued (off, not CUDA, not contiguous, small, a GPU before sm_90,
-// a build without the kernel). Never throws for a hint's sake.
+// kernel before has completed. Only with ICD_DECODE_L2_PREFETCH=1 (off by
+// default until measured against its absence on the H200); false when not
+// issued (off, not CUDA, not contiguous, a GPU before sm_90, no kernels).
 bool PrefetchToL2(const torch::Tensor& weight);
-
-// The same hint for the first ICD_DECODE_L2_PREFETCH_NEXT_MB megabytes of
-// `weight` (unset or 0: off; at most half the L2): the weight the next layer
-// reads first, issued before this layer's out_proj, whose own weight
-// PrefetchToL2 has brought into L2 so that DRAM would otherwise idle.
-bool PrefetchStartToL2(const torch::Tensor& weight);
-
-// Tests: on (both hints; the next layer's 4 MiB), off, or (nullopt) as the
-// environment says; and how many prefetches this process has issued.
-void SetL2PrefetchForTest(std::optional<bool> enabled);
-int64_t L2PrefetchesIssued();
 
 }  // namespace icd::fused
 

@@ -4,11 +4,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -318,72 +315,20 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
   return LinearConvStepResult{std::move(result->first), std::move(result->second)};
 }
 
-namespace {
-
-// -1: as ICD_DECODE_L2_PREFETCH says; 0 or 1: a test's choice.
-std::atomic<int> l2_prefetch_override{-1};
-std::atomic<int64_t> l2_prefetches_issued{0};
-
-bool L2PrefetchEnabled() {
-  static const bool from_environment = [] {
-    const char* value = std::getenv("ICD_DECODE_L2_PREFETCH");
-    return value != nullptr && std::strcmp(value, "1") == 0;
-  }();
-  const int override_value = l2_prefetch_override.load();
-  return override_value < 0 ? from_environment : override_value == 1;
-}
-
-// PrefetchStartToL2's bytes; 0: off.
-int64_t StartPrefetchBytes() {
-  static const int64_t from_environment = [] {
-    const char* value = std::getenv("ICD_DECODE_L2_PREFETCH_NEXT_MB");
-    const int64_t megabytes = value != nullptr ? std::atoll(value) : 0;
-    return megabytes > 0 ? megabytes << 20 : int64_t{0};
-  }();
-  const int override_value = l2_prefetch_override.load();
-  return override_value < 0 ? from_environment : (override_value == 1 ? int64_t{4} << 20 : 0);
-}
-
-// The hint for at most `bytes` (and half the L2) of `weight` from its start.
-bool IssuePrefetch(const torch::Tensor& weight, int64_t bytes) {
-  constexpr int64_t kSmallest = int64_t{1} << 20;
-  if (bytes <= 0 || !weight.defined() || !weight.is_cuda() || !weight.is_contiguous() ||
-      static_cast<int64_t>(weight.nbytes()) < kSmallest) {
-    return false;
-  }
-  const c10::cuda::CUDAGuard device_guard(weight.device());
-  int l2_bytes = 0;
-  if (cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, weight.device().index()) !=
-      cudaSuccess) {
-    (void)cudaGetLastError();
+bool PrefetchToL2(const torch::Tensor& weight) {
+  // Read at each call (a few per layer, and once per captured graph), so
+  // that one process can measure both ways.
+  const char* value = std::getenv("ICD_DECODE_L2_PREFETCH");
+  const bool enabled = value != nullptr && std::strcmp(value, "1") == 0;
+  if (!enabled || !weight.defined() || !weight.is_cuda() || !weight.is_contiguous()) {
     return false;
   }
   L2PrefetchLaunchArgs args;
   args.data = weight.data_ptr();
-  args.bytes = std::min({static_cast<int64_t>(weight.nbytes()), int64_t{l2_bytes} / 2, bytes});
+  args.bytes = static_cast<int64_t>(weight.nbytes());
   const int status = LaunchL2Prefetch(args, CurrentStream(weight.device()));
-  if (status != static_cast<int>(cudaSuccess)) {
-    (void)cudaGetLastError();  // a hint not given; the step goes on without it
-    return false;
-  }
-  ++l2_prefetches_issued;
-  return true;
+  if (status == static_cast<int>(cudaErrorNotSupported)) return false;
+  return Launched(status, "L2 prefetch kernel");
 }
-
-}  // namespace
-
-bool PrefetchToL2(const torch::Tensor& weight) {
-  return L2PrefetchEnabled() && IssuePrefetch(weight, std::numeric_limits<int64_t>::max());
-}
-
-bool PrefetchStartToL2(const torch::Tensor& weight) {
-  return IssuePrefetch(weight, StartPrefetchBytes());
-}
-
-void SetL2PrefetchForTest(std::optional<bool> enabled) {
-  l2_prefetch_override = enabled.has_value() ? (*enabled ? 1 : 0) : -1;
-}
-
-int64_t L2PrefetchesIssued() { return l2_prefetches_issued.load(); }
 
 }  // namespace icd::fused

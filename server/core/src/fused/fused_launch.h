@@ -116,8 +116,8 @@ struct FewRowsLinearLaunchArgs {
 // projection leave DRAM idle. Issued once the previous kernel in the stream
 // has completed (it would otherwise take that kernel's bandwidth), with
 // sm_90's bulk L2 prefetch; nothing is written, and the kernels after it
-// compute what they would without it. Bytes before data's first 16-byte
-// boundary and after the last are left out.
+// compute what they would without it. data 16-byte aligned; the tail past a
+// multiple of 16 bytes is left out.
 struct L2PrefetchLaunchArgs {
   const void* data = nullptr;
   int64_t bytes = 0;

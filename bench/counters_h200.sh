@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Memory traffic from the hardware counters on the GPU machine (issue 21),
 # after bench/soak_h200.sh's build (or with SOAK_TARGETS naming
-# counters_check, icd-server and icdctl):
+# counters_check, icd-server, icdctl and, for the co-design step,
+# icd_python_stubs):
 #   1. icd's CUPTI counters against Nsight Compute's on the same sample
 #      (bench/counters_check: --cupti, then --ncu under ncu with the same
 #      metrics), prefill and decode of random mamba-130m (and COUNTERS_SHAPES),

@@ -19,10 +19,6 @@
 // does not even run it: label gpu), failed there under ICD_REQUIRE_CUDA=1.
 #include <gtest/gtest.h>
 
-#ifdef ICD_HAVE_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

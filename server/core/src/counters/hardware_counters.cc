@@ -70,7 +70,8 @@ std::string Describe(Replay replay) {
   switch (replay) {
     case Replay::kUser:
       return "CUPTI range profiler: a range per kernel launch, the work rerun once per pass "
-             "(user replay): each kernel sees the caches as the kernels before it left them";
+             "(user replay): each kernel sees the caches as the kernels before it left them; its DRAM "
+             "writes include write-backs of lines dirtied before it";
     case Replay::kKernel:
       return "CUPTI range profiler: a range per kernel launch, each kernel replayed with device "
              "memory restored until every counter is read (kernel replay: DRAM writes include "

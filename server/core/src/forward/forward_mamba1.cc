@@ -114,11 +114,6 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
                                                   torch::Tensor(), nullptr, ctx,
                                                   layer));  // [B, L, I]
 
-  // A decode step's out_proj weight into L2 while x_proj and the scan, too
-  // small to keep DRAM busy, run (fused.h: opt-in, being measured), in graphs
-  // and eager steps alike (the counters count eager ones).
-  if (state != nullptr && normed.size(1) == 1) fused::PrefetchToL2(view.out_proj_w);
-
   // 3.a. Selection: x_proj rows are [dt | B | C].
   torch::Tensor ssm_params = Linear(hidden, view.x_proj_w);  // [B, L, R + 2N]
   torch::Tensor time_step = ssm_params.narrow(-1, 0, config.dt_rank);               // [B, L, R]

@@ -183,10 +183,6 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
   torch::Tensor projected = step.has_value() ? step->projected
                                              : Linear(normed, view.in_proj_w,
                                                       view.in_proj_b);  // [B, L, *]
-  // A decode step's out_proj weight into L2 while the scan step and the
-  // gated norm, too small to keep DRAM busy, run (fused.h: opt-in), in
-  // graphs and eager steps alike.
-  if (state != nullptr && seq_len == 1) fused::PrefetchToL2(view.out_proj_w);
   torch::Tensor gate = projected.narrow(-1, 0, inner);                         // [B, L, I]
   torch::Tensor xbc = projected.narrow(-1, inner, conv_dim);                   // [B, L, conv_dim]
   torch::Tensor time_step = projected.narrow(-1, inner + conv_dim, heads);     // [B, L, H]

@@ -258,31 +258,6 @@ int Split(int64_t out_features) {
   return split;
 }
 
-// Bytes of one bulk prefetch instruction: a few hundred per projection
-// weight, spread over a few blocks' threads.
-constexpr int64_t kL2PrefetchChunk = 32 * 1024;
-constexpr int kL2PrefetchThreads = 128;
-
-__global__ void __launch_bounds__(kL2PrefetchThreads) L2PrefetchKernel(const char* data,
-                                                                       int64_t bytes) {
-  // DRAM is the previous kernel's until it has completed.
-  dependent_launch::WaitForPrerequisites();
-  dependent_launch::AllowDependents();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t offset = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) *
-                        kL2PrefetchChunk;
-       offset < bytes; offset += threads * kL2PrefetchChunk) {
-    const auto size = static_cast<uint32_t>(
-        (bytes - offset < kL2PrefetchChunk ? bytes - offset : kL2PrefetchChunk) & ~int64_t{15});
-    if (size > 0) {
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(data + offset), "r"(size)
-                   : "memory");
-    }
-  }
-#endif
-}
-
 // Loads of each lane prefetched before the previous kernel has finished:
 // kUnroll, the first iteration's (the whole row measured slower:
 // deploy/results/h200-gpu-2026-12-02i); ICD_FEW_ROWS_PREFETCH=N sets N, for
@@ -348,25 +323,6 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream) {
   return cuda_elements::ForElementType(args.element_type, [&](auto element) {
     return LaunchElement<decltype(element)>(args, cuda_stream);
   });
-}
-
-int LaunchL2Prefetch(const L2PrefetchLaunchArgs& args, void* stream) {
-  if (args.data == nullptr || args.bytes < 0 || !Aligned(args.data)) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  int device = 0;
-  int major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    return static_cast<int>(cudaErrorInvalidDevice);
-  }
-  if (major < 9) return static_cast<int>(cudaErrorNotSupported);
-  const int64_t chunks = (args.bytes + kL2PrefetchChunk - 1) / kL2PrefetchChunk;
-  if (chunks == 0) return static_cast<int>(cudaSuccess);
-  const dim3 grid(static_cast<unsigned int>((chunks + kL2PrefetchThreads - 1) / kL2PrefetchThreads));
-  return static_cast<int>(dependent_launch::LaunchDependent(
-      L2PrefetchKernel, grid, kL2PrefetchThreads, static_cast<cudaStream_t>(stream),
-      static_cast<const char*>(args.data), args.bytes));
 }
 
 }  // namespace icd::fused

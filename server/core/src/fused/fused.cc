@@ -34,8 +34,6 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
                                                           int64_t) {
   return std::nullopt;
 }
-
-bool PrefetchToL2(const torch::Tensor&) { return false; }
 #endif  // ICD_HAVE_CUDA_FUSED
 
 }  // namespace icd::fused

@@ -78,13 +78,6 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
     int64_t conv_offset = 0);
 
-// A decode step's hint (LaunchL2Prefetch): `weight`, which a kernel after
-// the next few will read, brought into L2 on the current stream once the
-// kernel before has completed. Only with ICD_DECODE_L2_PREFETCH=1 (off by
-// default until measured against its absence on the H200); false when not
-// issued (off, not CUDA, not contiguous, a GPU before sm_90, no kernels).
-bool PrefetchToL2(const torch::Tensor& weight);
-
 }  // namespace icd::fused
 
 #endif  // ICD_CORE_SRC_FUSED_FUSED_H_

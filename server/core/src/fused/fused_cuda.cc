@@ -4,8 +4,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -313,22 +311,6 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
   auto result = FewRowsLinearLaunch(input, weight, bias, &conv);
   if (!result.has_value()) return std::nullopt;
   return LinearConvStepResult{std::move(result->first), std::move(result->second)};
-}
-
-bool PrefetchToL2(const torch::Tensor& weight) {
-  // Read at each call (a few per layer, and once per captured graph), so
-  // that one process can measure both ways.
-  const char* value = std::getenv("ICD_DECODE_L2_PREFETCH");
-  const bool enabled = value != nullptr && std::strcmp(value, "1") == 0;
-  if (!enabled || !weight.defined() || !weight.is_cuda() || !weight.is_contiguous()) {
-    return false;
-  }
-  L2PrefetchLaunchArgs args;
-  args.data = weight.data_ptr();
-  args.bytes = static_cast<int64_t>(weight.nbytes());
-  const int status = LaunchL2Prefetch(args, CurrentStream(weight.device()));
-  if (status == static_cast<int>(cudaErrorNotSupported)) return false;
-  return Launched(status, "L2 prefetch kernel");
 }
 
 }  // namespace icd::fused

@@ -111,18 +111,6 @@ struct FewRowsLinearLaunchArgs {
   void* conv_output = nullptr;        // silu(conv) [rows, C], contiguous
 };
 
-// A hint that `bytes` from `data` will be read soon: a decode step's next
-// projection weight, brought into L2 while the small kernels before that
-// projection leave DRAM idle. Issued once the previous kernel in the stream
-// has completed (it would otherwise take that kernel's bandwidth), with
-// sm_90's bulk L2 prefetch; nothing is written, and the kernels after it
-// compute what they would without it. data 16-byte aligned; the tail past a
-// multiple of 16 bytes is left out.
-struct L2PrefetchLaunchArgs {
-  const void* data = nullptr;
-  int64_t bytes = 0;
-};
-
 // Enqueue on `stream` (a cudaStream_t) of the current device. Return 0
 // (cudaSuccess) or a cudaError_t value: cudaErrorInvalidValue for arguments
 // out of range.
@@ -130,8 +118,6 @@ int LaunchCausalConvSilu(const CausalConvLaunchArgs& args, void* stream);
 int LaunchAddRmsNorm(const AddRmsNormLaunchArgs& args, void* stream);
 int LaunchGatedRmsNorm(const GatedRmsNormLaunchArgs& args, void* stream);
 int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream);
-// cudaErrorNotSupported before sm_90 (the caller goes without).
-int LaunchL2Prefetch(const L2PrefetchLaunchArgs& args, void* stream);
 
 }  // namespace icd::fused
 

@@ -9,17 +9,26 @@
 //
 //   counters_check --model DIR [--dtype bfloat16] [--mode prefill|decode]
 //                  [--seq-len 2048] (--cupti [--repeats 3] [--replay user|kernel]
-//                  | --ncu)
+//                  | --ncu) [--settle-ms N] [--scrub]
+//   counters_check --mode read ...   (no model: one sum over 256 MB of float32,
+//                  a kernel that reads and writes almost nothing)
+// --settle-ms N waits N ms with the device idle before each pass (ncu: before
+// the sample); --scrub reads a buffer of twice the L2 first. Both are
+// experiments on where a kernel's counted DRAM writes come from
+// (deploy/results/h200-gpu-2026-12-03d/: more than it writes).
 // --replay user (the service's) matches ncu's --replay-mode application
 // --cache-control none; --replay kernel matches ncu's default kernel replay
 // in reads and L2 (DRAM writes differ: hardware_counters.h says why).
+#include <chrono>
 #include <cstdlib>
 #include <iostream>
 #include <map>
 #include <string>
+#include <thread>
 #include <vector>
 
 #ifdef ICD_HAVE_CUDA
+#include <ATen/cuda/CUDAContext.h>
 #include <cuda_profiler_api.h>
 #endif
 
@@ -53,65 +62,101 @@ int main(int argc, char** argv) {
       {"--replay", "user"}};
   bool cupti = false;
   bool ncu = false;
+  bool scrub = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--cupti") {
       cupti = true;
     } else if (arg == "--ncu") {
       ncu = true;
+    } else if (arg == "--scrub") {
+      scrub = true;
     } else if (i + 1 < argc) {
       args[arg] = argv[++i];
     }
   }
-  if (!args.count("--model") || cupti == ncu) {
-    std::cerr << "usage: counters_check --model DIR [--dtype bfloat16] [--mode prefill|decode] "
-                 "[--seq-len 2048] (--cupti [--repeats 3] [--replay user|kernel] | --ncu)\n";
+  const bool read_only = args.at("--mode") == "read";
+  if ((!args.count("--model") && !read_only) || cupti == ncu) {
+    std::cerr << "usage: counters_check (--model DIR [--dtype bfloat16] [--mode prefill|decode] "
+                 "[--seq-len 2048] | --mode read) (--cupti [--repeats 3] [--replay user|kernel] "
+                 "| --ncu) [--settle-ms N] [--scrub]\n";
     return 2;
   }
   if (!torch::cuda::is_available()) {
     std::cerr << "counters_check: no CUDA device\n";
     return 1;
   }
-  const std::map<std::string, torch::ScalarType> dtypes = {
-      {"bfloat16", torch::kBFloat16}, {"float16", torch::kFloat16}, {"float32", torch::kFloat32}};
-  const torch::ScalarType dtype = dtypes.at(args.at("--dtype"));
-  const bool decode = args.at("--mode") == "decode";
-  const int64_t seq_len = std::stoll(args.at("--seq-len"));
   torch::NoGradGuard no_grad;
   const torch::Device cuda(torch::kCUDA, 0);
-  icd::Checkpoint checkpoint = CheckpointOnCuda(args.at("--model"), dtype);
-  const icd::ModelConfig& config = checkpoint.config;
-  const icd::Weights& weights = checkpoint.weights;
-  torch::manual_seed(7);
-  const torch::Tensor ids =
-      torch::randint(0, config.vocab_size, {1, seq_len}, torch::dtype(torch::kInt64)).to(cuda);
-  const torch::Tensor step_ids =
-      torch::randint(0, config.vocab_size, {1, 1}, torch::dtype(torch::kInt64)).to(cuda);
-  if (auto checked = icd::CheckForwardInputs(config, weights, ids); !checked.ok()) {
-    std::cerr << checked << "\n";
+  // Before each pass (and before ncu's sample): the device idle for a while,
+  // and (--scrub) every line of L2 replaced by a read of a buffer twice its size.
+  const int settle_ms = args.count("--settle-ms") ? std::stoi(args.at("--settle-ms")) : 0;
+  torch::Tensor scrub_buffer;
+  if (scrub) {
+#ifdef ICD_HAVE_CUDA
+    const int64_t l2_bytes = at::cuda::getCurrentDeviceProperties()->l2CacheSize;
+    scrub_buffer = torch::ones({l2_bytes / 2}, torch::dtype(torch::kFloat32).device(cuda));
+#else
+    std::cerr << "counters_check --scrub: built without CUDA's runtime headers\n";
     return 1;
+#endif
   }
+  auto settle = [&] {
+    if (scrub_buffer.defined()) (void)scrub_buffer.sum();
+    torch::cuda::synchronize();
+    if (settle_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(settle_ms));
+  };
+  icd::Checkpoint checkpoint;
   std::unique_ptr<icd::decode::Session> session;
-  if (decode) {
-    session = OrDie(icd::decode::Session::Start(config, weights, ids,
-                                                icd::decode::Execution::kInPlace, {}),
-                    "decode session");
+  torch::Tensor ids;
+  torch::Tensor step_ids;
+  torch::Tensor read_values;
+  if (read_only) {
+    read_values = torch::ones({64 * 1024 * 1024}, torch::dtype(torch::kFloat32).device(cuda));
+  } else {
+    const std::map<std::string, torch::ScalarType> dtypes = {
+        {"bfloat16", torch::kBFloat16}, {"float16", torch::kFloat16}, {"float32", torch::kFloat32}};
+    const torch::ScalarType dtype = dtypes.at(args.at("--dtype"));
+    const int64_t seq_len = std::stoll(args.at("--seq-len"));
+    checkpoint = CheckpointOnCuda(args.at("--model"), dtype);
+    torch::manual_seed(7);
+    ids = torch::randint(0, checkpoint.config.vocab_size, {1, seq_len},
+                         torch::dtype(torch::kInt64))
+              .to(cuda);
+    step_ids = torch::randint(0, checkpoint.config.vocab_size, {1, 1}, torch::dtype(torch::kInt64))
+                   .to(cuda);
+    if (auto checked = icd::CheckForwardInputs(checkpoint.config, checkpoint.weights, ids);
+        !checked.ok()) {
+      std::cerr << checked << "\n";
+      return 1;
+    }
+    if (args.at("--mode") == "decode") {
+      session = OrDie(icd::decode::Session::Start(checkpoint.config, checkpoint.weights, ids,
+                                                  icd::decode::Execution::kInPlace, {}),
+                      "decode session");
+    }
   }
   // One sample, as MeasureLatency's counters run it; the first is a warm-up
   // (cuBLAS handles, workspaces), outside both profilers.
   auto sample = [&]() -> absl::Status {
+    if (read_only) {
+      (void)read_values.sum();
+      return absl::OkStatus();
+    }
     if (session != nullptr) return session->Step(step_ids, {}).status();
-    return icd::ForwardPrechecked(config, weights, ids).status();
+    return icd::ForwardPrechecked(checkpoint.config, checkpoint.weights, ids).status();
   };
   if (auto warm = sample(); !warm.ok()) {
     std::cerr << warm << "\n";
     return 1;
   }
   torch::cuda::synchronize();
-  const std::string label = args.at("--mode") + " " + args.at("--model") +
+  const std::string label = args.at("--mode") + " " +
+                            (read_only ? std::string("256 MB") : args.at("--model")) +
                             (cupti ? " (replay " + args.at("--replay") + ")" : "");
   if (ncu) {
 #ifdef ICD_HAVE_CUDA
+    settle();
     cudaProfilerStart();
     const absl::Status ran = sample();
     torch::cuda::synchronize();
@@ -135,10 +180,13 @@ int main(int argc, char** argv) {
   // A decode step rewinds to the same state before each pass (user replay),
   // as MeasureLatency's counters do.
   auto rewind = [&]() -> absl::Status {
-    return session != nullptr ? session->Rewind() : absl::OkStatus();
+    absl::Status rewound = session != nullptr ? session->Rewind() : absl::OkStatus();
+    if (rewound.ok()) settle();
+    return rewound;
   };
   for (int repeat = 0; repeat < std::stoi(args.at("--repeats")); ++repeat) {
     if (session != nullptr) OrDie(session->Mark(), "decode session");
+    settle();
     const auto launches =
         OrDie(icd::counters::Collect(0, sample, replay, rewind), "hardware counters");
     for (const icd::KernelCounters& kernel : icd::counters::ByKernel(launches)) {

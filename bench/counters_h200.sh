@@ -19,6 +19,8 @@
 # decode": of those runs, the service's and ncu's), COUNTERS_REPLAYS ("user
 # kernel": counters_check's), NCU_RUNS ("application:none kernel:all": ncu's
 # --replay-mode:--cache-control runs), COUNTERS_REPEATS (3), COUNTERS_CODESIGN (1),
+# COUNTERS_WRITES (0; 1: the DRAM-write experiment below), COUNTERS_SERVICE
+# (1; 0: no identity-vs-permuted service runs),
 # COUNTERS_STEP_TIMEOUT_S (300: each step's limit, so that one slow step
 # leaves the others' results and a log line naming it).
 set -uo pipefail
@@ -59,7 +61,30 @@ for shape in $shapes; do
   done
 done
 
+# Where a kernel's counted DRAM writes come from (more than it writes:
+# deploy/results/h200-gpu-2026-12-03d/): a sum over 256 MB and the decode step,
+# each as it runs, after 100 ms of idle device, and after a read of twice the
+# L2; the sum under ncu's application replay too. COUNTERS_WRITES=1.
+if [[ ${COUNTERS_WRITES:-0} == 1 ]]; then
+  for variant in "plain:" "settle:--settle-ms 100" "scrub:--scrub"; do
+    name=${variant%%:*} flags=${variant#*:}
+    for sample in "read:--mode read" "decode:--model $models/mamba-${shapes%% *} --mode decode --seq-len 2048"; do
+      what=${sample%%:*}
+      log "writes: $what, $name (user replay)"
+      icd_env timeout -k 5 "$limit" "$build/bench/counters_check" ${sample#*:} --cupti --replay user --repeats 2 $flags \
+        > "$out/writes-$what-$name.jsonl" 2> "$out/writes-$what-$name.err" || log "writes $what $name failed (exit $?)"
+    done
+  done
+  for flags in "" "--settle-ms 100"; do
+    log "writes: read under ncu (application replay, no cache control) $flags"
+    icd_env timeout -k 5 "$limit" ncu --profile-from-start off --replay-mode application --cache-control none \
+      --metrics "$metrics" --csv --page raw --print-units base "$build/bench/counters_check" --mode read --ncu $flags \
+      > "$out/ncu-writes-read${flags:+-settle}.csv" 2> "$out/ncu-writes-read${flags:+-settle}.err" || log "ncu writes failed (exit $?)"
+  done
+fi
+
 # Identity against permuted through the service.
+if [[ ${COUNTERS_SERVICE:-1} == 1 ]]; then
 log "service: identity vs permuted"
 server_log="$out/server.log"
 icd_env "$build/server/icd-server" --listen 127.0.0.1:0 --model-root "$models" --export-root /tmp \
@@ -92,6 +117,7 @@ icdctl load cpu-model "mamba-${shapes%% *}" --device cpu --dtype float32 > /dev/
   icdctl latency cpu-model --seq-len 8 --iters 1 --counters 1 > "$out/service-cpu.txt" 2>&1
 echo "exit $?" >> "$out/service-cpu.txt"
 kill $server; wait $server 2>/dev/null
+fi
 
 # The co-design example's variants against dense, with their counters, on the
 # trained reference model (models/, float32 as stored).

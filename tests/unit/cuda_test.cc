@@ -22,6 +22,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <functional>
 #include <cstdio>
 #include <map>
 #include <numeric>
@@ -1129,6 +1131,63 @@ TEST(FewRowsLinearTest, MatchesTorchLinear) {
     EXPECT_FALSE(fused::FewRowsLinear(torch::randn({9, 2560}, options), weight, {}).has_value());
     const torch::Tensor odd_weight = torch::randn({7, 2561}, options);
     EXPECT_FALSE(fused::FewRowsLinear(torch::randn({1, 2561}, options), odd_weight, {}).has_value());
+  }
+}
+
+// ICD_FEW_ROWS_RESIDENT (few_rows_linear.cu: a grid smaller than the
+// feature groups, each block taking several in turn) lays out blocks
+// differently, never the arithmetic: bit for bit the default grid's output,
+// and its conv step's, for 1, 3 and 8 rows, few features (a row split over
+// warps, shared sums reused group after group) and many.
+TEST(FewRowsLinearTest, ResidentGridIsBitForBitTheDefault) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  torch::manual_seed(805);
+  auto both = [](const char* percent, const std::function<std::vector<torch::Tensor>()>& run) {
+    unsetenv("ICD_FEW_ROWS_RESIDENT");
+    std::vector<torch::Tensor> plain = run();
+    setenv("ICD_FEW_ROWS_RESIDENT", percent, 1);
+    std::vector<torch::Tensor> resident = run();
+    unsetenv("ICD_FEW_ROWS_RESIDENT");
+    return std::make_pair(plain, resident);
+  };
+  for (const torch::ScalarType dtype : {torch::kFloat32, torch::kBFloat16}) {
+    const auto options = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);
+    for (const int64_t features : {int64_t{192}, int64_t{10264}}) {
+      const torch::Tensor weight = torch::randn({features, 2560}, options) * 0.02;
+      const torch::Tensor bias = torch::randn({features}, options);
+      for (const int64_t rows : {1, 3, 8}) {
+        const torch::Tensor input = torch::randn({rows, 1, 2560}, options);
+        for (const char* percent : {"3", "50"}) {
+          auto [plain, resident] = both(percent, [&] {
+            std::optional<torch::Tensor> out = fused::FewRowsLinear(input, weight, bias);
+            return out.has_value() ? std::vector<torch::Tensor>{*out} : std::vector<torch::Tensor>{};
+          });
+          const std::string name = std::string(c10::toString(dtype)) + " " +
+                                   std::to_string(features) + " features, rows " +
+                                   std::to_string(rows) + ", " + percent + "%";
+          ASSERT_EQ(plain.size(), 1u) << name;
+          ASSERT_EQ(resident.size(), 1u) << name;
+          EXPECT_TRUE(torch::equal(resident[0], plain[0])) << name;
+        }
+      }
+    }
+    // The conv step of in_proj (Mamba-2's channels after z), history moved once each.
+    const int64_t channels = 300;
+    const torch::Tensor weight = torch::randn({2 * channels + 40, 256}, options) * 0.05;
+    const torch::Tensor conv_weight = 0.5 * torch::randn({channels, 1, 4}, options);
+    const torch::Tensor input = torch::randn({2, 1, 256}, options);
+    const torch::Tensor history = torch::randn({2, channels, 3}, options);
+    auto [plain, resident] = both("3", [&] {
+      torch::Tensor moved = history.clone();
+      std::optional<fused::LinearConvStepResult> step = fused::FewRowsLinearConvStep(
+          input, weight, {}, conv_weight, {}, &moved, channels);
+      return step.has_value()
+                 ? std::vector<torch::Tensor>{step->projected, step->convolved, moved}
+                 : std::vector<torch::Tensor>{};
+    });
+    ASSERT_EQ(plain.size(), 3u);
+    ASSERT_EQ(resident.size(), 3u);
+    for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(torch::equal(resident[i], plain[i])) << i;
   }
 }
 

@@ -603,33 +603,38 @@ TEST_F(ScanKernelTest, ReducedPrecisionInputs) {
 // the step kernel (a decode step's dt_proj): against the reference, which
 // takes the product with torch::linear first (ResolveDelta). Longer
 // sequences, which the kernel does not take this way, go the same route.
+// Ranks 10 and 160: held in registers, or (160 over 4 or 8 lanes a channel,
+// N = 1 and 5) read in a loop.
 TEST_F(ScanKernelTest, OneStepTakesDtProjsProduct) {
   uint64_t seed = 450;
   for (const torch::ScalarType compute : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
     for (const int64_t state_size : {1, 5, 16, 40, 64}) {
       for (const int64_t batch : {1, 3}) {
-        const ScanShape shape{batch, 1, 160, state_size};
-        const std::string name = std::string(c10::toString(compute)) + " " + Describe(shape);
-        scan::ScanInputs inputs = RandomScanInputs(shape, compute, seed++);
-        const int64_t rank = 10;
-        const auto cuda = torch::TensorOptions().device(torch::kCUDA).dtype(compute);
-        // δ a narrow() of a wider projection, as Mamba1Mixer passes x_proj's.
-        inputs.delta_input = torch::randn({batch, 1, rank + 7}, cuda).narrow(-1, 2, rank);
-        inputs.delta_proj_weight = 0.3 * torch::randn({shape.inner, rank}, cuda);
-        inputs.delta = torch::Tensor();
-        ASSERT_TRUE(scan::UsesCudaKernel(inputs, torch::kFloat32)) << name;
-        torch::Tensor kernel_state = torch::randn({batch, shape.inner, state_size}, cuda.dtype(torch::kFloat32));
-        torch::Tensor reference_state = kernel_state.clone();
-        const torch::Tensor output =
-            scan::SelectiveScan(inputs, torch::kFloat32, &kernel_state, /*in_place=*/true);
-        const torch::Tensor reference =
-            scan::SelectiveScanReference(inputs, torch::kFloat32, &reference_state);
-        // float32: the dot products' order; reduced dtypes: the time step is
-        // rounded to the compute dtype, which its order may move by one unit.
-        const double bound =
-            compute == torch::kFloat32 ? kScanFloat32Tolerance : UnitRoundoff(compute);
-        EXPECT_LE(RelL2(output, reference), bound) << name;
-        EXPECT_LE(RelL2(kernel_state, reference_state), bound) << name;
+        for (const int64_t rank : {10, 160}) {
+          const ScanShape shape{batch, 1, 160, state_size};
+          const std::string name = std::string(c10::toString(compute)) + " " + Describe(shape) +
+                                   " rank " + std::to_string(rank);
+          scan::ScanInputs inputs = RandomScanInputs(shape, compute, seed++);
+          const auto cuda = torch::TensorOptions().device(torch::kCUDA).dtype(compute);
+          // δ a narrow() of a wider projection, as Mamba1Mixer passes x_proj's.
+          inputs.delta_input = torch::randn({batch, 1, rank + 7}, cuda).narrow(-1, 2, rank);
+          inputs.delta_proj_weight = 0.3 * torch::randn({shape.inner, rank}, cuda);
+          inputs.delta = torch::Tensor();
+          ASSERT_TRUE(scan::UsesCudaKernel(inputs, torch::kFloat32)) << name;
+          torch::Tensor kernel_state =
+              torch::randn({batch, shape.inner, state_size}, cuda.dtype(torch::kFloat32));
+          torch::Tensor reference_state = kernel_state.clone();
+          const torch::Tensor output =
+              scan::SelectiveScan(inputs, torch::kFloat32, &kernel_state, /*in_place=*/true);
+          const torch::Tensor reference =
+              scan::SelectiveScanReference(inputs, torch::kFloat32, &reference_state);
+          // float32: the dot products' order; reduced dtypes: the time step is
+          // rounded to the compute dtype, which its order may move by one unit.
+          const double bound =
+              compute == torch::kFloat32 ? kScanFloat32Tolerance : UnitRoundoff(compute);
+          EXPECT_LE(RelL2(output, reference), bound) << name;
+          EXPECT_LE(RelL2(kernel_state, reference_state), bound) << name;
+        }
       }
     }
   }

@@ -22,11 +22,21 @@ namespace {
 using cuda_elements::RoundTo;
 
 constexpr int kThreads = 128;
+// dt_proj terms a lane holds (a rank up to kRankTerms · kLanes; a larger one
+// is read in a loop).
+constexpr int kRankTerms = 16;
+
+// States a lane owns: LaunchElement gives N <= kLanes lanes below 32, and 32
+// lanes for N up to kMaxCudaStateSize (LaunchLanes refuses anything else).
+__host__ __device__ constexpr int StateTerms(int lanes) {
+  return lanes == 32 ? static_cast<int>(kMaxCudaStateSize / 32) : 1;
+}
 
 template <class Element, int kLanes>
 __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanLaunchArgs args) {
   using Storage = typename Element::Storage;
   constexpr int kChannelsPerBlock = kThreads / kLanes;
+  constexpr int kStateTerms = StateTerms(kLanes);
   const int lane = static_cast<int>(threadIdx.x) % kLanes;
   const int64_t inner = args.inner;
   const int64_t wanted =
@@ -39,21 +49,73 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
   const int64_t state_size = args.state_size;
   dependent_launch::WaitForPrerequisites();  // x, z, the time step, B, C come from them
   dependent_launch::AllowDependents();
+  // Every load the step needs is issued here, before the first result is
+  // used: a decode step's kernel is a chain of memory latencies, and the
+  // state's loads do not depend on Δ.
   const auto* hidden = static_cast<const Storage*>(args.hidden.data);
   const auto* gate = static_cast<const Storage*>(args.gate.data);
-  const float x = Element::ToFloat(hidden[batch * args.hidden.batch_stride + channel]);
-  const float z = Element::ToFloat(gate[batch * args.gate.batch_stride + channel]);
+  const Storage x_bits = hidden[batch * args.hidden.batch_stride + channel];
+  const Storage z_bits = gate[batch * args.gate.batch_stride + channel];
   const float bias = args.delta_bias != nullptr ? args.delta_bias[channel] : 0.0f;
+  const float skip = args.d_skip[channel];
+  const bool projected = args.delta_proj_weight != nullptr;
+  const bool held = projected && args.delta_rank <= kRankTerms * kLanes;
+  const auto* rank_weight = projected ? static_cast<const Storage*>(args.delta_proj_weight) +
+                                            channel * args.delta_rank
+                                      : nullptr;
+  const auto* rank_input = projected ? static_cast<const Storage*>(args.delta_proj_input.data) +
+                                           batch * args.delta_proj_input.batch_stride
+                                     : nullptr;
+  Storage rank_weights[kRankTerms] = {};
+  Storage rank_inputs[kRankTerms] = {};
+  if (held) {
+#pragma unroll
+    for (int i = 0; i < kRankTerms; ++i) {
+      const int64_t r = lane + static_cast<int64_t>(i) * kLanes;
+      if (r < args.delta_rank) {
+        rank_weights[i] = rank_weight[r];
+        rank_inputs[i] = __ldg(rank_input + r);
+      }
+    }
+  }
+  const auto* b_proj =
+      static_cast<const Storage*>(args.b_proj.data) + batch * args.b_proj.batch_stride;
+  const auto* c_proj =
+      static_cast<const Storage*>(args.c_proj.data) + batch * args.c_proj.batch_stride;
+  const float* a_decay = args.a_decay + channel * state_size;
+  const int64_t state_row = (batch * inner + channel) * state_size;
+  float rates[kStateTerms] = {};
+  float previous[kStateTerms] = {};
+  Storage b_bits[kStateTerms] = {};
+  Storage c_bits[kStateTerms] = {};
+#pragma unroll
+  for (int i = 0; i < kStateTerms; ++i) {
+    const int64_t n = lane + static_cast<int64_t>(i) * kLanes;
+    if (n < state_size) {
+      rates[i] = a_decay[n];
+      previous[i] = args.state_in != nullptr ? args.state_in[state_row + n] : 0.0f;
+      b_bits[i] = __ldg(b_proj + n);
+      c_bits[i] = __ldg(c_proj + n);
+    }
+  }
+
+  const float x = Element::ToFloat(x_bits);
+  const float z = Element::ToFloat(z_bits);
   float delta = 0.0f;
-  if (args.delta_proj_weight != nullptr) {
+  if (projected) {
     // dt_proj's output in the compute dtype, as the linear would round it.
-    const auto* weight =
-        static_cast<const Storage*>(args.delta_proj_weight) + channel * args.delta_rank;
-    const auto* input = static_cast<const Storage*>(args.delta_proj_input.data) +
-                        batch * args.delta_proj_input.batch_stride;
     float dot = 0.0f;
-    for (int64_t r = lane; r < args.delta_rank; r += kLanes) {
-      dot = fmaf(Element::ToFloat(weight[r]), Element::ToFloat(__ldg(input + r)), dot);
+    if (held) {
+#pragma unroll
+      for (int i = 0; i < kRankTerms; ++i) {
+        if (lane + static_cast<int64_t>(i) * kLanes < args.delta_rank) {
+          dot = fmaf(Element::ToFloat(rank_weights[i]), Element::ToFloat(rank_inputs[i]), dot);
+        }
+      }
+    } else {
+      for (int64_t r = lane; r < args.delta_rank; r += kLanes) {
+        dot = fmaf(Element::ToFloat(rank_weight[r]), Element::ToFloat(__ldg(rank_input + r)), dot);
+      }
     }
     delta = SoftplusDelta<Element>(RoundTo<Element>(LaneGroupSum<kLanes>(dot)), bias);
   } else if (args.delta_raw.data != nullptr) {
@@ -64,23 +126,19 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
     delta = static_cast<const float*>(args.delta.data)[batch * args.delta.batch_stride + channel];
   }
   const float delta_x = delta * x;
-  const auto* b_proj =
-      static_cast<const Storage*>(args.b_proj.data) + batch * args.b_proj.batch_stride;
-  const auto* c_proj =
-      static_cast<const Storage*>(args.c_proj.data) + batch * args.c_proj.batch_stride;
-  const float* a_decay = args.a_decay + channel * state_size;
-  const int64_t state_row = (batch * inner + channel) * state_size;
   float sum = 0.0f;
-  for (int64_t n = lane; n < state_size; n += kLanes) {
-    const float decay = Exp2Unit(delta * (a_decay[n] * kLog2E));
-    const float previous = args.state_in != nullptr ? args.state_in[state_row + n] : 0.0f;
-    const float state = fmaf(decay, previous, delta_x * Element::ToFloat(__ldg(b_proj + n)));
-    sum = fmaf(Element::ToFloat(__ldg(c_proj + n)), state, sum);
+#pragma unroll
+  for (int i = 0; i < kStateTerms; ++i) {
+    const int64_t n = lane + static_cast<int64_t>(i) * kLanes;
+    if (n >= state_size) break;
+    const float decay = Exp2Unit(delta * (rates[i] * kLog2E));
+    const float state = fmaf(decay, previous[i], delta_x * Element::ToFloat(b_bits[i]));
+    sum = fmaf(Element::ToFloat(c_bits[i]), state, sum);
     if (real && args.state_out != nullptr) args.state_out[state_row + n] = state;
   }
   sum = LaneGroupSum<kLanes>(sum);
   if (!real || lane != 0) return;
-  const float y = (sum + args.d_skip[channel] * x) * Silu(z);
+  const float y = (sum + skip * x) * Silu(z);
   const int64_t out = batch * inner + channel;  // y [B, 1, I]
   if (args.output_rounded != nullptr) {
     static_cast<Storage*>(args.output_rounded)[out] = Element::FromFloat(y);
@@ -92,6 +150,9 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
 template <class Element, int kLanes>
 int LaunchLanes(const ScanLaunchArgs& args, cudaStream_t stream) {
   constexpr int kChannelsPerBlock = kThreads / kLanes;
+  if (args.state_size > int64_t{StateTerms(kLanes)} * kLanes) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
   const dim3 grid(static_cast<unsigned int>((args.inner + kChannelsPerBlock - 1) / kChannelsPerBlock),
                   static_cast<unsigned int>(args.batch));
   return static_cast<int>(dependent_launch::LaunchDependent(

@@ -603,14 +603,15 @@ TEST_F(ScanKernelTest, ReducedPrecisionInputs) {
 // the step kernel (a decode step's dt_proj): against the reference, which
 // takes the product with torch::linear first (ResolveDelta). Longer
 // sequences, which the kernel does not take this way, go the same route.
-// Ranks 10 and 160: held in registers, or (160 over 4 or 8 lanes a channel,
-// N = 1 and 5) read in a loop.
+// Ranks 10, 40 and 160: held in registers (up to 10 a lane), or (160 over 4
+// or 8 lanes a channel, N = 1 and 5) read in a loop; 40 at 4 lanes fills
+// the registers exactly.
 TEST_F(ScanKernelTest, OneStepTakesDtProjsProduct) {
   uint64_t seed = 450;
   for (const torch::ScalarType compute : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
     for (const int64_t state_size : {1, 5, 16, 40, 64}) {
       for (const int64_t batch : {1, 3}) {
-        for (const int64_t rank : {10, 160}) {
+        for (const int64_t rank : {10, 40, 160}) {
           const ScanShape shape{batch, 1, 160, state_size};
           const std::string name = std::string(c10::toString(compute)) + " " + Describe(shape) +
                                    " rank " + std::to_string(rank);

@@ -22,12 +22,14 @@ namespace {
 using cuda_elements::RoundTo;
 
 constexpr int kThreads = 128;
-// dt_proj terms a lane holds (a rank up to kRankTerms · kLanes; a larger one
-// is read in a loop).
-constexpr int kRankTerms = 16;
+// dt_proj terms a lane holds (a rank up to kRankTerms · kLanes: mamba-2.8b's
+// 160 over 16 lanes; a larger one is read in a loop). More terms cost
+// registers, so fewer blocks at once (16: 64 registers against 48).
+constexpr int kRankTerms = 10;
 
 // States a lane owns: LaunchElement gives N <= kLanes lanes below 32, and 32
 // lanes for N up to kMaxCudaStateSize (LaunchLanes refuses anything else).
+static_assert(kMaxCudaStateSize % 32 == 0, "StateTerms splits N over 32 lanes");
 __host__ __device__ constexpr int StateTerms(int lanes) {
   return lanes == 32 ? static_cast<int>(kMaxCudaStateSize / 32) : 1;
 }

@@ -1154,10 +1154,13 @@ TEST(FewRowsLinearTest, ResidentGridIsBitForBitTheDefault) {
   const std::string outer_value = outer != nullptr ? outer : "";
   auto both = [](const char* percent, const std::function<std::vector<torch::Tensor>()>& run) {
     unsetenv("ICD_FEW_ROWS_RESIDENT");
+    fused::ReloadLaunchSettings();
     std::vector<torch::Tensor> plain = run();
     setenv("ICD_FEW_ROWS_RESIDENT", percent, 1);
+    fused::ReloadLaunchSettings();
     std::vector<torch::Tensor> resident = run();
     unsetenv("ICD_FEW_ROWS_RESIDENT");
+    fused::ReloadLaunchSettings();
     return std::make_pair(plain, resident);
   };
   // The same bits (torch::equal takes -0 for +0).
@@ -1208,6 +1211,7 @@ TEST(FewRowsLinearTest, ResidentGridIsBitForBitTheDefault) {
     for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(same_bits(resident[i], plain[i])) << i;
   }
   if (!outer_value.empty()) setenv("ICD_FEW_ROWS_RESIDENT", outer_value.c_str(), 1);
+  fused::ReloadLaunchSettings();
 }
 
 // ---- Decode sessions: a CUDA graph per step ----------------------------------

@@ -4,6 +4,14 @@
 //
 //   icd_profile --model DIR [--dtype bfloat16] [--seq-len 2048] [--prefill-iters 5]
 //               [--decode-steps 30] [--warmup 3] [--out PREFIX]
+//               [--ab VAR --values "A B ..." [--rounds 3]]
+//
+// With --ab, no profiler and no traces: the CUDA-graph decode step's median
+// (over --decode-steps) under each setting of the environment variable VAR
+// ("-" leaves it unset), a fresh session (a graph captured under that
+// setting) each time, the settings interleaved over --rounds; one process,
+// one load of the model. VAR must be one the kernels re-read after
+// fused::ReloadLaunchSettings (the README's table says which).
 //
 // Writes PREFIX-prefill.json, PREFIX-decode.json (a decode session's eager
 // steps) and PREFIX-decode-graph.json (its CUDA graph replayed): chrome
@@ -26,12 +34,14 @@
 #include <iostream>
 #include <map>
 #include <set>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "io/checkpoint.h"
 #include "forward/decode.h"
 #include "forward/forward.h"
+#include "fused/fused.h"
 #include "../../driver_util.h"
 
 namespace {
@@ -39,7 +49,8 @@ namespace {
 std::map<std::string, std::string> ParseArgs(int argc, char** argv) {
   std::map<std::string, std::string> args = {
       {"--dtype", "bfloat16"}, {"--seq-len", "2048"}, {"--prefill-iters", "5"},
-      {"--decode-steps", "30"}, {"--warmup", "3"}, {"--out", "icd-profile"}};
+      {"--decode-steps", "30"}, {"--warmup", "3"}, {"--out", "icd-profile"},
+      {"--rounds", "3"}};
   for (int i = 1; i + 1 < argc; i += 2) args[argv[i]] = argv[i + 1];
   if (!args.count("--model")) {
     std::cerr << "usage: icd_profile --model DIR [--dtype bfloat16] [--seq-len 2048] "
@@ -147,6 +158,36 @@ int main(int argc, char** argv) {
     return 1;
   }
   auto prefill = [&] { return OrDie(icd::ForwardPrechecked(config, weights, ids), "Forward"); };
+
+  if (args.count("--ab")) {
+    const std::string variable = args.at("--ab");
+    std::vector<std::string> values;
+    std::istringstream listed(args.count("--values") ? args.at("--values") : "-");
+    for (std::string value; listed >> value;) values.push_back(value);
+    int64_t next = 0;
+    for (int round = 1; round <= std::stoi(args.at("--rounds")); ++round) {
+      for (const std::string& value : values) {
+        if (value == "-") {
+          unsetenv(variable.c_str());
+        } else {
+          setenv(variable.c_str(), value.c_str(), 1);
+        }
+        icd::fused::ReloadLaunchSettings();
+        auto session = OrDie(icd::decode::Session::Start(config, weights, ids,
+                                                         icd::decode::Execution::kCudaGraph, {}),
+                             "decode session");
+        auto step = [&] {
+          return OrDie(session->Step(steps.narrow(0, next++ % steps.size(0), 1), {}),
+                       "decode step");
+        };
+        std::cout << variable << "=" << value << " round " << round
+                  << ": decode step (cuda_graph), no profiler: median "
+                  << MedianWallMs(step, warmup, decode_steps) << " ms over " << decode_steps
+                  << std::endl;
+      }
+    }
+    return 0;
+  }
 
   // Prefill: warm-up, plain timing, then the profiled calls.
   std::cout << "prefill " << seq_len << " tokens, no profiler: median "

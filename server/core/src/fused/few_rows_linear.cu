@@ -9,8 +9,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 
 #include "fused/fused_launch.h"
 #include "scan/dependent_launch.cuh"
@@ -245,17 +247,50 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
   }
 }
 
-// Blocks per multiprocessor Split aims at: ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM,
-// or ICD_FEW_ROWS_BLOCKS_PER_SM=N from the environment (measuring a whole
-// decode step at several values in one build).
-int BlocksPerMultiprocessor() {
-  static const int blocks = [] {
-    const char* value = std::getenv("ICD_FEW_ROWS_BLOCKS_PER_SM");
-    const int parsed = value != nullptr ? std::atoi(value) : 0;
-    return parsed > 0 ? parsed : ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM;
-  }();
-  return blocks;
+// The run-time settings, from the environment: read at the first launch,
+// and again at the first launch after ReloadFewRowsLinearSettings (a
+// measurement or a test that changes them within one process).
+//   ICD_FEW_ROWS_BLOCKS_PER_SM=N: blocks per multiprocessor Split aims at
+//     (default ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM).
+//   ICD_FEW_ROWS_PREFETCH=N: loads of each lane prefetched before the
+//     previous kernel has finished (default kUnroll, the first iteration's;
+//     the whole row measured slower: deploy/results/h200-gpu-2026-12-02i).
+//   ICD_FEW_ROWS_RESIDENT=P (1-100; unset or 0: off): at most P% of the
+//     blocks the device holds at once, each taking several groups, instead
+//     of a block per group (the last partial wave's tail against the next
+//     kernel's blocks finding room early).
+struct Settings {
+  std::atomic<bool> stale{true};
+  std::atomic<int> blocks_per_multiprocessor{ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM};
+  std::atomic<int> prefetches{kUnroll};
+  std::atomic<int> resident_percent{0};
+};
+
+Settings& CurrentSettings() {
+  static Settings settings;
+  static std::mutex reading;
+  if (settings.stale.load(std::memory_order_acquire)) {
+    const std::lock_guard<std::mutex> lock(reading);
+    if (settings.stale.load(std::memory_order_relaxed)) {
+      auto number = [](const char* name) {
+        const char* value = std::getenv(name);
+        return value != nullptr ? std::atoi(value) : -1;
+      };
+      const int blocks = number("ICD_FEW_ROWS_BLOCKS_PER_SM");
+      settings.blocks_per_multiprocessor = blocks > 0 ? blocks : ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM;
+      const int prefetches = number("ICD_FEW_ROWS_PREFETCH");
+      settings.prefetches = prefetches >= 0 ? prefetches : kUnroll;
+      const int percent = number("ICD_FEW_ROWS_RESIDENT");
+      settings.resident_percent = percent > 0 && percent <= 100 ? percent : 0;
+      settings.stale.store(false, std::memory_order_release);
+    }
+  }
+  return settings;
 }
+
+int BlocksPerMultiprocessor() { return CurrentSettings().blocks_per_multiprocessor.load(); }
+int Prefetches() { return CurrentSettings().prefetches.load(); }
+int ResidentPercent() { return CurrentSettings().resident_percent.load(); }
 
 // Warps per feature: enough blocks for about BlocksPerMultiprocessor() per
 // multiprocessor.
@@ -278,27 +313,6 @@ int Split(int64_t out_features) {
   return split;
 }
 
-// Loads of each lane prefetched before the previous kernel has finished:
-// kUnroll, the first iteration's (the whole row measured slower:
-// deploy/results/h200-gpu-2026-12-02i); ICD_FEW_ROWS_PREFETCH=N sets N, for
-// measuring in one build.
-int Prefetches() {
-  static const int prefetches = [] {
-    const char* value = std::getenv("ICD_FEW_ROWS_PREFETCH");
-    return value != nullptr ? std::atoi(value) : kUnroll;
-  }();
-  return prefetches;
-}
-
-// ICD_FEW_ROWS_RESIDENT=P (1-100; unset or 0: off): at most P% of the
-// blocks the device holds at once, each taking several groups, instead of
-// a block per group (the last partial wave's tail against the next kernel's
-// blocks finding room early). Read at each launch, so that a test can set it.
-int ResidentPercent() {
-  const char* value = std::getenv("ICD_FEW_ROWS_RESIDENT");
-  const int parsed = value != nullptr ? std::atoi(value) : 0;
-  return parsed > 0 && parsed <= 100 ? parsed : 0;
-}
 
 // The kernel for `rows`: a block per group, or (ICD_FEW_ROWS_RESIDENT) at
 // most that share of the blocks the device holds at once, each taking
@@ -354,6 +368,8 @@ bool Aligned(const void* pointer) {
 }
 
 }  // namespace
+
+void ReloadFewRowsLinearSettings() { CurrentSettings().stale.store(true); }
 
 int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream) {
   const int invalid = static_cast<int>(cudaErrorInvalidValue);

@@ -34,6 +34,7 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
                                                           int64_t) {
   return std::nullopt;
 }
+void ReloadLaunchSettings() {}
 #endif  // ICD_HAVE_CUDA_FUSED
 
 }  // namespace icd::fused

@@ -78,6 +78,12 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
     int64_t conv_offset = 0);
 
+// The kernels' run-time settings from the environment (the README's table:
+// ICD_FEW_ROWS_*) are read once; after this the next launch reads them
+// again, for a measurement or a test that changes them within one process.
+// Graphs captured before keep the settings they had. Nothing on the CPU.
+void ReloadLaunchSettings();
+
 }  // namespace icd::fused
 
 #endif  // ICD_CORE_SRC_FUSED_FUSED_H_

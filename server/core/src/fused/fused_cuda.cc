@@ -313,4 +313,6 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
   return LinearConvStepResult{std::move(result->first), std::move(result->second)};
 }
 
+void ReloadLaunchSettings() { ReloadFewRowsLinearSettings(); }
+
 }  // namespace icd::fused

@@ -119,6 +119,12 @@ int LaunchAddRmsNorm(const AddRmsNormLaunchArgs& args, void* stream);
 int LaunchGatedRmsNorm(const GatedRmsNormLaunchArgs& args, void* stream);
 int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream);
 
+// The few-rows linear's settings from the environment (ICD_FEW_ROWS_*:
+// few_rows_linear.cu, the README's table) are read once; this has the next
+// launch read them again, for a measurement or a test that changes them in
+// one process. Launches captured in a graph keep the settings they had.
+void ReloadFewRowsLinearSettings();
+
 }  // namespace icd::fused
 
 #endif  // ICD_CORE_SRC_FUSED_FUSED_LAUNCH_H_

@@ -17,10 +17,14 @@ log() { echo "[decode_ab] $*" >&2; }
 source "$(dirname "$0")/icd_env.sh"
 if [[ $var == ICD_FEW_ROWS_* ]]; then
   for model in "$@"; do
+    name=$(basename "$(dirname "$model")")
     icd_env /tmp/icd_profile/icd_profile --model "$model" --prefill-iters 1 \
-      --decode-steps "${STEPS:-100}" --ab "$var" --values "$values" --rounds "${ROUNDS:-2}" 2>&1 |
-      grep "decode step (cuda_graph), no profiler" |
-      sed "s|: decode step| $(basename "$(dirname "$model")"): decode step|" | tee -a "$out"
+      --decode-steps "${STEPS:-100}" --ab "$var" --values "$values" --rounds "${ROUNDS:-2}" \
+      > "/tmp/decode_ab-$name.log" 2>&1
+    status=$?
+    grep "decode step (.*), no profiler" "/tmp/decode_ab-$name.log" |
+      sed "s/: decode step/ $name: decode step/" | tee -a "$out"
+    (( status == 0 )) || echo "$var $name: failed (exit $status): $(tail -1 "/tmp/decode_ab-$name.log")" | tee -a "$out"
   done
   exit 0
 fi

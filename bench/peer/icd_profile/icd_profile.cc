@@ -180,8 +180,8 @@ int main(int argc, char** argv) {
           return OrDie(session->Step(steps.narrow(0, next++ % steps.size(0), 1), {}),
                        "decode step");
         };
-        std::cout << variable << "=" << value << " round " << round
-                  << ": decode step (cuda_graph), no profiler: median "
+        std::cout << variable << "=" << value << " round " << round << ": decode step ("
+                  << icd::decode::ExecutionName(session->execution()) << "), no profiler: median "
                   << MedianWallMs(step, warmup, decode_steps) << " ms over " << decode_steps
                   << std::endl;
       }

@@ -260,27 +260,32 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 //     of a block per group (the last partial wave's tail against the next
 //     kernel's blocks finding room early).
 struct Settings {
+  std::mutex reading;
   std::atomic<bool> stale{true};
   std::atomic<int> blocks_per_multiprocessor{ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM};
   std::atomic<int> prefetches{kUnroll};
   std::atomic<int> resident_percent{0};
 };
 
-Settings& CurrentSettings() {
+Settings& SettingsStore() {
   static Settings settings;
-  static std::mutex reading;
+  return settings;
+}
+
+Settings& CurrentSettings() {
+  Settings& settings = SettingsStore();
   if (settings.stale.load(std::memory_order_acquire)) {
-    const std::lock_guard<std::mutex> lock(reading);
+    const std::lock_guard<std::mutex> lock(settings.reading);
     if (settings.stale.load(std::memory_order_relaxed)) {
-      auto number = [](const char* name) {
+      auto number = [](const char* name, int unset) {
         const char* value = std::getenv(name);
-        return value != nullptr ? std::atoi(value) : -1;
+        return value != nullptr ? std::atoi(value) : unset;
       };
-      const int blocks = number("ICD_FEW_ROWS_BLOCKS_PER_SM");
+      const int blocks = number("ICD_FEW_ROWS_BLOCKS_PER_SM", 0);
       settings.blocks_per_multiprocessor = blocks > 0 ? blocks : ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM;
-      const int prefetches = number("ICD_FEW_ROWS_PREFETCH");
-      settings.prefetches = prefetches >= 0 ? prefetches : kUnroll;
-      const int percent = number("ICD_FEW_ROWS_RESIDENT");
+      // Any number, as given: none or fewer than none prefetch nothing.
+      settings.prefetches = number("ICD_FEW_ROWS_PREFETCH", kUnroll);
+      const int percent = number("ICD_FEW_ROWS_RESIDENT", 0);
       settings.resident_percent = percent > 0 && percent <= 100 ? percent : 0;
       settings.stale.store(false, std::memory_order_release);
     }
@@ -305,9 +310,10 @@ int Split(int64_t out_features) {
     }
     return count;
   }();
+  const int blocks_per_multiprocessor = BlocksPerMultiprocessor();
   int split = 1;
   while (split < kWarps &&
-         (out_features * split + kWarps - 1) / kWarps < BlocksPerMultiprocessor() * multiprocessors) {
+         (out_features * split + kWarps - 1) / kWarps < blocks_per_multiprocessor * multiprocessors) {
     split *= 2;
   }
   return split;
@@ -369,7 +375,13 @@ bool Aligned(const void* pointer) {
 
 }  // namespace
 
-void ReloadFewRowsLinearSettings() { CurrentSettings().stale.store(true); }
+void ReloadFewRowsLinearSettings() {
+  Settings& settings = SettingsStore();
+  // Under the lock: a read in progress finishes first, and cannot clear
+  // this reload with the values it read before.
+  const std::lock_guard<std::mutex> lock(settings.reading);
+  settings.stale.store(true, std::memory_order_release);
+}
 
 int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream) {
   const int invalid = static_cast<int>(cudaErrorInvalidValue);

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Memory traffic from the hardware counters on the GPU machine (issue 21),
 # after bench/soak_h200.sh's build (or with SOAK_TARGETS naming
-# counters_check, icd-server, icdctl and, for the co-design step,
-# icd_python_stubs):
+# counters_check, icd-server and icdctl; the co-design step builds
+# icd_python_stubs into the same build when they are missing):
 #   1. icd's CUPTI counters against Nsight Compute's on the same sample
 #      (bench/counters_check: --cupti, then --ncu under ncu with the same
 #      metrics), prefill and decode of random mamba-130m (and COUNTERS_SHAPES),
@@ -123,6 +123,11 @@ fi
 # trained reference model (models/, float32 as stored).
 if [[ ${COUNTERS_CODESIGN:-1} == 1 ]]; then
 log "codesign_loop --counters 3"
+# The Python client's generated stubs, from the GPU build (built here if that
+# build's targets left them out: the last run's did).
+[[ -f "$build/client/python/gen/icd/v1/permutation_pb2.py" ]] ||
+  ICD_TARGETS=icd_python_stubs ICD_LOG_DIR="$out/stubs-build" deploy/build-gpu.sh "$build" > "$out/stubs-build.log" 2>&1 ||
+  log "icd_python_stubs failed to build: $(tail -2 "$out/stubs-build.log")"
 pydeb=${ICD_PYDEB_PREFIX:-/tmp/pydeb}
 mkdir -p "$pydeb"; for f in .pydebs/*.deb; do dpkg-deb -x "$f" "$pydeb"; done
 codesign_log="$out/codesign-server.log"
@@ -132,7 +137,7 @@ server=$!
 for _ in $(seq 300); do grep -q "listening on" "$codesign_log" && break; sleep 0.2; done
 address=$(sed -n 's/^listening on //p' "$codesign_log" | head -1)
 timeout -k 5 "$limit" env "PYTHONPATH=$pydeb/usr/lib/python3/dist-packages" "LD_LIBRARY_PATH=$pydeb/usr/lib/x86_64-linux-gnu" \
-  python3 client/python/examples/codesign_loop.py --build "$build" --address "$address" \
+  "ICD_PYTHON_STUBS=$build/client/python/gen" python3 client/python/examples/codesign_loop.py --build "$build" --address "$address" \
   --device cuda --counters 3 --json "$out/codesign-mamba1-pydoc.json" > "$out/codesign.txt" 2>&1 ||
   log "codesign_loop failed: $(tail -3 "$out/codesign.txt")"
 kill $server; wait $server 2>/dev/null

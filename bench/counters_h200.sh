@@ -75,11 +75,14 @@ if [[ ${COUNTERS_WRITES:-0} == 1 ]]; then
         > "$out/writes-$what-$name.jsonl" 2> "$out/writes-$what-$name.err" || log "writes $what $name failed (exit $?)"
     done
   done
-  for flags in "" "--settle-ms 100"; do
-    log "writes: read under ncu (application replay, no cache control) $flags"
-    icd_env timeout -k 5 "$limit" ncu --profile-from-start off --replay-mode application --cache-control none \
+  # ncu locks the clocks to base by default and icd does not: the third run
+  # leaves them free, as icd's do.
+  for variant in "plain::" "settle:--settle-ms 100:" "clocks-free::--clock-control none"; do
+    name=${variant%%:*} rest=${variant#*:} flags=${rest%%:*} ncu_flags=${rest#*:}
+    log "writes: read under ncu (application replay, no cache control), $name"
+    icd_env timeout -k 5 "$limit" ncu --profile-from-start off --replay-mode application --cache-control none $ncu_flags \
       --metrics "$metrics" --csv --page raw --print-units base "$build/bench/counters_check" --mode read --ncu $flags \
-      > "$out/ncu-writes-read${flags:+-settle}.csv" 2> "$out/ncu-writes-read${flags:+-settle}.err" || log "ncu writes failed (exit $?)"
+      > "$out/ncu-writes-read-$name.csv" 2> "$out/ncu-writes-read-$name.err" || log "ncu writes $name failed (exit $?)"
   done
 fi
 

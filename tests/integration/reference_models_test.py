@@ -176,7 +176,8 @@ class ReferenceModelsTest(unittest.TestCase):
         self.addCleanup(shutil.rmtree, plots, True)
         out = subprocess.run([sys.executable, os.path.join(REPO, "client", "python", "examples",
                                                            "codesign_loop.py"),
-                              "--build", ARGS.build, "--model", "mamba1-pydoc", "--plots", plots],
+                              "--build", ARGS.build, "--model", "mamba1-pydoc", "--plots", plots,
+                              "--counters", "1", "--json", os.path.join(plots, "loop.json")],
                              capture_output=True, text=True, timeout=600)
         print(out.stdout)
         self.assertEqual(out.returncode, 0, out.stderr[-4000:])
@@ -191,6 +192,15 @@ class ReferenceModelsTest(unittest.TestCase):
                 data = f.read()
             self.assertEqual(data[:8], b"\x89PNG\r\n\x1a\n", path)
             self.assertGreater(len(data), 10000, path)
+        # --counters on a CPU server: each variant's row names it and carries the
+        # refusal (the counters are read on CUDA only), in the table and the JSON.
+        with open(os.path.join(plots, "loop.json")) as f:
+            counters = json.load(f)["counters"]
+        self.assertEqual([row["variant"] for row in counters], ["coact", "pruned", "nm"])
+        for row in counters:
+            self.assertIn("FAILED_PRECONDITION", row["error"])
+            self.assertIn("CUDA device", row["error"])
+            self.assertRegex(out.stdout, r"(?m)^%s +.*CUDA device" % row["variant"])
         print("[reference] codesign loop: %.0f s" % (time.time() - started))
 
 

@@ -196,10 +196,10 @@ def measure_counters(client, args):
             out.append({"variant": variant, "error": str(err)})
             continue
         row = {"variant": variant, "ratio": r.ratio,
-               "ratio_ci95": [r.ratio_ci95_low, r.ratio_ci95_high]}
-        for side, report in (("variant", r), ("dense", r.compare)):
+               "ratio_ci95": [r.ratio_ci95_low, r.ratio_ci95_high], "counts": {}}
+        for side, report in ((variant, r), ("dense", r.compare)):
             totals = report.counters.repeat_totals
-            row[side] = {"dram_read_bytes": report.counters.total.dram_read_bytes,
+            row["counts"][side] = {"dram_read_bytes": report.counters.total.dram_read_bytes,
                          "dram_write_bytes": report.counters.total.dram_write_bytes,
                          "l2_hit_rate": report.counters.total.l2_hit_rate,
                          "l2_sectors": report.counters.total.l2_sectors,
@@ -218,7 +218,7 @@ def print_counters(counters):
         if "error" in row:
             print("%-12s %s" % (row["variant"], row["error"]))
             continue
-        v, d = row["variant"], row["dense"]
+        v, d = row["counts"][row["variant"]], row["counts"]["dense"]
         print("%-12s %14.3f %12.3f %12.3f %9.2f %9.2f" % (
             row["variant"], row["ratio"], (v["dram_read_bytes"] + v["dram_write_bytes"]) / 1e6,
             (d["dram_read_bytes"] + d["dram_write_bytes"]) / 1e6, 100 * v["l2_hit_rate"],

@@ -1,5 +1,6 @@
 #include "counters/hardware_counters.h"
 
+#include <algorithm>
 #include <iterator>
 #include <map>
 #include <mutex>
@@ -21,8 +22,10 @@
 #include <cxxabi.h>
 #include <dlfcn.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <iostream>
 #endif
 
 namespace icd::counters {
@@ -542,6 +545,29 @@ std::mutex& CollectionMutex() {
   return mutex;
 }
 
+// ICD_COUNTERS_TRACE=1: each collection's phases and their wall time on
+// stderr (a collection costs seconds whatever the work; this says where).
+class PhaseTrace {
+ public:
+  PhaseTrace() : on_(std::getenv("ICD_COUNTERS_TRACE") != nullptr), last_(Clock::now()) {}
+  void Mark(const char* phase) {
+    if (!on_) return;
+    const auto now = Clock::now();
+    absl::StrAppend(&line_, line_.empty() ? "" : ", ", phase, " ",
+                    std::chrono::duration<double, std::milli>(now - last_).count(), " ms");
+    last_ = now;
+  }
+  ~PhaseTrace() {
+    if (on_) std::cerr << "icd counters: " << line_ << "\n";
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  bool on_;
+  Clock::time_point last_;
+  std::string line_;
+};
+
 }  // namespace
 
 absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
@@ -550,12 +576,14 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
                                                   const std::function<absl::Status()>& rewind,
                                                   int64_t max_launches) {
   const std::lock_guard<std::mutex> one_at_a_time(CollectionMutex());
+  PhaseTrace trace;
   const Api& api = Library();
   if (!api.error.empty()) {
     return absl::FailedPreconditionError(absl::StrCat("hardware counters: ", api.error));
   }
   ProfilerScope profiler(api);
   ICD_RETURN_IF_ERROR(profiler.Initialize());
+  trace.Mark("initialize");
   CUcontext context = nullptr;
   if (api.CtxGetCurrent(&context) != CUDA_SUCCESS || context == nullptr) {
     return absl::FailedPreconditionError(
@@ -567,6 +595,7 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
   Session session(api);
   ICD_RETURN_IF_ERROR(session.Configure(device_index, context, metrics, replay, max_launches));
   KernelNames names(api);
+  trace.Mark("configure");
   // Kernel replay ends after one pass; user replay after as many as the
   // metrics need (a few for these five).
   constexpr int kMaxPasses = 64;
@@ -609,8 +638,12 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
         "are held by another client (a profiler?), so the passes cannot be checked to have "
         "launched the same kernels"));
   }
+  trace.Mark(absl::StrCat(passes, " passes of ", launched.size() / std::max(passes, 1),
+                          " launches").c_str());
   ICD_RETURN_IF_ERROR(session.Decode(max_launches));
+  trace.Mark("decode");
   ICD_ASSIGN_OR_RETURN(std::vector<KernelCounters> launches, session.Read(metrics));
+  trace.Mark("evaluate");
   // Names only when every range has its launch; else CUPTI's range names.
   if (same_passes && per_pass == launches.size()) {
     for (size_t i = 0; i < launches.size(); ++i) launches[i].kernel = std::move(launched[i]);

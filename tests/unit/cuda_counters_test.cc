@@ -85,9 +85,9 @@ TEST(HardwareCountersTest, EveryWeightPassesThroughL2AndRepeatsAgree) {
 // fraction of its reads. They are not zero under either replay (11% of the
 // reads under user replay on the H200, 9% under kernel replay:
 // deploy/results/h200-gpu-2026-12-03d/), although a read of the whole buffer
-// runs first; most likely the write-back of lines dirtied earlier, which
-// only a cache flush between kernels (Nsight Compute's --cache-control all)
-// keeps out of a kernel's count (not confirmed).
+// runs first. Not the write-back of lines dirtied earlier: as much after a
+// pause or a clean refill of L2 (h200-gpu-2026-12-03e/), where Nsight
+// Compute counts 1% (cause unknown).
 TEST(HardwareCountersTest, AReadingKernelWritesLittle) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   const torch::Tensor values =

@@ -73,8 +73,9 @@ std::string Describe(Replay replay) {
   switch (replay) {
     case Replay::kUser:
       return "CUPTI range profiler: a range per kernel launch, the work rerun once per pass "
-             "(user replay): each kernel sees the caches as the kernels before it left them; its DRAM "
-             "writes include write-backs of lines dirtied before it";
+             "(user replay): each kernel sees the caches as the kernels before it left them; DRAM "
+             "writes are an upper bound (on an H200 about a tenth of the bytes read above "
+             "Nsight Compute's count)";
     case Replay::kKernel:
       return "CUPTI range profiler: a range per kernel launch, each kernel replayed with device "
              "memory restored until every counter is read (kernel replay: DRAM writes include "

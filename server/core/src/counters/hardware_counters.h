@@ -34,9 +34,12 @@ enum class Replay {
   // one), each time from the same state (Collect's `rewind`) and launching
   // the same kernels; each kernel sees the caches as the kernels before it
   // left them, as in a real run. Reads and L2 sectors agree with Nsight
-  // Compute's application replay within 1%; DRAM writes do not (3.9x its
-  // count on a decode step, 1.06x on a prefill: deploy/results/h200-gpu-2026-12-03d/):
-  // they include write-backs of lines dirtied before a kernel.
+  // Compute's application replay within 1%; DRAM writes do not: about a
+  // tenth of the bytes read more than its count (a kernel that only reads
+  // 256 MB: 28.4 MB against 2.8 MB), just as much after 100 ms of idle device
+  // or with L2 refilled by clean lines first, so not the write-back of lines
+  // dirtied earlier (deploy/results/h200-gpu-2026-12-03e/). Cause unknown;
+  // an upper bound.
   kUser,
   // The work runs once and CUPTI reruns each kernel, device memory saved
   // before and restored between its passes. The restore leaves dirty lines

@@ -64,9 +64,13 @@ done
 # Where a kernel's counted DRAM writes come from (more than it writes:
 # deploy/results/h200-gpu-2026-12-03d/): a sum over 256 MB and the decode step,
 # each as it runs, after 100 ms of idle device, and after a read of twice the
-# L2; the sum under ncu's application replay too. COUNTERS_WRITES=1.
+# L2; the sum under ncu's application replay too, and both samples under
+# ncu's range replays (the range between cudaProfilerStart and Stop counted
+# as one, as a range profiler counts: does ncu then count icd's writes?).
+# COUNTERS_WRITES=1; COUNTERS_WRITES_CUPTI=0 leaves out icd's own runs.
 if [[ ${COUNTERS_WRITES:-0} == 1 ]]; then
   for variant in "plain:" "settle:--settle-ms 100" "scrub:--scrub"; do
+    [[ ${COUNTERS_WRITES_CUPTI:-1} == 1 ]] || break
     name=${variant%%:*} flags=${variant#*:}
     for sample in "read:--mode read" "decode:--model $models/mamba-${shapes%% *} --mode decode --seq-len 2048"; do
       what=${sample%%:*}
@@ -83,6 +87,15 @@ if [[ ${COUNTERS_WRITES:-0} == 1 ]]; then
     icd_env timeout -k 5 "$limit" ncu --profile-from-start off --replay-mode application --cache-control none $ncu_flags \
       --metrics "$metrics" --csv --page raw --print-units base "$build/bench/counters_check" --mode read --ncu $flags \
       > "$out/ncu-writes-read-$name.csv" 2> "$out/ncu-writes-read-$name.err" || log "ncu writes $name failed (exit $?)"
+  done
+  for replay in range app-range; do
+    for sample in "read:--mode read" "decode:--model $models/mamba-${shapes%% *} --mode decode --seq-len 2048"; do
+      what=${sample%%:*}
+      log "writes: $what under ncu, --replay-mode $replay, no cache control"
+      icd_env timeout -k 5 "$limit" ncu --profile-from-start off --replay-mode $replay --cache-control none \
+        --metrics "$metrics" --csv --page raw --print-units base "$build/bench/counters_check" ${sample#*:} --ncu \
+        > "$out/ncu-writes-$what-$replay.csv" 2> "$out/ncu-writes-$what-$replay.err" || log "ncu writes $what $replay failed (exit $?)"
+    done
   done
 fi
 

@@ -24,7 +24,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <functional>
 #include <map>
 #include <numeric>
 #include <optional>
@@ -1138,80 +1137,6 @@ TEST(FewRowsLinearTest, MatchesTorchLinear) {
     const torch::Tensor odd_weight = torch::randn({7, 2561}, options);
     EXPECT_FALSE(fused::FewRowsLinear(torch::randn({1, 2561}, options), odd_weight, {}).has_value());
   }
-}
-
-// ICD_FEW_ROWS_RESIDENT (few_rows_linear.cu: a grid smaller than the
-// feature groups, each block taking several in turn) lays out blocks
-// differently, never the arithmetic: bit for bit the default grid's output,
-// and its conv step's, for 1, 3 and 8 rows; a row on one warp (10264
-// features), on four with a last group half empty (2101), on eight (192,
-// shared sums reused group after group). At 1% of the resident blocks every
-// shape here takes several groups a block; at 50% some do.
-TEST(FewRowsLinearTest, ResidentGridIsBitForBitTheDefault) {
-  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
-  torch::manual_seed(805);
-  const char* outer = std::getenv("ICD_FEW_ROWS_RESIDENT");
-  const std::string outer_value = outer != nullptr ? outer : "";
-  auto both = [](const char* percent, const std::function<std::vector<torch::Tensor>()>& run) {
-    unsetenv("ICD_FEW_ROWS_RESIDENT");
-    fused::ReloadLaunchSettings();
-    std::vector<torch::Tensor> plain = run();
-    setenv("ICD_FEW_ROWS_RESIDENT", percent, 1);
-    fused::ReloadLaunchSettings();
-    std::vector<torch::Tensor> resident = run();
-    unsetenv("ICD_FEW_ROWS_RESIDENT");
-    fused::ReloadLaunchSettings();
-    return std::make_pair(plain, resident);
-  };
-  // The same bits (torch::equal takes -0 for +0).
-  auto same_bits = [](const torch::Tensor& a, const torch::Tensor& b) {
-    const torch::ScalarType bits = a.element_size() == 4 ? torch::kInt32 : torch::kInt16;
-    return a.sizes() == b.sizes() && torch::equal(a.contiguous().view(bits), b.contiguous().view(bits));
-  };
-  for (const torch::ScalarType dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
-    const auto options = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);
-    for (const int64_t features : {int64_t{192}, int64_t{2101}, int64_t{10264}}) {
-      const torch::Tensor weight = torch::randn({features, 2560}, options) * 0.02;
-      const torch::Tensor bias = torch::randn({features}, options);
-      for (const int64_t rows : {1, 3, 8}) {
-        const torch::Tensor input = torch::randn({rows, 1, 2560}, options);
-        for (const char* percent : {"1", "50"}) {
-          auto [plain, resident] = both(percent, [&] {
-            std::optional<torch::Tensor> out = fused::FewRowsLinear(input, weight, bias);
-            return out.has_value() ? std::vector<torch::Tensor>{*out} : std::vector<torch::Tensor>{};
-          });
-          const std::string name = std::string(c10::toString(dtype)) + " " +
-                                   std::to_string(features) + " features, rows " +
-                                   std::to_string(rows) + ", " + percent + "%";
-          ASSERT_EQ(plain.size(), 1u) << name;
-          ASSERT_EQ(resident.size(), 1u) << name;
-          EXPECT_TRUE(same_bits(resident[0], plain[0])) << name;
-        }
-      }
-    }
-    // The conv step of in_proj (Mamba-2's channels after z, biases), the
-    // history moved once by each.
-    const int64_t channels = 300;
-    const torch::Tensor weight = torch::randn({2 * channels + 40, 256}, options) * 0.05;
-    const torch::Tensor bias = torch::randn({2 * channels + 40}, options);
-    const torch::Tensor conv_weight = 0.5 * torch::randn({channels, 1, 4}, options);
-    const torch::Tensor conv_bias = 0.3 * torch::randn({channels}, options);
-    const torch::Tensor input = torch::randn({2, 1, 256}, options);
-    const torch::Tensor history = torch::randn({2, channels, 3}, options);
-    auto [plain, resident] = both("1", [&] {
-      torch::Tensor moved = history.clone();
-      std::optional<fused::LinearConvStepResult> step = fused::FewRowsLinearConvStep(
-          input, weight, bias, conv_weight, conv_bias, &moved, channels);
-      return step.has_value()
-                 ? std::vector<torch::Tensor>{step->projected, step->convolved, moved}
-                 : std::vector<torch::Tensor>{};
-    });
-    ASSERT_EQ(plain.size(), 3u);
-    ASSERT_EQ(resident.size(), 3u);
-    for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(same_bits(resident[i], plain[i])) << i;
-  }
-  if (!outer_value.empty()) setenv("ICD_FEW_ROWS_RESIDENT", outer_value.c_str(), 1);
-  fused::ReloadLaunchSettings();
 }
 
 // ---- Decode sessions: a CUDA graph per step ----------------------------------

@@ -8,7 +8,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -132,21 +131,20 @@ __device__ __forceinline__ void ConvStep(const FewRowsLinearLaunchArgs& args, in
   if (halo > 0) history[halo - 1] = input;
 }
 
-// A block's kWarps warps compute kWarps / split output features, the block's
-// `group`; the `split` warps of one feature take interleaved 16-byte columns
-// of its weight row (split > 1 when there are too few features to fill the
-// GPU), and their partial sums are added in shared memory in warp order
-// (deterministic).
+// A block's kWarps warps compute kWarps / split output features; the `split`
+// warps of one feature take interleaved 16-byte columns of its weight row
+// (split > 1 when there are too few features to fill the GPU), and their
+// partial sums are added in shared memory in warp order (deterministic).
 template <class Element, int kRows>
-__device__ __forceinline__ void FewRowsLinearGroup(const FewRowsLinearLaunchArgs& args,
-                                                   const int split, const int prefetches,
-                                                   const int64_t group) {
+__global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLinearLaunchArgs args,
+                                                                const int split,
+                                                                const int prefetches) {
   using Storage = typename Element::Storage;
   constexpr int kValues = Unpack<Element>::kValues;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int part = warp % split;
-  const int64_t feature = group * (kWarps / split) + warp / split;
+  const int64_t feature = static_cast<int64_t>(blockIdx.x) * (kWarps / split) + warp / split;
   const bool real = feature < args.out_features;
   const int64_t in_features = args.in_features;
   const auto* weight = static_cast<const Storage*>(args.weight) + (real ? feature : 0) * in_features;
@@ -229,24 +227,6 @@ __device__ __forceinline__ void FewRowsLinearGroup(const FewRowsLinearLaunchArgs
   }
 }
 
-// A block per group, or (kGroups: ICD_FEW_ROWS_RESIDENT, a grid smaller than
-// the groups) groups blockIdx.x, + gridDim.x, ..., each group's arithmetic
-// the same; the weight prefetch only before the first.
-template <class Element, int kRows, bool kGroups>
-__global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLinearLaunchArgs args,
-                                                                const int split,
-                                                                const int prefetches) {
-  if constexpr (!kGroups) {
-    FewRowsLinearGroup<Element, kRows>(args, split, prefetches, blockIdx.x);
-  } else {
-    const int64_t groups = (args.out_features + kWarps / split - 1) / (kWarps / split);
-    for (int64_t group = blockIdx.x; group < groups; group += gridDim.x) {
-      FewRowsLinearGroup<Element, kRows>(args, split, group == blockIdx.x ? prefetches : 0, group);
-      __syncthreads();  // the group's shared sums read before the next writes them
-    }
-  }
-}
-
 // The run-time settings, from the environment: read at the first launch,
 // and again at the first launch after ReloadFewRowsLinearSettings (a
 // measurement or a test that changes them within one process).
@@ -255,16 +235,11 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 //   ICD_FEW_ROWS_PREFETCH=N: loads of each lane prefetched before the
 //     previous kernel has finished (default kUnroll, the first iteration's;
 //     the whole row measured slower: deploy/results/h200-gpu-2026-12-02i).
-//   ICD_FEW_ROWS_RESIDENT=P (1-100; unset or 0: off): at most P% of the
-//     blocks the device holds at once, each taking several groups, instead
-//     of a block per group (the last partial wave's tail against the next
-//     kernel's blocks finding room early).
 struct Settings {
   std::mutex reading;
   std::atomic<bool> stale{true};
   std::atomic<int> blocks_per_multiprocessor{ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM};
   std::atomic<int> prefetches{kUnroll};
-  std::atomic<int> resident_percent{0};
 };
 
 Settings& SettingsStore() {
@@ -285,8 +260,6 @@ Settings& CurrentSettings() {
       settings.blocks_per_multiprocessor = blocks > 0 ? blocks : ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM;
       // Any number, as given: none or fewer than none prefetch nothing.
       settings.prefetches = number("ICD_FEW_ROWS_PREFETCH", kUnroll);
-      const int percent = number("ICD_FEW_ROWS_RESIDENT", 0);
-      settings.resident_percent = percent > 0 && percent <= 100 ? percent : 0;
       settings.stale.store(false, std::memory_order_release);
     }
   }
@@ -295,7 +268,6 @@ Settings& CurrentSettings() {
 
 int BlocksPerMultiprocessor() { return CurrentSettings().blocks_per_multiprocessor.load(); }
 int Prefetches() { return CurrentSettings().prefetches.load(); }
-int ResidentPercent() { return CurrentSettings().resident_percent.load(); }
 
 // Warps per feature: enough blocks for about BlocksPerMultiprocessor() per
 // multiprocessor.
@@ -319,33 +291,8 @@ int Split(int64_t out_features) {
   return split;
 }
 
-
-// The kernel for `rows`: a block per group, or (ICD_FEW_ROWS_RESIDENT) at
-// most that share of the blocks the device holds at once, each taking
-// several groups.
-template <class Element, int kRows>
-int Launch(dim3 grid, const FewRowsLinearLaunchArgs& args, int split, cudaStream_t stream) {
-  auto* kernel = FewRowsLinearKernel<Element, kRows, false>;
-  if (const int percent = ResidentPercent(); percent > 0) {
-    auto* grouped = FewRowsLinearKernel<Element, kRows, true>;
-    int per_multiprocessor = 0;
-    int device = 0;
-    int multiprocessors = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, grouped, kThreads, 0) ==
-            cudaSuccess &&
-        cudaGetDevice(&device) == cudaSuccess &&
-        cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device) ==
-            cudaSuccess) {
-      const int64_t resident =
-          std::max<int64_t>(1, int64_t{per_multiprocessor} * multiprocessors * percent / 100);
-      if (resident < grid.x) {
-        grid.x = static_cast<unsigned int>(resident);
-        kernel = grouped;
-      }
-    } else {
-      (void)cudaGetLastError();  // a block per group, as without the setting
-    }
-  }
+int Launch(void (*kernel)(FewRowsLinearLaunchArgs, int, int), dim3 grid,
+           const FewRowsLinearLaunchArgs& args, int split, cudaStream_t stream) {
   return static_cast<int>(dependent_launch::LaunchDependent(kernel, grid, kThreads, stream, args,
                                                             split, Prefetches()));
 }
@@ -357,14 +304,14 @@ int LaunchElement(const FewRowsLinearLaunchArgs& args, cudaStream_t stream) {
   const dim3 grid(
       static_cast<unsigned int>((args.out_features + features_per_block - 1) / features_per_block));
   switch (args.rows) {
-    case 1: return Launch<Element, 1>(grid, args, split, stream);
-    case 2: return Launch<Element, 2>(grid, args, split, stream);
-    case 3: return Launch<Element, 3>(grid, args, split, stream);
-    case 4: return Launch<Element, 4>(grid, args, split, stream);
-    case 5: return Launch<Element, 5>(grid, args, split, stream);
-    case 6: return Launch<Element, 6>(grid, args, split, stream);
-    case 7: return Launch<Element, 7>(grid, args, split, stream);
-    case 8: return Launch<Element, 8>(grid, args, split, stream);
+    case 1: return Launch(FewRowsLinearKernel<Element, 1>, grid, args, split, stream);
+    case 2: return Launch(FewRowsLinearKernel<Element, 2>, grid, args, split, stream);
+    case 3: return Launch(FewRowsLinearKernel<Element, 3>, grid, args, split, stream);
+    case 4: return Launch(FewRowsLinearKernel<Element, 4>, grid, args, split, stream);
+    case 5: return Launch(FewRowsLinearKernel<Element, 5>, grid, args, split, stream);
+    case 6: return Launch(FewRowsLinearKernel<Element, 6>, grid, args, split, stream);
+    case 7: return Launch(FewRowsLinearKernel<Element, 7>, grid, args, split, stream);
+    case 8: return Launch(FewRowsLinearKernel<Element, 8>, grid, args, split, stream);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }

@@ -9,13 +9,15 @@
 //
 //   counters_check --model DIR [--dtype bfloat16] [--mode prefill|decode]
 //                  [--seq-len 2048] (--cupti [--repeats 3] [--replay user|kernel]
-//                  | --ncu) [--settle-ms N] [--scrub]
+//                  | --ncu) [--settle-ms N] [--scrub] [--max-launches 8192]
 //   counters_check --mode read ...   (no model: one sum over 256 MB of float32,
 //                  a kernel that reads and writes almost nothing)
 // --settle-ms N waits N ms with the device idle before each pass (ncu: before
 // the sample); --scrub reads a buffer of twice the L2 first. Both are
 // experiments on where a kernel's counted DRAM writes come from
 // (deploy/results/h200-gpu-2026-12-03d/: more than it writes).
+// --max-launches sizes CUPTI's ranges per pass (Collect's max_launches): does
+// a pass's cost, seconds whatever the work, follow it?
 // --replay user (the service's) matches ncu's --replay-mode application
 // --cache-control none; --replay kernel matches ncu's default kernel replay
 // in reads and L2 (DRAM writes differ: hardware_counters.h says why).
@@ -59,7 +61,7 @@ void PrintJson(const icd::KernelCounters& k, const std::string& label, int repea
 int main(int argc, char** argv) {
   std::map<std::string, std::string> args = {
       {"--dtype", "bfloat16"}, {"--mode", "prefill"}, {"--seq-len", "2048"}, {"--repeats", "3"},
-      {"--replay", "user"}};
+      {"--replay", "user"}, {"--max-launches", "8192"}};
   bool cupti = false;
   bool ncu = false;
   bool scrub = false;
@@ -79,7 +81,7 @@ int main(int argc, char** argv) {
   if ((!args.count("--model") && !read_only) || cupti == ncu) {
     std::cerr << "usage: counters_check (--model DIR [--dtype bfloat16] [--mode prefill|decode] "
                  "[--seq-len 2048] | --mode read) (--cupti [--repeats 3] [--replay user|kernel] "
-                 "| --ncu) [--settle-ms N] [--scrub]\n";
+                 "| --ncu) [--settle-ms N] [--scrub] [--max-launches 8192]\n";
     return 2;
   }
   if (!torch::cuda::is_available()) {
@@ -188,7 +190,9 @@ int main(int argc, char** argv) {
     if (session != nullptr) OrDie(session->Mark(), "decode session");
     settle();
     const auto launches =
-        OrDie(icd::counters::Collect(0, sample, replay, rewind), "hardware counters");
+        OrDie(icd::counters::Collect(0, sample, replay, rewind,
+                                     std::stoll(args.at("--max-launches"))),
+              "hardware counters");
     for (const icd::KernelCounters& kernel : icd::counters::ByKernel(launches)) {
       PrintJson(kernel, label, repeat);
     }

@@ -19,7 +19,8 @@
 # decode": of those runs, the service's and ncu's), COUNTERS_REPLAYS ("user
 # kernel": counters_check's), NCU_RUNS ("application:none kernel:all": ncu's
 # --replay-mode:--cache-control runs), COUNTERS_REPEATS (3), COUNTERS_CODESIGN (1),
-# COUNTERS_WRITES (0; 1: the DRAM-write experiment below), COUNTERS_SERVICE
+# COUNTERS_WRITES (0; 1: the DRAM-write experiment below), COUNTERS_PASS_COST
+# (0; 1: what a pass costs against CUPTI's ranges per pass), COUNTERS_SERVICE
 # (1; 0: no identity-vs-permuted service runs),
 # COUNTERS_STEP_TIMEOUT_S (300: each step's limit, so that one slow step
 # leaves the others' results and a log line naming it).
@@ -92,10 +93,26 @@ if [[ ${COUNTERS_WRITES:-0} == 1 ]]; then
     for sample in "read:--mode read" "decode:--model $models/mamba-${shapes%% *} --mode decode --seq-len 2048"; do
       what=${sample%%:*}
       log "writes: $what under ncu, --replay-mode $replay, no cache control"
-      icd_env timeout -k 5 "$limit" ncu --profile-from-start off --replay-mode $replay --cache-control none \
+      # (no --profile-from-start: range replay takes its ranges from
+      # cudaProfilerStart/Stop and refuses the option)
+      icd_env timeout -k 5 "$limit" ncu --replay-mode $replay --cache-control none \
         --metrics "$metrics" --csv --page raw --print-units base "$build/bench/counters_check" ${sample#*:} --ncu \
         > "$out/ncu-writes-$what-$replay.csv" 2> "$out/ncu-writes-$what-$replay.err" || log "ncu writes $what $replay failed (exit $?)"
     done
+  done
+fi
+
+# What a collection's passes cost (seconds each, whatever the work:
+# deploy/results/h200-gpu-2026-12-03e/): the 256 MB sum with CUPTI's ranges
+# per pass sized 16, 1024 and 8192 (the default), phases timed
+# (ICD_COUNTERS_TRACE). COUNTERS_PASS_COST=1.
+if [[ ${COUNTERS_PASS_COST:-0} == 1 ]]; then
+  for ranges in 16 1024 8192; do
+    log "pass cost: read, --max-launches $ranges"
+    ICD_COUNTERS_TRACE=1 icd_env timeout -k 5 "$limit" "$build/bench/counters_check" --mode read --cupti \
+      --replay user --repeats 2 --max-launches $ranges > "$out/pass-cost-$ranges.jsonl" 2> "$out/pass-cost-$ranges.err" ||
+      log "pass cost $ranges failed (exit $?)"
+    grep "icd counters:" "$out/pass-cost-$ranges.err" | sed "s/^/max-launches $ranges: /" >> "$out/pass-cost.txt"
   done
 fi
 

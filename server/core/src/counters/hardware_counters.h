@@ -66,9 +66,10 @@ std::string Describe(Replay replay);
 // kernels, or several passes whose kernels cannot be compared (another
 // CUPTI client holds the callbacks). Errors of `work` and `rewind` are
 // returned as they are. One collection at a time per process.
+inline constexpr int64_t kMaxLaunches = 8192;  // Collect's default
 absl::StatusOr<std::vector<KernelCounters>> Collect(
     int device_index, const std::function<absl::Status()>& work, Replay replay = Replay::kUser,
-    const std::function<absl::Status()>& rewind = nullptr, int64_t max_launches = 8192);
+    const std::function<absl::Status()>& rewind = nullptr, int64_t max_launches = kMaxLaunches);
 
 // Launches with the same kernel name summed, in order of first launch.
 std::vector<KernelCounters> ByKernel(const std::vector<KernelCounters>& launches);

@@ -269,21 +269,45 @@ absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
   report.execution =
       mode == Mode::kDecode ? absl::StrCat("decode step (", sampler.Execution(), ")") : "prefill";
   if (mode == Mode::kDecode) ICD_RETURN_IF_ERROR(sampler.Sample(step_ids[0], ctx));
-  for (int64_t repeat = 0; repeat < repeats; ++repeat) {
+  // A collection's pass costs seconds whatever it runs (CUPTI's start and
+  // stop: deploy/results/h200-gpu-2026-12-03e/), so the repeats after the
+  // first share collections, back to back in each pass, as many as fit in
+  // one collection's launches (learnt from the first).
+  int64_t per_repeat = 0;
+  for (int64_t first = 0; first < repeats;) {
+    const int64_t group =
+        first == 0 ? 1
+                   : std::clamp<int64_t>(counters::kMaxLaunches / per_repeat, 1, repeats - first);
     ICD_RETURN_IF_ERROR(CheckCall(ctx, "hardware counters"));
-    const torch::Tensor ids =
-        mode == Mode::kDecode ? step_ids[static_cast<size_t>(repeat) + 1] : prefill_ids;
     ICD_RETURN_IF_ERROR(sampler.Mark());
-    ICD_ASSIGN_OR_RETURN(
-        std::vector<KernelCounters> launches,
-        counters::Collect(
-            device.index(), [&] { return sampler.Sample(ids, ctx); }, counters::Replay::kUser,
-            [&] { return sampler.Rewind(); }));
-    report.repeat_totals.push_back(counters::Total(launches));
-    if (repeat == 0) {
-      report.total = report.repeat_totals.back();
-      report.kernels = counters::ByKernel(launches);
+    auto work = [&]() -> absl::Status {
+      for (int64_t repeat = first; repeat < first + group; ++repeat) {
+        ICD_RETURN_IF_ERROR(sampler.Sample(
+            mode == Mode::kDecode ? step_ids[static_cast<size_t>(repeat) + 1] : prefill_ids, ctx));
+      }
+      return absl::OkStatus();
+    };
+    ICD_ASSIGN_OR_RETURN(std::vector<KernelCounters> launches,
+                         counters::Collect(device.index(), work, counters::Replay::kUser,
+                                           [&] { return sampler.Rewind(); }));
+    const size_t each = launches.size() / static_cast<size_t>(group);
+    if (each == 0 || each * static_cast<size_t>(group) != launches.size() ||
+        (first > 0 && static_cast<int64_t>(each) != per_repeat)) {
+      return absl::InternalError(absl::StrCat(
+          "hardware counters: ", group, " repeats of the sample launched ", launches.size(),
+          " kernels, not ", group, " times the first repeat's ", per_repeat));
     }
+    if (first == 0) per_repeat = static_cast<int64_t>(each);
+    for (int64_t g = 0; g < group; ++g) {
+      const std::vector<KernelCounters> one(launches.begin() + static_cast<int64_t>(each) * g,
+                                            launches.begin() + static_cast<int64_t>(each) * (g + 1));
+      report.repeat_totals.push_back(counters::Total(one));
+      if (first == 0) {
+        report.total = report.repeat_totals.back();
+        report.kernels = counters::ByKernel(one);
+      }
+    }
+    first += group;
   }
   return report;
 }

@@ -186,6 +186,8 @@ int main(int argc, char** argv) {
     if (rewound.ok()) settle();
     return rewound;
   };
+  // Each repeat a collection of its own (MeasureLatency puts the repeats
+  // after the first in one: the same sample, fewer of CUPTI's passes).
   for (int repeat = 0; repeat < std::stoi(args.at("--repeats")); ++repeat) {
     if (session != nullptr) OrDie(session->Mark(), "decode session");
     settle();

@@ -139,5 +139,38 @@ TEST(HardwareCountersTest, AReadingKernelWritesLittle) {
   }
 }
 
+// Pieces of work in one collection (MeasureLatency's repeats) come back
+// apart, each with its own launches, however many each made: a piece of
+// one sum, one of none, one of three sums over a buffer half the size.
+TEST(HardwareCountersTest, PiecesComeBackApart) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  const auto on_cuda = torch::TensorOptions(torch::kFloat32).device(torch::kCUDA);
+  const torch::Tensor large = torch::ones({64 * 1024 * 1024}, on_cuda);  // 256 MB, 5x the L2
+  const torch::Tensor small = torch::ones({32 * 1024 * 1024}, on_cuda);
+  torch::Tensor sum = large.sum() + small.sum();  // warm-up
+  torch::cuda::synchronize();
+  auto pieces = counters::CollectEach(
+      0, {[&] {
+            sum = large.sum();
+            return absl::OkStatus();
+          },
+          [] { return absl::OkStatus(); },
+          [&] {
+            for (int i = 0; i < 3; ++i) sum = small.sum();
+            return absl::OkStatus();
+          }});
+  ASSERT_TRUE(pieces.ok()) << pieces.status();
+  ASSERT_EQ(pieces->size(), 3u);
+  EXPECT_EQ((*pieces)[0].size(), 1u);
+  EXPECT_TRUE((*pieces)[1].empty());
+  ASSERT_EQ((*pieces)[2].size(), 3u);
+  const double large_bytes = 4.0 * static_cast<double>(large.numel());
+  EXPECT_NEAR(counters::Total((*pieces)[0]).dram_read_bytes, large_bytes, 0.1 * large_bytes);
+  for (const KernelCounters& launch : (*pieces)[2]) {
+    EXPECT_NEAR(launch.dram_read_bytes, large_bytes / 2, 0.1 * large_bytes) << launch.kernel;
+    EXPECT_EQ(launch.kernel, (*pieces)[0].front().kernel);
+  }
+}
+
 }  // namespace
 }  // namespace icd

@@ -84,11 +84,21 @@ std::string Describe(Replay replay) {
   return "";
 }
 
+absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
+                                                  const std::function<absl::Status()>& work,
+                                                  Replay replay,
+                                                  const std::function<absl::Status()>& rewind,
+                                                  int64_t max_launches) {
+  ICD_ASSIGN_OR_RETURN(std::vector<std::vector<KernelCounters>> pieces,
+                       CollectEach(device_index, {work}, replay, rewind, max_launches));
+  return std::move(pieces.front());
+}
+
 #ifndef ICD_HAVE_CUPTI
 
-absl::StatusOr<std::vector<KernelCounters>> Collect(int, const std::function<absl::Status()>&,
-                                                  Replay, const std::function<absl::Status()>&,
-                                                  int64_t) {
+absl::StatusOr<std::vector<std::vector<KernelCounters>>> CollectEach(
+    int, const std::vector<std::function<absl::Status()>>&, Replay,
+    const std::function<absl::Status()>&, int64_t) {
   return absl::FailedPreconditionError(
       "hardware counters: this server was built without CUPTI (CUDA's profiling interface; "
       "its headers come with the CUDA toolkit the server is built with)");
@@ -571,11 +581,10 @@ class PhaseTrace {
 
 }  // namespace
 
-absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
-                                                  const std::function<absl::Status()>& work,
-                                                  Replay replay,
-                                                  const std::function<absl::Status()>& rewind,
-                                                  int64_t max_launches) {
+absl::StatusOr<std::vector<std::vector<KernelCounters>>> CollectEach(
+    int device_index, const std::vector<std::function<absl::Status()>>& pieces, Replay replay,
+    const std::function<absl::Status()>& rewind, int64_t max_launches) {
+  if (pieces.empty()) return absl::InvalidArgumentError("hardware counters: no work to count");
   const std::lock_guard<std::mutex> one_at_a_time(CollectionMutex());
   PhaseTrace trace;
   const Api& api = Library();
@@ -602,6 +611,8 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
   constexpr int kMaxPasses = 64;
   int passes = 0;
   std::vector<std::string> launched;  // every pass's launches, in order
+  std::vector<size_t> piece_launches;  // the first pass's launches of each piece
+  bool same_pieces = true;             // every pass's pieces launched as many as the first's
   for (bool all_passes = false; !all_passes;) {
     if (++passes > kMaxPasses) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -610,21 +621,31 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
     if (passes > 1 && rewind) ICD_RETURN_IF_ERROR(rewind());
     (void)names.Take();  // the rewind's own launches, if any, are not the pass's
     ICD_RETURN_IF_ERROR(session.Start());
-    absl::Status ran = work();
+    absl::Status ran;
+    for (size_t piece = 0; piece < pieces.size() && ran.ok(); ++piece) {
+      ran = pieces[piece]();
+      // The callbacks run on the launching thread, inside the launch: when
+      // the piece returns, its launches are all named.
+      std::vector<std::string> piece_names = names.Take();
+      if (passes == 1) {
+        piece_launches.push_back(piece_names.size());
+      } else {
+        same_pieces = same_pieces && piece_launches[piece] == piece_names.size();
+      }
+      launched.insert(launched.end(), std::make_move_iterator(piece_names.begin()),
+                      std::make_move_iterator(piece_names.end()));
+    }
     if (ran.ok() && api.CtxSynchronize() != CUDA_SUCCESS) {
       ran = absl::InternalError("hardware counters: the work's kernels failed (cuCtxSynchronize)");
     }
     absl::StatusOr<bool> stopped = session.Stop();
-    std::vector<std::string> pass_names = names.Take();
-    launched.insert(launched.end(), std::make_move_iterator(pass_names.begin()),
-                    std::make_move_iterator(pass_names.end()));
     ICD_RETURN_IF_ERROR(ran);
     ICD_ASSIGN_OR_RETURN(all_passes, std::move(stopped));
   }
   // Each pass must have launched the same kernels, or its counts belong to
   // other launches than the first pass's (checked before CUPTI decodes them).
   const size_t per_pass = launched.size() / static_cast<size_t>(passes);
-  bool same_passes = launched.size() % static_cast<size_t>(passes) == 0;
+  bool same_passes = same_pieces && launched.size() % static_cast<size_t>(passes) == 0;
   for (size_t i = per_pass; same_passes && i < launched.size(); ++i) {
     same_passes = launched[i] == launched[i % per_pass];
   }
@@ -646,12 +667,31 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
   ICD_ASSIGN_OR_RETURN(std::vector<KernelCounters> launches, session.Read(metrics));
   trace.Mark("evaluate");
   // Names only when every range has its launch; else CUPTI's range names.
-  if (same_passes && per_pass == launches.size()) {
+  const bool named = same_passes && per_pass == launches.size();
+  if (named) {
     for (size_t i = 0; i < launches.size(); ++i) launches[i].kernel = std::move(launched[i]);
   } else {
     for (KernelCounters& launch : launches) launch.kernel = "launch " + launch.kernel;
   }
-  return launches;
+  std::vector<std::vector<KernelCounters>> by_piece;
+  if (pieces.size() == 1) {
+    by_piece.push_back(std::move(launches));
+    return by_piece;
+  }
+  // The pieces apart by their launches, which only the names tell.
+  if (!named) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "hardware counters: ", launches.size(), " ranges could not be told apart between ",
+        pieces.size(), " pieces of work (CUPTI's launch callbacks are held by another client, "
+        "a profiler?, or the ranges are not the launches)"));
+  }
+  auto next = launches.begin();
+  for (const size_t count : piece_launches) {
+    by_piece.emplace_back(std::make_move_iterator(next),
+                          std::make_move_iterator(next + static_cast<std::ptrdiff_t>(count)));
+    next += static_cast<std::ptrdiff_t>(count);
+  }
+  return by_piece;
 }
 
 #endif  // ICD_HAVE_CUPTI

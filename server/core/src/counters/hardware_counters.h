@@ -66,10 +66,21 @@ std::string Describe(Replay replay);
 // kernels, or several passes whose kernels cannot be compared (another
 // CUPTI client holds the callbacks). Errors of `work` and `rewind` are
 // returned as they are. One collection at a time per process.
-inline constexpr int64_t kMaxLaunches = 8192;  // Collect's default
 absl::StatusOr<std::vector<KernelCounters>> Collect(
     int device_index, const std::function<absl::Status()>& work, Replay replay = Replay::kUser,
-    const std::function<absl::Status()>& rewind = nullptr, int64_t max_launches = kMaxLaunches);
+    const std::function<absl::Status()>& rewind = nullptr, int64_t max_launches = 8192);
+
+// Collect with the work in pieces run one after the other in every pass
+// (repeats of a sample: a pass costs CUPTI seconds whatever it runs), each
+// piece's launches returned apart, told apart by the launches each piece
+// made (so pieces may launch different numbers of kernels, as a step with
+// experts chosen by value does). FAILED_PRECONDITION as Collect, and when
+// there are several pieces and CUPTI's launch callbacks are held by another
+// client. `max_launches` counts every piece's.
+absl::StatusOr<std::vector<std::vector<KernelCounters>>> CollectEach(
+    int device_index, const std::vector<std::function<absl::Status()>>& pieces,
+    Replay replay = Replay::kUser, const std::function<absl::Status()>& rewind = nullptr,
+    int64_t max_launches = 8192);
 
 // Launches with the same kernel name summed, in order of first launch.
 std::vector<KernelCounters> ByKernel(const std::vector<KernelCounters>& launches);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <random>
 #include <utility>
@@ -247,6 +248,9 @@ absl::Status CheckComparable(const TimedModel& model, const TimedModel& compare)
   return absl::OkStatus();
 }
 
+// Launches one counters collection may hold (CUPTI's ranges per pass).
+constexpr int64_t kCollectLaunches = 8192;
+
 // One more sample of `model` under the hardware counters, `repeats` times:
 // a prefill forward over `ids`, or a decode step (the kernels a graph
 // replays, one launch each: decode::Execution::kInPlace) in a session of its
@@ -272,40 +276,30 @@ absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
   // A collection's pass costs seconds whatever it runs (CUPTI's start and
   // stop: deploy/results/h200-gpu-2026-12-03e/), so the repeats after the
   // first share collections, back to back in each pass, as many as fit in
-  // one collection's launches (learnt from the first).
-  int64_t per_repeat = 0;
+  // half a collection's launches (room for steps that launch more than the
+  // first did: experts chosen by value, an attention cache that grows).
+  int64_t first_launches = 0;
   for (int64_t first = 0; first < repeats;) {
-    const int64_t group =
-        first == 0 ? 1
-                   : std::clamp<int64_t>(counters::kMaxLaunches / per_repeat, 1, repeats - first);
+    const int64_t fit = kCollectLaunches / 2 / std::max<int64_t>(first_launches, 1);
+    const int64_t group = first == 0 ? 1 : std::clamp<int64_t>(fit, 1, repeats - first);
     ICD_RETURN_IF_ERROR(CheckCall(ctx, "hardware counters"));
     ICD_RETURN_IF_ERROR(sampler.Mark());
-    auto work = [&]() -> absl::Status {
-      for (int64_t repeat = first; repeat < first + group; ++repeat) {
-        ICD_RETURN_IF_ERROR(sampler.Sample(
-            mode == Mode::kDecode ? step_ids[static_cast<size_t>(repeat) + 1] : prefill_ids, ctx));
-      }
-      return absl::OkStatus();
-    };
-    ICD_ASSIGN_OR_RETURN(std::vector<KernelCounters> launches,
-                         counters::Collect(device.index(), work, counters::Replay::kUser,
-                                           [&] { return sampler.Rewind(); }));
-    const size_t each = launches.size() / static_cast<size_t>(group);
-    if (each == 0 || each * static_cast<size_t>(group) != launches.size() ||
-        (first > 0 && static_cast<int64_t>(each) != per_repeat)) {
-      return absl::InternalError(absl::StrCat(
-          "hardware counters: ", group, " repeats of the sample launched ", launches.size(),
-          " kernels, not ", group, " times the first repeat's ", per_repeat));
+    std::vector<std::function<absl::Status()>> pieces;
+    for (int64_t repeat = first; repeat < first + group; ++repeat) {
+      const torch::Tensor ids =
+          mode == Mode::kDecode ? step_ids[static_cast<size_t>(repeat) + 1] : prefill_ids;
+      pieces.push_back([&sampler, ids, &ctx] { return sampler.Sample(ids, ctx); });
     }
-    if (first == 0) per_repeat = static_cast<int64_t>(each);
-    for (int64_t g = 0; g < group; ++g) {
-      const std::vector<KernelCounters> one(launches.begin() + static_cast<int64_t>(each) * g,
-                                            launches.begin() + static_cast<int64_t>(each) * (g + 1));
+    ICD_ASSIGN_OR_RETURN(std::vector<std::vector<KernelCounters>> launches,
+                         counters::CollectEach(device.index(), pieces, counters::Replay::kUser,
+                                               [&] { return sampler.Rewind(); }, kCollectLaunches));
+    for (const std::vector<KernelCounters>& one : launches) {
       report.repeat_totals.push_back(counters::Total(one));
-      if (first == 0) {
-        report.total = report.repeat_totals.back();
-        report.kernels = counters::ByKernel(one);
-      }
+    }
+    if (first == 0) {
+      first_launches = static_cast<int64_t>(launches.front().size());
+      report.total = report.repeat_totals.front();
+      report.kernels = counters::ByKernel(launches.front());
     }
     first += group;
   }

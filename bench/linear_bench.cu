@@ -9,8 +9,8 @@
 //    first; each output must be within its rounding (half an ulp of the
 //    element type) plus 1e-5 of the sum of |w·x| terms (float32 accumulation).
 // 2. Timing on the Mamba decode shapes (mamba-130m and mamba-2.8b: in_proj,
-//    x_proj, dt_proj, out_proj, the head; bf16, 1 row): launches are captured
-//    in a CUDA graph, each on its own copy of the weights (copies enough to
+//    x_proj, dt_proj, out_proj, the head; Mamba-2's in_proj; bf16, 1 row):
+//    launches are captured in a CUDA graph, each on its own copy of the weights (copies enough to
 //    pass 512 MB, so no launch finds its weights in the 50 MB L2), as a decode
 //    step replays them; the median of 15 replays, per launch. Beside it, on
 //    the same copies: cuBLAS (cublasGemmEx, float32 compute, what LibTorch's
@@ -344,6 +344,9 @@ int main(int argc, char** argv) {
       {"130m", "head", 768, 50280},      {"2.8b", "in_proj", 2560, 10240},
       {"2.8b", "x_proj", 5120, 192},     {"2.8b", "dt_proj", 160, 5120},
       {"2.8b", "out_proj", 5120, 2560},  {"2.8b", "head", 2560, 50280},
+      // Mamba-2's in_proj (z, x, B, C, dt; one group, d_state 128, heads of
+      // 64); its out_proj and head are Mamba-1's shapes above.
+      {"mamba2-130m", "in_proj", 768, 3352}, {"mamba2-2.7b", "in_proj", 2560, 10576},
   };
   for (const Shape& shape : shapes) TimeShape(shape, variant, properties.name);
   return ok ? 0 : 1;

@@ -35,6 +35,11 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
   return std::nullopt;
 }
 void ReloadLaunchSettings() {}
+
+SidePrefetch::SidePrefetch(const torch::Tensor&) {}
+SidePrefetch::~SidePrefetch() = default;
+void SetSidePrefetchForTest(std::optional<bool>) {}
+int64_t SidePrefetchesIssued() { return 0; }
 #endif  // ICD_HAVE_CUDA_FUSED
 
 }  // namespace icd::fused

@@ -1,9 +1,13 @@
 // CUDA builds only (ICD_HAVE_CUDA_FUSED): the LibTorch side of the fused
 // kernels (causal_conv.cu, rms_norm.cu through fused_launch.h): checks of
 // the kernels' domain, outputs, the current stream.
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -314,5 +318,104 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
 }
 
 void ReloadLaunchSettings() { ReloadFewRowsLinearSettings(); }
+
+namespace {
+
+std::atomic<int> side_prefetch_override{-1};  // -1: the environment's setting
+std::atomic<int64_t> side_prefetches_issued{0};
+
+bool SidePrefetchEnabled() {
+  static const bool from_environment = [] {
+    const char* value = std::getenv("ICD_DECODE_SIDE_PREFETCH");
+    return value != nullptr && std::strcmp(value, "1") == 0;
+  }();
+  const int forced = side_prefetch_override.load();
+  return forced < 0 ? from_environment : forced == 1;
+}
+
+// `to` waits for the work enqueued on `from` so far (in a capture: an edge).
+void Wait(const c10::Stream& to, const c10::Stream& from) {
+  at::cuda::CUDAEvent event;
+  event.record(c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, from));
+  event.block(c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, to));
+}
+
+// This thread's stream for side prefetches on `device` (null if none could
+// be made): its own, not the pool's, so that no other thread's work lands on
+// a stream joined into this thread's capture.
+cudaStream_t SideStream(c10::DeviceIndex device) {
+  struct Streams {
+    std::vector<std::pair<c10::DeviceIndex, cudaStream_t>> made;
+    ~Streams() {
+      for (const auto& [index, stream] : made) (void)cudaStreamDestroy(stream);
+    }
+  };
+  thread_local Streams streams;
+  for (const auto& [index, stream] : streams.made) {
+    if (index == device) return stream;
+  }
+  cudaStream_t stream = nullptr;
+  if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  streams.made.emplace_back(device, stream);
+  return stream;
+}
+
+}  // namespace
+
+SidePrefetch::SidePrefetch(const torch::Tensor& weight) {
+  constexpr int64_t kSmallest = int64_t{1} << 20;
+  if (!SidePrefetchEnabled() || !weight.defined() || !weight.is_cuda() ||
+      !weight.is_contiguous() || static_cast<int64_t>(weight.nbytes()) < kSmallest) {
+    return;
+  }
+  const c10::DeviceIndex device = weight.device().index();
+  const c10::cuda::CUDAGuard device_guard(weight.device());
+  const c10::cuda::CUDAStream origin = c10::cuda::getCurrentCUDAStream(device);
+  // Only in a capture (a graph's decode step), where the branch is part of
+  // the graph: an eager step would only add a fork and a join to its path.
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(origin.stream(), &capturing) != cudaSuccess ||
+      capturing != cudaStreamCaptureStatusActive) {
+    (void)cudaGetLastError();
+    return;
+  }
+  cudaStream_t side_stream = SideStream(device);
+  if (side_stream == nullptr) return;
+  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromExternal(side_stream, device);
+  Wait(side, origin);
+  L2PrefetchLaunchArgs args;
+  args.data = weight.data_ptr();
+  args.bytes = static_cast<int64_t>(weight.nbytes());
+  const int status = LaunchL2Prefetch(args, side.stream());
+  // Forked either way: the join below keeps a capture's branches joined.
+  origin_ = origin.unwrap();
+  side_ = side.unwrap();
+  if (status != static_cast<int>(cudaSuccess)) {
+    (void)cudaGetLastError();  // a hint not given; the step goes on without it
+    return;
+  }
+  issued_ = true;
+  ++side_prefetches_issued;
+}
+
+SidePrefetch::~SidePrefetch() {
+  if (!side_.has_value()) return;
+  try {
+    const c10::cuda::CUDAGuard device_guard(origin_->device());
+    Wait(*origin_, *side_);
+  } catch (const std::exception&) {
+    // A failed join leaves the capture unjoined, which its end reports; a
+    // destructor cannot.
+  }
+}
+
+void SetSidePrefetchForTest(std::optional<bool> enabled) {
+  side_prefetch_override = enabled.has_value() ? (*enabled ? 1 : 0) : -1;
+}
+
+int64_t SidePrefetchesIssued() { return side_prefetches_issued.load(); }
 
 }  // namespace icd::fused

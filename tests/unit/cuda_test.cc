@@ -1721,9 +1721,9 @@ TEST(DecodeSessionTest, InPlaceRewindOnTheDevice) {
 // ICD_DECODE_SIDE_PREFETCH (fused.h: out_proj's weight into L2 on a branch
 // of the step's graph, beside the small kernels) is a hint only: a graph's
 // steps are bit for bit the same with it (two sessions without it first: the
-// comparison's own control), and so are eager steps, which never issue it
-// (only a capture does, for weights of 1 MiB and more: the wide Mamba-1 and
-// Mamba-2 here run it).
+// comparison's own control), and so are in-place steps outside a graph,
+// which reach it but never issue it (only a capture does, for weights of
+// 1 MiB and more: the wide Mamba-1 and Mamba-2 here run it).
 TEST(DecodeSessionTest, SidePrefetchLeavesTheStepsBitForBit) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   const torch::Tensor large = torch::randn({2048, 1024}, torch::kCUDA).to(torch::kBFloat16);
@@ -1747,7 +1747,7 @@ TEST(DecodeSessionTest, SidePrefetchLeavesTheStepsBitForBit) {
     }
     const torch::Tensor ids = torch::randint(0, 301, {1, 12}, torch::kInt64).to(torch::kCUDA);
     for (const decode::Execution execution :
-         {decode::Execution::kCudaGraph, decode::Execution::kEager}) {
+         {decode::Execution::kCudaGraph, decode::Execution::kInPlace}) {
       fused::SetSidePrefetchForTest(false);
       const torch::Tensor without = SessionLogits(*config, weights, ids, 5, execution);
       const torch::Tensor without_again = SessionLogits(*config, weights, ids, 5, execution);

@@ -340,26 +340,35 @@ void Wait(const c10::Stream& to, const c10::Stream& from) {
   event.block(c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, to));
 }
 
-// This thread's stream for side prefetches on `device` (null if none could
-// be made): its own, not the pool's, so that no other thread's work lands on
-// a stream joined into this thread's capture.
+// This thread's stream for side prefetches on `device` (the current one;
+// null if none could be made): its own, not the pool's, so that no other
+// thread's work lands on a stream joined into this thread's capture. Made
+// outside a capture where it can be (the decode warm-up step asks first),
+// and made anew if the last one was left in a capture that never ended (a
+// forward that threw). Never destroyed: a thread may outlive the CUDA
+// runtime (LibTorch keeps its pool's streams the same way).
 cudaStream_t SideStream(c10::DeviceIndex device) {
-  struct Streams {
-    std::vector<std::pair<c10::DeviceIndex, cudaStream_t>> made;
-    ~Streams() {
-      for (const auto& [index, stream] : made) (void)cudaStreamDestroy(stream);
+  thread_local std::vector<std::pair<c10::DeviceIndex, cudaStream_t>> streams;
+  for (auto& [index, stream] : streams) {
+    if (index != device) continue;
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &status) == cudaSuccess &&
+        status == cudaStreamCaptureStatusNone) {
+      return stream;
     }
-  };
-  thread_local Streams streams;
-  for (const auto& [index, stream] : streams.made) {
-    if (index == device) return stream;
+    (void)cudaGetLastError();
+    if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) {
+      (void)cudaGetLastError();
+      stream = nullptr;
+    }
+    return stream;
   }
   cudaStream_t stream = nullptr;
   if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) {
     (void)cudaGetLastError();
     return nullptr;
   }
-  streams.made.emplace_back(device, stream);
+  streams.emplace_back(device, stream);
   return stream;
 }
 
@@ -374,16 +383,14 @@ SidePrefetch::SidePrefetch(const torch::Tensor& weight) {
   const c10::DeviceIndex device = weight.device().index();
   const c10::cuda::CUDAGuard device_guard(weight.device());
   const c10::cuda::CUDAStream origin = c10::cuda::getCurrentCUDAStream(device);
+  cudaStream_t side_stream = SideStream(device);
   // Only in a capture (a graph's decode step), where the branch is part of
   // the graph: an eager step would only add a fork and a join to its path.
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(origin.stream(), &capturing) != cudaSuccess ||
+  if (side_stream == nullptr || cudaStreamIsCapturing(origin.stream(), &capturing) != cudaSuccess ||
       capturing != cudaStreamCaptureStatusActive) {
-    (void)cudaGetLastError();
     return;
   }
-  cudaStream_t side_stream = SideStream(device);
-  if (side_stream == nullptr) return;
   const c10::cuda::CUDAStream side = c10::cuda::getStreamFromExternal(side_stream, device);
   Wait(side, origin);
   L2PrefetchLaunchArgs args;

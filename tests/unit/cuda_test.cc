@@ -1727,7 +1727,7 @@ TEST(DecodeSessionTest, InPlaceRewindOnTheDevice) {
 TEST(DecodeSessionTest, SidePrefetchLeavesTheStepsBitForBit) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   const torch::Tensor large = torch::randn({2048, 1024}, torch::kCUDA).to(torch::kBFloat16);
-  fused::SetSidePrefetchForTest(true);
+  fused::SetSidePrefetchForTest(fused::SideJoin::kLayer);
   EXPECT_FALSE(fused::SidePrefetch(large).issued()) << "outside a capture";
   fused::SetSidePrefetchForTest(std::nullopt);
   const char* wide_configs[] = {
@@ -1748,24 +1748,29 @@ TEST(DecodeSessionTest, SidePrefetchLeavesTheStepsBitForBit) {
     const torch::Tensor ids = torch::randint(0, 301, {1, 12}, torch::kInt64).to(torch::kCUDA);
     for (const decode::Execution execution :
          {decode::Execution::kCudaGraph, decode::Execution::kInPlace}) {
-      fused::SetSidePrefetchForTest(false);
+      fused::SetSidePrefetchForTest(fused::SideJoin::kOff);
       const torch::Tensor without = SessionLogits(*config, weights, ids, 5, execution);
       const torch::Tensor without_again = SessionLogits(*config, weights, ids, 5, execution);
-      fused::SetSidePrefetchForTest(true);
-      const int64_t issued_before = fused::SidePrefetchesIssued();
-      const torch::Tensor with = SessionLogits(*config, weights, ids, 5, execution);
-      const int64_t issued = fused::SidePrefetchesIssued() - issued_before;
-      fused::SetSidePrefetchForTest(std::nullopt);
-      const std::string what = name + " " + decode::ExecutionName(execution);
-      ASSERT_TRUE(without.defined() && without_again.defined() && with.defined()) << what;
-      ASSERT_TRUE(torch::equal(without_again, without)) << what << ": not deterministic";
-      EXPECT_TRUE(torch::equal(with, without)) << what << ": rel " << RelL2(with, without);
-      std::printf("[decode] %s: %ld side prefetches issued\n", what.c_str(),
-                  static_cast<long>(issued));
-      if (execution == decode::Execution::kCudaGraph) {
-        EXPECT_EQ(issued, config->n_layer) << what << ": one per layer, in the capture";
-      } else {
-        EXPECT_EQ(issued, 0) << what;
+      ASSERT_TRUE(without.defined() && without_again.defined()) << name;
+      ASSERT_TRUE(torch::equal(without_again, without)) << name << ": not deterministic";
+      for (const fused::SideJoin join : {fused::SideJoin::kLayer, fused::SideJoin::kStep}) {
+        fused::SetSidePrefetchForTest(join);
+        const int64_t issued_before = fused::SidePrefetchesIssued();
+        const torch::Tensor with = SessionLogits(*config, weights, ids, 5, execution);
+        const int64_t issued = fused::SidePrefetchesIssued() - issued_before;
+        fused::SetSidePrefetchForTest(std::nullopt);
+        const std::string what = name + " " + decode::ExecutionName(execution) +
+                                 (join == fused::SideJoin::kLayer ? ", joined per layer"
+                                                                  : ", joined per step");
+        ASSERT_TRUE(with.defined()) << what;  // a branch left unjoined fails the capture
+        EXPECT_TRUE(torch::equal(with, without)) << what << ": rel " << RelL2(with, without);
+        std::printf("[decode] %s: %ld side prefetches issued\n", what.c_str(),
+                    static_cast<long>(issued));
+        if (execution == decode::Execution::kCudaGraph) {
+          EXPECT_EQ(issued, config->n_layer) << what << ": one per layer, in the capture";
+        } else {
+          EXPECT_EQ(issued, 0) << what;
+        }
       }
     }
   }

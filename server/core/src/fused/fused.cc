@@ -38,7 +38,8 @@ void ReloadLaunchSettings() {}
 
 SidePrefetch::SidePrefetch(const torch::Tensor&) {}
 SidePrefetch::~SidePrefetch() = default;
-void SetSidePrefetchForTest(std::optional<bool>) {}
+void JoinSidePrefetches() {}
+void SetSidePrefetchForTest(std::optional<SideJoin>) {}
 int64_t SidePrefetchesIssued() { return 0; }
 #endif  // ICD_HAVE_CUDA_FUSED
 

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -324,14 +325,20 @@ namespace {
 std::atomic<int> side_prefetch_override{-1};  // -1: the environment's setting
 std::atomic<int64_t> side_prefetches_issued{0};
 
-bool SidePrefetchEnabled() {
-  static const bool from_environment = [] {
+SideJoin SidePrefetchSetting() {
+  static const SideJoin from_environment = [] {
     const char* value = std::getenv("ICD_DECODE_SIDE_PREFETCH");
-    return value != nullptr && std::strcmp(value, "1") == 0;
+    if (value == nullptr) return SideJoin::kOff;
+    if (std::strcmp(value, "1") == 0 || std::strcmp(value, "layer") == 0) return SideJoin::kLayer;
+    if (std::strcmp(value, "step") == 0) return SideJoin::kStep;
+    return SideJoin::kOff;
   }();
   const int forced = side_prefetch_override.load();
-  return forced < 0 ? from_environment : forced == 1;
+  return forced < 0 ? from_environment : static_cast<SideJoin>(forced);
 }
+
+// kStep: the (origin, side) streams this thread forked and has not joined.
+thread_local std::vector<std::pair<c10::Stream, c10::Stream>> unjoined;
 
 // `to` waits for the work enqueued on `from` so far (in a capture: an edge).
 void Wait(const c10::Stream& to, const c10::Stream& from) {
@@ -376,7 +383,8 @@ cudaStream_t SideStream(c10::DeviceIndex device) {
 
 SidePrefetch::SidePrefetch(const torch::Tensor& weight) {
   constexpr int64_t kSmallest = int64_t{1} << 20;
-  if (!SidePrefetchEnabled() || !weight.defined() || !weight.is_cuda() ||
+  const SideJoin join = SidePrefetchSetting();
+  if (join == SideJoin::kOff || !weight.defined() || !weight.is_cuda() ||
       !weight.is_contiguous() || static_cast<int64_t>(weight.nbytes()) < kSmallest) {
     return;
   }
@@ -397,9 +405,24 @@ SidePrefetch::SidePrefetch(const torch::Tensor& weight) {
   args.data = weight.data_ptr();
   args.bytes = static_cast<int64_t>(weight.nbytes());
   const int status = LaunchL2Prefetch(args, side.stream());
-  // Forked either way: the join below keeps a capture's branches joined.
-  origin_ = origin.unwrap();
-  side_ = side.unwrap();
+  // Forked either way: the join keeps a capture's branches joined.
+  if (join == SideJoin::kLayer) {
+    origin_ = origin.unwrap();
+    side_ = side.unwrap();
+  } else {
+    // A side stream made anew (SideStream: the last one was left in a
+    // capture that threw) replaces the old one's unjoined forks.
+    unjoined.erase(std::remove_if(unjoined.begin(), unjoined.end(),
+                                  [&](const auto& fork) {
+                                    return fork.second.device() == side.unwrap().device() &&
+                                           fork.second != side.unwrap();
+                                  }),
+                   unjoined.end());
+    if (std::find(unjoined.begin(), unjoined.end(),
+                  std::make_pair(origin.unwrap(), side.unwrap())) == unjoined.end()) {
+      unjoined.emplace_back(origin.unwrap(), side.unwrap());
+    }
+  }
   if (status != static_cast<int>(cudaSuccess)) {
     (void)cudaGetLastError();  // a hint not given; the step goes on without it
     return;
@@ -419,8 +442,21 @@ SidePrefetch::~SidePrefetch() {
   }
 }
 
-void SetSidePrefetchForTest(std::optional<bool> enabled) {
-  side_prefetch_override = enabled.has_value() ? (*enabled ? 1 : 0) : -1;
+void JoinSidePrefetches() {
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
+  for (auto it = unjoined.begin(); it != unjoined.end();) {
+    if (it->first != current.unwrap()) {
+      ++it;
+      continue;
+    }
+    const c10::cuda::CUDAGuard device_guard(it->first.device());
+    Wait(it->first, it->second);
+    it = unjoined.erase(it);
+  }
+}
+
+void SetSidePrefetchForTest(std::optional<SideJoin> join) {
+  side_prefetch_override = join.has_value() ? static_cast<int>(*join) : -1;
 }
 
 int64_t SidePrefetchesIssued() { return side_prefetches_issued.load(); }

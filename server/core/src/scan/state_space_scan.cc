@@ -72,6 +72,39 @@ struct LoopOperands {
   Scalar* output;
 };
 
+// One time step of kVectors vectors of a pair's channels: the state's rows
+// (`rows`, N of them, P apart) advanced, y = C·S summed row by row into
+// registers (a sum kept in y's memory between rows chained each add through
+// a store and a load).
+template <int kVectors, class Scalar>
+[[gnu::always_inline]] inline void StepVectors(const Scalar* x, const Scalar* b, const Scalar* c,
+                                               Scalar dt, Scalar decay, int64_t N, int64_t P,
+                                               Scalar* __restrict__ rows,
+                                               Scalar* __restrict__ y) {
+  Vector<Scalar> inputs[kVectors];
+  Vector<Scalar> sums[kVectors];
+#pragma GCC unroll 4
+  for (int j = 0; j < kVectors; ++j) {
+    Load(inputs[j], x + j * kLanes<Scalar>);
+    sums[j] = Vector<Scalar>{};
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const Scalar drive = dt * b[n];
+    const Scalar read = c[n];
+    Scalar* row = rows + n * P;
+#pragma GCC unroll 4
+    for (int j = 0; j < kVectors; ++j) {
+      Vector<Scalar> held;
+      Load(held, row + j * kLanes<Scalar>);
+      held = decay * held + drive * inputs[j];
+      Store(row + j * kLanes<Scalar>, held);
+      sums[j] = sums[j] + held * read;
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < kVectors; ++j) Store(y + j * kLanes<Scalar>, sums[j]);
+}
+
 // One (batch, head) pair's scan over L steps: the state [N, P] in `work`,
 // from and into `state` [P, N] (null: zeros in, not kept).
 // (y and the state are restrict parameters, not the struct's fields: GCC
@@ -106,22 +139,14 @@ template <class Scalar>
     const Scalar* b = b_proj + t * b_time;
     const Scalar* c = c_proj + t * c_time;
     Scalar* y = output + ((batch * d.length + t) * H + head) * P;
-    // Row by row of the state; y's vectors in L1 between rows (a register
-    // sum per vector would chain N dependent multiply-adds).
-    std::fill(y, y + blocked, Scalar(0));
-    for (int64_t n = 0; n < N; ++n) {
-      const Scalar drive = dt * b[n];
-      const Scalar read = c[n];
-      Scalar* row = work + n * P;
-      for (int64_t p0 = 0; p0 < blocked; p0 += kLanes<Scalar>) {
-        Vector<Scalar> held, inputs, sum;
-        Load(held, row + p0);
-        Load(inputs, x + p0);
-        Load(sum, y + p0);
-        held = decay * held + drive * inputs;
-        Store(row + p0, held);
-        Store(y + p0, sum + held * read);
-      }
+    // Four vectors of y at a time (then one), their sums in registers over
+    // the state's rows, in the same order as before (n = 0, 1, ...).
+    int64_t p0 = 0;
+    for (; p0 + 4 * kLanes<Scalar> <= blocked; p0 += 4 * kLanes<Scalar>) {
+      StepVectors<4>(x + p0, b, c, dt, decay, N, P, work + p0, y + p0);
+    }
+    for (; p0 < blocked; p0 += kLanes<Scalar>) {
+      StepVectors<1>(x + p0, b, c, dt, decay, N, P, work + p0, y + p0);
     }
     for (int64_t p = blocked; p < P; ++p) {
       Scalar sum = 0;

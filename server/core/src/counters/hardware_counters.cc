@@ -450,7 +450,7 @@ class KernelNames {
 
   std::vector<std::string> Take() {
     const std::lock_guard<std::mutex> lock(mutex_);
-    return std::move(names_);
+    return std::exchange(names_, {});  // empty again for the next piece's launches
   }
 
  private:

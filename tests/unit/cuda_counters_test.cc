@@ -170,6 +170,27 @@ TEST(HardwareCountersTest, PiecesComeBackApart) {
     EXPECT_NEAR(launch.dram_read_bytes, large_bytes / 2, 0.1 * large_bytes) << launch.kernel;
     EXPECT_EQ(launch.kernel, (*pieces)[0].front().kernel);
   }
+  // Negative control: the same three launches in every pass, split 1 + 2 in
+  // the first pass and 2 + 1 in the others, cannot be told apart by their
+  // names alone; the pieces' counts must refuse it (with more than one pass).
+  int calls = 0;
+  auto shifting = counters::CollectEach(
+      0, {[&] {
+            for (int i = 0; i < (calls == 0 ? 1 : 2); ++i) sum = small.sum();
+            return absl::OkStatus();
+          },
+          [&] {
+            for (int i = 0; i < (calls++ == 0 ? 2 : 1); ++i) sum = small.sum();
+            return absl::OkStatus();
+          }});
+  if (calls == 1) {
+    std::printf("[counters] these metrics take one pass: no shifted pieces to refuse\n");
+  } else {
+    ASSERT_FALSE(shifting.ok());
+    EXPECT_EQ(shifting.status().code(), absl::StatusCode::kFailedPrecondition) << shifting.status();
+    EXPECT_NE(shifting.status().message().find("launched different kernels"), std::string::npos)
+        << shifting.status();
+  }
 }
 
 }  // namespace

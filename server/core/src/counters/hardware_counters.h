@@ -66,9 +66,11 @@ std::string Describe(Replay replay);
 // kernels, or several passes whose kernels cannot be compared (another
 // CUPTI client holds the callbacks). Errors of `work` and `rewind` are
 // returned as they are. One collection at a time per process.
+inline constexpr int64_t kDefaultMaxLaunches = 8192;
 absl::StatusOr<std::vector<KernelCounters>> Collect(
     int device_index, const std::function<absl::Status()>& work, Replay replay = Replay::kUser,
-    const std::function<absl::Status()>& rewind = nullptr, int64_t max_launches = 8192);
+    const std::function<absl::Status()>& rewind = nullptr,
+    int64_t max_launches = kDefaultMaxLaunches);
 
 // Collect with the work in pieces run one after the other in every pass
 // (repeats of a sample: a pass costs CUPTI seconds whatever it runs), each
@@ -80,7 +82,7 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(
 absl::StatusOr<std::vector<std::vector<KernelCounters>>> CollectEach(
     int device_index, const std::vector<std::function<absl::Status()>>& pieces,
     Replay replay = Replay::kUser, const std::function<absl::Status()>& rewind = nullptr,
-    int64_t max_launches = 8192);
+    int64_t max_launches = kDefaultMaxLaunches);
 
 // Launches with the same kernel name summed, in order of first launch.
 std::vector<KernelCounters> ByKernel(const std::vector<KernelCounters>& launches);

@@ -248,9 +248,6 @@ absl::Status CheckComparable(const TimedModel& model, const TimedModel& compare)
   return absl::OkStatus();
 }
 
-// Launches one counters collection may hold (CUPTI's ranges per pass).
-constexpr int64_t kCollectLaunches = 8192;
-
 // One more sample of `model` under the hardware counters, `repeats` times:
 // a prefill forward over `ids`, or a decode step (the kernels a graph
 // replays, one launch each: decode::Execution::kInPlace) in a session of its
@@ -280,7 +277,7 @@ absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
   // first did: experts chosen by value, an attention cache that grows).
   int64_t first_launches = 0;
   for (int64_t first = 0; first < repeats;) {
-    const int64_t fit = kCollectLaunches / 2 / std::max<int64_t>(first_launches, 1);
+    const int64_t fit = counters::kDefaultMaxLaunches / 2 / std::max<int64_t>(first_launches, 1);
     const int64_t group = first == 0 ? 1 : std::clamp<int64_t>(fit, 1, repeats - first);
     ICD_RETURN_IF_ERROR(CheckCall(ctx, "hardware counters"));
     ICD_RETURN_IF_ERROR(sampler.Mark());
@@ -292,7 +289,7 @@ absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
     }
     ICD_ASSIGN_OR_RETURN(std::vector<std::vector<KernelCounters>> launches,
                          counters::CollectEach(device.index(), pieces, counters::Replay::kUser,
-                                               [&] { return sampler.Rewind(); }, kCollectLaunches));
+                                               [&] { return sampler.Rewind(); }));
     for (const std::vector<KernelCounters>& one : launches) {
       report.repeat_totals.push_back(counters::Total(one));
     }

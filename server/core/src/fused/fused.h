@@ -79,8 +79,9 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     int64_t conv_offset = 0);
 
 // The kernels' run-time settings from the environment (the README's table:
-// ICD_FEW_ROWS_*) are read once; after this the next launch reads them
-// again, for a measurement or a test that changes them within one process.
+// ICD_FEW_ROWS_*, ICD_DECODE_SIDE_PREFETCH) are read once; after this the
+// next launch reads them again, for a measurement or a test that changes them
+// within one process.
 // Graphs captured before keep the settings they had. Nothing on the CPU.
 void ReloadLaunchSettings();
 

@@ -318,24 +318,39 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
   return LinearConvStepResult{std::move(result->first), std::move(result->second)};
 }
 
-void ReloadLaunchSettings() { ReloadFewRowsLinearSettings(); }
-
 namespace {
 
-std::atomic<int> side_prefetch_override{-1};  // -1: the environment's setting
+std::atomic<int> side_prefetch_override{-1};     // -1: the environment's setting
+std::atomic<int> side_prefetch_environment{-1};  // -1: not read yet
 std::atomic<int64_t> side_prefetches_issued{0};
 
-SideJoin SidePrefetchSetting() {
-  static const SideJoin from_environment = [] {
-    const char* value = std::getenv("ICD_DECODE_SIDE_PREFETCH");
-    if (value == nullptr) return SideJoin::kOff;
-    if (std::strcmp(value, "1") == 0 || std::strcmp(value, "layer") == 0) return SideJoin::kLayer;
-    if (std::strcmp(value, "step") == 0) return SideJoin::kStep;
-    return SideJoin::kOff;
-  }();
-  const int forced = side_prefetch_override.load();
-  return forced < 0 ? from_environment : static_cast<SideJoin>(forced);
+SideJoin SidePrefetchFromEnvironment() {
+  const char* value = std::getenv("ICD_DECODE_SIDE_PREFETCH");
+  if (value == nullptr) return SideJoin::kOff;
+  if (std::strcmp(value, "1") == 0 || std::strcmp(value, "layer") == 0) return SideJoin::kLayer;
+  if (std::strcmp(value, "step") == 0) return SideJoin::kStep;
+  return SideJoin::kOff;
 }
+
+SideJoin SidePrefetchSetting() {
+  const int forced = side_prefetch_override.load();
+  if (forced >= 0) return static_cast<SideJoin>(forced);
+  int read = side_prefetch_environment.load();
+  if (read < 0) {
+    read = static_cast<int>(SidePrefetchFromEnvironment());
+    side_prefetch_environment.store(read);
+  }
+  return static_cast<SideJoin>(read);
+}
+
+}  // namespace
+
+void ReloadLaunchSettings() {
+  ReloadFewRowsLinearSettings();
+  side_prefetch_environment.store(-1);
+}
+
+namespace {
 
 // kStep: the (origin, side) streams this thread forked and has not joined.
 thread_local std::vector<std::pair<c10::Stream, c10::Stream>> unjoined;

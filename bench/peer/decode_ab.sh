@@ -6,9 +6,8 @@
 # build stage (icd_profile and the random checkpoints in $ICD_MODELS_DIR).
 #   bench/peer/decode_ab.sh OUT_FILE VAR "VALUE_A VALUE_B" MODEL_DIR...
 # A value "-" leaves VAR unset. Env: STEPS (100), ROUNDS (2). The few-rows
-# linear's settings and the side prefetch (ICD_FEW_ROWS_*,
-# ICD_DECODE_SIDE_PREFETCH: what fused::ReloadLaunchSettings re-reads) run in
-# one process per model (icd_profile --ab: one load, a
+# linear's settings (ICD_FEW_ROWS_*, which fused::ReloadLaunchSettings
+# re-reads) run in one process per model (icd_profile --ab: one load, a
 # graph captured per setting); any other VAR in a process per setting.
 set -uo pipefail
 out=${1:?usage: decode_ab.sh OUT_FILE VAR "VALUES" MODEL_DIR...}
@@ -16,7 +15,7 @@ var=${2:?}; values=${3:?}; shift 3
 deb=${ICD_DEB_PREFIX:-/tmp/deb}
 log() { echo "[decode_ab] $*" >&2; }
 source "$(dirname "$0")/icd_env.sh"
-if [[ $var == ICD_FEW_ROWS_* || $var == ICD_DECODE_SIDE_PREFETCH ]]; then
+if [[ $var == ICD_FEW_ROWS_* ]]; then
   for model in "$@"; do
     name=$(basename "$(dirname "$model")")
     icd_env /tmp/icd_profile/icd_profile --model "$model" --prefill-iters 1 \

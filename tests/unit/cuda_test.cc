@@ -1718,65 +1718,6 @@ TEST(DecodeSessionTest, InPlaceRewindOnTheDevice) {
   }
 }
 
-// ICD_DECODE_SIDE_PREFETCH (fused.h: out_proj's weight into L2 on a branch
-// of the step's graph, beside the small kernels) is a hint only: a graph's
-// steps are bit for bit the same with it (two sessions without it first: the
-// comparison's own control), and so are in-place steps outside a graph,
-// which reach it but never issue it (only a capture does, for weights of
-// 1 MiB and more: the wide Mamba-1 and Mamba-2 here run it).
-TEST(DecodeSessionTest, SidePrefetchLeavesTheStepsBitForBit) {
-  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
-  const torch::Tensor large = torch::randn({2048, 1024}, torch::kCUDA).to(torch::kBFloat16);
-  fused::SetSidePrefetchForTest(fused::SideJoin::kLayer);
-  EXPECT_FALSE(fused::SidePrefetch(large).issued()) << "outside a capture";
-  fused::SetSidePrefetchForTest(std::nullopt);
-  const char* wide_configs[] = {
-      R"({"model_type": "mamba", "hidden_size": 768, "num_hidden_layers": 2, "vocab_size": 301,
-          "state_size": 16, "expand": 2, "time_step_rank": 48, "tie_word_embeddings": false})",
-      R"({"model_type": "mamba2", "hidden_size": 768, "num_hidden_layers": 2, "vocab_size": 301,
-          "state_size": 128, "expand": 2, "head_dim": 64, "num_heads": 24, "n_groups": 1,
-          "conv_kernel": 4, "chunk_size": 16, "tie_word_embeddings": false})"};
-  torch::manual_seed(805);
-  for (const char* json : wide_configs) {
-    auto config = ParseConfig(json, "config");
-    ASSERT_TRUE(config.ok()) << config.status();
-    const std::string name = config->family == Family::kMamba2 ? "wide mamba2" : "wide mamba1";
-    Weights weights;
-    for (const auto& [tensor_name, tensor] : testing::RandomWeights(*config, 26, torch::kFloat32)) {
-      weights[tensor_name] = tensor.to(torch::kCUDA, torch::kBFloat16);
-    }
-    const torch::Tensor ids = torch::randint(0, 301, {1, 12}, torch::kInt64).to(torch::kCUDA);
-    for (const decode::Execution execution :
-         {decode::Execution::kCudaGraph, decode::Execution::kInPlace}) {
-      fused::SetSidePrefetchForTest(fused::SideJoin::kOff);
-      const torch::Tensor without = SessionLogits(*config, weights, ids, 5, execution);
-      const torch::Tensor without_again = SessionLogits(*config, weights, ids, 5, execution);
-      ASSERT_TRUE(without.defined() && without_again.defined()) << name;
-      ASSERT_TRUE(torch::equal(without_again, without)) << name << ": not deterministic";
-      for (const fused::SideJoin join : {fused::SideJoin::kLayer, fused::SideJoin::kStep}) {
-        fused::SetSidePrefetchForTest(join);
-        const int64_t issued_before = fused::SidePrefetchesIssued();
-        const torch::Tensor with = SessionLogits(*config, weights, ids, 5, execution);
-        const int64_t issued = fused::SidePrefetchesIssued() - issued_before;
-        fused::SetSidePrefetchForTest(std::nullopt);
-        const std::string what = name + " " + decode::ExecutionName(execution) +
-                                 (join == fused::SideJoin::kLayer ? ", joined per layer"
-                                                                  : ", joined per step");
-        ASSERT_TRUE(with.defined()) << what;  // a branch left unjoined fails the capture
-        EXPECT_TRUE(torch::equal(with, without)) << what << ": rel " << RelL2(with, without);
-        std::printf("[decode] %s: %ld side prefetches issued\n", what.c_str(),
-                    static_cast<long>(issued));
-        if (execution == decode::Execution::kCudaGraph) {
-          EXPECT_EQ(issued, config->n_layer) << what << ": one per layer, in the capture";
-        } else {
-          EXPECT_EQ(issued, 0) << what;
-        }
-      }
-    }
-  }
-  torch::cuda::synchronize();
-}
-
 // float32: the step replayed as a graph is the forward over the whole
 // sequence at every position (rel L2 <= 1e-5, forward.h's decode bound), and
 // the graph's steps are the eager steps'. bfloat16: within the gap between

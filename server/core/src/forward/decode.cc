@@ -17,7 +17,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "blocks/shapes.h"
-#include "fused/fused.h"
 #include "icd/core/status_macros.h"
 
 namespace icd::decode {
@@ -122,7 +121,6 @@ absl::Status CaptureStep(Session::Impl* impl, const torch::Device& device, int64
   // Nothing runs while capturing: the state is not advanced here.
   absl::StatusOr<torch::Tensor> logits =
       ForwardPrechecked(*impl->config, *impl->weights, impl->step_ids, ctx, &impl->state);
-  fused::JoinSidePrefetches();  // ICD_DECODE_SIDE_PREFETCH=step's branches (fused.h)
   impl->graph->capture_end();
   if (!logits.ok()) return logits.status();
   impl->step_logits = *std::move(logits);

@@ -87,10 +87,6 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
     step = fused::FewRowsLinearConvStep(normed, view.in_proj_w, view.in_proj_b, view.conv_w,
                                         view.conv_b, &state->conv_history);
   }
-  // out_proj's weight into L2 beside x_proj and the state step (opt-in,
-  // being measured: fused.h), joined back when the mixer returns.
-  std::optional<fused::SidePrefetch> out_proj_prefetch;
-  if (step.has_value()) out_proj_prefetch.emplace(view.out_proj_w);
   torch::Tensor projected =
       step.has_value() ? step->projected
                        : Linear(normed, view.in_proj_w, view.in_proj_b);  // [B, L, 2I]

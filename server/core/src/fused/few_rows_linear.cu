@@ -8,7 +8,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -317,21 +316,6 @@ int LaunchElement(const FewRowsLinearLaunchArgs& args, cudaStream_t stream) {
   }
 }
 
-// A weight into L2 for a later kernel (fused.h's SidePrefetch): the threads
-// take its 128-byte lines in turn, a prefetch each, nothing waited for.
-constexpr int kL2PrefetchThreads = 256;
-constexpr int kL2PrefetchBlocks = 64;
-constexpr int64_t kL2LineBytes = 128;
-
-__global__ void __launch_bounds__(kL2PrefetchThreads) L2PrefetchKernel(const char* data,
-                                                                       int64_t lines) {
-  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t line = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; line < lines;
-       line += threads) {
-    PrefetchL2(data + line * kL2LineBytes);
-  }
-}
-
 bool Aligned(const void* pointer) {
   return reinterpret_cast<uintptr_t>(pointer) % kLoadBytes == 0;
 }
@@ -368,17 +352,6 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream) {
   return cuda_elements::ForElementType(args.element_type, [&](auto element) {
     return LaunchElement<decltype(element)>(args, cuda_stream);
   });
-}
-
-int LaunchL2Prefetch(const L2PrefetchLaunchArgs& args, void* stream) {
-  if (args.data == nullptr || args.bytes < 1) return static_cast<int>(cudaErrorInvalidValue);
-  const int64_t lines = (args.bytes + kL2LineBytes - 1) / kL2LineBytes;
-  const int64_t blocks = std::min<int64_t>(
-      kL2PrefetchBlocks, (lines + kL2PrefetchThreads - 1) / kL2PrefetchThreads);
-  L2PrefetchKernel<<<static_cast<unsigned int>(blocks), kL2PrefetchThreads, 0,
-                     static_cast<cudaStream_t>(stream)>>>(static_cast<const char*>(args.data),
-                                                          lines);
-  return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace icd::fused

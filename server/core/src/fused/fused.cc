@@ -35,12 +35,6 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
   return std::nullopt;
 }
 void ReloadLaunchSettings() {}
-
-SidePrefetch::SidePrefetch(const torch::Tensor&) {}
-SidePrefetch::~SidePrefetch() = default;
-void JoinSidePrefetches() {}
-void SetSidePrefetchForTest(std::optional<SideJoin>) {}
-int64_t SidePrefetchesIssued() { return 0; }
 #endif  // ICD_HAVE_CUDA_FUSED
 
 }  // namespace icd::fused

@@ -79,50 +79,10 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     int64_t conv_offset = 0);
 
 // The kernels' run-time settings from the environment (the README's table:
-// ICD_FEW_ROWS_*, ICD_DECODE_SIDE_PREFETCH) are read once; after this the
-// next launch reads them again, for a measurement or a test that changes them
-// within one process.
+// ICD_FEW_ROWS_*) are read once; after this the next launch reads them
+// again, for a measurement or a test that changes them within one process.
 // Graphs captured before keep the settings they had. Nothing on the CPU.
 void ReloadLaunchSettings();
-
-// Where a side prefetch (below) rejoins the stream it was forked from:
-// where the SidePrefetch is destroyed (kLayer: after the layer's out_proj),
-// or at JoinSidePrefetches (kStep: once, at the end of the captured step).
-enum class SideJoin { kOff, kLayer, kStep };
-
-// A decode step's hint, opt-in until measured (ICD_DECODE_SIDE_PREFETCH=1 or
-// layer: kLayer; step: kStep): `weight` (out_proj's, read after the step's
-// small kernels, which leave DRAM idle) brought into L2 by a kernel on a
-// stream of its own, forked from the current stream where this is made
-// (after the kernels enqueued so far) and joined back into it as SideJoin
-// says: in a graph capture, a branch of the graph beside the small kernels,
-// not a node on their path. Changes no result. Issued only while the current
-// stream is capturing (an eager step would gain nothing but a fork and a
-// join), never on the CPU, for a weight under 1 MiB, or when off.
-class SidePrefetch {
- public:
-  explicit SidePrefetch(const torch::Tensor& weight);
-  ~SidePrefetch();
-  SidePrefetch(const SidePrefetch&) = delete;
-  SidePrefetch& operator=(const SidePrefetch&) = delete;
-
-  bool issued() const { return issued_; }
-
- private:
-  std::optional<c10::Stream> origin_;  // the stream forked from, joined back into
-  std::optional<c10::Stream> side_;    // the prefetch's stream (kLayer: joined here)
-  bool issued_ = false;
-};
-
-// The current stream waits for every side prefetch this thread forked from
-// it and has not joined (kStep's join; a capture must join its branches
-// before it ends). Nothing to do otherwise.
-void JoinSidePrefetches();
-
-// Tests: force ICD_DECODE_SIDE_PREFETCH's setting (nullopt: the
-// environment's again), and how many side prefetches this process issued.
-void SetSidePrefetchForTest(std::optional<SideJoin> join);
-int64_t SidePrefetchesIssued();
 
 }  // namespace icd::fused
 

@@ -111,13 +111,6 @@ struct FewRowsLinearLaunchArgs {
   void* conv_output = nullptr;        // silu(conv) [rows, C], contiguous
 };
 
-// `bytes` from `data` into L2 (prefetch.global.L2, one per 128-byte line),
-// reading nothing into registers and writing nothing: a hint.
-struct L2PrefetchLaunchArgs {
-  const void* data = nullptr;
-  int64_t bytes = 0;
-};
-
 // Enqueue on `stream` (a cudaStream_t) of the current device. Return 0
 // (cudaSuccess) or a cudaError_t value: cudaErrorInvalidValue for arguments
 // out of range.
@@ -125,7 +118,6 @@ int LaunchCausalConvSilu(const CausalConvLaunchArgs& args, void* stream);
 int LaunchAddRmsNorm(const AddRmsNormLaunchArgs& args, void* stream);
 int LaunchGatedRmsNorm(const GatedRmsNormLaunchArgs& args, void* stream);
 int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream);
-int LaunchL2Prefetch(const L2PrefetchLaunchArgs& args, void* stream);
 
 // The few-rows linear's settings from the environment (ICD_FEW_ROWS_*:
 // few_rows_linear.cu, the README's table) are read once; this has the next

@@ -96,12 +96,18 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
 
 #ifndef ICD_HAVE_CUPTI
 
+constexpr char kBuiltWithoutCupti[] =
+    "hardware counters: this server was built without CUPTI (CUDA's profiling interface; "
+    "its headers come with the CUDA toolkit the server is built with)";
+
 absl::StatusOr<std::vector<std::vector<KernelCounters>>> CollectEach(
     int, const std::vector<std::function<absl::Status()>>&, Replay,
     const std::function<absl::Status()>&, int64_t) {
-  return absl::FailedPreconditionError(
-      "hardware counters: this server was built without CUPTI (CUDA's profiling interface; "
-      "its headers come with the CUDA toolkit the server is built with)");
+  return absl::FailedPreconditionError(kBuiltWithoutCupti);
+}
+
+absl::StatusOr<std::optional<int64_t>> CountLaunches(const std::function<absl::Status()>&) {
+  return absl::FailedPreconditionError(kBuiltWithoutCupti);
 }
 
 #else  // ICD_HAVE_CUPTI
@@ -448,6 +454,8 @@ class KernelNames {
     if (subscriber_ != nullptr) api_.Unsubscribe(subscriber_);
   }
 
+  bool subscribed() const { return subscriber_ != nullptr; }
+
   std::vector<std::string> Take() {
     const std::lock_guard<std::mutex> lock(mutex_);
     return std::exchange(names_, {});  // empty again for the next piece's launches
@@ -580,6 +588,18 @@ class PhaseTrace {
 };
 
 }  // namespace
+
+absl::StatusOr<std::optional<int64_t>> CountLaunches(const std::function<absl::Status()>& work) {
+  const std::lock_guard<std::mutex> one_at_a_time(CollectionMutex());
+  const Api& api = Library();
+  if (!api.error.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat("hardware counters: ", api.error));
+  }
+  KernelNames names(api);
+  ICD_RETURN_IF_ERROR(work());
+  if (!names.subscribed()) return std::nullopt;
+  return static_cast<int64_t>(names.Take().size());
+}
 
 absl::StatusOr<std::vector<std::vector<KernelCounters>>> CollectEach(
     int device_index, const std::vector<std::function<absl::Status()>>& pieces, Replay replay,

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -65,7 +66,8 @@ std::string Describe(Replay replay);
 // than `max_launches`, or (user replay) passes that launched different
 // kernels, or several passes whose kernels cannot be compared (another
 // CUPTI client holds the callbacks). Errors of `work` and `rewind` are
-// returned as they are. One collection at a time per process.
+// returned as they are. One collection at a time per process. A pass costs
+// CUPTI time in proportion to `max_launches` (CountLaunches sizes it).
 inline constexpr int64_t kDefaultMaxLaunches = 8192;
 absl::StatusOr<std::vector<KernelCounters>> Collect(
     int device_index, const std::function<absl::Status()>& work, Replay replay = Replay::kUser,
@@ -73,7 +75,7 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(
     int64_t max_launches = kDefaultMaxLaunches);
 
 // Collect with the work in pieces run one after the other in every pass
-// (repeats of a sample: a pass costs CUPTI seconds whatever it runs), each
+// (repeats of a sample: each pass also costs a fixed part), each
 // piece's launches returned apart, told apart by the launches each piece
 // made (so pieces may launch different numbers of kernels, as a step with
 // experts chosen by value does). FAILED_PRECONDITION as Collect, and when
@@ -83,6 +85,16 @@ absl::StatusOr<std::vector<std::vector<KernelCounters>>> CollectEach(
     int device_index, const std::vector<std::function<absl::Status()>>& pieces,
     Replay replay = Replay::kUser, const std::function<absl::Status()>& rewind = nullptr,
     int64_t max_launches = kDefaultMaxLaunches);
+
+// Runs `work` once, uncounted, and returns how many kernels it launched from
+// the calling thread (CUPTI's launch callbacks, no counters): room for a
+// collection sized to its work, since a pass costs CUPTI time in proportion
+// to the launches a collection has room for (about 0.1 s for 16, 0.5 s for
+// 1,024, 4 s for 8,192 on the H200: deploy/results/h200-gpu-2026-12-03f/).
+// nullopt where another client (a profiler) holds the callbacks; the work
+// runs either way. FAILED_PRECONDITION as Collect where there is no CUPTI;
+// the work's errors as they are.
+absl::StatusOr<std::optional<int64_t>> CountLaunches(const std::function<absl::Status()>& work);
 
 // Launches with the same kernel name summed, in order of first launch.
 std::vector<KernelCounters> ByKernel(const std::vector<KernelCounters>& launches);

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <random>
 #include <utility>
 #include <vector>
@@ -269,16 +270,30 @@ absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
   report.method = counters::Describe(counters::Replay::kUser);
   report.execution =
       mode == Mode::kDecode ? absl::StrCat("decode step (", sampler.Execution(), ")") : "prefill";
-  if (mode == Mode::kDecode) ICD_RETURN_IF_ERROR(sampler.Sample(step_ids[0], ctx));
-  // A collection's pass costs seconds whatever it runs (CUPTI's start and
-  // stop: deploy/results/h200-gpu-2026-12-03e/), so the repeats after the
-  // first share collections, back to back in each pass, as many as fit in
-  // half a collection's launches (room for steps that launch more than the
-  // first did: experts chosen by value, an attention cache that grows).
+  // One uncounted sample (a decode session's first step makes one-time
+  // launches) that sizes the collections: a pass costs CUPTI time in
+  // proportion to the launches a collection has room for (hardware_counters.h).
+  ICD_ASSIGN_OR_RETURN(const std::optional<int64_t> sample_launches,
+                       counters::CountLaunches([&] {
+                         return sampler.Sample(mode == Mode::kDecode ? step_ids[0] : prefill_ids,
+                                               ctx);
+                       }));
+  // Each pass also costs a fixed part (its start and stop), so the repeats
+  // after the first share collections, back to back in each pass, as many
+  // as fit in half a collection's launches (room for steps that launch more
+  // than the first did: experts chosen by value, an attention cache that
+  // grows).
   int64_t first_launches = 0;
   for (int64_t first = 0; first < repeats;) {
     const int64_t fit = counters::kDefaultMaxLaunches / 2 / std::max<int64_t>(first_launches, 1);
     const int64_t group = first == 0 ? 1 : std::clamp<int64_t>(fit, 1, repeats - first);
+    // Room for the group's launches with a margin, or the default where the
+    // launches could not be counted.
+    const int64_t room =
+        sample_launches.has_value()
+            ? std::min(counters::kDefaultMaxLaunches,
+                       group * (*sample_launches + *sample_launches / 4 + 16))
+            : counters::kDefaultMaxLaunches;
     ICD_RETURN_IF_ERROR(CheckCall(ctx, "hardware counters"));
     ICD_RETURN_IF_ERROR(sampler.Mark());
     std::vector<std::function<absl::Status()>> pieces;
@@ -289,7 +304,7 @@ absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
     }
     ICD_ASSIGN_OR_RETURN(std::vector<std::vector<KernelCounters>> launches,
                          counters::CollectEach(device.index(), pieces, counters::Replay::kUser,
-                                               [&] { return sampler.Rewind(); }));
+                                               [&] { return sampler.Rewind(); }, room));
     for (const std::vector<KernelCounters>& one : launches) {
       report.repeat_totals.push_back(counters::Total(one));
     }

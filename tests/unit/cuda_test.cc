@@ -1863,6 +1863,58 @@ TEST(HybridCudaTest, EveryArchitectureMatchesTheCpuAndStaysExact) {
   }
 }
 
+// ICD_FEW_ROWS_EARLY_LOADS=1 (a settled weight's first loads before the
+// kernel ahead ends) changes no bit of a graph's steps, and is taken: by
+// every projection of a decode step whose weights are the model's own, and
+// not by a weight a kernel has just made (fused::FewRowsLinear told so).
+TEST(DecodeSessionTest, EarlyLoadsLeaveTheStepsBitForBit) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  auto early = [](bool on) {
+    if (on) {
+      setenv("ICD_FEW_ROWS_EARLY_LOADS", "1", 1);
+    } else {
+      unsetenv("ICD_FEW_ROWS_EARLY_LOADS");
+    }
+    fused::ReloadLaunchSettings();
+  };
+  for (const DecodeCase& c : DecodeCases()) {
+    Weights weights;
+    for (const auto& [name, tensor] : c.weights) {
+      weights[name] = tensor.to(torch::kCUDA, torch::kBFloat16);
+    }
+    const torch::Tensor ids = c.ids.to(torch::kCUDA);
+    early(false);
+    const int64_t before = fused::FewRowsLinearEarlyLaunches();
+    const torch::Tensor plain = SessionLogits(c.config, weights, ids, 5, decode::Execution::kCudaGraph);
+    EXPECT_EQ(fused::FewRowsLinearEarlyLaunches(), before) << c.name << ": off";
+    early(true);
+    const torch::Tensor loaded_early =
+        SessionLogits(c.config, weights, ids, 5, decode::Execution::kCudaGraph);
+    const int64_t taken = fused::FewRowsLinearEarlyLaunches() - before;
+    early(false);
+    ASSERT_TRUE(plain.defined() && loaded_early.defined()) << c.name;
+    EXPECT_TRUE(torch::equal(plain, loaded_early)) << c.name << ": rel " << RelL2(plain, loaded_early);
+    // At least the head and each layer's projections in the captured step.
+    EXPECT_GE(taken, 1 + 2 * c.config.n_layer) << c.name;
+    std::printf("[decode] %s: %ld early few-rows launches\n", c.name.c_str(),
+                static_cast<long>(taken));
+  }
+  const auto on_cuda = torch::TensorOptions(torch::kBFloat16).device(torch::kCUDA);
+  const torch::Tensor input = torch::randn({1, 1, 256}, on_cuda);
+  const torch::Tensor weight = torch::randn({512, 256}, on_cuda);
+  early(true);
+  const int64_t before = fused::FewRowsLinearEarlyLaunches();
+  const auto unsettled = fused::FewRowsLinear(input, weight, torch::Tensor());
+  const int64_t after_unsettled = fused::FewRowsLinearEarlyLaunches();
+  const auto settled = fused::FewRowsLinear(input, weight, torch::Tensor(), true);
+  const int64_t after_settled = fused::FewRowsLinearEarlyLaunches();
+  early(false);
+  ASSERT_TRUE(unsettled.has_value() && settled.has_value());
+  EXPECT_EQ(after_unsettled, before) << "a weight not said to be settled";
+  EXPECT_EQ(after_settled, before + 1);
+  EXPECT_TRUE(torch::equal(*unsettled, *settled));
+}
+
 // The check bites: a session whose state is lost (a fresh prefill of one
 // token, then the rest) is another function.
 TEST(DecodeSessionTest, StepsWithoutTheirHistoryDiffer) {

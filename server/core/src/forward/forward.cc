@@ -59,10 +59,16 @@ torch::Tensor OptionalTensorAs(const Weights& weights, const std::string& name,
 }
 
 torch::Tensor Linear(const torch::Tensor& input, const torch::Tensor& weight,
-                     const torch::Tensor& bias) {
-  std::optional<torch::Tensor> few_rows = fused::FewRowsLinear(input, weight, bias);
+                     const torch::Tensor& bias, bool weight_settled) {
+  std::optional<torch::Tensor> few_rows =
+      fused::FewRowsLinear(input, weight, bias, weight_settled);
   if (few_rows.has_value()) return *std::move(few_rows);
   return torch::linear(input, weight, bias);
+}
+
+bool IsModelTensor(const Weights& weights, const std::string& name, const torch::Tensor& view) {
+  auto found = weights.find(name);
+  return found != weights.end() && view.is_same(found->second);
 }
 
 torch::Tensor RmsNormalize(const torch::Tensor& values, double eps,
@@ -575,8 +581,10 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
     normed = normed.to(head.device());
     if (head.is_cuda()) device_guard.reset_device(head.device());
   }
+  const torch::Tensor head_weight = head.to(precision.compute);
   torch::Tensor logits =
-      forward_internal::Linear(normed, head.to(precision.compute)).to(torch::kFloat32);  // [B, L, V]
+      forward_internal::Linear(normed, head_weight, torch::Tensor(), head_weight.is_same(head))
+          .to(torch::kFloat32);  // [B, L, V]
   if (config.logits_scaling != 1.0) logits = logits / config.logits_scaling;
   if (config.logits_multiplier != 1.0) logits = logits * config.logits_multiplier;
   if (state != nullptr) state->layers = std::move(next_layers);

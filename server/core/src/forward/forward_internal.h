@@ -42,9 +42,13 @@ torch::Tensor OptionalTensorAs(const Weights& weights, const std::string& name,
 
 // torch::linear(input, weight, bias); on CUDA, inputs of a few rows (a
 // decode step) through icd's few-rows kernel (fused/fused.h), one pass over
-// the weight.
+// the weight. `weight_settled`: the model's own tensor (fused::FewRowsLinear).
 torch::Tensor Linear(const torch::Tensor& input, const torch::Tensor& weight,
-                     const torch::Tensor& bias = {});
+                     const torch::Tensor& bias = {}, bool weight_settled = false);
+
+// `view` is `weights`' tensor `name` itself (TensorAs made no copy): a
+// weight settled before the forward began.
+bool IsModelTensor(const Weights& weights, const std::string& name, const torch::Tensor& view);
 
 // Weightless RMS normalisation over the last axis, reduced in `accumulate`
 // and returned in `accumulate`: v / sqrt(mean(v^2) + eps).

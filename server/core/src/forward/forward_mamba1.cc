@@ -27,6 +27,11 @@ struct Mamba1Layer {
   torch::Tensor d_skip;      // [d_inner], as stored
   torch::Tensor out_proj_w;  // [d_model, d_inner]
   torch::Tensor out_proj_b;  // [d_model] or undefined
+  // The projections' weights are the model's own tensors (IsModelTensor).
+  bool in_proj_settled = false;
+  bool x_proj_settled = false;
+  bool dt_proj_settled = false;
+  bool out_proj_settled = false;
 };
 
 Mamba1Layer Mamba1LayerView(const Weights& weights, int64_t layer, const Precision& precision) {
@@ -43,6 +48,13 @@ Mamba1Layer Mamba1LayerView(const Weights& weights, int64_t layer, const Precisi
   view.d_skip = weights.at(MixerTensorName(layer, "D"));
   view.out_proj_w = TensorAs(weights, MixerTensorName(layer, "out_proj.weight"), compute);
   view.out_proj_b = OptionalTensorAs(weights, MixerTensorName(layer, "out_proj.bias"), compute);
+  auto settled = [&](const char* suffix, const torch::Tensor& tensor) {
+    return IsModelTensor(weights, MixerTensorName(layer, suffix), tensor);
+  };
+  view.in_proj_settled = settled("in_proj.weight", view.in_proj_w);
+  view.x_proj_settled = settled("x_proj.weight", view.x_proj_w);
+  view.dt_proj_settled = settled("dt_proj.weight", view.dt_proj_w);
+  view.out_proj_settled = settled("out_proj.weight", view.out_proj_w);
   return view;
 }
 
@@ -85,11 +97,13 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   std::optional<fused::LinearConvStepResult> step;
   if (in_place && normed.size(1) == 1) {
     step = fused::FewRowsLinearConvStep(normed, view.in_proj_w, view.in_proj_b, view.conv_w,
-                                        view.conv_b, &state->conv_history);
+                                        view.conv_b, &state->conv_history, 0,
+                                        view.in_proj_settled);
   }
   torch::Tensor projected =
-      step.has_value() ? step->projected
-                       : Linear(normed, view.in_proj_w, view.in_proj_b);  // [B, L, 2I]
+      step.has_value()
+          ? step->projected
+          : Linear(normed, view.in_proj_w, view.in_proj_b, view.in_proj_settled);  // [B, L, 2I]
   torch::Tensor conv_input = projected.narrow(-1, 0, inner);              // [B, L, I]
   torch::Tensor gate = projected.narrow(-1, inner, inner);                // [B, L, I]
 
@@ -115,7 +129,8 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
                                                   layer));  // [B, L, I]
 
   // 3.a. Selection: x_proj rows are [dt | B | C].
-  torch::Tensor ssm_params = Linear(hidden, view.x_proj_w);  // [B, L, R + 2N]
+  torch::Tensor ssm_params =
+      Linear(hidden, view.x_proj_w, torch::Tensor(), view.x_proj_settled);  // [B, L, R + 2N]
   torch::Tensor time_step = ssm_params.narrow(-1, 0, config.dt_rank);               // [B, L, R]
   torch::Tensor b_proj = ssm_params.narrow(-1, config.dt_rank, state_size);         // [B, L, N]
   torch::Tensor c_proj = ssm_params.narrow(-1, config.dt_rank + state_size, state_size);  // [B, L, N]
@@ -155,7 +170,8 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
     scan_inputs.delta_proj_weight = view.dt_proj_w;  // [I, R]
   } else {
     scan_inputs.delta = Linear(time_step, view.dt_proj_w,
-                               bias_in_scan ? torch::Tensor() : view.dt_proj_b);  // [B, L, I]
+                               bias_in_scan ? torch::Tensor() : view.dt_proj_b,
+                               view.dt_proj_settled);  // [B, L, I]
   }
 
   // 3.b-c. Discretisation, the recurrence over time (from and into the
@@ -191,7 +207,8 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
 
   // 4. Final linear projection.
   capture.Add(LayerGroupName(layer, "inner"), out_proj_input);
-  return Linear(out_proj_input, view.out_proj_w, view.out_proj_b);  // [B, L, d_model]
+  return Linear(out_proj_input, view.out_proj_w, view.out_proj_b,
+                view.out_proj_settled);  // [B, L, d_model]
 }
 
 }  // namespace icd::forward_internal

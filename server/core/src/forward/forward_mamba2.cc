@@ -31,6 +31,10 @@ struct Mamba2Layer {
   torch::Tensor norm_w;      // [d_inner] or undefined (!gated_norm)
   torch::Tensor out_proj_w;  // [d_model, d_inner]
   torch::Tensor out_proj_b;  // [d_model] or undefined
+  // The projections' weights are the model's own tensors (IsModelTensor; not
+  // in_proj's when Falcon-H1's multipliers scale a copy).
+  bool in_proj_settled = false;
+  bool out_proj_settled = false;
 };
 
 Mamba2Layer Mamba2LayerView(const ModelConfig& config, const Weights& weights, int64_t layer,
@@ -61,6 +65,10 @@ Mamba2Layer Mamba2LayerView(const ModelConfig& config, const Weights& weights, i
   view.norm_w = OptionalTensorAs(weights, MixerTensorName(layer, "norm.weight"), compute);
   view.out_proj_w = TensorAs(weights, MixerTensorName(layer, "out_proj.weight"), compute);
   view.out_proj_b = OptionalTensorAs(weights, MixerTensorName(layer, "out_proj.bias"), compute);
+  view.in_proj_settled =
+      IsModelTensor(weights, MixerTensorName(layer, "in_proj.weight"), view.in_proj_w);
+  view.out_proj_settled =
+      IsModelTensor(weights, MixerTensorName(layer, "out_proj.weight"), view.out_proj_w);
   return view;
 }
 
@@ -178,11 +186,13 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
   std::optional<fused::LinearConvStepResult> step;
   if (in_place && seq_len == 1) {
     step = fused::FewRowsLinearConvStep(normed, view.in_proj_w, view.in_proj_b, view.conv_w,
-                                        view.conv_b, &state->conv_history, inner);
+                                        view.conv_b, &state->conv_history, inner,
+                                        view.in_proj_settled);
   }
-  torch::Tensor projected = step.has_value() ? step->projected
-                                             : Linear(normed, view.in_proj_w,
-                                                      view.in_proj_b);  // [B, L, *]
+  torch::Tensor projected =
+      step.has_value()
+          ? step->projected
+          : Linear(normed, view.in_proj_w, view.in_proj_b, view.in_proj_settled);  // [B, L, *]
   torch::Tensor gate = projected.narrow(-1, 0, inner);                         // [B, L, I]
   torch::Tensor xbc = projected.narrow(-1, inner, conv_dim);                   // [B, L, conv_dim]
   torch::Tensor time_step = projected.narrow(-1, inner + conv_dim, heads);     // [B, L, H]
@@ -262,7 +272,8 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
   }
 
   // 7. Final linear projection.
-  return Linear(gated, view.out_proj_w, view.out_proj_b);  // [B, L, d_model]
+  return Linear(gated, view.out_proj_w, view.out_proj_b,
+                view.out_proj_settled);  // [B, L, d_model]
 }
 
 }  // namespace icd::forward_internal

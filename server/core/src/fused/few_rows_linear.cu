@@ -135,10 +135,16 @@ __device__ __forceinline__ void ConvStep(const FewRowsLinearLaunchArgs& args, in
 // warps of one feature take interleaved 16-byte columns of its weight row
 // (split > 1 when there are too few features to fill the GPU), and their
 // partial sums are added in shared memory in warp order (deterministic).
+//
+// The weights are the model's, not the previous kernel's: before waiting for
+// that kernel (dependent_launch.cuh), each lane's first `prefetches` loads
+// head for L2, or with `early` (a settled weight, ICD_FEW_ROWS_EARLY_LOADS)
+// its first kUnroll loads go to registers.
 template <class Element, int kRows>
 __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLinearLaunchArgs args,
                                                                 const int split,
-                                                                const int prefetches) {
+                                                                const int prefetches,
+                                                                const bool early) {
   using Storage = typename Element::Storage;
   constexpr int kValues = Unpack<Element>::kValues;
   const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -154,24 +160,28 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 #pragma unroll
   for (int r = 0; r < kRows; ++r) sums[r] = 0.0f;
   const int64_t stride = static_cast<int64_t>(split) * 32 * kValues;
-  // The weights are the model's, not the previous kernel's: the first
-  // `prefetches` loads of each lane head for L2 while that kernel finishes
-  // (dependent_launch.cuh).
   const int64_t lane_first = (static_cast<int64_t>(part) * 32 + lane) * kValues;
-  for (int u = 0; u < prefetches; ++u) {
-    const int64_t k = lane_first + u * stride;
-    if (!real || k >= in_features) break;
-    PrefetchL2(weight + k);
-  }
-  dependent_launch::WaitForPrerequisites();  // x comes from them
-  dependent_launch::AllowDependents();
-  for (int64_t first = lane_first; real && first < in_features; first += kUnroll * stride) {
-    uint4 loaded[kUnroll];
+  uint4 loaded[kUnroll];
+  auto load = [&](int64_t first) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = first + u * stride;
       loaded[u] = k < in_features ? LoadStreaming(weight + k) : make_uint4(0, 0, 0, 0);
     }
+  };
+  if (early) {
+    if (real) load(lane_first);
+  } else {
+    for (int u = 0; u < prefetches; ++u) {
+      const int64_t k = lane_first + u * stride;
+      if (!real || k >= in_features) break;
+      PrefetchL2(weight + k);
+    }
+  }
+  dependent_launch::WaitForPrerequisites();  // x comes from them
+  dependent_launch::AllowDependents();
+  for (int64_t first = lane_first; real && first < in_features; first += kUnroll * stride) {
+    if (!early || first != lane_first) load(first);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = first + u * stride;
@@ -235,11 +245,15 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 //   ICD_FEW_ROWS_PREFETCH=N: loads of each lane prefetched before the
 //     previous kernel has finished (default kUnroll, the first iteration's;
 //     the whole row measured slower: deploy/results/h200-gpu-2026-12-02i).
+//   ICD_FEW_ROWS_EARLY_LOADS=1: for a settled weight, the first iteration's
+//     loads into registers before the previous kernel has finished, in
+//     place of those prefetches (off until measured).
 struct Settings {
   std::mutex reading;
   std::atomic<bool> stale{true};
   std::atomic<int> blocks_per_multiprocessor{ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM};
   std::atomic<int> prefetches{kUnroll};
+  std::atomic<bool> early_loads{false};
 };
 
 Settings& SettingsStore() {
@@ -260,6 +274,7 @@ Settings& CurrentSettings() {
       settings.blocks_per_multiprocessor = blocks > 0 ? blocks : ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM;
       // Any number, as given: none or fewer than none prefetch nothing.
       settings.prefetches = number("ICD_FEW_ROWS_PREFETCH", kUnroll);
+      settings.early_loads = number("ICD_FEW_ROWS_EARLY_LOADS", 0) == 1;
       settings.stale.store(false, std::memory_order_release);
     }
   }
@@ -268,6 +283,9 @@ Settings& CurrentSettings() {
 
 int BlocksPerMultiprocessor() { return CurrentSettings().blocks_per_multiprocessor.load(); }
 int Prefetches() { return CurrentSettings().prefetches.load(); }
+bool EarlyLoads() { return CurrentSettings().early_loads.load(); }
+
+std::atomic<int64_t> early_launches{0};
 
 // Warps per feature: enough blocks for about BlocksPerMultiprocessor() per
 // multiprocessor.
@@ -291,10 +309,13 @@ int Split(int64_t out_features) {
   return split;
 }
 
-int Launch(void (*kernel)(FewRowsLinearLaunchArgs, int, int), dim3 grid,
+int Launch(void (*kernel)(FewRowsLinearLaunchArgs, int, int, bool), dim3 grid,
            const FewRowsLinearLaunchArgs& args, int split, cudaStream_t stream) {
-  return static_cast<int>(dependent_launch::LaunchDependent(kernel, grid, kThreads, stream, args,
-                                                            split, Prefetches()));
+  const bool early = EarlyLoads() && args.weight_settled;
+  const cudaError_t status = dependent_launch::LaunchDependent(
+      kernel, grid, kThreads, stream, args, split, Prefetches(), early);
+  if (early && status == cudaSuccess) ++early_launches;
+  return static_cast<int>(status);
 }
 
 template <class Element>
@@ -321,6 +342,8 @@ bool Aligned(const void* pointer) {
 }
 
 }  // namespace
+
+int64_t FewRowsLinearEarlyLaunches() { return early_launches.load(); }
 
 void ReloadFewRowsLinearSettings() {
   Settings& settings = SettingsStore();

@@ -22,7 +22,7 @@ std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor&, const torch::Ten
 }
 
 std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor&, const torch::Tensor&,
-                                           const torch::Tensor&) {
+                                           const torch::Tensor&, bool) {
   return std::nullopt;
 }
 
@@ -31,10 +31,11 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
                                                           const torch::Tensor&,
                                                           const torch::Tensor&,
                                                           const torch::Tensor&, torch::Tensor*,
-                                                          int64_t) {
+                                                          int64_t, bool) {
   return std::nullopt;
 }
 void ReloadLaunchSettings() {}
+int64_t FewRowsLinearEarlyLaunches() { return 0; }
 #endif  // ICD_HAVE_CUDA_FUSED
 
 }  // namespace icd::fused

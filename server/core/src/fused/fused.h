@@ -57,10 +57,13 @@ std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor& values, const tor
 // weight [N, K] contiguous, bias [N] or undefined, all in one compute dtype
 // on one CUDA device; input's rows must be 16-byte aligned (else nullopt).
 // Returns [..., N]: float32 dot products rounded once (as cuBLAS, in another
-// summation order).
+// summation order). `weight_settled`: the weight is a model's own tensor,
+// not one a kernel just made (a dtype conversion, a scaled copy), so that
+// a decode step may load it before the kernel ahead of it ends.
 std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
                                            const torch::Tensor& weight,
-                                           const torch::Tensor& bias);
+                                           const torch::Tensor& bias,
+                                           bool weight_settled = false);
 
 struct LinearConvStepResult {
   torch::Tensor projected;  // FewRowsLinear's output [B, 1, N]
@@ -76,13 +79,18 @@ struct LinearConvStepResult {
 std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
     const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
-    int64_t conv_offset = 0);
+    int64_t conv_offset = 0, bool weight_settled = false);
 
 // The kernels' run-time settings from the environment (the README's table:
 // ICD_FEW_ROWS_*) are read once; after this the next launch reads them
 // again, for a measurement or a test that changes them within one process.
 // Graphs captured before keep the settings they had. Nothing on the CPU.
 void ReloadLaunchSettings();
+
+// Tests: how many few-rows launches in this process loaded their first
+// weights early (ICD_FEW_ROWS_EARLY_LOADS with a settled weight; none on the
+// CPU).
+int64_t FewRowsLinearEarlyLaunches();
 
 }  // namespace icd::fused
 

@@ -209,7 +209,7 @@ struct ConvStepOperands {
 // before anything is written.
 std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
     const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
-    const ConvStepOperands* conv) {
+    const ConvStepOperands* conv, bool weight_settled) {
   if (!input.defined() || !input.is_cuda() || input.dim() < 1 || !weight.defined() ||
       weight.dim() != 2 || !weight.is_contiguous()) {
     return std::nullopt;
@@ -270,6 +270,7 @@ std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
   args.input = rows.data_ptr();
   args.input_row_stride = rows.size(0) > 1 ? rows.stride(0) : in_features;
   args.weight = weight.data_ptr();
+  args.weight_settled = weight_settled;
   args.bias = bias_values.defined() ? bias_values.data_ptr() : nullptr;
   args.output = output.data_ptr();
   if (conv != nullptr) {
@@ -296,8 +297,8 @@ std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
 
 std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
                                            const torch::Tensor& weight,
-                                           const torch::Tensor& bias) {
-  auto result = FewRowsLinearLaunch(input, weight, bias, nullptr);
+                                           const torch::Tensor& bias, bool weight_settled) {
+  auto result = FewRowsLinearLaunch(input, weight, bias, nullptr, weight_settled);
   if (!result.has_value()) return std::nullopt;
   return std::move(result->first);
 }
@@ -305,10 +306,10 @@ std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
 std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
     const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
-    int64_t conv_offset) {
+    int64_t conv_offset, bool weight_settled) {
   if (history == nullptr) return std::nullopt;
   const ConvStepOperands conv{&conv_weight, &conv_bias, history, conv_offset};
-  auto result = FewRowsLinearLaunch(input, weight, bias, &conv);
+  auto result = FewRowsLinearLaunch(input, weight, bias, &conv, weight_settled);
   if (!result.has_value()) return std::nullopt;
   return LinearConvStepResult{std::move(result->first), std::move(result->second)};
 }

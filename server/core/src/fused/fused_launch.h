@@ -95,6 +95,10 @@ struct FewRowsLinearLaunchArgs {
   const void* input = nullptr;    // [rows, in_features], rows input_row_stride apart
   int64_t input_row_stride = 0;   // in elements
   const void* weight = nullptr;   // [out_features, in_features], contiguous
+  // The weight was written before the kernel ahead of this one in the stream
+  // (a model's own tensor, not a copy made for this call), so its loads may
+  // start before that kernel ends (ICD_FEW_ROWS_EARLY_LOADS).
+  bool weight_settled = false;
   const void* bias = nullptr;     // [out_features]; null: none
   void* output = nullptr;         // [rows, out_features], contiguous
   // Optional, when conv_output is set (a decode step's in_proj and its conv
@@ -124,6 +128,8 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream);
 // launch read them again, for a measurement or a test that changes them in
 // one process. Launches captured in a graph keep the settings they had.
 void ReloadFewRowsLinearSettings();
+
+// fused.h's FewRowsLinearEarlyLaunches is defined with the kernel.
 
 }  // namespace icd::fused
 

@@ -39,8 +39,10 @@ enum class Replay {
   // tenth of the bytes read more than its count (a kernel that only reads
   // 256 MB: 28.4 MB against 2.8 MB), just as much after 100 ms of idle device
   // or with L2 refilled by clean lines first, so not the write-back of lines
-  // dirtied earlier (deploy/results/h200-gpu-2026-12-03e/). Cause unknown;
-  // an upper bound.
+  // dirtied earlier (deploy/results/h200-gpu-2026-12-03e/), and it changes
+  // with the room a collection has (21 MB for 16 ranges, 28-29 MB for 1,024
+  // or 8,192: h200-gpu-2026-12-03f/), so it is the collection's, not the
+  // work's. Cause not pinned down; an upper bound.
   kUser,
   // The work runs once and CUPTI reruns each kernel, device memory saved
   // before and restored between its passes. The restore leaves dirty lines

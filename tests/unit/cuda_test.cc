@@ -1863,18 +1863,15 @@ TEST(HybridCudaTest, EveryArchitectureMatchesTheCpuAndStaysExact) {
   }
 }
 
-// ICD_FEW_ROWS_EARLY_LOADS=1 (a settled weight's first loads before the
-// kernel ahead ends) changes no bit of a graph's steps, and is taken: by
+// Early loads (a settled weight's first loads before the kernel ahead ends;
+// ICD_FEW_ROWS_EARLY_LOADS=0 turns them off) change no bit of a graph's
+// steps, and are taken: by
 // every projection of a decode step whose weights are the model's own, and
 // not by a weight a kernel has just made (fused::FewRowsLinear told so).
 TEST(DecodeSessionTest, EarlyLoadsLeaveTheStepsBitForBit) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   auto early = [](bool on) {
-    if (on) {
-      setenv("ICD_FEW_ROWS_EARLY_LOADS", "1", 1);
-    } else {
-      unsetenv("ICD_FEW_ROWS_EARLY_LOADS");
-    }
+    setenv("ICD_FEW_ROWS_EARLY_LOADS", on ? "1" : "0", 1);
     fused::ReloadLaunchSettings();
   };
   for (const DecodeCase& c : DecodeCases()) {
@@ -1908,7 +1905,8 @@ TEST(DecodeSessionTest, EarlyLoadsLeaveTheStepsBitForBit) {
   const int64_t after_unsettled = fused::FewRowsLinearEarlyLaunches();
   const auto settled = fused::FewRowsLinear(input, weight, torch::Tensor(), true);
   const int64_t after_settled = fused::FewRowsLinearEarlyLaunches();
-  early(false);
+  unsetenv("ICD_FEW_ROWS_EARLY_LOADS");  // the default again
+  fused::ReloadLaunchSettings();
   ASSERT_TRUE(unsettled.has_value() && settled.has_value());
   EXPECT_EQ(after_unsettled, before) << "a weight not said to be settled";
   EXPECT_EQ(after_settled, before + 1);

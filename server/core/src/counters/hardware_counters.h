@@ -76,13 +76,16 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(
     const std::function<absl::Status()>& rewind = nullptr,
     int64_t max_launches = kDefaultMaxLaunches);
 
-// Collect with the work in pieces run one after the other in every pass
-// (repeats of a sample: each pass also costs a fixed part), each
+// Collect with the work in pieces run one after the other in every pass, each
 // piece's launches returned apart, told apart by the launches each piece
 // made (so pieces may launch different numbers of kernels, as a step with
 // experts chosen by value does). FAILED_PRECONDITION as Collect, and when
 // there are several pieces and CUPTI's launch callbacks are held by another
-// client. `max_launches` counts every piece's.
+// client. `max_launches` counts every piece's. Not for repeats of a decode
+// step: two steps of a session as pieces came back with L2 sectors of
+// +17% and -19% against the same step collected alone, their sum within 1%
+// (deploy/results/h200-gpu-2026-12-03f/; cause not found), so MeasureLatency
+// collects each repeat alone.
 absl::StatusOr<std::vector<std::vector<KernelCounters>>> CollectEach(
     int device_index, const std::vector<std::function<absl::Status()>>& pieces,
     Replay replay = Replay::kUser, const std::function<absl::Status()>& rewind = nullptr,

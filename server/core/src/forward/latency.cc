@@ -278,42 +278,32 @@ absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
                          return sampler.Sample(mode == Mode::kDecode ? step_ids[0] : prefill_ids,
                                                ctx);
                        }));
-  // Each pass also costs a fixed part (its start and stop), so the repeats
-  // after the first share collections, back to back in each pass, as many
-  // as fit in half a collection's launches (room for steps that launch more
+  // Room for the sample's launches with a margin (steps that launch more
   // than the first did: experts chosen by value, an attention cache that
-  // grows).
-  int64_t first_launches = 0;
-  for (int64_t first = 0; first < repeats;) {
-    const int64_t fit = counters::kDefaultMaxLaunches / 2 / std::max<int64_t>(first_launches, 1);
-    const int64_t group = first == 0 ? 1 : std::clamp<int64_t>(fit, 1, repeats - first);
-    // Room for the group's launches with a margin, or the default where the
-    // launches could not be counted.
-    const int64_t room =
-        sample_launches.has_value()
-            ? std::min(counters::kDefaultMaxLaunches,
-                       group * (*sample_launches + *sample_launches / 4 + 16))
-            : counters::kDefaultMaxLaunches;
+  // grows), or the default where the launches could not be counted. Each
+  // repeat is a collection of its own: repeats back to back in one
+  // collection (CollectEach) split a decode step's counts between them
+  // unevenly on the H200 (h200-gpu-2026-12-03f), and with sized collections
+  // a repeat costs a fraction of a second.
+  const int64_t room = sample_launches.has_value()
+                           ? std::min(counters::kDefaultMaxLaunches,
+                                      *sample_launches + *sample_launches / 4 + 16)
+                           : counters::kDefaultMaxLaunches;
+  for (int64_t repeat = 0; repeat < repeats; ++repeat) {
     ICD_RETURN_IF_ERROR(CheckCall(ctx, "hardware counters"));
     ICD_RETURN_IF_ERROR(sampler.Mark());
-    std::vector<std::function<absl::Status()>> pieces;
-    for (int64_t repeat = first; repeat < first + group; ++repeat) {
-      const torch::Tensor ids =
-          mode == Mode::kDecode ? step_ids[static_cast<size_t>(repeat) + 1] : prefill_ids;
-      pieces.push_back([&sampler, ids, &ctx] { return sampler.Sample(ids, ctx); });
-    }
-    ICD_ASSIGN_OR_RETURN(std::vector<std::vector<KernelCounters>> launches,
-                         counters::CollectEach(device.index(), pieces, counters::Replay::kUser,
-                                               [&] { return sampler.Rewind(); }, room));
-    for (const std::vector<KernelCounters>& one : launches) {
-      report.repeat_totals.push_back(counters::Total(one));
-    }
-    if (first == 0) {
-      first_launches = static_cast<int64_t>(launches.front().size());
+    const torch::Tensor ids =
+        mode == Mode::kDecode ? step_ids[static_cast<size_t>(repeat) + 1] : prefill_ids;
+    ICD_ASSIGN_OR_RETURN(std::vector<KernelCounters> launches,
+                         counters::Collect(device.index(),
+                                           [&] { return sampler.Sample(ids, ctx); },
+                                           counters::Replay::kUser,
+                                           [&] { return sampler.Rewind(); }, room));
+    report.repeat_totals.push_back(counters::Total(launches));
+    if (repeat == 0) {
       report.total = report.repeat_totals.front();
-      report.kernels = counters::ByKernel(launches.front());
+      report.kernels = counters::ByKernel(launches);
     }
-    first += group;
   }
   return report;
 }

@@ -18,6 +18,10 @@
 namespace icd {
 namespace {
 
+// Room for a few launches: a pass costs CUPTI time in proportion to the
+// room (hardware_counters.h), seconds at the default.
+constexpr int64_t kRoom = 64;
+
 // MeasureLatency's hardware counters (issue 21) on the device: every launch
 // counted once, a kernel table that sums to the total, repeats that agree,
 // and traffic that could not be smaller: every weight of the model passes
@@ -117,7 +121,7 @@ TEST(HardwareCountersTest, AReadingKernelWritesLittle) {
   std::map<counters::Replay, int64_t> launch_counts;
   for (counters::Replay replay : {counters::Replay::kUser, counters::Replay::kKernel}) {
     calls = 0;
-    auto launches = counters::Collect(0, read_all, replay);
+    auto launches = counters::Collect(0, read_all, replay, nullptr, kRoom);
     ASSERT_TRUE(launches.ok()) << launches.status();
     const KernelCounters total = counters::Total(*launches);
     launch_counts[replay] = total.launches;
@@ -140,11 +144,11 @@ TEST(HardwareCountersTest, AReadingKernelWritesLittle) {
     sum = values.sum();
     if (++calls % 2 == 0) sum = sum + 1;
     return absl::OkStatus();
-  });
+  }, counters::Replay::kUser, nullptr, kRoom);
   ExpectPassesRefused(uneven.status(), calls, "uneven passes");
 }
 
-// Pieces of work in one collection (MeasureLatency's repeats) come back
+// Pieces of work in one collection (CollectEach) come back
 // apart, each with its own launches, however many each made: a piece of
 // one sum, one of none, one of three sums over a buffer half the size.
 TEST(HardwareCountersTest, PiecesComeBackApart) {
@@ -163,7 +167,8 @@ TEST(HardwareCountersTest, PiecesComeBackApart) {
           [&] {
             for (int i = 0; i < 3; ++i) sum = small.sum();
             return absl::OkStatus();
-          }});
+          }},
+      counters::Replay::kUser, nullptr, kRoom);
   ASSERT_TRUE(pieces.ok()) << pieces.status();
   ASSERT_EQ(pieces->size(), 3u);
   EXPECT_EQ((*pieces)[0].size(), 1u);
@@ -187,7 +192,8 @@ TEST(HardwareCountersTest, PiecesComeBackApart) {
           [&] {
             for (int i = 0; i < (calls++ == 0 ? 2 : 1); ++i) sum = small.sum();
             return absl::OkStatus();
-          }});
+          }},
+      counters::Replay::kUser, nullptr, kRoom);
   ExpectPassesRefused(shifting.status(), calls, "shifted pieces");
 }
 

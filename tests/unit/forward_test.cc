@@ -23,6 +23,7 @@
 #include "io/safetensors.h"
 #include "model.h"
 #include "apply/symmetry.h"
+#include "forward/forward_internal.h"
 #include "test_util.h"
 
 namespace icd {
@@ -125,6 +126,23 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenForwardTest,
                          ::testing::Values("mamba1-small", "mamba1-bias-untied", "mamba2-groups",
                                            "mamba2-one-group", "falcon-mamba-small"),
                          FixtureTestName);
+
+// What a decode projection may read before the kernel ahead of it ends
+// (fused::FewRowsLinear's weight_settled): the map's own tensor, never a
+// copy made for the call (a dtype conversion, Falcon-H1's scaled in_proj).
+TEST(ForwardTest, OnlyTheModelsOwnTensorIsSettled) {
+  Weights weights;
+  weights["w"] = torch::randn({4, 8});
+  const torch::Tensor& own = weights.at("w");
+  EXPECT_TRUE(forward_internal::IsModelTensor(weights, "w", own));
+  EXPECT_TRUE(forward_internal::IsModelTensor(
+      weights, "w", forward_internal::TensorAs(weights, "w", torch::kFloat32)));  // no copy
+  EXPECT_FALSE(forward_internal::IsModelTensor(
+      weights, "w", forward_internal::TensorAs(weights, "w", torch::kFloat64)));
+  EXPECT_FALSE(forward_internal::IsModelTensor(weights, "w", own * 2.0));
+  EXPECT_FALSE(forward_internal::IsModelTensor(weights, "w", own.clone()));
+  EXPECT_FALSE(forward_internal::IsModelTensor(weights, "v", own));  // not in the map
+}
 
 TEST(ForwardTest, MissingTensorIsNamed) {
   Fixture fixture = LoadFixture("mamba1-small");

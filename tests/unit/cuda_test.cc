@@ -1945,6 +1945,60 @@ TEST(DecodeSessionTest, EarlyLoadsLeaveTheStepsBitForBit) {
   }
 }
 
+// ICD_EARLY_OPERANDS=1 (the gated norm's weight, Mamba-2's state, A and D
+// read before the kernel ahead ends) changes no bit of a graph's steps, and
+// is taken: by the state step of every layer of a Mamba-2 step once A and D
+// are the session's own (the capture), and by the gated norm where its
+// weight is the model's own and its rows suit the four-wide kernel. Off by
+// default: none taken.
+TEST(DecodeSessionTest, EarlyOperandsLeaveTheStepsBitForBit) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  struct DefaultAtExit {
+    ~DefaultAtExit() {
+      unsetenv("ICD_EARLY_OPERANDS");
+      fused::ReloadLaunchSettings();
+    }
+  } restore;
+  auto early = [](const char* value) {
+    if (value == nullptr) {
+      unsetenv("ICD_EARLY_OPERANDS");
+    } else {
+      setenv("ICD_EARLY_OPERANDS", value, 1);
+    }
+    fused::ReloadLaunchSettings();
+  };
+  int mamba2_cases = 0;
+  for (const DecodeCase& c : DecodeCases()) {
+    if (c.config.family != Family::kMamba2) continue;
+    ++mamba2_cases;
+    Weights weights;
+    for (const auto& [name, tensor] : c.weights) {
+      weights[name] = tensor.to(torch::kCUDA, torch::kBFloat16);
+    }
+    const torch::Tensor ids = c.ids.to(torch::kCUDA);
+    early(nullptr);
+    const int64_t steps_before = scan::StateSpaceStepEarlyLaunches();
+    const int64_t norms_before = fused::GatedRmsNormEarlyLaunches();
+    const torch::Tensor plain =
+        SessionLogits(c.config, weights, ids, 5, decode::Execution::kCudaGraph);
+    EXPECT_EQ(scan::StateSpaceStepEarlyLaunches(), steps_before) << c.name << ": off by default";
+    EXPECT_EQ(fused::GatedRmsNormEarlyLaunches(), norms_before) << c.name << ": off by default";
+    early("1");
+    const torch::Tensor loaded_early =
+        SessionLogits(c.config, weights, ids, 5, decode::Execution::kCudaGraph);
+    const int64_t steps = scan::StateSpaceStepEarlyLaunches() - steps_before;
+    const int64_t norms = fused::GatedRmsNormEarlyLaunches() - norms_before;
+    early("0");
+    ASSERT_TRUE(plain.defined() && loaded_early.defined()) << c.name;
+    EXPECT_TRUE(torch::equal(plain, loaded_early))
+        << c.name << ": rel " << RelL2(plain, loaded_early);
+    EXPECT_GE(steps, c.config.n_layer) << c.name;  // the captured step's, at least
+    std::printf("[decode] %s: %ld early state steps, %ld early gated norms\n", c.name.c_str(),
+                static_cast<long>(steps), static_cast<long>(norms));
+  }
+  EXPECT_GE(mamba2_cases, 2);
+}
+
 // The check bites: a session whose state is lost (a fresh prefill of one
 // token, then the rest) is another function.
 TEST(DecodeSessionTest, StepsWithoutTheirHistoryDiffer) {

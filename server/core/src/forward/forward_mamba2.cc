@@ -29,6 +29,7 @@ struct Mamba2Layer {
   torch::Tensor a_log;       // [nheads], as stored
   torch::Tensor d_skip;      // [nheads] or [d_inner] (d_has_hdim), as stored
   torch::Tensor norm_w;      // [d_inner] or undefined (!gated_norm)
+  bool norm_settled = false;  // norm_w is the model's own tensor (IsModelTensor)
   torch::Tensor out_proj_w;  // [d_model, d_inner]
   torch::Tensor out_proj_b;  // [d_model] or undefined
   // The projections' weights are the model's own tensors (IsModelTensor; not
@@ -67,6 +68,7 @@ Mamba2Layer Mamba2LayerView(const ModelConfig& config, const Weights& weights, i
   view.out_proj_b = OptionalTensorAs(weights, MixerTensorName(layer, "out_proj.bias"), compute);
   view.in_proj_settled =
       IsModelTensor(weights, MixerTensorName(layer, "in_proj.weight"), view.in_proj_w);
+  view.norm_settled = IsModelTensor(weights, MixerTensorName(layer, "norm.weight"), view.norm_w);
   view.out_proj_settled =
       IsModelTensor(weights, MixerTensorName(layer, "out_proj.weight"), view.out_proj_w);
   return view;
@@ -87,7 +89,7 @@ torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
   const double eps = config.gated_norm_eps > 0 ? config.gated_norm_eps : config.norm_eps;
   if (config.gated_norm) {
     std::optional<torch::Tensor> fused = fused::GatedRmsNorm(
-        scan_output, gate, view.norm_w, groups, eps, config.norm_before_gate);
+        scan_output, gate, view.norm_w, groups, eps, config.norm_before_gate, view.norm_settled);
     if (fused.has_value()) return *std::move(fused);
   }
   torch::Tensor gate_act = torch::silu(gate.to(precision.accumulate));
@@ -242,6 +244,9 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
     scan_inputs.a_decay = state->scan_decay;
     scan_inputs.skip = state->scan_skip;
     scan_inputs.time_step_bias = state->scan_delta_bias;
+    // Made by an earlier step, as the state was: the step kernel may read
+    // them before the kernel ahead ends.
+    scan_inputs.operands_settled = fused::EarlyOperandsEnabled();
   } else if (in_place) {
     scan_inputs.a_decay = -torch::exp(view.a_log.to(wide));  // [H]
     scan_inputs.skip = view.d_skip.to(wide);                 // [H] or [I]

@@ -17,7 +17,7 @@ std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor&, const torch::Te
 }
 
 std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor&, const torch::Tensor&,
-                                          const torch::Tensor&, int64_t, double, bool) {
+                                          const torch::Tensor&, int64_t, double, bool, bool) {
   return std::nullopt;
 }
 
@@ -36,6 +36,8 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
 }
 void ReloadLaunchSettings() {}
 int64_t FewRowsLinearEarlyLaunches() { return 0; }
+bool EarlyOperandsEnabled() { return false; }
+int64_t GatedRmsNormEarlyLaunches() { return 0; }
 #endif  // ICD_HAVE_CUDA_FUSED
 
 }  // namespace icd::fused

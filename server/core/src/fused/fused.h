@@ -47,9 +47,13 @@ std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor& residual,
 // compute dtype, last axis contiguous (any row stride: a narrow() of
 // in_proj's output); weight [I] in the compute dtype; `groups` dividing I.
 // Returns [..., I] in the compute dtype, computed in float32 and rounded once.
+// `weight_settled`: the model's own tensor (FewRowsLinear's sense), which
+// a decode step may then load before the kernel ahead ends
+// (EarlyOperandsEnabled).
 std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor& values, const torch::Tensor& gate,
                                           const torch::Tensor& weight, int64_t groups,
-                                          double eps, bool norm_before_gate);
+                                          double eps, bool norm_before_gate,
+                                          bool weight_settled = false);
 
 // torch::linear(input, weight, bias) for inputs of at most
 // kMaxFewRowsLinearRows rows (input [..., K], the product of the leading
@@ -91,6 +95,17 @@ void ReloadLaunchSettings();
 // weights early (ICD_FEW_ROWS_EARLY_LOADS with a settled weight; none on the
 // CPU).
 int64_t FewRowsLinearEarlyLaunches();
+
+// ICD_EARLY_OPERANDS=1 (off until measured; re-read after
+// ReloadLaunchSettings): decode kernels other than the projections load
+// their settled operands before waiting for the kernel ahead: the gated
+// norm its weight, Mamba-2's state step its state, A and D
+// (scan::StateSpaceInputs::operands_settled). False on the CPU.
+bool EarlyOperandsEnabled();
+
+// Tests: how many gated-norm launches in this process loaded their weight
+// early (none on the CPU).
+int64_t GatedRmsNormEarlyLaunches();
 
 }  // namespace icd::fused
 

@@ -152,7 +152,7 @@ std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor& residual,
 
 std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor& values, const torch::Tensor& gate,
                                           const torch::Tensor& weight, int64_t groups,
-                                          double eps, bool norm_before_gate) {
+                                          double eps, bool norm_before_gate, bool weight_settled) {
   if (!values.defined() || !values.is_cuda() || values.dim() < 1 ||
       values.scalar_type() != torch::kFloat32 || !values.is_contiguous() || !weight.defined()) {
     return std::nullopt;
@@ -187,6 +187,7 @@ std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor& values, const tor
   args.gate_row_stride = gate_rows.size(0) > 1 ? gate_rows.stride(0) : width;
   args.weight = scale.data_ptr();
   args.output = output.data_ptr();
+  args.weight_early = weight_settled && scale.is_same(weight) && EarlyOperandsEnabled();
   if (!Launched(LaunchGatedRmsNorm(args, CurrentStream(device)), "gated RMS norm kernel")) {
     return std::nullopt;
   }

@@ -77,6 +77,9 @@ struct GatedRmsNormLaunchArgs {
   int64_t gate_row_stride = 0;    // in elements
   const void* weight = nullptr;   // [I], element_type
   void* output = nullptr;         // [rows, I], element_type, contiguous
+  // The weight is loaded before waiting for the kernel ahead (a settled
+  // weight under ICD_EARLY_OPERANDS: fused.h).
+  bool weight_early = false;
 };
 
 // Most rows of x the few-rows linear takes (a decode step's batch).
@@ -129,7 +132,8 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream);
 // one process. Launches captured in a graph keep the settings they had.
 void ReloadFewRowsLinearSettings();
 
-// fused.h's FewRowsLinearEarlyLaunches is defined with the kernel.
+// fused.h's FewRowsLinearEarlyLaunches, EarlyOperandsEnabled and
+// GatedRmsNormEarlyLaunches are defined with the kernels.
 
 }  // namespace icd::fused
 

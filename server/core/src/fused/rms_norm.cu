@@ -6,6 +6,7 @@
 // mean, add, rsqrt, mul, cast, mul; the gated norm's silu and products).
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "fused/block_sum.cuh"
@@ -197,6 +198,16 @@ __global__ void __launch_bounds__(kThreads)
                                                 row * args.width + first);
   const int thread = static_cast<int>(threadIdx.x);
   const float inverse_width = 1.0f / static_cast<float>(group_width);
+  // A settled weight (no kernel ahead writes it) is loaded before the wait;
+  // else after the block's sum, from L1/L2.
+  StorageQuad weight_bits[kQuads];
+  if (args.weight_early) {
+#pragma unroll
+    for (int u = 0; u < kQuads; ++u) {
+      const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
+      weight_bits[u] = i < quads ? weight[i] : StorageQuad{};
+    }
+  }
   dependent_launch::WaitForPrerequisites();  // y and z come from them
   dependent_launch::AllowDependents();
   float scanned[kQuads][4];
@@ -236,11 +247,11 @@ __global__ void __launch_bounds__(kThreads)
   for (int u = 0; u < kQuads; ++u) {
     const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
     if (i >= quads) continue;
-    const StorageQuad weight_bits = weight[i];
+    if (!args.weight_early) weight_bits[u] = weight[i];
     StorageQuad normed;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      float value = scanned[u][j] * scale * Element::ToFloat(weight_bits.values[j]);
+      float value = scanned[u][j] * scale * Element::ToFloat(weight_bits[u].values[j]);
       if constexpr (kNormFirst) value *= activated[u][j];
       normed.values[j] = Element::FromFloat(value);
     }
@@ -248,14 +259,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+std::atomic<int64_t> gated_early_launches{0};
+
 template <class Element, int kQuads>
 cudaError_t LaunchGatedQuads(const GatedRmsNormLaunchArgs& args, dim3 grid, cudaStream_t stream) {
-  if (args.norm_before_gate) {
-    return dependent_launch::LaunchDependent(GatedRmsNormQuadKernel<Element, kQuads, true>, grid,
-                                             kThreads, stream, args);
-  }
-  return dependent_launch::LaunchDependent(GatedRmsNormQuadKernel<Element, kQuads, false>, grid,
-                                           kThreads, stream, args);
+  const cudaError_t status =
+      args.norm_before_gate
+          ? dependent_launch::LaunchDependent(GatedRmsNormQuadKernel<Element, kQuads, true>, grid,
+                                              kThreads, stream, args)
+          : dependent_launch::LaunchDependent(GatedRmsNormQuadKernel<Element, kQuads, false>,
+                                              grid, kThreads, stream, args);
+  if (args.weight_early && status == cudaSuccess) ++gated_early_launches;
+  return status;
 }
 
 // Whether every row of values, gate, weight and output starts aligned for
@@ -294,6 +309,8 @@ cudaError_t LaunchGatedRows(const GatedRmsNormLaunchArgs& args, dim3 grid, cudaS
 }
 
 }  // namespace
+
+int64_t GatedRmsNormEarlyLaunches() { return gated_early_launches.load(); }
 
 int LaunchGatedRmsNorm(const GatedRmsNormLaunchArgs& args, void* stream) {
   if (args.rows < 1 || args.rows > (int64_t{1} << 31) - 1 || args.width < 1 ||

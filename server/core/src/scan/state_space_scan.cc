@@ -418,6 +418,8 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs&, torch::
                                                 StateSpaceForm) {
   return std::nullopt;
 }
+
+int64_t StateSpaceStepEarlyLaunches() { return 0; }
 #endif  // ICD_HAVE_CUDA_SCAN
 
 }  // namespace icd::scan

@@ -40,6 +40,12 @@ struct StateSpaceInputs {
   torch::Tensor skip;     // D, [H] or [H·P] (per channel); undefined: none.
                           // The CUDA kernels take dt_bias, A_log and D in float32
                           // or the compute dtype; the other forms, Widened's
+  // A, D and the state were written before the kernel ahead of the scan's (a
+  // decode session's own: A and D computed once, the state by this layer's
+  // last step), so that the CUDA step kernel may read them before waiting
+  // for that kernel (ICD_EARLY_OPERANDS, fused.h). Only where the kernel
+  // reads these very tensors, not copies made for the call.
+  bool operands_settled = false;
 };
 
 // `inputs` with Δ resolved (LibTorch ops, in the time step's dtype), A
@@ -82,6 +88,10 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
                                                 torch::Tensor* state = nullptr,
                                                 bool in_place = false,
                                                 StateSpaceForm form = StateSpaceForm::kAuto);
+
+// Tests: how many step-kernel launches in this process read their settled
+// operands early (operands_settled); none without CUDA.
+int64_t StateSpaceStepEarlyLaunches();
 
 // The inputs' time steps [start, start + length).
 StateSpaceInputs TimeSlice(const StateSpaceInputs& inputs, int64_t start, int64_t length);

@@ -68,7 +68,13 @@ struct StateSpaceScanLaunchArgs {
   // build); else the form named, where it runs.
   StateSpaceForm form = StateSpaceForm::kAuto;
   float* workspace = nullptr;  // the chunked form's: StateSpaceWorkspaceFloats
+  // The step form reads state_in, A and D before waiting for the kernel
+  // ahead (StateSpaceInputs::operands_settled).
+  bool operands_early = false;
 };
+
+// How many step-form launches in this process had operands_early.
+int64_t StateSpaceStepEarlyLaunchCount();
 
 // The form a launch with these arguments runs; kRecurrence where the form
 // asked for cannot (the chunked form on other element types, the step form

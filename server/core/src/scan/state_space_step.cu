@@ -9,6 +9,7 @@
 // float32 throughout, y = C·S + D x.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "scan/dependent_launch.cuh"
@@ -42,31 +43,51 @@ __global__ void __launch_bounds__(kStepThreads) StateSpaceStepKernel(const State
   const int64_t p = row % head_dim;
   const int64_t group = head / (heads / args.groups);
   const int64_t state_size = args.state_size;
+  const float* state_in =
+      args.state_in != nullptr ? args.state_in + row * state_size : nullptr;
+  // The state, A and D are not the kernel ahead's (operands_early): read
+  // before waiting for it; else with the rest, after.
+  float previous[kPerLane];
+  auto load_state = [&] {
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t n = lane + k * kLanes;
+      previous[k] = n < state_size && state_in != nullptr ? state_in[n] : 0.0f;
+    }
+  };
+  float rate = 0.0f;
+  float skip = 0.0f;
+  if (args.operands_early) {
+    load_state();
+    rate = DecayRateOf<Element>(args, head);
+    skip = SkipOf<Element>(args, head, p);
+  }
 
   dependent_launch::WaitForPrerequisites();  // x, B, C and the time step come from them
   dependent_launch::AllowDependents();
+  if (!args.operands_early) {
+    load_state();
+    rate = DecayRateOf<Element>(args, head);
+    skip = SkipOf<Element>(args, head, p);
+  }
   const auto* b_proj = static_cast<const Storage*>(args.b_proj.data) +
                        batch * args.b_proj.batch_stride + group * state_size;
   const auto* c_proj = static_cast<const Storage*>(args.c_proj.data) +
                        batch * args.c_proj.batch_stride + group * state_size;
-  const float* state_in =
-      args.state_in != nullptr ? args.state_in + row * state_size : nullptr;
   // Every load first: the step is a handful of dependent latencies per warp.
-  float previous[kPerLane];
   float b_values[kPerLane];
   float c_values[kPerLane];
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
     const int64_t n = lane + k * kLanes;
     const bool state_real = n < state_size;
-    previous[k] = state_real && state_in != nullptr ? state_in[n] : 0.0f;
     b_values[k] = state_real ? Element::ToFloat(__ldg(b_proj + n)) : 0.0f;
     c_values[k] = state_real ? Element::ToFloat(__ldg(c_proj + n)) : 0.0f;
   }
   const float x = Element::ToFloat(static_cast<const Storage*>(
       args.hidden.data)[batch * args.hidden.batch_stride + head * head_dim + p]);
   const float delta = DeltaAt<Element>(args, batch, 0, head);
-  const float decay = expf(delta * DecayRateOf<Element>(args, head));
+  const float decay = expf(delta * rate);
   const float drive = delta * x;
   float sum = 0.0f;
   float* state_out = args.state_out != nullptr ? args.state_out + row * state_size : nullptr;
@@ -80,7 +101,7 @@ __global__ void __launch_bounds__(kStepThreads) StateSpaceStepKernel(const State
   sum = LaneGroupSum<kLanes>(sum);
   if (!real || lane != 0) return;
   float y = sum;
-  if (args.skip.data != nullptr) y = fmaf(SkipOf<Element>(args, head, p), x, y);
+  if (args.skip.data != nullptr) y = fmaf(skip, x, y);
   args.output[batch * heads * head_dim + head * head_dim + p] = y;  // y [B, 1, H·P]
 }
 
@@ -102,6 +123,8 @@ int LaunchStepElement(const StateSpaceScanLaunchArgs& args, cudaStream_t stream)
   return LaunchStepTile<Element, 32, 4>(args, stream);
 }
 
+std::atomic<int64_t> early_launches{0};
+
 }  // namespace
 
 int LaunchStateSpaceStep(const StateSpaceScanLaunchArgs& args, void* stream) {
@@ -109,9 +132,13 @@ int LaunchStateSpaceStep(const StateSpaceScanLaunchArgs& args, void* stream) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   auto* cuda_stream = static_cast<cudaStream_t>(stream);
-  return cuda_elements::ForElementType(args.element_type, [&](auto element) {
+  const int status = cuda_elements::ForElementType(args.element_type, [&](auto element) {
     return LaunchStepElement<decltype(element)>(args, cuda_stream);
   });
+  if (args.operands_early && status == static_cast<int>(cudaSuccess)) ++early_launches;
+  return status;
 }
+
+int64_t StateSpaceStepEarlyLaunchCount() { return early_launches.load(); }
 
 }  // namespace icd::scan

@@ -1945,12 +1945,12 @@ TEST(DecodeSessionTest, EarlyLoadsLeaveTheStepsBitForBit) {
   }
 }
 
-// ICD_EARLY_OPERANDS=1 (the gated norm's weight, Mamba-2's state, A and D
-// read before the kernel ahead ends) changes no bit of a graph's steps, and
-// is taken: by the state step of every layer of a Mamba-2 step once A and D
-// are the session's own (the capture), and by the gated norm where its
-// weight is the model's own and its rows suit the four-wide kernel. Off by
-// default: none taken.
+// ICD_EARLY_OPERANDS=1 (the gated norm's weight; the state steps' state, A,
+// D, and Mamba-1's dt_proj bias and weight, read before the kernel ahead
+// ends) changes no bit of a graph's steps, and is taken: by the state step
+// of every layer once A and D are the session's own (the capture), and by
+// the gated norm where its weight is the model's own and its rows suit the
+// four-wide kernel. Off by default: none taken.
 TEST(DecodeSessionTest, EarlyOperandsLeaveTheStepsBitForBit) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   struct DefaultAtExit {
@@ -1969,24 +1969,27 @@ TEST(DecodeSessionTest, EarlyOperandsLeaveTheStepsBitForBit) {
   };
   int mamba2_cases = 0;
   for (const DecodeCase& c : DecodeCases()) {
-    if (c.config.family != Family::kMamba2) continue;
-    ++mamba2_cases;
+    const bool mamba2 = c.config.family == Family::kMamba2;
+    mamba2_cases += mamba2 ? 1 : 0;
+    auto state_steps = [&] {
+      return mamba2 ? scan::StateSpaceStepEarlyLaunches() : scan::SelectiveStateStepEarlyLaunches();
+    };
     Weights weights;
     for (const auto& [name, tensor] : c.weights) {
       weights[name] = tensor.to(torch::kCUDA, torch::kBFloat16);
     }
     const torch::Tensor ids = c.ids.to(torch::kCUDA);
     early(nullptr);
-    const int64_t steps_before = scan::StateSpaceStepEarlyLaunches();
+    const int64_t steps_before = state_steps();
     const int64_t norms_before = fused::GatedRmsNormEarlyLaunches();
     const torch::Tensor plain =
         SessionLogits(c.config, weights, ids, 5, decode::Execution::kCudaGraph);
-    EXPECT_EQ(scan::StateSpaceStepEarlyLaunches(), steps_before) << c.name << ": off by default";
+    EXPECT_EQ(state_steps(), steps_before) << c.name << ": off by default";
     EXPECT_EQ(fused::GatedRmsNormEarlyLaunches(), norms_before) << c.name << ": off by default";
     early("1");
     const torch::Tensor loaded_early =
         SessionLogits(c.config, weights, ids, 5, decode::Execution::kCudaGraph);
-    const int64_t steps = scan::StateSpaceStepEarlyLaunches() - steps_before;
+    const int64_t steps = state_steps() - steps_before;
     const int64_t norms = fused::GatedRmsNormEarlyLaunches() - norms_before;
     early("0");
     ASSERT_TRUE(plain.defined() && loaded_early.defined()) << c.name;

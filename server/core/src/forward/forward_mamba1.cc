@@ -189,6 +189,12 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
     scan_inputs.d_skip = state->scan_skip;
     // The kernel widens the bias exactly; only it takes a float32 one.
     if (state->scan_delta_bias.defined()) scan_inputs.delta_bias = state->scan_delta_bias;
+    // Made by an earlier step, as the state was, and dt_proj's weight the
+    // model's own: the step kernel may read them before the kernel ahead
+    // ends.
+    scan_inputs.operands_settled =
+        fused::EarlyOperandsEnabled() &&
+        (!scan_inputs.delta_proj_weight.defined() || view.dt_proj_settled);
   } else {
     scan_inputs.a_decay = -torch::exp(view.a_log.to(wide));  // [I, N]
     scan_inputs.d_skip = view.d_skip.to(wide);               // [I]

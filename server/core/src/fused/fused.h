@@ -99,8 +99,9 @@ int64_t FewRowsLinearEarlyLaunches();
 // ICD_EARLY_OPERANDS=1 (off until measured; re-read after
 // ReloadLaunchSettings): decode kernels other than the projections load
 // their settled operands before waiting for the kernel ahead: the gated
-// norm its weight, Mamba-2's state step its state, A and D
-// (scan::StateSpaceInputs::operands_settled). False on the CPU.
+// norm its weight, the state steps their state, A and D (and Mamba-1's
+// dt_proj bias and weight: scan::StateSpaceInputs and ScanInputs'
+// operands_settled). False on the CPU.
 bool EarlyOperandsEnabled();
 
 // Tests: how many gated-norm launches in this process loaded their weight

@@ -239,6 +239,8 @@ torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumula
   }
   return SelectiveScanReference(inputs, accumulate, state);
 }
-#endif  // The CUDA build defines both in selective_scan_cuda.cc.
+
+int64_t SelectiveStateStepEarlyLaunches() { return 0; }
+#endif  // The CUDA build defines these in selective_scan_cuda.cc.
 
 }  // namespace icd::scan

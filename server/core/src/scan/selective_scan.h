@@ -36,7 +36,17 @@ struct ScanInputs {
   torch::Tensor c_proj;   // C                       [B, L, N]
   torch::Tensor d_skip;   // D                       [I]
   torch::Tensor gate;     // z                       [B, L, I]
+  // A, D, dt_proj's bias and weight and the state were written before the
+  // kernel ahead of the scan's (a decode session's own, the weight the
+  // model's), so that the CUDA step kernel may read them before waiting for
+  // that kernel (ICD_EARLY_OPERANDS, fused.h). Only where the kernel reads
+  // these very tensors, not copies made for the call.
+  bool operands_settled = false;
 };
+
+// Tests: how many step-kernel launches in this process read their settled
+// operands early (operands_settled); none without CUDA.
+int64_t SelectiveStateStepEarlyLaunches();
 
 // `inputs` with `delta` defined: dt_proj's product taken by torch::linear
 // when only delta_input and delta_proj_weight are given.

@@ -61,6 +61,9 @@ struct ScanLaunchArgs {
   // element_type in `output_rounded`. Exactly one is set.
   float* output = nullptr;
   void* output_rounded = nullptr;
+  // The step kernel reads A, D, dt_proj's bias and weight and state_in
+  // before waiting for the kernel ahead (ScanInputs::operands_settled).
+  bool operands_early = false;
 };
 
 // How the kernel maps work onto threads. A channel's N states are spread
@@ -97,6 +100,10 @@ int LaunchSelectiveScan(const ScanLaunchArgs& args, const ScanKernelShape& shape
 // One step of time (L = 1) without the chunked kernel's staging: a
 // channel's states over a few lanes, Δ from any of its three sources.
 int LaunchSelectiveStateStep(const ScanLaunchArgs& args, void* stream);
+
+// How many LaunchSelectiveStateStep launches in this process had
+// operands_early.
+int64_t SelectiveStateStepEarlyLaunchCount();
 
 // cudaGetErrorString, for callers that do not include CUDA headers.
 const char* ScanLaunchErrorString(int status);

@@ -9,6 +9,7 @@
 // channel that would otherwise be a matrix-vector kernel of its own.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "scan/dependent_launch.cuh"
@@ -49,53 +50,72 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
   const int64_t channel = real ? wanted : inner - 1;
   const int64_t batch = blockIdx.y;
   const int64_t state_size = args.state_size;
-  dependent_launch::WaitForPrerequisites();  // x, z, the time step, B, C come from them
-  dependent_launch::AllowDependents();
-  // Every load the step needs is issued here, before the first result is
-  // used: a decode step's kernel is a chain of memory latencies, and the
-  // state's loads do not depend on Δ.
-  const auto* hidden = static_cast<const Storage*>(args.hidden.data);
-  const auto* gate = static_cast<const Storage*>(args.gate.data);
-  const Storage x_bits = hidden[batch * args.hidden.batch_stride + channel];
-  const Storage z_bits = gate[batch * args.gate.batch_stride + channel];
-  const float bias = args.delta_bias != nullptr ? args.delta_bias[channel] : 0.0f;
-  const float skip = args.d_skip[channel];
   const bool projected = args.delta_proj_weight != nullptr;
   const bool held = projected && args.delta_rank <= kRankTerms * kLanes;
   const auto* rank_weight = projected ? static_cast<const Storage*>(args.delta_proj_weight) +
                                             channel * args.delta_rank
                                       : nullptr;
+  const float* a_decay = args.a_decay + channel * state_size;
+  const int64_t state_row = (batch * inner + channel) * state_size;
+  // What no kernel of the step writes (A, D, dt_proj's bias and weight, the
+  // layer's own state: operands_early) is read before waiting for the
+  // kernel ahead; else with the rest, after.
+  float bias = 0.0f;
+  float skip = 0.0f;
+  Storage rank_weights[kRankTerms] = {};
+  float rates[kStateTerms] = {};
+  float previous[kStateTerms] = {};
+  auto load_settled = [&] {
+    bias = args.delta_bias != nullptr ? args.delta_bias[channel] : 0.0f;
+    skip = args.d_skip[channel];
+    if (held) {
+#pragma unroll
+      for (int i = 0; i < kRankTerms; ++i) {
+        const int64_t r = lane + static_cast<int64_t>(i) * kLanes;
+        if (r < args.delta_rank) rank_weights[i] = rank_weight[r];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kStateTerms; ++i) {
+      const int64_t n = lane + static_cast<int64_t>(i) * kLanes;
+      if (n < state_size) {
+        rates[i] = a_decay[n];
+        previous[i] = args.state_in != nullptr ? args.state_in[state_row + n] : 0.0f;
+      }
+    }
+  };
+  if (args.operands_early) load_settled();
+  dependent_launch::WaitForPrerequisites();  // x, z, the time step, B, C come from them
+  dependent_launch::AllowDependents();
+  // Every other load the step needs is issued here, before the first result
+  // is used: a decode step's kernel is a chain of memory latencies, and the
+  // state's loads do not depend on Δ.
+  if (!args.operands_early) load_settled();
+  const auto* hidden = static_cast<const Storage*>(args.hidden.data);
+  const auto* gate = static_cast<const Storage*>(args.gate.data);
+  const Storage x_bits = hidden[batch * args.hidden.batch_stride + channel];
+  const Storage z_bits = gate[batch * args.gate.batch_stride + channel];
   const auto* rank_input = projected ? static_cast<const Storage*>(args.delta_proj_input.data) +
                                            batch * args.delta_proj_input.batch_stride
                                      : nullptr;
-  Storage rank_weights[kRankTerms] = {};
   Storage rank_inputs[kRankTerms] = {};
   if (held) {
 #pragma unroll
     for (int i = 0; i < kRankTerms; ++i) {
       const int64_t r = lane + static_cast<int64_t>(i) * kLanes;
-      if (r < args.delta_rank) {
-        rank_weights[i] = rank_weight[r];
-        rank_inputs[i] = __ldg(rank_input + r);
-      }
+      if (r < args.delta_rank) rank_inputs[i] = __ldg(rank_input + r);
     }
   }
   const auto* b_proj =
       static_cast<const Storage*>(args.b_proj.data) + batch * args.b_proj.batch_stride;
   const auto* c_proj =
       static_cast<const Storage*>(args.c_proj.data) + batch * args.c_proj.batch_stride;
-  const float* a_decay = args.a_decay + channel * state_size;
-  const int64_t state_row = (batch * inner + channel) * state_size;
-  float rates[kStateTerms] = {};
-  float previous[kStateTerms] = {};
   Storage b_bits[kStateTerms] = {};
   Storage c_bits[kStateTerms] = {};
 #pragma unroll
   for (int i = 0; i < kStateTerms; ++i) {
     const int64_t n = lane + static_cast<int64_t>(i) * kLanes;
     if (n < state_size) {
-      rates[i] = a_decay[n];
-      previous[i] = args.state_in != nullptr ? args.state_in[state_row + n] : 0.0f;
       b_bits[i] = __ldg(b_proj + n);
       c_bits[i] = __ldg(c_proj + n);
     }
@@ -170,6 +190,8 @@ int LaunchElement(const ScanLaunchArgs& args, cudaStream_t stream) {
   return LaunchLanes<Element, 32>(args, stream);
 }
 
+std::atomic<int64_t> early_launches{0};
+
 }  // namespace
 
 int LaunchSelectiveStateStep(const ScanLaunchArgs& args, void* stream) {
@@ -186,9 +208,13 @@ int LaunchSelectiveStateStep(const ScanLaunchArgs& args, void* stream) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   auto* cuda_stream = static_cast<cudaStream_t>(stream);
-  return cuda_elements::ForElementType(args.element_type, [&](auto element) {
+  const int status = cuda_elements::ForElementType(args.element_type, [&](auto element) {
     return LaunchElement<decltype(element)>(args, cuda_stream);
   });
+  if (args.operands_early && status == static_cast<int>(cudaSuccess)) ++early_launches;
+  return status;
 }
+
+int64_t SelectiveStateStepEarlyLaunchCount() { return early_launches.load(); }
 
 }  // namespace icd::scan

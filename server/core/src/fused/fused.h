@@ -48,8 +48,8 @@ std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor& residual,
 // in_proj's output); weight [I] in the compute dtype; `groups` dividing I.
 // Returns [..., I] in the compute dtype, computed in float32 and rounded once.
 // `weight_settled`: the model's own tensor (FewRowsLinear's sense), which
-// a decode step may then load before the kernel ahead ends
-// (EarlyOperandsEnabled).
+// a decode step (rows of one token) may then load before the kernel ahead
+// ends (EarlyOperandsEnabled).
 std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor& values, const torch::Tensor& gate,
                                           const torch::Tensor& weight, int64_t groups,
                                           double eps, bool norm_before_gate,

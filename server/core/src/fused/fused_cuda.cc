@@ -187,7 +187,10 @@ std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor& values, const tor
   args.gate_row_stride = gate_rows.size(0) > 1 ? gate_rows.stride(0) : width;
   args.weight = scale.data_ptr();
   args.output = output.data_ptr();
-  args.weight_early = weight_settled && scale.is_same(weight) && EarlyOperandsEnabled();
+  // Decode steps only (one token per row): a prefill's thousands of rows
+  // keep their blocks light instead.
+  args.weight_early = weight_settled && scale.is_same(weight) && values.dim() == 3 &&
+                      values.size(1) == 1 && EarlyOperandsEnabled();
   if (!Launched(LaunchGatedRmsNorm(args, CurrentStream(device)), "gated RMS norm kernel")) {
     return std::nullopt;
   }

@@ -77,8 +77,8 @@ struct GatedRmsNormLaunchArgs {
   int64_t gate_row_stride = 0;    // in elements
   const void* weight = nullptr;   // [I], element_type
   void* output = nullptr;         // [rows, I], element_type, contiguous
-  // The weight is loaded before waiting for the kernel ahead (a settled
-  // weight under ICD_EARLY_OPERANDS: fused.h).
+  // The weight is loaded before waiting for the kernel ahead (a decode
+  // step's settled weight under ICD_EARLY_OPERANDS: fused.h).
   bool weight_early = false;
 };
 

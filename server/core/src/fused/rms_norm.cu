@@ -180,7 +180,11 @@ struct alignas(4 * sizeof(Storage)) Quad {
 // weight read afterwards from L1/L2 (every row reads it), so that a
 // prefill's thousands of rows keep more blocks in flight. Where the row,
 // gate and weight are aligned for it (GatedQuadsAligned).
-template <class Element, int kQuads, bool kNormFirst>
+//
+// kEarlyWeight (a decode step's settled weight, ICD_EARLY_OPERANDS): the
+// weight is loaded before waiting for the kernel ahead and held through the
+// sum; a template flag, so the kernel without it keeps its registers.
+template <class Element, int kQuads, bool kNormFirst, bool kEarlyWeight>
 __global__ void __launch_bounds__(kThreads)
     GatedRmsNormQuadKernel(const GatedRmsNormLaunchArgs args) {
   using Storage = typename Element::Storage;
@@ -200,12 +204,12 @@ __global__ void __launch_bounds__(kThreads)
   const float inverse_width = 1.0f / static_cast<float>(group_width);
   // A settled weight (no kernel ahead writes it) is loaded before the wait;
   // else after the block's sum, from L1/L2.
-  StorageQuad weight_bits[kQuads];
-  if (args.weight_early) {
+  StorageQuad early_weight[kEarlyWeight ? kQuads : 1];
+  if constexpr (kEarlyWeight) {
 #pragma unroll
     for (int u = 0; u < kQuads; ++u) {
       const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
-      weight_bits[u] = i < quads ? weight[i] : StorageQuad{};
+      early_weight[u] = i < quads ? weight[i] : StorageQuad{};
     }
   }
   dependent_launch::WaitForPrerequisites();  // y and z come from them
@@ -247,11 +251,16 @@ __global__ void __launch_bounds__(kThreads)
   for (int u = 0; u < kQuads; ++u) {
     const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
     if (i >= quads) continue;
-    if (!args.weight_early) weight_bits[u] = weight[i];
+    StorageQuad weight_bits;
+    if constexpr (kEarlyWeight) {
+      weight_bits = early_weight[u];
+    } else {
+      weight_bits = weight[i];
+    }
     StorageQuad normed;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      float value = scanned[u][j] * scale * Element::ToFloat(weight_bits[u].values[j]);
+      float value = scanned[u][j] * scale * Element::ToFloat(weight_bits.values[j]);
       if constexpr (kNormFirst) value *= activated[u][j];
       normed.values[j] = Element::FromFloat(value);
     }
@@ -261,15 +270,22 @@ __global__ void __launch_bounds__(kThreads)
 
 std::atomic<int64_t> gated_early_launches{0};
 
+template <class Element, int kQuads, bool kEarlyWeight>
+cudaError_t LaunchGatedQuadsAs(const GatedRmsNormLaunchArgs& args, dim3 grid,
+                               cudaStream_t stream) {
+  if (args.norm_before_gate) {
+    return dependent_launch::LaunchDependent(
+        GatedRmsNormQuadKernel<Element, kQuads, true, kEarlyWeight>, grid, kThreads, stream, args);
+  }
+  return dependent_launch::LaunchDependent(
+      GatedRmsNormQuadKernel<Element, kQuads, false, kEarlyWeight>, grid, kThreads, stream, args);
+}
+
 template <class Element, int kQuads>
 cudaError_t LaunchGatedQuads(const GatedRmsNormLaunchArgs& args, dim3 grid, cudaStream_t stream) {
-  const cudaError_t status =
-      args.norm_before_gate
-          ? dependent_launch::LaunchDependent(GatedRmsNormQuadKernel<Element, kQuads, true>, grid,
-                                              kThreads, stream, args)
-          : dependent_launch::LaunchDependent(GatedRmsNormQuadKernel<Element, kQuads, false>,
-                                              grid, kThreads, stream, args);
-  if (args.weight_early && status == cudaSuccess) ++gated_early_launches;
+  if (!args.weight_early) return LaunchGatedQuadsAs<Element, kQuads, false>(args, grid, stream);
+  const cudaError_t status = LaunchGatedQuadsAs<Element, kQuads, true>(args, grid, stream);
+  if (status == cudaSuccess) ++gated_early_launches;
   return status;
 }
 

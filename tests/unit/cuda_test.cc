@@ -1960,13 +1960,14 @@ TEST(DecodeSessionTest, EarlyLoadsLeaveTheStepsBitForBit) {
   }
 }
 
-// ICD_EARLY_OPERANDS=1 (the gated norm's weight; the state steps' state, A,
+// Early operands (the gated norm's weight; the state steps' state, A,
 // D, and Mamba-1's dt_proj bias and weight, read before the kernel ahead
 // ends) changes no bit of a session's steps, in a graph or launched in
 // place (every step after the first reads early there), and is taken: by
 // the state step of every layer once A and D are the session's own, and by
-// Mamba-2's gated norm in decode steps (its weight the model's own). Off by
-// default: none taken. Bit equality checks the arithmetic, not timing.
+// Mamba-2's gated norm in decode steps (its weight the model's own). On by
+// default; ICD_EARLY_OPERANDS=0: none taken. Bit equality checks the
+// arithmetic, not timing.
 TEST(DecodeSessionTest, EarlyOperandsLeaveTheStepsBitForBit) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   ScopedLaunchSetting setting("ICD_EARLY_OPERANDS");
@@ -1989,17 +1990,16 @@ TEST(DecodeSessionTest, EarlyOperandsLeaveTheStepsBitForBit) {
          {decode::Execution::kCudaGraph, decode::Execution::kInPlace}) {
       const std::string what =
           c.name + (execution == decode::Execution::kCudaGraph ? " graph" : " in place");
-      early(nullptr);
+      early("0");
       const int64_t steps_before = state_steps();
       const int64_t norms_before = fused::GatedRmsNormEarlyLaunches();
       const torch::Tensor plain = SessionLogits(c.config, weights, ids, 5, execution);
-      EXPECT_EQ(state_steps(), steps_before) << what << ": off by default";
-      EXPECT_EQ(fused::GatedRmsNormEarlyLaunches(), norms_before) << what << ": off by default";
-      early("1");
+      EXPECT_EQ(state_steps(), steps_before) << what << ": none taken when off";
+      EXPECT_EQ(fused::GatedRmsNormEarlyLaunches(), norms_before) << what << ": none taken when off";
+      early(nullptr);  // the default
       const torch::Tensor loaded_early = SessionLogits(c.config, weights, ids, 5, execution);
       const int64_t steps = state_steps() - steps_before;
       const int64_t norms = fused::GatedRmsNormEarlyLaunches() - norms_before;
-      early("0");
       ASSERT_TRUE(plain.defined() && loaded_early.defined()) << what;
       EXPECT_TRUE(torch::equal(plain, loaded_early)) << what << ": rel " << RelL2(plain, loaded_early);
       // A graph: the captured step's, one a layer. In place: every step's

@@ -245,8 +245,10 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 //   ICD_FEW_ROWS_PREFETCH=N: loads of each lane prefetched before the
 //     previous kernel has finished (default kUnroll, the first iteration's;
 //     the whole row measured slower: deploy/results/h200-gpu-2026-12-02i).
-//   ICD_EARLY_OPERANDS=1: the same for other decode kernels' settled
-//     operands (fused.h's EarlyOperandsEnabled; off until measured).
+//   ICD_EARLY_OPERANDS=0: no early loads in the other decode kernels. By
+//     default they read their settled operands the same way (fused.h's
+//     EarlyOperandsEnabled; Mamba-2's step 5% faster on the H200, Mamba-1's
+//     unchanged: deploy/results/h200-gpu-2026-12-03g).
 //   ICD_FEW_ROWS_EARLY_LOADS=0: no early loads. By default a settled
 //     weight's first iteration of loads goes into registers before the
 //     previous kernel has finished, in place of those prefetches (a decode
@@ -257,7 +259,7 @@ struct Settings {
   std::atomic<int> blocks_per_multiprocessor{ICD_FEW_ROWS_LINEAR_BLOCKS_PER_SM};
   std::atomic<int> prefetches{kUnroll};
   std::atomic<bool> early_loads{true};
-  std::atomic<bool> early_operands{false};
+  std::atomic<bool> early_operands{true};
 };
 
 Settings& SettingsStore() {
@@ -279,7 +281,7 @@ Settings& CurrentSettings() {
       // Any number, as given: none or fewer than none prefetch nothing.
       settings.prefetches = number("ICD_FEW_ROWS_PREFETCH", kUnroll);
       settings.early_loads = number("ICD_FEW_ROWS_EARLY_LOADS", 1) != 0;
-      settings.early_operands = number("ICD_EARLY_OPERANDS", 0) == 1;
+      settings.early_operands = number("ICD_EARLY_OPERANDS", 1) != 0;
       settings.stale.store(false, std::memory_order_release);
     }
   }

@@ -96,10 +96,9 @@ void ReloadLaunchSettings();
 // CPU).
 int64_t FewRowsLinearEarlyLaunches();
 
-// ICD_EARLY_OPERANDS=1 (off until measured; re-read after
-// ReloadLaunchSettings): decode kernels other than the projections load
-// their settled operands before waiting for the kernel ahead: the gated
-// norm its weight, the state steps their state, A and D (and Mamba-1's
+// Unless ICD_EARLY_OPERANDS=0 (re-read after ReloadLaunchSettings), decode
+// kernels other than the projections load their settled operands before
+// waiting for the kernel ahead: the gated norm its weight, the state steps their state, A and D (and Mamba-1's
 // dt_proj bias and weight: scan::StateSpaceInputs and ScanInputs'
 // operands_settled). False on the CPU.
 bool EarlyOperandsEnabled();

@@ -7,6 +7,13 @@ busy time (union of kernel, memcpy and memset intervals), kernel launches and
 CUDA runtime calls; then tables per kernel name, per launching op, and of the
 host's CPU ops (self time), averaged per region instance.
 
+The critical path table is for kernels that overlap (a CUDA graph with
+programmatic dependent launch: a kernel starts before the one ahead ends and
+waits inside): kernels in order of their end, each is charged what it adds
+to the region, its end less the end of the kernel before it (an idle gap
+before it included), so that the charges sum to the kernels' span. Kernels of one
+name are told apart by their grid (a decode step's projections).
+
   trace_table.py TRACE.json --region NAME [--label TEXT] [--json OUT.json] [--md OUT.md]
 """
 import argparse
@@ -83,6 +90,7 @@ def analyse(path, region, label=None):
     by_op = collections.defaultdict(lambda: [0, 0.0])
     calls = collections.defaultdict(lambda: [0, 0.0])
     host_self = collections.defaultdict(float)
+    exposed = collections.defaultdict(lambda: [0, 0.0, 0.0])  # (name, grid) -> [count, us added, us run]
     for r in regions:
         lo, hi = r["ts"], r["ts"] + r["dur"]
         inside = [e for e in gpu if lo <= e["ts"] and e["ts"] + e["dur"] <= hi + 1.0]
@@ -96,6 +104,15 @@ def analyse(path, region, label=None):
             by_op[op][0] += 1
             by_op[op][1] += e["dur"]
             launches += e["cat"] == "kernel"
+        previous_end = None
+        for e in sorted((e for e in inside if e["cat"] == "kernel"), key=lambda e: e["ts"] + e["dur"]):
+            end = e["ts"] + e["dur"]
+            grid = "x".join(str(g) for g in e.get("args", {}).get("grid", []))
+            entry = exposed[(short(e["name"], 90), grid)]
+            entry[0] += 1
+            entry[1] += end - (e["ts"] if previous_end is None else previous_end)
+            entry[2] += e["dur"]
+            previous_end = end
         rt = [e for e in runtime if lo <= e["ts"] <= hi]
         for e in rt:
             calls[e["name"]][0] += 1
@@ -124,6 +141,10 @@ def analyse(path, region, label=None):
 
     summary["kernels"] = table(kernels, 40)
     summary["by_op"] = table(by_op, 30)
+    summary["critical_path"] = [
+        {"name": k[0], "grid": k[1], "per_instance": v[0] / n, "us_added_per_instance": v[1] / n,
+         "us_run_per_instance": v[2] / n}
+        for k, v in sorted(exposed.items(), key=lambda kv: -kv[1][1])[:30]]
     summary["runtime"] = [{"name": k, "per_instance": v[0] / n, "us_per_instance": v[1] / n}
                           for k, v in sorted(calls.items(), key=lambda kv: -kv[1][1])[:15]]
     summary["host_self"] = [{"name": k, "us_per_instance": v / n}
@@ -141,6 +162,12 @@ def markdown(s):
     for r in s["kernels"]:
         lines.append(f"| `{r['name']}` | {r['per_instance']:.0f} | {r['us_per_instance']:.1f} | "
                      f"{100 * r['share_of_gpu_busy']:.1f}% | {r['mean_us']:.1f} |")
+    lines += ["", "Critical path: kernels in order of their end, each charged its end less the end of the one "
+              "before it (what it adds when kernels overlap; an idle gap before it included).", "",
+              "| kernel | grid | launches | µs added per instance | µs run per instance |", "|---|---|---|---|---|"]
+    for r in s["critical_path"]:
+        lines.append(f"| `{r['name']}` | {r['grid']} | {r['per_instance']:.0f} | "
+                     f"{r['us_added_per_instance']:.1f} | {r['us_run_per_instance']:.1f} |")
     lines += ["", "| launching op | GPU ops | GPU µs per instance | share of GPU busy |", "|---|---|---|---|"]
     for r in s["by_op"]:
         lines.append(f"| `{r['name']}` | {r['per_instance']:.0f} | {r['us_per_instance']:.1f} | "

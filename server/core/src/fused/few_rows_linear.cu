@@ -205,6 +205,26 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
       sums[r] += __shfl_xor_sync(0xffffffffu, sums[r], offset);
     }
   }
+  // A deferred norm's scale per row: every warp that writes sums the same
+  // squares in the same order (lane strides, then the shuffle tree), so
+  // every feature of a row gets the same scale.
+  const bool scaled = args.row_scale_squares != nullptr;
+  float scales[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) scales[r] = 1.0f;
+  if (scaled && part == 0) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float* squares = args.row_scale_squares + r * args.row_scale_parts;
+      float total = 0.0f;
+      for (int64_t i = lane; i < args.row_scale_parts; i += 32) total += __ldg(squares + i);
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) {
+        total += __shfl_xor_sync(0xffffffffu, total, offset);
+      }
+      scales[r] = rsqrtf(total * args.row_scale_mean + args.row_scale_eps);
+    }
+  }
   if (split > 1) {
     __shared__ float partial[kWarps][kRows];
     if (lane == 0) {
@@ -231,7 +251,7 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
       args.conv_output != nullptr && conv_channel >= 0 && conv_channel < args.conv_channels;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    const Storage value = Element::FromFloat(sums[r] + bias);
+    const Storage value = Element::FromFloat((scaled ? sums[r] * scales[r] : sums[r]) + bias);
     output[r * args.out_features + feature] = value;
     if (conv) ConvStep<Element>(args, r, conv_channel, value);
   }
@@ -249,6 +269,9 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 //     default they read their settled operands the same way (fused.h's
 //     EarlyOperandsEnabled; Mamba-2's step 5% faster on the H200, Mamba-1's
 //     unchanged: deploy/results/h200-gpu-2026-12-03g).
+//   ICD_DEFERRED_NORM=0: Mamba-2's decode step runs its gated norm as a
+//     kernel of its own; by default the state step applies all of it but
+//     the scale, which out_proj applies (fused.h's DeferredNormEnabled).
 //   ICD_FEW_ROWS_EARLY_LOADS=0: no early loads. By default a settled
 //     weight's first iteration of loads goes into registers before the
 //     previous kernel has finished, in place of those prefetches (a decode
@@ -260,6 +283,7 @@ struct Settings {
   std::atomic<int> prefetches{kUnroll};
   std::atomic<bool> early_loads{true};
   std::atomic<bool> early_operands{true};
+  std::atomic<bool> deferred_norm{true};
 };
 
 Settings& SettingsStore() {
@@ -282,6 +306,7 @@ Settings& CurrentSettings() {
       settings.prefetches = number("ICD_FEW_ROWS_PREFETCH", kUnroll);
       settings.early_loads = number("ICD_FEW_ROWS_EARLY_LOADS", 1) != 0;
       settings.early_operands = number("ICD_EARLY_OPERANDS", 1) != 0;
+      settings.deferred_norm = number("ICD_DEFERRED_NORM", 1) != 0;
       settings.stale.store(false, std::memory_order_release);
     }
   }
@@ -354,6 +379,8 @@ int64_t FewRowsLinearEarlyLaunches() { return early_launches.load(); }
 
 bool EarlyOperandsEnabled() { return CurrentSettings().early_operands.load(); }
 
+bool DeferredNormEnabled() { return CurrentSettings().deferred_norm.load(); }
+
 void ReloadFewRowsLinearSettings() {
   Settings& settings = SettingsStore();
   // Under the lock: a read in progress finishes first, and cannot clear
@@ -373,6 +400,7 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream) {
       !Aligned(args.input) || !Aligned(args.weight)) {
     return invalid;
   }
+  if (args.row_scale_squares != nullptr && args.row_scale_parts < 1) return invalid;
   if (args.conv_output != nullptr &&
       (args.conv_channels < 1 || args.conv_offset < 0 ||
        args.conv_offset + args.conv_channels > args.out_features || args.conv_width < 1 ||

@@ -415,11 +415,12 @@ StateSpaceInputs Widened(const StateSpaceInputs& inputs, torch::ScalarType accum
 
 #ifndef ICD_HAVE_CUDA_SCAN
 std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs&, torch::Tensor*, bool,
-                                                StateSpaceForm) {
+                                                StateSpaceForm, StepGatedNorm*) {
   return std::nullopt;
 }
 
 int64_t StateSpaceStepEarlyLaunches() { return 0; }
+int64_t StateSpaceStepGatedNormLaunches() { return 0; }
 #endif  // ICD_HAVE_CUDA_SCAN
 
 }  // namespace icd::scan

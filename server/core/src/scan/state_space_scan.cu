@@ -334,7 +334,12 @@ int LaunchStateSpaceScan(const StateSpaceScanLaunchArgs& args, void* stream) {
       args.output == nullptr || sources != 1) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  switch (StateSpaceFormFor(args)) {
+  const StateSpaceForm form = StateSpaceFormFor(args);
+  // Only the step form takes the gated norm in.
+  if (args.norm_output != nullptr && form != StateSpaceForm::kStep) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  switch (form) {
     case StateSpaceForm::kChunked: return LaunchStateSpaceChunked(args, stream);
     case StateSpaceForm::kStep: return LaunchStateSpaceStep(args, stream);
     default: break;

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <mutex>
 
+#include "fused/block_sum.cuh"
 #include "fused/fused_launch.h"
 #include "scan/dependent_launch.cuh"
 #include "scan/element_types.cuh"
@@ -94,8 +95,19 @@ __device__ __forceinline__ void PrefetchL2(const void* address) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
 }
 
+// One float from global to shared memory without a register (cp.async):
+// in flight until cp.async.wait_group.
+__device__ __forceinline__ void CopyToShared(float* shared, const float* global) {
+  const auto address = static_cast<unsigned int>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(address), "l"(global) : "memory");
+}
+
 // Loads of a lane in flight together.
 constexpr int kUnroll = ICD_FEW_ROWS_LINEAR_UNROLL;
+
+// A deferred norm's partial squares a thread loads before the weights (a
+// row of up to kHeldSquares · kThreads: Mamba-2's 1280 for d_inner 5120).
+constexpr int kHeldSquares = 8;
 
 // One causal conv step of `channel` in `row` whose newest input is `input`
 // (the linear's rounded output): bias first, then the taps oldest to newest,
@@ -180,6 +192,19 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
   }
   dependent_launch::WaitForPrerequisites();  // x comes from them
   dependent_launch::AllowDependents();
+  // A deferred norm's squares (row_scale_squares) come from the kernel
+  // ahead too. One row's few are copied to shared memory now, as the
+  // weights stream (cp.async: no registers held), and summed after them.
+  const bool scaled = args.row_scale_squares != nullptr;
+  const bool squares_held =
+      scaled && kRows == 1 && args.row_scale_parts <= kHeldSquares * kThreads;
+  __shared__ float held_squares[kHeldSquares * kThreads];
+  if (squares_held) {
+    for (int64_t i = threadIdx.x; i < args.row_scale_parts; i += kThreads) {
+      CopyToShared(&held_squares[i], args.row_scale_squares + i);
+    }
+    asm volatile("cp.async.commit_group;");
+  }
   for (int64_t first = lane_first; real && first < in_features; first += kUnroll * stride) {
     if (!early || first != lane_first) load(first);
 #pragma unroll
@@ -205,24 +230,30 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
       sums[r] += __shfl_xor_sync(0xffffffffu, sums[r], offset);
     }
   }
-  // A deferred norm's scale per row: every warp that writes sums the same
-  // squares in the same order (lane strides, then the shuffle tree), so
-  // every feature of a row gets the same scale.
-  const bool scaled = args.row_scale_squares != nullptr;
+  // A deferred norm's scale per row: every block sums the same squares in
+  // the same order (each thread its stride, then BlockSum's), so every
+  // feature of a row gets the same scale. `scaled` is the launch's: every
+  // thread reaches the barriers.
   float scales[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) scales[r] = 1.0f;
-  if (scaled && part == 0) {
+  if (scaled) {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      const float* squares = args.row_scale_squares + r * args.row_scale_parts;
-      float total = 0.0f;
-      for (int64_t i = lane; i < args.row_scale_parts; i += 32) total += __ldg(squares + i);
-#pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) {
-        total += __shfl_xor_sync(0xffffffffu, total, offset);
+      float mine = 0.0f;
+      if (squares_held) {
+        asm volatile("cp.async.wait_group 0;" ::: "memory");  // this thread's own copies: no barrier
+        for (int64_t i = threadIdx.x; i < args.row_scale_parts; i += kThreads) {
+          mine += held_squares[i];
+        }
+      } else {
+        const float* squares = args.row_scale_squares + r * args.row_scale_parts;
+        for (int64_t i = threadIdx.x; i < args.row_scale_parts; i += kThreads) {
+          mine += __ldg(squares + i);
+        }
       }
-      scales[r] = rsqrtf(total * args.row_scale_mean + args.row_scale_eps);
+      scales[r] = rsqrtf(BlockSum<kThreads>(mine) * args.row_scale_mean + args.row_scale_eps);
+      __syncthreads();  // BlockSum's shared sums, reused by the next row
     }
   }
   if (split > 1) {

@@ -82,19 +82,11 @@ bool HasDtLimit(const ModelConfig& config) {
 // [B, L, I] in compute; returns [B, L, I] in compute. HF
 // (grouped_gated_norm=false) normalises over the whole d_inner; mamba_ssm
 // over each group of d_inner/ngroups channels. One kernel on CUDA.
-int64_t GatedNormGroups(const ModelConfig& config) {
-  return config.grouped_gated_norm ? config.ngroups : 1;
-}
-
-double GatedNormEps(const ModelConfig& config) {
-  return config.gated_norm_eps > 0 ? config.gated_norm_eps : config.norm_eps;
-}
-
 torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
                         const Precision& precision, const torch::Tensor& scan_output,
                         const torch::Tensor& gate) {
-  const int64_t groups = GatedNormGroups(config);
-  const double eps = GatedNormEps(config);
+  const int64_t groups = config.grouped_gated_norm ? config.ngroups : 1;
+  const double eps = config.gated_norm_eps > 0 ? config.gated_norm_eps : config.norm_eps;
   if (config.gated_norm) {
     std::optional<torch::Tensor> fused = fused::GatedRmsNorm(
         scan_output, gate, view.norm_w, groups, eps, config.norm_before_gate, view.norm_settled);
@@ -131,13 +123,9 @@ constexpr int64_t kScanChunksPerCheck = 16;
 // native loop; elsewhere a decode step (one token) as the recurrence,
 // anything longer in the chunked form; in slices of time that carry S from
 // one to the next and check ctx between them.
-// `gated_norm` (optional): for the CUDA step kernel to take in
-// (scan::StepGatedNorm; its outputs say whether it did).
 torch::Tensor Scan(const scan::StateSpaceInputs& given, torch::ScalarType accumulate,
-                   torch::Tensor* state, bool in_place, const CallContext& ctx, int64_t layer,
-                   scan::StepGatedNorm* gated_norm) {
-  if (std::optional<torch::Tensor> output = scan::StateSpaceScanCuda(
-          given, state, in_place, scan::StateSpaceForm::kAuto, gated_norm)) {
+                   torch::Tensor* state, bool in_place, const CallContext& ctx, int64_t layer) {
+  if (std::optional<torch::Tensor> output = scan::StateSpaceScanCuda(given, state, in_place)) {
     return *std::move(output);
   }
   const scan::StateSpaceInputs inputs = scan::Widened(given, accumulate);
@@ -271,37 +259,16 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
     scan_inputs.a_log = view.a_log;  // [H]
     scan_inputs.skip = view.d_skip;  // [H] or [I]
   }
-  // 6 (a decode step on CUDA). The gated RMSNorm in the state step but its
-  // scale, which out_proj applies: a kernel less per layer (fused.h's
-  // DeferredNormEnabled). Not where a capture wants the normed values.
-  const std::string headdim_group = LayerGroupName(layer, "headdim");
-  const std::string heads_group = LayerGroupName(layer, "heads");
-  scan::StepGatedNorm deferred;
-  const bool defer_norm = in_place && seq_len == 1 && config.gated_norm &&
-                          GatedNormGroups(config) == 1 && view.norm_w.defined() &&
-                          fused::DeferredNormEnabled() && !capture.Wants(headdim_group) &&
-                          !capture.Wants(heads_group);
-  if (defer_norm) {
-    deferred.gate = gate;
-    deferred.weight = view.norm_w;
-    deferred.norm_before_gate = config.norm_before_gate;
-  }
   torch::Tensor scan_output =
       Scan(scan_inputs, wide, state != nullptr ? &state->ssm_state : nullptr, in_place, ctx,
-           layer, defer_norm ? &deferred : nullptr)
+           layer)
           .reshape({batch, seq_len, inner});  // [B, L, I]
-  if (deferred.unscaled.defined()) {
-    const fused::DeferredNormScale scale{deferred.squares, inner, GatedNormEps(config)};
-    std::optional<torch::Tensor> output = fused::FewRowsLinear(
-        deferred.unscaled, view.out_proj_w, view.out_proj_b, view.out_proj_settled, &scale);
-    if (output.has_value()) return *std::move(output);  // [B, 1, d_model]
-    // Declined: y is written as well, and the norm runs below.
-  }
 
   // 6. Gated RMSNorm (or the bare gate).
   torch::Tensor gated = GatedNorm(config, view, precision, scan_output, gate);
 
-  capture.Add(headdim_group, gated);
+  capture.Add(LayerGroupName(layer, "headdim"), gated);
+  const std::string heads_group = LayerGroupName(layer, "heads");
   if (capture.Wants(heads_group)) {
     // One magnitude per head: invariant under the head's own headdim
     // permutation, so it follows only the head map.

@@ -13,7 +13,6 @@
 #include <cstdlib>
 #include <mutex>
 
-#include "fused/block_sum.cuh"
 #include "fused/fused_launch.h"
 #include "scan/dependent_launch.cuh"
 #include "scan/element_types.cuh"
@@ -95,19 +94,8 @@ __device__ __forceinline__ void PrefetchL2(const void* address) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
 }
 
-// One float from global to shared memory without a register (cp.async):
-// in flight until cp.async.wait_group.
-__device__ __forceinline__ void CopyToShared(float* shared, const float* global) {
-  const auto address = static_cast<unsigned int>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(address), "l"(global) : "memory");
-}
-
 // Loads of a lane in flight together.
 constexpr int kUnroll = ICD_FEW_ROWS_LINEAR_UNROLL;
-
-// A deferred norm's partial squares a thread loads before the weights (a
-// row of up to kHeldSquares · kThreads: Mamba-2's 1280 for d_inner 5120).
-constexpr int kHeldSquares = 8;
 
 // One causal conv step of `channel` in `row` whose newest input is `input`
 // (the linear's rounded output): bias first, then the taps oldest to newest,
@@ -192,19 +180,6 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
   }
   dependent_launch::WaitForPrerequisites();  // x comes from them
   dependent_launch::AllowDependents();
-  // A deferred norm's squares (row_scale_squares) come from the kernel
-  // ahead too. One row's few are copied to shared memory now, as the
-  // weights stream (cp.async: no registers held), and summed after them.
-  const bool scaled = args.row_scale_squares != nullptr;
-  const bool squares_held =
-      scaled && kRows == 1 && args.row_scale_parts <= kHeldSquares * kThreads;
-  __shared__ float held_squares[kHeldSquares * kThreads];
-  if (squares_held) {
-    for (int64_t i = threadIdx.x; i < args.row_scale_parts; i += kThreads) {
-      CopyToShared(&held_squares[i], args.row_scale_squares + i);
-    }
-    asm volatile("cp.async.commit_group;");
-  }
   for (int64_t first = lane_first; real && first < in_features; first += kUnroll * stride) {
     if (!early || first != lane_first) load(first);
 #pragma unroll
@@ -228,32 +203,6 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) {
       sums[r] += __shfl_xor_sync(0xffffffffu, sums[r], offset);
-    }
-  }
-  // A deferred norm's scale per row: every block sums the same squares in
-  // the same order (each thread its stride, then BlockSum's), so every
-  // feature of a row gets the same scale. `scaled` is the launch's: every
-  // thread reaches the barriers.
-  float scales[kRows];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) scales[r] = 1.0f;
-  if (scaled) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      float mine = 0.0f;
-      if (squares_held) {
-        asm volatile("cp.async.wait_group 0;" ::: "memory");  // this thread's own copies: no barrier
-        for (int64_t i = threadIdx.x; i < args.row_scale_parts; i += kThreads) {
-          mine += held_squares[i];
-        }
-      } else {
-        const float* squares = args.row_scale_squares + r * args.row_scale_parts;
-        for (int64_t i = threadIdx.x; i < args.row_scale_parts; i += kThreads) {
-          mine += __ldg(squares + i);
-        }
-      }
-      scales[r] = rsqrtf(BlockSum<kThreads>(mine) * args.row_scale_mean + args.row_scale_eps);
-      __syncthreads();  // BlockSum's shared sums, reused by the next row
     }
   }
   if (split > 1) {
@@ -282,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
       args.conv_output != nullptr && conv_channel >= 0 && conv_channel < args.conv_channels;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    const Storage value = Element::FromFloat((scaled ? sums[r] * scales[r] : sums[r]) + bias);
+    const Storage value = Element::FromFloat(sums[r] + bias);
     output[r * args.out_features + feature] = value;
     if (conv) ConvStep<Element>(args, r, conv_channel, value);
   }
@@ -300,9 +249,6 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 //     default they read their settled operands the same way (fused.h's
 //     EarlyOperandsEnabled; Mamba-2's step 5% faster on the H200, Mamba-1's
 //     unchanged: deploy/results/h200-gpu-2026-12-03g).
-//   ICD_DEFERRED_NORM=0: Mamba-2's decode step runs its gated norm as a
-//     kernel of its own; by default the state step applies all of it but
-//     the scale, which out_proj applies (fused.h's DeferredNormEnabled).
 //   ICD_FEW_ROWS_EARLY_LOADS=0: no early loads. By default a settled
 //     weight's first iteration of loads goes into registers before the
 //     previous kernel has finished, in place of those prefetches (a decode
@@ -314,7 +260,6 @@ struct Settings {
   std::atomic<int> prefetches{kUnroll};
   std::atomic<bool> early_loads{true};
   std::atomic<bool> early_operands{true};
-  std::atomic<bool> deferred_norm{true};
 };
 
 Settings& SettingsStore() {
@@ -337,7 +282,6 @@ Settings& CurrentSettings() {
       settings.prefetches = number("ICD_FEW_ROWS_PREFETCH", kUnroll);
       settings.early_loads = number("ICD_FEW_ROWS_EARLY_LOADS", 1) != 0;
       settings.early_operands = number("ICD_EARLY_OPERANDS", 1) != 0;
-      settings.deferred_norm = number("ICD_DEFERRED_NORM", 1) != 0;
       settings.stale.store(false, std::memory_order_release);
     }
   }
@@ -410,8 +354,6 @@ int64_t FewRowsLinearEarlyLaunches() { return early_launches.load(); }
 
 bool EarlyOperandsEnabled() { return CurrentSettings().early_operands.load(); }
 
-bool DeferredNormEnabled() { return CurrentSettings().deferred_norm.load(); }
-
 void ReloadFewRowsLinearSettings() {
   Settings& settings = SettingsStore();
   // Under the lock: a read in progress finishes first, and cannot clear
@@ -431,7 +373,6 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream) {
       !Aligned(args.input) || !Aligned(args.weight)) {
     return invalid;
   }
-  if (args.row_scale_squares != nullptr && args.row_scale_parts < 1) return invalid;
   if (args.conv_output != nullptr &&
       (args.conv_channels < 1 || args.conv_offset < 0 ||
        args.conv_offset + args.conv_channels > args.out_features || args.conv_width < 1 ||

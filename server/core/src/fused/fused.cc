@@ -22,8 +22,7 @@ std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor&, const torch::Ten
 }
 
 std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor&, const torch::Tensor&,
-                                           const torch::Tensor&, bool,
-                                           const DeferredNormScale*) {
+                                           const torch::Tensor&, bool) {
   return std::nullopt;
 }
 
@@ -38,7 +37,6 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
 void ReloadLaunchSettings() {}
 int64_t FewRowsLinearEarlyLaunches() { return 0; }
 bool EarlyOperandsEnabled() { return false; }
-bool DeferredNormEnabled() { return false; }
 int64_t GatedRmsNormEarlyLaunches() { return 0; }
 #endif  // ICD_HAVE_CUDA_FUSED
 

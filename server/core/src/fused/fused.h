@@ -64,22 +64,10 @@ std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor& values, const tor
 // summation order). `weight_settled`: the weight is a model's own tensor,
 // not one a kernel just made (a dtype conversion, a scaled copy), so that
 // a decode step may load it before the kernel ahead of it ends.
-//
-// `scale` (optional): an RMS norm whose scale was deferred to this product
-// (the input carries its other factors): each row's products are multiplied
-// by rsqrt(sum of squares / width + eps) before the bias, squares [rows,
-// parts] in float32 holding the partial sums of the row's squares.
-struct DeferredNormScale {
-  torch::Tensor squares;  // [rows, parts], float32, contiguous
-  int64_t width = 0;      // the norm's width
-  double eps = 0.0;
-};
-
 std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
                                            const torch::Tensor& weight,
                                            const torch::Tensor& bias,
-                                           bool weight_settled = false,
-                                           const DeferredNormScale* scale = nullptr);
+                                           bool weight_settled = false);
 
 struct LinearConvStepResult {
   torch::Tensor projected;  // FewRowsLinear's output [B, 1, N]
@@ -114,12 +102,6 @@ int64_t FewRowsLinearEarlyLaunches();
 // dt_proj bias and weight: scan::StateSpaceInputs and ScanInputs'
 // operands_settled). False on the CPU.
 bool EarlyOperandsEnabled();
-
-// Unless ICD_DEFERRED_NORM=0 (re-read after ReloadLaunchSettings), a
-// Mamba-2 decode step takes its gated norm into the state step, all of it
-// but the scale, which out_proj applies (DeferredNormScale): a kernel less
-// per layer. False on the CPU.
-bool DeferredNormEnabled();
 
 // Tests: how many gated-norm launches in this process loaded their weight
 // early (none on the CPU).

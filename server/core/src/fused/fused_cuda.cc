@@ -213,7 +213,7 @@ struct ConvStepOperands {
 // before anything is written.
 std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
     const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
-    const ConvStepOperands* conv, bool weight_settled, const DeferredNormScale* scale) {
+    const ConvStepOperands* conv, bool weight_settled) {
   if (!input.defined() || !input.is_cuda() || input.dim() < 1 || !weight.defined() ||
       weight.dim() != 2 || !weight.is_contiguous()) {
     return std::nullopt;
@@ -237,12 +237,6 @@ std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
   const torch::Tensor rows = input.stride(-1) == 1 ? input.reshape({-1, in_features})
                                                    : input.contiguous().view({-1, in_features});
   if (rows.stride(1) != 1) return std::nullopt;
-  if (scale != nullptr &&
-      (!OnDeviceAs(scale->squares, device, torch::kFloat32) || scale->squares.dim() != 2 ||
-       !scale->squares.is_contiguous() || scale->squares.size(0) != rows.size(0) ||
-       scale->squares.size(1) < 1 || scale->width < 1)) {
-    return std::nullopt;
-  }
   torch::Tensor taps;         // [C, 1, K]
   torch::Tensor conv_bias;    // [C]
   torch::Tensor conv_output;  // [B, 1, C]
@@ -283,12 +277,6 @@ std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
   args.weight_settled = weight_settled;
   args.bias = bias_values.defined() ? bias_values.data_ptr() : nullptr;
   args.output = output.data_ptr();
-  if (scale != nullptr) {
-    args.row_scale_squares = scale->squares.data_ptr<float>();
-    args.row_scale_parts = scale->squares.size(1);
-    args.row_scale_mean = 1.0f / static_cast<float>(scale->width);
-    args.row_scale_eps = static_cast<float>(scale->eps);
-  }
   if (conv != nullptr) {
     conv_output = torch::empty({input.size(0), 1, taps.size(0)}, input.options());
     args.conv_offset = conv->offset;
@@ -313,9 +301,8 @@ std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
 
 std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
                                            const torch::Tensor& weight,
-                                           const torch::Tensor& bias, bool weight_settled,
-                                           const DeferredNormScale* scale) {
-  auto result = FewRowsLinearLaunch(input, weight, bias, nullptr, weight_settled, scale);
+                                           const torch::Tensor& bias, bool weight_settled) {
+  auto result = FewRowsLinearLaunch(input, weight, bias, nullptr, weight_settled);
   if (!result.has_value()) return std::nullopt;
   return std::move(result->first);
 }
@@ -326,7 +313,7 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     int64_t conv_offset, bool weight_settled) {
   if (history == nullptr) return std::nullopt;
   const ConvStepOperands conv{&conv_weight, &conv_bias, history, conv_offset};
-  auto result = FewRowsLinearLaunch(input, weight, bias, &conv, weight_settled, nullptr);
+  auto result = FewRowsLinearLaunch(input, weight, bias, &conv, weight_settled);
   if (!result.has_value()) return std::nullopt;
   return LinearConvStepResult{std::move(result->first), std::move(result->second)};
 }

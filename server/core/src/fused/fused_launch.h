@@ -116,15 +116,6 @@ struct FewRowsLinearLaunchArgs {
   const void* conv_bias = nullptr;    // [C]; null: none
   void* conv_history = nullptr;       // [rows, C, K-1], read and written
   void* conv_output = nullptr;        // silu(conv) [rows, C], contiguous
-  // Optional, when row_scale_squares is set: an RMS norm's scale deferred to
-  // this kernel (the input carries the norm's other factors: Mamba-2's
-  // decode step, state_space_scan_launch.h's norm_squares). Each row's dot
-  // products are multiplied by rsqrt(sum of its squares · row_scale_mean +
-  // row_scale_eps) before the bias; the squares are summed in a fixed order.
-  const float* row_scale_squares = nullptr;  // [rows, row_scale_parts]: partial sums
-  int64_t row_scale_parts = 0;
-  float row_scale_mean = 0.0f;  // 1 / the norm's width
-  float row_scale_eps = 0.0f;
 };
 
 // Enqueue on `stream` (a cudaStream_t) of the current device. Return 0

@@ -415,12 +415,11 @@ StateSpaceInputs Widened(const StateSpaceInputs& inputs, torch::ScalarType accum
 
 #ifndef ICD_HAVE_CUDA_SCAN
 std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs&, torch::Tensor*, bool,
-                                                StateSpaceForm, StepGatedNorm*) {
+                                                StateSpaceForm) {
   return std::nullopt;
 }
 
 int64_t StateSpaceStepEarlyLaunches() { return 0; }
-int64_t StateSpaceStepGatedNormLaunches() { return 0; }
 #endif  // ICD_HAVE_CUDA_SCAN
 
 }  // namespace icd::scan

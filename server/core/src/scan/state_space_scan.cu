@@ -334,12 +334,7 @@ int LaunchStateSpaceScan(const StateSpaceScanLaunchArgs& args, void* stream) {
       args.output == nullptr || sources != 1) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  const StateSpaceForm form = StateSpaceFormFor(args);
-  // Only the step form takes the gated norm in.
-  if (args.norm_output != nullptr && form != StateSpaceForm::kStep) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  switch (form) {
+  switch (StateSpaceFormFor(args)) {
     case StateSpaceForm::kChunked: return LaunchStateSpaceChunked(args, stream);
     case StateSpaceForm::kStep: return LaunchStateSpaceStep(args, stream);
     default: break;

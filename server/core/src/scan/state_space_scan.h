@@ -74,21 +74,6 @@ torch::Tensor StateSpaceScanChunked(const StateSpaceInputs& inputs, int64_t chun
 std::optional<torch::Tensor> StateSpaceScanLoop(const StateSpaceInputs& inputs,
                                                 torch::Tensor* state = nullptr);
 
-// A decode step's gated RMS norm over all H·P channels of a row (Mamba-2's
-// with one norm group), taken into the step kernel but its scale, which the
-// next projection applies (fused::DeferredNormScale): to_norm = y
-// (norm_before_gate) or y·silu(z); `unscaled` = to_norm · weight (· silu(z)
-// when norm_before_gate), rounded once to the compute dtype; `squares` the
-// partial sums of to_norm² (sum them for the row's). The caller sets the
-// first three; StateSpaceScanCuda sets the last two where it took them.
-struct StepGatedNorm {
-  torch::Tensor gate;    // z [B, 1, H·P], compute dtype, last axis contiguous
-  torch::Tensor weight;  // [H·P], compute dtype
-  bool norm_before_gate = false;
-  torch::Tensor unscaled;  // [B, 1, H·P], compute dtype
-  torch::Tensor squares;   // [B, parts], float32
-};
-
 // icd's CUDA kernels: the recurrence with each thread's states in
 // registers (state_space_scan.cu), and for bfloat16 the chunked form on
 // tensor cores (state_space_chunked.cu), which `form` kAuto picks for
@@ -98,18 +83,11 @@ struct StepGatedNorm {
 // step) a contiguous float32 *state is written over instead of replaced.
 // nullopt where it does not take the inputs (CPU tensors, float64, N above
 // 128, kChunked for other dtypes than bfloat16, a build without CUDA or for
-// other GPUs), before anything is written. `gated_norm` (optional): taken
-// by the step form where its operands suit the kernel (y is returned as
-// well); left without outputs otherwise.
+// other GPUs), before anything is written.
 std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
                                                 torch::Tensor* state = nullptr,
                                                 bool in_place = false,
-                                                StateSpaceForm form = StateSpaceForm::kAuto,
-                                                StepGatedNorm* gated_norm = nullptr);
-
-// Tests: how many step-kernel launches in this process took a gated norm
-// in; none without CUDA.
-int64_t StateSpaceStepGatedNormLaunches();
+                                                StateSpaceForm form = StateSpaceForm::kAuto);
 
 // Tests: how many step-kernel launches in this process read their settled
 // operands early (operands_settled); none without CUDA.

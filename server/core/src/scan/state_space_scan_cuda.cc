@@ -4,7 +4,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <atomic>
 #include <optional>
 #include <vector>
 
@@ -30,13 +29,11 @@ bool InnerContiguous(const torch::Tensor& tensor) {
   return true;
 }
 
-std::atomic<int64_t> gated_norm_launches{0};
-
 }  // namespace
 
 std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
                                                 torch::Tensor* state, bool in_place,
-                                                StateSpaceForm form, StepGatedNorm* gated_norm) {
+                                                StateSpaceForm form) {
   const torch::Tensor& hidden = inputs.hidden;  // [B, L, H, P]
   if (!hidden.defined() || !hidden.is_cuda() || hidden.dim() != 4) return std::nullopt;
   const torch::Device device = hidden.device();
@@ -161,28 +158,6 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
   if (form == StateSpaceForm::kChunked && StateSpaceFormFor(args) != StateSpaceForm::kChunked) {
     return std::nullopt;
   }
-  // The gated norm, where the step form runs and its operands suit it.
-  torch::Tensor norm_output;   // [B, 1, H·P]
-  torch::Tensor norm_squares;  // [B, parts]
-  torch::Tensor norm_weight;
-  const int64_t channels = heads * head_dim;
-  const int64_t rows_per_block = StateSpaceStepRowsPerBlock(state_size);
-  if (gated_norm != nullptr && StateSpaceFormFor(args) == StateSpaceForm::kStep &&
-      channels % rows_per_block == 0 && On(gated_norm->gate, device) &&
-      gated_norm->gate.scalar_type() == compute &&
-      gated_norm->gate.sizes() == torch::IntArrayRef({batch, 1, channels}) &&
-      gated_norm->gate.stride(2) == 1 && On(gated_norm->weight, device) &&
-      gated_norm->weight.scalar_type() == compute && gated_norm->weight.numel() == channels) {
-    norm_weight = gated_norm->weight.contiguous();
-    norm_output = torch::empty({batch, 1, channels}, hidden.options());
-    norm_squares = torch::empty({batch, channels / rows_per_block}, wide);
-    args.norm_gate = gated_norm->gate.data_ptr();
-    args.norm_gate_row_stride = gated_norm->gate.stride(0);
-    args.norm_weight = norm_weight.data_ptr();
-    args.norm_before_gate = gated_norm->norm_before_gate;
-    args.norm_output = norm_output.data_ptr();
-    args.norm_squares = norm_squares.data_ptr<float>();
-  }
   torch::Tensor workspace;  // the chunked form's chunk states and decays
   if (const int64_t floats = StateSpaceWorkspaceFloats(args); floats > 0) {
     workspace = torch::empty({floats}, wide);
@@ -196,16 +171,9 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
   }
   TORCH_CHECK(status == 0, "state-space scan kernel: ", ScanLaunchErrorString(status));
   if (state != nullptr) *state = state_out;
-  if (norm_output.defined()) {
-    gated_norm->unscaled = norm_output;
-    gated_norm->squares = norm_squares;
-    ++gated_norm_launches;
-  }
   return output;
 }
 
 int64_t StateSpaceStepEarlyLaunches() { return StateSpaceStepEarlyLaunchCount(); }
-
-int64_t StateSpaceStepGatedNormLaunches() { return gated_norm_launches.load(); }
 
 }  // namespace icd::scan

@@ -71,24 +71,7 @@ struct StateSpaceScanLaunchArgs {
   // The step form reads state_in, A and D before waiting for the kernel
   // ahead (StateSpaceInputs::operands_settled).
   bool operands_early = false;
-  // The step form only, when norm_output is set: Mamba-2's gated RMS norm
-  // over all H·P channels of a row, its scale deferred to the next kernel
-  // (fused_launch.h's row scale). to_norm = y (norm_before_gate) or
-  // y·silu(z); norm_output = to_norm · weight (· silu(z) when
-  // norm_before_gate), in float32 as the gated norm kernel, rounded once;
-  // norm_squares[b] = the sum of to_norm² over block b's rows, in a fixed
-  // order (StateSpaceStepRowsPerBlock rows each; they must divide H·P).
-  const void* norm_gate = nullptr;    // z [B, H·P], element_type, rows norm_gate_row_stride apart
-  int64_t norm_gate_row_stride = 0;   // in elements
-  const void* norm_weight = nullptr;  // [H·P], element_type
-  bool norm_before_gate = false;
-  void* norm_output = nullptr;        // [B, H·P], element_type
-  float* norm_squares = nullptr;      // [B, H·P / StateSpaceStepRowsPerBlock]
 };
-
-// Rows (channels of a batch row) a step-form block takes for state size N:
-// norm_squares holds one sum per block.
-int64_t StateSpaceStepRowsPerBlock(int64_t state_size);
 
 // How many step-form launches in this process had operands_early.
 int64_t StateSpaceStepEarlyLaunchCount();

@@ -84,19 +84,8 @@ __global__ void __launch_bounds__(kStepThreads) StateSpaceStepKernel(const State
     b_values[k] = state_real ? Element::ToFloat(__ldg(b_proj + n)) : 0.0f;
     c_values[k] = state_real ? Element::ToFloat(__ldg(c_proj + n)) : 0.0f;
   }
-  const int64_t channel = head * head_dim + p;
   const float x = Element::ToFloat(static_cast<const Storage*>(
-      args.hidden.data)[batch * args.hidden.batch_stride + channel]);
-  // The gated norm's operands (norm_output), with the others: z comes from
-  // in_proj, before the kernel ahead.
-  const bool norm = args.norm_output != nullptr;
-  float gate = 0.0f;
-  float norm_weight = 0.0f;
-  if (norm) {
-    gate = Element::ToFloat(
-        static_cast<const Storage*>(args.norm_gate)[batch * args.norm_gate_row_stride + channel]);
-    norm_weight = Element::ToFloat(static_cast<const Storage*>(args.norm_weight)[channel]);
-  }
+      args.hidden.data)[batch * args.hidden.batch_stride + head * head_dim + p]);
   const float delta = DeltaAt<Element>(args, batch, 0, head);
   const float decay = expf(delta * rate);
   const float drive = delta * x;
@@ -110,33 +99,10 @@ __global__ void __launch_bounds__(kStepThreads) StateSpaceStepKernel(const State
     if (real && state_out != nullptr && n < state_size) state_out[n] = state;
   }
   sum = LaneGroupSum<kLanes>(sum);
+  if (!real || lane != 0) return;
   float y = sum;
   if (args.skip.data != nullptr) y = fmaf(skip, x, y);
-  if (real && lane == 0) args.output[batch * heads * head_dim + channel] = y;  // y [B, 1, H·P]
-  if (!norm) return;  // the same for every thread of the launch
-  // The gated norm's part of this row (rms_norm.cu's arithmetic but the
-  // scale), and the block's sum of squares in row order.
-  __shared__ float squares[kRowsPerBlock];
-  if (lane == 0) {
-    float square = 0.0f;
-    if (real) {
-      const float silu = gate / (1.0f + expf(-gate));  // as torch::silu in float32
-      const float to_norm = args.norm_before_gate ? y : y * silu;
-      float unscaled = to_norm * norm_weight;
-      if (args.norm_before_gate) unscaled *= silu;
-      static_cast<Storage*>(args.norm_output)[batch * heads * head_dim + channel] =
-          Element::FromFloat(unscaled);
-      square = to_norm * to_norm;
-    }
-    squares[threadIdx.x / kLanes] = square;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kRowsPerBlock; ++r) total += squares[r];
-    args.norm_squares[blockIdx.x] = total;
-  }
+  args.output[batch * heads * head_dim + head * head_dim + p] = y;  // y [B, 1, H·P]
 }
 
 template <class Element, int kLanes, int kPerLane>
@@ -149,37 +115,20 @@ int LaunchStepTile(const StateSpaceScanLaunchArgs& args, cudaStream_t stream) {
 }
 
 // Lanes per row by N: up to four states a lane.
-int LanesPerRow(int64_t state_size) {
-  if (state_size <= 16) return 4;
-  if (state_size <= 32) return 8;
-  if (state_size <= 64) return 16;
-  return 32;
-}
-
 template <class Element>
 int LaunchStepElement(const StateSpaceScanLaunchArgs& args, cudaStream_t stream) {
-  switch (LanesPerRow(args.state_size)) {
-    case 4: return LaunchStepTile<Element, 4, 4>(args, stream);
-    case 8: return LaunchStepTile<Element, 8, 4>(args, stream);
-    case 16: return LaunchStepTile<Element, 16, 4>(args, stream);
-    default: return LaunchStepTile<Element, 32, 4>(args, stream);
-  }
+  if (args.state_size <= 16) return LaunchStepTile<Element, 4, 4>(args, stream);
+  if (args.state_size <= 32) return LaunchStepTile<Element, 8, 4>(args, stream);
+  if (args.state_size <= 64) return LaunchStepTile<Element, 16, 4>(args, stream);
+  return LaunchStepTile<Element, 32, 4>(args, stream);
 }
 
 std::atomic<int64_t> early_launches{0};
 
 }  // namespace
 
-int64_t StateSpaceStepRowsPerBlock(int64_t state_size) {
-  return kStepThreads / LanesPerRow(state_size);
-}
-
 int LaunchStateSpaceStep(const StateSpaceScanLaunchArgs& args, void* stream) {
-  const int64_t channels = args.heads * args.head_dim;
-  if (args.seq_len != 1 || args.batch * channels > 0x7fffffff ||
-      (args.norm_output != nullptr &&
-       (args.norm_gate == nullptr || args.norm_weight == nullptr || args.norm_squares == nullptr ||
-        channels % StateSpaceStepRowsPerBlock(args.state_size) != 0))) {
+  if (args.seq_len != 1 || args.batch * args.heads * args.head_dim > 0x7fffffff) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   auto* cuda_stream = static_cast<cudaStream_t>(stream);

@@ -56,7 +56,11 @@ TEST(HardwareCountersTest, EveryWeightPassesThroughL2AndRepeatsAgree) {
       launches += kernel.launches;
       l2_sectors += kernel.l2_sectors;
       EXPECT_GE(kernel.l2_hit_rate, 0) << kernel.kernel;
-      EXPECT_LE(kernel.l2_hit_rate, 1) << kernel.kernel;
+      // CUPTI's lts__t_sector_hit_rate is a ratio of counters that may come
+      // from different passes of a replayed kernel: for a kernel of a few
+      // thousand sectors it can pass 100% (1.036 for LibTorch's neg over
+      // 4,757 sectors on the H200, 2026-12-03g). Larger kernels stay within.
+      EXPECT_LE(kernel.l2_hit_rate, kernel.l2_sectors < 1e4 ? 1.05 : 1.0) << kernel.kernel;
       std::printf("[counters] %s %-60.60s x%lld: DRAM read %.0f write %.0f B, L2 %.0f sectors, hit %.3f\n",
                   mode, kernel.kernel.c_str(), static_cast<long long>(kernel.launches),
                   kernel.dram_read_bytes, kernel.dram_write_bytes, kernel.l2_sectors,

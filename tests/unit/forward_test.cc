@@ -207,6 +207,53 @@ TEST(ForwardTest, GroupedGatedNormDiffersWithTwoGroups) {
   EXPECT_GT(rel, 1e-3);
 }
 
+// The CPU's float32 gated norm is one native pass (forward_mamba2.cc's
+// GatedNormLoop): against the float64 forward (LibTorch's ops) within
+// float32's rounding, for norms over all of d_inner and over groups, the
+// gate after and before the norm, group widths with and without a whole
+// vector of lanes (a group of 20 channels: a tail of 4); its result does not depend on the
+// number of threads (bitwise), and the check bites (the gate's order swapped
+// is another function).
+TEST(ForwardTest, NativeGatedNormMatchesFloat64) {
+  for (const int64_t head_dim : {int64_t{5}, int64_t{6}}) {
+    for (const bool grouped : {false, true}) {
+      for (const bool norm_first : {false, true}) {
+        auto config = ParseConfig(
+            R"({"model_type": "mamba2", "num_hidden_layers": 2, "vocab_size": 64,
+                "state_size": 8, "expand": 2, "num_heads": 8, "n_groups": 2, "conv_kernel": 4,
+                "use_bias": false, "use_conv_bias": true, "chunk_size": 16,
+                "tie_word_embeddings": false, "head_dim": )" +
+                std::to_string(head_dim) + R"(, "hidden_size": )" + std::to_string(4 * head_dim) +
+                "}",
+            "config");
+        ASSERT_TRUE(config.ok()) << config.status();
+        config->grouped_gated_norm = grouped;
+        config->norm_before_gate = norm_first;
+        const Weights wide = testing::RandomWeights(*config, 41, torch::kFloat64);
+        const torch::Tensor ids = torch::randint(0, 64, {2, 37}, torch::kInt64);
+        const std::string what = "head_dim " + std::to_string(head_dim) +
+                                 (grouped ? " grouped" : " whole") + (norm_first ? " norm first" : "");
+        const torch::Tensor reference = RunOrFail(*config, wide, ids);
+        const Weights narrow = CastWeights(wide, torch::kFloat32);
+        const int threads = at::get_num_threads();
+        at::set_num_threads(1);
+        const torch::Tensor one_thread = RunOrFail(*config, narrow, ids);
+        at::set_num_threads(3);
+        const torch::Tensor three_threads = RunOrFail(*config, narrow, ids);
+        at::set_num_threads(threads);
+        ASSERT_TRUE(reference.defined() && one_thread.defined() && three_threads.defined()) << what;
+        EXPECT_LE(testing::RelL2(one_thread.to(torch::kFloat64), reference), 1e-5) << what;
+        EXPECT_TRUE(torch::equal(one_thread, three_threads)) << what;
+        ModelConfig swapped = *config;
+        swapped.norm_before_gate = !norm_first;
+        const torch::Tensor other = RunOrFail(swapped, narrow, ids);
+        ASSERT_TRUE(other.defined()) << what;
+        EXPECT_GT(testing::RelL2(other.to(torch::kFloat64), reference), 1e-3) << what;
+      }
+    }
+  }
+}
+
 // mamba_ssm's D_has_hdim: D per channel, here each head's D repeated.
 TEST(ForwardTest, PerChannelSkipMatchesPerHead) {
   Fixture fixture = LoadFixture("mamba2-groups");

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "cpu_vector.h"
 #include "forward/forward_internal.h"
 #include "fused/fused.h"
 #include "scan/state_space_scan.h"
@@ -78,6 +79,110 @@ bool HasDtLimit(const ModelConfig& config) {
   return config.dt_min > 0.0 || std::isfinite(config.dt_max);
 }
 
+// One row's gated norm on the CPU (GatedNormLoop): per group of
+// `group_width` channels, to_norm = y (norm first) or y·silu(z), its mean
+// square summed over vectors of lanes, then to_norm·scale·weight (·silu(z)
+// when norm first). `scratch` holds 2·group_width floats.
+template <int kLanes>
+[[gnu::always_inline]] inline void GatedNormRow(const float* values, const float* gate, const float* weight, float* output,
+                  int64_t width, int64_t group_width, float eps, bool norm_before_gate,
+                  float* scratch) {
+  using cpu_vector::Load;
+  using cpu_vector::Store;
+  using Vector = cpu_vector::Vector<float>;
+  float* to_norm = scratch;
+  float* activated = scratch + group_width;
+  for (int64_t first = 0; first < width; first += group_width) {
+    Vector squares{};
+    float tail_squares = 0.0f;
+    int64_t c = 0;
+    for (; c + kLanes <= group_width; c += kLanes) {
+      Vector z, y;
+      Load(z, gate + first + c);
+      Load(y, values + first + c);
+      Vector decay = Vector{} - z;
+      cpu_vector::Exp(decay);
+      const Vector silu = z / (decay + 1.0f);
+      const Vector normed = norm_before_gate ? y : y * silu;
+      Store(activated + c, silu);
+      Store(to_norm + c, normed);
+      squares += normed * normed;
+    }
+    for (; c < group_width; ++c) {
+      const float z = gate[first + c];
+      const float silu = z / (1.0f + std::exp(-z));
+      const float normed = norm_before_gate ? values[first + c] : values[first + c] * silu;
+      activated[c] = silu;
+      to_norm[c] = normed;
+      tail_squares += normed * normed;
+    }
+    float sum = 0.0f;
+    for (int lane = 0; lane < kLanes; ++lane) sum += squares[lane];
+    sum += tail_squares;
+    const float scale = 1.0f / std::sqrt(sum / static_cast<float>(group_width) + eps);
+    for (c = 0; c + kLanes <= group_width; c += kLanes) {
+      Vector normed, scales;
+      Load(normed, to_norm + c);
+      Load(scales, weight + first + c);
+      Vector value = normed * scale * scales;
+      if (norm_before_gate) {
+        Vector silu;
+        Load(silu, activated + c);
+        value *= silu;
+      }
+      Store(output + first + c, value);
+    }
+    for (; c < group_width; ++c) {
+      float value = to_norm[c] * scale * weight[first + c];
+      if (norm_before_gate) value *= activated[c];
+      output[first + c] = value;
+    }
+  }
+}
+
+ICD_VECTOR_CLONES void GatedNormRows(const float* values, const float* gate,
+                                     int64_t gate_row_stride, const float* weight, float* output,
+                                     int64_t first_row, int64_t end_row, int64_t width,
+                                     int64_t group_width, float eps, bool norm_before_gate) {
+  std::vector<float> scratch(static_cast<size_t>(2 * group_width));
+  for (int64_t row = first_row; row < end_row; ++row) {
+    GatedNormRow<cpu_vector::kLanes<float>>(values + row * width, gate + row * gate_row_stride,
+                                            weight, output + row * width, width, group_width,
+                                            eps, norm_before_gate, scratch.data());
+  }
+}
+
+// The gated norm as one native pass over float32 rows on the CPU, a task a
+// few rows (each row's sums in one order: the result does not depend on the
+// number of threads), in place of some eight LibTorch passes and their
+// temporaries. scan_output [B, L, I] contiguous, gate [B, L, I] with its
+// last axis contiguous (a narrow() of in_proj's output), weight [I].
+// nullopt where it does not apply.
+std::optional<torch::Tensor> GatedNormLoop(const torch::Tensor& scan_output,
+                                           const torch::Tensor& gate, const torch::Tensor& weight,
+                                           int64_t groups, double eps, bool norm_before_gate) {
+  auto float32_cpu = [](const torch::Tensor& tensor) {
+    return tensor.defined() && tensor.device().is_cpu() && tensor.scalar_type() == torch::kFloat32;
+  };
+  if (!float32_cpu(scan_output) || !float32_cpu(gate) || !float32_cpu(weight) ||
+      scan_output.dim() != 3 || !scan_output.is_contiguous() || gate.sizes() != scan_output.sizes() ||
+      gate.stride(2) != 1 || gate.stride(0) != gate.size(1) * gate.stride(1) ||
+      weight.numel() != scan_output.size(2) || scan_output.size(2) % groups != 0) {
+    return std::nullopt;
+  }
+  const int64_t rows = scan_output.size(0) * scan_output.size(1);
+  const int64_t width = scan_output.size(2);
+  const torch::Tensor weight_values = weight.contiguous();
+  torch::Tensor output = torch::empty_like(scan_output);
+  const int64_t rows_per_task = std::max<int64_t>(1, 16384 / width);
+  at::parallel_for(0, rows, rows_per_task, [&](int64_t begin, int64_t end) {
+    GatedNormRows(scan_output.data_ptr<float>(), gate.data_ptr<float>(), gate.stride(1),
+                  weight_values.data_ptr<float>(), output.data_ptr<float>(), begin, end, width,
+                  width / groups, static_cast<float>(eps), norm_before_gate);
+  });
+  return output;
+}
+
 // Step 6: the gated RMSNorm. scan_output [B, L, I] in accumulate, gate
 // [B, L, I] in compute; returns [B, L, I] in compute. HF
 // (grouped_gated_norm=false) normalises over the whole d_inner; mamba_ssm
@@ -91,6 +196,12 @@ torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
     std::optional<torch::Tensor> fused = fused::GatedRmsNorm(
         scan_output, gate, view.norm_w, groups, eps, config.norm_before_gate, view.norm_settled);
     if (fused.has_value()) return *std::move(fused);
+    // float32 on the CPU: one native pass (the output is already float32).
+    if (precision.compute == torch::kFloat32) {
+      std::optional<torch::Tensor> loop =
+          GatedNormLoop(scan_output, gate, view.norm_w, groups, eps, config.norm_before_gate);
+      if (loop.has_value()) return *std::move(loop);
+    }
   }
   torch::Tensor gate_act = torch::silu(gate.to(precision.accumulate));
   if (!config.gated_norm) return (scan_output * gate_act).to(precision.compute);

@@ -104,13 +104,14 @@ absl::StatusOr<EvaluateResult> Engine::Evaluate(const std::string& name,
         " token leave nothing to score (the NLL is of each next token: send at least 2 per "
         "row, or ask for logits)"));
   }
-  // The forward, the log-probabilities in float64 (and their slice), and on
-  // the CPU the logits copied out when asked.
+  // The forward, the scored logits widened to float32 and their exponentials
+  // (the NLL's logsumexp), and on the CPU the logits copied out when asked.
   const int64_t positions = batch * ids.size(1);
   const int64_t vocab = model->config.vocab_size;
   const int64_t forward_bytes =
       engine_internal::ForwardBytes(model->config, model->dtype, batch, ids.size(1));
-  const int64_t nll_bytes = engine_internal::SaturatingProduct({2, positions, vocab, 8});
+  const int64_t nll_bytes = engine_internal::SaturatingProduct(
+      {2, positions, vocab, model->dtype == torch::kFloat64 ? 8 : 4});
   const int64_t copy_bytes = request.return_logits && model->memory_device == "cpu"
                                  ? engine_internal::SaturatingProduct({positions, vocab, 4})
                                  : 0;
@@ -130,10 +131,16 @@ absl::StatusOr<EvaluateResult> Engine::Evaluate(const std::string& name,
     result.shape = logits.sizes().vec();
     result.tokens = batch * (seq - 1);
     if (seq > 1) {
-      torch::Tensor log_probs =
-          torch::log_softmax(logits.slice(1, 0, seq - 1).to(torch::kFloat64), -1);
-      torch::Tensor targets = ids.slice(1, 1, seq).unsqueeze(-1).to(logits.device());
-      result.mean_nll = -log_probs.gather(-1, targets).mean().item<double>();
+      // Each position's NLL as logsumexp(logits) - logits[next id], in float32
+      // (float64 models in float64), their mean in float64: within 1e-9 of a
+      // float64 log_softmax's mean, at a tenth of its cost (0.6 against 6-7 ms
+      // for 2 x 1024 positions of 256 on a 2-core VM: docs/mamba2-scan.md).
+      const torch::Tensor scored = logits.slice(1, 0, seq - 1);
+      const torch::Tensor wide =
+          scored.scalar_type() == torch::kFloat64 ? scored : scored.to(torch::kFloat32);
+      const torch::Tensor targets = ids.slice(1, 1, seq).unsqueeze(-1).to(logits.device());
+      const torch::Tensor nll = torch::logsumexp(wide, -1, /*keepdim=*/true) - wide.gather(-1, targets);
+      result.mean_nll = nll.to(torch::kFloat64).mean().item<double>();
     }
     if (request.return_logits) {
       torch::Tensor host = logits.to(torch::kCPU).contiguous();

@@ -208,7 +208,8 @@ TEST(ForwardTest, GroupedGatedNormDiffersWithTwoGroups) {
 }
 
 // The CPU's float32 gated norm is one native pass (forward_mamba2.cc's
-// GatedNormLoop): against the float64 forward (LibTorch's ops) within
+// GatedNormLoop), and the conv's silu is taken inside the conv's own pass
+// (forward.cc's ConvRows): against the float64 forward (LibTorch's ops) within
 // float32's rounding, for norms over all of d_inner and over groups, the
 // gate after and before the norm, group widths with and without a whole
 // vector of lanes (a group of 20 channels: a tail of 4); its result does not depend on the

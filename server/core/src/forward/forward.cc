@@ -8,9 +8,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <exception>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -111,13 +113,14 @@ using cpu_vector::Vector;
 // bias[c] + Σ_k taps[k, c] · in[t - K+1 + k, c] (bias first, then the taps
 // oldest to newest, as the CUDA kernel), where positions before 0 come from
 // `history` [C, K-1] (null: zeros). values rows `time_stride` apart,
-// channels contiguous; taps [K, C]; out [L, C].
+// channels contiguous; taps [K, C]; out [L, C]. With `silu` (float32 only)
+// out is silu of the conv, e^-x by cpu_vector::Exp.
 template <class Scalar>
 [[gnu::always_inline]] inline void ConvRows(const Scalar* values, int64_t time_stride,
                                             const Scalar* taps, const Scalar* bias,
                                             const Scalar* history, int64_t channels,
                                             int64_t kernel, int64_t first, int64_t last,
-                                            Scalar* __restrict__ out) {
+                                            bool silu, Scalar* __restrict__ out) {
   const int64_t blocked = channels - channels % kLanes<Scalar>;
   const int64_t halo = kernel - 1;
   for (int64_t t = first; t < last; ++t) {
@@ -131,6 +134,13 @@ template <class Scalar>
           Load(value, values + (t - halo + k) * time_stride + c0);
           sum += tap * value;
         }
+        if constexpr (std::is_same_v<Scalar, float>) {
+          if (silu) {
+            Vector<float> decay = Vector<float>{} - sum;
+            cpu_vector::Exp(decay);
+            sum = sum / (decay + 1.0f);
+          }
+        }
         Store(row + c0, sum);
       }
     }
@@ -143,26 +153,30 @@ template <class Scalar>
                                                   : Scalar(0);
         sum += taps[k * channels + c] * value;
       }
-      row[c] = sum;
+      row[c] = silu ? sum / (Scalar(1) + std::exp(-sum)) : sum;
     }
   }
 }
 
 ICD_VECTOR_CLONES void ConvRowsOf(const float* values, int64_t time_stride, const float* taps,
                                   const float* bias, const float* history, int64_t channels,
-                                  int64_t kernel, int64_t first, int64_t last, float* out) {
-  ConvRows<float>(values, time_stride, taps, bias, history, channels, kernel, first, last, out);
+                                  int64_t kernel, int64_t first, int64_t last, bool silu,
+                                  float* out) {
+  ConvRows<float>(values, time_stride, taps, bias, history, channels, kernel, first, last, silu,
+                  out);
 }
 
 ICD_VECTOR_CLONES void ConvRowsOf(const double* values, int64_t time_stride, const double* taps,
                                   const double* bias, const double* history, int64_t channels,
-                                  int64_t kernel, int64_t first, int64_t last, double* out) {
-  ConvRows<double>(values, time_stride, taps, bias, history, channels, kernel, first, last, out);
+                                  int64_t kernel, int64_t first, int64_t last, bool silu,
+                                  double* out) {
+  ConvRows<double>(values, time_stride, taps, bias, history, channels, kernel, first, last, silu,
+                   out);
 }
 
 template <class Scalar>
 torch::Tensor ConvLoop(const torch::Tensor& values, const torch::Tensor& weight,
-                       const torch::Tensor& bias, const torch::Tensor& history) {
+                       const torch::Tensor& bias, const torch::Tensor& history, bool silu) {
   const int64_t batch = values.size(0), seq_len = values.size(1), channels = values.size(2);
   const int64_t kernel = weight.size(2);
   const torch::Tensor taps = weight.reshape({channels, kernel}).t().contiguous();  // [K, C]
@@ -178,7 +192,7 @@ torch::Tensor ConvLoop(const torch::Tensor& values, const torch::Tensor& weight,
                  taps.data_ptr<Scalar>(),
                  bias_values.defined() ? bias_values.data_ptr<Scalar>() : nullptr,
                  past.defined() ? past.data_ptr<Scalar>() + b * channels * (kernel - 1) : nullptr,
-                 channels, kernel, begin - b * seq_len, stop - b * seq_len,
+                 channels, kernel, begin - b * seq_len, stop - b * seq_len, silu,
                  output.data_ptr<Scalar>() + b * seq_len * channels);
       begin = stop;
     }
@@ -188,11 +202,13 @@ torch::Tensor ConvLoop(const torch::Tensor& values, const torch::Tensor& weight,
 
 // CausalDepthwiseConvPass as a native loop on the CPU (float32, float64;
 // channels contiguous): [B, L, C] contiguous out, with no transposes and no
-// conv1d. nullopt where it does not apply.
+// conv1d; with `silu` (float32) silu of the conv in the same pass, which
+// *silu_taken then says. nullopt where it does not apply.
 std::optional<torch::Tensor> CausalDepthwiseConvLoop(const torch::Tensor& values,
                                                      const torch::Tensor& weight,
                                                      const torch::Tensor& bias,
-                                                     const torch::Tensor& history) {
+                                                     const torch::Tensor& history, bool silu,
+                                                     bool* silu_taken) {
   const torch::ScalarType dtype = values.scalar_type();
   if (!values.device().is_cpu() || values.dim() != 3 || values.stride(2) != 1 ||
       (dtype != torch::kFloat32 && dtype != torch::kFloat64) || weight.scalar_type() != dtype ||
@@ -200,18 +216,24 @@ std::optional<torch::Tensor> CausalDepthwiseConvLoop(const torch::Tensor& values
       (history.defined() && (!history.device().is_cpu() || history.scalar_type() != dtype))) {
     return std::nullopt;
   }
-  return dtype == torch::kFloat32 ? ConvLoop<float>(values, weight, bias, history)
-                                  : ConvLoop<double>(values, weight, bias, history);
+  *silu_taken = silu && dtype == torch::kFloat32;
+  return dtype == torch::kFloat32 ? ConvLoop<float>(values, weight, bias, history, silu)
+                                  : ConvLoop<double>(values, weight, bias, history, false);
 }
 
 // One conv1d over all of `values` (CausalDepthwiseConv's contract).
 torch::Tensor CausalDepthwiseConvPass(const torch::Tensor& values, const torch::Tensor& weight,
                                       const torch::Tensor& bias, const torch::Tensor& history,
-                                      torch::Tensor* next_history) {
+                                      torch::Tensor* next_history, bool then_silu) {
   const int64_t seq_len = values.size(1);
   const int64_t channels = weight.size(0);
   const int64_t kernel = weight.size(2);
-  if (std::optional<torch::Tensor> conv = CausalDepthwiseConvLoop(values, weight, bias, history)) {
+  auto activated = [then_silu](torch::Tensor conv) {
+    return then_silu ? torch::silu(conv) : conv;
+  };
+  bool silu_taken = false;
+  if (std::optional<torch::Tensor> conv =
+          CausalDepthwiseConvLoop(values, weight, bias, history, then_silu, &silu_taken)) {
     if (next_history != nullptr) {
       // The last K-1 inputs of [history | values] (zeros before the sequence).
       const torch::Tensor channels_first = values.transpose(1, 2);  // [B, C, L]
@@ -222,7 +244,7 @@ torch::Tensor CausalDepthwiseConvPass(const torch::Tensor& values, const torch::
                           .narrow(2, seq_len, kernel - 1)
                           .contiguous();  // [B, C, K-1]
     }
-    return *std::move(conv);  // [B, L, C]
+    return silu_taken ? *std::move(conv) : activated(*std::move(conv));  // [B, L, C]
   }
   // conv1d wants channels first.
   const torch::Tensor channels_first = values.transpose(1, 2);  // [B, C, L]
@@ -236,7 +258,7 @@ torch::Tensor CausalDepthwiseConvPass(const torch::Tensor& values, const torch::
     const int64_t no_padding = 0;  // a literal 0 would also match conv1d's string padding
     torch::Tensor conv = torch::conv1d(extended, weight, bias, /*stride=*/1, no_padding,
                                        /*dilation=*/1, /*groups=*/channels);
-    return conv.transpose(1, 2);  // [B, L, C]
+    return activated(conv.transpose(1, 2));  // [B, L, C]
   }
   if (next_history != nullptr) {
     // Zeros before the sequence, so a sequence shorter than K-1 keeps some.
@@ -249,7 +271,7 @@ torch::Tensor CausalDepthwiseConvPass(const torch::Tensor& values, const torch::
   torch::Tensor conv = torch::conv1d(channels_first, weight, bias,
                                      /*stride=*/1, /*padding=*/kernel - 1,
                                      /*dilation=*/1, /*groups=*/channels);
-  return conv.narrow(2, 0, seq_len).transpose(1, 2);  // [B, L, C]
+  return activated(conv.narrow(2, 0, seq_len).transpose(1, 2));  // [B, L, C]
 }
 
 }  // namespace
@@ -257,7 +279,7 @@ torch::Tensor CausalDepthwiseConvPass(const torch::Tensor& values, const torch::
 torch::Tensor CausalDepthwiseConv(const torch::Tensor& values, const torch::Tensor& weight,
                                   const torch::Tensor& bias, const torch::Tensor& history,
                                   torch::Tensor* next_history, const CallContext& ctx,
-                                  int64_t layer) {
+                                  int64_t layer, bool then_silu) {
   // On the CPU long inputs go in chunks of time of about 4096 positions,
   // each continuing the history of the one before, with a check of ctx
   // between them: one conv1d over a long input cannot be stopped
@@ -266,7 +288,7 @@ torch::Tensor CausalDepthwiseConv(const torch::Tensor& values, const torch::Tens
   const int64_t seq_len = values.size(1);
   const int64_t steps = std::max<int64_t>(1, kPositionsPerChunk / std::max<int64_t>(batch, 1));
   if (!values.device().is_cpu() || seq_len <= steps) {
-    return CausalDepthwiseConvPass(values, weight, bias, history, next_history);
+    return CausalDepthwiseConvPass(values, weight, bias, history, next_history, then_silu);
   }
   torch::Tensor carried = history;  // [B, C, K-1] or undefined (zeros)
   std::vector<torch::Tensor> outputs;  // [B, steps, C] each
@@ -274,7 +296,8 @@ torch::Tensor CausalDepthwiseConv(const torch::Tensor& values, const torch::Tens
     if (start > 0) CheckCallInLayer(ctx, layer);
     torch::Tensor next;
     outputs.push_back(CausalDepthwiseConvPass(
-        values.narrow(1, start, std::min(steps, seq_len - start)), weight, bias, carried, &next));
+        values.narrow(1, start, std::min(steps, seq_len - start)), weight, bias, carried, &next,
+        then_silu));
     carried = next;
   }
   if (next_history != nullptr) *next_history = carried;

@@ -68,12 +68,15 @@ inline constexpr int64_t kPositionsPerChunk = 4096;
 // (optional) receives the last K-1 inputs of [history | values]; it may
 // point at `history` itself. On the CPU, inputs over kPositionsPerChunk
 // positions go in chunks of time, checking `ctx` between them
-// (CheckCallInLayer; `layer` names where).
+// (CheckCallInLayer; `layer` names where). With `then_silu`, silu of the
+// conv: on the CPU in float32 inside the conv's own pass, elsewhere
+// torch::silu after it.
 torch::Tensor CausalDepthwiseConv(const torch::Tensor& values, const torch::Tensor& weight,
                                   const torch::Tensor& bias,
                                   const torch::Tensor& history = torch::Tensor(),
                                   torch::Tensor* next_history = nullptr,
-                                  const CallContext& ctx = CallContext{}, int64_t layer = 0);
+                                  const CallContext& ctx = CallContext{}, int64_t layer = 0,
+                                  bool then_silu = false);
 
 // The forward's side of a CaptureSink (forward.h): a null sink wants nothing,
 // so the mixers ask without checking for one.

@@ -120,13 +120,10 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   torch::Tensor hidden =
       fused_hidden.has_value()
           ? *std::move(fused_hidden)
-          : torch::silu(state != nullptr
-                            ? CausalDepthwiseConv(conv_input, view.conv_w, view.conv_b,
-                                                  state->conv_history, &state->conv_history,
-                                                  ctx, layer)
-                            : CausalDepthwiseConv(conv_input, view.conv_w, view.conv_b,
-                                                  torch::Tensor(), nullptr, ctx,
-                                                  layer));  // [B, L, I]
+          : CausalDepthwiseConv(conv_input, view.conv_w, view.conv_b,
+                                state != nullptr ? state->conv_history : torch::Tensor(),
+                                state != nullptr ? &state->conv_history : nullptr, ctx, layer,
+                                /*then_silu=*/true);  // [B, L, I]
 
   // 3.a. Selection: x_proj rows are [dt | B | C].
   torch::Tensor ssm_params =

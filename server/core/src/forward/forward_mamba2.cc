@@ -321,12 +321,10 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
   if (fused_conv.has_value()) {
     xbc = *std::move(fused_conv);
   } else {
-    xbc = torch::silu(state != nullptr
-                          ? CausalDepthwiseConv(xbc, view.conv_w, view.conv_b,
-                                                state->conv_history, &state->conv_history, ctx,
-                                                layer)
-                          : CausalDepthwiseConv(xbc, view.conv_w, view.conv_b, torch::Tensor(),
-                                                nullptr, ctx, layer));  // [B, L, conv_dim]
+    xbc = CausalDepthwiseConv(xbc, view.conv_w, view.conv_b,
+                              state != nullptr ? state->conv_history : torch::Tensor(),
+                              state != nullptr ? &state->conv_history : nullptr, ctx, layer,
+                              /*then_silu=*/true);  // [B, L, conv_dim]
   }
   const std::string state_group = LayerGroupName(layer, "state");
   capture.Add(state_group, xbc.narrow(-1, inner, group_state));                // B [B, L, G·N]

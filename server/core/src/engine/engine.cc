@@ -121,7 +121,7 @@ absl::StatusOr<EvaluateResult> Engine::Evaluate(const std::string& name,
                       engine_internal::SaturatingSum({forward_bytes, nll_bytes, copy_bytes}),
                       absl::StrCat("Evaluate of model '", name, "' over ", batch, " x ",
                                    ids.size(1), " tokens (an estimate: forward ", forward_bytes,
-                                   ", log-probabilities ", nll_bytes, ", logits copied out ",
+                                   ", the NLL's widened logits ", nll_bytes, ", logits copied out ",
                                    copy_bytes, " bytes)")));
   return Guarded("evaluate", [&]() -> absl::StatusOr<EvaluateResult> {
     torch::NoGradGuard no_grad;

@@ -27,7 +27,8 @@ constexpr int kThreads = 256;
 // for each other: a decode step's single row is latency, not bandwidth).
 // kPerThread 0: any width, the row read back from L1/L2 in the second pass.
 template <class Element, int kPerThread>
-__global__ void __launch_bounds__(kThreads) AddRmsNormKernel(const AddRmsNormLaunchArgs args) {
+__global__ void __launch_bounds__(kThreads) AddRmsNormKernel(const AddRmsNormLaunchArgs args,
+                                                            const bool early_dependents) {
   using Storage = typename Element::Storage;
   const int64_t width = args.width;
   const int64_t row_start = static_cast<int64_t>(blockIdx.x) * width;
@@ -38,8 +39,7 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(const AddRmsNormLau
   const auto* weight = static_cast<const Storage*>(args.weight);
   auto* normed = static_cast<Storage*>(args.normed) + row_start;
   const int thread = static_cast<int>(threadIdx.x);
-  dependent_launch::WaitForPrerequisites();  // the residual and mixed come from them
-  dependent_launch::AllowDependents();
+  dependent_launch::WaitThenAllowDependents(early_dependents);  // the residual and mixed come from them
 
   float squares = 0.0f;
   if constexpr (kPerThread > 0) {
@@ -90,14 +90,19 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(const AddRmsNormLau
 
 template <class Element>
 cudaError_t LaunchRows(const AddRmsNormLaunchArgs& args, dim3 grid, cudaStream_t stream) {
+  const bool early_dependents = dependent_launch::EarlyDependents();
   if (args.width <= kThreads * 4) {
-    return dependent_launch::LaunchDependent(AddRmsNormKernel<Element, 4>, grid, kThreads, stream, args);
+    return dependent_launch::LaunchDependent(AddRmsNormKernel<Element, 4>, grid, kThreads, stream, args,
+                                             early_dependents);
   } else if (args.width <= kThreads * 8) {
-    return dependent_launch::LaunchDependent(AddRmsNormKernel<Element, 8>, grid, kThreads, stream, args);
+    return dependent_launch::LaunchDependent(AddRmsNormKernel<Element, 8>, grid, kThreads, stream, args,
+                                             early_dependents);
   } else if (args.width <= kThreads * 16) {
-    return dependent_launch::LaunchDependent(AddRmsNormKernel<Element, 16>, grid, kThreads, stream, args);
+    return dependent_launch::LaunchDependent(AddRmsNormKernel<Element, 16>, grid, kThreads, stream, args,
+                                             early_dependents);
   } else {
-    return dependent_launch::LaunchDependent(AddRmsNormKernel<Element, 0>, grid, kThreads, stream, args);
+    return dependent_launch::LaunchDependent(AddRmsNormKernel<Element, 0>, grid, kThreads, stream, args,
+                                             early_dependents);
   }
 }
 
@@ -106,7 +111,8 @@ cudaError_t LaunchRows(const AddRmsNormLaunchArgs& args, dim3 grid, cudaStream_t
 // decode step's single row is latency); kPerThread 0: any width, two passes
 // over it, the second read back from L1/L2.
 template <class Element, int kPerThread>
-__global__ void __launch_bounds__(kThreads) GatedRmsNormKernel(const GatedRmsNormLaunchArgs args) {
+__global__ void __launch_bounds__(kThreads) GatedRmsNormKernel(const GatedRmsNormLaunchArgs args,
+                                                              const bool early_dependents) {
   using Storage = typename Element::Storage;
   const int64_t group_width = args.width / args.groups;
   const int64_t row = blockIdx.x;
@@ -117,8 +123,7 @@ __global__ void __launch_bounds__(kThreads) GatedRmsNormKernel(const GatedRmsNor
   auto* output = static_cast<Storage*>(args.output) + row * args.width + first;
   const int thread = static_cast<int>(threadIdx.x);
   const float inverse_width = 1.0f / static_cast<float>(group_width);
-  dependent_launch::WaitForPrerequisites();  // y and z come from them
-  dependent_launch::AllowDependents();
+  dependent_launch::WaitThenAllowDependents(early_dependents);  // y and z come from them
   // silu(z) in float32, as torch::silu of the widened gate.
   auto activate = [](Storage bits) {
     const float z = Element::ToFloat(bits);
@@ -186,7 +191,7 @@ struct alignas(4 * sizeof(Storage)) Quad {
 // sum; a template flag, so the kernel without it keeps its registers.
 template <class Element, int kQuads, bool kNormFirst, bool kEarlyWeight>
 __global__ void __launch_bounds__(kThreads)
-    GatedRmsNormQuadKernel(const GatedRmsNormLaunchArgs args) {
+    GatedRmsNormQuadKernel(const GatedRmsNormLaunchArgs args, const bool early_dependents) {
   using Storage = typename Element::Storage;
   using StorageQuad = Quad<Storage>;
   const int64_t group_width = args.width / args.groups;
@@ -212,8 +217,7 @@ __global__ void __launch_bounds__(kThreads)
       early_weight[u] = i < quads ? weight[i] : StorageQuad{};
     }
   }
-  dependent_launch::WaitForPrerequisites();  // y and z come from them
-  dependent_launch::AllowDependents();
+  dependent_launch::WaitThenAllowDependents(early_dependents);  // y and z come from them
   float scanned[kQuads][4];
   StorageQuad gate_bits[kQuads];
 #pragma unroll
@@ -273,12 +277,15 @@ std::atomic<int64_t> gated_early_launches{0};
 template <class Element, int kQuads, bool kEarlyWeight>
 cudaError_t LaunchGatedQuadsAs(const GatedRmsNormLaunchArgs& args, dim3 grid,
                                cudaStream_t stream) {
+  const bool early_dependents = dependent_launch::EarlyDependents();
   if (args.norm_before_gate) {
     return dependent_launch::LaunchDependent(
-        GatedRmsNormQuadKernel<Element, kQuads, true, kEarlyWeight>, grid, kThreads, stream, args);
+        GatedRmsNormQuadKernel<Element, kQuads, true, kEarlyWeight>, grid, kThreads, stream, args,
+        early_dependents);
   }
   return dependent_launch::LaunchDependent(
-      GatedRmsNormQuadKernel<Element, kQuads, false, kEarlyWeight>, grid, kThreads, stream, args);
+      GatedRmsNormQuadKernel<Element, kQuads, false, kEarlyWeight>, grid, kThreads, stream, args,
+      early_dependents);
 }
 
 template <class Element, int kQuads>
@@ -313,14 +320,19 @@ cudaError_t LaunchGatedRows(const GatedRmsNormLaunchArgs& args, dim3 grid, cudaS
     if (quads <= kThreads * 6) return LaunchGatedQuads<Element, 6>(args, grid, stream);
     return LaunchGatedQuads<Element, 8>(args, grid, stream);
   }
+  const bool early_dependents = dependent_launch::EarlyDependents();
   if (group_width <= kThreads * 4) {
-    return dependent_launch::LaunchDependent(GatedRmsNormKernel<Element, 4>, grid, kThreads, stream, args);
+    return dependent_launch::LaunchDependent(GatedRmsNormKernel<Element, 4>, grid, kThreads, stream, args,
+                                             early_dependents);
   } else if (group_width <= kThreads * 8) {
-    return dependent_launch::LaunchDependent(GatedRmsNormKernel<Element, 8>, grid, kThreads, stream, args);
+    return dependent_launch::LaunchDependent(GatedRmsNormKernel<Element, 8>, grid, kThreads, stream, args,
+                                             early_dependents);
   } else if (group_width <= kThreads * 24) {
-    return dependent_launch::LaunchDependent(GatedRmsNormKernel<Element, 24>, grid, kThreads, stream, args);
+    return dependent_launch::LaunchDependent(GatedRmsNormKernel<Element, 24>, grid, kThreads, stream, args,
+                                             early_dependents);
   } else {
-    return dependent_launch::LaunchDependent(GatedRmsNormKernel<Element, 0>, grid, kThreads, stream, args);
+    return dependent_launch::LaunchDependent(GatedRmsNormKernel<Element, 0>, grid, kThreads, stream, args,
+                                             early_dependents);
   }
 }
 

@@ -36,7 +36,8 @@ __host__ __device__ constexpr int StateTerms(int lanes) {
 }
 
 template <class Element, int kLanes>
-__global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanLaunchArgs args) {
+__global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanLaunchArgs args,
+                                                                     const bool early_dependents) {
   using Storage = typename Element::Storage;
   constexpr int kChannelsPerBlock = kThreads / kLanes;
   constexpr int kStateTerms = StateTerms(kLanes);
@@ -85,8 +86,7 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
     }
   };
   if (args.operands_early) load_settled();
-  dependent_launch::WaitForPrerequisites();  // x, z, the time step, B, C come from them
-  dependent_launch::AllowDependents();
+  dependent_launch::WaitThenAllowDependents(early_dependents);  // x, z, the time step, B, C come from them
   // Every other load the step needs is issued here, before the first result
   // is used: a decode step's kernel is a chain of memory latencies, and the
   // state's loads do not depend on Δ.
@@ -178,7 +178,8 @@ int LaunchLanes(const ScanLaunchArgs& args, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned int>((args.inner + kChannelsPerBlock - 1) / kChannelsPerBlock),
                   static_cast<unsigned int>(args.batch));
   return static_cast<int>(dependent_launch::LaunchDependent(
-      SelectiveStateStepKernel<Element, kLanes>, grid, kThreads, stream, args));
+      SelectiveStateStepKernel<Element, kLanes>, grid, kThreads, stream, args,
+      dependent_launch::EarlyDependents()));
 }
 
 // Lanes per channel: N rounded up to a power of two, 4 to 32.

@@ -25,7 +25,8 @@ constexpr int kStepThreads = 128;
 
 // A lane holds states lane + k·kLanes, k < kPerLane (N ≤ kLanes · kPerLane).
 template <class Element, int kLanes, int kPerLane>
-__global__ void __launch_bounds__(kStepThreads) StateSpaceStepKernel(const StateSpaceScanLaunchArgs args) {
+__global__ void __launch_bounds__(kStepThreads) StateSpaceStepKernel(const StateSpaceScanLaunchArgs args,
+                                                                      const bool early_dependents) {
   using Storage = typename Element::Storage;
   constexpr int kRowsPerBlock = kStepThreads / kLanes;
   const int lane = static_cast<int>(threadIdx.x) % kLanes;
@@ -63,8 +64,7 @@ __global__ void __launch_bounds__(kStepThreads) StateSpaceStepKernel(const State
     skip = SkipOf<Element>(args, head, p);
   }
 
-  dependent_launch::WaitForPrerequisites();  // x, B, C and the time step come from them
-  dependent_launch::AllowDependents();
+  dependent_launch::WaitThenAllowDependents(early_dependents);  // x, B, C and the time step come from them
   if (!args.operands_early) {
     load_state();
     rate = DecayRateOf<Element>(args, head);
@@ -111,7 +111,8 @@ int LaunchStepTile(const StateSpaceScanLaunchArgs& args, cudaStream_t stream) {
   const int64_t rows = args.batch * args.heads * args.head_dim;
   const dim3 grid(static_cast<unsigned int>((rows + kRowsPerBlock - 1) / kRowsPerBlock));
   return static_cast<int>(dependent_launch::LaunchDependent(
-      StateSpaceStepKernel<Element, kLanes, kPerLane>, grid, kStepThreads, stream, args));
+      StateSpaceStepKernel<Element, kLanes, kPerLane>, grid, kStepThreads, stream, args,
+      dependent_launch::EarlyDependents()));
 }
 
 // Lanes per row by N: up to four states a lane.

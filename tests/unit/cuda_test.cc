@@ -1960,66 +1960,14 @@ TEST(DecodeSessionTest, EarlyLoadsLeaveTheStepsBitForBit) {
   }
 }
 
-// Staged loads (ICD_FEW_ROWS_STAGED: with early loads, a settled weight's
-// loads past a lane's first iteration copied to shared memory before the
-// kernel ahead ends) change no bit, and are taken only where a lane has
-// loads past that iteration. 8448 features keep one warp a feature; rows
-// of 5120 and 5000 inputs give a lane 20 loads in bf16 (12 staged, the
-// rest after the wait; with 5000 some lanes have 19), 1536 gives 6 (2
-// staged), 200 gives one (none staged).
-TEST(DecodeSessionTest, StagedLoadsChangeNoBit) {
-  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
-  ScopedLaunchSetting staged("ICD_FEW_ROWS_STAGED");
-  ScopedLaunchSetting early("ICD_FEW_ROWS_EARLY_LOADS");
-  early.Set("1");
-  torch::manual_seed(805);
-  constexpr int64_t kFeatures = 8448;
-  for (const torch::ScalarType dtype : {torch::kBFloat16, torch::kFloat32}) {
-    const int64_t per_load = dtype == torch::kFloat32 ? 4 : 8;
-    for (const int64_t in_features : {int64_t{5120}, int64_t{5000}, int64_t{1536}, int64_t{200}}) {
-      for (const int64_t rows : {int64_t{1}, int64_t{3}}) {
-        const auto on_cuda = torch::TensorOptions(dtype).device(torch::kCUDA);
-        const torch::Tensor input = torch::randn({rows, 1, in_features}, on_cuda);
-        const torch::Tensor weight = torch::randn({kFeatures, in_features}, on_cuda);
-        const torch::Tensor bias = torch::randn({kFeatures}, on_cuda);
-        const std::string what = std::string(c10::toString(dtype)) + " " +
-                                 std::to_string(rows) + " x " + std::to_string(in_features);
-        staged.Set("0");
-        const int64_t before = fused::FewRowsLinearStagedLaunches();
-        const auto plain = fused::FewRowsLinear(input, weight, bias, true);
-        EXPECT_EQ(fused::FewRowsLinearStagedLaunches(), before) << what << ": off";
-        const bool stages = (in_features + 32 * per_load - 1) / (32 * per_load) > 4;
-        for (const char* setting : {"2", "12"}) {
-          staged.Set(setting);
-          const int64_t launches = fused::FewRowsLinearStagedLaunches();
-          const auto loaded = fused::FewRowsLinear(input, weight, bias, true);
-          const auto unsettled = fused::FewRowsLinear(input, weight, bias, false);
-          ASSERT_TRUE(plain.has_value() && loaded.has_value() && unsettled.has_value()) << what;
-          EXPECT_EQ(fused::FewRowsLinearStagedLaunches() - launches, stages ? 1 : 0)
-              << what << " staged " << setting << ": only a settled weight, only past kUnroll";
-          EXPECT_TRUE(torch::equal(*plain, *loaded)) << what << " staged " << setting;
-          EXPECT_TRUE(torch::equal(*plain, *unsettled)) << what << " staged " << setting;
-        }
-        EXPECT_LE(RelL2(plain->to(torch::kFloat64).cpu(),
-                        torch::linear(input.to(torch::kFloat64), weight.to(torch::kFloat64),
-                                      bias.to(torch::kFloat64))
-                            .cpu()),
-                  dtype == torch::kFloat32 ? 1e-6 : 1e-2)
-            << what;
-      }
-    }
-  }
-}
-
-// Early dependents (ICD_EARLY_DEPENDENTS=1: each decode kernel lets the
-// next be scheduled before its own wait ends) change no bit of a session's
-// steps, in a graph or launched in place, with staged loads on as well.
-// Bit equality checks that no kernel reads what the chain ahead has not yet
+// Early dependents (each decode kernel lets the next be scheduled before its
+// own wait ends; the default, ICD_EARLY_DEPENDENTS=0 turns it off) change
+// no bit of a session's steps, in a graph or launched in place. Bit
+// equality checks that no kernel reads what the chain ahead has not yet
 // written; a race would show as a difference only by chance.
 TEST(DecodeSessionTest, EarlyDependentsLeaveTheStepsBitForBit) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   ScopedLaunchSetting dependents("ICD_EARLY_DEPENDENTS");
-  ScopedLaunchSetting staged("ICD_FEW_ROWS_STAGED");
   for (const DecodeCase& c : DecodeCases()) {
     Weights weights;
     for (const auto& [name, tensor] : c.weights) {
@@ -2031,10 +1979,8 @@ TEST(DecodeSessionTest, EarlyDependentsLeaveTheStepsBitForBit) {
       const std::string what =
           c.name + (execution == decode::Execution::kCudaGraph ? " graph" : " in place");
       dependents.Set("0");
-      staged.Set("0");
       const torch::Tensor plain = SessionLogits(c.config, weights, ids, 5, execution);
-      dependents.Set("1");
-      staged.Set("12");
+      dependents.Set(nullptr);  // the default
       const torch::Tensor early = SessionLogits(c.config, weights, ids, 5, execution);
       ASSERT_TRUE(plain.defined() && early.defined()) << what;
       EXPECT_TRUE(torch::equal(plain, early)) << what << ": rel " << RelL2(plain, early);

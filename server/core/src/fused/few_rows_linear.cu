@@ -94,30 +94,8 @@ __device__ __forceinline__ void PrefetchL2(const void* address) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
 }
 
-// 16 bytes from global to shared memory without passing through registers
-// (cp.async, through L2 only); the copying thread reads them back after
-// WaitForCopies.
-__device__ __forceinline__ void CopyToShared(uint4* shared, const void* global) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const auto address = static_cast<unsigned int>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(global) : "memory");
-#else
-  *shared = LoadStreaming(global);
-#endif
-}
-
-__device__ __forceinline__ void WaitForCopies() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-}
-
 // Loads of a lane in flight together.
 constexpr int kUnroll = ICD_FEW_ROWS_LINEAR_UNROLL;
-
-// Most loads of a lane staged in shared memory before the wait
-// (ICD_FEW_ROWS_STAGED): 48 KB a block, the most without opting in.
-constexpr int kMaxStaged = 12;
 
 // One causal conv step of `channel` in `row` whose newest input is `input`
 // (the linear's rounded output): bias first, then the taps oldest to newest,
@@ -161,16 +139,13 @@ __device__ __forceinline__ void ConvStep(const FewRowsLinearLaunchArgs& args, in
 // The weights are the model's, not the previous kernel's: before waiting for
 // that kernel (dependent_launch.cuh), each lane's first `prefetches` loads
 // head for L2, or with `early` (a settled weight, ICD_FEW_ROWS_EARLY_LOADS)
-// its first kUnroll loads go to registers and its next `staged` (at most
-// kMaxStaged) to shared memory, `staged` × kThreads 16-byte slots of it.
-//
-// One row (batch-1 decode) is held to 48 registers, 5 blocks per
-// multiprocessor: left alone, ptxas picks 40 and spills the loop.
+// its first kUnroll loads go to registers.
 template <class Element, int kRows>
-__global__ void __launch_bounds__(kThreads, kRows == 1 ? 5 : 1)
-    FewRowsLinearKernel(const FewRowsLinearLaunchArgs args, const int split, const int prefetches,
-                        const bool early, const int staged, const bool early_dependents) {
-  extern __shared__ uint4 staging[];  // a lane's staged load s at [s * kThreads + threadIdx.x]
+__global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLinearLaunchArgs args,
+                                                                const int split,
+                                                                const int prefetches,
+                                                                const bool early,
+                                                                const bool early_dependents) {
   using Storage = typename Element::Storage;
   constexpr int kValues = Unpack<Element>::kValues;
   const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -187,33 +162,16 @@ __global__ void __launch_bounds__(kThreads, kRows == 1 ? 5 : 1)
   for (int r = 0; r < kRows; ++r) sums[r] = 0.0f;
   const int64_t stride = static_cast<int64_t>(split) * 32 * kValues;
   const int64_t lane_first = (static_cast<int64_t>(part) * 32 + lane) * kValues;
-  uint4* const lane_staging = staging + threadIdx.x;
   uint4 loaded[kUnroll];
-  // The loads of the lane's iteration from `first`, whose first load is the
-  // lane's `index`th.
-  auto load = [&](int64_t first, int index) {
+  auto load = [&](int64_t first) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = first + u * stride;
-      const int slot = index + u - kUnroll;
-      if (k >= in_features) {
-        loaded[u] = make_uint4(0, 0, 0, 0);
-      } else if (static_cast<unsigned int>(slot) < static_cast<unsigned int>(staged)) {
-        loaded[u] = lane_staging[slot * kThreads];
-      } else {
-        loaded[u] = LoadStreaming(weight + k);
-      }
+      loaded[u] = k < in_features ? LoadStreaming(weight + k) : make_uint4(0, 0, 0, 0);
     }
   };
   if (early) {
-    if (real) {
-      load(lane_first, 0);
-      for (int s = 0; s < staged; ++s) {
-        const int64_t k = lane_first + (kUnroll + s) * stride;
-        if (k >= in_features) break;
-        CopyToShared(lane_staging + s * kThreads, weight + k);
-      }
-    }
+    if (real) load(lane_first);
   } else {
     for (int u = 0; u < prefetches; ++u) {
       const int64_t k = lane_first + u * stride;
@@ -222,11 +180,8 @@ __global__ void __launch_bounds__(kThreads, kRows == 1 ? 5 : 1)
     }
   }
   dependent_launch::WaitThenAllowDependents(early_dependents);  // x comes from them
-  if (staged > 0) WaitForCopies();
-  int index = 0;
-  for (int64_t first = lane_first; real && first < in_features;
-       first += kUnroll * stride, index += kUnroll) {
-    if (!early || index != 0) load(first, index);
+  for (int64_t first = lane_first; real && first < in_features; first += kUnroll * stride) {
+    if (!early || first != lane_first) load(first);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = first + u * stride;
@@ -298,10 +253,7 @@ __global__ void __launch_bounds__(kThreads, kRows == 1 ? 5 : 1)
 //     weight's first iteration of loads goes into registers before the
 //     previous kernel has finished, in place of those prefetches (a decode
 //     step 4-5% faster on the H200: deploy/results/h200-gpu-2026-12-03f).
-//   ICD_FEW_ROWS_STAGED=N: with early loads, each lane's next N loads (at
-//     most kMaxStaged; fewer where its row has fewer) are copied to shared
-//     memory before the previous kernel has finished (default 0).
-//   ICD_EARLY_DEPENDENTS=1 (dependent_launch.cuh) is reloaded with these.
+//   ICD_EARLY_DEPENDENTS=0 (dependent_launch.cuh) is reloaded with these.
 struct Settings {
   std::mutex reading;
   std::atomic<bool> stale{true};
@@ -309,7 +261,6 @@ struct Settings {
   std::atomic<int> prefetches{kUnroll};
   std::atomic<bool> early_loads{true};
   std::atomic<bool> early_operands{true};
-  std::atomic<int> staged{0};
 };
 
 Settings& SettingsStore() {
@@ -332,8 +283,6 @@ Settings& CurrentSettings() {
       settings.prefetches = number("ICD_FEW_ROWS_PREFETCH", kUnroll);
       settings.early_loads = number("ICD_FEW_ROWS_EARLY_LOADS", 1) != 0;
       settings.early_operands = number("ICD_EARLY_OPERANDS", 1) != 0;
-      const int staged = number("ICD_FEW_ROWS_STAGED", 0);
-      settings.staged = staged < 0 ? 0 : (staged > kMaxStaged ? kMaxStaged : staged);
       settings.stale.store(false, std::memory_order_release);
     }
   }
@@ -343,10 +292,8 @@ Settings& CurrentSettings() {
 int BlocksPerMultiprocessor() { return CurrentSettings().blocks_per_multiprocessor.load(); }
 int Prefetches() { return CurrentSettings().prefetches.load(); }
 bool EarlyLoads() { return CurrentSettings().early_loads.load(); }
-int Staged() { return CurrentSettings().staged.load(); }
 
 std::atomic<int64_t> early_launches{0};
-std::atomic<int64_t> staged_launches{0};
 
 // Warps per feature: enough blocks for about BlocksPerMultiprocessor() per
 // multiprocessor.
@@ -370,39 +317,31 @@ int Split(int64_t out_features) {
   return split;
 }
 
-int Launch(void (*kernel)(FewRowsLinearLaunchArgs, int, int, bool, int, bool), dim3 grid,
-           const FewRowsLinearLaunchArgs& args, int split, int64_t values_per_load,
-           cudaStream_t stream) {
+int Launch(void (*kernel)(FewRowsLinearLaunchArgs, int, int, bool, bool), dim3 grid,
+           const FewRowsLinearLaunchArgs& args, int split, cudaStream_t stream) {
   const bool early = EarlyLoads() && args.weight_settled;
-  // A lane's loads past the first iteration, staged up to the setting.
-  const int64_t lane_loads = (args.in_features + split * 32 * values_per_load - 1) /
-                             (split * 32 * values_per_load);
-  const int64_t beyond = lane_loads > kUnroll ? lane_loads - kUnroll : 0;
-  const int staged = early ? static_cast<int>(beyond < Staged() ? beyond : Staged()) : 0;
-  const cudaError_t status = dependent_launch::LaunchDependentWithShared(
-      kernel, grid, kThreads, static_cast<size_t>(staged) * kThreads * kLoadBytes, stream, args,
-      split, Prefetches(), early, staged, dependent_launch::EarlyDependents());
+  const cudaError_t status = dependent_launch::LaunchDependent(
+      kernel, grid, kThreads, stream, args, split, Prefetches(), early,
+      dependent_launch::EarlyDependents());
   if (early && status == cudaSuccess) ++early_launches;
-  if (staged > 0 && status == cudaSuccess) ++staged_launches;
   return static_cast<int>(status);
 }
 
 template <class Element>
 int LaunchElement(const FewRowsLinearLaunchArgs& args, cudaStream_t stream) {
-  constexpr int64_t kValues = Unpack<Element>::kValues;
   const int split = Split(args.out_features);
   const int features_per_block = kWarps / split;
   const dim3 grid(
       static_cast<unsigned int>((args.out_features + features_per_block - 1) / features_per_block));
   switch (args.rows) {
-    case 1: return Launch(FewRowsLinearKernel<Element, 1>, grid, args, split, kValues, stream);
-    case 2: return Launch(FewRowsLinearKernel<Element, 2>, grid, args, split, kValues, stream);
-    case 3: return Launch(FewRowsLinearKernel<Element, 3>, grid, args, split, kValues, stream);
-    case 4: return Launch(FewRowsLinearKernel<Element, 4>, grid, args, split, kValues, stream);
-    case 5: return Launch(FewRowsLinearKernel<Element, 5>, grid, args, split, kValues, stream);
-    case 6: return Launch(FewRowsLinearKernel<Element, 6>, grid, args, split, kValues, stream);
-    case 7: return Launch(FewRowsLinearKernel<Element, 7>, grid, args, split, kValues, stream);
-    case 8: return Launch(FewRowsLinearKernel<Element, 8>, grid, args, split, kValues, stream);
+    case 1: return Launch(FewRowsLinearKernel<Element, 1>, grid, args, split, stream);
+    case 2: return Launch(FewRowsLinearKernel<Element, 2>, grid, args, split, stream);
+    case 3: return Launch(FewRowsLinearKernel<Element, 3>, grid, args, split, stream);
+    case 4: return Launch(FewRowsLinearKernel<Element, 4>, grid, args, split, stream);
+    case 5: return Launch(FewRowsLinearKernel<Element, 5>, grid, args, split, stream);
+    case 6: return Launch(FewRowsLinearKernel<Element, 6>, grid, args, split, stream);
+    case 7: return Launch(FewRowsLinearKernel<Element, 7>, grid, args, split, stream);
+    case 8: return Launch(FewRowsLinearKernel<Element, 8>, grid, args, split, stream);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }
@@ -414,7 +353,6 @@ bool Aligned(const void* pointer) {
 }  // namespace
 
 int64_t FewRowsLinearEarlyLaunches() { return early_launches.load(); }
-int64_t FewRowsLinearStagedLaunches() { return staged_launches.load(); }
 
 bool EarlyOperandsEnabled() { return CurrentSettings().early_operands.load(); }
 

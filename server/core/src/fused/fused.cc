@@ -36,7 +36,6 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
 }
 void ReloadLaunchSettings() {}
 int64_t FewRowsLinearEarlyLaunches() { return 0; }
-int64_t FewRowsLinearStagedLaunches() { return 0; }
 bool EarlyOperandsEnabled() { return false; }
 int64_t GatedRmsNormEarlyLaunches() { return 0; }
 #endif  // ICD_HAVE_CUDA_FUSED

@@ -96,10 +96,6 @@ void ReloadLaunchSettings();
 // CPU).
 int64_t FewRowsLinearEarlyLaunches();
 
-// Tests: how many of those also staged loads in shared memory
-// (ICD_FEW_ROWS_STAGED; none on the CPU).
-int64_t FewRowsLinearStagedLaunches();
-
 // Unless ICD_EARLY_OPERANDS=0 (re-read after ReloadLaunchSettings), decode
 // kernels other than the projections load their settled operands before
 // waiting for the kernel ahead: the gated norm its weight, the state steps their state, A and D (and Mamba-1's

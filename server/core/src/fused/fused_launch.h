@@ -132,9 +132,8 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream);
 // one process. Launches captured in a graph keep the settings they had.
 void ReloadFewRowsLinearSettings();
 
-// fused.h's FewRowsLinearEarlyLaunches, FewRowsLinearStagedLaunches,
-// EarlyOperandsEnabled and GatedRmsNormEarlyLaunches are defined with the
-// kernels.
+// fused.h's FewRowsLinearEarlyLaunches, EarlyOperandsEnabled and
+// GatedRmsNormEarlyLaunches are defined with the kernels.
 
 }  // namespace icd::fused
 

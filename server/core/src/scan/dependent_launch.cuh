@@ -14,7 +14,6 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
-#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <utility>
@@ -37,22 +36,23 @@ __device__ __forceinline__ void WaitForPrerequisites() {
 #endif
 }
 
-// The usual order in a decode kernel: wait for the kernels ahead, then let
-// the next one be scheduled. With `early_dependents` (EarlyDependents) the
-// next one may be scheduled before this one's wait ends, so that its blocks
-// take free slots and start their own early loads while the chain of small
-// kernels ahead still runs. Safe because no kernel writes before its wait:
-// the next kernel's wait ends only after this one has completed, and this
-// one only after those before it.
+// A decode kernel waits for the kernels ahead and lets the next one be
+// scheduled. With `early_dependents` (EarlyDependents) it lets the next one
+// be scheduled before its wait ends rather than after, so that the next
+// kernel's blocks take free slots and start their early loads while the
+// chain of small kernels ahead still runs. Safe because no kernel writes
+// before its wait: the next kernel's wait ends only after this one has
+// completed, and this one's only after those before it.
 __device__ __forceinline__ void WaitThenAllowDependents(bool early_dependents) {
   if (early_dependents) AllowDependents();
   WaitForPrerequisites();
   if (!early_dependents) AllowDependents();
 }
 
-// ICD_EARLY_DEPENDENTS=1: the decode kernels pass early_dependents above.
-// Read at the first launch and again after ReloadEarlyDependents
-// (fused::ReloadLaunchSettings), like the few-rows linear's settings.
+// Unless ICD_EARLY_DEPENDENTS=0, the decode kernels pass early_dependents
+// above (mamba-2.8b's step 1-3% faster on the H200, mamba2-2.7b's within
+// its noise: deploy/results/h200-gpu-2026-12-03h). Read at the first launch
+// and again after ReloadEarlyDependents (fused::ReloadLaunchSettings).
 inline std::atomic<int>& EarlyDependentsSetting() {
   static std::atomic<int> setting{-1};  // -1: not read yet
   return setting;
@@ -61,7 +61,7 @@ inline bool EarlyDependents() {
   int setting = EarlyDependentsSetting().load(std::memory_order_relaxed);
   if (setting < 0) {
     const char* value = std::getenv("ICD_EARLY_DEPENDENTS");
-    setting = value != nullptr && std::strcmp(value, "0") != 0 ? 1 : 0;
+    setting = value == nullptr || std::strcmp(value, "0") != 0 ? 1 : 0;
     EarlyDependentsSetting().store(setting, std::memory_order_relaxed);
   }
   return setting == 1;
@@ -78,16 +78,15 @@ inline bool Enabled() {
   return enabled;
 }
 
-// kernel<<<grid, block, shared_bytes, stream>>>(args...), allowed to
-// overlap the previous kernel in the stream as above.
+// kernel<<<grid, block, 0, stream>>>(args...), allowed to overlap the
+// previous kernel in the stream as above.
 template <class... Parameters, class... Arguments>
-cudaError_t LaunchDependentWithShared(void (*kernel)(Parameters...), dim3 grid, dim3 block,
-                                      size_t shared_bytes, cudaStream_t stream,
-                                      Arguments&&... arguments) {
+cudaError_t LaunchDependent(void (*kernel)(Parameters...), dim3 grid, dim3 block,
+                            cudaStream_t stream, Arguments&&... arguments) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
-  config.dynamicSmemBytes = shared_bytes;
+  config.dynamicSmemBytes = 0;
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -95,14 +94,6 @@ cudaError_t LaunchDependentWithShared(void (*kernel)(Parameters...), dim3 grid, 
   config.attrs = attribute;
   config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Arguments>(arguments)...);
-}
-
-// The same without dynamic shared memory.
-template <class... Parameters, class... Arguments>
-cudaError_t LaunchDependent(void (*kernel)(Parameters...), dim3 grid, dim3 block,
-                            cudaStream_t stream, Arguments&&... arguments) {
-  return LaunchDependentWithShared(kernel, grid, block, 0, stream,
-                                   std::forward<Arguments>(arguments)...);
 }
 
 }  // namespace icd::dependent_launch

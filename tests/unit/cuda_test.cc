@@ -119,6 +119,17 @@ TEST_P(CudaTest, Float32GoldenApplyVerifyExport) {
 
   const double forward = RelL2(Logits("m"), golden_.logits);
   EXPECT_LE(forward, kGoldenTolerance);
+  // The mean NLL as the device computes it (logsumexp less the target's
+  // logit, engine.cc), against the one HF's logits give in float64.
+  const int64_t positions = golden_.logits.size(1);
+  const torch::Tensor ids = torch::tensor(golden_.input_ids).reshape({golden_.batch, positions});
+  const torch::Tensor log_probs =
+      torch::log_softmax(golden_.logits.slice(1, 0, positions - 1).to(torch::kFloat64), -1);
+  const double golden_nll =
+      -log_probs.gather(-1, ids.slice(1, 1, positions).unsqueeze(-1)).mean().item<double>();
+  auto scored = engine_.Evaluate("m", {golden_.input_ids, golden_.batch, false});
+  ASSERT_TRUE(scored.ok()) << scored.status();
+  EXPECT_NEAR(scored->mean_nll, golden_nll, 1e-4 * golden_nll);
   auto verify = engine_.Verify("m");
   ASSERT_TRUE(verify.ok()) << verify.status();
   EXPECT_TRUE(verify->ok) << verify->rel_l2;

@@ -50,9 +50,10 @@ __device__ __forceinline__ void WaitThenAllowDependents(bool early_dependents) {
 }
 
 // Unless ICD_EARLY_DEPENDENTS=0, the decode kernels pass early_dependents
-// above (mamba-2.8b's step 1-3% faster on the H200, mamba2-2.7b's within
-// its noise: deploy/results/h200-gpu-2026-12-03h). Read at the first launch
-// and again after ReloadEarlyDependents (fused::ReloadLaunchSettings).
+// above (on the H200, mamba-2.8b's step 0.6-4.9% faster in six rounds,
+// mamba2-2.7b's 0-2% in five of six: deploy/results/h200-gpu-2026-12-03h).
+// Read at the first launch and again after ReloadEarlyDependents
+// (fused::ReloadLaunchSettings).
 inline std::atomic<int>& EarlyDependentsSetting() {
   static std::atomic<int> setting{-1};  // -1: not read yet
   return setting;

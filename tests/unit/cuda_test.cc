@@ -1971,6 +1971,40 @@ TEST(DecodeSessionTest, EarlyLoadsLeaveTheStepsBitForBit) {
   }
 }
 
+// Early conv operands (ICD_FEW_ROWS_EARLY_CONV=1: in_proj's conv step reads
+// its taps, bias and history before the kernel ahead ends) change no bit of
+// a session's steps, in a graph or launched in place, and are taken: by
+// every layer's in_proj once the session steps in place, and by none when
+// off.
+TEST(DecodeSessionTest, EarlyConvLeavesTheStepsBitForBit) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  ScopedLaunchSetting setting("ICD_FEW_ROWS_EARLY_CONV");
+  for (const DecodeCase& c : DecodeCases()) {
+    Weights weights;
+    for (const auto& [name, tensor] : c.weights) {
+      weights[name] = tensor.to(torch::kCUDA, torch::kBFloat16);
+    }
+    const torch::Tensor ids = c.ids.to(torch::kCUDA);
+    for (const decode::Execution execution :
+         {decode::Execution::kCudaGraph, decode::Execution::kInPlace}) {
+      const std::string what =
+          c.name + (execution == decode::Execution::kCudaGraph ? " graph" : " in place");
+      setting.Set("0");
+      const int64_t before = fused::FewRowsLinearEarlyConvLaunches();
+      const torch::Tensor plain = SessionLogits(c.config, weights, ids, 5, execution);
+      EXPECT_EQ(fused::FewRowsLinearEarlyConvLaunches(), before) << what << ": none when off";
+      setting.Set("1");
+      const torch::Tensor early = SessionLogits(c.config, weights, ids, 5, execution);
+      const int64_t taken = fused::FewRowsLinearEarlyConvLaunches() - before;
+      ASSERT_TRUE(plain.defined() && early.defined()) << what;
+      EXPECT_TRUE(torch::equal(plain, early)) << what << ": rel " << RelL2(plain, early);
+      EXPECT_GE(taken, c.config.n_layer) << what;
+      std::printf("[decode] %s: %ld early conv launches\n", what.c_str(),
+                  static_cast<long>(taken));
+    }
+  }
+}
+
 // Early dependents (each decode kernel lets the next be scheduled before its
 // own wait ends; the default, ICD_EARLY_DEPENDENTS=0 turns it off) change
 // no bit of a session's steps, in a graph or launched in place. Bit

@@ -32,6 +32,7 @@ struct Mamba1Layer {
   bool x_proj_settled = false;
   bool dt_proj_settled = false;
   bool out_proj_settled = false;
+  bool conv_settled = false;  // conv_w and conv_b (where defined) are the model's own
 };
 
 Mamba1Layer Mamba1LayerView(const Weights& weights, int64_t layer, const Precision& precision) {
@@ -55,6 +56,8 @@ Mamba1Layer Mamba1LayerView(const Weights& weights, int64_t layer, const Precisi
   view.x_proj_settled = settled("x_proj.weight", view.x_proj_w);
   view.dt_proj_settled = settled("dt_proj.weight", view.dt_proj_w);
   view.out_proj_settled = settled("out_proj.weight", view.out_proj_w);
+  view.conv_settled = settled("conv1d.weight", view.conv_w) &&
+                      (!view.conv_b.defined() || settled("conv1d.bias", view.conv_b));
   return view;
 }
 
@@ -98,7 +101,7 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   if (in_place && normed.size(1) == 1) {
     step = fused::FewRowsLinearConvStep(normed, view.in_proj_w, view.in_proj_b, view.conv_w,
                                         view.conv_b, &state->conv_history, 0,
-                                        view.in_proj_settled);
+                                        view.in_proj_settled, view.conv_settled);
   }
   torch::Tensor projected =
       step.has_value()

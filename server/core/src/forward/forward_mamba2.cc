@@ -37,6 +37,7 @@ struct Mamba2Layer {
   // in_proj's when Falcon-H1's multipliers scale a copy).
   bool in_proj_settled = false;
   bool out_proj_settled = false;
+  bool conv_settled = false;  // conv_w and conv_b (where defined) are the model's own
 };
 
 Mamba2Layer Mamba2LayerView(const ModelConfig& config, const Weights& weights, int64_t layer,
@@ -72,6 +73,10 @@ Mamba2Layer Mamba2LayerView(const ModelConfig& config, const Weights& weights, i
   view.norm_settled = IsModelTensor(weights, MixerTensorName(layer, "norm.weight"), view.norm_w);
   view.out_proj_settled =
       IsModelTensor(weights, MixerTensorName(layer, "out_proj.weight"), view.out_proj_w);
+  view.conv_settled =
+      IsModelTensor(weights, MixerTensorName(layer, "conv1d.weight"), view.conv_w) &&
+      (!view.conv_b.defined() ||
+       IsModelTensor(weights, MixerTensorName(layer, "conv1d.bias"), view.conv_b));
   return view;
 }
 
@@ -300,7 +305,7 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
   if (in_place && seq_len == 1) {
     step = fused::FewRowsLinearConvStep(normed, view.in_proj_w, view.in_proj_b, view.conv_w,
                                         view.conv_b, &state->conv_history, inner,
-                                        view.in_proj_settled);
+                                        view.in_proj_settled, view.conv_settled);
   }
   torch::Tensor projected =
       step.has_value()

@@ -97,25 +97,59 @@ __device__ __forceinline__ void PrefetchL2(const void* address) {
 // Loads of a lane in flight together.
 constexpr int kUnroll = ICD_FEW_ROWS_LINEAR_UNROLL;
 
+// With conv_settled and early_conv, each lane of the warp that finishes
+// `channel`'s feature loads that channel's operand number `lane` (when the
+// operands number at most 32: EarlyConvFits) before the wait, and puts it
+// into shared memory after it, so that the conv step after the dot product
+// waits on no load.
+template <class Element>
+__device__ __forceinline__ typename Element::Storage ConvOperand(
+    const FewRowsLinearLaunchArgs& args, int channel, int lane) {
+  using Storage = typename Element::Storage;
+  const int width = static_cast<int>(args.conv_width);
+  const int halo = width - 1;
+  const int rows = static_cast<int>(args.rows);
+  if (lane < width) return static_cast<const Storage*>(args.conv_weight)[channel * width + lane];
+  if (lane < width + rows * halo) {
+    const int row = (lane - width) / halo;
+    const int channels = static_cast<int>(args.conv_channels);
+    return static_cast<const Storage*>(
+        args.conv_history)[(row * channels + channel) * halo + (lane - width) - row * halo];
+  }
+  if (lane == width + rows * halo && args.conv_bias != nullptr) {
+    return static_cast<const Storage*>(args.conv_bias)[channel];
+  }
+  return Element::FromFloat(0.0f);
+}
+
 // One causal conv step of `channel` in `row` whose newest input is `input`
 // (the linear's rounded output): bias first, then the taps oldest to newest,
 // the conv rounded, SiLU in float32 (causal_conv.cu's arithmetic); the
-// history moves one step.
+// history moves one step. Operands from `copied` (ConvOperand's: the
+// taps, each row's history, then the bias) when set, else from global
+// memory.
 template <class Element>
 __device__ __forceinline__ void ConvStep(const FewRowsLinearLaunchArgs& args, int row,
-                                         int64_t channel, typename Element::Storage input) {
+                                         int64_t channel, typename Element::Storage input,
+                                         const typename Element::Storage* copied) {
   using Storage = typename Element::Storage;
   const int halo = static_cast<int>(args.conv_width) - 1;
   auto* history = static_cast<Storage*>(args.conv_history) + (row * args.conv_channels + channel) * halo;
-  const auto* taps = static_cast<const Storage*>(args.conv_weight) + channel * args.conv_width;
+  const Storage* taps = copied != nullptr
+                            ? copied
+                            : static_cast<const Storage*>(args.conv_weight) + channel * args.conv_width;
+  const Storage* recent = copied != nullptr ? copied + args.conv_width + row * halo : history;
   Storage past[kMaxConvWidth - 1];
 #pragma unroll
   for (int k = 0; k < kMaxConvWidth - 1; ++k) {
-    if (k < halo) past[k] = history[k];
+    if (k < halo) past[k] = recent[k];
   }
-  float sum = args.conv_bias != nullptr
-                  ? Element::ToFloat(static_cast<const Storage*>(args.conv_bias)[channel])
-                  : 0.0f;
+  float sum = 0.0f;
+  if (args.conv_bias != nullptr) {
+    sum = Element::ToFloat(copied != nullptr
+                               ? copied[args.conv_width + args.rows * halo]
+                               : static_cast<const Storage*>(args.conv_bias)[channel]);
+  }
 #pragma unroll
   for (int k = 0; k < kMaxConvWidth - 1; ++k) {
     if (k < halo) sum = fmaf(Element::ToFloat(taps[k]), Element::ToFloat(past[k]), sum);
@@ -139,14 +173,18 @@ __device__ __forceinline__ void ConvStep(const FewRowsLinearLaunchArgs& args, in
 // The weights are the model's, not the previous kernel's: before waiting for
 // that kernel (dependent_launch.cuh), each lane's first `prefetches` loads
 // head for L2, or with `early` (a settled weight, ICD_FEW_ROWS_EARLY_LOADS)
-// its first kUnroll loads go to registers.
+// its first kUnroll loads go to registers. With `early_conv` (settled conv
+// operands, ICD_FEW_ROWS_EARLY_CONV) the conv step's operands are copied
+// to shared memory as well (ConvOperand).
 template <class Element, int kRows>
 __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLinearLaunchArgs args,
                                                                 const int split,
                                                                 const int prefetches,
                                                                 const bool early,
+                                                                const bool early_conv,
                                                                 const bool early_dependents) {
   using Storage = typename Element::Storage;
+  __shared__ Storage conv_operands[kWarps][32];  // ConvOperand's, with early_conv
   constexpr int kValues = Unpack<Element>::kValues;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
@@ -179,7 +217,17 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
       PrefetchL2(weight + k);
     }
   }
+  const bool conv_early = early_conv && real && part == 0 && feature >= args.conv_offset &&
+                          feature - args.conv_offset < args.conv_channels;
+  Storage conv_operand{};
+  if (conv_early) {
+    conv_operand = ConvOperand<Element>(args, static_cast<int>(feature - args.conv_offset), lane);
+  }
   dependent_launch::WaitThenAllowDependents(early_dependents);  // x comes from them
+  if (conv_early) {
+    conv_operands[warp][lane] = conv_operand;
+    __syncwarp();  // lane 0 reads them after the dot product
+  }
   for (int64_t first = lane_first; real && first < in_features; first += kUnroll * stride) {
     if (!early || first != lane_first) load(first);
 #pragma unroll
@@ -229,11 +277,12 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
   const int64_t conv_channel = feature - args.conv_offset;
   const bool conv =
       args.conv_output != nullptr && conv_channel >= 0 && conv_channel < args.conv_channels;
+  const Storage* copied = early_conv ? conv_operands[warp] : nullptr;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const Storage value = Element::FromFloat(sums[r] + bias);
     output[r * args.out_features + feature] = value;
-    if (conv) ConvStep<Element>(args, r, conv_channel, value);
+    if (conv) ConvStep<Element>(args, r, conv_channel, value, copied);
   }
 }
 
@@ -253,6 +302,10 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 //     weight's first iteration of loads goes into registers before the
 //     previous kernel has finished, in place of those prefetches (a decode
 //     step 4-5% faster on the H200: deploy/results/h200-gpu-2026-12-03f).
+//   ICD_FEW_ROWS_EARLY_CONV=1: with a decode step's conv in in_proj and its
+//     operands settled (FewRowsLinearLaunchArgs::conv_settled), the taps,
+//     bias and history are read before the previous kernel has finished
+//     (default off).
 //   ICD_EARLY_DEPENDENTS=0 (dependent_launch.cuh) is reloaded with these.
 struct Settings {
   std::mutex reading;
@@ -261,6 +314,7 @@ struct Settings {
   std::atomic<int> prefetches{kUnroll};
   std::atomic<bool> early_loads{true};
   std::atomic<bool> early_operands{true};
+  std::atomic<bool> early_conv{false};
 };
 
 Settings& SettingsStore() {
@@ -283,6 +337,7 @@ Settings& CurrentSettings() {
       settings.prefetches = number("ICD_FEW_ROWS_PREFETCH", kUnroll);
       settings.early_loads = number("ICD_FEW_ROWS_EARLY_LOADS", 1) != 0;
       settings.early_operands = number("ICD_EARLY_OPERANDS", 1) != 0;
+      settings.early_conv = number("ICD_FEW_ROWS_EARLY_CONV", 0) != 0;
       settings.stale.store(false, std::memory_order_release);
     }
   }
@@ -292,8 +347,10 @@ Settings& CurrentSettings() {
 int BlocksPerMultiprocessor() { return CurrentSettings().blocks_per_multiprocessor.load(); }
 int Prefetches() { return CurrentSettings().prefetches.load(); }
 bool EarlyLoads() { return CurrentSettings().early_loads.load(); }
+bool EarlyConv() { return CurrentSettings().early_conv.load(); }
 
 std::atomic<int64_t> early_launches{0};
+std::atomic<int64_t> early_conv_launches{0};
 
 // Warps per feature: enough blocks for about BlocksPerMultiprocessor() per
 // multiprocessor.
@@ -317,13 +374,17 @@ int Split(int64_t out_features) {
   return split;
 }
 
-int Launch(void (*kernel)(FewRowsLinearLaunchArgs, int, int, bool, bool), dim3 grid,
+int Launch(void (*kernel)(FewRowsLinearLaunchArgs, int, int, bool, bool, bool), dim3 grid,
            const FewRowsLinearLaunchArgs& args, int split, cudaStream_t stream) {
   const bool early = EarlyLoads() && args.weight_settled;
+  // ConvOperand: a lane per operand.
+  const bool early_conv = EarlyConv() && args.conv_output != nullptr && args.conv_settled &&
+                          args.conv_width + args.rows * (args.conv_width - 1) + 1 <= 32;
   const cudaError_t status = dependent_launch::LaunchDependent(
-      kernel, grid, kThreads, stream, args, split, Prefetches(), early,
+      kernel, grid, kThreads, stream, args, split, Prefetches(), early, early_conv,
       dependent_launch::EarlyDependents());
   if (early && status == cudaSuccess) ++early_launches;
+  if (early_conv && status == cudaSuccess) ++early_conv_launches;
   return static_cast<int>(status);
 }
 
@@ -353,6 +414,7 @@ bool Aligned(const void* pointer) {
 }  // namespace
 
 int64_t FewRowsLinearEarlyLaunches() { return early_launches.load(); }
+int64_t FewRowsLinearEarlyConvLaunches() { return early_conv_launches.load(); }
 
 bool EarlyOperandsEnabled() { return CurrentSettings().early_operands.load(); }
 

@@ -31,11 +31,12 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
                                                           const torch::Tensor&,
                                                           const torch::Tensor&,
                                                           const torch::Tensor&, torch::Tensor*,
-                                                          int64_t, bool) {
+                                                          int64_t, bool, bool) {
   return std::nullopt;
 }
 void ReloadLaunchSettings() {}
 int64_t FewRowsLinearEarlyLaunches() { return 0; }
+int64_t FewRowsLinearEarlyConvLaunches() { return 0; }
 bool EarlyOperandsEnabled() { return false; }
 int64_t GatedRmsNormEarlyLaunches() { return 0; }
 #endif  // ICD_HAVE_CUDA_FUSED

@@ -80,10 +80,15 @@ struct LinearConvStepResult {
 // [C, 1, K'], conv_bias [C] or undefined) over `history` [B, C, K'-1],
 // contiguous in the compute dtype, which moves one step in place. nullopt
 // (and `history` untouched) where either kernel would decline.
+//
+// conv_settled: conv_weight and conv_bias are the model's own tensors and
+// `history` was last written by this kernel a step earlier (a decode
+// session's), so they may be read before the kernel ahead ends
+// (ICD_FEW_ROWS_EARLY_CONV).
 std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
     const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
-    int64_t conv_offset = 0, bool weight_settled = false);
+    int64_t conv_offset = 0, bool weight_settled = false, bool conv_settled = false);
 
 // The kernels' run-time settings from the environment (the README's table:
 // ICD_FEW_ROWS_*) are read once; after this the next launch reads them
@@ -95,6 +100,10 @@ void ReloadLaunchSettings();
 // weights early (ICD_FEW_ROWS_EARLY_LOADS with a settled weight; none on the
 // CPU).
 int64_t FewRowsLinearEarlyLaunches();
+
+// Tests: how many few-rows launches with a conv step read its operands
+// early (ICD_FEW_ROWS_EARLY_CONV with conv_settled; none on the CPU).
+int64_t FewRowsLinearEarlyConvLaunches();
 
 // Unless ICD_EARLY_OPERANDS=0 (re-read after ReloadLaunchSettings), decode
 // kernels other than the projections load their settled operands before

@@ -206,6 +206,7 @@ struct ConvStepOperands {
   const torch::Tensor* bias;    // [C] or undefined
   torch::Tensor* history;       // [B, C, K-1]
   int64_t offset;               // the first of the C outputs
+  bool settled;                 // FewRowsLinearConvStep's conv_settled
 };
 
 // FewRowsLinear, and with `conv` its conv step in the same kernel (then the
@@ -286,6 +287,9 @@ std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
     args.conv_bias = conv_bias.defined() ? conv_bias.data_ptr() : nullptr;
     args.conv_history = conv->history->numel() > 0 ? conv->history->data_ptr() : nullptr;
     args.conv_output = conv_output.data_ptr();
+    // Only the caller's own tensors, not copies made here.
+    args.conv_settled = conv->settled && taps.is_same(*conv->weight) &&
+                        (!conv_bias.defined() || conv_bias.is_same(*conv->bias));
   }
   const int status = LaunchFewRowsLinear(args, CurrentStream(device));
   // Unaligned rows or widths decline: cuBLAS takes them.
@@ -310,9 +314,9 @@ std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
 std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
     const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
-    int64_t conv_offset, bool weight_settled) {
+    int64_t conv_offset, bool weight_settled, bool conv_settled) {
   if (history == nullptr) return std::nullopt;
-  const ConvStepOperands conv{&conv_weight, &conv_bias, history, conv_offset};
+  const ConvStepOperands conv{&conv_weight, &conv_bias, history, conv_offset, conv_settled};
   auto result = FewRowsLinearLaunch(input, weight, bias, &conv, weight_settled);
   if (!result.has_value()) return std::nullopt;
   return LinearConvStepResult{std::move(result->first), std::move(result->second)};

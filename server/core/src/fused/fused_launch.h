@@ -116,6 +116,10 @@ struct FewRowsLinearLaunchArgs {
   const void* conv_bias = nullptr;    // [C]; null: none
   void* conv_history = nullptr;       // [rows, C, K-1], read and written
   void* conv_output = nullptr;        // silu(conv) [rows, C], contiguous
+  // conv_weight and conv_bias are the model's own tensors and conv_history
+  // was last written by this kernel a step earlier, so all three may be read
+  // before the kernel ahead ends (ICD_FEW_ROWS_EARLY_CONV).
+  bool conv_settled = false;
 };
 
 // Enqueue on `stream` (a cudaStream_t) of the current device. Return 0
@@ -132,8 +136,9 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream);
 // one process. Launches captured in a graph keep the settings they had.
 void ReloadFewRowsLinearSettings();
 
-// fused.h's FewRowsLinearEarlyLaunches, EarlyOperandsEnabled and
-// GatedRmsNormEarlyLaunches are defined with the kernels.
+// fused.h's FewRowsLinearEarlyLaunches, FewRowsLinearEarlyConvLaunches,
+// EarlyOperandsEnabled and GatedRmsNormEarlyLaunches are defined with the
+// kernels.
 
 }  // namespace icd::fused
 

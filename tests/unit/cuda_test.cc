@@ -1971,11 +1971,12 @@ TEST(DecodeSessionTest, EarlyLoadsLeaveTheStepsBitForBit) {
   }
 }
 
-// Early conv operands (ICD_FEW_ROWS_EARLY_CONV=1: in_proj's conv step reads
-// its taps, bias and history before the kernel ahead ends) change no bit of
-// a session's steps, in a graph or launched in place, and are taken: by
-// every layer's in_proj once the session steps in place, and by none when
-// off.
+// Early conv operands (in_proj's conv step reads its taps, bias and history
+// before the kernel ahead ends; the default, ICD_FEW_ROWS_EARLY_CONV=0
+// turns it off) change no bit of a session's steps, in a graph or launched
+// in place, and are taken: by every layer's in_proj where the conv step is
+// in it (a d_model of whole 16-byte bf16 loads; the odd widths of
+// random-mamba1 take cuBLAS and the conv kernel), and by none when off.
 TEST(DecodeSessionTest, EarlyConvLeavesTheStepsBitForBit) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   ScopedLaunchSetting setting("ICD_FEW_ROWS_EARLY_CONV");
@@ -1998,7 +1999,11 @@ TEST(DecodeSessionTest, EarlyConvLeavesTheStepsBitForBit) {
       const int64_t taken = fused::FewRowsLinearEarlyConvLaunches() - before;
       ASSERT_TRUE(plain.defined() && early.defined()) << what;
       EXPECT_TRUE(torch::equal(plain, early)) << what << ": rel " << RelL2(plain, early);
-      EXPECT_GE(taken, c.config.n_layer) << what;
+      if (c.config.d_model % 8 == 0) {
+        EXPECT_GE(taken, c.config.n_layer) << what;
+      } else {
+        EXPECT_EQ(taken, 0) << what;
+      }
       std::printf("[decode] %s: %ld early conv launches\n", what.c_str(),
                   static_cast<long>(taken));
     }

@@ -302,10 +302,12 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 //     weight's first iteration of loads goes into registers before the
 //     previous kernel has finished, in place of those prefetches (a decode
 //     step 4-5% faster on the H200: deploy/results/h200-gpu-2026-12-03f).
-//   ICD_FEW_ROWS_EARLY_CONV=1: with a decode step's conv in in_proj and its
-//     operands settled (FewRowsLinearLaunchArgs::conv_settled), the taps,
-//     bias and history are read before the previous kernel has finished
-//     (default off).
+//   ICD_FEW_ROWS_EARLY_CONV=0: by default, with a decode step's conv in
+//     in_proj and its operands settled (FewRowsLinearLaunchArgs::
+//     conv_settled), the taps, bias and history are read before the
+//     previous kernel has finished (both steps 1.5-2.7% faster on the H200:
+//     deploy/results/h200-gpu-2026-12-03h); 0 reads them after the dot
+//     product.
 //   ICD_EARLY_DEPENDENTS=0 (dependent_launch.cuh) is reloaded with these.
 struct Settings {
   std::mutex reading;
@@ -314,7 +316,7 @@ struct Settings {
   std::atomic<int> prefetches{kUnroll};
   std::atomic<bool> early_loads{true};
   std::atomic<bool> early_operands{true};
-  std::atomic<bool> early_conv{false};
+  std::atomic<bool> early_conv{true};
 };
 
 Settings& SettingsStore() {
@@ -337,7 +339,7 @@ Settings& CurrentSettings() {
       settings.prefetches = number("ICD_FEW_ROWS_PREFETCH", kUnroll);
       settings.early_loads = number("ICD_FEW_ROWS_EARLY_LOADS", 1) != 0;
       settings.early_operands = number("ICD_EARLY_OPERANDS", 1) != 0;
-      settings.early_conv = number("ICD_FEW_ROWS_EARLY_CONV", 0) != 0;
+      settings.early_conv = number("ICD_FEW_ROWS_EARLY_CONV", 1) != 0;
       settings.stale.store(false, std::memory_order_release);
     }
   }

@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <numeric>
 #include <optional>
@@ -1154,73 +1155,95 @@ TEST(FewRowsLinearTest, MatchesTorchLinear) {
 
 // Logits of a decode session over `ids` [B, L]: a prefill of `prefill`
 // tokens, then one step per remaining token, concatenated [B, L, V] (cpu).
+// Each step's logits come to the host as it ends, or with `queued` all at
+// the end (the steps then follow each other on the device with no wait on
+// the host between them).
 torch::Tensor SessionLogits(const ModelConfig& config, const Weights& weights,
                             const torch::Tensor& ids, int64_t prefill,
-                            decode::Execution execution) {
+                            decode::Execution execution, bool queued = false) {
   auto prefill_logits = Forward(config, weights, ids.narrow(1, 0, prefill));
   EXPECT_TRUE(prefill_logits.ok()) << prefill_logits.status();
   auto session = decode::Session::Start(config, weights, ids.narrow(1, 0, prefill), execution, {});
   EXPECT_TRUE(session.ok()) << session.status();
   if (!prefill_logits.ok() || !session.ok()) return torch::Tensor();
   EXPECT_EQ((*session)->execution(), execution);
-  std::vector<torch::Tensor> pieces = {prefill_logits->cpu()};
+  std::vector<torch::Tensor> pieces = {queued ? *prefill_logits : prefill_logits->cpu()};
   for (int64_t position = prefill; position < ids.size(1); ++position) {
     auto step = (*session)->Step(ids.narrow(1, position, 1).contiguous(), {});
     EXPECT_TRUE(step.ok()) << "position " << position << ": " << step.status();
     if (!step.ok()) return torch::Tensor();
-    pieces.push_back(step->cpu());  // a graph's output is overwritten by the next step
+    // A graph's output is overwritten by the next step.
+    pieces.push_back(queued ? step->clone() : step->cpu());
   }
-  return torch::cat(pieces, 1);
+  return torch::cat(pieces, 1).cpu();
 }
 
 // A decode step's in_proj and conv in one kernel: bit for bit what the two
 // kernels give one after the other (the same dot products, the same conv
-// arithmetic on the same rounded inputs), the history moved in place.
+// arithmetic on the same rounded inputs), the history moved in place. With
+// conv_settled the conv's operands are read before the wait (early conv
+// operands, on unless ICD_FEW_ROWS_EARLY_CONV=0), a lane each, where they
+// number at most 32 (not for K 8 over 4 rows); 2112 channels give a warp a
+// feature, 300 split a feature over warps.
 TEST(FewRowsLinearTest, ConvStepIsTheLinearThenTheConv) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   torch::manual_seed(803);
+  const char* early_conv = std::getenv("ICD_FEW_ROWS_EARLY_CONV");
+  const bool early_conv_on = early_conv == nullptr || std::strcmp(early_conv, "0") != 0;
   for (const torch::ScalarType dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
     const auto options = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);
-    for (const int64_t batch : {1, 3}) {
-      for (const int64_t width : {1, 2, 4}) {
-        for (const bool with_bias : {false, true}) {
-          // Mamba-1's conv channels come first in in_proj's output, Mamba-2's after z.
-          const int64_t offset = with_bias ? 0 : 100;
-          const std::string name = std::string(c10::toString(dtype)) + " B" +
-                                   std::to_string(batch) + " K" + std::to_string(width) +
-                                   (with_bias ? " bias" : "") + " offset " +
-                                   std::to_string(offset);
-          const int64_t channels = 300, model = 256;
-          const torch::Tensor weight = torch::randn({2 * channels, model}, options) * 0.05;
-          const torch::Tensor bias = with_bias ? torch::randn({2 * channels}, options) : torch::Tensor();
-          const torch::Tensor conv_weight = 0.5 * torch::randn({channels, 1, width}, options);
-          const torch::Tensor conv_bias =
-              with_bias ? 0.3 * torch::randn({channels}, options) : torch::Tensor();
-          const torch::Tensor input = torch::randn({batch, 1, model}, options);
-          const torch::Tensor history = torch::randn({batch, channels, width - 1}, options);
+    for (const int64_t channels : {int64_t{300}, int64_t{2112}}) {
+      for (const int64_t batch : {1, 3, 4}) {
+        for (const int64_t width : {1, 2, 4, 8}) {
+          for (const bool with_bias : {false, true}) {
+            // Mamba-1's conv channels come first in in_proj's output, Mamba-2's after z.
+            const int64_t offset = with_bias ? 0 : 100;
+            const std::string name = std::string(c10::toString(dtype)) + " C" +
+                                     std::to_string(channels) + " B" + std::to_string(batch) +
+                                     " K" + std::to_string(width) + (with_bias ? " bias" : "") +
+                                     " offset " + std::to_string(offset);
+            const int64_t model = 256;
+            const torch::Tensor weight = torch::randn({2 * channels, model}, options) * 0.05;
+            const torch::Tensor bias =
+                with_bias ? torch::randn({2 * channels}, options) : torch::Tensor();
+            const torch::Tensor conv_weight = 0.5 * torch::randn({channels, 1, width}, options);
+            const torch::Tensor conv_bias =
+                with_bias ? 0.3 * torch::randn({channels}, options) : torch::Tensor();
+            const torch::Tensor input = torch::randn({batch, 1, model}, options);
+            const torch::Tensor history = torch::randn({batch, channels, width - 1}, options);
 
-          torch::Tensor fused_history = history.clone();
-          std::optional<fused::LinearConvStepResult> step = fused::FewRowsLinearConvStep(
-              input, weight, bias, conv_weight, conv_bias, &fused_history, offset);
-          ASSERT_TRUE(step.has_value()) << name;
-          std::optional<torch::Tensor> projected = fused::FewRowsLinear(input, weight, bias);
-          ASSERT_TRUE(projected.has_value()) << name;
-          torch::Tensor next_history;
-          std::optional<torch::Tensor> convolved =
-              fused::CausalConvSilu(projected->narrow(-1, offset, channels), conv_weight,
-                                    conv_bias, history, &next_history);
-          ASSERT_TRUE(convolved.has_value()) << name;
-          EXPECT_TRUE(torch::equal(step->projected, *projected)) << name;
-          EXPECT_TRUE(torch::equal(step->convolved, *convolved)) << name;
-          EXPECT_TRUE(torch::equal(fused_history, next_history)) << name;
-          // The history moved: the newest input is the step's own.
-          if (width > 1) {
-            EXPECT_TRUE(torch::equal(fused_history.select(2, width - 2),
-                                     projected->select(1, 0).narrow(-1, offset, channels)))
-                << name;
+            std::optional<torch::Tensor> projected = fused::FewRowsLinear(input, weight, bias);
+            ASSERT_TRUE(projected.has_value()) << name;
+            torch::Tensor next_history;
+            std::optional<torch::Tensor> convolved =
+                fused::CausalConvSilu(projected->narrow(-1, offset, channels), conv_weight,
+                                      conv_bias, history, &next_history);
+            ASSERT_TRUE(convolved.has_value()) << name;
+            for (const bool settled : {false, true}) {
+              const std::string what = name + (settled ? " settled" : "");
+              torch::Tensor fused_history = history.clone();
+              const int64_t early_before = fused::FewRowsLinearEarlyConvLaunches();
+              std::optional<fused::LinearConvStepResult> step = fused::FewRowsLinearConvStep(
+                  input, weight, bias, conv_weight, conv_bias, &fused_history, offset, false,
+                  settled);
+              ASSERT_TRUE(step.has_value()) << what;
+              const bool fits = width + batch * (width - 1) + 1 <= 32;
+              EXPECT_EQ(fused::FewRowsLinearEarlyConvLaunches() - early_before,
+                        settled && fits && early_conv_on ? 1 : 0)
+                  << what;
+              EXPECT_TRUE(torch::equal(step->projected, *projected)) << what;
+              EXPECT_TRUE(torch::equal(step->convolved, *convolved)) << what;
+              EXPECT_TRUE(torch::equal(fused_history, next_history)) << what;
+              // The history moved: the newest input is the step's own.
+              if (width > 1) {
+                EXPECT_TRUE(torch::equal(fused_history.select(2, width - 2),
+                                         projected->select(1, 0).narrow(-1, offset, channels)))
+                    << what;
+              }
+            }
           }
         }
-      }
+    }
     }
     // Declined, the history untouched: a history of the wrong width.
     const torch::Tensor weight = torch::randn({64, 128}, options);
@@ -2012,9 +2035,10 @@ TEST(DecodeSessionTest, EarlyConvLeavesTheStepsBitForBit) {
 
 // Early dependents (each decode kernel lets the next be scheduled before its
 // own wait ends; the default, ICD_EARLY_DEPENDENTS=0 turns it off) change
-// no bit of a session's steps, in a graph or launched in place. Bit
-// equality checks that no kernel reads what the chain ahead has not yet
-// written; a race would show as a difference only by chance.
+// no bit of a session's steps, in a graph or launched in place, with the
+// steps queued on the device one after another (no host wait between
+// them). Bit equality checks that no kernel reads what the chain ahead has
+// not yet written; a race would show as a difference only by chance.
 TEST(DecodeSessionTest, EarlyDependentsLeaveTheStepsBitForBit) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   ScopedLaunchSetting dependents("ICD_EARLY_DEPENDENTS");
@@ -2031,7 +2055,8 @@ TEST(DecodeSessionTest, EarlyDependentsLeaveTheStepsBitForBit) {
       dependents.Set("0");
       const torch::Tensor plain = SessionLogits(c.config, weights, ids, 5, execution);
       dependents.Set(nullptr);  // the default
-      const torch::Tensor early = SessionLogits(c.config, weights, ids, 5, execution);
+      const torch::Tensor early =
+          SessionLogits(c.config, weights, ids, 5, execution, /*queued=*/true);
       ASSERT_TRUE(plain.defined() && early.defined()) << what;
       EXPECT_TRUE(torch::equal(plain, early)) << what << ": rel " << RelL2(plain, early);
     }

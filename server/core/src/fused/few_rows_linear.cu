@@ -99,7 +99,7 @@ constexpr int kUnroll = ICD_FEW_ROWS_LINEAR_UNROLL;
 
 // With conv_settled and early_conv, each lane of the warp that finishes
 // `channel`'s feature loads that channel's operand number `lane` (when the
-// operands number at most 32: EarlyConvFits) before the wait, and puts it
+// operands number at most 32, as Launch checks) before the wait, and puts it
 // into shared memory after it, so that the conv step after the dot product
 // waits on no load.
 template <class Element>

@@ -98,9 +98,9 @@ struct FewRowsLinearLaunchArgs {
   const void* input = nullptr;    // [rows, in_features], rows input_row_stride apart
   int64_t input_row_stride = 0;   // in elements
   const void* weight = nullptr;   // [out_features, in_features], contiguous
-  // The weight was written before the kernel ahead of this one in the stream
-  // (a model's own tensor, not a copy made for this call), so its loads may
-  // start before that kernel ends (ICD_FEW_ROWS_EARLY_LOADS).
+  // The weight is the model's own tensor, not a copy made for this call: no
+  // kernel of the step writes it, so its loads may start before the kernels
+  // ahead end (ICD_FEW_ROWS_EARLY_LOADS; dependent_launch.cuh's rule).
   bool weight_settled = false;
   const void* bias = nullptr;     // [out_features]; null: none
   void* output = nullptr;         // [rows, out_features], contiguous
@@ -117,8 +117,9 @@ struct FewRowsLinearLaunchArgs {
   void* conv_history = nullptr;       // [rows, C, K-1], read and written
   void* conv_output = nullptr;        // silu(conv) [rows, C], contiguous
   // conv_weight and conv_bias are the model's own tensors and conv_history
-  // was last written by this kernel a step earlier, so all three may be read
-  // before the kernel ahead ends (ICD_FEW_ROWS_EARLY_CONV).
+  // was last written by this kernel a step earlier (no other kernel of the
+  // step writes them), so all three may be read before the kernels ahead
+  // end (ICD_FEW_ROWS_EARLY_CONV; dependent_launch.cuh's rule).
   bool conv_settled = false;
 };
 

@@ -207,8 +207,8 @@ __global__ void __launch_bounds__(kThreads)
                                                 row * args.width + first);
   const int thread = static_cast<int>(threadIdx.x);
   const float inverse_width = 1.0f / static_cast<float>(group_width);
-  // A settled weight (no kernel ahead writes it) is loaded before the wait;
-  // else after the block's sum, from L1/L2.
+  // A settled weight (no kernel of the step writes it: dependent_launch.cuh)
+  // is loaded before the wait; else after the block's sum, from L1/L2.
   StorageQuad early_weight[kEarlyWeight ? kQuads : 1];
   if constexpr (kEarlyWeight) {
 #pragma unroll

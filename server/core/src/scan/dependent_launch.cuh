@@ -40,9 +40,16 @@ __device__ __forceinline__ void WaitForPrerequisites() {
 // scheduled. With `early_dependents` (EarlyDependents) it lets the next one
 // be scheduled before its wait ends rather than after, so that the next
 // kernel's blocks take free slots and start their early loads while the
-// chain of small kernels ahead still runs. Safe because no kernel writes
-// before its wait: the next kernel's wait ends only after this one has
-// completed, and this one's only after those before it.
+// chain of small kernels ahead still runs. Reads and writes after the wait
+// stay safe: no block exits before its wait, so the next kernel's wait ends
+// only after this one has completed, and this one's only after those before
+// it. What is read before the wait is another matter: with every kernel
+// letting the next start early, a kernel may begin several kernels ahead
+// of the last one that finished, back to the last launch without dependent
+// launch (a LibTorch op, cuBLAS, the gather; each decode step starts with
+// one). So an operand read before the wait must be written by no kernel
+// since that launch: the model's own weights, and state that only the same
+// kernel of the same layer writes, a step earlier.
 __device__ __forceinline__ void WaitThenAllowDependents(bool early_dependents) {
   if (early_dependents) AllowDependents();
   WaitForPrerequisites();

@@ -46,8 +46,9 @@ __global__ void __launch_bounds__(kStepThreads) StateSpaceStepKernel(const State
   const int64_t state_size = args.state_size;
   const float* state_in =
       args.state_in != nullptr ? args.state_in + row * state_size : nullptr;
-  // The state, A and D are not the kernel ahead's (operands_early): read
-  // before waiting for it; else with the rest, after.
+  // No kernel of the step writes the state (but this one), A or D
+  // (operands_early; dependent_launch.cuh says why that is the rule): read
+  // before waiting for the kernels ahead; else with the rest, after.
   float previous[kPerLane];
   auto load_state = [&] {
 #pragma unroll

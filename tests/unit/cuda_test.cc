@@ -25,6 +25,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <numeric>
 #include <optional>
@@ -1994,6 +1995,27 @@ TEST(DecodeSessionTest, EarlyLoadsLeaveTheStepsBitForBit) {
   }
 }
 
+// Every decode case with its weights in bf16 on CUDA, stepped both ways (a
+// CUDA graph, and launched in place), for the tests of launch settings that
+// must leave a session's steps bit for bit. `what` names the case and way.
+void ForEachBFloat16Session(
+    const std::function<void(const DecodeCase& c, const Weights& weights,
+                             const torch::Tensor& ids, decode::Execution execution,
+                             const std::string& what)>& run) {
+  for (const DecodeCase& c : DecodeCases()) {
+    Weights weights;
+    for (const auto& [name, tensor] : c.weights) {
+      weights[name] = tensor.to(torch::kCUDA, torch::kBFloat16);
+    }
+    const torch::Tensor ids = c.ids.to(torch::kCUDA);
+    for (const decode::Execution execution :
+         {decode::Execution::kCudaGraph, decode::Execution::kInPlace}) {
+      run(c, weights, ids, execution,
+          c.name + (execution == decode::Execution::kCudaGraph ? " graph" : " in place"));
+    }
+  }
+}
+
 // Early conv operands (in_proj's conv step reads its taps, bias and history
 // before the kernel ahead ends; the default, ICD_FEW_ROWS_EARLY_CONV=0
 // turns it off) change no bit of a session's steps, in a graph or launched
@@ -2003,34 +2025,25 @@ TEST(DecodeSessionTest, EarlyLoadsLeaveTheStepsBitForBit) {
 TEST(DecodeSessionTest, EarlyConvLeavesTheStepsBitForBit) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   ScopedLaunchSetting setting("ICD_FEW_ROWS_EARLY_CONV");
-  for (const DecodeCase& c : DecodeCases()) {
-    Weights weights;
-    for (const auto& [name, tensor] : c.weights) {
-      weights[name] = tensor.to(torch::kCUDA, torch::kBFloat16);
+  ForEachBFloat16Session([&](const DecodeCase& c, const Weights& weights, const torch::Tensor& ids,
+                             decode::Execution execution, const std::string& what) {
+    setting.Set("0");
+    const int64_t before = fused::FewRowsLinearEarlyConvLaunches();
+    const torch::Tensor plain = SessionLogits(c.config, weights, ids, 5, execution);
+    EXPECT_EQ(fused::FewRowsLinearEarlyConvLaunches(), before) << what << ": none when off";
+    setting.Set("1");
+    const torch::Tensor early = SessionLogits(c.config, weights, ids, 5, execution);
+    const int64_t taken = fused::FewRowsLinearEarlyConvLaunches() - before;
+    ASSERT_TRUE(plain.defined() && early.defined()) << what;
+    EXPECT_TRUE(torch::equal(plain, early)) << what << ": rel " << RelL2(plain, early);
+    if (c.config.d_model % 8 == 0) {
+      EXPECT_GE(taken, c.config.n_layer) << what;
+    } else {
+      EXPECT_EQ(taken, 0) << what;
     }
-    const torch::Tensor ids = c.ids.to(torch::kCUDA);
-    for (const decode::Execution execution :
-         {decode::Execution::kCudaGraph, decode::Execution::kInPlace}) {
-      const std::string what =
-          c.name + (execution == decode::Execution::kCudaGraph ? " graph" : " in place");
-      setting.Set("0");
-      const int64_t before = fused::FewRowsLinearEarlyConvLaunches();
-      const torch::Tensor plain = SessionLogits(c.config, weights, ids, 5, execution);
-      EXPECT_EQ(fused::FewRowsLinearEarlyConvLaunches(), before) << what << ": none when off";
-      setting.Set("1");
-      const torch::Tensor early = SessionLogits(c.config, weights, ids, 5, execution);
-      const int64_t taken = fused::FewRowsLinearEarlyConvLaunches() - before;
-      ASSERT_TRUE(plain.defined() && early.defined()) << what;
-      EXPECT_TRUE(torch::equal(plain, early)) << what << ": rel " << RelL2(plain, early);
-      if (c.config.d_model % 8 == 0) {
-        EXPECT_GE(taken, c.config.n_layer) << what;
-      } else {
-        EXPECT_EQ(taken, 0) << what;
-      }
-      std::printf("[decode] %s: %ld early conv launches\n", what.c_str(),
-                  static_cast<long>(taken));
-    }
-  }
+    std::printf("[decode] %s: %ld early conv launches\n", what.c_str(),
+                static_cast<long>(taken));
+  });
 }
 
 // Early dependents (each decode kernel lets the next be scheduled before its
@@ -2042,25 +2055,16 @@ TEST(DecodeSessionTest, EarlyConvLeavesTheStepsBitForBit) {
 TEST(DecodeSessionTest, EarlyDependentsLeaveTheStepsBitForBit) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   ScopedLaunchSetting dependents("ICD_EARLY_DEPENDENTS");
-  for (const DecodeCase& c : DecodeCases()) {
-    Weights weights;
-    for (const auto& [name, tensor] : c.weights) {
-      weights[name] = tensor.to(torch::kCUDA, torch::kBFloat16);
-    }
-    const torch::Tensor ids = c.ids.to(torch::kCUDA);
-    for (const decode::Execution execution :
-         {decode::Execution::kCudaGraph, decode::Execution::kInPlace}) {
-      const std::string what =
-          c.name + (execution == decode::Execution::kCudaGraph ? " graph" : " in place");
-      dependents.Set("0");
-      const torch::Tensor plain = SessionLogits(c.config, weights, ids, 5, execution);
-      dependents.Set(nullptr);  // the default
-      const torch::Tensor early =
-          SessionLogits(c.config, weights, ids, 5, execution, /*queued=*/true);
-      ASSERT_TRUE(plain.defined() && early.defined()) << what;
-      EXPECT_TRUE(torch::equal(plain, early)) << what << ": rel " << RelL2(plain, early);
-    }
-  }
+  ForEachBFloat16Session([&](const DecodeCase& c, const Weights& weights, const torch::Tensor& ids,
+                             decode::Execution execution, const std::string& what) {
+    dependents.Set("0");
+    const torch::Tensor plain = SessionLogits(c.config, weights, ids, 5, execution);
+    dependents.Set(nullptr);  // the default
+    const torch::Tensor early =
+        SessionLogits(c.config, weights, ids, 5, execution, /*queued=*/true);
+    ASSERT_TRUE(plain.defined() && early.defined()) << what;
+    EXPECT_TRUE(torch::equal(plain, early)) << what << ": rel " << RelL2(plain, early);
+  });
 }
 
 // Early operands (the gated norm's weight; the state steps' state, A,
@@ -2078,48 +2082,41 @@ TEST(DecodeSessionTest, EarlyOperandsLeaveTheStepsBitForBit) {
   // A form forced for measuring (ICD_STATE_SPACE_FORM) runs no step kernel.
   const bool step_form = std::getenv("ICD_STATE_SPACE_FORM") == nullptr;
   int mamba2_cases = 0;
-  for (const DecodeCase& c : DecodeCases()) {
+  ForEachBFloat16Session([&](const DecodeCase& c, const Weights& weights, const torch::Tensor& ids,
+                             decode::Execution execution, const std::string& what) {
     const bool mamba2 = c.config.family == Family::kMamba2;
-    mamba2_cases += mamba2 ? 1 : 0;
+    if (execution == decode::Execution::kCudaGraph) mamba2_cases += mamba2 ? 1 : 0;
     auto state_steps = [&] {
-      return mamba2 ? scan::StateSpaceStepEarlyLaunches() : scan::SelectiveStateStepEarlyLaunches();
+      return mamba2 ? scan::StateSpaceStepEarlyLaunches()
+                    : scan::SelectiveStateStepEarlyLaunches();
     };
-    Weights weights;
-    for (const auto& [name, tensor] : c.weights) {
-      weights[name] = tensor.to(torch::kCUDA, torch::kBFloat16);
+    early("0");
+    const int64_t steps_before = state_steps();
+    const int64_t norms_before = fused::GatedRmsNormEarlyLaunches();
+    const torch::Tensor plain = SessionLogits(c.config, weights, ids, 5, execution);
+    EXPECT_EQ(state_steps(), steps_before) << what << ": none taken when off";
+    EXPECT_EQ(fused::GatedRmsNormEarlyLaunches(), norms_before) << what << ": none taken when off";
+    early(nullptr);  // the default
+    const torch::Tensor loaded_early = SessionLogits(c.config, weights, ids, 5, execution);
+    const int64_t steps = state_steps() - steps_before;
+    const int64_t norms = fused::GatedRmsNormEarlyLaunches() - norms_before;
+    ASSERT_TRUE(plain.defined() && loaded_early.defined()) << what;
+    EXPECT_TRUE(torch::equal(plain, loaded_early))
+        << what << ": rel " << RelL2(plain, loaded_early);
+    // A graph: the captured step's, one a layer. In place: every step's
+    // after the first (which computes A and D).
+    const int64_t settled_steps = execution == decode::Execution::kCudaGraph
+                                      ? 1
+                                      : ids.size(1) - 5 - 1;
+    if (step_form || !mamba2) {
+      EXPECT_GE(steps, settled_steps * c.config.n_layer) << what;
     }
-    const torch::Tensor ids = c.ids.to(torch::kCUDA);
-    for (const decode::Execution execution :
-         {decode::Execution::kCudaGraph, decode::Execution::kInPlace}) {
-      const std::string what =
-          c.name + (execution == decode::Execution::kCudaGraph ? " graph" : " in place");
-      early("0");
-      const int64_t steps_before = state_steps();
-      const int64_t norms_before = fused::GatedRmsNormEarlyLaunches();
-      const torch::Tensor plain = SessionLogits(c.config, weights, ids, 5, execution);
-      EXPECT_EQ(state_steps(), steps_before) << what << ": none taken when off";
-      EXPECT_EQ(fused::GatedRmsNormEarlyLaunches(), norms_before) << what << ": none taken when off";
-      early(nullptr);  // the default
-      const torch::Tensor loaded_early = SessionLogits(c.config, weights, ids, 5, execution);
-      const int64_t steps = state_steps() - steps_before;
-      const int64_t norms = fused::GatedRmsNormEarlyLaunches() - norms_before;
-      ASSERT_TRUE(plain.defined() && loaded_early.defined()) << what;
-      EXPECT_TRUE(torch::equal(plain, loaded_early)) << what << ": rel " << RelL2(plain, loaded_early);
-      // A graph: the captured step's, one a layer. In place: every step's
-      // after the first (which computes A and D).
-      const int64_t settled_steps = execution == decode::Execution::kCudaGraph
-                                        ? 1
-                                        : ids.size(1) - 5 - 1;
-      if (step_form || !mamba2) {
-        EXPECT_GE(steps, settled_steps * c.config.n_layer) << what;
-      }
-      if (mamba2) {
-        EXPECT_GT(norms, 0) << what;
-      }
-      std::printf("[decode] %s: %ld early state steps, %ld early gated norms\n", what.c_str(),
-                  static_cast<long>(steps), static_cast<long>(norms));
+    if (mamba2) {
+      EXPECT_GT(norms, 0) << what;
     }
-  }
+    std::printf("[decode] %s: %ld early state steps, %ld early gated norms\n", what.c_str(),
+                static_cast<long>(steps), static_cast<long>(norms));
+  });
   EXPECT_GE(mamba2_cases, 2);
 }
 

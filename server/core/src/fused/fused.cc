@@ -17,12 +17,13 @@ std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor&, const torch::Te
 }
 
 std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor&, const torch::Tensor&,
-                                          const torch::Tensor&, int64_t, double, bool, bool) {
+                                          const torch::Tensor&, int64_t, double, bool, bool,
+                                          const step_signals::Awaits*) {
   return std::nullopt;
 }
 
 std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor&, const torch::Tensor&,
-                                           const torch::Tensor&, bool) {
+                                           const torch::Tensor&, bool, const StepLink*) {
   return std::nullopt;
 }
 
@@ -31,10 +32,14 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
                                                           const torch::Tensor&,
                                                           const torch::Tensor&,
                                                           const torch::Tensor&, torch::Tensor*,
-                                                          int64_t, bool, bool) {
+                                                          int64_t, bool, bool,
+                                                          const StepLink*) {
   return std::nullopt;
 }
 void ReloadLaunchSettings() {}
+bool StepSignalsEnabled() { return false; }
+void SettleStepSignals(const torch::Tensor&, unsigned) {}
+int64_t FewRowsLinearSignalledLaunches() { return 0; }
 int64_t FewRowsLinearEarlyLaunches() { return 0; }
 int64_t FewRowsLinearEarlyConvLaunches() { return 0; }
 bool EarlyOperandsEnabled() { return false; }

@@ -25,9 +25,13 @@ namespace icd::step_signals {
 // away from its flags has failed.
 constexpr uint64_t kPatienceNanoseconds = 10'000'000'000ull;
 
-__device__ __forceinline__ int LoadAcquire(const int* address) {
+// Polls are relaxed loads, and one fence follows the poll that saw the flag
+// (together an acquire): an acquire load per poll would also invalidate the
+// multiprocessor's L1 each time, under the projections' blocks that share it
+// and read x from there.
+__device__ __forceinline__ int LoadRelaxed(const int* address) {
   int value;
-  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
+  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
   return value;
 }
 
@@ -45,14 +49,15 @@ __device__ __forceinline__ int LinearBlock() {
   return static_cast<int>(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
 }
 
-// One thread: until `await`'s flag for this block is raised.
+// One thread: until `await`'s flag for this block is raised (relaxed: the
+// caller fences after).
 __device__ __forceinline__ void PollFlag(const Await& await) {
   if (await.signal == nullptr) return;
   const int* flag = await.signal + (1 + LinearBlock() % kFlagLines) * kLineInts;
-  if (LoadAcquire(flag) != 0) return;
+  if (LoadRelaxed(flag) != 0) return;
   const uint64_t start = GlobalNanoseconds();
-  while (LoadAcquire(flag) == 0) {
-    __nanosleep(64);
+  while (LoadRelaxed(flag) == 0) {
+    __nanosleep(128);
     if (GlobalNanoseconds() - start > kPatienceNanoseconds) __trap();
   }
 }
@@ -64,6 +69,7 @@ __device__ __forceinline__ void AwaitSignals(const Awaits& awaits) {
     PollFlag(awaits.first);
     PollFlag(awaits.second);
     PollFlag(awaits.third);
+    __threadfence();  // with the polls' loads, an acquire of the producers' writes
   }
   __syncthreads();
 }

@@ -9,10 +9,11 @@ namespace icd::forward_internal {
 
 LayerSignals LayerSignals::For(const LayerState* state, bool eligible) {
   LayerSignals signals;
-  if (!eligible || state == nullptr || !state->step_signals.defined() ||
-      !fused::StepSignalsEnabled()) {
+  const int mode = fused::StepSignalsMode();
+  if (!eligible || state == nullptr || !state->step_signals.defined() || mode == 0) {
     return signals;
   }
+  signals.awaiting_ = mode == 1;
   signals.signals_ = state->step_signals;
   signals.ints_ = state->step_signals.data_ptr<int>();
   return signals;
@@ -35,7 +36,7 @@ bool LayerSignals::Published(step_signals::Signal signal) const {
 void LayerSignals::MarkPublished(step_signals::Signal signal) { published_ |= 1u << signal; }
 
 step_signals::Await LayerSignals::Await(step_signals::Signal signal) const {
-  if (settled_ || !Published(signal)) return {};
+  if (!awaiting_ || settled_ || !Published(signal)) return {};
   return step_signals::Await{Signal(signal)};
 }
 

@@ -19,7 +19,7 @@ class LayerSignals {
   LayerSignals() = default;
 
   // The layer state's signals where ICD_DECODE_SIGNALS is on (fused::
-  // StepSignalsEnabled), `eligible` (the caller's: an in-place step of one
+  // StepSignalsMode), `eligible` (the caller's: an in-place step of one
   // token a row on CUDA with the session's settled constants, nothing
   // captured) and Prepare made them; else off.
   static LayerSignals For(const LayerState* state, bool eligible);
@@ -52,6 +52,7 @@ class LayerSignals {
   torch::Tensor signals_;  // [kLayerInts] int32
   int* ints_ = nullptr;
   unsigned published_ = 0;  // bit s: signal s
+  bool awaiting_ = true;    // ICD_DECODE_SIGNALS=2: published, never awaited
   bool settled_ = false;
 };
 

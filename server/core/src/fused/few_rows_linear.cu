@@ -323,8 +323,9 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 //     product.
 //   ICD_DECODE_SIGNALS=1: a decode step layer's kernels wait for the parts
 //     of in_proj (and x_proj, the state step) they need instead of for the
-//     kernel ahead (scan/step_signals.h; StepSignalsEnabled, read by the
-//     forward).
+//     kernel ahead (scan/step_signals.h; StepSignalsMode, read by the
+//     forward). 2: the producers count and raise the signals, and every
+//     kernel still waits for the kernel ahead (what the counting costs).
 //   ICD_EARLY_DEPENDENTS=0 (dependent_launch.cuh) is reloaded with these.
 struct Settings {
   std::mutex reading;
@@ -334,7 +335,7 @@ struct Settings {
   std::atomic<bool> early_loads{true};
   std::atomic<bool> early_operands{true};
   std::atomic<bool> early_conv{true};
-  std::atomic<bool> step_signals{false};
+  std::atomic<int> step_signals{0};
 };
 
 Settings& SettingsStore() {
@@ -358,7 +359,7 @@ Settings& CurrentSettings() {
       settings.early_loads = number("ICD_FEW_ROWS_EARLY_LOADS", 1) != 0;
       settings.early_operands = number("ICD_EARLY_OPERANDS", 1) != 0;
       settings.early_conv = number("ICD_FEW_ROWS_EARLY_CONV", 1) != 0;
-      settings.step_signals = number("ICD_DECODE_SIGNALS", 0) != 0;
+      settings.step_signals = number("ICD_DECODE_SIGNALS", 0);
       settings.stale.store(false, std::memory_order_release);
     }
   }
@@ -445,7 +446,7 @@ int64_t FewRowsLinearSignalledLaunches() { return signalled_launches.load(); }
 
 bool EarlyOperandsEnabled() { return CurrentSettings().early_operands.load(); }
 
-bool StepSignalsEnabled() { return CurrentSettings().step_signals.load(); }
+int StepSignalsMode() { return CurrentSettings().step_signals.load(); }
 
 void ReloadFewRowsLinearSettings() {
   Settings& settings = SettingsStore();

@@ -37,7 +37,7 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
   return std::nullopt;
 }
 void ReloadLaunchSettings() {}
-bool StepSignalsEnabled() { return false; }
+int StepSignalsMode() { return 0; }
 void SettleStepSignals(const torch::Tensor&, unsigned) {}
 int64_t FewRowsLinearSignalledLaunches() { return 0; }
 int64_t FewRowsLinearEarlyLaunches() { return 0; }

@@ -112,10 +112,11 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     int64_t conv_offset = 0, bool weight_settled = false, bool conv_settled = false,
     const StepLink* link = nullptr);
 
-// ICD_DECODE_SIGNALS=1 (re-read after ReloadLaunchSettings): a decode step
+// ICD_DECODE_SIGNALS (re-read after ReloadLaunchSettings): 1, a decode step
 // layer's kernels signal their parts to each other (scan/step_signals.h,
-// forward's LayerSignals). False on the CPU.
-bool StepSignalsEnabled();
+// forward's LayerSignals); 2, the producers signal and nothing waits for
+// the signals (what signalling costs); 0 (the default, and on the CPU) none.
+int StepSignalsMode();
 
 // One kernel on the current stream that returns once every signal of
 // `layer_signals` (a layer's kLayerInts int32s on its CUDA device) named by

@@ -2067,57 +2067,6 @@ TEST(DecodeSessionTest, EarlyDependentsLeaveTheStepsBitForBit) {
   });
 }
 
-// Step signals (ICD_DECODE_SIGNALS=1: a decode step layer's kernels wait
-// for the parts of in_proj, x_proj and the state step they need instead of
-// for the kernel ahead, scan/step_signals.h) change no bit of a session's
-// steps, in a graph or launched in place, with the steps queued on the
-// device; and are taken once the session's constants exist (the captured
-// step; in place, every step after the first): by the state step of every
-// layer of plain Mamba-1 and of Mamba-2 whose in_proj is a few-rows kernel
-// (a d_model of whole 16-byte bf16 loads); by none when off (the default).
-TEST(DecodeSessionTest, StepSignalsLeaveTheStepsBitForBit) {
-  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
-  ScopedLaunchSetting setting("ICD_DECODE_SIGNALS");
-  const bool step_form = std::getenv("ICD_STATE_SPACE_FORM") == nullptr;
-  int signalled_cases = 0;
-  ForEachBFloat16Session([&](const DecodeCase& c, const Weights& weights, const torch::Tensor& ids,
-                             decode::Execution execution, const std::string& what) {
-    const bool mamba2 = c.config.family == Family::kMamba2;
-    auto state_steps = [&] {
-      return mamba2 ? scan::StateSpaceStepSignalledLaunches()
-                    : scan::SelectiveStateStepSignalledLaunches();
-    };
-    setting.Set(nullptr);  // off, the default
-    const int64_t steps_before = state_steps();
-    const int64_t linears_before = fused::FewRowsLinearSignalledLaunches();
-    const torch::Tensor plain = SessionLogits(c.config, weights, ids, 5, execution);
-    EXPECT_EQ(state_steps(), steps_before) << what << ": none when off";
-    EXPECT_EQ(fused::FewRowsLinearSignalledLaunches(), linears_before) << what << ": none when off";
-    setting.Set("1");
-    const torch::Tensor signalled =
-        SessionLogits(c.config, weights, ids, 5, execution, /*queued=*/true);
-    const int64_t steps = state_steps() - steps_before;
-    const int64_t linears = fused::FewRowsLinearSignalledLaunches() - linears_before;
-    ASSERT_TRUE(plain.defined() && signalled.defined()) << what;
-    EXPECT_TRUE(torch::equal(plain, signalled)) << what << ": rel " << RelL2(plain, signalled);
-    const int64_t settled_steps =
-        execution == decode::Execution::kCudaGraph ? 1 : ids.size(1) - 5 - 1;
-    const bool plain_mamba1 =
-        c.config.family == Family::kMamba1 && !c.config.mixer_norm_weights;
-    if (c.config.d_model % 8 == 0 && ((mamba2 && step_form) || plain_mamba1)) {
-      EXPECT_GE(steps, settled_steps * c.config.n_layer) << what;
-      // in_proj, and Mamba-1's x_proj
-      EXPECT_GE(linears, (mamba2 ? 1 : 2) * settled_steps * c.config.n_layer) << what;
-      ++signalled_cases;
-    } else if (!mamba2 && !plain_mamba1) {
-      EXPECT_EQ(steps, 0) << what << ": FalconMamba's norms sit between x_proj and the step";
-    }
-    std::printf("[decode] %s: %ld signalled state steps, %ld signalled projections\n",
-                what.c_str(), static_cast<long>(steps), static_cast<long>(linears));
-  });
-  EXPECT_GE(signalled_cases, 4);
-}
-
 // Early operands (the gated norm's weight; the state steps' state, A,
 // D, and Mamba-1's dt_proj bias and weight, read before the kernel ahead
 // ends) changes no bit of a session's steps, in a graph or launched in

@@ -108,7 +108,6 @@ absl::Status CaptureStep(Session::Impl* impl, const torch::Device& device, int64
     impl->state.layers[layer].scan_decay = scratch.layers[layer].scan_decay;
     impl->state.layers[layer].scan_skip = scratch.layers[layer].scan_skip;
     impl->state.layers[layer].scan_delta_bias = scratch.layers[layer].scan_delta_bias;
-    impl->state.layers[layer].step_signals = scratch.layers[layer].step_signals;
   }
 
   impl->graph = std::make_unique<at::cuda::CUDAGraph>();

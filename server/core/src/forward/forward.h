@@ -94,10 +94,6 @@ struct LayerState {
   torch::Tensor scan_decay;
   torch::Tensor scan_skip;
   torch::Tensor scan_delta_bias;
-  // With in_place, on CUDA: the layer's step signals (scan/step_signals.h,
-  // ICD_DECODE_SIGNALS), int32 [kLayerInts], zero between steps; made with
-  // the constants above and shared by copies of the state.
-  torch::Tensor step_signals;
 };
 
 struct RecurrentState {

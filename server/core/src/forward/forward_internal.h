@@ -85,8 +85,6 @@ class Capture {
   explicit Capture(CaptureSink* sink) : sink_(sink) {}
 
   bool Wants(const std::string& group) const { return sink_ != nullptr && sink_->Wants(group); }
-  // Whether anything may be captured (a sink is given).
-  bool Active() const { return sink_ != nullptr; }
 
   // values [..., channels] -> rows [n, channels], handed out when wanted.
   void Add(const std::string& group, const torch::Tensor& values) const;

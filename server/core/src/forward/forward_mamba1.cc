@@ -8,7 +8,6 @@
 
 #include "absl/status/status.h"
 #include "forward/forward_internal.h"
-#include "forward/layer_signals.h"
 #include "fused/fused.h"
 #include "scan/selective_scan.h"
 
@@ -98,25 +97,11 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   // 1. Gated MLP's linear projection: [x | z]. A decode step on CUDA takes
   // step 2's conv in the same kernel (fused/fused.h).
   const bool in_place = state != nullptr && state->in_place;
-  // Step signals (layer_signals.h): x_proj starts on in_proj's x half, the
-  // state step reads z last. Plain Mamba-1 only: FalconMamba's and Jamba's
-  // norms of dt, B and C run between x_proj and the state step.
-  LayerSignals signals = LayerSignals::For(
-      state, in_place && normed.size(1) == 1 && normed.is_cuda() && state->scan_decay.defined() &&
-          config.family == Family::kMamba1 && !config.mixer_norm_weights && !capture.Active());
   std::optional<fused::LinearConvStepResult> step;
   if (in_place && normed.size(1) == 1) {
-    fused::StepLink link;
-    link.publish = {signals.Signal(step_signals::kInProjFirst),
-                    signals.Signal(step_signals::kInProjRest), inner, 2 * inner};
     step = fused::FewRowsLinearConvStep(normed, view.in_proj_w, view.in_proj_b, view.conv_w,
                                         view.conv_b, &state->conv_history, 0,
-                                        view.in_proj_settled, view.conv_settled,
-                                        signals.on() ? &link : nullptr);
-    if (step.has_value() && signals.on()) {
-      signals.MarkPublished(step_signals::kInProjFirst);
-      signals.MarkPublished(step_signals::kInProjRest);
-    }
+                                        view.in_proj_settled, view.conv_settled);
   }
   torch::Tensor projected =
       step.has_value()
@@ -143,32 +128,12 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
                                 state != nullptr ? &state->conv_history : nullptr, ctx, layer,
                                 /*then_silu=*/true);  // [B, L, I]
 
-  // 3.a. Selection: x_proj rows are [dt | B | C]. With step signals it
-  // waits for in_proj's x half only.
-  std::optional<torch::Tensor> signalled_params;
-  if (signals.Published(step_signals::kInProjFirst)) {
-    const int64_t features = view.x_proj_w.size(0);
-    fused::StepLink link;
-    link.awaits.first = signals.Await(step_signals::kInProjFirst);
-    link.publish = {signals.Signal(step_signals::kProjection), nullptr, features, features};
-    signalled_params =
-        fused::FewRowsLinear(hidden, view.x_proj_w, torch::Tensor(), view.x_proj_settled, &link);
-    if (signalled_params.has_value()) {
-      signals.MarkPublished(step_signals::kProjection);
-    } else {
-      signals.Settle();
-    }
-  }
+  // 3.a. Selection: x_proj rows are [dt | B | C].
   torch::Tensor ssm_params =
-      signalled_params.has_value()
-          ? *std::move(signalled_params)
-          : Linear(hidden, view.x_proj_w, torch::Tensor(), view.x_proj_settled);  // [B, L, R + 2N]
+      Linear(hidden, view.x_proj_w, torch::Tensor(), view.x_proj_settled);  // [B, L, R + 2N]
   torch::Tensor time_step = ssm_params.narrow(-1, 0, config.dt_rank);               // [B, L, R]
   torch::Tensor b_proj = ssm_params.narrow(-1, config.dt_rank, state_size);         // [B, L, N]
   torch::Tensor c_proj = ssm_params.narrow(-1, config.dt_rank + state_size, state_size);  // [B, L, N]
-  if (config.family == Family::kFalconMamba || config.mixer_norm_weights) {
-    signals.Settle();  // LibTorch ops follow (never with signals: see For's call)
-  }
   if (config.family == Family::kFalconMamba) {
     // FalconMamba (HF slow path): weightless RMS over N on B and C and over
     // the rank axis on the time step, before dt_proj; results cast back.
@@ -234,22 +199,12 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
     scan_inputs.a_decay = -torch::exp(view.a_log.to(wide));  // [I, N]
     scan_inputs.d_skip = view.d_skip.to(wide);               // [I]
     if (in_place) {
-      LayerSignals::Prepare(state, hidden.device());
       state->scan_decay = scan_inputs.a_decay;
       state->scan_skip = scan_inputs.d_skip;
       if (bias_in_scan && scan::UsesCudaKernel(scan_inputs, wide)) {
         state->scan_delta_bias = view.dt_proj_b.to(torch::kFloat32);
       }
     }
-  }
-  // The state step waits for in_proj's x and x_proj, and for z at its end.
-  if (signals.Published(step_signals::kProjection) && scan_inputs.delta_proj_weight.defined() &&
-      scan::UsesCudaKernel(scan_inputs, wide)) {
-    scan_inputs.awaits.first = signals.Await(step_signals::kInProjFirst);
-    scan_inputs.awaits.second = signals.Await(step_signals::kProjection);
-    scan_inputs.gate_await = signals.Await(step_signals::kInProjRest);
-  } else {
-    signals.Settle();
   }
   // Its output is already in the compute dtype.
   torch::Tensor out_proj_input =
@@ -258,8 +213,8 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
 
   // 4. Final linear projection.
   capture.Add(LayerGroupName(layer, "inner"), out_proj_input);
-  return signals.ClosingLinear(out_proj_input, view.out_proj_w, view.out_proj_b,
-                               view.out_proj_settled);  // [B, L, d_model]
+  return Linear(out_proj_input, view.out_proj_w, view.out_proj_b,
+                view.out_proj_settled);  // [B, L, d_model]
 }
 
 }  // namespace icd::forward_internal

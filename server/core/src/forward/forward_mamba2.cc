@@ -14,7 +14,6 @@
 #include "absl/status/status.h"
 #include "cpu_vector.h"
 #include "forward/forward_internal.h"
-#include "forward/layer_signals.h"
 #include "fused/fused.h"
 #include "scan/state_space_scan.h"
 
@@ -193,26 +192,15 @@ std::optional<torch::Tensor> GatedNormLoop(const torch::Tensor& scan_output,
 // [B, L, I] in compute; returns [B, L, I] in compute. HF
 // (grouped_gated_norm=false) normalises over the whole d_inner; mamba_ssm
 // over each group of d_inner/ngroups channels. One kernel on CUDA.
-// With step signals (a decode step's `signals`) the kernel waits for the
-// state step's y and in_proj's z instead of the kernel ahead.
 torch::Tensor GatedNorm(const ModelConfig& config, const Mamba2Layer& view,
                         const Precision& precision, const torch::Tensor& scan_output,
-                        const torch::Tensor& gate, LayerSignals& signals) {
+                        const torch::Tensor& gate) {
   const int64_t groups = config.grouped_gated_norm ? config.ngroups : 1;
   const double eps = config.gated_norm_eps > 0 ? config.gated_norm_eps : config.norm_eps;
   if (config.gated_norm) {
-    step_signals::Awaits awaits;
-    if (signals.Published(step_signals::kStateStep)) {
-      awaits.first = signals.Await(step_signals::kStateStep);
-      awaits.second = signals.Await(step_signals::kInProjRest);
-    }
     std::optional<torch::Tensor> fused = fused::GatedRmsNorm(
-        scan_output, gate, view.norm_w, groups, eps, config.norm_before_gate, view.norm_settled,
-        awaits.first.signal != nullptr ? &awaits : nullptr);
+        scan_output, gate, view.norm_w, groups, eps, config.norm_before_gate, view.norm_settled);
     if (fused.has_value()) return *std::move(fused);
-  }
-  signals.Settle();  // LibTorch's ops read y and z
-  if (config.gated_norm) {
     // float32 on the CPU: one native pass (the output is already float32).
     if (precision.compute == torch::kFloat32) {
       std::optional<torch::Tensor> loop =
@@ -313,27 +301,11 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
   // 1. Linear projection; order [z | x | B | C | dt] with xBC contiguous. A
   // decode step on CUDA takes step 2's conv in the same kernel (fused/fused.h).
   const bool in_place = state != nullptr && state->in_place;
-  // Step signals (layer_signals.h): in_proj writes xBC and dt first, and the
-  // state step starts on them while z still streams; the gated norm waits
-  // for z.
-  LayerSignals signals = LayerSignals::For(
-      state, in_place && seq_len == 1 && normed.is_cuda() && state->scan_decay.defined() &&
-                 !capture.Active());
   std::optional<fused::LinearConvStepResult> step;
   if (in_place && seq_len == 1) {
-    const int64_t features = view.in_proj_w.size(0);
-    fused::StepLink link;
-    link.rotation = inner;
-    link.publish = {signals.Signal(step_signals::kInProjFirst),
-                    signals.Signal(step_signals::kInProjRest), features - inner, features};
     step = fused::FewRowsLinearConvStep(normed, view.in_proj_w, view.in_proj_b, view.conv_w,
                                         view.conv_b, &state->conv_history, inner,
-                                        view.in_proj_settled, view.conv_settled,
-                                        signals.on() ? &link : nullptr);
-    if (step.has_value() && signals.on()) {
-      signals.MarkPublished(step_signals::kInProjFirst);
-      signals.MarkPublished(step_signals::kInProjRest);
-    }
+                                        view.in_proj_settled, view.conv_settled);
   }
   torch::Tensor projected =
       step.has_value()
@@ -390,7 +362,6 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
     // them before the kernel ahead ends.
     scan_inputs.operands_settled = fused::EarlyOperandsEnabled();
   } else if (in_place) {
-    LayerSignals::Prepare(state, normed.device());
     scan_inputs.a_decay = -torch::exp(view.a_log.to(wide));  // [H]
     scan_inputs.skip = view.d_skip.to(wide);                 // [H] or [I]
     state->scan_decay = scan_inputs.a_decay;
@@ -402,30 +373,13 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
     scan_inputs.a_log = view.a_log;  // [H]
     scan_inputs.skip = view.d_skip;  // [H] or [I]
   }
-  // With step signals the step kernel waits for in_proj's xBC and dt only,
-  // and signals its rows of y to the gated norm.
-  std::optional<torch::Tensor> signalled_output;
-  if (signals.Published(step_signals::kInProjFirst)) {
-    const int64_t rows = batch * heads * head_dim;
-    scan::StateSpaceInputs signalled = scan_inputs;
-    signalled.awaits.first = signals.Await(step_signals::kInProjFirst);
-    signalled.publish = {signals.Signal(step_signals::kStateStep), nullptr, rows, rows};
-    signalled_output = scan::StateSpaceScanCuda(signalled, &state->ssm_state, in_place);
-    if (signalled_output.has_value()) {
-      signals.MarkPublished(step_signals::kStateStep);
-    } else {
-      signals.Settle();
-    }
-  }
   torch::Tensor scan_output =
-      (signalled_output.has_value()
-           ? *std::move(signalled_output)
-           : Scan(scan_inputs, wide, state != nullptr ? &state->ssm_state : nullptr, in_place,
-                  ctx, layer))
+      Scan(scan_inputs, wide, state != nullptr ? &state->ssm_state : nullptr, in_place, ctx,
+           layer)
           .reshape({batch, seq_len, inner});  // [B, L, I]
 
   // 6. Gated RMSNorm (or the bare gate).
-  torch::Tensor gated = GatedNorm(config, view, precision, scan_output, gate, signals);
+  torch::Tensor gated = GatedNorm(config, view, precision, scan_output, gate);
 
   capture.Add(LayerGroupName(layer, "headdim"), gated);
   const std::string heads_group = LayerGroupName(layer, "heads");
@@ -437,8 +391,8 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
   }
 
   // 7. Final linear projection.
-  return signals.ClosingLinear(gated, view.out_proj_w, view.out_proj_b,
-                               view.out_proj_settled);  // [B, L, d_model]
+  return Linear(gated, view.out_proj_w, view.out_proj_b,
+                view.out_proj_settled);  // [B, L, d_model]
 }
 
 }  // namespace icd::forward_internal

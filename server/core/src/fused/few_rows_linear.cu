@@ -15,7 +15,6 @@
 
 #include "fused/fused_launch.h"
 #include "scan/dependent_launch.cuh"
-#include "scan/step_signals.cuh"
 #include "scan/element_types.cuh"
 
 namespace icd::fused {
@@ -176,9 +175,7 @@ __device__ __forceinline__ void ConvStep(const FewRowsLinearLaunchArgs& args, in
 // head for L2, or with `early` (a settled weight, ICD_FEW_ROWS_EARLY_LOADS)
 // its first kUnroll loads go to registers. With `early_conv` (settled conv
 // operands, ICD_FEW_ROWS_EARLY_CONV) the conv step's operands are copied
-// to shared memory as well (ConvOperand). With step signals the block waits
-// for args.awaits instead, and counts its features into args.publish once
-// they are written (every thread reaches the end for that: no early exits).
+// to shared memory as well (ConvOperand).
 template <class Element, int kRows>
 __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLinearLaunchArgs args,
                                                                 const int split,
@@ -192,11 +189,8 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int part = warp % split;
-  const int64_t block_first = static_cast<int64_t>(blockIdx.x) * (kWarps / split);
-  const int64_t position = block_first + warp / split;  // in the kernel's order (args.rotation)
-  const bool real = position < args.out_features;
-  const int64_t rotated = position + args.rotation;
-  const int64_t feature = rotated < args.out_features ? rotated : rotated - args.out_features;
+  const int64_t feature = static_cast<int64_t>(blockIdx.x) * (kWarps / split) + warp / split;
+  const bool real = feature < args.out_features;
   const int64_t in_features = args.in_features;
   const auto* weight = static_cast<const Storage*>(args.weight) + (real ? feature : 0) * in_features;
   const auto* input = static_cast<const Storage*>(args.input);
@@ -229,11 +223,7 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
   if (conv_early) {
     conv_operand = ConvOperand<Element>(args, static_cast<int>(feature - args.conv_offset), lane);
   }
-  step_signals::WaitForInputs(args.awaits, early_dependents);  // x comes from them
-  step_signals::ResetSignals(args.reset_signals);
-  // x from a kernel that may still run (a signal's producer): not through
-  // the read-only path.
-  const bool running_input = args.awaits.first.signal != nullptr;
+  dependent_launch::WaitThenAllowDependents(early_dependents);  // x comes from them
   if (conv_early) {
     conv_operands[warp][lane] = conv_operand;
     __syncwarp();  // lane 0 reads them after the dot product
@@ -249,8 +239,8 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         float values[kValues];
-        const auto* address = reinterpret_cast<const uint4*>(input + r * args.input_row_stride + k);
-        Unpack<Element>::Run(running_input ? __ldcg(address) : __ldg(address), values);
+        Unpack<Element>::Run(
+            __ldg(reinterpret_cast<const uint4*>(input + r * args.input_row_stride + k)), values);
 #pragma unroll
         for (int i = 0; i < kValues; ++i) sums[r] = fmaf(weights[i], values[i], sums[r]);
       }
@@ -263,7 +253,6 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
       sums[r] += __shfl_xor_sync(0xffffffffu, sums[r], offset);
     }
   }
-  const bool publishing = args.publish.first != nullptr;
   if (split > 1) {
     __shared__ float partial[kWarps][kRows];
     if (lane == 0) {
@@ -271,32 +260,30 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
       for (int r = 0; r < kRows; ++r) partial[warp][r] = sums[r];
     }
     __syncthreads();
-    if (part == 0 && lane == 0) {
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        float total = 0.0f;
-        for (int p = 0; p < split; ++p) total += partial[warp + p][r];
-        sums[r] = total;
-      }
-    }
-  }
-  if (part == 0 && lane == 0 && real) {
-    const float bias = args.bias != nullptr
-                           ? Element::ToFloat(static_cast<const Storage*>(args.bias)[feature])
-                           : 0.0f;
-    auto* output = static_cast<Storage*>(args.output);
-    const int64_t conv_channel = feature - args.conv_offset;
-    const bool conv =
-        args.conv_output != nullptr && conv_channel >= 0 && conv_channel < args.conv_channels;
-    const Storage* copied = early_conv ? conv_operands[warp] : nullptr;
+    if (part != 0 || lane != 0) return;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      const Storage value = Element::FromFloat(sums[r] + bias);
-      output[r * args.out_features + feature] = value;
-      if (conv) ConvStep<Element>(args, r, conv_channel, value, copied);
+      float total = 0.0f;
+      for (int p = 0; p < split; ++p) total += partial[warp + p][r];
+      sums[r] = total;
     }
+  } else if (lane != 0) {
+    return;
   }
-  if (publishing) step_signals::PublishBlock(args.publish, block_first, block_first + kWarps / split);
+  if (!real) return;
+  const float bias =
+      args.bias != nullptr ? Element::ToFloat(static_cast<const Storage*>(args.bias)[feature]) : 0.0f;
+  auto* output = static_cast<Storage*>(args.output);
+  const int64_t conv_channel = feature - args.conv_offset;
+  const bool conv =
+      args.conv_output != nullptr && conv_channel >= 0 && conv_channel < args.conv_channels;
+  const Storage* copied = early_conv ? conv_operands[warp] : nullptr;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const Storage value = Element::FromFloat(sums[r] + bias);
+    output[r * args.out_features + feature] = value;
+    if (conv) ConvStep<Element>(args, r, conv_channel, value, copied);
+  }
 }
 
 // The run-time settings, from the environment: read at the first launch,
@@ -321,11 +308,6 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 //     previous kernel has finished (both steps 1.5-2.7% faster on the H200:
 //     deploy/results/h200-gpu-2026-12-03h); 0 reads them after the dot
 //     product.
-//   ICD_DECODE_SIGNALS=1: a decode step layer's kernels wait for the parts
-//     of in_proj (and x_proj, the state step) they need instead of for the
-//     kernel ahead (scan/step_signals.h; StepSignalsMode, read by the
-//     forward). 2: the producers count and raise the signals, and every
-//     kernel still waits for the kernel ahead (what the counting costs).
 //   ICD_EARLY_DEPENDENTS=0 (dependent_launch.cuh) is reloaded with these.
 struct Settings {
   std::mutex reading;
@@ -335,7 +317,6 @@ struct Settings {
   std::atomic<bool> early_loads{true};
   std::atomic<bool> early_operands{true};
   std::atomic<bool> early_conv{true};
-  std::atomic<int> step_signals{0};
 };
 
 Settings& SettingsStore() {
@@ -359,7 +340,6 @@ Settings& CurrentSettings() {
       settings.early_loads = number("ICD_FEW_ROWS_EARLY_LOADS", 1) != 0;
       settings.early_operands = number("ICD_EARLY_OPERANDS", 1) != 0;
       settings.early_conv = number("ICD_FEW_ROWS_EARLY_CONV", 1) != 0;
-      settings.step_signals = number("ICD_DECODE_SIGNALS", 0);
       settings.stale.store(false, std::memory_order_release);
     }
   }
@@ -373,7 +353,6 @@ bool EarlyConv() { return CurrentSettings().early_conv.load(); }
 
 std::atomic<int64_t> early_launches{0};
 std::atomic<int64_t> early_conv_launches{0};
-std::atomic<int64_t> signalled_launches{0};
 
 // Warps per feature: enough blocks for about BlocksPerMultiprocessor() per
 // multiprocessor.
@@ -408,10 +387,6 @@ int Launch(void (*kernel)(FewRowsLinearLaunchArgs, int, int, bool, bool, bool), 
       dependent_launch::EarlyDependents());
   if (early && status == cudaSuccess) ++early_launches;
   if (early_conv && status == cudaSuccess) ++early_conv_launches;
-  if ((args.publish.first != nullptr || args.awaits.first.signal != nullptr) &&
-      status == cudaSuccess) {
-    ++signalled_launches;
-  }
   return static_cast<int>(status);
 }
 
@@ -442,11 +417,8 @@ bool Aligned(const void* pointer) {
 
 int64_t FewRowsLinearEarlyLaunches() { return early_launches.load(); }
 int64_t FewRowsLinearEarlyConvLaunches() { return early_conv_launches.load(); }
-int64_t FewRowsLinearSignalledLaunches() { return signalled_launches.load(); }
 
 bool EarlyOperandsEnabled() { return CurrentSettings().early_operands.load(); }
-
-int StepSignalsMode() { return CurrentSettings().step_signals.load(); }
 
 void ReloadFewRowsLinearSettings() {
   Settings& settings = SettingsStore();
@@ -473,14 +445,6 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream) {
        args.conv_offset + args.conv_channels > args.out_features || args.conv_width < 1 ||
        args.conv_width > kMaxConvWidth || args.conv_weight == nullptr ||
        (args.conv_width > 1 && args.conv_history == nullptr))) {
-    return invalid;
-  }
-  const step_signals::Publish& publish = args.publish;
-  if (args.rotation < 0 || args.rotation >= args.out_features ||
-      (publish.first != nullptr &&
-       (publish.total != args.out_features || publish.first_items < 1 ||
-        publish.first_items > publish.total ||
-        (publish.first_items < publish.total && publish.rest == nullptr)))) {
     return invalid;
   }
   auto* cuda_stream = static_cast<cudaStream_t>(stream);

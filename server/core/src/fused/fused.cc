@@ -17,13 +17,12 @@ std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor&, const torch::Te
 }
 
 std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor&, const torch::Tensor&,
-                                          const torch::Tensor&, int64_t, double, bool, bool,
-                                          const step_signals::Awaits*) {
+                                          const torch::Tensor&, int64_t, double, bool, bool) {
   return std::nullopt;
 }
 
 std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor&, const torch::Tensor&,
-                                           const torch::Tensor&, bool, const StepLink*) {
+                                           const torch::Tensor&, bool) {
   return std::nullopt;
 }
 
@@ -32,14 +31,10 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
                                                           const torch::Tensor&,
                                                           const torch::Tensor&,
                                                           const torch::Tensor&, torch::Tensor*,
-                                                          int64_t, bool, bool,
-                                                          const StepLink*) {
+                                                          int64_t, bool, bool) {
   return std::nullopt;
 }
 void ReloadLaunchSettings() {}
-int StepSignalsMode() { return 0; }
-void SettleStepSignals(const torch::Tensor&, unsigned) {}
-int64_t FewRowsLinearSignalledLaunches() { return 0; }
 int64_t FewRowsLinearEarlyLaunches() { return 0; }
 int64_t FewRowsLinearEarlyConvLaunches() { return 0; }
 bool EarlyOperandsEnabled() { return false; }

@@ -6,7 +6,6 @@
 #ifndef ICD_CORE_SRC_FUSED_FUSED_H_
 #define ICD_CORE_SRC_FUSED_FUSED_H_
 
-#include "scan/step_signals.h"
 #include "torch_api.h"
 
 #include <optional>
@@ -51,27 +50,10 @@ std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor& residual,
 // `weight_settled`: the model's own tensor (FewRowsLinear's sense), which
 // a decode step (rows of one token) may then load before the kernel ahead
 // ends (EarlyOperandsEnabled).
-//
-// `awaits` (step signals, scan/step_signals.h): the kernel waits for them
-// instead of the kernel ahead; nullopt, before anything runs, where the
-// kernel would not read `values` and `gate` as they are.
 std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor& values, const torch::Tensor& gate,
                                           const torch::Tensor& weight, int64_t groups,
                                           double eps, bool norm_before_gate,
-                                          bool weight_settled = false,
-                                          const step_signals::Awaits* awaits = nullptr);
-
-// A few-rows linear's part in a decode step layer's step signals
-// (scan/step_signals.h): the kernel's order of features starts at
-// `rotation` (and wraps); it counts the features it writes into `publish`,
-// waits for `awaits` (when set) instead of the kernel ahead, and sets
-// `reset_signals` (a layer's kLayerInts ints) back to zero after its wait.
-struct StepLink {
-  int64_t rotation = 0;
-  step_signals::Publish publish;
-  step_signals::Awaits awaits;
-  int* reset_signals = nullptr;
-};
+                                          bool weight_settled = false);
 
 // torch::linear(input, weight, bias) for inputs of at most
 // kMaxFewRowsLinearRows rows (input [..., K], the product of the leading
@@ -82,13 +64,10 @@ struct StepLink {
 // summation order). `weight_settled`: the weight is a model's own tensor,
 // not one a kernel just made (a dtype conversion, a scaled copy), so that
 // a decode step may load it before the kernel ahead of it ends.
-// `link`: step signals (StepLink); nullopt, before anything runs, where the
-// kernel would not read the input as it is.
 std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
                                            const torch::Tensor& weight,
                                            const torch::Tensor& bias,
-                                           bool weight_settled = false,
-                                           const StepLink* link = nullptr);
+                                           bool weight_settled = false);
 
 struct LinearConvStepResult {
   torch::Tensor projected;  // FewRowsLinear's output [B, 1, N]
@@ -109,24 +88,7 @@ struct LinearConvStepResult {
 std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
     const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
-    int64_t conv_offset = 0, bool weight_settled = false, bool conv_settled = false,
-    const StepLink* link = nullptr);
-
-// ICD_DECODE_SIGNALS (re-read after ReloadLaunchSettings): 1, a decode step
-// layer's kernels signal their parts to each other (scan/step_signals.h,
-// forward's LayerSignals); 2, the producers signal and nothing waits for
-// the signals (what signalling costs); 0 (the default, and on the CPU) none.
-int StepSignalsMode();
-
-// One kernel on the current stream that returns once every signal of
-// `layer_signals` (a layer's kLayerInts int32s on its CUDA device) named by
-// `mask` (bit s: signal s) is raised: after it, kernels that do not wait
-// for signals may read what their producers wrote. Nothing on the CPU.
-void SettleStepSignals(const torch::Tensor& layer_signals, unsigned mask);
-
-// Tests: how many few-rows launches in this process took step signals
-// (StepLink's publish or awaits; none on the CPU).
-int64_t FewRowsLinearSignalledLaunches();
+    int64_t conv_offset = 0, bool weight_settled = false, bool conv_settled = false);
 
 // The kernels' run-time settings from the environment (the README's table:
 // ICD_FEW_ROWS_*) are read once; after this the next launch reads them

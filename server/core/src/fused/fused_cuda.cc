@@ -152,8 +152,7 @@ std::optional<AddRmsNormResult> AddRmsNorm(const torch::Tensor& residual,
 
 std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor& values, const torch::Tensor& gate,
                                           const torch::Tensor& weight, int64_t groups,
-                                          double eps, bool norm_before_gate, bool weight_settled,
-                                          const step_signals::Awaits* awaits) {
+                                          double eps, bool norm_before_gate, bool weight_settled) {
   if (!values.defined() || !values.is_cuda() || values.dim() < 1 ||
       values.scalar_type() != torch::kFloat32 || !values.is_contiguous() || !weight.defined()) {
     return std::nullopt;
@@ -166,10 +165,6 @@ std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor& values, const tor
       weight.size(0) != width || width < 1 || values.numel() == 0 || groups < 1 ||
       width % groups != 0 || !OnDeviceAs(gate, device, compute) ||
       gate.sizes() != values.sizes()) {
-    return std::nullopt;
-  }
-  // With step signals their producers may still run: no copy of them.
-  if (awaits != nullptr && awaits->first.signal != nullptr && gate.stride(-1) != 1) {
     return std::nullopt;
   }
   // Rows as one strided axis: a view where the leading axes collapse.
@@ -196,7 +191,6 @@ std::optional<torch::Tensor> GatedRmsNorm(const torch::Tensor& values, const tor
   // keep their blocks light instead.
   args.weight_early = weight_settled && scale.is_same(weight) && values.dim() == 3 &&
                       values.size(1) == 1 && EarlyOperandsEnabled();
-  if (awaits != nullptr) args.awaits = *awaits;
   if (!Launched(LaunchGatedRmsNorm(args, CurrentStream(device)), "gated RMS norm kernel")) {
     return std::nullopt;
   }
@@ -220,7 +214,7 @@ struct ConvStepOperands {
 // before anything is written.
 std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
     const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
-    const ConvStepOperands* conv, bool weight_settled, const StepLink* link) {
+    const ConvStepOperands* conv, bool weight_settled) {
   if (!input.defined() || !input.is_cuda() || input.dim() < 1 || !weight.defined() ||
       weight.dim() != 2 || !weight.is_contiguous()) {
     return std::nullopt;
@@ -237,10 +231,6 @@ std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
   }
   if (bias.defined() && (!OnDeviceAs(bias, device, compute) || bias.dim() != 1 ||
                          bias.size(0) != out_features)) {
-    return std::nullopt;
-  }
-  // With step signals the input's producer may still run: no copy of it.
-  if (link != nullptr && link->awaits.first.signal != nullptr && input.stride(-1) != 1) {
     return std::nullopt;
   }
   // Rows as one strided axis: a view where the leading axes collapse (a
@@ -301,12 +291,6 @@ std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
     args.conv_settled = conv->settled && taps.is_same(*conv->weight) &&
                         (!conv_bias.defined() || conv_bias.is_same(*conv->bias));
   }
-  if (link != nullptr) {
-    args.rotation = link->rotation;
-    args.publish = link->publish;
-    args.awaits = link->awaits;
-    args.reset_signals = link->reset_signals;
-  }
   const int status = LaunchFewRowsLinear(args, CurrentStream(device));
   // Unaligned rows or widths decline: cuBLAS takes them.
   if (status == static_cast<int>(cudaErrorInvalidValue)) {
@@ -321,9 +305,8 @@ std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
 
 std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
                                            const torch::Tensor& weight,
-                                           const torch::Tensor& bias, bool weight_settled,
-                                           const StepLink* link) {
-  auto result = FewRowsLinearLaunch(input, weight, bias, nullptr, weight_settled, link);
+                                           const torch::Tensor& bias, bool weight_settled) {
+  auto result = FewRowsLinearLaunch(input, weight, bias, nullptr, weight_settled);
   if (!result.has_value()) return std::nullopt;
   return std::move(result->first);
 }
@@ -331,26 +314,14 @@ std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
 std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
     const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
-    int64_t conv_offset, bool weight_settled, bool conv_settled, const StepLink* link) {
+    int64_t conv_offset, bool weight_settled, bool conv_settled) {
   if (history == nullptr) return std::nullopt;
   const ConvStepOperands conv{&conv_weight, &conv_bias, history, conv_offset, conv_settled};
-  auto result = FewRowsLinearLaunch(input, weight, bias, &conv, weight_settled, link);
+  auto result = FewRowsLinearLaunch(input, weight, bias, &conv, weight_settled);
   if (!result.has_value()) return std::nullopt;
   return LinearConvStepResult{std::move(result->first), std::move(result->second)};
 }
 
 void ReloadLaunchSettings() { ReloadFewRowsLinearSettings(); }
-
-void SettleStepSignals(const torch::Tensor& layer_signals, unsigned mask) {
-  TORCH_CHECK(layer_signals.is_cuda() && layer_signals.scalar_type() == torch::kInt32 &&
-                  layer_signals.is_contiguous() &&
-                  layer_signals.numel() == step_signals::kLayerInts,
-              "step signals: a layer's ", step_signals::kLayerInts, " int32s on a CUDA device");
-  const c10::cuda::CUDAGuard device_guard(layer_signals.device());
-  const int status = step_signals::LaunchSettle(layer_signals.data_ptr<int>(), mask,
-                                                CurrentStream(layer_signals.device()));
-  TORCH_CHECK(status == 0, "step signals: the settling kernel did not launch: ",
-              cudaGetErrorString(static_cast<cudaError_t>(status)));
-}
 
 }  // namespace icd::fused

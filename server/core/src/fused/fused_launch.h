@@ -80,9 +80,6 @@ struct GatedRmsNormLaunchArgs {
   // The weight is loaded before waiting for the kernel ahead (a decode
   // step's settled weight under ICD_EARLY_OPERANDS: fused.h).
   bool weight_early = false;
-  // Step signals (scan/step_signals.h): wait for these (the state step's y,
-  // in_proj's z) instead of the kernel ahead.
-  step_signals::Awaits awaits;
 };
 
 // Most rows of x the few-rows linear takes (a decode step's batch).
@@ -124,16 +121,6 @@ struct FewRowsLinearLaunchArgs {
   // step writes them), so all three may be read before the kernels ahead
   // end (ICD_FEW_ROWS_EARLY_CONV; dependent_launch.cuh's rule).
   bool conv_settled = false;
-  // Step signals (scan/step_signals.h), in a decode step's layer:
-  // the kernel's order of features starts at `rotation` and wraps (Mamba-2's
-  // in_proj: xBC and dt first, then z); `publish` counts the features
-  // written in that order (with their conv step); `awaits`, when set,
-  // replaces the wait for the kernel ahead; `reset_signals` (a layer's
-  // kLayerInts ints) are set back to zero after the wait.
-  int64_t rotation = 0;
-  step_signals::Publish publish;
-  step_signals::Awaits awaits;
-  int* reset_signals = nullptr;
 };
 
 // Enqueue on `stream` (a cudaStream_t) of the current device. Return 0

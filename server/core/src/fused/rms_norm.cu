@@ -12,7 +12,6 @@
 #include "fused/block_sum.cuh"
 #include "fused/fused_launch.h"
 #include "scan/dependent_launch.cuh"
-#include "scan/step_signals.cuh"
 #include "scan/element_types.cuh"
 
 namespace icd::fused {
@@ -124,9 +123,7 @@ __global__ void __launch_bounds__(kThreads) GatedRmsNormKernel(const GatedRmsNor
   auto* output = static_cast<Storage*>(args.output) + row * args.width + first;
   const int thread = static_cast<int>(threadIdx.x);
   const float inverse_width = 1.0f / static_cast<float>(group_width);
-  // y and z come from them (with step signals: from the state step and
-  // in_proj, which may still run).
-  step_signals::WaitForInputs(args.awaits, early_dependents);
+  dependent_launch::WaitThenAllowDependents(early_dependents);  // y and z come from them
   // silu(z) in float32, as torch::silu of the widened gate.
   auto activate = [](Storage bits) {
     const float z = Element::ToFloat(bits);
@@ -220,9 +217,7 @@ __global__ void __launch_bounds__(kThreads)
       early_weight[u] = i < quads ? weight[i] : StorageQuad{};
     }
   }
-  // y and z come from them (with step signals: from the state step and
-  // in_proj, which may still run).
-  step_signals::WaitForInputs(args.awaits, early_dependents);
+  dependent_launch::WaitThenAllowDependents(early_dependents);  // y and z come from them
   float scanned[kQuads][4];
   StorageQuad gate_bits[kQuads];
 #pragma unroll

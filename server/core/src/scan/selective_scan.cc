@@ -241,7 +241,6 @@ torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumula
 }
 
 int64_t SelectiveStateStepEarlyLaunches() { return 0; }
-int64_t SelectiveStateStepSignalledLaunches() { return 0; }
 #endif  // The CUDA build defines these in selective_scan_cuda.cc.
 
 }  // namespace icd::scan

@@ -8,7 +8,6 @@
 
 #include <optional>
 
-#include "scan/step_signals.h"
 #include "torch_api.h"
 
 namespace icd::scan {
@@ -43,22 +42,11 @@ struct ScanInputs {
   // that kernel (ICD_EARLY_OPERANDS, fused.h). Only where the kernel reads
   // these very tensors, not copies made for the call.
   bool operands_settled = false;
-  // Step signals (scan/step_signals.h) in a decode step: the CUDA step kernel
-  // waits for `awaits` (x, and x_proj's dt, B, C) instead of the kernel
-  // ahead, and for `gate_await` (z) before it reads z. Only the step kernel
-  // takes them; a caller sets them only where UsesCudaKernel says it runs
-  // and one step of time is taken.
-  step_signals::Awaits awaits;
-  step_signals::Await gate_await;
 };
 
 // Tests: how many step-kernel launches in this process read their settled
 // operands early (operands_settled); none without CUDA.
 int64_t SelectiveStateStepEarlyLaunches();
-
-// Tests: how many step-kernel launches in this process waited for step
-// signals (ScanInputs::awaits); none without CUDA.
-int64_t SelectiveStateStepSignalledLaunches();
 
 // `inputs` with `delta` defined: dt_proj's product taken by torch::linear
 // when only delta_input and delta_proj_weight are given.

@@ -108,14 +108,6 @@ torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumula
   }
   const c10::cuda::CUDAGuard device_guard(inputs.hidden.device());
   const bool delta_in_kernel = !inputs.delta.defined();
-  // With step signals the producers may still run: nothing but the step
-  // kernel may read their outputs, so no copy of them below.
-  const torch::Tensor& delta_given = delta_in_kernel ? inputs.delta_input : inputs.delta;
-  TORCH_CHECK(inputs.awaits.first.signal == nullptr ||
-                  (inputs.hidden.size(1) == 1 && inputs.hidden.stride(-1) == 1 &&
-                   delta_given.stride(-1) == 1 && inputs.gate.stride(-1) == 1 &&
-                   inputs.b_proj.stride(-1) == 1 && inputs.c_proj.stride(-1) == 1),
-              "selective scan: step signals are for one step of time on rows as they are");
   const torch::Tensor hidden = RowContiguous(inputs.hidden);  // [B, L, I]
   // [B, L, I], or δ [B, L, R]
   const torch::Tensor delta = RowContiguous(delta_in_kernel ? inputs.delta_input : inputs.delta);
@@ -179,8 +171,6 @@ torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumula
       d_skip.is_same(inputs.d_skip) &&
       (!delta_bias.defined() || delta_bias.is_same(inputs.delta_bias)) &&
       (!state_in.defined() || state_in.is_same(*state));
-  args.awaits = inputs.awaits;
-  args.gate_await = inputs.gate_await;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.device().index()).stream();
   const int status = LaunchSelectiveScan(args, static_cast<void*>(stream));
   if (status == ScanLaunchNoKernelImageStatus()) {
@@ -193,6 +183,5 @@ torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumula
 }
 
 int64_t SelectiveStateStepEarlyLaunches() { return SelectiveStateStepEarlyLaunchCount(); }
-int64_t SelectiveStateStepSignalledLaunches() { return SelectiveStateStepSignalledLaunchCount(); }
 
 }  // namespace icd::scan

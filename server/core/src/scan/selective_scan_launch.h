@@ -8,8 +8,6 @@
 
 #include <cstdint>
 
-#include "scan/step_signals.h"
-
 namespace icd::scan {
 
 // Element type of the operands that come in the compute dtype (hidden, gate,
@@ -66,10 +64,6 @@ struct ScanLaunchArgs {
   // The step kernel reads A, D, dt_proj's bias and weight and state_in
   // before waiting for the kernel ahead (ScanInputs::operands_settled).
   bool operands_early = false;
-  // Step signals (step_signals.h; the step kernel only): wait for `awaits`
-  // instead of the kernel ahead, and for `gate_await` before reading z.
-  step_signals::Awaits awaits;
-  step_signals::Await gate_await;
 };
 
 // How the kernel maps work onto threads. A channel's N states are spread
@@ -110,8 +104,6 @@ int LaunchSelectiveStateStep(const ScanLaunchArgs& args, void* stream);
 // How many LaunchSelectiveStateStep launches in this process had
 // operands_early.
 int64_t SelectiveStateStepEarlyLaunchCount();
-// How many step-kernel launches in this process waited for step signals.
-int64_t SelectiveStateStepSignalledLaunchCount();
 
 // cudaGetErrorString, for callers that do not include CUDA headers.
 const char* ScanLaunchErrorString(int status);

@@ -13,7 +13,6 @@
 #include <cstdint>
 
 #include "scan/dependent_launch.cuh"
-#include "scan/step_signals.cuh"
 #include "scan/element_types.cuh"
 #include "scan/scan_math.cuh"
 #include "scan/selective_scan_launch.h"
@@ -36,9 +35,7 @@ __host__ __device__ constexpr int StateTerms(int lanes) {
   return lanes == 32 ? static_cast<int>(kMaxCudaStateSize / 32) : 1;
 }
 
-// kSignalled: with step signals (args.awaits); a template flag, so that the
-// kernel without them keeps its registers (48, 10 blocks per multiprocessor).
-template <class Element, int kLanes, bool kSignalled>
+template <class Element, int kLanes>
 __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanLaunchArgs args,
                                                                      const bool early_dependents) {
   using Storage = typename Element::Storage;
@@ -89,22 +86,7 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
     }
   };
   if (args.operands_early) load_settled();
-  // x, z, the time step, B, C come from them (or with step signals: x and
-  // the time step, B, C from the signals' producers, z later).
-  if constexpr (kSignalled) {
-    step_signals::WaitForInputs(args.awaits, early_dependents);
-  } else {
-    dependent_launch::WaitThenAllowDependents(early_dependents);
-  }
-  // Written by kernels that may still run: not through the read-only path.
-  auto load_running = [](const Storage* address) {
-    if constexpr (kSignalled) {
-      return __ldcg(address);
-    } else {
-      return __ldg(address);
-    }
-  };
-  const bool gate_later = kSignalled && args.gate_await.signal != nullptr;
+  dependent_launch::WaitThenAllowDependents(early_dependents);  // x, z, the time step, B, C come from them
   // Every other load the step needs is issued here, before the first result
   // is used: a decode step's kernel is a chain of memory latencies, and the
   // state's loads do not depend on Δ.
@@ -112,8 +94,7 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
   const auto* hidden = static_cast<const Storage*>(args.hidden.data);
   const auto* gate = static_cast<const Storage*>(args.gate.data);
   const Storage x_bits = hidden[batch * args.hidden.batch_stride + channel];
-  const Storage* z_address = gate + batch * args.gate.batch_stride + channel;
-  Storage z_bits = gate_later ? Storage{} : *z_address;
+  const Storage z_bits = gate[batch * args.gate.batch_stride + channel];
   const auto* rank_input = projected ? static_cast<const Storage*>(args.delta_proj_input.data) +
                                            batch * args.delta_proj_input.batch_stride
                                      : nullptr;
@@ -122,9 +103,7 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
 #pragma unroll
     for (int i = 0; i < kRankTerms; ++i) {
       const int64_t r = lane + static_cast<int64_t>(i) * kLanes;
-      if (r < args.delta_rank) {
-        rank_inputs[i] = load_running(rank_input + r);
-      }
+      if (r < args.delta_rank) rank_inputs[i] = __ldg(rank_input + r);
     }
   }
   const auto* b_proj =
@@ -137,12 +116,13 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
   for (int i = 0; i < kStateTerms; ++i) {
     const int64_t n = lane + static_cast<int64_t>(i) * kLanes;
     if (n < state_size) {
-      b_bits[i] = load_running(b_proj + n);
-      c_bits[i] = load_running(c_proj + n);
+      b_bits[i] = __ldg(b_proj + n);
+      c_bits[i] = __ldg(c_proj + n);
     }
   }
 
   const float x = Element::ToFloat(x_bits);
+  const float z = Element::ToFloat(z_bits);
   float delta = 0.0f;
   if (projected) {
     // dt_proj's output in the compute dtype, as the linear would round it.
@@ -156,8 +136,7 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
       }
     } else {
       for (int64_t r = lane; r < args.delta_rank; r += kLanes) {
-        dot = fmaf(Element::ToFloat(rank_weight[r]), Element::ToFloat(load_running(rank_input + r)),
-                   dot);
+        dot = fmaf(Element::ToFloat(rank_weight[r]), Element::ToFloat(__ldg(rank_input + r)), dot);
       }
     }
     delta = SoftplusDelta<Element>(RoundTo<Element>(LaneGroupSum<kLanes>(dot)), bias);
@@ -180,14 +159,8 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
     if (real && args.state_out != nullptr) args.state_out[state_row + n] = state;
   }
   sum = LaneGroupSum<kLanes>(sum);
-  if constexpr (kSignalled) {
-    if (gate_later) {  // z, the last of in_proj's features to be written
-      step_signals::AwaitSignals(step_signals::Awaits{args.gate_await});
-      z_bits = __ldcg(z_address);
-    }
-  }
   if (!real || lane != 0) return;
-  const float y = (sum + skip * x) * Silu(Element::ToFloat(z_bits));
+  const float y = (sum + skip * x) * Silu(z);
   const int64_t out = batch * inner + channel;  // y [B, 1, I]
   if (args.output_rounded != nullptr) {
     static_cast<Storage*>(args.output_rounded)[out] = Element::FromFloat(y);
@@ -204,13 +177,8 @@ int LaunchLanes(const ScanLaunchArgs& args, cudaStream_t stream) {
   }
   const dim3 grid(static_cast<unsigned int>((args.inner + kChannelsPerBlock - 1) / kChannelsPerBlock),
                   static_cast<unsigned int>(args.batch));
-  if (args.awaits.first.signal != nullptr) {
-    return static_cast<int>(dependent_launch::LaunchDependent(
-        SelectiveStateStepKernel<Element, kLanes, true>, grid, kThreads, stream, args,
-        dependent_launch::EarlyDependents()));
-  }
   return static_cast<int>(dependent_launch::LaunchDependent(
-      SelectiveStateStepKernel<Element, kLanes, false>, grid, kThreads, stream, args,
+      SelectiveStateStepKernel<Element, kLanes>, grid, kThreads, stream, args,
       dependent_launch::EarlyDependents()));
 }
 
@@ -224,7 +192,6 @@ int LaunchElement(const ScanLaunchArgs& args, cudaStream_t stream) {
 }
 
 std::atomic<int64_t> early_launches{0};
-std::atomic<int64_t> signalled_launches{0};
 
 }  // namespace
 
@@ -246,13 +213,9 @@ int LaunchSelectiveStateStep(const ScanLaunchArgs& args, void* stream) {
     return LaunchElement<decltype(element)>(args, cuda_stream);
   });
   if (args.operands_early && status == static_cast<int>(cudaSuccess)) ++early_launches;
-  if (args.awaits.first.signal != nullptr && status == static_cast<int>(cudaSuccess)) {
-    ++signalled_launches;
-  }
   return status;
 }
 
 int64_t SelectiveStateStepEarlyLaunchCount() { return early_launches.load(); }
-int64_t SelectiveStateStepSignalledLaunchCount() { return signalled_launches.load(); }
 
 }  // namespace icd::scan

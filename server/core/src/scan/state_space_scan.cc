@@ -420,7 +420,6 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs&, torch::
 }
 
 int64_t StateSpaceStepEarlyLaunches() { return 0; }
-int64_t StateSpaceStepSignalledLaunches() { return 0; }
 #endif  // ICD_HAVE_CUDA_SCAN
 
 }  // namespace icd::scan

@@ -46,12 +46,6 @@ struct StateSpaceInputs {
   // for that kernel (ICD_EARLY_OPERANDS, fused.h). Only where the kernel
   // reads these very tensors, not copies made for the call.
   bool operands_settled = false;
-  // Step signals (scan/step_signals.h) in a decode step: the CUDA step form
-  // waits for `awaits` (in_proj's x, B, C and dt) instead of the kernel
-  // ahead and counts the rows of y it writes into `publish`.
-  // StateSpaceScanCuda declines (nullopt) where another form would run.
-  step_signals::Awaits awaits;
-  step_signals::Publish publish;
 };
 
 // `inputs` with Δ resolved (LibTorch ops, in the time step's dtype), A
@@ -98,10 +92,6 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
 // Tests: how many step-kernel launches in this process read their settled
 // operands early (operands_settled); none without CUDA.
 int64_t StateSpaceStepEarlyLaunches();
-
-// Tests: how many step-form launches in this process waited for step
-// signals (StateSpaceInputs::awaits); none without CUDA.
-int64_t StateSpaceStepSignalledLaunches();
 
 // The inputs' time steps [start, start + length).
 StateSpaceInputs TimeSlice(const StateSpaceInputs& inputs, int64_t start, int64_t length);

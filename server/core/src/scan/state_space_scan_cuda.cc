@@ -158,14 +158,6 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
   if (form == StateSpaceForm::kChunked && StateSpaceFormFor(args) != StateSpaceForm::kChunked) {
     return std::nullopt;
   }
-  // Step signals: only the step form takes them (the inputs went in as they
-  // are: nothing above copied them).
-  args.awaits = inputs.awaits;
-  args.publish = inputs.publish;
-  if ((args.awaits.first.signal != nullptr || args.publish.first != nullptr) &&
-      StateSpaceFormFor(args) != StateSpaceForm::kStep) {
-    return std::nullopt;
-  }
   torch::Tensor workspace;  // the chunked form's chunk states and decays
   if (const int64_t floats = StateSpaceWorkspaceFloats(args); floats > 0) {
     workspace = torch::empty({floats}, wide);
@@ -183,6 +175,5 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
 }
 
 int64_t StateSpaceStepEarlyLaunches() { return StateSpaceStepEarlyLaunchCount(); }
-int64_t StateSpaceStepSignalledLaunches() { return StateSpaceStepSignalledLaunchCount(); }
 
 }  // namespace icd::scan

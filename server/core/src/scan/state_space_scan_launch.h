@@ -7,8 +7,6 @@
 
 #include <cstdint>
 
-#include "scan/step_signals.h"
-
 #include "scan/selective_scan_launch.h"
 
 namespace icd::scan {
@@ -73,16 +71,10 @@ struct StateSpaceScanLaunchArgs {
   // The step form reads state_in, A and D before waiting for the kernel
   // ahead (StateSpaceInputs::operands_settled).
   bool operands_early = false;
-  // Step signals (step_signals.h; the step form only): wait for `awaits`
-  // instead of the kernel ahead; count the rows of y written into `publish`.
-  step_signals::Awaits awaits;
-  step_signals::Publish publish;
 };
 
 // How many step-form launches in this process had operands_early.
 int64_t StateSpaceStepEarlyLaunchCount();
-// How many step-form launches in this process waited for step signals.
-int64_t StateSpaceStepSignalledLaunchCount();
 
 // The form a launch with these arguments runs; kRecurrence where the form
 // asked for cannot (the chunked form on other element types, the step form

@@ -13,7 +13,6 @@
 #include <cstdint>
 
 #include "scan/dependent_launch.cuh"
-#include "scan/step_signals.cuh"
 #include "scan/element_types.cuh"
 #include "scan/scan_math.cuh"
 #include "scan/state_space_delta.cuh"
@@ -66,10 +65,7 @@ __global__ void __launch_bounds__(kStepThreads) StateSpaceStepKernel(const State
     skip = SkipOf<Element>(args, head, p);
   }
 
-  // x, B, C and the time step come from them (with step signals: from the
-  // signals' producers, which may still run).
-  step_signals::WaitForInputs(args.awaits, early_dependents);
-  const bool running_inputs = args.awaits.first.signal != nullptr;  // not through __ldg
+  dependent_launch::WaitThenAllowDependents(early_dependents);  // x, B, C and the time step come from them
   if (!args.operands_early) {
     load_state();
     rate = DecayRateOf<Element>(args, head);
@@ -86,13 +82,8 @@ __global__ void __launch_bounds__(kStepThreads) StateSpaceStepKernel(const State
   for (int k = 0; k < kPerLane; ++k) {
     const int64_t n = lane + k * kLanes;
     const bool state_real = n < state_size;
-    if (running_inputs) {
-      b_values[k] = state_real ? Element::ToFloat(__ldcg(b_proj + n)) : 0.0f;
-      c_values[k] = state_real ? Element::ToFloat(__ldcg(c_proj + n)) : 0.0f;
-    } else {
-      b_values[k] = state_real ? Element::ToFloat(__ldg(b_proj + n)) : 0.0f;
-      c_values[k] = state_real ? Element::ToFloat(__ldg(c_proj + n)) : 0.0f;
-    }
+    b_values[k] = state_real ? Element::ToFloat(__ldg(b_proj + n)) : 0.0f;
+    c_values[k] = state_real ? Element::ToFloat(__ldg(c_proj + n)) : 0.0f;
   }
   const float x = Element::ToFloat(static_cast<const Storage*>(
       args.hidden.data)[batch * args.hidden.batch_stride + head * head_dim + p]);
@@ -109,15 +100,10 @@ __global__ void __launch_bounds__(kStepThreads) StateSpaceStepKernel(const State
     if (real && state_out != nullptr && n < state_size) state_out[n] = state;
   }
   sum = LaneGroupSum<kLanes>(sum);
-  if (real && lane == 0) {
-    float y = sum;
-    if (args.skip.data != nullptr) y = fmaf(skip, x, y);
-    args.output[batch * heads * head_dim + head * head_dim + p] = y;  // y [B, 1, H·P]
-  }
-  if (args.publish.first != nullptr) {
-    const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
-    step_signals::PublishBlock(args.publish, first_row, first_row + kRowsPerBlock);
-  }
+  if (!real || lane != 0) return;
+  float y = sum;
+  if (args.skip.data != nullptr) y = fmaf(skip, x, y);
+  args.output[batch * heads * head_dim + head * head_dim + p] = y;  // y [B, 1, H·P]
 }
 
 template <class Element, int kLanes, int kPerLane>
@@ -140,15 +126,11 @@ int LaunchStepElement(const StateSpaceScanLaunchArgs& args, cudaStream_t stream)
 }
 
 std::atomic<int64_t> early_launches{0};
-std::atomic<int64_t> signalled_launches{0};
 
 }  // namespace
 
 int LaunchStateSpaceStep(const StateSpaceScanLaunchArgs& args, void* stream) {
-  if (args.seq_len != 1 || args.batch * args.heads * args.head_dim > 0x7fffffff ||
-      (args.publish.first != nullptr &&
-       (args.publish.first_items != args.publish.total ||
-        args.publish.total != args.batch * args.heads * args.head_dim))) {
+  if (args.seq_len != 1 || args.batch * args.heads * args.head_dim > 0x7fffffff) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   auto* cuda_stream = static_cast<cudaStream_t>(stream);
@@ -156,13 +138,9 @@ int LaunchStateSpaceStep(const StateSpaceScanLaunchArgs& args, void* stream) {
     return LaunchStepElement<decltype(element)>(args, cuda_stream);
   });
   if (args.operands_early && status == static_cast<int>(cudaSuccess)) ++early_launches;
-  if (args.awaits.first.signal != nullptr && status == static_cast<int>(cudaSuccess)) {
-    ++signalled_launches;
-  }
   return status;
 }
 
 int64_t StateSpaceStepEarlyLaunchCount() { return early_launches.load(); }
-int64_t StateSpaceStepSignalledLaunchCount() { return signalled_launches.load(); }
 
 }  // namespace icd::scan

@@ -81,6 +81,9 @@ has_rows() { grep -h "\"bench\": \"$1\"" "$results" "$work/peer.jsonl" | grep "\
 if [[ ! -f "$work/provenance.txt" ]]; then
   {
     echo "commit: $commit"
+    # The device's copy may keep the .git the session began with: a tree that
+    # differs from it shows here (pass ICD_COMMIT then).
+    echo "working tree: $(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) tracked paths differ from git's HEAD ($(git rev-parse --short HEAD 2>/dev/null))"
     echo "date: $(date -u +%FT%TZ)"
     echo "command: bench/peer/run_h200.sh $* (PEER_STEPS=${PEER_STEPS:-default})"
     echo "families: $families (mamba1 shapes: $shapes; mamba2 shapes: $m2shapes)"

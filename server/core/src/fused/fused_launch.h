@@ -121,6 +121,20 @@ struct FewRowsLinearLaunchArgs {
   // step writes them), so all three may be read before the kernels ahead
   // end (ICD_FEW_ROWS_EARLY_CONV; dependent_launch.cuh's rule).
   bool conv_settled = false;
+  // Optional, with norm_residual set (a decode step's in_proj with the
+  // layer's add + RMS norm in the same kernel): x is not read from `input`
+  // (then unused) but computed by every block as the add + RMS norm kernel
+  // computes its `normed` (AddRmsNormLaunchArgs; rms_norm.cu's arithmetic,
+  // the same bits) from norm_residual (+ norm_mixed), norm_weight and
+  // norm_eps. Block 0 also writes the sum to norm_residual_out and x to
+  // norm_normed. rows · in_features values of x must fit in 40 KB (with the
+  // kernel's static shared memory, under the 48 KB a launch takes unasked).
+  const float* norm_residual = nullptr;  // [rows, in_features], contiguous
+  const void* norm_mixed = nullptr;      // [rows, in_features], element_type; null: none
+  const void* norm_weight = nullptr;     // [in_features], element_type
+  float norm_eps = 0.0f;
+  float* norm_residual_out = nullptr;    // [rows, in_features]
+  void* norm_normed = nullptr;           // [rows, in_features], element_type
 };
 
 // Enqueue on `stream` (a cudaStream_t) of the current device. Return 0

@@ -511,10 +511,12 @@ torch::Tensor BlockNorm(const ModelConfig& config, const Weights& weights,
 // (LayerState::deferred_norm): an in-place step of one token on CUDA, an RMS
 // norm, nothing captured, ICD_FEW_ROWS_NORM on.
 bool DefersNorm(const ModelConfig& config, int64_t layer, const LayerState* state,
-                const torch::Tensor& residual, const Capture& capture) {
+                const torch::Tensor& residual, const Capture& capture,
+                const forward_internal::Precision& precision) {
   if (state == nullptr || !state->in_place || config.layer_norm || config.parallel_attention ||
       capture.Active() || !residual.is_cuda() || residual.dim() != 3 || residual.size(1) != 1 ||
-      residual.scalar_type() != torch::kFloat32 || !fused::NormInProjectionEnabled()) {
+      residual.scalar_type() != torch::kFloat32 || !fused::NormInProjectionEnabled() ||
+      !fused::NormInProjectionFits(residual.size(0), residual.size(2), precision.compute)) {
     return false;
   }
   const blocks::MixerKind& mixer = blocks::MixerAt(config, layer);
@@ -613,7 +615,7 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
                                                       embedded, capture, layer_state);
       normed = BlockNorm(config, weights, LayerTensorName(layer, "norm"), precision,
                          residual + block.to(precision.accumulate));
-    } else if (DefersNorm(config, layer, layer_state, residual, capture)) {
+    } else if (DefersNorm(config, layer, layer_state, residual, capture, precision)) {
       // The Mamba mixer's in_proj makes the add + norm in its own kernel.
       LayerState::DeferredNorm deferred;
       deferred.residual = residual;

@@ -197,9 +197,7 @@ __device__ __forceinline__ void AddRmsNormRows(const FewRowsLinearLaunchArgs& ar
       squares = fmaf(value, value, squares);
     }
     if (r > 0) __syncthreads();  // BlockSum's warp sums, read by the row before
-    // mean(x²) as LibTorch's mean: the sum times 1/D.
-    const float scale =
-        rsqrtf(BlockSum<kThreads>(squares) * (1.0f / static_cast<float>(width)) + args.norm_eps);
+    const float scale = RmsScale(BlockSum<kThreads>(squares), width, args.norm_eps);
     for (int64_t i = thread; i < width; i += kThreads) {
       const float value = sum_at(i);
       const float normalised = RoundTo<Element>(value * scale);
@@ -225,11 +223,12 @@ __device__ __forceinline__ void AddRmsNormRows(const FewRowsLinearLaunchArgs& ar
 // its first kUnroll loads go to registers. With `early_conv` (settled conv
 // operands, ICD_FEW_ROWS_EARLY_CONV) the conv step's operands are copied
 // to shared memory as well (ConvOperand). With kNormed the block makes x
-// itself (AddRmsNormRows) in dynamic shared memory and reads it there; at
-// least 5 blocks a multiprocessor then, as without it (48 registers; the
-// prologue's few extra values spill).
+// itself (AddRmsNormRows) in dynamic shared memory and reads it there. One
+// row keeps 5 blocks a multiprocessor then, as without it (48 registers;
+// the prologue's few extra values spill); more rows take what they need.
 template <class Element, int kRows, bool kNormed>
-__global__ void __launch_bounds__(kThreads, kNormed ? 5 : 0) FewRowsLinearKernel(const FewRowsLinearLaunchArgs args,
+__global__ void __launch_bounds__(kThreads, kNormed && kRows == 1 && kThreads == 256 ? 5 : 0)
+    FewRowsLinearKernel(const FewRowsLinearLaunchArgs args,
                                                                 const int split,
                                                                 const int prefetches,
                                                                 const bool early,
@@ -530,9 +529,12 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream) {
                    args.input_row_stride % per_load != 0))) {
     return invalid;
   }
-  if (normed && (args.norm_weight == nullptr || args.norm_residual_out == nullptr ||
+  // Made as the add + norm kernel makes it: its number of threads (a
+  // variant built with other warps, bench/linear_bench.sh, declines).
+  if (normed && (kThreads != kAddRmsNormThreads || args.norm_weight == nullptr ||
+                 args.norm_residual_out == nullptr ||
                  args.norm_normed == nullptr ||
-                 args.rows * args.in_features * element_bytes > (int64_t{40} << 10))) {
+                 args.rows * args.in_features * element_bytes > kMaxFewRowsNormBytes)) {
     return invalid;
   }
   if (args.conv_output != nullptr &&

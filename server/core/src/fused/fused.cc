@@ -42,6 +42,7 @@ std::optional<NormedLinearConvStepResult> AddRmsNormLinearConvStep(
 }
 int64_t FewRowsLinearNormedLaunches() { return 0; }
 bool NormInProjectionEnabled() { return false; }
+bool NormInProjectionFits(int64_t, int64_t, torch::ScalarType) { return false; }
 void ReloadLaunchSettings() {}
 int64_t FewRowsLinearEarlyLaunches() { return 0; }
 int64_t FewRowsLinearEarlyConvLaunches() { return 0; }

@@ -101,13 +101,17 @@ struct NormedLinearConvStepResult {
 // has no kernel boundary between the two. residual [B, 1, K] float32 and
 // mixed [B, 1, K] (or undefined) as AddRmsNorm takes them; the rest as
 // FewRowsLinearConvStep. The results equal the two calls', bit for bit.
-// nullopt (and `history` untouched) where either would decline, or x of
-// the B rows is over 40 KB.
+// nullopt (and `history` untouched), before anything is allocated where
+// NormInProjectionFits says no, where either would decline.
 std::optional<NormedLinearConvStepResult> AddRmsNormLinearConvStep(
     const torch::Tensor& residual, const torch::Tensor& mixed, const torch::Tensor& norm_weight,
     double eps, const torch::Tensor& weight, const torch::Tensor& bias,
     const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
     int64_t conv_offset = 0, bool weight_settled = false, bool conv_settled = false);
+
+// Whether rows × width values of `dtype` are few enough for the kernel to
+// hold the norm it makes (40 KB of shared memory: 8 rows of 2560 in bf16).
+bool NormInProjectionFits(int64_t rows, int64_t width, torch::ScalarType dtype);
 
 // Tests: how many few-rows launches in this process made their norm
 // themselves (AddRmsNormLinearConvStep; none on the CPU).

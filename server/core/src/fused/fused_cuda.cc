@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -368,7 +369,10 @@ std::optional<NormedLinearConvStepResult> AddRmsNormLinearConvStep(
     double eps, const torch::Tensor& weight, const torch::Tensor& bias,
     const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
     int64_t conv_offset, bool weight_settled, bool conv_settled) {
-  if (history == nullptr || !residual.defined() || !residual.is_cuda() || !norm_weight.defined()) {
+  if (history == nullptr || !residual.defined() || !residual.is_cuda() || !norm_weight.defined() ||
+      residual.dim() < 1 ||
+      !NormInProjectionFits(residual.numel() / std::max<int64_t>(residual.size(-1), 1),
+                            residual.size(-1), norm_weight.scalar_type())) {
     return std::nullopt;
   }
   // The norm's output, which the kernel writes, is the projection's input.
@@ -384,5 +388,10 @@ std::optional<NormedLinearConvStepResult> AddRmsNormLinearConvStep(
 }
 
 void ReloadLaunchSettings() { ReloadFewRowsLinearSettings(); }
+
+bool NormInProjectionFits(int64_t rows, int64_t width, torch::ScalarType dtype) {
+  return rows >= 1 && rows <= kMaxFewRowsLinearRows && width >= 1 &&
+         rows * width * static_cast<int64_t>(c10::elementSize(dtype)) <= kMaxFewRowsNormBytes;
+}
 
 }  // namespace icd::fused

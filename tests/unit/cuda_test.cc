@@ -1179,83 +1179,6 @@ torch::Tensor SessionLogits(const ModelConfig& config, const Weights& weights,
   return torch::cat(pieces, 1).cpu();
 }
 
-// The add + RMS norm made inside the projection's kernel (every block makes
-// it itself, AddRmsNormLinearConvStep) is the add + norm kernel followed by
-// the conv step's projection, bit for bit: the new residual, the norm, the
-// projection, the conv and the moved history; across dtypes, widths that do
-// and do not fill the last pass of 256 threads (4, 8 and 16 values a thread
-// in the add + norm kernel, and its any-width form past 4096), one and
-// several rows, with and without a mixer output to add, features split over
-// warps (300 channels) and a warp a feature (2112), weights and conv
-// operands settled or not. Rows whose norm is over 40 KB decline and leave
-// the history as it was.
-TEST(FewRowsLinearTest, AddRmsNormInsideIsTheNormThenTheStep) {
-  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
-  torch::manual_seed(1907);
-  for (const torch::ScalarType dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
-    const auto options = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);
-    const auto wide = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kFloat32);
-    for (const int64_t model : {int64_t{256}, int64_t{808}, int64_t{2048}, int64_t{2560},
-                                int64_t{5120}}) {
-      for (const int64_t batch : {1, 3}) {
-        for (const bool with_mixed : {false, true}) {
-          const int64_t channels = with_mixed ? 2112 : 300;
-          const bool settled = batch == 1;
-          const std::string what = std::string(c10::toString(dtype)) + " D" +
-                                   std::to_string(model) + " B" + std::to_string(batch) +
-                                   (with_mixed ? " mixed" : "") + " C" + std::to_string(channels) +
-                                   (settled ? " settled" : "");
-          const int64_t width = 4;
-          const torch::Tensor residual = torch::randn({batch, 1, model}, wide) * 3.0;
-          const torch::Tensor mixed =
-              with_mixed ? torch::randn({batch, 1, model}, options) : torch::Tensor();
-          const torch::Tensor norm_weight = 1.0 + 0.2 * torch::randn({model}, options);
-          const torch::Tensor weight = torch::randn({2 * channels, model}, options) * 0.05;
-          const torch::Tensor conv_weight = 0.5 * torch::randn({channels, 1, width}, options);
-          const torch::Tensor conv_bias = 0.3 * torch::randn({channels}, options);
-          const torch::Tensor history = torch::randn({batch, channels, width - 1}, options);
-          const double eps = 1e-5;
-
-          std::optional<fused::AddRmsNormResult> norm =
-              fused::AddRmsNorm(residual, mixed, norm_weight, eps);
-          ASSERT_TRUE(norm.has_value()) << what;
-          torch::Tensor step_history = history.clone();
-          std::optional<fused::LinearConvStepResult> step = fused::FewRowsLinearConvStep(
-              norm->normed, weight, torch::Tensor(), conv_weight, conv_bias, &step_history, 0);
-          ASSERT_TRUE(step.has_value()) << what;
-
-          torch::Tensor fused_history = history.clone();
-          const int64_t before = fused::FewRowsLinearNormedLaunches();
-          std::optional<fused::NormedLinearConvStepResult> both = fused::AddRmsNormLinearConvStep(
-              residual, mixed, norm_weight, eps, weight, torch::Tensor(), conv_weight, conv_bias,
-              &fused_history, 0, settled, settled);
-          ASSERT_TRUE(both.has_value()) << what;
-          EXPECT_EQ(fused::FewRowsLinearNormedLaunches() - before, 1) << what;
-          EXPECT_TRUE(torch::equal(both->norm.residual, norm->residual)) << what;
-          EXPECT_TRUE(torch::equal(both->norm.normed, norm->normed))
-              << what << ": rel " << RelL2(both->norm.normed, norm->normed);
-          EXPECT_TRUE(torch::equal(both->step.projected, step->projected))
-              << what << ": rel " << RelL2(both->step.projected, step->projected);
-          EXPECT_TRUE(torch::equal(both->step.convolved, step->convolved)) << what;
-          EXPECT_TRUE(torch::equal(fused_history, step_history)) << what;
-        }
-      }
-    }
-  }
-  // Over 40 KB of norm in shared memory (8 rows of 4096 bf16): declined, untouched.
-  const auto options = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kBFloat16);
-  const torch::Tensor residual =
-      torch::randn({8, 1, 4096}, torch::TensorOptions().device(torch::kCUDA));
-  const torch::Tensor history = torch::randn({8, 64, 3}, options);
-  torch::Tensor kept = history.clone();
-  EXPECT_FALSE(fused::AddRmsNormLinearConvStep(
-                   residual, torch::Tensor(), torch::ones({4096}, options), 1e-5,
-                   torch::randn({128, 4096}, options), torch::Tensor(),
-                   torch::randn({64, 1, 4}, options), torch::Tensor(), &kept, 0)
-                   .has_value());
-  EXPECT_TRUE(torch::equal(kept, history));
-}
-
 // A decode step's in_proj and conv in one kernel: bit for bit what the two
 // kernels give one after the other (the same dot products, the same conv
 // arithmetic on the same rounded inputs), the history moved in place. With
@@ -2121,45 +2044,6 @@ TEST(DecodeSessionTest, EarlyConvLeavesTheStepsBitForBit) {
     std::printf("[decode] %s: %ld early conv launches\n", what.c_str(),
                 static_cast<long>(taken));
   });
-}
-
-// The add + norm made inside in_proj (ICD_FEW_ROWS_NORM=1: every block of a
-// decode step's in_proj makes the layer's add + RMS norm itself, and the
-// add + norm kernel ahead of it is gone) changes no bit of a session's
-// steps, in a graph or launched in place, with the steps queued on the
-// device; and is taken by every layer's in_proj where that is a few-rows
-// kernel with an RMS norm ahead (a d_model of whole 16-byte bf16 loads; not
-// the layer norm of mamba_ssm-mamba1-layernorm); by none when off (the
-// default).
-TEST(DecodeSessionTest, NormInProjectionLeavesTheStepsBitForBit) {
-  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
-  ScopedLaunchSetting setting("ICD_FEW_ROWS_NORM");
-  int taken_cases = 0;
-  ForEachBFloat16Session([&](const DecodeCase& c, const Weights& weights, const torch::Tensor& ids,
-                             decode::Execution execution, const std::string& what) {
-    setting.Set(nullptr);  // off, the default
-    const int64_t before = fused::FewRowsLinearNormedLaunches();
-    const torch::Tensor plain = SessionLogits(c.config, weights, ids, 5, execution);
-    EXPECT_EQ(fused::FewRowsLinearNormedLaunches(), before) << what << ": none when off";
-    setting.Set("1");
-    const torch::Tensor normed_inside =
-        SessionLogits(c.config, weights, ids, 5, execution, /*queued=*/true);
-    const int64_t taken = fused::FewRowsLinearNormedLaunches() - before;
-    ASSERT_TRUE(plain.defined() && normed_inside.defined()) << what;
-    EXPECT_TRUE(torch::equal(plain, normed_inside))
-        << what << ": rel " << RelL2(plain, normed_inside);
-    if (c.config.d_model % 8 == 0 && !c.config.layer_norm) {
-      // A graph: its first step's and the captured one's. In place: every step's.
-      const int64_t steps = execution == decode::Execution::kCudaGraph ? 2 : ids.size(1) - 5;
-      EXPECT_GE(taken, steps * c.config.n_layer) << what;
-      ++taken_cases;
-    } else {
-      EXPECT_EQ(taken, 0) << what;
-    }
-    std::printf("[decode] %s: %ld in_proj launches made their norm\n", what.c_str(),
-                static_cast<long>(taken));
-  });
-  EXPECT_GE(taken_cases, 8);
 }
 
 // Early dependents (each decode kernel lets the next be scheduled before its

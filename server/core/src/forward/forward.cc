@@ -60,46 +60,6 @@ torch::Tensor OptionalTensorAs(const Weights& weights, const std::string& name,
   return found->second.to(dtype);
 }
 
-torch::Tensor SettleDeferredNorm(LayerState::DeferredNorm* deferred, const Precision& precision) {
-  std::optional<fused::AddRmsNormResult> fused =
-      fused::AddRmsNorm(deferred->residual, deferred->mixed, deferred->weight, deferred->eps);
-  if (fused.has_value()) {
-    deferred->residual_out = std::move(fused->residual);
-    deferred->normed = std::move(fused->normed);
-  } else {  // AddAndNorm's LibTorch ops, BlockNorm's RMS norm
-    deferred->residual_out =
-        deferred->mixed.defined() ? deferred->residual + deferred->mixed.to(precision.accumulate)
-                                  : deferred->residual;
-    deferred->normed =
-        RmsNormalize(deferred->residual_out, deferred->eps, precision.accumulate)
-            .to(precision.compute) *
-        deferred->weight;
-  }
-  return deferred->normed;
-}
-
-std::optional<fused::LinearConvStepResult> InProjConvStep(
-    torch::Tensor* normed, LayerState* state, const Precision& precision,
-    const torch::Tensor& weight, const torch::Tensor& bias, const torch::Tensor& conv_weight,
-    const torch::Tensor& conv_bias, int64_t conv_offset, bool weight_settled, bool conv_settled) {
-  if (!normed->defined() && state->deferred_norm.has_value()) {
-    LayerState::DeferredNorm& deferred = *state->deferred_norm;
-    std::optional<fused::NormedLinearConvStepResult> both = fused::AddRmsNormLinearConvStep(
-        deferred.residual, deferred.mixed, deferred.weight, deferred.eps, weight, bias,
-        conv_weight, conv_bias, &state->conv_history, conv_offset, weight_settled, conv_settled);
-    if (both.has_value()) {
-      deferred.residual_out = std::move(both->norm.residual);
-      deferred.normed = std::move(both->norm.normed);
-      *normed = deferred.normed;
-      return std::move(both->step);
-    }
-    *normed = SettleDeferredNorm(&deferred, precision);
-  }
-  return fused::FewRowsLinearConvStep(*normed, weight, bias, conv_weight, conv_bias,
-                                      &state->conv_history, conv_offset, weight_settled,
-                                      conv_settled);
-}
-
 torch::Tensor Linear(const torch::Tensor& input, const torch::Tensor& weight,
                      const torch::Tensor& bias, bool weight_settled) {
   std::optional<torch::Tensor> few_rows =
@@ -507,22 +467,6 @@ torch::Tensor BlockNorm(const ModelConfig& config, const Weights& weights,
          weight;
 }
 
-// Whether the layer's add + RMS norm goes to its Mamba mixer's in_proj
-// (LayerState::deferred_norm): an in-place step of one token on CUDA, an RMS
-// norm, nothing captured, ICD_FEW_ROWS_NORM on.
-bool DefersNorm(const ModelConfig& config, int64_t layer, const LayerState* state,
-                const torch::Tensor& residual, const Capture& capture,
-                const forward_internal::Precision& precision) {
-  if (state == nullptr || !state->in_place || config.layer_norm || config.parallel_attention ||
-      capture.Active() || !residual.is_cuda() || residual.dim() != 3 || residual.size(1) != 1 ||
-      residual.scalar_type() != torch::kFloat32 || !fused::NormInProjectionEnabled() ||
-      !fused::NormInProjectionFits(residual.size(0), residual.size(2), precision.compute)) {
-    return false;
-  }
-  const blocks::MixerKind& mixer = blocks::MixerAt(config, layer);
-  return &mixer == &blocks::kMamba1Mixer || &mixer == &blocks::kMamba2Mixer;
-}
-
 // residual += pending (the last mixer's output, when defined; then reset),
 // then BlockNorm of the sum. On CUDA with RMSNorm both run as one kernel
 // (fused/fused.h); otherwise as LibTorch ops, the add as HF's residual add.
@@ -615,16 +559,6 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
                                                       embedded, capture, layer_state);
       normed = BlockNorm(config, weights, LayerTensorName(layer, "norm"), precision,
                          residual + block.to(precision.accumulate));
-    } else if (DefersNorm(config, layer, layer_state, residual, capture, precision)) {
-      // The Mamba mixer's in_proj makes the add + norm in its own kernel.
-      LayerState::DeferredNorm deferred;
-      deferred.residual = residual;
-      deferred.mixed = mixed;
-      deferred.weight = forward_internal::TensorAs(weights, LayerTensorName(layer, "norm.weight"),
-                                                   precision.compute);
-      deferred.eps = config.norm_eps;
-      layer_state->deferred_norm = std::move(deferred);
-      mixed = torch::Tensor();
     } else {
       normed = AddAndNorm(config, weights, LayerTensorName(layer, "norm"), precision, &residual,
                           &mixed);
@@ -647,12 +581,6 @@ absl::StatusOr<torch::Tensor> RunForward(const ModelConfig& config, const Weight
       mixed = scaled(blocks::MixerAt(config, layer)
                          .forward(config, weights, layer, precision, normed, capture, layer_state,
                                   ctx));
-    }
-    if (layer_state != nullptr && layer_state->deferred_norm.has_value()) {
-      TORCH_CHECK(layer_state->deferred_norm->residual_out.defined(),
-                  "layer ", layer, ": the mixer did not make the deferred add + norm");
-      residual = std::move(layer_state->deferred_norm->residual_out);
-      layer_state->deferred_norm.reset();
     }
     if (blocks::HasMlp(config)) {
       // mamba_ssm's second block of the layer: norm2 -> gated MLP -> add.

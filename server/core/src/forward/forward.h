@@ -5,7 +5,6 @@
 
 #include "torch_api.h"
 
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -95,21 +94,6 @@ struct LayerState {
   torch::Tensor scan_decay;
   torch::Tensor scan_skip;
   torch::Tensor scan_delta_bias;
-  // Set only while forward.cc calls the layer's Mamba mixer in an in-place
-  // step of one token on CUDA (ICD_FEW_ROWS_NORM=1, fused.h): the layer's
-  // add + RMS norm, left to the mixer's in_proj to make in its own kernel.
-  // The mixer is then given no `normed`; it sets residual_out and normed,
-  // through that kernel or, where it declines, the add + norm first
-  // (forward_internal::SettleDeferredNorm).
-  struct DeferredNorm {
-    torch::Tensor residual;  // float32 [B, 1, D]
-    torch::Tensor mixed;     // the last mixer's output [B, 1, D], or undefined
-    torch::Tensor weight;    // the norm's [D], compute dtype
-    double eps = 0.0;
-    torch::Tensor residual_out;  // residual + mixed, set by the mixer
-    torch::Tensor normed;        // the norm of it, set by the mixer
-  };
-  std::optional<DeferredNorm> deferred_norm;
 };
 
 struct RecurrentState {

@@ -5,13 +5,11 @@
 #include "torch_api.h"
 
 #include <cstdint>
-#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "forward/forward.h"
-#include "fused/fused.h"
 #include "model.h"
 
 namespace icd::forward_internal {
@@ -47,21 +45,6 @@ torch::Tensor OptionalTensorAs(const Weights& weights, const std::string& name,
 // the weight. `weight_settled`: the model's own tensor (fused::FewRowsLinear).
 torch::Tensor Linear(const torch::Tensor& input, const torch::Tensor& weight,
                      const torch::Tensor& bias = {}, bool weight_settled = false);
-
-// A deferred add + norm (LayerState::deferred_norm) made on its own, as
-// forward.cc's AddAndNorm makes it: sets its residual_out and normed and
-// returns normed.
-torch::Tensor SettleDeferredNorm(LayerState::DeferredNorm* deferred, const Precision& precision);
-
-// A decode step's in_proj and conv step (fused::FewRowsLinearConvStep of
-// `*normed`). Where forward.cc deferred the layer's add + norm to here
-// (`*normed` undefined, state->deferred_norm set), the same kernel makes it
-// (fused::AddRmsNormLinearConvStep); `*normed` is then the norm. nullopt
-// where the kernels decline; `*normed` is defined either way on return.
-std::optional<fused::LinearConvStepResult> InProjConvStep(
-    torch::Tensor* normed, LayerState* state, const Precision& precision,
-    const torch::Tensor& weight, const torch::Tensor& bias, const torch::Tensor& conv_weight,
-    const torch::Tensor& conv_bias, int64_t conv_offset, bool weight_settled, bool conv_settled);
 
 // `view` is `weights`' tensor `name` itself (TensorAs made no copy): a
 // weight settled before the forward began.
@@ -102,8 +85,6 @@ class Capture {
   explicit Capture(CaptureSink* sink) : sink_(sink) {}
 
   bool Wants(const std::string& group) const { return sink_ != nullptr && sink_->Wants(group); }
-  // Whether anything may be captured (a sink is given).
-  bool Active() const { return sink_ != nullptr; }
 
   // values [..., channels] -> rows [n, channels], handed out when wanted.
   void Add(const std::string& group, const torch::Tensor& values) const;

@@ -96,19 +96,17 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
 
   // 1. Gated MLP's linear projection: [x | z]. A decode step on CUDA takes
   // step 2's conv in the same kernel (fused/fused.h).
-  // `normed` is undefined where forward.cc left the add + norm to in_proj
-  // (LayerState::deferred_norm): InProjConvStep makes it.
   const bool in_place = state != nullptr && state->in_place;
-  torch::Tensor input = normed;
   std::optional<fused::LinearConvStepResult> step;
-  if (in_place && (!input.defined() || input.size(1) == 1)) {
-    step = InProjConvStep(&input, state, precision, view.in_proj_w, view.in_proj_b, view.conv_w,
-                          view.conv_b, 0, view.in_proj_settled, view.conv_settled);
+  if (in_place && normed.size(1) == 1) {
+    step = fused::FewRowsLinearConvStep(normed, view.in_proj_w, view.in_proj_b, view.conv_w,
+                                        view.conv_b, &state->conv_history, 0,
+                                        view.in_proj_settled, view.conv_settled);
   }
   torch::Tensor projected =
       step.has_value()
           ? step->projected
-          : Linear(input, view.in_proj_w, view.in_proj_b, view.in_proj_settled);  // [B, L, 2I]
+          : Linear(normed, view.in_proj_w, view.in_proj_b, view.in_proj_settled);  // [B, L, 2I]
   torch::Tensor conv_input = projected.narrow(-1, 0, inner);              // [B, L, I]
   torch::Tensor gate = projected.narrow(-1, inner, inner);                // [B, L, I]
 

@@ -286,12 +286,8 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
                           const Precision& precision, const torch::Tensor& normed,
                           const Capture& capture, LayerState* state, const CallContext& ctx) {
   const Mamba2Layer view = Mamba2LayerView(config, weights, layer, precision);
-  // `normed` is undefined where forward.cc left the add + norm to in_proj
-  // (LayerState::deferred_norm): InProjConvStep makes it.
-  torch::Tensor input = normed;
-  const torch::Tensor& shaped = input.defined() ? input : state->deferred_norm->residual;
-  const int64_t batch = shaped.size(0);
-  const int64_t seq_len = shaped.size(1);
+  const int64_t batch = normed.size(0);
+  const int64_t seq_len = normed.size(1);
   const int64_t inner = config.d_inner;
   const int64_t heads = config.nheads;
   const int64_t head_dim = config.headdim;
@@ -307,13 +303,14 @@ torch::Tensor Mamba2Mixer(const ModelConfig& config, const Weights& weights, int
   const bool in_place = state != nullptr && state->in_place;
   std::optional<fused::LinearConvStepResult> step;
   if (in_place && seq_len == 1) {
-    step = InProjConvStep(&input, state, precision, view.in_proj_w, view.in_proj_b, view.conv_w,
-                          view.conv_b, inner, view.in_proj_settled, view.conv_settled);
+    step = fused::FewRowsLinearConvStep(normed, view.in_proj_w, view.in_proj_b, view.conv_w,
+                                        view.conv_b, &state->conv_history, inner,
+                                        view.in_proj_settled, view.conv_settled);
   }
   torch::Tensor projected =
       step.has_value()
           ? step->projected
-          : Linear(input, view.in_proj_w, view.in_proj_b, view.in_proj_settled);  // [B, L, *]
+          : Linear(normed, view.in_proj_w, view.in_proj_b, view.in_proj_settled);  // [B, L, *]
   torch::Tensor gate = projected.narrow(-1, 0, inner);                         // [B, L, I]
   torch::Tensor xbc = projected.narrow(-1, inner, conv_dim);                   // [B, L, conv_dim]
   torch::Tensor time_step = projected.narrow(-1, inner + conv_dim, heads);     // [B, L, H]

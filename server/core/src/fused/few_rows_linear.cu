@@ -13,7 +13,6 @@
 #include <cstdlib>
 #include <mutex>
 
-#include "fused/block_sum.cuh"
 #include "fused/fused_launch.h"
 #include "scan/dependent_launch.cuh"
 #include "scan/element_types.cuh"
@@ -166,52 +165,6 @@ __device__ __forceinline__ void ConvStep(const FewRowsLinearLaunchArgs& args, in
   if (halo > 0) history[halo - 1] = input;
 }
 
-// With args.norm_residual: every row's x as the add + RMS norm kernel makes
-// its `normed` (rms_norm.cu's AddRmsNormKernel, one block of the same
-// kThreads threads a row), into `shared_x` [kRows][in_features]: value i in
-// thread i mod kThreads, its squares summed in that order, BlockSum, the same
-// scale, the same rounding, so the same bits. Block 0 also writes the sum and
-// x out. Every thread of the block calls it, after the wait.
-template <class Element, int kRows>
-__device__ __forceinline__ void AddRmsNormRows(const FewRowsLinearLaunchArgs& args,
-                                               typename Element::Storage* shared_x) {
-  using Storage = typename Element::Storage;
-  const int64_t width = args.in_features;
-  const int thread = static_cast<int>(threadIdx.x);
-  const bool writer = blockIdx.x == 0;
-  const auto* weight = static_cast<const Storage*>(args.norm_weight);
-#pragma unroll 1
-  for (int r = 0; r < kRows; ++r) {
-    const float* residual = args.norm_residual + r * width;
-    const auto* mixed = args.norm_mixed != nullptr
-                            ? static_cast<const Storage*>(args.norm_mixed) + r * width
-                            : nullptr;
-    auto sum_at = [&](int64_t i) {
-      float value = residual[i];
-      if (mixed != nullptr) value += Element::ToFloat(mixed[i]);
-      return value;
-    };
-    float squares = 0.0f;
-    for (int64_t i = thread; i < width; i += kThreads) {
-      const float value = sum_at(i);
-      squares = fmaf(value, value, squares);
-    }
-    if (r > 0) __syncthreads();  // BlockSum's warp sums, read by the row before
-    const float scale = RmsScale(BlockSum<kThreads>(squares), width, args.norm_eps);
-    for (int64_t i = thread; i < width; i += kThreads) {
-      const float value = sum_at(i);
-      const float normalised = RoundTo<Element>(value * scale);
-      const Storage x = Element::FromFloat(normalised * Element::ToFloat(weight[i]));
-      shared_x[r * width + i] = x;
-      if (writer) {
-        args.norm_residual_out[r * width + i] = value;
-        static_cast<Storage*>(args.norm_normed)[r * width + i] = x;
-      }
-    }
-  }
-  __syncthreads();  // x complete before any warp reads it
-}
-
 // A block's kWarps warps compute kWarps / split output features; the `split`
 // warps of one feature take interleaved 16-byte columns of its weight row
 // (split > 1 when there are too few features to fill the GPU), and their
@@ -222,13 +175,9 @@ __device__ __forceinline__ void AddRmsNormRows(const FewRowsLinearLaunchArgs& ar
 // head for L2, or with `early` (a settled weight, ICD_FEW_ROWS_EARLY_LOADS)
 // its first kUnroll loads go to registers. With `early_conv` (settled conv
 // operands, ICD_FEW_ROWS_EARLY_CONV) the conv step's operands are copied
-// to shared memory as well (ConvOperand). With kNormed the block makes x
-// itself (AddRmsNormRows) in dynamic shared memory and reads it there. One
-// row keeps 5 blocks a multiprocessor then, as without it (48 registers;
-// the prologue's few extra values spill); more rows take what they need.
-template <class Element, int kRows, bool kNormed>
-__global__ void __launch_bounds__(kThreads, kNormed && kRows == 1 && kThreads == 256 ? 5 : 0)
-    FewRowsLinearKernel(const FewRowsLinearLaunchArgs args,
+// to shared memory as well (ConvOperand).
+template <class Element, int kRows>
+__global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLinearLaunchArgs args,
                                                                 const int split,
                                                                 const int prefetches,
                                                                 const bool early,
@@ -275,15 +224,6 @@ __global__ void __launch_bounds__(kThreads, kNormed && kRows == 1 && kThreads ==
     conv_operand = ConvOperand<Element>(args, static_cast<int>(feature - args.conv_offset), lane);
   }
   dependent_launch::WaitThenAllowDependents(early_dependents);  // x comes from them
-  extern __shared__ uint4 normed_rows[];  // kNormed: x [kRows][in_features]
-  const Storage* x_rows = input;
-  int64_t x_row_stride = args.input_row_stride;
-  if constexpr (kNormed) {
-    auto* shared_x = reinterpret_cast<Storage*>(normed_rows);
-    AddRmsNormRows<Element, kRows>(args, shared_x);
-    x_rows = shared_x;
-    x_row_stride = in_features;
-  }
   if (conv_early) {
     conv_operands[warp][lane] = conv_operand;
     __syncwarp();  // lane 0 reads them after the dot product
@@ -299,12 +239,8 @@ __global__ void __launch_bounds__(kThreads, kNormed && kRows == 1 && kThreads ==
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         float values[kValues];
-        const auto* address = reinterpret_cast<const uint4*>(x_rows + r * x_row_stride + k);
-        if constexpr (kNormed) {
-          Unpack<Element>::Run(*address, values);
-        } else {
-          Unpack<Element>::Run(__ldg(address), values);
-        }
+        Unpack<Element>::Run(
+            __ldg(reinterpret_cast<const uint4*>(input + r * args.input_row_stride + k)), values);
 #pragma unroll
         for (int i = 0; i < kValues; ++i) sums[r] = fmaf(weights[i], values[i], sums[r]);
       }
@@ -372,9 +308,6 @@ __global__ void __launch_bounds__(kThreads, kNormed && kRows == 1 && kThreads ==
 //     previous kernel has finished (both steps 1.5-2.7% faster on the H200:
 //     deploy/results/h200-gpu-2026-12-03h); 0 reads them after the dot
 //     product.
-//   ICD_FEW_ROWS_NORM=1: a decode step's in_proj makes the layer's add +
-//     RMS norm in its own kernel (AddRmsNormRows), and the add + norm
-//     kernel ahead of it is gone. Off until measured.
 //   ICD_EARLY_DEPENDENTS=0 (dependent_launch.cuh) is reloaded with these.
 struct Settings {
   std::mutex reading;
@@ -384,7 +317,6 @@ struct Settings {
   std::atomic<bool> early_loads{true};
   std::atomic<bool> early_operands{true};
   std::atomic<bool> early_conv{true};
-  std::atomic<bool> norm_in_projection{false};
 };
 
 Settings& SettingsStore() {
@@ -408,7 +340,6 @@ Settings& CurrentSettings() {
       settings.early_loads = number("ICD_FEW_ROWS_EARLY_LOADS", 1) != 0;
       settings.early_operands = number("ICD_EARLY_OPERANDS", 1) != 0;
       settings.early_conv = number("ICD_FEW_ROWS_EARLY_CONV", 1) != 0;
-      settings.norm_in_projection = number("ICD_FEW_ROWS_NORM", 0) != 0;
       settings.stale.store(false, std::memory_order_release);
     }
   }
@@ -422,7 +353,6 @@ bool EarlyConv() { return CurrentSettings().early_conv.load(); }
 
 std::atomic<int64_t> early_launches{0};
 std::atomic<int64_t> early_conv_launches{0};
-std::atomic<int64_t> normed_launches{0};
 
 // Warps per feature: enough blocks for about BlocksPerMultiprocessor() per
 // multiprocessor.
@@ -452,34 +382,12 @@ int Launch(void (*kernel)(FewRowsLinearLaunchArgs, int, int, bool, bool, bool), 
   // ConvOperand: a lane per operand.
   const bool early_conv = EarlyConv() && args.conv_output != nullptr && args.conv_settled &&
                           args.conv_width + args.rows * (args.conv_width - 1) + 1 <= 32;
-  // The add + norm's x in shared memory, a row of in_features values each.
-  const size_t shared_bytes =
-      args.norm_residual != nullptr
-          ? static_cast<size_t>(args.rows * args.in_features) *
-                (args.element_type == ElementType::kFloat32 ? 4 : 2)
-          : 0;
-  const cudaError_t status = dependent_launch::LaunchDependentShared(
-      kernel, grid, kThreads, shared_bytes, stream, args, split, Prefetches(), early, early_conv,
+  const cudaError_t status = dependent_launch::LaunchDependent(
+      kernel, grid, kThreads, stream, args, split, Prefetches(), early, early_conv,
       dependent_launch::EarlyDependents());
   if (early && status == cudaSuccess) ++early_launches;
   if (early_conv && status == cudaSuccess) ++early_conv_launches;
-  if (shared_bytes > 0 && status == cudaSuccess) ++normed_launches;
   return static_cast<int>(status);
-}
-
-template <class Element, bool kNormed>
-int LaunchRows(const FewRowsLinearLaunchArgs& args, dim3 grid, int split, cudaStream_t stream) {
-  switch (args.rows) {
-    case 1: return Launch(FewRowsLinearKernel<Element, 1, kNormed>, grid, args, split, stream);
-    case 2: return Launch(FewRowsLinearKernel<Element, 2, kNormed>, grid, args, split, stream);
-    case 3: return Launch(FewRowsLinearKernel<Element, 3, kNormed>, grid, args, split, stream);
-    case 4: return Launch(FewRowsLinearKernel<Element, 4, kNormed>, grid, args, split, stream);
-    case 5: return Launch(FewRowsLinearKernel<Element, 5, kNormed>, grid, args, split, stream);
-    case 6: return Launch(FewRowsLinearKernel<Element, 6, kNormed>, grid, args, split, stream);
-    case 7: return Launch(FewRowsLinearKernel<Element, 7, kNormed>, grid, args, split, stream);
-    case 8: return Launch(FewRowsLinearKernel<Element, 8, kNormed>, grid, args, split, stream);
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
 }
 
 template <class Element>
@@ -488,8 +396,17 @@ int LaunchElement(const FewRowsLinearLaunchArgs& args, cudaStream_t stream) {
   const int features_per_block = kWarps / split;
   const dim3 grid(
       static_cast<unsigned int>((args.out_features + features_per_block - 1) / features_per_block));
-  if (args.norm_residual != nullptr) return LaunchRows<Element, true>(args, grid, split, stream);
-  return LaunchRows<Element, false>(args, grid, split, stream);
+  switch (args.rows) {
+    case 1: return Launch(FewRowsLinearKernel<Element, 1>, grid, args, split, stream);
+    case 2: return Launch(FewRowsLinearKernel<Element, 2>, grid, args, split, stream);
+    case 3: return Launch(FewRowsLinearKernel<Element, 3>, grid, args, split, stream);
+    case 4: return Launch(FewRowsLinearKernel<Element, 4>, grid, args, split, stream);
+    case 5: return Launch(FewRowsLinearKernel<Element, 5>, grid, args, split, stream);
+    case 6: return Launch(FewRowsLinearKernel<Element, 6>, grid, args, split, stream);
+    case 7: return Launch(FewRowsLinearKernel<Element, 7>, grid, args, split, stream);
+    case 8: return Launch(FewRowsLinearKernel<Element, 8>, grid, args, split, stream);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
 }
 
 bool Aligned(const void* pointer) {
@@ -500,11 +417,8 @@ bool Aligned(const void* pointer) {
 
 int64_t FewRowsLinearEarlyLaunches() { return early_launches.load(); }
 int64_t FewRowsLinearEarlyConvLaunches() { return early_conv_launches.load(); }
-int64_t FewRowsLinearNormedLaunches() { return normed_launches.load(); }
 
 bool EarlyOperandsEnabled() { return CurrentSettings().early_operands.load(); }
-
-bool NormInProjectionEnabled() { return CurrentSettings().norm_in_projection.load(); }
 
 void ReloadFewRowsLinearSettings() {
   Settings& settings = SettingsStore();
@@ -519,22 +433,11 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream) {
   const int invalid = static_cast<int>(cudaErrorInvalidValue);
   const int64_t element_bytes = args.element_type == ElementType::kFloat32 ? 4 : 2;
   const int64_t per_load = kLoadBytes / element_bytes;
-  // With the add + norm inside, x is made in shared memory, not read.
-  const bool normed = args.norm_residual != nullptr;
   if (args.rows < 1 || args.rows > kMaxFewRowsLinearRows || args.in_features < 1 ||
-      args.in_features % per_load != 0 || args.out_features < 1 ||
-      args.out_features > (int64_t{1} << 31) - 1 || args.weight == nullptr ||
-      args.output == nullptr || !Aligned(args.weight) ||
-      (!normed && (args.input == nullptr || !Aligned(args.input) ||
-                   args.input_row_stride % per_load != 0))) {
-    return invalid;
-  }
-  // Made as the add + norm kernel makes it: its number of threads (a
-  // variant built with other warps, bench/linear_bench.sh, declines).
-  if (normed && (kThreads != kAddRmsNormThreads || args.norm_weight == nullptr ||
-                 args.norm_residual_out == nullptr ||
-                 args.norm_normed == nullptr ||
-                 args.rows * args.in_features * element_bytes > kMaxFewRowsNormBytes)) {
+      args.in_features % per_load != 0 || args.input_row_stride % per_load != 0 ||
+      args.out_features < 1 || args.out_features > (int64_t{1} << 31) - 1 ||
+      args.input == nullptr || args.weight == nullptr || args.output == nullptr ||
+      !Aligned(args.input) || !Aligned(args.weight)) {
     return invalid;
   }
   if (args.conv_output != nullptr &&

@@ -34,15 +34,6 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(const torch::Tensor&,
                                                           int64_t, bool, bool) {
   return std::nullopt;
 }
-std::optional<NormedLinearConvStepResult> AddRmsNormLinearConvStep(
-    const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, double, const torch::Tensor&,
-    const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, torch::Tensor*, int64_t, bool,
-    bool) {
-  return std::nullopt;
-}
-int64_t FewRowsLinearNormedLaunches() { return 0; }
-bool NormInProjectionEnabled() { return false; }
-bool NormInProjectionFits(int64_t, int64_t, torch::ScalarType) { return false; }
 void ReloadLaunchSettings() {}
 int64_t FewRowsLinearEarlyLaunches() { return 0; }
 int64_t FewRowsLinearEarlyConvLaunches() { return 0; }

@@ -90,39 +90,6 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
     const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
     int64_t conv_offset = 0, bool weight_settled = false, bool conv_settled = false);
 
-struct NormedLinearConvStepResult {
-  AddRmsNormResult norm;      // AddRmsNorm's: the new residual and its norm
-  LinearConvStepResult step;  // FewRowsLinearConvStep's of that norm
-};
-
-// AddRmsNorm(residual, mixed, norm_weight, eps) and FewRowsLinearConvStep
-// of its `normed` in one kernel: every block of the projection makes the
-// norm itself, bit for bit as the add + norm kernel does, so that the step
-// has no kernel boundary between the two. residual [B, 1, K] float32 and
-// mixed [B, 1, K] (or undefined) as AddRmsNorm takes them; the rest as
-// FewRowsLinearConvStep. The results equal the two calls', bit for bit.
-// nullopt (and `history` untouched), before anything is allocated where
-// NormInProjectionFits says no, where either would decline.
-std::optional<NormedLinearConvStepResult> AddRmsNormLinearConvStep(
-    const torch::Tensor& residual, const torch::Tensor& mixed, const torch::Tensor& norm_weight,
-    double eps, const torch::Tensor& weight, const torch::Tensor& bias,
-    const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
-    int64_t conv_offset = 0, bool weight_settled = false, bool conv_settled = false);
-
-// Whether rows × width values of `dtype` are few enough for the kernel to
-// hold the norm it makes (40 KB of shared memory: 8 rows of 2560 in bf16).
-bool NormInProjectionFits(int64_t rows, int64_t width, torch::ScalarType dtype);
-
-// Tests: how many few-rows launches in this process made their norm
-// themselves (AddRmsNormLinearConvStep; none on the CPU).
-int64_t FewRowsLinearNormedLaunches();
-
-// ICD_FEW_ROWS_NORM=1 (re-read after ReloadLaunchSettings; off by default
-// until measured): a decode step's in_proj makes the layer's add + RMS norm
-// in its own kernel (AddRmsNormLinearConvStep; LayerState::deferred_norm).
-// False on the CPU.
-bool NormInProjectionEnabled();
-
 // The kernels' run-time settings from the environment (the README's table:
 // ICD_FEW_ROWS_*) are read once; after this the next launch reads them
 // again, for a measurement or a test that changes them within one process.

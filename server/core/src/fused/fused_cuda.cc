@@ -4,7 +4,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -210,29 +209,12 @@ struct ConvStepOperands {
   bool settled;                 // FewRowsLinearConvStep's conv_settled
 };
 
-// The add + RMS norm ahead of the projection in the same kernel (the
-// AddRmsNorm operands); the projection's input is then the norm's output,
-// which the kernel writes.
-struct NormOperands {
-  const torch::Tensor* residual;  // [..., K] float32, contiguous
-  const torch::Tensor* mixed;     // [..., K] compute dtype, contiguous, or undefined
-  const torch::Tensor* weight;    // [K] compute dtype
-  double eps;
-};
-
-struct LaunchOutputs {
-  torch::Tensor output;       // [..., N]
-  torch::Tensor convolved;    // with a conv step: silu(conv) [B, 1, C]
-  torch::Tensor residual;     // with a norm: residual + mixed, float32
-};
-
-// FewRowsLinear, and with `conv` its conv step in the same kernel, and with
-// `norm` the add + norm that makes its input (`input`, uninitialised, is
-// then where the kernel writes the norm); nullopt where the kernel
-// declines, before anything is written.
-std::optional<LaunchOutputs> FewRowsLinearLaunch(
+// FewRowsLinear, and with `conv` its conv step in the same kernel (then the
+// second tensor is silu(conv) [B, 1, C]); nullopt where the kernel declines,
+// before anything is written.
+std::optional<std::pair<torch::Tensor, torch::Tensor>> FewRowsLinearLaunch(
     const torch::Tensor& input, const torch::Tensor& weight, const torch::Tensor& bias,
-    const ConvStepOperands* conv, bool weight_settled, const NormOperands* norm = nullptr) {
+    const ConvStepOperands* conv, bool weight_settled) {
   if (!input.defined() || !input.is_cuda() || input.dim() < 1 || !weight.defined() ||
       weight.dim() != 2 || !weight.is_contiguous()) {
     return std::nullopt;
@@ -250,18 +232,6 @@ std::optional<LaunchOutputs> FewRowsLinearLaunch(
   if (bias.defined() && (!OnDeviceAs(bias, device, compute) || bias.dim() != 1 ||
                          bias.size(0) != out_features)) {
     return std::nullopt;
-  }
-  if (norm != nullptr) {
-    const torch::Tensor& residual = *norm->residual;
-    const torch::Tensor& mixed = *norm->mixed;
-    if (!input.is_contiguous() || !residual.defined() || !residual.is_contiguous() ||
-        residual.device() != device || residual.scalar_type() != torch::kFloat32 ||
-        residual.sizes() != input.sizes() || !OnDeviceAs(*norm->weight, device, compute) ||
-        norm->weight->dim() != 1 || norm->weight->size(0) != in_features ||
-        (mixed.defined() && (!OnDeviceAs(mixed, device, compute) ||
-                             mixed.sizes() != input.sizes() || !mixed.is_contiguous()))) {
-      return std::nullopt;
-    }
   }
   // Rows as one strided axis: a view where the leading axes collapse (a
   // narrow() of a projection's output does), else a contiguous copy.
@@ -321,18 +291,6 @@ std::optional<LaunchOutputs> FewRowsLinearLaunch(
     args.conv_settled = conv->settled && taps.is_same(*conv->weight) &&
                         (!conv_bias.defined() || conv_bias.is_same(*conv->bias));
   }
-  torch::Tensor residual_out;
-  torch::Tensor norm_weight;
-  if (norm != nullptr) {
-    norm_weight = norm->weight->contiguous();
-    residual_out = torch::empty_like(*norm->residual);
-    args.norm_residual = norm->residual->data_ptr<float>();
-    args.norm_mixed = norm->mixed->defined() ? norm->mixed->data_ptr() : nullptr;
-    args.norm_weight = norm_weight.data_ptr();
-    args.norm_eps = static_cast<float>(norm->eps);
-    args.norm_residual_out = residual_out.data_ptr<float>();
-    args.norm_normed = rows.data_ptr();  // `input` itself: contiguous, checked above
-  }
   const int status = LaunchFewRowsLinear(args, CurrentStream(device));
   // Unaligned rows or widths decline: cuBLAS takes them.
   if (status == static_cast<int>(cudaErrorInvalidValue)) {
@@ -340,7 +298,7 @@ std::optional<LaunchOutputs> FewRowsLinearLaunch(
     return std::nullopt;
   }
   if (!Launched(status, "few-rows linear kernel")) return std::nullopt;
-  return LaunchOutputs{std::move(output), std::move(conv_output), std::move(residual_out)};
+  return std::make_pair(std::move(output), std::move(conv_output));
 }
 
 }  // namespace
@@ -350,7 +308,7 @@ std::optional<torch::Tensor> FewRowsLinear(const torch::Tensor& input,
                                            const torch::Tensor& bias, bool weight_settled) {
   auto result = FewRowsLinearLaunch(input, weight, bias, nullptr, weight_settled);
   if (!result.has_value()) return std::nullopt;
-  return std::move(result->output);
+  return std::move(result->first);
 }
 
 std::optional<LinearConvStepResult> FewRowsLinearConvStep(
@@ -361,37 +319,9 @@ std::optional<LinearConvStepResult> FewRowsLinearConvStep(
   const ConvStepOperands conv{&conv_weight, &conv_bias, history, conv_offset, conv_settled};
   auto result = FewRowsLinearLaunch(input, weight, bias, &conv, weight_settled);
   if (!result.has_value()) return std::nullopt;
-  return LinearConvStepResult{std::move(result->output), std::move(result->convolved)};
-}
-
-std::optional<NormedLinearConvStepResult> AddRmsNormLinearConvStep(
-    const torch::Tensor& residual, const torch::Tensor& mixed, const torch::Tensor& norm_weight,
-    double eps, const torch::Tensor& weight, const torch::Tensor& bias,
-    const torch::Tensor& conv_weight, const torch::Tensor& conv_bias, torch::Tensor* history,
-    int64_t conv_offset, bool weight_settled, bool conv_settled) {
-  if (history == nullptr || !residual.defined() || !residual.is_cuda() || !norm_weight.defined() ||
-      residual.dim() < 1 ||
-      !NormInProjectionFits(residual.numel() / std::max<int64_t>(residual.size(-1), 1),
-                            residual.size(-1), norm_weight.scalar_type())) {
-    return std::nullopt;
-  }
-  // The norm's output, which the kernel writes, is the projection's input.
-  torch::Tensor normed = torch::empty(residual.sizes(), norm_weight.options());
-  const ConvStepOperands conv{&conv_weight, &conv_bias, history, conv_offset, conv_settled};
-  const NormOperands norm{&residual, &mixed, &norm_weight, eps};
-  auto result = FewRowsLinearLaunch(normed, weight, bias, &conv, weight_settled, &norm);
-  if (!result.has_value()) return std::nullopt;
-  NormedLinearConvStepResult normed_step;
-  normed_step.norm = AddRmsNormResult{std::move(result->residual), std::move(normed)};
-  normed_step.step = LinearConvStepResult{std::move(result->output), std::move(result->convolved)};
-  return normed_step;
+  return LinearConvStepResult{std::move(result->first), std::move(result->second)};
 }
 
 void ReloadLaunchSettings() { ReloadFewRowsLinearSettings(); }
-
-bool NormInProjectionFits(int64_t rows, int64_t width, torch::ScalarType dtype) {
-  return rows >= 1 && rows <= kMaxFewRowsLinearRows && width >= 1 &&
-         rows * width * static_cast<int64_t>(c10::elementSize(dtype)) <= kMaxFewRowsNormBytes;
-}
 
 }  // namespace icd::fused

@@ -85,12 +85,6 @@ struct GatedRmsNormLaunchArgs {
 // Most rows of x the few-rows linear takes (a decode step's batch).
 inline constexpr int64_t kMaxFewRowsLinearRows = 8;
 
-// Most bytes of x (rows · in_features values) a few-rows linear makes itself
-// with the add + norm inside (norm_residual): its shared memory, which with
-// the kernel's static shared memory stays under the 48 KB a launch takes
-// unasked.
-inline constexpr int64_t kMaxFewRowsNormBytes = int64_t{40} << 10;
-
 // output = input · weightᵀ (+ bias), for rows <= kMaxFewRowsLinearRows, in
 // element_type with float32 accumulation: each output is one float32 dot
 // product (its own summation order, not cuBLAS's), plus the bias in float32,
@@ -127,19 +121,6 @@ struct FewRowsLinearLaunchArgs {
   // step writes them), so all three may be read before the kernels ahead
   // end (ICD_FEW_ROWS_EARLY_CONV; dependent_launch.cuh's rule).
   bool conv_settled = false;
-  // Optional, with norm_residual set (a decode step's in_proj with the
-  // layer's add + RMS norm in the same kernel): x is not read from `input`
-  // (then unused) but computed by every block as the add + RMS norm kernel
-  // computes its `normed` (AddRmsNormLaunchArgs; rms_norm.cu's arithmetic,
-  // the same bits) from norm_residual (+ norm_mixed), norm_weight and
-  // norm_eps. Block 0 also writes the sum to norm_residual_out and x to
-  // norm_normed. x must fit in kMaxFewRowsNormBytes.
-  const float* norm_residual = nullptr;  // [rows, in_features], contiguous
-  const void* norm_mixed = nullptr;      // [rows, in_features], element_type; null: none
-  const void* norm_weight = nullptr;     // [in_features], element_type
-  float norm_eps = 0.0f;
-  float* norm_residual_out = nullptr;    // [rows, in_features]
-  void* norm_normed = nullptr;           // [rows, in_features], element_type
 };
 
 // Enqueue on `stream` (a cudaStream_t) of the current device. Return 0

@@ -19,7 +19,7 @@ namespace {
 
 using cuda_elements::RoundTo;
 
-constexpr int kThreads = kAddRmsNormThreads;
+constexpr int kThreads = 256;
 
 // A row of at most kThreads * kPerThread values is held in registers: every
 // load of the row is issued before the first store (the residual may be
@@ -62,7 +62,8 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(const AddRmsNormLau
       if (i < width) residual_out[i] = values[u];
       squares = fmaf(values[u], values[u], squares);
     }
-    const float scale = RmsScale(BlockSum<kThreads>(squares), width, args.eps);
+    // mean(x²) as LibTorch's mean: the sum times 1/D.
+    const float scale = rsqrtf(BlockSum<kThreads>(squares) * (1.0f / static_cast<float>(width)) + args.eps);
 #pragma unroll
     for (int u = 0; u < kPerThread; ++u) {
       const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
@@ -78,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(const AddRmsNormLau
       residual_out[i] = value;
       squares = fmaf(value, value, squares);
     }
-    const float scale = RmsScale(BlockSum<kThreads>(squares), width, args.eps);
+    const float scale = rsqrtf(BlockSum<kThreads>(squares) * (1.0f / static_cast<float>(width)) + args.eps);
     for (int64_t i = thread; i < width; i += kThreads) {
       // This thread wrote residual_out[i] above: program order, no barrier.
       const float normalised = RoundTo<Element>(residual_out[i] * scale);

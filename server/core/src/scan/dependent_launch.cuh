@@ -86,16 +86,15 @@ inline bool Enabled() {
   return enabled;
 }
 
-// kernel<<<grid, block, shared_bytes, stream>>>(args...), allowed to overlap
-// the previous kernel in the stream as above.
+// kernel<<<grid, block, 0, stream>>>(args...), allowed to overlap the
+// previous kernel in the stream as above.
 template <class... Parameters, class... Arguments>
-cudaError_t LaunchDependentShared(void (*kernel)(Parameters...), dim3 grid, dim3 block,
-                                  size_t shared_bytes, cudaStream_t stream,
-                                  Arguments&&... arguments) {
+cudaError_t LaunchDependent(void (*kernel)(Parameters...), dim3 grid, dim3 block,
+                            cudaStream_t stream, Arguments&&... arguments) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
-  config.dynamicSmemBytes = shared_bytes;
+  config.dynamicSmemBytes = 0;
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -103,14 +102,6 @@ cudaError_t LaunchDependentShared(void (*kernel)(Parameters...), dim3 grid, dim3
   config.attrs = attribute;
   config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Arguments>(arguments)...);
-}
-
-// The same without dynamic shared memory.
-template <class... Parameters, class... Arguments>
-cudaError_t LaunchDependent(void (*kernel)(Parameters...), dim3 grid, dim3 block,
-                            cudaStream_t stream, Arguments&&... arguments) {
-  return LaunchDependentShared(kernel, grid, block, 0, stream,
-                               std::forward<Arguments>(arguments)...);
 }
 
 }  // namespace icd::dependent_launch

@@ -10,8 +10,11 @@
 //   counters_check --model DIR [--dtype bfloat16] [--mode prefill|decode]
 //                  [--seq-len 2048] (--cupti [--repeats 3] [--replay user|kernel]
 //                  | --ncu) [--settle-ms N] [--scrub] [--max-launches 8192]
-//   counters_check --mode read ...   (no model: one sum over 256 MB of float32,
-//                  a kernel that reads and writes almost nothing)
+//   counters_check --mode read [--read-mb 256] ...   (no model: one sum over
+//                  that many MB of float32, a kernel that reads and writes
+//                  almost nothing; sizes around the L2's tell a write-back of
+//                  lines dirtied before the range from bytes that grow with
+//                  the reads)
 // --settle-ms N waits N ms with the device idle before each pass (ncu: before
 // the sample); --scrub reads a buffer of twice the L2 first. Both are
 // experiments on where a kernel's counted DRAM writes come from
@@ -61,7 +64,7 @@ void PrintJson(const icd::KernelCounters& k, const std::string& label, int repea
 int main(int argc, char** argv) {
   std::map<std::string, std::string> args = {
       {"--dtype", "bfloat16"}, {"--mode", "prefill"}, {"--seq-len", "2048"}, {"--repeats", "3"},
-      {"--replay", "user"}, {"--max-launches", "8192"}};
+      {"--replay", "user"}, {"--max-launches", "8192"}, {"--read-mb", "256"}};
   bool cupti = false;
   bool ncu = false;
   bool scrub = false;
@@ -80,7 +83,7 @@ int main(int argc, char** argv) {
   const bool read_only = args.at("--mode") == "read";
   if ((!args.count("--model") && !read_only) || cupti == ncu) {
     std::cerr << "usage: counters_check (--model DIR [--dtype bfloat16] [--mode prefill|decode] "
-                 "[--seq-len 2048] | --mode read) (--cupti [--repeats 3] [--replay user|kernel] "
+                 "[--seq-len 2048] | --mode read [--read-mb 256]) (--cupti [--repeats 3] [--replay user|kernel] "
                  "| --ncu) [--settle-ms N] [--scrub] [--max-launches 8192]\n";
     return 2;
   }
@@ -114,7 +117,12 @@ int main(int argc, char** argv) {
   torch::Tensor step_ids;
   torch::Tensor read_values;
   if (read_only) {
-    read_values = torch::ones({64 * 1024 * 1024}, torch::dtype(torch::kFloat32).device(cuda));
+    const int64_t read_mb = std::stoll(args.at("--read-mb"));
+    if (read_mb < 1) {
+      std::cerr << "counters_check: --read-mb is at least 1, got " << read_mb << "\n";
+      return 2;
+    }
+    read_values = torch::ones({read_mb * 256 * 1024}, torch::dtype(torch::kFloat32).device(cuda));
   } else {
     const std::map<std::string, torch::ScalarType> dtypes = {
         {"bfloat16", torch::kBFloat16}, {"float16", torch::kFloat16}, {"float32", torch::kFloat32}};
@@ -154,7 +162,7 @@ int main(int argc, char** argv) {
   }
   torch::cuda::synchronize();
   const std::string label = args.at("--mode") + " " +
-                            (read_only ? std::string("256 MB") : args.at("--model")) +
+                            (read_only ? args.at("--read-mb") + " MB" : args.at("--model")) +
                             (cupti ? " (replay " + args.at("--replay") + ")" : "");
   if (ncu) {
 #ifdef ICD_HAVE_CUDA

@@ -22,6 +22,7 @@
 # COUNTERS_WRITES (0; 1: the DRAM-write experiment below), COUNTERS_PASS_COST
 # (0; 1: what a pass costs against CUPTI's ranges per pass), COUNTERS_SERVICE
 # (1; 0: no identity-vs-permuted service runs),
+# COUNTERS_READ_SIZES (empty; "16 64 256 1024": the sum's writes against its size),
 # COUNTERS_STEP_TIMEOUT_S (300: each step's limit, so that one slow step
 # leaves the others' results and a log line naming it).
 set -uo pipefail
@@ -101,6 +102,22 @@ if [[ ${COUNTERS_WRITES:-0} == 1 ]]; then
     done
   done
 fi
+
+# The 256 MB sum's extra writes (about 10% of its reads under icd, 1% under
+# ncu) against the size of the sum: a count that stops growing near the L2's
+# size is the write-back of lines dirtied before the range; one that keeps
+# growing with the reads is not. COUNTERS_READ_SIZES="16 64 256 1024" (MB).
+for mb in ${COUNTERS_READ_SIZES:-}; do
+  log "writes: a sum over $mb MB, user replay, room for 16 launches"
+  icd_env timeout -k 5 "$limit" "$build/bench/counters_check" --mode read --read-mb "$mb" --cupti \
+    --replay user --repeats 2 --max-launches 16 > "$out/writes-read-$mb-mb.jsonl" 2> "$out/writes-read-$mb-mb.err" ||
+    log "writes read $mb MB failed (exit $?)"
+  log "writes: a sum over $mb MB under ncu (application replay, no cache control)"
+  icd_env timeout -k 5 "$limit" ncu --profile-from-start off --replay-mode application --cache-control none \
+    --metrics "$metrics" --csv --page raw --print-units base "$build/bench/counters_check" --mode read \
+    --read-mb "$mb" --ncu > "$out/ncu-writes-read-$mb-mb.csv" 2> "$out/ncu-writes-read-$mb-mb.err" ||
+    log "ncu writes read $mb MB failed (exit $?)"
+done
 
 # What a collection's passes cost (seconds each, whatever the work:
 # deploy/results/h200-gpu-2026-12-03e/): the 256 MB sum with CUPTI's ranges

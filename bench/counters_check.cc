@@ -9,7 +9,7 @@
 //
 //   counters_check --model DIR [--dtype bfloat16] [--mode prefill|decode]
 //                  [--seq-len 2048] (--cupti [--repeats 3] [--replay user|kernel]
-//                  | --ncu) [--settle-ms N] [--scrub] [--max-launches 8192]
+//                  | --ncu) [--settle-ms N] [--scrub] [--no-flush] [--max-launches 8192]
 //   counters_check --mode read [--read-mb 256] ...   (no model: one sum over
 //                  that many MB of float32, a kernel that reads and writes
 //                  almost nothing; sizes around the L2's tell a write-back of
@@ -26,6 +26,7 @@
 // in reads and L2 (DRAM writes differ: hardware_counters.h says why).
 #include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <string>
@@ -38,6 +39,7 @@
 #endif
 
 #include "counters/hardware_counters.h"
+#include "counters/l2_flush.h"
 #include "forward/decode.h"
 #include "forward/forward.h"
 #include "driver_util.h"
@@ -68,6 +70,7 @@ int main(int argc, char** argv) {
   bool cupti = false;
   bool ncu = false;
   bool scrub = false;
+  bool flush = true;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--cupti") {
@@ -76,6 +79,8 @@ int main(int argc, char** argv) {
       ncu = true;
     } else if (arg == "--scrub") {
       scrub = true;
+    } else if (arg == "--no-flush") {
+      flush = false;
     } else if (i + 1 < argc) {
       args[arg] = argv[++i];
     }
@@ -84,7 +89,7 @@ int main(int argc, char** argv) {
   if ((!args.count("--model") && !read_only) || cupti == ncu) {
     std::cerr << "usage: counters_check (--model DIR [--dtype bfloat16] [--mode prefill|decode] "
                  "[--seq-len 2048] | --mode read [--read-mb 256]) (--cupti [--repeats 3] [--replay user|kernel] "
-                 "| --ncu) [--settle-ms N] [--scrub] [--max-launches 8192]\n";
+                 "| --ncu) [--settle-ms N] [--scrub] [--no-flush] [--max-launches 8192]\n";
     return 2;
   }
   if (!torch::cuda::is_available()) {
@@ -194,6 +199,10 @@ int main(int argc, char** argv) {
     if (rewound.ok()) settle();
     return rewound;
   };
+  // As MeasureLatency: L2 flushed after each pass has started (--no-flush:
+  // not, as before 2026-12-04).
+  std::function<absl::Status()> flush_run;
+  if (flush) flush_run = OrDie(icd::counters::MakeL2Flush(cuda), "L2 flush").run;
   // Each repeat a collection of its own (MeasureLatency puts the repeats
   // after the first in one: the same sample, fewer of CUPTI's passes).
   for (int repeat = 0; repeat < std::stoi(args.at("--repeats")); ++repeat) {
@@ -201,7 +210,7 @@ int main(int argc, char** argv) {
     settle();
     const auto launches =
         OrDie(icd::counters::Collect(0, sample, replay, rewind,
-                                     std::stoll(args.at("--max-launches"))),
+                                     std::stoll(args.at("--max-launches")), flush_run),
               "hardware counters");
     for (const icd::KernelCounters& kernel : icd::counters::ByKernel(launches)) {
       PrintJson(kernel, label, repeat);

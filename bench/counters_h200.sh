@@ -23,6 +23,8 @@
 # (0; 1: what a pass costs against CUPTI's ranges per pass), COUNTERS_SERVICE
 # (1; 0: no identity-vs-permuted service runs),
 # COUNTERS_READ_SIZES (empty; "16 64 256 1024": the sum's writes against its size),
+# NCU_CHECK_FLAGS (counters_check's flags under ncu, e.g. "--scrub": L2 refilled
+# with clean lines before the sample, as icd's flush leaves it),
 # COUNTERS_STEP_TIMEOUT_S (300: each step's limit, so that one slow step
 # leaves the others' results and a log line naming it).
 set -uo pipefail
@@ -103,20 +105,28 @@ if [[ ${COUNTERS_WRITES:-0} == 1 ]]; then
   done
 fi
 
-# The 256 MB sum's extra writes (about 10% of its reads under icd, 1% under
-# ncu) against the size of the sum: a count that stops growing near the L2's
-# size is the write-back of lines dirtied before the range; one that keeps
-# growing with the reads is not. COUNTERS_READ_SIZES="16 64 256 1024" (MB).
+# The sum's counted DRAM writes against its size: under icd with the L2
+# flush (the service's default) and without it, under ncu as the program
+# leaves L2 and after a clean refill of it (--scrub). Without the flush icd's
+# count stopped growing at about 21 MB past 256 MB (h200-gpu-2026-12-04a):
+# lines dirtied before the range, written back by the sum's misses.
+# COUNTERS_READ_SIZES="16 64 256 1024" (MB).
 for mb in ${COUNTERS_READ_SIZES:-}; do
-  log "writes: a sum over $mb MB, user replay, room for 16 launches"
-  icd_env timeout -k 5 "$limit" "$build/bench/counters_check" --mode read --read-mb "$mb" --cupti \
-    --replay user --repeats 2 --max-launches 16 > "$out/writes-read-$mb-mb.jsonl" 2> "$out/writes-read-$mb-mb.err" ||
-    log "writes read $mb MB failed (exit $?)"
-  log "writes: a sum over $mb MB under ncu (application replay, no cache control)"
-  icd_env timeout -k 5 "$limit" ncu --profile-from-start off --replay-mode application --cache-control none \
-    --metrics "$metrics" --csv --page raw --print-units base "$build/bench/counters_check" --mode read \
-    --read-mb "$mb" --ncu > "$out/ncu-writes-read-$mb-mb.csv" 2> "$out/ncu-writes-read-$mb-mb.err" ||
-    log "ncu writes read $mb MB failed (exit $?)"
+  for variant in "flush:" "no-flush:--no-flush"; do
+    name=${variant%%:*} flags=${variant#*:}
+    log "writes: a sum over $mb MB, user replay, room for 16 launches, $name"
+    icd_env timeout -k 5 "$limit" "$build/bench/counters_check" --mode read --read-mb "$mb" --cupti \
+      --replay user --repeats 2 --max-launches 16 $flags > "$out/writes-read-$mb-mb-$name.jsonl" \
+      2> "$out/writes-read-$mb-mb-$name.err" || log "writes read $mb MB $name failed (exit $?)"
+  done
+  for variant in "plain:" "scrub:--scrub"; do
+    name=${variant%%:*} flags=${variant#*:}
+    log "writes: a sum over $mb MB under ncu (application replay, no cache control), $name"
+    icd_env timeout -k 5 "$limit" ncu --profile-from-start off --replay-mode application --cache-control none \
+      --metrics "$metrics" --csv --page raw --print-units base "$build/bench/counters_check" --mode read \
+      --read-mb "$mb" --ncu $flags > "$out/ncu-writes-read-$mb-mb-$name.csv" 2> "$out/ncu-writes-read-$mb-mb-$name.err" ||
+      log "ncu writes read $mb MB $name failed (exit $?)"
+  done
 done
 
 # What a collection's passes cost (seconds each, whatever the work:
@@ -202,7 +212,7 @@ for shape in ${NCU_SHAPES-${shapes%% *}}; do
       log "ncu $shape $mode (replay-mode $replay, cache-control $cache)"
       icd_env timeout -k 5 "$limit" ncu --profile-from-start off --replay-mode $replay --cache-control $cache \
         --metrics "$metrics" --csv --page raw --print-units base \
-        "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --ncu \
+        "$build/bench/counters_check" --model "$dir" --mode $mode --seq-len 2048 --ncu ${NCU_CHECK_FLAGS:-} \
         > "$out/ncu-$shape-$mode-$replay-$cache.csv" 2> "$out/ncu-$shape-$mode-$replay-$cache.err" ||
         log "ncu $shape $mode $replay failed (exit $?): $(tail -2 "$out/ncu-$shape-$mode-$replay-$cache.err")"
       # icd's user replay beside ncu's application replay, kernel beside kernel.

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "counters/hardware_counters.h"
+#include "counters/l2_flush.h"
 #include "torch_api.h"
 #include "icd/core/engine.h"
 #include "test_util.h"
@@ -103,12 +104,9 @@ void ExpectPassesRefused(const absl::Status& status, int calls, const char* what
 // A kernel that reads 256 MB (several times the H200's L2) and writes one
 // number, under both replays: its reads are its 256 MB, each launch is
 // counted once however many passes ran, and its DRAM writes are a small
-// fraction of its reads. They are not zero under either replay (11% of the
-// reads under user replay on the H200, 9% under kernel replay:
-// deploy/results/h200-gpu-2026-12-03d/), although a read of the whole buffer
-// runs first. Not the write-back of lines dirtied earlier: as much after a
-// pause or a clean refill of L2 (h200-gpu-2026-12-03e/), where Nsight
-// Compute counts 1% (cause unknown).
+// fraction of its reads. Without a flush they are not near zero under
+// either replay (user replay: the dirty lines a pass's start leaves in L2,
+// written back by the kernel's misses, AFlushLeavesAReadItsOwnWrites).
 TEST(HardwareCountersTest, AReadingKernelWritesLittle) {
   ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
   const torch::Tensor values =
@@ -150,6 +148,48 @@ TEST(HardwareCountersTest, AReadingKernelWritesLittle) {
     return absl::OkStatus();
   }, counters::Replay::kUser, nullptr, kRoom);
   ExpectPassesRefused(uneven.status(), calls, "uneven passes");
+}
+
+// With the L2 flush (MakeL2Flush, before the work in every pass) the same
+// 256 MB sum is counted writing what Nsight Compute counts, about 1% of its
+// reads (2.6 MB on the H200), where without it 21 MB: the write-back of the
+// lines a pass's start leaves dirty, the same over 256 MB and 1,024 MB
+// (deploy/results/h200-gpu-2026-12-04a/). The flush's own launches are not
+// returned. The control without it must count more, or this test could not
+// tell the flush from a quiet device.
+TEST(HardwareCountersTest, AFlushLeavesAReadItsOwnWrites) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  const torch::Tensor values =
+      torch::ones({64 * 1024 * 1024}, torch::TensorOptions(torch::kFloat32).device(torch::kCUDA));
+  const double bytes = 4.0 * static_cast<double>(values.numel());
+  torch::Tensor sum = values.sum();
+  torch::cuda::synchronize();
+  auto read_all = [&] {
+    sum = values.sum();
+    return absl::OkStatus();
+  };
+  auto flush = counters::MakeL2Flush(torch::Device(torch::kCUDA, 0));
+  ASSERT_TRUE(flush.ok()) << flush.status();
+  std::map<bool, KernelCounters> totals;
+  for (const bool flushed : {true, false, true}) {
+    auto launches = counters::Collect(0, read_all, counters::Replay::kUser, nullptr, kRoom,
+                                      flushed ? flush->run : nullptr);
+    ASSERT_TRUE(launches.ok()) << launches.status();
+    ASSERT_EQ(launches->size(), 1u) << "the flush's launches are not the work's";
+    const KernelCounters total = counters::Total(*launches);
+    std::printf("[counters] %s: DRAM read %.0f write %.0f B, L2 hit %.3f (flush of %lld bytes)\n",
+                flushed ? "flushed" : "not flushed", total.dram_read_bytes,
+                total.dram_write_bytes, total.l2_hit_rate, static_cast<long long>(flush->bytes));
+    EXPECT_NEAR(total.dram_read_bytes, bytes, 0.1 * bytes);
+    totals[flushed] = total;
+    if (flushed) {
+      EXPECT_LE(total.dram_write_bytes, 0.02 * bytes);
+    }
+  }
+  EXPECT_GT(totals[false].dram_write_bytes, totals[true].dram_write_bytes + 4e6)
+      << "the control without a flush counted no more writes";
+  EXPECT_EQ(counters::MakeL2Flush(torch::Device(torch::kCPU)).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 // Pieces of work in one collection (CollectEach) come back

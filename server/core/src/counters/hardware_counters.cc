@@ -73,9 +73,7 @@ std::string Describe(Replay replay) {
   switch (replay) {
     case Replay::kUser:
       return "CUPTI range profiler: a range per kernel launch, the work rerun once per pass "
-             "(user replay): each kernel sees the caches as the kernels before it left them; DRAM "
-             "writes are an upper bound (on an H200 about a tenth of the bytes read above "
-             "Nsight Compute's count)";
+             "(user replay): each kernel sees the caches as the kernels before it left them";
     case Replay::kKernel:
       return "CUPTI range profiler: a range per kernel launch, each kernel replayed with device "
              "memory restored until every counter is read (kernel replay: DRAM writes include "
@@ -88,9 +86,10 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(int device_index,
                                                   const std::function<absl::Status()>& work,
                                                   Replay replay,
                                                   const std::function<absl::Status()>& rewind,
-                                                  int64_t max_launches) {
+                                                  int64_t max_launches,
+                                                  const std::function<absl::Status()>& flush) {
   ICD_ASSIGN_OR_RETURN(std::vector<std::vector<KernelCounters>> pieces,
-                       CollectEach(device_index, {work}, replay, rewind, max_launches));
+                       CollectEach(device_index, {work}, replay, rewind, max_launches, flush));
   return std::move(pieces.front());
 }
 
@@ -102,7 +101,7 @@ constexpr char kBuiltWithoutCupti[] =
 
 absl::StatusOr<std::vector<std::vector<KernelCounters>>> CollectEach(
     int, const std::vector<std::function<absl::Status()>>&, Replay,
-    const std::function<absl::Status()>&, int64_t) {
+    const std::function<absl::Status()>&, int64_t, const std::function<absl::Status()>&) {
   return absl::FailedPreconditionError(kBuiltWithoutCupti);
 }
 
@@ -602,9 +601,20 @@ absl::StatusOr<std::optional<int64_t>> CountLaunches(const std::function<absl::S
 }
 
 absl::StatusOr<std::vector<std::vector<KernelCounters>>> CollectEach(
-    int device_index, const std::vector<std::function<absl::Status()>>& pieces, Replay replay,
-    const std::function<absl::Status()>& rewind, int64_t max_launches) {
-  if (pieces.empty()) return absl::InvalidArgumentError("hardware counters: no work to count");
+    int device_index, const std::vector<std::function<absl::Status()>>& work_pieces,
+    Replay replay, const std::function<absl::Status()>& rewind, int64_t max_launches,
+    const std::function<absl::Status()>& flush) {
+  if (work_pieces.empty()) {
+    return absl::InvalidArgumentError("hardware counters: no work to count");
+  }
+  // The flush is a piece of its own, first, whose ranges are dropped at the
+  // end; room for its few launches beside the work's.
+  const bool flushed = flush != nullptr && replay == Replay::kUser;
+  constexpr int64_t kFlushRoom = 8;
+  const int64_t room = max_launches + (flushed ? kFlushRoom : 0);
+  std::vector<std::function<absl::Status()>> pieces;
+  if (flushed) pieces.push_back(flush);
+  pieces.insert(pieces.end(), work_pieces.begin(), work_pieces.end());
   const std::lock_guard<std::mutex> one_at_a_time(CollectionMutex());
   PhaseTrace trace;
   const Api& api = Library();
@@ -623,7 +633,7 @@ absl::StatusOr<std::vector<std::vector<KernelCounters>>> CollectEach(
   for (const std::string& name : MetricNames()) metrics.push_back(name.c_str());
 
   Session session(api);
-  ICD_RETURN_IF_ERROR(session.Configure(device_index, context, metrics, replay, max_launches));
+  ICD_RETURN_IF_ERROR(session.Configure(device_index, context, metrics, replay, room));
   KernelNames names(api);
   trace.Mark("configure");
   // Kernel replay ends after one pass; user replay after as many as the
@@ -702,8 +712,9 @@ absl::StatusOr<std::vector<std::vector<KernelCounters>>> CollectEach(
   if (!named) {
     return absl::FailedPreconditionError(absl::StrCat(
         "hardware counters: ", launches.size(), " ranges could not be told apart between ",
-        pieces.size(), " pieces of work (CUPTI's launch callbacks are held by another client, "
-        "a profiler?, or the ranges are not the launches)"));
+        work_pieces.size(), flushed ? " pieces of work and the L2 flush" : " pieces of work",
+        " (CUPTI's launch callbacks are held by another client, a profiler?, or the ranges are "
+        "not the launches)"));
   }
   auto next = launches.begin();
   for (const size_t count : piece_launches) {
@@ -711,6 +722,7 @@ absl::StatusOr<std::vector<std::vector<KernelCounters>>> CollectEach(
                           std::make_move_iterator(next + static_cast<std::ptrdiff_t>(count)));
     next += static_cast<std::ptrdiff_t>(count);
   }
+  if (flushed) by_piece.erase(by_piece.begin());
   return by_piece;
 }
 

@@ -35,14 +35,12 @@ enum class Replay {
   // one), each time from the same state (Collect's `rewind`) and launching
   // the same kernels; each kernel sees the caches as the kernels before it
   // left them, as in a real run. Reads and L2 sectors agree with Nsight
-  // Compute's application replay within 1%; DRAM writes do not: about a
-  // tenth of the bytes read more than its count (a kernel that only reads
-  // 256 MB: 28.4 MB against 2.8 MB), just as much after 100 ms of idle device
-  // or with L2 refilled by clean lines first, so not the write-back of lines
-  // dirtied earlier (deploy/results/h200-gpu-2026-12-03e/), and it changes
-  // with the room a collection has (21 MB for 16 ranges, 28-29 MB for 1,024
-  // or 8,192: h200-gpu-2026-12-03f/), so it is the collection's, not the
-  // work's. Cause not pinned down; an upper bound.
+  // Compute's application replay within 1%. DRAM writes agree only with a
+  // `flush`: starting a pass leaves about 21 MB of dirty lines in L2 (28-29
+  // MB with room for 1,024 ranges or more), which the work's first misses
+  // write back and which were counted as its own (a sum over 256 MB: 21 MB
+  // written against Nsight Compute's 2.6 MB, and no more over 1,024 MB:
+  // deploy/results/h200-gpu-2026-12-04a/).
   kUser,
   // The work runs once and CUPTI reruns each kernel, device memory saved
   // before and restored between its passes. The restore leaves dirty lines
@@ -70,11 +68,18 @@ std::string Describe(Replay replay);
 // CUPTI client holds the callbacks). Errors of `work` and `rewind` are
 // returned as they are. One collection at a time per process. A pass costs
 // CUPTI time in proportion to `max_launches` (CountLaunches sizes it).
+// `flush` (optional, user replay) runs in every pass after counting has
+// started and before the work, its ranges counted and left out of what is
+// returned: a read that writes L2's dirty lines back and leaves it holding
+// clean ones (MakeL2Flush), so that the work's DRAM writes are its own. Its
+// launches need CUPTI's launch callbacks to be told apart from the work's
+// (FAILED_PRECONDITION without them).
 inline constexpr int64_t kDefaultMaxLaunches = 8192;
 absl::StatusOr<std::vector<KernelCounters>> Collect(
     int device_index, const std::function<absl::Status()>& work, Replay replay = Replay::kUser,
     const std::function<absl::Status()>& rewind = nullptr,
-    int64_t max_launches = kDefaultMaxLaunches);
+    int64_t max_launches = kDefaultMaxLaunches,
+    const std::function<absl::Status()>& flush = nullptr);
 
 // Collect with the work in pieces run one after the other in every pass, each
 // piece's launches returned apart, told apart by the launches each piece
@@ -89,7 +94,8 @@ absl::StatusOr<std::vector<KernelCounters>> Collect(
 absl::StatusOr<std::vector<std::vector<KernelCounters>>> CollectEach(
     int device_index, const std::vector<std::function<absl::Status()>>& pieces,
     Replay replay = Replay::kUser, const std::function<absl::Status()>& rewind = nullptr,
-    int64_t max_launches = kDefaultMaxLaunches);
+    int64_t max_launches = kDefaultMaxLaunches,
+    const std::function<absl::Status()>& flush = nullptr);
 
 // Runs `work` once, uncounted, and returns how many kernels it launched from
 // the calling thread (CUPTI's launch callbacks, no counters): room for a

@@ -18,6 +18,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "counters/hardware_counters.h"
+#include "counters/l2_flush.h"
 #include "devices.h"
 #include "forward/decode.h"
 #include "forward/forward.h"
@@ -266,8 +267,14 @@ absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
   // replay is one), or the eager step where there is no graph.
   ICD_RETURN_IF_ERROR(sampler.Prepare(mode, decode::Execution::kInPlace, prefill_ids, ctx));
   const torch::Device device = Embedding(model).device();
+  // Every pass starts from an L2 of clean lines: else the lines CUPTI's
+  // start of a pass leaves dirty are written back by the sample's misses and
+  // counted as its writes (hardware_counters.h).
+  ICD_ASSIGN_OR_RETURN(const counters::L2Flush flush, counters::MakeL2Flush(device));
   CounterReport report;
-  report.method = counters::Describe(counters::Replay::kUser);
+  report.method = absl::StrCat(counters::Describe(counters::Replay::kUser),
+                               "; before the sample in every pass, L2 flushed by a read of ",
+                               flush.bytes >> 20, " MB (its counts left out)");
   report.execution =
       mode == Mode::kDecode ? absl::StrCat("decode step (", sampler.Execution(), ")") : "prefill";
   // One uncounted sample (a decode session's first step makes one-time
@@ -298,7 +305,8 @@ absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
                          counters::Collect(device.index(),
                                            [&] { return sampler.Sample(ids, ctx); },
                                            counters::Replay::kUser,
-                                           [&] { return sampler.Rewind(); }, room));
+                                           [&] { return sampler.Rewind(); }, room,
+                                           flush.run));
     report.repeat_totals.push_back(counters::Total(launches));
     if (repeat == 0) {
       report.total = report.repeat_totals.front();

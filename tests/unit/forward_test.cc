@@ -652,8 +652,8 @@ TEST(DecodeTest, RefusedOrCancelledCallLeavesStateUnchanged) {
   check_unchanged();
 }
 
-// Issue 14: a long forward checks its context inside a layer (every few
-// hundred scan steps), not only between layers; sequences over 4096 tokens
+// Issue 14: a long forward checks its context inside a layer (at most every
+// 1024 scan steps), not only between layers; sequences over 4096 tokens
 // run in chunks of time whose logits are those of one pass (rounding aside).
 class WantsNothing : public CaptureSink {
  public:

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 #include <ostream>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -148,16 +149,24 @@ TEST(StateSpaceScanLoopTest, Float64ViewsAndWhatItDeclines) {
 
 // D per channel (mamba_ssm's D_has_hdim) and no D at all, in all three forms.
 TEST(StateSpaceScanLoopTest, SkipPerChannelAndNone) {
+  // Head dims of whole vectors and of vectors and a tail (18 in float64's
+  // 4 lanes, 20 in float32's 8): the loop adds D x in both places.
+  for (const auto& [dtype, head_dim, tolerance] :
+       {std::tuple{torch::kFloat64, int64_t{16}, 1e-13}, std::tuple{torch::kFloat64, int64_t{18}, 1e-13},
+        std::tuple{torch::kFloat32, int64_t{20}, 1e-5}}) {
+    const ScanShape shape{2, 2, head_dim, 16, 64, 150, true};
+    StateSpaceInputs widths = RandomInputs(shape, dtype, 20);
+    for (const bool per_channel : {true, false}) {
+      widths.skip = per_channel ? torch::randn({4 * head_dim}, dtype) : torch::Tensor();
+      const torch::Tensor reference = StateSpaceScanSequential(widths);
+      const torch::Tensor chunked = StateSpaceScanChunked(widths, 64);
+      const torch::Tensor loop = *scan::StateSpaceScanLoop(widths);
+      EXPECT_LE(testing::RelL2(chunked, reference), tolerance) << per_channel << " " << head_dim;
+      EXPECT_LE(testing::RelL2(loop, reference), tolerance) << per_channel << " " << head_dim;
+    }
+  }
   const ScanShape s{2, 2, 16, 16, 64, 150, true};
   StateSpaceInputs in = RandomInputs(s, torch::kFloat64, 20);
-  for (const bool per_channel : {true, false}) {
-    in.skip = per_channel ? torch::randn({4 * 16}, torch::kFloat64) : torch::Tensor();
-    const torch::Tensor reference = StateSpaceScanSequential(in);
-    const torch::Tensor chunked = StateSpaceScanChunked(in, 64);
-    const torch::Tensor loop = *scan::StateSpaceScanLoop(in);
-    EXPECT_LE(testing::RelL2(chunked, reference), 1e-13) << per_channel;
-    EXPECT_LE(testing::RelL2(loop, reference), 1e-13) << per_channel;
-  }
   // The skip is y's own term: without it the outputs differ by D x.
   in.skip = torch::full({4}, 2.0, torch::kFloat64);
   StateSpaceInputs bare = in;

@@ -6,13 +6,12 @@
 #ifndef ICD_CORE_SRC_COUNTERS_L2_FLUSH_H_
 #define ICD_CORE_SRC_COUNTERS_L2_FLUSH_H_
 
-#include <torch/torch.h>
-
 #include <cstdint>
 #include <functional>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "torch_api.h"
 
 namespace icd::counters {
 

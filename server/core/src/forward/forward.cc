@@ -94,8 +94,8 @@ void CheckCallInLayer(const CallContext& ctx, int64_t layer) {
 }
 
 int64_t ScanStepsPerCheck(int64_t state_elements) {
-  constexpr int64_t kValuesPerCheck = int64_t{1} << 20;
-  return std::clamp<int64_t>(kValuesPerCheck / std::max<int64_t>(state_elements, 1), 1, 256);
+  constexpr int64_t kValuesPerCheck = int64_t{1} << 24;
+  return std::clamp<int64_t>(kValuesPerCheck / std::max<int64_t>(state_elements, 1), 1, 1024);
 }
 
 std::string LayerGroupName(int64_t layer, const std::string& suffix) {
@@ -115,6 +115,12 @@ using cpu_vector::Vector;
 // `history` [C, K-1] (null: zeros). values rows `time_stride` apart,
 // channels contiguous; taps [K, C]; out [L, C]. With `silu` (float32 only)
 // out is silu of the conv, e^-x by cpu_vector::Exp.
+// Rows of `values` prefetched ahead of the one being read: they are in_proj's
+// output rows, time_stride apart, just written by the GEMM and not in a
+// pattern the hardware prefetcher follows (the conv of mamba2-pydoc's
+// Evaluate 5.0 -> 1.6 ms on the 2-core VM, docs/mamba2-scan.md).
+constexpr int64_t kConvRowsAhead = 4;
+
 template <class Scalar>
 [[gnu::always_inline]] inline void ConvRows(const Scalar* values, int64_t time_stride,
                                             const Scalar* taps, const Scalar* bias,
@@ -127,6 +133,9 @@ template <class Scalar>
     Scalar* row = out + t * channels;
     if (t >= halo) {
       for (int64_t c0 = 0; c0 < blocked; c0 += kLanes<Scalar>) {
+        if (t + kConvRowsAhead < last) {
+          __builtin_prefetch(values + (t + kConvRowsAhead) * time_stride + c0);
+        }
         Vector<Scalar> sum = {}, tap, value;
         if (bias != nullptr) Load(sum, bias + c0);
         for (int64_t k = 0; k < kernel; ++k) {

@@ -106,8 +106,12 @@ struct CallStopped {
 void CheckCallInLayer(const CallContext& ctx, int64_t layer);
 
 // Time steps a sequential scan runs between two checks of the call's
-// context, for `state_elements` state values updated per step: about 2^20
-// values per chunk (a few ms on one CPU core), 1 to 256 steps.
+// context, for `state_elements` state values updated per step: about 2^24
+// values per chunk, 1 to 1024 steps, so that a layer of a 2048-token chunk
+// of the forward still checks inside itself. A chunk is a few ms on one core
+// of the 2-core VM; each one costs a slice of the inputs, a carried state and
+// a concatenation, which at 2^20 values (8 chunks a layer of mamba2-pydoc's
+// 1024-token Evaluate) took a tenth of the scan's time.
 int64_t ScanStepsPerCheck(int64_t state_elements);
 
 // "layers.{layer}.{suffix}": a per-layer group's name (blocks/*.cc).

@@ -72,13 +72,23 @@ struct LoopOperands {
   Scalar* output;
 };
 
+// D of a pair's head for StepVectors: per channel (`channels`, the vectors'
+// own D) or one for the head; none where the model has no D.
+template <class Scalar>
+struct Skip {
+  bool present = false;
+  const Scalar* channels = nullptr;
+  Scalar head = 0;
+};
+
 // One time step of kVectors vectors of a pair's channels: the state's rows
 // (`rows`, N of them, P apart) advanced, y = C·S summed row by row into
 // registers (a sum kept in y's memory between rows chained each add through
-// a store and a load).
+// a store and a load), then y += D x, after C·S as the other forms add it.
 template <int kVectors, class Scalar>
 [[gnu::always_inline]] inline void StepVectors(const Scalar* x, const Scalar* b, const Scalar* c,
                                                Scalar dt, Scalar decay, int64_t N, int64_t P,
+                                               const Skip<Scalar>& skip,
                                                Scalar* __restrict__ rows,
                                                Scalar* __restrict__ y) {
   Vector<Scalar> inputs[kVectors];
@@ -99,6 +109,14 @@ template <int kVectors, class Scalar>
       held = decay * held + drive * inputs[j];
       Store(row + j * kLanes<Scalar>, held);
       sums[j] = sums[j] + held * read;
+    }
+  }
+  if (skip.present) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kVectors; ++j) {
+      Vector<Scalar> factor = Vector<Scalar>{} + skip.head;
+      if (skip.channels != nullptr) Load(factor, skip.channels + j * kLanes<Scalar>);
+      sums[j] = sums[j] + factor * inputs[j];
     }
   }
 #pragma GCC unroll 4
@@ -125,6 +143,10 @@ template <class Scalar>
     std::fill(work, work + N * P, Scalar(0));
   }
   const Scalar decay_rate = o.a_decay[head];
+  Skip<Scalar> skip;
+  skip.present = o.skip != nullptr;
+  if (skip.present && o.skip_per_channel) skip.channels = o.skip + head * P;
+  if (skip.present && !o.skip_per_channel) skip.head = o.skip[head];
   // The pair's rows of each operand, and their time strides, as locals.
   const Scalar* const hidden = o.hidden + batch * o.hidden_batch + head * P;
   const Scalar* const delta = o.delta + batch * o.delta_batch + head;
@@ -142,11 +164,16 @@ template <class Scalar>
     // Four vectors of y at a time (then one), their sums in registers over
     // the state's rows, in the same order as before (n = 0, 1, ...).
     int64_t p0 = 0;
+    auto skip_at = [&skip](int64_t first) {
+      Skip<Scalar> part = skip;
+      if (part.channels != nullptr) part.channels += first;
+      return part;
+    };
     for (; p0 + 4 * kLanes<Scalar> <= blocked; p0 += 4 * kLanes<Scalar>) {
-      StepVectors<4>(x + p0, b, c, dt, decay, N, P, work + p0, y + p0);
+      StepVectors<4>(x + p0, b, c, dt, decay, N, P, skip_at(p0), work + p0, y + p0);
     }
     for (; p0 < blocked; p0 += kLanes<Scalar>) {
-      StepVectors<1>(x + p0, b, c, dt, decay, N, P, work + p0, y + p0);
+      StepVectors<1>(x + p0, b, c, dt, decay, N, P, skip_at(p0), work + p0, y + p0);
     }
     for (int64_t p = blocked; p < P; ++p) {
       Scalar sum = 0;
@@ -157,11 +184,10 @@ template <class Scalar>
       }
       y[p] = sum;
     }
-    if (o.skip != nullptr) {
-      // y += D x, after C·S as the other forms add it.
-      const Scalar* per_channel = o.skip_per_channel ? o.skip + head * P : nullptr;
-      for (int64_t p = 0; p < P; ++p) {
-        y[p] += (per_channel != nullptr ? per_channel[p] : o.skip[head]) * x[p];
+    if (skip.present) {
+      // y += D x for the channels past the last vector (StepVectors took the rest's).
+      for (int64_t p = blocked; p < P; ++p) {
+        y[p] += (skip.channels != nullptr ? skip.channels[p] : skip.head) * x[p];
       }
     }
   }

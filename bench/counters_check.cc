@@ -10,11 +10,12 @@
 //   counters_check --model DIR [--dtype bfloat16] [--mode prefill|decode]
 //                  [--seq-len 2048] (--cupti [--repeats 3] [--replay user|kernel]
 //                  | --ncu) [--settle-ms N] [--scrub] [--no-flush] [--max-launches 8192]
-//   counters_check --mode read [--read-mb 256] ...   (no model: one sum over
-//                  that many MB of float32, a kernel that reads and writes
-//                  almost nothing; sizes around the L2's tell a write-back of
-//                  lines dirtied before the range from bytes that grow with
-//                  the reads)
+//   counters_check --mode read [--read-mb 256] [--read-slices 1] ...   (no
+//                  model: one sum over that many MB of float32, a kernel that
+//                  reads and writes almost nothing; sizes around the L2's
+//                  tell a write-back of lines dirtied before the range from
+//                  bytes that grow with the reads; slices, the same bytes in
+//                  that many launches, tell writes that come with each range)
 // --settle-ms N waits N ms with the device idle before each pass (ncu: before
 // the sample); --scrub reads a buffer of twice the L2 first. Both are
 // experiments on where a kernel's counted DRAM writes come from
@@ -66,7 +67,8 @@ void PrintJson(const icd::KernelCounters& k, const std::string& label, int repea
 int main(int argc, char** argv) {
   std::map<std::string, std::string> args = {
       {"--dtype", "bfloat16"}, {"--mode", "prefill"}, {"--seq-len", "2048"}, {"--repeats", "3"},
-      {"--replay", "user"}, {"--max-launches", "8192"}, {"--read-mb", "256"}};
+      {"--replay", "user"}, {"--max-launches", "8192"}, {"--read-mb", "256"},
+      {"--read-slices", "1"}};
   bool cupti = false;
   bool ncu = false;
   bool scrub = false;
@@ -88,7 +90,7 @@ int main(int argc, char** argv) {
   const bool read_only = args.at("--mode") == "read";
   if ((!args.count("--model") && !read_only) || cupti == ncu) {
     std::cerr << "usage: counters_check (--model DIR [--dtype bfloat16] [--mode prefill|decode] "
-                 "[--seq-len 2048] | --mode read [--read-mb 256]) (--cupti [--repeats 3] [--replay user|kernel] "
+                 "[--seq-len 2048] | --mode read [--read-mb 256] [--read-slices 1]) (--cupti [--repeats 3] [--replay user|kernel] "
                  "| --ncu) [--settle-ms N] [--scrub] [--no-flush] [--max-launches 8192]\n";
     return 2;
   }
@@ -123,8 +125,11 @@ int main(int argc, char** argv) {
   torch::Tensor read_values;
   if (read_only) {
     const int64_t read_mb = std::stoll(args.at("--read-mb"));
-    if (read_mb < 1) {
-      std::cerr << "counters_check: --read-mb is at least 1, got " << read_mb << "\n";
+    const int64_t read_slices = std::stoll(args.at("--read-slices"));
+    if (read_mb < 1 || read_slices < 1 || read_slices > read_mb * 256 * 1024) {
+      std::cerr << "counters_check: --read-mb and --read-slices are at least 1 (and slices at most "
+                   "the floats read), got "
+                << read_mb << " and " << read_slices << "\n";
       return 2;
     }
     read_values = torch::ones({read_mb * 256 * 1024}, torch::dtype(torch::kFloat32).device(cuda));
@@ -155,7 +160,13 @@ int main(int argc, char** argv) {
   // (cuBLAS handles, workspaces), outside both profilers.
   auto sample = [&]() -> absl::Status {
     if (read_only) {
-      (void)read_values.sum();
+      // --read-slices N: the same bytes in N launches, each a sum over its
+      // own slice (N ranges for the range profiler where there was one).
+      const int64_t slices = std::stoll(args.at("--read-slices"));
+      const int64_t per_slice = read_values.numel() / slices;
+      for (int64_t slice = 0; slice < slices; ++slice) {
+        (void)read_values.narrow(0, slice * per_slice, per_slice).sum();
+      }
       return absl::OkStatus();
     }
     if (session != nullptr) return session->Step(step_ids, {}).status();
@@ -167,7 +178,8 @@ int main(int argc, char** argv) {
   }
   torch::cuda::synchronize();
   const std::string label = args.at("--mode") + " " +
-                            (read_only ? args.at("--read-mb") + " MB" : args.at("--model")) +
+                            (read_only ? args.at("--read-mb") + " MB in " + args.at("--read-slices") + " launches"
+                             : args.at("--model")) +
                             (cupti ? " (replay " + args.at("--replay") + ")" : "");
   if (ncu) {
 #ifdef ICD_HAVE_CUDA

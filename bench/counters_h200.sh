@@ -23,6 +23,7 @@
 # (0; 1: what a pass costs against CUPTI's ranges per pass), COUNTERS_SERVICE
 # (1; 0: no identity-vs-permuted service runs),
 # COUNTERS_READ_SIZES (empty; "16 64 256 1024": the sum's writes against its size),
+# COUNTERS_READ_SLICES (empty; "1 64 256": 1,024 MB read in that many launches),
 # NCU_CHECK_FLAGS (counters_check's flags under ncu, e.g. "--scrub": L2 refilled
 # with clean lines before the sample, as icd's flush leaves it),
 # COUNTERS_STEP_TIMEOUT_S (300: each step's limit, so that one slow step
@@ -127,6 +128,23 @@ for mb in ${COUNTERS_READ_SIZES:-}; do
       --read-mb "$mb" --ncu $flags > "$out/ncu-writes-read-$mb-mb-$name.csv" 2> "$out/ncu-writes-read-$mb-mb-$name.err" ||
       log "ncu writes read $mb MB $name failed (exit $?)"
   done
+done
+
+# The same 1,024 MB read in N launches (COUNTERS_READ_SLICES="1 64 256"),
+# icd with the flush and ncu: writes that grow with the launches come with
+# each range (the profiler's own records, written back by later misses), not
+# with the bytes. The prefill's writes are 1.066x ncu's with the flush
+# (h200-gpu-2026-12-04a); its 293 launches are where such a cost would show.
+for slices in ${COUNTERS_READ_SLICES:-}; do
+  log "writes: 1024 MB in $slices launches, user replay, flush"
+  icd_env timeout -k 5 "$limit" "$build/bench/counters_check" --mode read --read-mb 1024 \
+    --read-slices "$slices" --cupti --replay user --repeats 2 --max-launches $(( slices + 16 )) \
+    > "$out/writes-slices-$slices.jsonl" 2> "$out/writes-slices-$slices.err" || log "writes slices $slices failed (exit $?)"
+  log "writes: 1024 MB in $slices launches under ncu (application replay, no cache control)"
+  icd_env timeout -k 5 "$limit" ncu --profile-from-start off --replay-mode application --cache-control none \
+    --metrics "$metrics" --csv --page raw --print-units base "$build/bench/counters_check" --mode read \
+    --read-mb 1024 --read-slices "$slices" --ncu --scrub > "$out/ncu-writes-slices-$slices.csv" \
+    2> "$out/ncu-writes-slices-$slices.err" || log "ncu writes slices $slices failed (exit $?)"
 done
 
 # What a collection's passes cost (seconds each, whatever the work:

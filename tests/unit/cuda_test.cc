@@ -1618,6 +1618,22 @@ TEST(StateSpaceKernelTest, DeclinesWhatItDoesNotTake) {
   EXPECT_FALSE(scan::StateSpaceScanCuda(RandomStateSpaceInputs(c, torch::kCPU)).has_value());
 }
 
+// GatedNorm's LibTorch formula in float32: values [1, rows, width], the
+// gate, the weight, `groups` groups, the norm before the gate or after.
+torch::Tensor GatedNormReference(const torch::Tensor& values, const torch::Tensor& gate,
+                                 const torch::Tensor& weight, int64_t groups, bool before) {
+  const int64_t rows = values.size(1);
+  const int64_t width = values.size(2);
+  const torch::Tensor activated = torch::silu(gate.to(torch::kFloat32));
+  const torch::Tensor to_norm = before ? values : values * activated;
+  const torch::Tensor grouped = to_norm.reshape({1, rows, groups, width / groups});
+  torch::Tensor expected =
+      (grouped * torch::rsqrt(grouped.pow(2).mean(-1, true) + 1e-5)).reshape({1, rows, width}) *
+      weight.to(torch::kFloat32);
+  if (before) expected = expected * activated;
+  return expected;
+}
+
 // The gated norm kernel against GatedNorm's LibTorch formula in float32:
 // both gate orders, one group and several, a gate that is a narrow() view.
 TEST(FusedNormTest, GatedRmsNormMatchesTheReference) {
@@ -1644,13 +1660,7 @@ TEST(FusedNormTest, GatedRmsNormMatchesTheReference) {
                                  std::to_string(width) + " groups " + std::to_string(groups) +
                                  " rows " + std::to_string(rows) + (before ? " norm first" : "");
         ASSERT_TRUE(fused.has_value()) << name;
-        const torch::Tensor activated = torch::silu(gate.to(torch::kFloat32));
-        const torch::Tensor to_norm = before ? values : values * activated;
-        const torch::Tensor grouped = to_norm.reshape({1, rows, groups, width / groups});
-        torch::Tensor expected =
-            (grouped * torch::rsqrt(grouped.pow(2).mean(-1, true) + 1e-5)).reshape({1, rows, width}) *
-            weight.to(torch::kFloat32);
-        if (before) expected = expected * activated;
+        const torch::Tensor expected = GatedNormReference(values, gate, weight, groups, before);
         const double rel = RelL2(*fused, expected.to(dtype));
         // One rounding to the dtype either side: at most a unit apart.
         EXPECT_LE(rel, dtype == torch::kFloat32 ? kFusedFloat32Tolerance : 1e-2) << name;
@@ -2118,6 +2128,87 @@ TEST(DecodeSessionTest, EarlyOperandsLeaveTheStepsBitForBit) {
                 static_cast<long>(steps), static_cast<long>(norms));
   });
   EXPECT_GE(mamba2_cases, 2);
+}
+
+// ICD_GATED_NORM_THREADS=1024: the gated norm of a few rows (a decode
+// step's) in one block of 1024 threads, each with two quads where 256 take
+// five or six. Against the formula as the default kernel is (the widths of
+// 2.7b's row, 5120, and 8192, the widest it takes; one group and four; rows
+// of one and eight; both gate orders); not taken for 37 rows, nor when off.
+TEST(FusedNormTest, WideGatedRmsNormMatchesTheReference) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  ScopedLaunchSetting setting("ICD_GATED_NORM_THREADS");
+  torch::manual_seed(906);
+  for (const torch::ScalarType dtype : {torch::kFloat32, torch::kBFloat16}) {
+    for (const auto& [width, groups] :
+         std::vector<std::pair<int64_t, int64_t>>{{5120, 1}, {8192, 1}, {5120, 4}, {640, 1}}) {
+      for (const int64_t rows : {int64_t{1}, int64_t{8}, int64_t{37}}) {
+        for (const bool before : {false, true}) {
+          const auto options = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);
+          const torch::Tensor values = torch::randn({1, rows, width}, torch::kCUDA);
+          const torch::Tensor projected = torch::randn({1, rows, 3 * width}, options);
+          const torch::Tensor gate = projected.narrow(-1, width, width);
+          const torch::Tensor weight = (1 + 0.3 * torch::randn({width}, torch::kCUDA)).to(dtype);
+          const std::string name = std::string(c10::toString(dtype)) + " width " +
+                                   std::to_string(width) + " groups " + std::to_string(groups) +
+                                   " rows " + std::to_string(rows) + (before ? " norm first" : "");
+          setting.Set(nullptr);
+          const int64_t before_off = fused::GatedRmsNormWideLaunches();
+          const auto plain = fused::GatedRmsNorm(values, gate, weight, groups, 1e-5, before);
+          EXPECT_EQ(fused::GatedRmsNormWideLaunches(), before_off) << name << ": off";
+          setting.Set("1024");
+          const auto wide = fused::GatedRmsNorm(values, gate, weight, groups, 1e-5, before);
+          const int64_t taken = fused::GatedRmsNormWideLaunches() - before_off;
+          setting.Set(nullptr);
+          ASSERT_TRUE(plain.has_value() && wide.has_value()) << name;
+          EXPECT_EQ(taken, rows * groups <= 8 ? 1 : 0) << name;
+          const torch::Tensor expected = GatedNormReference(values, gate, weight, groups, before);
+          EXPECT_LE(RelL2(*wide, expected.to(dtype)),
+                    dtype == torch::kFloat32 ? kFusedFloat32Tolerance : 1e-2)
+              << name;
+          EXPECT_LE(RelL2(*wide, expected), dtype == torch::kFloat32 ? 1e-6 : 5e-3) << name;
+          if (taken == 0) {
+            EXPECT_TRUE(torch::equal(*wide, *plain)) << name;
+          }
+        }
+      }
+    }
+  }
+}
+
+// The same in decode sessions: taken by the Mamba-2 cases' gated norms,
+// the graph's steps those of the same kernels launched in place, bit for
+// bit, and the steps those of the default but for the block sum's order.
+TEST(DecodeSessionTest, WideGatedNormKeepsTheSteps) {
+  ICD_SKIP_OR_FAIL_WITHOUT_CUDA();
+  ScopedLaunchSetting setting("ICD_GATED_NORM_THREADS");
+  int64_t taken = 0;
+  for (const DecodeCase& c : DecodeCases()) {
+    if (c.config.family != Family::kMamba2) continue;
+    for (const torch::ScalarType dtype : {torch::kFloat32, torch::kBFloat16}) {
+      Weights weights;
+      for (const auto& [name, tensor] : c.weights) weights[name] = tensor.to(torch::kCUDA, dtype);
+      const torch::Tensor ids = c.ids.to(torch::kCUDA);
+      const std::string what = c.name + " " + c10::toString(dtype);
+      setting.Set(nullptr);
+      const torch::Tensor plain = SessionLogits(c.config, weights, ids, 5, decode::Execution::kCudaGraph);
+      setting.Set("1024");
+      const int64_t before = fused::GatedRmsNormWideLaunches();
+      const torch::Tensor graph = SessionLogits(c.config, weights, ids, 5, decode::Execution::kCudaGraph);
+      const torch::Tensor in_place =
+          SessionLogits(c.config, weights, ids, 5, decode::Execution::kInPlace);
+      const int64_t launches = fused::GatedRmsNormWideLaunches() - before;
+      setting.Set(nullptr);
+      taken += launches;
+      ASSERT_TRUE(plain.defined() && graph.defined() && in_place.defined()) << what;
+      EXPECT_TRUE(torch::equal(graph, in_place)) << what << ": rel " << RelL2(graph, in_place);
+      const double rel = RelL2(graph, plain);
+      std::printf("[decode] %s: %ld wide gated norms, against 256 threads %.3g\n", what.c_str(),
+                  static_cast<long>(launches), rel);
+      EXPECT_LE(rel, dtype == torch::kFloat32 ? 1e-5 : 2e-2) << what;
+    }
+  }
+  EXPECT_GT(taken, 0);
 }
 
 // The check bites: a session whose state is lost (a fresh prefill of one

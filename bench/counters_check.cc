@@ -126,9 +126,9 @@ int main(int argc, char** argv) {
   if (read_only) {
     const int64_t read_mb = std::stoll(args.at("--read-mb"));
     const int64_t read_slices = std::stoll(args.at("--read-slices"));
-    if (read_mb < 1 || read_slices < 1 || read_slices > read_mb * 256 * 1024) {
-      std::cerr << "counters_check: --read-mb and --read-slices are at least 1 (and slices at most "
-                   "the floats read), got "
+    if (read_mb < 1 || read_slices < 1 || (read_mb * 256 * 1024) % read_slices != 0) {
+      std::cerr << "counters_check: --read-mb and --read-slices are at least 1, and the slices "
+                   "divide the floats read, got "
                 << read_mb << " and " << read_slices << "\n";
       return 2;
     }
@@ -180,7 +180,10 @@ int main(int argc, char** argv) {
   const std::string label = args.at("--mode") + " " +
                             (read_only ? args.at("--read-mb") + " MB in " + args.at("--read-slices") + " launches"
                              : args.at("--model")) +
-                            (cupti ? " (replay " + args.at("--replay") + ")" : "");
+                            (cupti ? " (replay " + args.at("--replay") +
+                                         (flush && args.at("--replay") == "user" ? ", L2 flushed" : "") +
+                                         ")"
+                                   : "");
   if (ncu) {
 #ifdef ICD_HAVE_CUDA
     settle();
@@ -213,8 +216,10 @@ int main(int argc, char** argv) {
   };
   // As MeasureLatency: L2 flushed after each pass has started (--no-flush:
   // not, as before 2026-12-04).
-  std::function<absl::Status()> flush_run;
-  if (flush) flush_run = OrDie(icd::counters::MakeL2Flush(cuda), "L2 flush").run;
+  std::function<absl::Status()> flush_run;  // (kernel replay takes none)
+  if (flush && replay == icd::counters::Replay::kUser) {
+    flush_run = OrDie(icd::counters::MakeL2Flush(cuda), "L2 flush").run;
+  }
   // Each repeat a collection of its own (MeasureLatency puts the repeats
   // after the first in one: the same sample, fewer of CUPTI's passes).
   for (int repeat = 0; repeat < std::stoi(args.at("--repeats")); ++repeat) {

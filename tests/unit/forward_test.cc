@@ -653,7 +653,7 @@ TEST(DecodeTest, RefusedOrCancelledCallLeavesStateUnchanged) {
 }
 
 // Issue 14: a long forward checks its context inside a layer (at most every
-// 1024 scan steps), not only between layers; sequences over 4096 tokens
+// 256 scan steps for Mamba-1, 1024 for Mamba-2), not only between layers; sequences over 4096 tokens
 // run in chunks of time whose logits are those of one pass (rounding aside).
 class WantsNothing : public CaptureSink {
  public:

@@ -156,13 +156,14 @@ TEST(StateSpaceScanLoopTest, SkipPerChannelAndNone) {
         std::tuple{torch::kFloat32, int64_t{20}, 1e-5}}) {
     const ScanShape shape{2, 2, head_dim, 16, 64, 150, true};
     StateSpaceInputs widths = RandomInputs(shape, dtype, 20);
-    for (const bool per_channel : {true, false}) {
-      widths.skip = per_channel ? torch::randn({4 * head_dim}, dtype) : torch::Tensor();
+    // D per channel, per head, none.
+    for (const int64_t skips : {4 * head_dim, int64_t{4}, int64_t{0}}) {
+      widths.skip = skips > 0 ? torch::randn({skips}, dtype) : torch::Tensor();
       const torch::Tensor reference = StateSpaceScanSequential(widths);
       const torch::Tensor chunked = StateSpaceScanChunked(widths, 64);
       const torch::Tensor loop = *scan::StateSpaceScanLoop(widths);
-      EXPECT_LE(testing::RelL2(chunked, reference), tolerance) << per_channel << " " << head_dim;
-      EXPECT_LE(testing::RelL2(loop, reference), tolerance) << per_channel << " " << head_dim;
+      EXPECT_LE(testing::RelL2(chunked, reference), tolerance) << skips << " " << head_dim;
+      EXPECT_LE(testing::RelL2(loop, reference), tolerance) << skips << " " << head_dim;
     }
   }
   const ScanShape s{2, 2, 16, 16, 64, 150, true};

@@ -30,8 +30,14 @@ absl::StatusOr<L2Flush> MakeL2Flush(const torch::Device& device) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "L2 flush: ", flush.bytes, " bytes on ", device.str(), ": ", error.what_without_backtrace()));
   }
-  flush.run = [buffer] {
-    (void)buffer.sum();
+  // Inside a collection's pass: an error comes back as a status, so that the
+  // pass still ends (CollectEach stops the session after its work).
+  flush.run = [buffer]() -> absl::Status {
+    try {
+      (void)buffer.sum();
+    } catch (const c10::Error& error) {
+      return absl::InternalError(absl::StrCat("L2 flush: ", error.what_without_backtrace()));
+    }
     return absl::OkStatus();
   };
   return flush;

@@ -93,9 +93,9 @@ void CheckCallInLayer(const CallContext& ctx, int64_t layer) {
   }
 }
 
-int64_t ScanStepsPerCheck(int64_t state_elements) {
-  constexpr int64_t kValuesPerCheck = int64_t{1} << 24;
-  return std::clamp<int64_t>(kValuesPerCheck / std::max<int64_t>(state_elements, 1), 1, 1024);
+int64_t ScanStepsPerCheck(int64_t state_elements, const ScanCheck& check) {
+  return std::clamp<int64_t>(check.values / std::max<int64_t>(state_elements, 1), 1,
+                             check.most_steps);
 }
 
 std::string LayerGroupName(int64_t layer, const std::string& suffix) {

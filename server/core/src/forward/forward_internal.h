@@ -105,14 +105,29 @@ struct CallStopped {
 // CheckCall(ctx) inside a layer's scan; throws CallStopped when it fails.
 void CheckCallInLayer(const CallContext& ctx, int64_t layer);
 
-// Time steps a sequential scan runs between two checks of the call's
-// context, for `state_elements` state values updated per step: about 2^24
-// values per chunk, 1 to 1024 steps, so that a layer of a 2048-token chunk
-// of the forward still checks inside itself. A chunk is a few ms on one core
-// of the 2-core VM; each one costs a slice of the inputs, a carried state and
-// a concatenation, which at 2^20 values (8 chunks a layer of mamba2-pydoc's
-// 1024-token Evaluate) took a tenth of the scan's time.
-int64_t ScanStepsPerCheck(int64_t state_elements);
+// How often a sequential scan on the CPU checks the call's context: after
+// about `values` state values updated (state values per step × steps), and
+// at most every `most_steps` steps. Each chunk costs a slice of the inputs,
+// a carried state and a share of a final concatenation, so chunks should
+// not be smaller than the stop bound (CallContext: about 100 ms) needs.
+struct ScanCheck {
+  int64_t values;
+  int64_t most_steps;
+};
+// Mamba-1's scan takes an exp per state value and step: 2^20 values are
+// 1.5 ms of a mamba-2.8b-sized layer in float32 on one core of the 2-core
+// VM, 3-4 ms in float64 (2^24 were 32 and 103-114 ms).
+inline constexpr ScanCheck kSelectiveScanCheck{int64_t{1} << 20, 256};
+// Mamba-2's takes one exp per head and step: 2^24 values are 1.5 ms of a
+// mamba2-2.7b-sized layer in float32, 4 ms in float64; at 2^20 / 256 a
+// 1024-token layer of mamba2-pydoc's Evaluate was 8 chunks and a tenth of
+// the scan's time. At most 1024 steps: a layer of a 2048-token chunk of
+// the forward still checks inside itself.
+inline constexpr ScanCheck kStateSpaceScanCheck{int64_t{1} << 24, 1024};
+
+// Time steps between two checks for `state_elements` state values updated
+// per step: at least 1.
+int64_t ScanStepsPerCheck(int64_t state_elements, const ScanCheck& check);
 
 // "layers.{layer}.{suffix}": a per-layer group's name (blocks/*.cc).
 std::string LayerGroupName(int64_t layer, const std::string& suffix);

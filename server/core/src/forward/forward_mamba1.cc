@@ -68,7 +68,8 @@ torch::Tensor ScanInChunks(const scan::ScanInputs& inputs, torch::ScalarType wid
                            torch::Tensor* state, bool in_place, const CallContext& ctx,
                            int64_t layer) {
   const int64_t seq_len = inputs.hidden.size(1);
-  const int64_t steps = ScanStepsPerCheck(inputs.hidden.size(0) * inputs.a_decay.numel());
+  const int64_t steps =
+      ScanStepsPerCheck(inputs.hidden.size(0) * inputs.a_decay.numel(), kSelectiveScanCheck);
   if (seq_len <= steps || scan::UsesCudaKernel(inputs, wide)) {
     return scan::SelectiveScan(inputs, wide, state, in_place);
   }

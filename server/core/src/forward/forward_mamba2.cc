@@ -249,8 +249,8 @@ torch::Tensor Scan(const scan::StateSpaceInputs& given, torch::ScalarType accumu
   if (inputs.hidden.device().is_cpu()) {
     // The CPU's form: the recurrence as a native loop, in slices of time as
     // Mamba-1's scan checks the call.
-    const int64_t steps = ScanStepsPerCheck(inputs.hidden.numel() / seq_len *
-                                            inputs.b_proj.size(-1));
+    const int64_t steps = ScanStepsPerCheck(
+        inputs.hidden.numel() / seq_len * inputs.b_proj.size(-1), kStateSpaceScanCheck);
     torch::Tensor carried = state != nullptr ? *state : torch::Tensor();  // S, [B, H, P, N]
     std::vector<torch::Tensor> outputs;  // [B, steps, H, P] each
     for (int64_t start = 0; start < seq_len; start += steps) {

@@ -267,14 +267,8 @@ absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
   // replay is one), or the eager step where there is no graph.
   ICD_RETURN_IF_ERROR(sampler.Prepare(mode, decode::Execution::kInPlace, prefill_ids, ctx));
   const torch::Device device = Embedding(model).device();
-  // Every pass starts from an L2 of clean lines: else the lines CUPTI's
-  // start of a pass leaves dirty are written back by the sample's misses and
-  // counted as its writes (hardware_counters.h).
-  ICD_ASSIGN_OR_RETURN(const counters::L2Flush flush, counters::MakeL2Flush(device));
   CounterReport report;
-  report.method = absl::StrCat(counters::Describe(counters::Replay::kUser),
-                               "; before the sample in every pass, L2 flushed by a read of ",
-                               flush.bytes >> 20, " MB (its counts left out)");
+  report.method = counters::Describe(counters::Replay::kUser);
   report.execution =
       mode == Mode::kDecode ? absl::StrCat("decode step (", sampler.Execution(), ")") : "prefill";
   // One uncounted sample (a decode session's first step makes one-time
@@ -296,6 +290,24 @@ absl::StatusOr<CounterReport> CountSample(Mode mode, const TimedModel& model,
                            ? std::min(counters::kDefaultMaxLaunches,
                                       *sample_launches + *sample_launches / 4 + 16)
                            : counters::kDefaultMaxLaunches;
+  // Every pass starts from an L2 of clean lines: else the lines CUPTI's
+  // start of a pass leaves dirty are written back by the sample's misses and
+  // counted as its writes (hardware_counters.h). Without it where its
+  // buffer does not fit, or where the launches cannot be named (the flush's
+  // ranges could not be told from the sample's); the method says which.
+  counters::L2Flush flush;
+  if (!sample_launches.has_value()) {
+    absl::StrAppend(&report.method,
+                    "; L2 not flushed (CUPTI's launch callbacks are held by another client): "
+                    "DRAM writes include lines dirtied before the sample");
+  } else if (absl::StatusOr<counters::L2Flush> made = counters::MakeL2Flush(device); !made.ok()) {
+    absl::StrAppend(&report.method, "; L2 not flushed (", made.status().message(),
+                    "): DRAM writes include lines dirtied before the sample");
+  } else {
+    flush = *std::move(made);
+    absl::StrAppend(&report.method, "; before the sample in every pass, L2 flushed by a read of ",
+                    flush.bytes >> 20, " MB (its counts left out)");
+  }
   for (int64_t repeat = 0; repeat < repeats; ++repeat) {
     ICD_RETURN_IF_ERROR(CheckCall(ctx, "hardware counters"));
     ICD_RETURN_IF_ERROR(sampler.Mark());

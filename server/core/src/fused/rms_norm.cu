@@ -326,8 +326,10 @@ cudaError_t LaunchGatedRows(const GatedRmsNormLaunchArgs& args, dim3 grid, cudaS
   const int64_t group_width = args.width / args.groups;
   if (GatedQuadsAligned<Element>(args) && group_width <= kThreads * 4 * 8) {
     const int64_t quads = group_width / 4;
+    // Wide blocks only where 256 threads would each take more than one quad
+    // (group_width <= 8192 keeps them at two at most).
     if (GatedNormThreads() == kWideThreads && args.rows * args.groups <= kWideBlocksAtMost &&
-        quads <= kWideThreads * 2) {
+        quads > kThreads) {
       const cudaError_t status =
           quads <= kWideThreads ? LaunchGatedQuads<Element, 1, kWideThreads>(args, grid, stream)
                                 : LaunchGatedQuads<Element, 2, kWideThreads>(args, grid, stream);

@@ -114,7 +114,7 @@ template <int kVectors, class Scalar>
   if (skip.present) {
 #pragma GCC unroll 4
     for (int j = 0; j < kVectors; ++j) {
-      Vector<Scalar> factor = Vector<Scalar>{} + skip.head;
+      Vector<Scalar> factor = skip.head - Vector<Scalar>{};  // (a D of -0 stays -0)
       if (skip.channels != nullptr) Load(factor, skip.channels + j * kLanes<Scalar>);
       sums[j] = sums[j] + factor * inputs[j];
     }

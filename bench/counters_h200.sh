@@ -93,8 +93,12 @@ if [[ ${COUNTERS_WRITES:-0} == 1 ]]; then
       --metrics "$metrics" --csv --page raw --print-units base "$build/bench/counters_check" --mode read --ncu $flags \
       > "$out/ncu-writes-read-$name.csv" 2> "$out/ncu-writes-read-$name.err" || log "ncu writes $name failed (exit $?)"
   done
+  # (the prefill too: a whole range is what icd's ranges of a prefill sum to,
+  # less what is written back between them: 1.066x ncu's kernel count with
+  # the flush, h200-gpu-2026-12-04a)
   for replay in range app-range; do
-    for sample in "read:--mode read" "decode:--model $models/mamba-${shapes%% *} --mode decode --seq-len 2048"; do
+    for sample in "read:--mode read" "decode:--model $models/mamba-${shapes%% *} --mode decode --seq-len 2048" \
+                  "prefill:--model $models/mamba-${shapes%% *} --mode prefill --seq-len 2048"; do
       what=${sample%%:*}
       log "writes: $what under ncu, --replay-mode $replay, no cache control"
       # (no --profile-from-start: range replay takes its ranges from

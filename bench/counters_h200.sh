@@ -104,7 +104,7 @@ if [[ ${COUNTERS_WRITES:-0} == 1 ]]; then
       # (no --profile-from-start: range replay takes its ranges from
       # cudaProfilerStart/Stop and refuses the option)
       icd_env timeout -k 5 "$limit" ncu --replay-mode $replay --cache-control none \
-        --metrics "$metrics" --csv --page raw --print-units base "$build/bench/counters_check" ${sample#*:} --ncu \
+        --metrics "$metrics" --csv --page raw --print-units base "$build/bench/counters_check" ${sample#*:} --ncu ${NCU_CHECK_FLAGS:-} \
         > "$out/ncu-writes-$what-$replay.csv" 2> "$out/ncu-writes-$what-$replay.err" || log "ncu writes $what $replay failed (exit $?)"
     done
   done

@@ -245,7 +245,7 @@ struct DeviceProblem {
     float* delta = Upload(p.delta);
     args.delta = {delta, L * I, I};
     args.a_decay = Upload(p.a_decay);
-    args.d_skip = Upload(p.d_skip);
+    args.d_skip.data = Upload(p.d_skip);
     args.output = DeviceAlloc<float>(static_cast<size_t>(B * L * I));
     args.state_out = DeviceAlloc<float>(static_cast<size_t>(B * I * N));
     owned.push_back(args.output);
@@ -577,7 +577,7 @@ void TimeCase(const TimingCase& c, ScanElementType type, const std::vector<ScanK
   args.b_proj = {b_proj, c.seq_len * c.state_size, c.state_size};
   args.c_proj = {c_proj, c.seq_len * c.state_size, c.state_size};
   args.a_decay = a_decay;
-  args.d_skip = d_skip;
+  args.d_skip.data = d_skip;
   args.state_out = state_out;
   args.output = output;
 

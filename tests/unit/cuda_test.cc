@@ -662,6 +662,51 @@ TEST_F(ScanKernelTest, OneStepTakesDtProjsProduct) {
             kScanFloat32Tolerance);
 }
 
+// A_log, D and dt_proj's bias as a bfloat16 model holds them, widened in the
+// kernels (a prefill launches nothing to widen them): the sequence kernel
+// and the step kernel give what they give on A = -exp(A_log) and D widened
+// first by LibTorch (the forward's path before), bitwise; a parameter in a
+// third dtype goes to the reference, which widens it itself.
+TEST_F(ScanKernelTest, ParametersAsTheModelHoldsThem) {
+  uint64_t seed = 480;
+  for (const ScanShape& shape : {ScanShape{1, 300, 160, 16}, ScanShape{2, 1, 160, 16},
+                                 ScanShape{3, 37, 24, 5}}) {
+    const std::string name = Describe(shape);
+    const scan::ScanInputs widened_source = RandomScanInputs(shape, torch::kBFloat16, seed++);
+    scan::ScanInputs held = widened_source;  // the bias already bfloat16
+    held.a_log = torch::log(-widened_source.a_decay).to(torch::kBFloat16);
+    held.a_decay = torch::Tensor();
+    held.d_skip = widened_source.d_skip.to(torch::kBFloat16);
+    scan::ScanInputs widened = widened_source;
+    widened.a_decay = -torch::exp(held.a_log.to(torch::kFloat32));
+    widened.d_skip = held.d_skip.to(torch::kFloat32);
+    widened.delta_bias = widened_source.delta_bias.to(torch::kFloat32);
+    ASSERT_TRUE(scan::UsesCudaKernel(held, torch::kFloat32)) << name;
+    const torch::Tensor start =
+        torch::randn({shape.batch, shape.inner, shape.state_size}, torch::kCUDA);
+    torch::Tensor held_state = start.clone();
+    torch::Tensor widened_state = start.clone();
+    const torch::Tensor from_held = scan::SelectiveScan(held, torch::kFloat32, &held_state);
+    const torch::Tensor from_widened =
+        scan::SelectiveScan(widened, torch::kFloat32, &widened_state);
+    EXPECT_TRUE(torch::equal(from_held, from_widened)) << name;
+    EXPECT_TRUE(torch::equal(held_state, widened_state)) << name;
+    // The LibTorch reference resolves A_log the same way.
+    torch::Tensor reference_state = start.clone();
+    EXPECT_LE(RoundingErrors(from_held,
+                             scan::SelectiveScanReference(held, torch::kFloat32, &reference_state),
+                             torch::kBFloat16),
+              1.0)
+        << name;
+  }
+  scan::ScanInputs odd = RandomScanInputs({1, 30, 24, 16}, torch::kBFloat16, seed++);
+  odd.a_log = torch::log(-odd.a_decay).to(torch::kFloat16);
+  odd.a_decay = torch::Tensor();
+  EXPECT_FALSE(scan::UsesCudaKernel(odd, torch::kFloat32));
+  const torch::Tensor from_reference = scan::SelectiveScan(odd, torch::kFloat32);
+  EXPECT_TRUE(torch::isfinite(from_reference).all().item<bool>());
+}
+
 TEST_F(ScanKernelTest, FallsBackToReference) {
   const ScanShape shape{2, 30, 24, 16};
   scan::ScanInputs wide = RandomScanInputs(shape, torch::kFloat64, 500);

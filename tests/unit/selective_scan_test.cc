@@ -106,5 +106,38 @@ TEST(SelectiveScanLoopTest, ThreadsAndWhatItDeclines) {
   EXPECT_FALSE(scan::SelectiveScanLoop(low, torch::kFloat32).has_value());
 }
 
+// A_log given instead of A (the forward's prefill hands the parameters over
+// as the model holds them): both CPU paths resolve A = -exp(A_log) and D in
+// `accumulate` first, bit for bit A given; float64 stays float64.
+TEST(SelectiveScanLoopTest, ALogResolvesAsAGiven) {
+  const Shape s{2, 40, 24, 16};
+  for (const torch::ScalarType accumulate : {torch::kFloat32, torch::kFloat64}) {
+    scan::ScanInputs given = RandomInputs(s, 970);
+    if (accumulate == torch::kFloat64) {
+      for (torch::Tensor* t : {&given.hidden, &given.gate, &given.b_proj, &given.c_proj,
+                               &given.delta, &given.delta_bias}) {
+        *t = t->to(torch::kFloat64);
+      }
+    }
+    scan::ScanInputs held = given;
+    held.a_log = torch::log(-given.a_decay);  // float32 as a checkpoint holds it
+    held.a_decay = torch::Tensor();
+    scan::ScanInputs widened = given;
+    widened.a_decay = -torch::exp(held.a_log.to(accumulate));
+    widened.d_skip = given.d_skip.to(accumulate);
+    const scan::ScanInputs resolved = scan::ResolveParameters(held, accumulate);
+    EXPECT_FALSE(resolved.a_log.defined());
+    EXPECT_EQ(resolved.a_decay.scalar_type(), accumulate);
+    EXPECT_EQ(resolved.d_skip.scalar_type(), accumulate);
+    torch::Tensor held_state, widened_state;
+    EXPECT_TRUE(torch::equal(scan::SelectiveScan(held, accumulate, &held_state),
+                             scan::SelectiveScan(widened, accumulate, &widened_state)))
+        << c10::toString(accumulate);
+    EXPECT_TRUE(torch::equal(held_state, widened_state));
+    EXPECT_TRUE(torch::equal(scan::SelectiveScanReference(held, accumulate),
+                             scan::SelectiveScanReference(widened, accumulate)));
+  }
+}
+
 }  // namespace
 }  // namespace icd

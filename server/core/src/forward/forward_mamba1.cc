@@ -69,17 +69,19 @@ torch::Tensor ScanInChunks(const scan::ScanInputs& inputs, torch::ScalarType wid
                            int64_t layer) {
   const int64_t seq_len = inputs.hidden.size(1);
   const int64_t steps =
-      ScanStepsPerCheck(inputs.hidden.size(0) * inputs.a_decay.numel(), kSelectiveScanCheck);
+      ScanStepsPerCheck(inputs.hidden.size(0) * inputs.hidden.size(2) * inputs.b_proj.size(2),
+                        kSelectiveScanCheck);  // B·I·N state values a step
   if (seq_len <= steps || scan::UsesCudaKernel(inputs, wide)) {
     return scan::SelectiveScan(inputs, wide, state, in_place);
   }
+  const scan::ScanInputs resolved = scan::ResolveParameters(inputs, wide);  // A once, not per chunk
   torch::Tensor carried = state != nullptr ? *state : torch::Tensor();  // h, [B, I, N]
   std::vector<torch::Tensor> outputs;  // [B, steps, I] each
   for (int64_t start = 0; start < seq_len; start += steps) {
     if (start > 0) CheckCallInLayer(ctx, layer);
     const int64_t length = std::min(steps, seq_len - start);
     outputs.push_back(
-        scan::SelectiveScan(scan::TimeSlice(inputs, start, length), wide, &carried));
+        scan::SelectiveScan(scan::TimeSlice(resolved, start, length), wide, &carried));
   }
   if (state != nullptr) *state = carried;
   return torch::cat(outputs, 1);  // [B, L, I]
@@ -183,8 +185,11 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
   scan_inputs.b_proj = b_proj;
   scan_inputs.c_proj = c_proj;
   scan_inputs.gate = gate;
-  // A = -exp(A_log) and D in `wide`: four small kernels per step, which a
-  // decode session's state computes once (its model does not change).
+  // A = -exp(A_log) and D in `wide`: a decode session's state computes them
+  // once (its model does not change); every other call hands A_log, D and
+  // the bias over as the model holds them, and the CUDA kernel widens them
+  // as it reads them (no kernel launched for them; the other paths widen
+  // them first, scan::ResolveParameters).
   if (in_place && state->scan_decay.defined()) {
     scan_inputs.a_decay = state->scan_decay;
     scan_inputs.d_skip = state->scan_skip;
@@ -196,16 +201,17 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
     scan_inputs.operands_settled =
         fused::EarlyOperandsEnabled() &&
         (!scan_inputs.delta_proj_weight.defined() || view.dt_proj_settled);
-  } else {
+  } else if (in_place) {
     scan_inputs.a_decay = -torch::exp(view.a_log.to(wide));  // [I, N]
     scan_inputs.d_skip = view.d_skip.to(wide);               // [I]
-    if (in_place) {
-      state->scan_decay = scan_inputs.a_decay;
-      state->scan_skip = scan_inputs.d_skip;
-      if (bias_in_scan && scan::UsesCudaKernel(scan_inputs, wide)) {
-        state->scan_delta_bias = view.dt_proj_b.to(torch::kFloat32);
-      }
+    state->scan_decay = scan_inputs.a_decay;
+    state->scan_skip = scan_inputs.d_skip;
+    if (bias_in_scan && scan::UsesCudaKernel(scan_inputs, wide)) {
+      state->scan_delta_bias = view.dt_proj_b.to(torch::kFloat32);
     }
+  } else {
+    scan_inputs.a_log = view.a_log;    // [I, N]
+    scan_inputs.d_skip = view.d_skip;  // [I]
   }
   // Its output is already in the compute dtype.
   torch::Tensor out_proj_input =

@@ -35,6 +35,16 @@ inline ScanOperand Operand(const torch::Tensor& tensor) {
   return operand;
 }
 
+// A parameter's pointer and whether it is float32 (else the compute dtype);
+// null for an undefined tensor.
+inline ParameterOperand Parameter(const torch::Tensor& tensor) {
+  ParameterOperand operand;
+  if (!tensor.defined()) return operand;
+  operand.data = tensor.data_ptr();
+  operand.wide = tensor.scalar_type() == torch::kFloat32;
+  return operand;
+}
+
 }  // namespace icd::scan
 
 #endif  // ICD_CORE_SRC_SCAN_KERNEL_OPERANDS_H_

@@ -1,6 +1,7 @@
 // Device math the scan kernels share (selective_scan.cu, the chunked scan;
 // selective_state_step.cu, one step of time; state_space_scan.cu, Mamba-2's):
-// the time step's softplus as the LibTorch reference rounds it, 2^x on the
+// parameters as the model holds them, Mamba-1's A from A_log, the time
+// step's softplus as the LibTorch reference rounds it, 2^x on the
 // special-function unit and on the FMA pipes, silu, and the transposing sum
 // of per-step partial sums over a group of lanes.
 #ifndef ICD_CORE_SRC_SCAN_SCAN_MATH_CUH_
@@ -8,11 +9,28 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "scan/element_types.cuh"
+#include "scan/selective_scan_launch.h"
 
 namespace icd::scan {
 
 inline constexpr float kLog2E = 1.4426950408889634f;
+
+// A parameter's value at `index`, in float32.
+template <class Element>
+__device__ __forceinline__ float ParameterAt(const ParameterOperand& parameter, int64_t index) {
+  if (parameter.wide) return static_cast<const float*>(parameter.data)[index];
+  return Element::ToFloat(static_cast<const typename Element::Storage*>(parameter.data)[index]);
+}
+
+// A of a Mamba-1 state (`index` into [I, N]): given, or -exp(A_log) in
+// float32 (LibTorch's expf on CUDA, as the forward computed it before).
+template <class Element>
+__device__ __forceinline__ float DecayRateAt(const ScanLaunchArgs& args, int64_t index) {
+  return args.a_decay != nullptr ? args.a_decay[index] : -expf(ParameterAt<Element>(args.a_log, index));
+}
 
 // Δ = softplus(raw + bias) as the LibTorch reference computes it in the
 // compute dtype: the sum rounded, softplus in float32 (LibTorch's formula,

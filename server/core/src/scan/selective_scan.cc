@@ -124,7 +124,7 @@ std::optional<torch::Tensor> SelectiveScanLoop(const ScanInputs& given,
       (!given.delta.defined() && !given.delta_input.defined())) {
     return std::nullopt;
   }
-  const ScanInputs inputs = ResolveDelta(given);
+  const ScanInputs inputs = ResolveParameters(ResolveDelta(given), accumulate);
   const torch::Tensor* operands[] = {&inputs.delta,  &inputs.a_decay, &inputs.b_proj,
                                      &inputs.c_proj, &inputs.d_skip,  &inputs.gate};
   for (const torch::Tensor* operand : operands) {
@@ -179,9 +179,19 @@ ScanInputs ResolveDelta(const ScanInputs& inputs) {
   return resolved;
 }
 
+ScanInputs ResolveParameters(const ScanInputs& inputs, torch::ScalarType accumulate) {
+  ScanInputs resolved = inputs;
+  if (!inputs.a_decay.defined() && inputs.a_log.defined()) {
+    resolved.a_decay = -torch::exp(inputs.a_log.to(accumulate));  // [I, N]
+    resolved.a_log = torch::Tensor();
+  }
+  if (inputs.d_skip.defined()) resolved.d_skip = inputs.d_skip.to(accumulate);  // [I]
+  return resolved;
+}
+
 torch::Tensor SelectiveScanReference(const ScanInputs& given, torch::ScalarType accumulate,
                                      torch::Tensor* state) {
-  const ScanInputs inputs = ResolveDelta(given);
+  const ScanInputs inputs = ResolveParameters(ResolveDelta(given), accumulate);
   const int64_t batch = inputs.hidden.size(0);
   const int64_t seq_len = inputs.hidden.size(1);
   const int64_t inner = inputs.hidden.size(2);

@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
   for (int s = 0; s < kStatesPerThread; ++s) {
     const int64_t n = lane + s * kLanes;
     const bool real = channel < inner && n < state_size;
-    decay_rate[s] = real ? args.a_decay[channel * state_size + n] * kLog2E : 0.0f;
+    decay_rate[s] = real ? DecayRateAt<Element>(args, channel * state_size + n) * kLog2E : 0.0f;
     state[s] = real && args.state_in != nullptr ? args.state_in[state_row + n] : 0.0f;
   }
 
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
   const int load_step = thread / kChannelsPerBlock;
   const int64_t io_channel = first_channel + load_channel;
   const bool io_real = io_channel < inner;
-  const float skip = io_real ? args.d_skip[io_channel] : 0.0f;
+  const float skip = io_real ? ParameterAt<Element>(args.d_skip, io_channel) : 0.0f;
   const auto* hidden = static_cast<const Storage*>(args.hidden.data) +
                        batch * args.hidden.batch_stride + io_channel;
   // Δ itself in float32, or the raw time step in the element type (then
@@ -120,7 +120,8 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
                       batch * delta_operand.batch_stride + io_channel;
   const auto* delta_raw = static_cast<const Storage*>(delta_operand.data) +
                           batch * delta_operand.batch_stride + io_channel;
-  const float delta_bias = io_real && args.delta_bias != nullptr ? args.delta_bias[io_channel] : 0.0f;
+  const float delta_bias =
+      io_real && args.delta_bias.data != nullptr ? ParameterAt<Element>(args.delta_bias, io_channel) : 0.0f;
   const auto* gate = static_cast<const Storage*>(args.gate.data) +
                      batch * args.gate.batch_stride + io_channel;
   const int64_t output_offset = batch * seq_len * inner + io_channel;
@@ -447,7 +448,8 @@ int LaunchSelectiveScan(const ScanLaunchArgs& args, const ScanKernelShape& shape
     return invalid;
   }
   if (args.hidden.data == nullptr || args.gate.data == nullptr || args.b_proj.data == nullptr ||
-      args.c_proj.data == nullptr || args.a_decay == nullptr || args.d_skip == nullptr) {
+      args.c_proj.data == nullptr || (args.a_decay == nullptr) == (args.a_log.data == nullptr) ||
+      args.d_skip.data == nullptr) {
     return invalid;
   }
   // Exactly one Δ (float32, or raw; dt_proj's product only in one step)

@@ -13,9 +13,11 @@
 namespace icd::scan {
 
 // Per layer, with batch B, time L, inner channels I, state size N. All
-// tensors on one device. `hidden`, `delta`, `delta_bias`, `b_proj`, `c_proj`
-// and `gate` are in the compute dtype (float32, bfloat16, float16, float64)
-// and may be non-contiguous views; `a_decay`, `d_skip` are in `accumulate`.
+// tensors on one device. `hidden`, `delta`, `b_proj`, `c_proj` and `gate`
+// are in the compute dtype (float32, bfloat16, float16, float64) and may be
+// non-contiguous views; `a_decay` is in `accumulate`; `a_log`, `d_skip` and
+// `delta_bias` in the compute dtype or `accumulate`, as the model holds them
+// (the CUDA kernel widens them as it reads them, the other paths first).
 // The scan takes the time step before its softplus, so that on CUDA the
 // bias add and softplus happen inside the kernel instead of in two
 // [B, L, I] passes: Δ = softplus(delta + delta_bias), computed in the
@@ -31,7 +33,8 @@ struct ScanInputs {
                                     // otherwise (ResolveDelta)
   torch::Tensor delta_bias;  // dt_proj's bias, or undefined    [I]
                              // (the CUDA kernel also takes it widened to float32)
-  torch::Tensor a_decay;     // A = -exp(A_log)                 [I, N]
+  torch::Tensor a_decay;     // A = -exp(A_log)                 [I, N]; or
+  torch::Tensor a_log;       // undefined, with A_log, taken as -exp(A_log.to(accumulate))
   torch::Tensor b_proj;   // B                       [B, L, N]
   torch::Tensor c_proj;   // C                       [B, L, N]
   torch::Tensor d_skip;   // D                       [I]
@@ -51,6 +54,10 @@ int64_t SelectiveStateStepEarlyLaunches();
 // `inputs` with `delta` defined: dt_proj's product taken by torch::linear
 // when only delta_input and delta_proj_weight are given.
 ScanInputs ResolveDelta(const ScanInputs& inputs);
+
+// `inputs` with A resolved from A_log and D in `accumulate` (LibTorch ops):
+// what the LibTorch and CPU paths take.
+ScanInputs ResolveParameters(const ScanInputs& inputs, torch::ScalarType accumulate);
 
 // The inputs' time steps [start, start + length): views of the per-step
 // operands, the per-channel ones as they are (a scan in chunks of time).

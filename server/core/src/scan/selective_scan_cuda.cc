@@ -22,15 +22,17 @@ bool HasSizes(const torch::Tensor& tensor, std::initializer_list<int64_t> sizes)
 
 // The kernel's domain: float32 accumulation, every tensor on one CUDA
 // device, shapes as ScanInputs states them, x / z / B / C / the time step
-// (and its bias) in one dtype the kernel reads, A / D in float32,
-// 1 <= N <= kMaxCudaStateSize.
+// in one dtype the kernel reads, A in float32, A_log / D / the bias in
+// float32 or that dtype, 1 <= N <= kMaxCudaStateSize.
 // Δ's time step as dt_proj's product (delta_input, delta_proj_weight) is
 // taken in one step of time only.
 bool KernelTakes(const ScanInputs& inputs, torch::ScalarType accumulate) {
   if (accumulate != torch::kFloat32) return false;
   const bool delta_in_kernel = !inputs.delta.defined();
   const torch::Tensor& delta = delta_in_kernel ? inputs.delta_input : inputs.delta;
-  const torch::Tensor* operands[] = {&inputs.hidden, &delta,          &inputs.a_decay,
+  const bool from_log = !inputs.a_decay.defined();
+  const torch::Tensor& decay_rate = from_log ? inputs.a_log : inputs.a_decay;  // A or A_log
+  const torch::Tensor* operands[] = {&inputs.hidden, &delta,          &decay_rate,
                                      &inputs.b_proj, &inputs.c_proj, &inputs.d_skip,
                                      &inputs.gate};
   for (const torch::Tensor* operand : operands) {
@@ -39,11 +41,11 @@ bool KernelTakes(const ScanInputs& inputs, torch::ScalarType accumulate) {
       return false;
     }
   }
-  if (inputs.hidden.dim() != 3 || inputs.a_decay.dim() != 2) return false;
+  if (inputs.hidden.dim() != 3 || decay_rate.dim() != 2) return false;
   const int64_t batch = inputs.hidden.size(0);
   const int64_t seq_len = inputs.hidden.size(1);
   const int64_t inner = inputs.hidden.size(2);
-  const int64_t state_size = inputs.a_decay.size(1);
+  const int64_t state_size = decay_rate.size(1);
   if (batch < 1 || batch > 65535 || seq_len < 1 || inner < 1 || state_size < 1 ||
       state_size > kMaxCudaStateSize) {
     return false;
@@ -61,24 +63,25 @@ bool KernelTakes(const ScanInputs& inputs, torch::ScalarType accumulate) {
       !HasSizes(inputs.gate, {batch, seq_len, inner}) ||
       !HasSizes(inputs.b_proj, {batch, seq_len, state_size}) ||
       !HasSizes(inputs.c_proj, {batch, seq_len, state_size}) ||
-      !HasSizes(inputs.a_decay, {inner, state_size}) || !HasSizes(inputs.d_skip, {inner})) {
+      !HasSizes(decay_rate, {inner, state_size}) || !HasSizes(inputs.d_skip, {inner})) {
     return false;
   }
   const torch::ScalarType compute = inputs.hidden.scalar_type();
-  // The bias in the compute dtype, or already widened to float32 (a decode
-  // session keeps it so): the kernel adds it in float32 either way.
+  // A parameter as the model holds it or widened to float32 (a decode
+  // session keeps them so): the kernel reads either in float32.
+  auto parameter_taken = [&](const torch::Tensor& parameter) {
+    return parameter.scalar_type() == compute || parameter.scalar_type() == torch::kFloat32;
+  };
   if (inputs.delta_bias.defined() &&
-      (!HasSizes(inputs.delta_bias, {inner}) ||
-       (inputs.delta_bias.scalar_type() != compute &&
-        inputs.delta_bias.scalar_type() != torch::kFloat32) ||
+      (!HasSizes(inputs.delta_bias, {inner}) || !parameter_taken(inputs.delta_bias) ||
        inputs.delta_bias.device() != inputs.hidden.device())) {
     return false;
   }
   return KernelElementType(compute).has_value() && inputs.gate.scalar_type() == compute &&
          inputs.b_proj.scalar_type() == compute && inputs.c_proj.scalar_type() == compute &&
          delta.scalar_type() == compute &&
-         inputs.a_decay.scalar_type() == torch::kFloat32 &&
-         inputs.d_skip.scalar_type() == torch::kFloat32;
+         (from_log ? parameter_taken(decay_rate) : decay_rate.scalar_type() == torch::kFloat32) &&
+         parameter_taken(inputs.d_skip);
 }
 
 // The kernel reads rows (the last axis) contiguous and takes any batch and
@@ -114,16 +117,18 @@ torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumula
   const torch::Tensor gate = RowContiguous(inputs.gate);      // [B, L, I]
   const torch::Tensor b_proj = RowContiguous(inputs.b_proj);  // [B, L, N]
   const torch::Tensor c_proj = RowContiguous(inputs.c_proj);  // [B, L, N]
-  const torch::Tensor a_decay = inputs.a_decay.contiguous();  // [I, N]
-  const torch::Tensor d_skip = inputs.d_skip.contiguous();    // [I]
-  // The bias is added in float32 inside the kernel: exact for every dtype.
+  // A, or A_log [I, N]; D and the bias [I], widened in the kernel (the
+  // bias is added in float32 there: exact for every dtype).
+  const torch::Tensor a_decay =
+      inputs.a_decay.defined() ? inputs.a_decay.contiguous() : torch::Tensor();
+  const torch::Tensor a_log = a_decay.defined() ? torch::Tensor() : inputs.a_log.contiguous();
+  const torch::Tensor d_skip = inputs.d_skip.contiguous();
   const torch::Tensor delta_bias =
-      inputs.delta_bias.defined() ? inputs.delta_bias.to(torch::kFloat32).contiguous()
-                                  : torch::Tensor();  // [I]
+      inputs.delta_bias.defined() ? inputs.delta_bias.contiguous() : torch::Tensor();
   const int64_t batch = hidden.size(0);
   const int64_t seq_len = hidden.size(1);
   const int64_t inner = hidden.size(2);
-  const int64_t state_size = a_decay.size(1);
+  const int64_t state_size = (a_decay.defined() ? a_decay : a_log).size(1);
 
   const torch::TensorOptions wide = hidden.options().dtype(torch::kFloat32);
   torch::Tensor output = torch::empty({batch, seq_len, inner}, hidden.options());  // [B, L, I]
@@ -156,18 +161,20 @@ torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumula
   } else {
     args.delta_raw = Operand(delta);
   }
-  args.delta_bias = delta_bias.defined() ? delta_bias.data_ptr<float>() : nullptr;
+  args.delta_bias = Parameter(delta_bias);
   args.gate = Operand(gate);
   args.b_proj = Operand(b_proj);
   args.c_proj = Operand(c_proj);
-  args.a_decay = a_decay.data_ptr<float>();
-  args.d_skip = d_skip.data_ptr<float>();
+  args.a_decay = a_decay.defined() ? a_decay.data_ptr<float>() : nullptr;
+  args.a_log = Parameter(a_log);
+  args.d_skip = Parameter(d_skip);
   args.state_in = state_in.defined() ? state_in.data_ptr<float>() : nullptr;
   args.state_out = state_out.defined() ? state_out.data_ptr<float>() : nullptr;
   args.output_rounded = output.data_ptr();
   // Early reads only of the very tensors the caller vouched for.
   args.operands_early =
-      inputs.operands_settled && a_decay.is_same(inputs.a_decay) &&
+      inputs.operands_settled &&
+      (a_decay.defined() ? a_decay.is_same(inputs.a_decay) : a_log.is_same(inputs.a_log)) &&
       d_skip.is_same(inputs.d_skip) &&
       (!delta_bias.defined() || delta_bias.is_same(inputs.delta_bias)) &&
       (!state_in.defined() || state_in.is_same(*state));

@@ -11,13 +11,21 @@
 namespace icd::scan {
 
 // Element type of the operands that come in the compute dtype (hidden, gate,
-// b_proj, c_proj, a raw time step, a rounded y); a float32 Δ, a_decay,
-// d_skip, delta_bias and the state are always float32.
+// b_proj, c_proj, a raw time step, a rounded y); a float32 Δ, a_decay and
+// the state are always float32, A_log, D and the bias either.
 enum class ScanElementType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // Largest state size N the kernel takes: each thread keeps its states in
 // registers and a block keeps N B/C columns of a time chunk in shared memory.
 inline constexpr int64_t kMaxCudaStateSize = 64;
+
+// A per-channel (or per-head) parameter of a scan as the model holds it:
+// float32, or the element type; widened in the kernel, so that a prefill
+// launches nothing to widen A_log, D or the time step's bias.
+struct ParameterOperand {
+  const void* data = nullptr;
+  bool wide = true;  // float32; false: element_type
+};
 
 // A [B, L, width] operand whose last axis is contiguous; strides in elements.
 struct ScanOperand {
@@ -47,12 +55,13 @@ struct ScanLaunchArgs {
   ScanOperand delta_proj_input;              // δ [B, L, R], element_type
   const void* delta_proj_weight = nullptr;   // [I, R], element_type, contiguous
   int64_t delta_rank = 0;                    // R
-  const float* delta_bias = nullptr;  // [I]; null: no bias (raw or dt_proj only)
+  ParameterOperand delta_bias;       // [I]; null: no bias (raw or dt_proj only)
   ScanOperand gate;                  // z  [B, L, I], element_type
   ScanOperand b_proj;                // B  [B, L, N], element_type
   ScanOperand c_proj;                // C  [B, L, N], element_type
-  const float* a_decay = nullptr;    // A  [I, N], contiguous
-  const float* d_skip = nullptr;     // D  [I]
+  const float* a_decay = nullptr;    // A  [I, N], contiguous; or null, with
+  ParameterOperand a_log;            // A = -exp(A_log) [I, N] (float32, as HF)
+  ParameterOperand d_skip;           // D  [I]
   const float* state_in = nullptr;   // h_0 [B, I, N], contiguous; null: zeros
   float* state_out = nullptr;        // h_L [B, I, N], contiguous; null: not kept;
                                      // may be state_in (one thread reads and

@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
   const auto* rank_weight = projected ? static_cast<const Storage*>(args.delta_proj_weight) +
                                             channel * args.delta_rank
                                       : nullptr;
-  const float* a_decay = args.a_decay + channel * state_size;
+  const int64_t rate_row = channel * state_size;  // A or A_log [I, N]
   const int64_t state_row = (batch * inner + channel) * state_size;
   // What no kernel of the step writes (A, D, dt_proj's bias and weight, the
   // layer's own state: operands_early) is read before waiting for the
@@ -67,8 +67,8 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
   float rates[kStateTerms] = {};
   float previous[kStateTerms] = {};
   auto load_settled = [&] {
-    bias = args.delta_bias != nullptr ? args.delta_bias[channel] : 0.0f;
-    skip = args.d_skip[channel];
+    bias = args.delta_bias.data != nullptr ? ParameterAt<Element>(args.delta_bias, channel) : 0.0f;
+    skip = ParameterAt<Element>(args.d_skip, channel);
     if (held) {
 #pragma unroll
       for (int i = 0; i < kRankTerms; ++i) {
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) SelectiveStateStepKernel(const ScanL
     for (int i = 0; i < kStateTerms; ++i) {
       const int64_t n = lane + static_cast<int64_t>(i) * kLanes;
       if (n < state_size) {
-        rates[i] = a_decay[n];
+        rates[i] = DecayRateAt<Element>(args, rate_row + n);
         previous[i] = args.state_in != nullptr ? args.state_in[state_row + n] : 0.0f;
       }
     }
@@ -202,7 +202,8 @@ int LaunchSelectiveStateStep(const ScanLaunchArgs& args, void* stream) {
       args.inner > (int64_t{1} << 31) - 1 || args.state_size < 1 ||
       args.state_size > kMaxCudaStateSize || args.hidden.data == nullptr ||
       args.gate.data == nullptr || args.b_proj.data == nullptr || args.c_proj.data == nullptr ||
-      args.a_decay == nullptr || args.d_skip == nullptr || sources != 1 ||
+      (args.a_decay == nullptr) == (args.a_log.data == nullptr) || args.d_skip.data == nullptr ||
+      sources != 1 ||
       (args.delta_proj_weight != nullptr &&
        (args.delta_proj_input.data == nullptr || args.delta_rank < 1)) ||
       (args.output == nullptr) == (args.output_rounded == nullptr)) {

@@ -15,13 +15,6 @@
 
 namespace icd::scan {
 
-// A parameter's value at `index`, in float32.
-template <class Element>
-__device__ __forceinline__ float ParameterAt(const ParameterOperand& parameter, int64_t index) {
-  if (parameter.wide) return static_cast<const float*>(parameter.data)[index];
-  return Element::ToFloat(static_cast<const typename Element::Storage*>(parameter.data)[index]);
-}
-
 // A of `head`: given, or -exp(A_log) in float32 (LibTorch's expf on CUDA).
 template <class Element>
 __device__ __forceinline__ float DecayRateOf(const StateSpaceScanLaunchArgs& args, int64_t head) {

@@ -101,13 +101,6 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
   const torch::Tensor bias = raw_delta && inputs.time_step_bias.defined()
                                  ? inputs.time_step_bias.contiguous()
                                  : torch::Tensor();  // [H]
-  auto parameter = [](const torch::Tensor& tensor) {
-    ParameterOperand operand;
-    if (!tensor.defined()) return operand;
-    operand.data = tensor.data_ptr();
-    operand.wide = tensor.scalar_type() == torch::kFloat32;
-    return operand;
-  };
   torch::Tensor output = torch::empty({batch, seq_len, heads, head_dim}, wide);  // y
   torch::Tensor state_in;   // [B, H, P, N]
   torch::Tensor state_out;  // [B, H, P, N]
@@ -130,7 +123,7 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
   args.hidden = Operand(hidden);
   if (raw_delta) {
     args.time_step = Operand(delta);
-    args.time_step_bias = parameter(bias);
+    args.time_step_bias = Parameter(bias);
     if (inputs.delta_limit.has_value()) {
       args.delta_limited = true;
       args.delta_min = static_cast<float>(inputs.delta_limit->first);
@@ -142,11 +135,11 @@ std::optional<torch::Tensor> StateSpaceScanCuda(const StateSpaceInputs& inputs,
   args.b_proj = Operand(b_proj);
   args.c_proj = Operand(c_proj);
   if (from_log) {
-    args.a_log = parameter(rate);
+    args.a_log = Parameter(rate);
   } else {
     args.a_decay = rate.data_ptr<float>();
   }
-  args.skip = parameter(skip);
+  args.skip = Parameter(skip);
   args.skip_per_channel = skip_per_channel;
   args.state_in = state_in.defined() ? state_in.data_ptr<float>() : nullptr;
   args.state_out = state_out.defined() ? state_out.data_ptr<float>() : nullptr;

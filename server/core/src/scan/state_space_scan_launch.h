@@ -21,13 +21,6 @@ inline constexpr int64_t kMaxCudaStateSpaceStateSize = 128;
 // (state_space_step.cu; L = 1, a decode step).
 enum class StateSpaceForm { kAuto, kRecurrence, kChunked, kStep };
 
-// A per-head (or per-channel) parameter of the scan as the model holds it:
-// float32, or the element type of x, B and C; widened in the kernel.
-struct ParameterOperand {
-  const void* data = nullptr;
-  bool wide = true;  // float32; false: element_type
-};
-
 // One layer of S_t = exp(Δ_t A_h) S_{t-1} + Δ_t x_t B_tᵀ, y_t = S_t C_t + D x_t
 // (state_space_scan.h), batch B, time L, heads H in G groups, head dim P,
 // state size N. Accumulates in float32.

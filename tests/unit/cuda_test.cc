@@ -669,14 +669,34 @@ TEST_F(ScanKernelTest, OneStepTakesDtProjsProduct) {
 // third dtype goes to the reference, which widens it itself.
 TEST_F(ScanKernelTest, ParametersAsTheModelHoldsThem) {
   uint64_t seed = 480;
-  for (const ScanShape& shape : {ScanShape{1, 300, 160, 16}, ScanShape{2, 1, 160, 16},
-                                 ScanShape{3, 37, 24, 5}}) {
-    const std::string name = Describe(shape);
-    const scan::ScanInputs widened_source = RandomScanInputs(shape, torch::kBFloat16, seed++);
-    scan::ScanInputs held = widened_source;  // the bias already bfloat16
-    held.a_log = torch::log(-widened_source.a_decay).to(torch::kBFloat16);
+  struct HeldCase {
+    ScanShape shape;
+    torch::ScalarType compute, a_log, skip;  // the bias in `compute`
+    bool projected;                          // Δ's time step as dt_proj's product (L = 1)
+  };
+  const torch::ScalarType bf16 = torch::kBFloat16, f16 = torch::kFloat16, f32 = torch::kFloat32;
+  for (const HeldCase& c : {HeldCase{{1, 300, 160, 16}, bf16, bf16, bf16, false},
+                            HeldCase{{2, 1, 160, 16}, bf16, bf16, bf16, false},
+                            HeldCase{{3, 37, 24, 5}, bf16, bf16, bf16, false},
+                            HeldCase{{2, 90, 160, 16}, bf16, f32, bf16, false},
+                            HeldCase{{2, 90, 160, 16}, f16, f16, f32, false},
+                            HeldCase{{2, 90, 40, 16}, f32, f32, f32, false},
+                            HeldCase{{2, 1, 160, 16}, bf16, bf16, f32, true}}) {
+    const ScanShape& shape = c.shape;
+    const std::string name = Describe(shape) + " " + c10::toString(c.compute) + " A_log " +
+                             c10::toString(c.a_log) + " D " + c10::toString(c.skip) +
+                             (c.projected ? " dt_proj in the kernel" : "");
+    scan::ScanInputs widened_source = RandomScanInputs(shape, c.compute, seed++);
+    if (c.projected) {
+      const auto cuda = torch::TensorOptions().device(torch::kCUDA).dtype(c.compute);
+      widened_source.delta_input = torch::randn({shape.batch, 1, 12}, cuda);
+      widened_source.delta_proj_weight = 0.3 * torch::randn({shape.inner, 12}, cuda);
+      widened_source.delta = torch::Tensor();
+    }
+    scan::ScanInputs held = widened_source;  // the bias already in the compute dtype
+    held.a_log = torch::log(-widened_source.a_decay).to(c.a_log);
     held.a_decay = torch::Tensor();
-    held.d_skip = widened_source.d_skip.to(torch::kBFloat16);
+    held.d_skip = widened_source.d_skip.to(c.skip);
     scan::ScanInputs widened = widened_source;
     widened.a_decay = -torch::exp(held.a_log.to(torch::kFloat32));
     widened.d_skip = held.d_skip.to(torch::kFloat32);
@@ -693,18 +713,27 @@ TEST_F(ScanKernelTest, ParametersAsTheModelHoldsThem) {
     EXPECT_TRUE(torch::equal(held_state, widened_state)) << name;
     // The LibTorch reference resolves A_log the same way.
     torch::Tensor reference_state = start.clone();
-    EXPECT_LE(RoundingErrors(from_held,
-                             scan::SelectiveScanReference(held, torch::kFloat32, &reference_state),
-                             torch::kBFloat16),
-              1.0)
-        << name;
+    const torch::Tensor reference =
+        scan::SelectiveScanReference(held, torch::kFloat32, &reference_state);
+    if (c.compute == torch::kFloat32) {
+      EXPECT_LE(RelL2(from_held, reference), kScanFloat32Tolerance) << name;
+    } else if (c.projected) {
+      EXPECT_LE(RelL2(from_held, reference), UnitRoundoff(c.compute)) << name;
+    } else {
+      EXPECT_LE(RoundingErrors(from_held, reference, c.compute), 1.0) << name;
+    }
   }
+  // A_log in a third dtype: declined, and the reference widens it itself,
+  // bit for bit the reference on A given.
   scan::ScanInputs odd = RandomScanInputs({1, 30, 24, 16}, torch::kBFloat16, seed++);
   odd.a_log = torch::log(-odd.a_decay).to(torch::kFloat16);
   odd.a_decay = torch::Tensor();
   EXPECT_FALSE(scan::UsesCudaKernel(odd, torch::kFloat32));
-  const torch::Tensor from_reference = scan::SelectiveScan(odd, torch::kFloat32);
-  EXPECT_TRUE(torch::isfinite(from_reference).all().item<bool>());
+  scan::ScanInputs odd_given = odd;
+  odd_given.a_decay = -torch::exp(odd.a_log.to(torch::kFloat32));
+  odd_given.a_log = torch::Tensor();
+  EXPECT_TRUE(torch::equal(scan::SelectiveScan(odd, torch::kFloat32),
+                           scan::SelectiveScanReference(odd_given, torch::kFloat32)));
 }
 
 TEST_F(ScanKernelTest, FallsBackToReference) {

@@ -210,8 +210,14 @@ torch::Tensor Mamba1Mixer(const ModelConfig& config, const Weights& weights, int
       state->scan_delta_bias = view.dt_proj_b.to(torch::kFloat32);
     }
   } else {
-    scan_inputs.a_log = view.a_log;    // [I, N]
-    scan_inputs.d_skip = view.d_skip;  // [I]
+    // (A third dtype, which the kernel does not read, is widened here: a
+    // mixed checkpoint still scans in one launch.)
+    auto as_held = [&](const torch::Tensor& parameter) {
+      const torch::ScalarType type = parameter.scalar_type();
+      return type == precision.compute || type == wide ? parameter : parameter.to(wide);
+    };
+    scan_inputs.a_log = as_held(view.a_log);    // [I, N]
+    scan_inputs.d_skip = as_held(view.d_skip);  // [I]
   }
   // Its output is already in the compute dtype.
   torch::Tensor out_proj_input =

@@ -19,7 +19,8 @@ enum class ScanElementType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2
 // registers and a block keeps N B/C columns of a time chunk in shared memory.
 inline constexpr int64_t kMaxCudaStateSize = 64;
 
-// A per-channel (or per-head) parameter of a scan as the model holds it:
+// A parameter of a scan (per channel, per head, or Mamba-1's A_log [I, N])
+// as the model holds it:
 // float32, or the element type; widened in the kernel, so that a prefill
 // launches nothing to widen A_log, D or the time step's bias.
 struct ParameterOperand {

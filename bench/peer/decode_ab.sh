@@ -6,7 +6,7 @@
 # build stage (icd_profile and the random checkpoints in $ICD_MODELS_DIR).
 #   bench/peer/decode_ab.sh OUT_FILE VAR "VALUE_A VALUE_B" MODEL_DIR...
 # A value "-" leaves VAR unset. Env: STEPS (100), ROUNDS (2). The few-rows
-# linear's settings, ICD_EARLY_OPERANDS, ICD_EARLY_DEPENDENTS and ICD_GATED_NORM_THREADS (ICD_FEW_ROWS_*, which fused::ReloadLaunchSettings
+# linear's settings, ICD_EARLY_OPERANDS and ICD_EARLY_DEPENDENTS (ICD_FEW_ROWS_*, which fused::ReloadLaunchSettings
 # re-reads) run in one process per model (icd_profile --ab: one load, a
 # graph captured per setting); any other VAR in a process per setting.
 set -uo pipefail
@@ -15,8 +15,7 @@ var=${2:?}; values=${3:?}; shift 3
 deb=${ICD_DEB_PREFIX:-/tmp/deb}
 log() { echo "[decode_ab] $*" >&2; }
 source "$(dirname "$0")/icd_env.sh"
-if [[ $var == ICD_FEW_ROWS_* || $var == ICD_EARLY_OPERANDS || $var == ICD_EARLY_DEPENDENTS ||
-      $var == ICD_GATED_NORM_THREADS ]]; then
+if [[ $var == ICD_FEW_ROWS_* || $var == ICD_EARLY_OPERANDS || $var == ICD_EARLY_DEPENDENTS ]]; then
   for model in "$@"; do
     name=$(basename "$(dirname "$model")")
     icd_env /tmp/icd_profile/icd_profile --model "$model" --prefill-iters 1 \

@@ -308,9 +308,6 @@ __global__ void __launch_bounds__(kThreads) FewRowsLinearKernel(const FewRowsLin
 //     previous kernel has finished (both steps 1.5-2.7% faster on the H200:
 //     deploy/results/h200-gpu-2026-12-03h); 0 reads them after the dot
 //     product.
-//   ICD_GATED_NORM_THREADS=1024: the gated norm of a decode step's few rows
-//     in blocks of 1024 threads, two quads each (rms_norm.cu), where 256
-//     threads take five; another order of the block's sum (default 256).
 //   ICD_EARLY_DEPENDENTS=0 (dependent_launch.cuh) is reloaded with these.
 struct Settings {
   std::mutex reading;
@@ -320,7 +317,6 @@ struct Settings {
   std::atomic<bool> early_loads{true};
   std::atomic<bool> early_operands{true};
   std::atomic<bool> early_conv{true};
-  std::atomic<int> gated_norm_threads{256};
 };
 
 Settings& SettingsStore() {
@@ -344,7 +340,6 @@ Settings& CurrentSettings() {
       settings.early_loads = number("ICD_FEW_ROWS_EARLY_LOADS", 1) != 0;
       settings.early_operands = number("ICD_EARLY_OPERANDS", 1) != 0;
       settings.early_conv = number("ICD_FEW_ROWS_EARLY_CONV", 1) != 0;
-      settings.gated_norm_threads = number("ICD_GATED_NORM_THREADS", 256) == 1024 ? 1024 : 256;
       settings.stale.store(false, std::memory_order_release);
     }
   }
@@ -424,7 +419,6 @@ int64_t FewRowsLinearEarlyLaunches() { return early_launches.load(); }
 int64_t FewRowsLinearEarlyConvLaunches() { return early_conv_launches.load(); }
 
 bool EarlyOperandsEnabled() { return CurrentSettings().early_operands.load(); }
-int GatedNormThreads() { return CurrentSettings().gated_norm_threads.load(); }
 
 void ReloadFewRowsLinearSettings() {
   Settings& settings = SettingsStore();

@@ -39,7 +39,6 @@ int64_t FewRowsLinearEarlyLaunches() { return 0; }
 int64_t FewRowsLinearEarlyConvLaunches() { return 0; }
 bool EarlyOperandsEnabled() { return false; }
 int64_t GatedRmsNormEarlyLaunches() { return 0; }
-int64_t GatedRmsNormWideLaunches() { return 0; }
 #endif  // ICD_HAVE_CUDA_FUSED
 
 }  // namespace icd::fused

@@ -116,10 +116,6 @@ bool EarlyOperandsEnabled();
 // early (none on the CPU).
 int64_t GatedRmsNormEarlyLaunches();
 
-// Tests: how many gated-norm launches in this process ran blocks of 1024
-// threads (ICD_GATED_NORM_THREADS=1024, a few rows; none on the CPU).
-int64_t GatedRmsNormWideLaunches();
-
 }  // namespace icd::fused
 
 #endif  // ICD_CORE_SRC_FUSED_FUSED_H_

@@ -137,14 +137,9 @@ int LaunchFewRowsLinear(const FewRowsLinearLaunchArgs& args, void* stream);
 // one process. Launches captured in a graph keep the settings they had.
 void ReloadFewRowsLinearSettings();
 
-// Threads in a block of the gated norm over a decode step's few rows: 256,
-// or 1024 with ICD_GATED_NORM_THREADS=1024 (read with the few-rows linear's
-// settings, and reloaded with them).
-int GatedNormThreads();
-
 // fused.h's FewRowsLinearEarlyLaunches, FewRowsLinearEarlyConvLaunches,
-// EarlyOperandsEnabled, GatedRmsNormEarlyLaunches and
-// GatedRmsNormWideLaunches are defined with the kernels.
+// EarlyOperandsEnabled and GatedRmsNormEarlyLaunches are defined with the
+// kernels.
 
 }  // namespace icd::fused
 

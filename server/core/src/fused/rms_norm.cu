@@ -20,10 +20,6 @@ namespace {
 using cuda_elements::RoundTo;
 
 constexpr int kThreads = 256;
-// The gated norm's blocks with ICD_GATED_NORM_THREADS=1024, for at most
-// kWideBlocksAtMost blocks (rows × groups: a decode step's).
-constexpr int kWideThreads = 1024;
-constexpr int64_t kWideBlocksAtMost = 8;
 
 // A row of at most kThreads * kPerThread values is held in registers: every
 // load of the row is issued before the first store (the residual may be
@@ -193,12 +189,8 @@ struct alignas(4 * sizeof(Storage)) Quad {
 // kEarlyWeight (a decode step's settled weight, ICD_EARLY_OPERANDS): the
 // weight is loaded before waiting for the kernel ahead and held through the
 // sum; a template flag, so the kernel without it keeps its registers.
-// kBlockThreads: kThreads, or kWideThreads for the few rows of a decode step
-// (ICD_GATED_NORM_THREADS=1024), where one block is the kernel and each of
-// its threads' silu chains is on the step's critical path.
-template <class Element, int kQuads, bool kNormFirst, bool kEarlyWeight,
-          int kBlockThreads = kThreads>
-__global__ void __launch_bounds__(kBlockThreads)
+template <class Element, int kQuads, bool kNormFirst, bool kEarlyWeight>
+__global__ void __launch_bounds__(kThreads)
     GatedRmsNormQuadKernel(const GatedRmsNormLaunchArgs args, const bool early_dependents) {
   using Storage = typename Element::Storage;
   using StorageQuad = Quad<Storage>;
@@ -221,7 +213,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   if constexpr (kEarlyWeight) {
 #pragma unroll
     for (int u = 0; u < kQuads; ++u) {
-      const int64_t i = thread + static_cast<int64_t>(u) * kBlockThreads;
+      const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
       early_weight[u] = i < quads ? weight[i] : StorageQuad{};
     }
   }
@@ -230,7 +222,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   StorageQuad gate_bits[kQuads];
 #pragma unroll
   for (int u = 0; u < kQuads; ++u) {
-    const int64_t i = thread + static_cast<int64_t>(u) * kBlockThreads;
+    const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
     float4 loaded = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     gate_bits[u] = StorageQuad{};
     if (i < quads) {
@@ -258,10 +250,10 @@ __global__ void __launch_bounds__(kBlockThreads)
       squares = fmaf(scanned[u][j], scanned[u][j], squares);
     }
   }
-  const float scale = rsqrtf(BlockSum<kBlockThreads>(squares) * inverse_width + args.eps);
+  const float scale = rsqrtf(BlockSum<kThreads>(squares) * inverse_width + args.eps);
 #pragma unroll
   for (int u = 0; u < kQuads; ++u) {
-    const int64_t i = thread + static_cast<int64_t>(u) * kBlockThreads;
+    const int64_t i = thread + static_cast<int64_t>(u) * kThreads;
     if (i >= quads) continue;
     StorageQuad weight_bits;
     if constexpr (kEarlyWeight) {
@@ -281,29 +273,25 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 std::atomic<int64_t> gated_early_launches{0};
-std::atomic<int64_t> gated_wide_launches{0};
 
-template <class Element, int kQuads, bool kEarlyWeight, int kBlockThreads>
+template <class Element, int kQuads, bool kEarlyWeight>
 cudaError_t LaunchGatedQuadsAs(const GatedRmsNormLaunchArgs& args, dim3 grid,
                                cudaStream_t stream) {
   const bool early_dependents = dependent_launch::EarlyDependents();
   if (args.norm_before_gate) {
     return dependent_launch::LaunchDependent(
-        GatedRmsNormQuadKernel<Element, kQuads, true, kEarlyWeight, kBlockThreads>, grid,
-        kBlockThreads, stream, args, early_dependents);
+        GatedRmsNormQuadKernel<Element, kQuads, true, kEarlyWeight>, grid, kThreads, stream, args,
+        early_dependents);
   }
   return dependent_launch::LaunchDependent(
-      GatedRmsNormQuadKernel<Element, kQuads, false, kEarlyWeight, kBlockThreads>, grid,
-      kBlockThreads, stream, args, early_dependents);
+      GatedRmsNormQuadKernel<Element, kQuads, false, kEarlyWeight>, grid, kThreads, stream, args,
+      early_dependents);
 }
 
-template <class Element, int kQuads, int kBlockThreads = kThreads>
+template <class Element, int kQuads>
 cudaError_t LaunchGatedQuads(const GatedRmsNormLaunchArgs& args, dim3 grid, cudaStream_t stream) {
-  if (!args.weight_early) {
-    return LaunchGatedQuadsAs<Element, kQuads, false, kBlockThreads>(args, grid, stream);
-  }
-  const cudaError_t status =
-      LaunchGatedQuadsAs<Element, kQuads, true, kBlockThreads>(args, grid, stream);
+  if (!args.weight_early) return LaunchGatedQuadsAs<Element, kQuads, false>(args, grid, stream);
+  const cudaError_t status = LaunchGatedQuadsAs<Element, kQuads, true>(args, grid, stream);
   if (status == cudaSuccess) ++gated_early_launches;
   return status;
 }
@@ -326,16 +314,6 @@ cudaError_t LaunchGatedRows(const GatedRmsNormLaunchArgs& args, dim3 grid, cudaS
   const int64_t group_width = args.width / args.groups;
   if (GatedQuadsAligned<Element>(args) && group_width <= kThreads * 4 * 8) {
     const int64_t quads = group_width / 4;
-    // Wide blocks only where 256 threads would each take more than one quad
-    // (group_width <= 8192 keeps them at two at most).
-    if (GatedNormThreads() == kWideThreads && args.rows * args.groups <= kWideBlocksAtMost &&
-        quads > kThreads) {
-      const cudaError_t status =
-          quads <= kWideThreads ? LaunchGatedQuads<Element, 1, kWideThreads>(args, grid, stream)
-                                : LaunchGatedQuads<Element, 2, kWideThreads>(args, grid, stream);
-      if (status == cudaSuccess) ++gated_wide_launches;
-      return status;
-    }
     if (quads <= kThreads) return LaunchGatedQuads<Element, 1>(args, grid, stream);
     if (quads <= kThreads * 2) return LaunchGatedQuads<Element, 2>(args, grid, stream);
     if (quads <= kThreads * 4) return LaunchGatedQuads<Element, 4>(args, grid, stream);
@@ -361,7 +339,6 @@ cudaError_t LaunchGatedRows(const GatedRmsNormLaunchArgs& args, dim3 grid, cudaS
 }  // namespace
 
 int64_t GatedRmsNormEarlyLaunches() { return gated_early_launches.load(); }
-int64_t GatedRmsNormWideLaunches() { return gated_wide_launches.load(); }
 
 int LaunchGatedRmsNorm(const GatedRmsNormLaunchArgs& args, void* stream) {
   if (args.rows < 1 || args.rows > (int64_t{1} << 31) - 1 || args.width < 1 ||

@@ -736,43 +736,6 @@ TEST_F(ScanKernelTest, ParametersAsTheModelHoldsThem) {
                            scan::SelectiveScanReference(odd_given, torch::kFloat32)));
 }
 
-// A sequence of few channels is scanned in segments side by side
-// (DefaultScanSegments: 160 channels leave the H200 nearly idle): the same
-// recurrence as the reference, a carried state in and the last segment's
-// state out, lengths a whole number of chunks or not (777: segments of 320,
-// 320 and 137 steps).
-TEST_F(ScanKernelTest, SegmentedSequencesMatchTheReference) {
-  uint64_t seed = 490;
-  for (const ScanShape& shape : {ScanShape{1, 2048, 160, 16}, ScanShape{2, 777, 160, 16},
-                                 ScanShape{1, 1024, 48, 5}}) {
-    for (const torch::ScalarType compute : {torch::kFloat32, torch::kBFloat16}) {
-      const std::string name = std::string(c10::toString(compute)) + " " + Describe(shape);
-      const scan::ScanInputs inputs = RandomScanInputs(shape, compute, seed++);
-      const int64_t segments = scan::SelectiveScanSegments(inputs, torch::kFloat32);
-      EXPECT_GE(segments, 2) << name;
-      torch::Tensor kernel_state =
-          torch::randn({shape.batch, shape.inner, shape.state_size}, torch::kCUDA);
-      torch::Tensor reference_state = kernel_state.clone();
-      const torch::Tensor output = scan::SelectiveScan(inputs, torch::kFloat32, &kernel_state);
-      const torch::Tensor reference =
-          scan::SelectiveScanReference(inputs, torch::kFloat32, &reference_state);
-      if (compute == torch::kFloat32) {
-        EXPECT_LE(RelL2(output, reference), kScanFloat32Tolerance) << name;
-      } else {
-        EXPECT_LE(RoundingErrors(output, reference, compute), 1.0) << name;
-      }
-      EXPECT_LE(RelL2(kernel_state, reference_state), kScanFloat32Tolerance) << name;
-      std::printf("[cuda] segmented scan %s, %lld segments: rel_l2 %.3g\n", name.c_str(),
-                  static_cast<long long>(segments), RelL2(output, reference));
-    }
-  }
-  // Channels that fill the GPU, and one step of time, are not cut.
-  for (const ScanShape& whole : {ScanShape{4, 600, 5120, 16}, ScanShape{1, 1, 160, 16}}) {
-    const scan::ScanInputs inputs = RandomScanInputs(whole, torch::kBFloat16, seed++);
-    EXPECT_EQ(scan::SelectiveScanSegments(inputs, torch::kFloat32), 1) << Describe(whole);
-  }
-}
-
 TEST_F(ScanKernelTest, FallsBackToReference) {
   const ScanShape shape{2, 30, 24, 16};
   scan::ScanInputs wide = RandomScanInputs(shape, torch::kFloat64, 500);

@@ -242,8 +242,6 @@ ScanInputs TimeSlice(const ScanInputs& inputs, int64_t start, int64_t length) {
 #ifndef ICD_HAVE_CUDA_SCAN
 bool UsesCudaKernel(const ScanInputs&, torch::ScalarType) { return false; }
 
-int64_t SelectiveScanSegments(const ScanInputs&, torch::ScalarType) { return 1; }
-
 torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumulate,
                             torch::Tensor* state, bool /*in_place*/) {
   if (std::optional<torch::Tensor> loop = SelectiveScanLoop(inputs, accumulate, state)) {

@@ -29,7 +29,6 @@
 // unchanged and nothing is added to y.
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -66,16 +65,10 @@ struct ScanTile {
   static_assert(kSteps % kLanes == 0 && kSteps % kStateRowsPerPass == 0);
 };
 
-// Which part of a segmented scan a launch does (ScanLaunchArgs::segments):
-// the whole sequence in one piece; each segment but the last from a zero
-// state, keeping its end state and ΣΔ; or each segment from the state
-// carried into it, writing y.
-enum class SegmentPass : int { kWhole = 0, kEnds = 1, kFromEnds = 2 };
-
 template <class Element, int kStatesPerThread, int kLanes, int kChannelsPerBlock,
           bool kUnrollGroups, bool kPrefetchL2>
 __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
-    SelectiveScanKernel(const ScanLaunchArgs args, const SegmentPass pass) {
+    SelectiveScanKernel(const ScanLaunchArgs args) {
   using Tile = ScanTile<kStatesPerThread, kLanes, kChannelsPerBlock>;
   using Storage = typename Element::Storage;
   constexpr int kSteps = Tile::kSteps;
@@ -93,18 +86,6 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
   const int64_t inner = args.inner;
   const int64_t seq_len = args.seq_len;
   const int64_t state_size = args.state_size;
-  // This block's steps [time_begin, time_end): the whole sequence, or its
-  // segment (blockIdx.z).
-  const int64_t segment = blockIdx.z;
-  const int64_t time_begin = pass == SegmentPass::kWhole ? 0 : segment * args.segment_steps;
-  const int64_t time_end =
-      pass == SegmentPass::kWhole ? seq_len : min(seq_len, time_begin + args.segment_steps);
-  // A segment's end state from zeros, then its ΣΔ: [segments, B, I, N] and
-  // [segments, B, I] in the workspace.
-  float* const segment_ends = args.segment_workspace;
-  float* const segment_delta_sums =
-      segment_ends == nullptr ? nullptr
-                              : segment_ends + args.segments * args.batch * inner * state_size;
 
   // Scan role: states lane, lane + kLanes, ... of one channel (interleaved,
   // so that the lanes of a step read consecutive B/C rows: no bank conflict).
@@ -119,17 +100,8 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
     const int64_t n = lane + s * kLanes;
     const bool real = channel < inner && n < state_size;
     decay_rate[s] = real ? DecayRateAt<Element>(args, channel * state_size + n) * kLog2E : 0.0f;
-    state[s] = real && args.state_in != nullptr && pass != SegmentPass::kEnds
-                   ? args.state_in[state_row + n]
-                   : 0.0f;
-    // Carried over the segments before this one: h = exp(ΣΔ A) h + end.
-    for (int64_t before = 0; pass == SegmentPass::kFromEnds && real && before < segment; ++before) {
-      const int64_t row = (before * args.batch + batch) * inner + channel;
-      state[s] = fmaf(Exp2Unit(segment_delta_sums[row] * decay_rate[s]), state[s],
-                      segment_ends[row * state_size + n]);
-    }
+    state[s] = real && args.state_in != nullptr ? args.state_in[state_row + n] : 0.0f;
   }
-  float delta_sum = 0.0f;  // ΣΔ over this block's steps (kEnds)
 
   // Load role for x, Δ, z and y: channel `load_channel`, steps load_step +
   // k * kLanes of each chunk.
@@ -181,7 +153,7 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
 #pragma unroll
     for (int k = 0; k < Tile::kChannelLoads; ++k) {
       const int64_t step = chunk_start + load_step + k * Tile::kChannelRowsPerPass;
-      const bool real = io_real && step < time_end;
+      const bool real = io_real && step < seq_len;
       // Read once: streaming loads, so they do not push B/C out of L2.
       if (raw_delta) {
         next_delta_raw[k] = real ? __ldcs(delta_raw + step * delta_operand.time_stride)
@@ -195,7 +167,7 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
 #pragma unroll
     for (int k = 0; k < Tile::kStateLoads; ++k) {
       const int64_t step = chunk_start + proj_step + k * Tile::kStateRowsPerPass;
-      const bool real = proj_real && step < time_end;
+      const bool real = proj_real && step < seq_len;
       // Every block of the batch row reads the same B and C: cached loads.
       next_b[k] = real ? __ldg(b_proj + step * args.b_proj.time_stride) : Storage(0);
       next_c[k] = real ? __ldg(c_proj + step * args.c_proj.time_stride) : Storage(0);
@@ -214,7 +186,7 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
                              batch * args.gate.batch_stride + first_channel;
     for (int row = thread; row < 3 * kSteps; row += Tile::kThreads) {
       const int64_t step = chunk_start + row % kSteps;
-      if (step >= time_end) continue;
+      if (step >= seq_len) continue;
       const void* address = nullptr;
       if (row < kSteps) {
         address = hidden_strip + step * args.hidden.time_stride;
@@ -247,14 +219,14 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
     }
   };
 
-  if constexpr (kPrefetchL2) prefetch_chunk(time_begin + kSteps);
-  load_chunk(time_begin);
-  for (int64_t chunk_start = time_begin; chunk_start < time_end; chunk_start += kSteps) {
+  if constexpr (kPrefetchL2) prefetch_chunk(kSteps);
+  load_chunk(0);
+  for (int64_t chunk_start = 0; chunk_start < seq_len; chunk_start += kSteps) {
     stage_chunk();
     __syncthreads();
-    if (chunk_start + kSteps < time_end) load_chunk(chunk_start + kSteps);
+    if (chunk_start + kSteps < seq_len) load_chunk(chunk_start + kSteps);
     if constexpr (kPrefetchL2) {
-      if (chunk_start + 2 * kSteps < time_end) prefetch_chunk(chunk_start + 2 * kSteps);
+      if (chunk_start + 2 * kSteps < seq_len) prefetch_chunk(chunk_start + 2 * kSteps);
     }
 
     // The recurrence, kLanes steps per butterfly group. Unrolled, a group's
@@ -284,7 +256,6 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
         float decay[kBatch][kStatesPerThread];
 #pragma unroll
         for (int pair = 0; pair < kBatch / 2; ++pair) {
-          delta_sum += inputs[pair].x + inputs[pair].z;  // padded steps: Δ = 0
 #pragma unroll
           for (int s = 0; s < kStatesPerThread; ++s) {
             decay[2 * pair][s] = Exp2Unit(inputs[pair].x * decay_rate[s]);
@@ -307,18 +278,15 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
           partial[first + 2 * pair + 1] = sum_odd;
         }
       }
-      if (pass != SegmentPass::kEnds) {
-        scan_sums[group * kLanes + lane][scan_channel] = TransposeSum(partial, lane);
-      }
+      scan_sums[group * kLanes + lane][scan_channel] = TransposeSum(partial, lane);
     }
     __syncthreads();
-    if (pass == SegmentPass::kEnds) continue;  // no y: the next pass writes it
 
     // y = (C·h + D x) · silu(z), one row of channels per pass.
 #pragma unroll
     for (int k = 0; k < Tile::kChannelLoads; ++k) {
       const int step = load_step + k * Tile::kChannelRowsPerPass;
-      if (io_real && chunk_start + step < time_end) {
+      if (io_real && chunk_start + step < seq_len) {
         const float scan = scan_sums[step][load_channel];
         const float y = (scan + skip * hidden_now[k]) * Silu(gate_now[k]);
         if (output_rounded != nullptr) {
@@ -330,19 +298,7 @@ __global__ void __launch_bounds__(kLanes* kChannelsPerBlock)
     }
   }
 
-  if (pass == SegmentPass::kEnds) {
-    const int64_t row = (segment * args.batch + batch) * inner + channel;
-#pragma unroll
-    for (int s = 0; s < kStatesPerThread; ++s) {
-      const int64_t n = lane + s * kLanes;
-      if (channel < inner && n < state_size) segment_ends[row * state_size + n] = state[s];
-    }
-    if (channel < inner && lane == 0) segment_delta_sums[row] = delta_sum;
-    return;
-  }
-  // The last segment's end is the sequence's.
-  const bool last = pass == SegmentPass::kWhole || segment == args.segments - 1;
-  if (args.state_out != nullptr && last) {
+  if (args.state_out != nullptr) {
 #pragma unroll
     for (int s = 0; s < kStatesPerThread; ++s) {
       const int64_t n = lane + s * kLanes;
@@ -361,34 +317,13 @@ struct CompiledShape {
            shape.unroll_groups == kUnrollGroups && shape.prefetch_l2 == kPrefetchL2;
   }
 
-  // Blocks of this kernel a multiprocessor holds at once.
-  template <class Element>
-  static int Occupancy(int* resident) {
-    return static_cast<int>(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        resident,
-        SelectiveScanKernel<Element, kStatesPerThread, kLanes, kChannelsPerBlock, kUnrollGroups,
-                            kPrefetchL2>,
-        kLanes * kChannelsPerBlock, 0));
-  }
-
-  // One launch for the whole sequence; a segmented scan's two.
   template <class Element>
   static int Launch(const ScanLaunchArgs& args, cudaStream_t stream) {
-    const auto blocks = static_cast<unsigned int>((args.inner + kChannelsPerBlock - 1) /
-                                                  kChannelsPerBlock);
-    const auto kernel = SelectiveScanKernel<Element, kStatesPerThread, kLanes, kChannelsPerBlock,
-                                            kUnrollGroups, kPrefetchL2>;
-    const auto rows = static_cast<unsigned int>(args.batch);
-    if (args.segments <= 1) {
-      kernel<<<dim3(blocks, rows), kLanes * kChannelsPerBlock, 0, stream>>>(args,
-                                                                           SegmentPass::kWhole);
-      return static_cast<int>(cudaGetLastError());
-    }
-    const auto segments = static_cast<unsigned int>(args.segments);
-    kernel<<<dim3(blocks, rows, segments - 1), kLanes * kChannelsPerBlock, 0, stream>>>(
-        args, SegmentPass::kEnds);
-    kernel<<<dim3(blocks, rows, segments), kLanes * kChannelsPerBlock, 0, stream>>>(
-        args, SegmentPass::kFromEnds);
+    const dim3 grid(static_cast<unsigned int>((args.inner + kChannelsPerBlock - 1) /
+                                              kChannelsPerBlock),
+                    static_cast<unsigned int>(args.batch));
+    SelectiveScanKernel<Element, kStatesPerThread, kLanes, kChannelsPerBlock, kUnrollGroups,
+                        kPrefetchL2><<<grid, kLanes * kChannelsPerBlock, 0, stream>>>(args);
     return static_cast<int>(cudaGetLastError());
   }
 };
@@ -423,17 +358,6 @@ int LaunchFrom(ShapeList<Shapes...>, const ScanLaunchArgs& args, const ScanKerne
   const bool found =
       ((Shapes::Matches(shape, lanes)
             ? (status = Shapes::template Launch<Element>(args, stream), true)
-            : false) ||
-       ...);
-  return found ? status : kNotCompiled;
-}
-
-template <class Element, class... Shapes>
-int OccupancyFrom(ShapeList<Shapes...>, const ScanKernelShape& shape, int lanes, int* resident) {
-  int status = kNotCompiled;
-  const bool found =
-      ((Shapes::Matches(shape, lanes)
-            ? (status = Shapes::template Occupancy<Element>(resident), true)
             : false) ||
        ...);
   return found ? status : kNotCompiled;
@@ -490,49 +414,6 @@ ScanKernelShape DefaultScanKernelShape(int64_t batch, int64_t inner, int64_t sta
   return shape;
 }
 
-ScanSegments SplitScan(int64_t seq_len, int64_t segments) {
-  if (segments < 2 || seq_len < 128) return {};
-  const int64_t steps = (seq_len + segments - 1) / segments;
-  const int64_t segment_steps = (steps + 63) / 64 * 64;
-  const int64_t count = (seq_len + segment_steps - 1) / segment_steps;
-  if (count < 2) return {};
-  return {count, segment_steps};
-}
-
-int DefaultScanSegments(const ScanLaunchArgs& args, ScanSegments* segments) {
-  constexpr int64_t kStepsAtLeast = 256;
-  constexpr int64_t kMostSegments = 16;
-  *segments = {};
-  if (args.seq_len < 2 * kStepsAtLeast || args.batch < 1 || args.inner < 1 ||
-      (args.state_in != nullptr && args.state_in == args.state_out)) {
-    return static_cast<int>(cudaSuccess);
-  }
-  int device = 0;
-  int multiprocessors = 0;
-  cudaError_t status = cudaGetDevice(&device);
-  if (status == cudaSuccess) {
-    status = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
-  }
-  if (status != cudaSuccess) return static_cast<int>(status);
-  const ScanKernelShape shape =
-      DefaultScanKernelShape(args.batch, args.inner, args.state_size, multiprocessors);
-  if (!ScanKernelShapeAvailable(shape, args.state_size, args.element_type)) {
-    return static_cast<int>(cudaSuccess);
-  }
-  const int lanes = LanesFor(args.state_size, shape.states_per_thread);
-  int resident = 0;  // blocks a multiprocessor holds at once
-  const int found = cuda_elements::ForElementType(args.element_type, [&](auto element) {
-    return OccupancyFrom<decltype(element)>(EngineShapes{}, shape, lanes, &resident);
-  });
-  if (found != static_cast<int>(cudaSuccess)) return found == kNotCompiled ? 0 : found;
-  const int64_t blocks = (args.inner + shape.channels_per_block - 1) / shape.channels_per_block *
-                         args.batch;  // one segment's
-  const int64_t fit = int64_t{multiprocessors} * resident / blocks;
-  *segments = SplitScan(args.seq_len,
-                        std::min({kMostSegments, fit, args.seq_len / kStepsAtLeast}));
-  return static_cast<int>(cudaSuccess);
-}
-
 bool ScanKernelShapeAvailable(const ScanKernelShape& shape, int64_t state_size,
                               ScanElementType element_type) {
   if (state_size < 1 || state_size > kMaxCudaStateSize || shape.states_per_thread < 1) {
@@ -580,16 +461,6 @@ int LaunchSelectiveScan(const ScanLaunchArgs& args, const ScanKernelShape& shape
     return invalid;
   }
   if (!ScanKernelShapeAvailable(shape, args.state_size, args.element_type)) return invalid;
-  // Segments: whole ones of a multiple of 64 steps (every chunk of a
-  // segment in it), the last one not empty, a workspace, and a state
-  // read by every segment not written over by the last.
-  if (args.segments > 1 &&
-      (args.segments > 65535 || args.segment_steps < 64 || args.segment_steps % 64 != 0 ||
-       (args.segments - 1) * args.segment_steps >= args.seq_len ||
-       args.segments * args.segment_steps < args.seq_len || args.segment_workspace == nullptr ||
-       (args.state_in != nullptr && args.state_in == args.state_out))) {
-    return invalid;
-  }
   const int lanes = LanesFor(args.state_size, shape.states_per_thread);
   auto* cuda_stream = static_cast<cudaStream_t>(stream);
   const int status = cuda_elements::ForElementType(args.element_type, [&](auto element) {

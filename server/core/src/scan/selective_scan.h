@@ -89,12 +89,6 @@ std::optional<torch::Tensor> SelectiveScanLoop(const ScanInputs& inputs,
 // Whether SelectiveScan would use the CUDA kernel for these inputs.
 bool UsesCudaKernel(const ScanInputs& inputs, torch::ScalarType accumulate);
 
-// Into how many segments of time the CUDA kernel would cut this scan
-// (selective_scan_launch.h, ScanLaunchArgs::segments: a sequence of few
-// channels scanned in pieces side by side; ICD_SCAN_SEGMENTS=N overrides);
-// 1 where it scans it whole or does not take it, and without CUDA.
-int64_t SelectiveScanSegments(const ScanInputs& inputs, torch::ScalarType accumulate);
-
 }  // namespace icd::scan
 
 #endif  // ICD_CORE_SRC_SCAN_SELECTIVE_SCAN_H_

@@ -6,8 +6,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
-#include <cstdlib>
 #include <initializer_list>
 #include <optional>
 
@@ -93,46 +91,10 @@ torch::Tensor RowContiguous(const torch::Tensor& tensor) {
   return tensor.stride(-1) == 1 ? tensor : tensor.contiguous();
 }
 
-// ICD_SCAN_SEGMENTS=N cuts every sequence's scan into N segments (1: none),
-// in place of the occupancy's choice (DefaultScanSegments): for measuring
-// both in one build. Read once; 0 when unset.
-int64_t SegmentsSetting() {
-  static const int64_t setting = [] {
-    const char* value = std::getenv("ICD_SCAN_SEGMENTS");
-    return value == nullptr ? int64_t{0} : std::max<int64_t>(0, std::atoll(value));
-  }();
-  return setting;
-}
-
-// The cut of this scan: the setting's, else the default's; none for one
-// step of time (the step kernel) or a state written over in place.
-ScanSegments SegmentsFor(const ScanLaunchArgs& args) {
-  if (args.seq_len == 1 || (args.state_in != nullptr && args.state_in == args.state_out)) {
-    return {};
-  }
-  if (const int64_t setting = SegmentsSetting(); setting > 0) {
-    return SplitScan(args.seq_len, setting);
-  }
-  ScanSegments segments;
-  return DefaultScanSegments(args, &segments) == 0 ? segments : ScanSegments{};
-}
-
 }  // namespace
 
 bool UsesCudaKernel(const ScanInputs& inputs, torch::ScalarType accumulate) {
   return KernelTakes(inputs, accumulate);
-}
-
-int64_t SelectiveScanSegments(const ScanInputs& inputs, torch::ScalarType accumulate) {
-  if (!KernelTakes(inputs, accumulate)) return 1;
-  const c10::cuda::CUDAGuard device_guard(inputs.hidden.device());
-  ScanLaunchArgs args;  // what SegmentsFor reads: sizes, element type, no state
-  args.batch = inputs.hidden.size(0);
-  args.seq_len = inputs.hidden.size(1);
-  args.inner = inputs.hidden.size(2);
-  args.state_size = inputs.b_proj.size(2);
-  args.element_type = *KernelElementType(inputs.hidden.scalar_type());
-  return std::max<int64_t>(1, SegmentsFor(args).segments);
 }
 
 torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumulate,
@@ -216,15 +178,6 @@ torch::Tensor SelectiveScan(const ScanInputs& inputs, torch::ScalarType accumula
       d_skip.is_same(inputs.d_skip) &&
       (!delta_bias.defined() || delta_bias.is_same(inputs.delta_bias)) &&
       (!state_in.defined() || state_in.is_same(*state));
-  const ScanSegments segments = SegmentsFor(args);
-  torch::Tensor segment_workspace;  // each segment's end state and ΣΔ
-  if (segments.segments > 1) {
-    segment_workspace = torch::empty(
-        {ScanSegmentWorkspaceFloats(segments.segments, batch, inner, state_size)}, wide);
-    args.segments = segments.segments;
-    args.segment_steps = segments.segment_steps;
-    args.segment_workspace = segment_workspace.data_ptr<float>();
-  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.device().index()).stream();
   const int status = LaunchSelectiveScan(args, static_cast<void*>(stream));
   if (status == ScanLaunchNoKernelImageStatus()) {

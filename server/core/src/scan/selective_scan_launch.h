@@ -74,26 +74,7 @@ struct ScanLaunchArgs {
   // The step kernel reads A, D, dt_proj's bias and weight and state_in
   // before waiting for the kernel ahead (ScanInputs::operands_settled).
   bool operands_early = false;
-  // A sequence of few channels (batch 1 of a small model leaves most of the
-  // GPU idle: one thread a state, each walking the whole sequence) scanned
-  // in `segments` pieces of `segment_steps` steps side by side, in two
-  // launches: each segment but the last from zeros, keeping its end state
-  // and ΣΔ (the segment's decay is exp(A ΣΔ), A being constant over time);
-  // then each segment from the state carried into it (h = exp(A ΣΔ) h +
-  // end, over the segments before it), writing y. Twice the exps, `segments`
-  // times the threads; the same recurrence up to float32 rounding.
-  // segment_steps a multiple of 64, the last segment non-empty; state_out
-  // not state_in; a workspace of ScanSegmentWorkspaceFloats.
-  int64_t segments = 1;
-  int64_t segment_steps = 0;
-  float* segment_workspace = nullptr;
 };
-
-// Floats of a segmented scan's workspace: each segment's end state and ΣΔ.
-inline int64_t ScanSegmentWorkspaceFloats(int64_t segments, int64_t batch, int64_t inner,
-                                          int64_t state_size) {
-  return segments * batch * inner * (state_size + 1);
-}
 
 // How the kernel maps work onto threads. A channel's N states are spread
 // over `lanes` = N / states_per_thread threads (rounded up to a power of two,
@@ -112,24 +93,6 @@ struct ScanKernelShape {
 // states per thread as still leave about 8 warps per multiprocessor.
 ScanKernelShape DefaultScanKernelShape(int64_t batch, int64_t inner, int64_t state_size,
                                        int multiprocessors);
-
-// How a sequence's scan is cut (ScanLaunchArgs::segments).
-struct ScanSegments {
-  int64_t segments = 1;
-  int64_t segment_steps = 0;
-};
-
-// `segments` pieces of whole 64-step chunks over `seq_len` steps: {1, 0}
-// where fewer than 2 pieces of at least 64 steps fit.
-ScanSegments SplitScan(int64_t seq_len, int64_t segments);
-
-// The segments LaunchSelectiveScan's default shape takes for these
-// arguments on the current device: as many as its blocks of every segment
-// can be resident at once (the kernel's occupancy), at most 16 and each at
-// least 256 steps; {1, 0} where the channels alone fill the GPU, for one
-// step of time, or where state_out is state_in. Returns a cudaError_t
-// value, 0 on success.
-int DefaultScanSegments(const ScanLaunchArgs& args, ScanSegments* segments);
 
 // Whether `shape` is compiled for this state size and element type (the
 // bench's alternatives only for 8 < N <= 16, float32 and bfloat16).
